@@ -1,0 +1,301 @@
+//! The policy file `bursar.toml` (SPEC §4), as written by people ([`PolicyFile`]), and the
+//! resolved form that the daemon logs in `policy_applied` and folds with ([`ResolvedPolicy`]).
+//!
+//! Raw structs reject unknown keys. Money in the raw file is a [`Dollars`] value (a TOML number
+//! or a decimal string); `bursar-core` converts it exactly to micro-USD and validates it.
+
+use crate::pricing::PriceTable;
+use crate::Micros;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A dollar amount as written in `bursar.toml`: `12.5`, `12` or `"12.50"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Dollars {
+    /// A TOML integer.
+    Int(i64),
+    /// A TOML float; converted through its shortest round-trip decimal form.
+    Float(f64),
+    /// A decimal string such as `"12.50"`.
+    Text(String),
+}
+
+/// The whole policy file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// `[daemon]`: where and how the daemon runs.
+    #[serde(default)]
+    pub daemon: DaemonSection,
+    /// `[pricing]`: merged over the built-in price table.
+    #[serde(default)]
+    pub pricing: PricingSection,
+    /// `[tiers]`: model tiers and per-call caps.
+    pub tiers: Option<TiersSection>,
+    /// `[[budget]]`: the budgets.
+    #[serde(default)]
+    pub budget: Vec<BudgetSection>,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    /// Socket path; default `$XDG_RUNTIME_DIR/bursar.sock`, else `./bursar.sock`.
+    pub socket: Option<String>,
+    /// Data directory; default `./bursar-data`.
+    pub data_dir: Option<String>,
+    /// Socket mode as an octal string, `"0600"` (default) or `"0660"`.
+    pub socket_mode: Option<String>,
+    /// Group that owns the socket (with `socket_mode = "0660"`).
+    pub socket_group: Option<String>,
+    /// Uids allowed to `reload` and `replay` with `apply`; empty: the daemon's own uid.
+    pub admin_uids: Option<Vec<u32>>,
+    /// Default hold lifetime in seconds (default 300, max 86400).
+    pub reservation_ttl_seconds: Option<u64>,
+    /// Fail-closed bound on dynamic `group_by` keys per budget (default 100000).
+    pub max_keys_per_budget: Option<u64>,
+    /// `"deny"` (default) or `"price_at_max"`.
+    pub unknown_models: Option<String>,
+}
+
+/// `[pricing]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PricingSection {
+    /// Path of a LiteLLM `model_prices_and_context_window.json` to import.
+    pub import: Option<String>,
+    /// Per-model prices in USD per million tokens.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelPriceSection>,
+}
+
+/// `[pricing.models."NAME"]`: prices in USD per million tokens.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPriceSection {
+    /// Provider name.
+    pub provider: Option<String>,
+    /// USD per million input tokens.
+    pub input_per_mtok: Option<Dollars>,
+    /// USD per million output tokens.
+    pub output_per_mtok: Option<Dollars>,
+    /// USD per million cached-input (cache read) tokens.
+    pub cached_input_per_mtok: Option<Dollars>,
+    /// USD per million cache-write tokens.
+    pub cache_write_per_mtok: Option<Dollars>,
+    /// Long-context threshold on `input_tokens`.
+    pub above_tokens: Option<u64>,
+    /// USD per million input tokens above the threshold.
+    pub input_per_mtok_above: Option<Dollars>,
+    /// USD per million output tokens above the threshold.
+    pub output_per_mtok_above: Option<Dollars>,
+    /// USD per million cached-input tokens above the threshold.
+    pub cached_input_per_mtok_above: Option<Dollars>,
+    /// The model's maximum output tokens per call.
+    pub max_output_tokens: Option<u64>,
+    /// Capabilities such as `tools`, `vision`, `json`, `streaming`.
+    pub capabilities: Option<Vec<String>>,
+}
+
+/// `[tiers]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TiersSection {
+    /// Tier of a model that matches no pattern (deny-by-default: make it the smallest).
+    pub default: Option<String>,
+    /// Ordered patterns; the first match wins. `*` matches any run of characters.
+    #[serde(default)]
+    pub patterns: Vec<TierPattern>,
+    /// Per-call caps per tier.
+    #[serde(default)]
+    pub caps: BTreeMap<String, TierCapSection>,
+}
+
+/// One tier pattern.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TierPattern {
+    /// Glob over the model name (`*` only).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Tier name.
+    pub tier: String,
+}
+
+/// `[tiers.caps.NAME]`: per-call caps, checked on the worst-case estimate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TierCapSection {
+    /// Largest worst-case cost of one call, in USD.
+    pub max_call_usd: Option<Dollars>,
+    /// Largest `max_output_tokens` of one call.
+    pub max_call_output_tokens: Option<u64>,
+}
+
+/// `[[budget]]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSection {
+    /// Unique id, `[a-z0-9_.-]+`.
+    pub id: String,
+    /// Label selector: all must hold; value `"*"` means present with any value.
+    #[serde(default, rename = "match")]
+    pub match_labels: BTreeMap<String, String>,
+    /// One independent bucket per distinct tuple of these labels.
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// `"fixed"`, `"rolling"`, `"calendar"` or `"cumulative"` (default).
+    pub window: Option<String>,
+    /// Fixed/rolling window length.
+    pub window_seconds: Option<u64>,
+    /// Fixed only: shift of the epoch alignment.
+    pub window_offset_seconds: Option<i64>,
+    /// Rolling only: bucket size; default `window_seconds / 60`, min 1.
+    pub resolution_seconds: Option<u64>,
+    /// Calendar only: `"day"`, `"week"` or `"month"`.
+    pub calendar: Option<String>,
+    /// Calendar only: UTC offset such as `"+02:00"` (default `"+00:00"`).
+    pub utc_offset: Option<String>,
+    /// Spend limit in USD.
+    pub max_usd: Option<Dollars>,
+    /// Token limit (all token kinds added).
+    pub max_tokens: Option<u64>,
+    /// Request limit.
+    pub max_requests: Option<u64>,
+    /// Live reservations at once.
+    pub max_concurrent: Option<u64>,
+    /// Warn when utilization would reach this fraction (0 < warn_at <= 1).
+    pub warn_at: Option<f64>,
+    /// `"deny"` (default) or `"warn"`.
+    pub enforce: Option<String>,
+}
+
+/// How reserve/check treat a model with no price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownModels {
+    /// Deny reservations and checks of unknown models.
+    Deny,
+    /// Price them at the table's highest input and output prices.
+    PriceAtMax,
+}
+
+/// Calendar window unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CalendarUnit {
+    /// Local day.
+    Day,
+    /// Local week starting Monday.
+    Week,
+    /// Local calendar month.
+    Month,
+}
+
+/// A validated window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowSpec {
+    /// Epoch-aligned windows of `seconds`, shifted by `offset_seconds`.
+    Fixed {
+        /// Window length.
+        seconds: u64,
+        /// Alignment shift.
+        offset_seconds: i64,
+    },
+    /// The last `seconds`, at `resolution_seconds` granularity.
+    Rolling {
+        /// Window length.
+        seconds: u64,
+        /// Slot size.
+        resolution_seconds: u64,
+    },
+    /// Local calendar periods at a fixed UTC offset.
+    Calendar {
+        /// Day, week or month.
+        unit: CalendarUnit,
+        /// Offset east of UTC in seconds.
+        utc_offset_seconds: i32,
+    },
+    /// Never resets.
+    Cumulative,
+}
+
+/// Hard or soft enforcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforce {
+    /// Deny what would exceed a limit.
+    Deny,
+    /// Never deny; only warn.
+    Warn,
+}
+
+/// A validated budget.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedBudget {
+    /// Unique id.
+    pub id: String,
+    /// Label selector (`"*"` = present with any value).
+    pub match_labels: BTreeMap<String, String>,
+    /// Grouping labels.
+    pub group_by: Vec<String>,
+    /// Window.
+    pub window: WindowSpec,
+    /// Spend limit.
+    pub max_micros: Option<Micros>,
+    /// Token limit.
+    pub max_tokens: Option<u64>,
+    /// Request limit.
+    pub max_requests: Option<u64>,
+    /// Concurrent hold limit.
+    pub max_concurrent: Option<u64>,
+    /// Warning threshold in parts per million of a limit (900000 = 90 %).
+    pub warn_at_ppm: Option<u32>,
+    /// Enforcement.
+    pub enforce: Enforce,
+}
+
+/// A validated tier cap.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedTierCap {
+    /// Largest worst-case cost of one call.
+    pub max_call_micros: Option<Micros>,
+    /// Largest `max_output_tokens` of one call.
+    pub max_call_output_tokens: Option<u64>,
+}
+
+/// Validated tiers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedTiers {
+    /// Tier of a model matching no pattern.
+    pub default: String,
+    /// Ordered `(pattern, tier)` pairs.
+    pub patterns: Vec<(String, String)>,
+    /// Caps per tier.
+    pub caps: BTreeMap<String, ResolvedTierCap>,
+}
+
+/// The policy the daemon runs under, as logged in `policy_applied` and folded by replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedPolicy {
+    /// Default hold lifetime.
+    pub reservation_ttl_seconds: u64,
+    /// Bound on group_by keys per budget.
+    pub max_keys_per_budget: u64,
+    /// Unknown model handling.
+    pub unknown_models: UnknownModels,
+    /// Tiers.
+    pub tiers: ResolvedTiers,
+    /// Budgets in file order.
+    pub budgets: Vec<ResolvedBudget>,
+    /// The full effective price table (built-in, import, then file overrides).
+    pub pricing: PriceTable,
+}

@@ -1,0 +1,851 @@
+//! The socket protocol (SPEC §6): one JSON object per line each way.
+//!
+//! Requests are decoded by [`decode_request`]: the line is parsed once, `op` and `req` are taken
+//! out, and the rest is decoded into the op's struct with unknown fields rejected. Every decoding
+//! failure becomes a [`WireError`] that names the offending field.
+
+use crate::{Labels, Micros};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Longest request line accepted, in bytes (without the newline).
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Token and request counts of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    /// Uncached input tokens.
+    #[serde(default)]
+    pub input_tokens: u64,
+    /// Output tokens.
+    #[serde(default)]
+    pub output_tokens: u64,
+    /// Cached-input (cache read) tokens, in addition to `input_tokens`.
+    #[serde(default)]
+    pub cached_input_tokens: u64,
+    /// Cache-write (cache creation) tokens, in addition to `input_tokens`.
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    /// Number of requests (default 1).
+    #[serde(default = "one")]
+    pub requests: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Self {
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_input_tokens: 0,
+            cache_write_tokens: 0,
+            requests: 1,
+        }
+    }
+}
+
+/// The worst case of a call that is about to be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Estimate {
+    /// Input tokens of the prompt.
+    #[serde(default)]
+    pub input_tokens: u64,
+    /// Most output tokens the call may produce; capped at (and defaulting to) the model's maximum.
+    pub max_output_tokens: Option<u64>,
+}
+
+/// `hello`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HelloRequest {
+    /// Free-form client name and version.
+    pub client: Option<String>,
+}
+
+/// `record`: usage that already happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecordRequest {
+    /// Client-chosen idempotency id.
+    pub event_id: String,
+    /// Labels of the call.
+    #[serde(default)]
+    pub labels: Labels,
+    /// Model name.
+    pub model: String,
+    /// What was used.
+    pub usage: Usage,
+    /// When it happened, as the client saw it (audit only; never moves a window).
+    pub occurred_at: Option<String>,
+    /// A provider-reported cost as a decimal USD string (audit only).
+    pub reported_cost_usd: Option<String>,
+}
+
+/// `reserve` and `check` share these fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveRequest {
+    /// Client-chosen idempotency id of the hold (`reserve` only).
+    pub reservation_id: String,
+    /// Labels of the call.
+    #[serde(default)]
+    pub labels: Labels,
+    /// Model name; may be omitted when `candidates` is given.
+    pub model: Option<String>,
+    /// Worst case of the call.
+    pub estimate: Estimate,
+    /// Hold lifetime; default from policy, max 86400.
+    pub ttl_seconds: Option<u64>,
+    /// Ordered fallback models.
+    pub candidates: Option<Vec<String>>,
+    /// Capabilities every candidate must have.
+    pub require: Option<Vec<String>>,
+}
+
+/// `check`: a reserve that holds nothing and appends nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    /// Labels of the call.
+    #[serde(default)]
+    pub labels: Labels,
+    /// Model name; may be omitted when `candidates` is given.
+    pub model: Option<String>,
+    /// Worst case of the call.
+    pub estimate: Estimate,
+    /// Ordered fallback models.
+    pub candidates: Option<Vec<String>>,
+    /// Capabilities every candidate must have.
+    pub require: Option<Vec<String>>,
+}
+
+/// `commit`: actual usage of a reserved call; releases the hold in the same event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    /// The hold being committed.
+    pub reservation_id: String,
+    /// Idempotency id of the usage event.
+    pub event_id: String,
+    /// What was used.
+    pub usage: Usage,
+    /// Labels, used only when the reservation is unknown to the daemon.
+    pub labels: Option<Labels>,
+    /// Model, used only when the reservation is unknown to the daemon.
+    pub model: Option<String>,
+    /// Audit-only client time.
+    pub occurred_at: Option<String>,
+    /// Audit-only provider cost, decimal USD string.
+    pub reported_cost_usd: Option<String>,
+}
+
+/// `release`: cancel a hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    /// The hold.
+    pub reservation_id: String,
+}
+
+/// `extend`: give a live hold a new lifetime from now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendRequest {
+    /// The hold.
+    pub reservation_id: String,
+    /// New lifetime from now, max 86400.
+    pub ttl_seconds: u64,
+}
+
+/// `status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRequest {
+    /// Keep buckets whose budget groups by each of these labels with this value.
+    pub labels: Option<Labels>,
+    /// Keep one budget.
+    pub budget: Option<String>,
+    /// At most this many buckets (default 1000).
+    pub limit: Option<usize>,
+}
+
+/// `tail`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TailRequest {
+    /// First seq to send (default: the next event, i.e. only new ones when following).
+    pub from_seq: Option<u64>,
+    /// Keep streaming new events.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// `export`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// RFC 3339 lower bound on `ts` (inclusive).
+    pub since: Option<String>,
+    /// RFC 3339 upper bound on `ts` (exclusive).
+    pub until: Option<String>,
+    /// Keep events carrying all these labels.
+    pub labels: Option<Labels>,
+}
+
+/// `replay`: refold the log under new prices from `since`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// New prices, same shape as the `[pricing]` section.
+    pub pricing: crate::policy::PricingSection,
+    /// RFC 3339 time from which the new prices apply (default: the start of the log).
+    pub since: Option<String>,
+    /// Append `pricing_changed` and make the projections follow (admin only).
+    #[serde(default)]
+    pub apply: bool,
+}
+
+/// A decoded request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// `hello`.
+    Hello(HelloRequest),
+    /// `record`.
+    Record(RecordRequest),
+    /// `reserve`.
+    Reserve(ReserveRequest),
+    /// `check`.
+    Check(CheckRequest),
+    /// `commit`.
+    Commit(CommitRequest),
+    /// `release`.
+    Release(ReleaseRequest),
+    /// `extend`.
+    Extend(ExtendRequest),
+    /// `status`.
+    Status(StatusRequest),
+    /// `tail`.
+    Tail(TailRequest),
+    /// `export`.
+    Export(ExportRequest),
+    /// `replay`.
+    Replay(ReplayRequest),
+    /// `verify`.
+    Verify,
+    /// `reload`.
+    Reload,
+}
+
+impl Request {
+    /// The op name on the wire.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Hello(_) => "hello",
+            Request::Record(_) => "record",
+            Request::Reserve(_) => "reserve",
+            Request::Check(_) => "check",
+            Request::Commit(_) => "commit",
+            Request::Release(_) => "release",
+            Request::Extend(_) => "extend",
+            Request::Status(_) => "status",
+            Request::Tail(_) => "tail",
+            Request::Export(_) => "export",
+            Request::Replay(_) => "replay",
+            Request::Verify => "verify",
+            Request::Reload => "reload",
+        }
+    }
+
+    /// Encode as a request line body (without `req`), e.g. for clients.
+    pub fn to_json(&self) -> Value {
+        let (op, body) = match self {
+            Request::Hello(r) => ("hello", serde_json::to_value(r)),
+            Request::Record(r) => ("record", serde_json::to_value(r)),
+            Request::Reserve(r) => ("reserve", serde_json::to_value(r)),
+            Request::Check(r) => ("check", serde_json::to_value(r)),
+            Request::Commit(r) => ("commit", serde_json::to_value(r)),
+            Request::Release(r) => ("release", serde_json::to_value(r)),
+            Request::Extend(r) => ("extend", serde_json::to_value(r)),
+            Request::Status(r) => ("status", serde_json::to_value(r)),
+            Request::Tail(r) => ("tail", serde_json::to_value(r)),
+            Request::Export(r) => ("export", serde_json::to_value(r)),
+            Request::Replay(r) => ("replay", serde_json::to_value(r)),
+            Request::Verify => ("verify", Ok(Value::Object(Default::default()))),
+            Request::Reload => ("reload", Ok(Value::Object(Default::default()))),
+        };
+        let mut map = match body {
+            Ok(Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        // Drop nulls so the line stays short; absent and null mean the same on decode.
+        map.retain(|_, v| !v.is_null());
+        map.insert("op".into(), Value::String(op.into()));
+        Value::Object(map)
+    }
+}
+
+/// A decoded request line: the request and its `req` echo value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestLine {
+    /// The request.
+    pub request: Request,
+    /// `req`, echoed in the answer.
+    pub req: Option<Value>,
+}
+
+/// Error codes of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed or invalid request.
+    BadRequest,
+    /// `op` names no operation.
+    UnknownOp,
+    /// Line longer than 64 KiB.
+    TooLarge,
+    /// An id was reused for a different payload.
+    Conflict,
+    /// No such reservation (or budget).
+    NotFound,
+    /// Not allowed for this peer.
+    Forbidden,
+    /// The daemon's queue is full; retry later.
+    Overloaded,
+    /// The log cannot be written; the daemon fails closed.
+    Unavailable,
+    /// A bug.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// The `error` object of a failed answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct WireError {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable message.
+    pub message: String,
+    /// Dotted path of the offending field, when one is to blame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl WireError {
+    /// A new error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+    /// A `bad_request` naming a field.
+    pub fn bad_field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+}
+
+/// `{"ok":false,"error":{...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorAnswer {
+    /// Always false.
+    pub ok: bool,
+    /// The error.
+    pub error: WireError,
+    /// Echo of the request's `req`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+impl ErrorAnswer {
+    /// Wrap an error.
+    pub fn new(error: WireError, req: Option<Value>) -> Self {
+        Self {
+            ok: false,
+            error,
+            req,
+        }
+    }
+}
+
+/// Decode one request line (without its trailing newline).
+///
+/// The `req` value, when it could be read, is returned with the error so the caller can echo it.
+pub fn decode_request(line: &[u8]) -> Result<RequestLine, (WireError, Option<Value>)> {
+    if line.len() > MAX_LINE_BYTES {
+        return Err((
+            WireError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "line is {} bytes; the limit is {MAX_LINE_BYTES}",
+                    line.len()
+                ),
+            ),
+            None,
+        ));
+    }
+    let text = std::str::from_utf8(line).map_err(|e| {
+        (
+            WireError::new(
+                ErrorCode::BadRequest,
+                format!("line is not valid UTF-8 (at byte {})", e.valid_up_to()),
+            ),
+            None,
+        )
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        (
+            WireError::new(
+                ErrorCode::BadRequest,
+                format!("line is not valid JSON: {e}"),
+            ),
+            None,
+        )
+    })?;
+    let Value::Object(mut map) = value else {
+        return Err((
+            WireError::new(ErrorCode::BadRequest, "a request must be a JSON object"),
+            None,
+        ));
+    };
+    let req = map.remove("req");
+    let op = match map.remove("op") {
+        Some(Value::String(op)) => op,
+        Some(_) => return Err((WireError::bad_field("op", "`op` must be a string"), req)),
+        None => return Err((WireError::bad_field("op", "missing field `op`"), req)),
+    };
+    let body = Value::Object(map);
+    let request = match op.as_str() {
+        "hello" => Request::Hello(body_as(body).map_err(|e| (e, req.clone()))?),
+        "record" => Request::Record(body_as(body).map_err(|e| (e, req.clone()))?),
+        "reserve" => Request::Reserve(body_as(body).map_err(|e| (e, req.clone()))?),
+        "check" => Request::Check(body_as(body).map_err(|e| (e, req.clone()))?),
+        "commit" => Request::Commit(body_as(body).map_err(|e| (e, req.clone()))?),
+        "release" => Request::Release(body_as(body).map_err(|e| (e, req.clone()))?),
+        "extend" => Request::Extend(body_as(body).map_err(|e| (e, req.clone()))?),
+        "status" => Request::Status(body_as(body).map_err(|e| (e, req.clone()))?),
+        "tail" => Request::Tail(body_as(body).map_err(|e| (e, req.clone()))?),
+        "export" => Request::Export(body_as(body).map_err(|e| (e, req.clone()))?),
+        "replay" => Request::Replay(body_as(body).map_err(|e| (e, req.clone()))?),
+        "verify" => {
+            empty_body(&body).map_err(|e| (e, req.clone()))?;
+            Request::Verify
+        }
+        "reload" => {
+            empty_body(&body).map_err(|e| (e, req.clone()))?;
+            Request::Reload
+        }
+        other => {
+            let mut shown: String = other.chars().take(64).collect();
+            if shown.len() < other.len() {
+                shown.push('…');
+            }
+            return Err((
+                WireError {
+                    code: ErrorCode::UnknownOp,
+                    message: format!("unknown op `{shown}`"),
+                    field: Some("op".into()),
+                },
+                req,
+            ));
+        }
+    };
+    Ok(RequestLine { request, req })
+}
+
+fn empty_body(body: &Value) -> Result<(), WireError> {
+    if let Value::Object(m) = body {
+        if let Some(k) = m.keys().next() {
+            return Err(WireError::bad_field(
+                k.clone(),
+                format!("unknown field `{k}`"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Decode a JSON value into `T`, naming the failing field on error.
+pub fn body_as<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, WireError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let inner = e.inner().to_string();
+        let mut path = e.path().to_string();
+        // For an unknown or missing field, serde reports the parent path; name the field itself.
+        if let Some(name) = backticked_field(&inner) {
+            let named = path == name || path.ends_with(&format!(".{name}"));
+            if !named && (inner.starts_with("unknown field") || inner.starts_with("missing field"))
+            {
+                path = if path == "." || path.is_empty() {
+                    name
+                } else {
+                    format!("{path}.{name}")
+                };
+            }
+        }
+        let field = if path == "." || path.is_empty() {
+            None
+        } else {
+            Some(path)
+        };
+        WireError {
+            code: ErrorCode::BadRequest,
+            message: match &field {
+                Some(f) => format!("{f}: {inner}"),
+                None => inner,
+            },
+            field,
+        }
+    })
+}
+
+fn backticked_field(msg: &str) -> Option<String> {
+    let start = msg.find('`')? + 1;
+    let len = msg.get(start..)?.find('`')?;
+    msg.get(start..start + len).map(str::to_string)
+}
+
+/// `state` of a bucket or of a usage answer.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum BucketState {
+    /// Below `warn_at`.
+    Ok,
+    /// At or above `warn_at`.
+    Warn,
+    /// `spent + held >= limit`.
+    Exhausted,
+}
+
+/// Outcome of a check or reservation.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Allowed.
+    Allow,
+    /// Allowed, near a limit.
+    Warn,
+    /// Refused.
+    Deny,
+}
+
+/// One budget bucket as reported in answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BudgetReport {
+    /// Budget id.
+    pub budget: String,
+    /// Scope key (canonical `group_by` rendering; empty for an ungrouped budget).
+    pub key: String,
+    /// Spend limit, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_micros: Option<Micros>,
+    /// Spent in the current window.
+    pub spent_micros: Micros,
+    /// Held by live reservations.
+    pub held_micros: Micros,
+    /// `limit - spent - held`, never below 0 (absent without a spend limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_micros: Option<Micros>,
+    /// Token limit, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_tokens: Option<u64>,
+    /// Tokens used in the current window.
+    pub spent_tokens: u64,
+    /// Tokens held by live reservations.
+    pub held_tokens: u64,
+    /// Request limit, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_requests: Option<u64>,
+    /// Requests in the current window.
+    pub spent_requests: u64,
+    /// Concurrency limit, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_concurrent: Option<u64>,
+    /// Live reservations now.
+    pub live_holds: u64,
+    /// Highest `(spent + held) / limit` over the budget's limits (display only; 0 for a meter).
+    pub utilization: f64,
+    /// Bucket state.
+    pub state: BucketState,
+    /// `deny` or `warn` enforcement.
+    pub enforce: crate::policy::Enforce,
+    /// End of the current window (RFC 3339), absent for cumulative budgets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_end: Option<String>,
+}
+
+/// `hello` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HelloAnswer {
+    /// Always true.
+    pub ok: bool,
+    /// `bursard <version>`.
+    pub server: String,
+    /// Protocol version.
+    pub protocol: u32,
+    /// Version of the policy in force.
+    pub policy_version: u64,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// Answer to `record` and `commit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct UsageAnswer {
+    /// Always true.
+    pub ok: bool,
+    /// Seq of the usage event.
+    pub seq: u64,
+    /// True when this repeats an earlier identical request.
+    pub duplicate: bool,
+    /// Cost of the event under the prices in force.
+    pub cost_micros: Micros,
+    /// Most severe bucket state after the event.
+    pub state: BucketState,
+    /// Every matching bucket after the event.
+    pub budgets: Vec<BudgetReport>,
+    /// Priced at the table's highest prices because the model is unknown.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub priced_at_max: bool,
+    /// A commit after its hold had expired.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
+    /// `"unknown"` for a commit naming a reservation the daemon never saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<String>,
+    /// Overrun of the actual cost over the hold, when positive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrun_micros: Option<Micros>,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// Why a candidate model was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// Lacks a required capability.
+    MissingCapability,
+    /// A budget would deny it.
+    Budget,
+    /// Its worst case exceeds its tier's per-call cap.
+    TierCap,
+    /// No price is known and unknown models are denied.
+    UnknownModel,
+}
+
+/// A skipped candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Skipped {
+    /// The candidate.
+    pub model: String,
+    /// Why.
+    pub reason: SkipReason,
+    /// Details (the missing capability, the budget, the cap).
+    pub detail: String,
+}
+
+/// Why a decision was what it was.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Reason {
+    /// `budget`, `tier_cap`, `unknown_model`, `missing_capability`, `max_keys` or `ok`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// The budget to blame, when one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+    /// Its scope key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Answer to `reserve` and `check`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DecisionAnswer {
+    /// Always true: a denial is an answer, not an error.
+    pub ok: bool,
+    /// Seq of the appended event (`reserve` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// True when this repeats an earlier identical request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+    /// The decision.
+    pub decision: Decision,
+    /// Chosen model (the first allowed candidate), or the last one considered when denied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Worst-case cost held (or that would be held).
+    pub hold_micros: Micros,
+    /// `max_output_tokens` actually used for the estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
+    /// When the hold expires (RFC 3339), for an allowed `reserve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Every matching bucket, as it would be with the hold.
+    pub budgets: Vec<BudgetReport>,
+    /// Candidates skipped, in order, with reasons.
+    #[serde(default)]
+    pub skipped: Vec<Skipped>,
+    /// The reason for the decision.
+    pub reason: Reason,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// Answer to `release`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReleaseAnswer {
+    /// Always true.
+    pub ok: bool,
+    /// Seq of the release event.
+    pub seq: u64,
+    /// True when the hold had already been released by this same request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// Answer to `extend`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ExtendAnswer {
+    /// Always true.
+    pub ok: bool,
+    /// Seq of the extend event.
+    pub seq: u64,
+    /// New expiry (RFC 3339).
+    pub expires_at: String,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// Answer to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StatusAnswer {
+    /// Always true.
+    pub ok: bool,
+    /// Buckets, most utilized first.
+    pub budgets: Vec<BudgetReport>,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// End of a `tail` or `export` stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StreamEnd {
+    /// Always true.
+    pub ok: bool,
+    /// Always true.
+    pub end: bool,
+    /// Events sent (export).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// One line of the replay diff.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DiffRow {
+    /// Budget id.
+    pub budget: String,
+    /// Scope key.
+    pub key: String,
+    /// Current-window spend before repricing.
+    pub before_micros: Micros,
+    /// After repricing.
+    pub after_micros: Micros,
+    /// `after - before`.
+    pub delta_micros: Micros,
+    /// Bucket state before.
+    pub state_before: BucketState,
+    /// Bucket state after.
+    pub state_after: BucketState,
+}
+
+/// Answer to `replay`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplayAnswer {
+    /// Always true.
+    pub ok: bool,
+    /// Events folded.
+    pub events: u64,
+    /// Buckets whose figures change.
+    pub diff: Vec<DiffRow>,
+    /// Change of total cost over all usage since `since`.
+    pub total_delta_micros: Micros,
+    /// Whether `pricing_changed` was appended.
+    pub applied: bool,
+    /// Seq of the `pricing_changed` event when applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// Answer to `verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VerifyAnswer {
+    /// Always true (a broken chain is an error answer naming the seq).
+    pub ok: bool,
+    /// Events checked.
+    pub events: u64,
+    /// Hash of the last event, hex.
+    pub head: String,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// Answer to `reload`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReloadAnswer {
+    /// Always true.
+    pub ok: bool,
+    /// New policy version.
+    pub policy_version: u64,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}

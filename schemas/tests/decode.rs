@@ -1,0 +1,93 @@
+//! Request-line decoding: every malformed input is a structured error naming the field.
+
+use bursar_schemas::wire::{decode_request, ErrorCode, Request, MAX_LINE_BYTES};
+
+fn err(line: &str) -> (ErrorCode, Option<String>, String) {
+    let (e, _) = decode_request(line.as_bytes()).unwrap_err();
+    (e.code, e.field, e.message)
+}
+
+#[test]
+fn record_decodes_with_defaults_and_req_echo() {
+    let line = r#"{"op":"record","req":[1,"x"],"event_id":"e-1","labels":{"team":"search"},"model":"gpt-4o","usage":{"input_tokens":1200,"output_tokens":300}}"#;
+    let got = decode_request(line.as_bytes()).unwrap();
+    assert_eq!(got.req, Some(serde_json::json!([1, "x"])));
+    let Request::Record(r) = got.request else {
+        panic!("not a record")
+    };
+    assert_eq!(r.usage.input_tokens, 1200);
+    assert_eq!(r.usage.requests, 1);
+    assert_eq!(r.usage.cached_input_tokens, 0);
+}
+
+#[test]
+fn misspelt_nested_field_is_named() {
+    let (code, field, msg) = err(
+        r#"{"op":"record","event_id":"e","model":"m","usage":{"input_tokens":1,"output_token":5}}"#,
+    );
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert_eq!(field.as_deref(), Some("usage.output_token"));
+    assert!(msg.contains("output_token"), "{msg}");
+}
+
+#[test]
+fn negative_tokens_name_the_field() {
+    let (code, field, _) =
+        err(r#"{"op":"record","event_id":"e","model":"m","usage":{"input_tokens":-1}}"#);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert_eq!(field.as_deref(), Some("usage.input_tokens"));
+}
+
+#[test]
+fn missing_field_is_named() {
+    let (_, field, _) = err(r#"{"op":"record","model":"m","usage":{}}"#);
+    assert_eq!(field.as_deref(), Some("event_id"));
+    let (_, field, _) = err(r#"{"op":"release"}"#);
+    assert_eq!(field.as_deref(), Some("reservation_id"));
+}
+
+#[test]
+fn unknown_op_and_missing_op() {
+    let (code, field, _) = err(r#"{"op":"launch"}"#);
+    assert_eq!(code, ErrorCode::UnknownOp);
+    assert_eq!(field.as_deref(), Some("op"));
+    let (code, field, _) = err(r#"{"event_id":"x"}"#);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert_eq!(field.as_deref(), Some("op"));
+    let (_, field, _) = err(r#"{"op":7}"#);
+    assert_eq!(field.as_deref(), Some("op"));
+}
+
+#[test]
+fn garbage_is_bad_request() {
+    for line in ["", "{", "[]", "null", "\"op\"", "{\"op\":\"hello\"", "{}}"] {
+        let (code, _, _) = err(line);
+        assert_eq!(code, ErrorCode::BadRequest, "{line:?}");
+    }
+    let (e, _) = decode_request(&[0xff, 0xfe, b'{']).unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert!(e.message.contains("UTF-8"));
+}
+
+#[test]
+fn over_long_line_is_too_large() {
+    let line = vec![b' '; MAX_LINE_BYTES + 1];
+    let (e, _) = decode_request(&line).unwrap_err();
+    assert_eq!(e.code, ErrorCode::TooLarge);
+}
+
+#[test]
+fn verify_rejects_extra_fields_and_req_is_kept_on_error() {
+    let (e, req) = decode_request(br#"{"op":"verify","req":5,"deep":true}"#).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("deep"));
+    assert_eq!(req, Some(serde_json::json!(5)));
+}
+
+#[test]
+fn request_to_json_roundtrips() {
+    let line = r#"{"op":"reserve","reservation_id":"r-7","labels":{"team":"a"},"model":"gpt-4o","estimate":{"input_tokens":1200,"max_output_tokens":800},"ttl_seconds":120,"candidates":["gpt-4o","gpt-4o-mini"],"require":["tools"]}"#;
+    let a = decode_request(line.as_bytes()).unwrap().request;
+    let again = serde_json::to_vec(&a.to_json()).unwrap();
+    let b = decode_request(&again).unwrap().request;
+    assert_eq!(a, b);
+}
