@@ -4,4 +4,8 @@
 //! (`ts`, Unix microseconds), and anything the core needs from outside (an imported price file)
 //! is passed in by the caller. That is what makes replay exact and tests deterministic.
 
+pub mod labels;
 pub mod money;
+pub mod policy;
+pub mod pricing;
+pub mod window;
