@@ -1,1 +1,303 @@
-//! (being written)
+//! Windows (SPEC §5): where the window containing a timestamp starts and ends, for fixed,
+//! calendar, rolling and cumulative budgets, and the slotted counter behind rolling windows.
+//!
+//! Architecture invariant: time is always an argument (Unix microseconds, UTC); nothing here
+//! reads a clock. All boundary arithmetic is done in `i128`, where no `i64` timestamp, `u64`
+//! length or offset can overflow, and results are clamped back into `i64`.
+//!
+//! Degenerate specs (which policy validation rejects) never panic: a fixed window of 0 seconds
+//! behaves as cumulative (it never resets, which fails closed), a rolling resolution of 0 is
+//! treated as 1 second, and a rolling window always counts at least the current slot.
+
+use std::collections::VecDeque;
+use std::ops::{Add, AddAssign, Sub};
+
+use bursar_schemas::policy::{CalendarUnit, WindowSpec};
+use bursar_schemas::TsMicros;
+use chrono::{Datelike, Months, NaiveDate};
+
+/// Microseconds in one second.
+pub const MICROS_PER_SECOND: i64 = 1_000_000;
+const MICROS_PER_SECOND_WIDE: i128 = 1_000_000;
+const MICROS_PER_DAY: i128 = 86_400 * MICROS_PER_SECOND_WIDE;
+/// `NaiveDate::num_days_from_ce` of 1970-01-01.
+const UNIX_EPOCH_DAYS_FROM_CE: i128 = 719_163;
+/// 1970-01-01 was a Thursday: three days after a Monday.
+const EPOCH_DAYS_AFTER_MONDAY: i128 = 3;
+
+/// What a bucket has counted: money, tokens and requests. Arithmetic saturates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Amounts {
+    /// Micro-USD.
+    pub micros: i64,
+    /// Tokens.
+    pub tokens: u64,
+    /// Requests.
+    pub requests: u64,
+}
+
+impl Amounts {
+    /// Field-wise saturating sum.
+    #[must_use]
+    pub fn saturating_add(self, other: Amounts) -> Amounts {
+        Amounts {
+            micros: self.micros.saturating_add(other.micros),
+            tokens: self.tokens.saturating_add(other.tokens),
+            requests: self.requests.saturating_add(other.requests),
+        }
+    }
+}
+
+impl Add for Amounts {
+    type Output = Amounts;
+    fn add(self, other: Amounts) -> Amounts {
+        self.saturating_add(other)
+    }
+}
+
+impl AddAssign for Amounts {
+    fn add_assign(&mut self, other: Amounts) {
+        *self = self.saturating_add(other);
+    }
+}
+
+impl Sub for Amounts {
+    type Output = Amounts;
+    /// Field-wise saturating difference (token and request counts stop at zero).
+    fn sub(self, other: Amounts) -> Amounts {
+        Amounts {
+            micros: self.micros.saturating_sub(other.micros),
+            tokens: self.tokens.saturating_sub(other.tokens),
+            requests: self.requests.saturating_sub(other.requests),
+        }
+    }
+}
+
+/// Start (inclusive) and end (exclusive) of the window containing `ts`.
+///
+/// - fixed: `start = floor((ts - offset) / W) * W + offset`, so an event exactly at a boundary
+///   belongs to the new window;
+/// - calendar: the local day, week (from Monday) or month containing `ts` at the fixed UTC
+///   offset, as UTC instants;
+/// - cumulative: `(i64::MIN, None)`;
+/// - rolling: start = the start of the oldest slot still counted, end = the next slot boundary
+///   (when that oldest slot drops out).
+///
+/// A start before `i64::MIN` is clamped to `i64::MIN`; an end after `i64::MAX` is `None`.
+pub fn window_bounds(spec: &WindowSpec, ts: TsMicros) -> (TsMicros, Option<TsMicros>) {
+    let t = i128::from(ts);
+    let (start, end) = match *spec {
+        WindowSpec::Cumulative => return (TsMicros::MIN, None),
+        WindowSpec::Fixed {
+            seconds,
+            offset_seconds,
+        } => {
+            let width = i128::from(seconds) * MICROS_PER_SECOND_WIDE;
+            if width == 0 {
+                return (TsMicros::MIN, None);
+            }
+            let offset = i128::from(offset_seconds) * MICROS_PER_SECOND_WIDE;
+            let start = (t - offset).div_euclid(width) * width + offset;
+            (start, start + width)
+        }
+        WindowSpec::Calendar {
+            unit,
+            utc_offset_seconds,
+        } => {
+            let offset = i128::from(utc_offset_seconds) * MICROS_PER_SECOND_WIDE;
+            let day = (t + offset).div_euclid(MICROS_PER_DAY);
+            let (start_day, end_day) = match unit {
+                CalendarUnit::Day => (day, Some(day + 1)),
+                CalendarUnit::Week => {
+                    let monday = day - (day + EPOCH_DAYS_AFTER_MONDAY).rem_euclid(7);
+                    (monday, Some(monday + 7))
+                }
+                CalendarUnit::Month => match month_days(day) {
+                    Some(days) => days,
+                    // Beyond chrono's calendar (about ±262 000 years): never resets.
+                    None => return (TsMicros::MIN, None),
+                },
+            };
+            let start = start_day * MICROS_PER_DAY - offset;
+            match end_day {
+                Some(end_day) => (start, end_day * MICROS_PER_DAY - offset),
+                None => return (clamp_start(start), None),
+            }
+        }
+        WindowSpec::Rolling {
+            seconds,
+            resolution_seconds,
+        } => {
+            let shape = RollingShape::new(seconds, resolution_seconds);
+            let current = shape.slot_of(ts);
+            let oldest = shape.oldest_counted(current);
+            (
+                oldest * shape.slot_micros,
+                (current + 1) * shape.slot_micros,
+            )
+        }
+    };
+    (clamp_start(start), i64::try_from(end).ok())
+}
+
+/// First day of the local month containing `day` (days since 1970-01-01), and the first day of
+/// the next month when it is representable.
+fn month_days(day: i128) -> Option<(i128, Option<i128>)> {
+    let days_from_ce = i32::try_from(day + UNIX_EPOCH_DAYS_FROM_CE).ok()?;
+    let date = NaiveDate::from_num_days_from_ce_opt(days_from_ce)?;
+    let first = date.with_day(1)?;
+    let next = first.checked_add_months(Months::new(1));
+    let to_days = |d: NaiveDate| i128::from(d.num_days_from_ce()) - UNIX_EPOCH_DAYS_FROM_CE;
+    Some((to_days(first), next.map(to_days)))
+}
+
+fn clamp_start(start: i128) -> TsMicros {
+    i64::try_from(start).unwrap_or(if start < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// Slot size and count of a rolling window, normalised so that nothing divides by zero.
+#[derive(Debug, Clone, Copy)]
+struct RollingShape {
+    /// Slot length in µs (at least one second).
+    slot_micros: i128,
+    /// Slots counted: `ceil(window / resolution)`, at least 1.
+    slots: i128,
+}
+
+impl RollingShape {
+    fn new(window_seconds: u64, resolution_seconds: u64) -> RollingShape {
+        let resolution = resolution_seconds.max(1);
+        RollingShape {
+            slot_micros: i128::from(resolution) * MICROS_PER_SECOND_WIDE,
+            slots: i128::from(window_seconds.div_ceil(resolution).max(1)),
+        }
+    }
+
+    /// Slot `k` covers `[k * res, (k + 1) * res)`.
+    fn slot_of(self, ts: TsMicros) -> i128 {
+        i128::from(ts).div_euclid(self.slot_micros)
+    }
+
+    /// The oldest slot still counted when the newest is `current`.
+    fn oldest_counted(self, current: i128) -> i128 {
+        current - self.slots + 1
+    }
+}
+
+/// A rolling-window counter: amounts kept per slot of `resolution_seconds`. Slot `k` covers
+/// `[k * res, (k + 1) * res)` in µs; at `now` in slot `c`, the window counts slots
+/// `c - n + 1 ..= c` where `n = ceil(window_seconds / resolution_seconds)`.
+///
+/// The same `(window_seconds, resolution_seconds)` must be passed to every call on one counter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RollingCounter {
+    /// `(slot index, amounts)`, strictly increasing by slot, all within `n` of the newest.
+    slots: VecDeque<(i64, Amounts)>,
+}
+
+impl RollingCounter {
+    /// Adds `amounts` to the slot of `ts`, then drops every slot that is out of the window
+    /// ending at the newest slot seen. An event older than that window is dropped on arrival
+    /// (a late timestamp after the clock moved on); one within it lands in its own slot. The
+    /// counter never holds more than `n` slots.
+    pub fn add(
+        &mut self,
+        window_seconds: u64,
+        resolution_seconds: u64,
+        ts: TsMicros,
+        amounts: Amounts,
+    ) {
+        let shape = RollingShape::new(window_seconds, resolution_seconds);
+        let slot = shape.slot_of(ts);
+        let newest = self
+            .slots
+            .back()
+            .map_or(slot, |&(k, _)| slot.max(i128::from(k)));
+        let oldest = shape.oldest_counted(newest);
+        if slot < oldest {
+            return;
+        }
+        // |slot| <= |ts| because a slot is at least one second long, so this always fits.
+        let Ok(slot) = i64::try_from(slot) else {
+            return;
+        };
+        match self.slots.binary_search_by_key(&slot, |&(k, _)| k) {
+            Ok(index) => {
+                if let Some((_, existing)) = self.slots.get_mut(index) {
+                    *existing = existing.saturating_add(amounts);
+                }
+            }
+            Err(index) => self.slots.insert(index, (slot, amounts)),
+        }
+        while self
+            .slots
+            .front()
+            .is_some_and(|&(k, _)| i128::from(k) < oldest)
+        {
+            self.slots.pop_front();
+        }
+    }
+
+    /// The sum of the slots inside the window at `now` (slots `c - n + 1 ..= c`). Read-only:
+    /// slots that have fallen out of the window are ignored even before an `add` prunes them.
+    pub fn total(&self, window_seconds: u64, resolution_seconds: u64, now: TsMicros) -> Amounts {
+        let shape = RollingShape::new(window_seconds, resolution_seconds);
+        let current = shape.slot_of(now);
+        let oldest = shape.oldest_counted(current);
+        self.slots
+            .iter()
+            .filter(|&&(k, _)| (oldest..=current).contains(&i128::from(k)))
+            .fold(Amounts::default(), |sum, &(_, amounts)| {
+                sum.saturating_add(amounts)
+            })
+    }
+
+    /// True when no slot is held.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Number of slots held (for tests of the bound).
+    #[cfg(test)]
+    fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = MICROS_PER_SECOND;
+
+    fn one_micro() -> Amounts {
+        Amounts {
+            micros: 1,
+            tokens: 1,
+            requests: 1,
+        }
+    }
+
+    #[test]
+    fn counter_never_holds_more_than_n_slots() {
+        let mut counter = RollingCounter::default();
+        // 10-minute window at 1-minute resolution: n = 10.
+        for minute in 0..100 {
+            counter.add(600, 60, minute * 60 * S, one_micro());
+            assert!(counter.slot_count() <= 10);
+        }
+        assert_eq!(counter.slot_count(), 10);
+        assert_eq!(counter.total(600, 60, 99 * 60 * S).requests, 10);
+    }
+
+    #[test]
+    fn extreme_inputs_do_not_panic() {
+        let mut counter = RollingCounter::default();
+        for (window, res) in [(0, 0), (u64::MAX, 1), (1, u64::MAX), (u64::MAX, u64::MAX)] {
+            for ts in [i64::MIN, -1, 0, i64::MAX] {
+                counter.add(window, res, ts, one_micro());
+                let _ = counter.total(window, res, ts);
+            }
+        }
+    }
+}
