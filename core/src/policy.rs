@@ -1,1 +1,1198 @@
-//! (being written)
+//! The policy file `bursar.toml` (SPEC §4): parse, validate, resolve.
+//!
+//! [`parse_policy`] deserializes the text into the raw [`PolicyFile`] (unknown keys rejected),
+//! then validates every section into a [`ResolvedPolicy`] plus [`DaemonSettings`]. Every error
+//! names the file, the line and the key as a dotted path (`budget[2].window_seconds`,
+//! `pricing.models."gpt-4o".input_per_mtok`; array indexes count from 0). Validation collects
+//! all the errors it finds rather than stopping at the first; a TOML syntax or type error stops
+//! at that error.
+//!
+//! Prices: the built-in table, then `[pricing] import` (a LiteLLM price file read through the
+//! caller's `read_import`, so this module does no I/O), then `[pricing.models."NAME"]`
+//! sections merged over it.
+
+use crate::money::{self, MoneyError};
+use crate::pricing::{self, apply_section, builtin_table, import_litellm};
+use bursar_schemas::policy::{
+    BudgetSection, CalendarUnit, DaemonSection, Dollars, Enforce, PolicyFile, PricingSection,
+    ResolvedBudget, ResolvedPolicy, ResolvedTierCap, ResolvedTiers, TiersSection, UnknownModels,
+    WindowSpec,
+};
+use bursar_schemas::pricing::PriceTable;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::ops::Range;
+use toml_edit::{ImDocument, Item, Table, Value};
+
+/// Default hold lifetime.
+pub const DEFAULT_RESERVATION_TTL_SECONDS: u64 = 300;
+/// Longest hold lifetime a policy may set.
+pub const MAX_RESERVATION_TTL_SECONDS: u64 = 86400;
+/// Default fail-closed bound on dynamic `group_by` keys per budget.
+pub const DEFAULT_MAX_KEYS_PER_BUDGET: u64 = 100_000;
+/// Default socket mode.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// Longest fixed or rolling window: 100 years (keeps window arithmetic in microseconds far from
+/// overflow).
+pub const MAX_WINDOW_SECONDS: u64 = 100 * 366 * 86_400;
+/// Most slots a rolling window may have (`window_seconds / resolution_seconds`, rounded up).
+pub const MAX_ROLLING_SLOTS: u64 = 100_000;
+/// Longest budget id.
+pub const MAX_BUDGET_ID_BYTES: usize = 128;
+/// Longest label value (SPEC §3); also bounds tier names, which become the `tier` label.
+pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+/// Name of the built-in tier used when `[tiers] default` is not set.
+pub const DEFAULT_TIER: &str = "default";
+/// Id of the budget of the default policy.
+pub const DEFAULT_BUDGET_ID: &str = "model-daily";
+/// `source` of the default policy.
+pub const EMBEDDED_DEFAULT_SOURCE: &str = "embedded default";
+
+/// One configuration error: `FILE:LINE: KEY: MESSAGE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    /// File name as given to the parser.
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// Dotted key path, e.g. `budget[0].window_seconds`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}: {}", self.file, line, self.key, self.message),
+            None => write!(f, "{}: {}: {}", self.file, self.key, self.message),
+        }
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// `[daemon]` settings that are not part of the resolved (logged) policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonSettings {
+    /// Socket path; `None`: the daemon's default.
+    pub socket: Option<String>,
+    /// Data directory; `None`: the daemon's default.
+    pub data_dir: Option<String>,
+    /// Socket file mode (`0o600` by default).
+    pub socket_mode: u32,
+    /// Group owning the socket.
+    pub socket_group: Option<String>,
+    /// Admin uids; empty: only the daemon's own uid.
+    pub admin_uids: Vec<u32>,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            data_dir: None,
+            socket_mode: DEFAULT_SOCKET_MODE,
+            socket_group: None,
+            admin_uids: Vec::new(),
+        }
+    }
+}
+
+/// A validated policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedPolicy {
+    /// What the daemon runs under and logs in `policy_applied`.
+    pub resolved: ResolvedPolicy,
+    /// Where and how the daemon runs.
+    pub daemon: DaemonSettings,
+    /// File name, or `"embedded default"`.
+    pub source: String,
+    /// BLAKE3 hex of the file's text.
+    pub source_hash: String,
+}
+
+/// The default policy (SPEC §8): built-in prices and one meter per model per day.
+pub fn default_policy() -> LoadedPolicy {
+    let resolved = ResolvedPolicy {
+        reservation_ttl_seconds: DEFAULT_RESERVATION_TTL_SECONDS,
+        max_keys_per_budget: DEFAULT_MAX_KEYS_PER_BUDGET,
+        unknown_models: UnknownModels::Deny,
+        tiers: default_tiers(),
+        budgets: vec![ResolvedBudget {
+            id: DEFAULT_BUDGET_ID.to_string(),
+            match_labels: BTreeMap::new(),
+            group_by: vec!["model".to_string()],
+            window: WindowSpec::Fixed {
+                seconds: 86_400,
+                offset_seconds: 0,
+            },
+            max_micros: None,
+            max_tokens: None,
+            max_requests: None,
+            max_concurrent: None,
+            warn_at_ppm: None,
+            enforce: Enforce::Deny,
+        }],
+        pricing: builtin_table(),
+    };
+    // There is no file text: the hash covers the resolved policy itself, so it changes exactly
+    // when the embedded default (including the built-in prices) changes.
+    let canonical = serde_json::to_vec(&resolved).unwrap_or_default();
+    LoadedPolicy {
+        resolved,
+        daemon: DaemonSettings::default(),
+        source: EMBEDDED_DEFAULT_SOURCE.to_string(),
+        source_hash: blake3::hash(&canonical).to_hex().to_string(),
+    }
+}
+
+fn default_tiers() -> ResolvedTiers {
+    ResolvedTiers {
+        default: DEFAULT_TIER.to_string(),
+        patterns: Vec::new(),
+        caps: BTreeMap::new(),
+    }
+}
+
+/// Parse and validate a policy file. `file` names it in errors; `read_import` reads the
+/// `[pricing] import` path exactly as written (the caller resolves it, e.g. against the config
+/// file's directory) and returns its text or a message.
+pub fn parse_policy(
+    text: &str,
+    file: &str,
+    read_import: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<LoadedPolicy, Vec<PolicyError>> {
+    let doc = match ImDocument::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let line = e.span().map(|r| line_of_offset(text, r.start));
+            let key = line.map(|l| key_on_line(text, l)).unwrap_or_default();
+            return Err(vec![PolicyError {
+                file: file.to_string(),
+                line,
+                key,
+                message: e.message().trim().lines().collect::<Vec<_>>().join("; "),
+            }]);
+        }
+    };
+    let raw: PolicyFile = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => return Err(vec![deserialize_error(&e, text, file, &doc)]),
+    };
+    let mut issues = Issues::default();
+    let resolved = resolve(&raw, read_import, &mut issues);
+    match resolved {
+        Some((resolved, daemon)) if issues.0.is_empty() => Ok(LoadedPolicy {
+            resolved,
+            daemon,
+            source: file.to_string(),
+            source_hash: blake3::hash(text.as_bytes()).to_hex().to_string(),
+        }),
+        _ => Err(issues
+            .0
+            .into_iter()
+            .map(|issue| PolicyError {
+                file: file.to_string(),
+                line: locate(&doc, &issue.path).map(|off| line_of_offset(text, off)),
+                key: render_path(&issue.path),
+                message: issue.message,
+            })
+            .collect()),
+    }
+}
+
+/// Resolve a `[pricing]` section: `base`, then the import (if any), then the `models` sections
+/// merged over it. Errors carry no line (there is no text); keys are as in [`parse_policy`].
+pub fn parse_pricing_section(
+    section: &PricingSection,
+    base: &PriceTable,
+    file: &str,
+    read_import: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<PriceTable, Vec<PolicyError>> {
+    let mut issues = Issues::default();
+    let table = resolve_pricing(section, base, read_import, &mut issues);
+    if issues.0.is_empty() {
+        Ok(table)
+    } else {
+        Err(issues
+            .0
+            .into_iter()
+            .map(|issue| PolicyError {
+                file: file.to_string(),
+                line: None,
+                key: render_path(&issue.path),
+                message: issue.message,
+            })
+            .collect())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key paths
+
+/// One segment of a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    /// A key, quoted only when it is not a bare TOML key.
+    Key(String),
+    /// A user-chosen name (a model), always quoted: `pricing.models."gpt-4o"`.
+    Name(String),
+    /// An array index, from 0.
+    Index(usize),
+}
+
+fn k(s: &str) -> Seg {
+    Seg::Key(s.to_string())
+}
+
+fn path(segs: &[Seg]) -> Vec<Seg> {
+    segs.to_vec()
+}
+
+fn render_path(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+            Seg::Key(s) | Seg::Name(s) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                let bare = !s.is_empty()
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if bare && matches!(seg, Seg::Key(_)) {
+                    out.push_str(s);
+                } else {
+                    out.push_str(&quote(s));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Errors found while validating, each at a key path.
+#[derive(Default)]
+struct Issues(Vec<Issue>);
+
+struct Issue {
+    path: Vec<Seg>,
+    message: String,
+}
+
+impl Issues {
+    fn push(&mut self, path: Vec<Seg>, message: impl Into<String>) {
+        self.0.push(Issue {
+            path,
+            message: message.into(),
+        });
+    }
+}
+
+fn with(base: &[Seg], seg: Seg) -> Vec<Seg> {
+    let mut p = base.to_vec();
+    p.push(seg);
+    p
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lines
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    1 + text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+}
+
+/// For a syntax error: the key or table header on that line, as written.
+fn key_on_line(text: &str, line: usize) -> String {
+    let Some(l) = text.lines().nth(line.saturating_sub(1)) else {
+        return String::new();
+    };
+    let l = l.trim();
+    if l.starts_with('[') {
+        return l
+            .trim_start_matches('[')
+            .split(']')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+    }
+    match l.split_once('=') {
+        Some((key, _)) => key.trim().to_string(),
+        None => String::new(),
+    }
+}
+
+/// A node of the parsed document while walking a key path.
+#[derive(Clone, Copy)]
+enum Node<'a> {
+    Item(&'a Item),
+    Table(&'a Table),
+    Value(&'a Value),
+}
+
+fn seg_name(seg: &Seg) -> Option<&str> {
+    match seg {
+        Seg::Key(s) | Seg::Name(s) => Some(s),
+        Seg::Index(_) => None,
+    }
+}
+
+fn step<'a>(node: Node<'a>, seg: &Seg) -> Option<(Node<'a>, Option<Range<usize>>)> {
+    let table = match node {
+        Node::Table(t) | Node::Item(Item::Table(t)) => Some(t),
+        _ => None,
+    };
+    let inline = match node {
+        Node::Item(Item::Value(Value::InlineTable(t))) | Node::Value(Value::InlineTable(t)) => {
+            Some(t)
+        }
+        _ => None,
+    };
+    let array = match node {
+        Node::Item(Item::Value(Value::Array(a))) | Node::Value(Value::Array(a)) => Some(a),
+        _ => None,
+    };
+    if let Some(name) = seg_name(seg) {
+        let (key, item) = match (table, inline) {
+            (Some(t), _) => t.get_key_value(name)?,
+            (_, Some(t)) => t.get_key_value(name)?,
+            _ => return None,
+        };
+        return Some((Node::Item(item), key.span().or_else(|| item.span())));
+    }
+    let Seg::Index(i) = seg else {
+        return None;
+    };
+    match (node, array) {
+        (Node::Item(Item::ArrayOfTables(a)), _) => {
+            let t = a.get(*i)?;
+            Some((Node::Table(t), t.span()))
+        }
+        (_, Some(a)) => {
+            let v = a.get(*i)?;
+            Some((Node::Value(v), v.span()))
+        }
+        _ => None,
+    }
+}
+
+/// Byte offset of the deepest part of `path` present in the document.
+fn locate(doc: &ImDocument<&str>, path: &[Seg]) -> Option<usize> {
+    let mut node = Node::Table(doc.as_table());
+    let mut best: Option<usize> = None;
+    for seg in path {
+        let Some((next, span)) = step(node, seg) else {
+            break;
+        };
+        if let Some(r) = span {
+            best = Some(r.start);
+        }
+        node = next;
+    }
+    best
+}
+
+fn contains(span: Option<Range<usize>>, offset: usize) -> bool {
+    span.is_some_and(|r| r.start <= offset && offset < r.end.max(r.start + 1))
+}
+
+/// The key path of the deepest key or value whose text covers `offset`.
+fn path_at(doc: &ImDocument<&str>, offset: usize) -> Vec<Seg> {
+    let mut path = Vec::new();
+    search_table(doc.as_table(), offset, &mut path);
+    // Model names under `pricing.models` are quoted, as users write them.
+    if path.len() >= 3 && path[0] == k("pricing") && path[1] == k("models") {
+        if let Seg::Key(name) = &path[2] {
+            path[2] = Seg::Name(name.clone());
+        }
+    }
+    path
+}
+
+fn search_table(t: &Table, offset: usize, path: &mut Vec<Seg>) -> bool {
+    for (name, item) in t.iter() {
+        path.push(k(name));
+        let key_span = t.key(name).and_then(|key| key.span());
+        if search_item(item, offset, path) || contains(key_span, offset) {
+            return true;
+        }
+        path.pop();
+    }
+    false
+}
+
+fn search_item(item: &Item, offset: usize, path: &mut Vec<Seg>) -> bool {
+    match item {
+        Item::None => false,
+        Item::Value(v) => search_value(v, offset, path) || contains(v.span(), offset),
+        Item::Table(t) => search_table(t, offset, path) || contains(t.span(), offset),
+        Item::ArrayOfTables(a) => {
+            for (i, t) in a.iter().enumerate() {
+                path.push(Seg::Index(i));
+                if search_table(t, offset, path) || contains(t.span(), offset) {
+                    return true;
+                }
+                path.pop();
+            }
+            false
+        }
+    }
+}
+
+fn search_value(v: &Value, offset: usize, path: &mut Vec<Seg>) -> bool {
+    match v {
+        Value::InlineTable(t) => {
+            for (name, value) in t.iter() {
+                path.push(k(name));
+                let key_span = t.key(name).and_then(|key| key.span());
+                if search_value(value, offset, path)
+                    || contains(key_span, offset)
+                    || contains(value.span(), offset)
+                {
+                    return true;
+                }
+                path.pop();
+            }
+            false
+        }
+        Value::Array(a) => {
+            for (i, value) in a.iter().enumerate() {
+                path.push(Seg::Index(i));
+                if search_value(value, offset, path) || contains(value.span(), offset) {
+                    return true;
+                }
+                path.pop();
+            }
+            false
+        }
+        _ => false,
+    }
+}
+
+/// A serde error from `toml`: place it by its span and name the key.
+fn deserialize_error(
+    e: &toml::de::Error,
+    text: &str,
+    file: &str,
+    doc: &ImDocument<&str>,
+) -> PolicyError {
+    let raw_message = e.message().trim().to_string();
+    let (line, mut path) = match e.span() {
+        Some(r) => (Some(line_of_offset(text, r.start)), path_at(doc, r.start)),
+        None => (None, Vec::new()),
+    };
+    // "unknown field `x`, expected ..." / "missing field `x`": make sure the key is named.
+    let named = ["unknown field `", "missing field `"]
+        .iter()
+        .find_map(|prefix| raw_message.strip_prefix(prefix))
+        .and_then(|rest| rest.split('`').next());
+    if let Some(field) = named {
+        if path.last().and_then(seg_name) != Some(field) {
+            path.push(k(field));
+        }
+    }
+    let message = if raw_message.contains("untagged enum Dollars") {
+        "expected a dollar amount: a number such as 12.5 or a decimal string such as \"12.50\""
+            .to_string()
+    } else if named.is_some() && raw_message.starts_with("missing field") {
+        "is required".to_string()
+    } else if let Some(rest) = raw_message.strip_prefix("unknown field `") {
+        match rest.split_once("`, expected ") {
+            Some((_, expected)) => format!("unknown key (expected {expected})"),
+            None => "unknown key".to_string(),
+        }
+    } else {
+        raw_message
+            .replace("expected u64", "expected a whole number >= 0")
+            .replace("expected u32", "expected a whole number >= 0")
+            .replace("expected i64", "expected a whole number")
+            .replace("expected f64", "expected a number")
+    };
+    PolicyError {
+        file: file.to_string(),
+        line,
+        key: render_path(&path),
+        message,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+
+fn resolve(
+    raw: &PolicyFile,
+    read_import: &dyn Fn(&str) -> Result<String, String>,
+    issues: &mut Issues,
+) -> Option<(ResolvedPolicy, DaemonSettings)> {
+    let (daemon, ttl, max_keys, unknown_models) = resolve_daemon(&raw.daemon, issues);
+    let pricing = resolve_pricing(&raw.pricing, &builtin_table(), read_import, issues);
+    let tiers = resolve_tiers(raw.tiers.as_ref(), issues);
+    let mut budgets = Vec::with_capacity(raw.budget.len());
+    let mut first_index: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, section) in raw.budget.iter().enumerate() {
+        let at = vec![k("budget"), Seg::Index(i)];
+        if let Some(&j) = first_index.get(section.id.as_str()) {
+            issues.push(
+                with(&at, k("id")),
+                format!(
+                    "duplicate budget id {:?} (budget[{j}] already uses it)",
+                    section.id
+                ),
+            );
+        } else {
+            first_index.insert(&section.id, i);
+        }
+        if let Some(b) = resolve_budget(section, &at, issues) {
+            budgets.push(b);
+        }
+    }
+    if !issues.0.is_empty() {
+        return None;
+    }
+    Some((
+        ResolvedPolicy {
+            reservation_ttl_seconds: ttl,
+            max_keys_per_budget: max_keys,
+            unknown_models,
+            tiers,
+            budgets,
+            pricing,
+        },
+        daemon,
+    ))
+}
+
+fn resolve_daemon(
+    d: &DaemonSection,
+    issues: &mut Issues,
+) -> (DaemonSettings, u64, u64, UnknownModels) {
+    let at = [k("daemon")];
+    let mut settings = DaemonSettings::default();
+    let non_empty = |key: &str, v: &Option<String>, issues: &mut Issues| -> Option<String> {
+        match v {
+            Some(s) if s.is_empty() => {
+                issues.push(with(&at, k(key)), "must not be empty");
+                None
+            }
+            Some(s) if s.contains('\0') => {
+                issues.push(with(&at, k(key)), "must not contain a NUL character");
+                None
+            }
+            other => other.clone(),
+        }
+    };
+    settings.socket = non_empty("socket", &d.socket, issues);
+    settings.data_dir = non_empty("data_dir", &d.data_dir, issues);
+    settings.socket_group = non_empty("socket_group", &d.socket_group, issues);
+    if let Some(mode) = &d.socket_mode {
+        match parse_octal_mode(mode) {
+            Some(m) => settings.socket_mode = m,
+            None => issues.push(
+                with(&at, k("socket_mode")),
+                format!(
+                    "{mode:?} is not an octal file mode (0 to 0777), e.g. \"0600\" or \"0660\""
+                ),
+            ),
+        }
+    }
+    settings.admin_uids = d.admin_uids.clone().unwrap_or_default();
+    let ttl = d
+        .reservation_ttl_seconds
+        .unwrap_or(DEFAULT_RESERVATION_TTL_SECONDS);
+    if !(1..=MAX_RESERVATION_TTL_SECONDS).contains(&ttl) {
+        issues.push(
+            with(&at, k("reservation_ttl_seconds")),
+            format!("must be between 1 and {MAX_RESERVATION_TTL_SECONDS} seconds, got {ttl}"),
+        );
+    }
+    let max_keys = d.max_keys_per_budget.unwrap_or(DEFAULT_MAX_KEYS_PER_BUDGET);
+    if max_keys < 1 {
+        issues.push(with(&at, k("max_keys_per_budget")), "must be at least 1");
+    }
+    let unknown_models = match d.unknown_models.as_deref() {
+        None | Some("deny") => UnknownModels::Deny,
+        Some("price_at_max") => UnknownModels::PriceAtMax,
+        Some(other) => {
+            issues.push(
+                with(&at, k("unknown_models")),
+                format!("must be \"deny\" or \"price_at_max\", got {other:?}"),
+            );
+            UnknownModels::Deny
+        }
+    };
+    (settings, ttl, max_keys, unknown_models)
+}
+
+/// `"0600"`, `"660"`, `"0o600"`: an octal mode from 0 to 0777.
+fn parse_octal_mode(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return None;
+    }
+    let mode = u32::from_str_radix(digits, 8).ok()?;
+    (mode <= 0o777).then_some(mode)
+}
+
+fn resolve_pricing(
+    section: &PricingSection,
+    base: &PriceTable,
+    read_import: &dyn Fn(&str) -> Result<String, String>,
+    issues: &mut Issues,
+) -> PriceTable {
+    let mut table = base.clone();
+    if let Some(import_path) = &section.import {
+        let at = path(&[k("pricing"), k("import")]);
+        if import_path.trim().is_empty() {
+            issues.push(at, "must name a LiteLLM price file");
+        } else {
+            match read_import(import_path) {
+                Err(e) => issues.push(at, format!("cannot read {import_path:?}: {e}")),
+                Ok(text) => match import_litellm(&text) {
+                    Err(e) => issues.push(at, format!("{import_path:?}: {e}")),
+                    Ok(import) if import.table.models.is_empty() => issues.push(
+                        at,
+                        format!(
+                            "{import_path:?} holds no token-priced models (not a LiteLLM price \
+                             file?)"
+                        ),
+                    ),
+                    Ok(import) => table.models.extend(import.table.models),
+                },
+            }
+        }
+    }
+    for (name, model_section) in &section.models {
+        let at = path(&[k("pricing"), k("models"), Seg::Name(name.clone())]);
+        match apply_section(name, table.models.get(name), model_section) {
+            Ok(price) => {
+                table.models.insert(name.clone(), price);
+            }
+            Err((field, message)) if field.is_empty() => issues.push(at, message),
+            Err((field, message)) => issues.push(with(&at, k(&field)), message),
+        }
+    }
+    table
+}
+
+/// A tier name becomes the derived `tier` label value: 1..=256 bytes, no control characters.
+fn tier_name_problem(name: &str) -> Option<String> {
+    if name.trim().is_empty() {
+        Some("a tier name must not be empty".to_string())
+    } else if name.len() > MAX_LABEL_VALUE_BYTES || name.chars().any(char::is_control) {
+        Some(format!(
+            "a tier name must be 1..={MAX_LABEL_VALUE_BYTES} bytes without control characters"
+        ))
+    } else {
+        None
+    }
+}
+
+fn resolve_tiers(tiers: Option<&TiersSection>, issues: &mut Issues) -> ResolvedTiers {
+    let Some(t) = tiers else {
+        return default_tiers();
+    };
+    let at = [k("tiers")];
+    let default = t
+        .default
+        .clone()
+        .unwrap_or_else(|| DEFAULT_TIER.to_string());
+    if let Some(problem) = tier_name_problem(&default) {
+        issues.push(with(&at, k("default")), problem);
+    }
+    let mut known: BTreeSet<&str> = BTreeSet::new();
+    known.insert(&default);
+    let mut patterns = Vec::with_capacity(t.patterns.len());
+    for (i, p) in t.patterns.iter().enumerate() {
+        let pat_at = with(&with(&at, k("patterns")), Seg::Index(i));
+        if let Some(problem) = glob_problem(&p.pattern) {
+            issues.push(with(&pat_at, k("match")), problem);
+        }
+        if let Some(problem) = tier_name_problem(&p.tier) {
+            issues.push(with(&pat_at, k("tier")), problem);
+        }
+        known.insert(&p.tier);
+        patterns.push((p.pattern.clone(), p.tier.clone()));
+    }
+    let mut caps = BTreeMap::new();
+    for (name, cap) in &t.caps {
+        let cap_at = with(&with(&at, k("caps")), k(name));
+        if !known.contains(name.as_str()) {
+            let list: Vec<String> = known.iter().map(|s| format!("{s:?}")).collect();
+            issues.push(
+                cap_at.clone(),
+                format!(
+                    "no tier named {name:?}: caps must name the default tier or a pattern's tier \
+                     ({})",
+                    list.join(", ")
+                ),
+            );
+        }
+        let max_call_micros =
+            money_field(&cap.max_call_usd, with(&cap_at, k("max_call_usd")), issues);
+        caps.insert(
+            name.clone(),
+            ResolvedTierCap {
+                max_call_micros,
+                max_call_output_tokens: cap.max_call_output_tokens,
+            },
+        );
+    }
+    ResolvedTiers {
+        default,
+        patterns,
+        caps,
+    }
+}
+
+/// Model globs: non-empty, `*` is the only wildcard, so `?`, `[`, `]`, `{`, `}` (wildcards in
+/// other glob dialects, never in model names) are rejected rather than silently taken literally.
+fn glob_problem(pattern: &str) -> Option<String> {
+    if pattern.is_empty() {
+        return Some("a pattern must not be empty".to_string());
+    }
+    if let Some(c) = pattern
+        .chars()
+        .find(|c| matches!(c, '?' | '[' | ']' | '{' | '}'))
+    {
+        return Some(format!(
+            "pattern {pattern:?} uses {c:?}: only \"*\" (any run of characters) is a wildcard"
+        ));
+    }
+    if pattern.chars().any(char::is_control) {
+        return Some(format!("pattern {pattern:?} contains a control character"));
+    }
+    None
+}
+
+/// The label key rule of SPEC §3: `[a-z][a-z0-9_.-]{0,63}`.
+fn is_label_key(key: &str) -> bool {
+    let bytes = key.as_bytes();
+    match bytes.split_first() {
+        Some((first, rest)) => {
+            first.is_ascii_lowercase()
+                && rest.len() <= 63
+                && rest.iter().all(|&b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+                })
+        }
+        None => false,
+    }
+}
+
+fn money_message(e: &MoneyError) -> String {
+    pricing::money_message(e)
+}
+
+fn money_field(value: &Option<Dollars>, at: Vec<Seg>, issues: &mut Issues) -> Option<i64> {
+    let d = value.as_ref()?;
+    match money::dollars_to_micros(d) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            issues.push(at, money_message(&e));
+            None
+        }
+    }
+}
+
+fn resolve_budget(b: &BudgetSection, at: &[Seg], issues: &mut Issues) -> Option<ResolvedBudget> {
+    let before = issues.0.len();
+    let field = |name: &str| with(at, k(name));
+
+    if b.id.is_empty() {
+        issues.push(field("id"), "must not be empty");
+    } else if b.id.len() > MAX_BUDGET_ID_BYTES
+        || !b.id.bytes().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-')
+        })
+    {
+        issues.push(
+            field("id"),
+            format!(
+                "{:?} is not a budget id: use 1..={MAX_BUDGET_ID_BYTES} of a-z 0-9 _ . -",
+                b.id
+            ),
+        );
+    }
+
+    for (key, value) in &b.match_labels {
+        let key_at = with(&field("match"), k(key));
+        if !is_label_key(key) {
+            issues.push(
+                key_at,
+                format!("{key:?} is not a label key ([a-z][a-z0-9_.-]{{0,63}})"),
+            );
+        } else if value.is_empty() {
+            issues.push(key_at, "must not be empty (use \"*\" for any value)");
+        } else if value.len() > MAX_LABEL_VALUE_BYTES || value.chars().any(char::is_control) {
+            issues.push(
+                key_at,
+                format!(
+                    "a label value is 1..={MAX_LABEL_VALUE_BYTES} bytes without control \
+                     characters"
+                ),
+            );
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for (i, key) in b.group_by.iter().enumerate() {
+        let key_at = with(&field("group_by"), Seg::Index(i));
+        if !is_label_key(key) {
+            issues.push(
+                key_at,
+                format!("{key:?} is not a label key ([a-z][a-z0-9_.-]{{0,63}})"),
+            );
+        } else if !seen.insert(key.as_str()) {
+            issues.push(key_at, format!("{key:?} is listed twice"));
+        }
+    }
+
+    let window = resolve_window(b, at, issues);
+
+    let max_micros = money_field(&b.max_usd, field("max_usd"), issues);
+    let has_limit = b.max_usd.is_some()
+        || b.max_tokens.is_some()
+        || b.max_requests.is_some()
+        || b.max_concurrent.is_some();
+    let warn_at_ppm = match b.warn_at {
+        None => None,
+        Some(w) => {
+            let ppm = warn_at_to_ppm(w);
+            match ppm {
+                Err(message) => {
+                    issues.push(field("warn_at"), message);
+                    None
+                }
+                Ok(_) if !has_limit => {
+                    issues.push(
+                        field("warn_at"),
+                        "this budget has no limit (max_usd, max_tokens, max_requests or \
+                         max_concurrent), so there is nothing to warn about",
+                    );
+                    None
+                }
+                Ok(ppm) => Some(ppm),
+            }
+        }
+    };
+    let enforce = match b.enforce.as_deref() {
+        None | Some("deny") => Enforce::Deny,
+        Some("warn") => Enforce::Warn,
+        Some(other) => {
+            issues.push(
+                field("enforce"),
+                format!("must be \"deny\" or \"warn\", got {other:?}"),
+            );
+            Enforce::Deny
+        }
+    };
+    if issues.0.len() != before {
+        return None;
+    }
+    Some(ResolvedBudget {
+        id: b.id.clone(),
+        match_labels: b.match_labels.clone(),
+        group_by: b.group_by.clone(),
+        window: window?,
+        max_micros,
+        max_tokens: b.max_tokens,
+        max_requests: b.max_requests,
+        max_concurrent: b.max_concurrent,
+        warn_at_ppm,
+        enforce,
+    })
+}
+
+/// `warn_at` in (0, 1] with at most 6 decimals, as parts per million.
+fn warn_at_to_ppm(w: f64) -> Result<u32, String> {
+    if !w.is_finite() {
+        return Err("must be a finite number".to_string());
+    }
+    if w <= 0.0 || w > 1.0 {
+        return Err(format!(
+            "must be greater than 0 and at most 1 (a fraction of the limit), got {w}"
+        ));
+    }
+    match money::dollars_to_micros(&Dollars::Float(w)) {
+        Ok(ppm) => u32::try_from(ppm).map_err(|_| "is out of range".to_string()),
+        Err(MoneyError::TooPrecise) => Err("has more than 6 decimal places".to_string()),
+        Err(e) => Err(money_message(&e)),
+    }
+}
+
+fn resolve_window(b: &BudgetSection, at: &[Seg], issues: &mut Issues) -> Option<WindowSpec> {
+    let field = |name: &str| with(at, k(name));
+    let kind = b.window.as_deref().unwrap_or("cumulative");
+    let only_for = |name: &str, present: bool, wanted: &str, issues: &mut Issues| {
+        if present && kind != wanted {
+            issues.push(
+                field(name),
+                format!("only applies to window = {wanted:?} (this budget's window is {kind:?})"),
+            );
+        }
+    };
+    let before = issues.0.len();
+    match kind {
+        "fixed" | "rolling" | "calendar" | "cumulative" => {}
+        other => {
+            issues.push(
+                field("window"),
+                format!(
+                    "must be \"fixed\", \"rolling\", \"calendar\" or \"cumulative\", got {other:?}"
+                ),
+            );
+            return None;
+        }
+    }
+    let uses_seconds = matches!(kind, "fixed" | "rolling");
+    if b.window_seconds.is_some() && !uses_seconds {
+        issues.push(
+            field("window_seconds"),
+            format!(
+                "only applies to window = \"fixed\" or \"rolling\" (this budget's window is \
+                 {kind:?})"
+            ),
+        );
+    }
+    only_for(
+        "window_offset_seconds",
+        b.window_offset_seconds.is_some(),
+        "fixed",
+        issues,
+    );
+    only_for(
+        "resolution_seconds",
+        b.resolution_seconds.is_some(),
+        "rolling",
+        issues,
+    );
+    only_for("calendar", b.calendar.is_some(), "calendar", issues);
+    only_for("utc_offset", b.utc_offset.is_some(), "calendar", issues);
+
+    let seconds = if uses_seconds {
+        match b.window_seconds {
+            None => {
+                issues.push(
+                    field("window_seconds"),
+                    format!("is required for window = {kind:?}"),
+                );
+                None
+            }
+            Some(0) => {
+                issues.push(field("window_seconds"), "must be at least 1");
+                None
+            }
+            Some(s) if s > MAX_WINDOW_SECONDS => {
+                issues.push(
+                    field("window_seconds"),
+                    format!("must be at most {MAX_WINDOW_SECONDS} (100 years)"),
+                );
+                None
+            }
+            Some(s) => Some(s),
+        }
+    } else {
+        None
+    };
+
+    let spec = match (kind, seconds) {
+        ("fixed", Some(seconds)) => {
+            let offset = b.window_offset_seconds.unwrap_or(0);
+            if offset.unsigned_abs() >= seconds {
+                issues.push(
+                    field("window_offset_seconds"),
+                    format!("must be smaller in size than window_seconds ({seconds})"),
+                );
+            }
+            Some(WindowSpec::Fixed {
+                seconds,
+                offset_seconds: offset,
+            })
+        }
+        ("rolling", Some(seconds)) => {
+            let resolution = b.resolution_seconds.unwrap_or((seconds / 60).max(1));
+            if resolution < 1 || resolution > seconds {
+                issues.push(
+                    field("resolution_seconds"),
+                    format!("must be between 1 and window_seconds ({seconds}), got {resolution}"),
+                );
+            } else if seconds.div_ceil(resolution) > MAX_ROLLING_SLOTS {
+                issues.push(
+                    field("resolution_seconds"),
+                    format!(
+                        "gives {} slots per window; at most {MAX_ROLLING_SLOTS} are allowed \
+                         (use a coarser resolution)",
+                        seconds.div_ceil(resolution)
+                    ),
+                );
+            }
+            Some(WindowSpec::Rolling {
+                seconds,
+                resolution_seconds: resolution,
+            })
+        }
+        ("calendar", _) => {
+            let unit = match b.calendar.as_deref() {
+                Some("day") => Some(CalendarUnit::Day),
+                Some("week") => Some(CalendarUnit::Week),
+                Some("month") => Some(CalendarUnit::Month),
+                Some(other) => {
+                    issues.push(
+                        field("calendar"),
+                        format!("must be \"day\", \"week\" or \"month\", got {other:?}"),
+                    );
+                    None
+                }
+                None => {
+                    issues.push(
+                        field("calendar"),
+                        "is required for window = \"calendar\" (\"day\", \"week\" or \"month\")",
+                    );
+                    None
+                }
+            };
+            let offset = match b.utc_offset.as_deref() {
+                None => Some(0),
+                Some(text) => match parse_utc_offset(text) {
+                    Some(o) => Some(o),
+                    None => {
+                        issues.push(
+                            field("utc_offset"),
+                            format!(
+                                "{text:?} is not a UTC offset like \"+02:00\" or \"-05:30\" \
+                                 (less than 24 hours)"
+                            ),
+                        );
+                        None
+                    }
+                },
+            };
+            match (unit, offset) {
+                (Some(unit), Some(utc_offset_seconds)) => Some(WindowSpec::Calendar {
+                    unit,
+                    utc_offset_seconds,
+                }),
+                _ => None,
+            }
+        }
+        ("cumulative", _) => Some(WindowSpec::Cumulative),
+        _ => None,
+    };
+    if issues.0.len() != before {
+        return None;
+    }
+    spec
+}
+
+/// `"+02:00"`, `"-05:30"`, `"+00:00"`: seconds east of UTC, |offset| < 24 h.
+fn parse_utc_offset(text: &str) -> Option<i32> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 6 || bytes[3] != b':' {
+        return None;
+    }
+    let sign = match bytes[0] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let two = |i: usize| -> Option<i32> {
+        let (a, b) = (bytes[i], bytes[i + 1]);
+        (a.is_ascii_digit() && b.is_ascii_digit())
+            .then(|| i32::from(a - b'0') * 10 + i32::from(b - b'0'))
+    };
+    let hours = two(1)?;
+    let minutes = two(4)?;
+    if hours > 23 || minutes > 59 {
+        return None;
+    }
+    Some(sign * (hours * 3600 + minutes * 60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_render_as_users_write_keys() {
+        assert_eq!(
+            render_path(&[k("budget"), Seg::Index(2), k("window_seconds")]),
+            "budget[2].window_seconds"
+        );
+        assert_eq!(
+            render_path(&[
+                k("pricing"),
+                k("models"),
+                Seg::Name("gpt-4o".into()),
+                k("input_per_mtok")
+            ]),
+            "pricing.models.\"gpt-4o\".input_per_mtok"
+        );
+        assert_eq!(
+            render_path(&[k("tiers"), k("caps"), k("a.b")]),
+            "tiers.caps.\"a.b\""
+        );
+    }
+
+    #[test]
+    fn label_keys_follow_the_spec_rule() {
+        assert!(is_label_key("team"));
+        assert!(is_label_key("a"));
+        assert!(is_label_key("k8s.pod-name_1"));
+        assert!(is_label_key(&format!("a{}", "b".repeat(63))));
+        assert!(!is_label_key(&format!("a{}", "b".repeat(64))));
+        assert!(!is_label_key(""));
+        assert!(!is_label_key("Team"));
+        assert!(!is_label_key("1team"));
+        assert!(!is_label_key("team name"));
+    }
+
+    #[test]
+    fn utc_offsets_and_modes_parse_strictly() {
+        assert_eq!(parse_utc_offset("+02:00"), Some(7200));
+        assert_eq!(parse_utc_offset("-05:30"), Some(-19800));
+        assert_eq!(parse_utc_offset("+23:59"), Some(86340));
+        assert_eq!(parse_utc_offset("+24:00"), None);
+        assert_eq!(parse_utc_offset("+2:00"), None);
+        assert_eq!(parse_utc_offset("02:00"), None);
+        assert_eq!(parse_utc_offset("+02:60"), None);
+        assert_eq!(parse_octal_mode("0600"), Some(0o600));
+        assert_eq!(parse_octal_mode("0660"), Some(0o660));
+        assert_eq!(parse_octal_mode("777"), Some(0o777));
+        assert_eq!(parse_octal_mode("1777"), None);
+        assert_eq!(parse_octal_mode("0800"), None);
+        assert_eq!(parse_octal_mode(""), None);
+    }
+
+    #[test]
+    fn warn_at_converts_to_parts_per_million() {
+        assert_eq!(warn_at_to_ppm(0.9), Ok(900_000));
+        assert_eq!(warn_at_to_ppm(1.0), Ok(1_000_000));
+        assert_eq!(warn_at_to_ppm(0.000001), Ok(1));
+        assert!(warn_at_to_ppm(0.0).is_err());
+        assert!(warn_at_to_ppm(1.5).is_err());
+        assert!(warn_at_to_ppm(f64::NAN).is_err());
+        assert!(warn_at_to_ppm(0.1234567).is_err());
+    }
+}
