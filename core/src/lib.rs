@@ -5,7 +5,9 @@
 //! is passed in by the caller. That is what makes replay exact and tests deterministic.
 
 pub mod labels;
+pub mod ledger;
 pub mod money;
 pub mod policy;
 pub mod pricing;
+pub mod time;
 pub mod window;

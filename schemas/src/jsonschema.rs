@@ -70,5 +70,9 @@ pub fn all() -> Vec<(&'static str, String)> {
     push("answer-replay.schema.json", schema_for!(wire::ReplayAnswer));
     push("answer-verify.schema.json", schema_for!(wire::VerifyAnswer));
     push("answer-reload.schema.json", schema_for!(wire::ReloadAnswer));
+    push(
+        "answer-event-line.schema.json",
+        schema_for!(wire::EventLine),
+    );
     out
 }

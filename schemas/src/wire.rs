@@ -849,3 +849,38 @@ pub struct ReloadAnswer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,
 }
+
+/// One event as `tail` and `export` stream it: `{"event": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EventLine {
+    /// The event.
+    pub event: ExportedEvent,
+}
+
+/// An event with its audit context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ExportedEvent {
+    /// Dense sequence number.
+    pub seq: u64,
+    /// Daemon time, Unix µs.
+    pub ts: crate::TsMicros,
+    /// Daemon time, RFC 3339.
+    pub time: String,
+    /// Peer credentials of the request that caused it.
+    pub actor: crate::event::Actor,
+    /// Event type, e.g. `usage_recorded`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The body, tagged with its type.
+    pub body: crate::event::EventBody,
+    /// Cost of a usage event under the prices in force at its time (as folded now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_micros: Option<Micros>,
+    /// Version (seq of the introducing event) of the price table that cost comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_version: Option<u64>,
+    /// Hash of the previous event.
+    pub prev_hash: crate::event::Hash32,
+    /// This event's chain hash.
+    pub hash: crate::event::Hash32,
+}

@@ -1,0 +1,1115 @@
+//! Decisions: validation, idempotency, candidate evaluation, and the write commands.
+
+use super::buckets::{crossing_window, Figures};
+use super::report::{bucket_state, report, utilization_ppm, warn_crossed, Adjust};
+use super::{EndKind, Ledger, DEFAULT_MAX_OUTPUT_TOKENS, MAX_EVENT_TOKENS, MAX_ID_BYTES};
+use crate::labels::{glob_match, validate_client_labels};
+use crate::policy::MAX_RESERVATION_TTL_SECONDS;
+use crate::pricing;
+use crate::time::{format_ts, parse_ts, seconds};
+use crate::window::Amounts;
+use bursar_schemas::event::{
+    BudgetCrossing, EventBody, ReservationCreated, ReservationDenied, ReservationExpired,
+    ReservationExtended, ReservationLink, ReservationReleased, UsageRecorded,
+};
+use bursar_schemas::policy::Enforce;
+use bursar_schemas::wire::{
+    BucketState, BudgetReport, CheckRequest, CommitRequest, Decision, DecisionAnswer, ErrorAnswer,
+    ErrorCode, Estimate, ExtendAnswer, ExtendRequest, Reason, RecordRequest, ReleaseAnswer,
+    ReleaseRequest, ReserveRequest, SkipReason, Skipped, Usage, UsageAnswer, WireError,
+};
+use bursar_schemas::{Labels, Micros, TsMicros};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Most candidates a request may name.
+pub const MAX_CANDIDATES: usize = 16;
+/// Most required capabilities a request may name.
+pub const MAX_REQUIRE: usize = 16;
+
+/// A write command for the single writer.
+#[derive(Debug, Clone, Copy)]
+pub enum Command<'a> {
+    /// `record`.
+    Record(&'a RecordRequest),
+    /// `reserve`.
+    Reserve(&'a ReserveRequest),
+    /// `commit`.
+    Commit(&'a CommitRequest),
+    /// `release`.
+    Release(&'a ReleaseRequest),
+    /// `extend`.
+    Extend(&'a ExtendRequest),
+}
+
+/// What the idempotency index remembers of an id: the request digest and the original answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRecord {
+    /// Digest of the original request payload.
+    pub digest: [u8; 16],
+    /// The original answer, JSON without `req`.
+    pub answer: String,
+}
+
+/// The idempotency index as the writer sees it (the store plus not-yet-written entries).
+pub trait IdLookup {
+    /// The record of `key` (`e/<event_id>`, `r/<reservation_id>`, `x/<reservation_id>`).
+    fn get(&self, key: &str) -> Option<IdRecord>;
+}
+
+impl IdLookup for std::collections::HashMap<String, IdRecord> {
+    fn get(&self, key: &str) -> Option<IdRecord> {
+        std::collections::HashMap::get(self, key).cloned()
+    }
+}
+
+/// An answer to send back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// `record` / `commit`.
+    Usage(UsageAnswer),
+    /// `reserve` / `check`.
+    Decision(DecisionAnswer),
+    /// `release`.
+    Release(ReleaseAnswer),
+    /// `extend`.
+    Extend(ExtendAnswer),
+    /// The original answer of a duplicate, with `duplicate: true`.
+    Duplicate(Value),
+    /// An error.
+    Error(WireError),
+}
+
+impl Answer {
+    /// The JSON line (without newline), with `req` echoed.
+    pub fn to_line(&self, req: Option<Value>) -> String {
+        let out = match self {
+            Answer::Usage(a) => serde_json::to_string(&UsageAnswer { req, ..a.clone() }),
+            Answer::Decision(a) => serde_json::to_string(&DecisionAnswer { req, ..a.clone() }),
+            Answer::Release(a) => serde_json::to_string(&ReleaseAnswer { req, ..a.clone() }),
+            Answer::Extend(a) => serde_json::to_string(&ExtendAnswer { req, ..a.clone() }),
+            Answer::Duplicate(v) => {
+                let mut v = v.clone();
+                if let (Value::Object(m), Some(r)) = (&mut v, req) {
+                    m.insert("req".into(), r);
+                }
+                serde_json::to_string(&v)
+            }
+            Answer::Error(e) => serde_json::to_string(&ErrorAnswer::new(e.clone(), req)),
+        };
+        out.unwrap_or_else(|_| {
+            r#"{"ok":false,"error":{"code":"internal","message":"answer encoding failed"}}"#.into()
+        })
+    }
+
+    /// True for an error answer.
+    pub fn is_error(&self) -> bool {
+        matches!(self, Answer::Error(_))
+    }
+}
+
+/// The outcome of one write command: its answer, the events to append (already folded into the
+/// ledger, in order) and the idempotency entries to store atomically with them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// The answer.
+    pub answer: Answer,
+    /// `(seq, ts, body)` of every event, in order.
+    pub events: Vec<(u64, TsMicros, EventBody)>,
+    /// Idempotency entries.
+    pub ids: Vec<(String, IdRecord)>,
+}
+
+impl Step {
+    fn new(answer: Answer) -> Self {
+        Step {
+            answer,
+            events: Vec::new(),
+            ids: Vec::new(),
+        }
+    }
+}
+
+fn digest(op: &str, payload: &impl Serialize) -> [u8; 16] {
+    let bytes = serde_json::to_vec(&(op, payload)).unwrap_or_default();
+    let hash = blake3::hash(&bytes);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&hash.as_bytes()[..16]);
+    out
+}
+
+fn check_id(field: &str, id: &str) -> Result<(), WireError> {
+    if id.is_empty() {
+        return Err(WireError::bad_field(
+            field,
+            format!("{field} must not be empty"),
+        ));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(WireError::bad_field(
+            field,
+            format!("{field} is longer than {MAX_ID_BYTES} bytes"),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(WireError::bad_field(
+            field,
+            format!("{field} contains control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_model(field: &str, model: &str) -> Result<(), WireError> {
+    check_id(field, model)
+}
+
+fn check_labels(labels: &Labels) -> Result<(), WireError> {
+    validate_client_labels(labels).map_err(|e| WireError::bad_field(e.field, e.message))
+}
+
+fn check_usage(u: &Usage) -> Result<(), WireError> {
+    let total = u128::from(u.input_tokens)
+        + u128::from(u.output_tokens)
+        + u128::from(u.cached_input_tokens)
+        + u128::from(u.cache_write_tokens);
+    if total > u128::from(MAX_EVENT_TOKENS) {
+        return Err(WireError::bad_field(
+            "usage",
+            format!("an event's token total must not exceed {MAX_EVENT_TOKENS}"),
+        ));
+    }
+    if u.requests > MAX_EVENT_TOKENS {
+        return Err(WireError::bad_field(
+            "usage.requests",
+            "usage.requests is absurdly large",
+        ));
+    }
+    Ok(())
+}
+
+fn check_audit(occurred_at: &Option<String>, reported: &Option<String>) -> Result<(), WireError> {
+    if let Some(t) = occurred_at {
+        if parse_ts(t).is_none() {
+            return Err(WireError::bad_field(
+                "occurred_at",
+                "occurred_at must be an RFC 3339 time",
+            ));
+        }
+    }
+    if let Some(c) = reported {
+        crate::money::decimal_to_micros(c).map_err(|e| {
+            WireError::bad_field("reported_cost_usd", format!("reported_cost_usd {e}"))
+        })?;
+    }
+    Ok(())
+}
+
+fn check_ttl(field: &str, ttl: u64) -> Result<(), WireError> {
+    if ttl == 0 || ttl > MAX_RESERVATION_TTL_SECONDS {
+        return Err(WireError::bad_field(
+            field,
+            format!("{field} must be between 1 and {MAX_RESERVATION_TTL_SECONDS}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_estimate(e: &Estimate) -> Result<(), WireError> {
+    let total = u128::from(e.input_tokens) + u128::from(e.max_output_tokens.unwrap_or(0));
+    if total > u128::from(MAX_EVENT_TOKENS) {
+        return Err(WireError::bad_field(
+            "estimate",
+            format!("an estimate's token total must not exceed {MAX_EVENT_TOKENS}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Models to consider: `candidates` if given, else `model`.
+fn candidate_list(
+    model: &Option<String>,
+    candidates: &Option<Vec<String>>,
+) -> Result<Vec<String>, WireError> {
+    let list = match (candidates, model) {
+        (Some(c), _) if !c.is_empty() => c.clone(),
+        (_, Some(m)) => vec![m.clone()],
+        _ => {
+            return Err(WireError::bad_field(
+                "model",
+                "give `model` or a non-empty `candidates` list",
+            ))
+        }
+    };
+    if list.len() > MAX_CANDIDATES {
+        return Err(WireError::bad_field(
+            "candidates",
+            format!("at most {MAX_CANDIDATES} candidates"),
+        ));
+    }
+    for (i, m) in list.iter().enumerate() {
+        let field = if candidates.as_ref().is_some_and(|c| !c.is_empty()) {
+            format!("candidates[{i}]")
+        } else {
+            "model".to_string()
+        };
+        check_model(&field, m)?;
+    }
+    Ok(list)
+}
+
+fn check_require(require: &Option<Vec<String>>) -> Result<Vec<String>, WireError> {
+    let r = require.clone().unwrap_or_default();
+    if r.len() > MAX_REQUIRE {
+        return Err(WireError::bad_field(
+            "require",
+            format!("at most {MAX_REQUIRE} capabilities"),
+        ));
+    }
+    Ok(r)
+}
+
+fn dup_or_conflict(
+    ids: &dyn IdLookup,
+    key: &str,
+    digest: &[u8; 16],
+    field: &str,
+) -> Option<Answer> {
+    let rec = ids.get(key)?;
+    if rec.digest == *digest {
+        let mut v: Value = serde_json::from_str(&rec.answer).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut v {
+            m.insert("duplicate".into(), Value::Bool(true));
+        }
+        Some(Answer::Duplicate(v))
+    } else {
+        Some(Answer::Error(WireError {
+            code: ErrorCode::Conflict,
+            message: format!("{field} was already used for a different request"),
+            field: Some(field.into()),
+        }))
+    }
+}
+
+/// What a check or reservation asks for.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    client: &'a Labels,
+    models: &'a [String],
+    require: &'a [String],
+    est: &'a Estimate,
+    report_skips: bool,
+}
+
+/// Result of evaluating a check or reservation.
+#[derive(Debug, Clone)]
+struct Evaluation {
+    decision: Decision,
+    model: Option<String>,
+    labels: Labels,
+    hold: Amounts,
+    input_tokens: u64,
+    max_output_tokens: u64,
+    budgets: Vec<BudgetReport>,
+    skipped: Vec<Skipped>,
+    reason: Reason,
+}
+
+fn ok_reason(decision: Decision) -> Reason {
+    Reason {
+        code: "ok".into(),
+        message: if decision == Decision::Warn {
+            "allowed, near a limit".into()
+        } else {
+            "allowed".into()
+        },
+        budget: None,
+        key: None,
+    }
+}
+
+impl Ledger {
+    /// The tier of `model` under the policy in force (the default tier when no pattern matches).
+    pub fn tier_of(&self, model: &str) -> String {
+        match &self.policy {
+            Some(p) => p
+                .tiers
+                .patterns
+                .iter()
+                .find(|(pat, _)| glob_match(pat, model))
+                .map(|(_, t)| t.clone())
+                .unwrap_or_else(|| p.tiers.default.clone()),
+            None => "default".into(),
+        }
+    }
+
+    /// Client labels plus the derived `model`, `provider` and `tier`.
+    pub fn derived_labels(&self, client: &Labels, model: &str, now: TsMicros) -> Labels {
+        let mut labels = client.clone();
+        let provider = self
+            .price_at(model, now)
+            .filter(|(_, at_max, _)| !at_max)
+            .map(|(p, _, _)| p.provider.clone())
+            .unwrap_or_else(|| "unknown".into());
+        labels.insert("model".into(), model.to_string());
+        labels.insert("provider".into(), provider);
+        labels.insert("tier".into(), self.tier_of(model));
+        labels
+    }
+
+    /// Append `body` at `now`: stamp it, fold it, and queue it for the log.
+    fn emit(
+        &mut self,
+        now: TsMicros,
+        body: EventBody,
+        out: &mut Vec<(u64, TsMicros, EventBody)>,
+    ) -> (u64, TsMicros) {
+        let seq = self.last_seq + 1;
+        let ts = self.stamp(now);
+        // `seq` follows `last_seq` by construction, so `apply` cannot fail here.
+        let _ = self.apply(seq, ts, &body);
+        out.push((seq, ts, body));
+        (seq, ts)
+    }
+
+    /// Expire every hold due at `now`: the reaper's events.
+    pub fn reap(&mut self, now: TsMicros) -> Vec<(u64, TsMicros, EventBody)> {
+        let mut out = Vec::new();
+        self.reap_into(now, &mut out);
+        out
+    }
+
+    fn reap_into(&mut self, now: TsMicros, out: &mut Vec<(u64, TsMicros, EventBody)>) {
+        loop {
+            let due = match self.expiries.iter().next() {
+                Some((at, rid)) if *at <= now => rid.clone(),
+                _ => break,
+            };
+            self.emit(
+                now,
+                EventBody::ReservationExpired(ReservationExpired {
+                    reservation_id: due,
+                }),
+                out,
+            );
+        }
+    }
+
+    /// Next hold expiry, for the reaper's timer.
+    pub fn next_expiry(&self) -> Option<TsMicros> {
+        self.expiries.iter().next().map(|(at, _)| *at)
+    }
+
+    /// Append `budget_warned` / `budget_exhausted` for buckets that crossed in their window.
+    fn crossings(
+        &mut self,
+        refs: &[(usize, String)],
+        now: TsMicros,
+        out: &mut Vec<(u64, TsMicros, EventBody)>,
+    ) {
+        let ts = self.last_ts;
+        let none = Adjust::new();
+        for (i, key) in refs {
+            let Some(b) = self
+                .policy
+                .as_ref()
+                .and_then(|p| p.budgets.get(*i))
+                .cloned()
+            else {
+                continue;
+            };
+            let f = self.figures(*i, key, ts, &none);
+            let state = bucket_state(&b, &f);
+            if state == BucketState::Ok {
+                continue;
+            }
+            let cw = crossing_window(&b.window, ts);
+            let Some(bucket) = self.budgets.get(*i).and_then(|s| s.buckets.get(key)) else {
+                continue;
+            };
+            let crossing = BudgetCrossing {
+                budget: b.id.clone(),
+                key: key.clone(),
+                window_start: cw,
+                spent_micros: f.spent.micros,
+                held_micros: f.held.micros,
+                utilization_ppm: utilization_ppm(&b, &f),
+            };
+            let need_warn = b.warn_at_ppm.is_some() && bucket.warned_window != Some(cw);
+            let need_exhausted =
+                state == BucketState::Exhausted && bucket.exhausted_window != Some(cw);
+            if need_warn {
+                self.emit(now, EventBody::BudgetWarned(crossing.clone()), out);
+            }
+            if need_exhausted {
+                self.emit(now, EventBody::BudgetExhausted(crossing), out);
+            }
+        }
+    }
+
+    /// Evaluate a check or reservation at `now` (no state change).
+    fn evaluate(&self, ask: &Ask<'_>, now: TsMicros, adj: &Adjust) -> Evaluation {
+        let Ask {
+            client,
+            models,
+            require,
+            est,
+            report_skips,
+        } = *ask;
+        let mut skipped = Vec::new();
+        let mut last: Option<Evaluation> = None;
+        for model in models {
+            let labels = self.derived_labels(client, model, now);
+            let skip = |reason: SkipReason,
+                        detail: String,
+                        eval: Evaluation,
+                        skipped: &mut Vec<Skipped>| {
+                skipped.push(Skipped {
+                    model: model.clone(),
+                    reason,
+                    detail,
+                });
+                eval
+            };
+            let mut eval = Evaluation {
+                decision: Decision::Deny,
+                model: Some(model.clone()),
+                labels: labels.clone(),
+                hold: Amounts::default(),
+                input_tokens: est.input_tokens,
+                max_output_tokens: 0,
+                budgets: Vec::new(),
+                skipped: Vec::new(),
+                reason: ok_reason(Decision::Allow),
+            };
+            let Some((price, at_max, _)) = self.price_at(model, now) else {
+                eval.reason = Reason {
+                    code: "unknown_model".into(),
+                    message: "no price table is in force".into(),
+                    budget: None,
+                    key: None,
+                };
+                last = Some(skip(
+                    SkipReason::UnknownModel,
+                    "no price table".into(),
+                    eval,
+                    &mut skipped,
+                ));
+                continue;
+            };
+            if at_max && self.deny_unknown_models() {
+                eval.reason = Reason {
+                    code: "unknown_model".into(),
+                    message: format!("model {model:?} has no price and unknown models are denied"),
+                    budget: None,
+                    key: None,
+                };
+                last = Some(skip(
+                    SkipReason::UnknownModel,
+                    format!("no price for {model}"),
+                    eval,
+                    &mut skipped,
+                ));
+                continue;
+            }
+            if let Some(missing) = require.iter().find(|c| !price.capabilities.contains(c)) {
+                eval.reason = Reason {
+                    code: "missing_capability".into(),
+                    message: format!("model {model:?} lacks capability {missing:?}"),
+                    budget: None,
+                    key: None,
+                };
+                last = Some(skip(
+                    SkipReason::MissingCapability,
+                    missing.clone(),
+                    eval,
+                    &mut skipped,
+                ));
+                continue;
+            }
+            let max_out = match (est.max_output_tokens, price.max_output_tokens) {
+                (Some(e), Some(m)) => e.min(m),
+                (Some(e), None) => e,
+                (None, Some(m)) => m,
+                (None, None) => DEFAULT_MAX_OUTPUT_TOKENS,
+            };
+            let hold_micros = pricing::worst_case_cost(price, est.input_tokens, max_out);
+            eval.max_output_tokens = max_out;
+            eval.hold = Amounts {
+                micros: hold_micros,
+                tokens: est.input_tokens.saturating_add(max_out),
+                requests: 1,
+            };
+            let tier = self.tier_of(model);
+            if let Some(cap) = self.policy.as_ref().and_then(|p| p.tiers.caps.get(&tier)) {
+                let over_cost = cap.max_call_micros.filter(|c| hold_micros > *c).map(|c| {
+                    format!(
+                        "worst case {} USD exceeds tier {tier:?} max_call_usd {}",
+                        crate::money::format_usd(hold_micros),
+                        crate::money::format_usd(c)
+                    )
+                });
+                let over_out = cap.max_call_output_tokens.filter(|c| max_out > *c).map(|c| {
+                    format!("max_output_tokens {max_out} exceeds tier {tier:?} max_call_output_tokens {c}")
+                });
+                if let Some(detail) = over_cost.or(over_out) {
+                    eval.reason = Reason {
+                        code: "tier_cap".into(),
+                        message: detail.clone(),
+                        budget: None,
+                        key: None,
+                    };
+                    last = Some(skip(SkipReason::TierCap, detail, eval, &mut skipped));
+                    continue;
+                }
+            }
+            let (decision, reports, reason) = self.judge(&labels, eval.hold, now, adj);
+            eval.decision = decision;
+            eval.budgets = reports;
+            if decision == Decision::Deny {
+                let detail = match (&reason.budget, &reason.key) {
+                    (Some(b), Some(k)) if !k.is_empty() => format!("{b} ({k})"),
+                    (Some(b), _) => b.clone(),
+                    _ => reason.message.clone(),
+                };
+                eval.reason = reason;
+                last = Some(skip(SkipReason::Budget, detail, eval, &mut skipped));
+                continue;
+            }
+            eval.reason = ok_reason(decision);
+            eval.skipped = if report_skips { skipped } else { Vec::new() };
+            return eval;
+        }
+        let mut eval = last.unwrap_or(Evaluation {
+            decision: Decision::Deny,
+            model: None,
+            labels: client.clone(),
+            hold: Amounts::default(),
+            input_tokens: est.input_tokens,
+            max_output_tokens: 0,
+            budgets: Vec::new(),
+            skipped: Vec::new(),
+            reason: Reason {
+                code: "no_candidate".into(),
+                message: "no model to consider".into(),
+                budget: None,
+                key: None,
+            },
+        });
+        eval.decision = Decision::Deny;
+        eval.skipped = if report_skips { skipped } else { Vec::new() };
+        eval
+    }
+
+    /// Judge a hold of `probe` (plus one concurrency slot) against every matching budget.
+    fn judge(
+        &self,
+        labels: &Labels,
+        probe: Amounts,
+        now: TsMicros,
+        adj: &Adjust,
+    ) -> (Decision, Vec<BudgetReport>, Reason) {
+        let Some(policy) = &self.policy else {
+            return (Decision::Allow, Vec::new(), ok_reason(Decision::Allow));
+        };
+        let mut decision = Decision::Allow;
+        let mut deny_reason: Option<Reason> = None;
+        let mut with_probe = Vec::new();
+        let mut without = Vec::new();
+        for (i, key) in self.matching(labels) {
+            let Some(b) = policy.budgets.get(i) else {
+                continue;
+            };
+            let f = self.figures(i, &key, now, adj);
+            let after = Figures {
+                spent: f.spent,
+                held: f.held + probe,
+                live_holds: f.live_holds.saturating_add(1),
+            };
+            let limited = b.max_micros.is_some()
+                || b.max_tokens.is_some()
+                || b.max_requests.is_some()
+                || b.max_concurrent.is_some();
+            let state = self.budgets.get(i);
+            let new_key = state.is_some_and(|s| !s.buckets.contains_key(&key));
+            let full = new_key
+                && !key.is_empty()
+                && state.is_some_and(|s| s.buckets.len() as u64 >= policy.max_keys_per_budget);
+            let mut verdict = Decision::Allow;
+            let mut why = String::new();
+            if full && limited && b.enforce == Enforce::Deny {
+                verdict = Decision::Deny;
+                why = format!(
+                    "budget {} already tracks max_keys_per_budget = {} scopes; new scope {key:?} is refused (fail closed)",
+                    b.id, policy.max_keys_per_budget
+                );
+            } else if let Some(over) = first_over(b, &after) {
+                verdict = if b.enforce == Enforce::Deny {
+                    Decision::Deny
+                } else {
+                    Decision::Warn
+                };
+                why = over;
+            } else if warn_crossed(b, &after) {
+                verdict = Decision::Warn;
+            }
+            if verdict == Decision::Deny && deny_reason.is_none() {
+                deny_reason = Some(Reason {
+                    code: if full {
+                        "max_keys".into()
+                    } else {
+                        "budget".into()
+                    },
+                    message: why,
+                    budget: Some(b.id.clone()),
+                    key: Some(key.clone()),
+                });
+            }
+            decision = decision.max(verdict);
+            with_probe.push(report(b, &key, &after, now));
+            without.push(report(b, &key, &f, now));
+        }
+        match deny_reason {
+            Some(r) => (Decision::Deny, without, r),
+            None => (decision, with_probe, ok_reason(decision)),
+        }
+    }
+
+    /// `check`: what `reserve` would decide now. Appends nothing.
+    pub fn check(&self, req: &CheckRequest, now: TsMicros) -> Answer {
+        let models = match self.validate_decision(
+            &req.labels,
+            &req.model,
+            &req.candidates,
+            &req.require,
+            &req.estimate,
+        ) {
+            Ok(m) => m,
+            Err(e) => return Answer::Error(e),
+        };
+        let require = req.require.clone().unwrap_or_default();
+        let adj = self.expired_adjust(now);
+        let eval = self.evaluate(
+            &Ask {
+                client: &req.labels,
+                models: &models,
+                require: &require,
+                est: &req.estimate,
+                report_skips: req.candidates.is_some(),
+            },
+            now,
+            &adj,
+        );
+        Answer::Decision(decision_answer(&eval, None, None))
+    }
+
+    fn validate_decision(
+        &self,
+        labels: &Labels,
+        model: &Option<String>,
+        candidates: &Option<Vec<String>>,
+        require: &Option<Vec<String>>,
+        estimate: &Estimate,
+    ) -> Result<Vec<String>, WireError> {
+        check_labels(labels)?;
+        check_estimate(estimate)?;
+        check_require(require)?;
+        candidate_list(model, candidates)
+    }
+
+    /// Decide and fold one write command at `now`. Due holds are expired first.
+    pub fn execute(&mut self, cmd: Command<'_>, now: TsMicros, ids: &dyn IdLookup) -> Step {
+        let mut events = Vec::new();
+        self.reap_into(now, &mut events);
+        let mut step = match cmd {
+            Command::Record(r) => self.record(r, now, ids),
+            Command::Reserve(r) => self.reserve(r, now, ids),
+            Command::Commit(c) => self.commit(c, now, ids),
+            Command::Release(r) => self.release(r, now, ids),
+            Command::Extend(e) => self.extend(e, now),
+        };
+        if !events.is_empty() {
+            events.append(&mut step.events);
+            step.events = events;
+        }
+        step
+    }
+
+    fn usage_step(
+        &mut self,
+        now: TsMicros,
+        body: UsageRecorded,
+        key: String,
+        overrun_of: Option<Micros>,
+    ) -> Step {
+        let mut events = Vec::new();
+        let refs = self.matching(&body.labels);
+        let digest = body.payload_digest;
+        let (late, link) = (body.late, body.reservation);
+        let model = body.model.clone();
+        let usage = body.usage;
+        let (seq, ts) = self.emit(now, EventBody::UsageRecorded(body), &mut events);
+        self.crossings(&refs, now, &mut events);
+        let (cost, at_max, _) = self.usage_cost(&model, &usage, ts);
+        let budgets = self.reports(&refs, ts, &Adjust::new());
+        let state = budgets
+            .iter()
+            .map(|b| b.state)
+            .max()
+            .unwrap_or(BucketState::Ok);
+        let answer = UsageAnswer {
+            ok: true,
+            seq,
+            duplicate: false,
+            cost_micros: cost,
+            state,
+            budgets,
+            priced_at_max: at_max,
+            late,
+            reservation: (link == ReservationLink::Unknown).then(|| "unknown".to_string()),
+            overrun_micros: overrun_of.map(|h| cost - h).filter(|o| *o > 0),
+            req: None,
+        };
+        let ids = vec![(
+            key,
+            IdRecord {
+                digest,
+                answer: serde_json::to_string(&answer).unwrap_or_default(),
+            },
+        )];
+        Step {
+            answer: Answer::Usage(answer),
+            events,
+            ids,
+        }
+    }
+
+    fn record(&mut self, r: &RecordRequest, now: TsMicros, ids: &dyn IdLookup) -> Step {
+        let valid = check_id("event_id", &r.event_id)
+            .and_then(|_| check_labels(&r.labels))
+            .and_then(|_| check_model("model", &r.model))
+            .and_then(|_| check_usage(&r.usage))
+            .and_then(|_| check_audit(&r.occurred_at, &r.reported_cost_usd));
+        if let Err(e) = valid {
+            return Step::new(Answer::Error(e));
+        }
+        let digest = digest("record", r);
+        let key = format!("e/{}", r.event_id);
+        if let Some(a) = dup_or_conflict(ids, &key, &digest, "event_id") {
+            return Step::new(a);
+        }
+        let body = UsageRecorded {
+            event_id: r.event_id.clone(),
+            reservation_id: None,
+            reservation: ReservationLink::None,
+            late: false,
+            labels: self.derived_labels(&r.labels, &r.model, now),
+            model: r.model.clone(),
+            usage: r.usage,
+            occurred_at: r.occurred_at.clone(),
+            reported_cost_usd: r.reported_cost_usd.clone(),
+            payload_digest: digest,
+        };
+        self.usage_step(now, body, key, None)
+    }
+
+    fn commit(&mut self, c: &CommitRequest, now: TsMicros, ids: &dyn IdLookup) -> Step {
+        let valid = check_id("reservation_id", &c.reservation_id)
+            .and_then(|_| check_id("event_id", &c.event_id))
+            .and_then(|_| c.labels.as_ref().map_or(Ok(()), check_labels))
+            .and_then(|_| c.model.as_ref().map_or(Ok(()), |m| check_model("model", m)))
+            .and_then(|_| check_usage(&c.usage))
+            .and_then(|_| check_audit(&c.occurred_at, &c.reported_cost_usd));
+        if let Err(e) = valid {
+            return Step::new(Answer::Error(e));
+        }
+        let digest = digest("commit", c);
+        let key = format!("e/{}", c.event_id);
+        if let Some(a) = dup_or_conflict(ids, &key, &digest, "event_id") {
+            return Step::new(a);
+        }
+        let rid = &c.reservation_id;
+        let (labels, model, link, late, hold) = if let Some(h) = self.holds.get(rid) {
+            (
+                h.labels.clone(),
+                h.model.clone(),
+                ReservationLink::Known,
+                false,
+                Some(h.amounts.micros),
+            )
+        } else if let Some(e) = self.ended.get(rid) {
+            if let EndKind::Committed(by) = &e.how {
+                return Step::new(Answer::Error(WireError {
+                    code: ErrorCode::Conflict,
+                    message: format!("reservation {rid:?} was already committed by event {by:?}"),
+                    field: Some("reservation_id".into()),
+                }));
+            }
+            (
+                e.labels.clone(),
+                e.model.clone(),
+                ReservationLink::Known,
+                true,
+                Some(e.hold_micros),
+            )
+        } else {
+            let model = c.model.clone().unwrap_or_else(|| "unknown".into());
+            let client = c.labels.clone().unwrap_or_default();
+            (
+                self.derived_labels(&client, &model, now),
+                model,
+                ReservationLink::Unknown,
+                false,
+                None,
+            )
+        };
+        let body = UsageRecorded {
+            event_id: c.event_id.clone(),
+            reservation_id: Some(rid.clone()),
+            reservation: link,
+            late,
+            labels,
+            model,
+            usage: c.usage,
+            occurred_at: c.occurred_at.clone(),
+            reported_cost_usd: c.reported_cost_usd.clone(),
+            payload_digest: digest,
+        };
+        self.usage_step(now, body, key, hold)
+    }
+
+    fn reserve(&mut self, r: &ReserveRequest, now: TsMicros, ids: &dyn IdLookup) -> Step {
+        let ttl = r.ttl_seconds.unwrap_or_else(|| {
+            self.policy
+                .as_ref()
+                .map_or(crate::policy::DEFAULT_RESERVATION_TTL_SECONDS, |p| {
+                    p.reservation_ttl_seconds
+                })
+        });
+        let models = check_id("reservation_id", &r.reservation_id)
+            .and_then(|_| check_ttl("ttl_seconds", ttl))
+            .and_then(|_| {
+                self.validate_decision(&r.labels, &r.model, &r.candidates, &r.require, &r.estimate)
+            });
+        let models = match models {
+            Ok(m) => m,
+            Err(e) => return Step::new(Answer::Error(e)),
+        };
+        let digest = digest("reserve", r);
+        let key = format!("r/{}", r.reservation_id);
+        if let Some(a) = dup_or_conflict(ids, &key, &digest, "reservation_id") {
+            return Step::new(a);
+        }
+        if self.holds.contains_key(&r.reservation_id) || self.ended.contains_key(&r.reservation_id)
+        {
+            return Step::new(Answer::Error(WireError {
+                code: ErrorCode::Conflict,
+                message: format!("reservation_id {:?} is already in use", r.reservation_id),
+                field: Some("reservation_id".into()),
+            }));
+        }
+        let require = r.require.clone().unwrap_or_default();
+        let eval = self.evaluate(
+            &Ask {
+                client: &r.labels,
+                models: &models,
+                require: &require,
+                est: &r.estimate,
+                report_skips: r.candidates.is_some(),
+            },
+            now,
+            &Adjust::new(),
+        );
+        let mut events = Vec::new();
+        let (seq, expires) = if eval.decision == Decision::Deny {
+            let body = EventBody::ReservationDenied(ReservationDenied {
+                reservation_id: r.reservation_id.clone(),
+                labels: eval.labels.clone(),
+                model: eval.model.clone().unwrap_or_default(),
+                hold_micros: eval.hold.micros,
+                reason: eval.reason.code.clone(),
+                budget: eval.reason.budget.clone(),
+                key: eval.reason.key.clone(),
+                payload_digest: digest,
+            });
+            (self.emit(now, body, &mut events).0, None)
+        } else {
+            let expires_at = self.stamp(now).saturating_add(seconds(ttl));
+            let body = EventBody::ReservationCreated(ReservationCreated {
+                reservation_id: r.reservation_id.clone(),
+                labels: eval.labels.clone(),
+                model: eval.model.clone().unwrap_or_default(),
+                input_tokens: eval.input_tokens,
+                max_output_tokens: eval.max_output_tokens,
+                hold_micros: eval.hold.micros,
+                expires_at,
+                payload_digest: digest,
+            });
+            let (seq, _) = self.emit(now, body, &mut events);
+            let refs = self
+                .holds
+                .get(&r.reservation_id)
+                .map(|h| h.buckets.clone())
+                .unwrap_or_default();
+            self.crossings(&refs, now, &mut events);
+            (seq, Some(expires_at))
+        };
+        let answer = decision_answer(&eval, Some(seq), expires);
+        let ids = vec![(
+            key,
+            IdRecord {
+                digest,
+                answer: serde_json::to_string(&answer).unwrap_or_default(),
+            },
+        )];
+        Step {
+            answer: Answer::Decision(answer),
+            events,
+            ids,
+        }
+    }
+
+    fn release(&mut self, r: &ReleaseRequest, now: TsMicros, ids: &dyn IdLookup) -> Step {
+        if let Err(e) = check_id("reservation_id", &r.reservation_id) {
+            return Step::new(Answer::Error(e));
+        }
+        let digest = digest("release", r);
+        let key = format!("x/{}", r.reservation_id);
+        if let Some(a) = dup_or_conflict(ids, &key, &digest, "reservation_id") {
+            return Step::new(a);
+        }
+        if !self.holds.contains_key(&r.reservation_id) {
+            return Step::new(Answer::Error(self.not_live(&r.reservation_id)));
+        }
+        let mut events = Vec::new();
+        let body = EventBody::ReservationReleased(ReservationReleased {
+            reservation_id: r.reservation_id.clone(),
+            reason: "cancelled".into(),
+        });
+        let (seq, _) = self.emit(now, body, &mut events);
+        let answer = ReleaseAnswer {
+            ok: true,
+            seq,
+            duplicate: false,
+            req: None,
+        };
+        Step {
+            ids: vec![(
+                key,
+                IdRecord {
+                    digest,
+                    answer: serde_json::to_string(&answer).unwrap_or_default(),
+                },
+            )],
+            answer: Answer::Release(answer),
+            events,
+        }
+    }
+
+    fn extend(&mut self, e: &ExtendRequest, now: TsMicros) -> Step {
+        let valid = check_id("reservation_id", &e.reservation_id)
+            .and_then(|_| check_ttl("ttl_seconds", e.ttl_seconds));
+        if let Err(err) = valid {
+            return Step::new(Answer::Error(err));
+        }
+        if !self.holds.contains_key(&e.reservation_id) {
+            return Step::new(Answer::Error(self.not_live(&e.reservation_id)));
+        }
+        let expires_at = self.stamp(now).saturating_add(seconds(e.ttl_seconds));
+        let mut events = Vec::new();
+        let body = EventBody::ReservationExtended(ReservationExtended {
+            reservation_id: e.reservation_id.clone(),
+            expires_at,
+        });
+        let (seq, _) = self.emit(now, body, &mut events);
+        Step {
+            answer: Answer::Extend(ExtendAnswer {
+                ok: true,
+                seq,
+                expires_at: format_ts(expires_at),
+                req: None,
+            }),
+            events,
+            ids: Vec::new(),
+        }
+    }
+
+    fn not_live(&self, rid: &str) -> WireError {
+        let message = match self.ended.get(rid).map(|e| &e.how) {
+            Some(EndKind::Committed(by)) => {
+                format!("reservation {rid:?} was already committed by event {by:?}")
+            }
+            Some(EndKind::Released) => format!("reservation {rid:?} was already released"),
+            Some(EndKind::Expired) => format!("reservation {rid:?} has expired"),
+            None => format!("no live reservation {rid:?}"),
+        };
+        WireError {
+            code: ErrorCode::NotFound,
+            message,
+            field: Some("reservation_id".into()),
+        }
+    }
+}
+
+/// First limit that `figures` exceed, described.
+fn first_over(b: &bursar_schemas::policy::ResolvedBudget, f: &Figures) -> Option<String> {
+    let fmt = crate::money::format_usd;
+    if let Some(l) = b.max_micros {
+        let used = i128::from(f.spent.micros) + i128::from(f.held.micros);
+        if used > i128::from(l) {
+            return Some(format!(
+                "budget {} would exceed max_usd: spent {} + held {} > {}",
+                b.id,
+                fmt(f.spent.micros),
+                fmt(f.held.micros),
+                fmt(l)
+            ));
+        }
+    }
+    if let Some(l) = b.max_tokens {
+        if u128::from(f.spent.tokens) + u128::from(f.held.tokens) > u128::from(l) {
+            return Some(format!(
+                "budget {} would exceed max_tokens: {} used + {} held > {l}",
+                b.id, f.spent.tokens, f.held.tokens
+            ));
+        }
+    }
+    if let Some(l) = b.max_requests {
+        if u128::from(f.spent.requests) + u128::from(f.held.requests) > u128::from(l) {
+            return Some(format!(
+                "budget {} would exceed max_requests: {} made + {} held > {l}",
+                b.id, f.spent.requests, f.held.requests
+            ));
+        }
+    }
+    if let Some(l) = b.max_concurrent {
+        if f.live_holds > l {
+            return Some(format!(
+                "budget {} would exceed max_concurrent: {} live holds > {l}",
+                b.id, f.live_holds
+            ));
+        }
+    }
+    None
+}
+
+fn decision_answer(
+    eval: &Evaluation,
+    seq: Option<u64>,
+    expires: Option<TsMicros>,
+) -> DecisionAnswer {
+    DecisionAnswer {
+        ok: true,
+        seq,
+        duplicate: false,
+        decision: eval.decision,
+        model: eval.model.clone(),
+        hold_micros: eval.hold.micros,
+        max_output_tokens: (eval.max_output_tokens > 0).then_some(eval.max_output_tokens),
+        expires_at: expires.map(format_ts),
+        budgets: eval.budgets.clone(),
+        skipped: eval.skipped.clone(),
+        reason: eval.reason.clone(),
+        req: None,
+    }
+}

@@ -1,0 +1,230 @@
+//! Bucket figures as answers report them, bucket states, and the `status` read.
+
+use super::buckets::Figures;
+use super::Ledger;
+use crate::labels::parse_scope_key;
+use crate::time::format_ts;
+use crate::window::{window_bounds, Amounts};
+use bursar_schemas::policy::{ResolvedBudget, WindowSpec};
+use bursar_schemas::wire::{BucketState, BudgetReport, StatusAnswer, StatusRequest};
+use bursar_schemas::TsMicros;
+use std::collections::HashMap;
+
+/// Default and largest `limit` of a `status` answer.
+pub const DEFAULT_STATUS_LIMIT: usize = 1000;
+
+/// Holds that expired but whose `reservation_expired` is not folded yet, per bucket.
+pub(super) type Adjust = HashMap<(usize, String), (Amounts, u64)>;
+
+const PPM: i128 = 1_000_000;
+
+/// `(used, limit)` pairs of every limit a budget sets, in common integer units.
+fn dimensions(b: &ResolvedBudget, f: &Figures) -> Vec<(i128, i128)> {
+    let mut out = Vec::with_capacity(4);
+    if let Some(l) = b.max_micros {
+        out.push((
+            i128::from(f.spent.micros) + i128::from(f.held.micros),
+            i128::from(l),
+        ));
+    }
+    if let Some(l) = b.max_tokens {
+        out.push((
+            i128::from(f.spent.tokens) + i128::from(f.held.tokens),
+            i128::from(l),
+        ));
+    }
+    if let Some(l) = b.max_requests {
+        out.push((
+            i128::from(f.spent.requests) + i128::from(f.held.requests),
+            i128::from(l),
+        ));
+    }
+    if let Some(l) = b.max_concurrent {
+        out.push((i128::from(f.live_holds), i128::from(l)));
+    }
+    out
+}
+
+/// State of a bucket: exhausted when `spent + held >= limit` for some limit, warn when
+/// `(spent + held) >= warn_at × limit` for some limit.
+pub(super) fn bucket_state(b: &ResolvedBudget, f: &Figures) -> BucketState {
+    let dims = dimensions(b, f);
+    if dims.iter().any(|(used, limit)| used >= limit) {
+        return BucketState::Exhausted;
+    }
+    if let Some(ppm) = b.warn_at_ppm {
+        if dims
+            .iter()
+            .any(|(used, limit)| used * PPM >= i128::from(ppm) * limit)
+        {
+            return BucketState::Warn;
+        }
+    }
+    BucketState::Ok
+}
+
+/// True when `(spent + held) >= warn_at × limit` for some limit (never without `warn_at`).
+pub(super) fn warn_crossed(b: &ResolvedBudget, f: &Figures) -> bool {
+    b.warn_at_ppm.is_some_and(|ppm| {
+        dimensions(b, f)
+            .iter()
+            .any(|(used, limit)| used * PPM >= i128::from(ppm) * limit)
+    })
+}
+
+/// Utilization in parts per million, the highest over the limits (0 for a meter).
+pub(super) fn utilization_ppm(b: &ResolvedBudget, f: &Figures) -> u64 {
+    dimensions(b, f)
+        .iter()
+        .map(|(used, limit)| {
+            if *limit <= 0 {
+                if *used > 0 {
+                    u64::MAX
+                } else {
+                    PPM as u64
+                }
+            } else {
+                u64::try_from(used.saturating_mul(PPM) / limit).unwrap_or(u64::MAX)
+            }
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A report line.
+pub(super) fn report(b: &ResolvedBudget, key: &str, f: &Figures, now: TsMicros) -> BudgetReport {
+    let ppm = utilization_ppm(b, f);
+    let window_end = match &b.window {
+        WindowSpec::Cumulative => None,
+        spec => window_bounds(spec, now).1.map(format_ts),
+    };
+    BudgetReport {
+        budget: b.id.clone(),
+        key: key.to_string(),
+        limit_micros: b.max_micros,
+        spent_micros: f.spent.micros,
+        held_micros: f.held.micros,
+        remaining_micros: b.max_micros.map(|l| {
+            l.saturating_sub(f.spent.micros)
+                .saturating_sub(f.held.micros)
+                .max(0)
+        }),
+        limit_tokens: b.max_tokens,
+        spent_tokens: f.spent.tokens,
+        held_tokens: f.held.tokens,
+        limit_requests: b.max_requests,
+        spent_requests: f.spent.requests,
+        limit_concurrent: b.max_concurrent,
+        live_holds: f.live_holds,
+        utilization: if ppm == u64::MAX {
+            f64::INFINITY.min(1e9)
+        } else {
+            ppm as f64 / 1e6
+        },
+        state: bucket_state(b, f),
+        enforce: b.enforce,
+        window_end,
+    }
+}
+
+impl Ledger {
+    /// Holds past their expiry at `now` that are still counted (not yet reaped), per bucket.
+    pub(super) fn expired_adjust(&self, now: TsMicros) -> Adjust {
+        let mut adj = Adjust::new();
+        for (at, rid) in &self.expiries {
+            if *at > now {
+                break;
+            }
+            if let Some(h) = self.holds.get(rid) {
+                for r in &h.buckets {
+                    let e = adj.entry(r.clone()).or_default();
+                    e.0 += h.amounts;
+                    e.1 += 1;
+                }
+            }
+        }
+        adj
+    }
+
+    /// Figures of `(budget, key)` at `now`, without holds that expired by then.
+    pub(super) fn figures(&self, budget: usize, key: &str, now: TsMicros, adj: &Adjust) -> Figures {
+        let Some(spec) = self
+            .policy
+            .as_ref()
+            .and_then(|p| p.budgets.get(budget))
+            .map(|b| &b.window)
+        else {
+            return Figures::default();
+        };
+        let mut f = self
+            .budgets
+            .get(budget)
+            .and_then(|s| s.buckets.get(key))
+            .map(|b| b.figures(spec, now))
+            .unwrap_or_default();
+        if let Some((amounts, holds)) = adj.get(&(budget, key.to_string())) {
+            f.held = f.held - *amounts;
+            f.live_holds = f.live_holds.saturating_sub(*holds);
+        }
+        f
+    }
+
+    /// Report lines of the given buckets at `now`.
+    pub(super) fn reports(
+        &self,
+        refs: &[(usize, String)],
+        now: TsMicros,
+        adj: &Adjust,
+    ) -> Vec<BudgetReport> {
+        let Some(policy) = &self.policy else {
+            return Vec::new();
+        };
+        refs.iter()
+            .filter_map(|(i, key)| {
+                let b = policy.budgets.get(*i)?;
+                Some(report(b, key, &self.figures(*i, key, now, adj), now))
+            })
+            .collect()
+    }
+
+    /// `status`: buckets, most utilized first, filtered by budget and group_by labels.
+    pub fn status(&self, req: &StatusRequest, now: TsMicros) -> StatusAnswer {
+        let adj = self.expired_adjust(now);
+        let limit = req.limit.unwrap_or(DEFAULT_STATUS_LIMIT);
+        let mut rows: Vec<(u64, BudgetReport)> = Vec::new();
+        if let Some(policy) = &self.policy {
+            for (i, b) in policy.budgets.iter().enumerate() {
+                if req.budget.as_ref().is_some_and(|id| *id != b.id) {
+                    continue;
+                }
+                let Some(state) = self.budgets.get(i) else {
+                    continue;
+                };
+                for key in state.buckets.keys() {
+                    if let Some(filter) = &req.labels {
+                        let pairs = parse_scope_key(key).unwrap_or_default();
+                        let all = filter
+                            .iter()
+                            .all(|(k, v)| pairs.iter().any(|(pk, pv)| pk == k && pv == v));
+                        if !all {
+                            continue;
+                        }
+                    }
+                    let f = self.figures(i, key, now, &adj);
+                    rows.push((utilization_ppm(b, &f), report(b, key, &f, now)));
+                }
+            }
+        }
+        rows.sort_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then_with(|| a.1.budget.cmp(&b.1.budget))
+                .then_with(|| a.1.key.cmp(&b.1.key))
+        });
+        rows.truncate(limit);
+        StatusAnswer {
+            ok: true,
+            budgets: rows.into_iter().map(|(_, r)| r).collect(),
+            req: None,
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! Every boundary of SPEC §5, as the ledger decides it.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+use bursar_core::ledger::{Answer, Command};
+use bursar_schemas::policy::{CalendarUnit, Enforce, ResolvedTierCap, UnknownModels, WindowSpec};
+use bursar_schemas::wire::*;
+use common::*;
+
+fn limited(max_micros: i64) -> bursar_schemas::policy::ResolvedBudget {
+    let mut b = budget("cap");
+    b.max_micros = Some(max_micros);
+    b
+}
+
+#[test]
+fn reserve_exactly_to_the_limit_is_allowed_and_one_micro_over_is_denied() {
+    // hold = 100 in × 1 + 100 out × 2 = 300 micros
+    let mut h = Harness::new(policy(vec![limited(600)]));
+    assert_eq!(
+        h.reserve("r1", labels(&[]), "m", 100, 100).decision,
+        Decision::Allow
+    );
+    let second = h.reserve("r2", labels(&[]), "m", 100, 100);
+    assert_eq!(
+        second.decision,
+        Decision::Allow,
+        "300 + 300 = 600 is exactly the limit"
+    );
+    assert_eq!(second.budgets[0].remaining_micros, Some(0));
+    let third = h.reserve("r3", labels(&[]), "m", 1, 0);
+    assert_eq!(third.decision, Decision::Deny, "one micro over the limit");
+    assert_eq!(third.reason.code, "budget");
+    assert_eq!(third.reason.budget.as_deref(), Some("cap"));
+    assert!(h.kinds().contains(&"reservation_denied"));
+}
+
+#[test]
+fn record_exactly_to_the_limit_is_exhausted_and_logged_once_per_window() {
+    let mut b = limited(1000);
+    b.window = WindowSpec::Fixed {
+        seconds: 60,
+        offset_seconds: 0,
+    };
+    let mut h = Harness::new(policy(vec![b]));
+    let a = h.record("e1", labels(&[]), "m", usage(600, 0));
+    assert_eq!(a.state, BucketState::Ok);
+    let a = h.record("e2", labels(&[]), "m", usage(400, 0));
+    assert_eq!(a.cost_micros, 400);
+    assert_eq!(
+        a.state,
+        BucketState::Exhausted,
+        "spent == limit is exhausted"
+    );
+    let a = h.record("e3", labels(&[]), "m", usage(10, 0));
+    assert_eq!(
+        a.budgets[0].spent_micros, 1010,
+        "records are always kept, even over the limit"
+    );
+    let exhausted = h
+        .kinds()
+        .iter()
+        .filter(|k| **k == "budget_exhausted")
+        .count();
+    assert_eq!(exhausted, 1, "once per bucket per window");
+    // The next window starts fresh and may be exhausted again.
+    h.now += 60 * SEC;
+    h.record("e4", labels(&[]), "m", usage(1000, 0));
+    assert_eq!(
+        h.kinds()
+            .iter()
+            .filter(|k| **k == "budget_exhausted")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn warn_at_threshold_warns_once_and_still_allows() {
+    let mut b = limited(1000);
+    b.warn_at_ppm = Some(900_000);
+    let mut h = Harness::new(policy(vec![b]));
+    let a = h.record("e1", labels(&[]), "m", usage(899, 0));
+    assert_eq!(a.state, BucketState::Ok);
+    // 899 + 1 = 900 = 90 % of 1000: warn.
+    let d = h.reserve("r1", labels(&[]), "m", 1, 0);
+    assert_eq!(d.decision, Decision::Warn);
+    assert_eq!(
+        h.kinds().iter().filter(|k| **k == "budget_warned").count(),
+        1
+    );
+    h.record("e2", labels(&[]), "m", usage(5, 0));
+    assert_eq!(
+        h.kinds().iter().filter(|k| **k == "budget_warned").count(),
+        1
+    );
+}
+
+#[test]
+fn soft_budget_never_denies() {
+    let mut b = limited(100);
+    b.enforce = Enforce::Warn;
+    let mut h = Harness::new(policy(vec![b]));
+    let d = h.reserve("r1", labels(&[]), "m", 1000, 0);
+    assert_eq!(d.decision, Decision::Warn);
+}
+
+#[test]
+fn meter_reports_but_never_warns_or_denies() {
+    let mut h = Harness::new(policy(vec![budget("meter")]));
+    let d = h.reserve("r1", labels(&[]), "big", 1_000_000, 100_000);
+    assert_eq!(d.decision, Decision::Allow);
+    let a = h.record("e1", labels(&[]), "big", usage(1_000_000, 0));
+    assert_eq!(a.state, BucketState::Ok);
+    assert_eq!(a.budgets[0].utilization, 0.0);
+    assert_eq!(a.budgets[0].limit_micros, None);
+}
+
+#[test]
+fn fixed_window_event_at_the_boundary_belongs_to_the_new_window() {
+    let mut b = limited(1_000_000);
+    b.window = WindowSpec::Fixed {
+        seconds: 3600,
+        offset_seconds: 0,
+    };
+    let mut h = Harness::new(policy(vec![b]));
+    h.now = T0 + 3600 * SEC - 1;
+    h.record("e1", labels(&[]), "m", usage(100, 0));
+    h.now = T0 + 3600 * SEC;
+    let a = h.record("e2", labels(&[]), "m", usage(7, 0));
+    assert_eq!(
+        a.budgets[0].spent_micros, 7,
+        "the boundary event starts the new window"
+    );
+    assert_eq!(
+        a.budgets[0].window_end.as_deref(),
+        Some("2026-11-23T02:00:00Z")
+    );
+}
+
+#[test]
+fn calendar_month_rolls_over_at_local_midnight() {
+    let mut b = limited(1_000_000);
+    b.window = WindowSpec::Calendar {
+        unit: CalendarUnit::Month,
+        utc_offset_seconds: 3600,
+    };
+    let mut h = Harness::new(policy(vec![b]));
+    // 2026-11-30T22:59:59Z is 23:59:59 on Nov 30 at +01:00.
+    h.now = 1_796_079_599_000_000;
+    h.record("e1", labels(&[]), "m", usage(100, 0));
+    assert_eq!(h.status()[0].spent_micros, 100);
+    assert_eq!(
+        h.status()[0].window_end.as_deref(),
+        Some("2026-11-30T23:00:00Z")
+    );
+    h.now += SEC; // local midnight, December 1st
+    assert_eq!(
+        h.status()[0].spent_micros,
+        0,
+        "reads show the new month before any event"
+    );
+    let a = h.record("e2", labels(&[]), "m", usage(3, 0));
+    assert_eq!(a.budgets[0].spent_micros, 3);
+}
+
+#[test]
+fn rolling_window_forgets_usage_after_window_seconds() {
+    let mut b = limited(1000);
+    b.window = WindowSpec::Rolling {
+        seconds: 60,
+        resolution_seconds: 10,
+    };
+    let mut h = Harness::new(policy(vec![b]));
+    h.record("e1", labels(&[]), "m", usage(1000, 0));
+    assert_eq!(
+        h.reserve("r1", labels(&[]), "m", 1, 0).decision,
+        Decision::Deny
+    );
+    h.now += 50 * SEC;
+    assert_eq!(
+        h.status()[0].spent_micros,
+        1000,
+        "still inside the last 60 s"
+    );
+    h.now += 10 * SEC;
+    assert_eq!(h.status()[0].spent_micros, 0, "dropped out of the window");
+    assert_eq!(
+        h.reserve("r2", labels(&[]), "m", 1, 0).decision,
+        Decision::Allow
+    );
+}
+
+#[test]
+fn expired_hold_is_never_shown_and_is_released_by_an_event() {
+    let mut h = Harness::new(policy(vec![limited(300)]));
+    let mut req = h.reserve_req("r1", labels(&[]), "m", 100, 100);
+    req.ttl_seconds = Some(10);
+    let Answer::Decision(d) = h.run(Command::Reserve(&req)) else {
+        panic!()
+    };
+    assert_eq!(d.decision, Decision::Allow);
+    assert_eq!(h.status()[0].held_micros, 300);
+    // The hold was stamped 1 µs after the policy event, so it expires at T0 + 10 s + 1 µs.
+    h.now += 10 * SEC;
+    assert_eq!(h.status()[0].held_micros, 300, "live until its expiry");
+    h.now += 1;
+    // Not reaped yet, but reads must not show it.
+    assert_eq!(h.status()[0].held_micros, 0);
+    let check = CheckRequest {
+        labels: labels(&[]),
+        model: Some("m".into()),
+        estimate: Estimate {
+            input_tokens: 100,
+            max_output_tokens: Some(100),
+        },
+        candidates: None,
+        require: None,
+    };
+    let Answer::Decision(c) = h.ledger.check(&check, h.now) else {
+        panic!()
+    };
+    assert_eq!(c.decision, Decision::Allow);
+    let reaped = h.ledger.reap(h.now);
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].2.kind(), "reservation_expired");
+    assert_eq!(h.ledger.live_holds(), 0);
+}
+
+#[test]
+fn commit_with_overrun_is_recorded_never_refused() {
+    let mut h = Harness::new(policy(vec![limited(1000)]));
+    let d = h.reserve("r1", labels(&[]), "m", 100, 100);
+    assert_eq!(d.hold_micros, 300);
+    let a = usage_answer(h.commit("r1", "e1", usage(100, 600)));
+    assert_eq!(a.cost_micros, 1300);
+    assert_eq!(a.overrun_micros, Some(1000));
+    assert_eq!(a.state, BucketState::Exhausted);
+    assert_eq!(
+        a.budgets[0].held_micros, 0,
+        "commit releases the hold in the same event"
+    );
+    assert_eq!(a.budgets[0].spent_micros, 1300);
+}
+
+#[test]
+fn late_commit_is_recorded_and_flagged() {
+    let mut h = Harness::new(policy(vec![limited(10_000)]));
+    let mut req = h.reserve_req("r1", labels(&[("team", "a")]), "m", 100, 100);
+    req.ttl_seconds = Some(5);
+    h.run(Command::Reserve(&req));
+    h.now += 6 * SEC;
+    let a = usage_answer(h.commit("r1", "e1", usage(10, 10)));
+    assert!(a.late);
+    assert_eq!(a.cost_micros, 30);
+    assert_eq!(a.budgets[0].spent_micros, 30);
+    let kinds = h.kinds();
+    let exp = kinds
+        .iter()
+        .position(|k| *k == "reservation_expired")
+        .unwrap();
+    let used = kinds.iter().position(|k| *k == "usage_recorded").unwrap();
+    assert!(exp < used, "the expiry is logged before the late commit");
+}
+
+#[test]
+fn commit_of_an_unknown_reservation_is_recorded_and_flagged() {
+    let mut h = Harness::new(policy(vec![budget("meter")]));
+    let c = CommitRequest {
+        reservation_id: "ghost".into(),
+        event_id: "e1".into(),
+        usage: usage(10, 0),
+        labels: Some(labels(&[("team", "a")])),
+        model: Some("m".into()),
+        occurred_at: None,
+        reported_cost_usd: None,
+    };
+    let a = usage_answer(h.run(Command::Commit(&c)));
+    assert_eq!(a.reservation.as_deref(), Some("unknown"));
+    assert_eq!(a.cost_micros, 10);
+    // Releasing or extending it is not_found.
+    let e = error(h.run(Command::Release(&ReleaseRequest {
+        reservation_id: "ghost".into(),
+    })));
+    assert_eq!(e.code, ErrorCode::NotFound);
+    let e = error(h.run(Command::Extend(&ExtendRequest {
+        reservation_id: "ghost".into(),
+        ttl_seconds: 5,
+    })));
+    assert_eq!(e.code, ErrorCode::NotFound);
+}
+
+#[test]
+fn duplicate_returns_the_original_answer_and_counts_nothing_twice() {
+    let mut h = Harness::new(policy(vec![limited(10_000)]));
+    let first = h.record("e1", labels(&[]), "m", usage(100, 0));
+    let r = RecordRequest {
+        event_id: "e1".into(),
+        labels: labels(&[]),
+        model: "m".into(),
+        usage: usage(100, 0),
+        occurred_at: None,
+        reported_cost_usd: None,
+    };
+    let Answer::Duplicate(v) = h.run(Command::Record(&r)) else {
+        panic!("not a duplicate")
+    };
+    assert_eq!(v["duplicate"], true);
+    assert_eq!(v["seq"], first.seq);
+    assert_eq!(v["cost_micros"], 100);
+    assert_eq!(h.status()[0].spent_micros, 100);
+    // Same id, different payload: conflict naming the field.
+    let mut other = r.clone();
+    other.usage.input_tokens = 101;
+    let e = error(h.run(Command::Record(&other)));
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert_eq!(e.field.as_deref(), Some("event_id"));
+    // Reservations too.
+    let d = h.reserve("r1", labels(&[]), "m", 1, 1);
+    let again = h.reserve_req("r1", labels(&[]), "m", 1, 1);
+    let Answer::Duplicate(v) = h.run(Command::Reserve(&again)) else {
+        panic!()
+    };
+    assert_eq!(v["seq"], d.seq.unwrap());
+    assert_eq!(h.ledger.live_holds(), 1);
+}
+
+#[test]
+fn double_commit_with_a_new_event_id_is_a_conflict() {
+    let mut h = Harness::new(policy(vec![budget("meter")]));
+    h.reserve("r1", labels(&[]), "m", 1, 1);
+    usage_answer(h.commit("r1", "e1", usage(1, 1)));
+    let e = error(h.commit("r1", "e2", usage(1, 1)));
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert_eq!(e.field.as_deref(), Some("reservation_id"));
+}
+
+#[test]
+fn max_output_is_capped_at_the_models_maximum_and_defaults_to_it() {
+    let mut h = Harness::new(policy(vec![budget("meter")]));
+    let d = h.reserve("r1", labels(&[]), "m", 0, 1_000_000);
+    assert_eq!(d.max_output_tokens, Some(1000));
+    assert_eq!(d.hold_micros, 2000);
+    let mut req = h.reserve_req("r2", labels(&[]), "m", 0, 0);
+    req.estimate.max_output_tokens = None;
+    let Answer::Decision(d) = h.run(Command::Reserve(&req)) else {
+        panic!()
+    };
+    assert_eq!(d.max_output_tokens, Some(1000));
+}
+
+#[test]
+fn max_concurrent_counts_live_holds() {
+    let mut b = budget("gpu");
+    b.max_concurrent = Some(2);
+    let mut h = Harness::new(policy(vec![b]));
+    assert_eq!(
+        h.reserve("r1", labels(&[]), "local", 1, 1).decision,
+        Decision::Allow
+    );
+    assert_eq!(
+        h.reserve("r2", labels(&[]), "local", 1, 1).decision,
+        Decision::Allow
+    );
+    assert_eq!(
+        h.reserve("r3", labels(&[]), "local", 1, 1).decision,
+        Decision::Deny
+    );
+    h.run(Command::Release(&ReleaseRequest {
+        reservation_id: "r1".into(),
+    }));
+    assert_eq!(
+        h.reserve("r4", labels(&[]), "local", 1, 1).decision,
+        Decision::Allow
+    );
+}
+
+#[test]
+fn extend_moves_the_expiry() {
+    let mut h = Harness::new(policy(vec![budget("meter")]));
+    let mut req = h.reserve_req("r1", labels(&[]), "m", 1, 1);
+    req.ttl_seconds = Some(10);
+    h.run(Command::Reserve(&req));
+    h.now += 5 * SEC;
+    let Answer::Extend(e) = h.run(Command::Extend(&ExtendRequest {
+        reservation_id: "r1".into(),
+        ttl_seconds: 60,
+    })) else {
+        panic!()
+    };
+    assert_eq!(e.expires_at, "2026-11-23T00:01:05Z");
+    h.now += 30 * SEC;
+    assert!(h.ledger.reap(h.now).is_empty());
+    assert_eq!(h.ledger.live_holds(), 1);
+}
+
+#[test]
+fn group_by_gives_independent_buckets_and_events_lacking_the_label_do_not_count() {
+    let mut b = limited(100);
+    b.group_by = vec!["team".into()];
+    let mut h = Harness::new(policy(vec![b]));
+    h.record("e1", labels(&[("team", "a")]), "m", usage(100, 0));
+    assert_eq!(
+        h.reserve("r1", labels(&[("team", "a")]), "m", 1, 0)
+            .decision,
+        Decision::Deny
+    );
+    assert_eq!(
+        h.reserve("r2", labels(&[("team", "b")]), "m", 1, 0)
+            .decision,
+        Decision::Allow
+    );
+    let a = h.record("e2", labels(&[("user", "x")]), "m", usage(5, 0));
+    assert!(a.budgets.is_empty());
+    assert_eq!(a.state, BucketState::Ok);
+}
+
+#[test]
+fn tiers_are_deny_by_default_and_caps_apply_to_the_worst_case() {
+    let mut p = policy(vec![budget("meter")]);
+    p.tiers.patterns = vec![("big*".into(), "frontier".into())];
+    p.tiers.caps.insert(
+        "frontier".into(),
+        ResolvedTierCap {
+            max_call_micros: Some(50_000),
+            max_call_output_tokens: Some(2000),
+        },
+    );
+    p.tiers.caps.insert(
+        "small".into(),
+        ResolvedTierCap {
+            max_call_micros: Some(1000),
+            max_call_output_tokens: None,
+        },
+    );
+    let mut h = Harness::new(p);
+    let d = h.reserve("r1", labels(&[]), "big", 1000, 3000);
+    assert_eq!(d.decision, Decision::Deny);
+    assert_eq!(d.reason.code, "tier_cap");
+    // worst case 1000×10 + 2000×20 = 50,000 = the cap: allowed.
+    assert_eq!(
+        h.reserve("r2", labels(&[]), "big", 1000, 2000).decision,
+        Decision::Allow
+    );
+    // `m` matches no pattern: default tier "small", cap 1000 micros.
+    let d = h.reserve("r3", labels(&[]), "m", 0, 600);
+    assert_eq!(d.decision, Decision::Deny);
+    assert_eq!(d.reason.code, "tier_cap");
+}
+
+#[test]
+fn fallback_picks_the_first_allowed_candidate_and_explains_every_skip() {
+    let mut b = limited(5000);
+    b.match_labels = [("model".to_string(), "big".to_string())].into();
+    let mut h = Harness::new(policy(vec![b]));
+    let req = ReserveRequest {
+        reservation_id: "r1".into(),
+        labels: labels(&[]),
+        model: None,
+        estimate: Estimate {
+            input_tokens: 1000,
+            max_output_tokens: Some(100),
+        },
+        ttl_seconds: None,
+        candidates: Some(vec![
+            "nope".into(),
+            "local".into(),
+            "big".into(),
+            "m".into(),
+        ]),
+        require: Some(vec!["tools".into()]),
+    };
+    let Answer::Decision(d) = h.run(Command::Reserve(&req)) else {
+        panic!()
+    };
+    assert_eq!(d.decision, Decision::Allow);
+    assert_eq!(d.model.as_deref(), Some("m"));
+    let reasons: Vec<_> = d
+        .skipped
+        .iter()
+        .map(|s| (s.model.as_str(), s.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("nope", SkipReason::UnknownModel),
+            ("local", SkipReason::MissingCapability),
+            ("big", SkipReason::Budget),
+        ]
+    );
+}
+
+#[test]
+fn unknown_models_are_denied_for_holds_but_records_are_priced_at_max() {
+    let mut h = Harness::new(policy(vec![budget("meter")]));
+    let d = h.reserve("r1", labels(&[]), "mystery", 10, 10);
+    assert_eq!(d.decision, Decision::Deny);
+    assert_eq!(d.reason.code, "unknown_model");
+    let a = h.record("e1", labels(&[]), "mystery", usage(10, 10));
+    assert!(a.priced_at_max);
+    assert_eq!(
+        a.cost_micros,
+        10 * 10 + 10 * 20,
+        "highest input and output prices"
+    );
+    let mut p = policy(vec![budget("meter")]);
+    p.unknown_models = UnknownModels::PriceAtMax;
+    h.apply_policy(p);
+    assert_eq!(
+        h.reserve("r2", labels(&[]), "mystery", 10, 10).decision,
+        Decision::Allow
+    );
+}
+
+#[test]
+fn max_keys_per_budget_fails_closed_for_new_scopes() {
+    let mut b = limited(1_000_000);
+    b.group_by = vec!["user".into()];
+    let mut p = policy(vec![b]);
+    p.max_keys_per_budget = 2;
+    let mut h = Harness::new(p);
+    h.record("e1", labels(&[("user", "a")]), "m", usage(1, 0));
+    h.record("e2", labels(&[("user", "b")]), "m", usage(1, 0));
+    let d = h.reserve("r1", labels(&[("user", "c")]), "m", 1, 0);
+    assert_eq!(d.decision, Decision::Deny);
+    assert_eq!(d.reason.code, "max_keys");
+    assert_eq!(
+        h.reserve("r2", labels(&[("user", "a")]), "m", 1, 0)
+            .decision,
+        Decision::Allow
+    );
+    // A record for a new scope is still kept, in the overflow bucket.
+    let a = h.record("e3", labels(&[("user", "c")]), "m", usage(1, 0));
+    assert_eq!(a.seq, h.ledger.last_seq());
+    assert!(h
+        .status()
+        .iter()
+        .any(|r| r.key == bursar_core::ledger::OVERFLOW_KEY));
+}
+
+#[test]
+fn timestamps_strictly_increase_when_the_clock_steps_back() {
+    let mut h = Harness::new(policy(vec![budget("meter")]));
+    h.record("e1", labels(&[]), "m", usage(1, 0));
+    h.now -= 3600 * SEC;
+    h.record("e2", labels(&[]), "m", usage(1, 0));
+    let ts: Vec<_> = h.log.iter().map(|e| e.ts).collect();
+    assert!(ts.windows(2).all(|w| w[0] < w[1]), "{ts:?}");
+}
+
+#[test]
+fn client_may_not_set_derived_labels_and_bad_input_names_the_field() {
+    let mut h = Harness::new(policy(vec![budget("meter")]));
+    let r = RecordRequest {
+        event_id: "e1".into(),
+        labels: labels(&[("model", "cheap")]),
+        model: "m".into(),
+        usage: usage(1, 0),
+        occurred_at: None,
+        reported_cost_usd: None,
+    };
+    let e = error(h.run(Command::Record(&r)));
+    assert_eq!(e.field.as_deref(), Some("labels.model"));
+    let mut r2 = r.clone();
+    r2.labels = labels(&[]);
+    r2.usage.input_tokens = 1_000_000_000_001;
+    assert_eq!(
+        error(h.run(Command::Record(&r2))).field.as_deref(),
+        Some("usage")
+    );
+    let mut r3 = r2.clone();
+    r3.usage.input_tokens = 1;
+    r3.occurred_at = Some("last tuesday".into());
+    assert_eq!(
+        error(h.run(Command::Record(&r3))).field.as_deref(),
+        Some("occurred_at")
+    );
+    assert_eq!(h.ledger.last_seq(), 1, "nothing was appended for bad input");
+}
+
+#[test]
+fn derived_labels_are_added_and_match_budgets() {
+    let mut b = budget("per-provider");
+    b.group_by = vec!["provider".into(), "tier".into()];
+    let mut h = Harness::new(policy(vec![b]));
+    let a = h.record("e1", labels(&[]), "m", usage(1, 0));
+    assert_eq!(a.budgets[0].key, "provider=acme,tier=small");
+}
+
+#[test]
+fn policy_reload_keeps_unchanged_budgets_and_recounts_live_holds() {
+    let mut h = Harness::new(policy(vec![limited(1000)]));
+    h.record("e1", labels(&[]), "m", usage(100, 0));
+    h.reserve("r1", labels(&[]), "m", 100, 0);
+    let mut other = budget("new");
+    other.max_micros = Some(50);
+    h.apply_policy(policy(vec![limited(1000), other]));
+    let s = h.status();
+    let cap = s.iter().find(|r| r.budget == "cap").unwrap();
+    assert_eq!((cap.spent_micros, cap.held_micros), (100, 100));
+    let new = s.iter().find(|r| r.budget == "new").unwrap();
+    assert_eq!(
+        (new.spent_micros, new.held_micros),
+        (0, 100),
+        "live hold counts in the new budget"
+    );
+    usage_answer(h.commit("r1", "e2", usage(10, 0)));
+    let new = h.status().into_iter().find(|r| r.budget == "new").unwrap();
+    assert_eq!((new.spent_micros, new.held_micros), (10, 0));
+    assert_eq!(h.refold(), h.ledger);
+}
+
+#[test]
+fn fold_of_the_log_equals_the_live_ledger() {
+    let mut b = limited(5000);
+    b.group_by = vec!["team".into()];
+    b.window = WindowSpec::Fixed {
+        seconds: 60,
+        offset_seconds: 0,
+    };
+    b.warn_at_ppm = Some(500_000);
+    let mut h = Harness::new(policy(vec![b, budget("meter")]));
+    for i in 0..50 {
+        let team = if i % 3 == 0 { "a" } else { "b" };
+        h.now += 7 * SEC;
+        h.record(
+            &format!("e{i}"),
+            labels(&[("team", team)]),
+            "m",
+            usage(50, 20),
+        );
+        let d = h.reserve(&format!("r{i}"), labels(&[("team", team)]), "m", 10, 10);
+        if d.decision != Decision::Deny && i % 2 == 0 {
+            h.commit(&format!("r{i}"), &format!("c{i}"), usage(5, 5));
+        }
+    }
+    assert_eq!(h.refold(), h.ledger);
+}
