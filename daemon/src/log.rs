@@ -1,1 +1,399 @@
-//! (being written)
+//! The durable, hash-chained event log (SPEC §7) behind the small [`LogStore`] trait.
+//!
+//! One writer thread owns a store. It stages a group-commit batch with [`LogStore::append`]
+//! (one stored record per batch: the envelopes framed by
+//! [`encode_record`](bursar_schemas::event::encode_record), keyed by the big-endian seq of the
+//! first envelope, written atomically with the batch's idempotency-index entries), then makes it
+//! durable with [`LogStore::sync`] before answering anybody.
+//!
+//! - [`SledLog`] is the real store (sled trees `log`, `ids`, `snapshots`; `sync` = sled flush
+//!   followed by `fdatasync` of sled's files, see [`SledLog::sync`]).
+//! - [`testing`] holds an in-memory store that keeps "appended" and "durable" apart and can
+//!   crash, a fault-injecting wrapper for any store, and offline tamper helpers.
+//! - [`verify_chain`] walks a whole log and names the first bad seq.
+//!
+//! Architecture Invariant: a record and the ids written with it are either both stored or both
+//! absent, and nothing is durable until `sync` returned `Ok`.
+
+mod sled_store;
+pub mod testing;
+
+pub use sled_store::{SledLog, RELEASE_WAIT};
+
+use bursar_schemas::event::{decode_record, CodecError, Envelope, Hash32};
+use bursar_schemas::TsMicros;
+use std::path::PathBuf;
+
+/// The last stored event: its seq, its hash and its ts.
+pub type Head = (u64, Hash32, TsMicros);
+
+/// Storage of the event log, the idempotency index and snapshots. Used by one writer thread.
+pub trait LogStore: Send {
+    /// Stage one group-commit record: `envs` are consecutive envelopes (seq dense from
+    /// `head + 1`, each `prev_hash` equal to the hash before it), stored as ONE value keyed by
+    /// the big-endian seq of the first. `ids` are idempotency-index entries (key, value) written
+    /// atomically with the record. Nothing is durable until [`sync`](LogStore::sync).
+    ///
+    /// An empty `envs` with empty `ids` is a no-op; ids without envelopes are refused.
+    /// Hashes are not recomputed here (the writer sealed them); seq, `prev_hash` links and ts
+    /// order are checked, and a refused batch leaves the store unchanged.
+    fn append(&mut self, envs: &[Envelope], ids: &[(Vec<u8>, Vec<u8>)]) -> Result<(), LogError>;
+
+    /// Make everything appended (and every snapshot put) so far durable.
+    fn sync(&mut self) -> Result<(), LogError>;
+
+    /// Last seq, its hash and its ts (`None` for an empty log). Includes staged records.
+    fn head(&self) -> Option<Head>;
+
+    /// Look up an idempotency-index entry.
+    fn get_id(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError>;
+
+    /// Envelopes with `seq >= seq`, in order; a record straddling `seq` yields only its tail.
+    /// The iterator stops after the first error it yields.
+    fn read_from(
+        &self,
+        seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send + '_>;
+
+    /// Store a snapshot taken after event `seq` (durable at the next `sync`); only the newest
+    /// [`SNAPSHOTS_KEPT`] are kept.
+    fn put_snapshot(&mut self, seq: u64, bytes: &[u8]) -> Result<(), LogError>;
+
+    /// The newest snapshot and the seq it was taken at.
+    fn latest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, LogError>;
+}
+
+/// How many snapshots a store keeps.
+pub const SNAPSHOTS_KEPT: usize = 2;
+
+/// Errors of a log store.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Another process (or another open store in this one) holds the data dir.
+    #[error("data dir {} is locked: another bursard is already using it", dir.display())]
+    Locked {
+        /// The data dir.
+        dir: PathBuf,
+    },
+    /// sled could not open the data dir.
+    #[error("cannot open the log in {}: {source}", dir.display())]
+    Open {
+        /// The data dir.
+        dir: PathBuf,
+        /// sled's error.
+        source: sled::Error,
+    },
+    /// A sled operation failed.
+    #[error("log storage failed during {op}: {source}")]
+    Storage {
+        /// What was being done.
+        op: &'static str,
+        /// sled's error.
+        source: sled::Error,
+    },
+    /// A file operation failed (e.g. `fdatasync`).
+    #[error("{op} failed on {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A stored record is unreadable or inconsistent.
+    #[error("log corrupt at seq {seq}: {reason}")]
+    Corrupt {
+        /// The seq (record key or event) where the problem is.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Encoding a record failed.
+    #[error("cannot encode record: {0}")]
+    Encode(#[source] CodecError),
+    /// An appended batch does not continue the log.
+    #[error("append refused at seq {seq}: {reason}")]
+    Refused {
+        /// The offending envelope's seq.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No stored event has this seq (tamper helpers).
+    #[error("no stored event with seq {seq}")]
+    NotFound {
+        /// The seq asked for.
+        seq: u64,
+    },
+    /// A fault injected by [`testing::FaultyLog`].
+    #[error("injected fault: {0}")]
+    Injected(&'static str),
+    /// The in-memory store was crashed by [`testing::MemDisk::crash`].
+    #[error("the store was crashed; reopen it")]
+    Crashed,
+}
+
+/// Why [`verify_chain`] rejected a log. Every variant names the first bad seq.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The event at `seq` is not the one expected next (a gap, a reordering or a duplicate).
+    #[error("seq {seq}: expected seq {expected} (missing or out-of-order events)")]
+    Gap {
+        /// The seq found.
+        seq: u64,
+        /// The seq that should have been there.
+        expected: u64,
+    },
+    /// `prev_hash` of `seq` is not the hash of the event before it.
+    #[error("seq {seq}: prev_hash does not match the hash of seq {}", seq.saturating_sub(1))]
+    PrevHash {
+        /// The bad seq.
+        seq: u64,
+    },
+    /// The stored hash of `seq` does not recompute (the event was altered).
+    #[error("seq {seq}: stored hash does not match its contents")]
+    Hash {
+        /// The bad seq.
+        seq: u64,
+    },
+    /// `ts` went backwards.
+    #[error("seq {seq}: ts {ts} is before the previous event's ts {prev_ts}")]
+    TsBackwards {
+        /// The bad seq.
+        seq: u64,
+        /// Its ts.
+        ts: TsMicros,
+        /// The ts before it.
+        prev_ts: TsMicros,
+    },
+    /// The log could not be read at `seq`.
+    #[error("seq {seq}: unreadable: {source}")]
+    Unreadable {
+        /// The seq where reading failed (the next expected seq when the store did not say).
+        seq: u64,
+        /// The store's error.
+        source: LogError,
+    },
+}
+
+impl VerifyError {
+    /// The first bad seq.
+    pub fn seq(&self) -> u64 {
+        match self {
+            VerifyError::Gap { seq, .. }
+            | VerifyError::PrevHash { seq }
+            | VerifyError::Hash { seq }
+            | VerifyError::TsBackwards { seq, .. }
+            | VerifyError::Unreadable { seq, .. } => *seq,
+        }
+    }
+}
+
+/// Walk the whole log: seq dense from 1, each `prev_hash` equal to the previous `hash` (zeros
+/// for seq 1), each `hash` recomputes, ts non-decreasing. Returns the number of events and the
+/// head hash (zeros for an empty log).
+pub fn verify_chain(store: &dyn LogStore) -> Result<(u64, Hash32), VerifyError> {
+    let mut count = 0u64;
+    let mut prev_hash = Hash32::default();
+    let mut prev_ts: Option<TsMicros> = None;
+    for item in store.read_from(0) {
+        let expected = count.saturating_add(1);
+        let env = item.map_err(|source| VerifyError::Unreadable {
+            seq: match &source {
+                LogError::Corrupt { seq, .. } => *seq,
+                _ => expected,
+            },
+            source,
+        })?;
+        let seq = env.seq;
+        if seq != expected {
+            return Err(VerifyError::Gap { seq, expected });
+        }
+        if env.prev_hash != prev_hash {
+            return Err(VerifyError::PrevHash { seq });
+        }
+        match env.compute_hash() {
+            Ok(h) if h == env.hash => {}
+            _ => return Err(VerifyError::Hash { seq }),
+        }
+        if let Some(prev_ts) = prev_ts {
+            if env.ts < prev_ts {
+                return Err(VerifyError::TsBackwards {
+                    seq,
+                    ts: env.ts,
+                    prev_ts,
+                });
+            }
+        }
+        prev_ts = Some(env.ts);
+        prev_hash = env.hash;
+        count = seq;
+    }
+    Ok((count, prev_hash))
+}
+
+// ---- helpers shared by the stores ------------------------------------------------------------
+
+/// Big-endian key of a record.
+pub(crate) fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+/// Seq from a record key.
+pub(crate) fn key_seq(key: &[u8]) -> Result<u64, LogError> {
+    let bytes: [u8; 8] = key.try_into().map_err(|_| LogError::Corrupt {
+        seq: 0,
+        reason: format!("log key of {} bytes, expected 8", key.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Decode a stored record and check that it is non-empty and stored under its first seq.
+pub(crate) fn decode_at(key: u64, bytes: &[u8]) -> Result<Vec<Envelope>, LogError> {
+    let envs = decode_record(bytes).map_err(|e| LogError::Corrupt {
+        seq: key,
+        reason: e.to_string(),
+    })?;
+    match envs.first() {
+        None => Err(LogError::Corrupt {
+            seq: key,
+            reason: "record holds no events".into(),
+        }),
+        Some(first) if first.seq != key => Err(LogError::Corrupt {
+            seq: key,
+            reason: format!(
+                "record stored under seq {key} starts with seq {}",
+                first.seq
+            ),
+        }),
+        Some(_) => Ok(envs),
+    }
+}
+
+/// Check that `envs` continue `head` (dense seq, linked hashes, ts non-decreasing).
+pub(crate) fn check_continues(head: Option<Head>, envs: &[Envelope]) -> Result<(), LogError> {
+    let (mut next, mut prev_hash, mut prev_ts) = match head {
+        Some((seq, hash, ts)) => (seq.saturating_add(1), hash, Some(ts)),
+        None => (1, Hash32::default(), None),
+    };
+    for e in envs {
+        if e.seq != next {
+            return Err(LogError::Refused {
+                seq: e.seq,
+                reason: format!("expected seq {next}"),
+            });
+        }
+        if e.prev_hash != prev_hash {
+            return Err(LogError::Refused {
+                seq: e.seq,
+                reason: "prev_hash is not the hash of the event before it".into(),
+            });
+        }
+        if prev_ts.is_some_and(|t| e.ts < t) {
+            return Err(LogError::Refused {
+                seq: e.seq,
+                reason: "ts goes backwards".into(),
+            });
+        }
+        next = next.saturating_add(1);
+        prev_hash = e.hash;
+        prev_ts = Some(e.ts);
+    }
+    Ok(())
+}
+
+/// The head after `envs`, when non-empty.
+pub(crate) fn head_of(envs: &[Envelope]) -> Option<Head> {
+    envs.last().map(|e| (e.seq, e.hash, e.ts))
+}
+
+/// Validate the last record of a log on open: it decodes, is internally chained with hashes
+/// that recompute, and links to the record before it (`prev`, already decoded), or starts the
+/// log. Returns the head.
+pub(crate) fn check_tail(
+    last_key: u64,
+    last: &[u8],
+    prev: Option<(u64, &[u8])>,
+) -> Result<Head, LogError> {
+    let envs = decode_at(last_key, last)?;
+    let before = match prev {
+        Some((k, bytes)) => head_of(&decode_at(k, bytes)?),
+        None => None,
+    };
+    check_continues(before, &envs).map_err(|e| match e {
+        LogError::Refused { seq, reason } => LogError::Corrupt { seq, reason },
+        other => other,
+    })?;
+    for e in &envs {
+        match e.compute_hash() {
+            Ok(h) if h == e.hash => {}
+            _ => {
+                return Err(LogError::Corrupt {
+                    seq: e.seq,
+                    reason: "stored hash does not match its contents".into(),
+                })
+            }
+        }
+    }
+    head_of(&envs).ok_or(LogError::Corrupt {
+        seq: last_key,
+        reason: "record holds no events".into(),
+    })
+}
+
+/// Turns an iterator of stored records into the envelopes from `from` on.
+pub(crate) struct RecordEnvelopes<I> {
+    records: I,
+    current: std::vec::IntoIter<Envelope>,
+    from: u64,
+    /// Records pulled so far; only the first one can straddle `from`.
+    pulled: u64,
+    done: bool,
+}
+
+impl<I> RecordEnvelopes<I> {
+    pub(crate) fn new(records: I, from: u64) -> Self {
+        Self {
+            records,
+            current: Vec::new().into_iter(),
+            from,
+            pulled: 0,
+            done: false,
+        }
+    }
+}
+
+impl<I, B> Iterator for RecordEnvelopes<I>
+where
+    I: Iterator<Item = Result<(u64, B), LogError>>,
+    B: AsRef<[u8]>,
+{
+    type Item = Result<Envelope, LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(env) = self.current.next() {
+                if self.pulled <= 1 && env.seq < self.from {
+                    continue;
+                }
+                return Some(Ok(env));
+            }
+            if self.done {
+                return None;
+            }
+            let decoded = match self.records.next()? {
+                Ok((key, bytes)) => decode_at(key, bytes.as_ref()),
+                Err(e) => Err(e),
+            };
+            self.pulled = self.pulled.saturating_add(1);
+            match decoded {
+                Ok(envs) => self.current = envs.into_iter(),
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! [`SledLog`]: the log on sled 0.34 (trees `log`, `ids`, `snapshots`), made durable by
+//! sled's flush followed by our own `fdatasync` of sled's files.
+
+use super::{
+    check_continues, check_tail, head_of, key_seq, seq_key, Head, LogError, LogStore,
+    RecordEnvelopes, SNAPSHOTS_KEPT,
+};
+use bursar_schemas::event::{encode_record, Envelope};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// sled's data file inside the data dir.
+const DATA_FILE: &str = "db";
+/// sled's config file inside the data dir.
+const CONF_FILE: &str = "conf";
+/// sled writes large pages as separate files here (and never syncs them).
+const BLOBS_DIR: &str = "blobs";
+
+/// The event log stored with sled in one data dir (which it locks against other processes).
+pub struct SledLog {
+    dir: PathBuf,
+    db: sled::Db,
+    log: sled::Tree,
+    ids: sled::Tree,
+    snapshots: sled::Tree,
+    head: Option<Head>,
+    /// sled's data file, opened by us for `fdatasync`.
+    data_file: File,
+    /// Blob files already synced (pruned to the ones still present at each sync).
+    synced_blobs: HashSet<OsString>,
+    /// Dropped after the sled handles above.
+    _claim: DirClaim,
+}
+
+impl std::fmt::Debug for SledLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledLog")
+            .field("dir", &self.dir)
+            .field("head", &self.head)
+            .finish_non_exhaustive()
+    }
+}
+
+fn storage(op: &'static str) -> impl Fn(sled::Error) -> LogError {
+    move |source| LogError::Storage { op, source }
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> LogError + 'a {
+    move |source| LogError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How long an open waits for a data-dir lock that this process itself held until a moment
+/// ago. sled releases its `flock` only when its last internal reference goes, and some of those
+/// are dropped later by its epoch-based reclamation (measured: tens of ms under load), so
+/// "close, then reopen" in one process would otherwise fail now and then. A dir held by a live
+/// store of this process, or by another process, is refused at once.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(5);
+const RELEASE_POLL: Duration = Duration::from_millis(5);
+
+/// Data dirs opened by this process: `true` while open, `false` once closed.
+static OPENED_DIRS: Mutex<BTreeMap<PathBuf, bool>> = Mutex::new(BTreeMap::new());
+
+fn opened_dirs() -> MutexGuard<'static, BTreeMap<PathBuf, bool>> {
+    OPENED_DIRS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn canonical(dir: &Path) -> PathBuf {
+    dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// Marks a data dir as open by this process until dropped. Must be dropped after the sled
+/// handles (declare it after them).
+#[derive(Debug)]
+pub(crate) struct DirClaim(PathBuf);
+
+impl Drop for DirClaim {
+    fn drop(&mut self) {
+        opened_dirs().insert(std::mem::take(&mut self.0), false);
+    }
+}
+
+/// Open sled at `dir`, telling a held lock apart from other failures (see [`RELEASE_WAIT`]).
+pub(crate) fn open_db(dir: &Path) -> Result<(sled::Db, DirClaim), LogError> {
+    let started = Instant::now();
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => {
+                let key = canonical(dir);
+                opened_dirs().insert(key.clone(), true);
+                return Ok((db, DirClaim(key)));
+            }
+            Err(source) if is_lock_error(&source) => {
+                let ours_closed = opened_dirs().get(&canonical(dir)) == Some(&false);
+                if !ours_closed || started.elapsed() >= RELEASE_WAIT {
+                    return Err(LogError::Locked {
+                        dir: dir.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(RELEASE_POLL);
+            }
+            Err(source) => {
+                return Err(LogError::Open {
+                    dir: dir.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// sled 0.34 reports a held `flock` on `<dir>/db` as an `Other` I/O error with this text.
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(e)
+        if e.kind() == ErrorKind::Other && e.to_string().contains("could not acquire lock"))
+}
+
+/// `fsync` a directory so the entries created in it survive a machine crash.
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync directory", dir))
+}
+
+impl SledLog {
+    /// Open (or create) the log in `data_dir`. Fails with [`LogError::Locked`] when another
+    /// process holds the dir (or a live store in this one; a store of this process closed a moment
+    /// ago is waited for, up to [`RELEASE_WAIT`]), and with [`LogError::Corrupt`] when the last record does not
+    /// decode, is not stored under its first seq, or does not chain (hashes recompute and link
+    /// to the record before it).
+    pub fn open(data_dir: &Path) -> Result<SledLog, LogError> {
+        let created = !data_dir.exists();
+        let (db, claim) = open_db(data_dir)?;
+        let log = db.open_tree("log").map_err(storage("open tree log"))?;
+        let ids = db.open_tree("ids").map_err(storage("open tree ids"))?;
+        let snapshots = db
+            .open_tree("snapshots")
+            .map_err(storage("open tree snapshots"))?;
+        let head = read_head(&log)?;
+
+        // sled neither syncs its config file nor the directory entries it creates.
+        let conf = data_dir.join(CONF_FILE);
+        if conf.exists() {
+            File::open(&conf)
+                .and_then(|f| f.sync_all())
+                .map_err(io("fsync", &conf))?;
+        }
+        sync_dir(data_dir)?;
+        if created {
+            if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+        let data_path = data_dir.join(DATA_FILE);
+        let data_file = File::open(&data_path).map_err(io("open", &data_path))?;
+
+        Ok(SledLog {
+            dir: data_dir.to_path_buf(),
+            db,
+            log,
+            ids,
+            snapshots,
+            head,
+            data_file,
+            synced_blobs: HashSet::new(),
+            _claim: claim,
+        })
+    }
+
+    /// The data dir.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `fdatasync` every blob file not synced yet, then the blobs directory if any was new.
+    fn sync_new_blobs(&mut self) -> Result<(), LogError> {
+        let dir = self.dir.join(BLOBS_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io("list", &dir)(e)),
+        };
+        let mut present = HashSet::with_capacity(self.synced_blobs.len());
+        let mut new_files = false;
+        for entry in entries {
+            let entry = entry.map_err(io("list", &dir))?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                let path = entry.path();
+                match File::open(&path).and_then(|f| f.sync_data()) {
+                    Ok(()) => new_files = true,
+                    // Garbage-collected by sled while we looked: nothing to make durable.
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io("fdatasync", &path)(e)),
+                }
+            }
+            present.insert(name);
+        }
+        if new_files {
+            sync_dir(&dir)?;
+        }
+        self.synced_blobs = present;
+        Ok(())
+    }
+}
+
+/// Read and validate the head from the last record (and the one before it).
+fn read_head(log: &sled::Tree) -> Result<Option<Head>, LogError> {
+    let Some((last_key, last)) = log.last().map_err(storage("read last record"))? else {
+        return Ok(None);
+    };
+    let last_seq = key_seq(&last_key)?;
+    let prev = log
+        .get_lt(&last_key)
+        .map_err(storage("read record before last"))?;
+    let prev = match &prev {
+        Some((k, v)) => Some((key_seq(k)?, v.as_ref())),
+        None => None,
+    };
+    check_tail(last_seq, &last, prev).map(Some)
+}
+
+impl LogStore for SledLog {
+    fn append(&mut self, envs: &[Envelope], ids: &[(Vec<u8>, Vec<u8>)]) -> Result<(), LogError> {
+        let Some(first) = envs.first() else {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            return Err(LogError::Refused {
+                seq: self.head.map_or(1, |h| h.0.saturating_add(1)),
+                reason: "idempotency entries without a record".into(),
+            });
+        };
+        check_continues(self.head, envs)?;
+        let key = seq_key(first.seq);
+        let value = sled::IVec::from(encode_record(envs).map_err(LogError::Encode)?);
+        if ids.is_empty() {
+            self.log
+                .insert(key, value)
+                .map_err(storage("append record"))?;
+        } else {
+            let mut batch = sled::Batch::default();
+            for (k, v) in ids {
+                batch.insert(k.as_slice(), v.as_slice());
+            }
+            (&self.log, &self.ids)
+                .transaction(|(log, id_tree)| {
+                    log.insert(&key, value.clone())?;
+                    id_tree.apply_batch(&batch)?;
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| match e {
+                    TransactionError::Storage(source) => LogError::Storage {
+                        op: "append record with ids",
+                        source,
+                    },
+                    TransactionError::Abort(()) => LogError::Refused {
+                        seq: first.seq,
+                        reason: "transaction aborted".into(),
+                    },
+                })?;
+        }
+        self.head = head_of(envs);
+        Ok(())
+    }
+
+    /// sled `flush()` (which ends in `sync_file_range`, short of the device cache), then
+    /// `fdatasync` of every blob file sled wrote since the last sync (and of the blobs dir when
+    /// there were new ones), then `fdatasync` of the data file `<dir>/db`.
+    fn sync(&mut self) -> Result<(), LogError> {
+        self.db.flush().map_err(storage("flush"))?;
+        self.sync_new_blobs()?;
+        self.data_file.sync_data().map_err(|source| LogError::Io {
+            op: "fdatasync",
+            path: self.dir.join(DATA_FILE),
+            source,
+        })
+    }
+
+    fn head(&self) -> Option<Head> {
+        self.head
+    }
+
+    fn get_id(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
+        Ok(self
+            .ids
+            .get(key)
+            .map_err(storage("read id"))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn read_from(
+        &self,
+        seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send + '_> {
+        // The record holding `seq` is the last one keyed at or before it.
+        let start = match self.log.range(..=seq_key(seq)).next_back() {
+            None => None,
+            Some(Ok((k, _))) => Some(k),
+            Some(Err(e)) => return Box::new(std::iter::once(Err(storage("read log")(e)))),
+        };
+        let records = match start {
+            Some(k) => self.log.range(k..),
+            None => self.log.iter(),
+        };
+        let records = records.map(|r| {
+            let (k, v) = r.map_err(storage("read log"))?;
+            Ok((key_seq(&k)?, v))
+        });
+        Box::new(RecordEnvelopes::new(records, seq))
+    }
+
+    fn put_snapshot(&mut self, seq: u64, bytes: &[u8]) -> Result<(), LogError> {
+        let key = seq_key(seq);
+        let mut keys = Vec::new();
+        for k in self.snapshots.iter().keys() {
+            let k = k.map_err(storage("list snapshots"))?;
+            if k.as_ref() != key.as_slice() {
+                keys.push(k);
+            }
+        }
+        keys.push(sled::IVec::from(&key[..]));
+        keys.sort();
+        let drop_count = keys.len().saturating_sub(SNAPSHOTS_KEPT);
+        let mut batch = sled::Batch::default();
+        batch.insert(&key[..], bytes);
+        for k in keys.into_iter().take(drop_count) {
+            batch.remove(k);
+        }
+        self.snapshots
+            .apply_batch(batch)
+            .map_err(storage("put snapshot"))
+    }
+
+    fn latest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+        match self.snapshots.last().map_err(storage("read snapshot"))? {
+            None => Ok(None),
+            Some((k, v)) => Ok(Some((key_seq(&k)?, v.to_vec()))),
+        }
+    }
+}
