@@ -1,3 +1,274 @@
 //! `bursard` as a library: the log, the writer and the server, so tests can drive them in-process.
+//!
+//! The path of one request: [`server`] decodes a line → [`writer`] (one thread) decides and
+//! folds it through `bursar_core::ledger` → [`log`] appends and syncs the batch → the answer goes
+//! back in request order.
 
+pub mod config;
 pub mod log;
+pub mod server;
+pub mod writer;
+
+use config::Config;
+use log::{LogError, LogStore, SledLog};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+use writer::{Clock, Job, Shared};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Configuration problem.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The data directory could not be used.
+    #[error("{0}")]
+    Log(#[from] LogError),
+    /// The socket could not be set up.
+    #[error("socket {path}: {message}")]
+    Socket {
+        /// The socket path.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Anything else at start-up.
+    #[error("{0}")]
+    Start(String),
+}
+
+/// Open the data directory (created 0700 if missing) and its log.
+pub fn open_store(data_dir: &Path) -> Result<SledLog, DaemonError> {
+    if !data_dir.exists() {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            DaemonError::Start(format!(
+                "cannot create data dir {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let _ = std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(SledLog::open(data_dir)?)
+}
+
+/// Replace a stale socket file; refuse when a live daemon answers on it.
+fn prepare_socket_path(path: &Path) -> Result<(), DaemonError> {
+    let err = |message: String| DaemonError::Socket {
+        path: path.display().to_string(),
+        message,
+    };
+    if path.exists() || path.symlink_metadata().is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(
+                "another daemon is listening on it; not touching it".into()
+            ));
+        }
+        let meta = path.symlink_metadata().map_err(|e| err(e.to_string()))?;
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(err(
+                "exists and is not a socket; refusing to replace it".into()
+            ));
+        }
+        tracing::info!("replacing stale socket {}", path.display());
+        std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+    }
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| err(format!("cannot create its directory: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Bind the socket with its final mode: bind under a temporary name, set mode and group,
+/// then rename into place, so it never appears with looser permissions.
+fn bind_socket(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+) -> Result<std::os::unix::net::UnixListener, DaemonError> {
+    let err = |message: String| DaemonError::Socket {
+        path: path.display().to_string(),
+        message,
+    };
+    prepare_socket_path(path)?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bursar.sock".into());
+    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)
+        .map_err(|e| err(format!("cannot bind: {e}")))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| err(format!("cannot set mode: {e}")))?;
+    if let Some(g) = group {
+        let gid = group_id(g).ok_or_else(|| err(format!("unknown socket_group {g:?}")))?;
+        std::os::unix::fs::chown(&tmp, None, Some(gid))
+            .map_err(|e| err(format!("cannot set group {g:?}: {e}")))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| err(format!("cannot move into place: {e}")))?;
+    Ok(listener)
+}
+
+/// Look a group name (or number) up in /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    if let Ok(n) = name.parse() {
+        return Some(n);
+    }
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+/// A running daemon's control handle.
+pub struct Running {
+    /// Stop it (as SIGTERM does).
+    pub stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Run the daemon until SIGTERM/SIGINT (or `stop` in tests). Blocks.
+pub fn run(config: Config, clock: Clock, install_signals: bool) -> Result<(), DaemonError> {
+    run_with_store(config, clock, install_signals, None)
+}
+
+/// Like [`run`], with an injected log store (fault-injection tests).
+pub fn run_with_store(
+    config: Config,
+    clock: Clock,
+    install_signals: bool,
+    store: Option<Box<dyn LogStore>>,
+) -> Result<(), DaemonError> {
+    let store: Box<dyn LogStore> = match store {
+        Some(s) => s,
+        None => Box::new(open_store(&config.data_dir)?),
+    };
+    let started = std::time::Instant::now();
+    let ledger = writer::recover(store.as_ref())
+        .map_err(|e| DaemonError::Start(format!("cannot rebuild state from the log: {e}")))?;
+    let head = store.head().map(|h| h.0).unwrap_or(0);
+    if ledger.last_seq() != head {
+        return Err(DaemonError::Start(format!(
+            "state folds to seq {} but the log ends at {head}",
+            ledger.last_seq()
+        )));
+    }
+    tracing::info!(
+        "state rebuilt: {head} events, {} buckets, {} live holds in {:?}",
+        ledger.bucket_count(),
+        ledger.live_holds(),
+        started.elapsed()
+    );
+    let (durable_tx, _) = tokio::sync::watch::channel(head);
+    let shared = Arc::new(Shared {
+        ledger: RwLock::new(ledger),
+        store: Mutex::new(store),
+        poisoned: AtomicBool::new(false),
+        durable: durable_tx,
+        appended: Default::default(),
+    });
+    let cfg = Arc::new(config);
+    let reload_cfg = cfg.clone();
+    let reload = Arc::new(move || reload_cfg.reload_policy().map_err(|e| e.to_string()));
+    let (writer, writer_thread) = writer::start(shared.clone(), &cfg.policy, clock.clone(), reload)
+        .map_err(DaemonError::Start)?;
+
+    let std_listener = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| DaemonError::Start(format!("socket: {e}")))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let signals_thread = if install_signals {
+        Some(spawn_signal_thread(stop_tx.clone(), writer.clone())?)
+    } else {
+        None
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| DaemonError::Start(format!("cannot start the runtime: {e}")))?;
+    let ctx = Arc::new(server::Ctx {
+        shared: shared.clone(),
+        writer: writer.clone(),
+        admin_uids: cfg.admin_uids.clone(),
+        clock,
+        shutdown: stop_rx,
+    });
+    tracing::info!(
+        "bursard {} listening on {} (data dir {})",
+        env!("CARGO_PKG_VERSION"),
+        cfg.socket.display(),
+        cfg.data_dir.display()
+    );
+    runtime.block_on(async {
+        match tokio::net::UnixListener::from_std(std_listener) {
+            Ok(listener) => server::serve(listener, ctx).await,
+            Err(e) => tracing::error!("socket: {e}"),
+        }
+    });
+    // Drain: let the writer finish what is queued, sync, snapshot, stop.
+    tracing::info!("stopping: draining the writer");
+    let _ = writer.submit(Job::Shutdown);
+    drop(writer);
+    let _ = writer_thread.join();
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    let _ = std::fs::remove_file(&cfg.socket);
+    drop(signals_thread);
+    tracing::info!("stopped");
+    let _ = stop_tx;
+    Ok(())
+}
+
+fn spawn_signal_thread(
+    stop: tokio::sync::watch::Sender<bool>,
+    writer: writer::WriterHandle,
+) -> Result<std::thread::JoinHandle<()>, DaemonError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| DaemonError::Start(format!("cannot install signal handlers: {e}")))?;
+    std::thread::Builder::new()
+        .name("bursar-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    tracing::info!("SIGHUP: reloading the policy");
+                    let own = bursar_schemas::event::Actor {
+                        uid: config::own_uid(),
+                        gid: 0,
+                        pid: std::process::id(),
+                    };
+                    let job = Job::Reload {
+                        policy: None,
+                        actor: own,
+                        req: None,
+                        reply: None,
+                    };
+                    if writer.submit(job).is_err() {
+                        tracing::error!("SIGHUP: the writer is not accepting jobs");
+                    }
+                } else {
+                    tracing::info!("signal {sig}: shutting down");
+                    let _ = stop.send(true);
+                    break;
+                }
+            }
+        })
+        .map_err(|e| DaemonError::Start(format!("cannot start the signal thread: {e}")))
+}
+
+/// Default paths, for the CLI.
+pub fn default_paths() -> (PathBuf, PathBuf) {
+    (
+        config::default_socket_path(),
+        PathBuf::from(config::DEFAULT_DATA_DIR),
+    )
+}

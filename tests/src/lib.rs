@@ -1,1 +1,267 @@
-//! placeholder
+//! Test support: real `bursard` processes in temp dirs, and a small JSON Lines client.
+//!
+//! The binaries are found next to the test executable (`target/<profile>/`); `cargo test
+//! --workspace` builds them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary (`bursard`, `bursar`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found; build it first (`cargo build --workspace`, which `cargo test --workspace` does)",
+        path.display()
+    );
+    path
+}
+
+/// A running daemon in its own temp dir.
+pub struct Daemon {
+    /// The process.
+    pub child: Option<Child>,
+    /// Temp dir holding socket, data and config.
+    pub dir: tempfile::TempDir,
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Data dir.
+    pub data_dir: PathBuf,
+    /// Config file, if any.
+    pub config: Option<PathBuf>,
+    /// Stderr log file.
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Start on the embedded default policy.
+    pub fn start() -> Daemon {
+        Self::start_with(None)
+    }
+
+    /// Start with this `bursar.toml` text.
+    pub fn start_with_config(toml: &str) -> Daemon {
+        Self::start_with(Some(toml))
+    }
+
+    fn start_with(toml: Option<&str>) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("bursar.sock");
+        let data_dir = dir.path().join("data");
+        let config = toml.map(|t| {
+            let p = dir.path().join("bursar.toml");
+            std::fs::write(&p, t).unwrap();
+            p
+        });
+        let log = dir.path().join("bursard.log");
+        let mut d = Daemon {
+            child: None,
+            dir,
+            socket,
+            data_dir,
+            config,
+            log,
+        };
+        d.spawn().expect("daemon did not start");
+        d
+    }
+
+    /// The command line this daemon runs with.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(bin("bursard"));
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--data-dir")
+            .arg(&self.data_dir);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.env("RUST_LOG", "info");
+        cmd
+    }
+
+    /// Start the process and wait until it answers `hello`. Err carries its stderr.
+    pub fn spawn(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Err(format!("bursard exited with {status}: {}", self.stderr()));
+            }
+            if let Ok(mut c) = Client::connect(&self.socket) {
+                if c.call(json!({"op":"hello"}))["ok"] == true {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("bursard did not answer in time: {}", self.stderr()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the daemon wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A new client connection.
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket).expect("connect")
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            let pid = i32::try_from(c.id()).unwrap();
+            // SAFETY-free: use the `kill` command rather than libc.
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(15);
+        let mut c = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("bursard did not stop on SIGTERM: {}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kill -9 and start again on the same data.
+    pub fn restart_after_kill(&mut self) {
+        self.kill9();
+        self.spawn().expect("restart");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A blocking JSON Lines client.
+pub struct Client {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connect.
+    pub fn connect(path: &Path) -> std::io::Result<Client> {
+        let s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Client {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+        })
+    }
+
+    /// Send one request without waiting.
+    pub fn send(&mut self, v: &Value) {
+        let mut line = serde_json::to_vec(v).unwrap();
+        line.push(b'\n');
+        self.writer.write_all(&line).unwrap();
+    }
+
+    /// Send raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    /// Read one answer line.
+    pub fn recv(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read answer");
+        assert!(n > 0, "connection closed by the daemon");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer is not JSON ({e}): {line:?}"))
+    }
+
+    /// Read one line, or None at end of stream.
+    pub fn try_recv(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => serde_json::from_str(&line).ok(),
+        }
+    }
+
+    /// Request and answer.
+    pub fn call(&mut self, v: Value) -> Value {
+        self.send(&v);
+        self.recv()
+    }
+
+    /// Read stream lines until `{"ok":true,"end":true}`; returns (events, end line).
+    pub fn read_stream(&mut self) -> (Vec<Value>, Value) {
+        let mut events = Vec::new();
+        loop {
+            let v = self.recv();
+            if v.get("event").is_some() {
+                events.push(v["event"].clone());
+            } else {
+                return (events, v);
+            }
+        }
+    }
+
+    /// Close the write side.
+    pub fn shutdown_write(&self) {
+        let _ = self.writer.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// A `record` request.
+pub fn record(id: &str, labels: Value, model: &str, input: u64, output: u64) -> Value {
+    json!({"op":"record","event_id":id,"labels":labels,"model":model,
+           "usage":{"input_tokens":input,"output_tokens":output}})
+}
+
+/// A `reserve` request.
+pub fn reserve(id: &str, labels: Value, model: &str, input: u64, max_out: u64) -> Value {
+    json!({"op":"reserve","reservation_id":id,"labels":labels,"model":model,
+           "estimate":{"input_tokens":input,"max_output_tokens":max_out}})
+}
