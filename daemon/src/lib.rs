@@ -128,23 +128,20 @@ fn group_id(name: &str) -> Option<u32> {
     })
 }
 
-/// A running daemon's control handle.
-pub struct Running {
-    /// Stop it (as SIGTERM does).
-    pub stop: tokio::sync::watch::Sender<bool>,
+/// Run the daemon until SIGTERM/SIGINT. Blocks.
+pub fn run(config: Config, clock: Clock) -> Result<(), DaemonError> {
+    let (stop, _) = tokio::sync::watch::channel(false);
+    run_with(config, clock, true, None, stop)
 }
 
-/// Run the daemon until SIGTERM/SIGINT (or `stop` in tests). Blocks.
-pub fn run(config: Config, clock: Clock, install_signals: bool) -> Result<(), DaemonError> {
-    run_with_store(config, clock, install_signals, None)
-}
-
-/// Like [`run`], with an injected log store (fault-injection tests).
-pub fn run_with_store(
+/// Run with options, for tests: signal handling on or off, an injected log store (fault
+/// injection), and a `stop` sender that shuts the daemon down like SIGTERM when set to true.
+pub fn run_with(
     config: Config,
     clock: Clock,
     install_signals: bool,
     store: Option<Box<dyn LogStore>>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
 ) -> Result<(), DaemonError> {
     let store: Box<dyn LogStore> = match store {
         Some(s) => s,
@@ -184,7 +181,7 @@ pub fn run_with_store(
     std_listener
         .set_nonblocking(true)
         .map_err(|e| DaemonError::Start(format!("socket: {e}")))?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx = stop_tx.subscribe();
 
     let signals_thread = if install_signals {
         Some(spawn_signal_thread(stop_tx.clone(), writer.clone())?)
@@ -224,7 +221,6 @@ pub fn run_with_store(
     let _ = std::fs::remove_file(&cfg.socket);
     drop(signals_thread);
     tracing::info!("stopped");
-    let _ = stop_tx;
     Ok(())
 }
 
@@ -257,7 +253,7 @@ fn spawn_signal_thread(
                     }
                 } else {
                     tracing::info!("signal {sig}: shutting down");
-                    let _ = stop.send(true);
+                    stop.send_replace(true);
                     break;
                 }
             }

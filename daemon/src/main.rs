@@ -35,7 +35,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match bursard::run(config, bursard::writer::system_clock(), true) {
+    match bursard::run(config, bursard::writer::system_clock()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bursard: {e}");

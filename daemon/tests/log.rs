@@ -3,61 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_schemas::event::{
-    Actor, Envelope, EventBody, Hash32, ReservationExpired, ReservationReleased,
-};
+use bursar_schemas::event::{Envelope, EventBody, Hash32, ReservationExpired};
 use bursard::log::testing::{
-    tamper_delete, tamper_rewrite, with_raw_db, FaultControl, FaultyLog, MemDisk, MemLog, SyncFault,
+    sample_batch as batch, sample_id as id_of, tamper_delete, tamper_rewrite, with_raw_db,
+    write_sample_batches as write_batches, FaultControl, FaultyLog, MemDisk, MemLog, SyncFault,
 };
-use bursard::log::{verify_chain, Head, LogError, LogStore, SledLog, VerifyError};
+use bursard::log::{verify_chain, LogError, LogStore, SledLog, VerifyError};
 use std::path::Path;
 use std::process::{Command, Output};
-
-fn body(seq: u64) -> EventBody {
-    EventBody::ReservationReleased(ReservationReleased {
-        reservation_id: format!("res-{seq}"),
-        reason: "cancelled".into(),
-    })
-}
-
-/// `n` sealed envelopes continuing `head`.
-fn batch(head: Option<Head>, n: u64) -> Vec<Envelope> {
-    let (mut seq, mut prev, mut ts) = head.unwrap_or((0, Hash32::default(), 1_000_000));
-    (0..n)
-        .map(|_| {
-            seq += 1;
-            ts += 7;
-            let actor = Actor {
-                uid: 1000,
-                gid: 1000,
-                pid: 42,
-            };
-            let e = Envelope::seal(seq, ts, actor, prev, body(seq)).unwrap();
-            prev = e.hash;
-            e
-        })
-        .collect()
-}
-
-fn id_of(seq: u64) -> (Vec<u8>, Vec<u8>) {
-    (
-        format!("evt-{seq}").into_bytes(),
-        seq.to_be_bytes().to_vec(),
-    )
-}
-
-/// Append one synced batch per size (with an id per event); returns every envelope.
-fn write_batches(store: &mut dyn LogStore, sizes: &[u64]) -> Vec<Envelope> {
-    let mut all = Vec::new();
-    for &n in sizes {
-        let envs = batch(store.head(), n);
-        let ids: Vec<_> = envs.iter().map(|e| id_of(e.seq)).collect();
-        store.append(&envs, &ids).unwrap();
-        store.sync().unwrap();
-        all.extend(envs);
-    }
-    all
-}
 
 fn read_all(store: &dyn LogStore, from: u64) -> Vec<Envelope> {
     store.read_from(from).collect::<Result<_, _>>().unwrap()
@@ -172,62 +125,36 @@ fn closing_and_reopening_in_one_process_always_works() {
 
 // ---- across processes (the test binary re-runs one of its ignored tests as a child) ----------
 
-const CHILD_DIR_ENV: &str = "BURSARD_LOG_TEST_CHILD_DIR";
-
-fn run_child(test: &str, dir: &Path) -> Output {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            test,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR_ENV, dir)
-        .output()
-        .unwrap()
+/// The `log_child` example (built by `cargo test`), which opens or writes a log in another
+/// process: `log_child open DIR` or `log_child sync-abort DIR [unsynced]`.
+fn log_child() -> Command {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = profile_dir.join("examples").join("log_child");
+    assert!(
+        path.exists(),
+        "{} is missing; `cargo test` builds it",
+        path.display()
+    );
+    Command::new(path)
 }
 
-#[test]
-#[ignore = "child process of another_process_is_refused_while_the_dir_is_open"]
-fn child_opens_the_log() {
-    let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
-        return;
-    };
-    match SledLog::open(Path::new(&dir)) {
-        Ok(_) => println!("CHILD: opened"),
-        Err(e @ LogError::Locked { .. }) => println!("CHILD: locked: {e}"),
-        Err(e) => println!("CHILD: error: {e}"),
-    }
+fn run_child(mode: &str, dir: &Path, extra: &[&str]) -> Output {
+    log_child().arg(mode).arg(dir).args(extra).output().unwrap()
 }
 
 #[test]
 fn another_process_is_refused_while_the_dir_is_open() {
     let tmp = tempfile::tempdir().unwrap();
     let held = SledLog::open(tmp.path()).unwrap();
-    let out = run_child("child_opens_the_log", tmp.path());
+    let out = run_child("open", tmp.path(), &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let expected = format!("CHILD: locked: data dir {} is locked", tmp.path().display());
     assert!(stdout.contains(&expected), "{stdout}");
     drop(held);
-}
-
-const UNSYNCED_ENV: &str = "BURSARD_LOG_TEST_UNSYNCED";
-
-#[test]
-#[ignore = "child process of synced_batches_survive_the_process_aborting"]
-fn child_syncs_then_aborts() {
-    let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
-        return;
-    };
-    let mut log = SledLog::open(Path::new(&dir)).unwrap();
-    write_batches(&mut log, &[3, 2, 4]);
-    if std::env::var_os(UNSYNCED_ENV).is_some() {
-        let unsynced = batch(log.head(), 5);
-        log.append(&unsynced, &[id_of(10)]).unwrap();
-    }
-    // No destructor runs: only what `sync` wrote is on disk.
-    std::process::abort();
+    // Once released, another process opens it.
+    let out = run_child("open", tmp.path(), &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CHILD: opened"));
 }
 
 #[test]
@@ -236,19 +163,12 @@ fn synced_batches_survive_the_process_aborting() {
     let expected = write_batches(&mut MemLog::open(&MemDisk::new()).unwrap(), &[3, 2, 4]);
     for with_unsynced_tail in [false, true] {
         let tmp = tempfile::tempdir().unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap());
-        child
-            .args([
-                "--exact",
-                "child_syncs_then_aborts",
-                "--ignored",
-                "--test-threads=1",
-            ])
-            .env(CHILD_DIR_ENV, tmp.path());
-        if with_unsynced_tail {
-            child.env(UNSYNCED_ENV, "1");
-        }
-        let out = child.output().unwrap();
+        let extra: &[&str] = if with_unsynced_tail {
+            &["unsynced"]
+        } else {
+            &[]
+        };
+        let out = run_child("sync-abort", tmp.path(), extra);
         assert!(!out.status.success(), "the child did not abort");
 
         let log = SledLog::open(tmp.path()).unwrap();

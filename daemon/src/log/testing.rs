@@ -13,7 +13,9 @@ use super::{
     check_continues, check_tail, decode_at, head_of, key_seq, seq_key, Head, LogError, LogStore,
     RecordEnvelopes, SNAPSHOTS_KEPT,
 };
-use bursar_schemas::event::{encode_record, Envelope};
+use bursar_schemas::event::{
+    encode_record, Actor, Envelope, EventBody, Hash32, ReservationReleased,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -467,4 +469,56 @@ pub fn tamper_delete(data_dir: &Path, seq: u64) -> Result<(), LogError> {
     tamper(data_dir, seq, |envs, index| {
         envs.remove(index);
     })
+}
+
+// ---- sample data shared by the log tests and the `log_child` example ----------------------
+
+/// A sample event body.
+pub fn sample_body(seq: u64) -> EventBody {
+    EventBody::ReservationReleased(ReservationReleased {
+        reservation_id: format!("res-{seq}"),
+        reason: "cancelled".into(),
+    })
+}
+
+/// `n` sealed envelopes continuing `head`.
+#[allow(clippy::expect_used)]
+pub fn sample_batch(head: Option<Head>, n: u64) -> Vec<Envelope> {
+    let (mut seq, mut prev, mut ts) = head.unwrap_or((0, Hash32::default(), 1_000_000));
+    (0..n)
+        .map(|_| {
+            seq += 1;
+            ts += 7;
+            let actor = Actor {
+                uid: 1000,
+                gid: 1000,
+                pid: 42,
+            };
+            let e = Envelope::seal(seq, ts, actor, prev, sample_body(seq)).expect("sample data");
+            prev = e.hash;
+            e
+        })
+        .collect()
+}
+
+/// A sample idempotency entry for `seq`.
+pub fn sample_id(seq: u64) -> (Vec<u8>, Vec<u8>) {
+    (
+        format!("evt-{seq}").into_bytes(),
+        seq.to_be_bytes().to_vec(),
+    )
+}
+
+/// Append one synced batch per size (with an id per event); returns every envelope.
+#[allow(clippy::expect_used)]
+pub fn write_sample_batches(store: &mut dyn LogStore, sizes: &[u64]) -> Vec<Envelope> {
+    let mut all = Vec::new();
+    for &n in sizes {
+        let envs = sample_batch(store.head(), n);
+        let ids: Vec<_> = envs.iter().map(|e| sample_id(e.seq)).collect();
+        store.append(&envs, &ids).expect("sample data");
+        store.sync().expect("sample data");
+        all.extend(envs);
+    }
+    all
 }

@@ -1,0 +1,48 @@
+//! A second process for the log tests (`daemon/tests/log.rs`): `log_child open DIR` tries to
+//! open a log another process holds; `log_child sync-abort DIR [unsynced]` writes synced
+//! sample batches (and optionally one unsynced batch) and aborts without any cleanup.
+
+use bursard::log::testing::{sample_batch, sample_id, write_sample_batches};
+use bursard::log::{LogError, LogStore, SledLog};
+use std::path::Path;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(mode), Some(dir)) = (args.get(1), args.get(2)) else {
+        eprintln!("usage: log_child open|sync-abort DIR [unsynced]");
+        return ExitCode::from(2);
+    };
+    match mode.as_str() {
+        "open" => {
+            match SledLog::open(Path::new(dir)) {
+                Ok(_) => println!("CHILD: opened"),
+                Err(e @ LogError::Locked { .. }) => println!("CHILD: locked: {e}"),
+                Err(e) => println!("CHILD: error: {e}"),
+            }
+            ExitCode::SUCCESS
+        }
+        "sync-abort" => {
+            let mut log = match SledLog::open(Path::new(dir)) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("CHILD: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            write_sample_batches(&mut log, &[3, 2, 4]);
+            if args.get(3).map(String::as_str) == Some("unsynced") {
+                let unsynced = sample_batch(log.head(), 5);
+                if let Err(e) = log.append(&unsynced, &[sample_id(10)]) {
+                    eprintln!("CHILD: {e}");
+                }
+            }
+            // No destructor runs: only what `sync` wrote is on disk.
+            std::process::abort();
+        }
+        _ => {
+            eprintln!("unknown mode {mode}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Durability and concurrency against real processes: kill -9 under load, restart, races.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bursar_tests::{record, reserve, Client, Daemon};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const METER: &str = r#"
+[[budget]]
+id = "all"
+group_by = ["team"]
+"#;
+
+fn status_of(c: &mut Client) -> Value {
+    let mut s = c.call(json!({"op":"status"}));
+    // Figures only: window_end may differ by nothing, but keep the comparison about money.
+    s.as_object_mut().unwrap().remove("req");
+    s
+}
+
+#[test]
+fn kill_9_under_load_loses_no_acknowledged_event() {
+    let mut d = Daemon::start_with_config(METER);
+    // Phase 1: quiesced writes, then a status; after kill -9 and restart it must be identical.
+    let mut c = d.client();
+    for i in 0..200 {
+        let a = c.call(record(
+            &format!("q-{i}"),
+            json!({"team": format!("t{}", i % 7)}),
+            "gpt-4o-mini",
+            1000,
+            200,
+        ));
+        assert_eq!(a["ok"], true);
+    }
+    let before = status_of(&mut c);
+    d.restart_after_kill();
+    assert_eq!(
+        status_of(&mut d.client()),
+        before,
+        "status after kill -9 equals the pre-crash answer"
+    );
+
+    // Phase 2: several pipelining writers; kill -9 while they run.
+    let acked: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let socket = d.socket.clone();
+    let mut threads = Vec::new();
+    for w in 0..4 {
+        let acked = acked.clone();
+        let socket = socket.clone();
+        threads.push(std::thread::spawn(move || {
+            let Ok(mut c) = Client::connect(&socket) else {
+                return;
+            };
+            let mut i = 0;
+            loop {
+                // Pipeline 16 requests, then read what comes back until the connection dies.
+                let batch: Vec<Value> = (0..16)
+                    .map(|k| {
+                        record(
+                            &format!("w{w}-{}", i + k),
+                            json!({"team": format!("t{}", (i + k) % 5)}),
+                            "gpt-4o-mini",
+                            500,
+                            50,
+                        )
+                    })
+                    .collect();
+                for r in &batch {
+                    c.send(r);
+                }
+                for r in &batch {
+                    match c.try_recv() {
+                        Some(a) if a["ok"] == true => acked
+                            .lock()
+                            .unwrap()
+                            .push((r["event_id"].as_str().unwrap().into(), r.clone())),
+                        _ => return,
+                    }
+                }
+                i += 16;
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    d.kill9();
+    for t in threads {
+        let _ = t.join();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 100,
+        "the load ran ({} acknowledged)",
+        acked.len()
+    );
+    d.spawn().expect("restart after kill -9");
+    let mut c = d.client();
+    c.send(&json!({"op":"export"}));
+    let (events, _) = c.read_stream();
+    let logged: HashSet<String> = events
+        .iter()
+        .filter(|e| e["type"] == "usage_recorded")
+        .map(|e| {
+            e["body"]["usage_recorded"]["event_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for (id, _) in &acked {
+        assert!(
+            logged.contains(id),
+            "acknowledged event {id} is missing after kill -9"
+        );
+    }
+    // The meter's figures are exactly the fold of what is logged.
+    let total: i64 = events
+        .iter()
+        .filter_map(|e| e["cost_micros"].as_i64())
+        .sum();
+    let st = c.call(json!({"op":"status"}));
+    let spent: i64 = st["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["spent_micros"].as_i64().unwrap())
+        .sum();
+    assert_eq!(spent, total);
+    // Retrying acknowledged ids after the restart are duplicates.
+    for (_, req) in acked.iter().take(50) {
+        let a = c.call(req.clone());
+        assert_eq!(a["duplicate"], true, "{a}");
+    }
+    let v = c.call(json!({"op":"verify"}));
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["events"].as_u64().unwrap(), events.len() as u64);
+}
+
+#[test]
+fn hundred_concurrent_clients_never_overspend_one_budget() {
+    // gpt-4o: 1,000 in + 0 out = 2,500 µUSD per hold; 100,000 µUSD allows exactly 40 holds.
+    let d = Daemon::start_with_config(
+        r#"
+[[budget]]
+id = "shared"
+max_usd = 0.1
+"#,
+    );
+    let socket = d.socket.clone();
+    let start = Arc::new(std::sync::Barrier::new(100));
+    let threads: Vec<_> = (0..100)
+        .map(|i| {
+            let socket = socket.clone();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&socket).unwrap();
+                start.wait();
+                let a = c.call(reserve(&format!("r-{i}"), json!({}), "gpt-4o", 1000, 0));
+                a["decision"].as_str().unwrap().to_string()
+            })
+        })
+        .collect();
+    let decisions: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let admitted = decisions.iter().filter(|d| *d != "deny").count();
+    assert_eq!(admitted, 40, "exactly what the limit allows: {decisions:?}");
+    let st = d.client().call(json!({"op":"status"}));
+    let b = &st["budgets"][0];
+    assert_eq!(b["held_micros"], 100_000);
+    assert!(b["held_micros"].as_i64().unwrap() <= b["limit_micros"].as_i64().unwrap());
+}
+
+#[test]
+fn holds_expire_by_an_event_and_a_late_commit_is_flagged() {
+    let d = Daemon::start_with_config(
+        r#"
+[[budget]]
+id = "cap"
+max_usd = 1
+"#,
+    );
+    let mut c = d.client();
+    let mut r = reserve("r-1", json!({}), "gpt-4o", 1000, 100);
+    r["ttl_seconds"] = json!(1);
+    assert_eq!(c.call(r)["decision"], "allow");
+    assert!(
+        c.call(json!({"op":"status"}))["budgets"][0]["held_micros"]
+            .as_i64()
+            .unwrap()
+            > 0
+    );
+    // The reaper appends reservation_expired without any client traffic.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        c.send(&json!({"op":"export"}));
+        let (events, _) = c.read_stream();
+        if events.iter().any(|e| e["type"] == "reservation_expired") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reservation_expired was appended"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        c.call(json!({"op":"status"}))["budgets"][0]["held_micros"],
+        0
+    );
+    let late = c.call(json!({"op":"commit","reservation_id":"r-1","event_id":"e-1","usage":{"input_tokens":1000,"output_tokens":10}}));
+    assert_eq!(late["late"], true, "{late}");
+    assert_eq!(late["cost_micros"], 2600);
+    let ext = c.call(json!({"op":"extend","reservation_id":"r-1","ttl_seconds":5}));
+    assert_eq!(ext["error"]["code"], "not_found");
+}
+
+#[test]
+fn fixed_window_resets_at_its_boundary() {
+    let d = Daemon::start_with_config(
+        r#"
+[[budget]]
+id = "per-2s"
+window = "fixed"
+window_seconds = 2
+max_requests = 1
+"#,
+    );
+    let mut c = d.client();
+    // Align to the start of a window so the test is not racing the boundary.
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        if now.as_millis() % 2000 < 1000 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a = c.call(record("e-1", json!({}), "gpt-4o-mini", 1, 1));
+    assert_eq!(a["state"], "exhausted");
+    assert_eq!(
+        c.call(reserve("r-1", json!({}), "gpt-4o-mini", 1, 1))["decision"],
+        "deny"
+    );
+    std::thread::sleep(Duration::from_millis(2100));
+    let r = c.call(reserve("r-2", json!({}), "gpt-4o-mini", 1, 1));
+    assert_eq!(r["decision"], "allow", "a new window: {r}");
+}

@@ -1,0 +1,256 @@
+//! One daemon per data dir, socket hygiene, permissions, signals, and hostile input.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bursar_tests::{bin, record, Client, Daemon};
+use serde_json::json;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+
+#[test]
+fn a_second_daemon_on_the_same_data_dir_is_refused_with_a_clear_message() {
+    let d = Daemon::start();
+    let other_socket = d.dir.path().join("other.sock");
+    let out = Command::new(bin("bursard"))
+        .arg("--data-dir")
+        .arg(&d.data_dir)
+        .arg("--socket")
+        .arg(&other_socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use") || err.contains("locked") || err.contains("another"),
+        "{err}"
+    );
+    assert!(!other_socket.exists());
+    // The first one still serves.
+    assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
+}
+
+#[test]
+fn a_live_socket_is_never_touched_and_a_stale_one_is_replaced() {
+    let mut d = Daemon::start();
+    // Another data dir, same socket: refused, and the live daemon keeps its socket.
+    let out = Command::new(bin("bursard"))
+        .arg("--data-dir")
+        .arg(d.dir.path().join("data2"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another daemon is listening"));
+    assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
+    // kill -9 leaves a stale socket file; the next start replaces it.
+    d.kill9();
+    assert!(d.socket.exists(), "kill -9 leaves the socket file behind");
+    d.spawn().expect("start over a stale socket");
+    assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
+}
+
+#[test]
+fn socket_is_created_with_mode_0600() {
+    let d = Daemon::start();
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero_removing_the_socket() {
+    let mut d = Daemon::start();
+    let mut c = d.client();
+    for i in 0..20 {
+        c.send(&record(&format!("e-{i}"), json!({}), "gpt-4o", 1, 1));
+    }
+    for _ in 0..20 {
+        assert_eq!(c.recv()["ok"], true);
+    }
+    let status = d.terminate();
+    assert!(status.success(), "{status}");
+    assert!(!d.socket.exists());
+    d.spawn().unwrap();
+    let v = d.client().call(json!({"op":"verify"}));
+    assert_eq!(v["events"], 21);
+}
+
+#[test]
+fn sighup_reloads_and_a_bad_file_keeps_the_running_policy() {
+    let mut d = Daemon::start_with_config("[[budget]]\nid = \"a\"\nmax_usd = 1\n");
+    assert_eq!(d.client().call(json!({"op":"hello"}))["policy_version"], 1);
+    let cfg = d.config.clone().unwrap();
+    std::fs::write(&cfg, "[[budget]]\nid = \"a\"\nmax_usd = 2\n").unwrap();
+    d.signal(1);
+    let wait_version = |d: &Daemon, v: u64| {
+        for _ in 0..200 {
+            if d.client().call(json!({"op":"hello"}))["policy_version"] == v {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    };
+    assert!(wait_version(&d, 2), "SIGHUP applied the new file");
+    std::fs::write(&cfg, "[[budget]]\nid = \"a\"\nmax_usd = -2\n").unwrap();
+    d.signal(1);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        d.client().call(json!({"op":"hello"}))["policy_version"],
+        2,
+        "bad file: old policy kept"
+    );
+    let r = d.client().call(json!({"op":"reload"}));
+    assert_eq!(r["ok"], false);
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("max_usd"),
+        "{r}"
+    );
+    assert!(d.stderr().contains("max_usd"), "the error is logged");
+    let _ = &mut d;
+}
+
+#[test]
+fn non_admin_reload_and_replay_apply_are_forbidden() {
+    // Only root can connect as another uid; elsewhere there is nothing to test.
+    if std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(1)
+        != 0
+    {
+        eprintln!("skipped: not running as root, cannot connect as another uid");
+        return;
+    }
+    let d = Daemon::start_with_config("[daemon]\nsocket_mode = \"0666\"\n");
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = r#"
+import socket, sys, json
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile('rwb')
+for r in ({"op":"reload"}, {"op":"replay","pricing":{},"apply":True}, {"op":"status"}):
+    f.write((json.dumps(r) + "\n").encode()); f.flush(); print(f.readline().decode().strip())
+"#;
+    let out = {
+        use std::os::unix::process::CommandExt;
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&d.socket)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines[0]["error"]["code"], "forbidden");
+    assert_eq!(lines[1]["error"]["code"], "forbidden");
+    assert_eq!(lines[2]["ok"], true, "non-admins may still read");
+    // The actor of an event is the peer's uid, not anything the client says.
+    let d2 = &d;
+    let mut c = d2.client();
+    c.call(record("mine", json!({}), "gpt-4o", 1, 1));
+    c.send(&json!({"op":"export"}));
+    let (events, _) = c.read_stream();
+    assert_eq!(events.last().unwrap()["actor"]["uid"], 0);
+}
+
+#[test]
+fn bad_input_gets_structured_errors_and_the_connection_stays_usable() {
+    let d = Daemon::start();
+    let mut c = d.client();
+    let cases: Vec<(&[u8], &str, Option<&str>)> = vec![
+        (b"\x00\x01\x02\xff garbage\n", "bad_request", None),
+        (b"\xff\xfe{\"op\":\"hello\"}\n", "bad_request", None),
+        (b"{\"op\":\"record\",\"event_id\":\"x\"\n", "bad_request", None),
+        (b"{\"op\":\"record\",\"event_id\":\"x\",\"model\":\"m\",\"usage\":{\"input_tokens\":-5}}\n", "bad_request", Some("usage.input_tokens")),
+        (b"{\"op\":\"record\",\"event_id\":\"x\",\"model\":\"m\",\"usage\":{\"input_tokens\":1e30}}\n", "bad_request", Some("usage.input_tokens")),
+        (b"{\"op\":\"record\",\"event_id\":\"x\",\"model\":\"m\",\"usage\":{\"input_tokens\":999999999999999}}\n", "bad_request", Some("usage")),
+        (b"{\"op\":\"record\",\"event_id\":\"x\",\"model\":\"m\",\"usage\":{\"output_token\":5}}\n", "bad_request", Some("usage.output_token")),
+        (b"{\"op\":\"record\",\"event_id\":\"x\",\"model\":\"m\",\"labels\":{\"tier\":\"free\"},\"usage\":{}}\n", "bad_request", Some("labels.tier")),
+        (b"{\"op\":\"record\",\"event_id\":\"x\",\"model\":\"m\",\"labels\":{\"Bad Key\":\"v\"},\"usage\":{}}\n", "bad_request", Some("labels.Bad Key")),
+        (b"{\"op\":\"fly\"}\n", "unknown_op", Some("op")),
+        (b"{\"op\":\"status\",\"colour\":\"red\"}\n", "bad_request", Some("colour")),
+        (b"[1,2,3]\n", "bad_request", None),
+        (b"\n", "bad_request", None),
+        (b"{\"op\":\"extend\",\"reservation_id\":\"r\",\"ttl_seconds\":999999}\n", "bad_request", Some("ttl_seconds")),
+    ];
+    for (line, code, field) in cases {
+        c.send_raw(line);
+        let a = c.recv();
+        assert_eq!(a["ok"], false, "{line:?} → {a}");
+        assert_eq!(a["error"]["code"], code, "{line:?} → {a}");
+        if let Some(f) = field {
+            assert_eq!(a["error"]["field"], f, "{line:?} → {a}");
+        }
+    }
+    assert_eq!(c.call(json!({"op":"hello"}))["ok"], true, "still usable");
+    // Nothing was appended for any of it.
+    assert_eq!(c.call(json!({"op":"verify"}))["events"], 1);
+}
+
+#[test]
+fn an_over_long_line_is_too_large_and_closes_only_that_connection() {
+    let d = Daemon::start();
+    let mut other = d.client();
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let big = vec![b'x'; 70 * 1024];
+    let _ = s.write_all(&big);
+    let _ = s.write_all(b"\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(first["error"]["code"], "too_large");
+    assert_eq!(
+        other.call(json!({"op":"hello"}))["ok"],
+        true,
+        "other clients are unaffected"
+    );
+}
+
+#[test]
+fn a_half_closed_socket_still_gets_its_answers() {
+    let d = Daemon::start();
+    let mut c = Client::connect(&d.socket).unwrap();
+    c.send(&record("h-1", json!({}), "gpt-4o", 1, 1));
+    c.send_raw(b"{\"op\":\"hello\"}"); // no newline: the last line at end of stream still counts
+    c.shutdown_write();
+    assert_eq!(c.recv()["ok"], true);
+    assert_eq!(c.recv()["protocol"], 1);
+    assert!(c.try_recv().is_none());
+}
+
+#[test]
+fn bursard_help_and_bad_config_exit_non_zero_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bursar.toml");
+    std::fs::write(&cfg, "[[budget]]\nid = \"x\"\nwindow = \"sometimes\"\n").unwrap();
+    let out = Command::new(bin("bursard"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.path().join("d"))
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bursar.toml:3") && err.contains("window"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("d").exists(),
+        "a bad config touches no data"
+    );
+}
