@@ -24,6 +24,32 @@ pub fn bin(name: &str) -> PathBuf {
         "{} not found; build it first (`cargo build --workspace`, which `cargo test --workspace` does)",
         path.display()
     );
+    // `cargo test -p bursar-tests` rebuilds the daemon's library but not its binary: refuse a
+    // binary older than the library it is made of, rather than test stale code.
+    let lib_prefix = match name {
+        "bursard" => Some("libbursard-"),
+        "bursar" => Some("libbursar_cli-"),
+        _ => None,
+    };
+    if let (Some(prefix), Ok(bin_time)) = (
+        lib_prefix,
+        std::fs::metadata(&path).and_then(|m| m.modified()),
+    ) {
+        let newest_lib = std::fs::read_dir(dir.join("deps"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .filter_map(|e| e.metadata().and_then(|m| m.modified()).ok())
+            .max();
+        if let Some(lib_time) = newest_lib {
+            assert!(
+                bin_time >= lib_time,
+                "{} is older than its library: run `cargo build --workspace` (or `cargo test --workspace`)",
+                path.display()
+            );
+        }
+    }
     path
 }
 
@@ -246,6 +272,11 @@ impl Client {
                 return (events, v);
             }
         }
+    }
+
+    /// The underlying stream, for raw writes.
+    pub fn raw_stream(&mut self) -> &mut UnixStream {
+        &mut self.writer
     }
 
     /// Close the write side.
