@@ -119,13 +119,20 @@ impl ClientError {
     }
 }
 
-/// `code: message`, naming the field when the message does not already.
+/// `code: message` on one line, naming the field when the message does not already.
 pub fn describe_wire_error(e: &WireError) -> String {
+    let message = e
+        .message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
     match &e.field {
-        Some(f) if !e.message.contains(f.as_str()) => {
-            format!("{}: {} (field {f})", e.code.as_str(), e.message)
+        Some(f) if !message.contains(f.as_str()) => {
+            format!("{}: {message} (field {f})", e.code.as_str())
         }
-        _ => format!("{}: {}", e.code.as_str(), e.message),
+        _ => format!("{}: {message}", e.code.as_str()),
     }
 }
 
