@@ -35,7 +35,7 @@ Exit codes: 0 ok, 1 error, 2 usage error, 3 `check`/`reserve` denied.";
 
 /// bursar: budgets for LLM agents. Talks to the `bursard` daemon over its Unix socket.
 #[derive(Parser, Debug)]
-#[command(name = "bursar", version, about, after_help = AFTER_HELP)]
+#[command(name = "bursar", version, after_help = AFTER_HELP)]
 struct Cli {
     /// The daemon's socket.
     #[arg(long, global = true, env = "BURSAR_SOCKET", value_name = "PATH")]
