@@ -296,3 +296,87 @@ pub fn reserve(id: &str, labels: Value, model: &str, input: u64, max_out: u64) -
     json!({"op":"reserve","reservation_id":id,"labels":labels,"model":model,
            "estimate":{"input_tokens":input,"max_output_tokens":max_out}})
 }
+
+/// What one run of the `bursar` CLI did.
+#[derive(Debug)]
+pub struct CliOutput {
+    /// Exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    /// Everything on stdout.
+    pub stdout: String,
+    /// Everything on stderr.
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Assert exit code 0 and return self.
+    pub fn ok(self) -> CliOutput {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "bursar failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Stdout parsed as one JSON value.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
+    }
+
+    /// Stdout parsed as JSON Lines.
+    pub fn json_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+}
+
+/// A `bursar` command with a clean environment (no `BURSAR_SOCKET`), not yet run.
+pub fn bursar_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("bursar"));
+    cmd.args(args)
+        .env_remove("BURSAR_SOCKET")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Run `bursar` with exactly these arguments.
+pub fn bursar(args: &[&str]) -> CliOutput {
+    let out = bursar_command(args).output().expect("run bursar");
+    CliOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl Daemon {
+    /// Run `bursar --socket <this daemon's socket> ARGS`.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        let socket = self.socket.to_str().expect("utf-8 path");
+        let mut all = vec!["--socket", socket];
+        all.extend_from_slice(args);
+        bursar(&all)
+    }
+
+    /// Run `bursar --socket <socket> --json ARGS`, assert success, parse stdout.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        self.cli(&all).ok().json()
+    }
+
+    /// Run `bursar --data-dir <this daemon's data dir> ARGS` (offline mode).
+    pub fn offline(&self, args: &[&str]) -> CliOutput {
+        let dir = self.data_dir.to_str().expect("utf-8 path");
+        let mut all = vec!["--data-dir", dir];
+        all.extend_from_slice(args);
+        bursar(&all)
+    }
+}
