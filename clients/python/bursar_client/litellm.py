@@ -15,7 +15,7 @@
 
 How it maps onto LiteLLM's hooks:
 
-* ``async_pre_call_deployment_hook`` (``acompletion``, ``Router``, the proxy): reserves the
+* ``async_pre_call_deployment_hook`` (``acompletion``, and ``Router`` which calls it): reserves the
   worst case (prompt tokens counted with ``litellm.token_counter``, ``max_tokens`` /
   ``max_completion_tokens`` or the model's maximum output) and, when bursar says no, raises
   :class:`LiteLLMBudgetDenied` — a ``bursar_client.BudgetDenied`` that is also a

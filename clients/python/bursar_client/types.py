@@ -87,7 +87,12 @@ def _build(cls: Type[T], obj: Mapping[str, Any], **overrides: Any) -> T:
     kwargs.update(overrides)
     if "raw" in names:
         kwargs["raw"] = dict(obj)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        from .errors import ProtocolError
+
+        raise ProtocolError(f"malformed {cls.__name__} answer ({e}): {dict(obj)!r}") from None
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -70,6 +71,23 @@ def sync_calls() -> None:
                           mock_response=cached_response("gpt-4o-mini", 1200, 1000, 300),
                           litellm_call_id=cid)
     ok("sync-wrapper-cached", cid, "gpt-4o-mini", r)
+    # A plain sync litellm.completion cannot be refused from a callback (LiteLLM swallows the
+    # exception): the denial is logged, the call goes ahead, and its usage is still recorded.
+    cid = str(uuid.uuid4())
+    logged = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    catch = Catch(logging.ERROR)
+    logging.getLogger("bursar_client.litellm").addHandler(catch)
+    r = litellm.completion(model="gpt-4o", messages=MSGS, mock_response="went ahead",
+                           metadata=META, litellm_call_id=cid)
+    logging.getLogger("bursar_client.litellm").removeHandler(catch)
+    ok("sync-unrefusable", cid, "gpt-4o", r)
+    emit(outcome="logged", kind="sync-unrefusable", call_id=cid,
+         messages=[m for m in logged if "denied" in m])
     cid = str(uuid.uuid4())
     try:
         bursar.completion(model="gpt-4o", messages=MSGS, metadata=META, mock_response="never",
@@ -92,6 +110,13 @@ async def async_calls() -> None:
                                   max_tokens=400, litellm_call_id=cid,
                                   mock_response=cached_response("gpt-4o", 2048, 1024, 150))
     ok("async-prefixed-cached", cid, "gpt-4o", r)
+    # Through a Router (it calls litellm.acompletion per deployment).
+    router = litellm.Router(model_list=[{"model_name": "smart", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_key": "unused-with-mock_response"}}])
+    cid = str(uuid.uuid4())
+    r = await router.acompletion(model="smart", messages=MSGS, mock_response="routed",
+                                 metadata=META, max_tokens=100, litellm_call_id=cid)
+    ok("router", cid, "gpt-4o-mini", r)
     cid = str(uuid.uuid4())
     stream = await litellm.acompletion(model="gpt-4o-mini", messages=MSGS, metadata=META,
                                        stream=True, stream_options={"include_usage": True},
@@ -131,7 +156,7 @@ async def settle() -> None:
     while time.monotonic() < deadline:
         s = client.status(labels={"team": TEAM}, budget="team-daily")
         b = s.bucket("team-daily", f"team={TEAM}")
-        if b is not None and b.live_holds == 0 and b.spent_requests >= 7:
+        if b is not None and b.live_holds == 0 and b.spent_requests >= 9:
             return
         await asyncio.sleep(0.1)
 

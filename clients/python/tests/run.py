@@ -10,10 +10,25 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def _flatten(suite):
+    for t in suite:
+        if isinstance(t, unittest.TestSuite):
+            yield from _flatten(t)
+        else:
+            yield t
+
+
 def main() -> int:
     sys.path.insert(0, str(HERE))
     pattern = sys.argv[1] if len(sys.argv) > 1 else "test_*.py"
     suite = unittest.defaultTestLoader.discover(str(HERE), pattern=pattern, top_level_dir=str(HERE))
+    tests = list(_flatten(suite))
+    if any(t.id().startswith("test_litellm.") for t in tests):
+        import litellm_env
+
+        litellm_env.start()  # a cold install overlaps the other tests, which run first
+        tests.sort(key=lambda t: t.id().startswith("test_litellm."))
+    suite = unittest.TestSuite(tests)
     t0 = time.monotonic()
     result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
     elapsed = time.monotonic() - t0

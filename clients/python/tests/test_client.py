@@ -274,6 +274,21 @@ class ClientTest(unittest.TestCase):
         [u] = [e for e in self.client.export(labels={"team": t}) if e.type == "usage_recorded"]
         self.assertEqual(u.data["model"], "gpt-4o-mini")
 
+    def test_hold_requires_capabilities(self) -> None:
+        t = team()
+        with self.client.hold(acme(t), candidates=["gpt-3.5-turbo", "gpt-4o-mini"],
+                              require=["vision"], input_tokens=10, max_output_tokens=10) as h:
+            self.assertEqual(h.model, "gpt-4o-mini")
+            [s] = h.decision.skipped
+            self.assertEqual((s.model, s.reason, s.detail),
+                             ("gpt-3.5-turbo", "missing_capability", "vision"))
+        with self.assertRaises(BudgetDenied) as cm:
+            with self.client.hold(acme(t), "gpt-3.5-turbo", require=["vision"], input_tokens=10,
+                                  max_output_tokens=10):
+                pass
+        self.assertEqual(cm.exception.code, "missing_capability")
+        self.assertIn("vision", str(cm.exception))
+
     def test_hold_warns_near_the_limit(self) -> None:
         t = team()
         with self.client.hold(acme(t), "gpt-4o", input_tokens=0, max_output_tokens=4000) as h:
@@ -353,6 +368,40 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(b.spent_requests, 240)
         self.assertEqual(b.spent_micros, 120 * 21 + 120 * 8)  # 21 and 7.5 → 8 per event
         self.assertEqual((b.held_micros, b.live_holds), (0, 0))
+
+
+    def test_racing_agents_never_overspend(self) -> None:
+        # 24 agents (own clients, own connections) race for 3000 µUSD holds on a 50000 budget.
+        t = team()
+        barrier = threading.Barrier(24)
+        outcomes = []
+        lock = threading.Lock()
+
+        def agent() -> None:
+            with Client(self.daemon.socket) as c:
+                barrier.wait()
+                try:
+                    with c.hold(acme(t), "gpt-4o", input_tokens=0, max_output_tokens=300) as h:
+                        with lock:
+                            outcomes.append(h.hold_micros)
+                        barrier_done.wait()
+                        h.commit(Usage(output_tokens=300))
+                except BudgetDenied as e:
+                    with lock:
+                        outcomes.append(e)
+                    barrier_done.wait()
+
+        barrier_done = threading.Barrier(24)
+        threads = [threading.Thread(target=agent) for _ in range(24)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        granted = [o for o in outcomes if isinstance(o, int)]
+        self.assertEqual(granted, [3000] * 16)
+        self.assertEqual(len(outcomes), 24)
+        b = self.bucket(t)
+        self.assertEqual((b.spent_micros, b.held_micros), (48000, 0))
 
 
 class DefaultSocketTest(unittest.TestCase):

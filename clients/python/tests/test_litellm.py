@@ -1,8 +1,8 @@
 """BursarCallback with the real litellm package from PyPI and its mock_response (no network).
 
-litellm is installed once into a virtual environment under target/ (BURSAR_LITELLM_VENV to
-override) and kept there as a cache. When it cannot be installed, the test is skipped and says
-why; everything else about it is a failure.
+litellm is installed once into a virtual environment under target/ (see litellm_env.py) and
+kept there as a cache. When it cannot be installed, the test is skipped and says why;
+everything else about it is a failure.
 """
 
 from __future__ import annotations
@@ -14,51 +14,26 @@ import sys
 import unittest
 from pathlib import Path
 
-from harness import HERE, REPO_ROOT, Daemon, team
+import litellm_env
+from harness import HERE, Daemon, team
 
 from bursar_client import Client
 
-VENV = Path(os.environ.get("BURSAR_LITELLM_VENV", REPO_ROOT / "target" / "py" / "litellm-venv"))
-MARKER = VENV / ".litellm-installed"
-# litellm reads the price of each model from its own table; keep it from fetching a newer one.
-LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+LITELLM_ENV = litellm_env.ENV
 
 
 def venv_python() -> Path:
-    return VENV / "bin" / "python"
-
-
-def ensure_litellm() -> str:
-    """Install litellm into VENV unless done before; returns why not when it cannot."""
-    if MARKER.exists() and venv_python().exists():
-        return ""
-    VENV.parent.mkdir(parents=True, exist_ok=True)
-    steps = [
-        [sys.executable, "-m", "venv", "--clear", str(VENV)],
-        [str(venv_python()), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "litellm"],
-        [str(venv_python()), "-c", "import litellm, litellm.integrations.custom_logger"],
-    ]
-    for cmd in steps:
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=420,
-                               env={**os.environ, **LITELLM_ENV})
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return f"`{' '.join(cmd[:4])}` failed: {e}"
-        if p.returncode != 0:
-            tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-            return f"`{' '.join(cmd[:5])}` exited {p.returncode}: {' | '.join(tail)}"
-    MARKER.write_text("ok\n")
-    return ""
+    return litellm_env.venv_python()
 
 
 class LiteLLMTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls) -> None:
-        why = ensure_litellm()
+        why = litellm_env.ensure()
         if why:
             raise unittest.SkipTest(
-                f"LiteLLM integration NOT tested: litellm could not be installed into {VENV} ({why})")
+                f"LiteLLM integration NOT tested: {litellm_env.SPEC} could not be installed into "
+                f"{litellm_env.VENV} ({why})")
         cls.daemon = Daemon().start()
         cls.client = Client(cls.daemon.socket)
         cls.team = team()
@@ -91,7 +66,7 @@ class LiteLLMTest(unittest.TestCase):
 
     def test_scenario_ran_to_the_end(self) -> None:
         self.assertEqual(self.calls[-1]["outcome"], "done", self.calls)
-        self.assertEqual(len(self.calls_of("ok")), 6, self.calls)
+        self.assertEqual(len(self.calls_of("ok")), 8, self.calls)
         self.assertEqual(len(self.calls_of("stream")), 1, self.calls)
 
     def test_recorded_tokens_equal_the_responses_usage(self) -> None:
@@ -109,13 +84,13 @@ class LiteLLMTest(unittest.TestCase):
         cached = [c for c in self.calls_of("ok") if c["cached_tokens"]]
         self.assertEqual(len(cached), 2)
         usage = [e for e in self.events if e.type == "usage_recorded"]
-        self.assertEqual(len(usage), 7)
+        self.assertEqual(len(usage), 9)
         self.assertEqual(sum(e.data["usage"]["input_tokens"] + e.data["usage"]["cached_input_tokens"]
                              for e in usage), total_prompt)
         self.assertEqual(sum(e.data["usage"]["output_tokens"] for e in usage), total_completion)
         b = self.client.status(labels={"team": self.team}).bucket("team-daily", f"team={self.team}")
         self.assertEqual(b.spent_tokens, total_prompt + total_completion)
-        self.assertEqual(b.spent_requests, 7)
+        self.assertEqual(b.spent_requests, 9)
 
     def test_cost_agrees_with_litellm_response_cost(self) -> None:
         rows = []
@@ -150,7 +125,17 @@ class LiteLLMTest(unittest.TestCase):
             self.assertIn("max_usd", c["message"])
             self.assertFalse([e for e in self.events if e.type == "usage_recorded"
                               and e.data["event_id"] == f"litellm-{c['call_id']}-usage"])
-        self.assertEqual(len([e for e in self.events if e.type == "reservation_denied"]), 2)
+        # + the sync call LiteLLM would not let us refuse
+        self.assertEqual(len([e for e in self.events if e.type == "reservation_denied"]), 3)
+
+    def test_plain_sync_completion_denial_is_logged_and_usage_recorded(self) -> None:
+        [logged] = [c for c in self.calls if c["outcome"] == "logged"]
+        self.assertEqual(len(logged["messages"]), 1, logged)
+        self.assertIn("cannot stop", logged["messages"][0])
+        self.assertIn("team-daily", logged["messages"][0])
+        e = self.usage_event(logged["call_id"])
+        self.assertEqual(e.data["reservation"], "none")  # recorded: the money was spent
+        self.assertEqual(e.data["model"], "gpt-4o")
 
     def test_failed_call_releases_its_hold(self) -> None:
         [failed] = [c for c in self.calls if c.get("kind") == "async-failed"]
@@ -159,9 +144,9 @@ class LiteLLMTest(unittest.TestCase):
         committed = {e.data["reservation_id"] for e in self.events if e.type == "usage_recorded"}
         released = {e.data["reservation_id"] for e in self.client.export()
                     if e.type == "reservation_released"} & created
-        self.assertEqual(len(created), 8)          # 7 completed calls + the failed one
+        self.assertEqual(len(created), 9)  # 8 completed calls with a hold + the failed one
         self.assertEqual(len(released), 1)
-        self.assertEqual(created, committed | released)
+        self.assertEqual(created, (committed | released) - {None})
         b = self.client.status(labels={"team": self.team}).bucket("team-daily", f"team={self.team}")
         self.assertEqual((b.live_holds, b.held_micros), (0, 0))
 
