@@ -150,11 +150,11 @@ class AsyncClient:
                             f"connection to {self.socket_path} lost during `{call.body['op']}`; "
                             f"it may or may not have been applied: {e!r}"
                         ) from e
-                    delay = backoff.next_delay()
+                    delay = None if isinstance(e, PermissionError) else backoff.next_delay()
                     if delay is None:
                         raise Disconnected(
-                            f"bursard at {self.socket_path} unreachable for "
-                            f"{self.retry_timeout:g}s: {e!r}"
+                            f"cannot reach bursard at {self.socket_path} (retried for up to "
+                            f"{self.retry_timeout:g}s): {e!r}"
                         ) from e
                     log.debug("bursar: %r; retrying in %.2fs", e, delay)
                     await asyncio.sleep(delay)
