@@ -115,6 +115,7 @@ class BudgetReport:
     limit_tokens: Optional[int] = None
     limit_requests: Optional[int] = None
     limit_concurrent: Optional[int] = None
+    window: Optional[str] = None
     window_end: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
