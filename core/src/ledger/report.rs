@@ -189,6 +189,9 @@ impl Ledger {
 
     /// `status`: buckets, most utilized first, filtered by budget and group_by labels.
     pub fn status(&self, req: &StatusRequest, now: TsMicros) -> StatusAnswer {
+        // Never read at a time before the last event: a clock that lags the log would show
+        // windows the log has already left (and not show usage stamped after `now`).
+        let now = now.max(self.last_ts);
         let adj = self.expired_adjust(now);
         let limit = req.limit.unwrap_or(DEFAULT_STATUS_LIMIT);
         let mut rows: Vec<(u64, BudgetReport)> = Vec::new();
