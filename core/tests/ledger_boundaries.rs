@@ -658,3 +658,71 @@ fn a_clock_stepping_back_never_makes_a_window_look_new() {
     let ts: Vec<_> = h.log.iter().map(|e| e.ts).collect();
     assert!(ts.windows(2).all(|w| w[0] < w[1]));
 }
+
+#[test]
+fn a_clock_stepped_back_across_a_window_boundary_neither_hides_spending_nor_overspends() {
+    // T0 is a boundary of 60-second windows.
+    let mut b = limited(1000);
+    b.window = WindowSpec::Fixed {
+        seconds: 60,
+        offset_seconds: 0,
+    };
+    let mut h = Harness::new(policy(vec![b]));
+    h.now = T0 + 10 * SEC;
+    h.record("e1", labels(&[]), "m", usage(900, 0));
+    // The wall clock steps back 15 s, into the previous window. Events are still stamped after
+    // the last one, in the window that holds the 900 spent.
+    h.now = T0 - 5 * SEC;
+    assert_eq!(h.status()[0].spent_micros, 900, "status still shows it");
+    let check = CheckRequest {
+        labels: labels(&[]),
+        model: Some("m".into()),
+        estimate: Estimate {
+            input_tokens: 300,
+            max_output_tokens: Some(0),
+        },
+        candidates: None,
+        require: None,
+    };
+    match h.ledger.check(&check, h.now) {
+        Answer::Decision(d) => assert_eq!(d.decision, Decision::Deny, "{d:?}"),
+        other => panic!("check answered {other:?}"),
+    }
+    let r = h.reserve("r1", labels(&[]), "m", 300, 0);
+    assert_eq!(
+        r.decision,
+        Decision::Deny,
+        "900 + 300 would overspend the window the hold lands in"
+    );
+    let r = h.reserve("r2", labels(&[]), "m", 100, 0);
+    assert_eq!(r.decision, Decision::Allow, "exactly to the limit");
+    let s = h.status();
+    assert_eq!((s[0].spent_micros, s[0].held_micros), (900, 100));
+    assert_eq!(h.refold(), h.ledger);
+}
+
+#[test]
+fn a_hold_due_within_a_burst_is_expired_before_the_next_decision() {
+    // Many events at one clock instant are stamped one microsecond apart; a hold that is due
+    // by the time the next event is stamped no longer counts against that decision.
+    let mut b = limited(600);
+    b.max_concurrent = Some(1);
+    let mut h = Harness::new(policy(vec![b]));
+    let mut r = h.reserve_req("r1", labels(&[]), "m", 100, 100);
+    r.ttl_seconds = Some(1);
+    let first = match h.run(Command::Reserve(&r)) {
+        Answer::Decision(d) => d,
+        other => panic!("reserve answered {other:?}"),
+    };
+    assert_eq!(first.decision, Decision::Allow);
+    let expires_at = h.ledger.hold("r1").unwrap().expires_at;
+    // The clock reaches one microsecond before the expiry, and stays there for two events:
+    // the second is stamped at the expiry.
+    h.now = expires_at - 1;
+    h.record("e1", labels(&[]), "m", usage(1, 0));
+    assert!(h.ledger.hold("r1").is_some(), "not due yet");
+    let second = h.reserve("r2", labels(&[]), "m", 100, 100);
+    assert_eq!(second.decision, Decision::Allow, "{second:?}");
+    assert!(h.kinds().contains(&"reservation_expired"));
+    assert_eq!(h.refold(), h.ledger);
+}

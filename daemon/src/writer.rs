@@ -343,6 +343,11 @@ impl Writer {
     }
 
     fn sleep_for(&self) -> Duration {
+        // A poisoned writer appends nothing, not even expiries, so a due hold stays due: waking
+        // for it at once would spin. It only waits for jobs to refuse.
+        if self.shared.poisoned.load(Ordering::SeqCst) {
+            return REAPER_TICK;
+        }
         let now = (self.clock)();
         match read_ledger(&self.shared).next_expiry() {
             Some(at) if at > now => {

@@ -380,10 +380,14 @@ impl Ledger {
         out
     }
 
+    /// Expire every hold due by the time its `reservation_expired` is stamped (`stamp(now)`,
+    /// which is later than `now` when the clock lags the log), so that nothing decided next at
+    /// `stamp(now)` still counts a hold that is over by then.
     fn reap_into(&mut self, now: TsMicros, out: &mut Vec<(u64, TsMicros, EventBody)>) {
         loop {
+            let at_most = self.stamp(now);
             let due = match self.expiries.iter().next() {
-                Some((at, rid)) if *at <= now => rid.clone(),
+                Some((at, rid)) if *at <= at_most => rid.clone(),
                 _ => break,
             };
             self.emit(
@@ -678,7 +682,8 @@ impl Ledger {
 
     /// `check`: what `reserve` would decide now. Appends nothing.
     pub fn check(&self, req: &CheckRequest, now: TsMicros) -> Answer {
-        let now = self.effective_now(now);
+        // Judged when a `reserve` sent now would be (see `execute`).
+        let now = self.stamp(now);
         let models = match self.validate_decision(
             &req.labels,
             &req.model,
@@ -720,10 +725,16 @@ impl Ledger {
     }
 
     /// Decide and fold one write command at `now`. Due holds are expired first.
+    ///
+    /// The command is decided at the `ts` its event gets (`stamp(now)`), not at `now`: when the
+    /// clock lags the log (several events in one microsecond, a clock stepped back), the
+    /// buckets already hold usage stamped after `now`, possibly in a window that `now` has not
+    /// reached; judging at `now` would not see that usage and could overspend the window the
+    /// event lands in.
     pub fn execute(&mut self, cmd: Command<'_>, now: TsMicros, ids: &dyn IdLookup) -> Step {
-        let now = self.effective_now(now);
         let mut events = Vec::new();
         self.reap_into(now, &mut events);
+        let now = self.stamp(now);
         let mut step = match cmd {
             Command::Record(r) => self.record(r, now, ids),
             Command::Reserve(r) => self.reserve(r, now, ids),
