@@ -15,6 +15,8 @@ pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL_VALUE_BYTES: usize = 256;
 /// Longest label key, in bytes (`[a-z][a-z0-9_.-]{0,63}`).
 const MAX_LABEL_KEY_BYTES: usize = 64;
+/// Room reserved up front for a scope key, so that a typical one is rendered without regrowing.
+const SCOPE_KEY_CAPACITY: usize = 48;
 /// Labels the daemon derives from the event's model; clients may not set them.
 pub const RESERVED_LABELS: [&str; 3] = ["model", "provider", "tier"];
 
@@ -109,11 +111,27 @@ fn printable_key(key: &str) -> String {
 /// byte, upper-case hex). `None` if any `group_by` label is missing; `Some("")` for an empty
 /// `group_by`.
 pub fn scope_key(group_by: &[String], labels: &Labels) -> Option<String> {
-    let mut pairs = Vec::with_capacity(group_by.len());
-    for name in group_by {
-        pairs.push((name.as_str(), labels.get(name)?.as_str()));
+    let mut out = String::new();
+    scope_key_into(group_by, labels, &mut out).then_some(out)
+}
+
+/// [`scope_key`] rendered into `out` (cleared first), so that a hot loop can reuse one buffer.
+/// False, with `out` unspecified, if any `group_by` label is missing.
+pub fn scope_key_into(group_by: &[String], labels: &Labels, out: &mut String) -> bool {
+    out.clear();
+    out.reserve(SCOPE_KEY_CAPACITY);
+    for (index, name) in group_by.iter().enumerate() {
+        let Some(value) = labels.get(name) else {
+            return false;
+        };
+        if index > 0 {
+            out.push(',');
+        }
+        percent_encode_into(out, name);
+        out.push('=');
+        percent_encode_into(out, value);
     }
-    Some(render_pairs(pairs))
+    true
 }
 
 /// The `(name, value)` pairs of a scope key, in order; the exact inverse of [`scope_key`].
@@ -166,6 +184,19 @@ fn needs_encoding(c: char) -> bool {
 }
 
 fn percent_encode_into(out: &mut String, text: &str) {
+    // Fast path: printable ASCII other than the separators and `%` is never encoded (every
+    // ASCII whitespace but the space is a control character).
+    if text
+        .bytes()
+        .all(|b| matches!(b, 0x20..=0x7e) && !matches!(b, b',' | b'=' | b'%'))
+    {
+        out.push_str(text);
+        return;
+    }
+    percent_encode_chars(out, text);
+}
+
+fn percent_encode_chars(out: &mut String, text: &str) {
     for c in text.chars() {
         if needs_encoding(c) {
             let mut buf = [0u8; 4];
@@ -267,6 +298,17 @@ mod tests {
         assert!(!is_valid_label_key("team name"));
         assert!(!is_valid_label_key("tëam"));
         assert!(is_valid_label_key("k8s.pod_name-x"));
+    }
+
+    #[test]
+    fn ascii_fast_path_encodes_like_the_general_one() {
+        for byte in 0u8..=0x7f {
+            let text = format!("a{}b", char::from(byte));
+            let (mut fast, mut general) = (String::new(), String::new());
+            percent_encode_into(&mut fast, &text);
+            percent_encode_chars(&mut general, &text);
+            assert_eq!(fast, general, "byte {byte:#04x}");
+        }
     }
 
     #[test]

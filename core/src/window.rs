@@ -85,6 +85,11 @@ impl Sub for Amounts {
 ///
 /// A start before `i64::MIN` is clamped to `i64::MIN`; an end after `i64::MAX` is `None`.
 pub fn window_bounds(spec: &WindowSpec, ts: TsMicros) -> (TsMicros, Option<TsMicros>) {
+    window_bounds_fast(spec, ts).unwrap_or_else(|| window_bounds_wide(spec, ts))
+}
+
+/// [`window_bounds`] computed in `i128`, for every input.
+fn window_bounds_wide(spec: &WindowSpec, ts: TsMicros) -> (TsMicros, Option<TsMicros>) {
     let t = i128::from(ts);
     let (start, end) = match *spec {
         WindowSpec::Cumulative => return (TsMicros::MIN, None),
@@ -140,6 +145,49 @@ pub fn window_bounds(spec: &WindowSpec, ts: TsMicros) -> (TsMicros, Option<TsMic
     (clamp_start(start), i64::try_from(end).ok())
 }
 
+/// [`window_bounds`] of fixed and rolling windows in `i64` arithmetic (a hardware division
+/// instead of a 128-bit one), when every intermediate value fits; `None` sends the caller to
+/// the exact `i128` computation, so results never differ.
+fn window_bounds_fast(spec: &WindowSpec, ts: TsMicros) -> Option<(TsMicros, Option<TsMicros>)> {
+    match *spec {
+        WindowSpec::Fixed {
+            seconds,
+            offset_seconds,
+        } => {
+            let width = i64::try_from(seconds)
+                .ok()?
+                .checked_mul(MICROS_PER_SECOND)?;
+            if width == 0 {
+                return None;
+            }
+            let offset = offset_seconds.checked_mul(MICROS_PER_SECOND)?;
+            let start = ts
+                .checked_sub(offset)?
+                .div_euclid(width)
+                .checked_mul(width)?
+                .checked_add(offset)?;
+            Some((start, Some(start.checked_add(width)?)))
+        }
+        WindowSpec::Rolling {
+            seconds,
+            resolution_seconds,
+        } => {
+            let resolution = resolution_seconds.max(1);
+            let slot_micros = i64::try_from(resolution)
+                .ok()?
+                .checked_mul(MICROS_PER_SECOND)?;
+            let slots = i64::try_from(seconds.div_ceil(resolution).max(1)).ok()?;
+            let current = ts.div_euclid(slot_micros);
+            let oldest = current.checked_sub(slots)?.checked_add(1)?;
+            Some((
+                oldest.checked_mul(slot_micros)?,
+                Some(current.checked_add(1)?.checked_mul(slot_micros)?),
+            ))
+        }
+        WindowSpec::Cumulative | WindowSpec::Calendar { .. } => None,
+    }
+}
+
 /// First day of the local month containing `day` (days since 1970-01-01), and the first day of
 /// the next month when it is representable.
 fn month_days(day: i128) -> Option<(i128, Option<i128>)> {
@@ -175,7 +223,11 @@ impl RollingShape {
 
     /// Slot `k` covers `[k * res, (k + 1) * res)`.
     fn slot_of(self, ts: TsMicros) -> i128 {
-        i128::from(ts).div_euclid(self.slot_micros)
+        // The same floor division in `i64` (a hardware division) whenever the slot length fits.
+        match i64::try_from(self.slot_micros) {
+            Ok(slot_micros) => i128::from(ts.div_euclid(slot_micros)),
+            Err(_) => i128::from(ts).div_euclid(self.slot_micros),
+        }
     }
 
     /// The oldest slot still counted when the newest is `current`.
@@ -288,6 +340,54 @@ mod tests {
         }
         assert_eq!(counter.slot_count(), 10);
         assert_eq!(counter.total(600, 60, 99 * 60 * S).requests, 10);
+    }
+
+    #[test]
+    fn fast_bounds_equal_the_wide_computation() {
+        let mut specs = Vec::new();
+        for seconds in [
+            0,
+            1,
+            59,
+            60,
+            3600,
+            86_400,
+            604_800,
+            u64::MAX / 2_000_000,
+            u64::MAX,
+        ] {
+            for offset_seconds in [0, 1, -7200, 3600, i64::MAX / 1_000_000, i64::MIN, i64::MAX] {
+                specs.push(WindowSpec::Fixed {
+                    seconds,
+                    offset_seconds,
+                });
+            }
+            for resolution_seconds in [0, 1, 5, 60, 86_400, u64::MAX] {
+                specs.push(WindowSpec::Rolling {
+                    seconds,
+                    resolution_seconds,
+                });
+            }
+        }
+        let stamps = [
+            i64::MIN,
+            i64::MIN + 1,
+            -86_400 * S - 1,
+            -1,
+            0,
+            1,
+            1_795_392_000_000_000,
+            1_795_478_399_999_999,
+            i64::MAX - 1,
+            i64::MAX,
+        ];
+        for spec in &specs {
+            for &ts in &stamps {
+                if let Some(fast) = window_bounds_fast(spec, ts) {
+                    assert_eq!(fast, window_bounds_wide(spec, ts), "{spec:?} at {ts}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Decisions: validation, idempotency, candidate evaluation, and the write commands.
 
 use super::buckets::{crossing_window, Figures};
-use super::report::{bucket_state, report, utilization_ppm, warn_crossed, Adjust};
+use super::report::{bucket_state, report, utilization_ppm, warn_crossed, Adjust, WindowEnds};
 use super::{EndKind, Ledger, DEFAULT_MAX_OUTPUT_TOKENS, MAX_EVENT_TOKENS, MAX_ID_BYTES};
 use crate::labels::{glob_match, validate_client_labels};
 use crate::policy::MAX_RESERVATION_TTL_SECONDS;
@@ -26,6 +26,12 @@ use serde_json::Value;
 pub const MAX_CANDIDATES: usize = 16;
 /// Most required capabilities a request may name.
 pub const MAX_REQUIRE: usize = 16;
+/// Initial capacity of the buffer a request is rendered into for its digest.
+const DIGEST_BUFFER_BYTES: usize = 512;
+/// Room for an answer's JSON without its budget lines.
+const ANSWER_JSON_BYTES: usize = 256;
+/// Room for one budget line of an answer's JSON (a typical one is 300 to 400 bytes).
+const REPORT_JSON_BYTES: usize = 448;
 
 /// A write command for the single writer.
 #[derive(Debug, Clone, Copy)]
@@ -131,11 +137,27 @@ impl Step {
 }
 
 fn digest(op: &str, payload: &impl Serialize) -> [u8; 16] {
-    let bytes = serde_json::to_vec(&(op, payload)).unwrap_or_default();
+    // One allocation of the usual size of a request's JSON instead of a series of regrowths.
+    let mut bytes = Vec::with_capacity(DIGEST_BUFFER_BYTES);
+    if serde_json::to_writer(&mut bytes, &(op, payload)).is_err() {
+        bytes.clear();
+    }
     let hash = blake3::hash(&bytes);
     let mut out = [0u8; 16];
     out.copy_from_slice(&hash.as_bytes()[..16]);
     out
+}
+
+/// The JSON of an answer for the idempotency index (empty if it cannot be encoded), written
+/// into a buffer sized for its `reports` budget lines up front instead of regrown as it fills.
+fn answer_json(answer: &impl Serialize, reports: usize) -> String {
+    let mut bytes = Vec::with_capacity(
+        ANSWER_JSON_BYTES.saturating_add(reports.saturating_mul(REPORT_JSON_BYTES)),
+    );
+    if serde_json::to_writer(&mut bytes, answer).is_err() {
+        return String::new();
+    }
+    String::from_utf8(bytes).unwrap_or_default()
 }
 
 fn check_id(field: &str, id: &str) -> Result<(), WireError> {
@@ -364,10 +386,21 @@ impl Ledger {
         body: EventBody,
         out: &mut Vec<(u64, TsMicros, EventBody)>,
     ) -> (u64, TsMicros) {
+        self.emit_with(now, body, None, out)
+    }
+
+    /// [`Ledger::emit`] of a `usage_recorded` whose buckets are already matched (`refs`).
+    fn emit_with(
+        &mut self,
+        now: TsMicros,
+        body: EventBody,
+        refs: Option<&[(usize, String)]>,
+        out: &mut Vec<(u64, TsMicros, EventBody)>,
+    ) -> (u64, TsMicros) {
         let seq = self.last_seq + 1;
         let ts = self.stamp(now);
         // `seq` follows `last_seq` by construction, so `apply` cannot fail here.
-        let _ = self.apply(seq, ts, &body);
+        let _ = self.apply_with(seq, ts, &body, refs);
         out.push((seq, ts, body));
         (seq, ts)
     }
@@ -406,25 +439,34 @@ impl Ledger {
     }
 
     /// Append `budget_warned` / `budget_exhausted` for buckets that crossed in their window.
+    /// `figures` are those of `refs` (in order) at the last event's time, as
+    /// [`Ledger::figures_at_last`] gives them.
     fn crossings(
         &mut self,
         refs: &[(usize, String)],
+        figures: &[Figures],
         now: TsMicros,
         out: &mut Vec<(u64, TsMicros, EventBody)>,
     ) {
+        // Found first, appended after: folding a crossing only marks its own bucket (one per
+        // budget in `refs`), so no later decision depends on an earlier append.
+        for body in self.find_crossings(refs, figures) {
+            self.emit(now, body, out);
+        }
+    }
+
+    /// The `budget_warned` / `budget_exhausted` events due for `refs` (see [`Ledger::crossings`]).
+    fn find_crossings(&self, refs: &[(usize, String)], figures: &[Figures]) -> Vec<EventBody> {
         let ts = self.last_ts;
-        let none = Adjust::new();
-        for (i, key) in refs {
-            let Some(b) = self
-                .policy
-                .as_ref()
-                .and_then(|p| p.budgets.get(*i))
-                .cloned()
-            else {
+        let mut due = Vec::new();
+        let Some(policy) = &self.policy else {
+            return due;
+        };
+        for ((i, key), f) in refs.iter().zip(figures) {
+            let Some(b) = policy.budgets.get(*i) else {
                 continue;
             };
-            let f = self.figures(*i, key, ts, &none);
-            let state = bucket_state(&b, &f);
+            let state = bucket_state(b, f);
             if state == BucketState::Ok {
                 continue;
             }
@@ -432,24 +474,28 @@ impl Ledger {
             let Some(bucket) = self.budgets.get(*i).and_then(|s| s.buckets.get(key)) else {
                 continue;
             };
+            let need_warn = b.warn_at_ppm.is_some() && bucket.warned_window != Some(cw);
+            let need_exhausted =
+                state == BucketState::Exhausted && bucket.exhausted_window != Some(cw);
+            if !need_warn && !need_exhausted {
+                continue;
+            }
             let crossing = BudgetCrossing {
                 budget: b.id.clone(),
                 key: key.clone(),
                 window_start: cw,
                 spent_micros: f.spent.micros,
                 held_micros: f.held.micros,
-                utilization_ppm: utilization_ppm(&b, &f),
+                utilization_ppm: utilization_ppm(b, f),
             };
-            let need_warn = b.warn_at_ppm.is_some() && bucket.warned_window != Some(cw);
-            let need_exhausted =
-                state == BucketState::Exhausted && bucket.exhausted_window != Some(cw);
             if need_warn {
-                self.emit(now, EventBody::BudgetWarned(crossing.clone()), out);
+                due.push(EventBody::BudgetWarned(crossing.clone()));
             }
             if need_exhausted {
-                self.emit(now, EventBody::BudgetExhausted(crossing), out);
+                due.push(EventBody::BudgetExhausted(crossing));
             }
         }
+        due
     }
 
     /// Evaluate a check or reservation at `now` (no state change).
@@ -479,7 +525,7 @@ impl Ledger {
             let mut eval = Evaluation {
                 decision: Decision::Deny,
                 model: Some(model.clone()),
-                labels: labels.clone(),
+                labels,
                 hold: Amounts::default(),
                 input_tokens: est.input_tokens,
                 max_output_tokens: 0,
@@ -568,7 +614,7 @@ impl Ledger {
                     continue;
                 }
             }
-            let (decision, reports, reason) = self.judge(&labels, eval.hold, now, adj);
+            let (decision, reports, reason) = self.judge(&eval.labels, eval.hold, now, adj);
             eval.decision = decision;
             eval.budgets = reports;
             if decision == Decision::Deny {
@@ -619,9 +665,10 @@ impl Ledger {
         };
         let mut decision = Decision::Allow;
         let mut deny_reason: Option<Reason> = None;
-        let mut with_probe = Vec::new();
-        let mut without = Vec::new();
-        for (i, key) in self.matching(labels) {
+        // Figures with and without the probe; only one set is reported, rendered after the loop.
+        let matched = self.matching(labels);
+        let mut seen = Vec::with_capacity(matched.len());
+        for (i, key) in matched {
             let Some(b) = policy.budgets.get(i) else {
                 continue;
             };
@@ -671,12 +718,20 @@ impl Ledger {
                 });
             }
             decision = decision.max(verdict);
-            with_probe.push(report(b, &key, &after, now));
-            without.push(report(b, &key, &f, now));
+            seen.push((b, key, f, after));
         }
+        let denied = deny_reason.is_some();
+        let mut ends = WindowEnds::default();
+        let reports = seen
+            .into_iter()
+            .map(|(b, key, without, with_probe)| {
+                let f = if denied { without } else { with_probe };
+                report(b, key, &f, now, &mut ends)
+            })
+            .collect();
         match deny_reason {
-            Some(r) => (Decision::Deny, without, r),
-            None => (decision, with_probe, ok_reason(decision)),
+            Some(r) => (Decision::Deny, reports, r),
+            None => (decision, reports, ok_reason(decision)),
         }
     }
 
@@ -707,7 +762,7 @@ impl Ledger {
             now,
             &adj,
         );
-        Answer::Decision(decision_answer(&eval, None, None))
+        Answer::Decision(decision_answer(eval, None, None))
     }
 
     fn validate_decision(
@@ -760,12 +815,18 @@ impl Ledger {
         let refs = self.matching(&body.labels);
         let digest = body.payload_digest;
         let (late, link) = (body.late, body.reservation);
-        let model = body.model.clone();
-        let usage = body.usage;
-        let (seq, ts) = self.emit(now, EventBody::UsageRecorded(body), &mut events);
-        self.crossings(&refs, now, &mut events);
-        let (cost, at_max, _) = self.usage_cost(&model, &usage, ts);
-        let budgets = self.reports(&refs, ts, &Adjust::new());
+        let (cost, at_max, _) = self.usage_cost(&body.model, &body.usage, self.stamp(now));
+        let (seq, ts) = self.emit_with(
+            now,
+            EventBody::UsageRecorded(body),
+            Some(&refs),
+            &mut events,
+        );
+        // One look at each bucket serves both the crossings and the answer: appending a
+        // crossing changes no figure.
+        let figures = self.figures_at_last(&refs);
+        self.crossings(&refs, &figures, now, &mut events);
+        let budgets = self.reports(refs, &figures, ts);
         let state = budgets
             .iter()
             .map(|b| b.state)
@@ -788,7 +849,7 @@ impl Ledger {
             key,
             IdRecord {
                 digest,
-                answer: serde_json::to_string(&answer).unwrap_or_default(),
+                answer: answer_json(&answer, answer.budgets.len()),
             },
         )];
         Step {
@@ -923,7 +984,7 @@ impl Ledger {
             }));
         }
         let require = r.require.clone().unwrap_or_default();
-        let eval = self.evaluate(
+        let mut eval = self.evaluate(
             &Ask {
                 client: &r.labels,
                 models: &models,
@@ -938,7 +999,7 @@ impl Ledger {
         let (seq, expires) = if eval.decision == Decision::Deny {
             let body = EventBody::ReservationDenied(ReservationDenied {
                 reservation_id: r.reservation_id.clone(),
-                labels: eval.labels.clone(),
+                labels: std::mem::take(&mut eval.labels),
                 model: eval.model.clone().unwrap_or_default(),
                 hold_micros: eval.hold.micros,
                 reason: eval.reason.code.clone(),
@@ -951,7 +1012,7 @@ impl Ledger {
             let expires_at = self.stamp(now).saturating_add(seconds(ttl));
             let body = EventBody::ReservationCreated(ReservationCreated {
                 reservation_id: r.reservation_id.clone(),
-                labels: eval.labels.clone(),
+                labels: std::mem::take(&mut eval.labels),
                 model: eval.model.clone().unwrap_or_default(),
                 input_tokens: eval.input_tokens,
                 max_output_tokens: eval.max_output_tokens,
@@ -960,20 +1021,21 @@ impl Ledger {
                 payload_digest: digest,
             });
             let (seq, _) = self.emit(now, body, &mut events);
-            let refs = self
-                .holds
-                .get(&r.reservation_id)
-                .map(|h| h.buckets.clone())
-                .unwrap_or_default();
-            self.crossings(&refs, now, &mut events);
+            let due = match self.holds.get(&r.reservation_id) {
+                Some(h) => self.find_crossings(&h.buckets, &self.figures_at_last(&h.buckets)),
+                None => Vec::new(),
+            };
+            for body in due {
+                self.emit(now, body, &mut events);
+            }
             (seq, Some(expires_at))
         };
-        let answer = decision_answer(&eval, Some(seq), expires);
+        let answer = decision_answer(eval, Some(seq), expires);
         let ids = vec![(
             key,
             IdRecord {
                 digest,
-                answer: serde_json::to_string(&answer).unwrap_or_default(),
+                answer: answer_json(&answer, answer.budgets.len()),
             },
         )];
         Step {
@@ -1012,7 +1074,7 @@ impl Ledger {
                 key,
                 IdRecord {
                     digest,
-                    answer: serde_json::to_string(&answer).unwrap_or_default(),
+                    answer: answer_json(&answer, 0),
                 },
             )],
             answer: Answer::Release(answer),
@@ -1108,7 +1170,7 @@ fn first_over(b: &bursar_schemas::policy::ResolvedBudget, f: &Figures) -> Option
 }
 
 fn decision_answer(
-    eval: &Evaluation,
+    eval: Evaluation,
     seq: Option<u64>,
     expires: Option<TsMicros>,
 ) -> DecisionAnswer {
@@ -1117,13 +1179,13 @@ fn decision_answer(
         seq,
         duplicate: false,
         decision: eval.decision,
-        model: eval.model.clone(),
+        model: eval.model,
         hold_micros: eval.hold.micros,
         max_output_tokens: (eval.max_output_tokens > 0).then_some(eval.max_output_tokens),
         expires_at: expires.map(format_ts),
-        budgets: eval.budgets.clone(),
-        skipped: eval.skipped.clone(),
-        reason: eval.reason.clone(),
+        budgets: eval.budgets,
+        skipped: eval.skipped,
+        reason: eval.reason,
         req: None,
     }
 }

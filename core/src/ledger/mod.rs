@@ -18,7 +18,7 @@ pub use replay::{
     collect_epochs, diff_rows, fold, fold_into, replay, EpochDecl, FoldError, ReplayOutcome,
 };
 
-use crate::labels::{scope_key, selector_matches};
+use crate::labels::{scope_key, scope_key_into, selector_matches};
 use crate::pricing;
 use crate::window::Amounts;
 use buckets::Bucket;
@@ -234,7 +234,7 @@ impl Ledger {
         let Some(policy) = &self.policy else {
             return Vec::new();
         };
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(policy.budgets.len());
         for (i, b) in policy.budgets.iter().enumerate() {
             if selector_matches(&b.match_labels, labels) {
                 if let Some(key) = scope_key(&b.group_by, labels) {
@@ -245,28 +245,91 @@ impl Ledger {
         out
     }
 
-    /// The bucket for `(budget, key)`, created if new; a new key beyond `max_keys_per_budget`
-    /// lands in the overflow bucket.
-    fn bucket_mut(&mut self, budget: usize, key: &str) -> Option<(&mut Bucket, String)> {
-        let max_keys = self
-            .policy
+    /// The `max_keys_per_budget` in force (unbounded without a policy).
+    fn max_keys(&self) -> u64 {
+        self.policy
             .as_ref()
-            .map_or(u64::MAX, |p| p.max_keys_per_budget);
-        let state = self.budgets.get_mut(budget)?;
-        let key = if state.buckets.contains_key(key)
-            || (state.buckets.len() as u64) < max_keys
-            || key.is_empty()
-        {
-            key.to_string()
-        } else {
-            OVERFLOW_KEY.to_string()
+            .map_or(u64::MAX, |p| p.max_keys_per_budget)
+    }
+
+    /// Hold `amounts` (and one concurrency slot) in every bucket an event with `labels` counts
+    /// in; returns the `(budget index, scope key)` of each, the key being the one actually used
+    /// (the overflow bucket's for a new key beyond `max_keys_per_budget`).
+    fn hold_in_matching(&mut self, labels: &Labels, amounts: Amounts) -> Vec<(usize, String)> {
+        let max_keys = self.max_keys();
+        let mut refs = Vec::new();
+        for (i, key) in self.matching(labels) {
+            if let Some(state) = self.budgets.get_mut(i) {
+                let ((), overflow) = with_bucket(state, &key, max_keys, |b| b.hold(amounts, 1));
+                refs.push((
+                    i,
+                    if overflow {
+                        OVERFLOW_KEY.to_string()
+                    } else {
+                        key
+                    },
+                ));
+            }
+        }
+        refs
+    }
+
+    /// Count usage of `amounts` at `ts` in every bucket an event with `labels` counts in.
+    /// `refs`, when given, are those buckets as [`Ledger::matching`] computed them for the same
+    /// labels under the same policy (the writer has them already); otherwise they are found
+    /// here, reusing one scope-key buffer instead of allocating a key per budget.
+    fn spend_in_matching(
+        &mut self,
+        labels: &Labels,
+        refs: Option<&[(usize, String)]>,
+        ts: TsMicros,
+        amounts: Amounts,
+    ) {
+        let Some(policy) = &self.policy else {
+            return;
         };
-        let bucket = state.buckets.entry(key.clone()).or_default();
-        Some((bucket, key))
+        let max_keys = policy.max_keys_per_budget;
+        match refs {
+            Some(refs) => {
+                for (i, key) in refs {
+                    if let (Some(b), Some(state)) =
+                        (policy.budgets.get(*i), self.budgets.get_mut(*i))
+                    {
+                        with_bucket(state, key, max_keys, |bucket| {
+                            bucket.add_spent(&b.window, ts, amounts)
+                        });
+                    }
+                }
+            }
+            None => {
+                let mut key = String::new();
+                for (b, state) in policy.budgets.iter().zip(self.budgets.iter_mut()) {
+                    if selector_matches(&b.match_labels, labels)
+                        && scope_key_into(&b.group_by, labels, &mut key)
+                    {
+                        with_bucket(state, &key, max_keys, |bucket| {
+                            bucket.add_spent(&b.window, ts, amounts)
+                        });
+                    }
+                }
+            }
+        }
     }
 
     /// Fold one event.
     pub fn apply(&mut self, seq: u64, ts: TsMicros, body: &EventBody) -> Result<(), ApplyError> {
+        self.apply_with(seq, ts, body, None)
+    }
+
+    /// [`Ledger::apply`], with the buckets of a `usage_recorded` already matched (`refs`, as
+    /// [`Ledger::matching`] gives them for its labels) so that the writer does not match twice.
+    fn apply_with(
+        &mut self,
+        seq: u64,
+        ts: TsMicros,
+        body: &EventBody,
+        refs: Option<&[(usize, String)]>,
+    ) -> Result<(), ApplyError> {
         if seq != self.last_seq + 1 {
             return Err(ApplyError::Gap {
                 last: self.last_seq,
@@ -291,17 +354,7 @@ impl Ledger {
                     tokens: total_tokens(&u.usage),
                     requests: u.usage.requests,
                 };
-                let specs: Vec<_> = self.matching(&u.labels);
-                for (i, key) in specs {
-                    let spec = self
-                        .policy
-                        .as_ref()
-                        .and_then(|p| p.budgets.get(i))
-                        .map(|b| b.window.clone());
-                    if let (Some(spec), Some((bucket, _))) = (spec, self.bucket_mut(i, &key)) {
-                        bucket.add_spent(&spec, ts, amounts);
-                    }
-                }
+                self.spend_in_matching(&u.labels, refs, ts, amounts);
                 if u.reservation == ReservationLink::Known {
                     if let Some(rid) = &u.reservation_id {
                         let how = EndKind::Committed(u.event_id.clone());
@@ -319,13 +372,7 @@ impl Ledger {
                     tokens: r.input_tokens.saturating_add(r.max_output_tokens),
                     requests: 1,
                 };
-                let mut refs = Vec::new();
-                for (i, key) in self.matching(&r.labels) {
-                    if let Some((bucket, key)) = self.bucket_mut(i, &key) {
-                        bucket.hold(amounts, 1);
-                        refs.push((i, key));
-                    }
-                }
+                let refs = self.hold_in_matching(&r.labels, amounts);
                 self.expiries
                     .insert((r.expires_at, r.reservation_id.clone()));
                 self.holds.insert(
@@ -467,18 +514,32 @@ impl Ledger {
                 continue;
             };
             let (amounts, labels) = (h.amounts, h.labels.clone());
-            let mut refs = Vec::new();
-            for (i, key) in self.matching(&labels) {
-                if let Some((bucket, key)) = self.bucket_mut(i, &key) {
-                    bucket.hold(amounts, 1);
-                    refs.push((i, key));
-                }
-            }
+            let refs = self.hold_in_matching(&labels, amounts);
             if let Some(h) = self.holds.get_mut(&rid) {
                 h.buckets = refs;
             }
         }
     }
+}
+
+/// Run `f` on the bucket of `key` in `state`, created if new; a new key beyond `max_keys` lands
+/// in the overflow bucket instead (true in the answer). One hash lookup, and no allocation, for
+/// a bucket that exists.
+fn with_bucket<R>(
+    state: &mut BudgetState,
+    key: &str,
+    max_keys: u64,
+    f: impl FnOnce(&mut Bucket) -> R,
+) -> (R, bool) {
+    if let Some(bucket) = state.buckets.get_mut(key) {
+        return (f(bucket), false);
+    }
+    let overflow = (state.buckets.len() as u64) >= max_keys && !key.is_empty();
+    let key = if overflow { OVERFLOW_KEY } else { key };
+    (
+        f(state.buckets.entry(key.to_string()).or_default()),
+        overflow,
+    )
 }
 
 /// The epoch pricing an event at `ts`: the newest-introduced table in force at `ts`.

@@ -17,10 +17,33 @@ pub const DEFAULT_STATUS_LIMIT: usize = 1000;
 pub(super) type Adjust = HashMap<(usize, String), (Amounts, u64)>;
 
 const PPM: i128 = 1_000_000;
+const PPM_NARROW: i64 = 1_000_000;
 
-/// `(used, limit)` pairs of every limit a budget sets, in common integer units.
-fn dimensions(b: &ResolvedBudget, f: &Figures) -> Vec<(i128, i128)> {
-    let mut out = Vec::with_capacity(4);
+/// `(used, limit)` pairs of every limit a budget sets, in common integer units (at most four:
+/// money, tokens, requests, concurrency), without allocating.
+struct Dimensions {
+    pairs: [(i128, i128); 4],
+    len: usize,
+}
+
+impl Dimensions {
+    fn iter(&self) -> impl Iterator<Item = &(i128, i128)> {
+        self.pairs.iter().take(self.len)
+    }
+
+    fn push(&mut self, pair: (i128, i128)) {
+        if let Some(slot) = self.pairs.get_mut(self.len) {
+            *slot = pair;
+            self.len += 1;
+        }
+    }
+}
+
+fn dimensions(b: &ResolvedBudget, f: &Figures) -> Dimensions {
+    let mut out = Dimensions {
+        pairs: [(0, 0); 4],
+        len: 0,
+    };
     if let Some(l) = b.max_micros {
         out.push((
             i128::from(f.spent.micros) + i128::from(f.held.micros),
@@ -84,23 +107,52 @@ pub(super) fn utilization_ppm(b: &ResolvedBudget, f: &Figures) -> u64 {
                     PPM as u64
                 }
             } else {
-                u64::try_from(used.saturating_mul(PPM) / limit).unwrap_or(u64::MAX)
+                // In `i64` (a hardware division) when the product fits; the same quotient.
+                let narrow = i64::try_from(*used)
+                    .ok()
+                    .and_then(|u| u.checked_mul(PPM_NARROW))
+                    .zip(i64::try_from(*limit).ok())
+                    .map(|(scaled, limit)| i128::from(scaled / limit));
+                let ppm = narrow.unwrap_or_else(|| used.saturating_mul(PPM) / limit);
+                u64::try_from(ppm).unwrap_or(u64::MAX)
             }
         })
         .max()
         .unwrap_or(0)
 }
 
-/// A report line.
-pub(super) fn report(b: &ResolvedBudget, key: &str, f: &Figures, now: TsMicros) -> BudgetReport {
+/// Window ends already rendered as RFC 3339, so that the budgets of one answer that share a
+/// window end (all daily budgets, say) format it once.
+#[derive(Default)]
+pub(super) struct WindowEnds(Vec<(TsMicros, String)>);
+
+impl WindowEnds {
+    fn render(&mut self, end: TsMicros) -> String {
+        if let Some((_, text)) = self.0.iter().find(|(t, _)| *t == end) {
+            return text.clone();
+        }
+        let text = format_ts(end);
+        self.0.push((end, text.clone()));
+        text
+    }
+}
+
+/// A report line; window ends are rendered through `ends`.
+pub(super) fn report(
+    b: &ResolvedBudget,
+    key: String,
+    f: &Figures,
+    now: TsMicros,
+    ends: &mut WindowEnds,
+) -> BudgetReport {
     let ppm = utilization_ppm(b, f);
     let window_end = match &b.window {
         WindowSpec::Cumulative => None,
-        spec => window_bounds(spec, now).1.map(format_ts),
+        spec => window_bounds(spec, now).1.map(|end| ends.render(end)),
     };
     BudgetReport {
         budget: b.id.clone(),
-        key: key.to_string(),
+        key,
         limit_micros: b.max_micros,
         spent_micros: f.spent.micros,
         held_micros: f.held.micros,
@@ -169,27 +221,41 @@ impl Ledger {
             .and_then(|s| s.buckets.get(key))
             .map(|b| b.figures(spec, now))
             .unwrap_or_default();
-        if let Some((amounts, holds)) = adj.get(&(budget, key.to_string())) {
-            f.held = f.held - *amounts;
-            f.live_holds = f.live_holds.saturating_sub(*holds);
+        // An empty adjustment (the usual case) costs no key allocation.
+        if !adj.is_empty() {
+            if let Some((amounts, holds)) = adj.get(&(budget, key.to_string())) {
+                f.held = f.held - *amounts;
+                f.live_holds = f.live_holds.saturating_sub(*holds);
+            }
         }
         f
     }
 
-    /// Report lines of the given buckets at `now`.
+    /// Figures of the given buckets at the last event's time (no expired-hold adjustment: the
+    /// writer has just reaped every due hold).
+    pub(super) fn figures_at_last(&self, refs: &[(usize, String)]) -> Vec<Figures> {
+        let none = Adjust::new();
+        refs.iter()
+            .map(|(i, key)| self.figures(*i, key, self.last_ts, &none))
+            .collect()
+    }
+
+    /// Report lines of the given buckets, whose figures at `now` are `figures` (in order).
     pub(super) fn reports(
         &self,
-        refs: &[(usize, String)],
+        refs: Vec<(usize, String)>,
+        figures: &[Figures],
         now: TsMicros,
-        adj: &Adjust,
     ) -> Vec<BudgetReport> {
         let Some(policy) = &self.policy else {
             return Vec::new();
         };
-        refs.iter()
-            .filter_map(|(i, key)| {
-                let b = policy.budgets.get(*i)?;
-                Some(report(b, key, &self.figures(*i, key, now, adj), now))
+        let mut ends = WindowEnds::default();
+        refs.into_iter()
+            .zip(figures)
+            .filter_map(|((i, key), f)| {
+                let b = policy.budgets.get(i)?;
+                Some(report(b, key, f, now, &mut ends))
             })
             .collect()
     }
@@ -200,6 +266,7 @@ impl Ledger {
         let adj = self.expired_adjust(now);
         let limit = req.limit.unwrap_or(DEFAULT_STATUS_LIMIT);
         let mut rows: Vec<(u64, BudgetReport)> = Vec::new();
+        let mut ends = WindowEnds::default();
         if let Some(policy) = &self.policy {
             for (i, b) in policy.budgets.iter().enumerate() {
                 if req.budget.as_ref().is_some_and(|id| *id != b.id) {
@@ -219,7 +286,10 @@ impl Ledger {
                         }
                     }
                     let f = self.figures(i, key, now, &adj);
-                    rows.push((utilization_ppm(b, &f), report(b, key, &f, now)));
+                    rows.push((
+                        utilization_ppm(b, &f),
+                        report(b, key.clone(), &f, now, &mut ends),
+                    ));
                 }
             }
         }
