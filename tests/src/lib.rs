@@ -25,32 +25,49 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     // `cargo test -p bursar-tests` rebuilds the daemon's library but not its binary: refuse a
-    // binary older than the library it is made of, rather than test stale code.
-    let lib_prefix = match name {
-        "bursard" => Some("libbursard-"),
-        "bursar" => Some("libbursar_cli-"),
-        _ => None,
+    // binary older than any source it is made of, rather than test stale code.
+    let crates: &[&str] = match name {
+        "bursard" => &["daemon", "core", "schemas"],
+        "bursar" => &["cli", "daemon", "core", "schemas"],
+        _ => &[],
     };
-    if let (Some(prefix), Ok(bin_time)) = (
-        lib_prefix,
-        std::fs::metadata(&path).and_then(|m| m.modified()),
-    ) {
-        let newest_lib = std::fs::read_dir(dir.join("deps"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-            .filter_map(|e| e.metadata().and_then(|m| m.modified()).ok())
-            .max();
-        if let Some(lib_time) = newest_lib {
-            assert!(
-                bin_time >= lib_time,
-                "{} is older than its library: run `cargo build --workspace` (or `cargo test --workspace`)",
-                path.display()
-            );
+    if let Ok(bin_time) = std::fs::metadata(&path).and_then(|m| m.modified()) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for krate in crates {
+            if let Some((file, t)) = newest_source(&root.join(krate).join("src")) {
+                assert!(
+                    bin_time >= t,
+                    "{} is older than {}: run `cargo build --workspace` (or `cargo test --workspace`)",
+                    path.display(),
+                    file.display()
+                );
+            }
         }
     }
     path
+}
+
+/// The most recently modified file under `dir`, recursively.
+fn newest_source(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
+    let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_source(&path)
+        } else {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (path, t))
+        };
+        if let Some((p, t)) = candidate {
+            if newest.as_ref().is_none_or(|(_, n)| t > *n) {
+                newest = Some((p, t));
+            }
+        }
+    }
+    newest
 }
 
 /// A running daemon in its own temp dir.
