@@ -444,11 +444,13 @@ impl Writer {
         let poisoned = self.shared.poisoned.load(Ordering::SeqCst);
         let mut batch = Batch::default();
         {
+            // The ledger is locked per job, not per batch: a read (`check`, `status`) waits for
+            // at most one job's decision, never for a whole batch (up to MAX_BATCH_JOBS).
             let shared = self.shared.clone();
-            let mut l = write_ledger(&shared);
             let now = (self.clock)();
             if !poisoned {
-                for (seq, ts, body) in l.reap(now) {
+                let expired = write_ledger(&shared).reap(now);
+                for (seq, ts, body) in expired {
                     self.seal(&mut batch, seq, ts, self.own, body);
                 }
             }
@@ -466,6 +468,7 @@ impl Writer {
                     } => {
                         let now = (self.clock)();
                         let step = {
+                            let mut l = write_ledger(&shared);
                             let store = lock_store(&shared);
                             let ids = Ids {
                                 pending: &batch.pending_ids,
@@ -495,6 +498,7 @@ impl Writer {
                         req,
                         reply,
                     } => {
+                        let mut l = write_ledger(&shared);
                         let line = if poisoned {
                             error_line(ErrorCode::Unavailable, UNAVAILABLE, req)
                         } else {
@@ -548,6 +552,7 @@ impl Writer {
                         req,
                         reply,
                     } => {
+                        let mut l = write_ledger(&shared);
                         let line = self.replay(&mut l, &mut batch, request, actor, req, poisoned);
                         batch.replies.push((reply, line));
                     }
