@@ -49,6 +49,15 @@ enum Cmd {
     Startup(Opts),
     /// Memory per active bucket.
     Memory(Opts),
+    /// Print the bench policy (bursar.toml) for a daemon started by hand (e.g. under a profiler).
+    Policy {
+        /// Socket path to write into the policy.
+        #[arg(long, default_value = "bursar.sock")]
+        socket: String,
+        /// Data dir to write into the policy.
+        #[arg(long, default_value = "bursar-data")]
+        data_dir: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -183,7 +192,12 @@ impl Report {
 
 fn run(cmd: Cmd) -> Result<(), String> {
     let mut report = Report::default();
+    if let Cmd::Policy { socket, data_dir } = &cmd {
+        print!("{}", workload::policy_toml(socket, data_dir));
+        return Ok(());
+    }
     let opts = match &cmd {
+        Cmd::Policy { .. } => return Ok(()),
         Cmd::All(o)
         | Cmd::Record(o)
         | Cmd::ReserveCommit(o)
@@ -214,6 +228,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::Replay(o) => log_figures(&o, true, false, &mut report)?,
         Cmd::Startup(o) => log_figures(&o, true, true, &mut report)?,
         Cmd::Memory(o) => memory(&o, &mut report)?,
+        Cmd::Policy { .. } => {}
     }
     report.print();
     println!("\nload average at the end: {}", procs::loadavg());
