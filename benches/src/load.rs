@@ -240,9 +240,13 @@ async fn conn_loop(
     start: Instant,
     t: Times,
 ) -> Result<GroupResult, String> {
-    let mut stream = tokio::net::UnixStream::connect(&target.socket)
+    let stream = tokio::net::UnixStream::connect(&target.socket)
         .await
         .map_err(|e| format!("connect {}: {e}", target.socket.display()))?;
+    // Reading and writing go on together: a client that only reads after writing everything
+    // deadlocks with a server whose answers fill the socket buffer.
+    let (mut rd, mut wr) = stream.into_split();
+    let mut written = 0usize;
     let mut gen = OpGen::new(g.mix, scopes, conn, seed);
     let mut res = GroupResult::default();
     let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
@@ -302,12 +306,9 @@ async fn conn_loop(
                 }
             }
         }
-        if !out.is_empty() {
-            stream
-                .write_all(&out)
-                .await
-                .map_err(|e| format!("write: {e}"))?;
+        if written > 0 && written == out.len() {
             out.clear();
+            written = 0;
         }
         if hi == inbuf.len() {
             if lo > 0 {
@@ -322,8 +323,13 @@ async fn conn_loop(
             Some(_) => next_due.min(t.to),
             None => t.to,
         };
+        let pending = written < out.len();
         let n = tokio::select! {
-            r = stream.read(&mut inbuf[hi..]) => r.map_err(|e| format!("read: {e}"))?,
+            r = rd.read(&mut inbuf[hi..]) => r.map_err(|e| format!("read: {e}"))?,
+            w = wr.write(&out[written..]), if pending => {
+                written += w.map_err(|e| format!("write: {e}"))?;
+                continue;
+            }
             _ = tokio::time::sleep_until(wake.into()) => continue,
         };
         if n == 0 {
