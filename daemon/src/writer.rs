@@ -6,7 +6,7 @@
 //! `unavailable` (fail closed) while reads keep working.
 
 use crate::log::{LogError, LogStore};
-use bursar_core::ledger::{self, Answer, Command, IdLookup, IdRecord, Ledger};
+use bursar_core::ledger::{self, Answer, Command, IdLookup, IdRecord, Ledger, Step};
 use bursar_core::policy::LoadedPolicy;
 use bursar_schemas::event::{Actor, Envelope, EventBody, Hash32, PolicyApplied, PricingChanged};
 use bursar_schemas::wire::{
@@ -175,6 +175,38 @@ impl IdLookup for Ids<'_> {
     }
 }
 
+/// The answer line of a write. A new (non-duplicate, non-error) answer was already serialised
+/// once by the ledger for the idempotency index (`IdRecord::answer`, JSON without `req`); the
+/// line is that text with `req` appended, which is byte for byte what `Answer::to_line` gives
+/// (`req` is the last field of every answer struct), without cloning and serialising the
+/// answer a second time.
+fn answer_line(step: &Step, req: Option<Value>) -> String {
+    let stored = match (&step.answer, step.ids.as_slice()) {
+        (
+            Answer::Usage(_) | Answer::Decision(_) | Answer::Release(_) | Answer::Extend(_),
+            [(_, rec)],
+        ) => Some(rec.answer.as_str()),
+        _ => None,
+    };
+    match stored {
+        Some(text) if text.ends_with('}') && text.len() > 2 => match req {
+            None => text.to_string(),
+            Some(r) => match serde_json::to_string(&r) {
+                Ok(r) => {
+                    let mut line = String::with_capacity(text.len() + r.len() + 8);
+                    line.push_str(&text[..text.len() - 1]);
+                    line.push_str(",\"req\":");
+                    line.push_str(&r);
+                    line.push('}');
+                    line
+                }
+                Err(_) => step.answer.to_line(Some(r)),
+            },
+        },
+        _ => step.answer.to_line(req),
+    }
+}
+
 fn encode_id(r: &IdRecord) -> Vec<u8> {
     bincode::serde::encode_to_vec(r, bincode::config::standard()).unwrap_or_default()
 }
@@ -255,9 +287,8 @@ fn one_pass_fold(store: &dyn LogStore, l: &mut Ledger) -> Result<bool, String> {
     let mut retroactive = false;
     let source = store.read_from(l.last_seq() + 1);
     std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Envelope, LogError>>>(
-            RECOVER_CHUNKS_AHEAD,
-        );
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<Vec<Result<Envelope, LogError>>>(RECOVER_CHUNKS_AHEAD);
         let decoder = std::thread::Builder::new()
             .name("bursar-recover".into())
             .spawn_scoped(scope, move || {
@@ -265,10 +296,8 @@ fn one_pass_fold(store: &dyn LogStore, l: &mut Ledger) -> Result<bool, String> {
                 for item in source {
                     chunk.push(item);
                     if chunk.len() == RECOVER_CHUNK_EVENTS {
-                        let full = std::mem::replace(
-                            &mut chunk,
-                            Vec::with_capacity(RECOVER_CHUNK_EVENTS),
-                        );
+                        let full =
+                            std::mem::replace(&mut chunk, Vec::with_capacity(RECOVER_CHUNK_EVENTS));
                         // The fold stopped early (a retroactive price change): stop reading.
                         if tx.send(full).is_err() {
                             return;
@@ -483,6 +512,7 @@ impl Writer {
                             };
                             l.execute(c, now, &ids)
                         };
+                        let line = answer_line(&step, req);
                         for (seq, ts, body) in step.events {
                             self.seal(&mut batch, seq, ts, actor, body);
                         }
@@ -490,7 +520,7 @@ impl Writer {
                             batch.ids.push((k.clone().into_bytes(), encode_id(&v)));
                             batch.pending_ids.insert(k, v);
                         }
-                        batch.replies.push((reply, step.answer.to_line(req)));
+                        batch.replies.push((reply, line));
                     }
                     Job::Reload {
                         policy,
@@ -737,5 +767,69 @@ impl Batch {
         for (reply, line) in self.replies.drain(..) {
             let _ = reply.send(line);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use bursar_schemas::wire::{RecordRequest, ReleaseRequest, ReserveRequest, Usage};
+
+    fn ledger() -> Ledger {
+        let p = bursar_core::policy::default_policy();
+        let mut l = Ledger::new();
+        let body = policy_body(&p, 1);
+        l.apply(1, 1_000, &body).unwrap();
+        l
+    }
+
+    fn lines_agree(l: &mut Ledger, cmd: Command<'_>) {
+        let ids: HashMap<String, IdRecord> = HashMap::new();
+        let step = l.execute(cmd, 2_000_000, &ids);
+        assert!(!step.answer.is_error(), "{:?}", step.answer);
+        for req in [
+            None,
+            Some(serde_json::json!(7)),
+            Some(serde_json::json!({"trace": "a\"b", "n": [1, 2.5, null]})),
+        ] {
+            assert_eq!(answer_line(&step, req.clone()), step.answer.to_line(req));
+        }
+    }
+
+    #[test]
+    fn the_spliced_answer_line_equals_to_line_for_every_new_answer() {
+        let mut l = ledger();
+        let labels: bursar_schemas::Labels = [("team".to_string(), "t1".to_string())].into();
+        let record = RecordRequest {
+            event_id: "e-1".into(),
+            labels: labels.clone(),
+            model: "gpt-4o".into(),
+            usage: Usage {
+                input_tokens: 1200,
+                output_tokens: 300,
+                ..Usage::default()
+            },
+            occurred_at: None,
+            reported_cost_usd: None,
+        };
+        lines_agree(&mut l, Command::Record(&record));
+        let reserve = ReserveRequest {
+            reservation_id: "r-1".into(),
+            labels,
+            model: Some("gpt-4o".into()),
+            estimate: bursar_schemas::wire::Estimate {
+                input_tokens: 100,
+                max_output_tokens: Some(100),
+            },
+            ttl_seconds: Some(60),
+            candidates: None,
+            require: None,
+        };
+        lines_agree(&mut l, Command::Reserve(&reserve));
+        let release = ReleaseRequest {
+            reservation_id: "r-1".into(),
+        };
+        lines_agree(&mut l, Command::Release(&release));
     }
 }
