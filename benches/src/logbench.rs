@@ -6,7 +6,7 @@ use crate::procs;
 use crate::workload::{self, Rng, Scope, MAX_OUTPUT, MODEL};
 use bursar_core::ledger::{Command, IdLookup, IdRecord, Ledger};
 use bursar_schemas::event::{Actor, Envelope, EventBody, Hash32, PolicyApplied};
-use bursar_schemas::wire::{CommitRequest, Estimate, RecordRequest, ReserveRequest, Usage};
+use bursar_schemas::wire::{RecordRequest, Usage};
 use bursar_schemas::{Labels, TsMicros};
 use bursard::log::{LogStore, SledLog};
 use std::collections::VecDeque;
@@ -91,14 +91,6 @@ impl Producer {
         }
         Ok(())
     }
-
-    fn execute(&mut self, cmd: Command<'_>) -> Result<(), String> {
-        let step = self.ledger.execute(cmd, now_micros(), &NoIds);
-        if step.answer.is_error() {
-            return Err(format!("generated command refused: {:?}", step.answer));
-        }
-        self.seal(step.events)
-    }
 }
 
 /// What [`generate`] made.
@@ -106,8 +98,6 @@ impl Producer {
 pub struct Generated {
     /// Events in the log.
     pub events: u64,
-    /// Buckets in the final ledger.
-    pub buckets: usize,
     /// Seconds it took.
     pub secs: f64,
     /// Bytes of the data dir on disk (allocated blocks) after a clean close.
@@ -115,9 +105,15 @@ pub struct Generated {
 }
 
 /// Write a log of about `events` realistic events into `data_dir` through `SledLog`, in
-/// group-commit-sized records of `batch` events: 60 % `record`, 40 % `reserve` followed a little
-/// later by the `commit` of the same hold (each commit releases its hold), over `scopes` scopes.
-/// The idempotency index is not written (replay and start-up never read it).
+/// group-commit-sized records of `batch` events: 60 % `usage_recorded` of a plain `record`,
+/// 40 % `reservation_created` followed a little later by the `usage_recorded` that commits the
+/// same hold, over `scopes` scopes, after the bench policy's `policy_applied`.
+///
+/// The bodies are built directly (labels with the derived `model`, `provider` and `tier` as the
+/// ledger derives them, the hold priced as the daemon prices it) and sealed into the hash chain
+/// like the writer seals them; they are not decided one by one (that would take the daemon's
+/// full write path per event, minutes for 10 M). The idempotency index is not written (replay
+/// and start-up never read it; the daemon run's disk figure includes it).
 pub fn generate(
     data_dir: &Path,
     events: u64,
@@ -125,104 +121,115 @@ pub fn generate(
     scopes: u64,
     seed: u64,
 ) -> Result<Generated, String> {
+    use bursar_schemas::event::{ReservationCreated, ReservationLink, UsageRecorded};
     let started = Instant::now();
     let policy = bench_policy(data_dir)?;
     let mut store = bursard::open_store(data_dir).map_err(|e| e.to_string())?;
     let mut p = Producer::new(&policy)?;
     let mut rng = Rng::new(seed);
-    let mut open: VecDeque<(u64, u64, u64)> = VecDeque::new();
+    let mut open: VecDeque<(u64, Labels, u64, u64)> = VecDeque::new();
+    let mut seq = p.ledger.last_seq();
+    let mut ts = p.ledger.last_ts();
     let mut n = 0u64;
-    let write = |p: &mut Producer, store: &mut SledLog, force: bool| -> Result<(), String> {
-        if p.envs.len() >= batch || (force && !p.envs.is_empty()) {
+    let digest = |rng: &mut Rng| {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+        d[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
+        d
+    };
+    let usage = |input: u64, output: u64| Usage {
+        input_tokens: input,
+        output_tokens: output,
+        ..Usage::default()
+    };
+    while seq < events {
+        n += 1;
+        ts = ts.max(now_micros()).max(ts + 1);
+        seq += 1;
+        let input = rng.range(500, 3000);
+        let output = rng.range(50, MAX_OUTPUT);
+        let commit_now = open.len() > 256 || (!open.is_empty() && rng.below(100) < 40);
+        let body = match open.pop_front().filter(|_| commit_now) {
+            Some((id, labels, input, output)) => EventBody::UsageRecorded(UsageRecorded {
+                event_id: format!("c-{id}"),
+                reservation_id: Some(format!("r-{id}")),
+                reservation: ReservationLink::Known,
+                late: false,
+                labels,
+                model: MODEL.into(),
+                usage: usage(input, output),
+                occurred_at: None,
+                reported_cost_usd: None,
+                payload_digest: digest(&mut rng),
+            }),
+            not_now => {
+                if let Some(o) = not_now {
+                    open.push_front(o);
+                }
+                let s = workload::scope(rng.below(scopes), scopes);
+                let labels = p.ledger.derived_labels(&labels(&s), MODEL, ts);
+                if rng.below(100) < 60 {
+                    EventBody::UsageRecorded(UsageRecorded {
+                        event_id: format!("e-{n}"),
+                        reservation_id: None,
+                        reservation: ReservationLink::None,
+                        late: false,
+                        labels,
+                        model: MODEL.into(),
+                        usage: usage(input, output),
+                        occurred_at: None,
+                        reported_cost_usd: None,
+                        payload_digest: digest(&mut rng),
+                    })
+                } else {
+                    let hold = (input * workload::PRICE_IN + MAX_OUTPUT * workload::PRICE_OUT)
+                        .div_ceil(1_000_000);
+                    open.push_back((n, labels.clone(), input, output));
+                    EventBody::ReservationCreated(ReservationCreated {
+                        reservation_id: format!("r-{n}"),
+                        labels,
+                        model: MODEL.into(),
+                        input_tokens: input,
+                        max_output_tokens: MAX_OUTPUT,
+                        hold_micros: i64::try_from(hold).unwrap_or(i64::MAX),
+                        expires_at: ts + 300_000_000,
+                        payload_digest: digest(&mut rng),
+                    })
+                }
+            }
+        };
+        p.seal(vec![(seq, ts, body)])?;
+        if p.envs.len() >= batch {
             store.append(&p.envs, &[]).map_err(|e| e.to_string())?;
             p.envs.clear();
         }
-        Ok(())
-    };
-    while p.ledger.last_seq() < events {
-        n += 1;
-        let input = rng.range(500, 3000);
-        let output = rng.range(50, MAX_OUTPUT);
-        // Commit an open hold when enough are open, or by chance.
-        if open.len() > 256 || (!open.is_empty() && rng.below(100) < 40) {
-            if let Some((id, input, output)) = open.pop_front() {
-                let req = CommitRequest {
-                    reservation_id: format!("r-{id}"),
-                    event_id: format!("c-{id}"),
-                    usage: Usage {
-                        input_tokens: input,
-                        output_tokens: output,
-                        ..Usage::default()
-                    },
-                    labels: None,
-                    model: None,
-                    occurred_at: None,
-                    reported_cost_usd: None,
-                };
-                p.execute(Command::Commit(&req))?;
-                write(&mut p, &mut store, false)?;
-                continue;
-            }
-        }
-        let s = workload::scope(rng.below(scopes), scopes);
-        if rng.below(100) < 60 {
-            let req = RecordRequest {
-                event_id: format!("e-{n}"),
-                labels: labels(&s),
-                model: MODEL.into(),
-                usage: Usage {
-                    input_tokens: input,
-                    output_tokens: output,
-                    ..Usage::default()
-                },
-                occurred_at: None,
-                reported_cost_usd: None,
-            };
-            p.execute(Command::Record(&req))?;
-        } else {
-            let req = ReserveRequest {
-                reservation_id: format!("r-{n}"),
-                labels: labels(&s),
-                model: Some(MODEL.into()),
-                estimate: Estimate {
-                    input_tokens: input,
-                    max_output_tokens: Some(MAX_OUTPUT),
-                },
-                ttl_seconds: None,
-                candidates: None,
-                require: None,
-            };
-            p.execute(Command::Reserve(&req))?;
-            open.push_back((n, input, output));
-        }
-        write(&mut p, &mut store, false)?;
     }
-    while let Some((id, input, output)) = open.pop_front() {
-        let req = CommitRequest {
-            reservation_id: format!("r-{id}"),
+    while let Some((id, labels, input, output)) = open.pop_front() {
+        ts += 1;
+        seq += 1;
+        let body = EventBody::UsageRecorded(UsageRecorded {
             event_id: format!("c-{id}"),
-            usage: Usage {
-                input_tokens: input,
-                output_tokens: output,
-                ..Usage::default()
-            },
-            labels: None,
-            model: None,
+            reservation_id: Some(format!("r-{id}")),
+            reservation: ReservationLink::Known,
+            late: false,
+            labels,
+            model: MODEL.into(),
+            usage: usage(input, output),
             occurred_at: None,
             reported_cost_usd: None,
-        };
-        p.execute(Command::Commit(&req))?;
+            payload_digest: digest(&mut rng),
+        });
+        p.seal(vec![(seq, ts, body)])?;
     }
-    write(&mut p, &mut store, true)?;
+    if !p.envs.is_empty() {
+        store.append(&p.envs, &[]).map_err(|e| e.to_string())?;
+    }
     store.sync().map_err(|e| e.to_string())?;
-    let events = p.ledger.last_seq();
-    let buckets = p.ledger.bucket_count();
     drop(store);
     // sled lets go of its files a moment after the handle.
     std::thread::sleep(Duration::from_millis(200));
     Ok(Generated {
-        events,
-        buckets,
+        events: seq,
         secs: started.elapsed().as_secs_f64(),
         disk_bytes: procs::dir_bytes(data_dir),
     })

@@ -727,11 +727,10 @@ fn log_figures(o: &Opts, replay: bool, startup: bool, report: &mut Report) -> Re
         let g = logbench::generate(&dir, events, o.batch, o.scopes, o.seed)?;
         let per = g.disk_bytes as f64 / g.events.max(1) as f64;
         println!(
-            "generated {} events in {:.1} s ({} events/s), {} buckets; data dir {} bytes = {per:.0} bytes/event",
+            "generated {} events in {:.1} s ({} events/s); data dir {} bytes = {per:.0} bytes/event",
             fmt_rate(g.events as f64),
             g.secs,
             fmt_rate(g.events as f64 / g.secs),
-            fmt_rate(g.buckets as f64),
             fmt_rate(g.disk_bytes as f64)
         );
         report.add(
@@ -749,7 +748,7 @@ fn log_figures(o: &Opts, replay: bool, startup: bool, report: &mut Report) -> Re
         let r = logbench::replay(&dir)?;
         let rate = r.events as f64 / r.fold_secs;
         println!(
-            "replay: sled open {:.2} s; writer::recover (epochs pass + fold) {:.2} s for {} events = {} events/s; {} buckets",
+            "replay: sled open {:.2} s; writer::recover {:.2} s for {} events = {} events/s; {} buckets",
             r.open_secs,
             r.fold_secs,
             fmt_rate(r.events as f64),
