@@ -107,7 +107,8 @@ pub struct Generated {
 /// Write a log of about `events` realistic events into `data_dir` through `SledLog`, in
 /// group-commit-sized records of `batch` events: 60 % `usage_recorded` of a plain `record`,
 /// 40 % `reservation_created` followed a little later by the `usage_recorded` that commits the
-/// same hold, over `scopes` scopes, after the bench policy's `policy_applied`.
+/// same hold, over `scopes` scopes, after the bench policy's `policy_applied`, with times
+/// spread over `span` up to now.
 ///
 /// The bodies are built directly (labels with the derived `model`, `provider` and `tier` as the
 /// ledger derives them, the hold priced as the daemon prices it) and sealed into the hash chain
@@ -120,6 +121,7 @@ pub fn generate(
     batch: usize,
     scopes: u64,
     seed: u64,
+    span: Duration,
 ) -> Result<Generated, String> {
     use bursar_schemas::event::{ReservationCreated, ReservationLink, UsageRecorded};
     let started = Instant::now();
@@ -130,6 +132,11 @@ pub fn generate(
     let mut open: VecDeque<(u64, Labels, u64, u64)> = VecDeque::new();
     let mut seq = p.ledger.last_seq();
     let mut ts = p.ledger.last_ts();
+    // The events' times are spread evenly over `span`, ending now: a log of millions of events
+    // accumulates over days, and the ledger keeps ended reservations for an hour of log time.
+    let span_micros = i64::try_from(span.as_micros()).unwrap_or(i64::MAX);
+    let step = (span_micros / i64::try_from(events.max(1)).unwrap_or(1)).max(1);
+    let start = now_micros() - span_micros;
     let mut n = 0u64;
     let digest = |rng: &mut Rng| {
         let mut d = [0u8; 16];
@@ -144,8 +151,8 @@ pub fn generate(
     };
     while seq < events {
         n += 1;
-        ts = ts.max(now_micros()).max(ts + 1);
         seq += 1;
+        ts = (start + step * i64::try_from(seq).unwrap_or(0)).max(ts + 1);
         let input = rng.range(500, 3000);
         let output = rng.range(50, MAX_OUTPUT);
         let commit_now = open.len() > 256 || (!open.is_empty() && rng.below(100) < 40);

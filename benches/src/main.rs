@@ -104,7 +104,10 @@ struct Opts {
     /// Events per group-commit record in the generated log.
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// Keep the generated log here (default: a temp dir).
+    /// Hours of log time the generated log's events are spread over (ending now).
+    #[arg(long, default_value_t = 168.0)]
+    span_hours: f64,
+    /// Keep the generated log here (default: a temp dir; an existing one is reused).
     #[arg(long)]
     log_dir: Option<PathBuf>,
     /// Seed of the workload's random choices.
@@ -717,14 +720,22 @@ fn log_figures(o: &Opts, replay: bool, startup: bool, report: &mut Report) -> Re
         println!("\n== log: reusing {} ==", dir.display());
     } else {
         println!(
-        "\n== log: generating {} events ({} per record, {} scopes) through bursard::log::SledLog ==",
+        "\n== log: generating {} events ({} per record, {} scopes, spread over {} h) through bursard::log::SledLog ==",
         fmt_rate(events as f64),
         o.batch,
-        o.scopes
+        o.scopes,
+        o.span_hours
     );
     }
     if !reuse {
-        let g = logbench::generate(&dir, events, o.batch, o.scopes, o.seed)?;
+        let g = logbench::generate(
+            &dir,
+            events,
+            o.batch,
+            o.scopes,
+            o.seed,
+            Duration::from_secs_f64(o.span_hours * 3600.0),
+        )?;
         let per = g.disk_bytes as f64 / g.events.max(1) as f64;
         println!(
             "generated {} events in {:.1} s ({} events/s); data dir {} bytes = {per:.0} bytes/event",
