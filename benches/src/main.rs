@@ -454,11 +454,15 @@ fn total_rate(res: &RunResult, gi: usize) -> f64 {
 }
 
 /// Run `groups` against bursar and (when available) Redis, each on a fresh server.
-fn both(
-    o: &Opts,
-    redis: Option<&PathBuf>,
-    groups: &[Group],
-) -> Result<(RunResult, Option<RunResult>, Option<procs::Proc>), String> {
+/// Both runs' results and the two servers, still running (dropping them stops them).
+type Both = (
+    RunResult,
+    Option<RunResult>,
+    Option<procs::Proc>,
+    Option<procs::Proc>,
+);
+
+fn both(o: &Opts, redis: Option<&PathBuf>, groups: &[Group]) -> Result<Both, String> {
     let run_tag = std::process::id() % 100_000;
     let mut b = bursar_sut(o, run_tag)?;
     let br = load::run(
@@ -483,14 +487,15 @@ fn both(
                 o.duration(),
                 o.seed,
             )?;
-            if let Some(p) = r.proc_.as_mut() {
-                p.stop(Duration::from_secs(10));
-            }
-            Some(res)
+            Some((res, r.proc_.take()))
         }
         None => None,
     };
-    Ok((br, rr, kept))
+    let (rr, rkept) = match rr {
+        Some((res, p)) => (Some(res), p),
+        None => (None, None),
+    };
+    Ok((br, rr, kept, rkept))
 }
 
 fn ratio(b: f64, r: Option<f64>) -> Option<f64> {
@@ -524,7 +529,7 @@ fn workload(
         o.duration().as_secs_f64(),
         o.warmup().as_secs_f64()
     );
-    let (b, r, bproc) = both(o, redis, std::slice::from_ref(&g))?;
+    let (b, r, bproc, rproc) = both(o, redis, std::slice::from_ref(&g))?;
     print_rows("op", &b, r.as_ref(), 0);
     let clients = format!(
         "{} clients{}",
@@ -555,7 +560,13 @@ fn workload(
                 r.as_ref().map(|r| lat(&b) / lat(r).max(1e-9)),
             );
             if let Some(p) = bproc {
-                disk_of_run(&p, r.as_ref(), report)?;
+                let redis = match (redis, rproc, r.as_ref()) {
+                    (Some(bin), Some(rp), Some(rr)) => {
+                        Some((bin, rp, rr.groups[0].ops[OpKind::Record.index()].ok_total))
+                    }
+                    _ => None,
+                };
+                disk_of_run(p, redis, report)?;
             }
         }
         Mix::ReserveCommit => {
@@ -585,11 +596,12 @@ fn workload(
     Ok(())
 }
 
-/// Bytes on disk per event of the record run's data dir (bursard) — the real daemon's figure,
-/// idempotency index and all.
+/// Bytes on disk per event and start-up after a crash, on the record run's data: bursard's
+/// data dir (idempotency index and all) and Redis's AOF dir, each over its own acknowledged
+/// events.
 fn disk_of_run(
-    p: &procs::Proc,
-    _redis: Option<&RunResult>,
+    mut p: procs::Proc,
+    redis: Option<(&PathBuf, procs::Proc, u64)>,
     report: &mut Report,
 ) -> Result<(), String> {
     let answer = procs::request(
@@ -601,15 +613,59 @@ fn disk_of_run(
     let bytes = procs::dir_bytes(&p.data_dir);
     let per = bytes as f64 / events.max(1) as f64;
     println!(
-        "disk: bursard data dir after the record run: {} bytes for {events} events = {per:.0} bytes/event",
-        fmt_rate(bytes as f64)
+        "disk: bursard data dir after the record run: {} bytes for {} events = {per:.0} bytes/event",
+        fmt_rate(bytes as f64),
+        fmt_rate(events as f64)
     );
+    // Crash (SIGKILL) and restart on the same data: what start-up costs after this run.
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    let restarted = procs::start_bursard(Some(&p.data_dir))?;
+    let b_start = restarted.ready_after;
+    drop(restarted);
+    println!(
+        "start-up after kill -9 on that data dir: {:.0} ms to the first answered hello",
+        b_start.as_secs_f64() * 1000.0
+    );
+    let mut r_fig = None;
+    if let Some((bin, mut rp, acked)) = redis {
+        let rbytes = procs::dir_bytes(&rp.data_dir);
+        let rper = rbytes as f64 / acked.max(1) as f64;
+        println!(
+            "disk: redis dir (AOF) after the record run: {} bytes for {} acknowledged records = {rper:.0} bytes/event",
+            fmt_rate(rbytes as f64),
+            fmt_rate(acked as f64)
+        );
+        let _ = rp.child.kill();
+        let _ = rp.child.wait();
+        let dir = rp.data_dir.clone();
+        let again = procs::start_redis_in(bin, &dir)?;
+        let r_start = again.ready_after;
+        drop(again);
+        drop(rp);
+        println!(
+            "redis start-up after kill -9 (AOF load): {:.0} ms to the first answered PING",
+            r_start.as_secs_f64() * 1000.0
+        );
+        r_fig = Some((rper, r_start));
+    }
     report.add(
-        "disk per event (daemon's data dir after the record run, idempotency index included)",
+        "disk per event (data dir after the record run, idempotency index included)",
         "≤ 300 bytes",
         format!("{per:.0} bytes"),
-        None,
-        None,
+        r_fig.map(|(x, _)| format!("{x:.0} bytes (AOF)")),
+        r_fig.map(|(x, _)| per / x.max(1e-9)),
+    );
+    report.add(
+        &format!(
+            "start-up after kill -9 on the record run's data ({} events)",
+            fmt_rate(events as f64)
+        ),
+        "—",
+        format!("{:.0} ms", b_start.as_secs_f64() * 1000.0),
+        r_fig.map(|(_, t)| format!("{:.0} ms (AOF load)", t.as_secs_f64() * 1000.0)),
+        r_fig.map(|(_, t)| b_start.as_secs_f64() / t.as_secs_f64().max(1e-9)),
     );
     Ok(())
 }
@@ -627,7 +683,7 @@ fn ceiling(o: &Opts, redis: Option<&PathBuf>, report: &mut Report) -> Result<(),
         "\n== client ceiling: pipelined hello (Redis: PING), {} ==",
         describe(&g)
     );
-    let (b, r, _) = both(o, redis, std::slice::from_ref(&g))?;
+    let (b, r, _, _) = both(o, redis, std::slice::from_ref(&g))?;
     print_rows("op", &b, r.as_ref(), 0);
     let br = rate_of(&b, 0, OpKind::Hello.index());
     let rr = r.as_ref().map(|r| rate_of(r, 0, OpKind::Hello.index()));
@@ -667,7 +723,7 @@ fn check(o: &Opts, redis: Option<&PathBuf>, report: &mut Report) -> Result<(), S
         o.bg_conns,
         o.scopes
     );
-    let (b, r, _) = both(o, redis, &groups)?;
+    let (b, r, _, _) = both(o, redis, &groups)?;
     println!("-- foreground");
     print_rows("op", &b, r.as_ref(), 0);
     println!("-- background writes");

@@ -195,17 +195,26 @@ pub fn start_redis(bin: &Path) -> Result<Proc, String> {
         .prefix("bursar-bench-redis-")
         .tempdir()
         .map_err(|e| e.to_string())?;
-    let socket = dir.path().join("redis.sock");
-    let conf = dir.path().join("redis.conf");
+    let mut p = start_redis_in(bin, dir.path())?;
+    p._dir = Some(dir);
+    Ok(p)
+}
+
+/// Start `redis-server` on `dir` (its AOF, if any, is loaded first); `ready_after` is the time
+/// from spawn to the first answered PING.
+pub fn start_redis_in(bin: &Path, dir: &Path) -> Result<Proc, String> {
+    let socket = dir.join("redis.sock");
+    let conf = dir.join("redis.conf");
     let text = format!(
         "port 0\nunixsocket {}\nunixsocketperm 700\ndir {}\nappendonly yes\nappendfsync always\n\
          save \"\"\ndaemonize no\nmaxclients 10000\nlogfile \"\"\n",
         socket.display(),
-        dir.path().display()
+        dir.display()
     );
     std::fs::write(&conf, text).map_err(|e| e.to_string())?;
-    let log = dir.path().join("redis.log");
+    let log = dir.join("redis.log");
     let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let spawned = Instant::now();
     let child = Command::new(bin)
         .arg(&conf)
         .stdin(Stdio::null())
@@ -213,12 +222,11 @@ pub fn start_redis(bin: &Path) -> Result<Proc, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start redis-server: {e}"))?;
-    let data_dir = dir.path().to_path_buf();
-    let p = Proc {
+    let mut p = Proc {
         child,
         socket,
-        _dir: Some(dir),
-        data_dir,
+        _dir: None,
+        data_dir: dir.to_path_buf(),
         log,
         ready_after: Duration::ZERO,
     };
@@ -232,8 +240,9 @@ pub fn start_redis(bin: &Path) -> Result<Proc, String> {
         if start.elapsed() > START_TIMEOUT {
             return Err("redis-server did not answer PING".into());
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_micros(200));
     }
+    p.ready_after = spawned.elapsed();
     Ok(p)
 }
 
