@@ -6,7 +6,7 @@
 //! `unavailable` (fail closed) while reads keep working.
 
 use crate::log::{LogError, LogStore};
-use bursar_core::ledger::{self, Answer, Command, IdLookup, IdRecord, Ledger};
+use bursar_core::ledger::{self, Answer, Command, IdLookup, IdRecord, Ledger, Step};
 use bursar_core::policy::LoadedPolicy;
 use bursar_schemas::event::{Actor, Envelope, EventBody, Hash32, PolicyApplied, PricingChanged};
 use bursar_schemas::wire::{
@@ -175,6 +175,38 @@ impl IdLookup for Ids<'_> {
     }
 }
 
+/// The answer line of a write. A new (non-duplicate, non-error) answer was already serialised
+/// once by the ledger for the idempotency index (`IdRecord::answer`, JSON without `req`); the
+/// line is that text with `req` appended, which is byte for byte what `Answer::to_line` gives
+/// (`req` is the last field of every answer struct), without cloning and serialising the
+/// answer a second time.
+fn answer_line(step: &Step, req: Option<Value>) -> String {
+    let stored = match (&step.answer, step.ids.as_slice()) {
+        (
+            Answer::Usage(_) | Answer::Decision(_) | Answer::Release(_) | Answer::Extend(_),
+            [(_, rec)],
+        ) => Some(rec.answer.as_str()),
+        _ => None,
+    };
+    match stored {
+        Some(text) if text.ends_with('}') && text.len() > 2 => match req {
+            None => text.to_string(),
+            Some(r) => match serde_json::to_string(&r) {
+                Ok(r) => {
+                    let mut line = String::with_capacity(text.len() + r.len() + 8);
+                    line.push_str(&text[..text.len() - 1]);
+                    line.push_str(",\"req\":");
+                    line.push_str(&r);
+                    line.push('}');
+                    line
+                }
+                Err(_) => step.answer.to_line(Some(r)),
+            },
+        },
+        _ => step.answer.to_line(req),
+    }
+}
+
 fn encode_id(r: &IdRecord) -> Vec<u8> {
     bincode::serde::encode_to_vec(r, bincode::config::standard()).unwrap_or_default()
 }
@@ -206,8 +238,13 @@ pub fn decode_snapshot(bytes: &[u8]) -> Option<Ledger> {
     .map(|(l, _)| l)
 }
 
-/// Rebuild the ledger at start: the newest usable snapshot, then the log after it. A
-/// retroactive `pricing_changed` in the tail forces a full two-pass fold.
+/// Rebuild the ledger at start: the newest usable snapshot, then the log after it.
+///
+/// The log is read once: events are folded in order while every `pricing_changed` is checked
+/// for retroactivity (an `effective_from` at or before the `ts` of an event already folded, which
+/// a one-pass fold would have priced without it). Only then is the whole log folded again in
+/// the two passes that define a fold (see `bursar_core::ledger::fold`). A log without a
+/// retroactive price change is thus decoded once instead of twice.
 pub fn recover(store: &dyn LogStore) -> Result<Ledger, String> {
     let from_snapshot = match store.latest_snapshot() {
         Ok(Some((seq, bytes))) => match decode_snapshot(&bytes) {
@@ -223,18 +260,76 @@ pub fn recover(store: &dyn LogStore) -> Result<Ledger, String> {
             None
         }
     };
-    if let Some(mut l) = from_snapshot {
-        let snap_ts = l.last_ts();
-        let tail_epochs =
-            ledger::collect_epochs(store.read_from(l.last_seq() + 1)).map_err(|e| e.to_string())?;
-        if tail_epochs.iter().all(|(eff, _, _)| *eff > snap_ts) {
-            let from = l.last_seq() + 1;
-            ledger::fold_into(&mut l, &[], store.read_from(from)).map_err(|e| e.to_string())?;
-            return Ok(l);
-        }
+    let had_snapshot = from_snapshot.is_some();
+    let mut l = from_snapshot.unwrap_or_default();
+    if one_pass_fold(store, &mut l)? {
+        return Ok(l);
+    }
+    if had_snapshot {
         tracing::info!("a retroactive pricing change follows the snapshot; folding the whole log");
     }
     ledger::fold(|| store.read_from(1)).map_err(|e| e.to_string())
+}
+
+/// Events per chunk handed from the decoding thread to the folding one at recovery.
+const RECOVER_CHUNK_EVENTS: usize = 4096;
+/// Chunks decoded ahead of the fold at recovery.
+const RECOVER_CHUNKS_AHEAD: usize = 8;
+
+/// Fold the log after `l` into `l` in one pass. Returns false (leaving `l` half-folded) when a
+/// `pricing_changed` turned out to be retroactive, so the caller must fold in two passes.
+///
+/// Reading and decoding the log runs on a second thread, a few chunks ahead of the fold, so
+/// the two halves of the work (about equal) overlap on two cores.
+fn one_pass_fold(store: &dyn LogStore, l: &mut Ledger) -> Result<bool, String> {
+    let mut last_ts = l.last_ts();
+    let mut folded_any = l.last_seq() > 0;
+    let mut retroactive = false;
+    let source = store.read_from(l.last_seq() + 1);
+    std::thread::scope(|scope| {
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<Vec<Result<Envelope, LogError>>>(RECOVER_CHUNKS_AHEAD);
+        let decoder = std::thread::Builder::new()
+            .name("bursar-recover".into())
+            .spawn_scoped(scope, move || {
+                let mut chunk = Vec::with_capacity(RECOVER_CHUNK_EVENTS);
+                for item in source {
+                    chunk.push(item);
+                    if chunk.len() == RECOVER_CHUNK_EVENTS {
+                        let full =
+                            std::mem::replace(&mut chunk, Vec::with_capacity(RECOVER_CHUNK_EVENTS));
+                        // The fold stopped early (a retroactive price change): stop reading.
+                        if tx.send(full).is_err() {
+                            return;
+                        }
+                    }
+                }
+                if !chunk.is_empty() {
+                    let _ = tx.send(chunk);
+                }
+            })
+            .map_err(|e| format!("cannot start the recovery reader: {e}"))?;
+        let events = rx.iter().flatten().map_while(|item| {
+            if let Ok(env) = &item {
+                if let EventBody::PricingChanged(p) = &env.body {
+                    if folded_any && p.effective_from <= last_ts {
+                        retroactive = true;
+                        return None;
+                    }
+                }
+                last_ts = last_ts.max(env.ts);
+                folded_any = true;
+            }
+            Some(item)
+        });
+        let folded = ledger::fold_into(l, &[], events).map_err(|e| e.to_string());
+        drop(rx);
+        decoder
+            .join()
+            .map_err(|_| "the recovery reader panicked".to_string())?;
+        folded
+    })?;
+    Ok(!retroactive)
 }
 
 /// The writer thread's state.
@@ -383,11 +478,13 @@ impl Writer {
         let poisoned = self.shared.poisoned.load(Ordering::SeqCst);
         let mut batch = Batch::default();
         {
+            // The ledger is locked per job, not per batch: a read (`check`, `status`) waits for
+            // at most one job's decision, never for a whole batch (up to MAX_BATCH_JOBS).
             let shared = self.shared.clone();
-            let mut l = write_ledger(&shared);
             let now = (self.clock)();
             if !poisoned {
-                for (seq, ts, body) in l.reap(now) {
+                let expired = write_ledger(&shared).reap(now);
+                for (seq, ts, body) in expired {
                     self.seal(&mut batch, seq, ts, self.own, body);
                 }
             }
@@ -405,6 +502,7 @@ impl Writer {
                     } => {
                         let now = (self.clock)();
                         let step = {
+                            let mut l = write_ledger(&shared);
                             let store = lock_store(&shared);
                             let ids = Ids {
                                 pending: &batch.pending_ids,
@@ -419,6 +517,7 @@ impl Writer {
                             };
                             l.execute(c, now, &ids)
                         };
+                        let line = answer_line(&step, req.clone());
                         for (seq, ts, body) in step.events {
                             self.seal(&mut batch, seq, ts, actor, body);
                         }
@@ -426,7 +525,6 @@ impl Writer {
                             batch.ids.push((k.clone().into_bytes(), encode_id(&v)));
                             batch.pending_ids.insert(k, v);
                         }
-                        let line = step.answer.to_line(req.clone());
                         batch.replies.push((reply, line, req));
                     }
                     Job::Reload {
@@ -436,6 +534,7 @@ impl Writer {
                         reply,
                     } => {
                         let echo = req.clone();
+                        let mut l = write_ledger(&shared);
                         let line = if poisoned {
                             error_line(ErrorCode::Unavailable, UNAVAILABLE, req)
                         } else {
@@ -489,6 +588,7 @@ impl Writer {
                         req,
                         reply,
                     } => {
+                        let mut l = write_ledger(&shared);
                         let line =
                             self.replay(&mut l, &mut batch, request, actor, req.clone(), poisoned);
                         batch.replies.push((reply, line, req));
@@ -675,5 +775,69 @@ impl Batch {
         for (reply, line, _) in self.replies.drain(..) {
             let _ = reply.send(line);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use bursar_schemas::wire::{RecordRequest, ReleaseRequest, ReserveRequest, Usage};
+
+    fn ledger() -> Ledger {
+        let p = bursar_core::policy::default_policy();
+        let mut l = Ledger::new();
+        let body = policy_body(&p, 1);
+        l.apply(1, 1_000, &body).unwrap();
+        l
+    }
+
+    fn lines_agree(l: &mut Ledger, cmd: Command<'_>) {
+        let ids: HashMap<String, IdRecord> = HashMap::new();
+        let step = l.execute(cmd, 2_000_000, &ids);
+        assert!(!step.answer.is_error(), "{:?}", step.answer);
+        for req in [
+            None,
+            Some(serde_json::json!(7)),
+            Some(serde_json::json!({"trace": "a\"b", "n": [1, 2.5, null]})),
+        ] {
+            assert_eq!(answer_line(&step, req.clone()), step.answer.to_line(req));
+        }
+    }
+
+    #[test]
+    fn the_spliced_answer_line_equals_to_line_for_every_new_answer() {
+        let mut l = ledger();
+        let labels: bursar_schemas::Labels = [("team".to_string(), "t1".to_string())].into();
+        let record = RecordRequest {
+            event_id: "e-1".into(),
+            labels: labels.clone(),
+            model: "gpt-4o".into(),
+            usage: Usage {
+                input_tokens: 1200,
+                output_tokens: 300,
+                ..Usage::default()
+            },
+            occurred_at: None,
+            reported_cost_usd: None,
+        };
+        lines_agree(&mut l, Command::Record(&record));
+        let reserve = ReserveRequest {
+            reservation_id: "r-1".into(),
+            labels,
+            model: Some("gpt-4o".into()),
+            estimate: bursar_schemas::wire::Estimate {
+                input_tokens: 100,
+                max_output_tokens: Some(100),
+            },
+            ttl_seconds: Some(60),
+            candidates: None,
+            require: None,
+        };
+        lines_agree(&mut l, Command::Reserve(&reserve));
+        let release = ReleaseRequest {
+            reservation_id: "r-1".into(),
+        };
+        lines_agree(&mut l, Command::Release(&release));
     }
 }

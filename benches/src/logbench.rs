@@ -1,0 +1,452 @@
+//! Log-side figures: generate a realistic log through the daemon's own log layer, then measure
+//! full replay, start-up to the first answered `hello` with and without a snapshot, memory per
+//! active bucket and bytes on disk per event.
+
+use crate::procs;
+use crate::workload::{self, Rng, Scope, MAX_OUTPUT, MODEL};
+use bursar_core::ledger::{Command, IdLookup, IdRecord, Ledger};
+use bursar_schemas::event::{Actor, Envelope, EventBody, Hash32, PolicyApplied};
+use bursar_schemas::wire::{RecordRequest, Usage};
+use bursar_schemas::{Labels, TsMicros};
+use bursard::log::{LogStore, SledLog};
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Every id is new in a generated log, so the index has nothing to say.
+struct NoIds;
+
+impl IdLookup for NoIds {
+    fn get(&self, _key: &str) -> Option<IdRecord> {
+        None
+    }
+}
+
+fn now_micros() -> TsMicros {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn labels(s: &Scope) -> Labels {
+    let mut l = Labels::new();
+    l.insert("org".into(), format!("o{}", s.org));
+    l.insert("team".into(), format!("t{}", s.team));
+    l.insert("user".into(), format!("u{}", s.user));
+    l.insert("session".into(), format!("s{}", s.session));
+    l
+}
+
+/// The bench policy as the daemon loads it.
+pub fn bench_policy(data_dir: &Path) -> Result<bursar_core::policy::LoadedPolicy, String> {
+    let toml = workload::policy_toml("bench.sock", &data_dir.to_string_lossy());
+    bursar_core::policy::parse_policy(&toml, "bench.toml", &|p| Err(format!("no import {p}")))
+        .map_err(|errs| {
+            errs.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+}
+
+/// Folds commands into a ledger and seals the events into group-commit batches, like the writer.
+struct Producer {
+    ledger: Ledger,
+    prev: Hash32,
+    actor: Actor,
+    envs: Vec<Envelope>,
+}
+
+impl Producer {
+    fn new(policy: &bursar_core::policy::LoadedPolicy) -> Result<Self, String> {
+        let mut p = Producer {
+            ledger: Ledger::new(),
+            prev: Hash32::default(),
+            actor: Actor {
+                uid: 1000,
+                gid: 1000,
+                pid: 4242,
+            },
+            envs: Vec::new(),
+        };
+        let body = EventBody::PolicyApplied(PolicyApplied {
+            policy_version: 1,
+            source: policy.source.clone(),
+            source_hash: policy.source_hash.clone(),
+            policy: policy.resolved.clone(),
+        });
+        let ts = p.ledger.stamp(now_micros());
+        p.ledger.apply(1, ts, &body).map_err(|e| e.to_string())?;
+        p.seal(vec![(1, ts, body)])?;
+        Ok(p)
+    }
+
+    fn seal(&mut self, events: Vec<(u64, TsMicros, EventBody)>) -> Result<(), String> {
+        for (seq, ts, body) in events {
+            let env =
+                Envelope::seal(seq, ts, self.actor, self.prev, body).map_err(|e| e.to_string())?;
+            self.prev = env.hash;
+            self.envs.push(env);
+        }
+        Ok(())
+    }
+}
+
+/// What [`generate`] made.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// Events in the log.
+    pub events: u64,
+    /// Seconds it took.
+    pub secs: f64,
+    /// Bytes of the data dir on disk (allocated blocks) after a clean close.
+    pub disk_bytes: u64,
+}
+
+/// Write a log of about `events` realistic events into `data_dir` through `SledLog`, in
+/// group-commit-sized records of `batch` events: 60 % `usage_recorded` of a plain `record`,
+/// 40 % `reservation_created` followed a little later by the `usage_recorded` that commits the
+/// same hold, over `scopes` scopes, after the bench policy's `policy_applied`, with times
+/// spread over `span` up to now.
+///
+/// The bodies are built directly (labels with the derived `model`, `provider` and `tier` as the
+/// ledger derives them, the hold priced as the daemon prices it) and sealed into the hash chain
+/// like the writer seals them; they are not decided one by one (that would take the daemon's
+/// full write path per event, minutes for 10 M). The idempotency index is not written (replay
+/// and start-up never read it; the daemon run's disk figure includes it).
+pub fn generate(
+    data_dir: &Path,
+    events: u64,
+    batch: usize,
+    scopes: u64,
+    seed: u64,
+    span: Duration,
+) -> Result<Generated, String> {
+    use bursar_schemas::event::{ReservationCreated, ReservationLink, UsageRecorded};
+    let started = Instant::now();
+    let policy = bench_policy(data_dir)?;
+    let mut store = bursard::open_store(data_dir).map_err(|e| e.to_string())?;
+    let mut p = Producer::new(&policy)?;
+    let mut rng = Rng::new(seed);
+    let mut open: VecDeque<(u64, Labels, u64, u64)> = VecDeque::new();
+    let mut seq = p.ledger.last_seq();
+    let mut ts = p.ledger.last_ts();
+    // The events' times are spread evenly over `span`, ending now: a log of millions of events
+    // accumulates over days, and the ledger keeps ended reservations for an hour of log time.
+    let span_micros = i64::try_from(span.as_micros()).unwrap_or(i64::MAX);
+    let step = (span_micros / i64::try_from(events.max(1)).unwrap_or(1)).max(1);
+    let start = now_micros() - span_micros;
+    let mut n = 0u64;
+    let digest = |rng: &mut Rng| {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+        d[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
+        d
+    };
+    let usage = |input: u64, output: u64| Usage {
+        input_tokens: input,
+        output_tokens: output,
+        ..Usage::default()
+    };
+    while seq < events {
+        n += 1;
+        seq += 1;
+        ts = (start + step * i64::try_from(seq).unwrap_or(0)).max(ts + 1);
+        let input = rng.range(500, 3000);
+        let output = rng.range(50, MAX_OUTPUT);
+        let commit_now = open.len() > 256 || (!open.is_empty() && rng.below(100) < 40);
+        let body = match open.pop_front().filter(|_| commit_now) {
+            Some((id, labels, input, output)) => EventBody::UsageRecorded(UsageRecorded {
+                event_id: format!("c-{id}"),
+                reservation_id: Some(format!("r-{id}")),
+                reservation: ReservationLink::Known,
+                late: false,
+                labels,
+                model: MODEL.into(),
+                usage: usage(input, output),
+                occurred_at: None,
+                reported_cost_usd: None,
+                payload_digest: digest(&mut rng),
+            }),
+            not_now => {
+                if let Some(o) = not_now {
+                    open.push_front(o);
+                }
+                let s = workload::scope(rng.below(scopes), scopes);
+                let labels = p.ledger.derived_labels(&labels(&s), MODEL, ts);
+                if rng.below(100) < 60 {
+                    EventBody::UsageRecorded(UsageRecorded {
+                        event_id: format!("e-{n}"),
+                        reservation_id: None,
+                        reservation: ReservationLink::None,
+                        late: false,
+                        labels,
+                        model: MODEL.into(),
+                        usage: usage(input, output),
+                        occurred_at: None,
+                        reported_cost_usd: None,
+                        payload_digest: digest(&mut rng),
+                    })
+                } else {
+                    let hold = (input * workload::PRICE_IN + MAX_OUTPUT * workload::PRICE_OUT)
+                        .div_ceil(1_000_000);
+                    open.push_back((n, labels.clone(), input, output));
+                    EventBody::ReservationCreated(ReservationCreated {
+                        reservation_id: format!("r-{n}"),
+                        labels,
+                        model: MODEL.into(),
+                        input_tokens: input,
+                        max_output_tokens: MAX_OUTPUT,
+                        hold_micros: i64::try_from(hold).unwrap_or(i64::MAX),
+                        expires_at: ts + 300_000_000,
+                        payload_digest: digest(&mut rng),
+                    })
+                }
+            }
+        };
+        p.seal(vec![(seq, ts, body)])?;
+        if p.envs.len() >= batch {
+            store.append(&p.envs, &[]).map_err(|e| e.to_string())?;
+            p.envs.clear();
+        }
+    }
+    while let Some((id, labels, input, output)) = open.pop_front() {
+        ts += 1;
+        seq += 1;
+        let body = EventBody::UsageRecorded(UsageRecorded {
+            event_id: format!("c-{id}"),
+            reservation_id: Some(format!("r-{id}")),
+            reservation: ReservationLink::Known,
+            late: false,
+            labels,
+            model: MODEL.into(),
+            usage: usage(input, output),
+            occurred_at: None,
+            reported_cost_usd: None,
+            payload_digest: digest(&mut rng),
+        });
+        p.seal(vec![(seq, ts, body)])?;
+    }
+    if !p.envs.is_empty() {
+        store.append(&p.envs, &[]).map_err(|e| e.to_string())?;
+    }
+    store.sync().map_err(|e| e.to_string())?;
+    drop(store);
+    // sled lets go of its files a moment after the handle.
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(Generated {
+        events: seq,
+        secs: started.elapsed().as_secs_f64(),
+        disk_bytes: procs::dir_bytes(data_dir),
+    })
+}
+
+/// Full replay figures.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// Seconds to open sled.
+    pub open_secs: f64,
+    /// Seconds of `writer::recover` (two passes: price epochs, then the fold).
+    pub fold_secs: f64,
+    /// Events folded.
+    pub events: u64,
+    /// Buckets in the result.
+    pub buckets: usize,
+    /// Snapshot size, bytes.
+    pub snapshot_bytes: usize,
+    /// Seconds to encode the snapshot.
+    pub snapshot_encode_secs: f64,
+}
+
+/// Open the log and fold it completely (no snapshot), as the daemon does at start; also time
+/// encoding a snapshot of the result (nothing is stored).
+pub fn replay(data_dir: &Path) -> Result<Replay, String> {
+    let t = Instant::now();
+    let store = open_retry(data_dir)?;
+    let open_secs = t.elapsed().as_secs_f64();
+    if store
+        .latest_snapshot()
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        return Err("the log already has a snapshot; replay needs a log without one".into());
+    }
+    let t = Instant::now();
+    let ledger = bursard::writer::recover(&store)?;
+    let fold_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let bytes = bursard::writer::encode_snapshot(&ledger).ok_or("cannot encode a snapshot")?;
+    let r = Replay {
+        open_secs,
+        fold_secs,
+        events: ledger.last_seq(),
+        buckets: ledger.bucket_count(),
+        snapshot_bytes: bytes.len(),
+        snapshot_encode_secs: t.elapsed().as_secs_f64(),
+    };
+    drop(bytes);
+    drop(ledger);
+    drop(store);
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(r)
+}
+
+/// Start-up figures.
+#[derive(Debug, Clone)]
+pub struct Startup {
+    /// Spawn to first answered hello, no snapshot (a full fold of the log).
+    pub without: Duration,
+    /// Same with the daemon's own snapshot.
+    pub with: Duration,
+    /// RSS of the daemon started from the snapshot.
+    pub rss_with: u64,
+}
+
+/// Start `bursard` on the log (no snapshot yet) and time it to the first answered `hello`; write
+/// one event and stop it with SIGTERM, so that it takes its own snapshot on the way out; start
+/// it again and time that.
+pub fn startup_cycle(data_dir: &Path) -> Result<Startup, String> {
+    let mut p = procs::start_bursard(Some(data_dir))?;
+    let without = p.ready_after;
+    let answer = procs::request(
+        &p.socket,
+        r#"{"op":"record","event_id":"startup-probe","labels":{"org":"o0"},"model":"gpt-4o-mini","usage":{"input_tokens":1,"output_tokens":1}}"#,
+    )?;
+    if !answer.starts_with(r#"{"ok":true"#) {
+        return Err(format!("probe record failed: {answer}"));
+    }
+    p.stop(Duration::from_secs(300));
+    drop(p);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = procs::start_bursard(Some(data_dir))?;
+    let with = p.ready_after;
+    let rss_with = procs::rss_bytes(p.pid()).unwrap_or(0);
+    p.stop(Duration::from_secs(300));
+    Ok(Startup {
+        without,
+        with,
+        rss_with,
+    })
+}
+
+/// Start `bursard` on `data_dir` and time it from spawn to the first answered `hello`; returns
+/// that time and the daemon's RSS then.
+pub fn startup(data_dir: &Path) -> Result<(Duration, u64), String> {
+    let mut p = procs::start_bursard(Some(data_dir))?;
+    let rss = procs::rss_bytes(p.pid()).unwrap_or(0);
+    let ready = p.ready_after;
+    p.stop(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(200));
+    Ok((ready, rss))
+}
+
+fn open_retry(dir: &Path) -> Result<SledLog, String> {
+    let start = Instant::now();
+    loop {
+        match SledLog::open(dir) {
+            Ok(s) => return Ok(s),
+            Err(e) if start.elapsed() > Duration::from_secs(10) => return Err(e.to_string()),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Memory per active bucket of the ledger alone: fold one `record` per scope over `scopes`
+/// scopes in this process and divide the RSS growth by the buckets created.
+pub fn memory_inprocess(scopes: u64) -> Result<(usize, f64), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let policy = bench_policy(dir.path())?;
+    let mut p = Producer::new(&policy)?;
+    p.envs.clear();
+    let before = procs::rss_bytes(std::process::id()).unwrap_or(0);
+    let base_buckets = p.ledger.bucket_count();
+    for i in 0..scopes {
+        let s = workload::scope(i, scopes);
+        let req = RecordRequest {
+            event_id: format!("m-{i}"),
+            labels: labels(&s),
+            model: MODEL.into(),
+            usage: Usage {
+                input_tokens: 1000,
+                output_tokens: 100,
+                ..Usage::default()
+            },
+            occurred_at: None,
+            reported_cost_usd: None,
+        };
+        let step = p
+            .ledger
+            .execute(Command::Record(&req), now_micros(), &NoIds);
+        drop(step);
+    }
+    let after = procs::rss_bytes(std::process::id()).unwrap_or(0);
+    let buckets = p.ledger.bucket_count() - base_buckets;
+    let per = after.saturating_sub(before) as f64 / buckets.max(1) as f64;
+    drop(p);
+    Ok((buckets, per))
+}
+
+/// Memory per active bucket of the daemon: RSS after a restart on a log that touched `scopes`
+/// scopes once each, minus RSS after a restart on a log with one scope, over the extra buckets.
+pub fn memory_daemon(scopes: u64) -> Result<(usize, f64), String> {
+    let mut rss = Vec::new();
+    for n in [1, scopes] {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let data = dir.path().join("data");
+        {
+            let mut d = procs::start_bursard(Some(&data))?;
+            send_records(&d.socket, n)?;
+            d.stop(Duration::from_secs(60));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let (_, r) = startup(&data)?;
+        rss.push(r);
+    }
+    let buckets = workload::buckets_for(scopes) - workload::buckets_for(1);
+    let delta = rss.get(1).copied().unwrap_or(0) as f64 - rss.first().copied().unwrap_or(0) as f64;
+    Ok((buckets as usize, delta / buckets.max(1) as f64))
+}
+
+/// One `record` per scope over one pipelined connection.
+fn send_records(socket: &Path, scopes: u64) -> Result<(), String> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let reader = std::thread::spawn(move || -> Result<u64, String> {
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        let mut n = 0;
+        while n < scopes {
+            line.clear();
+            if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                return Err("daemon closed the connection".into());
+            }
+            if !line.starts_with("{\"ok\":true") {
+                return Err(format!("record failed: {line}"));
+            }
+            n += 1;
+        }
+        Ok(n)
+    });
+    let enc = workload::Encoder::Bursar { run: 7 };
+    let mut buf = Vec::with_capacity(1 << 20);
+    for i in 0..scopes {
+        let op = workload::Op {
+            kind: workload::OpKind::Record,
+            scope: workload::scope(i, scopes),
+            n: i,
+            conn: 0,
+            input: 1000,
+            output: 100,
+        };
+        enc.encode(&op, &mut buf);
+        if buf.len() > (1 << 19) {
+            w.write_all(&buf).map_err(|e| e.to_string())?;
+            buf.clear();
+        }
+    }
+    w.write_all(&buf).map_err(|e| e.to_string())?;
+    reader.join().map_err(|_| "reader panicked".to_string())??;
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! `writer::recover` reads the log once (decoding on a second thread) and falls back to the
+//! two-pass fold only for a retroactive `pricing_changed`: in every case it must equal a full
+//! two-pass fold of the log.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bursar_core::ledger::{self, Command, IdRecord, Ledger};
+use bursar_schemas::event::{Actor, Envelope, EventBody, Hash32, PolicyApplied, PricingChanged};
+use bursar_schemas::wire::{RecordRequest, Usage};
+use bursar_schemas::TsMicros;
+use bursard::log::testing::{MemDisk, MemLog};
+use bursard::log::LogStore;
+use std::collections::HashMap;
+
+const T0: TsMicros = 1_800_000_000_000_000;
+
+/// Builds a log through a live ledger, one event per record, like the writer does.
+struct Builder {
+    ledger: Ledger,
+    store: MemLog,
+    prev: Hash32,
+    now: TsMicros,
+    n: u64,
+}
+
+impl Builder {
+    fn new(disk: &MemDisk) -> Self {
+        let mut b = Builder {
+            ledger: Ledger::new(),
+            store: MemLog::open(disk).unwrap(),
+            prev: Hash32::default(),
+            now: T0,
+            n: 0,
+        };
+        let p = bursar_core::policy::default_policy();
+        b.push(EventBody::PolicyApplied(PolicyApplied {
+            policy_version: 1,
+            source: p.source.clone(),
+            source_hash: p.source_hash.clone(),
+            policy: p.resolved.clone(),
+        }));
+        b
+    }
+
+    fn push(&mut self, body: EventBody) {
+        self.now += 1_000_000;
+        let seq = self.ledger.last_seq() + 1;
+        let ts = self.ledger.stamp(self.now);
+        self.ledger.apply(seq, ts, &body).unwrap();
+        self.seal(vec![(seq, ts, body)]);
+    }
+
+    fn seal(&mut self, events: Vec<(u64, TsMicros, EventBody)>) {
+        let mut envs = Vec::new();
+        for (seq, ts, body) in events {
+            let env = Envelope::seal(seq, ts, Actor::default(), self.prev, body).unwrap();
+            self.prev = env.hash;
+            envs.push(env);
+        }
+        self.store.append(&envs, &[]).unwrap();
+        self.store.sync().unwrap();
+    }
+
+    fn records(&mut self, k: u64) {
+        for _ in 0..k {
+            self.n += 1;
+            self.now += 1_000_000;
+            let req = RecordRequest {
+                event_id: format!("e-{}", self.n),
+                labels: [("team".to_string(), format!("t{}", self.n % 3))].into(),
+                model: "gpt-4o".into(),
+                usage: Usage {
+                    input_tokens: 1000 + self.n,
+                    output_tokens: 100,
+                    ..Usage::default()
+                },
+                occurred_at: None,
+                reported_cost_usd: None,
+            };
+            let ids: HashMap<String, IdRecord> = HashMap::new();
+            let step = self.ledger.execute(Command::Record(&req), self.now, &ids);
+            assert!(!step.answer.is_error(), "{:?}", step.answer);
+            self.seal(step.events);
+        }
+    }
+
+    /// A price change for gpt-4o (10× its input price), effective from `effective_from`.
+    fn reprice(&mut self, effective_from: TsMicros) {
+        let mut table = self.ledger.current_prices().cloned().unwrap();
+        let p = table.models.get_mut("gpt-4o").unwrap();
+        p.input_per_mtok *= 10;
+        self.push(EventBody::PricingChanged(PricingChanged {
+            effective_from,
+            pricing: table,
+        }));
+    }
+
+    fn full_fold(&self) -> Ledger {
+        ledger::fold(|| self.store.read_from(1)).unwrap()
+    }
+}
+
+#[test]
+fn recovery_of_a_log_without_price_changes_equals_a_full_fold() {
+    let disk = MemDisk::new();
+    let mut b = Builder::new(&disk);
+    b.records(10_000);
+    let recovered = bursard::writer::recover(&b.store).unwrap();
+    assert_eq!(recovered.last_seq(), b.ledger.last_seq());
+    assert_eq!(recovered, b.full_fold());
+}
+
+#[test]
+fn recovery_with_a_forward_price_change_equals_a_full_fold() {
+    let disk = MemDisk::new();
+    let mut b = Builder::new(&disk);
+    b.records(50);
+    let future = b.now + 10_000_000;
+    b.reprice(future);
+    b.records(50);
+    let recovered = bursard::writer::recover(&b.store).unwrap();
+    assert_eq!(recovered, b.full_fold());
+}
+
+#[test]
+fn recovery_with_a_retroactive_price_change_equals_the_two_pass_fold() {
+    let disk = MemDisk::new();
+    let mut b = Builder::new(&disk);
+    b.records(50);
+    // Reaches back over the last 20 records: a one-pass fold would price them wrongly.
+    let past = b.now - 20_500_000;
+    b.reprice(past);
+    b.records(50);
+    let full = b.full_fold();
+    let recovered = bursard::writer::recover(&b.store).unwrap();
+    assert_eq!(recovered, full);
+    // The live ledger priced those 20 records before it knew the change, so it differs.
+    assert_ne!(b.ledger, full);
+}
+
+#[test]
+fn recovery_from_a_snapshot_with_a_retroactive_change_in_the_tail_equals_a_full_fold() {
+    let disk = MemDisk::new();
+    let mut b = Builder::new(&disk);
+    b.records(40);
+    let snap = bursard::writer::encode_snapshot(&b.ledger).unwrap();
+    b.store.put_snapshot(b.ledger.last_seq(), &snap).unwrap();
+    b.store.sync().unwrap();
+    b.records(10);
+    let past = b.now - 30_500_000;
+    b.reprice(past);
+    b.records(10);
+    let recovered = bursard::writer::recover(&b.store).unwrap();
+    assert_eq!(recovered, b.full_fold());
+}
+
+#[test]
+fn recovery_from_a_snapshot_plus_tail_equals_a_full_fold() {
+    let disk = MemDisk::new();
+    let mut b = Builder::new(&disk);
+    b.records(40);
+    let snap = bursard::writer::encode_snapshot(&b.ledger).unwrap();
+    b.store.put_snapshot(b.ledger.last_seq(), &snap).unwrap();
+    b.store.sync().unwrap();
+    b.records(5000);
+    let recovered = bursard::writer::recover(&b.store).unwrap();
+    assert_eq!(recovered, b.full_fold());
+}
