@@ -1,1 +1,1155 @@
-fn main() {}
+//! `bursar`: the companion CLI of `bursard` (SPEC §9).
+//!
+//! Exit codes: 0 success; 1 an error (one line on stderr); 2 a usage error (bad flags);
+//! 3 `check` or `reserve` answered `deny`. See `bursar --help`.
+
+use bursar_cli::offline::{Offline, OfflineError};
+use bursar_cli::render::{self, now_micros};
+use bursar_cli::{csv, policy_toml, resolve_socket, Client, ClientError};
+use bursar_schemas::event::EventBody;
+use bursar_schemas::policy::{PolicyFile, PricingSection};
+use bursar_schemas::wire::{
+    CheckRequest, CommitRequest, Decision, DecisionAnswer, Estimate, ExportRequest, ExportedEvent,
+    ExtendRequest, RecordRequest, ReleaseRequest, ReplayRequest, Request, ReserveRequest,
+    StatusRequest, TailRequest, Usage, UsageAnswer,
+};
+use bursar_schemas::Labels;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Exit code of `check` and `reserve` when the answer is `deny`.
+const EXIT_DENIED: u8 = 3;
+/// Exit code of an error.
+const EXIT_ERROR: u8 = 1;
+
+const AFTER_HELP: &str = "\
+Socket: --socket, else $BURSAR_SOCKET, else $XDG_RUNTIME_DIR/bursar.sock, else ./bursar.sock.
+Offline: with --data-dir DIR, `status`, `export`, `verify`, `tail`, `replay` (dry run) and
+`policy show` read a stopped daemon's data dir directly.
+Money is shown in exact dollars; --json prints the daemon's answers as they are (micro-USD).
+Exit codes: 0 ok, 1 error, 2 usage error, 3 `check`/`reserve` denied.";
+
+/// bursar: budgets for LLM agents. Talks to the `bursard` daemon over its Unix socket.
+#[derive(Parser, Debug)]
+#[command(name = "bursar", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// The daemon's socket.
+    #[arg(long, global = true, env = "BURSAR_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Machine output: the daemon's answers as JSON (events as JSON Lines).
+    #[arg(long, global = true)]
+    json: bool,
+    /// Offline mode: read a stopped daemon's data dir instead of asking the daemon.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Budgets at a glance: spent / limit, held, utilization, state, next reset.
+    Status(StatusArgs),
+    /// Would this call be allowed? Holds nothing, records nothing. Exit 3 on deny.
+    Check(CheckArgs),
+    /// Hold the worst case of a call before making it. Exit 3 on deny.
+    Reserve(ReserveArgs),
+    /// Record the actual usage of a reserved call and release its hold.
+    Commit(CommitArgs),
+    /// Cancel a hold.
+    Release(ReleaseArgs),
+    /// Give a live hold a new lifetime.
+    Extend(ExtendArgs),
+    /// Record usage that already happened (no reservation).
+    Record(RecordArgs),
+    /// Show the last events of the log; -f keeps following new ones.
+    Tail(TailArgs),
+    /// Export the audit trail as JSON Lines or CSV.
+    Export(ExportArgs),
+    /// Check the log's hash chain from the first event to the last.
+    Verify,
+    /// Fold the log again under new prices and show what changes.
+    Replay(ReplayArgs),
+    /// Check a policy file, or show the policy in force.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Make the daemon read its policy file again (admin only).
+    Reload,
+    /// Price tables.
+    #[command(subcommand)]
+    Pricing(PricingCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Validate a bursar.toml; errors name the line and the key. Exit 1 when invalid.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Print the policy in force (the last `policy_applied` event of the log) as bursar.toml.
+    Show {
+        /// Include the full price table.
+        #[arg(long)]
+        prices: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PricingCommand {
+    /// Convert a LiteLLM model_prices_and_context_window.json to [pricing] TOML on stdout.
+    Import {
+        /// The LiteLLM JSON file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Keep buckets whose budget groups by this label with this value (repeatable).
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Keep one budget.
+    #[arg(long, value_name = "ID")]
+    budget: Option<String>,
+    /// At most this many buckets, most utilized first.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Refresh in place until interrupted.
+    #[arg(long)]
+    watch: bool,
+    /// Seconds between refreshes with --watch.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 2.0,
+        requires = "watch"
+    )]
+    interval: f64,
+    /// Stop after this many refreshes with --watch.
+    #[arg(long, value_name = "N", requires = "watch")]
+    count: Option<u64>,
+}
+
+/// Labels, model and estimate shared by `check` and `reserve`.
+#[derive(Args, Debug)]
+struct CallArgs {
+    /// A label of the call (repeatable), e.g. --label team=search.
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// The model (or give --candidate).
+    #[arg(long)]
+    model: Option<String>,
+    /// Input tokens of the prompt.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    input_tokens: u64,
+    /// Most output tokens the call may produce (default and cap: the model's maximum).
+    #[arg(long, value_name = "N")]
+    max_output_tokens: Option<u64>,
+    /// A fallback candidate model, in order of preference (repeatable).
+    #[arg(long = "candidate", value_name = "MODEL")]
+    candidates: Vec<String>,
+    /// A capability every candidate must have (repeatable), e.g. --require tools.
+    #[arg(long = "require", value_name = "CAPABILITY")]
+    require: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    #[command(flatten)]
+    call: CallArgs,
+}
+
+#[derive(Args, Debug)]
+struct ReserveArgs {
+    #[command(flatten)]
+    call: CallArgs,
+    /// Id of the hold (default: a generated unique id, printed).
+    #[arg(long, value_name = "ID")]
+    reservation_id: Option<String>,
+    /// Hold lifetime in seconds (default: the policy's reservation_ttl_seconds).
+    #[arg(long, value_name = "SECONDS")]
+    ttl_seconds: Option<u64>,
+}
+
+/// Token counts of a call that happened.
+#[derive(Args, Debug)]
+struct UsageArgs {
+    /// Uncached input tokens.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    input_tokens: u64,
+    /// Output tokens.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    output_tokens: u64,
+    /// Cached-input (cache read) tokens.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    cached_input_tokens: u64,
+    /// Cache-write (cache creation) tokens.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    cache_write_tokens: u64,
+    /// Number of requests.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    requests: u64,
+    /// Id of the usage event (default: a generated unique id). Re-sending the same id and
+    /// payload counts once.
+    #[arg(long, value_name = "ID")]
+    event_id: Option<String>,
+    /// When the call happened as the client saw it, RFC 3339 (audit only).
+    #[arg(long, value_name = "TIME")]
+    occurred_at: Option<String>,
+    /// The provider's own figure for the cost, in dollars (audit only).
+    #[arg(long, value_name = "USD")]
+    reported_cost_usd: Option<String>,
+}
+
+impl UsageArgs {
+    fn usage(&self) -> Usage {
+        Usage {
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cached_input_tokens: self.cached_input_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            requests: self.requests,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct RecordArgs {
+    /// A label of the call (repeatable), e.g. --label team=search.
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// The model.
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    usage: UsageArgs,
+}
+
+#[derive(Args, Debug)]
+struct CommitArgs {
+    /// The hold being committed.
+    #[arg(long, value_name = "ID")]
+    reservation_id: String,
+    /// Model, used only when the daemon does not know the reservation.
+    #[arg(long)]
+    model: Option<String>,
+    /// Labels, used only when the daemon does not know the reservation (repeatable).
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    #[command(flatten)]
+    usage: UsageArgs,
+}
+
+#[derive(Args, Debug)]
+struct ReleaseArgs {
+    /// The hold to cancel.
+    #[arg(long, value_name = "ID")]
+    reservation_id: String,
+}
+
+#[derive(Args, Debug)]
+struct ExtendArgs {
+    /// The hold.
+    #[arg(long, value_name = "ID")]
+    reservation_id: String,
+    /// New lifetime from now, in seconds (at most 86400).
+    #[arg(long, value_name = "SECONDS")]
+    ttl_seconds: u64,
+}
+
+#[derive(Args, Debug)]
+struct TailArgs {
+    /// Keep following: print new events as they are written, until interrupted.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Start at this seq (default: the last 10 events; with -f, only new ones).
+    #[arg(long, value_name = "SEQ")]
+    from_seq: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Format {
+    /// One JSON object per event and line.
+    Jsonl,
+    /// A header line, then one line per event.
+    Csv,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+    format: Format,
+    /// Events at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Events before this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Keep events carrying this label with this value (repeatable; all must hold).
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Write to FILE (atomically: a temporary file renamed at the end) instead of stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ReplayArgs {
+    /// New prices: a TOML file with a [pricing] section (as in bursar.toml), or a LiteLLM
+    /// JSON price file. Merged over the prices in force.
+    #[arg(long, value_name = "FILE")]
+    pricing: PathBuf,
+    /// The new prices apply to events at or after this time (RFC 3339; default: all).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Append a pricing_changed event so the live figures follow (admin only).
+    #[arg(long)]
+    apply: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+fn labels_of(pairs: &[(String, String)]) -> Labels {
+    pairs.iter().cloned().collect()
+}
+
+/// Why a command failed.
+enum Fail {
+    /// A message for stderr.
+    Msg(String),
+    /// Stdout was closed (e.g. `| head`): stop quietly.
+    Pipe,
+}
+
+impl From<std::io::Error> for Fail {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Fail::Pipe
+        } else {
+            Fail::Msg(format!(
+                "cannot write output: {}",
+                bursar_cli::os_message(&e)
+            ))
+        }
+    }
+}
+
+impl From<ClientError> for Fail {
+    fn from(e: ClientError) -> Self {
+        if let ClientError::Io(io) = &e {
+            if io.kind() == std::io::ErrorKind::BrokenPipe {
+                return Fail::Msg(
+                    "the connection to bursard broke (did the daemon stop?)".to_string(),
+                );
+            }
+        }
+        Fail::Msg(e.to_string())
+    }
+}
+
+impl From<OfflineError> for Fail {
+    fn from(e: OfflineError) -> Self {
+        Fail::Msg(e.to_string())
+    }
+}
+
+fn msg(text: impl Into<String>) -> Fail {
+    Fail::Msg(text.into())
+}
+
+type Res<T> = Result<T, Fail>;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = run(&cli, &mut out);
+    let flushed = out.flush();
+    match result {
+        Ok(code) => match flushed {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                eprintln!(
+                    "bursar: cannot write output: {}",
+                    bursar_cli::os_message(&e)
+                );
+                ExitCode::from(EXIT_ERROR)
+            }
+            _ => ExitCode::from(code),
+        },
+        Err(Fail::Pipe) => ExitCode::SUCCESS,
+        Err(Fail::Msg(m)) => {
+            eprintln!("bursar: {m}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// Where a command gets its data.
+enum Source {
+    Daemon(PathBuf),
+    Offline(PathBuf),
+}
+
+fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
+    let source = match &cli.data_dir {
+        Some(d) => Source::Offline(d.clone()),
+        None => Source::Daemon(resolve_socket(cli.socket.as_deref())),
+    };
+    let json = cli.json;
+    let online = |name: &str| -> Res<Client> {
+        match &source {
+            Source::Daemon(path) => Ok(Client::connect(path)?),
+            Source::Offline(_) => Err(msg(format!(
+                "`bursar {name}` needs the daemon; --data-dir works with status, export, verify, \
+                 tail, replay (dry run) and policy show"
+            ))),
+        }
+    };
+    match &cli.command {
+        Command::Status(a) => status(&source, a, json, out),
+        Command::Check(a) => {
+            let mut c = online("check")?;
+            let req = CheckRequest {
+                labels: labels_of(&a.call.labels),
+                model: a.call.model.clone(),
+                estimate: estimate(&a.call),
+                candidates: candidates(&a.call),
+                require: require(&a.call),
+            };
+            let v = c.call_raw(&Request::Check(req))?;
+            decision_out(None, v, json, out)
+        }
+        Command::Reserve(a) => {
+            let mut c = online("reserve")?;
+            let rid = a
+                .reservation_id
+                .clone()
+                .unwrap_or_else(|| bursar_cli::new_id("r"));
+            let req = ReserveRequest {
+                reservation_id: rid.clone(),
+                labels: labels_of(&a.call.labels),
+                model: a.call.model.clone(),
+                estimate: estimate(&a.call),
+                ttl_seconds: a.ttl_seconds,
+                candidates: candidates(&a.call),
+                require: require(&a.call),
+            };
+            let v = c.call_raw(&Request::Reserve(req))?;
+            decision_out(Some(&rid), v, json, out)
+        }
+        Command::Commit(a) => {
+            let mut c = online("commit")?;
+            let eid = a
+                .usage
+                .event_id
+                .clone()
+                .unwrap_or_else(|| bursar_cli::new_id("e"));
+            let req = CommitRequest {
+                reservation_id: a.reservation_id.clone(),
+                event_id: eid.clone(),
+                usage: a.usage.usage(),
+                labels: (!a.labels.is_empty()).then(|| labels_of(&a.labels)),
+                model: a.model.clone(),
+                occurred_at: a.usage.occurred_at.clone(),
+                reported_cost_usd: a.usage.reported_cost_usd.clone(),
+            };
+            let v = c.call_raw(&Request::Commit(req))?;
+            usage_out("committed", &eid, v, json, out)
+        }
+        Command::Record(a) => {
+            let mut c = online("record")?;
+            let eid = a
+                .usage
+                .event_id
+                .clone()
+                .unwrap_or_else(|| bursar_cli::new_id("e"));
+            let req = RecordRequest {
+                event_id: eid.clone(),
+                labels: labels_of(&a.labels),
+                model: a.model.clone(),
+                usage: a.usage.usage(),
+                occurred_at: a.usage.occurred_at.clone(),
+                reported_cost_usd: a.usage.reported_cost_usd.clone(),
+            };
+            let v = c.call_raw(&Request::Record(req))?;
+            usage_out("recorded", &eid, v, json, out)
+        }
+        Command::Release(a) => {
+            let mut c = online("release")?;
+            let v = c.call_raw(&Request::Release(ReleaseRequest {
+                reservation_id: a.reservation_id.clone(),
+            }))?;
+            if json {
+                return json_line(out, &v);
+            }
+            let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
+            writeln!(out, "released {} (seq {seq})", a.reservation_id)?;
+            Ok(0)
+        }
+        Command::Extend(a) => {
+            let mut c = online("extend")?;
+            let v = c.call_raw(&Request::Extend(ExtendRequest {
+                reservation_id: a.reservation_id.clone(),
+                ttl_seconds: a.ttl_seconds,
+            }))?;
+            if json {
+                return json_line(out, &v);
+            }
+            let exp = v.get("expires_at").and_then(Value::as_str).unwrap_or("?");
+            let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
+            writeln!(
+                out,
+                "extended {}: expires {exp} (seq {seq})",
+                a.reservation_id
+            )?;
+            Ok(0)
+        }
+        Command::Tail(a) => tail(&source, a, json, out),
+        Command::Export(a) => export(&source, a, out),
+        Command::Verify => verify(&source, json, out),
+        Command::Replay(a) => replay(&source, a, json, out),
+        Command::Policy(PolicyCommand::Check { file }) => policy_check(file, json, out),
+        Command::Policy(PolicyCommand::Show { prices }) => policy_show(&source, *prices, json, out),
+        Command::Reload => {
+            let mut c = online("reload")?;
+            let before = c.hello(Some("bursar-cli"))?;
+            let v = c.call_raw(&Request::Reload)?;
+            if json {
+                return json_line(out, &v);
+            }
+            let after = v.get("policy_version").and_then(Value::as_u64).unwrap_or(0);
+            if after == before.policy_version {
+                writeln!(out, "policy version {after} in force (unchanged)")?;
+            } else {
+                writeln!(
+                    out,
+                    "policy version {after} in force (was {})",
+                    before.policy_version
+                )?;
+            }
+            Ok(0)
+        }
+        Command::Pricing(PricingCommand::Import { file }) => pricing_import(file, out),
+    }
+}
+
+fn estimate(a: &CallArgs) -> Estimate {
+    Estimate {
+        input_tokens: a.input_tokens,
+        max_output_tokens: a.max_output_tokens,
+    }
+}
+
+fn candidates(a: &CallArgs) -> Option<Vec<String>> {
+    (!a.candidates.is_empty()).then(|| a.candidates.clone())
+}
+
+fn require(a: &CallArgs) -> Option<Vec<String>> {
+    (!a.require.is_empty()).then(|| a.require.clone())
+}
+
+fn json_line(out: &mut dyn Write, v: &impl serde::Serialize) -> Res<u8> {
+    let text = serde_json::to_string(v).map_err(|e| msg(format!("cannot encode JSON: {e}")))?;
+    writeln!(out, "{text}")?;
+    Ok(0)
+}
+
+fn decision_out(rid: Option<&str>, v: Value, json: bool, out: &mut dyn Write) -> Res<u8> {
+    let a: DecisionAnswer = bursar_cli::decode_answer(v.clone())?;
+    let code = if a.decision == Decision::Deny {
+        EXIT_DENIED
+    } else {
+        0
+    };
+    if json {
+        json_line(out, &v)?;
+    } else {
+        write!(out, "{}", render::decision_answer(rid, &a, now_micros()))?;
+    }
+    Ok(code)
+}
+
+fn usage_out(verb: &str, eid: &str, v: Value, json: bool, out: &mut dyn Write) -> Res<u8> {
+    if json {
+        return json_line(out, &v);
+    }
+    let a: UsageAnswer = bursar_cli::decode_answer(v)?;
+    write!(out, "{}", render::usage_answer(verb, eid, &a, now_micros()))?;
+    Ok(0)
+}
+
+fn open_offline(dir: &Path) -> Res<Offline> {
+    Ok(Offline::open(dir)?)
+}
+
+fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> Res<u8> {
+    let req = StatusRequest {
+        labels: (!a.labels.is_empty()).then(|| labels_of(&a.labels)),
+        budget: a.budget.clone(),
+        limit: a.limit,
+    };
+    let path = match source {
+        Source::Offline(dir) => {
+            if a.watch {
+                return Err(msg(
+                    "status --watch needs the daemon (a stopped daemon's data does not change)",
+                ));
+            }
+            let answer = open_offline(dir)?.status(&req, now_micros())?;
+            if json {
+                return json_line(out, &answer);
+            }
+            write_status(out, &answer.budgets, &req)?;
+            return Ok(0);
+        }
+        Source::Daemon(p) => p,
+    };
+    let mut client = Client::connect(path)?;
+    if !a.watch {
+        let v = client.call_raw(&Request::Status(req.clone()))?;
+        if json {
+            return json_line(out, &v);
+        }
+        let answer: bursar_schemas::wire::StatusAnswer = bursar_cli::decode_answer(v)?;
+        write_status(out, &answer.budgets, &req)?;
+        return Ok(0);
+    }
+    let interval = if a.interval.is_finite() && a.interval >= 0.05 {
+        Duration::from_secs_f64(a.interval.min(86_400.0))
+    } else {
+        return Err(msg("--interval must be at least 0.05 seconds"));
+    };
+    let tty = std::io::stdout().is_terminal();
+    let mut n = 0u64;
+    loop {
+        let v = client.call_raw(&Request::Status(req.clone()))?;
+        if json {
+            json_line(out, &v)?;
+        } else {
+            let answer: bursar_schemas::wire::StatusAnswer = bursar_cli::decode_answer(v)?;
+            if tty {
+                // Home the cursor and clear the screen: refresh in place.
+                write!(out, "\x1b[H\x1b[2J")?;
+            }
+            writeln!(
+                out,
+                "bursar status at {}  (every {}s; Ctrl-C to stop)",
+                bursar_core::time::format_ts(now_micros()),
+                interval.as_secs_f64()
+            )?;
+            write_status(out, &answer.budgets, &req)?;
+            if !tty {
+                writeln!(out)?;
+            }
+        }
+        out.flush()?;
+        n += 1;
+        if a.count.is_some_and(|c| n >= c) {
+            return Ok(0);
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+fn write_status(
+    out: &mut dyn Write,
+    budgets: &[bursar_schemas::wire::BudgetReport],
+    req: &StatusRequest,
+) -> Res<()> {
+    if budgets.is_empty() {
+        if req.budget.is_some() || req.labels.is_some() {
+            writeln!(out, "no bucket matches the filter")?;
+        } else {
+            writeln!(
+                out,
+                "no budget has seen any usage yet (record some with `bursar record`)"
+            )?;
+        }
+        return Ok(());
+    }
+    write!(out, "{}", render::budgets_table(budgets, now_micros()))?;
+    Ok(())
+}
+
+fn print_event(out: &mut dyn Write, e: &ExportedEvent, json: bool) -> Res<()> {
+    if json {
+        json_line(out, e)?;
+    } else {
+        writeln!(out, "{}", render::event_line(e))?;
+    }
+    Ok(())
+}
+
+fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u8> {
+    match source {
+        Source::Offline(dir) => {
+            if a.follow {
+                return Err(msg("tail -f needs the daemon (no events arrive offline)"));
+            }
+            let mut off = open_offline(dir)?;
+            let from = a.from_seq.unwrap_or_else(|| {
+                off.head()
+                    .saturating_sub(bursard::server::TAIL_DEFAULT_EVENTS - 1)
+                    .max(1)
+            });
+            for ev in off.events(from, &ExportRequest::default())? {
+                print_event(out, &ev?, json)?;
+            }
+            Ok(0)
+        }
+        Source::Daemon(path) => {
+            let mut c = Client::connect(path)?;
+            let mut stream = c.stream(&Request::Tail(TailRequest {
+                from_seq: a.from_seq,
+                follow: a.follow,
+            }))?;
+            for ev in stream.by_ref() {
+                print_event(out, &ev?, json)?;
+                if a.follow {
+                    out.flush()?;
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Export output: stdout, or a temporary file renamed into place at the end.
+struct Sink<'a> {
+    out: Box<dyn Write + 'a>,
+    file: Option<(PathBuf, PathBuf)>,
+}
+
+impl<'a> Sink<'a> {
+    fn new(output: Option<&Path>, stdout: &'a mut dyn Write) -> Res<Sink<'a>> {
+        match output {
+            None => Ok(Sink {
+                out: Box::new(stdout),
+                file: None,
+            }),
+            Some(path) => {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .ok_or_else(|| msg(format!("-o {}: not a file name", path.display())))?;
+                let tmp = path.with_file_name(format!(".{name}.{}.partial", std::process::id()));
+                let f = std::fs::File::create(&tmp).map_err(|e| {
+                    msg(format!(
+                        "cannot create {}: {}",
+                        tmp.display(),
+                        bursar_cli::os_message(&e)
+                    ))
+                })?;
+                Ok(Sink {
+                    out: Box::new(std::io::BufWriter::with_capacity(256 * 1024, f)),
+                    file: Some((tmp, path.to_path_buf())),
+                })
+            }
+        }
+    }
+
+    fn finish(mut self) -> Res<()> {
+        self.out.flush()?;
+        if let Some((tmp, path)) = self.file.take() {
+            // Make the export durable before it appears under its name.
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| {
+                    msg(format!(
+                        "cannot sync {}: {}",
+                        tmp.display(),
+                        bursar_cli::os_message(&e)
+                    ))
+                })?;
+            std::fs::rename(&tmp, &path).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                msg(format!(
+                    "cannot move the export into {}: {}",
+                    path.display(),
+                    bursar_cli::os_message(&e)
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Sink<'_> {
+    fn drop(&mut self) {
+        if let Some((tmp, _)) = &self.file {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// A progress line on stderr for long exports, only when stderr is a terminal.
+struct Progress {
+    on: bool,
+    started: Instant,
+    last: Instant,
+    shown: bool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let now = Instant::now();
+        Progress {
+            on: std::io::stderr().is_terminal(),
+            started: now,
+            last: now,
+            shown: false,
+        }
+    }
+
+    fn tick(&mut self, n: u64) {
+        if !self.on || n % 1024 != 0 {
+            return;
+        }
+        let now = Instant::now();
+        if now.duration_since(self.started) < Duration::from_secs(1)
+            || now.duration_since(self.last) < Duration::from_millis(250)
+        {
+            return;
+        }
+        self.last = now;
+        self.shown = true;
+        let rate = n as f64 / now.duration_since(self.started).as_secs_f64().max(0.001);
+        eprint!("\rexporting: {n} events ({rate:.0}/s)…\x1b[K");
+    }
+
+    fn done(&self) {
+        if self.shown {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+fn check_time(flag: &str, t: &Option<String>) -> Res<()> {
+    if let Some(t) = t {
+        if bursar_core::time::parse_ts(t).is_none() {
+            return Err(msg(format!(
+                "--{flag}: {t:?} is not an RFC 3339 time (e.g. 2026-11-23T10:00:00Z)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn export(source: &Source, a: &ExportArgs, stdout: &mut dyn Write) -> Res<u8> {
+    check_time("since", &a.since)?;
+    check_time("until", &a.until)?;
+    let req = ExportRequest {
+        since: a.since.clone(),
+        until: a.until.clone(),
+        labels: (!a.labels.is_empty()).then(|| labels_of(&a.labels)),
+    };
+    let mut sink = Sink::new(a.output.as_deref(), stdout)?;
+    if a.format == Format::Csv {
+        sink.out.write_all(csv::header().as_bytes())?;
+    }
+    let mut progress = Progress::new();
+    let mut n = 0u64;
+    let mut write_one = |sink: &mut Sink, e: &ExportedEvent| -> Res<()> {
+        match a.format {
+            Format::Csv => sink.out.write_all(csv::row(e).as_bytes())?,
+            Format::Jsonl => {
+                serde_json::to_writer(&mut sink.out, e).map_err(|err| {
+                    match err.io_error_kind() {
+                        Some(std::io::ErrorKind::BrokenPipe) => Fail::Pipe,
+                        _ => msg(format!("cannot write output: {err}")),
+                    }
+                })?;
+                sink.out.write_all(b"\n")?;
+            }
+        }
+        n += 1;
+        progress.tick(n);
+        Ok(())
+    };
+    match source {
+        Source::Offline(dir) => {
+            let mut off = open_offline(dir)?;
+            for ev in off.events(1, &req)? {
+                write_one(&mut sink, &ev?)?;
+            }
+        }
+        Source::Daemon(path) => {
+            let mut c = Client::connect(path)?;
+            let mut stream = c.stream(&Request::Export(req))?;
+            for ev in stream.by_ref() {
+                write_one(&mut sink, &ev?)?;
+            }
+            let sent = stream.end().and_then(|e| e.count);
+            if let Some(sent) = sent {
+                if sent != n {
+                    return Err(msg(format!(
+                        "export incomplete: the daemon sent {sent} events, {n} were written"
+                    )));
+                }
+            }
+        }
+    }
+    progress.done();
+    let to_file = a.output.clone();
+    sink.finish()?;
+    if let Some(path) = to_file {
+        eprintln!("exported {n} events to {}", path.display());
+    }
+    Ok(0)
+}
+
+fn verify(source: &Source, json: bool, out: &mut dyn Write) -> Res<u8> {
+    let answer = match source {
+        Source::Offline(dir) => open_offline(dir)?.verify()?,
+        Source::Daemon(path) => Client::connect(path)?.verify()?,
+    };
+    if json {
+        return json_line(out, &answer);
+    }
+    writeln!(
+        out,
+        "ok: {} events, hash chain intact from seq 1 to {}; head {}",
+        answer.events, answer.events, answer.head
+    )?;
+    Ok(0)
+}
+
+/// Read `--pricing FILE`: a LiteLLM JSON file becomes `import = "<absolute path>"`; a TOML
+/// file's `[pricing]` section is taken as it is, its `import` made absolute against the file's
+/// directory (the daemon reads imports itself).
+fn read_pricing_file(path: &Path) -> Res<PricingSection> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        msg(format!(
+            "cannot read {}: {}",
+            path.display(),
+            bursar_cli::os_message(&e)
+        ))
+    })?;
+    let absolute = |p: &Path| -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map(|d| d.join(p))
+                .unwrap_or_else(|_| p.to_path_buf())
+        }
+    };
+    let is_json =
+        path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+    if is_json {
+        let import = bursar_core::pricing::import_litellm(&text)
+            .map_err(|e| msg(format!("{}: {e}", path.display())))?;
+        if import.table.models.is_empty() {
+            return Err(msg(format!(
+                "{}: no token-priced models in it (not a LiteLLM price file?)",
+                path.display()
+            )));
+        }
+        return Ok(PricingSection {
+            import: Some(absolute(path).display().to_string()),
+            models: Default::default(),
+        });
+    }
+    // Validate the whole file the way the daemon validates bursar.toml: errors name line and key.
+    let file_name = path.display().to_string();
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let resolve = |p: &str| -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            absolute(&base.join(p))
+        }
+    };
+    let read_import = |p: &str| -> Result<String, String> {
+        std::fs::read_to_string(resolve(p)).map_err(|e| bursar_cli::os_message(&e))
+    };
+    if let Err(errs) = bursar_core::policy::parse_policy(&text, &file_name, &read_import) {
+        return Err(msg(errs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\nbursar: ")));
+    }
+    let file: PolicyFile =
+        toml::from_str(&text).map_err(|e| msg(format!("{file_name}: {}", e.message())))?;
+    let mut section = file.pricing;
+    if section.import.is_none() && section.models.is_empty() {
+        return Err(msg(format!(
+            "{file_name}: no [pricing] section (give [pricing.models.\"NAME\"] prices or \
+             [pricing] import = \"litellm.json\")"
+        )));
+    }
+    if let Some(i) = &section.import {
+        section.import = Some(resolve(i).display().to_string());
+    }
+    Ok(section)
+}
+
+fn replay(source: &Source, a: &ReplayArgs, json: bool, out: &mut dyn Write) -> Res<u8> {
+    check_time("since", &a.since)?;
+    let pricing = read_pricing_file(&a.pricing)?;
+    let (answer, offline) = match source {
+        Source::Offline(dir) => {
+            if a.apply {
+                return Err(msg(
+                    "replay --apply needs the daemon (offline mode never writes to the log); \
+                     drop --apply for a dry run",
+                ));
+            }
+            let answer = open_offline(dir)?.replay(&pricing, a.since.as_deref(), now_micros())?;
+            (serde_json::to_value(&answer).unwrap_or(Value::Null), true)
+        }
+        Source::Daemon(path) => {
+            let v = Client::connect(path)?.call_raw(&Request::Replay(ReplayRequest {
+                pricing,
+                since: a.since.clone(),
+                apply: a.apply,
+            }))?;
+            (v, false)
+        }
+    };
+    if json {
+        return json_line(out, &answer);
+    }
+    let a2: bursar_schemas::wire::ReplayAnswer = bursar_cli::decode_answer(answer)?;
+    write!(
+        out,
+        "{}",
+        render::replay_answer(&a2, a.since.as_deref(), offline)
+    )?;
+    Ok(0)
+}
+
+fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
+    match bursard::config::load_policy_file(file) {
+        Ok(p) => {
+            let r = &p.resolved;
+            if json {
+                return json_line(
+                    out,
+                    &serde_json::json!({
+                        "ok": true,
+                        "file": file.display().to_string(),
+                        "budgets": r.budgets.iter().map(|b| b.id.clone()).collect::<Vec<_>>(),
+                        "priced_models": r.pricing.models.len(),
+                        "tiers": r.tiers.caps.keys().collect::<Vec<_>>(),
+                        "source_hash": p.source_hash,
+                    }),
+                );
+            }
+            writeln!(
+                out,
+                "{}: ok ({} budgets: {}; {} priced models; default tier {:?})",
+                file.display(),
+                r.budgets.len(),
+                r.budgets
+                    .iter()
+                    .map(|b| b.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.pricing.models.len(),
+                r.tiers.default
+            )?;
+            Ok(0)
+        }
+        Err(bursard::config::ConfigError::Invalid(errs)) => {
+            if json {
+                let list: Vec<Value> = errs
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({"file": e.file, "line": e.line, "key": e.key,
+                                           "message": e.message})
+                    })
+                    .collect();
+                json_line(out, &serde_json::json!({"ok": false, "errors": list}))?;
+                return Ok(EXIT_ERROR);
+            }
+            Err(msg(errs
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\nbursar: ")))
+        }
+        Err(bursard::config::ConfigError::Read { path, source }) => Err(msg(format!(
+            "cannot read {path}: {}",
+            bursar_cli::os_message(&source)
+        ))),
+    }
+}
+
+fn policy_show(source: &Source, prices: bool, json: bool, out: &mut dyn Write) -> Res<u8> {
+    let event = match source {
+        Source::Offline(dir) => open_offline(dir)?.last_policy_event()?,
+        Source::Daemon(path) => Client::last_policy_event(path)?,
+    };
+    let Some(event) = event else {
+        return Err(msg("the log holds no policy yet"));
+    };
+    if json {
+        return json_line(out, &event);
+    }
+    let EventBody::PolicyApplied(p) = &event.body else {
+        return Err(msg("the last policy event is not a policy_applied"));
+    };
+    writeln!(
+        out,
+        "# policy version {}, applied at {} (seq {})\n# from {} (blake3 {})\n# socket, data_dir, \
+         socket_mode, socket_group and admin_uids are not logged and not shown.\n",
+        p.policy_version, event.time, event.seq, p.source, p.source_hash
+    )?;
+    write!(out, "{}", policy_toml::policy_to_toml(&p.policy, prices))?;
+    Ok(0)
+}
+
+fn pricing_import(file: &Path, out: &mut dyn Write) -> Res<u8> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        msg(format!(
+            "cannot read {}: {}",
+            file.display(),
+            bursar_cli::os_message(&e)
+        ))
+    })?;
+    let import = bursar_core::pricing::import_litellm(&text)
+        .map_err(|e| msg(format!("{}: {e}", file.display())))?;
+    if import.table.models.is_empty() {
+        return Err(msg(format!(
+            "{}: no token-priced models in it (not a LiteLLM price file?)",
+            file.display()
+        )));
+    }
+    writeln!(
+        out,
+        "# imported from {} by `bursar pricing import`: {} models (USD per million tokens)\n\
+         [pricing]\n",
+        file.display(),
+        import.table.models.len()
+    )?;
+    write!(
+        out,
+        "{}",
+        bursar_core::pricing::table_to_toml(&import.table)
+    )?;
+    if let Some((model, why)) = import.skipped.first() {
+        eprintln!(
+            "bursar: imported {} models; skipped {} entries that are not token-priced (e.g. {model}: {why})",
+            import.table.models.len(),
+            import.skipped.len(),
+        );
+    }
+    Ok(0)
+}

@@ -9,9 +9,9 @@
 //!   (which are the uncached input tokens).
 //! - A cached-input or cache-write price of `None` means the input price.
 //! - Long-context tier: when `usage.input_tokens > above_tokens`, the `_above` prices apply to
-//!   the whole event; a missing `_above` price means the base price. Cache writes have no
-//!   `_above` price and are billed at the base cache-write price (or, when that is `None`, at
-//!   the input price in force, which is the tier's input price).
+//!   the whole event (input, output, cached input and cache writes); a missing `_above` price
+//!   means the base price of the same kind. A cached-input or cache-write price that is `None`
+//!   both above and at the base means the input price in force, which is the tier's input price.
 //!
 //! LiteLLM import: prices in LiteLLM's file are USD per token as JSON floats (`2.5e-06`). Each is
 //! converted exactly through the float's shortest decimal text (`format!("{f}")` →
@@ -102,6 +102,7 @@ pub fn builtin_table() -> PriceTable {
             input_per_mtok_above: None,
             output_per_mtok_above: None,
             cached_input_per_mtok_above: None,
+            cache_write_per_mtok_above: None,
             max_output_tokens: None,
             capabilities,
         };
@@ -232,9 +233,15 @@ fn import_entry(name: &str, entry: &Value) -> Result<ModelPrice, String> {
     if flag("supports_response_schema") {
         capabilities.push("json".to_string());
     }
-    let (above_tokens, input_above, output_above, cached_above) = match tier {
-        Some(t) => (Some(t.above_tokens), t.input, t.output, t.cached),
-        None => (None, None, None, None),
+    let (above_tokens, input_above, output_above, cached_above, cache_write_above) = match tier {
+        Some(t) => (
+            Some(t.above_tokens),
+            t.input,
+            t.output,
+            t.cached,
+            t.cache_write,
+        ),
+        None => (None, None, None, None, None),
     };
     Ok(ModelPrice {
         provider,
@@ -246,6 +253,7 @@ fn import_entry(name: &str, entry: &Value) -> Result<ModelPrice, String> {
         input_per_mtok_above: input_above,
         output_per_mtok_above: output_above,
         cached_input_per_mtok_above: cached_above,
+        cache_write_per_mtok_above: cache_write_above,
         max_output_tokens,
         capabilities,
     })
@@ -257,19 +265,25 @@ struct Tier {
     input: Option<i64>,
     output: Option<i64>,
     cached: Option<i64>,
+    cache_write: Option<i64>,
 }
 
 /// Read the long-context tier. LiteLLM writes `input_cost_per_token_above_200k_tokens` (and
-/// the `output_cost_per_token_…` and `cache_read_input_token_cost_…` variants), where `200k`
-/// means 200,000 input tokens. Service-tier variants (`…_priority`, `…_batches`, `…_flex`) are
-/// ignored: bursar prices the standard tier. A price table holds one tier per model; if a file
-/// lists several thresholds, the lowest threshold is used with the highest price of each kind
-/// over all tiers, so the event is never under-charged.
+/// the `output_cost_per_token_…`, `cache_read_input_token_cost_…` and
+/// `cache_creation_input_token_cost_…` variants), where `200k` means 200,000 input tokens.
+/// Only keys of exactly the form `PREFIX` + digits + `k_tokens` count. Service-tier variants
+/// (`…_priority`, `…_batches`, `…_flex`, …) are ignored: bursar prices the standard tier. So
+/// are the cache-TTL keys `cache_creation_input_token_cost_above_1hr` (and
+/// `…_above_1hr_above_200k_tokens`, `…_above_12hr…`): `1hr` is a cache lifetime, not a token
+/// threshold, and bursar bills cache writes at the default-TTL price. A price table holds one
+/// tier per model; if a file lists several thresholds, the lowest threshold is used with the
+/// highest price of each kind over all tiers, so the event is never under-charged.
 fn long_context_tier(obj: &Map<String, Value>) -> Result<Option<Tier>, String> {
-    const PREFIXES: [&str; 3] = [
+    const PREFIXES: [&str; 4] = [
         "input_cost_per_token_above_",
         "output_cost_per_token_above_",
         "cache_read_input_token_cost_above_",
+        "cache_creation_input_token_cost_above_",
     ];
     let mut tier: Option<Tier> = None;
     for key in obj.keys() {
@@ -298,12 +312,14 @@ fn long_context_tier(obj: &Map<String, Value>) -> Result<Option<Tier>, String> {
                 input: None,
                 output: None,
                 cached: None,
+                cache_write: None,
             });
             t.above_tokens = t.above_tokens.min(above);
             let slot = match kind {
                 0 => &mut t.input,
                 1 => &mut t.output,
-                _ => &mut t.cached,
+                2 => &mut t.cached,
+                _ => &mut t.cache_write,
             };
             *slot = Some(slot.map_or(price, |p| p.max(price)));
         }
@@ -410,6 +426,10 @@ pub fn apply_section(
         "cached_input_per_mtok_above",
         &section.cached_input_per_mtok_above,
     )?;
+    let cache_write_above = money(
+        "cache_write_per_mtok_above",
+        &section.cache_write_per_mtok_above,
+    )?;
     let provider = match &section.provider {
         Some(p) if p.trim().is_empty() => {
             return Err(field_err("provider", "must not be empty".to_string()))
@@ -465,6 +485,7 @@ pub fn apply_section(
                 input_per_mtok_above: None,
                 output_per_mtok_above: None,
                 cached_input_per_mtok_above: None,
+                cache_write_per_mtok_above: None,
                 max_output_tokens: None,
                 capabilities: Vec::new(),
             }
@@ -497,6 +518,9 @@ pub fn apply_section(
     if cached_above.is_some() {
         price.cached_input_per_mtok_above = cached_above;
     }
+    if cache_write_above.is_some() {
+        price.cache_write_per_mtok_above = cache_write_above;
+    }
     if section.max_output_tokens.is_some() {
         price.max_output_tokens = section.max_output_tokens;
     }
@@ -510,6 +534,10 @@ pub fn apply_section(
             (
                 "cached_input_per_mtok_above",
                 price.cached_input_per_mtok_above,
+            ),
+            (
+                "cache_write_per_mtok_above",
+                price.cache_write_per_mtok_above,
             ),
         ];
         if let Some((field, _)) = needs_threshold.iter().find(|(_, v)| v.is_some()) {
@@ -538,7 +566,10 @@ fn effective_prices(price: &ModelPrice, input_tokens: u64) -> (i64, i64, i64, i6
             .cached_input_per_mtok_above
             .or(price.cached_input_per_mtok)
             .unwrap_or(input);
-        let cache_write = price.cache_write_per_mtok.unwrap_or(input);
+        let cache_write = price
+            .cache_write_per_mtok_above
+            .or(price.cache_write_per_mtok)
+            .unwrap_or(input);
         (input, output, cached, cache_write)
     } else {
         let input = price.input_per_mtok;
@@ -596,7 +627,11 @@ pub fn max_price(table: &PriceTable) -> ModelPrice {
             );
         cache_write = cache_write
             .max(p.cache_write_per_mtok.unwrap_or(p.input_per_mtok))
-            .max(p.cache_write_per_mtok.unwrap_or(input_above));
+            .max(
+                p.cache_write_per_mtok_above
+                    .or(p.cache_write_per_mtok)
+                    .unwrap_or(input_above),
+            );
     }
     ModelPrice {
         provider: UNKNOWN_PROVIDER.to_string(),
@@ -608,6 +643,7 @@ pub fn max_price(table: &PriceTable) -> ModelPrice {
         input_per_mtok_above: None,
         output_per_mtok_above: None,
         cached_input_per_mtok_above: None,
+        cache_write_per_mtok_above: None,
         max_output_tokens: None,
         capabilities: Vec::new(),
     }
@@ -633,6 +669,11 @@ pub fn table_to_toml(table: &PriceTable) -> String {
             &mut out,
             "cached_input_per_mtok_above",
             p.cached_input_per_mtok_above,
+        );
+        push_usd(
+            &mut out,
+            "cache_write_per_mtok_above",
+            p.cache_write_per_mtok_above,
         );
         if let Some(m) = p.max_output_tokens {
             out.push_str(&format!("max_output_tokens = {m}\n"));
@@ -705,6 +746,7 @@ mod tests {
             input_per_mtok_above: None,
             output_per_mtok_above: None,
             cached_input_per_mtok_above: None,
+            cache_write_per_mtok_above: None,
             max_output_tokens: None,
             capabilities: vec![],
         }
@@ -783,6 +825,111 @@ mod tests {
         assert_eq!(usage_cost(&p, &usage(11, 1_000_000, 0, 0)), 33 + 2_000_000);
         // Cached reads with no prices fall back to the tier's input price.
         assert_eq!(usage_cost(&p, &usage(11, 0, 1_000_000, 0)), 33 + 3_000_000);
+    }
+
+    #[test]
+    fn cache_writes_above_the_threshold_use_the_above_cache_write_price() {
+        // claude-sonnet-4-20250514 as in LiteLLM's file (entry
+        // `anthropic.claude-sonnet-4-20250514-v1:0`): input_cost_per_token 3e-06 ($3/Mtok),
+        // cache_creation_input_token_cost 3.75e-06 ($3.75/Mtok); above 200k input tokens:
+        // input_cost_per_token_above_200k_tokens 6e-06 ($6/Mtok),
+        // cache_creation_input_token_cost_above_200k_tokens 7.5e-06 ($7.50/Mtok).
+        let p = builtin("claude-sonnet-4-20250514");
+        assert_eq!(p.above_tokens, Some(200_000));
+        assert_eq!(p.input_per_mtok, 3_000_000);
+        assert_eq!(p.cache_write_per_mtok, Some(3_750_000));
+        assert_eq!(p.input_per_mtok_above, Some(6_000_000));
+        assert_eq!(p.cache_write_per_mtok_above, Some(7_500_000));
+        // At the threshold, base prices:
+        //   200,000 × $3/Mtok = 600,000 micros; 100,000 cache writes × $3.75/Mtok = 375,000.
+        assert_eq!(
+            usage_cost(&p, &usage(200_000, 0, 0, 100_000)),
+            600_000 + 375_000
+        );
+        // One token above, the tier prices for the whole event:
+        //   200,001 × $6/Mtok = 1,200,006 micros; 100,000 × $7.50/Mtok = 750,000.
+        assert_eq!(
+            usage_cost(&p, &usage(200_001, 0, 0, 100_000)),
+            1_200_006 + 750_000
+        );
+        // A single cache-write token above: 7.5 micros, together with 1,200,006 → 1,200,013.5,
+        // rounded up once to 1,200,014.
+        assert_eq!(usage_cost(&p, &usage(200_001, 0, 0, 1)), 1_200_014);
+    }
+
+    #[test]
+    fn missing_cache_write_above_price_falls_back_to_the_base_cache_write_price() {
+        let mut p = price(1_000_000, 2_000_000);
+        p.above_tokens = Some(10);
+        p.input_per_mtok_above = Some(3_000_000);
+        // No cache-write price at all: the tier's input price.
+        assert_eq!(usage_cost(&p, &usage(11, 0, 0, 1_000_000)), 33 + 3_000_000);
+        // A base cache-write price only: that price, above the threshold too.
+        p.cache_write_per_mtok = Some(500_000);
+        assert_eq!(usage_cost(&p, &usage(11, 0, 0, 1_000_000)), 33 + 500_000);
+        assert_eq!(usage_cost(&p, &usage(10, 0, 0, 1_000_000)), 10 + 500_000);
+        // An above price: only above the threshold.
+        p.cache_write_per_mtok_above = Some(4_000_000);
+        assert_eq!(usage_cost(&p, &usage(11, 0, 0, 1_000_000)), 33 + 4_000_000);
+        assert_eq!(usage_cost(&p, &usage(10, 0, 0, 1_000_000)), 10 + 500_000);
+    }
+
+    #[test]
+    fn max_price_includes_the_above_cache_write_price() {
+        let mut table = PriceTable::default();
+        let mut a = price(1_000_000, 1_000_000);
+        a.cache_write_per_mtok = Some(1_250_000);
+        a.above_tokens = Some(100);
+        a.input_per_mtok_above = Some(2_000_000);
+        a.cache_write_per_mtok_above = Some(9_000_000);
+        table.models.insert("a".into(), a.clone());
+        let m = max_price(&table);
+        assert_eq!(m.input_per_mtok, 2_000_000);
+        assert_eq!(m.cache_write_per_mtok, Some(9_000_000));
+        assert_eq!(m.cache_write_per_mtok_above, None);
+        let u = usage(101, 0, 0, 1000);
+        assert!(usage_cost(&m, &u) >= usage_cost(&a, &u));
+    }
+
+    #[test]
+    fn one_hour_cache_ttl_keys_are_not_a_long_context_tier() {
+        // `cache_creation_input_token_cost_above_1hr` is the 1-hour cache-TTL write price, not a
+        // token threshold; it and its variants must not create or change a tier.
+        let json = r#"{
+            "ttl-only": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+                         "cache_creation_input_token_cost": 3.75e-06,
+                         "cache_creation_input_token_cost_above_1hr": 6e-06,
+                         "cache_creation_input_token_cost_above_12hr": 9e-06,
+                         "cache_creation_input_token_cost_above_1hr_above_200k_tokens": 1.2e-05,
+                         "cache_creation_input_token_cost_above_272k_tokens_priority": 2e-05,
+                         "mode": "chat"},
+            "ttl-and-tier": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+                             "cache_creation_input_token_cost": 3.75e-06,
+                             "cache_creation_input_token_cost_above_1hr": 6e-06,
+                             "cache_creation_input_token_cost_above_1hr_above_200k_tokens": 1.2e-05,
+                             "cache_creation_input_token_cost_above_200k_tokens": 7.5e-06,
+                             "cache_creation_input_token_cost_above_200k_tokens_batches": 9e-05,
+                             "mode": "chat"}
+        }"#;
+        let import = match import_litellm(json) {
+            Ok(i) => i,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(import.skipped.is_empty(), "{:?}", import.skipped);
+        let ttl = &import.table.models["ttl-only"];
+        assert_eq!(ttl.cache_write_per_mtok, Some(3_750_000));
+        assert_eq!(ttl.above_tokens, None);
+        assert_eq!(ttl.cache_write_per_mtok_above, None);
+        let tier = &import.table.models["ttl-and-tier"];
+        assert_eq!(tier.cache_write_per_mtok, Some(3_750_000));
+        assert_eq!(tier.above_tokens, Some(200_000));
+        assert_eq!(tier.cache_write_per_mtok_above, Some(7_500_000));
+        assert_eq!(tier.input_per_mtok_above, None);
+        // The built-in claude-sonnet-4-5 carries only the 1hr key: no tier.
+        let sonnet = builtin("claude-sonnet-4-5");
+        assert_eq!(sonnet.above_tokens, None);
+        assert_eq!(sonnet.cache_write_per_mtok_above, None);
+        assert_eq!(sonnet.cache_write_per_mtok, Some(3_750_000));
     }
 
     #[test]
@@ -975,6 +1122,16 @@ mod tests {
             usage_cost(&import.table.models["gpt-4o"], &usage(1200, 300, 0, 0)),
             6000
         );
+        // The cache-write tier is read; the 1hr cache-TTL key is not.
+        let bedrock_sonnet_4 = &import.table.models["anthropic.claude-sonnet-4-20250514-v1:0"];
+        assert_eq!(bedrock_sonnet_4.above_tokens, Some(200_000));
+        assert_eq!(bedrock_sonnet_4.cache_write_per_mtok_above, Some(7_500_000));
+        assert!(import
+            .table
+            .models
+            .values()
+            .filter(|p| p.cache_write_per_mtok_above.is_some())
+            .all(|p| p.above_tokens.is_some()));
         // The built-in subset agrees with the full file for directly copied entries.
         let builtin = builtin_table();
         for name in [
@@ -1039,6 +1196,27 @@ mod tests {
             apply_section("gpt-4o", Some(&base), &above_without_threshold).map_err(|e| e.0),
             Err("output_per_mtok_above".to_string())
         );
+        let cache_write_above_without_threshold = ModelPriceSection {
+            cache_write_per_mtok_above: Some(Dollars::Float(7.5)),
+            ..Default::default()
+        };
+        assert_eq!(
+            apply_section("gpt-4o", Some(&base), &cache_write_above_without_threshold)
+                .map_err(|e| e.0),
+            Err("cache_write_per_mtok_above".to_string())
+        );
+        let cache_write_above = ModelPriceSection {
+            above_tokens: Some(128_000),
+            cache_write_per_mtok_above: Some(Dollars::Float(7.5)),
+            ..Default::default()
+        };
+        let tiered = match apply_section("gpt-4o", Some(&base), &cache_write_above) {
+            Ok(p) => p,
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(tiered.above_tokens, Some(128_000));
+        assert_eq!(tiered.cache_write_per_mtok_above, Some(7_500_000));
+        assert_eq!(tiered.cache_write_per_mtok, base.cache_write_per_mtok);
     }
 
     #[test]
@@ -1073,6 +1251,8 @@ mod tests {
                         Just("mode"), Just("input_cost_per_token"), Just("output_cost_per_token"),
                         Just("cache_read_input_token_cost"), Just("cache_creation_input_token_cost"),
                         Just("input_cost_per_token_above_200k_tokens"),
+                        Just("cache_creation_input_token_cost_above_200k_tokens"),
+                        Just("cache_creation_input_token_cost_above_1hr"),
                         Just("output_cost_per_token_above_99999999999999999k_tokens"),
                         Just("max_output_tokens"), Just("litellm_provider"),
                         Just("supports_vision"),

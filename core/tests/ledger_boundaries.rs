@@ -636,3 +636,25 @@ fn fold_of_the_log_equals_the_live_ledger() {
     }
     assert_eq!(h.refold(), h.ledger);
 }
+
+#[test]
+fn a_clock_stepping_back_never_makes_a_window_look_new() {
+    let mut b = limited(1000);
+    b.window = WindowSpec::Fixed {
+        seconds: 3600,
+        offset_seconds: 0,
+    };
+    let mut h = Harness::new(policy(vec![b]));
+    h.now = T0 + 3600 * SEC + 10 * SEC; // just into the second hour
+    h.record("e1", labels(&[]), "m", usage(1000, 0));
+    h.now -= 60 * SEC; // the wall clock steps back into the first hour
+    assert_eq!(
+        h.status()[0].spent_micros,
+        1000,
+        "the budget does not look reset"
+    );
+    let d = h.reserve("r1", labels(&[]), "m", 1, 0);
+    assert_eq!(d.decision, Decision::Deny, "and cannot be spent again");
+    let ts: Vec<_> = h.log.iter().map(|e| e.ts).collect();
+    assert!(ts.windows(2).all(|w| w[0] < w[1]));
+}

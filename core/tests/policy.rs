@@ -581,6 +581,43 @@ fn model_price_sections_are_checked() {
 }
 
 #[test]
+fn cache_write_per_mtok_above_is_read_from_a_model_section() {
+    let text = file(&[
+        "[pricing.models.\"my-llm\"]",
+        "input_per_mtok = 3.0",
+        "output_per_mtok = 15.0",
+        "cache_write_per_mtok = 3.75",
+        "above_tokens = 200000",
+        "cache_write_per_mtok_above = 7.5",
+    ]);
+    let loaded = match parse_policy(&text, "bursar.toml", &no_import) {
+        Ok(l) => l,
+        Err(e) => panic!("{e:#?}"),
+    };
+    let p = &loaded.resolved.pricing.models["my-llm"];
+    assert_eq!(p.cache_write_per_mtok, Some(3_750_000));
+    assert_eq!(p.above_tokens, Some(200_000));
+    assert_eq!(p.cache_write_per_mtok_above, Some(7_500_000));
+    // 200,001 input tokens × $3/Mtok = 600,003 micros; 1,000 cache writes × $7.50/Mtok = 7,500.
+    let u = Usage {
+        input_tokens: 200_001,
+        cache_write_tokens: 1000,
+        ..Usage::default()
+    };
+    assert_eq!(usage_cost(p, &u), 600_003 + 7_500);
+    // Without a threshold it is an error at the key.
+    let text = file(&[
+        "[pricing.models.\"gpt-4o\"]",
+        "cache_write_per_mtok_above = 7.5",
+    ]);
+    error_at(
+        &text,
+        "pricing.models.\"gpt-4o\".cache_write_per_mtok_above",
+        2,
+    );
+}
+
+#[test]
 fn all_errors_are_reported_not_just_the_first() {
     let text = file(&[
         "[daemon]",

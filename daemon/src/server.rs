@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 pub const MAX_CONNECTIONS: usize = 4096;
 /// Most requests of one connection waiting for their answers; the reader pauses beyond it.
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
+/// Read and write buffer of each connection (a line may still grow to 64 KiB).
+pub const CONNECTION_BUFFER_BYTES: usize = 8 * 1024;
 /// Events read from the log per lock of the store when streaming.
 pub const STREAM_CHUNK_EVENTS: usize = 1024;
 /// Default number of recent events `tail` shows without `from_seq` and without `follow`.
@@ -116,7 +118,7 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
     let (qtx, qrx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT_PER_CONNECTION);
     let writer_ctx = ctx.clone();
     let answers = tokio::spawn(write_answers(wr, qrx, writer_ctx));
-    let mut reader = BufReader::with_capacity(64 * 1024, rd);
+    let mut reader = BufReader::with_capacity(CONNECTION_BUFFER_BYTES, rd);
     let mut line: Vec<u8> = Vec::new();
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -337,7 +339,7 @@ async fn write_answers(
     mut rx: mpsc::Receiver<Pending>,
     ctx: Arc<Ctx>,
 ) {
-    let mut out = BufWriter::with_capacity(64 * 1024, wr);
+    let mut out = BufWriter::with_capacity(CONNECTION_BUFFER_BYTES, wr);
     while let Some(p) = rx.recv().await {
         let ok = match p {
             Pending::Ready(line) => put(&mut out, &line).await,

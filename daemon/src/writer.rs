@@ -421,7 +421,8 @@ impl Writer {
                             batch.ids.push((k.clone().into_bytes(), encode_id(&v)));
                             batch.pending_ids.insert(k, v);
                         }
-                        batch.replies.push((reply, step.answer.to_line(req)));
+                        let line = step.answer.to_line(req.clone());
+                        batch.replies.push((reply, line, req));
                     }
                     Job::Reload {
                         policy,
@@ -429,6 +430,7 @@ impl Writer {
                         req,
                         reply,
                     } => {
+                        let echo = req.clone();
                         let line = if poisoned {
                             error_line(ErrorCode::Unavailable, UNAVAILABLE, req)
                         } else {
@@ -473,7 +475,7 @@ impl Writer {
                             }
                         };
                         if let Some(r) = reply {
-                            batch.replies.push((r, line));
+                            batch.replies.push((r, line, echo));
                         }
                     }
                     Job::Replay {
@@ -482,8 +484,9 @@ impl Writer {
                         req,
                         reply,
                     } => {
-                        let line = self.replay(&mut l, &mut batch, request, actor, req, poisoned);
-                        batch.replies.push((reply, line));
+                        let line =
+                            self.replay(&mut l, &mut batch, request, actor, req.clone(), poisoned);
+                        batch.replies.push((reply, line, req));
                     }
                 }
             }
@@ -602,8 +605,8 @@ impl Writer {
             }
             Err(e) => {
                 self.shared.poisoned.store(true, Ordering::SeqCst);
-                for (reply, _) in batch.replies.drain(..) {
-                    let _ = reply.send(error_line(ErrorCode::Unavailable, UNAVAILABLE, None));
+                for (reply, _, req) in batch.replies.drain(..) {
+                    let _ = reply.send(error_line(ErrorCode::Unavailable, UNAVAILABLE, req));
                 }
                 batch.envs.clear();
                 batch.ids.clear();
@@ -658,12 +661,13 @@ struct Batch {
     envs: Vec<Envelope>,
     ids: Vec<(Vec<u8>, Vec<u8>)>,
     pending_ids: HashMap<String, IdRecord>,
-    replies: Vec<(Reply, String)>,
+    /// Each reply with its answer line and the request's `req` (for an `unavailable` answer).
+    replies: Vec<(Reply, String, Option<Value>)>,
 }
 
 impl Batch {
     fn answer(&mut self) {
-        for (reply, line) in self.replies.drain(..) {
+        for (reply, line, _) in self.replies.drain(..) {
             let _ = reply.send(line);
         }
     }

@@ -94,6 +94,8 @@ pub struct ModelPriceSection {
     pub output_per_mtok_above: Option<Dollars>,
     /// USD per million cached-input tokens above the threshold.
     pub cached_input_per_mtok_above: Option<Dollars>,
+    /// USD per million cache-write tokens above the threshold.
+    pub cache_write_per_mtok_above: Option<Dollars>,
     /// The model's maximum output tokens per call.
     pub max_output_tokens: Option<u64>,
     /// Capabilities such as `tools`, `vision`, `json`, `streaming`.

@@ -26,8 +26,11 @@ pub struct ModelPrice {
     pub input_per_mtok_above: Option<i64>,
     /// Output price above `above_tokens`.
     pub output_per_mtok_above: Option<i64>,
-    /// Cached-input price above `above_tokens`.
+    /// Cached-input price above `above_tokens`; `None` means the base cached-input price.
     pub cached_input_per_mtok_above: Option<i64>,
+    /// Cache-write price above `above_tokens`; `None` means the base cache-write price (which,
+    /// when itself `None`, means the input price in force above the threshold).
+    pub cache_write_per_mtok_above: Option<i64>,
     /// The model's own maximum output tokens per call, if known.
     pub max_output_tokens: Option<u64>,
     /// Capabilities such as `tools`, `vision`, `json`, `streaming`.

@@ -602,6 +602,9 @@ pub struct BudgetReport {
     pub state: BucketState,
     /// `deny` or `warn` enforcement.
     pub enforce: crate::policy::Enforce,
+    /// Window kind: `fixed`, `rolling`, `calendar` or `cumulative`. For a rolling window,
+    /// `window_end` is when its oldest counted slot drops out.
+    pub window: String,
     /// End of the current window (RFC 3339), absent for cumulative budgets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_end: Option<String>,

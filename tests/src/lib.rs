@@ -24,6 +24,32 @@ pub fn bin(name: &str) -> PathBuf {
         "{} not found; build it first (`cargo build --workspace`, which `cargo test --workspace` does)",
         path.display()
     );
+    // `cargo test -p bursar-tests` rebuilds the daemon's library but not its binary: refuse a
+    // binary older than the library it is made of, rather than test stale code.
+    let lib_prefix = match name {
+        "bursard" => Some("libbursard-"),
+        "bursar" => Some("libbursar_cli-"),
+        _ => None,
+    };
+    if let (Some(prefix), Ok(bin_time)) = (
+        lib_prefix,
+        std::fs::metadata(&path).and_then(|m| m.modified()),
+    ) {
+        let newest_lib = std::fs::read_dir(dir.join("deps"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .filter_map(|e| e.metadata().and_then(|m| m.modified()).ok())
+            .max();
+        if let Some(lib_time) = newest_lib {
+            assert!(
+                bin_time >= lib_time,
+                "{} is older than its library: run `cargo build --workspace` (or `cargo test --workspace`)",
+                path.display()
+            );
+        }
+    }
     path
 }
 
@@ -248,6 +274,11 @@ impl Client {
         }
     }
 
+    /// The underlying stream, for raw writes.
+    pub fn raw_stream(&mut self) -> &mut UnixStream {
+        &mut self.writer
+    }
+
     /// Close the write side.
     pub fn shutdown_write(&self) {
         let _ = self.writer.shutdown(std::net::Shutdown::Write);
@@ -264,4 +295,88 @@ pub fn record(id: &str, labels: Value, model: &str, input: u64, output: u64) -> 
 pub fn reserve(id: &str, labels: Value, model: &str, input: u64, max_out: u64) -> Value {
     json!({"op":"reserve","reservation_id":id,"labels":labels,"model":model,
            "estimate":{"input_tokens":input,"max_output_tokens":max_out}})
+}
+
+/// What one run of the `bursar` CLI did.
+#[derive(Debug)]
+pub struct CliOutput {
+    /// Exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    /// Everything on stdout.
+    pub stdout: String,
+    /// Everything on stderr.
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Assert exit code 0 and return self.
+    pub fn ok(self) -> CliOutput {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "bursar failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Stdout parsed as one JSON value.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
+    }
+
+    /// Stdout parsed as JSON Lines.
+    pub fn json_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+}
+
+/// A `bursar` command with a clean environment (no `BURSAR_SOCKET`), not yet run.
+pub fn bursar_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("bursar"));
+    cmd.args(args)
+        .env_remove("BURSAR_SOCKET")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Run `bursar` with exactly these arguments.
+pub fn bursar(args: &[&str]) -> CliOutput {
+    let out = bursar_command(args).output().expect("run bursar");
+    CliOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl Daemon {
+    /// Run `bursar --socket <this daemon's socket> ARGS`.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        let socket = self.socket.to_str().expect("utf-8 path");
+        let mut all = vec!["--socket", socket];
+        all.extend_from_slice(args);
+        bursar(&all)
+    }
+
+    /// Run `bursar --socket <socket> --json ARGS`, assert success, parse stdout.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        self.cli(&all).ok().json()
+    }
+
+    /// Run `bursar --data-dir <this daemon's data dir> ARGS` (offline mode).
+    pub fn offline(&self, args: &[&str]) -> CliOutput {
+        let dir = self.data_dir.to_str().expect("utf-8 path");
+        let mut all = vec!["--data-dir", dir];
+        all.extend_from_slice(args);
+        bursar(&all)
+    }
 }

@@ -253,14 +253,26 @@ fn startup_from_snapshot_plus_tail_equals_a_full_fold_of_the_log() {
     let mut d = Daemon::start_with_config(METER);
     let mut c = d.client();
     for i in 0..50 {
-        c.call(record(&format!("a-{i}"), json!({"team": format!("t{}", i % 4)}), "gpt-4o", 100, 10));
+        c.call(record(
+            &format!("a-{i}"),
+            json!({"team": format!("t{}", i % 4)}),
+            "gpt-4o",
+            100,
+            10,
+        ));
     }
     // A clean stop writes a snapshot; more events after the restart form the tail.
     assert!(d.terminate().success());
     d.spawn().unwrap();
     let mut c = d.client();
     for i in 0..30 {
-        c.call(record(&format!("b-{i}"), json!({"team": format!("t{}", i % 6)}), "gpt-4o", 100, 10));
+        c.call(record(
+            &format!("b-{i}"),
+            json!({"team": format!("t{}", i % 6)}),
+            "gpt-4o",
+            100,
+            10,
+        ));
     }
     c.call(reserve("held", json!({"team":"t1"}), "gpt-4o", 100, 100));
     let live = status_of(&mut c);
@@ -268,7 +280,10 @@ fn startup_from_snapshot_plus_tail_equals_a_full_fold_of_the_log() {
     {
         let store = bursard::log::SledLog::open(&d.data_dir).unwrap();
         use bursard::log::LogStore;
-        assert!(store.latest_snapshot().unwrap().is_some(), "a snapshot was written at the clean stop");
+        assert!(
+            store.latest_snapshot().unwrap().is_some(),
+            "a snapshot was written at the clean stop"
+        );
         let recovered = bursard::writer::recover(&store).unwrap();
         let full = bursar_core::ledger::fold(|| store.read_from(1)).unwrap();
         assert_eq!(recovered, full, "snapshot + tail equals a full fold");
@@ -294,16 +309,28 @@ fn no_argument_start_uses_the_embedded_defaults_in_the_working_directory() {
         if let Ok(c) = Client::connect(&socket) {
             break c;
         }
-        assert!(Instant::now() < deadline, "no socket at $XDG_RUNTIME_DIR/bursar.sock");
+        assert!(
+            Instant::now() < deadline,
+            "no socket at $XDG_RUNTIME_DIR/bursar.sock"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
-    let a = c.call(record("e-1", json!({"team":"x"}), "claude-sonnet-4-5", 1000, 1000));
+    let a = c.call(record(
+        "e-1",
+        json!({"team":"x"}),
+        "claude-sonnet-4-5",
+        1000,
+        1000,
+    ));
     assert_eq!(a["cost_micros"], 18_000);
     // The default policy meters spend per model per day without limiting anything.
     assert_eq!(a["budgets"][0]["budget"], "model-daily");
     assert_eq!(a["budgets"][0]["key"], "model=claude-sonnet-4-5");
     assert!(a["budgets"][0].get("limit_micros").is_none());
-    assert!(dir.path().join("bursar-data").is_dir(), "data in ./bursar-data");
+    assert!(
+        dir.path().join("bursar-data").is_dir(),
+        "data in ./bursar-data"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -374,6 +374,7 @@ impl Ledger {
 
     /// Expire every hold due at `now`: the reaper's events.
     pub fn reap(&mut self, now: TsMicros) -> Vec<(u64, TsMicros, EventBody)> {
+        let now = self.effective_now(now);
         let mut out = Vec::new();
         self.reap_into(now, &mut out);
         out
@@ -677,6 +678,7 @@ impl Ledger {
 
     /// `check`: what `reserve` would decide now. Appends nothing.
     pub fn check(&self, req: &CheckRequest, now: TsMicros) -> Answer {
+        let now = self.effective_now(now);
         let models = match self.validate_decision(
             &req.labels,
             &req.model,
@@ -719,6 +721,7 @@ impl Ledger {
 
     /// Decide and fold one write command at `now`. Due holds are expired first.
     pub fn execute(&mut self, cmd: Command<'_>, now: TsMicros, ids: &dyn IdLookup) -> Step {
+        let now = self.effective_now(now);
         let mut events = Vec::new();
         self.reap_into(now, &mut events);
         let mut step = match cmd {

@@ -172,6 +172,13 @@ impl Ledger {
         self.budgets.iter().map(|b| b.buckets.len()).sum()
     }
 
+    /// The time decisions and reads use: `now`, but never before the last event. A wall clock
+    /// that steps backwards therefore never makes a window look new (which would hand out a
+    /// budget again); time stands still until the clock catches up.
+    pub fn effective_now(&self, now: TsMicros) -> TsMicros {
+        now.max(self.last_ts)
+    }
+
     /// The timestamp the next event gets: `now`, but strictly after the last event.
     pub fn stamp(&self, now: TsMicros) -> TsMicros {
         now.max(self.last_ts.saturating_add(1))

@@ -10,7 +10,7 @@ use bursar_schemas::wire::{BucketState, BudgetReport, StatusAnswer, StatusReques
 use bursar_schemas::TsMicros;
 use std::collections::HashMap;
 
-/// Default and largest `limit` of a `status` answer.
+/// Default `limit` of a `status` answer.
 pub const DEFAULT_STATUS_LIMIT: usize = 1000;
 
 /// Holds that expired but whose `reservation_expired` is not folded yet, per bucket.
@@ -123,6 +123,13 @@ pub(super) fn report(b: &ResolvedBudget, key: &str, f: &Figures, now: TsMicros) 
         },
         state: bucket_state(b, f),
         enforce: b.enforce,
+        window: match &b.window {
+            WindowSpec::Fixed { .. } => "fixed",
+            WindowSpec::Rolling { .. } => "rolling",
+            WindowSpec::Calendar { .. } => "calendar",
+            WindowSpec::Cumulative => "cumulative",
+        }
+        .to_string(),
         window_end,
     }
 }
@@ -189,6 +196,7 @@ impl Ledger {
 
     /// `status`: buckets, most utilized first, filtered by budget and group_by labels.
     pub fn status(&self, req: &StatusRequest, now: TsMicros) -> StatusAnswer {
+        let now = self.effective_now(now);
         let adj = self.expired_adjust(now);
         let limit = req.limit.unwrap_or(DEFAULT_STATUS_LIMIT);
         let mut rows: Vec<(u64, BudgetReport)> = Vec::new();

@@ -27,6 +27,7 @@ pub fn prices() -> PriceTable {
         input_per_mtok_above: None,
         output_per_mtok_above: None,
         cached_input_per_mtok_above: None,
+        cache_write_per_mtok_above: None,
         max_output_tokens: max,
         capabilities: caps.iter().map(|c| c.to_string()).collect(),
     };

@@ -1,0 +1,207 @@
+//! CSV rendering of exported events (RFC 4180: `,` separated, `"` quoted when needed, `\n`
+//! line ends). One header line, then one line per event: the daemon refuses control characters
+//! in labels, ids and model names, so no cell holds a line break (one that did would be quoted).
+
+use bursar_core::money::format_usd;
+use bursar_schemas::event::EventBody;
+use bursar_schemas::wire::ExportedEvent;
+
+/// The header line's columns.
+pub const COLUMNS: [&str; 25] = [
+    "seq",
+    "ts",
+    "time",
+    "type",
+    "actor_uid",
+    "actor_gid",
+    "actor_pid",
+    "event_id",
+    "reservation_id",
+    "model",
+    "labels",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "requests",
+    "cost_micros",
+    "cost_usd",
+    "price_version",
+    "hold_micros",
+    "budget",
+    "scope",
+    "detail",
+    "prev_hash",
+    "hash",
+];
+
+/// The header line, with its newline.
+pub fn header() -> String {
+    let mut s = COLUMNS.join(",");
+    s.push('\n');
+    s
+}
+
+/// Quote a cell when it needs it.
+pub fn cell(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+/// One event as a CSV line, with its newline. `labels` is `k=v,k=v` (client labels plus the
+/// derived ones, all of them, sorted by key).
+pub fn row(e: &ExportedEvent) -> String {
+    let mut c: Vec<String> = vec![String::new(); COLUMNS.len()];
+    let mut set = |name: &str, v: String| {
+        if let Some(i) = COLUMNS.iter().position(|n| *n == name) {
+            c[i] = v;
+        }
+    };
+    set("seq", e.seq.to_string());
+    set("ts", e.ts.to_string());
+    set("time", e.time.clone());
+    set("type", e.kind.clone());
+    set("actor_uid", e.actor.uid.to_string());
+    set("actor_gid", e.actor.gid.to_string());
+    set("actor_pid", e.actor.pid.to_string());
+    if let Some(cost) = e.cost_micros {
+        set("cost_micros", cost.to_string());
+        set("cost_usd", format_usd(cost));
+    }
+    if let Some(v) = e.price_version {
+        set("price_version", v.to_string());
+    }
+    set("prev_hash", e.prev_hash.to_hex());
+    set("hash", e.hash.to_hex());
+    let all_labels = |l: &bursar_schemas::Labels| {
+        l.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match &e.body {
+        EventBody::UsageRecorded(u) => {
+            set("event_id", u.event_id.clone());
+            set(
+                "reservation_id",
+                u.reservation_id.clone().unwrap_or_default(),
+            );
+            set("model", u.model.clone());
+            set("labels", all_labels(&u.labels));
+            set("input_tokens", u.usage.input_tokens.to_string());
+            set("output_tokens", u.usage.output_tokens.to_string());
+            set(
+                "cached_input_tokens",
+                u.usage.cached_input_tokens.to_string(),
+            );
+            set("cache_write_tokens", u.usage.cache_write_tokens.to_string());
+            set("requests", u.usage.requests.to_string());
+            let mut detail = Vec::new();
+            match u.reservation {
+                bursar_schemas::event::ReservationLink::Unknown => {
+                    detail.push("reservation=unknown".to_string())
+                }
+                bursar_schemas::event::ReservationLink::Known if u.late => {
+                    detail.push("late".to_string())
+                }
+                _ => {}
+            }
+            if let Some(r) = &u.reported_cost_usd {
+                detail.push(format!("reported_cost_usd={r}"));
+            }
+            if let Some(o) = &u.occurred_at {
+                detail.push(format!("occurred_at={o}"));
+            }
+            set("detail", detail.join(" "));
+        }
+        EventBody::ReservationCreated(r) => {
+            set("reservation_id", r.reservation_id.clone());
+            set("model", r.model.clone());
+            set("labels", all_labels(&r.labels));
+            set("input_tokens", r.input_tokens.to_string());
+            set("output_tokens", r.max_output_tokens.to_string());
+            set("hold_micros", r.hold_micros.to_string());
+            set(
+                "detail",
+                format!("expires_at={}", bursar_core::time::format_ts(r.expires_at)),
+            );
+        }
+        EventBody::ReservationDenied(r) => {
+            set("reservation_id", r.reservation_id.clone());
+            set("model", r.model.clone());
+            set("labels", all_labels(&r.labels));
+            set("hold_micros", r.hold_micros.to_string());
+            set("budget", r.budget.clone().unwrap_or_default());
+            set("scope", r.key.clone().unwrap_or_default());
+            set("detail", format!("reason={}", r.reason));
+        }
+        EventBody::ReservationReleased(r) => {
+            set("reservation_id", r.reservation_id.clone());
+            set("detail", format!("reason={}", r.reason));
+        }
+        EventBody::ReservationExtended(r) => {
+            set("reservation_id", r.reservation_id.clone());
+            set(
+                "detail",
+                format!("expires_at={}", bursar_core::time::format_ts(r.expires_at)),
+            );
+        }
+        EventBody::ReservationExpired(r) => {
+            set("reservation_id", r.reservation_id.clone());
+        }
+        EventBody::BudgetWarned(b) | EventBody::BudgetExhausted(b) => {
+            set("budget", b.budget.clone());
+            set("scope", b.key.clone());
+            set(
+                "detail",
+                format!(
+                    "spent_micros={} held_micros={} utilization_ppm={}",
+                    b.spent_micros, b.held_micros, b.utilization_ppm
+                ),
+            );
+        }
+        EventBody::PolicyApplied(p) => {
+            set(
+                "detail",
+                format!(
+                    "policy_version={} source={} source_hash={}",
+                    p.policy_version, p.source, p.source_hash
+                ),
+            );
+        }
+        EventBody::PricingChanged(p) => {
+            set(
+                "detail",
+                format!(
+                    "effective_from={} models={}",
+                    bursar_core::time::format_ts(p.effective_from),
+                    p.pricing.models.len()
+                ),
+            );
+        }
+    }
+    let mut line = c.iter().map(|s| cell(s)).collect::<Vec<_>>().join(",");
+    line.push('\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_are_quoted_when_needed() {
+        assert_eq!(cell("plain"), "plain");
+        assert_eq!(cell("a,b"), "\"a,b\"");
+        assert_eq!(cell("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(cell("two\nlines"), "\"two\nlines\"");
+    }
+
+    #[test]
+    fn header_has_every_column() {
+        assert_eq!(header().trim_end().split(',').count(), COLUMNS.len());
+    }
+}

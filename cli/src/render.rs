@@ -1,0 +1,540 @@
+//! Human-readable output: dollar amounts, tables, utilization bars, event one-liners.
+//!
+//! Money is always shown exactly (`$0.0035`, never rounded): [`usd`] renders micro-USD with as
+//! many decimals as needed. Machine output (`--json`) does not come through here.
+
+use bursar_core::money::format_usd;
+use bursar_core::time::parse_ts;
+use bursar_schemas::event::EventBody;
+use bursar_schemas::policy::Enforce;
+use bursar_schemas::wire::{
+    BucketState, BudgetReport, Decision, DecisionAnswer, DiffRow, ExportedEvent, ReplayAnswer,
+    UsageAnswer,
+};
+use bursar_schemas::{Labels, Micros, TsMicros};
+
+/// Width of the utilization bar, in characters between the brackets.
+pub const BAR_WIDTH: usize = 20;
+
+/// `$0.0035`, `-$1.20`: exact dollars.
+pub fn usd(micros: Micros) -> String {
+    let text = format_usd(micros);
+    match text.strip_prefix('-') {
+        Some(rest) => format!("-${rest}"),
+        None => format!("${text}"),
+    }
+}
+
+/// `+$0.0035`, `-$0.0035`, `$0.00`: a signed change.
+pub fn usd_delta(micros: Micros) -> String {
+    if micros > 0 {
+        format!("+{}", usd(micros))
+    } else {
+        usd(micros)
+    }
+}
+
+/// `[########------------]  42%`.
+pub fn bar(utilization: f64) -> String {
+    let u = if utilization.is_finite() {
+        utilization.max(0.0)
+    } else {
+        1.0
+    };
+    let filled = ((u.min(1.0) * BAR_WIDTH as f64).round() as usize).min(BAR_WIDTH);
+    let pct = (u * 100.0).floor();
+    format!(
+        "[{}{}] {:>3}%",
+        "#".repeat(filled),
+        "-".repeat(BAR_WIDTH - filled),
+        pct as u64
+    )
+}
+
+/// A plain text table: a header row and rows, columns separated by two spaces, numbers
+/// right-aligned.
+#[derive(Debug, Default)]
+pub struct Table {
+    header: Vec<String>,
+    right: Vec<bool>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column titles; a title starting with `>` is right-aligned.
+    pub fn new(columns: &[&str]) -> Table {
+        Table {
+            header: columns
+                .iter()
+                .map(|c| c.trim_start_matches('>').to_string())
+                .collect(),
+            right: columns.iter().map(|c| c.starts_with('>')).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Add a row.
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True without rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The table as text, one line per row, each ending in a newline.
+    pub fn render(&self) -> String {
+        let n = self.header.len();
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for r in &self.rows {
+            for (i, c) in r.iter().enumerate().take(n) {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for r in std::iter::once(&self.header).chain(self.rows.iter()) {
+            let mut line = String::new();
+            for (i, w) in widths.iter().enumerate() {
+                let cell = r.get(i).map(String::as_str).unwrap_or("");
+                let pad = w.saturating_sub(cell.chars().count());
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                if self.right.get(i) == Some(&true) {
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    if i + 1 < n {
+                        line.push_str(&" ".repeat(pad));
+                    }
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// `spent / limit` over every limit the budget sets (`$1.20 / $50.00`, `1200 / 5000 tok`,
+/// `3 / 10 req`, `1 / 2 live`); a meter shows what it measured.
+pub fn spent_vs_limit(b: &BudgetReport) -> String {
+    let mut parts = Vec::new();
+    if let Some(l) = b.limit_micros {
+        parts.push(format!("{} / {}", usd(b.spent_micros), usd(l)));
+    }
+    if let Some(l) = b.limit_tokens {
+        parts.push(format!("{} / {} tok", b.spent_tokens, l));
+    }
+    if let Some(l) = b.limit_requests {
+        parts.push(format!("{} / {} req", b.spent_requests, l));
+    }
+    if let Some(l) = b.limit_concurrent {
+        parts.push(format!("{} / {} live", b.live_holds, l));
+    }
+    if parts.is_empty() {
+        parts.push(usd(b.spent_micros));
+    }
+    parts.join(", ")
+}
+
+/// What live holds take from the bucket, in the units of its limits (dollars unless the
+/// budget only limits tokens).
+pub fn held(b: &BudgetReport) -> String {
+    match (b.limit_micros, b.limit_tokens) {
+        (None, Some(_)) => format!("{} tok", b.held_tokens),
+        (Some(_), Some(_)) => format!("{}, {} tok", usd(b.held_micros), b.held_tokens),
+        _ => usd(b.held_micros),
+    }
+}
+
+/// True for a budget without any limit: it only measures.
+pub fn is_meter(b: &BudgetReport) -> bool {
+    b.limit_micros.is_none()
+        && b.limit_tokens.is_none()
+        && b.limit_requests.is_none()
+        && b.limit_concurrent.is_none()
+}
+
+/// The bucket's state, with `(soft)` for a warn-only budget.
+pub fn state_text(b: &BudgetReport) -> String {
+    let s = bucket_state(b.state);
+    if b.enforce == Enforce::Warn {
+        format!("{s} (soft)")
+    } else {
+        s.to_string()
+    }
+}
+
+/// `ok`, `warn`, `exhausted`.
+pub fn bucket_state(s: BucketState) -> &'static str {
+    match s {
+        BucketState::Ok => "ok",
+        BucketState::Warn => "warn",
+        BucketState::Exhausted => "exhausted",
+    }
+}
+
+/// `allow`, `warn`, `deny`.
+pub fn decision(d: Decision) -> &'static str {
+    match d {
+        Decision::Allow => "allow",
+        Decision::Warn => "warn",
+        Decision::Deny => "deny",
+    }
+}
+
+/// When the window resets: `2026-11-24T00:00:00Z (in 8h16m)`, or `never` for a cumulative
+/// budget.
+pub fn next_reset(window_end: Option<&str>, now: TsMicros) -> String {
+    match window_end {
+        None => "never".to_string(),
+        Some(t) => match parse_ts(t) {
+            Some(end) if end > now && end - now < 1_000_000 => format!("{t} (in <1s)"),
+            Some(end) if end > now => format!("{t} (in {})", duration((end - now) / 1_000_000)),
+            _ => t.to_string(),
+        },
+    }
+}
+
+/// `45s`, `8m05s`, `8h16m`, `3d04h`.
+pub fn duration(seconds: i64) -> String {
+    let s = seconds.max(0);
+    if s < 60 {
+        format!("{s}s")
+    } else if s < 3600 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else if s < 86_400 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600)
+    }
+}
+
+/// The budget table of `status` (and of answers): budget, scope, spent / limit, held, a
+/// utilization bar, state, next reset.
+pub fn budgets_table(budgets: &[BudgetReport], now: TsMicros) -> String {
+    let mut t = Table::new(&[
+        "BUDGET",
+        "SCOPE",
+        ">SPENT / LIMIT",
+        ">HELD",
+        "UTILIZATION",
+        "STATE",
+        "NEXT RESET",
+    ]);
+    for b in budgets {
+        t.row(vec![
+            b.budget.clone(),
+            if b.key.is_empty() {
+                "(all)".to_string()
+            } else {
+                b.key.clone()
+            },
+            spent_vs_limit(b),
+            held(b),
+            if is_meter(b) {
+                "meter (no limit)".to_string()
+            } else {
+                bar(b.utilization)
+            },
+            state_text(b),
+            next_reset(b.window_end.as_deref(), now),
+        ]);
+    }
+    t.render()
+}
+
+/// A `record` / `commit` answer.
+pub fn usage_answer(verb: &str, event_id: &str, a: &UsageAnswer, now: TsMicros) -> String {
+    let mut out = format!(
+        "{verb} {event_id} (seq {}): cost {}, state {}",
+        a.seq,
+        usd(a.cost_micros),
+        bucket_state(a.state)
+    );
+    let mut notes = Vec::new();
+    if a.duplicate {
+        notes.push("duplicate: already recorded, counted once".to_string());
+    }
+    if a.late {
+        notes.push("late: the hold had already expired".to_string());
+    }
+    if a.reservation.as_deref() == Some("unknown") {
+        notes.push("the daemon never saw this reservation".to_string());
+    }
+    if a.priced_at_max {
+        notes.push("unknown model, priced at the table's highest prices".to_string());
+    }
+    if let Some(o) = a.overrun_micros {
+        notes.push(format!("overran its hold by {}", usd(o)));
+    }
+    if !notes.is_empty() {
+        out.push_str(&format!(" ({})", notes.join("; ")));
+    }
+    out.push('\n');
+    if !a.budgets.is_empty() {
+        out.push_str(&budgets_table(&a.budgets, now));
+    }
+    out
+}
+
+/// A `reserve` / `check` answer.
+pub fn decision_answer(reservation_id: Option<&str>, a: &DecisionAnswer, now: TsMicros) -> String {
+    let model = a.model.as_deref().unwrap_or("-");
+    let mut out = format!("{}: {model}", decision(a.decision));
+    let held = if reservation_id.is_some() && a.decision != Decision::Deny {
+        "holds"
+    } else {
+        "would hold"
+    };
+    out.push_str(&format!(", {held} {}", usd(a.hold_micros)));
+    if let Some(m) = a.max_output_tokens {
+        out.push_str(&format!(" (max_output_tokens {m})"));
+    }
+    out.push('\n');
+    if let Some(rid) = reservation_id {
+        match (&a.expires_at, a.decision) {
+            (_, Decision::Deny) => out.push_str(&format!("reservation {rid}: denied")),
+            (Some(exp), _) => out.push_str(&format!("reservation {rid}: expires {exp}")),
+            (None, _) => out.push_str(&format!("reservation {rid}")),
+        }
+        if let Some(seq) = a.seq {
+            out.push_str(&format!(" (seq {seq})"));
+        }
+        if a.duplicate {
+            out.push_str(" (duplicate: the original answer)");
+        }
+        out.push('\n');
+    }
+    if a.reason.code != "ok" || a.decision == Decision::Warn {
+        out.push_str(&format!("reason: {}\n", a.reason.message));
+    }
+    for s in &a.skipped {
+        let reason = serde_json::to_value(s.reason)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        out.push_str(&format!("skipped {}: {reason} ({})\n", s.model, s.detail));
+    }
+    if !a.budgets.is_empty() {
+        out.push_str(&budgets_table(&a.budgets, now));
+    }
+    out
+}
+
+/// The diff table of `replay`: budget, scope, before, after, delta, state change; then the
+/// total delta.
+pub fn replay_answer(a: &ReplayAnswer, since: Option<&str>, offline: bool) -> String {
+    let mut out = String::new();
+    if a.diff.is_empty() {
+        out.push_str("no bucket's current figures change\n");
+    } else {
+        let mut t = Table::new(&["BUDGET", "SCOPE", ">BEFORE", ">AFTER", ">DELTA", "STATE"]);
+        for r in &a.diff {
+            t.row(diff_cells(r));
+        }
+        out.push_str(&t.render());
+    }
+    let from = since
+        .map(|s| format!("since {s}"))
+        .unwrap_or_else(|| "over the whole log".into());
+    out.push_str(&format!(
+        "total delta {from}: {} ({} events folded)\n",
+        usd_delta(a.total_delta_micros),
+        a.events
+    ));
+    if a.applied {
+        match a.seq {
+            Some(seq) => out.push_str(&format!(
+                "applied: pricing_changed appended at seq {seq}; live figures follow the new prices\n"
+            )),
+            None => out.push_str("applied\n"),
+        }
+    } else if offline {
+        out.push_str("dry run (offline): nothing was changed\n");
+    } else {
+        out.push_str("dry run: nothing was changed; add --apply to make it so\n");
+    }
+    out
+}
+
+fn diff_cells(r: &DiffRow) -> Vec<String> {
+    let state = if r.state_before == r.state_after {
+        bucket_state(r.state_after).to_string()
+    } else {
+        format!(
+            "{} -> {}",
+            bucket_state(r.state_before),
+            bucket_state(r.state_after)
+        )
+    };
+    vec![
+        r.budget.clone(),
+        if r.key.is_empty() {
+            "(all)".into()
+        } else {
+            r.key.clone()
+        },
+        usd(r.before_micros),
+        usd(r.after_micros),
+        usd_delta(r.delta_micros),
+        state,
+    ]
+}
+
+/// Labels as `k=v,k=v`, without the derived `model`, `provider` and `tier`.
+pub fn client_labels(labels: &Labels) -> String {
+    labels
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "model" | "provider" | "tier"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One line for `tail`: `seq  time  type  summary`.
+pub fn event_line(e: &ExportedEvent) -> String {
+    format!("{:>6}  {}  {:<20}  {}", e.seq, e.time, e.kind, summary(e))
+}
+
+/// What an event says, in a few words.
+pub fn summary(e: &ExportedEvent) -> String {
+    let labels = |l: &Labels| {
+        let t = client_labels(l);
+        if t.is_empty() {
+            String::new()
+        } else {
+            format!(" [{t}]")
+        }
+    };
+    match &e.body {
+        EventBody::UsageRecorded(u) => {
+            let mut s = format!(
+                "{} {} in={} out={}",
+                u.event_id, u.model, u.usage.input_tokens, u.usage.output_tokens
+            );
+            if u.usage.cached_input_tokens > 0 {
+                s.push_str(&format!(" cached={}", u.usage.cached_input_tokens));
+            }
+            if u.usage.cache_write_tokens > 0 {
+                s.push_str(&format!(" cache_write={}", u.usage.cache_write_tokens));
+            }
+            if let Some(c) = e.cost_micros {
+                s.push_str(&format!(" {}", usd(c)));
+            }
+            if let Some(r) = &u.reservation_id {
+                s.push_str(&format!(" commit of {r}"));
+            }
+            if u.late {
+                s.push_str(" (late)");
+            }
+            s.push_str(&labels(&u.labels));
+            s
+        }
+        EventBody::ReservationCreated(r) => format!(
+            "{} {} holds {} until {}{}",
+            r.reservation_id,
+            r.model,
+            usd(r.hold_micros),
+            bursar_core::time::format_ts(r.expires_at),
+            labels(&r.labels)
+        ),
+        EventBody::ReservationDenied(r) => {
+            let mut s = format!("{} {} denied ({})", r.reservation_id, r.model, r.reason);
+            if let Some(b) = &r.budget {
+                s.push_str(&format!(" by {b}"));
+                if let Some(k) = r.key.as_deref().filter(|k| !k.is_empty()) {
+                    s.push_str(&format!(" [{k}]"));
+                }
+            }
+            s.push_str(&labels(&r.labels));
+            s
+        }
+        EventBody::ReservationReleased(r) => format!("{} {}", r.reservation_id, r.reason),
+        EventBody::ReservationExtended(r) => format!(
+            "{} until {}",
+            r.reservation_id,
+            bursar_core::time::format_ts(r.expires_at)
+        ),
+        EventBody::ReservationExpired(r) => r.reservation_id.clone(),
+        EventBody::BudgetWarned(c) | EventBody::BudgetExhausted(c) => {
+            let key = if c.key.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", c.key)
+            };
+            format!(
+                "{}{key} at {}% (spent {}, held {})",
+                c.budget,
+                c.utilization_ppm / 10_000,
+                usd(c.spent_micros),
+                usd(c.held_micros)
+            )
+        }
+        EventBody::PolicyApplied(p) => format!(
+            "version {} from {} ({} budgets, {} priced models)",
+            p.policy_version,
+            p.source,
+            p.policy.budgets.len(),
+            p.policy.pricing.models.len()
+        ),
+        EventBody::PricingChanged(p) => format!(
+            "{} priced models, effective from {}",
+            p.pricing.models.len(),
+            bursar_core::time::format_ts(p.effective_from)
+        ),
+    }
+}
+
+/// Now, in Unix microseconds.
+pub fn now_micros() -> TsMicros {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_is_exact() {
+        assert_eq!(usd(3500), "$0.0035");
+        assert_eq!(usd(50_000_000), "$50.00");
+        assert_eq!(usd(-1), "-$0.000001");
+        assert_eq!(usd_delta(1), "+$0.000001");
+        assert_eq!(usd_delta(0), "$0.00");
+    }
+
+    #[test]
+    fn bars() {
+        assert_eq!(bar(0.0), "[--------------------]   0%");
+        assert_eq!(bar(0.5), "[##########----------]  50%");
+        assert_eq!(bar(1.5), "[####################] 150%");
+    }
+
+    #[test]
+    fn tables_align() {
+        let mut t = Table::new(&["A", ">N"]);
+        t.row(vec!["xyz".into(), "1".into()]);
+        t.row(vec!["q".into(), "100".into()]);
+        assert_eq!(t.render(), "A      N\nxyz    1\nq    100\n");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration(5), "5s");
+        assert_eq!(duration(485), "8m05s");
+        assert_eq!(duration(8 * 3600 + 16 * 60), "8h16m");
+        assert_eq!(duration(3 * 86_400 + 4 * 3600), "3d04h");
+    }
+}

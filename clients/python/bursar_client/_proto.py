@@ -1,0 +1,281 @@
+"""Request building and answer decoding shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import ROUND_CEILING, Decimal
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
+
+from .errors import ProtocolError, error_from_answer
+from .types import (
+    DecisionAnswer,
+    ExtendAnswer,
+    HelloAnswer,
+    ReleaseAnswer,
+    ReloadAnswer,
+    ReplayAnswer,
+    StatusAnswer,
+    UsageAnswer,
+    UsageLike,
+    VerifyAnswer,
+    usage_to_wire,
+)
+
+CLIENT_NAME = "bursar-python/0.1.0"
+
+# Answers can be long (an exported `policy_applied` event carries the whole price table).
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+
+TimeLike = Union[str, datetime]
+Labels = Mapping[str, str]
+
+
+def default_socket_path() -> str:
+    """``$BURSAR_SOCKET``, else ``$XDG_RUNTIME_DIR/bursar.sock``, else ``./bursar.sock``."""
+    env = os.environ.get("BURSAR_SOCKET")
+    if env:
+        return env
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "bursar.sock")
+    return os.path.join(".", "bursar.sock")
+
+
+def new_id() -> str:
+    """A fresh idempotency id."""
+    return str(uuid.uuid4())
+
+
+def rfc3339(t: TimeLike) -> str:
+    if isinstance(t, datetime):
+        if t.tzinfo is None:
+            raise ValueError("naive datetime: give a timezone (e.g. datetime.now(timezone.utc))")
+        return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return str(t)
+
+
+def usd_string(cost: Union[str, int, float, Decimal]) -> str:
+    """A provider-reported cost as a plain decimal USD string (no exponent).
+
+    The daemon counts money in whole micro-USD, so numbers (floats such as LiteLLM's
+    ``response_cost`` in particular) are rounded *up* to 6 decimal places; a string is sent
+    as it is.
+    """
+    if isinstance(cost, str):
+        return cost
+    if isinstance(cost, bool):
+        raise TypeError("cost must be a number or a decimal string")
+    d = Decimal(repr(cost)) if isinstance(cost, float) else Decimal(cost)
+    if not d.is_finite() or d < 0:
+        raise ValueError(f"cost must be finite and not negative, got {cost!r}")
+    text = format(d.quantize(Decimal("0.000001"), rounding=ROUND_CEILING), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def _labels(labels: Optional[Labels]) -> Optional[Dict[str, str]]:
+    return None if labels is None else dict(labels)
+
+
+def _estimate(input_tokens: int, max_output_tokens: Optional[int]) -> Dict[str, Any]:
+    est: Dict[str, Any] = {"input_tokens": int(input_tokens)}
+    if max_output_tokens is not None:
+        est["max_output_tokens"] = int(max_output_tokens)
+    return est
+
+
+@dataclass
+class Call:
+    """One request: its wire object, how to decode the answer, and whether resending it after
+    it may already have reached the daemon is safe (idempotent ids or read-only)."""
+
+    body: Dict[str, Any]
+    decode: Callable[[Dict[str, Any]], Any]
+    resend_safe: bool = True
+
+    def line(self) -> bytes:
+        body = {k: v for k, v in self.body.items() if v is not None}
+        return (json.dumps(body, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def parse_line(raw: bytes) -> Dict[str, Any]:
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        raise ProtocolError(f"answer is not JSON: {raw[:200]!r}") from e
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"answer is not a JSON object: {raw[:200]!r}")
+    return obj
+
+
+def check_ok(obj: Dict[str, Any]) -> Dict[str, Any]:
+    """Return the answer, or raise the exception its error names."""
+    if obj.get("ok") is False:
+        raise error_from_answer(obj)
+    if obj.get("ok") is not True and "event" not in obj:
+        raise ProtocolError(f"answer without ok: {obj!r}", answer=obj)
+    return obj
+
+
+# --- builders -------------------------------------------------------------------------------
+
+
+def hello(client: Optional[str]) -> Call:
+    return Call({"op": "hello", "client": client or CLIENT_NAME}, HelloAnswer.from_wire)
+
+
+def record(
+    labels: Optional[Labels],
+    model: str,
+    usage: UsageLike,
+    event_id: Optional[str],
+    occurred_at: Optional[TimeLike],
+    reported_cost_usd: Any,
+) -> Call:
+    eid = event_id or new_id()
+    return Call(
+        {
+            "op": "record",
+            "event_id": eid,
+            "labels": _labels(labels) or {},
+            "model": model,
+            "usage": usage_to_wire(usage),
+            "occurred_at": None if occurred_at is None else rfc3339(occurred_at),
+            "reported_cost_usd": None if reported_cost_usd is None else usd_string(reported_cost_usd),
+        },
+        lambda a: UsageAnswer.from_wire(a, event_id=eid),
+    )
+
+
+def reserve(
+    labels: Optional[Labels],
+    model: Optional[str],
+    input_tokens: int,
+    max_output_tokens: Optional[int],
+    ttl_seconds: Optional[int],
+    candidates: Optional[Sequence[str]],
+    require: Optional[Iterable[str]],
+    reservation_id: Optional[str],
+) -> Call:
+    rid = reservation_id or new_id()
+    return Call(
+        {
+            "op": "reserve",
+            "reservation_id": rid,
+            "labels": _labels(labels) or {},
+            "model": model,
+            "estimate": _estimate(input_tokens, max_output_tokens),
+            "ttl_seconds": ttl_seconds,
+            "candidates": None if candidates is None else list(candidates),
+            "require": None if require is None else list(require),
+        },
+        lambda a: DecisionAnswer.from_wire(a, reservation_id=rid),
+    )
+
+
+def check(
+    labels: Optional[Labels],
+    model: Optional[str],
+    input_tokens: int,
+    max_output_tokens: Optional[int],
+    candidates: Optional[Sequence[str]],
+    require: Optional[Iterable[str]],
+) -> Call:
+    return Call(
+        {
+            "op": "check",
+            "labels": _labels(labels) or {},
+            "model": model,
+            "estimate": _estimate(input_tokens, max_output_tokens),
+            "candidates": None if candidates is None else list(candidates),
+            "require": None if require is None else list(require),
+        },
+        DecisionAnswer.from_wire,
+    )
+
+
+def commit(
+    reservation_id: str,
+    usage: UsageLike,
+    event_id: Optional[str],
+    labels: Optional[Labels],
+    model: Optional[str],
+    occurred_at: Optional[TimeLike],
+    reported_cost_usd: Any,
+) -> Call:
+    eid = event_id or new_id()
+    return Call(
+        {
+            "op": "commit",
+            "reservation_id": reservation_id,
+            "event_id": eid,
+            "usage": usage_to_wire(usage),
+            "labels": _labels(labels),
+            "model": model,
+            "occurred_at": None if occurred_at is None else rfc3339(occurred_at),
+            "reported_cost_usd": None if reported_cost_usd is None else usd_string(reported_cost_usd),
+        },
+        lambda a: UsageAnswer.from_wire(a, event_id=eid),
+    )
+
+
+def release(reservation_id: str) -> Call:
+    return Call({"op": "release", "reservation_id": reservation_id}, ReleaseAnswer.from_wire)
+
+
+def extend(reservation_id: str, ttl_seconds: int) -> Call:
+    return Call(
+        {"op": "extend", "reservation_id": reservation_id, "ttl_seconds": int(ttl_seconds)},
+        ExtendAnswer.from_wire,
+    )
+
+
+def status(labels: Optional[Labels], budget: Optional[str], limit: Optional[int]) -> Call:
+    return Call(
+        {"op": "status", "labels": _labels(labels), "budget": budget, "limit": limit},
+        StatusAnswer.from_wire,
+    )
+
+
+def verify() -> Call:
+    return Call({"op": "verify"}, VerifyAnswer.from_wire)
+
+
+def reload() -> Call:
+    # Reloading twice is harmless for the policy but bumps its version twice: do not resend.
+    return Call({"op": "reload"}, ReloadAnswer.from_wire, resend_safe=False)
+
+
+def replay(pricing: Mapping[str, Any], since: Optional[TimeLike], apply: bool) -> Call:
+    return Call(
+        {
+            "op": "replay",
+            "pricing": dict(pricing),
+            "since": None if since is None else rfc3339(since),
+            "apply": bool(apply) or None,
+        },
+        ReplayAnswer.from_wire,
+        resend_safe=not apply,
+    )
+
+
+def export(since: Optional[TimeLike], until: Optional[TimeLike], labels: Optional[Labels]) -> Dict[str, Any]:
+    return {
+        "op": "export",
+        "since": None if since is None else rfc3339(since),
+        "until": None if until is None else rfc3339(until),
+        "labels": _labels(labels),
+    }
+
+
+def tail(from_seq: Optional[int], follow: bool) -> Dict[str, Any]:
+    return {"op": "tail", "from_seq": from_seq, "follow": bool(follow) or None}
+
+
+def stream_line(body: Dict[str, Any]) -> bytes:
+    return Call(body, lambda a: a).line()

@@ -1,0 +1,490 @@
+"""Blocking client for bursard."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+
+from . import _proto as P
+from .errors import BudgetDenied, BursarError, Disconnected, NotFound, Overloaded, ProtocolError
+from .types import (
+    DecisionAnswer,
+    Event,
+    ExtendAnswer,
+    HelloAnswer,
+    ReleaseAnswer,
+    ReloadAnswer,
+    ReplayAnswer,
+    StatusAnswer,
+    Usage,
+    UsageAnswer,
+    UsageLike,
+    VerifyAnswer,
+)
+
+log = logging.getLogger("bursar_client")
+
+# Transport failures after which the request is resent on a new connection.
+_TRANSPORT_ERRORS = (OSError, EOFError)
+
+
+class _Backoff:
+    """Exponential backoff inside an overall deadline."""
+
+    def __init__(self, retry_timeout: float) -> None:
+        self.deadline = time.monotonic() + max(0.0, retry_timeout)
+        self.delay = 0.02
+
+    def next_delay(self) -> Optional[float]:
+        """Seconds to sleep before the next try, or None when the deadline has passed."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return None
+        d = min(self.delay, left)
+        self.delay = min(self.delay * 2, 0.5)
+        return d
+
+
+class _Conn:
+    """One Unix-socket connection speaking JSON Lines."""
+
+    def __init__(self, path: str, timeout: Optional[float]) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.rfile = self.sock.makefile("rb")
+        self.pid = os.getpid()
+
+    def send(self, line: bytes) -> None:
+        self.sock.sendall(line)
+
+    def read(self) -> bytes:
+        raw = self.rfile.readline(P.MAX_ANSWER_BYTES + 1)
+        if not raw:
+            raise EOFError("bursard closed the connection")
+        if not raw.endswith(b"\n"):
+            if len(raw) > P.MAX_ANSWER_BYTES:
+                raise ProtocolError("answer line too long")
+            raise EOFError("bursard closed the connection mid-answer")
+        return raw
+
+    def close(self) -> None:
+        try:
+            self.rfile.close()
+        finally:
+            self.sock.close()
+
+
+class Client:
+    """A blocking, thread-safe connection to bursard.
+
+    Args:
+        socket_path: the daemon's socket; default ``$BURSAR_SOCKET``, else
+            ``$XDG_RUNTIME_DIR/bursar.sock``, else ``./bursar.sock``.
+        timeout: seconds to wait for one answer before treating the connection as dead.
+        retry_timeout: how long to keep reconnecting and resending when the daemon is
+            unreachable, drops the connection, or answers ``overloaded``. Requests carry
+            idempotency ids (generated when not given), so a resent request that had already
+            been applied is answered as a duplicate and never counted twice.
+        client_name: sent with ``hello``.
+
+    All methods may raise :class:`~bursar_client.BursarError` subclasses.
+    """
+
+    def __init__(
+        self,
+        socket_path: Optional[str] = None,
+        *,
+        timeout: Optional[float] = 30.0,
+        retry_timeout: float = 10.0,
+        client_name: Optional[str] = None,
+    ) -> None:
+        self.socket_path = socket_path if socket_path is not None else P.default_socket_path()
+        self.timeout = timeout
+        self.retry_timeout = retry_timeout
+        self.client_name = client_name
+        self._lock = threading.Lock()
+        self._conn: Optional[_Conn] = None
+
+    # --- connection ---------------------------------------------------------------------
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.socket_path!r})"
+
+    def close(self) -> None:
+        """Close the connection (the next call opens a new one)."""
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            if conn.pid == os.getpid():
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+
+    def _connection(self) -> _Conn:
+        if self._conn is not None and self._conn.pid != os.getpid():
+            self._conn = None  # inherited across fork: never share a stream with the parent
+        if self._conn is None:
+            self._conn = _Conn(self.socket_path, self.timeout)
+        return self._conn
+
+    def _call(self, call: P.Call) -> Any:
+        line = call.line()
+        backoff = _Backoff(self.retry_timeout)
+        with self._lock:
+            while True:
+                sent = False
+                try:
+                    conn = self._connection()
+                    conn.send(line)
+                    # From here on the daemon may have applied the request. (A failed send
+                    # delivered nothing: a closed peer cannot read a partial line.)
+                    sent = True
+                    answer = P.parse_line(conn.read())
+                except _TRANSPORT_ERRORS as e:
+                    self._drop()
+                    if sent and not call.resend_safe:
+                        raise Disconnected(
+                            f"connection to {self.socket_path} lost during `{call.body['op']}`; "
+                            f"it may or may not have been applied: {e}"
+                        ) from e
+                    delay = None if isinstance(e, PermissionError) else backoff.next_delay()
+                    if delay is None:
+                        raise Disconnected(
+                            f"cannot reach bursard at {self.socket_path} (retried for up to "
+                            f"{self.retry_timeout:g}s): {e}"
+                        ) from e
+                    log.debug("bursar: %s; retrying in %.2fs", e, delay)
+                    time.sleep(delay)
+                    continue
+                except ProtocolError:
+                    self._drop()
+                    raise
+                try:
+                    return call.decode(P.check_ok(answer))
+                except Overloaded:
+                    delay = backoff.next_delay() if call.resend_safe else None
+                    if delay is None:
+                        raise
+                    time.sleep(delay)
+
+    def _stream(self, body: Mapping[str, Any]) -> Iterator[Event]:
+        """Send a streaming request on its own connection and yield its events."""
+        backoff = _Backoff(self.retry_timeout)
+        while True:
+            try:
+                conn = _Conn(self.socket_path, self.timeout if not body.get("follow") else None)
+                break
+            except OSError as e:
+                delay = backoff.next_delay()
+                if delay is None:
+                    raise Disconnected(f"bursard at {self.socket_path} unreachable: {e}") from e
+                time.sleep(delay)
+        try:
+            conn.send(P.stream_line(dict(body)))
+            while True:
+                try:
+                    obj = P.parse_line(conn.read())
+                except _TRANSPORT_ERRORS as e:
+                    raise Disconnected(f"stream from bursard interrupted: {e}") from e
+                if "event" in obj:
+                    yield Event.from_wire(obj["event"])
+                    continue
+                P.check_ok(obj)
+                if obj.get("end"):
+                    return
+                raise ProtocolError(f"unexpected line in stream: {obj!r}", answer=obj)
+        finally:
+            conn.close()
+
+    # --- operations -----------------------------------------------------------------------
+
+    def hello(self, client: Optional[str] = None) -> HelloAnswer:
+        """Server name, protocol version and policy version."""
+        return self._call(P.hello(client or self.client_name))
+
+    def record(
+        self,
+        labels: Optional[Mapping[str, str]],
+        model: str,
+        usage: UsageLike,
+        *,
+        event_id: Optional[str] = None,
+        occurred_at: Optional[P.TimeLike] = None,
+        reported_cost_usd: Any = None,
+    ) -> UsageAnswer:
+        """Record usage that already happened (always kept, even past a limit)."""
+        return self._call(P.record(labels, model, usage, event_id, occurred_at, reported_cost_usd))
+
+    def reserve(
+        self,
+        labels: Optional[Mapping[str, str]],
+        model: Optional[str] = None,
+        *,
+        input_tokens: int = 0,
+        max_output_tokens: Optional[int] = None,
+        ttl_seconds: Optional[int] = None,
+        candidates: Optional[Sequence[str]] = None,
+        require: Optional[Iterable[str]] = None,
+        reservation_id: Optional[str] = None,
+    ) -> DecisionAnswer:
+        """Hold the worst case of a call. A denial is returned (``decision == "deny"``), not raised."""
+        return self._call(
+            P.reserve(labels, model, input_tokens, max_output_tokens, ttl_seconds, candidates,
+                      require, reservation_id)
+        )
+
+    def check(
+        self,
+        labels: Optional[Mapping[str, str]],
+        model: Optional[str] = None,
+        *,
+        input_tokens: int = 0,
+        max_output_tokens: Optional[int] = None,
+        candidates: Optional[Sequence[str]] = None,
+        require: Optional[Iterable[str]] = None,
+    ) -> DecisionAnswer:
+        """What ``reserve`` would decide, without holding or logging anything."""
+        return self._call(P.check(labels, model, input_tokens, max_output_tokens, candidates, require))
+
+    def commit(
+        self,
+        reservation_id: str,
+        usage: UsageLike,
+        *,
+        event_id: Optional[str] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        model: Optional[str] = None,
+        occurred_at: Optional[P.TimeLike] = None,
+        reported_cost_usd: Any = None,
+    ) -> UsageAnswer:
+        """Record the actual usage of a reserved call and release its hold.
+
+        ``labels`` and ``model`` are used only if the daemon never saw the reservation.
+        """
+        return self._call(
+            P.commit(reservation_id, usage, event_id, labels, model, occurred_at, reported_cost_usd)
+        )
+
+    def release(self, reservation_id: str) -> ReleaseAnswer:
+        """Cancel a hold (``NotFound`` if it is not live)."""
+        return self._call(P.release(reservation_id))
+
+    def extend(self, reservation_id: str, ttl_seconds: int) -> ExtendAnswer:
+        """Give a live hold a new lifetime of ``ttl_seconds`` from now."""
+        return self._call(P.extend(reservation_id, ttl_seconds))
+
+    def status(
+        self,
+        labels: Optional[Mapping[str, str]] = None,
+        budget: Optional[str] = None,
+        limit: Optional[int] = None,
+    ) -> StatusAnswer:
+        """Budget buckets, most utilized first."""
+        return self._call(P.status(labels, budget, limit))
+
+    def verify(self) -> VerifyAnswer:
+        """Check the log's hash chain."""
+        return self._call(P.verify())
+
+    def reload(self) -> ReloadAnswer:
+        """Re-read the policy file (admin only)."""
+        return self._call(P.reload())
+
+    def replay(
+        self, pricing: Mapping[str, Any], since: Optional[P.TimeLike] = None, apply: bool = False
+    ) -> ReplayAnswer:
+        """Refold the log under new prices; with ``apply`` make them current (admin only)."""
+        return self._call(P.replay(pricing, since, apply))
+
+    def export(
+        self,
+        since: Optional[P.TimeLike] = None,
+        until: Optional[P.TimeLike] = None,
+        labels: Optional[Mapping[str, str]] = None,
+    ) -> Iterator[Event]:
+        """Iterate over logged events (on a connection of its own, so other calls may interleave)."""
+        return self._stream(P.export(since, until, labels))
+
+    def tail(self, from_seq: Optional[int] = None, follow: bool = False) -> Iterator[Event]:
+        """Iterate over events from ``from_seq``; with ``follow``, keep waiting for new ones."""
+        return self._stream(P.tail(from_seq, follow))
+
+    def hold(
+        self,
+        labels: Optional[Mapping[str, str]],
+        model: Optional[str] = None,
+        *,
+        input_tokens: int = 0,
+        max_output_tokens: Optional[int] = None,
+        ttl_seconds: Optional[int] = None,
+        candidates: Optional[Sequence[str]] = None,
+        require: Optional[Iterable[str]] = None,
+        reservation_id: Optional[str] = None,
+    ) -> "Hold":
+        """A context manager around one reserved call::
+
+            with client.hold({"team": "search"}, "gpt-4o", input_tokens=1200,
+                             max_output_tokens=800) as h:
+                reply = call_model(h.model)
+                h.commit(Usage(input_tokens=..., output_tokens=...))
+
+        Entering reserves (raising :class:`~bursar_client.BudgetDenied` when refused); leaving
+        without a commit, or by an exception, releases the hold.
+        """
+        return Hold(self, labels, model, input_tokens, max_output_tokens, ttl_seconds,
+                    candidates, require, reservation_id)
+
+
+class _HoldBase:
+    def __init__(
+        self,
+        client: Any,
+        labels: Optional[Mapping[str, str]],
+        model: Optional[str],
+        input_tokens: int,
+        max_output_tokens: Optional[int],
+        ttl_seconds: Optional[int],
+        candidates: Optional[Sequence[str]],
+        require: Optional[Iterable[str]],
+        reservation_id: Optional[str],
+    ) -> None:
+        self.client = client
+        self.labels = dict(labels or {})
+        self.requested_model = model
+        self._args = dict(
+            input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens,
+            ttl_seconds=ttl_seconds,
+            candidates=candidates,
+            require=require,
+        )
+        self.reservation_id = reservation_id or P.new_id()
+        self.decision: Optional[DecisionAnswer] = None
+        self.answer: Optional[UsageAnswer] = None
+        self.released = False
+
+    @property
+    def model(self) -> Optional[str]:
+        """The model to call: the requested one, or the fallback candidate the daemon chose."""
+        return self.decision.model if self.decision is not None else self.requested_model
+
+    @property
+    def warned(self) -> bool:
+        """True when the call was allowed but brings a budget near its limit."""
+        return self.decision is not None and self.decision.decision == "warn"
+
+    @property
+    def hold_micros(self) -> int:
+        return self.decision.hold_micros if self.decision is not None else 0
+
+    @property
+    def expires_at(self) -> Optional[str]:
+        return self.decision.expires_at if self.decision is not None else None
+
+    @property
+    def committed(self) -> bool:
+        return self.answer is not None
+
+    def _reserve_call(self) -> P.Call:
+        a = self._args
+        return P.reserve(self.labels, self.requested_model, a["input_tokens"],
+                         a["max_output_tokens"], a["ttl_seconds"], a["candidates"], a["require"],
+                         self.reservation_id)
+
+    def _entered(self, decision: DecisionAnswer) -> None:
+        self.decision = decision
+        if not decision.allowed:
+            raise BudgetDenied(decision)
+
+    def _commit_call(self, usage: Optional[UsageLike], fields: Mapping[str, int],
+                     event_id: Optional[str], occurred_at: Any, reported_cost_usd: Any) -> P.Call:
+        if self.decision is None:
+            raise RuntimeError("hold not entered: use it in a `with` statement")
+        if self.answer is not None:
+            raise RuntimeError(f"hold {self.reservation_id} was already committed")
+        if self.released:
+            raise RuntimeError(f"hold {self.reservation_id} was already released")
+        if usage is None:
+            usage = Usage(**fields)
+        elif fields:
+            raise TypeError("give usage either as an object or as keyword arguments, not both")
+        return P.commit(self.reservation_id, usage, event_id, self.labels, self.model,
+                        occurred_at, reported_cost_usd)
+
+    def _done(self) -> bool:
+        return self.decision is None or self.answer is not None or self.released
+
+    def _release_failed(self, e: BaseException) -> None:
+        if isinstance(e, NotFound):
+            return  # expired, or already gone: nothing is held
+        log.warning("bursar: could not release hold %s (it expires at %s): %s",
+                    self.reservation_id, self.expires_at, e)
+
+    def __repr__(self) -> str:
+        state = "committed" if self.committed else "released" if self.released else "live"
+        return f"<Hold {self.reservation_id} model={self.model!r} {state}>"
+
+
+class Hold(_HoldBase):
+    """A reservation used as a context manager (see :meth:`Client.hold`)."""
+
+    def __enter__(self) -> "Hold":
+        self._entered(self.client._call(self._reserve_call()))
+        return self
+
+    def commit(
+        self,
+        usage: Optional[UsageLike] = None,
+        *,
+        event_id: Optional[str] = None,
+        occurred_at: Optional[P.TimeLike] = None,
+        reported_cost_usd: Any = None,
+        **usage_fields: int,
+    ) -> UsageAnswer:
+        """Record the call's actual usage (a :class:`Usage`, a mapping, or keyword fields)."""
+        call = self._commit_call(usage, usage_fields, event_id, occurred_at, reported_cost_usd)
+        self.answer = self.client._call(call)
+        return self.answer
+
+    def release(self) -> Optional[ReleaseAnswer]:
+        """Release the hold now (also done automatically on exit without a commit)."""
+        if self._done():
+            return None
+        ans = self.client.release(self.reservation_id)
+        self.released = True
+        return ans
+
+    def extend(self, ttl_seconds: int) -> ExtendAnswer:
+        """Keep the hold alive for ``ttl_seconds`` more (long streaming calls)."""
+        ans = self.client.extend(self.reservation_id, ttl_seconds)
+        if self.decision is not None:
+            self.decision.expires_at = ans.expires_at
+        return ans
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._done():
+            return
+        try:
+            self.release()
+        except (BursarError, OSError) as e:
+            self.released = True
+            self._release_failed(e)

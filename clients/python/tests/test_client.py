@@ -1,0 +1,436 @@
+"""The blocking client against a real bursard."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import unittest
+import uuid
+from decimal import Decimal
+from unittest import mock
+
+from harness import Daemon, team
+
+import bursar_client
+from bursar_client import (
+    BadRequest,
+    BudgetDenied,
+    BursarError,
+    Client,
+    Conflict,
+    NotFound,
+    Usage,
+)
+
+ACME = {"org": "acme"}
+
+
+def acme(t: str, **more: str) -> dict:
+    return {**ACME, "team": t, **more}
+
+
+class ClientTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.daemon = Daemon().start()
+        cls.client = Client(cls.daemon.socket)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.client.close()
+        cls.daemon.cleanup()
+
+    def bucket(self, t: str):
+        b = self.client.status(labels={"team": t}, budget="team-daily").bucket("team-daily", f"team={t}")
+        self.assertIsNotNone(b, f"no bucket for team={t}")
+        return b
+
+    # --- basics ---------------------------------------------------------------------------
+
+    def test_hello(self) -> None:
+        h = self.client.hello()
+        self.assertEqual(h.protocol, 1)
+        self.assertTrue(h.server.startswith("bursard "), h.server)
+        self.assertGreaterEqual(h.policy_version, 1)
+
+    def test_record_prices_and_counts(self) -> None:
+        t = team()
+        a = self.client.record(acme(t), "gpt-4o-mini", Usage(input_tokens=1000, output_tokens=100))
+        # 1000 × 0.15 + 100 × 0.60 USD/Mtok = 210 µUSD
+        self.assertEqual(a.cost_micros, 210)
+        self.assertEqual(a.cost_usd, Decimal("0.00021"))
+        self.assertFalse(a.duplicate)
+        self.assertEqual(a.state, "ok")
+        uuid.UUID(a.event_id)  # an id was generated
+        [b] = [b for b in a.budgets if b.budget == "team-daily"]
+        self.assertEqual((b.key, b.spent_micros, b.limit_micros, b.remaining_micros),
+                         (f"team={t}", 210, 50000, 49790))
+        # A second record without an id is a different event: both count.
+        a2 = self.client.record(acme(t), "gpt-4o-mini", {"input_tokens": 1000, "output_tokens": 100})
+        self.assertNotEqual(a.event_id, a2.event_id)
+        b = self.bucket(t)
+        self.assertEqual((b.spent_micros, b.spent_requests, b.spent_tokens), (420, 2, 2200))
+
+    def test_cached_tokens_are_priced_separately(self) -> None:
+        t = team()
+        a = self.client.record(acme(t), "gpt-4o", Usage(input_tokens=1000, cached_input_tokens=2000,
+                                                        output_tokens=100))
+        # 1000 × 2.50 + 2000 × 1.25 + 100 × 10.00 = 2500 + 2500 + 1000
+        self.assertEqual(a.cost_micros, 6000)
+
+    def test_record_past_the_limit_is_kept_and_exhausts(self) -> None:
+        t = team()
+        a = self.client.record(acme(t), "gpt-4o", Usage(input_tokens=10000, output_tokens=5000))
+        self.assertEqual(a.cost_micros, 75000)
+        self.assertEqual(a.state, "exhausted")
+        self.assertEqual(self.bucket(t).spent_micros, 75000)
+        with self.assertRaises(BudgetDenied):
+            with self.client.hold(acme(t), "gpt-4o-mini", input_tokens=10, max_output_tokens=10):
+                self.fail("entered a hold on an exhausted budget")
+
+    def test_explicit_ids_are_idempotent_and_conflicts_raise(self) -> None:
+        t = team()
+        eid = "e-" + uuid.uuid4().hex
+        first = self.client.record(acme(t), "gpt-4o-mini", Usage(1000, 100), event_id=eid)
+        again = self.client.record(acme(t), "gpt-4o-mini", Usage(1000, 100), event_id=eid)
+        self.assertFalse(first.duplicate)
+        self.assertTrue(again.duplicate)
+        self.assertEqual(again.seq, first.seq)
+        self.assertEqual(self.bucket(t).spent_micros, 210)
+        with self.assertRaises(Conflict) as cm:
+            self.client.record(acme(t), "gpt-4o-mini", Usage(1000, 101), event_id=eid)
+        self.assertEqual(cm.exception.code, "conflict")
+        self.assertEqual(cm.exception.field, "event_id")
+        self.assertIsInstance(cm.exception, BursarError)
+        self.assertEqual(self.bucket(t).spent_micros, 210)
+
+    def test_errors_carry_code_and_field(self) -> None:
+        t = team()
+        with self.assertRaises(BadRequest) as cm:
+            self.client.record(acme(t), "gpt-4o", {"input_tokens": 5, "output_token": 7})
+        self.assertEqual(cm.exception.code, "bad_request")
+        self.assertEqual(cm.exception.field, "usage.output_token")
+        self.assertIn("output_token", str(cm.exception))
+        with self.assertRaises(BadRequest) as cm:
+            self.client.record({"Bad Key": "x"}, "gpt-4o", Usage(1))
+        self.assertIn("Bad Key", str(cm.exception))
+        with self.assertRaises(NotFound) as cm:
+            self.client.release("no-such-hold")
+        self.assertEqual((cm.exception.code, cm.exception.field), ("not_found", "reservation_id"))
+        with self.assertRaises(NotFound):
+            self.client.extend("no-such-hold", 30)
+        # Nothing of that reached the bucket, and the connection is still usable.
+        self.assertEqual(self.client.status(labels={"team": t}).budgets, [])
+        self.assertEqual(self.client.hello().protocol, 1)
+
+    # --- reservations -----------------------------------------------------------------------
+
+    def test_reserve_commit_release_extend(self) -> None:
+        t = team()
+        d = self.client.reserve(acme(t), "gpt-4o-mini", input_tokens=1000, max_output_tokens=1000,
+                                ttl_seconds=120)
+        self.assertEqual(d.decision, "allow")
+        self.assertTrue(d.allowed)
+        self.assertEqual(d.hold_micros, 750)  # 1000 × 0.15 + 1000 × 0.60
+        self.assertEqual(d.model, "gpt-4o-mini")
+        self.assertIsNotNone(d.expires_at)
+        self.assertEqual(self.bucket(t).held_micros, 750)
+
+        e = self.client.extend(d.reservation_id, 600)
+        self.assertGreater(e.expires_at, d.expires_at)
+
+        c = self.client.commit(d.reservation_id, Usage(input_tokens=900, output_tokens=200))
+        self.assertEqual(c.cost_micros, 255)  # 135 + 120
+        b = self.bucket(t)
+        self.assertEqual((b.spent_micros, b.held_micros, b.live_holds), (255, 0, 0))
+
+        d2 = self.client.reserve(acme(t), "gpt-4o-mini", input_tokens=10, max_output_tokens=10)
+        self.client.release(d2.reservation_id)
+        self.assertEqual(self.bucket(t).held_micros, 0)
+        with self.assertRaises(NotFound):
+            self.client.extend(d2.reservation_id, 60)
+
+    def test_reserve_with_the_same_id_is_one_hold(self) -> None:
+        t = team()
+        rid = "r-" + uuid.uuid4().hex
+        a = self.client.reserve(acme(t), "gpt-4o-mini", input_tokens=100, max_output_tokens=100,
+                                reservation_id=rid)
+        b = self.client.reserve(acme(t), "gpt-4o-mini", input_tokens=100, max_output_tokens=100,
+                                reservation_id=rid)
+        self.assertEqual(a.reservation_id, rid)
+        self.assertTrue(b.duplicate)
+        bk = self.bucket(t)
+        self.assertEqual((bk.live_holds, bk.held_micros), (1, a.hold_micros))
+        self.client.release(rid)
+
+    def test_check_decides_without_holding(self) -> None:
+        t = team()
+        before = self.client.verify().events
+        ok = self.client.check(acme(t), "gpt-4o-mini", input_tokens=1000, max_output_tokens=1000)
+        no = self.client.check(acme(t), "gpt-4o", input_tokens=1000, max_output_tokens=5000)
+        self.assertEqual((ok.decision, ok.hold_micros), ("allow", 750))
+        self.assertEqual(no.decision, "deny")
+        self.assertEqual((no.reason.code, no.reason.budget, no.reason.key),
+                         ("budget", "team-daily", f"team={t}"))
+        self.assertIsNone(ok.seq)
+        self.assertEqual(self.client.verify().events, before)
+        self.assertEqual(self.client.status(labels={"team": t}).budgets, [])
+
+    def test_commit_of_an_unknown_reservation_is_recorded(self) -> None:
+        t = team()
+        a = self.client.commit("never-reserved-" + uuid.uuid4().hex, Usage(1000, 100),
+                               labels=acme(t), model="gpt-4o-mini")
+        self.assertEqual(a.reservation, "unknown")
+        self.assertEqual(a.cost_micros, 210)
+        self.assertEqual(self.bucket(t).spent_micros, 210)
+
+    def test_commit_after_expiry_is_late_but_counted(self) -> None:
+        t = team()
+        with self.client.hold(acme(t), "gpt-4o-mini", input_tokens=100, max_output_tokens=100,
+                              ttl_seconds=1) as h:
+            time.sleep(1.3)
+            self.assertEqual(self.bucket(t).held_micros, 0)  # reads never show an expired hold
+            a = h.commit(Usage(input_tokens=100, output_tokens=100))
+        self.assertTrue(a.late)
+        self.assertEqual(self.bucket(t).spent_micros, a.cost_micros)
+
+    # --- hold() -----------------------------------------------------------------------------
+
+    def test_hold_commit(self) -> None:
+        t = team()
+        with self.client.hold(acme(t), "gpt-4o-mini", input_tokens=1000, max_output_tokens=1000) as h:
+            self.assertEqual(h.model, "gpt-4o-mini")
+            self.assertEqual(h.hold_micros, 750)
+            self.assertEqual(self.bucket(t).held_micros, 750)
+            ans = h.commit(input_tokens=1000, output_tokens=500)
+        self.assertTrue(h.committed)
+        self.assertEqual(ans.cost_micros, 450)
+        b = self.bucket(t)
+        self.assertEqual((b.spent_micros, b.held_micros, b.live_holds), (450, 0, 0))
+        with self.assertRaises(RuntimeError):
+            h.commit(Usage(1))
+
+    def test_hold_released_without_commit_and_on_exception(self) -> None:
+        t = team()
+        with self.client.hold(acme(t), "gpt-4o-mini", input_tokens=100, max_output_tokens=100):
+            self.assertEqual(self.bucket(t).live_holds, 1)
+        b = self.bucket(t)
+        self.assertEqual((b.held_micros, b.live_holds, b.spent_micros), (0, 0, 0))
+
+        class ModelCallFailed(Exception):
+            pass
+
+        with self.assertRaises(ModelCallFailed):
+            with self.client.hold(acme(t), "gpt-4o-mini", input_tokens=100, max_output_tokens=100) as h:
+                self.assertEqual(self.bucket(t).live_holds, 1)
+                raise ModelCallFailed()
+        self.assertTrue(h.released)
+        b = self.bucket(t)
+        self.assertEqual((b.held_micros, b.live_holds, b.spent_micros), (0, 0, 0))
+        kinds = [e.type for e in self.client.export(labels={"team": t})]
+        self.assertEqual(kinds.count("reservation_created"), 2)
+        released = [e for e in self.client.export() if e.type == "reservation_released"
+                    and e.data.get("reservation_id") == h.reservation_id]
+        self.assertEqual(len(released), 1)
+
+    def test_hold_denied_names_budget_scope_and_remaining(self) -> None:
+        t = team()
+        self.client.record(acme(t), "gpt-4o-mini", Usage(1000, 100))  # 210 spent
+        with self.assertRaises(BudgetDenied) as cm:
+            with self.client.hold(acme(t), "gpt-4o", input_tokens=1000, max_output_tokens=5000):
+                self.fail("the body of a denied hold ran")
+        e = cm.exception
+        self.assertEqual(e.budget, "team-daily")
+        self.assertEqual(e.key, f"team={t}")
+        self.assertEqual(e.remaining_micros, 49790)
+        self.assertEqual(e.code, "budget")
+        self.assertEqual(e.reason.code, "budget")
+        self.assertEqual(e.decision.hold_micros, 52500)
+        self.assertIn("team-daily", str(e))
+        self.assertIn("0.049790", str(e))
+        self.assertIsInstance(e, BursarError)
+        b = self.bucket(t)
+        self.assertEqual((b.held_micros, b.live_holds), (0, 0))
+
+    def test_hold_tier_cap_denial(self) -> None:
+        # No budget matches (no org label): only the frontier tier's per-call cap applies.
+        with self.assertRaises(BudgetDenied) as cm:
+            with self.client.hold({"team": team()}, "gpt-4o", input_tokens=20000,
+                                  max_output_tokens=16000):
+                pass
+        self.assertEqual(cm.exception.code, "tier_cap")
+        self.assertIsNone(cm.exception.budget)
+        self.assertIsNone(cm.exception.remaining_micros)
+
+    def test_hold_falls_back_to_a_cheaper_candidate(self) -> None:
+        t = team()
+        with self.client.hold(acme(t), candidates=["gpt-4o", "gpt-4o-mini"], input_tokens=1000,
+                              max_output_tokens=5000) as h:
+            self.assertEqual(h.model, "gpt-4o-mini")
+            [s] = h.decision.skipped
+            self.assertEqual((s.model, s.reason), ("gpt-4o", "budget"))
+            h.commit(Usage(1000, 400))
+        [u] = [e for e in self.client.export(labels={"team": t}) if e.type == "usage_recorded"]
+        self.assertEqual(u.data["model"], "gpt-4o-mini")
+
+    def test_hold_requires_capabilities(self) -> None:
+        t = team()
+        with self.client.hold(acme(t), candidates=["gpt-3.5-turbo", "gpt-4o-mini"],
+                              require=["vision"], input_tokens=10, max_output_tokens=10) as h:
+            self.assertEqual(h.model, "gpt-4o-mini")
+            [s] = h.decision.skipped
+            self.assertEqual((s.model, s.reason, s.detail),
+                             ("gpt-3.5-turbo", "missing_capability", "vision"))
+        with self.assertRaises(BudgetDenied) as cm:
+            with self.client.hold(acme(t), "gpt-3.5-turbo", require=["vision"], input_tokens=10,
+                                  max_output_tokens=10):
+                pass
+        self.assertEqual(cm.exception.code, "missing_capability")
+        self.assertIn("vision", str(cm.exception))
+
+    def test_hold_warns_near_the_limit(self) -> None:
+        t = team()
+        with self.client.hold(acme(t), "gpt-4o", input_tokens=0, max_output_tokens=4000) as h:
+            self.assertEqual(h.hold_micros, 40000)  # exactly warn_at × limit
+            self.assertTrue(h.warned)
+            self.assertEqual(h.decision.decision, "warn")
+
+    def test_concurrency_limit(self) -> None:
+        gpu = {"pool": "gpu", "team": team()}
+        with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1):
+            with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1):
+                with self.assertRaises(BudgetDenied) as cm:
+                    with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1):
+                        pass
+                self.assertEqual(cm.exception.budget, "gpu-seats")
+                self.assertIn("max_concurrent", str(cm.exception))
+            with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1) as h:
+                self.assertTrue(h.decision.allowed)
+
+    # --- export, verify, status ---------------------------------------------------------------
+
+    def test_export_iterates_events_and_can_interleave(self) -> None:
+        t = team()
+        for n in range(3):
+            self.client.record(acme(t), "gpt-4o-mini", Usage(100 * (n + 1), 10))
+        it = self.client.export(labels={"team": t})
+        first = next(it)
+        # Other calls on the same client work while an export is open.
+        self.client.record(acme(team()), "gpt-4o-mini", Usage(1))
+        events = [first] + list(it)
+        self.assertEqual([e.type for e in events], ["usage_recorded"] * 3)
+        self.assertEqual([e.data["usage"]["input_tokens"] for e in events], [100, 200, 300])
+        self.assertEqual([e.cost_micros for e in events], [21, 36, 51])
+        seqs = [e.seq for e in events]
+        self.assertEqual(seqs, sorted(seqs))
+        self.assertTrue(all(e.price_version for e in events))
+
+    def test_verify_covers_the_whole_log(self) -> None:
+        self.client.record(acme(team()), "gpt-4o-mini", Usage(1))
+        v = self.client.verify()
+        n = sum(1 for _ in self.client.export())
+        self.assertEqual(v.events, n)
+        self.assertRegex(v.head, r"^[0-9a-f]{64}$")
+
+    def test_status_filters(self) -> None:
+        t1, t2 = team(), team()
+        self.client.record(acme(t1), "gpt-4o-mini", Usage(1000))
+        self.client.record(acme(t2), "gpt-4o-mini", Usage(2000))
+        s = self.client.status(labels={"team": t2})
+        self.assertEqual([(b.budget, b.key, b.spent_micros) for b in s.budgets],
+                         [("team-daily", f"team={t2}", 300)])
+        self.assertLessEqual(len(self.client.status(limit=1).budgets), 1)
+
+    # --- threads -------------------------------------------------------------------------------
+
+    def test_one_client_shared_by_threads(self) -> None:
+        t = team()
+        errors = []
+
+        def worker() -> None:
+            try:
+                for _ in range(20):
+                    self.client.record(acme(t), "gpt-4o-mini", Usage(100, 10))
+                    with self.client.hold(acme(t), "gpt-4o-mini", input_tokens=10,
+                                          max_output_tokens=10) as h:
+                        h.commit(Usage(10, 10))
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker) for _ in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        self.assertEqual(errors, [])
+        b = self.bucket(t)
+        self.assertEqual(b.spent_requests, 240)
+        self.assertEqual(b.spent_micros, 120 * 21 + 120 * 8)  # 21 and 7.5 → 8 per event
+        self.assertEqual((b.held_micros, b.live_holds), (0, 0))
+
+
+    def test_racing_agents_never_overspend(self) -> None:
+        # 24 agents (own clients, own connections) race for 3000 µUSD holds on a 50000 budget.
+        t = team()
+        barrier = threading.Barrier(24)
+        outcomes = []
+        lock = threading.Lock()
+
+        def agent() -> None:
+            with Client(self.daemon.socket) as c:
+                barrier.wait()
+                try:
+                    with c.hold(acme(t), "gpt-4o", input_tokens=0, max_output_tokens=300) as h:
+                        with lock:
+                            outcomes.append(h.hold_micros)
+                        barrier_done.wait()
+                        h.commit(Usage(output_tokens=300))
+                except BudgetDenied as e:
+                    with lock:
+                        outcomes.append(e)
+                    barrier_done.wait()
+
+        barrier_done = threading.Barrier(24)
+        threads = [threading.Thread(target=agent) for _ in range(24)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        granted = [o for o in outcomes if isinstance(o, int)]
+        self.assertEqual(granted, [3000] * 16)
+        self.assertEqual(len(outcomes), 24)
+        b = self.bucket(t)
+        self.assertEqual((b.spent_micros, b.held_micros), (48000, 0))
+
+
+class DefaultSocketTest(unittest.TestCase):
+    def test_default_path_order(self) -> None:
+        with mock.patch.dict(os.environ, {"BURSAR_SOCKET": "/x/b.sock", "XDG_RUNTIME_DIR": "/run/u"}):
+            self.assertEqual(Client().socket_path, "/x/b.sock")
+        env = {k: v for k, v in os.environ.items() if k != "BURSAR_SOCKET"}
+        with mock.patch.dict(os.environ, {**env, "XDG_RUNTIME_DIR": "/run/u"}, clear=True):
+            self.assertEqual(Client().socket_path, "/run/u/bursar.sock")
+        env.pop("XDG_RUNTIME_DIR", None)
+        with mock.patch.dict(os.environ, env, clear=True):
+            self.assertEqual(Client().socket_path, "./bursar.sock")
+        self.assertEqual(Client("/explicit.sock").socket_path, "/explicit.sock")
+
+    def test_env_socket_reaches_the_daemon(self) -> None:
+        d = Daemon().start()
+        try:
+            with mock.patch.dict(os.environ, {"BURSAR_SOCKET": d.socket}):
+                with Client() as c:
+                    self.assertEqual(c.hello().protocol, 1)
+        finally:
+            d.cleanup()
+
+    def test_package_surface(self) -> None:
+        for name in ("Client", "AsyncClient", "Usage", "BursarError", "BudgetDenied", "Conflict",
+                     "NotFound", "Unavailable", "Overloaded", "Disconnected"):
+            self.assertTrue(hasattr(bursar_client, name), name)
+        self.assertTrue(issubclass(bursar_client.Disconnected, bursar_client.Unavailable))
+
+
+if __name__ == "__main__":
+    unittest.main()
