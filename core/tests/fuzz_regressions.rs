@@ -150,6 +150,10 @@ fn the_fixed_import_file_merges_into_the_builtin_table() {
     let models = &loaded.resolved.pricing.models;
     assert_eq!(models["acme/house-model"].input_per_mtok, 400_000);
     assert_eq!(models["acme/long"].above_tokens, Some(200_000));
+    assert_eq!(
+        models["acme/long"].cache_write_per_mtok_above,
+        Some(3_000_000)
+    );
     assert!(models.contains_key("gpt-4o"));
     assert!(!models.contains_key("acme/image"));
 }

@@ -39,6 +39,7 @@ const KEYS: &[&str] = &[
     "cache_write_per_mtok",
     "above_tokens",
     "input_per_mtok_above",
+    "cache_write_per_mtok_above",
     "output_per_mtok_above",
     "cached_input_per_mtok_above",
     "max_output_tokens",
@@ -213,7 +214,7 @@ proptest! {
 
     #[test]
     fn json_shaped_litellm_files(
-        text in r#"\{("[a-z/._-]{0,12}": ?(\{("(mode|input_cost_per_token|output_cost_per_token|cache_read_input_token_cost|cache_creation_input_token_cost|input_cost_per_token_above_[0-9]{1,4}k_tokens|max_output_tokens|litellm_provider|supports_vision)": ?(-?[0-9]{0,20}(\.[0-9]{0,20})?(e-?[0-9]{1,3})?|"[a-z]{0,6}"|true|null|\[\]),? ?){0,6}\}|[0-9.e-]{1,10}|null),? ?){0,4}\}"#
+        text in r#"\{("[a-z/._-]{0,12}": ?(\{("(mode|input_cost_per_token|output_cost_per_token|cache_read_input_token_cost|cache_creation_input_token_cost|(input_cost_per_token|cache_creation_input_token_cost)_above_[0-9]{1,4}k_tokens|max_output_tokens|litellm_provider|supports_vision)": ?(-?[0-9]{0,20}(\.[0-9]{0,20})?(e-?[0-9]{1,3})?|"[a-z]{0,6}"|true|null|\[\]),? ?){0,6}\}|[0-9.e-]{1,10}|null),? ?){0,4}\}"#
     ) {
         let _ = props::litellm(&text);
     }

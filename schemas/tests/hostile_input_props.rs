@@ -50,6 +50,7 @@ const FIELDS: &[&str] = &[
     "input_per_mtok",
     "output_per_mtok",
     "above_tokens",
+    "cache_write_per_mtok_above",
     "capabilities",
     "provider",
     "team",

@@ -29,7 +29,9 @@ pub const LITELLM_JSON: &str = r#"{
   "acme/long": {"input_cost_per_token": 1.25e-06, "output_cost_per_token": 1e-05,
     "input_cost_per_token_above_200k_tokens": 2.5e-06,
     "output_cost_per_token_above_200k_tokens": 1.5e-05,
-    "cache_read_input_token_cost": 3.1e-07, "litellm_provider": "acme", "mode": "chat"},
+    "cache_read_input_token_cost": 3.1e-07, "cache_creation_input_token_cost": 1.5e-06,
+    "cache_creation_input_token_cost_above_200k_tokens": 3e-06,
+    "litellm_provider": "acme", "mode": "chat"},
   "acme/embed": {"input_cost_per_token": 2e-08, "mode": "embedding"},
   "acme/image": {"mode": "image_generation", "output_cost_per_image": 0.04}
 }"#;
@@ -133,6 +135,7 @@ fn model_price(p: &ModelPrice) {
         p.input_per_mtok_above,
         p.output_per_mtok_above,
         p.cached_input_per_mtok_above,
+        p.cache_write_per_mtok_above,
     ];
     for price in prices.into_iter().flatten() {
         assert!(

@@ -140,6 +140,7 @@ pub fn sample_envelopes() -> Vec<Envelope> {
         input_per_mtok_above: Some(5_000_000),
         output_per_mtok_above: None,
         cached_input_per_mtok_above: None,
+        cache_write_per_mtok_above: Some(7_500_000),
         max_output_tokens: Some(16_384),
         capabilities: vec!["tools".into(), "vision".into()],
     };
