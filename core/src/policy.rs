@@ -43,6 +43,9 @@ pub const MAX_BUDGET_ID_BYTES: usize = 128;
 pub const MAX_LABEL_VALUE_BYTES: usize = 256;
 /// Name of the built-in tier used when `[tiers] default` is not set.
 pub const DEFAULT_TIER: &str = "default";
+/// Key of an error that no key or table header can be blamed for (e.g. a syntax error above the
+/// first table header on a line without `=`).
+pub const TOP_LEVEL_KEY: &str = "(top level)";
 /// Id of the budget of the default policy.
 pub const DEFAULT_BUDGET_ID: &str = "model-daily";
 /// `source` of the default policy.
@@ -172,7 +175,10 @@ pub fn parse_policy(
                 file: file.to_string(),
                 line,
                 key,
-                message: e.message().trim().lines().collect::<Vec<_>>().join("; "),
+                message: non_empty_message(
+                    e.message().trim().lines().collect::<Vec<_>>().join("; "),
+                    "is not valid TOML (a value is missing or incomplete)",
+                ),
             }]);
         }
     };
@@ -323,12 +329,31 @@ fn line_of_offset(text: &str, offset: usize) -> usize {
         .count()
 }
 
-/// For a syntax error: the key or table header on that line, as written.
+/// For a syntax error: the key or table header on that line, as written. A line with neither
+/// (a stray word, a blank or continuation line, `= 1`) names the table header in force there, and
+/// above the first header [`TOP_LEVEL_KEY`], so that every error names a key.
 fn key_on_line(text: &str, line: usize) -> String {
-    let Some(l) = text.lines().nth(line.saturating_sub(1)) else {
-        return String::new();
-    };
-    let l = l.trim();
+    let index = line.saturating_sub(1);
+    let own = text
+        .lines()
+        .nth(index)
+        .map(key_or_header)
+        .unwrap_or_default();
+    if !own.is_empty() {
+        return own;
+    }
+    text.lines()
+        .take(index)
+        .filter(|l| l.trim_start().starts_with('['))
+        .map(key_or_header)
+        .filter(|h| !h.is_empty())
+        .last()
+        .unwrap_or_else(|| TOP_LEVEL_KEY.to_string())
+}
+
+/// The table header (`budget` of `[[budget]]`) or the key before `=` on one line; empty if none.
+fn key_or_header(line: &str) -> String {
+    let l = line.trim();
     if l.starts_with('[') {
         return l
             .trim_start_matches('[')
@@ -533,8 +558,20 @@ fn deserialize_error(
     PolicyError {
         file: file.to_string(),
         line,
-        key: render_path(&path),
-        message,
+        key: if path.is_empty() {
+            TOP_LEVEL_KEY.to_string()
+        } else {
+            render_path(&path)
+        },
+        message: non_empty_message(message, "is not a valid policy file"),
+    }
+}
+
+fn non_empty_message(message: String, fallback: &str) -> String {
+    if message.trim().is_empty() {
+        fallback.to_string()
+    } else {
+        message
     }
 }
 

@@ -483,10 +483,13 @@ pub fn decode_request(line: &[u8]) -> Result<RequestLine, (WireError, Option<Val
 fn empty_body(body: &Value) -> Result<(), WireError> {
     if let Value::Object(m) = body {
         if let Some(k) = m.keys().next() {
-            return Err(WireError::bad_field(
-                k.clone(),
-                format!("unknown field `{k}`"),
-            ));
+            let message = format!("unknown field `{k}`");
+            // An empty key cannot be named as a field (as in `body_as`): the message says it.
+            return Err(if k.is_empty() {
+                WireError::new(ErrorCode::BadRequest, message)
+            } else {
+                WireError::bad_field(k.clone(), message)
+            });
         }
     }
     Ok(())

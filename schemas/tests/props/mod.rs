@@ -1,0 +1,278 @@
+//! The properties that bursar's hostile-input decoders of `bursar-schemas` must keep, on any
+//! input. Shared by the fuzz targets (`fuzz/fuzz_targets/*.rs` include this file), the fuzz
+//! regression tests and the bounded property tests, so all three check the same thing.
+//!
+//! Each check panics (fails) when a property is broken and otherwise returns what it decoded, so
+//! tests can also assert the expected outcome of a particular input.
+
+#![allow(dead_code)]
+
+use bursar_schemas::event::{decode_record, encode_record, Envelope, ENVELOPE_VERSION};
+use bursar_schemas::wire::{decode_request, ErrorCode, Request, WireError, MAX_LINE_BYTES};
+use serde_json::Value;
+
+/// `decode_request` on any bytes: never panics; an `Ok` request re-encodes
+/// (`Request::to_json`) to a line that decodes to an equal request; an error has a code that
+/// fits the input, a message, and a non-empty field when it names one; the `req` echo is the
+/// line's `req` whenever the line is a JSON object.
+pub fn request_line(line: &[u8]) -> Result<Request, WireError> {
+    let outcome = decode_request(line);
+    let parsed_req = if line.len() <= MAX_LINE_BYTES {
+        match serde_json::from_slice::<Value>(line) {
+            Ok(Value::Object(mut map)) => Some(map.remove("req")),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    match outcome {
+        Ok(decoded) => {
+            let Some(expected_req) = parsed_req else {
+                panic!("decoded a line that is not a JSON object: {line:?}");
+            };
+            assert_eq!(decoded.req, expected_req, "req echo differs");
+            let json = decoded.request.to_json();
+            assert_eq!(
+                json.get("op").and_then(Value::as_str),
+                Some(decoded.request.op()),
+                "to_json names another op: {json}"
+            );
+            let again = json.to_string().into_bytes();
+            // A request that re-encodes longer than a line may (defaults filled in, numbers
+            // written out) cannot be sent back; everything else must round-trip.
+            if again.len() <= MAX_LINE_BYTES {
+                match decode_request(&again) {
+                    Ok(back) => {
+                        assert_eq!(
+                            back.request,
+                            decoded.request,
+                            "round trip through {} changed the request",
+                            String::from_utf8_lossy(&again)
+                        );
+                        assert_eq!(back.req, None);
+                    }
+                    Err((e, _)) => panic!(
+                        "re-encoded request {} does not decode: {e}",
+                        String::from_utf8_lossy(&again)
+                    ),
+                }
+            }
+            Ok(decoded.request)
+        }
+        Err((error, req)) => {
+            assert!(!error.message.trim().is_empty(), "empty message: {error:?}");
+            if let Some(field) = &error.field {
+                assert!(!field.is_empty(), "empty field name: {error:?}");
+            }
+            match error.code {
+                ErrorCode::TooLarge => assert!(line.len() > MAX_LINE_BYTES, "{error:?}"),
+                ErrorCode::BadRequest | ErrorCode::UnknownOp => {
+                    assert!(line.len() <= MAX_LINE_BYTES, "{error:?}");
+                }
+                other => panic!("decoding cannot fail with {other:?}: {error:?}"),
+            }
+            match parsed_req {
+                Some(expected) => assert_eq!(req, expected, "req echo lost on error {error:?}"),
+                None => assert_eq!(req, None, "req echoed from a non-object line"),
+            }
+            Err(error)
+        }
+    }
+}
+
+/// `decode_record` on any bytes: never panics; decoded envelopes carry this build's version and
+/// can be hashed; they re-encode to a record that decodes to the same envelopes, and that
+/// re-encoding is canonical (encoding the decoded envelopes again gives the same bytes).
+///
+/// Re-encoding does NOT in general reproduce the input bytes: bincode's varints accept
+/// non-minimal forms (`251, 5, 0` is 5 as well as `5`), and a label map stored with keys out of
+/// order or repeated decodes into the same `BTreeMap` as the sorted one. Neither changes what
+/// the record means, and the chain hash is computed over the canonical encoding.
+pub fn record(bytes: &[u8]) -> Option<Vec<Envelope>> {
+    match decode_record(bytes) {
+        Ok(envs) => {
+            for env in &envs {
+                assert_eq!(env.version, ENVELOPE_VERSION);
+                if let Err(e) = env.compute_hash() {
+                    panic!("decoded envelope cannot be hashed: {e}");
+                }
+            }
+            let again = match encode_record(&envs) {
+                Ok(b) => b,
+                Err(e) => panic!("decoded envelopes do not re-encode: {e}"),
+            };
+            match decode_record(&again) {
+                Ok(back) => assert_eq!(back, envs, "decode(encode(x)) != x"),
+                Err(e) => panic!("re-encoded record does not decode: {e}"),
+            }
+            match encode_record(&envs) {
+                Ok(third) => assert_eq!(third, again, "encoding is not deterministic"),
+                Err(e) => panic!("second encoding failed: {e}"),
+            }
+            Some(envs)
+        }
+        Err(e) => {
+            assert!(!e.to_string().trim().is_empty());
+            None
+        }
+    }
+}
+
+/// A chain of envelopes with one of every event body, like the daemon writes.
+pub fn sample_envelopes() -> Vec<Envelope> {
+    use bursar_schemas::event::*;
+    use bursar_schemas::policy::*;
+    use bursar_schemas::pricing::{ModelPrice, PriceTable};
+    use bursar_schemas::wire::Usage;
+    use bursar_schemas::Labels;
+
+    let labels = Labels::from([
+        ("model".to_string(), "gpt-4o".to_string()),
+        ("team".to_string(), "search".to_string()),
+    ]);
+    let price = ModelPrice {
+        provider: "openai".into(),
+        input_per_mtok: 2_500_000,
+        output_per_mtok: 10_000_000,
+        cached_input_per_mtok: Some(1_250_000),
+        cache_write_per_mtok: None,
+        above_tokens: Some(200_000),
+        input_per_mtok_above: Some(5_000_000),
+        output_per_mtok_above: None,
+        cached_input_per_mtok_above: None,
+        cache_write_per_mtok_above: Some(7_500_000),
+        max_output_tokens: Some(16_384),
+        capabilities: vec!["tools".into(), "vision".into()],
+    };
+    let pricing = PriceTable {
+        models: [("gpt-4o".to_string(), price)].into(),
+    };
+    let policy = ResolvedPolicy {
+        reservation_ttl_seconds: 300,
+        max_keys_per_budget: 100_000,
+        unknown_models: UnknownModels::PriceAtMax,
+        tiers: ResolvedTiers {
+            default: "small".into(),
+            patterns: vec![("gpt-4o*".into(), "frontier".into())],
+            caps: [(
+                "frontier".to_string(),
+                ResolvedTierCap {
+                    max_call_micros: Some(500_000),
+                    max_call_output_tokens: Some(16_000),
+                },
+            )]
+            .into(),
+        },
+        budgets: vec![ResolvedBudget {
+            id: "team-daily".into(),
+            match_labels: [("org".to_string(), "acme".to_string())].into(),
+            group_by: vec!["team".into()],
+            window: WindowSpec::Calendar {
+                unit: CalendarUnit::Month,
+                utc_offset_seconds: -19_800,
+            },
+            max_micros: Some(50_000_000),
+            max_tokens: Some(5_000_000),
+            max_requests: None,
+            max_concurrent: Some(8),
+            warn_at_ppm: Some(900_000),
+            enforce: Enforce::Warn,
+        }],
+        pricing: pricing.clone(),
+    };
+    let bodies = vec![
+        EventBody::PolicyApplied(PolicyApplied {
+            policy_version: 1,
+            source: "bursar.toml".into(),
+            source_hash: "ab".repeat(32),
+            policy,
+        }),
+        EventBody::UsageRecorded(UsageRecorded {
+            event_id: "e-1".into(),
+            reservation_id: Some("r-1".into()),
+            reservation: ReservationLink::Known,
+            late: true,
+            labels: labels.clone(),
+            model: "gpt-4o".into(),
+            usage: Usage {
+                input_tokens: 1200,
+                output_tokens: 300,
+                cached_input_tokens: 70_000,
+                cache_write_tokens: 5,
+                requests: 1,
+            },
+            occurred_at: Some("2026-11-23T10:00:00Z".into()),
+            reported_cost_usd: Some("0.006".into()),
+            payload_digest: [7; 16],
+        }),
+        EventBody::ReservationCreated(ReservationCreated {
+            reservation_id: "r-1".into(),
+            labels: labels.clone(),
+            model: "gpt-4o".into(),
+            input_tokens: 1200,
+            max_output_tokens: 800,
+            hold_micros: 11_000,
+            expires_at: 1_790_000_000_000_000,
+            payload_digest: [1; 16],
+        }),
+        EventBody::ReservationDenied(ReservationDenied {
+            reservation_id: "r-2".into(),
+            labels,
+            model: "o3".into(),
+            hold_micros: 99_000_000,
+            reason: "budget".into(),
+            budget: Some("team-daily".into()),
+            key: Some("team=search".into()),
+            payload_digest: [2; 16],
+        }),
+        EventBody::ReservationReleased(ReservationReleased {
+            reservation_id: "r-1".into(),
+            reason: "cancelled".into(),
+        }),
+        EventBody::ReservationExtended(ReservationExtended {
+            reservation_id: "r-1".into(),
+            expires_at: -1,
+        }),
+        EventBody::ReservationExpired(ReservationExpired {
+            reservation_id: "r-1".into(),
+        }),
+        EventBody::BudgetWarned(BudgetCrossing {
+            budget: "team-daily".into(),
+            key: "team=search".into(),
+            window_start: 1_789_948_800_000_000,
+            spent_micros: 45_000_000,
+            held_micros: 11_000,
+            utilization_ppm: 900_220,
+        }),
+        EventBody::BudgetExhausted(BudgetCrossing {
+            budget: "total".into(),
+            key: String::new(),
+            window_start: 0,
+            spent_micros: i64::MAX,
+            held_micros: i64::MIN,
+            utilization_ppm: u64::MAX,
+        }),
+        EventBody::PricingChanged(PricingChanged {
+            effective_from: 1_789_948_800_000_000,
+            pricing,
+        }),
+    ];
+    let mut prev = Hash32::default();
+    let mut out = Vec::new();
+    for (i, body) in bodies.into_iter().enumerate() {
+        let seq = i as u64 + 1;
+        let actor = Actor {
+            uid: 1000,
+            gid: 1000,
+            pid: u32::MAX,
+        };
+        match Envelope::seal(seq, 1_789_990_000_000_000 + seq as i64, actor, prev, body) {
+            Ok(env) => {
+                prev = env.hash;
+                out.push(env);
+            }
+            Err(e) => panic!("sample envelope cannot be sealed: {e}"),
+        }
+    }
+    out
+}
