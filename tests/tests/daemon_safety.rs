@@ -254,3 +254,22 @@ fn bursard_help_and_bad_config_exit_non_zero_with_a_message() {
         "a bad config touches no data"
     );
 }
+
+#[test]
+fn socket_mode_0660_with_socket_group_gives_the_group_access() {
+    // chown to a group needs root (or membership); elsewhere there is nothing to test.
+    if std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(1)
+        != 0
+    {
+        eprintln!("skipped: not running as root, cannot chown the socket to a group");
+        return;
+    }
+    let d =
+        Daemon::start_with_config("[daemon]\nsocket_mode = \"0660\"\nsocket_group = \"65534\"\n");
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65534);
+    assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
+}
