@@ -273,6 +273,14 @@ impl RollingCounter {
         let Ok(slot) = i64::try_from(slot) else {
             return;
         };
+        // Pruned first, so that a counter whose slots all fell out reuses their room.
+        while self
+            .slots
+            .front()
+            .is_some_and(|&(k, _)| i128::from(k) < oldest)
+        {
+            self.slots.pop_front();
+        }
         match self.slots.binary_search_by_key(&slot, |&(k, _)| k) {
             Ok(index) => {
                 if let Some((_, existing)) = self.slots.get_mut(index) {
@@ -280,13 +288,6 @@ impl RollingCounter {
                 }
             }
             Err(index) => self.slots.insert(index, (slot, amounts)),
-        }
-        while self
-            .slots
-            .front()
-            .is_some_and(|&(k, _)| i128::from(k) < oldest)
-        {
-            self.slots.pop_front();
         }
     }
 

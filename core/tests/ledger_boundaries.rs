@@ -726,3 +726,24 @@ fn a_hold_due_within_a_burst_is_expired_before_the_next_decision() {
     assert!(h.kinds().contains(&"reservation_expired"));
     assert_eq!(h.refold(), h.ledger);
 }
+
+#[test]
+fn a_new_policy_regroups_the_next_event_of_a_label_set_already_seen() {
+    // The ledger remembers which buckets a label set counts in; a policy that groups the same
+    // budget differently must not reuse that memory.
+    let mut by_team = budget("cap");
+    by_team.group_by = vec!["team".into()];
+    let mut h = Harness::new(policy(vec![by_team]));
+    let seen = labels(&[("team", "a"), ("user", "u1")]);
+    let a = h.record("e1", seen.clone(), "m", usage(100, 0));
+    assert_eq!(a.budgets[0].key, "team=a");
+    let mut by_user = budget("cap-by-user");
+    by_user.group_by = vec!["user".into()];
+    h.apply_policy(policy(vec![by_user]));
+    let a = h.record("e2", seen.clone(), "m", usage(10, 0));
+    assert_eq!(a.budgets.len(), 1);
+    assert_eq!(a.budgets[0].budget, "cap-by-user");
+    assert_eq!(a.budgets[0].key, "user=u1");
+    assert_eq!(a.budgets[0].spent_micros, 10);
+    assert_eq!(h.refold(), h.ledger);
+}

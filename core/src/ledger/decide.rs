@@ -668,7 +668,8 @@ impl Ledger {
         // Figures with and without the probe; only one set is reported, rendered after the loop.
         let matched = self.matching(labels);
         let mut seen = Vec::with_capacity(matched.len());
-        for (i, key) in matched {
+        for (i, key) in matched.iter() {
+            let (i, key) = (*i, key.clone());
             let Some(b) = policy.budgets.get(i) else {
                 continue;
             };
@@ -812,7 +813,7 @@ impl Ledger {
         overrun_of: Option<Micros>,
     ) -> Step {
         let mut events = Vec::new();
-        let refs = self.matching(&body.labels);
+        let refs = self.matching_cached(&body.labels);
         let digest = body.payload_digest;
         let (late, link) = (body.late, body.reservation);
         let (cost, at_max, _) = self.usage_cost(&body.model, &body.usage, self.stamp(now));
@@ -826,7 +827,7 @@ impl Ledger {
         // crossing changes no figure.
         let figures = self.figures_at_last(&refs);
         self.crossings(&refs, &figures, now, &mut events);
-        let budgets = self.reports(refs, &figures, ts);
+        let budgets = self.reports(&refs, &figures, ts);
         let state = budgets
             .iter()
             .map(|b| b.state)

@@ -18,7 +18,7 @@ pub use replay::{
     collect_epochs, diff_rows, fold, fold_into, replay, EpochDecl, FoldError, ReplayOutcome,
 };
 
-use crate::labels::{scope_key, scope_key_into, selector_matches};
+use crate::labels::{scope_key, selector_matches};
 use crate::pricing;
 use crate::window::Amounts;
 use buckets::Bucket;
@@ -27,8 +27,10 @@ use bursar_schemas::policy::{ResolvedPolicy, UnknownModels};
 use bursar_schemas::pricing::{ModelPrice, PriceTable};
 use bursar_schemas::wire::Usage;
 use bursar_schemas::{Labels, Micros, TsMicros};
+use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 /// Ended reservations are remembered this long after they end (late commits, duplicate
 /// releases, double commits); a commit later than that counts as one of an unknown reservation.
@@ -41,6 +43,60 @@ pub const MAX_EVENT_TOKENS: u64 = 1_000_000_000_000;
 pub const OVERFLOW_KEY: &str = "(overflow)";
 /// Longest id (event or reservation) accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
+/// Label sets whose matching buckets are remembered (two generations of half this size).
+pub const MATCH_CACHE_ENTRIES: usize = 32_768;
+
+/// `(budget index, scope key)` of every bucket an event with some labels counts in.
+type Refs = Arc<[(usize, String)]>;
+
+/// Which buckets a label set counts in, under the policy in force: derived data, not state.
+/// Matching means 20 selector checks and a scope key rendered per matching budget; the same
+/// label set (one agent session, say) usually comes back many times, so the answer is kept.
+/// Two generations bound it: a hit in the old one moves up, and the old one is dropped when the
+/// new one is full. Never serialised or compared, and emptied when a policy is installed.
+#[derive(Default, Clone)]
+struct MatchCache {
+    new: HashMap<Labels, Refs, FxBuildHasher>,
+    old: HashMap<Labels, Refs, FxBuildHasher>,
+}
+
+impl MatchCache {
+    fn get(&self, labels: &Labels) -> Option<&Refs> {
+        self.new.get(labels).or_else(|| self.old.get(labels))
+    }
+
+    fn promote_or_insert(&mut self, labels: &Labels, refs: Refs) {
+        self.promote_or_insert_within(labels, refs, MATCH_CACHE_ENTRIES);
+    }
+
+    fn promote_or_insert_within(&mut self, labels: &Labels, refs: Refs, entries: usize) {
+        if self.new.len() >= entries / 2 {
+            self.old = std::mem::take(&mut self.new);
+        }
+        let key = self
+            .old
+            .remove_entry(labels)
+            .map_or_else(|| labels.clone(), |(k, _)| k);
+        self.new.insert(key, refs);
+    }
+
+    fn clear(&mut self) {
+        self.new.clear();
+        self.old.clear();
+    }
+}
+
+impl PartialEq for MatchCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for MatchCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MatchCache({} + {})", self.new.len(), self.old.len())
+    }
+}
 
 /// A price table in force from `effective_from`, introduced by the event at `seq`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,7 +156,7 @@ pub struct Ended {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BudgetState {
     /// Scope key to bucket.
-    pub buckets: HashMap<String, Bucket>,
+    pub buckets: HashMap<String, Bucket, FxBuildHasher>,
 }
 
 /// All projections. A fold of the log.
@@ -116,6 +172,8 @@ pub struct Ledger {
     expiries: BTreeSet<(TsMicros, String)>,
     ended: HashMap<String, Ended>,
     ended_queue: VecDeque<(TsMicros, String)>,
+    #[serde(skip)]
+    matches: MatchCache,
 }
 
 /// An event that cannot be folded.
@@ -230,7 +288,28 @@ impl Ledger {
     }
 
     /// Every `(budget index, scope key)` an event with these labels counts in.
-    fn matching(&self, labels: &Labels) -> Vec<(usize, String)> {
+    fn matching(&self, labels: &Labels) -> Refs {
+        match self.matches.get(labels) {
+            Some(refs) => refs.clone(),
+            None => self.match_labels(labels).into(),
+        }
+    }
+
+    /// [`Ledger::matching`], remembering the answer for the next event with the same labels.
+    fn matching_cached(&mut self, labels: &Labels) -> Refs {
+        if let Some(refs) = self.matches.new.get(labels) {
+            return refs.clone();
+        }
+        let refs = match self.matches.old.get(labels) {
+            Some(refs) => refs.clone(),
+            None => self.match_labels(labels).into(),
+        };
+        self.matches.promote_or_insert(labels, refs.clone());
+        refs
+    }
+
+    /// Match `labels` against every budget of the policy.
+    fn match_labels(&self, labels: &Labels) -> Vec<(usize, String)> {
         let Some(policy) = &self.policy else {
             return Vec::new();
         };
@@ -258,15 +337,15 @@ impl Ledger {
     fn hold_in_matching(&mut self, labels: &Labels, amounts: Amounts) -> Vec<(usize, String)> {
         let max_keys = self.max_keys();
         let mut refs = Vec::new();
-        for (i, key) in self.matching(labels) {
-            if let Some(state) = self.budgets.get_mut(i) {
-                let ((), overflow) = with_bucket(state, &key, max_keys, |b| b.hold(amounts, 1));
+        for (i, key) in self.matching_cached(labels).iter() {
+            if let Some(state) = self.budgets.get_mut(*i) {
+                let ((), overflow) = with_bucket(state, key, max_keys, |b| b.hold(amounts, 1));
                 refs.push((
-                    i,
+                    *i,
                     if overflow {
                         OVERFLOW_KEY.to_string()
                     } else {
-                        key
+                        key.clone()
                     },
                 ));
             }
@@ -276,8 +355,7 @@ impl Ledger {
 
     /// Count usage of `amounts` at `ts` in every bucket an event with `labels` counts in.
     /// `refs`, when given, are those buckets as [`Ledger::matching`] computed them for the same
-    /// labels under the same policy (the writer has them already); otherwise they are found
-    /// here, reusing one scope-key buffer instead of allocating a key per budget.
+    /// labels under the same policy (the writer has them already).
     fn spend_in_matching(
         &mut self,
         labels: &Labels,
@@ -285,33 +363,23 @@ impl Ledger {
         ts: TsMicros,
         amounts: Amounts,
     ) {
+        let found;
+        let refs = match refs {
+            Some(refs) => refs,
+            None => {
+                found = self.matching_cached(labels);
+                &found[..]
+            }
+        };
         let Some(policy) = &self.policy else {
             return;
         };
         let max_keys = policy.max_keys_per_budget;
-        match refs {
-            Some(refs) => {
-                for (i, key) in refs {
-                    if let (Some(b), Some(state)) =
-                        (policy.budgets.get(*i), self.budgets.get_mut(*i))
-                    {
-                        with_bucket(state, key, max_keys, |bucket| {
-                            bucket.add_spent(&b.window, ts, amounts)
-                        });
-                    }
-                }
-            }
-            None => {
-                let mut key = String::new();
-                for (b, state) in policy.budgets.iter().zip(self.budgets.iter_mut()) {
-                    if selector_matches(&b.match_labels, labels)
-                        && scope_key_into(&b.group_by, labels, &mut key)
-                    {
-                        with_bucket(state, &key, max_keys, |bucket| {
-                            bucket.add_spent(&b.window, ts, amounts)
-                        });
-                    }
-                }
+        for (i, key) in refs {
+            if let (Some(b), Some(state)) = (policy.budgets.get(*i), self.budgets.get_mut(*i)) {
+                with_bucket(state, key, max_keys, |bucket| {
+                    bucket.add_spent(&b.window, ts, amounts)
+                });
             }
         }
     }
@@ -508,6 +576,7 @@ impl Ledger {
         }
         self.budgets = states;
         self.policy = Some(new);
+        self.matches.clear();
         // Count live holds again, in the new budgets.
         for rid in hold_ids {
             let Some(h) = self.holds.get(&rid) else {
@@ -586,4 +655,33 @@ pub fn total_tokens(u: &Usage) -> u64 {
         .saturating_add(u.output_tokens)
         .saturating_add(u.cached_input_tokens)
         .saturating_add(u.cache_write_tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(i: usize) -> Labels {
+        Labels::from([("user".to_string(), format!("u{i}"))])
+    }
+
+    fn refs(i: usize) -> Refs {
+        vec![(0, format!("user=u{i}"))].into()
+    }
+
+    #[test]
+    fn the_match_cache_stays_within_its_bound_and_keeps_what_comes_back() {
+        let mut cache = MatchCache::default();
+        for i in 0..100 {
+            cache.promote_or_insert_within(&set(i), refs(i), 8);
+            // The label set used all along (0) is looked up, and moved up, every time.
+            if let Some(r) = cache.get(&set(0)).cloned() {
+                cache.promote_or_insert_within(&set(0), r, 8);
+            }
+            assert!(cache.new.len() + cache.old.len() <= 8);
+        }
+        assert_eq!(cache.get(&set(0)), Some(&refs(0)), "a hot label set stays");
+        assert_eq!(cache.get(&set(99)), Some(&refs(99)), "the newest is there");
+        assert_eq!(cache.get(&set(50)), None, "an old one is gone");
+    }
 }

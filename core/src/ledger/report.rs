@@ -243,7 +243,7 @@ impl Ledger {
     /// Report lines of the given buckets, whose figures at `now` are `figures` (in order).
     pub(super) fn reports(
         &self,
-        refs: Vec<(usize, String)>,
+        refs: &[(usize, String)],
         figures: &[Figures],
         now: TsMicros,
     ) -> Vec<BudgetReport> {
@@ -251,11 +251,11 @@ impl Ledger {
             return Vec::new();
         };
         let mut ends = WindowEnds::default();
-        refs.into_iter()
+        refs.iter()
             .zip(figures)
             .filter_map(|((i, key), f)| {
-                let b = policy.budgets.get(i)?;
-                Some(report(b, key, f, now, &mut ends))
+                let b = policy.budgets.get(*i)?;
+                Some(report(b, key.clone(), f, now, &mut ends))
             })
             .collect()
     }
