@@ -155,7 +155,7 @@ impl WriterHandle {
 
 /// Id lookups: not-yet-written entries of this batch, then the store.
 struct Ids<'a> {
-    pending: &'a HashMap<String, IdRecord>,
+    pending: &'a Pending,
     store: &'a dyn LogStore,
 }
 
@@ -165,7 +165,7 @@ impl IdLookup for Ids<'_> {
             return Some(r.clone());
         }
         match self.store.get_id(key.as_bytes()) {
-            Ok(Some(bytes)) => decode_id(&bytes),
+            Ok(Some(bytes)) => decode_id(self.store, &bytes),
             Ok(None) => None,
             Err(e) => {
                 tracing::error!("idempotency index read failed for {key:?}: {e}");
@@ -207,14 +207,125 @@ fn answer_line(step: &Step, req: Option<Value>) -> String {
     }
 }
 
-fn encode_id(r: &IdRecord) -> Vec<u8> {
-    bincode::serde::encode_to_vec(r, bincode::config::standard()).unwrap_or_default()
+/// The idempotency index keeps, per id, the request digest and where the original answer is;
+/// the answers of one group commit are stored together, compressed, under one key. One small
+/// entry per id and one blob per batch cost sled far less than a 1-2 KB answer per id (the
+/// answer of a `record` names every matched budget).
+///
+/// A locator: [`LOCATOR_TAG`], the digest, the blob's batch seq (big-endian) and the answer's
+/// index in it (big-endian). Entries written before answers were batched hold
+/// `bincode(IdRecord)`: 16 digest bytes, a varint length and an answer of at least 20 bytes
+/// (`{"ok":true,"seq":1,…}`), so never exactly [`LOCATOR_LEN`] bytes; both are read.
+const LOCATOR_TAG: u8 = 0xA1;
+const LOCATOR_LEN: usize = 1 + 16 + 8 + 4;
+/// Format byte of a batch's answer blob: LZ4 block (size prepended) of `bincode(Vec<String>)`.
+const ANSWERS_FORMAT_V1: u8 = 1;
+/// Largest decompressed answer blob accepted (a batch is at most `MAX_BATCH_JOBS` answers).
+const MAX_ANSWERS_BYTES: usize = 256 * 1024 * 1024;
+
+/// Key of the answers of the batch whose first event has `seq`: `a/` and the seq big-endian.
+/// Ids keys start with `e/`, `r/` or `x/`, so the two never meet.
+fn answers_key(seq: u64) -> Vec<u8> {
+    let mut k = b"a/".to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
-fn decode_id(bytes: &[u8]) -> Option<IdRecord> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .ok()
-        .map(|(r, _)| r)
+fn encode_locator(digest: &[u8; 16], batch: u64, index: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(LOCATOR_LEN);
+    v.push(LOCATOR_TAG);
+    v.extend_from_slice(digest);
+    v.extend_from_slice(&batch.to_be_bytes());
+    v.extend_from_slice(&index.to_be_bytes());
+    v
+}
+
+/// `(digest, batch seq, index)` of a locator; `None` for anything else.
+fn decode_locator(bytes: &[u8]) -> Option<([u8; 16], u64, u32)> {
+    if bytes.len() != LOCATOR_LEN || bytes.first() != Some(&LOCATOR_TAG) {
+        return None;
+    }
+    let digest: [u8; 16] = bytes.get(1..17)?.try_into().ok()?;
+    let batch = u64::from_be_bytes(bytes.get(17..25)?.try_into().ok()?);
+    let index = u32::from_be_bytes(bytes.get(25..29)?.try_into().ok()?);
+    Some((digest, batch, index))
+}
+
+fn encode_answers(answers: &[&str]) -> Option<Vec<u8>> {
+    let plain = bincode::serde::encode_to_vec(answers, bincode::config::standard()).ok()?;
+    let mut out = vec![ANSWERS_FORMAT_V1];
+    out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&plain));
+    Some(out)
+}
+
+fn decode_answer(blob: &[u8], index: u32) -> Option<String> {
+    let (format, packed) = blob.split_first()?;
+    if *format != ANSWERS_FORMAT_V1 {
+        return None;
+    }
+    let size = u32::from_le_bytes(packed.get(..4)?.try_into().ok()?) as usize;
+    if size > MAX_ANSWERS_BYTES {
+        return None;
+    }
+    let plain = lz4_flex::block::decompress_size_prepended(packed).ok()?;
+    let (mut answers, _): (Vec<String>, _) =
+        bincode::serde::decode_from_slice(&plain, bincode::config::standard()).ok()?;
+    let index = usize::try_from(index).ok()?;
+    (index < answers.len()).then(|| answers.swap_remove(index))
+}
+
+/// The index entries of one commit: a locator per id and the batch's answer blob, keyed by the
+/// seq of the batch's first event. Empty when the batch has no ids.
+fn encode_ids(first_seq: Option<u64>, pending: &[(String, IdRecord)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let Some(first) = first_seq.filter(|_| !pending.is_empty()) else {
+        return Vec::new();
+    };
+    let answers: Vec<&str> = pending.iter().map(|(_, r)| r.answer.as_str()).collect();
+    let Some(blob) = encode_answers(&answers) else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(pending.len() + 1);
+    for (index, (key, rec)) in pending.iter().enumerate() {
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        out.push((
+            key.clone().into_bytes(),
+            encode_locator(&rec.digest, first, index),
+        ));
+    }
+    out.push((answers_key(first), blob));
+    out
+}
+
+/// An id entry as stored: a locator (the answer is fetched from its batch's blob) or, from
+/// older data dirs, the whole record.
+fn decode_id(store: &dyn LogStore, bytes: &[u8]) -> Option<IdRecord> {
+    match decode_locator(bytes) {
+        Some((digest, batch, index)) => {
+            let blob = match store.get_id(&answers_key(batch)) {
+                Ok(Some(blob)) => blob,
+                Ok(None) => {
+                    tracing::error!("idempotency index: the answers of batch {batch} are missing");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::error!("idempotency index read failed for batch {batch}: {e}");
+                    return None;
+                }
+            };
+            match decode_answer(&blob, index) {
+                Some(answer) => Some(IdRecord { digest, answer }),
+                None => {
+                    tracing::error!(
+                        "idempotency index: answer {index} of batch {batch} is unreadable"
+                    );
+                    None
+                }
+            }
+        }
+        None => bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+            .ok()
+            .map(|(r, _)| r),
+    }
 }
 
 /// Encode a ledger snapshot.
@@ -522,7 +633,6 @@ impl Writer {
                             self.seal(&mut batch, seq, ts, actor, body);
                         }
                         for (k, v) in step.ids {
-                            batch.ids.push((k.clone().into_bytes(), encode_id(&v)));
                             batch.pending_ids.insert(k, v);
                         }
                         batch.replies.push((reply, line, req));
@@ -689,10 +799,9 @@ impl Writer {
     /// Append and sync the batch, then answer it. On failure, poison and answer `unavailable`.
     fn commit(&mut self, batch: &mut Batch) -> Result<(), LogError> {
         let result = {
+            let ids = encode_ids(batch.envs.first().map(|e| e.seq), &batch.pending_ids.list);
             let mut store = lock_store(&self.shared);
-            store
-                .append(&batch.envs, &batch.ids)
-                .and_then(|_| store.sync())
+            store.append(&batch.envs, &ids).and_then(|_| store.sync())
         };
         match result {
             Ok(()) => {
@@ -703,7 +812,6 @@ impl Writer {
                     self.shared.durable.send_replace(last.seq);
                 }
                 batch.envs.clear();
-                batch.ids.clear();
                 batch.pending_ids.clear();
                 batch.answer();
                 Ok(())
@@ -714,7 +822,6 @@ impl Writer {
                     let _ = reply.send(error_line(ErrorCode::Unavailable, UNAVAILABLE, req));
                 }
                 batch.envs.clear();
-                batch.ids.clear();
                 batch.pending_ids.clear();
                 Err(e)
             }
@@ -764,10 +871,40 @@ fn policy_body(p: &LoadedPolicy, version: u64) -> EventBody {
 #[derive(Default)]
 struct Batch {
     envs: Vec<Envelope>,
-    ids: Vec<(Vec<u8>, Vec<u8>)>,
-    pending_ids: HashMap<String, IdRecord>,
+    pending_ids: Pending,
     /// Each reply with its answer line and the request's `req` (for an `unavailable` answer).
     replies: Vec<(Reply, String, Option<Value>)>,
+}
+
+/// The id entries of a batch not yet written, in order, with an index by key.
+#[derive(Default)]
+struct Pending {
+    list: Vec<(String, IdRecord)>,
+    index: HashMap<String, usize>,
+}
+
+impl Pending {
+    fn get(&self, key: &str) -> Option<&IdRecord> {
+        self.index
+            .get(key)
+            .and_then(|i| self.list.get(*i))
+            .map(|(_, r)| r)
+    }
+
+    /// Add an entry; a key already pending (never: an id is new when its entry is made)
+    /// keeps its first record.
+    fn insert(&mut self, key: String, rec: IdRecord) {
+        if self.index.contains_key(&key) {
+            return;
+        }
+        self.index.insert(key.clone(), self.list.len());
+        self.list.push((key, rec));
+    }
+
+    fn clear(&mut self) {
+        self.list.clear();
+        self.index.clear();
+    }
 }
 
 impl Batch {
@@ -839,5 +976,103 @@ mod tests {
             reservation_id: "r-1".into(),
         };
         lines_agree(&mut l, Command::Release(&release));
+    }
+
+    fn rec(i: u64) -> IdRecord {
+        IdRecord {
+            digest: [i as u8; 16],
+            answer: format!(
+                r#"{{"ok":true,"seq":{i},"duplicate":false,"cost_micros":{}}}"#,
+                i * 7
+            ),
+        }
+    }
+
+    fn lookup(store: &dyn LogStore, key: &str) -> Option<IdRecord> {
+        let pending = Pending::default();
+        Ids {
+            pending: &pending,
+            store,
+        }
+        .get(key)
+    }
+
+    #[test]
+    fn batched_answers_come_back_exactly_per_id_across_batches_and_reopen() {
+        use crate::log::testing::{sample_batch, MemDisk, MemLog};
+        let disk = MemDisk::new();
+        let mut store = MemLog::open(&disk).unwrap();
+        let mut n = 0u64;
+        for size in [1u64, 3, 64] {
+            let envs = sample_batch(store.head(), size);
+            let pending: Vec<(String, IdRecord)> = envs
+                .iter()
+                .map(|e| (format!("e/id-{}", e.seq), rec(e.seq)))
+                .collect();
+            let ids = encode_ids(envs.first().map(|e| e.seq), &pending);
+            assert_eq!(
+                ids.len(),
+                pending.len() + 1,
+                "a locator per id and one blob"
+            );
+            store.append(&envs, &ids).unwrap();
+            store.sync().unwrap();
+            n += size;
+        }
+        drop(store);
+        let store = MemLog::open(&disk).unwrap();
+        for seq in 1..=n {
+            assert_eq!(
+                lookup(&store, &format!("e/id-{seq}")),
+                Some(rec(seq)),
+                "id of seq {seq}"
+            );
+        }
+        assert_eq!(lookup(&store, "e/id-unknown"), None);
+    }
+
+    #[test]
+    fn entries_of_the_older_whole_record_format_still_read() {
+        use crate::log::testing::{sample_batch, MemDisk, MemLog};
+        let disk = MemDisk::new();
+        let mut store = MemLog::open(&disk).unwrap();
+        let envs = sample_batch(store.head(), 2);
+        let old =
+            |r: &IdRecord| bincode::serde::encode_to_vec(r, bincode::config::standard()).unwrap();
+        store
+            .append(
+                &envs,
+                &[
+                    (b"e/old-1".to_vec(), old(&rec(1))),
+                    (b"r/old-2".to_vec(), old(&rec(2))),
+                ],
+            )
+            .unwrap();
+        store.sync().unwrap();
+        assert_eq!(lookup(&store, "e/old-1"), Some(rec(1)));
+        assert_eq!(lookup(&store, "r/old-2"), Some(rec(2)));
+        // The shortest possible old entry is longer than a locator.
+        let shortest = old(&IdRecord {
+            digest: [0; 16],
+            answer: r#"{"ok":true,"seq":1}"#.into(),
+        });
+        assert!(shortest.len() > LOCATOR_LEN);
+    }
+
+    #[test]
+    fn a_damaged_blob_or_locator_is_a_miss_not_a_panic() {
+        assert_eq!(decode_answer(&[], 0), None);
+        assert_eq!(
+            decode_answer(&[ANSWERS_FORMAT_V1, 0xff, 0xff, 0xff, 0x7f], 0),
+            None
+        );
+        assert_eq!(decode_answer(&[9, 1, 2, 3], 0), None);
+        let blob = encode_answers(&["a", "b"]).unwrap();
+        assert_eq!(decode_answer(&blob, 1).as_deref(), Some("b"));
+        assert_eq!(decode_answer(&blob, 2), None);
+        let mut cut = blob.clone();
+        cut.truncate(blob.len() - 1);
+        assert_eq!(decode_answer(&cut, 0), None);
+        assert_eq!(decode_locator(&[LOCATOR_TAG; 5]), None);
     }
 }

@@ -44,7 +44,8 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
     );
 
     // Phase 2: several pipelining writers; kill -9 while they run.
-    let acked: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    // (event id, request, answer) of every acknowledged write.
+    let acked: Arc<Mutex<Vec<(String, Value, Value)>>> = Arc::default();
     let socket = d.socket.clone();
     let mut threads = Vec::new();
     for w in 0..4 {
@@ -73,10 +74,11 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
                 }
                 for r in &batch {
                     match c.try_recv() {
-                        Some(a) if a["ok"] == true => acked
-                            .lock()
-                            .unwrap()
-                            .push((r["event_id"].as_str().unwrap().into(), r.clone())),
+                        Some(a) if a["ok"] == true => acked.lock().unwrap().push((
+                            r["event_id"].as_str().unwrap().into(),
+                            r.clone(),
+                            a,
+                        )),
                         _ => return,
                     }
                 }
@@ -109,7 +111,7 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
                 .to_string()
         })
         .collect();
-    for (id, _) in &acked {
+    for (id, _, _) in &acked {
         assert!(
             logged.contains(id),
             "acknowledged event {id} is missing after kill -9"
@@ -128,10 +130,12 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
         .map(|b| b["spent_micros"].as_i64().unwrap())
         .sum();
     assert_eq!(spent, total);
-    // Retrying acknowledged ids after the restart are duplicates.
-    for (_, req) in acked.iter().take(50) {
-        let a = c.call(req.clone());
+    // Retrying acknowledged ids after the restart are duplicates, with the original answer.
+    for (_, req, original) in acked.iter().step_by(acked.len() / 50 + 1) {
+        let mut a = c.call(req.clone());
         assert_eq!(a["duplicate"], true, "{a}");
+        a["duplicate"] = false.into();
+        assert_eq!(&a, original);
     }
     let v = c.call(json!({"op":"verify"}));
     assert_eq!(v["ok"], true, "{v}");
