@@ -49,6 +49,13 @@ enum Cmd {
     Startup(Opts),
     /// Memory per active bucket.
     Memory(Opts),
+    /// (internal) The in-process ledger memory figure, in a fresh process so that memory freed
+    /// by earlier steps does not hide the growth; prints `buckets bytes_per_bucket`.
+    #[command(hide = true)]
+    MemoryLedger {
+        /// Scopes to touch.
+        scopes: u64,
+    },
     /// Print the bench policy (bursar.toml) for a daemon started by hand (e.g. under a profiler).
     Policy {
         /// Socket path to write into the policy.
@@ -199,8 +206,13 @@ fn run(cmd: Cmd) -> Result<(), String> {
         print!("{}", workload::policy_toml(socket, data_dir));
         return Ok(());
     }
+    if let Cmd::MemoryLedger { scopes } = &cmd {
+        let (buckets, per) = logbench::memory_inprocess(*scopes)?;
+        println!("{buckets} {per}");
+        return Ok(());
+    }
     let opts = match &cmd {
-        Cmd::Policy { .. } => return Ok(()),
+        Cmd::Policy { .. } | Cmd::MemoryLedger { .. } => return Ok(()),
         Cmd::All(o)
         | Cmd::Record(o)
         | Cmd::ReserveCommit(o)
@@ -220,8 +232,13 @@ fn run(cmd: Cmd) -> Result<(), String> {
             workload(&o, redis.as_ref(), Mix::ReserveCommit, &mut report)?;
             check(&o, redis.as_ref(), &mut report)?;
             workload(&o, redis.as_ref(), Mix::Mixed, &mut report)?;
-            log_figures(&o, true, true, &mut report)?;
-            memory(&o, &mut report)?;
+            // The summary is printed even when a log-side step fails.
+            if let Err(e) = log_figures(&o, true, true, &mut report) {
+                println!("log figures failed: {e}");
+            }
+            if let Err(e) = memory(&o, &mut report) {
+                println!("memory figures failed: {e}");
+            }
         }
         Cmd::Record(o) => workload(&o, redis.as_ref(), Mix::Record, &mut report)?,
         Cmd::ReserveCommit(o) => workload(&o, redis.as_ref(), Mix::ReserveCommit, &mut report)?,
@@ -231,7 +248,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::Replay(o) => log_figures(&o, true, false, &mut report)?,
         Cmd::Startup(o) => log_figures(&o, true, true, &mut report)?,
         Cmd::Memory(o) => memory(&o, &mut report)?,
-        Cmd::Policy { .. } => {}
+        Cmd::Policy { .. } | Cmd::MemoryLedger { .. } => {}
     }
     report.print();
     println!("\nload average at the end: {}", procs::loadavg());
@@ -871,13 +888,35 @@ fn log_figures(o: &Opts, replay: bool, startup: bool, report: &mut Report) -> Re
     Ok(())
 }
 
+/// [`logbench::memory_inprocess`] in a fresh copy of this program (see `Cmd::MemoryLedger`).
+fn memory_ledger_child(scopes: u64) -> Result<(usize, f64), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let out = std::process::Command::new(exe)
+        .args(["memory-ledger", &scopes.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run the memory child: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    match (
+        words.next().and_then(|w| w.parse().ok()),
+        words.next().and_then(|w| w.parse().ok()),
+    ) {
+        (Some(buckets), Some(per)) if out.status.success() => Ok((buckets, per)),
+        _ => Err(format!(
+            "the memory child failed ({}): {text} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
+}
+
 fn memory(o: &Opts, report: &mut Report) -> Result<(), String> {
     let scopes = if o.quick { 50_000 } else { 200_000 };
     println!(
         "\n== memory: one record per scope over {} scopes ==",
         fmt_rate(scopes as f64)
     );
-    let (buckets, per) = logbench::memory_inprocess(scopes)?;
+    let (buckets, per) = memory_ledger_child(scopes)?;
     println!(
         "ledger alone (in-process fold): {} buckets, {per:.0} bytes per bucket (RSS growth / buckets)",
         fmt_rate(buckets as f64)

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long a child may take to answer on its socket.
-const START_TIMEOUT: Duration = Duration::from_secs(120);
+const START_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// A process we started; killed (SIGTERM, then SIGKILL) on drop.
 pub struct Proc {

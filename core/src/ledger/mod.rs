@@ -44,40 +44,115 @@ pub const OVERFLOW_KEY: &str = "(overflow)";
 /// Longest id (event or reservation) accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
 /// Label sets whose matching buckets are remembered (two generations of half this size).
-pub const MATCH_CACHE_ENTRIES: usize = 32_768;
+/// An entry is the label set packed into one allocation plus its scope keys: about 0.5 KB for
+/// a typical event's labels and five matching budgets, so at most ~8 MB in all.
+pub const MATCH_CACHE_ENTRIES: usize = 16_384;
 
 /// `(budget index, scope key)` of every bucket an event with some labels counts in.
 type Refs = Arc<[(usize, String)]>;
 
+/// One remembered label set: its hash, the labels packed (`name 0xFF value 0xFF …`, in order;
+/// UTF-8 never contains 0xFF, so the packing is injective) and its buckets.
+#[derive(Clone)]
+struct MatchEntry {
+    hash: u64,
+    packed: Box<[u8]>,
+    refs: Refs,
+}
+
+fn label_hash(labels: &Labels) -> u64 {
+    use std::hash::Hasher;
+    let mut h = rustc_hash::FxHasher::default();
+    for (k, v) in labels {
+        h.write(k.as_bytes());
+        h.write_u8(0xFF);
+        h.write(v.as_bytes());
+        h.write_u8(0xFF);
+    }
+    h.finish()
+}
+
+fn pack_labels(labels: &Labels) -> Box<[u8]> {
+    let len = labels.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let mut out = Vec::with_capacity(len);
+    for (k, v) in labels {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0xFF);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0xFF);
+    }
+    out.into_boxed_slice()
+}
+
+/// True when `packed` is exactly `labels` packed.
+fn packed_is(packed: &[u8], labels: &Labels) -> bool {
+    let mut rest = packed;
+    for (k, v) in labels {
+        for part in [k.as_bytes(), v.as_bytes()] {
+            if rest.get(..part.len()) != Some(part) || rest.get(part.len()) != Some(&0xFF) {
+                return false;
+            }
+            rest = rest.get(part.len() + 1..).unwrap_or_default();
+        }
+    }
+    rest.is_empty()
+}
+
 /// Which buckets a label set counts in, under the policy in force: derived data, not state.
-/// Matching means 20 selector checks and a scope key rendered per matching budget; the same
-/// label set (one agent session, say) usually comes back many times, so the answer is kept.
-/// Two generations bound it: a hit in the old one moves up, and the old one is dropped when the
-/// new one is full. Never serialised or compared, and emptied when a policy is installed.
+/// Matching means a selector check per budget and a scope key rendered per matching budget;
+/// the same label set (one agent session, say) usually comes back many times, so the answer is
+/// kept. Two generations bound it: a hit in the old one moves up, and the old one is dropped
+/// when the new one is full. Never serialised or compared, and emptied when a policy is
+/// installed.
 #[derive(Default, Clone)]
 struct MatchCache {
-    new: HashMap<Labels, Refs, FxBuildHasher>,
-    old: HashMap<Labels, Refs, FxBuildHasher>,
+    new: hashbrown::HashTable<MatchEntry>,
+    old: hashbrown::HashTable<MatchEntry>,
 }
 
 impl MatchCache {
-    fn get(&self, labels: &Labels) -> Option<&Refs> {
-        self.new.get(labels).or_else(|| self.old.get(labels))
+    fn find(table: &hashbrown::HashTable<MatchEntry>, hash: u64, labels: &Labels) -> Option<Refs> {
+        table
+            .find(hash, |e| e.hash == hash && packed_is(&e.packed, labels))
+            .map(|e| e.refs.clone())
     }
 
-    fn promote_or_insert(&mut self, labels: &Labels, refs: Refs) {
-        self.promote_or_insert_within(labels, refs, MATCH_CACHE_ENTRIES);
+    fn get(&self, labels: &Labels) -> Option<Refs> {
+        let hash = label_hash(labels);
+        Self::find(&self.new, hash, labels).or_else(|| Self::find(&self.old, hash, labels))
     }
 
-    fn promote_or_insert_within(&mut self, labels: &Labels, refs: Refs, entries: usize) {
+    /// The buckets of `labels` if remembered, moving an old entry up; else `compute`'s,
+    /// remembered.
+    fn get_or_insert(
+        &mut self,
+        labels: &Labels,
+        entries: usize,
+        compute: impl FnOnce() -> Refs,
+    ) -> Refs {
+        let hash = label_hash(labels);
+        if let Some(refs) = Self::find(&self.new, hash, labels) {
+            return refs;
+        }
+        let old = self
+            .old
+            .find_entry(hash, |e| e.hash == hash && packed_is(&e.packed, labels))
+            .ok()
+            .map(|e| e.remove().0);
+        let entry = match old {
+            Some(e) => e,
+            None => MatchEntry {
+                hash,
+                packed: pack_labels(labels),
+                refs: compute(),
+            },
+        };
         if self.new.len() >= entries / 2 {
             self.old = std::mem::take(&mut self.new);
         }
-        let key = self
-            .old
-            .remove_entry(labels)
-            .map_or_else(|| labels.clone(), |(k, _)| k);
-        self.new.insert(key, refs);
+        let refs = entry.refs.clone();
+        self.new.insert_unique(hash, entry, |e| e.hash);
+        refs
     }
 
     fn clear(&mut self) {
@@ -290,21 +365,18 @@ impl Ledger {
     /// Every `(budget index, scope key)` an event with these labels counts in.
     fn matching(&self, labels: &Labels) -> Refs {
         match self.matches.get(labels) {
-            Some(refs) => refs.clone(),
+            Some(refs) => refs,
             None => self.match_labels(labels).into(),
         }
     }
 
     /// [`Ledger::matching`], remembering the answer for the next event with the same labels.
     fn matching_cached(&mut self, labels: &Labels) -> Refs {
-        if let Some(refs) = self.matches.new.get(labels) {
-            return refs.clone();
-        }
-        let refs = match self.matches.old.get(labels) {
-            Some(refs) => refs.clone(),
-            None => self.match_labels(labels).into(),
-        };
-        self.matches.promote_or_insert(labels, refs.clone());
+        let mut cache = std::mem::take(&mut self.matches);
+        let refs = cache.get_or_insert(labels, MATCH_CACHE_ENTRIES, || {
+            self.match_labels(labels).into()
+        });
+        self.matches = cache;
         refs
     }
 
@@ -673,15 +745,29 @@ mod tests {
     fn the_match_cache_stays_within_its_bound_and_keeps_what_comes_back() {
         let mut cache = MatchCache::default();
         for i in 0..100 {
-            cache.promote_or_insert_within(&set(i), refs(i), 8);
+            assert_eq!(cache.get_or_insert(&set(i), 8, || refs(i)), refs(i));
             // The label set used all along (0) is looked up, and moved up, every time.
-            if let Some(r) = cache.get(&set(0)).cloned() {
-                cache.promote_or_insert_within(&set(0), r, 8);
-            }
+            assert_eq!(cache.get_or_insert(&set(0), 8, || refs(999)), refs(0));
             assert!(cache.new.len() + cache.old.len() <= 8);
         }
-        assert_eq!(cache.get(&set(0)), Some(&refs(0)), "a hot label set stays");
-        assert_eq!(cache.get(&set(99)), Some(&refs(99)), "the newest is there");
+        assert_eq!(cache.get(&set(0)), Some(refs(0)), "a hot label set stays");
+        assert_eq!(cache.get(&set(99)), Some(refs(99)), "the newest is there");
         assert_eq!(cache.get(&set(50)), None, "an old one is gone");
+    }
+
+    #[test]
+    fn packed_labels_match_only_the_same_set() {
+        let a = Labels::from([("a".to_string(), "bc".to_string())]);
+        let b = Labels::from([("ab".to_string(), "c".to_string())]);
+        let two = Labels::from([
+            ("a".to_string(), "bc".to_string()),
+            ("d".to_string(), String::new()),
+        ]);
+        assert!(packed_is(&pack_labels(&a), &a));
+        assert!(!packed_is(&pack_labels(&a), &b));
+        assert!(!packed_is(&pack_labels(&b), &a));
+        assert!(!packed_is(&pack_labels(&a), &two));
+        assert!(!packed_is(&pack_labels(&two), &a));
+        assert!(packed_is(&pack_labels(&Labels::new()), &Labels::new()));
     }
 }
