@@ -60,6 +60,11 @@ struct Producer {
 
 impl Producer {
     fn new(policy: &bursar_core::policy::LoadedPolicy) -> Result<Self, String> {
+        Self::new_at(policy, now_micros())
+    }
+
+    /// A producer whose `policy_applied` is stamped at `at` (the start of a generated log).
+    fn new_at(policy: &bursar_core::policy::LoadedPolicy, at: TsMicros) -> Result<Self, String> {
         let mut p = Producer {
             ledger: Ledger::new(),
             prev: Hash32::default(),
@@ -76,7 +81,7 @@ impl Producer {
             source_hash: policy.source_hash.clone(),
             policy: policy.resolved.clone(),
         });
-        let ts = p.ledger.stamp(now_micros());
+        let ts = p.ledger.stamp(at);
         p.ledger.apply(1, ts, &body).map_err(|e| e.to_string())?;
         p.seal(vec![(1, ts, body)])?;
         Ok(p)
@@ -127,16 +132,17 @@ pub fn generate(
     let started = Instant::now();
     let policy = bench_policy(data_dir)?;
     let mut store = bursard::open_store(data_dir).map_err(|e| e.to_string())?;
-    let mut p = Producer::new(&policy)?;
+    // The events' times are spread evenly over `span`, ending now: a log of millions of events
+    // accumulates over days, and the ledger keeps ended reservations for an hour of log time.
+    // The policy is applied at the start, before the first event.
+    let span_micros = i64::try_from(span.as_micros()).unwrap_or(i64::MAX);
+    let step = (span_micros / i64::try_from(events.max(1)).unwrap_or(1)).max(1);
+    let start = now_micros() - span_micros;
+    let mut p = Producer::new_at(&policy, start - 1)?;
     let mut rng = Rng::new(seed);
     let mut open: VecDeque<(u64, Labels, u64, u64)> = VecDeque::new();
     let mut seq = p.ledger.last_seq();
     let mut ts = p.ledger.last_ts();
-    // The events' times are spread evenly over `span`, ending now: a log of millions of events
-    // accumulates over days, and the ledger keeps ended reservations for an hour of log time.
-    let span_micros = i64::try_from(span.as_micros()).unwrap_or(i64::MAX);
-    let step = (span_micros / i64::try_from(events.max(1)).unwrap_or(1)).max(1);
-    let start = now_micros() - span_micros;
     let mut n = 0u64;
     let digest = |rng: &mut Rng| {
         let mut d = [0u8; 16];
@@ -156,7 +162,9 @@ pub fn generate(
         let input = rng.range(500, 3000);
         let output = rng.range(50, MAX_OUTPUT);
         let commit_now = open.len() > 256 || (!open.is_empty() && rng.below(100) < 40);
-        let body = match open.pop_front().filter(|_| commit_now) {
+        // Only a hold that is committed now leaves the queue.
+        let due = if commit_now { open.pop_front() } else { None };
+        let body = match due {
             Some((id, labels, input, output)) => EventBody::UsageRecorded(UsageRecorded {
                 event_id: format!("c-{id}"),
                 reservation_id: Some(format!("r-{id}")),
@@ -169,10 +177,7 @@ pub fn generate(
                 reported_cost_usd: None,
                 payload_digest: digest(&mut rng),
             }),
-            not_now => {
-                if let Some(o) = not_now {
-                    open.push_front(o);
-                }
+            None => {
                 let s = workload::scope(rng.below(scopes), scopes);
                 let labels = p.ledger.derived_labels(&labels(&s), MODEL, ts);
                 if rng.below(100) < 60 {
@@ -253,6 +258,8 @@ pub struct Replay {
     pub events: u64,
     /// Buckets in the result.
     pub buckets: usize,
+    /// Live holds in the result (the generated log commits every hold: 0).
+    pub holds: usize,
     /// Snapshot size, bytes.
     pub snapshot_bytes: usize,
     /// Seconds to encode the snapshot.
@@ -282,6 +289,7 @@ pub fn replay(data_dir: &Path) -> Result<Replay, String> {
         fold_secs,
         events: ledger.last_seq(),
         buckets: ledger.bucket_count(),
+        holds: ledger.live_holds(),
         snapshot_bytes: bytes.len(),
         snapshot_encode_secs: t.elapsed().as_secs_f64(),
     };

@@ -832,12 +832,13 @@ fn log_figures(o: &Opts, replay: bool, startup: bool, report: &mut Report) -> Re
         let r = logbench::replay(&dir)?;
         let rate = r.events as f64 / r.fold_secs;
         println!(
-            "replay: sled open {:.2} s; writer::recover {:.2} s for {} events = {} events/s; {} buckets",
+            "replay: sled open {:.2} s; writer::recover {:.2} s for {} events = {} events/s; {} buckets, {} live holds",
             r.open_secs,
             r.fold_secs,
             fmt_rate(r.events as f64),
             fmt_rate(rate),
-            fmt_rate(r.buckets as f64)
+            fmt_rate(r.buckets as f64),
+            fmt_rate(r.holds as f64)
         );
         println!(
             "snapshot of that ledger: {} bytes ({:.0} bytes/bucket), encoded in {:.2} s",
