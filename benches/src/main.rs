@@ -12,6 +12,10 @@ mod procs;
 mod resp;
 mod workload;
 
+/// The daemon's allocator, so that in-process figures (replay, memory) match the daemon's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Args, Parser, Subcommand};
 use load::{Group, RunResult, Target, PAIR};
 use std::fmt::Write as _;
