@@ -2,8 +2,8 @@
 //!
 //! One writer thread owns a store. It stages a group-commit batch with [`LogStore::append`]
 //! (one stored record per batch: the envelopes framed by
-//! [`encode_record`](bursar_schemas::event::encode_record), keyed by the big-endian seq of the
-//! first envelope, written atomically with the batch's idempotency-index entries), then makes it
+//! [`encode_record`](bursar_schemas::event::encode_record) and compressed ([`STORED_LZ4`]),
+//! keyed by the big-endian seq of the first envelope, written atomically with the batch's idempotency-index entries), then makes it
 //! durable with [`LogStore::sync`] before answering anybody.
 //!
 //! - [`SledLog`] is the real store (sled trees `log`, `ids`, `snapshots`; `sync` = sled flush
@@ -20,7 +20,7 @@ pub mod testing;
 
 pub use sled_store::{SledLog, RELEASE_WAIT};
 
-use bursar_schemas::event::{decode_record, CodecError, Envelope, Hash32};
+use bursar_schemas::event::{decode_record, encode_record, CodecError, Envelope, Hash32};
 use bursar_schemas::TsMicros;
 use std::path::PathBuf;
 
@@ -249,9 +249,52 @@ pub(crate) fn key_seq(key: &[u8]) -> Result<u64, LogError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
+/// First byte of a record [`SledLog`] stores compressed: LZ4 (block, size prepended) of the
+/// record's [`encode_record`](bursar_schemas::event::encode_record) bytes. A record's own
+/// format byte is 1 (`RECORD_FORMAT_V1`), so uncompressed records (written before compression,
+/// or by the tamper helpers) still read as they are. The hash chain covers the envelopes, not
+/// the stored bytes, so compression changes no hash.
+pub const STORED_LZ4: u8 = 0xC4;
+
+/// Largest decompressed record accepted (the decoder's own limit).
+const MAX_RECORD_BYTES: usize = 256 << 20;
+
+/// The stored form of `envs`: their record, compressed.
+pub(crate) fn pack_record(envs: &[Envelope]) -> Result<Vec<u8>, LogError> {
+    let raw = encode_record(envs).map_err(LogError::Encode)?;
+    let mut out = Vec::with_capacity(raw.len() / 2 + 16);
+    out.push(STORED_LZ4);
+    out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&raw));
+    Ok(out)
+}
+
+/// The record bytes of a stored value (decompressed when it is compressed).
+fn unpack_record(key: u64, bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, LogError> {
+    let corrupt = |reason: String| LogError::Corrupt { seq: key, reason };
+    match bytes.split_first() {
+        Some((&STORED_LZ4, packed)) => {
+            let size = packed
+                .get(..4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_le_bytes)
+                .ok_or_else(|| corrupt("compressed record without its size".into()))?;
+            // LZ4 expands at most ~255 times; a larger claim is damage, not data.
+            let size = usize::try_from(size).unwrap_or(usize::MAX);
+            if size > MAX_RECORD_BYTES || size > packed.len().saturating_mul(255) {
+                return Err(corrupt(format!("compressed record claims {size} bytes")));
+            }
+            lz4_flex::block::decompress_size_prepended(packed)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| corrupt(format!("compressed record does not decompress: {e}")))
+        }
+        _ => Ok(std::borrow::Cow::Borrowed(bytes)),
+    }
+}
+
 /// Decode a stored record and check that it is non-empty and stored under its first seq.
 pub(crate) fn decode_at(key: u64, bytes: &[u8]) -> Result<Vec<Envelope>, LogError> {
-    let envs = decode_record(bytes).map_err(|e| LogError::Corrupt {
+    let raw = unpack_record(key, bytes)?;
+    let envs = decode_record(&raw).map_err(|e| LogError::Corrupt {
         seq: key,
         reason: e.to_string(),
     })?;

@@ -2,10 +2,10 @@
 //! sled's flush followed by our own `fdatasync` of sled's files.
 
 use super::{
-    check_continues, check_tail, head_of, key_seq, seq_key, Head, LogError, LogStore,
+    check_continues, check_tail, head_of, key_seq, pack_record, seq_key, Head, LogError, LogStore,
     RecordEnvelopes, SNAPSHOTS_KEPT,
 };
-use bursar_schemas::event::{encode_record, Envelope};
+use bursar_schemas::event::Envelope;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use std::collections::{BTreeMap, HashSet};
@@ -243,7 +243,7 @@ impl LogStore for SledLog {
         };
         check_continues(self.head, envs)?;
         let key = seq_key(first.seq);
-        let value = sled::IVec::from(encode_record(envs).map_err(LogError::Encode)?);
+        let value = sled::IVec::from(pack_record(envs)?);
         if ids.is_empty() {
             self.log
                 .insert(key, value)
