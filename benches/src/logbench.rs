@@ -109,6 +109,23 @@ pub struct Generated {
     pub disk_bytes: u64,
 }
 
+/// The `usage_recorded` that commits hold `r-<id>` of the generated log.
+fn commit_of(id: u64, labels: Labels, usage: Usage, payload_digest: [u8; 16]) -> EventBody {
+    use bursar_schemas::event::{ReservationLink, UsageRecorded};
+    EventBody::UsageRecorded(UsageRecorded {
+        event_id: format!("c-{id}"),
+        reservation_id: Some(format!("r-{id}")),
+        reservation: ReservationLink::Known,
+        late: false,
+        labels,
+        model: MODEL.into(),
+        usage,
+        occurred_at: None,
+        reported_cost_usd: None,
+        payload_digest,
+    })
+}
+
 /// Write a log of about `events` realistic events into `data_dir` through `SledLog`, in
 /// group-commit-sized records of `batch` events: 60 % `usage_recorded` of a plain `record`,
 /// 40 % `reservation_created` followed a little later by the `usage_recorded` that commits the
@@ -165,18 +182,9 @@ pub fn generate(
         // Only a hold that is committed now leaves the queue.
         let due = if commit_now { open.pop_front() } else { None };
         let body = match due {
-            Some((id, labels, input, output)) => EventBody::UsageRecorded(UsageRecorded {
-                event_id: format!("c-{id}"),
-                reservation_id: Some(format!("r-{id}")),
-                reservation: ReservationLink::Known,
-                late: false,
-                labels,
-                model: MODEL.into(),
-                usage: usage(input, output),
-                occurred_at: None,
-                reported_cost_usd: None,
-                payload_digest: digest(&mut rng),
-            }),
+            Some((id, labels, input, output)) => {
+                commit_of(id, labels, usage(input, output), digest(&mut rng))
+            }
             None => {
                 let s = workload::scope(rng.below(scopes), scopes);
                 let labels = p.ledger.derived_labels(&labels(&s), MODEL, ts);
@@ -219,18 +227,7 @@ pub fn generate(
     while let Some((id, labels, input, output)) = open.pop_front() {
         ts += 1;
         seq += 1;
-        let body = EventBody::UsageRecorded(UsageRecorded {
-            event_id: format!("c-{id}"),
-            reservation_id: Some(format!("r-{id}")),
-            reservation: ReservationLink::Known,
-            late: false,
-            labels,
-            model: MODEL.into(),
-            usage: usage(input, output),
-            occurred_at: None,
-            reported_cost_usd: None,
-            payload_digest: digest(&mut rng),
-        });
+        let body = commit_of(id, labels, usage(input, output), digest(&mut rng));
         p.seal(vec![(seq, ts, body)])?;
     }
     if !p.envs.is_empty() {

@@ -485,29 +485,25 @@ type Both = (
 
 fn both(o: &Opts, redis: Option<&PathBuf>, groups: &[Group]) -> Result<Both, String> {
     let run_tag = std::process::id() % 100_000;
+    // The same load, against either system.
+    let run_on = |target: &Target, pid| {
+        load::run(
+            target,
+            pid,
+            groups,
+            o.scopes,
+            o.warmup(),
+            o.duration(),
+            o.seed,
+        )
+    };
     let mut b = bursar_sut(o, run_tag)?;
-    let br = load::run(
-        &b.target,
-        b.pid,
-        groups,
-        o.scopes,
-        o.warmup(),
-        o.duration(),
-        o.seed,
-    )?;
+    let br = run_on(&b.target, b.pid)?;
     let kept = b.proc_.take();
     let rr = match redis {
         Some(bin) => {
             let mut r = redis_sut(bin, run_tag)?;
-            let res = load::run(
-                &r.target,
-                r.pid,
-                groups,
-                o.scopes,
-                o.warmup(),
-                o.duration(),
-                o.seed,
-            )?;
+            let res = run_on(&r.target, r.pid)?;
             Some((res, r.proc_.take()))
         }
         None => None,

@@ -111,27 +111,17 @@ fn printable_key(key: &str) -> String {
 /// byte, upper-case hex). `None` if any `group_by` label is missing; `Some("")` for an empty
 /// `group_by`.
 pub fn scope_key(group_by: &[String], labels: &Labels) -> Option<String> {
-    let mut out = String::new();
-    scope_key_into(group_by, labels, &mut out).then_some(out)
-}
-
-/// [`scope_key`] rendered into `out` (cleared first), so that a hot loop can reuse one buffer.
-/// False, with `out` unspecified, if any `group_by` label is missing.
-pub fn scope_key_into(group_by: &[String], labels: &Labels, out: &mut String) -> bool {
-    out.clear();
-    out.reserve(SCOPE_KEY_CAPACITY);
+    let mut out = String::with_capacity(SCOPE_KEY_CAPACITY);
     for (index, name) in group_by.iter().enumerate() {
-        let Some(value) = labels.get(name) else {
-            return false;
-        };
+        let value = labels.get(name)?;
         if index > 0 {
             out.push(',');
         }
-        percent_encode_into(out, name);
+        percent_encode_into(&mut out, name);
         out.push('=');
-        percent_encode_into(out, value);
+        percent_encode_into(&mut out, value);
     }
-    true
+    Some(out)
 }
 
 /// The `(name, value)` pairs of a scope key, in order; the exact inverse of [`scope_key`].
