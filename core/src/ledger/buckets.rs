@@ -6,10 +6,17 @@ use bursar_schemas::TsMicros;
 use serde::{Deserialize, Serialize};
 
 /// Spent and held figures of one `(budget, scope key)`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Bucket {
     /// Start of the window `spent` belongs to (fixed/calendar).
     pub window_start: TsMicros,
+    /// End (exclusive) of that window, once computed: derived from `window_start` and the
+    /// budget's window, so that an event inside the current window needs no window
+    /// arithmetic. 0 (the default, also after a snapshot is read) means "not known yet": no
+    /// timestamp is in `[window_start, 0)` unless the window really is there, so it is
+    /// computed again. Not serialised, not compared.
+    #[serde(skip)]
+    pub window_end: TsMicros,
     /// Spent in that window (fixed/calendar), or ever (cumulative).
     pub spent: Amounts,
     /// Spent per slot (rolling).
@@ -23,6 +30,21 @@ pub struct Bucket {
     /// Window in which `budget_exhausted` was last appended.
     pub exhausted_window: Option<TsMicros>,
 }
+
+impl PartialEq for Bucket {
+    fn eq(&self, other: &Self) -> bool {
+        // `window_end` is derived: left out.
+        self.window_start == other.window_start
+            && self.spent == other.spent
+            && self.rolling == other.rolling
+            && self.held == other.held
+            && self.live_holds == other.live_holds
+            && self.warned_window == other.warned_window
+            && self.exhausted_window == other.exhausted_window
+    }
+}
+
+impl Eq for Bucket {}
 
 /// What a bucket looks like at one instant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -45,14 +67,23 @@ impl Bucket {
             } => self.rolling.add(*seconds, *resolution_seconds, ts, amounts),
             WindowSpec::Cumulative => self.spent += amounts,
             WindowSpec::Fixed { .. } | WindowSpec::Calendar { .. } => {
-                let (start, _) = window_bounds(spec, ts);
-                if start != self.window_start {
-                    self.window_start = start;
-                    self.spent = Amounts::default();
+                if !self.in_current_window(ts) {
+                    let (start, end) = window_bounds(spec, ts);
+                    if start != self.window_start {
+                        self.window_start = start;
+                        self.spent = Amounts::default();
+                    }
+                    self.window_end = end.unwrap_or(TsMicros::MAX);
                 }
                 self.spent += amounts;
             }
         }
+    }
+
+    /// True when `ts` is known to be in the window starting at `window_start` (fixed and
+    /// calendar windows; false when the window's end is not known yet).
+    fn in_current_window(&self, ts: TsMicros) -> bool {
+        self.window_start <= ts && ts < self.window_end
     }
 
     /// Count a hold.
@@ -76,7 +107,7 @@ impl Bucket {
             } => self.rolling.total(*seconds, *resolution_seconds, now),
             WindowSpec::Cumulative => self.spent,
             WindowSpec::Fixed { .. } | WindowSpec::Calendar { .. } => {
-                if window_bounds(spec, now).0 == self.window_start {
+                if self.in_current_window(now) || window_bounds(spec, now).0 == self.window_start {
                     self.spent
                 } else {
                     Amounts::default()
@@ -105,5 +136,140 @@ pub fn crossing_window(spec: &WindowSpec, ts: TsMicros) -> TsMicros {
             ts.div_euclid(w).saturating_mul(w)
         }
         _ => window_bounds(spec, ts).0,
+    }
+}
+
+/// The buckets of one budget: a slab of buckets, each with its scope key, and an index from
+/// key to slot. A bucket keeps its slot for as long as the budget exists (buckets are never
+/// removed), so a remembered slot finds it again without hashing its key.
+///
+/// Serialised as the map from scope key to bucket; compared as that map (slots are an
+/// in-memory detail: a ledger read back from a snapshot may number its buckets differently).
+#[derive(Debug, Clone, Default)]
+pub struct BudgetState {
+    /// Slot of each key, hashed by key.
+    index: hashbrown::HashTable<u32>,
+    /// Key of each slot.
+    keys: Vec<String>,
+    /// Bucket of each slot.
+    slab: Vec<Bucket>,
+}
+
+fn key_hash(key: &str) -> u64 {
+    use std::hash::Hasher;
+    let mut h = rustc_hash::FxHasher::default();
+    h.write(key.as_bytes());
+    h.write_u8(0xFF);
+    h.finish()
+}
+
+impl BudgetState {
+    /// Number of buckets.
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// Slot of `key`'s bucket.
+    pub fn slot(&self, key: &str) -> Option<u32> {
+        let keys = &self.keys;
+        self.index
+            .find(key_hash(key), |&s| {
+                keys.get(s as usize).is_some_and(|k| k == key)
+            })
+            .copied()
+    }
+
+    /// The bucket of `key`.
+    pub fn get(&self, key: &str) -> Option<&Bucket> {
+        self.slot(key).and_then(|s| self.slab.get(s as usize))
+    }
+
+    /// The bucket of `key`, to change.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Bucket> {
+        let slot = self.slot(key)?;
+        self.slab.get_mut(slot as usize)
+    }
+
+    /// The bucket in `slot`.
+    pub fn at(&self, slot: u32) -> Option<&Bucket> {
+        self.slab.get(slot as usize)
+    }
+
+    /// The bucket in `slot`, to change.
+    pub fn at_mut(&mut self, slot: u32) -> Option<&mut Bucket> {
+        self.slab.get_mut(slot as usize)
+    }
+
+    /// The scope key of `slot` (empty for a slot that does not exist).
+    pub fn key(&self, slot: u32) -> &str {
+        self.keys.get(slot as usize).map_or("", String::as_str)
+    }
+
+    /// Slot of `key`'s bucket, created empty if new.
+    pub fn slot_or_insert(&mut self, key: &str) -> u32 {
+        if let Some(slot) = self.slot(key) {
+            return slot;
+        }
+        self.insert(key.to_string(), Bucket::default())
+    }
+
+    /// Add a bucket for a key that has none; its slot.
+    fn insert(&mut self, key: String, bucket: Bucket) -> u32 {
+        let slot = u32::try_from(self.slab.len()).unwrap_or(u32::MAX);
+        let keys = &self.keys;
+        self.index.insert_unique(key_hash(&key), slot, |&s| {
+            key_hash(keys.get(s as usize).map_or("", String::as_str))
+        });
+        self.keys.push(key);
+        self.slab.push(bucket);
+        slot
+    }
+
+    /// `(key, bucket)` of every bucket, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Bucket)> {
+        self.keys.iter().map(String::as_str).zip(self.slab.iter())
+    }
+
+    /// Every scope key, in slot order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(String::as_str)
+    }
+}
+
+impl PartialEq for BudgetState {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().all(|(k, b)| other.get(k) == Some(b))
+    }
+}
+
+impl Serialize for BudgetState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        // The same shape as the `{ buckets: HashMap<String, Bucket> }` of earlier versions.
+        struct Map<'a>(&'a BudgetState);
+        impl Serialize for Map<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_map(self.0.iter())
+            }
+        }
+        let mut s = serializer.serialize_struct("BudgetState", 1)?;
+        s.serialize_field("buckets", &Map(self))?;
+        s.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for BudgetState {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename = "BudgetState")]
+        struct Stored {
+            buckets: std::collections::HashMap<String, Bucket, rustc_hash::FxBuildHasher>,
+        }
+        let stored = Stored::deserialize(deserializer)?;
+        let mut state = BudgetState::default();
+        for (key, bucket) in stored.buckets {
+            state.insert(key, bucket);
+        }
+        Ok(state)
     }
 }

@@ -313,6 +313,53 @@ fn dup_or_conflict(
     }
 }
 
+/// What [`Ledger::decide`] concluded: the decision and, per contributing bucket, its figures
+/// without and with the probe. Rendered into an answer by [`Ledger::render_verdict`] while the
+/// ledger is unchanged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    decision: Decision,
+    lines: Vec<VerdictLine>,
+    /// Index of the first line that denies.
+    deny: Option<usize>,
+}
+
+impl Verdict {
+    /// Allow, warn or deny.
+    pub fn decision(&self) -> Decision {
+        self.decision
+    }
+
+    /// Number of budgets that contributed (one line each in the answer).
+    pub fn budgets(&self) -> usize {
+        self.lines.len()
+    }
+}
+
+/// Why a verdict's line decided as it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// Within every limit (maybe past `warn_at`).
+    Fits,
+    /// Over a limit.
+    OverLimit,
+    /// A new scope key beyond `max_keys_per_budget`.
+    MaxKeys,
+}
+
+/// One contributing bucket of a [`Verdict`].
+#[derive(Debug, Clone, PartialEq)]
+struct VerdictLine {
+    budget: usize,
+    /// Slot of the bucket, if it exists.
+    slot: Option<u32>,
+    /// Scope key of a bucket that does not exist yet (empty otherwise: the slot names it).
+    key: String,
+    without: Figures,
+    with: Figures,
+    why: Why,
+}
+
 /// What a check or reservation asks for.
 #[derive(Clone, Copy)]
 struct Ask<'a> {
@@ -389,18 +436,19 @@ impl Ledger {
         self.emit_with(now, body, None, out)
     }
 
-    /// [`Ledger::emit`] of a `usage_recorded` whose buckets are already matched (`refs`).
+    /// [`Ledger::emit`]; the `(budget, slot)` of every bucket a `usage_recorded` counts in is
+    /// added to `touched`.
     fn emit_with(
         &mut self,
         now: TsMicros,
         body: EventBody,
-        refs: Option<&[(usize, String)]>,
+        touched: Option<&mut Vec<(usize, u32)>>,
         out: &mut Vec<(u64, TsMicros, EventBody)>,
     ) -> (u64, TsMicros) {
         let seq = self.last_seq + 1;
         let ts = self.stamp(now);
         // `seq` follows `last_seq` by construction, so `apply` cannot fail here.
-        let _ = self.apply_with(seq, ts, &body, refs);
+        let _ = self.apply_with(seq, ts, &body, touched);
         out.push((seq, ts, body));
         (seq, ts)
     }
@@ -439,31 +487,32 @@ impl Ledger {
     }
 
     /// Append `budget_warned` / `budget_exhausted` for buckets that crossed in their window.
-    /// `figures` are those of `refs` (in order) at the last event's time, as
-    /// [`Ledger::figures_at_last`] gives them.
+    /// `figures` are those of the `(budget, slot)` buckets `slots` (in order) at the last
+    /// event's time, as [`Ledger::figures_at_last`] gives them.
     fn crossings(
         &mut self,
-        refs: &[(usize, String)],
+        slots: &[(usize, u32)],
         figures: &[Figures],
         now: TsMicros,
         out: &mut Vec<(u64, TsMicros, EventBody)>,
     ) {
         // Found first, appended after: folding a crossing only marks its own bucket (one per
-        // budget in `refs`), so no later decision depends on an earlier append.
-        for body in self.find_crossings(refs, figures) {
+        // budget in `slots`), so no later decision depends on an earlier append.
+        for body in self.find_crossings(slots, figures) {
             self.emit(now, body, out);
         }
     }
 
-    /// The `budget_warned` / `budget_exhausted` events due for `refs` (see [`Ledger::crossings`]).
-    fn find_crossings(&self, refs: &[(usize, String)], figures: &[Figures]) -> Vec<EventBody> {
+    /// The `budget_warned` / `budget_exhausted` events due for `slots` (see
+    /// [`Ledger::crossings`]).
+    fn find_crossings(&self, slots: &[(usize, u32)], figures: &[Figures]) -> Vec<EventBody> {
         let ts = self.last_ts;
         let mut due = Vec::new();
         let Some(policy) = &self.policy else {
             return due;
         };
-        for ((i, key), f) in refs.iter().zip(figures) {
-            let Some(b) = policy.budgets.get(*i) else {
+        for (&(i, slot), f) in slots.iter().zip(figures) {
+            let Some(b) = policy.budgets.get(i) else {
                 continue;
             };
             let state = bucket_state(b, f);
@@ -471,7 +520,10 @@ impl Ledger {
                 continue;
             }
             let cw = crossing_window(&b.window, ts);
-            let Some(bucket) = self.budgets.get(*i).and_then(|s| s.buckets.get(key)) else {
+            let Some(budget_state) = self.budgets.get(i) else {
+                continue;
+            };
+            let Some(bucket) = budget_state.at(slot) else {
                 continue;
             };
             let need_warn = b.warn_at_ppm.is_some() && bucket.warned_window != Some(cw);
@@ -482,7 +534,7 @@ impl Ledger {
             }
             let crossing = BudgetCrossing {
                 budget: b.id.clone(),
-                key: key.clone(),
+                key: budget_state.key(slot).to_string(),
                 window_start: cw,
                 spent_micros: f.spent.micros,
                 held_micros: f.held.micros,
@@ -652,7 +704,171 @@ impl Ledger {
         eval
     }
 
-    /// Judge a hold of `probe` (plus one concurrency slot) against every matching budget.
+    /// The decision of SPEC §5 on holding `probe` (plus one concurrency slot) in every budget
+    /// an event with `labels` (client and derived labels) counts in, at `now`: allow, warn or
+    /// deny (the most severe verdict of any budget wins), with the figures of every
+    /// contributing bucket with and without the probe. Nothing is rendered: the answer's budget
+    /// lines are made from the verdict only when an answer needs them
+    /// ([`Ledger::render_verdict`]). `check` and `reserve` decide through it.
+    pub fn decide(&self, labels: &Labels, probe: Amounts, now: TsMicros) -> Verdict {
+        self.decide_adjusted(labels, probe, now, &Adjust::new())
+    }
+
+    /// [`Ledger::decide`], without the holds in `adj` (expired, not yet reaped).
+    fn decide_adjusted(
+        &self,
+        labels: &Labels,
+        probe: Amounts,
+        now: TsMicros,
+        adj: &Adjust,
+    ) -> Verdict {
+        let mut verdict = Verdict {
+            decision: Decision::Allow,
+            lines: Vec::new(),
+            deny: None,
+        };
+        let Some(policy) = &self.policy else {
+            return verdict;
+        };
+        self.with_matching(labels, |refs| {
+            verdict.lines.reserve_exact(refs.len());
+            for r in refs {
+                let Some(b) = policy.budgets.get(r.budget) else {
+                    continue;
+                };
+                let state = self.budgets.get(r.budget);
+                let slot = state.and_then(|s| r.slot_in(s));
+                let mut f = match (slot, state) {
+                    (Some(slot), Some(state)) => state
+                        .at(slot)
+                        .map(|bucket| bucket.figures(&b.window, now))
+                        .unwrap_or_default(),
+                    _ => Figures::default(),
+                };
+                // An empty adjustment (the usual case) costs no key allocation.
+                if !adj.is_empty() {
+                    if let Some((amounts, holds)) = adj.get(&(r.budget, r.key.clone())) {
+                        f.held = f.held - *amounts;
+                        f.live_holds = f.live_holds.saturating_sub(*holds);
+                    }
+                }
+                let after = Figures {
+                    spent: f.spent,
+                    held: f.held + probe,
+                    live_holds: f.live_holds.saturating_add(1),
+                };
+                let limited = b.max_micros.is_some()
+                    || b.max_tokens.is_some()
+                    || b.max_requests.is_some()
+                    || b.max_concurrent.is_some();
+                let full = slot.is_none()
+                    && !r.key.is_empty()
+                    && state.is_some_and(|s| s.len() as u64 >= policy.max_keys_per_budget);
+                let mut line = Decision::Allow;
+                let mut why = Why::Fits;
+                if full && limited && b.enforce == Enforce::Deny {
+                    line = Decision::Deny;
+                    why = Why::MaxKeys;
+                } else if over_limit(b, &after) {
+                    line = if b.enforce == Enforce::Deny {
+                        Decision::Deny
+                    } else {
+                        Decision::Warn
+                    };
+                    why = Why::OverLimit;
+                } else if warn_crossed(b, &after) {
+                    line = Decision::Warn;
+                }
+                if line == Decision::Deny && verdict.deny.is_none() {
+                    verdict.deny = Some(verdict.lines.len());
+                }
+                verdict.decision = verdict.decision.max(line);
+                verdict.lines.push(VerdictLine {
+                    budget: r.budget,
+                    // A bucket that exists is named by its slot; a new one by its key.
+                    key: if slot.is_some() {
+                        String::new()
+                    } else {
+                        r.key.clone()
+                    },
+                    slot,
+                    without: f,
+                    with: after,
+                    why,
+                });
+            }
+        });
+        if verdict.deny.is_some() {
+            verdict.decision = Decision::Deny;
+        }
+        verdict
+    }
+
+    /// The scope key of a verdict's line.
+    fn line_key<'a>(&'a self, line: &'a VerdictLine) -> &'a str {
+        match (line.slot, self.budgets.get(line.budget)) {
+            (Some(slot), Some(state)) => state.key(slot),
+            _ => &line.key,
+        }
+    }
+
+    /// The answer's parts of a verdict decided at `now`: the decision, a budget line per
+    /// contributing bucket (figures without the probe when denied, with it otherwise) and the
+    /// reason.
+    pub fn render_verdict(
+        &self,
+        verdict: &Verdict,
+        now: TsMicros,
+    ) -> (Decision, Vec<BudgetReport>, Reason) {
+        let Some(policy) = &self.policy else {
+            return (Decision::Allow, Vec::new(), ok_reason(Decision::Allow));
+        };
+        let denied = verdict.deny.is_some();
+        let mut ends = WindowEnds::default();
+        let reports = verdict
+            .lines
+            .iter()
+            .filter_map(|line| {
+                let b = policy.budgets.get(line.budget)?;
+                let f = if denied { &line.without } else { &line.with };
+                Some(report(
+                    b,
+                    self.line_key(line).to_string(),
+                    f,
+                    now,
+                    &mut ends,
+                ))
+            })
+            .collect();
+        let deny = verdict.deny.and_then(|i| verdict.lines.get(i)).and_then(|line| {
+            let b = policy.budgets.get(line.budget)?;
+            let key = self.line_key(line);
+            let message = match line.why {
+                Why::MaxKeys => format!(
+                    "budget {} already tracks max_keys_per_budget = {} scopes; new scope {key:?} is refused (fail closed)",
+                    b.id, policy.max_keys_per_budget
+                ),
+                Why::OverLimit | Why::Fits => first_over(b, &line.with).unwrap_or_default(),
+            };
+            Some(Reason {
+                code: if line.why == Why::MaxKeys {
+                    "max_keys".into()
+                } else {
+                    "budget".into()
+                },
+                message,
+                budget: Some(b.id.clone()),
+                key: Some(key.to_string()),
+            })
+        });
+        match deny {
+            Some(r) => (Decision::Deny, reports, r),
+            None => (verdict.decision, reports, ok_reason(verdict.decision)),
+        }
+    }
+
+    /// Judge a hold of `probe` (plus one concurrency slot) against every matching budget, and
+    /// render the answer's parts.
     fn judge(
         &self,
         labels: &Labels,
@@ -660,80 +876,8 @@ impl Ledger {
         now: TsMicros,
         adj: &Adjust,
     ) -> (Decision, Vec<BudgetReport>, Reason) {
-        let Some(policy) = &self.policy else {
-            return (Decision::Allow, Vec::new(), ok_reason(Decision::Allow));
-        };
-        let mut decision = Decision::Allow;
-        let mut deny_reason: Option<Reason> = None;
-        // Figures with and without the probe; only one set is reported, rendered after the loop.
-        let matched = self.matching(labels);
-        let mut seen = Vec::with_capacity(matched.len());
-        for (i, key) in matched.iter() {
-            let (i, key) = (*i, key.clone());
-            let Some(b) = policy.budgets.get(i) else {
-                continue;
-            };
-            let f = self.figures(i, &key, now, adj);
-            let after = Figures {
-                spent: f.spent,
-                held: f.held + probe,
-                live_holds: f.live_holds.saturating_add(1),
-            };
-            let limited = b.max_micros.is_some()
-                || b.max_tokens.is_some()
-                || b.max_requests.is_some()
-                || b.max_concurrent.is_some();
-            let state = self.budgets.get(i);
-            let new_key = state.is_some_and(|s| !s.buckets.contains_key(&key));
-            let full = new_key
-                && !key.is_empty()
-                && state.is_some_and(|s| s.buckets.len() as u64 >= policy.max_keys_per_budget);
-            let mut verdict = Decision::Allow;
-            let mut why = String::new();
-            if full && limited && b.enforce == Enforce::Deny {
-                verdict = Decision::Deny;
-                why = format!(
-                    "budget {} already tracks max_keys_per_budget = {} scopes; new scope {key:?} is refused (fail closed)",
-                    b.id, policy.max_keys_per_budget
-                );
-            } else if let Some(over) = first_over(b, &after) {
-                verdict = if b.enforce == Enforce::Deny {
-                    Decision::Deny
-                } else {
-                    Decision::Warn
-                };
-                why = over;
-            } else if warn_crossed(b, &after) {
-                verdict = Decision::Warn;
-            }
-            if verdict == Decision::Deny && deny_reason.is_none() {
-                deny_reason = Some(Reason {
-                    code: if full {
-                        "max_keys".into()
-                    } else {
-                        "budget".into()
-                    },
-                    message: why,
-                    budget: Some(b.id.clone()),
-                    key: Some(key.clone()),
-                });
-            }
-            decision = decision.max(verdict);
-            seen.push((b, key, f, after));
-        }
-        let denied = deny_reason.is_some();
-        let mut ends = WindowEnds::default();
-        let reports = seen
-            .into_iter()
-            .map(|(b, key, without, with_probe)| {
-                let f = if denied { without } else { with_probe };
-                report(b, key, &f, now, &mut ends)
-            })
-            .collect();
-        match deny_reason {
-            Some(r) => (Decision::Deny, reports, r),
-            None => (decision, reports, ok_reason(decision)),
-        }
+        let verdict = self.decide_adjusted(labels, probe, now, adj);
+        self.render_verdict(&verdict, now)
     }
 
     /// `check`: what `reserve` would decide now. Appends nothing.
@@ -813,21 +957,21 @@ impl Ledger {
         overrun_of: Option<Micros>,
     ) -> Step {
         let mut events = Vec::new();
-        let refs = self.matching_cached(&body.labels);
+        let mut slots = Vec::new();
         let digest = body.payload_digest;
         let (late, link) = (body.late, body.reservation);
         let (cost, at_max, _) = self.usage_cost(&body.model, &body.usage, self.stamp(now));
         let (seq, ts) = self.emit_with(
             now,
             EventBody::UsageRecorded(body),
-            Some(&refs),
+            Some(&mut slots),
             &mut events,
         );
         // One look at each bucket serves both the crossings and the answer: appending a
         // crossing changes no figure.
-        let figures = self.figures_at_last(&refs);
-        self.crossings(&refs, &figures, now, &mut events);
-        let budgets = self.reports(&refs, &figures, ts);
+        let figures = self.figures_at_last(&slots);
+        self.crossings(&slots, &figures, now, &mut events);
+        let budgets = self.reports(&slots, &figures, ts);
         let state = budgets
             .iter()
             .map(|b| b.state)
@@ -1023,7 +1167,10 @@ impl Ledger {
             });
             let (seq, _) = self.emit(now, body, &mut events);
             let due = match self.holds.get(&r.reservation_id) {
-                Some(h) => self.find_crossings(&h.buckets, &self.figures_at_last(&h.buckets)),
+                Some(h) => {
+                    let slots = self.slots_of(&h.buckets);
+                    self.find_crossings(&slots, &self.figures_at_last(&slots))
+                }
                 None => Vec::new(),
             };
             for body in due {
@@ -1126,6 +1273,18 @@ impl Ledger {
             field: Some("reservation_id".into()),
         }
     }
+}
+
+/// True when `f` exceeds a limit of `b` (what [`first_over`] describes, without the text).
+fn over_limit(b: &bursar_schemas::policy::ResolvedBudget, f: &Figures) -> bool {
+    b.max_micros
+        .is_some_and(|l| i128::from(f.spent.micros) + i128::from(f.held.micros) > i128::from(l))
+        || b.max_tokens
+            .is_some_and(|l| u128::from(f.spent.tokens) + u128::from(f.held.tokens) > u128::from(l))
+        || b.max_requests.is_some_and(|l| {
+            u128::from(f.spent.requests) + u128::from(f.held.requests) > u128::from(l)
+        })
+        || b.max_concurrent.is_some_and(|l| f.live_holds > l)
 }
 
 /// First limit that `figures` exceed, described.

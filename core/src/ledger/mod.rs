@@ -13,7 +13,7 @@ mod decide;
 mod replay;
 mod report;
 
-pub use decide::{Answer, Command, IdLookup, IdRecord, Step};
+pub use decide::{Answer, Command, IdLookup, IdRecord, Step, Verdict};
 pub use replay::{
     collect_epochs, diff_rows, fold, fold_into, replay, EpochDecl, FoldError, ReplayOutcome,
 };
@@ -21,16 +21,14 @@ pub use replay::{
 use crate::labels::{scope_key, selector_matches};
 use crate::pricing;
 use crate::window::Amounts;
-use buckets::Bucket;
+use buckets::{Bucket, BudgetState};
 use bursar_schemas::event::{EventBody, ReservationLink};
-use bursar_schemas::policy::{ResolvedPolicy, UnknownModels};
+use bursar_schemas::policy::{ResolvedBudget, ResolvedPolicy, UnknownModels};
 use bursar_schemas::pricing::{ModelPrice, PriceTable};
 use bursar_schemas::wire::Usage;
 use bursar_schemas::{Labels, Micros, TsMicros};
-use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
 
 /// Ended reservations are remembered this long after they end (late commits, duplicate
 /// releases, double commits); a commit later than that counts as one of an unknown reservation.
@@ -48,8 +46,29 @@ pub const MAX_ID_BYTES: usize = 256;
 /// a typical event's labels and five matching budgets, so at most ~8 MB in all.
 pub const MATCH_CACHE_ENTRIES: usize = 16_384;
 
-/// `(budget index, scope key)` of every bucket an event with some labels counts in.
-type Refs = Arc<[(usize, String)]>;
+/// A bucket's slot that is not known yet (its bucket did not exist when it was matched, or the
+/// key went to the overflow bucket).
+const NO_SLOT: u32 = u32::MAX;
+
+/// One bucket an event with some labels counts in: its budget, its scope key and, once known,
+/// its slot in the budget's slab.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct MatchRef {
+    budget: usize,
+    key: String,
+    slot: u32,
+}
+
+impl MatchRef {
+    /// The slot of this bucket in `state`, if it exists.
+    fn slot_in(&self, state: &BudgetState) -> Option<u32> {
+        if self.slot != NO_SLOT {
+            Some(self.slot)
+        } else {
+            state.slot(&self.key)
+        }
+    }
+}
 
 /// One remembered label set: its hash, the labels packed (`name 0xFF value 0xFF …`, in order;
 /// UTF-8 never contains 0xFF, so the packing is injective) and its buckets.
@@ -57,7 +76,7 @@ type Refs = Arc<[(usize, String)]>;
 struct MatchEntry {
     hash: u64,
     packed: Box<[u8]>,
-    refs: Refs,
+    refs: Box<[MatchRef]>,
 }
 
 fn label_hash(labels: &Labels) -> u64 {
@@ -101,7 +120,8 @@ fn packed_is(packed: &[u8], labels: &Labels) -> bool {
 /// Which buckets a label set counts in, under the policy in force: derived data, not state.
 /// Matching means a selector check per budget and a scope key rendered per matching budget;
 /// the same label set (one agent session, say) usually comes back many times, so the answer is
-/// kept. Two generations bound it: a hit in the old one moves up, and the old one is dropped
+/// kept, with the slot of each bucket once it exists (slots never change while a policy is in
+/// force). Two generations bound it: a hit in the old one moves up, and the old one is dropped
 /// when the new one is full. Never serialised or compared, and emptied when a policy is
 /// installed.
 #[derive(Default, Clone)]
@@ -111,13 +131,17 @@ struct MatchCache {
 }
 
 impl MatchCache {
-    fn find(table: &hashbrown::HashTable<MatchEntry>, hash: u64, labels: &Labels) -> Option<Refs> {
+    fn find<'a>(
+        table: &'a hashbrown::HashTable<MatchEntry>,
+        hash: u64,
+        labels: &Labels,
+    ) -> Option<&'a [MatchRef]> {
         table
             .find(hash, |e| e.hash == hash && packed_is(&e.packed, labels))
-            .map(|e| e.refs.clone())
+            .map(|e| &e.refs[..])
     }
 
-    fn get(&self, labels: &Labels) -> Option<Refs> {
+    fn get(&self, labels: &Labels) -> Option<&[MatchRef]> {
         let hash = label_hash(labels);
         Self::find(&self.new, hash, labels).or_else(|| Self::find(&self.old, hash, labels))
     }
@@ -128,31 +152,29 @@ impl MatchCache {
         &mut self,
         labels: &Labels,
         entries: usize,
-        compute: impl FnOnce() -> Refs,
-    ) -> Refs {
+        compute: impl FnOnce() -> Vec<MatchRef>,
+    ) -> &mut [MatchRef] {
         let hash = label_hash(labels);
-        if let Some(refs) = Self::find(&self.new, hash, labels) {
-            return refs;
+        let is = |e: &MatchEntry| e.hash == hash && packed_is(&e.packed, labels);
+        if self.new.find(hash, is).is_none() {
+            let old = self.old.find_entry(hash, is).ok().map(|e| e.remove().0);
+            let entry = match old {
+                Some(e) => e,
+                None => MatchEntry {
+                    hash,
+                    packed: pack_labels(labels),
+                    refs: compute().into_boxed_slice(),
+                },
+            };
+            if self.new.len() >= entries / 2 {
+                self.old = std::mem::take(&mut self.new);
+            }
+            return &mut self.new.insert_unique(hash, entry, |e| e.hash).into_mut().refs;
         }
-        let old = self
-            .old
-            .find_entry(hash, |e| e.hash == hash && packed_is(&e.packed, labels))
-            .ok()
-            .map(|e| e.remove().0);
-        let entry = match old {
-            Some(e) => e,
-            None => MatchEntry {
-                hash,
-                packed: pack_labels(labels),
-                refs: compute(),
-            },
-        };
-        if self.new.len() >= entries / 2 {
-            self.old = std::mem::take(&mut self.new);
+        match self.new.find_mut(hash, is) {
+            Some(e) => &mut e.refs,
+            None => &mut [],
         }
-        let refs = entry.refs.clone();
-        self.new.insert_unique(hash, entry, |e| e.hash);
-        refs
     }
 
     fn clear(&mut self) {
@@ -171,6 +193,46 @@ impl std::fmt::Debug for MatchCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "MatchCache({} + {})", self.new.len(), self.old.len())
     }
+}
+
+/// Match `labels` against every budget of `policy`; slots of buckets that exist are filled in.
+fn match_labels(policy: &ResolvedPolicy, budgets: &[BudgetState], labels: &Labels) -> Vec<MatchRef> {
+    let mut out = Vec::with_capacity(policy.budgets.len());
+    for (i, b) in policy.budgets.iter().enumerate() {
+        if selector_matches(&b.match_labels, labels) {
+            if let Some(key) = scope_key(&b.group_by, labels) {
+                let slot = budgets
+                    .get(i)
+                    .and_then(|s| s.slot(&key))
+                    .unwrap_or(NO_SLOT);
+                out.push(MatchRef {
+                    budget: i,
+                    key,
+                    slot,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The bucket `r` counts in within `state`, created if new: its slot, and whether it is the
+/// overflow bucket (a new key beyond `max_keys`). A bucket of the key's own is remembered in
+/// `r`, so the next event with the same labels finds it without hashing the key.
+fn resolve(state: &mut BudgetState, r: &mut MatchRef, max_keys: u64) -> (u32, bool) {
+    if r.slot != NO_SLOT {
+        return (r.slot, false);
+    }
+    if let Some(slot) = state.slot(&r.key) {
+        r.slot = slot;
+        return (slot, false);
+    }
+    if (state.len() as u64) >= max_keys && !r.key.is_empty() {
+        return (state.slot_or_insert(OVERFLOW_KEY), true);
+    }
+    let slot = state.slot_or_insert(&r.key);
+    r.slot = slot;
+    (slot, false)
 }
 
 /// A price table in force from `effective_from`, introduced by the event at `seq`.
@@ -225,13 +287,6 @@ pub struct Ended {
     pub how: EndKind,
     /// When.
     pub at: TsMicros,
-}
-
-/// The buckets of one budget.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct BudgetState {
-    /// Scope key to bucket.
-    pub buckets: HashMap<String, Bucket, FxBuildHasher>,
 }
 
 /// All projections. A fold of the log.
@@ -302,7 +357,7 @@ impl Ledger {
 
     /// Total number of buckets over all budgets.
     pub fn bucket_count(&self) -> usize {
-        self.budgets.iter().map(|b| b.buckets.len()).sum()
+        self.budgets.iter().map(BudgetState::len).sum()
     }
 
     /// The time decisions and reads use: `now`, but never before the last event. A wall clock
@@ -362,98 +417,88 @@ impl Ledger {
             .is_none_or(|p| p.unknown_models == UnknownModels::Deny)
     }
 
-    /// Every `(budget index, scope key)` an event with these labels counts in.
-    fn matching(&self, labels: &Labels) -> Refs {
-        match self.matches.get(labels) {
-            Some(refs) => refs,
-            None => self.match_labels(labels).into(),
+    /// Every bucket an event with these labels counts in (remembered or matched now).
+    fn with_matching<R>(&self, labels: &Labels, f: impl FnOnce(&[MatchRef]) -> R) -> R {
+        if let Some(refs) = self.matches.get(labels) {
+            return f(refs);
+        }
+        match &self.policy {
+            Some(policy) => f(&match_labels(policy, &self.budgets, labels)),
+            None => f(&[]),
         }
     }
 
-    /// [`Ledger::matching`], remembering the answer for the next event with the same labels.
-    fn matching_cached(&mut self, labels: &Labels) -> Refs {
-        let mut cache = std::mem::take(&mut self.matches);
-        let refs = cache.get_or_insert(labels, MATCH_CACHE_ENTRIES, || {
-            self.match_labels(labels).into()
-        });
-        self.matches = cache;
-        refs
-    }
-
-    /// Match `labels` against every budget of the policy.
-    fn match_labels(&self, labels: &Labels) -> Vec<(usize, String)> {
+    /// Run `f` on every bucket an event with `labels` counts in, each created if new (a new key
+    /// beyond `max_keys_per_budget` lands in the overflow bucket: `f`'s last argument is then
+    /// true), with its budget index, budget and slot. The matching is remembered.
+    fn for_each_matching(
+        &mut self,
+        labels: &Labels,
+        mut f: impl FnMut(usize, &ResolvedBudget, u32, &mut Bucket, &MatchRef, bool),
+    ) {
         let Some(policy) = &self.policy else {
-            return Vec::new();
+            return;
         };
-        let mut out = Vec::with_capacity(policy.budgets.len());
-        for (i, b) in policy.budgets.iter().enumerate() {
-            if selector_matches(&b.match_labels, labels) {
-                if let Some(key) = scope_key(&b.group_by, labels) {
-                    out.push((i, key));
-                }
+        let max_keys = policy.max_keys_per_budget;
+        let budgets = &mut self.budgets;
+        let refs = self
+            .matches
+            .get_or_insert(labels, MATCH_CACHE_ENTRIES, || {
+                match_labels(policy, budgets, labels)
+            });
+        for r in refs.iter_mut() {
+            let (Some(b), Some(state)) = (policy.budgets.get(r.budget), budgets.get_mut(r.budget))
+            else {
+                continue;
+            };
+            let (slot, overflow) = resolve(state, r, max_keys);
+            if let Some(bucket) = state.at_mut(slot) {
+                f(r.budget, b, slot, bucket, r, overflow);
             }
         }
-        out
     }
 
-    /// The `max_keys_per_budget` in force (unbounded without a policy).
-    fn max_keys(&self) -> u64 {
-        self.policy
-            .as_ref()
-            .map_or(u64::MAX, |p| p.max_keys_per_budget)
+    /// `(budget, slot)` of the `(budget, scope key)` buckets that exist.
+    fn slots_of(&self, refs: &[(usize, String)]) -> Vec<(usize, u32)> {
+        refs.iter()
+            .filter_map(|(i, key)| Some((*i, self.budgets.get(*i)?.slot(key)?)))
+            .collect()
     }
 
     /// Hold `amounts` (and one concurrency slot) in every bucket an event with `labels` counts
     /// in; returns the `(budget index, scope key)` of each, the key being the one actually used
     /// (the overflow bucket's for a new key beyond `max_keys_per_budget`).
     fn hold_in_matching(&mut self, labels: &Labels, amounts: Amounts) -> Vec<(usize, String)> {
-        let max_keys = self.max_keys();
         let mut refs = Vec::new();
-        for (i, key) in self.matching_cached(labels).iter() {
-            if let Some(state) = self.budgets.get_mut(*i) {
-                let ((), overflow) = with_bucket(state, key, max_keys, |b| b.hold(amounts, 1));
-                refs.push((
-                    *i,
-                    if overflow {
-                        OVERFLOW_KEY.to_string()
-                    } else {
-                        key.clone()
-                    },
-                ));
-            }
-        }
+        self.for_each_matching(labels, |i, _, _, bucket, r, overflow| {
+            bucket.hold(amounts, 1);
+            refs.push((
+                i,
+                if overflow {
+                    OVERFLOW_KEY.to_string()
+                } else {
+                    r.key.clone()
+                },
+            ));
+        });
         refs
     }
 
-    /// Count usage of `amounts` at `ts` in every bucket an event with `labels` counts in.
-    /// `refs`, when given, are those buckets as [`Ledger::matching`] computed them for the same
-    /// labels under the same policy (the writer has them already).
+    /// Count usage of `amounts` at `ts` in every bucket an event with `labels` counts in;
+    /// the `(budget index, slot)` of each is added to `touched` when given.
     fn spend_in_matching(
         &mut self,
         labels: &Labels,
-        refs: Option<&[(usize, String)]>,
         ts: TsMicros,
         amounts: Amounts,
+        mut touched: Option<&mut Vec<(usize, u32)>>,
     ) {
-        let found;
-        let refs = match refs {
-            Some(refs) => refs,
-            None => {
-                found = self.matching_cached(labels);
-                &found[..]
+        self.for_each_matching(labels, |i, b, slot, bucket, _, _| {
+            bucket.add_spent(&b.window, ts, amounts);
+            if let Some(t) = touched.as_deref_mut() {
+                t.push((i, slot));
             }
-        };
-        let Some(policy) = &self.policy else {
-            return;
-        };
-        let max_keys = policy.max_keys_per_budget;
-        for (i, key) in refs {
-            if let (Some(b), Some(state)) = (policy.budgets.get(*i), self.budgets.get_mut(*i)) {
-                with_bucket(state, key, max_keys, |bucket| {
-                    bucket.add_spent(&b.window, ts, amounts)
-                });
-            }
-        }
+        });
     }
 
     /// Fold one event.
@@ -461,14 +506,14 @@ impl Ledger {
         self.apply_with(seq, ts, body, None)
     }
 
-    /// [`Ledger::apply`], with the buckets of a `usage_recorded` already matched (`refs`, as
-    /// [`Ledger::matching`] gives them for its labels) so that the writer does not match twice.
+    /// [`Ledger::apply`]; the `(budget index, slot)` of every bucket a `usage_recorded` counts
+    /// in is added to `touched` when given (the writer reports them next).
     fn apply_with(
         &mut self,
         seq: u64,
         ts: TsMicros,
         body: &EventBody,
-        refs: Option<&[(usize, String)]>,
+        touched: Option<&mut Vec<(usize, u32)>>,
     ) -> Result<(), ApplyError> {
         if seq != self.last_seq + 1 {
             return Err(ApplyError::Gap {
@@ -494,7 +539,7 @@ impl Ledger {
                     tokens: total_tokens(&u.usage),
                     requests: u.usage.requests,
                 };
-                self.spend_in_matching(&u.labels, refs, ts, amounts);
+                self.spend_in_matching(&u.labels, ts, amounts, touched);
                 if u.reservation == ReservationLink::Known {
                     if let Some(rid) = &u.reservation_id {
                         let how = EndKind::Committed(u.event_id.clone());
@@ -550,7 +595,7 @@ impl Ledger {
                     .and_then(|p| p.budgets.iter().position(|b| b.id == c.budget));
                 if let Some(bucket) = idx
                     .and_then(|i| self.budgets.get_mut(i))
-                    .and_then(|s| s.buckets.get_mut(&c.key))
+                    .and_then(|s| s.get_mut(&c.key))
                 {
                     if warned {
                         bucket.warned_window = Some(c.window_start);
@@ -571,11 +616,7 @@ impl Ledger {
         };
         self.expiries.remove(&(hold.expires_at, rid.to_string()));
         for (i, key) in &hold.buckets {
-            if let Some(b) = self
-                .budgets
-                .get_mut(*i)
-                .and_then(|s| s.buckets.get_mut(key))
-            {
+            if let Some(b) = self.budgets.get_mut(*i).and_then(|s| s.get_mut(key)) {
                 b.unhold(hold.amounts, 1);
             }
         }
@@ -618,11 +659,7 @@ impl Ledger {
             if let Some(h) = self.holds.get(rid) {
                 let (amounts, refs) = (h.amounts, h.buckets.clone());
                 for (i, key) in refs {
-                    if let Some(b) = self
-                        .budgets
-                        .get_mut(i)
-                        .and_then(|s| s.buckets.get_mut(&key))
-                    {
+                    if let Some(b) = self.budgets.get_mut(i).and_then(|s| s.get_mut(&key)) {
                         b.unhold(amounts, 1);
                     }
                 }
@@ -661,26 +698,6 @@ impl Ledger {
             }
         }
     }
-}
-
-/// Run `f` on the bucket of `key` in `state`, created if new; a new key beyond `max_keys` lands
-/// in the overflow bucket instead (true in the answer). One hash lookup, and no allocation, for
-/// a bucket that exists.
-fn with_bucket<R>(
-    state: &mut BudgetState,
-    key: &str,
-    max_keys: u64,
-    f: impl FnOnce(&mut Bucket) -> R,
-) -> (R, bool) {
-    if let Some(bucket) = state.buckets.get_mut(key) {
-        return (f(bucket), false);
-    }
-    let overflow = (state.buckets.len() as u64) >= max_keys && !key.is_empty();
-    let key = if overflow { OVERFLOW_KEY } else { key };
-    (
-        f(state.buckets.entry(key.to_string()).or_default()),
-        overflow,
-    )
 }
 
 /// The epoch pricing an event at `ts`: the newest-introduced table in force at `ts`.
@@ -737,21 +754,25 @@ mod tests {
         Labels::from([("user".to_string(), format!("u{i}"))])
     }
 
-    fn refs(i: usize) -> Refs {
-        vec![(0, format!("user=u{i}"))].into()
+    fn refs(i: usize) -> Vec<MatchRef> {
+        vec![MatchRef {
+            budget: 0,
+            key: format!("user=u{i}"),
+            slot: NO_SLOT,
+        }]
     }
 
     #[test]
     fn the_match_cache_stays_within_its_bound_and_keeps_what_comes_back() {
         let mut cache = MatchCache::default();
         for i in 0..100 {
-            assert_eq!(cache.get_or_insert(&set(i), 8, || refs(i)), refs(i));
+            assert_eq!(cache.get_or_insert(&set(i), 8, || refs(i)), &refs(i)[..]);
             // The label set used all along (0) is looked up, and moved up, every time.
-            assert_eq!(cache.get_or_insert(&set(0), 8, || refs(999)), refs(0));
+            assert_eq!(cache.get_or_insert(&set(0), 8, || refs(999)), &refs(0)[..]);
             assert!(cache.new.len() + cache.old.len() <= 8);
         }
-        assert_eq!(cache.get(&set(0)), Some(refs(0)), "a hot label set stays");
-        assert_eq!(cache.get(&set(99)), Some(refs(99)), "the newest is there");
+        assert_eq!(cache.get(&set(0)), Some(&refs(0)[..]), "a hot label set stays");
+        assert_eq!(cache.get(&set(99)), Some(&refs(99)[..]), "the newest is there");
         assert_eq!(cache.get(&set(50)), None, "an old one is gone");
     }
 

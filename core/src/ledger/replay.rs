@@ -139,8 +139,8 @@ pub fn diff_rows(before: &Ledger, after: &Ledger, now: TsMicros) -> Vec<DiffRow>
     let mut keys: BTreeMap<(usize, String), ()> = BTreeMap::new();
     for l in [before, after] {
         for (i, s) in l.budgets.iter().enumerate() {
-            for k in s.buckets.keys() {
-                keys.insert((i, k.clone()), ());
+            for k in s.keys() {
+                keys.insert((i, k.to_string()), ());
             }
         }
     }

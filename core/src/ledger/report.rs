@@ -218,7 +218,7 @@ impl Ledger {
         let mut f = self
             .budgets
             .get(budget)
-            .and_then(|s| s.buckets.get(key))
+            .and_then(|s| s.get(key))
             .map(|b| b.figures(spec, now))
             .unwrap_or_default();
         // An empty adjustment (the usual case) costs no key allocation.
@@ -231,19 +231,32 @@ impl Ledger {
         f
     }
 
-    /// Figures of the given buckets at the last event's time (no expired-hold adjustment: the
-    /// writer has just reaped every due hold).
-    pub(super) fn figures_at_last(&self, refs: &[(usize, String)]) -> Vec<Figures> {
-        let none = Adjust::new();
-        refs.iter()
-            .map(|(i, key)| self.figures(*i, key, self.last_ts, &none))
+    /// Figures of the bucket in `slot` of `budget` at `now` (no expired-hold adjustment).
+    pub(super) fn figures_at(&self, budget: usize, slot: u32, now: TsMicros) -> Figures {
+        let spec = self
+            .policy
+            .as_ref()
+            .and_then(|p| p.budgets.get(budget))
+            .map(|b| &b.window);
+        spec.zip(self.budgets.get(budget).and_then(|s| s.at(slot)))
+            .map(|(spec, b)| b.figures(spec, now))
+            .unwrap_or_default()
+    }
+
+    /// Figures of the given `(budget, slot)` buckets at the last event's time (no expired-hold
+    /// adjustment: the writer has just reaped every due hold).
+    pub(super) fn figures_at_last(&self, slots: &[(usize, u32)]) -> Vec<Figures> {
+        slots
+            .iter()
+            .map(|&(i, slot)| self.figures_at(i, slot, self.last_ts))
             .collect()
     }
 
-    /// Report lines of the given buckets, whose figures at `now` are `figures` (in order).
+    /// Report lines of the given `(budget, slot)` buckets, whose figures at `now` are
+    /// `figures` (in order).
     pub(super) fn reports(
         &self,
-        refs: &[(usize, String)],
+        slots: &[(usize, u32)],
         figures: &[Figures],
         now: TsMicros,
     ) -> Vec<BudgetReport> {
@@ -251,11 +264,13 @@ impl Ledger {
             return Vec::new();
         };
         let mut ends = WindowEnds::default();
-        refs.iter()
+        slots
+            .iter()
             .zip(figures)
-            .filter_map(|((i, key), f)| {
-                let b = policy.budgets.get(*i)?;
-                Some(report(b, key.clone(), f, now, &mut ends))
+            .filter_map(|(&(i, slot), f)| {
+                let b = policy.budgets.get(i)?;
+                let key = self.budgets.get(i)?.key(slot);
+                Some(report(b, key.to_string(), f, now, &mut ends))
             })
             .collect()
     }
@@ -275,7 +290,7 @@ impl Ledger {
                 let Some(state) = self.budgets.get(i) else {
                     continue;
                 };
-                for key in state.buckets.keys() {
+                for key in state.keys() {
                     if let Some(filter) = &req.labels {
                         let pairs = parse_scope_key(key).unwrap_or_default();
                         let all = filter
@@ -288,7 +303,7 @@ impl Ledger {
                     let f = self.figures(i, key, now, &adj);
                     rows.push((
                         utilization_ppm(b, &f),
-                        report(b, key.clone(), &f, now, &mut ends),
+                        report(b, key.to_string(), &f, now, &mut ends),
                     ));
                 }
             }
