@@ -8,6 +8,11 @@
 //! before anything is measured.
 //!
 //! Benchmarks (each reports events per second through `Throughput::Elements`):
+//! - `decide+apply`: the figure. Per event, `Ledger::decide` (the SPEC §5 verdict on
+//!   an event of this cost over every budget it counts in: allow / warn / deny and the
+//!   figures of each contributing bucket with and without it, as `check` and `reserve` decide)
+//!   then `Ledger::apply` of its `usage_recorded` (the fold). The event's cost is priced first.
+//!   Nothing is rendered: no answer lines, no JSON.
 //! - `record`: `Ledger::execute(Command::Record)` — validation, idempotency digest, decision,
 //!   apply, crossings, the answer and its JSON idempotency record; with an empty `IdLookup`.
 //! - `apply`: `Ledger::apply` of pre-built `usage_recorded` bodies (the replay/fold path).
@@ -22,8 +27,9 @@ use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use bursar_core::ledger::{Answer, Command, IdRecord, Ledger, Step};
+use bursar_core::ledger::{total_tokens, Answer, Command, IdRecord, Ledger, Step};
 use bursar_core::policy::parse_policy;
+use bursar_core::window::Amounts;
 use bursar_schemas::event::{EventBody, PolicyApplied};
 use bursar_schemas::wire::{
     CheckRequest, CommitRequest, Decision, Estimate, RecordRequest, ReserveRequest, Usage,
@@ -319,6 +325,8 @@ struct Workload {
     bodies: Vec<EventBody>,
     replay: Ledger,
     replay_ts: TsMicros,
+    decided: Ledger,
+    decided_ts: TsMicros,
     next: usize,
     pairs: u64,
 }
@@ -346,6 +354,8 @@ impl Workload {
             bodies: Vec::with_capacity(SCOPES),
             replay: Ledger::new(),
             replay_ts: 0,
+            decided: Ledger::new(),
+            decided_ts: 0,
             next: 0,
             pairs: 0,
         };
@@ -363,8 +373,17 @@ impl Workload {
             );
         }
         assert_eq!(w.bodies.len(), SCOPES);
+        // The fold benchmarks run on copies. A clone's rolling counters have no spare room, so
+        // one pass over every scope first brings each copy to its working size (a ledger that
+        // has been folding for a while), as criterion's warm-up would.
         w.replay = w.ledger.clone();
         w.replay_ts = w.replay.last_ts();
+        w.decided = w.ledger.clone();
+        w.decided_ts = w.decided.last_ts();
+        for _ in 0..SCOPES {
+            w.apply_one();
+            w.decide_apply_one();
+        }
         w
     }
 
@@ -395,6 +414,30 @@ impl Workload {
         self.replay
             .apply(seq, self.replay_ts, &self.bodies[i])
             .unwrap();
+    }
+
+    /// One event decided (`Ledger::decide`, the verdict `check` and `reserve` make) and folded
+    /// (`Ledger::apply`), on a separate copy of the ledger.
+    #[inline(never)]
+    fn decide_apply_one(&mut self) -> Decision {
+        let i = self.next_scope();
+        self.decided_ts += RECORD_STEP;
+        let ts = self.decided_ts;
+        let body = &self.bodies[i];
+        let EventBody::UsageRecorded(u) = body else {
+            unreachable!("the bench keeps usage_recorded bodies")
+        };
+        let (cost, _, _) = self.decided.usage_cost(&u.model, &u.usage, ts);
+        let amounts = Amounts {
+            micros: cost,
+            tokens: total_tokens(&u.usage),
+            requests: u.usage.requests,
+        };
+        let verdict = self.decided.decide(&u.labels, amounts, ts);
+        debug_assert_eq!(verdict.budgets(), 14);
+        let seq = self.decided.last_seq() + 1;
+        self.decided.apply(seq, ts, body).unwrap();
+        verdict.decision()
     }
 
     /// One `check` (read-only).
@@ -452,9 +495,13 @@ fn decide_apply(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .sample_size(20)
         .throughput(Throughput::Elements(1));
-    group.bench_function("record (execute: decide+apply)", |b| {
-        b.iter(|| black_box(w.borrow_mut().record_one()))
+    group.bench_function("decide+apply (verdict and fold)", |b| {
+        b.iter(|| black_box(w.borrow_mut().decide_apply_one()))
     });
+    group.bench_function(
+        "record (execute: validate, decide, apply, answer JSON)",
+        |b| b.iter(|| black_box(w.borrow_mut().record_one())),
+    );
     group.bench_function("apply usage_recorded (fold)", |b| {
         b.iter(|| w.borrow_mut().apply_one())
     });
@@ -482,11 +529,17 @@ fn on_cpu() -> Option<Duration> {
 
 /// `BURSAR_BENCH_ITERS=N`: run each workload N times without criterion and print its rate by
 /// the wall clock and by on-CPU time; for profilers (`valgrind --tool=callgrind`, `perf record`)
-/// and for busy machines.
+/// and for busy machines. `BURSAR_BENCH_ONLY=NAME` (`decide+apply`, `record`, `apply`, `check`,
+/// `reserve+commit`) runs only that one.
 fn fixed_iterations(n: usize) {
     let mut w = Workload::new();
     w.describe();
+    // `BURSAR_BENCH_ONLY=NAME` runs one workload (for profilers).
+    let only = std::env::var("BURSAR_BENCH_ONLY").ok();
     let timed = |name: &str, run: &mut dyn FnMut()| {
+        if only.as_deref().is_some_and(|o| o != name) {
+            return;
+        }
         let (wall, cpu) = (Instant::now(), on_cpu());
         run();
         let wall = wall.elapsed().as_secs_f64().max(f64::MIN_POSITIVE);
@@ -503,6 +556,11 @@ fn fixed_iterations(n: usize) {
             n as f64 / wall
         );
     };
+    timed("decide+apply", &mut || {
+        for _ in 0..n {
+            black_box(w.decide_apply_one());
+        }
+    });
     timed("record", &mut || {
         for _ in 0..n {
             black_box(w.record_one());

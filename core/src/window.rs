@@ -261,6 +261,14 @@ impl RollingCounter {
     ) {
         let shape = RollingShape::new(window_seconds, resolution_seconds);
         let slot = shape.slot_of(ts);
+        // The usual case: another event in the newest slot (nothing to prune: that happened
+        // when the slot became the newest).
+        if let Some((k, existing)) = self.slots.back_mut() {
+            if i128::from(*k) == slot {
+                *existing = existing.saturating_add(amounts);
+                return;
+            }
+        }
         let newest = self
             .slots
             .back()
@@ -281,6 +289,10 @@ impl RollingCounter {
         {
             self.slots.pop_front();
         }
+        if self.slots.back().is_none_or(|&(k, _)| k < slot) {
+            self.slots.push_back((slot, amounts));
+            return;
+        }
         match self.slots.binary_search_by_key(&slot, |&(k, _)| k) {
             Ok(index) => {
                 if let Some((_, existing)) = self.slots.get_mut(index) {
@@ -297,9 +309,12 @@ impl RollingCounter {
         let shape = RollingShape::new(window_seconds, resolution_seconds);
         let current = shape.slot_of(now);
         let oldest = shape.oldest_counted(current);
+        // Slots are in increasing order: walk back from the newest to the oldest counted.
         self.slots
             .iter()
-            .filter(|&&(k, _)| (oldest..=current).contains(&i128::from(k)))
+            .rev()
+            .skip_while(|&&(k, _)| i128::from(k) > current)
+            .take_while(|&&(k, _)| i128::from(k) >= oldest)
             .fold(Amounts::default(), |sum, &(_, amounts)| {
                 sum.saturating_add(amounts)
             })

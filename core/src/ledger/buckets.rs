@@ -195,9 +195,10 @@ impl BudgetState {
         self.slab.get(slot as usize)
     }
 
-    /// The bucket in `slot`, to change.
-    pub fn at_mut(&mut self, slot: u32) -> Option<&mut Bucket> {
-        self.slab.get_mut(slot as usize)
+    /// The scope key and the bucket of `slot`, the bucket to change.
+    pub fn entry_mut(&mut self, slot: u32) -> Option<(&str, &mut Bucket)> {
+        let key = self.keys.get(slot as usize)?;
+        Some((key, self.slab.get_mut(slot as usize)?))
     }
 
     /// The scope key of `slot` (empty for a slot that does not exist).

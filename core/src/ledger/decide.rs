@@ -2,8 +2,8 @@
 
 use super::buckets::{crossing_window, Figures};
 use super::report::{bucket_state, report, utilization_ppm, warn_crossed, Adjust, WindowEnds};
-use super::{EndKind, Ledger, DEFAULT_MAX_OUTPUT_TOKENS, MAX_EVENT_TOKENS, MAX_ID_BYTES};
-use crate::labels::{glob_match, validate_client_labels};
+use super::{EndKind, Ledger, DEFAULT_MAX_OUTPUT_TOKENS, MAX_EVENT_TOKENS, MAX_ID_BYTES, NO_SLOT};
+use crate::labels::{glob_match, scope_key, validate_client_labels};
 use crate::policy::MAX_RESERVATION_TTL_SECONDS;
 use crate::pricing;
 use crate::time::{format_ts, parse_ts, seconds};
@@ -733,21 +733,29 @@ impl Ledger {
         self.with_matching(labels, |refs| {
             verdict.lines.reserve_exact(refs.len());
             for r in refs {
-                let Some(b) = policy.budgets.get(r.budget) else {
+                let Some(b) = policy.budgets.get(r.budget()) else {
                     continue;
                 };
-                let state = self.budgets.get(r.budget);
-                let slot = state.and_then(|s| r.slot_in(s));
-                let mut f = match (slot, state) {
-                    (Some(slot), Some(state)) => state
-                        .at(slot)
-                        .map(|bucket| bucket.figures(&b.window, now))
-                        .unwrap_or_default(),
-                    _ => Figures::default(),
+                let state = self.budgets.get(r.budget());
+                // A bucket not known to the match yet: found (or not) by its key.
+                let new_key =
+                    (r.slot == NO_SLOT).then(|| scope_key(&b.group_by, labels).unwrap_or_default());
+                let slot = match &new_key {
+                    None => Some(r.slot),
+                    Some(key) => state.and_then(|s| s.slot(key)),
                 };
+                let bucket = slot.zip(state).and_then(|(slot, s)| s.at(slot));
+                let mut f = bucket
+                    .map(|bucket| bucket.figures(&b.window, now))
+                    .unwrap_or_default();
                 // An empty adjustment (the usual case) costs no key allocation.
                 if !adj.is_empty() {
-                    if let Some((amounts, holds)) = adj.get(&(r.budget, r.key.clone())) {
+                    let key = match (&new_key, slot, state) {
+                        (Some(key), _, _) => key.clone(),
+                        (None, Some(slot), Some(s)) => s.key(slot).to_string(),
+                        _ => String::new(),
+                    };
+                    if let Some((amounts, holds)) = adj.get(&(r.budget(), key)) {
                         f.held = f.held - *amounts;
                         f.live_holds = f.live_holds.saturating_sub(*holds);
                     }
@@ -762,7 +770,7 @@ impl Ledger {
                     || b.max_requests.is_some()
                     || b.max_concurrent.is_some();
                 let full = slot.is_none()
-                    && !r.key.is_empty()
+                    && new_key.as_ref().is_some_and(|k| !k.is_empty())
                     && state.is_some_and(|s| s.len() as u64 >= policy.max_keys_per_budget);
                 let mut line = Decision::Allow;
                 let mut why = Why::Fits;
@@ -784,12 +792,12 @@ impl Ledger {
                 }
                 verdict.decision = verdict.decision.max(line);
                 verdict.lines.push(VerdictLine {
-                    budget: r.budget,
+                    budget: r.budget(),
                     // A bucket that exists is named by its slot; a new one by its key.
                     key: if slot.is_some() {
                         String::new()
                     } else {
-                        r.key.clone()
+                        new_key.unwrap_or_default()
                     },
                     slot,
                     without: f,

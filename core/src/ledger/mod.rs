@@ -42,31 +42,27 @@ pub const OVERFLOW_KEY: &str = "(overflow)";
 /// Longest id (event or reservation) accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
 /// Label sets whose matching buckets are remembered (two generations of half this size).
-/// An entry is the label set packed into one allocation plus its scope keys: about 0.5 KB for
-/// a typical event's labels and five matching budgets, so at most ~8 MB in all.
-pub const MATCH_CACHE_ENTRIES: usize = 16_384;
+/// An entry is the label set packed into one allocation plus 8 bytes (budget, slot) per
+/// matching budget: about 300 bytes for a typical event's six labels and 14 matching budgets,
+/// so at most ~20 MB in all. Sized for tens of thousands of agents, sessions or users active at
+/// once: a working set larger than a generation is matched again on every pass.
+pub const MATCH_CACHE_ENTRIES: usize = 65_536;
 
 /// A bucket's slot that is not known yet (its bucket did not exist when it was matched, or the
 /// key went to the overflow bucket).
 const NO_SLOT: u32 = u32::MAX;
 
-/// One bucket an event with some labels counts in: its budget, its scope key and, once known,
-/// its slot in the budget's slab.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One bucket an event with some labels counts in: its budget and, once known, its slot in
+/// the budget's slab. (The scope key is rendered from the labels when the slot is not known.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MatchRef {
-    budget: usize,
-    key: String,
+    budget: u32,
     slot: u32,
 }
 
 impl MatchRef {
-    /// The slot of this bucket in `state`, if it exists.
-    fn slot_in(&self, state: &BudgetState) -> Option<u32> {
-        if self.slot != NO_SLOT {
-            Some(self.slot)
-        } else {
-            state.slot(&self.key)
-        }
+    fn budget(self) -> usize {
+        self.budget as usize
     }
 }
 
@@ -79,42 +75,45 @@ struct MatchEntry {
     refs: Box<[MatchRef]>,
 }
 
-fn label_hash(labels: &Labels) -> u64 {
-    use std::hash::Hasher;
-    let mut h = rustc_hash::FxHasher::default();
-    for (k, v) in labels {
-        h.write(k.as_bytes());
-        h.write_u8(0xFF);
-        h.write(v.as_bytes());
-        h.write_u8(0xFF);
-    }
-    h.finish()
-}
+/// Packed label sets up to this many bytes are built on the stack.
+const PACK_INLINE_BYTES: usize = 256;
 
-fn pack_labels(labels: &Labels) -> Box<[u8]> {
-    let len = labels.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-    let mut out = Vec::with_capacity(len);
-    for (k, v) in labels {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0xFF);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0xFF);
-    }
-    out.into_boxed_slice()
-}
-
-/// True when `packed` is exactly `labels` packed.
-fn packed_is(packed: &[u8], labels: &Labels) -> bool {
-    let mut rest = packed;
-    for (k, v) in labels {
-        for part in [k.as_bytes(), v.as_bytes()] {
-            if rest.get(..part.len()) != Some(part) || rest.get(part.len()) != Some(&0xFF) {
-                return false;
+/// Run `f` on `labels` packed (`name 0xFF value 0xFF …`, in order; UTF-8 never contains 0xFF,
+/// so the packing is injective) and the packing's hash. A typical label set packs into a
+/// buffer on the stack.
+fn with_packed<R>(labels: &Labels, f: impl FnOnce(&[u8], u64) -> R) -> R {
+    fn pack(labels: &Labels, out: &mut [u8]) {
+        let mut at = 0;
+        for (k, v) in labels {
+            for part in [k.as_bytes(), v.as_bytes()] {
+                let end = at + part.len();
+                if let Some(dst) = out.get_mut(at..end) {
+                    dst.copy_from_slice(part);
+                }
+                if let Some(sep) = out.get_mut(end) {
+                    *sep = 0xFF;
+                }
+                at = end + 1;
             }
-            rest = rest.get(part.len() + 1..).unwrap_or_default();
         }
     }
-    rest.is_empty()
+    fn hash(packed: &[u8]) -> u64 {
+        use std::hash::Hasher;
+        let mut h = rustc_hash::FxHasher::default();
+        h.write(packed);
+        h.finish()
+    }
+    let len: usize = labels.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    if len <= PACK_INLINE_BYTES {
+        let mut buf = [0u8; PACK_INLINE_BYTES];
+        let packed = buf.get_mut(..len).unwrap_or_default();
+        pack(labels, packed);
+        f(packed, hash(packed))
+    } else {
+        let mut buf = vec![0u8; len];
+        pack(labels, &mut buf);
+        f(&buf, hash(&buf))
+    }
 }
 
 /// Which buckets a label set counts in, under the policy in force: derived data, not state.
@@ -134,16 +133,17 @@ impl MatchCache {
     fn find<'a>(
         table: &'a hashbrown::HashTable<MatchEntry>,
         hash: u64,
-        labels: &Labels,
+        packed: &[u8],
     ) -> Option<&'a [MatchRef]> {
         table
-            .find(hash, |e| e.hash == hash && packed_is(&e.packed, labels))
+            .find(hash, |e| e.hash == hash && *e.packed == *packed)
             .map(|e| &e.refs[..])
     }
 
     fn get(&self, labels: &Labels) -> Option<&[MatchRef]> {
-        let hash = label_hash(labels);
-        Self::find(&self.new, hash, labels).or_else(|| Self::find(&self.old, hash, labels))
+        with_packed(labels, |packed, hash| {
+            Self::find(&self.new, hash, packed).or_else(|| Self::find(&self.old, hash, packed))
+        })
     }
 
     /// The buckets of `labels` if remembered, moving an old entry up; else `compute`'s,
@@ -154,22 +154,39 @@ impl MatchCache {
         entries: usize,
         compute: impl FnOnce() -> Vec<MatchRef>,
     ) -> &mut [MatchRef] {
-        let hash = label_hash(labels);
-        let is = |e: &MatchEntry| e.hash == hash && packed_is(&e.packed, labels);
+        with_packed(labels, |packed, hash| {
+            self.get_or_insert_packed(packed, hash, entries, compute)
+        })
+    }
+
+    fn get_or_insert_packed(
+        &mut self,
+        packed: &[u8],
+        hash: u64,
+        entries: usize,
+        compute: impl FnOnce() -> Vec<MatchRef>,
+    ) -> &mut [MatchRef] {
+        let is = |e: &MatchEntry| e.hash == hash && *e.packed == *packed;
         if self.new.find(hash, is).is_none() {
             let old = self.old.find_entry(hash, is).ok().map(|e| e.remove().0);
             let entry = match old {
                 Some(e) => e,
                 None => MatchEntry {
                     hash,
-                    packed: pack_labels(labels),
+                    packed: packed.into(),
                     refs: compute().into_boxed_slice(),
                 },
             };
             if self.new.len() >= entries / 2 {
-                self.old = std::mem::take(&mut self.new);
+                // The old generation goes; its table's room is reused for the new one.
+                std::mem::swap(&mut self.old, &mut self.new);
+                self.new.clear();
             }
-            return &mut self.new.insert_unique(hash, entry, |e| e.hash).into_mut().refs;
+            return &mut self
+                .new
+                .insert_unique(hash, entry, |e| e.hash)
+                .into_mut()
+                .refs;
         }
         match self.new.find_mut(hash, is) {
             Some(e) => &mut e.refs,
@@ -196,18 +213,18 @@ impl std::fmt::Debug for MatchCache {
 }
 
 /// Match `labels` against every budget of `policy`; slots of buckets that exist are filled in.
-fn match_labels(policy: &ResolvedPolicy, budgets: &[BudgetState], labels: &Labels) -> Vec<MatchRef> {
+fn match_labels(
+    policy: &ResolvedPolicy,
+    budgets: &[BudgetState],
+    labels: &Labels,
+) -> Vec<MatchRef> {
     let mut out = Vec::with_capacity(policy.budgets.len());
     for (i, b) in policy.budgets.iter().enumerate() {
         if selector_matches(&b.match_labels, labels) {
             if let Some(key) = scope_key(&b.group_by, labels) {
-                let slot = budgets
-                    .get(i)
-                    .and_then(|s| s.slot(&key))
-                    .unwrap_or(NO_SLOT);
+                let slot = budgets.get(i).and_then(|s| s.slot(&key)).unwrap_or(NO_SLOT);
                 out.push(MatchRef {
-                    budget: i,
-                    key,
+                    budget: u32::try_from(i).unwrap_or(u32::MAX),
                     slot,
                 });
             }
@@ -216,21 +233,29 @@ fn match_labels(policy: &ResolvedPolicy, budgets: &[BudgetState], labels: &Label
     out
 }
 
-/// The bucket `r` counts in within `state`, created if new: its slot, and whether it is the
-/// overflow bucket (a new key beyond `max_keys`). A bucket of the key's own is remembered in
-/// `r`, so the next event with the same labels finds it without hashing the key.
-fn resolve(state: &mut BudgetState, r: &mut MatchRef, max_keys: u64) -> (u32, bool) {
+/// The bucket `r` (of budget `b`, for an event with `labels`) counts in within `state`, created
+/// if new: its slot, and whether it is the overflow bucket (a new key beyond `max_keys`). A
+/// bucket of the key's own is remembered in `r`, so the next event with the same labels finds
+/// it without rendering or hashing the key.
+fn resolve(
+    state: &mut BudgetState,
+    b: &ResolvedBudget,
+    labels: &Labels,
+    r: &mut MatchRef,
+    max_keys: u64,
+) -> (u32, bool) {
     if r.slot != NO_SLOT {
         return (r.slot, false);
     }
-    if let Some(slot) = state.slot(&r.key) {
+    let key = scope_key(&b.group_by, labels).unwrap_or_default();
+    if let Some(slot) = state.slot(&key) {
         r.slot = slot;
         return (slot, false);
     }
-    if (state.len() as u64) >= max_keys && !r.key.is_empty() {
+    if (state.len() as u64) >= max_keys && !key.is_empty() {
         return (state.slot_or_insert(OVERFLOW_KEY), true);
     }
-    let slot = state.slot_or_insert(&r.key);
+    let slot = state.slot_or_insert(&key);
     r.slot = slot;
     (slot, false)
 }
@@ -434,26 +459,24 @@ impl Ledger {
     fn for_each_matching(
         &mut self,
         labels: &Labels,
-        mut f: impl FnMut(usize, &ResolvedBudget, u32, &mut Bucket, &MatchRef, bool),
+        mut f: impl FnMut(usize, &ResolvedBudget, u32, &str, &mut Bucket, bool),
     ) {
         let Some(policy) = &self.policy else {
             return;
         };
         let max_keys = policy.max_keys_per_budget;
         let budgets = &mut self.budgets;
-        let refs = self
-            .matches
-            .get_or_insert(labels, MATCH_CACHE_ENTRIES, || {
-                match_labels(policy, budgets, labels)
-            });
+        let refs = self.matches.get_or_insert(labels, MATCH_CACHE_ENTRIES, || {
+            match_labels(policy, budgets, labels)
+        });
         for r in refs.iter_mut() {
-            let (Some(b), Some(state)) = (policy.budgets.get(r.budget), budgets.get_mut(r.budget))
-            else {
+            let i = r.budget();
+            let (Some(b), Some(state)) = (policy.budgets.get(i), budgets.get_mut(i)) else {
                 continue;
             };
-            let (slot, overflow) = resolve(state, r, max_keys);
-            if let Some(bucket) = state.at_mut(slot) {
-                f(r.budget, b, slot, bucket, r, overflow);
+            let (slot, overflow) = resolve(state, b, labels, r, max_keys);
+            if let Some((key, bucket)) = state.entry_mut(slot) {
+                f(i, b, slot, key, bucket, overflow);
             }
         }
     }
@@ -470,16 +493,10 @@ impl Ledger {
     /// (the overflow bucket's for a new key beyond `max_keys_per_budget`).
     fn hold_in_matching(&mut self, labels: &Labels, amounts: Amounts) -> Vec<(usize, String)> {
         let mut refs = Vec::new();
-        self.for_each_matching(labels, |i, _, _, bucket, r, overflow| {
+        // The key of the bucket used: the overflow bucket's for an overflowing key.
+        self.for_each_matching(labels, |i, _, _, key, bucket, _| {
             bucket.hold(amounts, 1);
-            refs.push((
-                i,
-                if overflow {
-                    OVERFLOW_KEY.to_string()
-                } else {
-                    r.key.clone()
-                },
-            ));
+            refs.push((i, key.to_string()));
         });
         refs
     }
@@ -493,7 +510,7 @@ impl Ledger {
         amounts: Amounts,
         mut touched: Option<&mut Vec<(usize, u32)>>,
     ) {
-        self.for_each_matching(labels, |i, b, slot, bucket, _, _| {
+        self.for_each_matching(labels, |i, b, slot, _, bucket, _| {
             bucket.add_spent(&b.window, ts, amounts);
             if let Some(t) = touched.as_deref_mut() {
                 t.push((i, slot));
@@ -757,8 +774,7 @@ mod tests {
     fn refs(i: usize) -> Vec<MatchRef> {
         vec![MatchRef {
             budget: 0,
-            key: format!("user=u{i}"),
-            slot: NO_SLOT,
+            slot: i as u32,
         }]
     }
 
@@ -771,8 +787,16 @@ mod tests {
             assert_eq!(cache.get_or_insert(&set(0), 8, || refs(999)), &refs(0)[..]);
             assert!(cache.new.len() + cache.old.len() <= 8);
         }
-        assert_eq!(cache.get(&set(0)), Some(&refs(0)[..]), "a hot label set stays");
-        assert_eq!(cache.get(&set(99)), Some(&refs(99)[..]), "the newest is there");
+        assert_eq!(
+            cache.get(&set(0)),
+            Some(&refs(0)[..]),
+            "a hot label set stays"
+        );
+        assert_eq!(
+            cache.get(&set(99)),
+            Some(&refs(99)[..]),
+            "the newest is there"
+        );
         assert_eq!(cache.get(&set(50)), None, "an old one is gone");
     }
 
@@ -784,11 +808,14 @@ mod tests {
             ("a".to_string(), "bc".to_string()),
             ("d".to_string(), String::new()),
         ]);
-        assert!(packed_is(&pack_labels(&a), &a));
-        assert!(!packed_is(&pack_labels(&a), &b));
-        assert!(!packed_is(&pack_labels(&b), &a));
-        assert!(!packed_is(&pack_labels(&a), &two));
-        assert!(!packed_is(&pack_labels(&two), &a));
-        assert!(packed_is(&pack_labels(&Labels::new()), &Labels::new()));
+        let pack = |l: &Labels| with_packed(l, |p, _| p.to_vec());
+        assert_eq!(pack(&a), b"a\xFFbc\xFF");
+        assert_ne!(pack(&a), pack(&b));
+        assert_ne!(pack(&a), pack(&two));
+        assert!(pack(&Labels::new()).is_empty());
+        // Longer than the stack buffer: packed on the heap, the same way.
+        let long = Labels::from([("k".to_string(), "v".repeat(PACK_INLINE_BYTES))]);
+        assert_eq!(pack(&long).len(), PACK_INLINE_BYTES + 3);
+        assert_eq!(pack(&long).last(), Some(&0xFF));
     }
 }
