@@ -126,6 +126,70 @@ impl Bucket {
     }
 }
 
+/// The limits of one budget compiled for deciding: per dimension (money, tokens, requests,
+/// concurrency) the limit and the `warn_at` threshold as plain integers, so that judging a
+/// bucket is a few comparisons. Derived from the policy when it is installed (or read back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The limit per dimension; `i128::MAX` where the budget sets none.
+    limit: [i128; 4],
+    /// The smallest use that reaches `warn_at` per dimension: `ceil(warn_at × limit)`, exact
+    /// (`used × 10^6 >= ppm × limit` holds exactly when `used >= ceil(ppm × limit / 10^6)`);
+    /// `i128::MAX` without `warn_at` or without a limit.
+    warn: [i128; 4],
+    /// True when the budget sets any limit (a meter sets none).
+    pub limited: bool,
+}
+
+impl Limits {
+    /// The compiled limits of `b`.
+    pub fn of(b: &bursar_schemas::policy::ResolvedBudget) -> Limits {
+        const PPM: i128 = 1_000_000;
+        let dims = [
+            b.max_micros.map(i128::from),
+            b.max_tokens.map(i128::from),
+            b.max_requests.map(i128::from),
+            b.max_concurrent.map(i128::from),
+        ];
+        let mut out = Limits {
+            limit: [i128::MAX; 4],
+            warn: [i128::MAX; 4],
+            limited: dims.iter().any(Option::is_some),
+        };
+        for ((limit, warn), dim) in out.limit.iter_mut().zip(out.warn.iter_mut()).zip(dims) {
+            if let Some(l) = dim {
+                *limit = l;
+                if let Some(ppm) = b.warn_at_ppm {
+                    let scaled = i128::from(ppm).saturating_mul(l);
+                    // Ceiling division (rounds toward +infinity for either sign).
+                    *warn = scaled.div_euclid(PPM) + i128::from(scaled.rem_euclid(PPM) != 0);
+                }
+            }
+        }
+        out
+    }
+
+    /// What a bucket uses of each dimension with `f`: spent plus held, and live holds.
+    fn used(f: &Figures) -> [i128; 4] {
+        [
+            i128::from(f.spent.micros) + i128::from(f.held.micros),
+            i128::from(f.spent.tokens) + i128::from(f.held.tokens),
+            i128::from(f.spent.requests) + i128::from(f.held.requests),
+            i128::from(f.live_holds),
+        ]
+    }
+
+    /// True when `f` exceeds a limit (`spent + held > limit`).
+    pub fn over(&self, f: &Figures) -> bool {
+        Self::used(f).iter().zip(&self.limit).any(|(u, l)| u > l)
+    }
+
+    /// True when `f` reaches `warn_at` of some limit.
+    pub fn warns(&self, f: &Figures) -> bool {
+        Self::used(f).iter().zip(&self.warn).any(|(u, w)| u >= w)
+    }
+}
+
 /// The identifier of the window a crossing belongs to, for "once per bucket per window".
 /// Rolling windows have no edges: a rolling bucket may cross once per `window_seconds` period.
 pub fn crossing_window(spec: &WindowSpec, ts: TsMicros) -> TsMicros {
@@ -272,5 +336,103 @@ impl<'de> Deserialize<'de> for BudgetState {
             state.insert(key, bucket);
         }
         Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bursar_schemas::policy::{Enforce, ResolvedBudget};
+
+    fn budget() -> ResolvedBudget {
+        ResolvedBudget {
+            id: "b".into(),
+            match_labels: Default::default(),
+            group_by: Vec::new(),
+            window: WindowSpec::Cumulative,
+            max_micros: None,
+            max_tokens: None,
+            max_requests: None,
+            max_concurrent: None,
+            warn_at_ppm: None,
+            enforce: Enforce::Deny,
+        }
+    }
+
+    fn figures(micros: i64, tokens: u64, requests: u64, live_holds: u64) -> Figures {
+        Figures {
+            spent: Amounts {
+                micros,
+                tokens,
+                requests,
+            },
+            held: Amounts::default(),
+            live_holds,
+        }
+    }
+
+    /// The definitions the compiled limits must agree with: over when `used > limit`, warn
+    /// when `used × 10^6 >= ppm × limit`, for some dimension.
+    fn reference(b: &ResolvedBudget, f: &Figures) -> (bool, bool) {
+        let used = [
+            i128::from(f.spent.micros),
+            i128::from(f.spent.tokens),
+            i128::from(f.spent.requests),
+            i128::from(f.live_holds),
+        ];
+        let limits = [
+            b.max_micros.map(i128::from),
+            b.max_tokens.map(i128::from),
+            b.max_requests.map(i128::from),
+            b.max_concurrent.map(i128::from),
+        ];
+        let pairs = used.iter().zip(limits).filter_map(|(u, l)| Some((*u, l?)));
+        let over = pairs.clone().any(|(u, l)| u > l);
+        let warn = b
+            .warn_at_ppm
+            .is_some_and(|ppm| pairs.clone().any(|(u, l)| u * 1_000_000 >= i128::from(ppm) * l));
+        (over, warn)
+    }
+
+    #[test]
+    fn compiled_limits_agree_with_the_definitions_at_every_edge() {
+        let mut checked = 0;
+        for limit in [0u64, 1, 3, 7, 10, 999_999, 1_000_000, 1_000_001, 123_456_789] {
+            for ppm in [None, Some(0), Some(1), Some(333_333), Some(800_000), Some(999_999)] {
+                for dim in 0..4 {
+                    let mut b = budget();
+                    b.warn_at_ppm = ppm;
+                    match dim {
+                        0 => b.max_micros = Some(limit as i64),
+                        1 => b.max_tokens = Some(limit),
+                        2 => b.max_requests = Some(limit),
+                        _ => b.max_concurrent = Some(limit),
+                    }
+                    let compiled = Limits::of(&b);
+                    assert!(compiled.limited);
+                    // Every use around the limit and around the warn threshold.
+                    let threshold = ppm.map_or(0, |p| (u128::from(p) * u128::from(limit)) / 1_000_000);
+                    let mut uses: Vec<u64> = vec![0, 1, limit.saturating_sub(1), limit, limit + 1];
+                    for t in [threshold as u64, limit / 2] {
+                        uses.extend([t.saturating_sub(1), t, t + 1]);
+                    }
+                    for used in uses {
+                        let mut v = [0u64; 4];
+                        v[dim] = used;
+                        let f = figures(v[0] as i64, v[1], v[2], v[3]);
+                        let (over, warn) = reference(&b, &f);
+                        assert_eq!(compiled.over(&f), over, "over: {b:?} {f:?}");
+                        assert_eq!(compiled.warns(&f), warn, "warn: {b:?} {f:?}");
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 1000);
+        // A meter sets no limit: never over, never warns.
+        let meter = Limits::of(&budget());
+        assert!(!meter.limited);
+        assert!(!meter.over(&figures(i64::MAX, u64::MAX, u64::MAX, u64::MAX)));
+        assert!(!meter.warns(&figures(i64::MAX, u64::MAX, u64::MAX, u64::MAX)));
     }
 }

@@ -1,7 +1,7 @@
 //! Decisions: validation, idempotency, candidate evaluation, and the write commands.
 
 use super::buckets::{crossing_window, Figures};
-use super::report::{bucket_state, report, utilization_ppm, warn_crossed, Adjust, WindowEnds};
+use super::report::{bucket_state, report, utilization_ppm, Adjust, WindowEnds};
 use super::{EndKind, Ledger, DEFAULT_MAX_OUTPUT_TOKENS, MAX_EVENT_TOKENS, MAX_ID_BYTES, NO_SLOT};
 use crate::labels::{glob_match, scope_key, validate_client_labels};
 use crate::policy::MAX_RESERVATION_TTL_SECONDS;
@@ -314,12 +314,15 @@ fn dup_or_conflict(
 }
 
 /// What [`Ledger::decide`] concluded: the decision and, per contributing bucket, its figures
-/// without and with the probe. Rendered into an answer by [`Ledger::render_verdict`] while the
-/// ledger is unchanged.
+/// without the probe (those with it follow from them). Rendered into an answer by
+/// [`Ledger::render_verdict`] while the ledger is unchanged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     decision: Decision,
+    probe: Amounts,
     lines: Vec<VerdictLine>,
+    /// `(line, scope key)` of the lines whose bucket does not exist yet.
+    new_keys: Vec<(usize, String)>,
     /// Index of the first line that denies.
     deny: Option<usize>,
 }
@@ -350,14 +353,21 @@ enum Why {
 /// One contributing bucket of a [`Verdict`].
 #[derive(Debug, Clone, PartialEq)]
 struct VerdictLine {
-    budget: usize,
-    /// Slot of the bucket, if it exists.
-    slot: Option<u32>,
-    /// Scope key of a bucket that does not exist yet (empty otherwise: the slot names it).
-    key: String,
+    budget: u32,
+    /// Slot of the bucket, or `NO_SLOT` when it does not exist yet.
+    slot: u32,
+    /// Its figures without the probe.
     without: Figures,
-    with: Figures,
     why: Why,
+}
+
+/// `f` with a hold of `probe` (and one concurrency slot) added.
+fn with_probe(f: &Figures, probe: Amounts) -> Figures {
+    Figures {
+        spent: f.spent,
+        held: f.held + probe,
+        live_holds: f.live_holds.saturating_add(1),
+    }
 }
 
 /// What a check or reservation asks for.
@@ -724,7 +734,9 @@ impl Ledger {
     ) -> Verdict {
         let mut verdict = Verdict {
             decision: Decision::Allow,
+            probe,
             lines: Vec::new(),
+            new_keys: Vec::new(),
             deny: None,
         };
         let Some(policy) = &self.policy else {
@@ -733,75 +745,69 @@ impl Ledger {
         self.with_matching(labels, |refs| {
             verdict.lines.reserve_exact(refs.len());
             for r in refs {
-                let Some(b) = policy.budgets.get(r.budget()) else {
+                let i = r.budget();
+                let (Some(b), Some(limits), Some(state)) = (
+                    policy.budgets.get(i),
+                    self.limits.get(i),
+                    self.budgets.get(i),
+                ) else {
                     continue;
                 };
-                let state = self.budgets.get(r.budget());
                 // A bucket not known to the match yet: found (or not) by its key.
-                let new_key =
-                    (r.slot == NO_SLOT).then(|| scope_key(&b.group_by, labels).unwrap_or_default());
-                let slot = match &new_key {
-                    None => Some(r.slot),
-                    Some(key) => state.and_then(|s| s.slot(key)),
+                let mut new_key = None;
+                let slot = if r.slot == NO_SLOT {
+                    let key = scope_key(&b.group_by, labels).unwrap_or_default();
+                    let slot = state.slot(&key);
+                    if slot.is_none() {
+                        new_key = Some(key);
+                    }
+                    slot
+                } else {
+                    Some(r.slot)
                 };
-                let bucket = slot.zip(state).and_then(|(slot, s)| s.at(slot));
-                let mut f = bucket
+                let mut f = slot
+                    .and_then(|slot| state.at(slot))
                     .map(|bucket| bucket.figures(&b.window, now))
                     .unwrap_or_default();
                 // An empty adjustment (the usual case) costs no key allocation.
                 if !adj.is_empty() {
-                    let key = match (&new_key, slot, state) {
-                        (Some(key), _, _) => key.clone(),
-                        (None, Some(slot), Some(s)) => s.key(slot).to_string(),
-                        _ => String::new(),
+                    let key = match (&new_key, slot) {
+                        (Some(key), _) => key.clone(),
+                        (None, Some(slot)) => state.key(slot).to_string(),
+                        (None, None) => String::new(),
                     };
-                    if let Some((amounts, holds)) = adj.get(&(r.budget(), key)) {
+                    if let Some((amounts, holds)) = adj.get(&(i, key)) {
                         f.held = f.held - *amounts;
                         f.live_holds = f.live_holds.saturating_sub(*holds);
                     }
                 }
-                let after = Figures {
-                    spent: f.spent,
-                    held: f.held + probe,
-                    live_holds: f.live_holds.saturating_add(1),
-                };
-                let limited = b.max_micros.is_some()
-                    || b.max_tokens.is_some()
-                    || b.max_requests.is_some()
-                    || b.max_concurrent.is_some();
-                let full = slot.is_none()
-                    && new_key.as_ref().is_some_and(|k| !k.is_empty())
-                    && state.is_some_and(|s| s.len() as u64 >= policy.max_keys_per_budget);
-                let mut line = Decision::Allow;
-                let mut why = Why::Fits;
-                if full && limited && b.enforce == Enforce::Deny {
-                    line = Decision::Deny;
-                    why = Why::MaxKeys;
-                } else if over_limit(b, &after) {
-                    line = if b.enforce == Enforce::Deny {
-                        Decision::Deny
+                let after = with_probe(&f, probe);
+                let full = new_key.as_ref().is_some_and(|k| !k.is_empty())
+                    && state.len() as u64 >= policy.max_keys_per_budget;
+                let (line, why) = if full && limits.limited && b.enforce == Enforce::Deny {
+                    (Decision::Deny, Why::MaxKeys)
+                } else if limits.over(&after) {
+                    if b.enforce == Enforce::Deny {
+                        (Decision::Deny, Why::OverLimit)
                     } else {
-                        Decision::Warn
-                    };
-                    why = Why::OverLimit;
-                } else if warn_crossed(b, &after) {
-                    line = Decision::Warn;
-                }
+                        (Decision::Warn, Why::OverLimit)
+                    }
+                } else if limits.warns(&after) {
+                    (Decision::Warn, Why::Fits)
+                } else {
+                    (Decision::Allow, Why::Fits)
+                };
                 if line == Decision::Deny && verdict.deny.is_none() {
                     verdict.deny = Some(verdict.lines.len());
                 }
                 verdict.decision = verdict.decision.max(line);
+                if let Some(key) = new_key {
+                    verdict.new_keys.push((verdict.lines.len(), key));
+                }
                 verdict.lines.push(VerdictLine {
-                    budget: r.budget(),
-                    // A bucket that exists is named by its slot; a new one by its key.
-                    key: if slot.is_some() {
-                        String::new()
-                    } else {
-                        new_key.unwrap_or_default()
-                    },
-                    slot,
+                    budget: r.budget,
+                    slot: slot.unwrap_or(NO_SLOT),
                     without: f,
-                    with: after,
                     why,
                 });
             }
@@ -812,11 +818,18 @@ impl Ledger {
         verdict
     }
 
-    /// The scope key of a verdict's line.
-    fn line_key<'a>(&'a self, line: &'a VerdictLine) -> &'a str {
-        match (line.slot, self.budgets.get(line.budget)) {
-            (Some(slot), Some(state)) => state.key(slot),
-            _ => &line.key,
+    /// The scope key of line `n` of a verdict.
+    fn line_key<'a>(&'a self, verdict: &'a Verdict, n: usize) -> &'a str {
+        let Some(line) = verdict.lines.get(n) else {
+            return "";
+        };
+        match self.budgets.get(line.budget as usize) {
+            Some(state) if line.slot != NO_SLOT => state.key(line.slot),
+            _ => verdict
+                .new_keys
+                .iter()
+                .find(|(at, _)| *at == n)
+                .map_or("", |(_, key)| key.as_str()),
         }
     }
 
@@ -836,27 +849,35 @@ impl Ledger {
         let reports = verdict
             .lines
             .iter()
-            .filter_map(|line| {
-                let b = policy.budgets.get(line.budget)?;
-                let f = if denied { &line.without } else { &line.with };
+            .enumerate()
+            .filter_map(|(n, line)| {
+                let b = policy.budgets.get(line.budget as usize)?;
+                let f = if denied {
+                    line.without
+                } else {
+                    with_probe(&line.without, verdict.probe)
+                };
                 Some(report(
                     b,
-                    self.line_key(line).to_string(),
-                    f,
+                    self.line_key(verdict, n).to_string(),
+                    &f,
                     now,
                     &mut ends,
                 ))
             })
             .collect();
-        let deny = verdict.deny.and_then(|i| verdict.lines.get(i)).and_then(|line| {
-            let b = policy.budgets.get(line.budget)?;
-            let key = self.line_key(line);
+        let deny = verdict.deny.and_then(|n| {
+            let line = verdict.lines.get(n)?;
+            let b = policy.budgets.get(line.budget as usize)?;
+            let key = self.line_key(verdict, n);
             let message = match line.why {
                 Why::MaxKeys => format!(
                     "budget {} already tracks max_keys_per_budget = {} scopes; new scope {key:?} is refused (fail closed)",
                     b.id, policy.max_keys_per_budget
                 ),
-                Why::OverLimit | Why::Fits => first_over(b, &line.with).unwrap_or_default(),
+                Why::OverLimit | Why::Fits => {
+                    first_over(b, &with_probe(&line.without, verdict.probe)).unwrap_or_default()
+                }
             };
             Some(Reason {
                 code: if line.why == Why::MaxKeys {
@@ -1281,18 +1302,6 @@ impl Ledger {
             field: Some("reservation_id".into()),
         }
     }
-}
-
-/// True when `f` exceeds a limit of `b` (what [`first_over`] describes, without the text).
-fn over_limit(b: &bursar_schemas::policy::ResolvedBudget, f: &Figures) -> bool {
-    b.max_micros
-        .is_some_and(|l| i128::from(f.spent.micros) + i128::from(f.held.micros) > i128::from(l))
-        || b.max_tokens
-            .is_some_and(|l| u128::from(f.spent.tokens) + u128::from(f.held.tokens) > u128::from(l))
-        || b.max_requests.is_some_and(|l| {
-            u128::from(f.spent.requests) + u128::from(f.held.requests) > u128::from(l)
-        })
-        || b.max_concurrent.is_some_and(|l| f.live_holds > l)
 }
 
 /// First limit that `figures` exceed, described.

@@ -86,15 +86,6 @@ pub(super) fn bucket_state(b: &ResolvedBudget, f: &Figures) -> BucketState {
     BucketState::Ok
 }
 
-/// True when `(spent + held) >= warn_at × limit` for some limit (never without `warn_at`).
-pub(super) fn warn_crossed(b: &ResolvedBudget, f: &Figures) -> bool {
-    b.warn_at_ppm.is_some_and(|ppm| {
-        dimensions(b, f)
-            .iter()
-            .any(|(used, limit)| used * PPM >= i128::from(ppm) * limit)
-    })
-}
-
 /// Utilization in parts per million, the highest over the limits (0 for a meter).
 pub(super) fn utilization_ppm(b: &ResolvedBudget, f: &Figures) -> u64 {
     dimensions(b, f)
