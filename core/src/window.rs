@@ -241,11 +241,24 @@ impl RollingShape {
 /// `c - n + 1 ..= c` where `n = ceil(window_seconds / resolution_seconds)`.
 ///
 /// The same `(window_seconds, resolution_seconds)` must be passed to every call on one counter.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RollingCounter {
     /// `(slot index, amounts)`, strictly increasing by slot, all within `n` of the newest.
     slots: VecDeque<(i64, Amounts)>,
+    /// The (saturating) sum of every slot held, once known: derived, kept up to date by `add`,
+    /// so that reading a window that holds no stale slot is one comparison. Not serialised
+    /// (unknown after a snapshot is read until the next `add`), not compared.
+    #[serde(skip)]
+    sum: Option<Amounts>,
 }
+
+impl PartialEq for RollingCounter {
+    fn eq(&self, other: &Self) -> bool {
+        self.slots == other.slots
+    }
+}
+
+impl Eq for RollingCounter {}
 
 impl RollingCounter {
     /// Adds `amounts` to the slot of `ts`, then drops every slot that is out of the window
@@ -266,6 +279,7 @@ impl RollingCounter {
         if let Some((k, existing)) = self.slots.back_mut() {
             if i128::from(*k) == slot {
                 *existing = existing.saturating_add(amounts);
+                self.count(amounts);
                 return;
             }
         }
@@ -288,19 +302,35 @@ impl RollingCounter {
             .is_some_and(|&(k, _)| i128::from(k) < oldest)
         {
             self.slots.pop_front();
+            // Added up again below: a saturated sum cannot be taken apart.
+            self.sum = None;
         }
         if self.slots.back().is_none_or(|&(k, _)| k < slot) {
             self.slots.push_back((slot, amounts));
-            return;
-        }
-        match self.slots.binary_search_by_key(&slot, |&(k, _)| k) {
-            Ok(index) => {
-                if let Some((_, existing)) = self.slots.get_mut(index) {
-                    *existing = existing.saturating_add(amounts);
+        } else {
+            match self.slots.binary_search_by_key(&slot, |&(k, _)| k) {
+                Ok(index) => {
+                    if let Some((_, existing)) = self.slots.get_mut(index) {
+                        *existing = existing.saturating_add(amounts);
+                    }
                 }
+                Err(index) => self.slots.insert(index, (slot, amounts)),
             }
-            Err(index) => self.slots.insert(index, (slot, amounts)),
         }
+        self.count(amounts);
+    }
+
+    /// Keep `sum` up to date after `amounts` went into a slot (or add every slot up when the
+    /// sum is not known). Counted amounts are never negative, so a saturating running sum
+    /// equals the saturating sum of the slots.
+    fn count(&mut self, amounts: Amounts) {
+        self.sum = Some(match self.sum {
+            Some(sum) => sum.saturating_add(amounts),
+            None => self
+                .slots
+                .iter()
+                .fold(Amounts::default(), |sum, &(_, a)| sum.saturating_add(a)),
+        });
     }
 
     /// The sum of the slots inside the window at `now` (slots `c - n + 1 ..= c`). Read-only:
@@ -309,6 +339,17 @@ impl RollingCounter {
         let shape = RollingShape::new(window_seconds, resolution_seconds);
         let current = shape.slot_of(now);
         let oldest = shape.oldest_counted(current);
+        // Every slot held is inside the window: their sum, if known.
+        let inside = |slot: Option<&(i64, Amounts)>, ok: &dyn Fn(i128) -> bool| {
+            slot.is_none_or(|&(k, _)| ok(i128::from(k)))
+        };
+        if let Some(sum) = self.sum {
+            if inside(self.slots.front(), &|k| k >= oldest)
+                && inside(self.slots.back(), &|k| k <= current)
+            {
+                return sum;
+            }
+        }
         // Slots are in increasing order: walk back from the newest to the oldest counted.
         self.slots
             .iter()

@@ -97,24 +97,40 @@ fn with_packed<R>(labels: &Labels, f: impl FnOnce(&[u8], u64) -> R) -> R {
             }
         }
     }
-    /// `dst.copy_from_slice(src)` for the short strings labels are, eight bytes at a time
-    /// inline rather than through a `memcpy` call per part.
+    /// `dst.copy_from_slice(src)` for the short strings labels are: fixed-size moves (the last
+    /// one overlapping the one before) instead of a `memcpy` call per part.
     fn copy_short(dst: &mut [u8], src: &[u8]) {
-        let mut d = dst.chunks_exact_mut(8);
-        let mut s = src.chunks_exact(8);
-        for (d, s) in (&mut d).zip(&mut s) {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(s);
-            d.copy_from_slice(&word);
+        let n = src.len();
+        if dst.len() != n {
+            return;
         }
-        // The last few bytes through a register: a byte loop would become a `memcpy` call.
-        let (d, s) = (d.into_remainder(), s.remainder());
-        let mut word = 0u64;
-        for (i, b) in s.iter().enumerate() {
-            word |= u64::from(*b) << (8 * i);
+        fn mv<const W: usize>(dst: &mut [u8], src: &[u8], at: usize) {
+            let word: Option<[u8; W]> = src.get(at..at + W).and_then(|s| s.try_into().ok());
+            if let (Some(d), Some(word)) = (dst.get_mut(at..at + W), word) {
+                d.copy_from_slice(&word);
+            }
         }
-        for (i, d) in d.iter_mut().enumerate() {
-            *d = word.to_le_bytes().get(i).copied().unwrap_or_default();
+        match n {
+            0 => {}
+            1 => mv::<1>(dst, src, 0),
+            2..=3 => {
+                mv::<2>(dst, src, 0);
+                mv::<2>(dst, src, n - 2);
+            }
+            4..=7 => {
+                mv::<4>(dst, src, 0);
+                mv::<4>(dst, src, n - 4);
+            }
+            _ => {
+                let mut at = 0;
+                while at + 8 <= n {
+                    mv::<8>(dst, src, at);
+                    at += 8;
+                }
+                if at < n {
+                    mv::<8>(dst, src, n - 8);
+                }
+            }
         }
     }
     fn hash(packed: &[u8]) -> u64 {
