@@ -10,6 +10,7 @@ use bursar_schemas::Micros;
 pub const MICROS_PER_USD: i64 = 1_000_000;
 /// Tokens in one "million tokens" price unit.
 pub const TOKENS_PER_MTOK: u128 = 1_000_000;
+const TOKENS_PER_MTOK_NARROW: u64 = 1_000_000;
 /// Largest dollar amount accepted anywhere (one trillion USD).
 pub const MAX_USD: i64 = 1_000_000_000_000;
 
@@ -131,7 +132,12 @@ pub fn cost_micros(parts: &[(u64, i64)]) -> Micros {
         let price = u128::try_from(price.max(0)).unwrap_or(0);
         numerator = numerator.saturating_add(u128::from(tokens).saturating_mul(price));
     }
-    let rounded_up = numerator.div_ceil(TOKENS_PER_MTOK);
+    // The same quotient by a hardware division when the numerator fits in 64 bits (it does
+    // for every ordinary call), instead of a 128-bit division routine.
+    let rounded_up = match u64::try_from(numerator) {
+        Ok(narrow) => u128::from(narrow.div_ceil(TOKENS_PER_MTOK_NARROW)),
+        Err(_) => numerator.div_ceil(TOKENS_PER_MTOK),
+    };
     i64::try_from(rounded_up).unwrap_or(i64::MAX)
 }
 

@@ -307,6 +307,62 @@ pub struct PriceEpoch {
     pub table: PriceTable,
     /// Highest prices of the table, for unknown models.
     pub max: ModelPrice,
+    /// The table's prices by model name in a hash map: derived, rebuilt when read back.
+    #[serde(skip)]
+    index: PriceIndex,
+}
+
+impl PriceEpoch {
+    /// The epoch of `table`, in force from `effective_from`, introduced by the event at `seq`.
+    pub fn new(effective_from: TsMicros, seq: u64, table: PriceTable) -> PriceEpoch {
+        PriceEpoch {
+            effective_from,
+            seq,
+            max: pricing::max_price(&table),
+            index: PriceIndex::of(&table),
+            table,
+        }
+    }
+
+    /// The price of `model` in this table.
+    fn get(&self, model: &str) -> Option<&ModelPrice> {
+        if self.index.0.is_empty() {
+            self.table.models.get(model)
+        } else {
+            self.index.0.get(model)
+        }
+    }
+}
+
+/// Model name to price, hashed (a `BTreeMap` lookup compares the name with a dozen others).
+/// Derived from the table; never serialised or compared.
+#[derive(Clone, Default)]
+struct PriceIndex(HashMap<String, ModelPrice, rustc_hash::FxBuildHasher>);
+
+impl PriceIndex {
+    fn of(table: &PriceTable) -> PriceIndex {
+        PriceIndex(
+            table
+                .models
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+}
+
+impl PartialEq for PriceIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for PriceIndex {}
+
+impl std::fmt::Debug for PriceIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PriceIndex({})", self.0.len())
+    }
 }
 
 /// A live hold.
@@ -392,13 +448,17 @@ struct LedgerData {
 
 impl From<LedgerData> for Ledger {
     fn from(d: LedgerData) -> Ledger {
+        let mut epochs = d.epochs;
+        for e in &mut epochs {
+            e.index = PriceIndex::of(&e.table);
+        }
         Ledger {
             limits: compile_limits(d.policy.as_ref()),
             last_seq: d.last_seq,
             last_ts: d.last_ts,
             policy_version: d.policy_version,
             policy: d.policy,
-            epochs: d.epochs,
+            epochs,
             budgets: d.budgets,
             holds: d.holds,
             expiries: d.expiries,
@@ -486,12 +546,8 @@ impl Ledger {
         if self.epochs.iter().any(|e| e.seq == seq) {
             return;
         }
-        self.epochs.push(PriceEpoch {
-            effective_from,
-            seq,
-            max: pricing::max_price(table),
-            table: table.clone(),
-        });
+        self.epochs
+            .push(PriceEpoch::new(effective_from, seq, table.clone()));
         self.epochs.sort_by_key(|e| e.seq);
     }
 
@@ -808,7 +864,7 @@ fn price_at<'a>(
     ts: TsMicros,
 ) -> Option<(&'a ModelPrice, bool, u64)> {
     let epoch = epochs.iter().rev().find(|e| e.effective_from <= ts)?;
-    match epoch.table.models.get(model) {
+    match epoch.get(model) {
         Some(p) => Some((p, false, epoch.seq)),
         None => Some((&epoch.max, true, epoch.seq)),
     }
