@@ -2,7 +2,10 @@
 
 use super::buckets::{crossing_window, Figures};
 use super::report::{bucket_state, report, utilization_ppm, Adjust, WindowEnds};
-use super::{EndKind, Ledger, DEFAULT_MAX_OUTPUT_TOKENS, MAX_EVENT_TOKENS, MAX_ID_BYTES, NO_SLOT};
+use super::{
+    ref_budget, ref_slot, EndKind, Ledger, DEFAULT_MAX_OUTPUT_TOKENS, MAX_EVENT_TOKENS,
+    MAX_ID_BYTES, NO_SLOT,
+};
 use crate::labels::{glob_match, scope_key, validate_client_labels};
 use crate::policy::MAX_RESERVATION_TTL_SECONDS;
 use crate::pricing;
@@ -744,8 +747,8 @@ impl Ledger {
         };
         self.with_matching(labels, |refs| {
             verdict.lines.reserve_exact(refs.len());
-            for r in refs {
-                let i = r.budget();
+            for &r in refs {
+                let (i, known) = (ref_budget(r), ref_slot(r));
                 let (Some(b), Some(limits), Some(state)) = (
                     policy.budgets.get(i),
                     self.limits.get(i),
@@ -755,7 +758,7 @@ impl Ledger {
                 };
                 // A bucket not known to the match yet: found (or not) by its key.
                 let mut new_key = None;
-                let slot = if r.slot == NO_SLOT {
+                let slot = if known == NO_SLOT {
                     let key = scope_key(&b.group_by, labels).unwrap_or_default();
                     let slot = state.slot(&key);
                     if slot.is_none() {
@@ -763,7 +766,7 @@ impl Ledger {
                     }
                     slot
                 } else {
-                    Some(r.slot)
+                    Some(known)
                 };
                 let mut f = slot
                     .and_then(|slot| state.at(slot))
@@ -805,7 +808,7 @@ impl Ledger {
                     verdict.new_keys.push((verdict.lines.len(), key));
                 }
                 verdict.lines.push(VerdictLine {
-                    budget: r.budget,
+                    budget: u32::try_from(i).unwrap_or(u32::MAX),
                     slot: slot.unwrap_or(NO_SLOT),
                     without: f,
                     why,

@@ -52,36 +52,90 @@ pub const MATCH_CACHE_ENTRIES: usize = 65_536;
 /// key went to the overflow bucket).
 const NO_SLOT: u32 = u32::MAX;
 
-/// One bucket an event with some labels counts in: its budget and, once known, its slot in
-/// the budget's slab. (The scope key is rendered from the labels when the slot is not known.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct MatchRef {
-    budget: u32,
-    slot: u32,
+/// One bucket an event with some labels counts in, in one word: its budget index (high 32
+/// bits) and, once known, its slot in the budget's slab (low 32 bits, `NO_SLOT` until then).
+/// (The scope key is rendered from the labels when the slot is not known.)
+type MatchRef = u64;
+
+fn match_ref(budget: usize, slot: u32) -> MatchRef {
+    (u64::from(u32::try_from(budget).unwrap_or(u32::MAX)) << 32) | u64::from(slot)
 }
 
-impl MatchRef {
-    fn budget(self) -> usize {
-        self.budget as usize
-    }
+fn ref_budget(r: MatchRef) -> usize {
+    (r >> 32) as usize
 }
 
-/// One remembered label set: its hash, the labels packed (`name 0xFF value 0xFF …`, in order;
-/// UTF-8 never contains 0xFF, so the packing is injective) and its buckets.
+fn ref_slot(r: MatchRef) -> u32 {
+    (r & u64::from(u32::MAX)) as u32
+}
+
+/// One remembered label set, in one allocation: its buckets, then the labels packed (`name
+/// 0xFF value 0xFF …`, in order; UTF-8 never contains 0xFF, so the packing is injective) in
+/// little-endian words padded with zero bytes. One allocation means one cache miss, not two,
+/// for a label set that has not been seen for a while.
 #[derive(Clone)]
 struct MatchEntry {
     hash: u64,
-    packed: Box<[u8]>,
-    refs: Box<[MatchRef]>,
+    /// Bytes of the packed labels (without padding).
+    packed_len: u32,
+    /// Buckets at the start of `data`.
+    refs: u32,
+    data: Box<[u64]>,
+}
+
+impl MatchEntry {
+    fn new(hash: u64, packed: &Packed<'_>, refs: Vec<MatchRef>) -> MatchEntry {
+        let n = refs.len();
+        let mut data = refs;
+        data.extend(packed.words());
+        MatchEntry {
+            hash,
+            packed_len: u32::try_from(packed.len).unwrap_or(u32::MAX),
+            refs: u32::try_from(n).unwrap_or(u32::MAX),
+            data: data.into_boxed_slice(),
+        }
+    }
+
+    /// True when this entry is of the label set `packed` (hashed to `hash`).
+    fn is(&self, hash: u64, packed: &Packed<'_>) -> bool {
+        self.hash == hash
+            && self.packed_len as usize == packed.len
+            && self
+                .data
+                .get(self.refs as usize..)
+                .is_some_and(|words| words.iter().copied().eq(packed.words()))
+    }
+
+    fn refs(&self) -> &[MatchRef] {
+        self.data.get(..self.refs as usize).unwrap_or_default()
+    }
+
+    fn refs_mut(&mut self) -> &mut [MatchRef] {
+        let n = self.refs as usize;
+        self.data.get_mut(..n).unwrap_or_default()
+    }
+}
+
+/// A label set packed: `bytes` holds the packing and zero bytes up to a multiple of 8.
+struct Packed<'a> {
+    bytes: &'a [u8],
+    len: usize,
+}
+
+impl Packed<'_> {
+    fn words(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bytes
+            .chunks_exact(8)
+            .map(|c| c.try_into().map_or(0, u64::from_le_bytes))
+    }
 }
 
 /// Packed label sets up to this many bytes are built on the stack.
 const PACK_INLINE_BYTES: usize = 256;
 
-/// Run `f` on `labels` packed (`name 0xFF value 0xFF …`, in order; UTF-8 never contains 0xFF,
-/// so the packing is injective) and the packing's hash. A typical label set packs into a
-/// buffer on the stack.
-fn with_packed<R>(labels: &Labels, f: impl FnOnce(&[u8], u64) -> R) -> R {
+/// Run `f` on `labels` packed and the packing's hash. A typical label set packs into a buffer
+/// on the stack.
+fn with_packed<R>(labels: &Labels, f: impl FnOnce(&Packed<'_>, u64) -> R) -> R {
     fn pack(labels: &Labels, out: &mut [u8]) {
         let mut at = 0;
         for (k, v) in labels {
@@ -133,23 +187,27 @@ fn with_packed<R>(labels: &Labels, f: impl FnOnce(&[u8], u64) -> R) -> R {
             }
         }
     }
-    fn hash(packed: &[u8]) -> u64 {
+    fn hash(padded: &[u8], len: usize) -> u64 {
         use std::hash::Hasher;
         let mut h = rustc_hash::FxHasher::default();
-        h.write(packed);
+        h.write(padded);
+        h.write_usize(len);
         h.finish()
     }
     let len: usize = labels.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-    if len <= PACK_INLINE_BYTES {
-        let mut buf = [0u8; PACK_INLINE_BYTES];
-        let packed = buf.get_mut(..len).unwrap_or_default();
-        pack(labels, packed);
-        f(packed, hash(packed))
-    } else {
-        let mut buf = vec![0u8; len];
-        pack(labels, &mut buf);
-        f(&buf, hash(&buf))
-    }
+    let padded = len.div_ceil(8) * 8;
+    let mut inline = [0u8; PACK_INLINE_BYTES];
+    let mut heap = Vec::new();
+    let buf = match inline.get_mut(..padded) {
+        Some(buf) => buf,
+        None => {
+            heap.resize(padded, 0);
+            &mut heap[..]
+        }
+    };
+    pack(labels, buf.get_mut(..len).unwrap_or_default());
+    let packed = Packed { bytes: buf, len };
+    f(&packed, hash(packed.bytes, len))
 }
 
 /// Which buckets a label set counts in, under the policy in force: derived data, not state.
@@ -169,11 +227,9 @@ impl MatchCache {
     fn find<'a>(
         table: &'a hashbrown::HashTable<MatchEntry>,
         hash: u64,
-        packed: &[u8],
+        packed: &Packed<'_>,
     ) -> Option<&'a [MatchRef]> {
-        table
-            .find(hash, |e| e.hash == hash && *e.packed == *packed)
-            .map(|e| &e.refs[..])
+        table.find(hash, |e| e.is(hash, packed)).map(MatchEntry::refs)
     }
 
     fn get(&self, labels: &Labels) -> Option<&[MatchRef]> {
@@ -197,35 +253,31 @@ impl MatchCache {
 
     fn get_or_insert_packed(
         &mut self,
-        packed: &[u8],
+        packed: &Packed<'_>,
         hash: u64,
         entries: usize,
         compute: impl FnOnce() -> Vec<MatchRef>,
     ) -> &mut [MatchRef] {
-        let is = |e: &MatchEntry| e.hash == hash && *e.packed == *packed;
+        let is = |e: &MatchEntry| e.is(hash, packed);
         if self.new.find(hash, is).is_none() {
             let old = self.old.find_entry(hash, is).ok().map(|e| e.remove().0);
             let entry = match old {
                 Some(e) => e,
-                None => MatchEntry {
-                    hash,
-                    packed: packed.into(),
-                    refs: compute().into_boxed_slice(),
-                },
+                None => MatchEntry::new(hash, packed, compute()),
             };
             if self.new.len() >= entries / 2 {
                 // The old generation goes; its table's room is reused for the new one.
                 std::mem::swap(&mut self.old, &mut self.new);
                 self.new.clear();
             }
-            return &mut self
+            return self
                 .new
                 .insert_unique(hash, entry, |e| e.hash)
                 .into_mut()
-                .refs;
+                .refs_mut();
         }
         match self.new.find_mut(hash, is) {
-            Some(e) => &mut e.refs,
+            Some(e) => e.refs_mut(),
             None => &mut [],
         }
     }
@@ -259,10 +311,7 @@ fn match_labels(
         if selector_matches(&b.match_labels, labels) {
             if let Some(key) = scope_key(&b.group_by, labels) {
                 let slot = budgets.get(i).and_then(|s| s.slot(&key)).unwrap_or(NO_SLOT);
-                out.push(MatchRef {
-                    budget: u32::try_from(i).unwrap_or(u32::MAX),
-                    slot,
-                });
+                out.push(match_ref(i, slot));
             }
         }
     }
@@ -280,19 +329,20 @@ fn resolve(
     r: &mut MatchRef,
     max_keys: u64,
 ) -> (u32, bool) {
-    if r.slot != NO_SLOT {
-        return (r.slot, false);
+    let known = ref_slot(*r);
+    if known != NO_SLOT {
+        return (known, false);
     }
     let key = scope_key(&b.group_by, labels).unwrap_or_default();
     if let Some(slot) = state.slot(&key) {
-        r.slot = slot;
+        *r = match_ref(ref_budget(*r), slot);
         return (slot, false);
     }
     if (state.len() as u64) >= max_keys && !key.is_empty() {
         return (state.slot_or_insert(OVERFLOW_KEY), true);
     }
     let slot = state.slot_or_insert(&key);
-    r.slot = slot;
+    *r = match_ref(ref_budget(*r), slot);
     (slot, false)
 }
 
@@ -609,7 +659,7 @@ impl Ledger {
             match_labels(policy, budgets, labels)
         });
         for r in refs.iter_mut() {
-            let i = r.budget();
+            let i = ref_budget(*r);
             let (Some(b), Some(state)) = (policy.budgets.get(i), budgets.get_mut(i)) else {
                 continue;
             };
@@ -912,10 +962,7 @@ mod tests {
     }
 
     fn refs(i: usize) -> Vec<MatchRef> {
-        vec![MatchRef {
-            budget: 0,
-            slot: i as u32,
-        }]
+        vec![match_ref(0, i as u32)]
     }
 
     #[test]
@@ -948,7 +995,7 @@ mod tests {
             ("a".to_string(), "bc".to_string()),
             ("d".to_string(), String::new()),
         ]);
-        let pack = |l: &Labels| with_packed(l, |p, _| p.to_vec());
+        let pack = |l: &Labels| with_packed(l, |p, _| p.bytes[..p.len].to_vec());
         assert_eq!(pack(&a), b"a\xFFbc\xFF");
         assert_ne!(pack(&a), pack(&b));
         assert_ne!(pack(&a), pack(&two));
