@@ -48,6 +48,13 @@ impl Amounts {
     }
 }
 
+impl Amounts {
+    /// True when a field has reached its largest value (a saturating sum may have lost some).
+    pub fn saturated(&self) -> bool {
+        self.micros == i64::MAX || self.tokens == u64::MAX || self.requests == u64::MAX
+    }
+}
+
 impl Add for Amounts {
     type Output = Amounts;
     fn add(self, other: Amounts) -> Amounts {
@@ -230,6 +237,20 @@ impl RollingShape {
         }
     }
 
+    /// [`RollingShape::slot_of`], without a division when `ts` is in slot `hint` (the newest
+    /// slot a counter holds, usually).
+    fn slot_near(self, ts: TsMicros, hint: Option<i64>) -> i128 {
+        let in_hint = hint.zip(i64::try_from(self.slot_micros).ok()).and_then(|(k, width)| {
+            let start = k.checked_mul(width)?;
+            let into = ts.checked_sub(start)?;
+            ((0..width).contains(&into)).then_some(k)
+        });
+        match in_hint {
+            Some(k) => i128::from(k),
+            None => self.slot_of(ts),
+        }
+    }
+
     /// The oldest slot still counted when the newest is `current`.
     fn oldest_counted(self, current: i128) -> i128 {
         current - self.slots + 1
@@ -273,7 +294,7 @@ impl RollingCounter {
         amounts: Amounts,
     ) {
         let shape = RollingShape::new(window_seconds, resolution_seconds);
-        let slot = shape.slot_of(ts);
+        let slot = shape.slot_near(ts, self.slots.back().map(|&(k, _)| k));
         // The usual case: another event in the newest slot (nothing to prune: that happened
         // when the slot became the newest).
         if let Some((k, existing)) = self.slots.back_mut() {
@@ -337,17 +358,22 @@ impl RollingCounter {
     /// slots that have fallen out of the window are ignored even before an `add` prunes them.
     pub fn total(&self, window_seconds: u64, resolution_seconds: u64, now: TsMicros) -> Amounts {
         let shape = RollingShape::new(window_seconds, resolution_seconds);
-        let current = shape.slot_of(now);
+        let current = shape.slot_near(now, self.slots.back().map(|&(k, _)| k));
         let oldest = shape.oldest_counted(current);
-        // Every slot held is inside the window: their sum, if known.
-        let inside = |slot: Option<&(i64, Amounts)>, ok: &dyn Fn(i128) -> bool| {
-            slot.is_none_or(|&(k, _)| ok(i128::from(k)))
-        };
+        // No slot after `now` (the usual case): the running sum, less the slots that fell out
+        // of the window since the last `add` (exact while the sum is not saturated).
         if let Some(sum) = self.sum {
-            if inside(self.slots.front(), &|k| k >= oldest)
-                && inside(self.slots.back(), &|k| k <= current)
-            {
-                return sum;
+            let none_later = self
+                .slots
+                .back()
+                .is_none_or(|&(k, _)| i128::from(k) <= current);
+            if none_later && !sum.saturated() {
+                let stale = self
+                    .slots
+                    .iter()
+                    .take_while(|&&(k, _)| i128::from(k) < oldest)
+                    .fold(Amounts::default(), |s, &(_, a)| s.saturating_add(a));
+                return sum - stale;
             }
         }
         // Slots are in increasing order: walk back from the newest to the oldest counted.
