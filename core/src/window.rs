@@ -211,8 +211,8 @@ fn clamp_start(start: i128) -> TsMicros {
 }
 
 /// Slot size and count of a rolling window, normalised so that nothing divides by zero.
-#[derive(Debug, Clone, Copy)]
-struct RollingShape {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RollingShape {
     /// Slot length in µs (at least one second).
     slot_micros: i128,
     /// Slots counted: `ceil(window / resolution)`, at least 1.
@@ -220,7 +220,9 @@ struct RollingShape {
 }
 
 impl RollingShape {
-    fn new(window_seconds: u64, resolution_seconds: u64) -> RollingShape {
+    /// The shape of a rolling window of `window_seconds` at `resolution_seconds` (computed once
+    /// per budget: it divides).
+    pub fn new(window_seconds: u64, resolution_seconds: u64) -> RollingShape {
         let resolution = resolution_seconds.max(1);
         RollingShape {
             slot_micros: i128::from(resolution) * MICROS_PER_SECOND_WIDE,
@@ -293,7 +295,15 @@ impl RollingCounter {
         ts: TsMicros,
         amounts: Amounts,
     ) {
-        let shape = RollingShape::new(window_seconds, resolution_seconds);
+        self.add_in(
+            RollingShape::new(window_seconds, resolution_seconds),
+            ts,
+            amounts,
+        );
+    }
+
+    /// [`RollingCounter::add`] with the window's shape computed already.
+    pub fn add_in(&mut self, shape: RollingShape, ts: TsMicros, amounts: Amounts) {
         let slot = shape.slot_near(ts, self.slots.back().map(|&(k, _)| k));
         // The usual case: another event in the newest slot (nothing to prune: that happened
         // when the slot became the newest).
@@ -357,7 +367,11 @@ impl RollingCounter {
     /// The sum of the slots inside the window at `now` (slots `c - n + 1 ..= c`). Read-only:
     /// slots that have fallen out of the window are ignored even before an `add` prunes them.
     pub fn total(&self, window_seconds: u64, resolution_seconds: u64, now: TsMicros) -> Amounts {
-        let shape = RollingShape::new(window_seconds, resolution_seconds);
+        self.total_in(RollingShape::new(window_seconds, resolution_seconds), now)
+    }
+
+    /// [`RollingCounter::total`] with the window's shape computed already.
+    pub fn total_in(&self, shape: RollingShape, now: TsMicros) -> Amounts {
         let current = shape.slot_near(now, self.slots.back().map(|&(k, _)| k));
         let oldest = shape.oldest_counted(current);
         // No slot after `now` (the usual case): the running sum, less the slots that fell out

@@ -1,6 +1,6 @@
 //! One budget bucket: what was spent in its current window and what live holds keep back.
 
-use crate::window::{window_bounds, Amounts, RollingCounter};
+use crate::window::{window_bounds, Amounts, RollingCounter, RollingShape};
 use bursar_schemas::policy::WindowSpec;
 use bursar_schemas::TsMicros;
 use serde::{Deserialize, Serialize};
@@ -58,13 +58,24 @@ pub struct Figures {
 }
 
 impl Bucket {
-    /// Add usage at `ts`, rolling the window over first when `ts` is in a new one.
-    pub fn add_spent(&mut self, spec: &WindowSpec, ts: TsMicros, amounts: Amounts) {
+    /// Add usage at `ts`, rolling the window over first when `ts` is in a new one; `shape` is
+    /// that of a rolling window, computed already (or not: `None`).
+    pub fn add_spent_in(
+        &mut self,
+        spec: &WindowSpec,
+        shape: Option<RollingShape>,
+        ts: TsMicros,
+        amounts: Amounts,
+    ) {
         match spec {
             WindowSpec::Rolling {
                 seconds,
                 resolution_seconds,
-            } => self.rolling.add(*seconds, *resolution_seconds, ts, amounts),
+            } => self.rolling.add_in(
+                shape.unwrap_or_else(|| RollingShape::new(*seconds, *resolution_seconds)),
+                ts,
+                amounts,
+            ),
             WindowSpec::Cumulative => self.spent += amounts,
             WindowSpec::Fixed { .. } | WindowSpec::Calendar { .. } => {
                 if !self.in_current_window(ts) {
@@ -99,12 +110,16 @@ impl Bucket {
     }
 
     /// Spent in the window containing `now`.
-    pub fn spent_at(&self, spec: &WindowSpec, now: TsMicros) -> Amounts {
+    /// Spent in the window containing `now` (`shape` as for [`Bucket::add_spent_in`]).
+    fn spent_in(&self, spec: &WindowSpec, shape: Option<RollingShape>, now: TsMicros) -> Amounts {
         match spec {
             WindowSpec::Rolling {
                 seconds,
                 resolution_seconds,
-            } => self.rolling.total(*seconds, *resolution_seconds, now),
+            } => self.rolling.total_in(
+                shape.unwrap_or_else(|| RollingShape::new(*seconds, *resolution_seconds)),
+                now,
+            ),
             WindowSpec::Cumulative => self.spent,
             WindowSpec::Fixed { .. } | WindowSpec::Calendar { .. } => {
                 if self.in_current_window(now) || window_bounds(spec, now).0 == self.window_start {
@@ -118,8 +133,13 @@ impl Bucket {
 
     /// Figures at `now`.
     pub fn figures(&self, spec: &WindowSpec, now: TsMicros) -> Figures {
+        self.figures_in(spec, None, now)
+    }
+
+    /// [`Bucket::figures`], with the shape of a rolling window computed already.
+    pub fn figures_in(&self, spec: &WindowSpec, shape: Option<RollingShape>, now: TsMicros) -> Figures {
         Figures {
-            spent: self.spent_at(spec, now),
+            spent: self.spent_in(spec, shape, now),
             held: self.held,
             live_holds: self.live_holds,
         }
@@ -139,6 +159,8 @@ pub struct Limits {
     warn: [i128; 4],
     /// True when the budget sets any limit (a meter sets none).
     pub limited: bool,
+    /// The shape of a rolling window.
+    pub rolling: Option<RollingShape>,
 }
 
 impl Limits {
@@ -155,6 +177,13 @@ impl Limits {
             limit: [i128::MAX; 4],
             warn: [i128::MAX; 4],
             limited: dims.iter().any(Option::is_some),
+            rolling: match b.window {
+                WindowSpec::Rolling {
+                    seconds,
+                    resolution_seconds,
+                } => Some(RollingShape::new(seconds, resolution_seconds)),
+                _ => None,
+            },
         };
         for ((limit, warn), dim) in out.limit.iter_mut().zip(out.warn.iter_mut()).zip(dims) {
             if let Some(l) = dim {

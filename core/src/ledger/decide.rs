@@ -770,7 +770,7 @@ impl Ledger {
                 };
                 let mut f = slot
                     .and_then(|slot| state.at(slot))
-                    .map(|bucket| bucket.figures(&b.window, now))
+                    .map(|bucket| bucket.figures_in(&b.window, limits.rolling, now))
                     .unwrap_or_default();
                 // An empty adjustment (the usual case) costs no key allocation.
                 if !adj.is_empty() {

@@ -648,7 +648,7 @@ impl Ledger {
     fn for_each_matching(
         &mut self,
         labels: &Labels,
-        mut f: impl FnMut(usize, &ResolvedBudget, u32, &str, &mut Bucket, bool),
+        mut f: impl FnMut(usize, &ResolvedBudget, &Limits, u32, &str, &mut Bucket, bool),
     ) {
         let Some(policy) = &self.policy else {
             return;
@@ -660,12 +660,14 @@ impl Ledger {
         });
         for r in refs.iter_mut() {
             let i = ref_budget(*r);
-            let (Some(b), Some(state)) = (policy.budgets.get(i), budgets.get_mut(i)) else {
+            let (Some(b), Some(limits), Some(state)) =
+                (policy.budgets.get(i), self.limits.get(i), budgets.get_mut(i))
+            else {
                 continue;
             };
             let (slot, overflow) = resolve(state, b, labels, r, max_keys);
             if let Some((key, bucket)) = state.entry_mut(slot) {
-                f(i, b, slot, key, bucket, overflow);
+                f(i, b, limits, slot, key, bucket, overflow);
             }
         }
     }
@@ -683,7 +685,7 @@ impl Ledger {
     fn hold_in_matching(&mut self, labels: &Labels, amounts: Amounts) -> Vec<(usize, String)> {
         let mut refs = Vec::new();
         // The key of the bucket used: the overflow bucket's for an overflowing key.
-        self.for_each_matching(labels, |i, _, _, key, bucket, _| {
+        self.for_each_matching(labels, |i, _, _, _, key, bucket, _| {
             bucket.hold(amounts, 1);
             refs.push((i, key.to_string()));
         });
@@ -699,8 +701,8 @@ impl Ledger {
         amounts: Amounts,
         mut touched: Option<&mut Vec<(usize, u32)>>,
     ) {
-        self.for_each_matching(labels, |i, b, slot, _, bucket, _| {
-            bucket.add_spent(&b.window, ts, amounts);
+        self.for_each_matching(labels, |i, b, limits, slot, _, bucket, _| {
+            bucket.add_spent_in(&b.window, limits.rolling, ts, amounts);
             if let Some(t) = touched.as_deref_mut() {
                 t.push((i, slot));
             }
