@@ -109,7 +109,6 @@ impl Bucket {
         self.live_holds = self.live_holds.saturating_sub(slots);
     }
 
-    /// Spent in the window containing `now`.
     /// Spent in the window containing `now` (`shape` as for [`Bucket::add_spent_in`]).
     fn spent_in(&self, spec: &WindowSpec, shape: Option<RollingShape>, now: TsMicros) -> Amounts {
         match spec {

@@ -136,57 +136,6 @@ const PACK_INLINE_BYTES: usize = 256;
 /// Run `f` on `labels` packed and the packing's hash. A typical label set packs into a buffer
 /// on the stack.
 fn with_packed<R>(labels: &Labels, f: impl FnOnce(&Packed<'_>, u64) -> R) -> R {
-    fn pack(labels: &Labels, out: &mut [u8]) {
-        let mut at = 0;
-        for (k, v) in labels {
-            for part in [k.as_bytes(), v.as_bytes()] {
-                let end = at + part.len();
-                if let Some(dst) = out.get_mut(at..end) {
-                    copy_short(dst, part);
-                }
-                if let Some(sep) = out.get_mut(end) {
-                    *sep = 0xFF;
-                }
-                at = end + 1;
-            }
-        }
-    }
-    /// `dst.copy_from_slice(src)` for the short strings labels are: fixed-size moves (the last
-    /// one overlapping the one before) instead of a `memcpy` call per part.
-    fn copy_short(dst: &mut [u8], src: &[u8]) {
-        let n = src.len();
-        if dst.len() != n {
-            return;
-        }
-        fn mv<const W: usize>(dst: &mut [u8], src: &[u8], at: usize) {
-            let word: Option<[u8; W]> = src.get(at..at + W).and_then(|s| s.try_into().ok());
-            if let (Some(d), Some(word)) = (dst.get_mut(at..at + W), word) {
-                d.copy_from_slice(&word);
-            }
-        }
-        match n {
-            0 => {}
-            1 => mv::<1>(dst, src, 0),
-            2..=3 => {
-                mv::<2>(dst, src, 0);
-                mv::<2>(dst, src, n - 2);
-            }
-            4..=7 => {
-                mv::<4>(dst, src, 0);
-                mv::<4>(dst, src, n - 4);
-            }
-            _ => {
-                let mut at = 0;
-                while at + 8 <= n {
-                    mv::<8>(dst, src, at);
-                    at += 8;
-                }
-                if at < n {
-                    mv::<8>(dst, src, n - 8);
-                }
-            }
-        }
-    }
     fn hash(padded: &[u8], len: usize) -> u64 {
         use std::hash::Hasher;
         let mut h = rustc_hash::FxHasher::default();
@@ -194,20 +143,70 @@ fn with_packed<R>(labels: &Labels, f: impl FnOnce(&Packed<'_>, u64) -> R) -> R {
         h.write_usize(len);
         h.finish()
     }
+    let mut inline = [0u8; PACK_INLINE_BYTES];
+    if let Some(len) = pack_into(labels, &mut inline) {
+        let packed = Packed {
+            bytes: inline.get(..len.div_ceil(8) * 8).unwrap_or_default(),
+            len,
+        };
+        return f(&packed, hash(packed.bytes, len));
+    }
+    // A label set too long for the stack buffer.
     let len: usize = labels.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
     let padded = len.div_ceil(8) * 8;
-    let mut inline = [0u8; PACK_INLINE_BYTES];
-    let mut heap = Vec::new();
-    let buf = match inline.get_mut(..padded) {
-        Some(buf) => buf,
-        None => {
-            heap.resize(padded, 0);
-            &mut heap[..]
-        }
+    let mut heap = vec![0u8; padded + 8];
+    let len = pack_into(labels, &mut heap).unwrap_or(0);
+    let packed = Packed {
+        bytes: heap.get(..padded).unwrap_or_default(),
+        len,
     };
-    pack(labels, buf.get_mut(..len).unwrap_or_default());
-    let packed = Packed { bytes: buf, len };
     f(&packed, hash(packed.bytes, len))
+}
+
+/// Pack `labels` (`name 0xFF value 0xFF …`) into the start of `out`; the packed length, or
+/// `None` when it does not fit (with room to spare for the last 8-byte word).
+fn pack_into(labels: &Labels, out: &mut [u8]) -> Option<usize> {
+    let room = out.len().saturating_sub(8);
+    let mut at = 0;
+    for (k, v) in labels {
+        for part in [k.as_bytes(), v.as_bytes()] {
+            let n = part.len();
+            let end = at + n;
+            if end >= room {
+                return None;
+            }
+            copy_short(&mut out[at..end], part);
+            out[end] = 0xFF;
+            at = end + 1;
+        }
+    }
+    Some(at)
+}
+
+/// `dst.copy_from_slice(src)` (of the same length) for the short strings labels are:
+/// fixed-size moves, the last one overlapping the one before, instead of a `memcpy` call.
+fn copy_short(dst: &mut [u8], src: &[u8]) {
+    let n = src.len();
+    if dst.len() != n {
+        return;
+    }
+    match n {
+        0 => {}
+        1 => dst[0] = src[0],
+        2..=3 => {
+            dst[..2].copy_from_slice(&src[..2]);
+            dst[n - 2..].copy_from_slice(&src[n - 2..]);
+        }
+        4..=7 => {
+            dst[..4].copy_from_slice(&src[..4]);
+            dst[n - 4..].copy_from_slice(&src[n - 4..]);
+        }
+        8..=16 => {
+            dst[..8].copy_from_slice(&src[..8]);
+            dst[n - 8..].copy_from_slice(&src[n - 8..]);
+        }
+        _ => dst.copy_from_slice(src),
+    }
 }
 
 /// Which buckets a label set counts in, under the policy in force: derived data, not state.
