@@ -148,7 +148,7 @@ impl Bucket {
 /// The limits of one budget compiled for deciding: per dimension (money, tokens, requests,
 /// concurrency) the limit and the `warn_at` threshold as plain integers, so that judging a
 /// bucket is a few comparisons. Derived from the policy when it is installed (or read back).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// The limit per dimension; `i128::MAX` where the budget sets none.
     limit: [i128; 4],
@@ -158,6 +158,12 @@ pub struct Limits {
     warn: [i128; 4],
     /// True when the budget sets any limit (a meter sets none).
     pub limited: bool,
+    /// True when it sets `warn_at` (and a limit).
+    has_warn: bool,
+    /// True when it denies (`enforce = "deny"`).
+    pub deny: bool,
+    /// Its window.
+    pub window: WindowSpec,
     /// The shape of a rolling window.
     pub rolling: Option<RollingShape>,
 }
@@ -176,6 +182,9 @@ impl Limits {
             limit: [i128::MAX; 4],
             warn: [i128::MAX; 4],
             limited: dims.iter().any(Option::is_some),
+            has_warn: b.warn_at_ppm.is_some() && dims.iter().any(Option::is_some),
+            deny: b.enforce == bursar_schemas::policy::Enforce::Deny,
+            window: b.window.clone(),
             rolling: match b.window {
                 WindowSpec::Rolling {
                     seconds,
@@ -209,12 +218,12 @@ impl Limits {
 
     /// True when `f` exceeds a limit (`spent + held > limit`).
     pub fn over(&self, f: &Figures) -> bool {
-        Self::used(f).iter().zip(&self.limit).any(|(u, l)| u > l)
+        self.limited && Self::used(f).iter().zip(&self.limit).any(|(u, l)| u > l)
     }
 
     /// True when `f` reaches `warn_at` of some limit.
     pub fn warns(&self, f: &Figures) -> bool {
-        Self::used(f).iter().zip(&self.warn).any(|(u, w)| u >= w)
+        self.has_warn && Self::used(f).iter().zip(&self.warn).any(|(u, w)| u >= w)
     }
 }
 

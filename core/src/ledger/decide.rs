@@ -15,7 +15,6 @@ use bursar_schemas::event::{
     BudgetCrossing, EventBody, ReservationCreated, ReservationDenied, ReservationExpired,
     ReservationExtended, ReservationLink, ReservationReleased, UsageRecorded,
 };
-use bursar_schemas::policy::Enforce;
 use bursar_schemas::wire::{
     BucketState, BudgetReport, CheckRequest, CommitRequest, Decision, DecisionAnswer, ErrorAnswer,
     ErrorCode, Estimate, ExtendAnswer, ExtendRequest, Reason, RecordRequest, ReleaseAnswer,
@@ -316,9 +315,9 @@ fn dup_or_conflict(
     }
 }
 
-/// What [`Ledger::decide`] concluded: the decision and, per contributing bucket, its figures
-/// without the probe (those with it follow from them). Rendered into an answer by
-/// [`Ledger::render_verdict`] while the ledger is unchanged.
+/// What [`Ledger::decide`] concluded: the decision and the contributing buckets with the
+/// verdict of each. Rendered into an answer by [`Ledger::render_verdict`] while the ledger is
+/// unchanged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     decision: Decision,
@@ -353,15 +352,22 @@ enum Why {
     MaxKeys,
 }
 
-/// One contributing bucket of a [`Verdict`].
+/// One contributing bucket of a [`Verdict`] (its figures are read again when the verdict is
+/// rendered: the ledger has not changed since).
 #[derive(Debug, Clone, PartialEq)]
 struct VerdictLine {
     budget: u32,
     /// Slot of the bucket, or `NO_SLOT` when it does not exist yet.
     slot: u32,
-    /// Its figures without the probe.
-    without: Figures,
     why: Why,
+}
+
+/// Take the holds `adj` counts for `(budget, key)` out of `f`.
+fn adjust(f: &mut Figures, adj: &Adjust, budget: usize, key: &str) {
+    if let Some((amounts, holds)) = adj.get(&(budget, key.to_string())) {
+        f.held = f.held - *amounts;
+        f.live_holds = f.live_holds.saturating_sub(*holds);
+    }
 }
 
 /// `f` with a hold of `probe` (and one concurrency slot) added.
@@ -749,17 +755,14 @@ impl Ledger {
             verdict.lines.reserve_exact(refs.len());
             for &r in refs {
                 let (i, known) = (ref_budget(r), ref_slot(r));
-                let (Some(b), Some(limits), Some(state)) = (
-                    policy.budgets.get(i),
-                    self.limits.get(i),
-                    self.budgets.get(i),
-                ) else {
+                let (Some(limits), Some(state)) = (self.limits.get(i), self.budgets.get(i)) else {
                     continue;
                 };
-                // A bucket not known to the match yet: found (or not) by its key.
+                // A bucket the match does not know yet: found (or not) by its key.
                 let mut new_key = None;
                 let slot = if known == NO_SLOT {
-                    let key = scope_key(&b.group_by, labels).unwrap_or_default();
+                    let group_by = policy.budgets.get(i).map(|b| &b.group_by[..]);
+                    let key = scope_key(group_by.unwrap_or_default(), labels).unwrap_or_default();
                     let slot = state.slot(&key);
                     if slot.is_none() {
                         new_key = Some(key);
@@ -770,27 +773,19 @@ impl Ledger {
                 };
                 let mut f = slot
                     .and_then(|slot| state.at(slot))
-                    .map(|bucket| bucket.figures_in(&b.window, limits.rolling, now))
+                    .map(|bucket| bucket.figures_in(&limits.window, limits.rolling, now))
                     .unwrap_or_default();
-                // An empty adjustment (the usual case) costs no key allocation.
                 if !adj.is_empty() {
-                    let key = match (&new_key, slot) {
-                        (Some(key), _) => key.clone(),
-                        (None, Some(slot)) => state.key(slot).to_string(),
-                        (None, None) => String::new(),
-                    };
-                    if let Some((amounts, holds)) = adj.get(&(i, key)) {
-                        f.held = f.held - *amounts;
-                        f.live_holds = f.live_holds.saturating_sub(*holds);
-                    }
+                    let key = new_key.as_deref().or_else(|| slot.map(|s| state.key(s)));
+                    adjust(&mut f, adj, i, key.unwrap_or_default());
                 }
                 let after = with_probe(&f, probe);
                 let full = new_key.as_ref().is_some_and(|k| !k.is_empty())
                     && state.len() as u64 >= policy.max_keys_per_budget;
-                let (line, why) = if full && limits.limited && b.enforce == Enforce::Deny {
+                let (line, why) = if full && limits.limited && limits.deny {
                     (Decision::Deny, Why::MaxKeys)
                 } else if limits.over(&after) {
-                    if b.enforce == Enforce::Deny {
+                    if limits.deny {
                         (Decision::Deny, Why::OverLimit)
                     } else {
                         (Decision::Warn, Why::OverLimit)
@@ -810,7 +805,6 @@ impl Ledger {
                 verdict.lines.push(VerdictLine {
                     budget: u32::try_from(i).unwrap_or(u32::MAX),
                     slot: slot.unwrap_or(NO_SLOT),
-                    without: f,
                     why,
                 });
             }
@@ -836,6 +830,24 @@ impl Ledger {
         }
     }
 
+    /// The figures of line `n` of a verdict at `now` without the probe, less the holds in
+    /// `adj` (as the verdict saw them: the ledger has not changed since).
+    fn line_figures(&self, verdict: &Verdict, n: usize, now: TsMicros, adj: &Adjust) -> Figures {
+        let Some(line) = verdict.lines.get(n) else {
+            return Figures::default();
+        };
+        let i = line.budget as usize;
+        let mut f = if line.slot == NO_SLOT {
+            Figures::default()
+        } else {
+            self.figures_at(i, line.slot, now)
+        };
+        if !adj.is_empty() {
+            adjust(&mut f, adj, i, self.line_key(verdict, n));
+        }
+        f
+    }
+
     /// The answer's parts of a verdict decided at `now`: the decision, a budget line per
     /// contributing bucket (figures without the probe when denied, with it otherwise) and the
     /// reason.
@@ -843,6 +855,16 @@ impl Ledger {
         &self,
         verdict: &Verdict,
         now: TsMicros,
+    ) -> (Decision, Vec<BudgetReport>, Reason) {
+        self.render_adjusted(verdict, now, &Adjust::new())
+    }
+
+    /// [`Ledger::render_verdict`] of a verdict decided without the holds in `adj`.
+    fn render_adjusted(
+        &self,
+        verdict: &Verdict,
+        now: TsMicros,
+        adj: &Adjust,
     ) -> (Decision, Vec<BudgetReport>, Reason) {
         let Some(policy) = &self.policy else {
             return (Decision::Allow, Vec::new(), ok_reason(Decision::Allow));
@@ -855,10 +877,11 @@ impl Ledger {
             .enumerate()
             .filter_map(|(n, line)| {
                 let b = policy.budgets.get(line.budget as usize)?;
+                let without = self.line_figures(verdict, n, now, adj);
                 let f = if denied {
-                    line.without
+                    without
                 } else {
-                    with_probe(&line.without, verdict.probe)
+                    with_probe(&without, verdict.probe)
                 };
                 Some(report(
                     b,
@@ -879,7 +902,8 @@ impl Ledger {
                     b.id, policy.max_keys_per_budget
                 ),
                 Why::OverLimit | Why::Fits => {
-                    first_over(b, &with_probe(&line.without, verdict.probe)).unwrap_or_default()
+                    let without = self.line_figures(verdict, n, now, adj);
+                    first_over(b, &with_probe(&without, verdict.probe)).unwrap_or_default()
                 }
             };
             Some(Reason {
@@ -909,7 +933,7 @@ impl Ledger {
         adj: &Adjust,
     ) -> (Decision, Vec<BudgetReport>, Reason) {
         let verdict = self.decide_adjusted(labels, probe, now, adj);
-        self.render_verdict(&verdict, now)
+        self.render_adjusted(&verdict, now, adj)
     }
 
     /// `check`: what `reserve` would decide now. Appends nothing.
