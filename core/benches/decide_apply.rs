@@ -8,11 +8,16 @@
 //! before anything is measured.
 //!
 //! Benchmarks (each reports events per second through `Throughput::Elements`):
-//! - `decide+apply`: the figure. Per event, `Ledger::decide` (the SPEC §5 verdict on
-//!   an event of this cost over every budget it counts in: allow / warn / deny and the
-//!   figures of each contributing bucket with and without it, as `check` and `reserve` decide)
-//!   then `Ledger::apply` of its `usage_recorded` (the fold). The event's cost is priced first.
-//!   Nothing is rendered: no answer lines, no JSON.
+//! - `decide+apply`: the figure. `Ledger::apply_usage` of a `usage_recorded`: the fold
+//!   and, in the same pass over the event's 14 buckets, the decision on each (SPEC §5: its
+//!   figures and state after the event, the event's state, the `budget_warned` /
+//!   `budget_exhausted` crossings due). This is what the writer does for every `record` and
+//!   `commit`, before it renders the answer. Nothing is rendered here: no answer lines, no
+//!   JSON.
+//! - `decide,apply`: `Ledger::decide` (the verdict `check` and `reserve` make: allow / warn /
+//!   deny over every budget an event of this cost counts in) and then `Ledger::apply` of the
+//!   `usage_recorded`, as two calls (each finds the event's buckets). The event is priced
+//!   first.
 //! - `record`: `Ledger::execute(Command::Record)` — validation, idempotency digest, decision,
 //!   apply, crossings, the answer and its JSON idempotency record; with an empty `IdLookup`.
 //! - `apply`: `Ledger::apply` of pre-built `usage_recorded` bodies (the replay/fold path).
@@ -31,6 +36,7 @@ use bursar_core::ledger::{total_tokens, Answer, Command, IdRecord, Ledger, Step}
 use bursar_core::policy::parse_policy;
 use bursar_core::window::Amounts;
 use bursar_schemas::event::{EventBody, PolicyApplied};
+use bursar_schemas::wire::BucketState;
 use bursar_schemas::wire::{
     CheckRequest, CommitRequest, Decision, Estimate, RecordRequest, ReserveRequest, Usage,
 };
@@ -327,6 +333,8 @@ struct Workload {
     replay_ts: TsMicros,
     decided: Ledger,
     decided_ts: TsMicros,
+    folded: Ledger,
+    folded_ts: TsMicros,
     next: usize,
     pairs: u64,
 }
@@ -356,6 +364,8 @@ impl Workload {
             replay_ts: 0,
             decided: Ledger::new(),
             decided_ts: 0,
+            folded: Ledger::new(),
+            folded_ts: 0,
             next: 0,
             pairs: 0,
         };
@@ -380,9 +390,12 @@ impl Workload {
         w.replay_ts = w.replay.last_ts();
         w.decided = w.ledger.clone();
         w.decided_ts = w.decided.last_ts();
+        w.folded = w.ledger.clone();
+        w.folded_ts = w.folded.last_ts();
         for _ in 0..SCOPES {
             w.apply_one();
             w.decide_apply_one();
+            w.fold_decide_one();
         }
         w
     }
@@ -414,6 +427,21 @@ impl Workload {
         self.replay
             .apply(seq, self.replay_ts, &self.bodies[i])
             .unwrap();
+    }
+
+    /// One `usage_recorded` folded and decided in one pass (`Ledger::apply_usage`), on a
+    /// separate copy of the ledger.
+    #[inline(never)]
+    fn fold_decide_one(&mut self) -> BucketState {
+        let i = self.next_scope();
+        self.folded_ts += RECORD_STEP;
+        let seq = self.folded.last_seq() + 1;
+        let decided = self
+            .folded
+            .apply_usage(seq, self.folded_ts, &self.bodies[i])
+            .unwrap();
+        debug_assert_eq!(decided.budgets(), 14);
+        decided.state
     }
 
     /// One event decided (`Ledger::decide`, the verdict `check` and `reserve` make) and folded
@@ -495,7 +523,11 @@ fn decide_apply(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .sample_size(20)
         .throughput(Throughput::Elements(1));
-    group.bench_function("decide+apply (verdict and fold)", |b| {
+    group.bench_function(
+        "decide+apply (apply_usage: fold and decide in one pass)",
+        |b| b.iter(|| black_box(w.borrow_mut().fold_decide_one())),
+    );
+    group.bench_function("decide,apply (decide, then apply)", |b| {
         b.iter(|| black_box(w.borrow_mut().decide_apply_one()))
     });
     group.bench_function(
@@ -529,8 +561,8 @@ fn on_cpu() -> Option<Duration> {
 
 /// `BURSAR_BENCH_ITERS=N`: run each workload N times without criterion and print its rate by
 /// the wall clock and by on-CPU time; for profilers (`valgrind --tool=callgrind`, `perf record`)
-/// and for busy machines. `BURSAR_BENCH_ONLY=NAME` (`decide+apply`, `record`, `apply`, `check`,
-/// `reserve+commit`) runs only that one.
+/// and for busy machines. `BURSAR_BENCH_ONLY=NAME` (`decide+apply`, `decide,apply`, `record`,
+/// `apply`, `check`, `reserve+commit`) runs only that one.
 fn fixed_iterations(n: usize) {
     let mut w = Workload::new();
     w.describe();
@@ -558,6 +590,11 @@ fn fixed_iterations(n: usize) {
     };
     timed("decide+apply", &mut || {
         for _ in 0..n {
+            black_box(w.fold_decide_one());
+        }
+    });
+    timed("decide,apply", &mut || {
+        for _ in 0..n {
             black_box(w.decide_apply_one());
         }
     });
@@ -571,7 +608,6 @@ fn fixed_iterations(n: usize) {
             w.apply_one();
         }
     });
-    eprintln!("DEBUG buckets replay {} decided {}", w.replay.bucket_count(), w.decided.bucket_count());
     timed("check", &mut || {
         for _ in 0..n {
             black_box(w.check_one());

@@ -242,11 +242,13 @@ impl RollingShape {
     /// [`RollingShape::slot_of`], without a division when `ts` is in slot `hint` (the newest
     /// slot a counter holds, usually).
     fn slot_near(self, ts: TsMicros, hint: Option<i64>) -> i128 {
-        let in_hint = hint.zip(i64::try_from(self.slot_micros).ok()).and_then(|(k, width)| {
-            let start = k.checked_mul(width)?;
-            let into = ts.checked_sub(start)?;
-            ((0..width).contains(&into)).then_some(k)
-        });
+        let in_hint = hint
+            .zip(i64::try_from(self.slot_micros).ok())
+            .and_then(|(k, width)| {
+                let start = k.checked_mul(width)?;
+                let into = ts.checked_sub(start)?;
+                ((0..width).contains(&into)).then_some(k)
+            });
         match in_hint {
             Some(k) => i128::from(k),
             None => self.slot_of(ts),

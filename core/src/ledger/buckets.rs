@@ -2,6 +2,7 @@
 
 use crate::window::{window_bounds, Amounts, RollingCounter, RollingShape};
 use bursar_schemas::policy::WindowSpec;
+use bursar_schemas::wire::BucketState;
 use bursar_schemas::TsMicros;
 use serde::{Deserialize, Serialize};
 
@@ -136,7 +137,12 @@ impl Bucket {
     }
 
     /// [`Bucket::figures`], with the shape of a rolling window computed already.
-    pub fn figures_in(&self, spec: &WindowSpec, shape: Option<RollingShape>, now: TsMicros) -> Figures {
+    pub fn figures_in(
+        &self,
+        spec: &WindowSpec,
+        shape: Option<RollingShape>,
+        now: TsMicros,
+    ) -> Figures {
         Figures {
             spent: self.spent_in(spec, shape, now),
             held: self.held,
@@ -216,14 +222,40 @@ impl Limits {
         ]
     }
 
+    /// True when some dimension of `used` is at least `bound`'s (written out: four compares).
+    fn reaches(used: &[i128; 4], bound: &[i128; 4]) -> bool {
+        (used[0] >= bound[0])
+            | (used[1] >= bound[1])
+            | (used[2] >= bound[2])
+            | (used[3] >= bound[3])
+    }
+
     /// True when `f` exceeds a limit (`spent + held > limit`).
     pub fn over(&self, f: &Figures) -> bool {
-        self.limited && Self::used(f).iter().zip(&self.limit).any(|(u, l)| u > l)
+        let u = Self::used(f);
+        let l = &self.limit;
+        self.limited && ((u[0] > l[0]) | (u[1] > l[1]) | (u[2] > l[2]) | (u[3] > l[3]))
     }
 
     /// True when `f` reaches `warn_at` of some limit.
     pub fn warns(&self, f: &Figures) -> bool {
-        self.has_warn && Self::used(f).iter().zip(&self.warn).any(|(u, w)| u >= w)
+        self.has_warn && Self::reaches(&Self::used(f), &self.warn)
+    }
+
+    /// The state of a bucket with figures `f`: exhausted when `spent + held >= limit` for some
+    /// limit, warn when it reaches `warn_at` of some limit, else ok.
+    pub fn state(&self, f: &Figures) -> BucketState {
+        if !self.limited {
+            return BucketState::Ok;
+        }
+        let used = Self::used(f);
+        if Self::reaches(&used, &self.limit) {
+            BucketState::Exhausted
+        } else if self.has_warn && Self::reaches(&used, &self.warn) {
+            BucketState::Warn
+        } else {
+            BucketState::Ok
+        }
     }
 }
 
@@ -425,17 +457,36 @@ mod tests {
         ];
         let pairs = used.iter().zip(limits).filter_map(|(u, l)| Some((*u, l?)));
         let over = pairs.clone().any(|(u, l)| u > l);
-        let warn = b
-            .warn_at_ppm
-            .is_some_and(|ppm| pairs.clone().any(|(u, l)| u * 1_000_000 >= i128::from(ppm) * l));
+        let warn = b.warn_at_ppm.is_some_and(|ppm| {
+            pairs
+                .clone()
+                .any(|(u, l)| u * 1_000_000 >= i128::from(ppm) * l)
+        });
         (over, warn)
     }
 
     #[test]
     fn compiled_limits_agree_with_the_definitions_at_every_edge() {
         let mut checked = 0;
-        for limit in [0u64, 1, 3, 7, 10, 999_999, 1_000_000, 1_000_001, 123_456_789] {
-            for ppm in [None, Some(0), Some(1), Some(333_333), Some(800_000), Some(999_999)] {
+        for limit in [
+            0u64,
+            1,
+            3,
+            7,
+            10,
+            999_999,
+            1_000_000,
+            1_000_001,
+            123_456_789,
+        ] {
+            for ppm in [
+                None,
+                Some(0),
+                Some(1),
+                Some(333_333),
+                Some(800_000),
+                Some(999_999),
+            ] {
                 for dim in 0..4 {
                     let mut b = budget();
                     b.warn_at_ppm = ppm;
@@ -448,7 +499,8 @@ mod tests {
                     let compiled = Limits::of(&b);
                     assert!(compiled.limited);
                     // Every use around the limit and around the warn threshold.
-                    let threshold = ppm.map_or(0, |p| (u128::from(p) * u128::from(limit)) / 1_000_000);
+                    let threshold =
+                        ppm.map_or(0, |p| (u128::from(p) * u128::from(limit)) / 1_000_000);
                     let mut uses: Vec<u64> = vec![0, 1, limit.saturating_sub(1), limit, limit + 1];
                     for t in [threshold as u64, limit / 2] {
                         uses.extend([t.saturating_sub(1), t, t + 1]);
@@ -460,6 +512,11 @@ mod tests {
                         let (over, warn) = reference(&b, &f);
                         assert_eq!(compiled.over(&f), over, "over: {b:?} {f:?}");
                         assert_eq!(compiled.warns(&f), warn, "warn: {b:?} {f:?}");
+                        assert_eq!(
+                            compiled.state(&f),
+                            crate::ledger::report::bucket_state(&b, &f),
+                            "state: {b:?} {f:?}"
+                        );
                         checked += 1;
                     }
                 }

@@ -3,8 +3,8 @@
 use super::buckets::{crossing_window, Figures};
 use super::report::{bucket_state, report, utilization_ppm, Adjust, WindowEnds};
 use super::{
-    ref_budget, ref_slot, EndKind, Ledger, DEFAULT_MAX_OUTPUT_TOKENS, MAX_EVENT_TOKENS,
-    MAX_ID_BYTES, NO_SLOT,
+    ref_budget, ref_slot, EndKind, Ledger, UsageDecision, DEFAULT_MAX_OUTPUT_TOKENS,
+    MAX_EVENT_TOKENS, MAX_ID_BYTES, NO_SLOT,
 };
 use crate::labels::{glob_match, scope_key, validate_client_labels};
 use crate::policy::MAX_RESERVATION_TTL_SECONDS;
@@ -455,19 +455,18 @@ impl Ledger {
         self.emit_with(now, body, None, out)
     }
 
-    /// [`Ledger::emit`]; the `(budget, slot)` of every bucket a `usage_recorded` counts in is
-    /// added to `touched`.
+    /// [`Ledger::emit`]; what folding a `usage_recorded` decided goes into `decided`.
     fn emit_with(
         &mut self,
         now: TsMicros,
         body: EventBody,
-        touched: Option<&mut Vec<(usize, u32)>>,
+        decided: Option<&mut UsageDecision>,
         out: &mut Vec<(u64, TsMicros, EventBody)>,
     ) -> (u64, TsMicros) {
         let seq = self.last_seq + 1;
         let ts = self.stamp(now);
         // `seq` follows `last_seq` by construction, so `apply` cannot fail here.
-        let _ = self.apply_with(seq, ts, &body, touched);
+        let _ = self.apply_with(seq, ts, &body, decided);
         out.push((seq, ts, body));
         (seq, ts)
     }
@@ -505,21 +504,57 @@ impl Ledger {
         self.expiries.iter().next().map(|(at, _)| *at)
     }
 
-    /// Append `budget_warned` / `budget_exhausted` for buckets that crossed in their window.
-    /// `figures` are those of the `(budget, slot)` buckets `slots` (in order) at the last
-    /// event's time, as [`Ledger::figures_at_last`] gives them.
-    fn crossings(
-        &mut self,
-        slots: &[(usize, u32)],
-        figures: &[Figures],
-        now: TsMicros,
-        out: &mut Vec<(u64, TsMicros, EventBody)>,
-    ) {
-        // Found first, appended after: folding a crossing only marks its own bucket (one per
-        // budget in `slots`), so no later decision depends on an earlier append.
-        for body in self.find_crossings(slots, figures) {
-            self.emit(now, body, out);
+    /// The `budget_warned` / `budget_exhausted` events a usage event's fold found due.
+    fn usage_crossings(&self, decided: &UsageDecision, ts: TsMicros) -> Vec<EventBody> {
+        let mut due = Vec::new();
+        let Some(policy) = &self.policy else {
+            return due;
+        };
+        for line in decided
+            .lines
+            .iter()
+            .filter(|l| l.warn_due || l.exhausted_due)
+        {
+            let i = line.budget();
+            let (Some(b), Some(state)) = (policy.budgets.get(i), self.budgets.get(i)) else {
+                continue;
+            };
+            let f = self.figures_at(i, line.slot, ts);
+            let crossing = BudgetCrossing {
+                budget: b.id.clone(),
+                key: state.key(line.slot).to_string(),
+                window_start: crossing_window(&b.window, ts),
+                spent_micros: f.spent.micros,
+                held_micros: f.held.micros,
+                utilization_ppm: utilization_ppm(b, &f),
+            };
+            if line.warn_due {
+                due.push(EventBody::BudgetWarned(crossing.clone()));
+            }
+            if line.exhausted_due {
+                due.push(EventBody::BudgetExhausted(crossing));
+            }
         }
+        due
+    }
+
+    /// The answer's budget lines of a usage event's fold, at `now`.
+    fn usage_reports(&self, decided: &UsageDecision, now: TsMicros) -> Vec<BudgetReport> {
+        let Some(policy) = &self.policy else {
+            return Vec::new();
+        };
+        let mut ends = WindowEnds::default();
+        decided
+            .lines
+            .iter()
+            .filter_map(|line| {
+                let i = line.budget();
+                let b = policy.budgets.get(i)?;
+                let key = self.budgets.get(i)?.key(line.slot);
+                let f = self.figures_at(i, line.slot, now);
+                Some(report(b, key.to_string(), &f, now, &mut ends))
+            })
+            .collect()
     }
 
     /// The `budget_warned` / `budget_exhausted` events due for `slots` (see
@@ -1013,34 +1048,30 @@ impl Ledger {
         overrun_of: Option<Micros>,
     ) -> Step {
         let mut events = Vec::new();
-        let mut slots = Vec::new();
+        let mut decided = UsageDecision::default();
         let digest = body.payload_digest;
         let (late, link) = (body.late, body.reservation);
-        let (cost, at_max, _) = self.usage_cost(&body.model, &body.usage, self.stamp(now));
         let (seq, ts) = self.emit_with(
             now,
             EventBody::UsageRecorded(body),
-            Some(&mut slots),
+            Some(&mut decided),
             &mut events,
         );
-        // One look at each bucket serves both the crossings and the answer: appending a
-        // crossing changes no figure.
-        let figures = self.figures_at_last(&slots);
-        self.crossings(&slots, &figures, now, &mut events);
-        let budgets = self.reports(&slots, &figures, ts);
-        let state = budgets
-            .iter()
-            .map(|b| b.state)
-            .max()
-            .unwrap_or(BucketState::Ok);
+        // The fold looked at each bucket once, for the crossings and the answer both:
+        // appending a crossing changes no figure.
+        for body in self.usage_crossings(&decided, ts) {
+            self.emit(now, body, &mut events);
+        }
+        let budgets = self.usage_reports(&decided, ts);
+        let cost = decided.cost_micros;
         let answer = UsageAnswer {
             ok: true,
             seq,
             duplicate: false,
             cost_micros: cost,
-            state,
+            state: decided.state,
             budgets,
-            priced_at_max: at_max,
+            priced_at_max: decided.priced_at_max,
             late,
             reservation: (link == ReservationLink::Unknown).then(|| "unknown".to_string()),
             overrun_micros: overrun_of.map(|h| cost - h).filter(|o| *o > 0),

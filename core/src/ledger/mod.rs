@@ -25,9 +25,10 @@ use buckets::{Bucket, BudgetState, Limits};
 use bursar_schemas::event::{EventBody, ReservationLink};
 use bursar_schemas::policy::{ResolvedBudget, ResolvedPolicy, UnknownModels};
 use bursar_schemas::pricing::{ModelPrice, PriceTable};
-use bursar_schemas::wire::Usage;
+use bursar_schemas::wire::{BucketState, Usage};
 use bursar_schemas::{Labels, Micros, TsMicros};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Ended reservations are remembered this long after they end (late commits, duplicate
@@ -228,7 +229,9 @@ impl MatchCache {
         hash: u64,
         packed: &Packed<'_>,
     ) -> Option<&'a [MatchRef]> {
-        table.find(hash, |e| e.is(hash, packed)).map(MatchEntry::refs)
+        table
+            .find(hash, |e| e.is(hash, packed))
+            .map(MatchEntry::refs)
     }
 
     fn get(&self, labels: &Labels) -> Option<&[MatchRef]> {
@@ -523,6 +526,64 @@ fn compile_limits(policy: Option<&ResolvedPolicy>) -> Vec<Limits> {
     policy.map_or_else(Vec::new, |p| p.budgets.iter().map(Limits::of).collect())
 }
 
+/// What folding a usage event decided for the budgets it counts in ([`Ledger::apply_usage`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageDecision {
+    /// The event's cost.
+    pub cost_micros: Micros,
+    /// True when its model had no price and it was priced at the table's highest prices.
+    pub priced_at_max: bool,
+    /// The most severe state of its buckets.
+    pub state: BucketState,
+    lines: SmallVec<[UsageLine; INLINE_LINES]>,
+}
+
+/// Budget lines a decision keeps without allocating.
+const INLINE_LINES: usize = 16;
+
+impl Default for UsageDecision {
+    fn default() -> Self {
+        UsageDecision {
+            cost_micros: 0,
+            priced_at_max: false,
+            state: BucketState::Ok,
+            lines: SmallVec::new(),
+        }
+    }
+}
+
+impl UsageDecision {
+    /// Number of buckets the event counted in.
+    pub fn budgets(&self) -> usize {
+        self.lines.len()
+    }
+
+    /// Number of `budget_warned` / `budget_exhausted` events due.
+    pub fn crossings(&self) -> usize {
+        self.lines
+            .iter()
+            .map(|l| usize::from(l.warn_due) + usize::from(l.exhausted_due))
+            .sum()
+    }
+}
+
+/// One bucket of a [`UsageDecision`] (its figures are read again for the answer: the
+/// ledger has not changed since).
+#[derive(Debug, Clone, PartialEq)]
+struct UsageLine {
+    budget: u32,
+    slot: u32,
+    state: BucketState,
+    warn_due: bool,
+    exhausted_due: bool,
+}
+
+impl UsageLine {
+    fn budget(&self) -> usize {
+        self.budget as usize
+    }
+}
+
 /// An event that cannot be folded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApplyError {
@@ -647,6 +708,16 @@ impl Ledger {
     fn for_each_matching(
         &mut self,
         labels: &Labels,
+        f: impl FnMut(usize, &ResolvedBudget, &Limits, u32, &str, &mut Bucket, bool),
+    ) {
+        self.for_each_matching_counted(labels, |_| {}, f);
+    }
+
+    /// [`Ledger::for_each_matching`], telling `count` first how many buckets there are.
+    fn for_each_matching_counted(
+        &mut self,
+        labels: &Labels,
+        count: impl FnOnce(usize),
         mut f: impl FnMut(usize, &ResolvedBudget, &Limits, u32, &str, &mut Bucket, bool),
     ) {
         let Some(policy) = &self.policy else {
@@ -657,11 +728,14 @@ impl Ledger {
         let refs = self.matches.get_or_insert(labels, MATCH_CACHE_ENTRIES, || {
             match_labels(policy, budgets, labels)
         });
+        count(refs.len());
         for r in refs.iter_mut() {
             let i = ref_budget(*r);
-            let (Some(b), Some(limits), Some(state)) =
-                (policy.budgets.get(i), self.limits.get(i), budgets.get_mut(i))
-            else {
+            let (Some(b), Some(limits), Some(state)) = (
+                policy.budgets.get(i),
+                self.limits.get(i),
+                budgets.get_mut(i),
+            ) else {
                 continue;
             };
             let (slot, overflow) = resolve(state, b, labels, r, max_keys);
@@ -692,20 +766,80 @@ impl Ledger {
     }
 
     /// Count usage of `amounts` at `ts` in every bucket an event with `labels` counts in;
-    /// the `(budget index, slot)` of each is added to `touched` when given.
+    /// when `decided` is given, decide on each bucket in the same pass (see [`UsageDecision`]).
     fn spend_in_matching(
         &mut self,
         labels: &Labels,
         ts: TsMicros,
         amounts: Amounts,
-        mut touched: Option<&mut Vec<(usize, u32)>>,
+        mut decided: Option<&mut UsageDecision>,
     ) {
-        self.for_each_matching(labels, |i, b, limits, slot, _, bucket, _| {
-            bucket.add_spent_in(&b.window, limits.rolling, ts, amounts);
-            if let Some(t) = touched.as_deref_mut() {
-                t.push((i, slot));
+        // Room for every line at once, not grown push by push.
+        let count = std::cell::Cell::new(0);
+        self.for_each_matching_counted(
+            labels,
+            |n| count.set(n),
+            |i, b, limits, slot, _, bucket, _| {
+                bucket.add_spent_in(&b.window, limits.rolling, ts, amounts);
+                if let Some(d) = decided.as_deref_mut() {
+                    if d.lines.is_empty() {
+                        d.lines.reserve_exact(count.get());
+                    }
+                    d.lines.push(UsageLine {
+                        budget: u32::try_from(i).unwrap_or(u32::MAX),
+                        slot,
+                        state: BucketState::Ok,
+                        warn_due: false,
+                        exhausted_due: false,
+                    });
+                }
+            },
+        );
+    }
+
+    /// Decide on each bucket of a folded usage event (its lines name them): figures and state
+    /// at `ts`, and the crossings due (once per bucket per window, looked for only past a
+    /// threshold).
+    fn decide_usage_lines(&self, d: &mut UsageDecision, ts: TsMicros) {
+        let Some(policy) = &self.policy else {
+            return;
+        };
+        for line in &mut d.lines {
+            let i = line.budget();
+            let (Some(b), Some(limits), Some(bucket)) = (
+                policy.budgets.get(i),
+                self.limits.get(i),
+                self.budgets.get(i).and_then(|s| s.at(line.slot)),
+            ) else {
+                continue;
+            };
+            line.state = limits.state(&bucket.figures_in(&limits.window, limits.rolling, ts));
+            if line.state != BucketState::Ok {
+                let window = buckets::crossing_window(&b.window, ts);
+                line.warn_due = b.warn_at_ppm.is_some() && bucket.warned_window != Some(window);
+                line.exhausted_due =
+                    line.state == BucketState::Exhausted && bucket.exhausted_window != Some(window);
             }
-        });
+            d.state = d.state.max(line.state);
+        }
+    }
+
+    /// Fold a `usage_recorded` (as [`Ledger::apply`]) and decide, in the same pass over its
+    /// buckets, what it means for every budget it counts in (SPEC §5): each bucket's figures
+    /// and state right after it, the event's state (the most severe), and the buckets that
+    /// crossed `warn_at` or a limit for the first time in their window (whose
+    /// `budget_warned` / `budget_exhausted` the writer appends next). This is what the writer
+    /// does for every `record` and `commit`. Any other event is folded as by `apply`, with an
+    /// empty decision.
+    pub fn apply_usage(
+        &mut self,
+        seq: u64,
+        ts: TsMicros,
+        body: &EventBody,
+    ) -> Result<UsageDecision, ApplyError> {
+        let mut decided = UsageDecision::default();
+        self.apply_with(seq, ts, body, Some(&mut decided))?;
+        Ok(decided)
     }
 
     /// Fold one event.
@@ -720,7 +854,7 @@ impl Ledger {
         seq: u64,
         ts: TsMicros,
         body: &EventBody,
-        touched: Option<&mut Vec<(usize, u32)>>,
+        decided: Option<&mut UsageDecision>,
     ) -> Result<(), ApplyError> {
         if seq != self.last_seq + 1 {
             return Err(ApplyError::Gap {
@@ -740,13 +874,18 @@ impl Ledger {
                 self.preload_epoch(p.effective_from, seq, &p.pricing);
             }
             EventBody::UsageRecorded(u) => {
-                let (cost, _, _) = self.usage_cost(&u.model, &u.usage, ts);
+                let (cost, at_max, _) = self.usage_cost(&u.model, &u.usage, ts);
                 let amounts = Amounts {
                     micros: cost,
                     tokens: total_tokens(&u.usage),
                     requests: u.usage.requests,
                 };
-                self.spend_in_matching(&u.labels, ts, amounts, touched);
+                let mut decided = decided.map(|d| {
+                    d.cost_micros = cost;
+                    d.priced_at_max = at_max;
+                    d
+                });
+                self.spend_in_matching(&u.labels, ts, amounts, decided.as_deref_mut());
                 if u.reservation == ReservationLink::Known {
                     if let Some(rid) = &u.reservation_id {
                         let how = EndKind::Committed(u.event_id.clone());
@@ -756,6 +895,10 @@ impl Ledger {
                             }
                         }
                     }
+                }
+                // Decided on the event's whole effect (a commit's hold is released by now).
+                if let Some(d) = decided {
+                    self.decide_usage_lines(d, ts);
                 }
             }
             EventBody::ReservationCreated(r) => {

@@ -243,29 +243,6 @@ impl Ledger {
             .collect()
     }
 
-    /// Report lines of the given `(budget, slot)` buckets, whose figures at `now` are
-    /// `figures` (in order).
-    pub(super) fn reports(
-        &self,
-        slots: &[(usize, u32)],
-        figures: &[Figures],
-        now: TsMicros,
-    ) -> Vec<BudgetReport> {
-        let Some(policy) = &self.policy else {
-            return Vec::new();
-        };
-        let mut ends = WindowEnds::default();
-        slots
-            .iter()
-            .zip(figures)
-            .filter_map(|(&(i, slot), f)| {
-                let b = policy.budgets.get(i)?;
-                let key = self.budgets.get(i)?.key(slot);
-                Some(report(b, key.to_string(), f, now, &mut ends))
-            })
-            .collect()
-    }
-
     /// `status`: buckets, most utilized first, filtered by budget and group_by labels.
     pub fn status(&self, req: &StatusRequest, now: TsMicros) -> StatusAnswer {
         let now = self.effective_now(now);
