@@ -384,11 +384,15 @@ impl RollingCounter {
                 .back()
                 .is_none_or(|&(k, _)| i128::from(k) <= current);
             if none_later && !sum.saturated() {
-                let stale = self
-                    .slots
-                    .iter()
-                    .take_while(|&&(k, _)| i128::from(k) < oldest)
-                    .fold(Amounts::default(), |s, &(_, a)| s.saturating_add(a));
+                let mut stale = Amounts::default();
+                let mut at = 0;
+                while let Some(&(k, a)) = self.slots.get(at) {
+                    if i128::from(k) >= oldest {
+                        break;
+                    }
+                    stale = stale.saturating_add(a);
+                    at += 1;
+                }
                 return sum - stale;
             }
         }
