@@ -324,6 +324,7 @@ fn match_labels(
 /// if new: its slot, and whether it is the overflow bucket (a new key beyond `max_keys`). A
 /// bucket of the key's own is remembered in `r`, so the next event with the same labels finds
 /// it without rendering or hashing the key.
+#[inline]
 fn resolve(
     state: &mut BudgetState,
     b: &ResolvedBudget,
@@ -335,6 +336,18 @@ fn resolve(
     if known != NO_SLOT {
         return (known, false);
     }
+    resolve_new(state, b, labels, r, max_keys)
+}
+
+/// [`resolve`] of a bucket whose slot the match does not know yet.
+#[inline(never)]
+fn resolve_new(
+    state: &mut BudgetState,
+    b: &ResolvedBudget,
+    labels: &Labels,
+    r: &mut MatchRef,
+    max_keys: u64,
+) -> (u32, bool) {
     let key = scope_key(&b.group_by, labels).unwrap_or_default();
     if let Some(slot) = state.slot(&key) {
         *r = match_ref(ref_budget(*r), slot);
