@@ -397,14 +397,49 @@ impl<'de> Deserialize<'de> for BudgetState {
         #[derive(Deserialize)]
         #[serde(rename = "BudgetState")]
         struct Stored {
-            buckets: std::collections::HashMap<String, Bucket, rustc_hash::FxBuildHasher>,
+            buckets: Buckets,
         }
-        let stored = Stored::deserialize(deserializer)?;
-        let mut state = BudgetState::default();
-        for (key, bucket) in stored.buckets {
-            state.insert(key, bucket);
+        Ok(Stored::deserialize(deserializer)?.buckets.0)
+    }
+}
+
+/// The key → bucket map of a serialised [`BudgetState`], read straight into the slab (sized
+/// from the map's length when the format tells it; a duplicate key is an error).
+struct Buckets(BudgetState);
+
+impl<'de> Deserialize<'de> for Buckets {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Buckets;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map from scope key to bucket")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Buckets, A::Error> {
+                let mut state = BudgetState::default();
+                // Bounded: a hostile length must not allocate up front.
+                let n = map.size_hint().unwrap_or(0).min(1 << 20);
+                let keys = &state.keys;
+                state.index.reserve(n, |&s| {
+                    key_hash(keys.get(s as usize).map_or("", String::as_str))
+                });
+                state.keys.reserve_exact(n);
+                state.slab.reserve_exact(n);
+                while let Some((key, bucket)) = map.next_entry::<String, Bucket>()? {
+                    if state.slot(&key).is_some() {
+                        return Err(serde::de::Error::custom(format!(
+                            "scope key {key:?} appears twice"
+                        )));
+                    }
+                    state.insert(key, bucket);
+                }
+                Ok(Buckets(state))
+            }
         }
-        Ok(state)
+        deserializer.deserialize_map(Visit)
     }
 }
 

@@ -1,0 +1,213 @@
+//! Snapshots written by earlier versions must still be read, and the ledger read back must
+//! decide exactly as one built by this version.
+//!
+//! `fixtures/snapshot-format-v1.bin` is a snapshot (`encode_snapshot`) of the ledger
+//! `make_ledger` builds, written by commit `95a42f3` (before buckets moved into slabs and the
+//! ledger gained derived data that snapshots leave out). It is frozen: never regenerate it.
+//! It was made once with `BURSAR_WRITE_FIXTURE=1 cargo test -p bursard --test
+//! snapshot_format_fixture` on that commit (which refuses to overwrite an existing file).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bursar_core::ledger::{Answer, Command, IdRecord, Ledger};
+use bursar_core::policy::parse_policy;
+use bursar_schemas::event::{EventBody, PolicyApplied};
+use bursar_schemas::wire::{
+    CommitRequest, Estimate, ExtendRequest, RecordRequest, ReleaseRequest, ReserveRequest,
+    StatusRequest, Usage,
+};
+use bursar_schemas::Labels;
+use bursard::writer::{decode_snapshot, encode_snapshot};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Every kind of window, limits in every dimension, `warn_at`, a meter.
+const POLICY: &str = r#"
+[[budget]]
+id = "team-daily"
+group_by = ["team"]
+window = "fixed"
+window_seconds = 86400
+max_usd = 2
+warn_at = 0.5
+
+[[budget]]
+id = "user-tpm"
+group_by = ["user"]
+window = "rolling"
+window_seconds = 60
+resolution_seconds = 10
+max_tokens = 1000000
+
+[[budget]]
+id = "org-month"
+group_by = ["org"]
+window = "calendar"
+calendar = "month"
+utc_offset = "+02:00"
+max_usd = 100
+max_requests = 1000
+
+[[budget]]
+id = "user-slots"
+group_by = ["user"]
+max_concurrent = 3
+
+[[budget]]
+id = "model-meter"
+group_by = ["model"]
+window = "fixed"
+window_seconds = 3600
+"#;
+
+const T0: i64 = 1_795_392_000_000_000;
+const SEC: i64 = 1_000_000;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/snapshot-format-v1.bin")
+}
+
+fn labels(team: &str, user: &str) -> Labels {
+    [("org", "acme"), ("team", team), ("user", user)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn usage(input: u64, output: u64) -> Usage {
+    Usage {
+        input_tokens: input,
+        output_tokens: output,
+        cached_input_tokens: 0,
+        cache_write_tokens: 0,
+        requests: 1,
+    }
+}
+
+fn reserve(id: &str, team: &str, user: &str) -> ReserveRequest {
+    ReserveRequest {
+        reservation_id: id.into(),
+        labels: labels(team, user),
+        model: Some("gpt-4o".into()),
+        estimate: Estimate {
+            input_tokens: 20_000,
+            max_output_tokens: Some(2_000),
+        },
+        ttl_seconds: Some(600),
+        candidates: None,
+        require: None,
+    }
+}
+
+fn record(id: &str, team: &str, user: &str, input: u64) -> RecordRequest {
+    RecordRequest {
+        event_id: id.into(),
+        labels: labels(team, user),
+        model: "gpt-4o-mini".into(),
+        usage: usage(input, input / 4),
+        occurred_at: None,
+        reported_cost_usd: None,
+    }
+}
+
+/// A ledger with usage in every window, live and ended holds, warnings and crossings.
+fn make_ledger() -> (Ledger, HashMap<String, IdRecord>) {
+    let loaded = parse_policy(POLICY, "fixture.toml", &|_| Err("no imports".into())).unwrap();
+    let mut l = Ledger::new();
+    let body = EventBody::PolicyApplied(PolicyApplied {
+        policy_version: 1,
+        source: "fixture.toml".into(),
+        source_hash: loaded.source_hash.clone(),
+        policy: loaded.resolved,
+    });
+    l.apply(1, T0, &body).unwrap();
+    let mut ids = HashMap::new();
+    let mut now = T0;
+    let mut run = |l: &mut Ledger, cmd: Command<'_>, now: i64| {
+        let step = l.execute(cmd, now, &ids);
+        assert!(!step.answer.is_error(), "{:?}", step.answer);
+        ids.extend(step.ids);
+    };
+    for (n, (team, user)) in [("a", "u1"), ("b", "u2"), ("a", "u3"), ("a", "u1")]
+        .into_iter()
+        .cycle()
+        .take(12)
+        .enumerate()
+    {
+        now += 7 * SEC;
+        let r = record(&format!("e{n}"), team, user, 40_000 + 10_000 * n as u64);
+        run(&mut l, Command::Record(&r), now);
+    }
+    now += SEC;
+    run(&mut l, Command::Reserve(&reserve("r-live", "b", "u2")), now);
+    now += SEC;
+    run(&mut l, Command::Reserve(&reserve("r-released", "a", "u3")), now);
+    now += SEC;
+    let release = ReleaseRequest {
+        reservation_id: "r-released".into(),
+    };
+    run(&mut l, Command::Release(&release), now);
+    now += SEC;
+    run(&mut l, Command::Reserve(&reserve("r-committed", "a", "u1")), now);
+    now += SEC;
+    let commit = CommitRequest {
+        reservation_id: "r-committed".into(),
+        event_id: "c1".into(),
+        usage: usage(18_000, 1_500),
+        labels: None,
+        model: None,
+        occurred_at: None,
+        reported_cost_usd: None,
+    };
+    run(&mut l, Command::Commit(&commit), now);
+    now += SEC;
+    let extend = ExtendRequest {
+        reservation_id: "r-live".into(),
+        ttl_seconds: 900,
+    };
+    run(&mut l, Command::Extend(&extend), now);
+    (l, ids)
+}
+
+/// What this version decides next, from `l`: a line per answer and the status after.
+fn next_answers(mut l: Ledger, mut ids: HashMap<String, IdRecord>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut now = l.last_ts() + 30 * SEC;
+    for n in 0..6 {
+        now += 11 * SEC;
+        let (team, user) = [("a", "u1"), ("b", "u2"), ("c", "u4")][n % 3];
+        let r = record(&format!("n{n}"), team, user, 90_000);
+        let step = l.execute(Command::Record(&r), now, &ids);
+        out.push(step.answer.to_line(None));
+        out.extend(step.events.iter().map(|(_, _, b)| format!("{b:?}")));
+        ids.extend(step.ids);
+    }
+    let step = l.execute(Command::Reserve(&reserve("r-next", "a", "u1")), now, &ids);
+    out.push(step.answer.to_line(None));
+    out.push(format!("{:?}", l.status(&StatusRequest::default(), now)));
+    out
+}
+
+#[test]
+fn a_snapshot_of_the_first_format_reads_back_and_decides_as_this_version_does() {
+    let path = fixture();
+    if std::env::var_os("BURSAR_WRITE_FIXTURE").is_some() && !path.exists() {
+        let (l, _) = make_ledger();
+        std::fs::write(&path, encode_snapshot(&l).unwrap()).unwrap();
+    }
+    let bytes = std::fs::read(&path).expect("the frozen snapshot fixture");
+    let old = decode_snapshot(&bytes).expect("the old snapshot decodes");
+    let (new, ids) = make_ledger();
+    assert_eq!(old, new, "the same projections");
+    assert_eq!(old.bucket_count(), new.bucket_count());
+    assert_eq!(old.live_holds(), 1);
+    // Read back, it decides exactly as a ledger built by this version.
+    assert_eq!(next_answers(old, ids.clone()), next_answers(new, ids));
+}
+
+#[test]
+fn a_snapshot_written_now_reads_back_equal() {
+    let (l, ids) = make_ledger();
+    let back = decode_snapshot(&encode_snapshot(&l).unwrap()).unwrap();
+    assert_eq!(back, l);
+    assert_eq!(next_answers(back, ids.clone()), next_answers(l, ids));
+}
