@@ -890,3 +890,156 @@ pub struct ExportedEvent {
     /// This event's chain hash.
     pub hash: crate::event::Hash32,
 }
+
+/// Hand-written JSON for the answer lines a busy writer produces most (the answer of every
+/// `record` and `commit` names each of its budgets): the same bytes `serde_json` writes, with
+/// field names copied rather than escaped. `schemas/tests/answer_json.rs` checks them against
+/// `serde_json` byte for byte.
+mod fast_json {
+    use super::{BucketState, BudgetReport, UsageAnswer};
+    use crate::policy::Enforce;
+
+    /// A JSON string, escaped as `serde_json` escapes it.
+    fn string(out: &mut Vec<u8>, s: &str) {
+        let plain = s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+        if plain {
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        } else if serde_json::to_writer(&mut *out, s).is_err() {
+            // Writing into a `Vec` does not fail.
+            out.extend_from_slice(b"\"\"");
+        }
+    }
+
+    fn unsigned(out: &mut Vec<u8>, n: u64) {
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    fn signed(out: &mut Vec<u8>, n: i64) {
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    fn state(s: BucketState) -> &'static [u8] {
+        match s {
+            BucketState::Ok => b"\"ok\"",
+            BucketState::Warn => b"\"warn\"",
+            BucketState::Exhausted => b"\"exhausted\"",
+        }
+    }
+
+    fn boolean(out: &mut Vec<u8>, b: bool) {
+        out.extend_from_slice(if b { b"true" } else { b"false" });
+    }
+
+    impl BudgetReport {
+        /// This line's JSON (as `serde_json::to_writer` writes it), appended to `out`.
+        pub fn write_json(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(b"{\"budget\":");
+            string(out, &self.budget);
+            out.extend_from_slice(b",\"key\":");
+            string(out, &self.key);
+            if let Some(l) = self.limit_micros {
+                out.extend_from_slice(b",\"limit_micros\":");
+                signed(out, l);
+            }
+            out.extend_from_slice(b",\"spent_micros\":");
+            signed(out, self.spent_micros);
+            out.extend_from_slice(b",\"held_micros\":");
+            signed(out, self.held_micros);
+            if let Some(r) = self.remaining_micros {
+                out.extend_from_slice(b",\"remaining_micros\":");
+                signed(out, r);
+            }
+            if let Some(l) = self.limit_tokens {
+                out.extend_from_slice(b",\"limit_tokens\":");
+                unsigned(out, l);
+            }
+            out.extend_from_slice(b",\"spent_tokens\":");
+            unsigned(out, self.spent_tokens);
+            out.extend_from_slice(b",\"held_tokens\":");
+            unsigned(out, self.held_tokens);
+            if let Some(l) = self.limit_requests {
+                out.extend_from_slice(b",\"limit_requests\":");
+                unsigned(out, l);
+            }
+            out.extend_from_slice(b",\"spent_requests\":");
+            unsigned(out, self.spent_requests);
+            if let Some(l) = self.limit_concurrent {
+                out.extend_from_slice(b",\"limit_concurrent\":");
+                unsigned(out, l);
+            }
+            out.extend_from_slice(b",\"live_holds\":");
+            unsigned(out, self.live_holds);
+            out.extend_from_slice(b",\"utilization\":");
+            // Floats exactly as `serde_json` writes them (`null` when not finite).
+            if serde_json::to_writer(&mut *out, &self.utilization).is_err() {
+                out.extend_from_slice(b"null");
+            }
+            out.extend_from_slice(b",\"state\":");
+            out.extend_from_slice(state(self.state));
+            out.extend_from_slice(b",\"enforce\":");
+            out.extend_from_slice(match self.enforce {
+                Enforce::Deny => b"\"deny\"",
+                Enforce::Warn => b"\"warn\"",
+            });
+            out.extend_from_slice(b",\"window\":");
+            string(out, &self.window);
+            if let Some(end) = &self.window_end {
+                out.extend_from_slice(b",\"window_end\":");
+                string(out, end);
+            }
+            out.push(b'}');
+        }
+    }
+
+    impl UsageAnswer {
+        /// This answer's JSON (as `serde_json::to_writer` writes it), appended to `out`.
+        pub fn write_json(&self, out: &mut Vec<u8>) {
+            self.write_json_with(self.req.as_ref(), out);
+        }
+
+        /// [`UsageAnswer::write_json`] with `req` in place of the answer's own.
+        pub fn write_json_with(&self, req: Option<&serde_json::Value>, out: &mut Vec<u8>) {
+            out.extend_from_slice(b"{\"ok\":");
+            boolean(out, self.ok);
+            out.extend_from_slice(b",\"seq\":");
+            unsigned(out, self.seq);
+            out.extend_from_slice(b",\"duplicate\":");
+            boolean(out, self.duplicate);
+            out.extend_from_slice(b",\"cost_micros\":");
+            signed(out, self.cost_micros);
+            out.extend_from_slice(b",\"state\":");
+            out.extend_from_slice(state(self.state));
+            out.extend_from_slice(b",\"budgets\":[");
+            for (i, b) in self.budgets.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                b.write_json(out);
+            }
+            out.push(b']');
+            if self.priced_at_max {
+                out.extend_from_slice(b",\"priced_at_max\":true");
+            }
+            if self.late {
+                out.extend_from_slice(b",\"late\":true");
+            }
+            if let Some(r) = &self.reservation {
+                out.extend_from_slice(b",\"reservation\":");
+                string(out, r);
+            }
+            if let Some(o) = self.overrun_micros {
+                out.extend_from_slice(b",\"overrun_micros\":");
+                signed(out, o);
+            }
+            if let Some(req) = req {
+                out.extend_from_slice(b",\"req\":");
+                if serde_json::to_writer(&mut *out, req).is_err() {
+                    out.extend_from_slice(b"null");
+                }
+            }
+            out.push(b'}');
+        }
+    }
+}

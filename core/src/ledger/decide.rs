@@ -92,7 +92,11 @@ impl Answer {
     /// The JSON line (without newline), with `req` echoed.
     pub fn to_line(&self, req: Option<Value>) -> String {
         let out = match self {
-            Answer::Usage(a) => serde_json::to_string(&UsageAnswer { req, ..a.clone() }),
+            Answer::Usage(a) => {
+                let mut bytes = Vec::with_capacity(answer_capacity(a.budgets.len()));
+                a.write_json_with(req.as_ref(), &mut bytes);
+                String::from_utf8(bytes).map_err(serde::ser::Error::custom)
+            }
             Answer::Decision(a) => serde_json::to_string(&DecisionAnswer { req, ..a.clone() }),
             Answer::Release(a) => serde_json::to_string(&ReleaseAnswer { req, ..a.clone() }),
             Answer::Extend(a) => serde_json::to_string(&ExtendAnswer { req, ..a.clone() }),
@@ -150,12 +154,23 @@ fn digest(op: &str, payload: &impl Serialize) -> [u8; 16] {
     out
 }
 
+/// Room for the JSON of an answer with `reports` budget lines.
+fn answer_capacity(reports: usize) -> usize {
+    ANSWER_JSON_BYTES.saturating_add(reports.saturating_mul(REPORT_JSON_BYTES))
+}
+
+/// The JSON of a usage answer for the idempotency index (hand-written, the same bytes as
+/// `serde_json`'s).
+fn usage_answer_json(answer: &UsageAnswer) -> String {
+    let mut bytes = Vec::with_capacity(answer_capacity(answer.budgets.len()));
+    answer.write_json(&mut bytes);
+    String::from_utf8(bytes).unwrap_or_default()
+}
+
 /// The JSON of an answer for the idempotency index (empty if it cannot be encoded), written
 /// into a buffer sized for its `reports` budget lines up front instead of regrown as it fills.
 fn answer_json(answer: &impl Serialize, reports: usize) -> String {
-    let mut bytes = Vec::with_capacity(
-        ANSWER_JSON_BYTES.saturating_add(reports.saturating_mul(REPORT_JSON_BYTES)),
-    );
+    let mut bytes = Vec::with_capacity(answer_capacity(reports));
     if serde_json::to_writer(&mut bytes, answer).is_err() {
         return String::new();
     }
@@ -1081,7 +1096,7 @@ impl Ledger {
             key,
             IdRecord {
                 digest,
-                answer: answer_json(&answer, answer.budgets.len()),
+                answer: usage_answer_json(&answer),
             },
         )];
         Step {
