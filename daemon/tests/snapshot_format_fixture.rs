@@ -140,14 +140,22 @@ fn make_ledger() -> (Ledger, HashMap<String, IdRecord>) {
     now += SEC;
     run(&mut l, Command::Reserve(&reserve("r-live", "b", "u2")), now);
     now += SEC;
-    run(&mut l, Command::Reserve(&reserve("r-released", "a", "u3")), now);
+    run(
+        &mut l,
+        Command::Reserve(&reserve("r-released", "a", "u3")),
+        now,
+    );
     now += SEC;
     let release = ReleaseRequest {
         reservation_id: "r-released".into(),
     };
     run(&mut l, Command::Release(&release), now);
     now += SEC;
-    run(&mut l, Command::Reserve(&reserve("r-committed", "a", "u1")), now);
+    run(
+        &mut l,
+        Command::Reserve(&reserve("r-committed", "a", "u1")),
+        now,
+    );
     now += SEC;
     let commit = CommitRequest {
         reservation_id: "r-committed".into(),
