@@ -8,7 +8,7 @@
 //! snapshot_format_fixture` on that commit (which refuses to overwrite an existing file).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_core::ledger::{Answer, Command, IdRecord, Ledger};
+use bursar_core::ledger::{Command, IdRecord, Ledger};
 use bursar_core::policy::parse_policy;
 use bursar_schemas::event::{EventBody, PolicyApplied};
 use bursar_schemas::wire::{

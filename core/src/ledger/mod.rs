@@ -893,11 +893,11 @@ impl Ledger {
                     tokens: total_tokens(&u.usage),
                     requests: u.usage.requests,
                 };
-                let mut decided = decided.map(|d| {
+                let mut decided = decided;
+                if let Some(d) = decided.as_deref_mut() {
                     d.cost_micros = cost;
                     d.priced_at_max = at_max;
-                    d
-                });
+                }
                 self.spend_in_matching(&u.labels, ts, amounts, decided.as_deref_mut());
                 if u.reservation == ReservationLink::Known {
                     if let Some(rid) = &u.reservation_id {
