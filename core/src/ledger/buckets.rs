@@ -165,7 +165,7 @@ pub struct Limits {
     /// True when the budget sets any limit (a meter sets none).
     pub limited: bool,
     /// True when it sets `warn_at` (and a limit).
-    has_warn: bool,
+    pub has_warn: bool,
     /// True when it denies (`enforce = "deny"`).
     pub deny: bool,
     /// Its window.

@@ -21,9 +21,9 @@ pub use replay::{
 use crate::labels::{scope_key, selector_matches};
 use crate::pricing;
 use crate::window::Amounts;
-use buckets::{Bucket, BudgetState, Limits};
+use buckets::{Bucket, BudgetState, Figures, Limits};
 use bursar_schemas::event::{EventBody, ReservationLink};
-use bursar_schemas::policy::{ResolvedBudget, ResolvedPolicy, UnknownModels};
+use bursar_schemas::policy::{ResolvedPolicy, UnknownModels};
 use bursar_schemas::pricing::{ModelPrice, PriceTable};
 use bursar_schemas::wire::{BucketState, Usage};
 use bursar_schemas::{Labels, Micros, TsMicros};
@@ -327,7 +327,7 @@ fn match_labels(
 #[inline]
 fn resolve(
     state: &mut BudgetState,
-    b: &ResolvedBudget,
+    group_by: impl FnOnce() -> Option<Vec<String>>,
     labels: &Labels,
     r: &mut MatchRef,
     max_keys: u64,
@@ -336,19 +336,19 @@ fn resolve(
     if known != NO_SLOT {
         return (known, false);
     }
-    resolve_new(state, b, labels, r, max_keys)
+    resolve_new(state, &group_by().unwrap_or_default(), labels, r, max_keys)
 }
 
 /// [`resolve`] of a bucket whose slot the match does not know yet.
 #[inline(never)]
 fn resolve_new(
     state: &mut BudgetState,
-    b: &ResolvedBudget,
+    group_by: &[String],
     labels: &Labels,
     r: &mut MatchRef,
     max_keys: u64,
 ) -> (u32, bool) {
-    let key = scope_key(&b.group_by, labels).unwrap_or_default();
+    let key = scope_key(group_by, labels).unwrap_or_default();
     if let Some(slot) = state.slot(&key) {
         *r = match_ref(ref_budget(*r), slot);
         return (slot, false);
@@ -595,6 +595,34 @@ impl UsageLine {
     fn budget(&self) -> usize {
         self.budget as usize
     }
+
+    /// The line of the bucket in `slot` of budget `budget`, whose figures at `ts` are `f`: its
+    /// state and the crossings due (once per bucket per window, looked for only past a
+    /// threshold).
+    fn judge(
+        budget: usize,
+        slot: u32,
+        limits: &Limits,
+        bucket: &Bucket,
+        f: &Figures,
+        ts: TsMicros,
+    ) -> UsageLine {
+        let state = limits.state(f);
+        let mut line = UsageLine {
+            budget: u32::try_from(budget).unwrap_or(u32::MAX),
+            slot,
+            state,
+            warn_due: false,
+            exhausted_due: false,
+        };
+        if state != BucketState::Ok {
+            let window = buckets::crossing_window(&limits.window, ts);
+            line.warn_due = limits.has_warn && bucket.warned_window != Some(window);
+            line.exhausted_due =
+                state == BucketState::Exhausted && bucket.exhausted_window != Some(window);
+        }
+        line
+    }
 }
 
 /// An event that cannot be folded.
@@ -717,21 +745,11 @@ impl Ledger {
 
     /// Run `f` on every bucket an event with `labels` counts in, each created if new (a new key
     /// beyond `max_keys_per_budget` lands in the overflow bucket: `f`'s last argument is then
-    /// true), with its budget index, budget and slot. The matching is remembered.
+    /// true), with its budget index, compiled limits, slot and key. The matching is remembered.
     fn for_each_matching(
         &mut self,
         labels: &Labels,
-        f: impl FnMut(usize, &ResolvedBudget, &Limits, u32, &str, &mut Bucket, bool),
-    ) {
-        self.for_each_matching_counted(labels, |_| {}, f);
-    }
-
-    /// [`Ledger::for_each_matching`], telling `count` first how many buckets there are.
-    fn for_each_matching_counted(
-        &mut self,
-        labels: &Labels,
-        count: impl FnOnce(usize),
-        mut f: impl FnMut(usize, &ResolvedBudget, &Limits, u32, &str, &mut Bucket, bool),
+        mut f: impl FnMut(usize, &Limits, u32, &str, &mut Bucket, bool),
     ) {
         let Some(policy) = &self.policy else {
             return;
@@ -741,19 +759,15 @@ impl Ledger {
         let refs = self.matches.get_or_insert(labels, MATCH_CACHE_ENTRIES, || {
             match_labels(policy, budgets, labels)
         });
-        count(refs.len());
         for r in refs.iter_mut() {
             let i = ref_budget(*r);
-            let (Some(b), Some(limits), Some(state)) = (
-                policy.budgets.get(i),
-                self.limits.get(i),
-                budgets.get_mut(i),
-            ) else {
+            let (Some(limits), Some(state)) = (self.limits.get(i), budgets.get_mut(i)) else {
                 continue;
             };
-            let (slot, overflow) = resolve(state, b, labels, r, max_keys);
+            let group_by = || policy.budgets.get(i).map(|b| b.group_by.clone());
+            let (slot, overflow) = resolve(state, group_by, labels, r, max_keys);
             if let Some((key, bucket)) = state.entry_mut(slot) {
-                f(i, b, limits, slot, key, bucket, overflow);
+                f(i, limits, slot, key, bucket, overflow);
             }
         }
     }
@@ -771,7 +785,7 @@ impl Ledger {
     fn hold_in_matching(&mut self, labels: &Labels, amounts: Amounts) -> Vec<(usize, String)> {
         let mut refs = Vec::new();
         // The key of the bucket used: the overflow bucket's for an overflowing key.
-        self.for_each_matching(labels, |i, _, _, _, key, bucket, _| {
+        self.for_each_matching(labels, |i, _, _, key, bucket, _| {
             bucket.hold(amounts, 1);
             refs.push((i, key.to_string()));
         });
@@ -787,52 +801,37 @@ impl Ledger {
         amounts: Amounts,
         mut decided: Option<&mut UsageDecision>,
     ) {
-        // Room for every line at once, not grown push by push.
-        let count = std::cell::Cell::new(0);
-        self.for_each_matching_counted(
-            labels,
-            |n| count.set(n),
-            |i, b, limits, slot, _, bucket, _| {
-                bucket.add_spent_in(&b.window, limits.rolling, ts, amounts);
-                if let Some(d) = decided.as_deref_mut() {
-                    if d.lines.is_empty() {
-                        d.lines.reserve_exact(count.get());
-                    }
-                    d.lines.push(UsageLine {
-                        budget: u32::try_from(i).unwrap_or(u32::MAX),
-                        slot,
-                        state: BucketState::Ok,
-                        warn_due: false,
-                        exhausted_due: false,
-                    });
-                }
-            },
-        );
+        // The buckets are judged in a second pass (`decide_usage_lines`), once the whole event
+        // is folded: this loop stays short, so the cache misses of its buckets overlap.
+        self.for_each_matching(labels, |i, limits, slot, _, bucket, _| {
+            bucket.add_spent_in(&limits.window, limits.rolling, ts, amounts);
+            if let Some(d) = decided.as_deref_mut() {
+                d.lines.push(UsageLine {
+                    budget: u32::try_from(i).unwrap_or(u32::MAX),
+                    slot,
+                    state: BucketState::Ok,
+                    warn_due: false,
+                    exhausted_due: false,
+                });
+            }
+        });
     }
 
     /// Decide on each bucket of a folded usage event (its lines name them): figures and state
     /// at `ts`, and the crossings due (once per bucket per window, looked for only past a
     /// threshold).
     fn decide_usage_lines(&self, d: &mut UsageDecision, ts: TsMicros) {
-        let Some(policy) = &self.policy else {
-            return;
-        };
+        d.state = BucketState::Ok;
         for line in &mut d.lines {
             let i = line.budget();
-            let (Some(b), Some(limits), Some(bucket)) = (
-                policy.budgets.get(i),
+            let (Some(limits), Some(bucket)) = (
                 self.limits.get(i),
                 self.budgets.get(i).and_then(|s| s.at(line.slot)),
             ) else {
                 continue;
             };
-            line.state = limits.state(&bucket.figures_in(&limits.window, limits.rolling, ts));
-            if line.state != BucketState::Ok {
-                let window = buckets::crossing_window(&b.window, ts);
-                line.warn_due = b.warn_at_ppm.is_some() && bucket.warned_window != Some(window);
-                line.exhausted_due =
-                    line.state == BucketState::Exhausted && bucket.exhausted_window != Some(window);
-            }
+            let figures = bucket.figures_in(&limits.window, limits.rolling, ts);
+            *line = UsageLine::judge(i, line.slot, limits, bucket, &figures, ts);
             d.state = d.state.max(line.state);
         }
     }
