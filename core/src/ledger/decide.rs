@@ -1,7 +1,7 @@
 //! Decisions: validation, idempotency, candidate evaluation, and the write commands.
 
 use super::buckets::{crossing_window, Figures};
-use super::report::{bucket_state, report, utilization_ppm, Adjust, WindowEnds};
+use super::report::{report, utilization_ppm, Adjust, WindowEnds};
 use super::{
     ref_budget, ref_slot, EndKind, Ledger, UsageDecision, DEFAULT_MAX_OUTPUT_TOKENS,
     MAX_EVENT_TOKENS, MAX_ID_BYTES, NO_SLOT,
@@ -16,9 +16,9 @@ use bursar_schemas::event::{
     ReservationExtended, ReservationLink, ReservationReleased, UsageRecorded,
 };
 use bursar_schemas::wire::{
-    BucketState, BudgetReport, CheckRequest, CommitRequest, Decision, DecisionAnswer, ErrorAnswer,
-    ErrorCode, Estimate, ExtendAnswer, ExtendRequest, Reason, RecordRequest, ReleaseAnswer,
-    ReleaseRequest, ReserveRequest, SkipReason, Skipped, Usage, UsageAnswer, WireError,
+    BudgetReport, CheckRequest, CommitRequest, Decision, DecisionAnswer, ErrorAnswer, ErrorCode,
+    Estimate, ExtendAnswer, ExtendRequest, Reason, RecordRequest, ReleaseAnswer, ReleaseRequest,
+    ReserveRequest, SkipReason, Skipped, Usage, UsageAnswer, WireError,
 };
 use bursar_schemas::{Labels, Micros, TsMicros};
 use serde::{Deserialize, Serialize};
@@ -519,7 +519,7 @@ impl Ledger {
         self.expiries.iter().next().map(|(at, _)| *at)
     }
 
-    /// The `budget_warned` / `budget_exhausted` events a usage event's fold found due.
+    /// The `budget_warned` / `budget_exhausted` events a decision found due.
     fn usage_crossings(&self, decided: &UsageDecision, ts: TsMicros) -> Vec<EventBody> {
         let mut due = Vec::new();
         let Some(policy) = &self.policy else {
@@ -570,53 +570,6 @@ impl Ledger {
                 Some(report(b, key.to_string(), &f, now, &mut ends))
             })
             .collect()
-    }
-
-    /// The `budget_warned` / `budget_exhausted` events due for `slots` (see
-    /// [`Ledger::crossings`]).
-    fn find_crossings(&self, slots: &[(usize, u32)], figures: &[Figures]) -> Vec<EventBody> {
-        let ts = self.last_ts;
-        let mut due = Vec::new();
-        let Some(policy) = &self.policy else {
-            return due;
-        };
-        for (&(i, slot), f) in slots.iter().zip(figures) {
-            let Some(b) = policy.budgets.get(i) else {
-                continue;
-            };
-            let state = bucket_state(b, f);
-            if state == BucketState::Ok {
-                continue;
-            }
-            let cw = crossing_window(&b.window, ts);
-            let Some(budget_state) = self.budgets.get(i) else {
-                continue;
-            };
-            let Some(bucket) = budget_state.at(slot) else {
-                continue;
-            };
-            let need_warn = b.warn_at_ppm.is_some() && bucket.warned_window != Some(cw);
-            let need_exhausted =
-                state == BucketState::Exhausted && bucket.exhausted_window != Some(cw);
-            if !need_warn && !need_exhausted {
-                continue;
-            }
-            let crossing = BudgetCrossing {
-                budget: b.id.clone(),
-                key: budget_state.key(slot).to_string(),
-                window_start: cw,
-                spent_micros: f.spent.micros,
-                held_micros: f.held.micros,
-                utilization_ppm: utilization_ppm(b, f),
-            };
-            if need_warn {
-                due.push(EventBody::BudgetWarned(crossing.clone()));
-            }
-            if need_exhausted {
-                due.push(EventBody::BudgetExhausted(crossing));
-            }
-        }
-        due
     }
 
     /// Evaluate a check or reservation at `now` (no state change).
@@ -1268,10 +1221,11 @@ impl Ledger {
                 payload_digest: digest,
             });
             let (seq, _) = self.emit(now, body, &mut events);
+            // The hold's buckets judged as a usage event's are: the crossings it caused.
             let due = match self.holds.get(&r.reservation_id) {
                 Some(h) => {
-                    let slots = self.slots_of(&h.buckets);
-                    self.find_crossings(&slots, &self.figures_at_last(&slots))
+                    let held = self.decide_buckets(&self.slots_of(&h.buckets), self.last_ts);
+                    self.usage_crossings(&held, self.last_ts)
                 }
                 None => Vec::new(),
             };

@@ -823,6 +823,21 @@ impl Ledger {
         });
     }
 
+    /// The decision on the `(budget, slot)` buckets at `ts`, as [`Ledger::apply_usage`]
+    /// makes it on a usage event's buckets.
+    fn decide_buckets(&self, slots: &[(usize, u32)], ts: TsMicros) -> UsageDecision {
+        let mut d = UsageDecision::default();
+        d.lines.extend(slots.iter().map(|&(i, slot)| UsageLine {
+            budget: u32::try_from(i).unwrap_or(u32::MAX),
+            slot,
+            state: BucketState::Ok,
+            warn_due: false,
+            exhausted_due: false,
+        }));
+        self.decide_usage_lines(&mut d, ts);
+        d
+    }
+
     /// Decide on each bucket of a folded usage event (its lines name them): figures and state
     /// at `ts`, and the crossings due (once per bucket per window, looked for only past a
     /// threshold).

@@ -234,15 +234,6 @@ impl Ledger {
             .unwrap_or_default()
     }
 
-    /// Figures of the given `(budget, slot)` buckets at the last event's time (no expired-hold
-    /// adjustment: the writer has just reaped every due hold).
-    pub(super) fn figures_at_last(&self, slots: &[(usize, u32)]) -> Vec<Figures> {
-        slots
-            .iter()
-            .map(|&(i, slot)| self.figures_at(i, slot, self.last_ts))
-            .collect()
-    }
-
     /// `status`: buckets, most utilized first, filtered by budget and group_by labels.
     pub fn status(&self, req: &StatusRequest, now: TsMicros) -> StatusAnswer {
         let now = self.effective_now(now);
