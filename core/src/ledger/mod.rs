@@ -49,10 +49,6 @@ pub const MAX_ID_BYTES: usize = 256;
 /// once: a working set larger than a generation is matched again on every pass.
 pub const MATCH_CACHE_ENTRIES: usize = 65_536;
 
-/// Words (buckets, then packed labels) a match cache entry keeps in the table itself: 14
-/// buckets and six client labels of ordinary length fit.
-const MATCH_ENTRY_INLINE_WORDS: usize = 30;
-
 /// A bucket's slot that is not known yet (its bucket did not exist when it was matched, or the
 /// key went to the overflow bucket).
 const NO_SLOT: u32 = u32::MAX;
@@ -74,11 +70,10 @@ fn ref_slot(r: MatchRef) -> u32 {
     (r & u64::from(u32::MAX)) as u32
 }
 
-/// One remembered label set: its buckets, then the labels packed (`name 0xFF value 0xFF …`,
-/// in order; UTF-8 never contains 0xFF, so the packing is injective) in little-endian words
-/// padded with zero bytes, kept in the table's own slot when they fit in
-/// `MATCH_ENTRY_INLINE_WORDS` words: finding a label set that has not been seen for a while
-/// then waits for one cache miss, not for a slot and then its allocation.
+/// One remembered label set, in one allocation: its buckets, then the labels packed (`name
+/// 0xFF value 0xFF …`, in order; UTF-8 never contains 0xFF, so the packing is injective) in
+/// little-endian words padded with zero bytes. One allocation means one cache miss, not two,
+/// for a label set that has not been seen for a while.
 #[derive(Clone)]
 struct MatchEntry {
     hash: u64,
@@ -86,20 +81,19 @@ struct MatchEntry {
     packed_len: u32,
     /// Buckets at the start of `data`.
     refs: u32,
-    data: SmallVec<[u64; MATCH_ENTRY_INLINE_WORDS]>,
+    data: Box<[u64]>,
 }
 
 impl MatchEntry {
     fn new(hash: u64, packed: &Packed<'_>, refs: Vec<MatchRef>) -> MatchEntry {
         let n = refs.len();
-        let mut data = SmallVec::with_capacity(n + packed.bytes.len() / 8);
-        data.extend(refs);
+        let mut data = refs;
         data.extend(packed.words());
         MatchEntry {
             hash,
             packed_len: u32::try_from(packed.len).unwrap_or(u32::MAX),
             refs: u32::try_from(n).unwrap_or(u32::MAX),
-            data,
+            data: data.into_boxed_slice(),
         }
     }
 
