@@ -249,7 +249,7 @@ fn dispatch(line: &[u8], actor: Actor, ctx: &Ctx) -> Pending {
             let now = (ctx.clock)();
             // Decide under the read lock; serialise after it is released.
             let answer = read_ledger(&ctx.shared).check(&c, now);
-            check_line(&answer, req)
+            answer.to_line(req)
         })),
         Request::Record(r) => write(WriteCmd::Record(r)),
         Request::Reserve(r) => write(WriteCmd::Reserve(r)),
@@ -325,31 +325,6 @@ fn dispatch(line: &[u8], actor: Actor, ctx: &Ctx) -> Pending {
             }
             Pending::Stream(StreamKind::Export(e), req)
         }
-    }
-}
-
-/// The line of a `check` answer: serialised in place with `req` spliced in before the closing
-/// brace (it is the answer's last field), byte for byte what `Answer::to_line` gives without
-/// its clone of the whole answer.
-fn check_line(answer: &Answer, req: Option<Value>) -> String {
-    let Answer::Decision(a) = answer else {
-        return answer.to_line(req);
-    };
-    if a.req.is_some() {
-        return answer.to_line(req);
-    }
-    let (Ok(mut line), Some(r)) = (serde_json::to_string(a), req.as_ref()) else {
-        return answer.to_line(req);
-    };
-    match (line.ends_with('}'), serde_json::to_string(r)) {
-        (true, Ok(r)) => {
-            line.pop();
-            line.push_str(",\"req\":");
-            line.push_str(&r);
-            line.push('}');
-            line
-        }
-        _ => answer.to_line(req),
     }
 }
 
@@ -533,46 +508,4 @@ async fn stream<W: AsyncWriteExt + Unpin>(
         req,
     };
     put(out, &serde_json::to_string(&end).unwrap_or_default()).await
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-    use super::*;
-    use bursar_core::ledger::Ledger;
-    use bursar_schemas::event::{EventBody, PolicyApplied};
-    use bursar_schemas::wire::{CheckRequest, Estimate};
-
-    #[test]
-    fn the_spliced_check_line_equals_to_line() {
-        let p = bursar_core::policy::default_policy();
-        let mut l = Ledger::new();
-        let body = EventBody::PolicyApplied(PolicyApplied {
-            policy_version: 1,
-            source: p.source.clone(),
-            source_hash: p.source_hash.clone(),
-            policy: p.resolved.clone(),
-        });
-        l.apply(1, 1_000, &body).unwrap();
-        for model in ["gpt-4o", "no-such-model"] {
-            let c = CheckRequest {
-                labels: [("team".to_string(), "t1".to_string())].into(),
-                model: Some(model.into()),
-                estimate: Estimate {
-                    input_tokens: 100,
-                    max_output_tokens: Some(100),
-                },
-                candidates: None,
-                require: None,
-            };
-            let answer = l.check(&c, 2_000_000);
-            for req in [
-                None,
-                Some(serde_json::json!("x")),
-                Some(serde_json::json!({"a": [1, {"b": null}], "c": "q\"uote"})),
-            ] {
-                assert_eq!(check_line(&answer, req.clone()), answer.to_line(req));
-            }
-        }
-    }
 }

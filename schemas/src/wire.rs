@@ -891,12 +891,14 @@ pub struct ExportedEvent {
     pub hash: crate::event::Hash32,
 }
 
-/// Hand-written JSON for the answer lines a busy writer produces most (the answer of every
-/// `record` and `commit` names each of its budgets): the same bytes `serde_json` writes, with
-/// field names copied rather than escaped. `schemas/tests/answer_json.rs` checks them against
+/// Hand-written JSON for the answers a busy writer produces most (the answer of every `record`,
+/// `commit`, `reserve` and `check` names each of its budgets): the same bytes `serde_json`
+/// writes, with field names copied rather than escaped. `schemas/tests/answer_json.rs` checks them against
 /// `serde_json` byte for byte.
 mod fast_json {
-    use super::{BucketState, BudgetReport, UsageAnswer};
+    use super::{
+        BucketState, BudgetReport, Decision, DecisionAnswer, Reason, SkipReason, UsageAnswer,
+    };
     use crate::policy::Enforce;
 
     /// A JSON string, escaped as `serde_json` escapes it.
@@ -993,6 +995,108 @@ mod fast_json {
         }
     }
 
+    /// `[` the lines `]`, each written by `write`.
+    fn list<T>(out: &mut Vec<u8>, items: &[T], write: impl Fn(&T, &mut Vec<u8>)) {
+        out.push(b'[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write(item, out);
+        }
+        out.push(b']');
+    }
+
+    /// `,"req":…` when there is one.
+    fn req(out: &mut Vec<u8>, req: Option<&serde_json::Value>) {
+        if let Some(req) = req {
+            out.extend_from_slice(b",\"req\":");
+            if serde_json::to_writer(&mut *out, req).is_err() {
+                out.extend_from_slice(b"null");
+            }
+        }
+    }
+
+    impl Reason {
+        /// This reason's JSON (as `serde_json::to_writer` writes it), appended to `out`.
+        pub fn write_json(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(b"{\"code\":");
+            string(out, &self.code);
+            out.extend_from_slice(b",\"message\":");
+            string(out, &self.message);
+            if let Some(b) = &self.budget {
+                out.extend_from_slice(b",\"budget\":");
+                string(out, b);
+            }
+            if let Some(k) = &self.key {
+                out.extend_from_slice(b",\"key\":");
+                string(out, k);
+            }
+            out.push(b'}');
+        }
+    }
+
+    impl DecisionAnswer {
+        /// This answer's JSON (as `serde_json::to_writer` writes it), appended to `out`.
+        pub fn write_json(&self, out: &mut Vec<u8>) {
+            self.write_json_with(self.req.as_ref(), out);
+        }
+
+        /// [`DecisionAnswer::write_json`] with `req` in place of the answer's own.
+        pub fn write_json_with(&self, req_value: Option<&serde_json::Value>, out: &mut Vec<u8>) {
+            out.extend_from_slice(b"{\"ok\":");
+            boolean(out, self.ok);
+            if let Some(seq) = self.seq {
+                out.extend_from_slice(b",\"seq\":");
+                unsigned(out, seq);
+            }
+            if self.duplicate {
+                out.extend_from_slice(b",\"duplicate\":true");
+            }
+            out.extend_from_slice(b",\"decision\":");
+            out.extend_from_slice(match self.decision {
+                Decision::Allow => b"\"allow\"",
+                Decision::Warn => b"\"warn\"",
+                Decision::Deny => b"\"deny\"",
+            });
+            if let Some(m) = &self.model {
+                out.extend_from_slice(b",\"model\":");
+                string(out, m);
+            }
+            out.extend_from_slice(b",\"hold_micros\":");
+            signed(out, self.hold_micros);
+            if let Some(m) = self.max_output_tokens {
+                out.extend_from_slice(b",\"max_output_tokens\":");
+                unsigned(out, m);
+            }
+            if let Some(e) = &self.expires_at {
+                out.extend_from_slice(b",\"expires_at\":");
+                string(out, e);
+            }
+            out.extend_from_slice(b",\"budgets\":");
+            list(out, &self.budgets, BudgetReport::write_json);
+            out.extend_from_slice(b",\"skipped\":");
+            list(out, &self.skipped, |s, out| {
+                out.extend_from_slice(b"{\"model\":");
+                string(out, &s.model);
+                out.extend_from_slice(b",\"reason\":");
+                out.extend_from_slice(match s.reason {
+                    SkipReason::MissingCapability => b"\"missing_capability\"",
+                    SkipReason::Budget => b"\"budget\"",
+                    SkipReason::TierCap => b"\"tier_cap\"",
+                    SkipReason::UnknownModel => b"\"unknown_model\"",
+                });
+                out.extend_from_slice(b",\"detail\":");
+                string(out, &s.detail);
+                out.push(b'}');
+            });
+            out.extend_from_slice(b",\"reason\":");
+            self.reason.write_json(out);
+            req(out, req_value);
+            out.push(b'}');
+        }
+    }
+
     impl UsageAnswer {
         /// This answer's JSON (as `serde_json::to_writer` writes it), appended to `out`.
         pub fn write_json(&self, out: &mut Vec<u8>) {
@@ -1000,7 +1104,7 @@ mod fast_json {
         }
 
         /// [`UsageAnswer::write_json`] with `req` in place of the answer's own.
-        pub fn write_json_with(&self, req: Option<&serde_json::Value>, out: &mut Vec<u8>) {
+        pub fn write_json_with(&self, req_value: Option<&serde_json::Value>, out: &mut Vec<u8>) {
             out.extend_from_slice(b"{\"ok\":");
             boolean(out, self.ok);
             out.extend_from_slice(b",\"seq\":");
@@ -1011,14 +1115,8 @@ mod fast_json {
             signed(out, self.cost_micros);
             out.extend_from_slice(b",\"state\":");
             out.extend_from_slice(state(self.state));
-            out.extend_from_slice(b",\"budgets\":[");
-            for (i, b) in self.budgets.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                b.write_json(out);
-            }
-            out.push(b']');
+            out.extend_from_slice(b",\"budgets\":");
+            list(out, &self.budgets, BudgetReport::write_json);
             if self.priced_at_max {
                 out.extend_from_slice(b",\"priced_at_max\":true");
             }
@@ -1033,12 +1131,7 @@ mod fast_json {
                 out.extend_from_slice(b",\"overrun_micros\":");
                 signed(out, o);
             }
-            if let Some(req) = req {
-                out.extend_from_slice(b",\"req\":");
-                if serde_json::to_writer(&mut *out, req).is_err() {
-                    out.extend_from_slice(b"null");
-                }
-            }
+            req(out, req_value);
             out.push(b'}');
         }
     }

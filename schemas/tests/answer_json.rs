@@ -1,9 +1,12 @@
-//! The hand-written JSON of usage answers and budget lines (`write_json`) is byte for byte what
-//! `serde_json` writes for them, whatever the strings, numbers and options hold.
+//! The hand-written JSON of usage and decision answers and their budget lines (`write_json`)
+//! is byte for byte what `serde_json` writes for them, whatever the strings, numbers and
+//! options hold.
 #![allow(clippy::unwrap_used)]
 
 use bursar_schemas::policy::Enforce;
-use bursar_schemas::wire::{BucketState, BudgetReport, UsageAnswer};
+use bursar_schemas::wire::{
+    BucketState, BudgetReport, Decision, DecisionAnswer, Reason, SkipReason, Skipped, UsageAnswer,
+};
 use proptest::prelude::*;
 
 /// Strings with what JSON must escape (quotes, backslashes, control characters), what it must
@@ -124,6 +127,59 @@ prop_compose! {
     }
 }
 
+fn req() -> impl Strategy<Value = Option<serde_json::Value>> {
+    prop::option::of(prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<i64>().prop_map(serde_json::Value::from),
+        text().prop_map(serde_json::Value::from),
+    ])
+}
+
+prop_compose! {
+    fn reason()(
+        code in text(),
+        message in text(),
+        budget in prop::option::of(text()),
+        key in prop::option::of(text()),
+    ) -> Reason {
+        Reason { code, message, budget, key }
+    }
+}
+
+prop_compose! {
+    fn skipped()(model in text(), why in 0u8..4, detail in text()) -> Skipped {
+        let reason = match why {
+            0 => SkipReason::MissingCapability,
+            1 => SkipReason::Budget,
+            2 => SkipReason::TierCap,
+            _ => SkipReason::UnknownModel,
+        };
+        Skipped { model, reason, detail }
+    }
+}
+
+prop_compose! {
+    fn decision_answer()(
+        ok in any::<bool>(),
+        seq in prop::option::of(any::<u64>()),
+        duplicate in any::<bool>(),
+        decision in prop_oneof![Just(Decision::Allow), Just(Decision::Warn), Just(Decision::Deny)],
+        model in prop::option::of(text()),
+        hold_micros in any::<i64>(),
+        max_output_tokens in prop::option::of(any::<u64>()),
+        expires_at in prop::option::of(text()),
+        budgets in prop::collection::vec(report(), 0..3),
+        skipped in prop::collection::vec(skipped(), 0..3),
+        reason in reason(),
+        req in req(),
+    ) -> DecisionAnswer {
+        DecisionAnswer {
+            ok, seq, duplicate, decision, model, hold_micros, max_output_tokens, expires_at,
+            budgets, skipped, reason, req,
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -132,6 +188,13 @@ proptest! {
         let mut fast = Vec::new();
         r.write_json(&mut fast);
         prop_assert_eq!(String::from_utf8(fast).unwrap(), serde_json::to_string(&r).unwrap());
+    }
+
+    #[test]
+    fn decision_answers_are_written_as_serde_json_writes_them(a in decision_answer()) {
+        let mut fast = Vec::new();
+        a.write_json(&mut fast);
+        prop_assert_eq!(String::from_utf8(fast).unwrap(), serde_json::to_string(&a).unwrap());
     }
 
     #[test]

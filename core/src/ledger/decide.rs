@@ -97,7 +97,11 @@ impl Answer {
                 a.write_json_with(req.as_ref(), &mut bytes);
                 String::from_utf8(bytes).map_err(serde::ser::Error::custom)
             }
-            Answer::Decision(a) => serde_json::to_string(&DecisionAnswer { req, ..a.clone() }),
+            Answer::Decision(a) => {
+                let mut bytes = Vec::with_capacity(answer_capacity(a.budgets.len()));
+                a.write_json_with(req.as_ref(), &mut bytes);
+                String::from_utf8(bytes).map_err(serde::ser::Error::custom)
+            }
             Answer::Release(a) => serde_json::to_string(&ReleaseAnswer { req, ..a.clone() }),
             Answer::Extend(a) => serde_json::to_string(&ExtendAnswer { req, ..a.clone() }),
             Answer::Duplicate(v) => {
@@ -162,6 +166,13 @@ fn answer_capacity(reports: usize) -> usize {
 /// The JSON of a usage answer for the idempotency index (hand-written, the same bytes as
 /// `serde_json`'s).
 fn usage_answer_json(answer: &UsageAnswer) -> String {
+    let mut bytes = Vec::with_capacity(answer_capacity(answer.budgets.len()));
+    answer.write_json(&mut bytes);
+    String::from_utf8(bytes).unwrap_or_default()
+}
+
+/// The JSON of a decision answer for the idempotency index (as [`usage_answer_json`]).
+fn decision_answer_json(answer: &DecisionAnswer) -> String {
     let mut bytes = Vec::with_capacity(answer_capacity(answer.budgets.len()));
     answer.write_json(&mut bytes);
     String::from_utf8(bytes).unwrap_or_default()
@@ -1239,7 +1250,7 @@ impl Ledger {
             key,
             IdRecord {
                 digest,
-                answer: answer_json(&answer, answer.budgets.len()),
+                answer: decision_answer_json(&answer),
             },
         )];
         Step {
