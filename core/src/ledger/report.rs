@@ -1,6 +1,6 @@
 //! Bucket figures as answers report them, bucket states, and the `status` read.
 
-use super::buckets::Figures;
+use super::buckets::{Figures, Limits};
 use super::Ledger;
 use crate::labels::parse_scope_key;
 use crate::time::format_ts;
@@ -68,22 +68,9 @@ fn dimensions(b: &ResolvedBudget, f: &Figures) -> Dimensions {
     out
 }
 
-/// State of a bucket: exhausted when `spent + held >= limit` for some limit, warn when
-/// `(spent + held) >= warn_at × limit` for some limit.
+/// State of a bucket of budget `b` with figures `f` (see [`Limits::state`], the one definition).
 pub(super) fn bucket_state(b: &ResolvedBudget, f: &Figures) -> BucketState {
-    let dims = dimensions(b, f);
-    if dims.iter().any(|(used, limit)| used >= limit) {
-        return BucketState::Exhausted;
-    }
-    if let Some(ppm) = b.warn_at_ppm {
-        if dims
-            .iter()
-            .any(|(used, limit)| used * PPM >= i128::from(ppm) * limit)
-        {
-            return BucketState::Warn;
-        }
-    }
-    BucketState::Ok
+    Limits::of(b).state(f)
 }
 
 /// Utilization in parts per million, the highest over the limits (0 for a meter).
