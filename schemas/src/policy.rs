@@ -68,7 +68,7 @@ pub struct PricingSection {
     /// Path of a LiteLLM `model_prices_and_context_window.json` to import.
     pub import: Option<String>,
     /// Per-model prices in USD per million tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::unique_map")]
     pub models: BTreeMap<String, ModelPriceSection>,
 }
 

@@ -1,8 +1,8 @@
 //! The socket protocol (SPEC §6): one JSON object per line each way.
 //!
-//! Requests are decoded by [`decode_request`]: the line is parsed once, `op` and `req` are taken
-//! out, and the rest is decoded into the op's struct with unknown fields rejected. Every decoding
-//! failure becomes a [`WireError`] that names the offending field.
+//! Requests are decoded by [`decode_request`] (in `crate::decode`): once, straight into the
+//! op's struct, with unknown fields and duplicate keys rejected. Every decoding failure becomes a
+//! [`WireError`] that names the offending field.
 
 use crate::{Labels, Micros};
 use schemars::JsonSchema;
@@ -75,7 +75,7 @@ pub struct RecordRequest {
     /// Client-chosen idempotency id.
     pub event_id: String,
     /// Labels of the call.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::unique_map")]
     pub labels: Labels,
     /// Model name.
     pub model: String,
@@ -94,7 +94,7 @@ pub struct ReserveRequest {
     /// Client-chosen idempotency id of the hold (`reserve` only).
     pub reservation_id: String,
     /// Labels of the call.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::unique_map")]
     pub labels: Labels,
     /// Model name; may be omitted when `candidates` is given.
     pub model: Option<String>,
@@ -113,7 +113,7 @@ pub struct ReserveRequest {
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     /// Labels of the call.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::unique_map")]
     pub labels: Labels,
     /// Model name; may be omitted when `candidates` is given.
     pub model: Option<String>,
@@ -136,6 +136,7 @@ pub struct CommitRequest {
     /// What was used.
     pub usage: Usage,
     /// Labels, used only when the reservation is unknown to the daemon.
+    #[serde(default, deserialize_with = "crate::decode::unique_map_opt")]
     pub labels: Option<Labels>,
     /// Model, used only when the reservation is unknown to the daemon.
     pub model: Option<String>,
@@ -168,6 +169,7 @@ pub struct ExtendRequest {
 #[serde(deny_unknown_fields)]
 pub struct StatusRequest {
     /// Keep buckets whose budget groups by each of these labels with this value.
+    #[serde(default, deserialize_with = "crate::decode::unique_map_opt")]
     pub labels: Option<Labels>,
     /// Keep one budget.
     pub budget: Option<String>,
@@ -195,6 +197,7 @@ pub struct ExportRequest {
     /// RFC 3339 upper bound on `ts` (exclusive).
     pub until: Option<String>,
     /// Keep events carrying all these labels.
+    #[serde(default, deserialize_with = "crate::decode::unique_map_opt")]
     pub labels: Option<Labels>,
 }
 
@@ -395,144 +398,7 @@ impl ErrorAnswer {
     }
 }
 
-/// Decode one request line (without its trailing newline).
-///
-/// The `req` value, when it could be read, is returned with the error so the caller can echo it.
-pub fn decode_request(line: &[u8]) -> Result<RequestLine, (WireError, Option<Value>)> {
-    if line.len() > MAX_LINE_BYTES {
-        return Err((
-            WireError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "line is {} bytes; the limit is {MAX_LINE_BYTES}",
-                    line.len()
-                ),
-            ),
-            None,
-        ));
-    }
-    let text = std::str::from_utf8(line).map_err(|e| {
-        (
-            WireError::new(
-                ErrorCode::BadRequest,
-                format!("line is not valid UTF-8 (at byte {})", e.valid_up_to()),
-            ),
-            None,
-        )
-    })?;
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        (
-            WireError::new(
-                ErrorCode::BadRequest,
-                format!("line is not valid JSON: {e}"),
-            ),
-            None,
-        )
-    })?;
-    let Value::Object(mut map) = value else {
-        return Err((
-            WireError::new(ErrorCode::BadRequest, "a request must be a JSON object"),
-            None,
-        ));
-    };
-    let req = map.remove("req");
-    let op = match map.remove("op") {
-        Some(Value::String(op)) => op,
-        Some(_) => return Err((WireError::bad_field("op", "`op` must be a string"), req)),
-        None => return Err((WireError::bad_field("op", "missing field `op`"), req)),
-    };
-    let body = Value::Object(map);
-    let request = match op.as_str() {
-        "hello" => Request::Hello(body_as(body).map_err(|e| (e, req.clone()))?),
-        "record" => Request::Record(body_as(body).map_err(|e| (e, req.clone()))?),
-        "reserve" => Request::Reserve(body_as(body).map_err(|e| (e, req.clone()))?),
-        "check" => Request::Check(body_as(body).map_err(|e| (e, req.clone()))?),
-        "commit" => Request::Commit(body_as(body).map_err(|e| (e, req.clone()))?),
-        "release" => Request::Release(body_as(body).map_err(|e| (e, req.clone()))?),
-        "extend" => Request::Extend(body_as(body).map_err(|e| (e, req.clone()))?),
-        "status" => Request::Status(body_as(body).map_err(|e| (e, req.clone()))?),
-        "tail" => Request::Tail(body_as(body).map_err(|e| (e, req.clone()))?),
-        "export" => Request::Export(body_as(body).map_err(|e| (e, req.clone()))?),
-        "replay" => Request::Replay(body_as(body).map_err(|e| (e, req.clone()))?),
-        "verify" => {
-            empty_body(&body).map_err(|e| (e, req.clone()))?;
-            Request::Verify
-        }
-        "reload" => {
-            empty_body(&body).map_err(|e| (e, req.clone()))?;
-            Request::Reload
-        }
-        other => {
-            let mut shown: String = other.chars().take(64).collect();
-            if shown.len() < other.len() {
-                shown.push('…');
-            }
-            return Err((
-                WireError {
-                    code: ErrorCode::UnknownOp,
-                    message: format!("unknown op `{shown}`"),
-                    field: Some("op".into()),
-                },
-                req,
-            ));
-        }
-    };
-    Ok(RequestLine { request, req })
-}
-
-fn empty_body(body: &Value) -> Result<(), WireError> {
-    if let Value::Object(m) = body {
-        if let Some(k) = m.keys().next() {
-            let message = format!("unknown field `{k}`");
-            // An empty key cannot be named as a field (as in `body_as`): the message says it.
-            return Err(if k.is_empty() {
-                WireError::new(ErrorCode::BadRequest, message)
-            } else {
-                WireError::bad_field(k.clone(), message)
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Decode a JSON value into `T`, naming the failing field on error.
-pub fn body_as<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, WireError> {
-    serde_path_to_error::deserialize(body).map_err(|e| {
-        let inner = e.inner().to_string();
-        let mut path = e.path().to_string();
-        // For an unknown or missing field, serde reports the parent path; name the field itself.
-        if let Some(name) = backticked_field(&inner) {
-            let named = path == name || path.ends_with(&format!(".{name}"));
-            if !named && (inner.starts_with("unknown field") || inner.starts_with("missing field"))
-            {
-                path = if path == "." || path.is_empty() {
-                    name
-                } else {
-                    format!("{path}.{name}")
-                };
-            }
-        }
-        let field = if path == "." || path.is_empty() {
-            None
-        } else {
-            Some(path)
-        };
-        WireError {
-            code: ErrorCode::BadRequest,
-            message: match &field {
-                Some(f) => format!("{f}: {inner}"),
-                None => inner,
-            },
-            field,
-        }
-    })
-}
-
-fn backticked_field(msg: &str) -> Option<String> {
-    let start = msg.find('`')? + 1;
-    let len = msg.get(start..)?.find('`')?;
-    msg.get(start..start + len).map(str::to_string)
-}
+pub use crate::decode::{body_as, decode_request};
 
 /// `state` of a bucket or of a usage answer.
 #[derive(

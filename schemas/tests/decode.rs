@@ -92,3 +92,63 @@ fn request_to_json_roundtrips() {
     let b = decode_request(&again).unwrap().request;
     assert_eq!(a, b);
 }
+
+#[test]
+fn a_key_named_twice_is_refused_wherever_it_is_and_named() {
+    // SPEC §6: a proxy that reads the first value must not see other numbers than the daemon.
+    for (line, field) in [
+        (
+            r#"{"op":"record","event_id":"e","model":"m","usage":{"input_tokens":5,"input_tokens":7}}"#,
+            "usage.input_tokens",
+        ),
+        (r#"{"op":"frob","op":"hello"}"#, "op"),
+        (r#"{"op":"hello","op":"hello"}"#, "op"),
+        (
+            r#"{"op":"record","event_id":"e","event_id":"f","model":"m","usage":{}}"#,
+            "event_id",
+        ),
+        (
+            r#"{"op":"record","event_id":"e","labels":{"team":"a","team":"b"},"model":"m","usage":{}}"#,
+            "labels.team",
+        ),
+        (
+            r#"{"op":"status","labels":{"team":"a","team":"a"}}"#,
+            "labels.team",
+        ),
+        (r#"{"op":"hello","req":1,"req":2}"#, "req"),
+        (r#"{"op":"hello","req":{"a":1,"a":2}}"#, "req.a"),
+        (
+            r#"{"op":"replay","pricing":{"models":{"m":{"input_per_mtok":1,"output_per_mtok":1},"m":{"input_per_mtok":9,"output_per_mtok":9}}}}"#,
+            "pricing.models.m",
+        ),
+        // The same with the body before `op` (the slow path).
+        (
+            r#"{"usage":{"input_tokens":5,"input_tokens":7},"op":"record","event_id":"e","model":"m"}"#,
+            "usage.input_tokens",
+        ),
+    ] {
+        let (e, _) = decode_request(line.as_bytes()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest, "{line}");
+        assert_eq!(e.field.as_deref(), Some(field), "{line}: {e:?}");
+        assert!(e.message.contains("more than once"), "{line}: {e:?}");
+    }
+}
+
+#[test]
+fn a_duplicate_elsewhere_still_echoes_req() {
+    let (e, req) =
+        decode_request(br#"{"op":"status","req":"r-1","labels":{"a":"1","a":"2"}}"#).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("labels.a"));
+    assert_eq!(req, Some(serde_json::json!("r-1")));
+}
+
+#[test]
+fn op_anywhere_in_the_line_decodes_the_same() {
+    let first = r#"{"op":"record","req":3,"event_id":"e-1","labels":{"team":"a"},"model":"gpt-4o","usage":{"input_tokens":5}}"#;
+    let last = r#"{"req":3,"event_id":"e-1","labels":{"team":"a"},"model":"gpt-4o","usage":{"input_tokens":5},"op":"record"}"#;
+    let middle = r#"{"event_id":"e-1","op":"record","labels":{"team":"a"},"req":3,"model":"gpt-4o","usage":{"input_tokens":5}}"#;
+    let a = decode_request(first.as_bytes()).unwrap();
+    assert_eq!(decode_request(last.as_bytes()).unwrap(), a);
+    assert_eq!(decode_request(middle.as_bytes()).unwrap(), a);
+    assert_eq!(a.req, Some(serde_json::json!(3)));
+}

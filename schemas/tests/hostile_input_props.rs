@@ -262,6 +262,74 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         })
 }
 
+/// `v` as JSON text with the `nth` object key met (depth first, in order) written twice: once
+/// with its own value, once more with `other`.
+fn with_key_twice(v: &Value, nth: usize, other: &Value) -> (String, bool) {
+    fn go(v: &Value, nth: usize, seen: &mut usize, other: &Value, out: &mut String) -> bool {
+        match v {
+            Value::Object(m) => {
+                let mut done = false;
+                out.push('{');
+                for (i, (k, val)) in m.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    let key = serde_json::to_string(k).unwrap();
+                    let here = *seen == nth;
+                    *seen += 1;
+                    out.push_str(&key);
+                    out.push(':');
+                    done |= go(val, nth, seen, other, out);
+                    if here {
+                        out.push(',');
+                        out.push_str(&key);
+                        out.push(':');
+                        out.push_str(&other.to_string());
+                        done = true;
+                    }
+                }
+                out.push('}');
+                done
+            }
+            Value::Array(a) => {
+                let mut done = false;
+                out.push('[');
+                for (i, val) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    done |= go(val, nth, seen, other, out);
+                }
+                out.push(']');
+                done
+            }
+            leaf => {
+                out.push_str(&leaf.to_string());
+                false
+            }
+        }
+    }
+    let mut out = String::new();
+    let done = go(v, nth, &mut 0, other, &mut out);
+    (out, done)
+}
+
+/// `v` (an object) as JSON text with its `op` key moved to the end.
+fn op_last(v: &Value) -> String {
+    let Value::Object(m) = v else {
+        return v.to_string();
+    };
+    let mut parts: Vec<String> = m
+        .iter()
+        .filter(|(k, _)| k.as_str() != "op")
+        .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), v))
+        .collect();
+    if let Some(op) = m.get("op") {
+        parts.push(format!("\"op\":{op}"));
+    }
+    format!("{{{}}}", parts.join(","))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -286,6 +354,31 @@ proptest! {
         let decoded = props::request_line(line.as_bytes());
         prop_assert!(decoded.is_ok(), "{line}: {decoded:?}");
         prop_assert!(!matches!(decoded, Ok(Request::Verify)));
+    }
+
+
+    #[test]
+    fn a_key_named_twice_anywhere_is_refused(
+        line in valid_request(),
+        nth in 0usize..40,
+        other in leaf(),
+    ) {
+        let v: Value = serde_json::from_str(&line).unwrap();
+        let (text, doubled) = with_key_twice(&v, nth, &other);
+        prop_assume!(doubled);
+        let decoded = props::request_line(text.as_bytes());
+        let Err(e) = decoded else {
+            return Err(TestCaseError::fail(format!("{text}: accepted")));
+        };
+        prop_assert!(e.message.contains("more than once"), "{text}: {e:?}");
+    }
+
+    #[test]
+    fn where_op_stands_in_the_line_does_not_change_the_request(line in valid_request()) {
+        let v: Value = serde_json::from_str(&line).unwrap();
+        let a = bursar_schemas::wire::decode_request(line.as_bytes());
+        let b = bursar_schemas::wire::decode_request(op_last(&v).as_bytes());
+        prop_assert_eq!(a, b);
     }
 
     #[test]
