@@ -10,7 +10,7 @@ use bursar_core::ledger::Answer;
 use bursar_schemas::event::Actor;
 use bursar_schemas::wire::{
     decode_request, ErrorCode, EventLine, ExportRequest, ExportedEvent, HelloAnswer, Request,
-    StreamEnd, TailRequest, VerifyAnswer, WireError, MAX_LINE_BYTES,
+    RequestLine, StreamEnd, TailRequest, VerifyAnswer, WireError, MAX_LINE_BYTES,
 };
 use serde_json::Value;
 use std::sync::Arc;
@@ -112,12 +112,45 @@ fn actor_of(stream: &UnixStream) -> Actor {
     }
 }
 
+/// Read consistency on one connection (SPEC §5): a read reflects exactly the requests before
+/// it. Reads are evaluated when their turn to be answered comes (after every earlier answer,
+/// hence after every earlier write); this gate keeps the writes *after* a read from reaching
+/// the writer before that read has been evaluated, even when they were pipelined in the same
+/// packet.
+#[derive(Default)]
+struct ReadGate {
+    /// Reads (and streams) of the connection evaluated so far.
+    evaluated: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl ReadGate {
+    fn evaluated_one(&self) {
+        self.evaluated
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Wait until the first `reads` reads of the connection have been evaluated.
+    async fn wait_for(&self, reads: u64) {
+        loop {
+            let changed = self.changed.notified();
+            if self.evaluated.load(std::sync::atomic::Ordering::SeqCst) >= reads {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
 async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
     let actor = actor_of(&stream);
     let (rd, wr) = stream.into_split();
     let (qtx, qrx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT_PER_CONNECTION);
     let writer_ctx = ctx.clone();
-    let answers = tokio::spawn(write_answers(wr, qrx, writer_ctx));
+    let gate = Arc::new(ReadGate::default());
+    let mut reads_queued = 0u64;
+    let answers = tokio::spawn(write_answers(wr, qrx, writer_ctx, gate.clone()));
     let mut reader = BufReader::with_capacity(CONNECTION_BUFFER_BYTES, rd);
     let mut line: Vec<u8> = Vec::new();
     let mut shutdown = ctx.shutdown.clone();
@@ -128,8 +161,24 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
         };
         match read {
             LineRead::Line => {
-                let pending = dispatch(&line, actor, &ctx);
+                let decoded = decode(&line);
                 line.clear();
+                if let Ok(d) = &decoded {
+                    if goes_to_writer(&d.request) && reads_queued > 0 {
+                        // Not before the reads queued ahead of it have seen the ledger.
+                        tokio::select! {
+                            () = gate.wait_for(reads_queued) => {}
+                            _ = shutdown.changed() => break,
+                        }
+                    }
+                }
+                let pending = dispatch(decoded, actor, &ctx);
+                if matches!(
+                    pending,
+                    Pending::Read(_) | Pending::Blocking(_) | Pending::Stream(..)
+                ) {
+                    reads_queued += 1;
+                }
                 if qtx.send(pending).await.is_err() {
                     break;
                 }
@@ -206,15 +255,34 @@ fn submit(ctx: &Ctx, job: Job, rx: oneshot::Receiver<String>, req: Option<Value>
     }
 }
 
-fn dispatch(line: &[u8], actor: Actor, ctx: &Ctx) -> Pending {
+/// Decode a line; an error is the answer line.
+fn decode(line: &[u8]) -> Result<RequestLine, String> {
     if line.iter().all(u8::is_ascii_whitespace) {
-        return Pending::Ready(
+        return Err(
             Answer::Error(WireError::new(ErrorCode::BadRequest, "empty line")).to_line(None),
         );
     }
-    let decoded = match decode_request(line) {
+    decode_request(line).map_err(|(e, req)| Answer::Error(e).to_line(req))
+}
+
+/// True for the requests the writer thread serves.
+fn goes_to_writer(r: &Request) -> bool {
+    matches!(
+        r,
+        Request::Record(_)
+            | Request::Reserve(_)
+            | Request::Commit(_)
+            | Request::Release(_)
+            | Request::Extend(_)
+            | Request::Reload
+            | Request::Replay(_)
+    )
+}
+
+fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pending {
+    let decoded = match decoded {
         Ok(d) => d,
-        Err((e, req)) => return Pending::Ready(Answer::Error(e).to_line(req)),
+        Err(line) => return Pending::Ready(line),
     };
     let req = decoded.req;
     let write = |cmd: WriteCmd| {
@@ -340,6 +408,7 @@ async fn write_answers(
     wr: tokio::net::unix::OwnedWriteHalf,
     mut rx: mpsc::Receiver<Pending>,
     ctx: Arc<Ctx>,
+    gate: Arc<ReadGate>,
 ) {
     let mut out = BufWriter::with_capacity(CONNECTION_BUFFER_BYTES, wr);
     while let Some(p) = rx.recv().await {
@@ -355,15 +424,20 @@ async fn write_answers(
                 });
                 put(&mut out, &line).await
             }
-            Pending::Read(f) => put(&mut out, &f(&ctx)).await,
+            Pending::Read(f) => {
+                let line = f(&ctx);
+                gate.evaluated_one();
+                put(&mut out, &line).await
+            }
             Pending::Blocking(f) => {
                 let c = ctx.clone();
                 let line = tokio::task::spawn_blocking(move || f(&c))
                     .await
                     .unwrap_or_else(|_| error_line(ErrorCode::Internal, "internal error", None));
+                gate.evaluated_one();
                 put(&mut out, &line).await
             }
-            Pending::Stream(kind, req) => stream(&mut out, kind, req, &ctx).await,
+            Pending::Stream(kind, req) => stream(&mut out, kind, req, &ctx, &gate).await,
         };
         if !ok {
             return;
@@ -402,9 +476,13 @@ async fn stream<W: AsyncWriteExt + Unpin>(
     kind: StreamKind,
     req: Option<Value>,
     ctx: &Arc<Ctx>,
+    gate: &ReadGate,
 ) -> bool {
     let pricer = read_ledger(&ctx.shared).pricer();
     let head = *ctx.shared.durable.borrow();
+    // A stream that does not follow shows the log as it is now (up to `head`), not the writes
+    // the connection sends after it; those may go ahead from here.
+    gate.evaluated_one();
     let (mut from, follow, filter) = match &kind {
         StreamKind::Tail(t) => {
             let from = t.from_seq.unwrap_or(if t.follow {
@@ -429,7 +507,8 @@ async fn stream<W: AsyncWriteExt + Unpin>(
     let mut shutdown = ctx.shutdown.clone();
     let mut count = 0u64;
     loop {
-        let limit = *durable.borrow_and_update();
+        let durable_now = *durable.borrow_and_update();
+        let limit = if follow { durable_now } else { head };
         let chunk = match read_chunk(ctx, from).await {
             Ok(c) => c,
             Err(e) => {

@@ -183,7 +183,8 @@ fn pipelined_requests_are_answered_in_order_with_req_echoed() {
         if i % 50 == 0 {
             let s = c.recv();
             assert_eq!(s["req"]["status_after"], i);
-            // A read sees this connection's earlier writes (and maybe later pipelined ones).
+            // A read sees exactly this connection's earlier writes, none of the later ones
+            // pipelined behind it (SPEC §5, read consistency).
             let spent = s["budgets"]
                 .as_array()
                 .unwrap()
@@ -192,8 +193,50 @@ fn pipelined_requests_are_answered_in_order_with_req_echoed() {
                 .unwrap()["spent_requests"]
                 .as_u64()
                 .unwrap();
-            assert!(spent > i as u64, "status after {i} saw only {spent}");
+            assert_eq!(spent, i as u64 + 1, "status after record {i}");
         }
+    }
+}
+
+/// SPEC §5: `record A; status; check; record B` sent in one write: `status` counts A and not B,
+/// and `check` is decided without B (which would deny it).
+#[test]
+fn a_pipelined_read_sees_the_writes_before_it_and_none_after_it() {
+    let d = Daemon::start_with_config(
+        r#"
+[[budget]]
+id = "two-calls"
+group_by = ["team"]
+max_requests = 2
+"#,
+    );
+    for round in 0..20 {
+        let team = json!({"team": format!("t{round}")});
+        let mut c = d.client();
+        let mut batch = Vec::new();
+        for v in [
+            record(&format!("a-{round}"), team.clone(), "gpt-4o-mini", 10, 10),
+            json!({"op":"status","labels":team}),
+            json!({"op":"check","labels":team,"model":"gpt-4o-mini",
+                   "estimate":{"input_tokens":10,"max_output_tokens":10}}),
+            record(&format!("b-{round}"), team.clone(), "gpt-4o-mini", 10, 10),
+        ] {
+            batch.extend_from_slice(v.to_string().as_bytes());
+            batch.push(b'\n');
+        }
+        c.send_raw(&batch);
+        assert_eq!(c.recv()["ok"], true);
+        let status = c.recv();
+        assert_eq!(
+            status["budgets"][0]["spent_requests"], 1,
+            "round {round}: status counts A only: {status}"
+        );
+        let check = c.recv();
+        assert_eq!(
+            check["decision"], "allow",
+            "round {round}: check decided without B: {check}"
+        );
+        assert_eq!(c.recv()["state"], "exhausted", "B brings it to its limit");
     }
 }
 
