@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 mod common;
-use bursar_core::ledger::{collect_epochs, fold, replay, Answer, Command};
+use bursar_core::ledger::{collect_epochs, fold, replay, replay_from_log, Answer, Command};
 use bursar_schemas::event::{EventBody, PricingChanged};
 use bursar_schemas::policy::WindowSpec;
 use bursar_schemas::wire::*;
@@ -290,6 +290,35 @@ proptest! {
         prop_assert_eq!(out.answer.total_delta_micros, 0);
         prop_assert_eq!(out.answer.events, h.log.len() as u64);
         prop_assert_eq!(out.after.status(&StatusRequest::default(), h.now), h.ledger.status(&StatusRequest::default(), h.now));
+    }
+
+    /// The daemon's dry run folds the log alone, off its writer thread (SPEC §6): it must
+    /// answer exactly as a replay against the live ledger.
+    #[test]
+    fn a_dry_run_folded_from_the_log_alone_answers_as_a_replay_of_the_live_ledger(
+        ops in prop::collection::vec(op(), 1..80),
+        factor in 1i64..4,
+        since_at in 0usize..100,
+    ) {
+        let mut h = Harness::new(test_policy(2000));
+        for (n, op) in ops.iter().enumerate() {
+            run_op(&mut h, op, n);
+        }
+        let mut table = prices();
+        for p in table.models.values_mut() {
+            p.input_per_mtok *= factor;
+            p.output_per_mtok += 7;
+        }
+        let since = h.log.get(since_at).map_or(i64::MIN, |e| e.ts);
+        let log = || h.log.iter().cloned().map(Ok::<_, String>);
+        let epochs = collect_epochs(log()).unwrap();
+        let live = replay(&h.ledger, &epochs, log(), &table, since, h.now).unwrap();
+        let dry = replay_from_log(&epochs, log(), &table, since, h.now).unwrap();
+        prop_assert_eq!(&live.answer, &dry.answer);
+        prop_assert_eq!(
+            live.after.status(&StatusRequest::default(), h.now),
+            dry.after.status(&StatusRequest::default(), h.now)
+        );
     }
 }
 

@@ -199,6 +199,7 @@ pub fn run_with(
         admin_uids: cfg.admin_uids.clone(),
         clock,
         shutdown: stop_rx,
+        dry_run_busy: Default::default(),
     });
     tracing::info!(
         "bursard {} listening on {} (data dir {})",

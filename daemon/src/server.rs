@@ -6,11 +6,11 @@
 //! and they never wait for a disk sync. Writes go to the single writer thread.
 
 use crate::writer::{error_line, lock_store, read_ledger, Job, Shared, WriteCmd, WriterHandle};
-use bursar_core::ledger::Answer;
+use bursar_core::ledger::{self, Answer};
 use bursar_schemas::event::Actor;
 use bursar_schemas::wire::{
-    decode_request, ErrorCode, EventLine, ExportRequest, ExportedEvent, HelloAnswer, Request,
-    RequestLine, StreamEnd, TailRequest, VerifyAnswer, WireError, MAX_LINE_BYTES,
+    decode_request, ErrorCode, EventLine, ExportRequest, ExportedEvent, HelloAnswer, ReplayRequest,
+    Request, RequestLine, StreamEnd, TailRequest, VerifyAnswer, WireError, MAX_LINE_BYTES,
 };
 use serde_json::Value;
 use std::sync::Arc;
@@ -41,6 +41,8 @@ pub struct Ctx {
     pub clock: crate::writer::Clock,
     /// Flips to true at shutdown.
     pub shutdown: watch::Receiver<bool>,
+    /// True while a dry-run `replay` runs (at most one at a time).
+    pub dry_run_busy: std::sync::atomic::AtomicBool,
 }
 
 type ReadFn = Box<dyn FnOnce(&Ctx) -> String + Send>;
@@ -342,21 +344,19 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
             )
         }
         Request::Replay(r) => {
-            if r.apply && !ctx.admin_uids.contains(&actor.uid) {
+            let admin = ctx.admin_uids.contains(&actor.uid);
+            if r.apply && !admin {
                 return Pending::Ready(forbidden("replay with apply", actor, req));
             }
-            let (tx, rx) = oneshot::channel();
-            submit(
-                ctx,
-                Job::Replay {
-                    request: r,
+            if r.pricing.import.is_some() && !admin {
+                // Never a word on whether the path exists (SPEC §6).
+                return Pending::Ready(forbidden(
+                    "pricing.import (a path the daemon would read)",
                     actor,
-                    req: req.clone(),
-                    reply: tx,
-                },
-                rx,
-                req,
-            )
+                    req,
+                ));
+            }
+            Pending::Blocking(Box::new(move |ctx: &Ctx| replay(ctx, r, actor, req)))
         }
         Request::Verify => Pending::Blocking(Box::new(move |ctx: &Ctx| {
             let store = lock_store(&ctx.shared);
@@ -393,6 +393,214 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
             }
             Pending::Stream(StreamKind::Export(e), req)
         }
+    }
+}
+
+/// `replay`, on a blocking thread: an admin's `pricing.import` is read here (never on the
+/// writer thread); `apply` goes to the writer, a dry run is folded here from the log alone, at
+/// most one at a time.
+fn replay(ctx: &Ctx, request: ReplayRequest, actor: Actor, req: Option<Value>) -> String {
+    let import_text = match &request.pricing.import {
+        Some(path) => match read_import(path) {
+            Ok(text) => Some(text),
+            Err(msg) => {
+                return Answer::Error(WireError::bad_field("pricing.import", msg)).to_line(req)
+            }
+        },
+        None => None,
+    };
+    if request.apply {
+        let (tx, rx) = oneshot::channel();
+        let job = Job::Replay {
+            request,
+            import_text,
+            actor,
+            req: req.clone(),
+            reply: tx,
+        };
+        return match ctx.writer.submit(job) {
+            Ok(()) => rx.blocking_recv().unwrap_or_else(|_| {
+                error_line(
+                    ErrorCode::Unavailable,
+                    "the writer stopped before answering",
+                    req,
+                )
+            }),
+            Err(code) => error_line(code, "the writer's queue is full; retry shortly", req),
+        };
+    }
+    if ctx
+        .dry_run_busy
+        .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return error_line(
+            ErrorCode::Overloaded,
+            "another dry-run replay is running; retry when it is done",
+            req,
+        );
+    }
+    let line = dry_run(ctx, &request, import_text.as_deref(), req);
+    ctx.dry_run_busy
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    line
+}
+
+/// Largest `pricing.import` file a `replay` reads.
+pub const MAX_IMPORT_BYTES: u64 = 64 << 20;
+
+/// Read an admin's `pricing.import`: a regular file of at most [`MAX_IMPORT_BYTES`]. Opened
+/// without blocking, so a FIFO or a device is refused instead of hanging or streaming for ever.
+fn read_import(path: &str) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot open {path}: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{path} is not a regular file"));
+    }
+    if meta.len() > MAX_IMPORT_BYTES {
+        return Err(format!(
+            "{path} is {} bytes; the limit is {MAX_IMPORT_BYTES}",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_IMPORT_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    if text.len() as u64 > MAX_IMPORT_BYTES {
+        return Err(format!("{path} grew past {MAX_IMPORT_BYTES} bytes"));
+    }
+    Ok(text)
+}
+
+/// A dry-run replay off the writer thread: the log up to the durable head is folded twice
+/// side by side (as it is, and under the new prices); the ledger is only read for the prices
+/// in force.
+fn dry_run(
+    ctx: &Ctx,
+    request: &ReplayRequest,
+    import_text: Option<&str>,
+    req: Option<Value>,
+) -> String {
+    let since = match &request.since {
+        Some(s) => match bursar_core::time::parse_ts(s) {
+            Some(t) => t,
+            None => {
+                return Answer::Error(WireError::bad_field(
+                    "since",
+                    "since must be an RFC 3339 time",
+                ))
+                .to_line(req)
+            }
+        },
+        None => i64::MIN,
+    };
+    let (head, base) = {
+        let l = read_ledger(&ctx.shared);
+        (
+            *ctx.shared.durable.borrow(),
+            l.current_prices().cloned().unwrap_or_default(),
+        )
+    };
+    let table = match bursar_core::policy::parse_pricing_section(
+        &request.pricing,
+        &base,
+        "replay.pricing",
+        &|_| Ok(import_text.unwrap_or_default().to_string()),
+    ) {
+        Ok(t) => t,
+        Err(errs) => {
+            let msg = errs
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Answer::Error(WireError::bad_field("pricing", msg)).to_line(req);
+        }
+    };
+    let now = (ctx.clock)();
+    let epochs = match ledger::collect_epochs(LogChunks::new(&ctx.shared, head)) {
+        Ok(e) => e,
+        Err(e) => return error_line(ErrorCode::Internal, e.to_string(), req),
+    };
+    match ledger::replay_from_log(
+        &epochs,
+        LogChunks::new(&ctx.shared, head),
+        &table,
+        since,
+        now,
+    ) {
+        Ok(outcome) => {
+            let mut answer = outcome.answer;
+            answer.req = req;
+            serde_json::to_string(&answer).unwrap_or_default()
+        }
+        Err(e) => error_line(ErrorCode::Internal, e.to_string(), req),
+    }
+}
+
+/// The log from seq 1 up to `last`, read a chunk at a time with the store locked only per
+/// chunk (the writer appends in between).
+struct LogChunks<'a> {
+    shared: &'a Shared,
+    next: u64,
+    last: u64,
+    buffer: std::collections::VecDeque<bursar_schemas::event::Envelope>,
+    failed: bool,
+}
+
+impl<'a> LogChunks<'a> {
+    fn new(shared: &'a Shared, last: u64) -> Self {
+        LogChunks {
+            shared,
+            next: 1,
+            last,
+            buffer: Default::default(),
+            failed: false,
+        }
+    }
+}
+
+impl Iterator for LogChunks<'_> {
+    type Item = Result<bursar_schemas::event::Envelope, String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        if self.buffer.is_empty() && self.next <= self.last {
+            let store = lock_store(self.shared);
+            for item in store.read_from(self.next).take(STREAM_CHUNK_EVENTS) {
+                match item {
+                    Ok(env) if env.seq <= self.last => {
+                        self.next = env.seq + 1;
+                        self.buffer.push_back(env);
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        self.failed = true;
+                        return Some(Err(e.to_string()));
+                    }
+                }
+            }
+            if self.buffer.is_empty() {
+                // The log ends before `last`: it cannot (`last` was durable).
+                self.failed = true;
+                return Some(Err(format!(
+                    "the log ends at seq {} before the durable seq {}",
+                    self.next.saturating_sub(1),
+                    self.last
+                )));
+            }
+        }
+        self.buffer.pop_front().map(Ok)
     }
 }
 

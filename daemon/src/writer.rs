@@ -93,6 +93,8 @@ pub enum Job {
     Replay {
         /// The request.
         request: ReplayRequest,
+        /// The text of `request.pricing.import`, read off the writer thread.
+        import_text: Option<String>,
         /// Peer credentials.
         actor: Actor,
         /// `req` echo.
@@ -694,13 +696,20 @@ impl Writer {
                     }
                     Job::Replay {
                         request,
+                        import_text,
                         actor,
                         req,
                         reply,
                     } => {
                         let mut l = write_ledger(&shared);
-                        let line =
-                            self.replay(&mut l, &mut batch, request, actor, req.clone(), poisoned);
+                        let line = self.replay(
+                            &mut l,
+                            &mut batch,
+                            (request, import_text),
+                            actor,
+                            req.clone(),
+                            poisoned,
+                        );
                         batch.replies.push((reply, line, req));
                     }
                 }
@@ -720,7 +729,7 @@ impl Writer {
         &mut self,
         l: &mut Ledger,
         batch: &mut Batch,
-        request: ReplayRequest,
+        (request, import_text): (ReplayRequest, Option<String>),
         actor: Actor,
         req: Option<Value>,
         poisoned: bool,
@@ -746,7 +755,13 @@ impl Writer {
             &request.pricing,
             &base,
             "replay.pricing",
-            &|p| std::fs::read_to_string(p).map_err(|e| format!("cannot read {p}: {e}")),
+            // The file was read by the connection, off this thread (never a client-named path
+            // opened here).
+            &|p| {
+                import_text
+                    .clone()
+                    .ok_or_else(|| format!("{p} was not read"))
+            },
         ) {
             Ok(t) => t,
             Err(errs) => {

@@ -272,6 +272,21 @@ impl Client {
         }
     }
 
+    /// An answer if one has started to arrive (waiting a few milliseconds at most), else `None`.
+    pub fn poll_recv(&mut self) -> Option<Value> {
+        use std::io::BufRead;
+        let _ = self
+            .reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(5)));
+        let started = matches!(self.reader.fill_buf(), Ok(b) if !b.is_empty());
+        let _ = self
+            .reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(30)));
+        started.then(|| self.recv())
+    }
+
     /// Request and answer.
     pub fn call(&mut self, v: Value) -> Value {
         self.send(&v);

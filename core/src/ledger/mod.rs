@@ -15,7 +15,8 @@ mod report;
 
 pub use decide::{Answer, Command, IdLookup, IdRecord, Step, Verdict};
 pub use replay::{
-    collect_epochs, diff_rows, fold, fold_into, replay, EpochDecl, FoldError, ReplayOutcome,
+    collect_epochs, diff_rows, fold, fold_into, replay, replay_from_log, EpochDecl, FoldError,
+    ReplayOutcome,
 };
 
 use crate::labels::{scope_key, selector_matches};

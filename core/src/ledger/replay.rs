@@ -100,34 +100,90 @@ pub fn replay<E: std::fmt::Display>(
     let mut total_delta: i64 = 0;
     for ev in events {
         let ev = ev.map_err(|e| FoldError::Source(e.to_string()))?;
-        if let EventBody::UsageRecorded(u) = &ev.body {
-            if ev.ts >= since {
-                let (old, _, _) = before.usage_cost(&u.model, &u.usage, ev.ts);
-                // The refold may not have seen the policy epoch yet; apply first, then price.
-                after.apply(ev.seq, ev.ts, &ev.body)?;
-                let (new, _, _) = after.usage_cost(&u.model, &u.usage, ev.ts);
-                total_delta = total_delta.saturating_add(new.saturating_sub(old));
-                count += 1;
-                continue;
-            }
-        }
-        after.apply(ev.seq, ev.ts, &ev.body)?;
+        total_delta = total_delta.saturating_add(refold(before, &mut after, &ev, since)?);
         count += 1;
     }
+    Ok(outcome(before, after, count, total_delta, since, now))
+}
+
+/// A dry-run [`replay`] from the log alone: the ledger as it is (`before`, the fold of
+/// `events`) and as it would be with `table` from `since` are folded side by side in one pass,
+/// so nothing of the live ledger is needed (the daemon runs this off its writer thread, on
+/// the log up to a seq it chose). `known_epochs` are the log's own `pricing_changed` epochs
+/// ([`collect_epochs`] of the same events).
+pub fn replay_from_log<E: std::fmt::Display>(
+    known_epochs: &[EpochDecl],
+    events: impl Iterator<Item = Result<Envelope, E>>,
+    table: &PriceTable,
+    since: TsMicros,
+    now: TsMicros,
+) -> Result<ReplayOutcome, FoldError> {
+    let mut before = Ledger::new();
+    for (eff, seq, t) in known_epochs {
+        before.preload_epoch(*eff, *seq, t);
+    }
+    let mut after = Ledger::new();
+    // The new table's version is the seq its event would get, after the whole log, which is
+    // not known before the log is read; the seq only ranks the epochs (the newest-introduced
+    // in force wins), so any seq past every event of the log does the same.
+    let mut epochs = known_epochs.to_vec();
+    epochs.push((since, u64::MAX, table.clone()));
+    for (eff, seq, t) in &epochs {
+        after.preload_epoch(*eff, *seq, t);
+    }
+    let mut count = 0u64;
+    let mut total_delta: i64 = 0;
+    for ev in events {
+        let ev = ev.map_err(|e| FoldError::Source(e.to_string()))?;
+        before.apply(ev.seq, ev.ts, &ev.body)?;
+        total_delta = total_delta.saturating_add(refold(&before, &mut after, &ev, since)?);
+        count += 1;
+    }
+    Ok(outcome(&before, after, count, total_delta, since, now))
+}
+
+/// Fold `ev` into `after`; the change of its cost from `before`'s when it is usage at or after
+/// `since`.
+fn refold(
+    before: &Ledger,
+    after: &mut Ledger,
+    ev: &Envelope,
+    since: TsMicros,
+) -> Result<i64, FoldError> {
+    // The refold may not have seen the policy epoch yet; apply first, then price.
+    after.apply(ev.seq, ev.ts, &ev.body)?;
+    if let EventBody::UsageRecorded(u) = &ev.body {
+        if ev.ts >= since {
+            let (old, _, _) = before.usage_cost(&u.model, &u.usage, ev.ts);
+            let (new, _, _) = after.usage_cost(&u.model, &u.usage, ev.ts);
+            return Ok(new.saturating_sub(old));
+        }
+    }
+    Ok(0)
+}
+
+fn outcome(
+    before: &Ledger,
+    after: Ledger,
+    events: u64,
+    total_delta_micros: i64,
+    since: TsMicros,
+    now: TsMicros,
+) -> ReplayOutcome {
     let diff = diff_rows(before, &after, now);
-    Ok(ReplayOutcome {
+    ReplayOutcome {
         after,
         answer: ReplayAnswer {
             ok: true,
-            events: count,
+            events,
             diff,
-            total_delta_micros: total_delta,
+            total_delta_micros,
             applied: false,
             seq: None,
             req: None,
         },
         effective_from: since,
-    })
+    }
 }
 
 /// Buckets whose current-window spend or state differ between two ledgers at `now`.
