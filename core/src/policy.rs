@@ -728,7 +728,22 @@ fn resolve_pricing(
                 table.models.insert(name.clone(), price);
             }
             Err((field, message)) if field.is_empty() => issues.push(at, message),
-            Err((field, message)) => issues.push(with(&at, k(&field)), message),
+            Err((field, message)) => {
+                // `tiers[1].above_tokens` → tiers, [1], above_tokens.
+                let mut p = at.clone();
+                for part in field.split('.') {
+                    match part.split_once('[') {
+                        Some((key, rest)) => {
+                            p.push(k(key));
+                            if let Ok(i) = rest.trim_end_matches(']').parse() {
+                                p.push(Seg::Index(i));
+                            }
+                        }
+                        None => p.push(k(part)),
+                    }
+                }
+                issues.push(p, message)
+            }
         }
     }
     table

@@ -8,10 +8,12 @@
 //! - `cached_input_tokens` and `cache_write_tokens` are billed in addition to `input_tokens`
 //!   (which are the uncached input tokens).
 //! - A cached-input or cache-write price of `None` means the input price.
-//! - Long-context tier: when `usage.input_tokens > above_tokens`, the `_above` prices apply to
-//!   the whole event (input, output, cached input and cache writes); a missing `_above` price
-//!   means the base price of the same kind. A cached-input or cache-write price that is `None`
-//!   both above and at the base means the input price in force, which is the tier's input price.
+//! - Long-context tiers are chosen on the whole prompt, as providers bill it: `input_tokens +
+//!   cached_input_tokens + cache_write_tokens`. When it exceeds a tier's `above_tokens`, that
+//!   tier's prices apply to the whole event (input, output, cached input and cache writes); of
+//!   several tiers, the one with the highest threshold exceeded. A tier's missing price means
+//!   the base price of the same kind; a cached-input or cache-write price that is `None` both in
+//!   the tier and at the base means the input price in force, which is the tier's input price.
 //!
 //! LiteLLM import: prices in LiteLLM's file are USD per token as JSON floats (`2.5e-06`). Each is
 //! converted exactly through the float's shortest decimal text (`format!("{f}")` →
@@ -20,7 +22,7 @@
 
 use crate::money::{self, MoneyError, MAX_USD, MICROS_PER_USD};
 use bursar_schemas::policy::{Dollars, ModelPriceSection};
-use bursar_schemas::pricing::{ModelPrice, PriceTable};
+use bursar_schemas::pricing::{ModelPrice, PriceTable, PriceTier};
 use bursar_schemas::wire::Usage;
 use bursar_schemas::Micros;
 use serde_json::{Map, Value};
@@ -98,11 +100,7 @@ pub fn builtin_table() -> PriceTable {
             output_per_mtok: 0,
             cached_input_per_mtok: None,
             cache_write_per_mtok: None,
-            above_tokens: None,
-            input_per_mtok_above: None,
-            output_per_mtok_above: None,
-            cached_input_per_mtok_above: None,
-            cache_write_per_mtok_above: None,
+            tiers: Vec::new(),
             max_output_tokens: None,
             capabilities,
         };
@@ -199,7 +197,7 @@ fn import_entry(name: &str, entry: &Value) -> Result<ModelPrice, String> {
     };
     let cached = price_field(obj, "cache_read_input_token_cost")?;
     let cache_write = price_field(obj, "cache_creation_input_token_cost")?;
-    let tier = long_context_tier(obj)?;
+    let tiers = long_context_tiers(obj)?;
     let provider = match obj.get("litellm_provider") {
         None | Some(Value::Null) => UNKNOWN_PROVIDER.to_string(),
         Some(Value::String(p)) if p.trim().is_empty() => UNKNOWN_PROVIDER.to_string(),
@@ -233,59 +231,35 @@ fn import_entry(name: &str, entry: &Value) -> Result<ModelPrice, String> {
     if flag("supports_response_schema") {
         capabilities.push("json".to_string());
     }
-    let (above_tokens, input_above, output_above, cached_above, cache_write_above) = match tier {
-        Some(t) => (
-            Some(t.above_tokens),
-            t.input,
-            t.output,
-            t.cached,
-            t.cache_write,
-        ),
-        None => (None, None, None, None, None),
-    };
     Ok(ModelPrice {
         provider,
         input_per_mtok: input,
         output_per_mtok: output,
         cached_input_per_mtok: cached,
         cache_write_per_mtok: cache_write,
-        above_tokens,
-        input_per_mtok_above: input_above,
-        output_per_mtok_above: output_above,
-        cached_input_per_mtok_above: cached_above,
-        cache_write_per_mtok_above: cache_write_above,
+        tiers,
         max_output_tokens,
         capabilities,
     })
 }
 
-/// A long-context tier read from `*_above_NNNk_tokens` keys.
-struct Tier {
-    above_tokens: u64,
-    input: Option<i64>,
-    output: Option<i64>,
-    cached: Option<i64>,
-    cache_write: Option<i64>,
-}
-
-/// Read the long-context tier. LiteLLM writes `input_cost_per_token_above_200k_tokens` (and
+/// Read the long-context tiers. LiteLLM writes `input_cost_per_token_above_200k_tokens` (and
 /// the `output_cost_per_token_…`, `cache_read_input_token_cost_…` and
-/// `cache_creation_input_token_cost_…` variants), where `200k` means 200,000 input tokens.
+/// `cache_creation_input_token_cost_…` variants), where `200k` means a prompt of 200,000 tokens.
 /// Only keys of exactly the form `PREFIX` + digits + `k_tokens` count. Service-tier variants
 /// (`…_priority`, `…_batches`, `…_flex`, …) are ignored: bursar prices the standard tier. So
 /// are the cache-TTL keys `cache_creation_input_token_cost_above_1hr` (and
 /// `…_above_1hr_above_200k_tokens`, `…_above_12hr…`): `1hr` is a cache lifetime, not a token
-/// threshold, and bursar bills cache writes at the default-TTL price. A price table holds one
-/// tier per model; if a file lists several thresholds, the lowest threshold is used with the
-/// highest price of each kind over all tiers, so the event is never under-charged.
-fn long_context_tier(obj: &Map<String, Value>) -> Result<Option<Tier>, String> {
+/// threshold, and bursar bills cache writes at the default-TTL price. Every threshold a model
+/// has becomes a tier of its own (SPEC §2), in ascending order.
+fn long_context_tiers(obj: &Map<String, Value>) -> Result<Vec<PriceTier>, String> {
     const PREFIXES: [&str; 4] = [
         "input_cost_per_token_above_",
         "output_cost_per_token_above_",
         "cache_read_input_token_cost_above_",
         "cache_creation_input_token_cost_above_",
     ];
-    let mut tier: Option<Tier> = None;
+    let mut tiers: std::collections::BTreeMap<u64, PriceTier> = Default::default();
     for key in obj.keys() {
         for (kind, prefix) in PREFIXES.iter().enumerate() {
             let Some(rest) = key.strip_prefix(prefix) else {
@@ -307,24 +281,23 @@ fn long_context_tier(obj: &Map<String, Value>) -> Result<Option<Tier>, String> {
             let Some(price) = price_field(obj, key)? else {
                 continue;
             };
-            let t = tier.get_or_insert(Tier {
+            let t = tiers.entry(above).or_insert(PriceTier {
                 above_tokens: above,
-                input: None,
-                output: None,
-                cached: None,
-                cache_write: None,
+                input_per_mtok: None,
+                output_per_mtok: None,
+                cached_input_per_mtok: None,
+                cache_write_per_mtok: None,
             });
-            t.above_tokens = t.above_tokens.min(above);
             let slot = match kind {
-                0 => &mut t.input,
-                1 => &mut t.output,
-                2 => &mut t.cached,
-                _ => &mut t.cache_write,
+                0 => &mut t.input_per_mtok,
+                1 => &mut t.output_per_mtok,
+                2 => &mut t.cached_input_per_mtok,
+                _ => &mut t.cache_write_per_mtok,
             };
-            *slot = Some(slot.map_or(price, |p| p.max(price)));
+            *slot = Some(price);
         }
     }
-    Ok(tier)
+    Ok(tiers.into_values().collect())
 }
 
 /// Read an optional per-token USD price and convert it to micro-USD per million tokens.
@@ -397,7 +370,8 @@ fn per_token_usd_to_micros_per_mtok(text: &str) -> Result<i64, String> {
 /// Merge a `[pricing.models."NAME"]` section over an existing price, or create a new one.
 ///
 /// Prices in the section are USD per million tokens and convert exactly to micro-USD per
-/// million tokens (at most 6 decimals). A new model needs `input_per_mtok` and
+/// million tokens (at most 6 decimals). A field in a tier is named `tiers[I].KEY`. A new model
+/// needs `input_per_mtok` and
 /// `output_per_mtok`; its provider defaults to `"custom"`. Given capabilities replace the
 /// existing list (duplicates dropped, order kept). The error names the offending field (an
 /// empty field when the model name itself is unusable: empty, over 256 bytes, control chars).
@@ -430,6 +404,50 @@ pub fn apply_section(
         "cache_write_per_mtok_above",
         &section.cache_write_per_mtok_above,
     )?;
+    let given_tiers = match &section.tiers {
+        None => None,
+        Some(list) => {
+            let mut out: Vec<PriceTier> = Vec::with_capacity(list.len());
+            for (i, t) in list.iter().enumerate() {
+                let field = |f: &str| format!("tiers[{i}].{f}");
+                let m = |f: &str, v: &Option<Dollars>| match v {
+                    None => Ok(None),
+                    Some(d) => money::dollars_to_micros(d)
+                        .map(Some)
+                        .map_err(|e| (field(f), money_message(&e))),
+                };
+                let tier = PriceTier {
+                    above_tokens: t.above_tokens,
+                    input_per_mtok: m("input_per_mtok", &t.input_per_mtok)?,
+                    output_per_mtok: m("output_per_mtok", &t.output_per_mtok)?,
+                    cached_input_per_mtok: m("cached_input_per_mtok", &t.cached_input_per_mtok)?,
+                    cache_write_per_mtok: m("cache_write_per_mtok", &t.cache_write_per_mtok)?,
+                };
+                if out.iter().any(|o| o.above_tokens == tier.above_tokens) {
+                    return Err((
+                        field("above_tokens"),
+                        format!("two tiers above {} tokens", tier.above_tokens),
+                    ));
+                }
+                out.push(tier);
+            }
+            out.sort_by_key(|t| t.above_tokens);
+            Some(out)
+        }
+    };
+    if given_tiers.is_some()
+        && (section.above_tokens.is_some()
+            || input_above.is_some()
+            || output_above.is_some()
+            || cached_above.is_some()
+            || cache_write_above.is_some())
+    {
+        return Err(field_err(
+            "tiers",
+            "give either `tiers` or the one-tier keys (`above_tokens`, `*_above`), not both"
+                .to_string(),
+        ));
+    }
     let provider = match &section.provider {
         Some(p) if p.trim().is_empty() => {
             return Err(field_err("provider", "must not be empty".to_string()))
@@ -481,11 +499,7 @@ pub fn apply_section(
                 output_per_mtok: output,
                 cached_input_per_mtok: None,
                 cache_write_per_mtok: None,
-                above_tokens: None,
-                input_per_mtok_above: None,
-                output_per_mtok_above: None,
-                cached_input_per_mtok_above: None,
-                cache_write_per_mtok_above: None,
+                tiers: Vec::new(),
                 max_output_tokens: None,
                 capabilities: Vec::new(),
             }
@@ -506,46 +520,73 @@ pub fn apply_section(
     if cache_write.is_some() {
         price.cache_write_per_mtok = cache_write;
     }
-    if section.above_tokens.is_some() {
-        price.above_tokens = section.above_tokens;
+    if let Some(tiers) = given_tiers {
+        price.tiers = tiers;
     }
-    if input_above.is_some() {
-        price.input_per_mtok_above = input_above;
-    }
-    if output_above.is_some() {
-        price.output_per_mtok_above = output_above;
-    }
-    if cached_above.is_some() {
-        price.cached_input_per_mtok_above = cached_above;
-    }
-    if cache_write_above.is_some() {
-        price.cache_write_per_mtok_above = cache_write_above;
+    // The one-tier keys: `above_tokens` names the tier they set (added when new); without it,
+    // they change the model's only tier.
+    let one_tier = [input_above, output_above, cached_above, cache_write_above];
+    if section.above_tokens.is_some() || one_tier.iter().any(Option::is_some) {
+        let at = match section.above_tokens {
+            Some(a) => match price.tiers.iter().position(|t| t.above_tokens == a) {
+                Some(i) => i,
+                None => {
+                    price.tiers.push(PriceTier {
+                        above_tokens: a,
+                        input_per_mtok: None,
+                        output_per_mtok: None,
+                        cached_input_per_mtok: None,
+                        cache_write_per_mtok: None,
+                    });
+                    price.tiers.sort_by_key(|t| t.above_tokens);
+                    price
+                        .tiers
+                        .iter()
+                        .position(|t| t.above_tokens == a)
+                        .unwrap_or(0)
+                }
+            },
+            None if price.tiers.len() == 1 => 0,
+            None => {
+                let field = [
+                    "input_per_mtok_above",
+                    "output_per_mtok_above",
+                    "cached_input_per_mtok_above",
+                    "cache_write_per_mtok_above",
+                ]
+                .iter()
+                .zip(one_tier)
+                .find(|(_, v)| v.is_some())
+                .map_or("above_tokens", |(f, _)| *f);
+                let message = if price.tiers.is_empty() {
+                    "needs above_tokens (the long-context threshold)".to_string()
+                } else {
+                    format!(
+                        "needs above_tokens: model {name:?} has {} long-context tiers",
+                        price.tiers.len()
+                    )
+                };
+                return Err(field_err(field, message));
+            }
+        };
+        if let Some(t) = price.tiers.get_mut(at) {
+            for (slot, v) in [
+                (&mut t.input_per_mtok, input_above),
+                (&mut t.output_per_mtok, output_above),
+                (&mut t.cached_input_per_mtok, cached_above),
+                (&mut t.cache_write_per_mtok, cache_write_above),
+            ] {
+                if v.is_some() {
+                    *slot = v;
+                }
+            }
+        }
     }
     if section.max_output_tokens.is_some() {
         price.max_output_tokens = section.max_output_tokens;
     }
     if let Some(caps) = capabilities {
         price.capabilities = caps;
-    }
-    if price.above_tokens.is_none() {
-        let needs_threshold = [
-            ("input_per_mtok_above", price.input_per_mtok_above),
-            ("output_per_mtok_above", price.output_per_mtok_above),
-            (
-                "cached_input_per_mtok_above",
-                price.cached_input_per_mtok_above,
-            ),
-            (
-                "cache_write_per_mtok_above",
-                price.cache_write_per_mtok_above,
-            ),
-        ];
-        if let Some((field, _)) = needs_threshold.iter().find(|(_, v)| v.is_some()) {
-            return Err(field_err(
-                field,
-                "needs above_tokens (the long-context threshold)".to_string(),
-            ));
-        }
     }
     Ok(price)
 }
@@ -555,36 +596,62 @@ pub(crate) fn money_message(e: &MoneyError) -> String {
     e.to_string()
 }
 
-/// The prices in force for an event with `input_tokens` uncached input tokens:
-/// `(input, output, cached input, cache write)`.
-fn effective_prices(price: &ModelPrice, input_tokens: u64) -> (i64, i64, i64, i64) {
-    let long = price.above_tokens.is_some_and(|a| input_tokens > a);
-    if long {
-        let input = price.input_per_mtok_above.unwrap_or(price.input_per_mtok);
-        let output = price.output_per_mtok_above.unwrap_or(price.output_per_mtok);
-        let cached = price
-            .cached_input_per_mtok_above
-            .or(price.cached_input_per_mtok)
-            .unwrap_or(input);
-        let cache_write = price
-            .cache_write_per_mtok_above
-            .or(price.cache_write_per_mtok)
-            .unwrap_or(input);
-        (input, output, cached, cache_write)
-    } else {
-        let input = price.input_per_mtok;
-        (
-            input,
-            price.output_per_mtok,
-            price.cached_input_per_mtok.unwrap_or(input),
-            price.cache_write_per_mtok.unwrap_or(input),
-        )
+/// The tier in force for a prompt of `prompt_tokens`: the one with the highest threshold the
+/// prompt exceeds.
+pub fn tier_for(price: &ModelPrice, prompt_tokens: u64) -> Option<&PriceTier> {
+    price
+        .tiers
+        .iter()
+        .filter(|t| prompt_tokens > t.above_tokens)
+        .max_by_key(|t| t.above_tokens)
+}
+
+/// The prices of `tier` (or of the base, without one): `(input, output, cached input, cache
+/// write)`.
+fn prices_of(price: &ModelPrice, tier: Option<&PriceTier>) -> (i64, i64, i64, i64) {
+    match tier {
+        Some(t) => {
+            let input = t.input_per_mtok.unwrap_or(price.input_per_mtok);
+            let output = t.output_per_mtok.unwrap_or(price.output_per_mtok);
+            let cached = t
+                .cached_input_per_mtok
+                .or(price.cached_input_per_mtok)
+                .unwrap_or(input);
+            let cache_write = t
+                .cache_write_per_mtok
+                .or(price.cache_write_per_mtok)
+                .unwrap_or(input);
+            (input, output, cached, cache_write)
+        }
+        None => {
+            let input = price.input_per_mtok;
+            (
+                input,
+                price.output_per_mtok,
+                price.cached_input_per_mtok.unwrap_or(input),
+                price.cache_write_per_mtok.unwrap_or(input),
+            )
+        }
     }
+}
+
+/// The prices in force for an event whose whole prompt is `prompt_tokens` tokens.
+fn effective_prices(price: &ModelPrice, prompt_tokens: u64) -> (i64, i64, i64, i64) {
+    prices_of(price, tier_for(price, prompt_tokens))
+}
+
+/// The whole prompt of a usage event, as providers bill long context: uncached input, cache
+/// reads and cache writes together.
+pub fn prompt_tokens(usage: &Usage) -> u64 {
+    usage
+        .input_tokens
+        .saturating_add(usage.cached_input_tokens)
+        .saturating_add(usage.cache_write_tokens)
 }
 
 /// The cost of one usage event (SPEC §2): exact in 128-bit integers, rounded up once.
 pub fn usage_cost(price: &ModelPrice, usage: &Usage) -> Micros {
-    let (input, output, cached, cache_write) = effective_prices(price, usage.input_tokens);
+    let (input, output, cached, cache_write) = effective_prices(price, prompt_tokens(usage));
     money::cost_micros(&[
         (usage.input_tokens, input),
         (usage.output_tokens, output),
@@ -595,8 +662,8 @@ pub fn usage_cost(price: &ModelPrice, usage: &Usage) -> Micros {
 
 /// The worst-case cost a reservation holds (SPEC §5):
 /// `input_tokens × input price + max_output_tokens × output price`, with the long-context tier
-/// when `input_tokens > above_tokens`. Capping `max_output_tokens` at the model's maximum is the
-/// caller's job.
+/// of a prompt of `input_tokens` (the estimate's whole prompt). Capping `max_output_tokens` at
+/// the model's maximum is the caller's job.
 pub fn worst_case_cost(price: &ModelPrice, input_tokens: u64, max_output_tokens: u64) -> Micros {
     let (input, output, _, _) = effective_prices(price, input_tokens);
     money::cost_micros(&[(input_tokens, input), (max_output_tokens, output)])
@@ -613,25 +680,14 @@ pub fn max_price(table: &PriceTable) -> ModelPrice {
     let mut cached = 0;
     let mut cache_write = 0;
     for p in table.models.values() {
-        let input_above = p.input_per_mtok_above.unwrap_or(p.input_per_mtok);
-        input = input.max(p.input_per_mtok).max(input_above);
-        output = output
-            .max(p.output_per_mtok)
-            .max(p.output_per_mtok_above.unwrap_or(p.output_per_mtok));
-        cached = cached
-            .max(p.cached_input_per_mtok.unwrap_or(p.input_per_mtok))
-            .max(
-                p.cached_input_per_mtok_above
-                    .or(p.cached_input_per_mtok)
-                    .unwrap_or(input_above),
-            );
-        cache_write = cache_write
-            .max(p.cache_write_per_mtok.unwrap_or(p.input_per_mtok))
-            .max(
-                p.cache_write_per_mtok_above
-                    .or(p.cache_write_per_mtok)
-                    .unwrap_or(input_above),
-            );
+        let tiers = std::iter::once(None).chain(p.tiers.iter().map(Some));
+        for tier in tiers {
+            let (i, o, c, w) = prices_of(p, tier);
+            input = input.max(i);
+            output = output.max(o);
+            cached = cached.max(c);
+            cache_write = cache_write.max(w);
+        }
     }
     ModelPrice {
         provider: UNKNOWN_PROVIDER.to_string(),
@@ -639,11 +695,7 @@ pub fn max_price(table: &PriceTable) -> ModelPrice {
         output_per_mtok: output,
         cached_input_per_mtok: Some(cached),
         cache_write_per_mtok: Some(cache_write),
-        above_tokens: None,
-        input_per_mtok_above: None,
-        output_per_mtok_above: None,
-        cached_input_per_mtok_above: None,
-        cache_write_per_mtok_above: None,
+        tiers: Vec::new(),
         max_output_tokens: None,
         capabilities: Vec::new(),
     }
@@ -660,26 +712,23 @@ pub fn table_to_toml(table: &PriceTable) -> String {
         push_usd(&mut out, "output_per_mtok", Some(p.output_per_mtok));
         push_usd(&mut out, "cached_input_per_mtok", p.cached_input_per_mtok);
         push_usd(&mut out, "cache_write_per_mtok", p.cache_write_per_mtok);
-        if let Some(a) = p.above_tokens {
-            out.push_str(&format!("above_tokens = {a}\n"));
-        }
-        push_usd(&mut out, "input_per_mtok_above", p.input_per_mtok_above);
-        push_usd(&mut out, "output_per_mtok_above", p.output_per_mtok_above);
-        push_usd(
-            &mut out,
-            "cached_input_per_mtok_above",
-            p.cached_input_per_mtok_above,
-        );
-        push_usd(
-            &mut out,
-            "cache_write_per_mtok_above",
-            p.cache_write_per_mtok_above,
-        );
         if let Some(m) = p.max_output_tokens {
             out.push_str(&format!("max_output_tokens = {m}\n"));
         }
         let caps: Vec<String> = p.capabilities.iter().map(|c| toml_string(c)).collect();
         out.push_str(&format!("capabilities = [{}]\n\n", caps.join(", ")));
+        for t in &p.tiers {
+            out.push_str(&format!(
+                "[[pricing.models.{}.tiers]]\nabove_tokens = {}\n",
+                toml_string(name),
+                t.above_tokens
+            ));
+            push_usd(&mut out, "input_per_mtok", t.input_per_mtok);
+            push_usd(&mut out, "output_per_mtok", t.output_per_mtok);
+            push_usd(&mut out, "cached_input_per_mtok", t.cached_input_per_mtok);
+            push_usd(&mut out, "cache_write_per_mtok", t.cache_write_per_mtok);
+            out.push('\n');
+        }
     }
     out
 }
@@ -742,14 +791,34 @@ mod tests {
             output_per_mtok: output,
             cached_input_per_mtok: None,
             cache_write_per_mtok: None,
-            above_tokens: None,
-            input_per_mtok_above: None,
-            output_per_mtok_above: None,
-            cached_input_per_mtok_above: None,
-            cache_write_per_mtok_above: None,
+            tiers: vec![],
             max_output_tokens: None,
             capabilities: vec![],
         }
+    }
+
+    /// The tier above `above` tokens of `p`, created with no prices of its own if new.
+    fn tier_mut(p: &mut ModelPrice, above: u64) -> &mut PriceTier {
+        if !p.tiers.iter().any(|t| t.above_tokens == above) {
+            p.tiers.push(PriceTier {
+                above_tokens: above,
+                input_per_mtok: None,
+                output_per_mtok: None,
+                cached_input_per_mtok: None,
+                cache_write_per_mtok: None,
+            });
+            p.tiers.sort_by_key(|t| t.above_tokens);
+        }
+        match p.tiers.iter_mut().find(|t| t.above_tokens == above) {
+            Some(t) => t,
+            None => unreachable!(),
+        }
+    }
+
+    /// The only tier of `p`.
+    fn only_tier_mut(p: &mut ModelPrice) -> &mut PriceTier {
+        assert_eq!(p.tiers.len(), 1);
+        &mut p.tiers[0]
     }
 
     fn builtin(name: &str) -> ModelPrice {
@@ -800,9 +869,18 @@ mod tests {
     fn long_context_tier_applies_to_the_whole_event_only_above_the_threshold() {
         // gemini-2.5-pro: $1.25/$10 up to 200k input tokens, $2.50/$15 above.
         let p = builtin("gemini-2.5-pro");
-        assert_eq!(p.above_tokens, Some(200_000));
-        assert_eq!(p.input_per_mtok_above, Some(2_500_000));
-        assert_eq!(p.output_per_mtok_above, Some(15_000_000));
+        assert_eq!(
+            p.tiers.iter().map(|t| t.above_tokens).collect::<Vec<_>>(),
+            vec![200_000]
+        );
+        assert_eq!(
+            p.tiers.first().and_then(|t| t.input_per_mtok),
+            Some(2_500_000)
+        );
+        assert_eq!(
+            p.tiers.first().and_then(|t| t.output_per_mtok),
+            Some(15_000_000)
+        );
         // Exactly at the threshold: base prices.
         assert_eq!(
             usage_cost(&p, &usage(200_000, 1000, 0, 0)),
@@ -820,8 +898,8 @@ mod tests {
     #[test]
     fn missing_above_price_falls_back_to_the_base_price() {
         let mut p = price(1_000_000, 2_000_000);
-        p.above_tokens = Some(10);
-        p.input_per_mtok_above = Some(3_000_000);
+        tier_mut(&mut p, 10);
+        only_tier_mut(&mut p).input_per_mtok = Some(3_000_000);
         assert_eq!(usage_cost(&p, &usage(11, 1_000_000, 0, 0)), 33 + 2_000_000);
         // Cached reads with no prices fall back to the tier's input price.
         assert_eq!(usage_cost(&p, &usage(11, 0, 1_000_000, 0)), 33 + 3_000_000);
@@ -835,43 +913,56 @@ mod tests {
         // input_cost_per_token_above_200k_tokens 6e-06 ($6/Mtok),
         // cache_creation_input_token_cost_above_200k_tokens 7.5e-06 ($7.50/Mtok).
         let p = builtin("claude-sonnet-4-20250514");
-        assert_eq!(p.above_tokens, Some(200_000));
+        assert_eq!(
+            p.tiers.iter().map(|t| t.above_tokens).collect::<Vec<_>>(),
+            vec![200_000]
+        );
         assert_eq!(p.input_per_mtok, 3_000_000);
         assert_eq!(p.cache_write_per_mtok, Some(3_750_000));
-        assert_eq!(p.input_per_mtok_above, Some(6_000_000));
-        assert_eq!(p.cache_write_per_mtok_above, Some(7_500_000));
-        // At the threshold, base prices:
-        //   200,000 × $3/Mtok = 600,000 micros; 100,000 cache writes × $3.75/Mtok = 375,000.
         assert_eq!(
-            usage_cost(&p, &usage(200_000, 0, 0, 100_000)),
-            600_000 + 375_000
+            p.tiers.first().and_then(|t| t.input_per_mtok),
+            Some(6_000_000)
         );
-        // One token above, the tier prices for the whole event:
-        //   200,001 × $6/Mtok = 1,200,006 micros; 100,000 × $7.50/Mtok = 750,000.
         assert_eq!(
-            usage_cost(&p, &usage(200_001, 0, 0, 100_000)),
-            1_200_006 + 750_000
+            p.tiers.first().and_then(|t| t.cache_write_per_mtok),
+            Some(7_500_000)
         );
-        // A single cache-write token above: 7.5 micros, together with 1,200,006 → 1,200,013.5,
-        // rounded up once to 1,200,014.
-        assert_eq!(usage_cost(&p, &usage(200_001, 0, 0, 1)), 1_200_014);
+        // The tier is chosen on the whole prompt, cache writes included (SPEC §2). A prompt of
+        // exactly 200,000 tokens, base prices:
+        //   100,000 × $3/Mtok = 300,000 micros; 100,000 cache writes × $3.75/Mtok = 375,000.
+        assert_eq!(
+            usage_cost(&p, &usage(100_000, 0, 0, 100_000)),
+            300_000 + 375_000
+        );
+        // One token more, the tier prices for the whole event:
+        //   100,001 × $6/Mtok = 600,006 micros; 100,000 × $7.50/Mtok = 750,000.
+        assert_eq!(
+            usage_cost(&p, &usage(100_001, 0, 0, 100_000)),
+            600_006 + 750_000
+        );
+        // A single cache-write token tips 200,000 input tokens over: 200,000 × $6 = 1,200,000
+        // and 7.5 micros, rounded up once to 1,200,008.
+        assert_eq!(usage_cost(&p, &usage(200_000, 0, 0, 1)), 1_200_008);
+        assert_eq!(usage_cost(&p, &usage(200_000, 0, 0, 0)), 600_000);
     }
 
     #[test]
-    fn missing_cache_write_above_price_falls_back_to_the_base_cache_write_price() {
+    fn missing_cache_write_tier_price_falls_back_to_the_base_cache_write_price() {
         let mut p = price(1_000_000, 2_000_000);
-        p.above_tokens = Some(10);
-        p.input_per_mtok_above = Some(3_000_000);
-        // No cache-write price at all: the tier's input price.
-        assert_eq!(usage_cost(&p, &usage(11, 0, 0, 1_000_000)), 33 + 3_000_000);
+        tier_mut(&mut p, 2_000_000);
+        only_tier_mut(&mut p).input_per_mtok = Some(3_000_000);
+        let above = usage(1_000_001, 0, 0, 1_000_000); // a prompt of 2,000,001 tokens
+        let at = usage(1_000_000, 0, 0, 1_000_000); // 2,000,000: not above
+                                                    // No cache-write price at all: the tier's input price.
+        assert_eq!(usage_cost(&p, &above), 3_000_003 + 3_000_000);
         // A base cache-write price only: that price, above the threshold too.
         p.cache_write_per_mtok = Some(500_000);
-        assert_eq!(usage_cost(&p, &usage(11, 0, 0, 1_000_000)), 33 + 500_000);
-        assert_eq!(usage_cost(&p, &usage(10, 0, 0, 1_000_000)), 10 + 500_000);
-        // An above price: only above the threshold.
-        p.cache_write_per_mtok_above = Some(4_000_000);
-        assert_eq!(usage_cost(&p, &usage(11, 0, 0, 1_000_000)), 33 + 4_000_000);
-        assert_eq!(usage_cost(&p, &usage(10, 0, 0, 1_000_000)), 10 + 500_000);
+        assert_eq!(usage_cost(&p, &above), 3_000_003 + 500_000);
+        assert_eq!(usage_cost(&p, &at), 1_000_000 + 500_000);
+        // A tier price: only above the threshold.
+        only_tier_mut(&mut p).cache_write_per_mtok = Some(4_000_000);
+        assert_eq!(usage_cost(&p, &above), 3_000_003 + 4_000_000);
+        assert_eq!(usage_cost(&p, &at), 1_000_000 + 500_000);
     }
 
     #[test]
@@ -879,14 +970,14 @@ mod tests {
         let mut table = PriceTable::default();
         let mut a = price(1_000_000, 1_000_000);
         a.cache_write_per_mtok = Some(1_250_000);
-        a.above_tokens = Some(100);
-        a.input_per_mtok_above = Some(2_000_000);
-        a.cache_write_per_mtok_above = Some(9_000_000);
+        tier_mut(&mut a, 100);
+        only_tier_mut(&mut a).input_per_mtok = Some(2_000_000);
+        only_tier_mut(&mut a).cache_write_per_mtok = Some(9_000_000);
         table.models.insert("a".into(), a.clone());
         let m = max_price(&table);
         assert_eq!(m.input_per_mtok, 2_000_000);
         assert_eq!(m.cache_write_per_mtok, Some(9_000_000));
-        assert_eq!(m.cache_write_per_mtok_above, None);
+        assert_eq!(m.tiers.first().and_then(|t| t.cache_write_per_mtok), None);
         let u = usage(101, 0, 0, 1000);
         assert!(usage_cost(&m, &u) >= usage_cost(&a, &u));
     }
@@ -918,17 +1009,29 @@ mod tests {
         assert!(import.skipped.is_empty(), "{:?}", import.skipped);
         let ttl = &import.table.models["ttl-only"];
         assert_eq!(ttl.cache_write_per_mtok, Some(3_750_000));
-        assert_eq!(ttl.above_tokens, None);
-        assert_eq!(ttl.cache_write_per_mtok_above, None);
+        assert!(ttl.tiers.is_empty());
+        assert_eq!(ttl.tiers.first().and_then(|t| t.cache_write_per_mtok), None);
         let tier = &import.table.models["ttl-and-tier"];
         assert_eq!(tier.cache_write_per_mtok, Some(3_750_000));
-        assert_eq!(tier.above_tokens, Some(200_000));
-        assert_eq!(tier.cache_write_per_mtok_above, Some(7_500_000));
-        assert_eq!(tier.input_per_mtok_above, None);
+        assert_eq!(
+            tier.tiers
+                .iter()
+                .map(|t| t.above_tokens)
+                .collect::<Vec<_>>(),
+            vec![200_000]
+        );
+        assert_eq!(
+            tier.tiers.first().and_then(|t| t.cache_write_per_mtok),
+            Some(7_500_000)
+        );
+        assert_eq!(tier.tiers.first().and_then(|t| t.input_per_mtok), None);
         // The built-in claude-sonnet-4-5 carries only the 1hr key: no tier.
         let sonnet = builtin("claude-sonnet-4-5");
-        assert_eq!(sonnet.above_tokens, None);
-        assert_eq!(sonnet.cache_write_per_mtok_above, None);
+        assert!(sonnet.tiers.is_empty());
+        assert_eq!(
+            sonnet.tiers.first().and_then(|t| t.cache_write_per_mtok),
+            None
+        );
         assert_eq!(sonnet.cache_write_per_mtok, Some(3_750_000));
     }
 
@@ -944,8 +1047,8 @@ mod tests {
         let mut a = price(1_000_000, 9_000_000);
         a.cached_input_per_mtok = Some(100_000);
         let mut b = price(5_000_000, 2_000_000);
-        b.above_tokens = Some(100);
-        b.input_per_mtok_above = Some(6_000_000);
+        tier_mut(&mut b, 100);
+        only_tier_mut(&mut b).input_per_mtok = Some(6_000_000);
         b.max_output_tokens = Some(100);
         b.capabilities = vec!["tools".into()];
         table.models.insert("a".into(), a);
@@ -956,7 +1059,7 @@ mod tests {
         assert_eq!(m.output_per_mtok, 9_000_000);
         assert_eq!(m.cached_input_per_mtok, Some(6_000_000));
         assert_eq!(m.cache_write_per_mtok, Some(6_000_000));
-        assert_eq!(m.above_tokens, None);
+        assert!(m.tiers.is_empty());
         assert_eq!(m.max_output_tokens, None);
         assert!(m.capabilities.is_empty());
         // An unknown model never costs less than a known one.
@@ -1124,14 +1227,25 @@ mod tests {
         );
         // The cache-write tier is read; the 1hr cache-TTL key is not.
         let bedrock_sonnet_4 = &import.table.models["anthropic.claude-sonnet-4-20250514-v1:0"];
-        assert_eq!(bedrock_sonnet_4.above_tokens, Some(200_000));
-        assert_eq!(bedrock_sonnet_4.cache_write_per_mtok_above, Some(7_500_000));
-        assert!(import
-            .table
-            .models
-            .values()
-            .filter(|p| p.cache_write_per_mtok_above.is_some())
-            .all(|p| p.above_tokens.is_some()));
+        assert_eq!(
+            bedrock_sonnet_4
+                .tiers
+                .iter()
+                .map(|t| t.above_tokens)
+                .collect::<Vec<_>>(),
+            vec![200_000]
+        );
+        assert_eq!(
+            bedrock_sonnet_4
+                .tiers
+                .first()
+                .and_then(|t| t.cache_write_per_mtok),
+            Some(7_500_000)
+        );
+        assert!(import.table.models.values().all(|p| p
+            .tiers
+            .windows(2)
+            .all(|w| w[0].above_tokens < w[1].above_tokens)));
         // The built-in subset agrees with the full file for directly copied entries.
         let builtin = builtin_table();
         for name in [
@@ -1214,8 +1328,18 @@ mod tests {
             Ok(p) => p,
             Err(e) => panic!("{e:?}"),
         };
-        assert_eq!(tiered.above_tokens, Some(128_000));
-        assert_eq!(tiered.cache_write_per_mtok_above, Some(7_500_000));
+        assert_eq!(
+            tiered
+                .tiers
+                .iter()
+                .map(|t| t.above_tokens)
+                .collect::<Vec<_>>(),
+            vec![128_000]
+        );
+        assert_eq!(
+            tiered.tiers.first().and_then(|t| t.cache_write_per_mtok),
+            Some(7_500_000)
+        );
         assert_eq!(tiered.cache_write_per_mtok, base.cache_write_per_mtok);
     }
 

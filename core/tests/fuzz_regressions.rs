@@ -149,9 +149,19 @@ fn the_fixed_import_file_merges_into_the_builtin_table() {
     let loaded = props::policy("[pricing]\nimport = \"prices.json\"\n").unwrap();
     let models = &loaded.resolved.pricing.models;
     assert_eq!(models["acme/house-model"].input_per_mtok, 400_000);
-    assert_eq!(models["acme/long"].above_tokens, Some(200_000));
     assert_eq!(
-        models["acme/long"].cache_write_per_mtok_above,
+        models["acme/long"]
+            .tiers
+            .iter()
+            .map(|t| t.above_tokens)
+            .collect::<Vec<_>>(),
+        vec![200_000]
+    );
+    assert_eq!(
+        models["acme/long"]
+            .tiers
+            .first()
+            .and_then(|t| t.cache_write_per_mtok),
         Some(3_000_000)
     );
     assert!(models.contains_key("gpt-4o"));

@@ -121,7 +121,14 @@ fn spec_example_parses_into_the_resolved_policy() {
     assert_eq!(gpt_4o.output_per_mtok, 10_000_000);
     assert_eq!(gpt_4o.cached_input_per_mtok, Some(1_250_000));
     assert_eq!(gpt_4o.cache_write_per_mtok, Some(0));
-    assert_eq!(gpt_4o.above_tokens, Some(0));
+    assert_eq!(
+        gpt_4o
+            .tiers
+            .iter()
+            .map(|t| t.above_tokens)
+            .collect::<Vec<_>>(),
+        vec![0]
+    );
     assert_eq!(
         gpt_4o.capabilities,
         ["tools", "streaming", "vision", "json"]
@@ -596,8 +603,14 @@ fn cache_write_per_mtok_above_is_read_from_a_model_section() {
     };
     let p = &loaded.resolved.pricing.models["my-llm"];
     assert_eq!(p.cache_write_per_mtok, Some(3_750_000));
-    assert_eq!(p.above_tokens, Some(200_000));
-    assert_eq!(p.cache_write_per_mtok_above, Some(7_500_000));
+    assert_eq!(
+        p.tiers.iter().map(|t| t.above_tokens).collect::<Vec<_>>(),
+        vec![200_000]
+    );
+    assert_eq!(
+        p.tiers.first().and_then(|t| t.cache_write_per_mtok),
+        Some(7_500_000)
+    );
     // 200,001 input tokens × $3/Mtok = 600,003 micros; 1,000 cache writes × $7.50/Mtok = 7,500.
     let u = Usage {
         input_tokens: 200_001,

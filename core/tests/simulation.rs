@@ -98,11 +98,7 @@ fn price(provider: &str, input: i64, output: i64, max: Option<u64>, caps: &[&str
         output_per_mtok: output,
         cached_input_per_mtok: None,
         cache_write_per_mtok: None,
-        above_tokens: None,
-        input_per_mtok_above: None,
-        output_per_mtok_above: None,
-        cached_input_per_mtok_above: None,
-        cache_write_per_mtok_above: None,
+        tiers: Vec::new(),
         max_output_tokens: max,
         capabilities: caps.iter().map(|c| c.to_string()).collect(),
     }

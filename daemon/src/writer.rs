@@ -31,8 +31,11 @@ pub const SNAPSHOT_EVERY_EVENTS: u64 = 100_000;
 pub const SNAPSHOT_EVERY_SECONDS: u64 = 300;
 /// Longest the writer sleeps without checking for due expiries.
 pub const REAPER_TICK: Duration = Duration::from_millis(250);
-/// Format tag of a snapshot value.
+/// Format tag of the snapshots of the first release (ignored now: recovery folds the log).
 pub const SNAPSHOT_FORMAT_V1: u8 = 1;
+/// Format tag of a snapshot value: bincode of the ledger, its policy and price tables as JSON
+/// inside (so that they can grow keys without a new format).
+pub const SNAPSHOT_FORMAT_V2: u8 = 2;
 
 /// A clock: Unix microseconds.
 pub type Clock = Arc<dyn Fn() -> TsMicros + Send + Sync>;
@@ -332,15 +335,16 @@ fn decode_id(store: &dyn LogStore, bytes: &[u8]) -> Option<IdRecord> {
 
 /// Encode a ledger snapshot.
 pub fn encode_snapshot(l: &Ledger) -> Option<Vec<u8>> {
-    let mut out = vec![SNAPSHOT_FORMAT_V1];
+    let mut out = vec![SNAPSHOT_FORMAT_V2];
     bincode::serde::encode_into_std_write(l, &mut out, bincode::config::standard()).ok()?;
     Some(out)
 }
 
-/// Decode a ledger snapshot.
+/// Decode a ledger snapshot. A snapshot is a cache of the log's fold: one of an older format
+/// (or a damaged one) is `None`, and recovery folds the log instead.
 pub fn decode_snapshot(bytes: &[u8]) -> Option<Ledger> {
     let (tag, rest) = bytes.split_first()?;
-    if *tag != SNAPSHOT_FORMAT_V1 {
+    if *tag != SNAPSHOT_FORMAT_V2 {
         return None;
     }
     bincode::serde::decode_from_slice(
@@ -362,6 +366,12 @@ pub fn recover(store: &dyn LogStore) -> Result<Ledger, String> {
     let from_snapshot = match store.latest_snapshot() {
         Ok(Some((seq, bytes))) => match decode_snapshot(&bytes) {
             Some(l) if l.last_seq() == seq => Some(l),
+            None if bytes.first() == Some(&SNAPSHOT_FORMAT_V1) => {
+                tracing::info!(
+                    "the snapshot at seq {seq} is of an older format; folding the whole log"
+                );
+                None
+            }
             _ => {
                 tracing::warn!("snapshot at seq {seq} is unusable; folding the whole log");
                 None

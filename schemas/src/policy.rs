@@ -86,7 +86,8 @@ pub struct ModelPriceSection {
     pub cached_input_per_mtok: Option<Dollars>,
     /// USD per million cache-write tokens.
     pub cache_write_per_mtok: Option<Dollars>,
-    /// Long-context threshold on `input_tokens`.
+    /// Long-context threshold on the whole prompt (input + cached input + cache writes): the
+    /// one-tier form; see `tiers` for several.
     pub above_tokens: Option<u64>,
     /// USD per million input tokens above the threshold.
     pub input_per_mtok_above: Option<Dollars>,
@@ -100,6 +101,26 @@ pub struct ModelPriceSection {
     pub max_output_tokens: Option<u64>,
     /// Capabilities such as `tools`, `vision`, `json`, `streaming`.
     pub capabilities: Option<Vec<String>>,
+    /// Long-context tiers (`[[pricing.models."NAME".tiers]]`), replacing the model's; instead of
+    /// the one-tier keys `above_tokens` and `*_above`.
+    pub tiers: Option<Vec<PriceTierSection>>,
+}
+
+/// `[[pricing.models."NAME".tiers]]`: the prices for prompts of more than `above_tokens`
+/// tokens (USD per million tokens); a price left out is the model's base price of that kind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PriceTierSection {
+    /// The tier applies to prompts (input + cached input + cache writes) of more tokens.
+    pub above_tokens: u64,
+    /// USD per million input tokens.
+    pub input_per_mtok: Option<Dollars>,
+    /// USD per million output tokens.
+    pub output_per_mtok: Option<Dollars>,
+    /// USD per million cached-input tokens.
+    pub cached_input_per_mtok: Option<Dollars>,
+    /// USD per million cache-write tokens.
+    pub cache_write_per_mtok: Option<Dollars>,
 }
 
 /// `[tiers]`.

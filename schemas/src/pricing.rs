@@ -19,22 +19,34 @@ pub struct ModelPrice {
     pub cached_input_per_mtok: Option<i64>,
     /// Price of cache writes (cache creation); `None` means the input price.
     pub cache_write_per_mtok: Option<i64>,
-    /// Long-context tier: when an event's `input_tokens` exceed this, the `_above`
-    /// prices apply to the whole event.
-    pub above_tokens: Option<u64>,
-    /// Input price above `above_tokens`.
-    pub input_per_mtok_above: Option<i64>,
-    /// Output price above `above_tokens`.
-    pub output_per_mtok_above: Option<i64>,
-    /// Cached-input price above `above_tokens`; `None` means the base cached-input price.
-    pub cached_input_per_mtok_above: Option<i64>,
-    /// Cache-write price above `above_tokens`; `None` means the base cache-write price (which,
-    /// when itself `None`, means the input price in force above the threshold).
-    pub cache_write_per_mtok_above: Option<i64>,
+    /// Long-context tiers, in ascending order of `above_tokens` (none: one price whatever the
+    /// prompt's size). When an event's whole prompt (`input_tokens + cached_input_tokens +
+    /// cache_write_tokens`) exceeds a tier's `above_tokens`, that tier's prices apply to every
+    /// token of the event; of several, the one with the highest threshold exceeded.
+    #[serde(default)]
+    pub tiers: Vec<PriceTier>,
     /// The model's own maximum output tokens per call, if known.
     pub max_output_tokens: Option<u64>,
     /// Capabilities such as `tools`, `vision`, `json`, `streaming`.
     pub capabilities: Vec<String>,
+}
+
+/// A long-context tier of a model's prices. A price left `None` is the model's base price of
+/// the same kind; a cached-input or cache-write price that is `None` both here and at the base
+/// is the tier's input price.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PriceTier {
+    /// The tier applies to prompts of more than this many tokens.
+    pub above_tokens: u64,
+    /// Input price.
+    pub input_per_mtok: Option<i64>,
+    /// Output price.
+    pub output_per_mtok: Option<i64>,
+    /// Cached-input price.
+    pub cached_input_per_mtok: Option<i64>,
+    /// Cache-write price.
+    pub cache_write_per_mtok: Option<i64>,
 }
 
 /// A full price table, model name to price.

@@ -5,7 +5,10 @@
 
 mod props;
 
-use bursar_schemas::event::{decode_record, encode_record, CodecError, RECORD_FORMAT_V1};
+use bursar_schemas::event::{
+    decode_record, decode_record_checked, encode_record, CodecError, RECORD_FORMAT_V1,
+    RECORD_FORMAT_V2,
+};
 use bursar_schemas::wire::{ErrorCode, Request};
 use std::path::Path;
 
@@ -70,18 +73,67 @@ fn a_non_minimal_varint_decodes_to_the_envelopes_of_its_canonical_form() {
     assert!(canonical.len() < bytes.len());
     assert_eq!(decode_record(&canonical).unwrap(), envs);
 
-    // The same on a sealed envelope: the record's count and the envelope's version written as
-    // u16 varints (`251, lo, hi`) instead of one byte. The chain hash covers the canonical
-    // encoding, so the stored hash still verifies: the bytes differ, the event does not.
+    // The same in a record of format 2, whose chain hash covers the bytes as stored: the
+    // envelope's version written as a u16 varint (`251, 2, 0`) instead of one byte decodes to the
+    // same event, but its bytes no longer hash to the stored hash, so the chain check fails.
     let env = props::sample_envelopes()[4].clone();
     let canonical = encode_record(std::slice::from_ref(&env)).unwrap();
-    assert_eq!(&canonical[..3], &[RECORD_FORMAT_V1, 1, 1]);
-    let mut padded = vec![RECORD_FORMAT_V1, 251, 1, 0, 251, 1, 0];
-    padded.extend_from_slice(&canonical[3..]);
+    let (padded, at) = with_content_rewritten(&canonical, |content| {
+        assert_eq!(content[0], 2, "version 2 in one byte");
+        let mut c = vec![251, 2, 0];
+        c.extend_from_slice(&content[1..]);
+        c
+    });
     let back = props::record(&padded).expect("non-minimal varints decode");
     assert_eq!(back, vec![env.clone()]);
-    assert_eq!(back[0].compute_hash().unwrap(), env.hash);
-    assert_eq!(encode_record(&back).unwrap(), canonical);
+    let checked = decode_record_checked(&padded).unwrap();
+    assert_ne!(
+        checked[0].content_hash, env.hash,
+        "{at}: the stored bytes changed"
+    );
+    assert_eq!(
+        decode_record_checked(&canonical).unwrap()[0].content_hash,
+        env.hash
+    );
+}
+
+/// A format-2 record of one envelope with its content bytes rewritten by `f` (the length
+/// prefix follows); also the offset of the content.
+fn with_content_rewritten(record: &[u8], f: impl FnOnce(&[u8]) -> Vec<u8>) -> (Vec<u8>, usize) {
+    assert_eq!(record[0], RECORD_FORMAT_V2);
+    assert_eq!(record[33], 1, "one envelope");
+    // tag, prev hash, count, then the length varint, the hash and the content.
+    let mut at = 34;
+    let mut len = 0usize;
+    let mut shift = 0;
+    loop {
+        let b = record[at];
+        at += 1;
+        len |= usize::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let hash = &record[at..at + 32];
+    let content = &record[at + 32..at + 32 + len];
+    assert_eq!(at + 32 + len, record.len());
+    let new = f(content);
+    let mut out = record[..34].to_vec();
+    let mut n = new.len();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(hash);
+    let content_at = out.len();
+    out.extend_from_slice(&new);
+    (out, content_at)
 }
 
 /// Position of `needle` in `haystack`.
@@ -93,7 +145,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> usize {
 }
 
 /// Same finding for maps: label pairs stored out of order (or repeated) decode into the same
-/// `BTreeMap` as the sorted pairs, so only `decode(encode(x)) == x` holds, not byte identity.
+/// `BTreeMap` as the sorted pairs, so only `decode(encode(x)) == x` holds, not byte identity;
+/// and since format 2 hashes the bytes stored, neither verifies.
 #[test]
 fn label_pairs_out_of_order_or_repeated_decode_into_the_canonical_map() {
     let env = props::sample_envelopes()[1].clone(); // usage_recorded, labels model + team
@@ -113,18 +166,28 @@ fn label_pairs_out_of_order_or_repeated_decode_into_the_canonical_map() {
     let back = props::record(&swapped).expect("swapped labels decode");
     assert_eq!(back, vec![env.clone()]);
     assert_eq!(encode_record(&back).unwrap(), canonical);
+    let checked = decode_record_checked(&swapped).unwrap();
+    assert_ne!(
+        checked[0].content_hash, env.hash,
+        "swapped bytes do not verify"
+    );
 
-    // Both pairs named `model`: the map keeps the later one. The record still decodes (the
-    // codec does not check hashes), but the chain hash no longer matches, so `verify` fails.
-    let mut repeated = canonical[..at].to_vec();
-    repeated.extend_from_slice(model);
-    repeated.extend_from_slice(b"\x05model\x06gpt-4x");
-    repeated.extend_from_slice(&canonical[at + model.len() + team.len()..]);
+    // Both pairs named `model`: the map keeps the later one, and the hash no longer matches,
+    // so `verify` fails.
+    let (repeated, _) = with_content_rewritten(&canonical, |content| {
+        let at = find(content, model);
+        let mut c = content[..at].to_vec();
+        c.extend_from_slice(model);
+        c.extend_from_slice(b"\x05model\x06gpt-4x");
+        c.extend_from_slice(&content[at + model.len() + team.len()..]);
+        c
+    });
     let back = props::record(&repeated).expect("repeated label keys decode");
     let labels = back[0].body.labels().unwrap();
     assert_eq!(labels.len(), 1);
     assert_eq!(labels["model"], "gpt-4x", "the later duplicate wins");
-    assert_ne!(back[0].compute_hash().unwrap(), back[0].hash);
+    let checked = decode_record_checked(&repeated).unwrap();
+    assert_ne!(checked[0].content_hash, checked[0].env.hash);
 }
 
 #[test]

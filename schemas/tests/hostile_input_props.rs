@@ -364,8 +364,15 @@ proptest! {
         other in leaf(),
     ) {
         let v: Value = serde_json::from_str(&line).unwrap();
-        let (text, doubled) = with_key_twice(&v, nth, &other);
-        prop_assume!(doubled);
+        fn keys(v: &Value) -> usize {
+            match v {
+                Value::Object(m) => m.len() + m.values().map(keys).sum::<usize>(),
+                Value::Array(a) => a.iter().map(keys).sum(),
+                _ => 0,
+            }
+        }
+        let (text, doubled) = with_key_twice(&v, nth % keys(&v).max(1), &other);
+        prop_assert!(doubled);
         let decoded = props::request_line(text.as_bytes());
         let Err(e) = decoded else {
             return Err(TestCaseError::fail(format!("{text}: accepted")));
@@ -404,9 +411,15 @@ proptest! {
 
     #[test]
     fn arbitrary_envelopes_round_trip(envs in prop::collection::vec(envelope(), 0..4)) {
+        // A record of format 2 stores the first `prev_hash` only: each later one is the hash
+        // before it. Chained envelopes (as the writer seals them) come back as they were.
+        let mut chained = envs.clone();
+        for i in 1..chained.len() {
+            chained[i].prev_hash = chained[i - 1].hash;
+        }
         let bytes = encode_record(&envs).unwrap();
         let back = props::record(&bytes);
-        prop_assert_eq!(back.as_ref(), Some(&envs));
-        prop_assert_eq!(decode_record(&bytes).unwrap(), envs);
+        prop_assert_eq!(back.as_ref(), Some(&chained));
+        prop_assert_eq!(decode_record(&encode_record(&chained).unwrap()).unwrap(), chained);
     }
 }

@@ -23,7 +23,7 @@ use crate::labels::{scope_key, selector_matches};
 use crate::pricing;
 use crate::window::Amounts;
 use buckets::{Bucket, BudgetState, Figures, Limits};
-use bursar_schemas::event::{EventBody, ReservationLink};
+use bursar_schemas::event::{json_inside, EventBody, ReservationLink};
 use bursar_schemas::policy::{ResolvedPolicy, UnknownModels};
 use bursar_schemas::pricing::{ModelPrice, PriceTable};
 use bursar_schemas::wire::{BucketState, Usage};
@@ -369,9 +369,17 @@ pub struct PriceEpoch {
     pub effective_from: TsMicros,
     /// The event that introduced it; also the table's version.
     pub seq: u64,
-    /// The table.
+    /// The table (JSON inside a snapshot's bincode, so that prices can grow keys).
+    #[serde(
+        serialize_with = "json_inside::serialize",
+        deserialize_with = "json_inside::deserialize"
+    )]
     pub table: PriceTable,
     /// Highest prices of the table, for unknown models.
+    #[serde(
+        serialize_with = "json_inside::serialize",
+        deserialize_with = "json_inside::deserialize"
+    )]
     pub max: ModelPrice,
     /// The table's prices by model name in a hash map: derived, rebuilt when read back.
     #[serde(skip)]
@@ -482,6 +490,7 @@ pub struct Ledger {
     last_seq: u64,
     last_ts: TsMicros,
     policy_version: u64,
+    #[serde(serialize_with = "json_inside::serialize")]
     policy: Option<ResolvedPolicy>,
     epochs: Vec<PriceEpoch>,
     budgets: Vec<BudgetState>,
@@ -503,6 +512,7 @@ struct LedgerData {
     last_seq: u64,
     last_ts: TsMicros,
     policy_version: u64,
+    #[serde(deserialize_with = "json_inside::deserialize")]
     policy: Option<ResolvedPolicy>,
     epochs: Vec<PriceEpoch>,
     budgets: Vec<BudgetState>,

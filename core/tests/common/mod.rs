@@ -23,11 +23,7 @@ pub fn prices() -> PriceTable {
         output_per_mtok: o,
         cached_input_per_mtok: None,
         cache_write_per_mtok: None,
-        above_tokens: None,
-        input_per_mtok_above: None,
-        output_per_mtok_above: None,
-        cached_input_per_mtok_above: None,
-        cache_write_per_mtok_above: None,
+        tiers: Vec::new(),
         max_output_tokens: max,
         capabilities: caps.iter().map(|c| c.to_string()).collect(),
     };

@@ -132,12 +132,22 @@ fn model_price(p: &ModelPrice) {
         Some(p.output_per_mtok),
         p.cached_input_per_mtok,
         p.cache_write_per_mtok,
-        p.input_per_mtok_above,
-        p.output_per_mtok_above,
-        p.cached_input_per_mtok_above,
-        p.cache_write_per_mtok_above,
     ];
-    for price in prices.into_iter().flatten() {
+    let tiers = p.tiers.iter().flat_map(|t| {
+        [
+            t.input_per_mtok,
+            t.output_per_mtok,
+            t.cached_input_per_mtok,
+            t.cache_write_per_mtok,
+        ]
+    });
+    assert!(
+        p.tiers
+            .windows(2)
+            .all(|w| w[0].above_tokens < w[1].above_tokens),
+        "tiers out of order in {p:?}"
+    );
+    for price in prices.into_iter().chain(tiers).flatten() {
         assert!(
             (0..=MAX_PRICE_MICROS_PER_MTOK).contains(&price),
             "price {price} out of range in {p:?}"

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+use bursar_schemas::event::v1::ENVELOPE_VERSION_V1;
 use bursar_schemas::event::{decode_record, encode_record, Envelope, ENVELOPE_VERSION};
 use bursar_schemas::wire::{decode_request, ErrorCode, Request, WireError, MAX_LINE_BYTES};
 use serde_json::Value;
@@ -88,19 +89,23 @@ pub fn request_line(line: &[u8]) -> Result<Request, WireError> {
     }
 }
 
-/// `decode_record` on any bytes: never panics; decoded envelopes carry this build's version and
-/// can be hashed; they re-encode to a record that decodes to the same envelopes, and that
-/// re-encoding is canonical (encoding the decoded envelopes again gives the same bytes).
+/// `decode_record` on any bytes: never panics; decoded envelopes carry a version this build
+/// reads and can be hashed; they re-encode to a record that decodes to the same envelopes, and
+/// that re-encoding is canonical (encoding the decoded envelopes again gives the same bytes).
 ///
 /// Re-encoding does NOT in general reproduce the input bytes: bincode's varints accept
 /// non-minimal forms (`251, 5, 0` is 5 as well as `5`), and a label map stored with keys out of
-/// order or repeated decodes into the same `BTreeMap` as the sorted one. Neither changes what
-/// the record means, and the chain hash is computed over the canonical encoding.
+/// order or repeated decodes into the same `BTreeMap` as the sorted one. In a record of format
+/// 1 neither changes the chain hash (computed over the canonical encoding); in format 2 the
+/// hash covers the bytes as stored, so such a record no longer verifies.
 pub fn record(bytes: &[u8]) -> Option<Vec<Envelope>> {
     match decode_record(bytes) {
         Ok(envs) => {
             for env in &envs {
-                assert_eq!(env.version, ENVELOPE_VERSION);
+                assert!(
+                    env.version == ENVELOPE_VERSION || env.version == ENVELOPE_VERSION_V1,
+                    "{env:?}"
+                );
                 if let Err(e) = env.compute_hash() {
                     panic!("decoded envelope cannot be hashed: {e}");
                 }
@@ -144,11 +149,22 @@ pub fn sample_envelopes() -> Vec<Envelope> {
         output_per_mtok: 10_000_000,
         cached_input_per_mtok: Some(1_250_000),
         cache_write_per_mtok: None,
-        above_tokens: Some(200_000),
-        input_per_mtok_above: Some(5_000_000),
-        output_per_mtok_above: None,
-        cached_input_per_mtok_above: None,
-        cache_write_per_mtok_above: Some(7_500_000),
+        tiers: vec![
+            bursar_schemas::pricing::PriceTier {
+                above_tokens: 200_000,
+                input_per_mtok: Some(5_000_000),
+                output_per_mtok: None,
+                cached_input_per_mtok: None,
+                cache_write_per_mtok: Some(7_500_000),
+            },
+            bursar_schemas::pricing::PriceTier {
+                above_tokens: 1_000_000,
+                input_per_mtok: Some(9_000_000),
+                output_per_mtok: Some(30_000_000),
+                cached_input_per_mtok: None,
+                cache_write_per_mtok: None,
+            },
+        ],
         max_output_tokens: Some(16_384),
         capabilities: vec!["tools".into(), "vision".into()],
     };

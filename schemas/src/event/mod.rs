@@ -1,8 +1,22 @@
 //! The log (SPEC §7): a versioned envelope around every event body, hash-chained.
 //!
-//! Envelopes are encoded with bincode 2 (serde). A sled record holds one or more consecutive
-//! envelopes (a group-commit frame) behind a one-byte record format tag. Types here avoid serde
-//! attributes that bincode cannot honour (`skip_serializing_if`, `flatten`, internal tags).
+//! A sled record holds one or more consecutive envelopes (a group-commit frame) behind a
+//! one-byte record format tag:
+//!
+//! - **Format 2** (written now): the first envelope's `prev_hash`, the number of envelopes, then
+//!   per envelope its encoded length, its `hash` and its encoding: bincode 2 (serde) of
+//!   `{version, seq, ts, actor, body}`. Each envelope is encoded once, when it is sealed, and
+//!   `hash = BLAKE3(prev_hash ‖ those very bytes)`: the chain covers the bytes stored, so
+//!   checking it never re-encodes anything ([`decode_record_checked`]). A `policy_applied`'s
+//!   policy and a `pricing_changed`'s table are stored as JSON inside the bincode body, so that
+//!   the policy can grow keys without a new log format.
+//! - **Format 1** (read only): bincode of `Vec<Envelope>` with the bodies of envelope version 1
+//!   ([`v1`]); its chain hash is over the canonical re-encoding in those types.
+//!
+//! Types here avoid serde attributes that bincode cannot honour (`skip_serializing_if`,
+//! `flatten`, internal tags).
+
+pub mod v1;
 
 use crate::policy::ResolvedPolicy;
 use crate::pricing::PriceTable;
@@ -12,9 +26,13 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Version of the envelope format written by this build.
-pub const ENVELOPE_VERSION: u16 = 1;
-/// Tag of a sled record that holds a bincode `Vec<Envelope>`.
+pub const ENVELOPE_VERSION: u16 = 2;
+/// Tag of a record of format 1: bincode `Vec<Envelope>` of envelope version 1 (read only).
 pub const RECORD_FORMAT_V1: u8 = 1;
+/// Tag of a record of format 2: framed envelopes, each hashed as stored.
+pub const RECORD_FORMAT_V2: u8 = 2;
+/// Most envelopes in one record (a group commit is far smaller).
+pub const MAX_RECORD_ENVELOPES: u64 = 1 << 20;
 
 /// A 32-byte BLAKE3 hash: hex in JSON, raw bytes in bincode.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -125,14 +143,24 @@ pub struct Envelope {
     pub body: EventBody,
 }
 
-/// The part of an envelope that is hashed.
+/// The part of an envelope that is encoded and hashed (everything but the hashes).
 #[derive(Serialize)]
-struct Hashed<'a> {
+struct Content<'a> {
     version: u16,
     seq: u64,
     ts: TsMicros,
     actor: &'a Actor,
     body: &'a EventBody,
+}
+
+/// [`Content`], decoded.
+#[derive(Deserialize)]
+struct OwnedContent {
+    version: u16,
+    seq: u64,
+    ts: TsMicros,
+    actor: Actor,
+    body: EventBody,
 }
 
 /// Errors decoding a stored record.
@@ -162,6 +190,59 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
+/// Largest record accepted when decoding.
+const MAX_RECORD_BYTES: usize = 256 << 20;
+
+/// An envelope encoded once, as it is stored: its seq, its hash and its bytes
+/// (`bincode({version, seq, ts, actor, body})`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    /// Its seq.
+    pub seq: u64,
+    /// Its `ts`.
+    pub ts: TsMicros,
+    /// `BLAKE3(prev_hash ‖ bytes)`.
+    pub hash: Hash32,
+    /// The hash of the envelope before it.
+    pub prev_hash: Hash32,
+    /// The encoded envelope without its hashes.
+    pub bytes: Vec<u8>,
+}
+
+/// `BLAKE3(prev ‖ bytes)`.
+pub fn chain_hash(prev: &Hash32, bytes: &[u8]) -> Hash32 {
+    let mut h = blake3::Hasher::new();
+    h.update(&prev.0);
+    h.update(bytes);
+    Hash32(*h.finalize().as_bytes())
+}
+
+/// Encode an event once, as the next link of the chain after `prev_hash`.
+pub fn seal(
+    seq: u64,
+    ts: TsMicros,
+    actor: &Actor,
+    prev_hash: Hash32,
+    body: &EventBody,
+) -> Result<Sealed, CodecError> {
+    let content = Content {
+        version: ENVELOPE_VERSION,
+        seq,
+        ts,
+        actor,
+        body,
+    };
+    let bytes = bincode::serde::encode_to_vec(&content, config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(Sealed {
+        seq,
+        ts,
+        hash: chain_hash(&prev_hash, &bytes),
+        prev_hash,
+        bytes,
+    })
+}
+
 impl Envelope {
     /// Build an envelope and compute its hash from `prev_hash`.
     pub fn seal(
@@ -171,63 +252,277 @@ impl Envelope {
         prev_hash: Hash32,
         body: EventBody,
     ) -> Result<Self, CodecError> {
-        let mut env = Envelope {
+        let sealed = seal(seq, ts, &actor, prev_hash, &body)?;
+        Ok(Envelope {
             version: ENVELOPE_VERSION,
             seq,
             ts,
             actor,
             prev_hash,
-            hash: Hash32::default(),
+            hash: sealed.hash,
             body,
-        };
-        env.hash = env.compute_hash()?;
-        Ok(env)
+        })
     }
 
-    /// `H(prev_hash ‖ encoding without hash)`.
+    /// `H(prev_hash ‖ encoding without hashes)`, the encoding being the canonical one of the
+    /// envelope's version (for a decoded record, [`decode_record_checked`] gives the hash of
+    /// the bytes actually stored).
     pub fn compute_hash(&self) -> Result<Hash32, CodecError> {
-        let hashed = Hashed {
+        if self.version == v1::ENVELOPE_VERSION_V1 {
+            return v1::compute_hash(self);
+        }
+        let content = Content {
             version: self.version,
             seq: self.seq,
             ts: self.ts,
             actor: &self.actor,
             body: &self.body,
         };
-        let bytes = bincode::serde::encode_to_vec(&hashed, config())
+        let bytes = bincode::serde::encode_to_vec(&content, config())
             .map_err(|e| CodecError::Encode(e.to_string()))?;
-        let mut h = blake3::Hasher::new();
-        h.update(&self.prev_hash.0);
-        h.update(&bytes);
-        Ok(Hash32(*h.finalize().as_bytes()))
+        Ok(chain_hash(&self.prev_hash, &bytes))
+    }
+
+    /// The envelope as it is stored: sealed again from its fields (for tests and tools; the
+    /// writer seals each event once, with [`seal`]).
+    pub fn to_sealed(&self) -> Result<Sealed, CodecError> {
+        seal(self.seq, self.ts, &self.actor, self.prev_hash, &self.body)
     }
 }
 
-/// Encode consecutive envelopes as one stored record.
+/// Encode consecutive envelopes as one stored record, as they are: version-2 envelopes in a
+/// format-2 record, version-1 envelopes (decoded from an old record) in a format-1 record.
+/// Their `hash` fields are written as given (a sealed envelope's is the hash of the bytes
+/// written); a format-2 record stores only the first `prev_hash`, each later envelope's being
+/// the `hash` before it, so `decode(encode(x)) == x` for a chained `x`.
 pub fn encode_record(envs: &[Envelope]) -> Result<Vec<u8>, CodecError> {
-    let mut out = vec![RECORD_FORMAT_V1];
-    bincode::serde::encode_into_std_write(envs, &mut out, config())
-        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    if !envs.is_empty() && envs.iter().all(|e| e.version == v1::ENVELOPE_VERSION_V1) {
+        return v1::encode_record_v1(envs);
+    }
+    let mut sealed = Vec::with_capacity(envs.len());
+    for e in envs {
+        if e.version != ENVELOPE_VERSION {
+            return Err(CodecError::Encode(format!(
+                "envelope {} of version {} in a record of version {ENVELOPE_VERSION}",
+                e.seq, e.version
+            )));
+        }
+        let content = Content {
+            version: e.version,
+            seq: e.seq,
+            ts: e.ts,
+            actor: &e.actor,
+            body: &e.body,
+        };
+        let bytes = bincode::serde::encode_to_vec(&content, config())
+            .map_err(|e| CodecError::Encode(e.to_string()))?;
+        sealed.push(Sealed {
+            seq: e.seq,
+            ts: e.ts,
+            hash: e.hash,
+            prev_hash: e.prev_hash,
+            bytes,
+        });
+    }
+    Ok(encode_sealed(&sealed))
+}
+
+/// One stored record (format 2) of consecutive sealed envelopes, whose bytes are copied as
+/// they are.
+pub fn encode_sealed(sealed: &[Sealed]) -> Vec<u8> {
+    let size: usize = sealed.iter().map(|s| s.bytes.len() + 40).sum();
+    let mut out = Vec::with_capacity(1 + 32 + 5 + size);
+    out.push(RECORD_FORMAT_V2);
+    out.extend_from_slice(&sealed.first().map(|s| s.prev_hash).unwrap_or_default().0);
+    put_varint(&mut out, sealed.len() as u64);
+    for s in sealed {
+        put_varint(&mut out, s.bytes.len() as u64);
+        out.extend_from_slice(&s.hash.0);
+        out.extend_from_slice(&s.bytes);
+    }
+    out
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn get_varint(bytes: &[u8], at: &mut usize) -> Result<u64, CodecError> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *bytes
+            .get(*at)
+            .ok_or_else(|| CodecError::Decode("record ends inside a length".into()))?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(CodecError::Decode("a length of more than 64 bits".into()))
+}
+
+fn take<'a>(bytes: &'a [u8], at: &mut usize, n: usize) -> Result<&'a [u8], CodecError> {
+    let end = at
+        .checked_add(n)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| CodecError::Decode(format!("record ends inside a field of {n} bytes")))?;
+    let out = bytes.get(*at..end).unwrap_or_default();
+    *at = end;
     Ok(out)
+}
+
+fn hash_at(bytes: &[u8], at: &mut usize) -> Result<Hash32, CodecError> {
+    let raw = take(bytes, at, 32)?;
+    let mut h = [0u8; 32];
+    h.copy_from_slice(raw);
+    Ok(Hash32(h))
+}
+
+/// A decoded envelope with the hash of its bytes as stored (which the chain check compares
+/// with the stored `hash`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    /// The envelope as stored (its `hash` is the stored one).
+    pub env: Envelope,
+    /// `H(prev_hash ‖ its bytes as stored)`.
+    pub content_hash: Hash32,
 }
 
 /// Decode a stored record into its envelopes.
 pub fn decode_record(bytes: &[u8]) -> Result<Vec<Envelope>, CodecError> {
+    decode_record_checked(bytes).map(|v| v.into_iter().map(|c| c.env).collect())
+}
+
+/// Decode a stored record, with the hash of each envelope's stored bytes.
+pub fn decode_record_checked(bytes: &[u8]) -> Result<Vec<Checked>, CodecError> {
     let (tag, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
-    if *tag != RECORD_FORMAT_V1 {
-        return Err(CodecError::UnknownFormat(*tag));
+    match *tag {
+        RECORD_FORMAT_V2 => decode_v2(rest),
+        RECORD_FORMAT_V1 => v1::decode(rest),
+        other => Err(CodecError::UnknownFormat(other)),
     }
-    let (envs, used): (Vec<Envelope>, usize) =
-        bincode::serde::decode_from_slice(rest, config().with_limit::<{ 256 << 20 }>())
-            .map_err(|e| CodecError::Decode(e.to_string()))?;
-    if used != rest.len() {
-        return Err(CodecError::Trailing(rest.len() - used));
+}
+
+fn decode_v2(rest: &[u8]) -> Result<Vec<Checked>, CodecError> {
+    if rest.len() > MAX_RECORD_BYTES {
+        return Err(CodecError::Decode(format!(
+            "a record of {} bytes (the limit is {MAX_RECORD_BYTES})",
+            rest.len()
+        )));
     }
-    for e in &envs {
-        if e.version != ENVELOPE_VERSION {
-            return Err(CodecError::UnknownVersion(e.version, e.seq));
+    let mut at = 0usize;
+    let mut prev = hash_at(rest, &mut at)?;
+    let n = get_varint(rest, &mut at)?;
+    // Each envelope takes at least 33 bytes: no allocation for a count the bytes cannot hold.
+    if n > MAX_RECORD_ENVELOPES || n > (rest.len() as u64) / 33 {
+        return Err(CodecError::Decode(format!(
+            "a record claiming {n} envelopes"
+        )));
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let len = get_varint(rest, &mut at)?;
+        let len = usize::try_from(len).map_err(|_| CodecError::Decode("length".into()))?;
+        let hash = hash_at(rest, &mut at)?;
+        let body = take(rest, &mut at, len)?;
+        let (c, used): (OwnedContent, usize) =
+            bincode::serde::decode_from_slice(body, config().with_limit::<MAX_RECORD_BYTES>())
+                .map_err(|e| CodecError::Decode(e.to_string()))?;
+        if used != body.len() {
+            return Err(CodecError::Trailing(body.len() - used));
+        }
+        if c.version != ENVELOPE_VERSION {
+            return Err(CodecError::UnknownVersion(c.version, c.seq));
+        }
+        let content_hash = chain_hash(&prev, body);
+        out.push(Checked {
+            env: Envelope {
+                version: c.version,
+                seq: c.seq,
+                ts: c.ts,
+                actor: c.actor,
+                prev_hash: prev,
+                hash,
+                body: c.body,
+            },
+            content_hash,
+        });
+        prev = hash;
+    }
+    if at != rest.len() {
+        return Err(CodecError::Trailing(rest.len() - at));
+    }
+    Ok(out)
+}
+
+/// Serde helpers for a value stored as JSON inside bincode (and as itself in JSON): policies
+/// and price tables, whose keys grow over time, so that a log never needs a new format for it.
+pub mod json_inside {
+    use serde::de::DeserializeOwned;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Serialize `v` as JSON bytes in a binary format, as itself in a human-readable one.
+    pub fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            v.serialize(s)
+        } else {
+            let bytes = serde_json::to_vec(v).map_err(serde::ser::Error::custom)?;
+            s.serialize_bytes(&bytes)
         }
     }
-    Ok(envs)
+
+    /// The inverse of [`serialize`].
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        if d.is_human_readable() {
+            T::deserialize(d)
+        } else {
+            let bytes = super::Bytes::deserialize(d)?;
+            serde_json::from_slice(&bytes.0).map_err(serde::de::Error::custom)
+        }
+    }
+}
+
+/// Bytes read from a binary format.
+struct Bytes(Vec<u8>);
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Bytes, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(Bytes(out))
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
 }
 
 /// How a usage event relates to a reservation.
@@ -422,7 +717,11 @@ pub struct PolicyApplied {
     pub source: String,
     /// BLAKE3 of the source text, hex.
     pub source_hash: String,
-    /// The resolved policy, prices included.
+    /// The resolved policy, prices included (JSON inside the bincode body).
+    #[serde(
+        serialize_with = "json_inside::serialize",
+        deserialize_with = "json_inside::deserialize"
+    )]
     pub policy: ResolvedPolicy,
 }
 
@@ -432,7 +731,11 @@ pub struct PolicyApplied {
 pub struct PricingChanged {
     /// Events with `ts >= effective_from` are priced with `pricing`.
     pub effective_from: TsMicros,
-    /// The full new table.
+    /// The full new table (JSON inside the bincode body).
+    #[serde(
+        serialize_with = "json_inside::serialize",
+        deserialize_with = "json_inside::deserialize"
+    )]
     pub pricing: PriceTable,
 }
 
