@@ -110,6 +110,16 @@ fn budget_toml(b: &ResolvedBudget, out: &mut String) {
                 utc_offset(*utc_offset_seconds)
             ));
         }
+        WindowSpec::CalendarZone { unit, timezone } => {
+            out.push_str("window = \"calendar\"\n");
+            let unit = match unit {
+                CalendarUnit::Day => "day",
+                CalendarUnit::Week => "week",
+                CalendarUnit::Month => "month",
+            };
+            out.push_str(&format!("calendar = \"{unit}\"\n"));
+            out.push_str(&format!("timezone = {}\n", toml_str(timezone)));
+        }
         WindowSpec::Cumulative => out.push_str("window = \"cumulative\"\n"),
     }
     if let Some(m) = b.max_micros {

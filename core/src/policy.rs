@@ -1042,6 +1042,13 @@ fn resolve_window(b: &BudgetSection, at: &[Seg], issues: &mut Issues) -> Option<
     );
     only_for("calendar", b.calendar.is_some(), "calendar", issues);
     only_for("utc_offset", b.utc_offset.is_some(), "calendar", issues);
+    only_for("timezone", b.timezone.is_some(), "calendar", issues);
+    if b.timezone.is_some() && b.utc_offset.is_some() {
+        issues.push(
+            field("timezone"),
+            "give either timezone (an IANA zone, with daylight saving time) or utc_offset (a              fixed offset), not both",
+        );
+    }
 
     let seconds = if uses_seconds {
         match b.window_seconds {
@@ -1141,8 +1148,27 @@ fn resolve_window(b: &BudgetSection, at: &[Seg], issues: &mut Issues) -> Option<
                     }
                 },
             };
-            match (unit, offset) {
-                (Some(unit), Some(utc_offset_seconds)) => Some(WindowSpec::Calendar {
+            let zone = match b.timezone.as_deref() {
+                None => None,
+                Some(name) => match crate::window::parse_zone(name) {
+                    Some(_) => Some(name.to_string()),
+                    None => {
+                        issues.push(
+                            field("timezone"),
+                            format!(
+                                "{name:?} is not an IANA time zone (such as \"Europe/Berlin\", \
+                                 \"America/New_York\" or \"UTC\")"
+                            ),
+                        );
+                        None
+                    }
+                },
+            };
+            match (unit, offset, zone) {
+                (Some(unit), _, Some(timezone)) => {
+                    Some(WindowSpec::CalendarZone { unit, timezone })
+                }
+                (Some(unit), Some(utc_offset_seconds), None) => Some(WindowSpec::Calendar {
                     unit,
                     utc_offset_seconds,
                 }),

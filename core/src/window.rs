@@ -136,6 +136,9 @@ fn window_bounds_wide(spec: &WindowSpec, ts: TsMicros) -> (TsMicros, Option<TsMi
                 None => return (clamp_start(start), None),
             }
         }
+        WindowSpec::CalendarZone { unit, ref timezone } => {
+            return zoned_bounds(unit, timezone, ts);
+        }
         WindowSpec::Rolling {
             seconds,
             resolution_seconds,
@@ -191,7 +194,72 @@ fn window_bounds_fast(spec: &WindowSpec, ts: TsMicros) -> Option<(TsMicros, Opti
                 Some(current.checked_add(1)?.checked_mul(slot_micros)?),
             ))
         }
-        WindowSpec::Cumulative | WindowSpec::Calendar { .. } => None,
+        WindowSpec::Cumulative | WindowSpec::Calendar { .. } | WindowSpec::CalendarZone { .. } => {
+            None
+        }
+    }
+}
+
+/// The IANA time zone `name` (as policy validation accepts it).
+pub fn parse_zone(name: &str) -> Option<chrono_tz::Tz> {
+    name.parse::<chrono_tz::Tz>().ok()
+}
+
+/// Bounds of the local day, week (from Monday) or month containing `ts` in the zone `name`, as
+/// UTC instants: from the local midnight that starts the period to the one that starts the
+/// next, so a day is 23 or 25 hours long across a daylight-saving change. A midnight that the
+/// zone skips (a change at 00:00) starts the period at the first local instant after the gap.
+/// An unknown zone (which validation rejects) behaves as UTC.
+fn zoned_bounds(unit: CalendarUnit, name: &str, ts: TsMicros) -> (TsMicros, Option<TsMicros>) {
+    use chrono::{Duration, TimeZone};
+    let tz = parse_zone(name).unwrap_or(chrono_tz::UTC);
+    let Some(utc) = chrono::DateTime::from_timestamp_micros(ts) else {
+        return (TsMicros::MIN, None);
+    };
+    let local = utc.with_timezone(&tz).date_naive();
+    let (start, end) = match unit {
+        CalendarUnit::Day => (Some(local), local.succ_opt()),
+        CalendarUnit::Week => {
+            let monday = local.checked_sub_signed(Duration::days(i64::from(
+                local.weekday().num_days_from_monday(),
+            )));
+            (
+                monday,
+                monday.and_then(|m| m.checked_add_signed(Duration::days(7))),
+            )
+        }
+        CalendarUnit::Month => {
+            let first = local.with_day(1);
+            (
+                first,
+                first.and_then(|f| f.checked_add_months(Months::new(1))),
+            )
+        }
+    };
+    let midnight = |d: NaiveDate| -> Option<TsMicros> {
+        let naive = d.and_hms_opt(0, 0, 0)?;
+        match tz.from_local_datetime(&naive) {
+            chrono::LocalResult::Single(t) => Some(t.timestamp_micros()),
+            chrono::LocalResult::Ambiguous(first, _) => Some(first.timestamp_micros()),
+            chrono::LocalResult::None => {
+                // Midnight falls in a gap: the period starts when the gap ends, which is the
+                // instant that midnight names under the offset in force before the gap.
+                let before = naive.checked_sub_signed(Duration::hours(12))?;
+                let offset = tz.offset_from_local_datetime(&before).earliest()?;
+                let fixed = chrono::Offset::fix(&offset);
+                Some(
+                    naive
+                        .and_local_timezone(fixed)
+                        .earliest()?
+                        .timestamp_micros(),
+                )
+            }
+        }
+    };
+    match (start.and_then(midnight), end.and_then(midnight)) {
+        (Some(s), e) => (s, e),
+        // Beyond chrono's calendar: never resets.
+        (None, _) => (TsMicros::MIN, None),
     }
 }
 

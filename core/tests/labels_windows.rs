@@ -904,3 +904,108 @@ proptest! {
         prop_assert_eq!(counter.total(window, res, now), naive);
     }
 }
+
+// --- Calendar windows in an IANA time zone (SPEC §4 `timezone`, revision 2) -----------------
+
+fn zoned(unit: CalendarUnit, zone: &str) -> WindowSpec {
+    WindowSpec::CalendarZone {
+        unit,
+        timezone: zone.to_string(),
+    }
+}
+
+#[test]
+fn new_york_spring_forward_day_is_23_hours_and_starts_at_local_midnight() {
+    // 2026-03-08: clocks go from 02:00 EST to 03:00 EDT. The day starts at midnight EST
+    // (05:00Z) and the next one at midnight EDT (04:00Z the day after).
+    let spec = zoned(CalendarUnit::Day, "America/New_York");
+    let (start, end) = window_bounds(&spec, at("2026-03-08T12:00:00-04:00"));
+    assert_eq!(start, at("2026-03-08T05:00:00Z"));
+    assert_eq!(end, Some(at("2026-03-09T04:00:00Z")));
+    assert_eq!(end.unwrap() - start, 23 * HOUR);
+    // A minute before local midnight is still the day before; midnight itself the new day.
+    let (prev, prev_end) = window_bounds(&spec, at("2026-03-08T04:59:00Z"));
+    assert_eq!(prev_end, Some(start));
+    assert_eq!(start - prev, DAY);
+    assert_eq!(window_bounds(&spec, start).0, start);
+}
+
+#[test]
+fn new_york_fall_back_day_is_25_hours() {
+    // 2026-11-01: clocks go from 02:00 EDT back to 01:00 EST.
+    let spec = zoned(CalendarUnit::Day, "America/New_York");
+    let (start, end) = window_bounds(&spec, at("2026-11-01T01:30:00-05:00"));
+    assert_eq!(start, at("2026-11-01T04:00:00Z"));
+    assert_eq!(end, Some(at("2026-11-02T05:00:00Z")));
+    assert_eq!(end.unwrap() - start, 25 * HOUR);
+    // Both 01:30s (EDT, then EST) are the same day.
+    assert_eq!(
+        window_bounds(&spec, at("2026-11-01T01:30:00-04:00")).0,
+        start
+    );
+}
+
+#[test]
+fn berlin_days_weeks_and_months_follow_daylight_saving_time() {
+    let day = zoned(CalendarUnit::Day, "Europe/Berlin");
+    // Summer (CEST, +02:00): the day starts at 22:00Z the evening before, not 23:00Z as a fixed
+    // +01:00 offset would say for half the year.
+    let (start, end) = window_bounds(&day, at("2026-07-15T00:30:00+02:00"));
+    assert_eq!(start, at("2026-07-14T22:00:00Z"));
+    assert_eq!(end, Some(at("2026-07-15T22:00:00Z")));
+    // 2026-03-29 (spring forward at 02:00 CET): 23 hours; 2026-10-25 (fall back): 25 hours.
+    let (s, e) = window_bounds(&day, at("2026-03-29T12:00:00+02:00"));
+    assert_eq!(
+        (s, e),
+        (at("2026-03-28T23:00:00Z"), Some(at("2026-03-29T22:00:00Z")))
+    );
+    let (s, e) = window_bounds(&day, at("2026-10-25T12:00:00+01:00"));
+    assert_eq!(
+        (s, e),
+        (at("2026-10-24T22:00:00Z"), Some(at("2026-10-25T23:00:00Z")))
+    );
+    // The week of the spring change (Monday 2026-03-23 to Monday 2026-03-30) is 167 hours.
+    let week = zoned(CalendarUnit::Week, "Europe/Berlin");
+    let (s, e) = window_bounds(&week, at("2026-03-29T12:00:00+02:00"));
+    assert_eq!(s, at("2026-03-23T00:00:00+01:00"));
+    assert_eq!(e, Some(at("2026-03-30T00:00:00+02:00")));
+    assert_eq!(e.unwrap() - s, 7 * DAY - HOUR);
+    // October 2026 runs from midnight CEST to midnight CET: 31 days and an hour.
+    let month = zoned(CalendarUnit::Month, "Europe/Berlin");
+    let (s, e) = window_bounds(&month, at("2026-10-31T23:59:00+01:00"));
+    assert_eq!(s, at("2026-10-01T00:00:00+02:00"));
+    assert_eq!(e, Some(at("2026-11-01T00:00:00+01:00")));
+    assert_eq!(e.unwrap() - s, 31 * DAY + HOUR);
+}
+
+#[test]
+fn a_zone_that_skips_midnight_starts_its_day_when_the_gap_ends() {
+    // America/Santiago moved its clocks forward at 00:00 on 2025-09-07: local midnight never
+    // happened, the day began at 01:00 -03:00 (04:00Z).
+    let spec = zoned(CalendarUnit::Day, "America/Santiago");
+    let (start, end) = window_bounds(&spec, at("2025-09-07T12:00:00-03:00"));
+    assert_eq!(start, at("2025-09-07T04:00:00Z"));
+    assert_eq!(end, Some(at("2025-09-08T03:00:00Z")));
+    // The day before ends exactly there.
+    assert_eq!(
+        window_bounds(&spec, at("2025-09-06T23:59:00-04:00")).1,
+        Some(start)
+    );
+}
+
+proptest! {
+    /// For any instant, the zoned day contains it, is 23, 24 or 25 hours long, and the next day
+    /// starts exactly where it ends.
+    #[test]
+    fn zoned_days_tile_time_without_gaps(t in -2_000_000_000i64..4_000_000_000i64, z in 0usize..4) {
+        let zone = ["America/New_York", "Europe/Berlin", "Australia/Lord_Howe", "Asia/Kolkata"][z];
+        let spec = zoned(CalendarUnit::Day, zone);
+        let ts = t * S;
+        let (start, end) = window_bounds(&spec, ts);
+        let end = end.unwrap();
+        prop_assert!(start <= ts && ts < end, "{zone} {ts}: [{start}, {end})");
+        let len = end - start;
+        prop_assert!((23 * HOUR..=25 * HOUR).contains(&len), "{zone}: {len}");
+        prop_assert_eq!(window_bounds(&spec, end).0, end);
+    }
+}

@@ -747,3 +747,35 @@ fn a_new_policy_regroups_the_next_event_of_a_label_set_already_seen() {
     assert_eq!(a.budgets[0].spent_micros, 10);
     assert_eq!(h.refold(), h.ledger);
 }
+
+/// SPEC §4 `timezone`: a daily budget of a team in New York resets at local midnight, also in
+/// summer, when a fixed `-05:00` offset would reset it an hour late.
+#[test]
+fn a_daily_budget_in_new_york_resets_at_local_midnight_in_summer() {
+    let mut b = budget("ny-daily");
+    b.window = WindowSpec::CalendarZone {
+        unit: bursar_schemas::policy::CalendarUnit::Day,
+        timezone: "America/New_York".into(),
+    };
+    b.max_micros = Some(1_000);
+    let mut h = Harness::new(policy(vec![b]));
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .timestamp_micros()
+    };
+    // 23:30 EDT on 2027-07-14: 800 of 1,000 spent.
+    h.now = at("2027-07-14T23:30:00-04:00");
+    h.record("e1", labels(&[]), "m", usage(800, 0));
+    // 00:10 EDT on 2027-07-15 (04:10Z, still the 14th at -05:00): a new day, 0 spent before.
+    h.now = at("2027-07-15T00:10:00-04:00");
+    let a = h.record("e2", labels(&[]), "m", usage(300, 0));
+    assert_eq!(a.budgets[0].spent_micros, 300, "{a:?}");
+    assert_eq!(a.state, BucketState::Ok);
+    assert_eq!(
+        a.budgets[0].window_end.as_deref(),
+        Some("2027-07-16T04:00:00Z")
+    );
+    // A fold of the log agrees.
+    assert_eq!(h.refold(), h.ledger);
+}

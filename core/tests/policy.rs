@@ -375,6 +375,44 @@ fn rolling_resolution_defaults_to_a_sixtieth_and_is_bounded() {
 }
 
 #[test]
+fn calendar_windows_take_an_iana_time_zone_instead_of_an_offset() {
+    let ok = budget(&[
+        "window = \"calendar\"",
+        "calendar = \"day\"",
+        "timezone = \"America/New_York\"",
+    ]);
+    let loaded = parse_policy(&ok, "bursar.toml", &no_import);
+    assert_eq!(
+        loaded.map(|l| l.resolved.budgets[0].window.clone()),
+        Ok(WindowSpec::CalendarZone {
+            unit: CalendarUnit::Day,
+            timezone: "America/New_York".into()
+        })
+    );
+    let text = budget(&[
+        "window = \"calendar\"",
+        "calendar = \"day\"",
+        "timezone = \"Mars/Olympus_Mons\"",
+    ]);
+    let msg = error_at(&text, "budget[0].timezone", 5);
+    assert!(msg.contains("IANA"), "{msg}");
+    let text = budget(&[
+        "window = \"calendar\"",
+        "calendar = \"day\"",
+        "timezone = \"Europe/Berlin\"",
+        "utc_offset = \"+01:00\"",
+    ]);
+    let msg = error_at(&text, "budget[0].timezone", 5);
+    assert!(msg.contains("not both"), "{msg}");
+    let text = budget(&[
+        "window = \"fixed\"",
+        "window_seconds = 86400",
+        "timezone = \"Europe/Berlin\"",
+    ]);
+    error_at(&text, "budget[0].timezone", 5);
+}
+
+#[test]
 fn calendar_windows_need_a_unit_and_a_valid_offset() {
     let ok = budget(&[
         "window = \"calendar\"",

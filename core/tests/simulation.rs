@@ -390,6 +390,7 @@ fn window_key(spec: &WindowSpec, t: TsMicros) -> i64 {
             utc_offset_seconds,
         } => (t + i64::from(utc_offset_seconds) * SEC).div_euclid(DAY),
         WindowSpec::Calendar { .. } => panic!("the simulation uses calendar days only"),
+        WindowSpec::CalendarZone { .. } => panic!("the simulation uses fixed offsets only"),
         WindowSpec::Rolling {
             resolution_seconds, ..
         } => t.div_euclid(resolution_seconds as i64 * SEC),
@@ -425,6 +426,7 @@ fn in_window(spec: &WindowSpec, ts: TsMicros, t: TsMicros) -> bool {
             (ts + o).div_euclid(DAY) == (t + o).div_euclid(DAY)
         }
         WindowSpec::Calendar { .. } => panic!("the simulation uses calendar days only"),
+        WindowSpec::CalendarZone { .. } => panic!("the simulation uses fixed offsets only"),
         WindowSpec::Rolling {
             seconds,
             resolution_seconds,
@@ -454,6 +456,7 @@ fn crossing_window(spec: &WindowSpec, t: TsMicros) -> TsMicros {
             let o = i64::from(utc_offset_seconds) * SEC;
             (t + o).div_euclid(DAY) * DAY - o
         }
+        WindowSpec::CalendarZone { .. } => panic!("the simulation uses fixed offsets only"),
         WindowSpec::Rolling { seconds, .. } => {
             let w = seconds as i64 * SEC;
             t.div_euclid(w) * w

@@ -182,6 +182,9 @@ pub struct BudgetSection {
     pub calendar: Option<String>,
     /// Calendar only: UTC offset such as `"+02:00"` (default `"+00:00"`).
     pub utc_offset: Option<String>,
+    /// Calendar only, instead of `utc_offset`: an IANA time zone such as `"Europe/Berlin"`;
+    /// periods reset at local midnight with daylight saving time.
+    pub timezone: Option<String>,
     /// Spend limit in USD.
     pub max_usd: Option<Dollars>,
     /// Token limit (all token kinds added).
@@ -245,6 +248,14 @@ pub enum WindowSpec {
     },
     /// Never resets.
     Cumulative,
+    /// Local calendar periods in an IANA time zone, daylight saving time included (a 23- or
+    /// 25-hour day is one day).
+    CalendarZone {
+        /// Day, week or month.
+        unit: CalendarUnit,
+        /// IANA zone name, e.g. `Europe/Berlin`.
+        timezone: String,
+    },
 }
 
 /// Hard or soft enforcement.

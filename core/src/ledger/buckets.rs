@@ -78,7 +78,9 @@ impl Bucket {
                 amounts,
             ),
             WindowSpec::Cumulative => self.spent += amounts,
-            WindowSpec::Fixed { .. } | WindowSpec::Calendar { .. } => {
+            WindowSpec::Fixed { .. }
+            | WindowSpec::Calendar { .. }
+            | WindowSpec::CalendarZone { .. } => {
                 if !self.in_current_window(ts) {
                     let (start, end) = window_bounds(spec, ts);
                     if start != self.window_start {
@@ -121,7 +123,9 @@ impl Bucket {
                 now,
             ),
             WindowSpec::Cumulative => self.spent,
-            WindowSpec::Fixed { .. } | WindowSpec::Calendar { .. } => {
+            WindowSpec::Fixed { .. }
+            | WindowSpec::Calendar { .. }
+            | WindowSpec::CalendarZone { .. } => {
                 if self.in_current_window(now) || window_bounds(spec, now).0 == self.window_start {
                     self.spent
                 } else {

@@ -156,7 +156,7 @@ pub(super) fn report(
         window: match &b.window {
             WindowSpec::Fixed { .. } => "fixed",
             WindowSpec::Rolling { .. } => "rolling",
-            WindowSpec::Calendar { .. } => "calendar",
+            WindowSpec::Calendar { .. } | WindowSpec::CalendarZone { .. } => "calendar",
             WindowSpec::Cumulative => "cumulative",
         }
         .to_string(),
