@@ -6,6 +6,7 @@
 //! start-up, memory, disk). See `benches/README.md` for figures and how to read them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod churn;
 mod load;
 mod logbench;
 mod procs;
@@ -53,6 +54,22 @@ enum Cmd {
     Startup(Opts),
     /// Memory per active bucket.
     Memory(Opts),
+    /// RSS of a daemon while a million sessions churn through many short windows (SPEC §5,
+    /// live scopes): it must stay flat.
+    Churn {
+        /// Sessions, one durable record each.
+        #[arg(long, default_value_t = 1_000_000)]
+        sessions: u64,
+        /// Client connections.
+        #[arg(long, default_value_t = 16)]
+        conns: usize,
+        /// Requests in flight per connection.
+        #[arg(long, default_value_t = 64)]
+        depth: usize,
+        /// Length of the per-session windows, seconds.
+        #[arg(long, default_value_t = 1)]
+        window_seconds: u64,
+    },
     /// (internal) The in-process ledger memory figure, in a fresh process so that memory freed
     /// by earlier steps does not hide the growth; prints `buckets bytes_per_bucket`.
     #[command(hide = true)]
@@ -210,13 +227,27 @@ fn run(cmd: Cmd) -> Result<(), String> {
         print!("{}", workload::policy_toml(socket, data_dir));
         return Ok(());
     }
+    if let Cmd::Churn {
+        sessions,
+        conns,
+        depth,
+        window_seconds,
+    } = &cmd
+    {
+        return churn::churn(&churn::ChurnOpts {
+            sessions: *sessions,
+            conns: *conns,
+            depth: *depth,
+            window_seconds: *window_seconds,
+        });
+    }
     if let Cmd::MemoryLedger { scopes } = &cmd {
         let (buckets, per) = logbench::memory_inprocess(*scopes)?;
         println!("{buckets} {per}");
         return Ok(());
     }
     let opts = match &cmd {
-        Cmd::Policy { .. } | Cmd::MemoryLedger { .. } => return Ok(()),
+        Cmd::Policy { .. } | Cmd::MemoryLedger { .. } | Cmd::Churn { .. } => return Ok(()),
         Cmd::All(o)
         | Cmd::Record(o)
         | Cmd::ReserveCommit(o)
@@ -252,7 +283,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::Replay(o) => log_figures(&o, true, false, &mut report)?,
         Cmd::Startup(o) => log_figures(&o, true, true, &mut report)?,
         Cmd::Memory(o) => memory(&o, &mut report)?,
-        Cmd::Policy { .. } | Cmd::MemoryLedger { .. } => {}
+        Cmd::Policy { .. } | Cmd::MemoryLedger { .. } | Cmd::Churn { .. } => {}
     }
     report.print();
     println!("\nload average at the end: {}", procs::loadavg());

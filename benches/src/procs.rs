@@ -113,6 +113,39 @@ pub fn start_bursard(data_dir: Option<&Path>) -> Result<Proc, String> {
     Ok(p)
 }
 
+/// Start `bursard` with the config file `config` (which names `socket` and `data`), its log in
+/// `dir`.
+pub fn start_bursard_with(
+    config: &Path,
+    dir: &Path,
+    socket: &Path,
+    data: &Path,
+) -> Result<Proc, String> {
+    let log = dir.join("bursard.log");
+    let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let spawned = Instant::now();
+    let child = Command::new(bursard_path()?)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .map_err(|e| format!("cannot start bursard: {e}"))?;
+    let mut p = Proc {
+        child,
+        socket: socket.to_path_buf(),
+        _dir: None,
+        data_dir: data.to_path_buf(),
+        log,
+        ready_after: Duration::ZERO,
+    };
+    wait_hello(&mut p, START_TIMEOUT)?;
+    p.ready_after = spawned.elapsed();
+    Ok(p)
+}
+
 /// Wait until the daemon answers `hello`; returns the time it took.
 pub fn wait_hello(p: &mut Proc, timeout: Duration) -> Result<Duration, String> {
     let start = Instant::now();

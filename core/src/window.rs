@@ -440,6 +440,14 @@ impl RollingCounter {
         self.total_in(RollingShape::new(window_seconds, resolution_seconds), now)
     }
 
+    /// The first instant at which no slot of the counter is in the window any more (its
+    /// newest slot has left it); `None` for an empty counter (nothing counted: it has ended).
+    pub fn ends_at(&self, shape: RollingShape) -> Option<TsMicros> {
+        let &(newest, _) = self.slots.back()?;
+        let end = (i128::from(newest) + shape.slots) * shape.slot_micros;
+        Some(TsMicros::try_from(end).unwrap_or(TsMicros::MAX))
+    }
+
     /// [`RollingCounter::total`] with the window's shape computed already.
     pub fn total_in(&self, shape: RollingShape, now: TsMicros) -> Amounts {
         let current = shape.slot_near(now, self.slots.back().map(|&(k, _)| k));

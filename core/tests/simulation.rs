@@ -638,6 +638,24 @@ impl Model {
         figs
     }
 
+    /// True when `bucket` is a live scope at `t` (SPEC §5): it holds a reservation (even one
+    /// past its expiry that is not reaped yet), its budget is cumulative, or some usage in it is
+    /// still in its window at `t`.
+    fn live(&self, bucket: usize, t: TsMicros) -> bool {
+        let spec = &self.budget_of(bucket).window;
+        if *spec == WindowSpec::Cumulative
+            || self.holds.values().any(|h| h.buckets.contains(&bucket))
+        {
+            return true;
+        }
+        let now = window_key(spec, t);
+        self.usage.iter().any(|u| {
+            u.buckets
+                .iter()
+                .any(|&(b, key)| b == bucket && key_counts(spec, key, now))
+        })
+    }
+
     fn budget_of(&self, bucket: usize) -> &ResolvedBudget {
         &self.policy.budgets[self.buckets[bucket].0]
     }
@@ -2090,7 +2108,15 @@ impl Sim {
             .budgets;
         // A read never looks at a time before the last event.
         let t = self.h.now.max(self.m.last_ts);
-        let touched: Vec<usize> = self.m.touched.iter().copied().collect();
+        // Only live scopes are listed (SPEC §5): a bucket that holds a reservation, of a
+        // cumulative budget, or with usage still in its window at `t`.
+        let touched: Vec<usize> = self
+            .m
+            .touched
+            .iter()
+            .copied()
+            .filter(|&b| self.m.live(b, t))
+            .collect();
         let mut want = self.reports_at(&touched, t, None);
         want.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         let mut got = got;

@@ -135,6 +135,42 @@ impl Bucket {
         }
     }
 
+    /// When this bucket stops being live, holds aside: the end of the window its spending is
+    /// in (fixed, calendar), the moment its newest slot leaves the window (rolling), never
+    /// (cumulative: `TsMicros::MAX`).
+    pub fn ends_at(&self, limits: &Limits) -> TsMicros {
+        match &limits.window {
+            WindowSpec::Cumulative => TsMicros::MAX,
+            WindowSpec::Rolling {
+                seconds,
+                resolution_seconds,
+            } => self
+                .rolling
+                .ends_at(
+                    limits
+                        .rolling
+                        .unwrap_or_else(|| RollingShape::new(*seconds, *resolution_seconds)),
+                )
+                .unwrap_or(TsMicros::MIN),
+            spec => {
+                if self.window_end != 0 {
+                    self.window_end
+                } else {
+                    window_bounds(spec, self.window_start)
+                        .1
+                        .unwrap_or(TsMicros::MAX)
+                }
+            }
+        }
+    }
+
+    /// True when the bucket is no longer live at `ts` (SPEC §5, live scopes): its window has
+    /// ended (or, rolling, every slot has left it) and it holds no live reservation. Such a
+    /// bucket reads as an empty one from then on, so it may leave memory.
+    pub fn ended(&self, limits: &Limits, ts: TsMicros) -> bool {
+        self.live_holds == 0 && self.held == Amounts::default() && self.ends_at(limits) <= ts
+    }
+
     /// Figures at `now`.
     pub fn figures(&self, spec: &WindowSpec, now: TsMicros) -> Figures {
         self.figures_in(spec, None, now)
@@ -276,20 +312,53 @@ pub fn crossing_window(spec: &WindowSpec, ts: TsMicros) -> TsMicros {
     }
 }
 
+/// A budget sweeps its ended buckets once it holds this many, or twice as many as its last
+/// sweep kept, whichever is more (see [`BudgetState::sweep_due`]): memory stays within about
+/// twice the live buckets, and a sweep's cost is paid for by the inserts before it.
+pub const SWEEP_MIN_BUCKETS: usize = 1024;
+
 /// The buckets of one budget: a slab of buckets, each with its scope key, and an index from
-/// key to slot. A bucket keeps its slot for as long as the budget exists (buckets are never
-/// removed), so a remembered slot finds it again without hashing its key.
+/// key to slot. A bucket keeps its slot while it exists, so a remembered slot finds it again
+/// without hashing its key.
+///
+/// Buckets whose window has ended and that hold nothing leave (SPEC §5, live scopes) when the
+/// budget is swept ([`BudgetState::sweep`]): at `max_keys_per_budget`, before a new scope is
+/// refused, and to keep memory bounded while scopes churn. A swept slot is reused only after
+/// [`BudgetState::release_slots`], which the ledger calls when it empties its match cache, so
+/// a remembered slot is always either its own bucket or vacant, never another key's.
 ///
 /// Serialised as the map from scope key to bucket; compared as that map (slots are an
 /// in-memory detail: a ledger read back from a snapshot may number its buckets differently).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BudgetState {
     /// Slot of each key, hashed by key.
     index: hashbrown::HashTable<u32>,
-    /// Key of each slot.
-    keys: Vec<String>,
+    /// Key of each slot (`None`: vacant).
+    keys: Vec<Option<String>>,
     /// Bucket of each slot.
     slab: Vec<Bucket>,
+    /// Vacant slots that may be reused.
+    vacant: Vec<u32>,
+    /// Slots vacated by a sweep, reusable once remembered slots are forgotten.
+    released: Vec<u32>,
+    /// Buckets the last sweep kept (paces the next one).
+    kept_by_sweep: usize,
+    /// No bucket ends before this (a lower bound; `TsMicros::MIN` when unknown).
+    next_end: TsMicros,
+}
+
+impl Default for BudgetState {
+    fn default() -> Self {
+        BudgetState {
+            index: Default::default(),
+            keys: Vec::new(),
+            slab: Vec::new(),
+            vacant: Vec::new(),
+            released: Vec::new(),
+            kept_by_sweep: 0,
+            next_end: TsMicros::MIN,
+        }
+    }
 }
 
 fn key_hash(key: &str) -> u64 {
@@ -301,9 +370,9 @@ fn key_hash(key: &str) -> u64 {
 }
 
 impl BudgetState {
-    /// Number of buckets.
+    /// Number of buckets (live or not yet swept).
     pub fn len(&self) -> usize {
-        self.slab.len()
+        self.slab.len() - self.vacant.len() - self.released.len()
     }
 
     /// Slot of `key`'s bucket.
@@ -311,7 +380,8 @@ impl BudgetState {
         let keys = &self.keys;
         self.index
             .find(key_hash(key), |&s| {
-                keys.get(s as usize).is_some_and(|k| k == key)
+                keys.get(s as usize)
+                    .is_some_and(|k| k.as_deref() == Some(key))
             })
             .copied()
     }
@@ -327,20 +397,30 @@ impl BudgetState {
         self.slab.get_mut(slot as usize)
     }
 
-    /// The bucket in `slot`.
+    fn occupied(&self, slot: u32) -> bool {
+        self.keys.get(slot as usize).is_some_and(Option::is_some)
+    }
+
+    /// The bucket in `slot` (`None` for a vacant slot).
     pub fn at(&self, slot: u32) -> Option<&Bucket> {
+        if !self.occupied(slot) {
+            return None;
+        }
         self.slab.get(slot as usize)
     }
 
-    /// The scope key and the bucket of `slot`, the bucket to change.
+    /// The scope key and the bucket of `slot`, the bucket to change (`None` for a vacant slot).
     pub fn entry_mut(&mut self, slot: u32) -> Option<(&str, &mut Bucket)> {
-        let key = self.keys.get(slot as usize)?;
+        let key = self.keys.get(slot as usize)?.as_deref()?;
         Some((key, self.slab.get_mut(slot as usize)?))
     }
 
-    /// The scope key of `slot` (empty for a slot that does not exist).
+    /// The scope key of `slot` (empty for a slot that does not exist or is vacant).
     pub fn key(&self, slot: u32) -> &str {
-        self.keys.get(slot as usize).map_or("", String::as_str)
+        self.keys
+            .get(slot as usize)
+            .and_then(Option::as_deref)
+            .unwrap_or("")
     }
 
     /// Slot of `key`'s bucket, created empty if new.
@@ -353,24 +433,119 @@ impl BudgetState {
 
     /// Add a bucket for a key that has none; its slot.
     fn insert(&mut self, key: String, bucket: Bucket) -> u32 {
-        let slot = u32::try_from(self.slab.len()).unwrap_or(u32::MAX);
+        let slot = match self.vacant.pop() {
+            Some(s) => s,
+            None => {
+                let s = u32::try_from(self.slab.len()).unwrap_or(u32::MAX);
+                self.keys.push(None);
+                self.slab.push(Bucket::default());
+                s
+            }
+        };
         let keys = &self.keys;
         self.index.insert_unique(key_hash(&key), slot, |&s| {
-            key_hash(keys.get(s as usize).map_or("", String::as_str))
+            key_hash(
+                keys.get(s as usize)
+                    .and_then(Option::as_deref)
+                    .unwrap_or(""),
+            )
         });
-        self.keys.push(key);
-        self.slab.push(bucket);
+        if let Some(k) = self.keys.get_mut(slot as usize) {
+            *k = Some(key);
+        }
+        if let Some(b) = self.slab.get_mut(slot as usize) {
+            *b = bucket;
+        }
         slot
+    }
+
+    /// Note that a bucket may end from `ts` on (a new one, or one whose holds went): the next
+    /// sweep is not skipped before it.
+    pub fn may_end_from(&mut self, ts: TsMicros) {
+        self.next_end = self.next_end.min(ts);
+    }
+
+    /// True when no bucket can have ended by `ts`.
+    fn none_ended_by(&self, ts: TsMicros) -> bool {
+        ts < self.next_end
+    }
+
+    /// True when a sweep at `ts` is due for memory's sake: the budget holds many more buckets
+    /// than its last sweep kept, and some may have ended.
+    pub fn sweep_due(&self, ts: TsMicros) -> bool {
+        self.len() >= SWEEP_MIN_BUCKETS.max(2 * self.kept_by_sweep) && !self.none_ended_by(ts)
+    }
+
+    /// Remove every bucket that has ended by `ts` (see [`Bucket::ended`]); how many went.
+    /// Their slots are reusable after [`BudgetState::release_slots`].
+    pub fn sweep(&mut self, limits: &Limits, ts: TsMicros) -> usize {
+        if self.none_ended_by(ts) {
+            return 0;
+        }
+        let mut gone = 0;
+        let mut next_end = TsMicros::MAX;
+        for slot in 0..self.slab.len() {
+            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            if !self.occupied(slot) {
+                continue;
+            }
+            let Some(bucket) = self.slab.get(slot as usize) else {
+                continue;
+            };
+            if bucket.ended(limits, ts) {
+                self.evict(slot);
+                gone += 1;
+            } else {
+                // One that ended but holds a reservation may go once that ends, which says so
+                // through `may_end_from`.
+                let end = bucket.ends_at(limits);
+                if end > ts {
+                    next_end = next_end.min(end);
+                }
+            }
+        }
+        self.next_end = next_end;
+        self.kept_by_sweep = self.len();
+        gone
+    }
+
+    fn evict(&mut self, slot: u32) {
+        let Some(key) = self.keys.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        if let Ok(entry) = self.index.find_entry(key_hash(&key), |&s| s == slot) {
+            entry.remove();
+        }
+        if let Some(b) = self.slab.get_mut(slot as usize) {
+            *b = Bucket::default();
+        }
+        self.released.push(slot);
+    }
+
+    /// Make the slots of swept buckets reusable (every remembered slot has been forgotten).
+    pub fn release_slots(&mut self) {
+        self.vacant.append(&mut self.released);
+    }
+
+    /// How many buckets are live at `now` (exact: ended ones not yet swept are not counted).
+    pub fn live_count(&self, limits: &Limits, now: TsMicros) -> usize {
+        if self.none_ended_by(now) {
+            return self.len();
+        }
+        self.iter().filter(|(_, b)| !b.ended(limits, now)).count()
     }
 
     /// `(key, bucket)` of every bucket, in slot order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Bucket)> {
-        self.keys.iter().map(String::as_str).zip(self.slab.iter())
+        self.keys
+            .iter()
+            .zip(self.slab.iter())
+            .filter_map(|(k, b)| Some((k.as_deref()?, b)))
     }
 
     /// Every scope key, in slot order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.keys.iter().map(String::as_str)
+        self.keys.iter().filter_map(|k| k.as_deref())
     }
 }
 
@@ -428,7 +603,11 @@ impl<'de> Deserialize<'de> for Buckets {
                 let n = map.size_hint().unwrap_or(0).min(1 << 20);
                 let keys = &state.keys;
                 state.index.reserve(n, |&s| {
-                    key_hash(keys.get(s as usize).map_or("", String::as_str))
+                    key_hash(
+                        keys.get(s as usize)
+                            .and_then(Option::as_deref)
+                            .unwrap_or(""),
+                    )
                 });
                 state.keys.reserve_exact(n);
                 state.slab.reserve_exact(n);

@@ -774,7 +774,8 @@ impl Ledger {
                 };
                 // A bucket the match does not know yet: found (or not) by its key.
                 let mut new_key = None;
-                let slot = if known == NO_SLOT {
+                // A remembered slot is its bucket's, or vacant (swept): then found by its key.
+                let slot = if known == NO_SLOT || state.at(known).is_none() {
                     let group_by = policy.budgets.get(i).map(|b| &b.group_by[..]);
                     let key = scope_key(group_by.unwrap_or_default(), labels).unwrap_or_default();
                     let slot = state.slot(&key);
@@ -794,8 +795,10 @@ impl Ledger {
                     adjust(&mut f, adj, i, key.unwrap_or_default());
                 }
                 let after = with_probe(&f, probe);
+                // Only live scopes count (SPEC §5): ended buckets not swept yet do not.
                 let full = new_key.as_ref().is_some_and(|k| !k.is_empty())
-                    && state.len() as u64 >= policy.max_keys_per_budget;
+                    && state.len() as u64 >= policy.max_keys_per_budget
+                    && state.live_count(limits, now) as u64 >= policy.max_keys_per_budget;
                 let (line, why) = if full && limits.limited && limits.deny {
                     (Decision::Deny, Why::MaxKeys)
                 } else if limits.over(&after) {

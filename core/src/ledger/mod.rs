@@ -291,12 +291,6 @@ impl MatchCache {
     }
 }
 
-impl PartialEq for MatchCache {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
 impl std::fmt::Debug for MatchCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "MatchCache({} + {})", self.new.len(), self.old.len())
@@ -325,45 +319,73 @@ fn match_labels(
 /// if new: its slot, and whether it is the overflow bucket (a new key beyond `max_keys`). A
 /// bucket of the key's own is remembered in `r`, so the next event with the same labels finds
 /// it without rendering or hashing the key.
+///
+/// A new scope at `ts` may sweep the budget first (SPEC §5, live scopes): when the budget is at
+/// `max_keys` (so that only live scopes count) or holds far more buckets than live ones (so
+/// that memory stays bounded). `swept` is set when buckets went: remembered slots must then be
+/// forgotten before any is reused.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn resolve(
     state: &mut BudgetState,
+    limits: &Limits,
     group_by: impl FnOnce() -> Option<Vec<String>>,
     labels: &Labels,
     r: &mut MatchRef,
     max_keys: u64,
+    ts: TsMicros,
+    swept: &mut bool,
 ) -> (u32, bool) {
     let known = ref_slot(*r);
-    if known != NO_SLOT {
+    if known != NO_SLOT && state.at(known).is_some() {
         return (known, false);
     }
-    resolve_new(state, &group_by().unwrap_or_default(), labels, r, max_keys)
+    resolve_new(
+        state,
+        limits,
+        &group_by().unwrap_or_default(),
+        labels,
+        r,
+        max_keys,
+        ts,
+        swept,
+    )
 }
 
 /// [`resolve`] of a bucket whose slot the match does not know yet.
 #[inline(never)]
+#[allow(clippy::too_many_arguments)]
 fn resolve_new(
     state: &mut BudgetState,
+    limits: &Limits,
     group_by: &[String],
     labels: &Labels,
     r: &mut MatchRef,
     max_keys: u64,
+    ts: TsMicros,
+    swept: &mut bool,
 ) -> (u32, bool) {
     let key = scope_key(group_by, labels).unwrap_or_default();
     if let Some(slot) = state.slot(&key) {
         *r = match_ref(ref_budget(*r), slot);
         return (slot, false);
     }
-    if (state.len() as u64) >= max_keys && !key.is_empty() {
+    let full = |s: &BudgetState| (s.len() as u64) >= max_keys && !key.is_empty();
+    if (full(state) || state.sweep_due(ts)) && state.sweep(limits, ts) > 0 {
+        *swept = true;
+    }
+    if full(state) {
         return (state.slot_or_insert(OVERFLOW_KEY), true);
     }
     let slot = state.slot_or_insert(&key);
+    state.may_end_from(ts);
     *r = match_ref(ref_budget(*r), slot);
     (slot, false)
 }
 
-/// A price table in force from `effective_from`, introduced by the event at `seq`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A price table in force from `effective_from`, introduced by the event at `seq`. Compared
+/// by what it says (its index is derived from its table).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PriceEpoch {
     /// Events with `ts >= effective_from` may use this table.
     pub effective_from: TsMicros,
@@ -408,6 +430,17 @@ impl PriceEpoch {
     }
 }
 
+impl PartialEq for PriceEpoch {
+    fn eq(&self, other: &Self) -> bool {
+        self.effective_from == other.effective_from
+            && self.seq == other.seq
+            && self.table == other.table
+            && self.max == other.max
+    }
+}
+
+impl Eq for PriceEpoch {}
+
 /// Model name to price, hashed (a `BTreeMap` lookup compares the name with a dozen others).
 /// Derived from the table; never serialised or compared.
 #[derive(Clone, Default)]
@@ -424,14 +457,6 @@ impl PriceIndex {
         )
     }
 }
-
-impl PartialEq for PriceIndex {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for PriceIndex {}
 
 impl std::fmt::Debug for PriceIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -483,8 +508,10 @@ pub struct Ended {
 /// All projections. A fold of the log.
 ///
 /// Serialised (for snapshots) without its derived data (the compiled limits and the match
-/// cache), which is rebuilt when a ledger is read back.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// cache), which is rebuilt when a ledger is read back. Compared by what it would answer: the
+/// derived data aside, and buckets that have ended by its last event (which read as absent
+/// ones and leave memory whenever a sweep comes) left out.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(from = "LedgerData")]
 pub struct Ledger {
     last_seq: u64,
@@ -503,6 +530,37 @@ pub struct Ledger {
     limits: Vec<Limits>,
     #[serde(skip)]
     matches: MatchCache,
+}
+
+impl PartialEq for Ledger {
+    fn eq(&self, o: &Self) -> bool {
+        self.last_seq == o.last_seq
+            && self.last_ts == o.last_ts
+            && self.policy_version == o.policy_version
+            && self.policy == o.policy
+            && self.epochs == o.epochs
+            && self.holds == o.holds
+            && self.expiries == o.expiries
+            && self.ended == o.ended
+            && self.ended_queue == o.ended_queue
+            && self.budgets.len() == o.budgets.len()
+            && self
+                .budgets
+                .iter()
+                .zip(&o.budgets)
+                .zip(&self.limits)
+                .all(|((a, b), limits)| {
+                    let live = |s: &'_ BudgetState| {
+                        s.iter()
+                            .filter(|(_, bucket)| !bucket.ended(limits, self.last_ts))
+                            .count()
+                    };
+                    live(a) == live(b)
+                        && a.iter()
+                            .filter(|(_, bucket)| !bucket.ended(limits, self.last_ts))
+                            .all(|(k, bucket)| b.get(k) == Some(bucket))
+                })
+    }
 }
 
 /// A [`Ledger`] as serialised: every field but the derived ones, in the same order.
@@ -760,6 +818,7 @@ impl Ledger {
     fn for_each_matching(
         &mut self,
         labels: &Labels,
+        ts: TsMicros,
         mut f: impl FnMut(usize, &Limits, u32, &str, &mut Bucket, bool),
     ) {
         let Some(policy) = &self.policy else {
@@ -767,6 +826,7 @@ impl Ledger {
         };
         let max_keys = policy.max_keys_per_budget;
         let budgets = &mut self.budgets;
+        let mut swept = false;
         let refs = self.matches.get_or_insert(labels, MATCH_CACHE_ENTRIES, || {
             match_labels(policy, budgets, labels)
         });
@@ -776,10 +836,22 @@ impl Ledger {
                 continue;
             };
             let group_by = || policy.budgets.get(i).map(|b| b.group_by.clone());
-            let (slot, overflow) = resolve(state, group_by, labels, r, max_keys);
+            let (slot, overflow) =
+                resolve(state, limits, group_by, labels, r, max_keys, ts, &mut swept);
             if let Some((key, bucket)) = state.entry_mut(slot) {
                 f(i, limits, slot, key, bucket, overflow);
             }
+        }
+        if swept {
+            self.forget_slots();
+        }
+    }
+
+    /// Forget every remembered slot (the match cache), then let swept slots be reused.
+    fn forget_slots(&mut self) {
+        self.matches.clear();
+        for state in &mut self.budgets {
+            state.release_slots();
         }
     }
 
@@ -793,10 +865,15 @@ impl Ledger {
     /// Hold `amounts` (and one concurrency slot) in every bucket an event with `labels` counts
     /// in; returns the `(budget index, scope key)` of each, the key being the one actually used
     /// (the overflow bucket's for a new key beyond `max_keys_per_budget`).
-    fn hold_in_matching(&mut self, labels: &Labels, amounts: Amounts) -> Vec<(usize, String)> {
+    fn hold_in_matching(
+        &mut self,
+        labels: &Labels,
+        amounts: Amounts,
+        ts: TsMicros,
+    ) -> Vec<(usize, String)> {
         let mut refs = Vec::new();
         // The key of the bucket used: the overflow bucket's for an overflowing key.
-        self.for_each_matching(labels, |i, _, _, key, bucket, _| {
+        self.for_each_matching(labels, ts, |i, _, _, key, bucket, _| {
             bucket.hold(amounts, 1);
             refs.push((i, key.to_string()));
         });
@@ -814,7 +891,7 @@ impl Ledger {
     ) {
         // The buckets are judged in a second pass (`decide_usage_lines`), once the whole event
         // is folded: this loop stays short, so the cache misses of its buckets overlap.
-        self.for_each_matching(labels, |i, limits, slot, _, bucket, _| {
+        self.for_each_matching(labels, ts, |i, limits, slot, _, bucket, _| {
             bucket.add_spent_in(&limits.window, limits.rolling, ts, amounts);
             if let Some(d) = decided.as_deref_mut() {
                 d.lines.push(UsageLine {
@@ -945,7 +1022,7 @@ impl Ledger {
                     tokens: r.input_tokens.saturating_add(r.max_output_tokens),
                     requests: 1,
                 };
-                let refs = self.hold_in_matching(&r.labels, amounts);
+                let refs = self.hold_in_matching(&r.labels, amounts, ts);
                 self.expiries
                     .insert((r.expires_at, r.reservation_id.clone()));
                 self.holds.insert(
@@ -1004,8 +1081,12 @@ impl Ledger {
         };
         self.expiries.remove(&(hold.expires_at, rid.to_string()));
         for (i, key) in &hold.buckets {
-            if let Some(b) = self.budgets.get_mut(*i).and_then(|s| s.get_mut(key)) {
-                b.unhold(hold.amounts, 1);
+            if let Some(state) = self.budgets.get_mut(*i) {
+                if let Some(b) = state.get_mut(key) {
+                    b.unhold(hold.amounts, 1);
+                }
+                // Without its hold, the bucket may have ended already.
+                state.may_end_from(ts);
             }
         }
         self.ended.insert(
@@ -1081,7 +1162,7 @@ impl Ledger {
                 continue;
             };
             let (amounts, labels) = (h.amounts, h.labels.clone());
-            let refs = self.hold_in_matching(&labels, amounts);
+            let refs = self.hold_in_matching(&labels, amounts, self.last_ts);
             if let Some(h) = self.holds.get_mut(&rid) {
                 h.buckets = refs;
             }

@@ -236,7 +236,13 @@ impl Ledger {
                 let Some(state) = self.budgets.get(i) else {
                     continue;
                 };
-                for key in state.keys() {
+                let limits = self.limits.get(i);
+                for (key, bucket) in state.iter() {
+                    // A scope whose window has ended and that holds nothing is no longer live
+                    // (SPEC §5): it is not listed, whether or not it has left memory yet.
+                    if limits.is_some_and(|l| bucket.ended(l, now)) {
+                        continue;
+                    }
                     if let Some(filter) = &req.labels {
                         let pairs = parse_scope_key(key).unwrap_or_default();
                         let all = filter
