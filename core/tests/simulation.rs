@@ -57,32 +57,19 @@ const MAX_EVENT_TOKENS: u128 = 1_000_000_000_000;
 const FRONTIER_MAX_CALL_MICROS: i64 = 60_000;
 const FRONTIER_MAX_CALL_OUTPUT: u64 = 3_500;
 
-// ---- a small deterministic PRNG (splitmix64) ------------------------------------------------
+// ---- a small deterministic PRNG (splitmix64, shared: `bursar-testkit`) ---------------------
 
-struct Rng(u64);
+struct Rng(bursar_testkit::Rng);
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (0 for n = 0).
     fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next_u64() % n
-        }
+        self.0.below(n)
     }
-    /// Uniform in `lo..=hi`.
     fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
+        self.0.range(lo, hi)
     }
     fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
+        self.0.chance(percent)
     }
     fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
         xs[self.below(xs.len() as u64) as usize].clone()
@@ -1062,7 +1049,7 @@ macro_rules! ensure_eq {
 
 impl Sim {
     fn new(seed: u64) -> Sim {
-        let mut rng = Rng(seed);
+        let mut rng = Rng(bursar_testkit::Rng::new(seed));
         let policy = sim_policy(&BASE);
         let mut h = Harness {
             ledger: Ledger::new(),

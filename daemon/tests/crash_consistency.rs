@@ -94,20 +94,8 @@ max_concurrent = 3
 
 // ---- the workload -------------------------------------------------------------------------
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// The shared seeded generator (`bursar-testkit`): failures reproduce from the seed.
+use bursar_testkit::Rng;
 
 fn team(t: u64) -> Labels {
     Labels::from([(
@@ -127,7 +115,7 @@ fn usage(input: u64, output: u64) -> Usage {
 /// Rounds of writes submitted together (so the writer group-commits them), and the clock jump
 /// in seconds before each round. Deterministic: the same for every N.
 fn workload(prefix: &str, rounds: usize, seed: u64) -> Vec<(i64, Vec<WriteCmd>)> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut rids: Vec<String> = Vec::new();
     let mut out = Vec::new();
     let mut n = 0;

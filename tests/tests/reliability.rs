@@ -22,20 +22,8 @@ id = "all"
 max_requests = 100000000
 "#;
 
-/// A tiny deterministic PRNG so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// The shared seeded generator (`bursar-testkit`): failures reproduce from the seed.
+use bursar_testkit::Rng;
 
 /// Every event of the log, through the export stream.
 fn export(c: &mut Client) -> Vec<ExportedEvent> {
@@ -59,7 +47,7 @@ fn mixed_load(
     let Ok(mut c) = Client::connect(&socket) else {
         return;
     };
-    let mut rng = Rng(worker * 7919 + round * 104_729);
+    let mut rng = Rng::new(worker * 7919 + round * 104_729);
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
         let team = json!({"team": format!("t{}", rng.below(6))});
@@ -101,7 +89,7 @@ fn crash_loop_loses_nothing_acknowledged_and_status_is_always_the_fold() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
     let mut d = Daemon::start_with_config(CUMULATIVE);
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let all_acked: Arc<Mutex<Vec<Value>>> = Arc::default();
     // The test's own fold of the log, extended each round by the new events only.
     let mut folded_log = Ledger::new();
@@ -230,7 +218,7 @@ max_concurrent = 40
                 .stack_size(256 * 1024)
                 .spawn(move || {
                     let mut c = Client::connect(&socket).unwrap();
-                    let mut rng = Rng(i);
+                    let mut rng = Rng::new(i);
                     start.wait();
                     for k in 0..6 {
                         let id = format!("c{i}-{k}");

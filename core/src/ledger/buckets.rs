@@ -562,7 +562,14 @@ impl Serialize for BudgetState {
         struct Map<'a>(&'a BudgetState);
         impl Serialize for Map<'_> {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.collect_map(self.0.iter())
+                use serde::ser::SerializeMap;
+                // The length up front: bincode needs it (`iter` skips vacant slots, so its size
+                // hint is not exact).
+                let mut map = serializer.serialize_map(Some(self.0.len()))?;
+                for (k, b) in self.0.iter() {
+                    map.serialize_entry(k, b)?;
+                }
+                map.end()
             }
         }
         let mut s = serializer.serialize_struct("BudgetState", 1)?;
