@@ -6,16 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "bursar-data";
-/// Socket file name.
-pub const SOCKET_NAME: &str = "bursar.sock";
-
-/// Where the socket goes by default: `$XDG_RUNTIME_DIR/bursar.sock`, else `./bursar.sock`.
-pub fn default_socket_path() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join(SOCKET_NAME),
-        _ => PathBuf::from(SOCKET_NAME),
-    }
-}
+pub use bursar_schemas::{default_socket_path, SOCKET_NAME};
 
 /// Everything the daemon needs to start.
 #[derive(Debug, Clone)]

@@ -22,5 +22,17 @@ pub type TsMicros = i64;
 /// Labels of an event: key to value, ordered so that encodings are canonical.
 pub type Labels = std::collections::BTreeMap<String, String>;
 
+/// File name of the daemon's default socket.
+pub const SOCKET_NAME: &str = "bursar.sock";
+
+/// The daemon's default socket (SPEC §4), where `bursard` listens and clients look without
+/// `--socket`: `$XDG_RUNTIME_DIR/bursar.sock`, else `./bursar.sock`.
+pub fn default_socket_path() -> std::path::PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => std::path::PathBuf::from(dir).join(SOCKET_NAME),
+        _ => std::path::PathBuf::from(SOCKET_NAME),
+    }
+}
+
 /// Protocol version spoken on the socket.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,130 @@
+//! Architecture invariants of ARCHITECTURE.md, checked on the source tree so they cannot rot:
+//!
+//! - `bursar-core` is pure: no tokio, sled, sockets or clock reads (time comes in as a value);
+//! - `bursar-client` depends on `bursar-schemas` alone (SPEC §1), so an agent that links it
+//!   gets neither sled nor tokio;
+//! - every Rust source file starts with a `//!` header saying what it is for.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The `[dependencies]` table of a crate's manifest (names only).
+fn dependencies(krate: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join(krate).join("Cargo.toml")).unwrap();
+    let manifest: toml::Table = toml::from_str(&text).unwrap();
+    manifest
+        .get("dependencies")
+        .and_then(|d| d.as_table())
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn core_depends_on_no_runtime_store_or_socket_crate() {
+    let deps = dependencies("core");
+    for banned in [
+        "tokio",
+        "sled",
+        "mio",
+        "socket2",
+        "nix",
+        "libc",
+        "crossbeam-channel",
+    ] {
+        assert!(
+            !deps.iter().any(|d| d == banned),
+            "bursar-core must stay pure, but depends on {banned}"
+        );
+    }
+}
+
+#[test]
+fn core_reads_no_clock_and_opens_no_file_or_socket() {
+    let mut files = Vec::new();
+    rust_files(&root().join("core/src"), &mut files);
+    assert!(files.len() > 5);
+    let banned = [
+        "SystemTime::now",
+        "Instant::now",
+        "Utc::now",
+        "Local::now",
+        "std::fs::",
+        "File::open",
+        "UnixStream",
+        "TcpStream",
+        "std::net::",
+        "std::env::var",
+        "thread::spawn",
+    ];
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        // Unit tests (a `#[cfg(test)]` module, at the end of a file) may read fixtures.
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .take_while(|(_, l)| l.trim() != "#[cfg(test)]")
+        {
+            let code = line.split("//").next().unwrap_or("");
+            for b in banned {
+                assert!(
+                    !code.contains(b),
+                    "{}:{}: `{b}` in bursar-core (time and I/O come in as values)",
+                    f.display(),
+                    n + 1
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_rust_client_depends_on_the_schemas_alone() {
+    let deps = dependencies("client");
+    let allowed = ["bursar-schemas", "serde", "serde_json", "thiserror"];
+    for d in &deps {
+        assert!(
+            allowed.contains(&d.as_str()),
+            "bursar-client must not depend on {d} (SPEC §1: an agent linking it gets neither sled nor tokio)"
+        );
+    }
+    assert!(deps.iter().any(|d| d == "bursar-schemas"));
+}
+
+#[test]
+fn every_rust_file_says_what_it_is_for() {
+    let mut files = Vec::new();
+    for dir in [
+        "schemas/src",
+        "core/src",
+        "daemon/src",
+        "client/src",
+        "cli/src",
+        "testkit/src",
+        "benches/src",
+    ] {
+        rust_files(&root().join(dir), &mut files);
+    }
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(
+            text.trim_start().starts_with("//!"),
+            "{} has no `//!` header",
+            f.display()
+        );
+    }
+}
