@@ -4,23 +4,16 @@
 
 use crate::procs;
 use crate::workload::{self, Rng, Scope, MAX_OUTPUT, MODEL};
-use bursar_core::ledger::{Command, IdLookup, IdRecord, Ledger};
-use bursar_schemas::event::{Actor, Envelope, EventBody, Hash32, PolicyApplied};
+use bursar_core::ledger::{Command, Ledger};
+use bursar_schemas::event::{
+    Actor, Envelope, EventBody, Hash32, PolicyApplied, Receipt, ReceiptLine,
+};
 use bursar_schemas::wire::{RecordRequest, Usage};
 use bursar_schemas::{Labels, TsMicros};
 use bursard::log::{LogStore, SledLog};
 use std::collections::VecDeque;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// Every id is new in a generated log, so the index has nothing to say.
-struct NoIds;
-
-impl IdLookup for NoIds {
-    fn get(&self, _key: &str) -> Option<IdRecord> {
-        None
-    }
-}
 
 fn now_micros() -> TsMicros {
     let d = std::time::SystemTime::now()
@@ -123,7 +116,35 @@ fn commit_of(id: u64, labels: Labels, usage: Usage, payload_digest: [u8; 16]) ->
         occurred_at: None,
         reported_cost_usd: None,
         payload_digest,
+        receipt: Some(receipt(id, None)),
     })
+}
+
+/// A receipt like the daemon's for an event of the bench policy: a line per budget (the bench
+/// policy's three), figures of the size a busy bucket has, so that the log is as large as a
+/// live one (the fold never reads receipts).
+fn receipt(n: u64, decision: Option<bursar_schemas::wire::Decision>) -> Receipt {
+    let line = |budget: u32| ReceiptLine {
+        budget,
+        overflow: false,
+        spent_micros: i64::try_from(n % 9_000_000).unwrap_or(0) + 1_000,
+        spent_tokens: n % 50_000_000,
+        spent_requests: n % 100_000,
+        held_micros: i64::try_from(n % 70_000).unwrap_or(0),
+        held_tokens: n % 30_000,
+        held_requests: n % 7,
+        live_holds: n % 7,
+    };
+    Receipt {
+        policy_version: 1,
+        lines: (0..3).map(line).collect(),
+        cost_micros: i64::try_from(n % 5_000).unwrap_or(0),
+        priced_at_max: false,
+        overrun_micros: None,
+        decision,
+        skipped: Vec::new(),
+        message: None,
+    }
 }
 
 /// Write a log of about `events` realistic events into `data_dir` through `SledLog`, in
@@ -200,6 +221,7 @@ pub fn generate(
                         occurred_at: None,
                         reported_cost_usd: None,
                         payload_digest: digest(&mut rng),
+                        receipt: Some(receipt(n, None)),
                     })
                 } else {
                     let hold = (input * workload::PRICE_IN + MAX_OUTPUT * workload::PRICE_OUT)
@@ -214,6 +236,7 @@ pub fn generate(
                         hold_micros: i64::try_from(hold).unwrap_or(i64::MAX),
                         expires_at: ts + 300_000_000,
                         payload_digest: digest(&mut rng),
+                        receipt: Some(receipt(n, Some(bursar_schemas::wire::Decision::Allow))),
                     })
                 }
             }
@@ -380,9 +403,7 @@ pub fn memory_inprocess(scopes: u64) -> Result<(usize, f64), String> {
             occurred_at: None,
             reported_cost_usd: None,
         };
-        let step = p
-            .ledger
-            .execute(Command::Record(&req), now_micros(), &NoIds);
+        let step = p.ledger.execute(Command::Record(&req), now_micros());
         drop(step);
     }
     let after = procs::rss_bytes(std::process::id()).unwrap_or(0);

@@ -19,7 +19,7 @@
 //!   `usage_recorded`, as two calls (each finds the event's buckets). The event is priced
 //!   first.
 //! - `record`: `Ledger::execute(Command::Record)` — validation, idempotency digest, decision,
-//!   apply, crossings, the answer and its JSON idempotency record; with an empty `IdLookup`.
+//!   apply, crossings, the receipt and the typed answer rendered from it.
 //! - `apply`: `Ledger::apply` of pre-built `usage_recorded` bodies (the replay/fold path).
 //! - `check`: `Ledger::check` (read-only decision).
 //! - `reserve_commit`: a `reserve` then its `commit` through `execute` (two events per element).
@@ -28,11 +28,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use bursar_core::ledger::{total_tokens, Answer, Command, IdRecord, Ledger, Step};
+use bursar_core::ledger::{total_tokens, Answer, Command, Ledger, Step};
 use bursar_core::policy::parse_policy;
 use bursar_core::window::Amounts;
 use bursar_schemas::event::{EventBody, PolicyApplied};
@@ -325,7 +324,6 @@ fn check_request(i: usize) -> CheckRequest {
 struct Workload {
     ledger: Ledger,
     now: TsMicros,
-    ids: HashMap<String, IdRecord>,
     records: Vec<RecordRequest>,
     checks: Vec<CheckRequest>,
     bodies: Vec<EventBody>,
@@ -356,7 +354,6 @@ impl Workload {
         let mut w = Workload {
             ledger,
             now: T0,
-            ids: HashMap::new(),
             records: (0..SCOPES).map(record_request).collect(),
             checks: (0..SCOPES).map(check_request).collect(),
             bodies: Vec::with_capacity(SCOPES),
@@ -371,9 +368,7 @@ impl Workload {
         };
         for i in 0..SCOPES {
             w.now += RECORD_STEP;
-            let step = w
-                .ledger
-                .execute(Command::Record(&w.records[i]), w.now, &w.ids);
+            let step = w.ledger.execute(Command::Record(&w.records[i]), w.now);
             assert!(matches!(step.answer, Answer::Usage(_)), "{:?}", step.answer);
             w.bodies.extend(
                 step.events
@@ -413,7 +408,7 @@ impl Workload {
         self.now += RECORD_STEP;
         let step = self
             .ledger
-            .execute(Command::Record(&self.records[i]), self.now, &self.ids);
+            .execute(Command::Record(&self.records[i]), self.now);
         debug_assert!(matches!(step.answer, Answer::Usage(_)));
         step
     }
@@ -488,17 +483,13 @@ impl Workload {
     #[inline(never)]
     fn pair_one(&mut self, reserve: &ReserveRequest, commit: &CommitRequest) -> (Step, Step) {
         self.now += PAIR_STEP;
-        let held = self
-            .ledger
-            .execute(Command::Reserve(reserve), self.now, &self.ids);
+        let held = self.ledger.execute(Command::Reserve(reserve), self.now);
         debug_assert!(
             matches!(&held.answer, Answer::Decision(a) if a.decision != Decision::Deny),
             "{:?}",
             held.answer
         );
-        let committed = self
-            .ledger
-            .execute(Command::Commit(commit), self.now, &self.ids);
+        let committed = self.ledger.execute(Command::Commit(commit), self.now);
         (held, committed)
     }
 

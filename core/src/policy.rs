@@ -30,6 +30,9 @@ pub const DEFAULT_RESERVATION_TTL_SECONDS: u64 = 300;
 pub const MAX_RESERVATION_TTL_SECONDS: u64 = 86400;
 /// Default fail-closed bound on dynamic `group_by` keys per budget.
 pub const DEFAULT_MAX_KEYS_PER_BUDGET: u64 = 100_000;
+/// Longest `idempotency_window_seconds`: a year.
+pub const MAX_IDEMPOTENCY_WINDOW_SECONDS: u64 = 366 * 86_400;
+pub use bursar_schemas::policy::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS;
 /// Default socket mode.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// Longest fixed or rolling window: 100 years (keeps window arithmetic in microseconds far from
@@ -120,6 +123,7 @@ pub fn default_policy() -> LoadedPolicy {
     let resolved = ResolvedPolicy {
         reservation_ttl_seconds: DEFAULT_RESERVATION_TTL_SECONDS,
         max_keys_per_budget: DEFAULT_MAX_KEYS_PER_BUDGET,
+        idempotency_window_seconds: DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
         unknown_models: UnknownModels::Deny,
         tiers: default_tiers(),
         budgets: vec![ResolvedBudget {
@@ -583,7 +587,7 @@ fn resolve(
     read_import: &dyn Fn(&str) -> Result<String, String>,
     issues: &mut Issues,
 ) -> Option<(ResolvedPolicy, DaemonSettings)> {
-    let (daemon, ttl, max_keys, unknown_models) = resolve_daemon(&raw.daemon, issues);
+    let (daemon, ttl, max_keys, id_window, unknown_models) = resolve_daemon(&raw.daemon, issues);
     let pricing = resolve_pricing(&raw.pricing, &builtin_table(), read_import, issues);
     let tiers = resolve_tiers(raw.tiers.as_ref(), issues);
     let mut budgets = Vec::with_capacity(raw.budget.len());
@@ -612,6 +616,7 @@ fn resolve(
         ResolvedPolicy {
             reservation_ttl_seconds: ttl,
             max_keys_per_budget: max_keys,
+            idempotency_window_seconds: id_window,
             unknown_models,
             tiers,
             budgets,
@@ -624,7 +629,7 @@ fn resolve(
 fn resolve_daemon(
     d: &DaemonSection,
     issues: &mut Issues,
-) -> (DaemonSettings, u64, u64, UnknownModels) {
+) -> (DaemonSettings, u64, u64, u64, UnknownModels) {
     let at = [k("daemon")];
     let mut settings = DaemonSettings::default();
     let non_empty = |key: &str, v: &Option<String>, issues: &mut Issues| -> Option<String> {
@@ -679,7 +684,19 @@ fn resolve_daemon(
             UnknownModels::Deny
         }
     };
-    (settings, ttl, max_keys, unknown_models)
+    let id_window = d
+        .idempotency_window_seconds
+        .unwrap_or(DEFAULT_IDEMPOTENCY_WINDOW_SECONDS);
+    if !(1..=MAX_IDEMPOTENCY_WINDOW_SECONDS).contains(&id_window) {
+        issues.push(
+            with(&at, k("idempotency_window_seconds")),
+            format!(
+                "must be between 1 and {MAX_IDEMPOTENCY_WINDOW_SECONDS} seconds (366 days), got \
+                 {id_window}"
+            ),
+        );
+    }
+    (settings, ttl, max_keys, id_window, unknown_models)
 }
 
 /// `"0600"`, `"660"`, `"0o600"`: an octal mode from 0 to 0777.

@@ -304,12 +304,17 @@ fn duplicate_returns_the_original_answer_and_counts_nothing_twice() {
         occurred_at: None,
         reported_cost_usd: None,
     };
-    let Answer::Duplicate(v) = h.run(Command::Record(&r)) else {
-        panic!("not a duplicate")
+    let Answer::Usage(v) = h.run(Command::Record(&r)) else {
+        panic!("not a usage answer")
     };
-    assert_eq!(v["duplicate"], true);
-    assert_eq!(v["seq"], first.seq);
-    assert_eq!(v["cost_micros"], 100);
+    // The original answer, byte for byte, but for `duplicate`.
+    assert_eq!(
+        v,
+        UsageAnswer {
+            duplicate: true,
+            ..first.clone()
+        }
+    );
     assert_eq!(h.status()[0].spent_micros, 100);
     // Same id, different payload: conflict naming the field.
     let mut other = r.clone();
@@ -320,10 +325,16 @@ fn duplicate_returns_the_original_answer_and_counts_nothing_twice() {
     // Reservations too.
     let d = h.reserve("r1", labels(&[]), "m", 1, 1);
     let again = h.reserve_req("r1", labels(&[]), "m", 1, 1);
-    let Answer::Duplicate(v) = h.run(Command::Reserve(&again)) else {
+    let Answer::Decision(v) = h.run(Command::Reserve(&again)) else {
         panic!()
     };
-    assert_eq!(v["seq"], d.seq.unwrap());
+    assert_eq!(
+        v,
+        DecisionAnswer {
+            duplicate: true,
+            ..d.clone()
+        }
+    );
     assert_eq!(h.ledger.live_holds(), 1);
 }
 
@@ -576,7 +587,6 @@ fn scopes_whose_window_ended_no_longer_count_against_max_keys() {
         let mut g = Harness {
             ledger,
             log: h.log.clone(),
-            ids: h.ids.clone(),
             now: h.now,
         };
         assert_eq!(
@@ -901,4 +911,32 @@ fn a_daily_budget_in_new_york_resets_at_local_midnight_in_summer() {
     );
     // A fold of the log agrees.
     assert_eq!(h.refold(), h.ledger);
+}
+
+/// Ids are remembered for `idempotency_window_seconds` after their event (a projection of the
+/// log, not a second store): within it a resend is a duplicate with the original answer, after
+/// it a new request.
+#[test]
+fn an_id_is_remembered_for_the_idempotency_window_and_then_counts_as_new() {
+    let mut p = policy(vec![limited(1_000_000)]);
+    p.idempotency_window_seconds = 60;
+    let mut h = Harness::new(p);
+    let first = h.record("e1", labels(&[]), "m", usage(100, 0));
+    h.now += 60 * SEC;
+    // Another event moves ledger time on; e1 is 60 s old: still within the window.
+    h.record("other", labels(&[]), "m", usage(1, 0));
+    let again = h.record("e1", labels(&[]), "m", usage(100, 0));
+    assert!(again.duplicate);
+    assert_eq!(again.seq, first.seq);
+    assert_eq!(h.status()[0].spent_micros, 101, "counted once");
+    h.now += SEC;
+    h.record("later", labels(&[]), "m", usage(1, 0));
+    // 61 s after it, e1 is forgotten: the same request is new usage now.
+    let late = h.record("e1", labels(&[]), "m", usage(100, 0));
+    assert!(!late.duplicate);
+    assert_ne!(late.seq, first.seq);
+    assert_eq!(h.status()[0].spent_micros, 202);
+    // A fold of the log (what a restart does) knows the same ids.
+    assert_eq!(h.refold(), h.ledger);
+    assert_eq!(h.ledger.ids().get("e/e1").map(|e| e.seq), Some(late.seq));
 }

@@ -236,7 +236,7 @@ proptest! {
         let json = serde_json::to_string(&h.ledger).unwrap();
         let back: bursar_core::ledger::Ledger = serde_json::from_str(&json).unwrap();
         prop_assert_eq!(&back, &h.ledger);
-        let mut g = Harness { ledger: back, log: h.log.clone(), ids: h.ids.clone(), now: h.now };
+        let mut g = Harness { ledger: back, log: h.log.clone(), now: h.now };
         for (n, op) in after.iter().enumerate() {
             run_op(&mut h, op, before.len() + n);
             run_op(&mut g, op, before.len() + n);
@@ -245,7 +245,6 @@ proptest! {
         prop_assert_eq!(&g.ledger, &h.ledger);
         // The same events (crossings included) and the same answers.
         prop_assert_eq!(&g.log, &h.log);
-        prop_assert_eq!(&g.ids, &h.ids);
     }
 
     #[test]
@@ -400,5 +399,5 @@ fn exports_can_name_the_price_version_of_each_usage_event() {
         occurred_at: None,
         reported_cost_usd: None,
     }));
-    assert!(matches!(a, Answer::Duplicate(_)));
+    assert!(matches!(&a, Answer::Usage(u) if u.duplicate), "{a:?}");
 }

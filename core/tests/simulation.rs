@@ -232,6 +232,8 @@ fn sim_policy(l: &Limits) -> ResolvedPolicy {
     ResolvedPolicy {
         reservation_ttl_seconds: l.ttl_seconds,
         max_keys_per_budget: 100_000,
+        // Short enough that long runs forget ids and count a late resend as new.
+        idempotency_window_seconds: 600,
         unknown_models: l.unknown,
         tiers: ResolvedTiers {
             default: "small".into(),
@@ -328,7 +330,7 @@ struct Model {
     holds: BTreeMap<String, HoldFact>,
     ended: HashMap<String, EndedFact>,
     /// Idempotency key → (request fingerprint, original answer JSON).
-    ids: HashMap<String, (String, String)>,
+    ids: HashMap<String, (String, String, TsMicros)>,
     /// Interned `(budget index, scope key)`.
     bucket_ids: HashMap<(usize, String), usize>,
     buckets: Vec<(usize, String)>,
@@ -853,7 +855,11 @@ fn bad_ttl(ttl: u64) -> bool {
 impl Model {
     /// The idempotency verdict for `key`: a duplicate or a conflict, if the id is known.
     fn known_id(&self, key: &str, fp: &str) -> Option<Expect> {
-        self.ids.get(key).map(|(have, answer)| {
+        // Ids are remembered for the policy's window after their event, counted back from the
+        // last event folded.
+        let horizon = self.last_ts - self.policy.idempotency_window_seconds as i64 * SEC;
+        let known = self.ids.get(key).filter(|(_, _, at)| *at >= horizon);
+        known.map(|(have, answer, _)| {
             if have == fp {
                 Expect::Duplicate(answer.clone())
             } else {
@@ -946,6 +952,13 @@ impl Model {
                 let (key, fp) = (format!("r/{}", r.reservation_id), fingerprint("reserve", r));
                 if let Some(e) = self.known_id(&key, &fp) {
                     return e;
+                }
+                // An id past the idempotency window whose hold is live or remembered as ended
+                // is still in use.
+                if self.holds.contains_key(&r.reservation_id)
+                    || self.ended.contains_key(&r.reservation_id)
+                {
+                    return Expect::Error(ErrorCode::Conflict);
                 }
                 let require = r.require.clone().unwrap_or_default();
                 let eval = self.evaluate(&r.labels, &models, &require, &r.estimate, t);
@@ -1054,7 +1067,6 @@ impl Sim {
         let mut h = Harness {
             ledger: Ledger::new(),
             log: Vec::new(),
-            ids: HashMap::new(),
             // Start somewhere in the day, so every seed meets the boundaries at other moments.
             now: T0 + rng.below(DAY as u64) as i64,
         };
@@ -1632,8 +1644,11 @@ impl Sim {
                 }
             }
             Expect::Duplicate(original) => {
-                let Answer::Duplicate(v) = &answer else {
-                    self.fail(format!("expected a duplicate, got {answer:?}"));
+                let v: serde_json::Value = match &answer {
+                    Answer::Usage(_) | Answer::Decision(_) | Answer::Release(_) => {
+                        serde_json::from_str(&answer.to_line(None)).unwrap()
+                    }
+                    other => self.fail(format!("expected a duplicate, got {other:?}")),
                 };
                 let mut want: serde_json::Value = serde_json::from_str(&original).unwrap();
                 want["duplicate"] = serde_json::Value::Bool(true);
@@ -1705,7 +1720,7 @@ impl Sim {
                 self.judge_crossings(&buckets, &rest[1..], t);
                 self.m
                     .ids
-                    .insert(key, (fp, serde_json::to_string(a).unwrap()));
+                    .insert(key, (fp, serde_json::to_string(a).unwrap(), t));
                 self.stats.usage += 1;
                 self.stats.late += u64::from(late);
                 self.stats.unknown += u64::from(unknown);
@@ -1777,7 +1792,7 @@ impl Sim {
                 }
                 self.m
                     .ids
-                    .insert(key, (fp, serde_json::to_string(a).unwrap()));
+                    .insert(key, (fp, serde_json::to_string(a).unwrap(), t));
             }
             Expect::Release { key, fp, rid } => {
                 let Answer::Release(a) = &answer else {
@@ -1794,7 +1809,7 @@ impl Sim {
                 self.m.saw_event(t);
                 self.m
                     .ids
-                    .insert(key, (fp, serde_json::to_string(a).unwrap()));
+                    .insert(key, (fp, serde_json::to_string(a).unwrap(), t));
             }
             Expect::Extend { rid, ttl } => {
                 let Answer::Extend(a) = &answer else {

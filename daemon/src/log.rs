@@ -45,8 +45,13 @@ pub trait LogStore: Send {
     /// Last seq, its hash and its ts (`None` for an empty log). Includes staged records.
     fn head(&self) -> Option<Head>;
 
-    /// Look up an idempotency-index entry.
+    /// Look up an entry of the first release's idempotency index (read only: nothing writes it
+    /// now; the index is a projection of the log).
     fn get_id(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError>;
+
+    /// True when the store holds entries of the first release's idempotency index (a data dir
+    /// written by it), which writes then consult for ids of that time.
+    fn has_ids(&self) -> bool;
 
     /// Envelopes with `seq >= seq`, in order; a record straddling `seq` yields only its tail.
     /// The iterator stops after the first error it yields.

@@ -8,6 +8,7 @@
 use crate::writer::{error_line, lock_store, read_ledger, Job, Shared, WriteCmd, WriterHandle};
 use bursar_core::ledger::{self, Answer};
 use bursar_schemas::event::Actor;
+use bursar_schemas::event::EventBody;
 use bursar_schemas::wire::{
     decode_request, ErrorCode, EventLine, ExportRequest, ExportedEvent, HelloAnswer, ReplayRequest,
     Request, RequestLine, StreamEnd, TailRequest, VerifyAnswer, WireError, MAX_LINE_BYTES,
@@ -53,6 +54,8 @@ enum Pending {
     Ready(String),
     /// From the writer.
     Wait(oneshot::Receiver<String>),
+    /// A write's typed answer from the writer, rendered here with its `req`.
+    Answer(oneshot::Receiver<Answer>, Option<Value>),
     /// Evaluated at its turn.
     Read(ReadFn),
     /// Evaluated at its turn, on a blocking thread.
@@ -288,14 +291,26 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
     };
     let req = decoded.req;
     let write = |cmd: WriteCmd| {
+        // The idempotency digest here, off the writer thread.
+        let digest = cmd.digest();
         let (tx, rx) = oneshot::channel();
         let job = Job::Write {
             cmd,
+            digest,
             actor,
-            req: req.clone(),
             reply: tx,
         };
-        submit(ctx, job, rx, req.clone())
+        match ctx.writer.submit(job) {
+            Ok(()) => Pending::Answer(rx, req.clone()),
+            Err(code) => {
+                let msg = if code == ErrorCode::Overloaded {
+                    "the writer's queue is full; retry shortly"
+                } else {
+                    "the writer has stopped"
+                };
+                Pending::Ready(error_line(code, msg, req.clone()))
+            }
+        }
     };
     match decoded.request {
         Request::Hello(_) => Pending::Read(Box::new(move |ctx: &Ctx| {
@@ -604,6 +619,62 @@ impl Iterator for LogChunks<'_> {
     }
 }
 
+/// The original answer of a resent request, whose event is at `seq`: rendered again from the
+/// event and its receipt (events of the first release carry none: their answer is read from
+/// that release's `ids` tree), with `duplicate: true`.
+pub fn original_answer(shared: &Shared, seq: u64, req: Option<Value>) -> String {
+    let event = {
+        let store = lock_store(shared);
+        let first = store.read_from(seq).next();
+        first
+    };
+    let env = match event {
+        Some(Ok(env)) if env.seq == seq => env,
+        Some(Err(e)) => {
+            return error_line(
+                ErrorCode::Internal,
+                format!("reading event {seq} for a duplicate: {e}"),
+                req,
+            )
+        }
+        _ => {
+            return error_line(
+                ErrorCode::Internal,
+                format!("event {seq} of a duplicate is not in the log"),
+                req,
+            )
+        }
+    };
+    if let Some(answer) = read_ledger(shared).render_event(env.seq, env.ts, &env.body, true) {
+        return answer.to_line(req);
+    }
+    let key = match &env.body {
+        EventBody::UsageRecorded(u) => format!("e/{}", u.event_id),
+        EventBody::ReservationCreated(r) => format!("r/{}", r.reservation_id),
+        EventBody::ReservationDenied(r) => format!("r/{}", r.reservation_id),
+        EventBody::ReservationReleased(r) => format!("x/{}", r.reservation_id),
+        _ => String::new(),
+    };
+    let old = {
+        let store = lock_store(shared);
+        crate::writer::first_release_answer(store.as_ref(), &key)
+    };
+    match old.and_then(|(_, text)| serde_json::from_str::<Value>(&text).ok()) {
+        Some(Value::Object(mut m)) => {
+            m.insert("duplicate".into(), Value::Bool(true));
+            if let Some(r) = req {
+                m.insert("req".into(), r);
+            }
+            serde_json::to_string(&m).unwrap_or_default()
+        }
+        _ => error_line(
+            ErrorCode::Internal,
+            format!("the original answer of event {seq} was not found"),
+            req,
+        ),
+    }
+}
+
 fn forbidden(what: &str, actor: Actor, req: Option<Value>) -> String {
     error_line(
         ErrorCode::Forbidden,
@@ -630,6 +701,26 @@ async fn write_answers(
                         None,
                     )
                 });
+                put(&mut out, &line).await
+            }
+            Pending::Answer(r, req) => {
+                let answer = r.await.unwrap_or_else(|_| {
+                    Answer::Error(WireError::new(
+                        ErrorCode::Unavailable,
+                        "the writer stopped before answering",
+                    ))
+                });
+                let line = match answer {
+                    Answer::Duplicate { seq } => {
+                        let c = ctx.clone();
+                        tokio::task::spawn_blocking(move || original_answer(&c.shared, seq, req))
+                            .await
+                            .unwrap_or_else(|_| {
+                                error_line(ErrorCode::Internal, "internal error", None)
+                            })
+                    }
+                    answer => answer.to_line(req),
+                };
                 put(&mut out, &line).await
             }
             Pending::Read(f) => {

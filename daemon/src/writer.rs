@@ -6,7 +6,7 @@
 //! `unavailable` (fail closed) while reads keep working.
 
 use crate::log::{LogError, LogStore};
-use bursar_core::ledger::{self, Answer, Command, IdLookup, IdRecord, Ledger, Step};
+use bursar_core::ledger::{self, Answer, Command, Ledger};
 use bursar_core::policy::LoadedPolicy;
 use bursar_schemas::event::{Actor, Envelope, EventBody, Hash32, PolicyApplied, PricingChanged};
 use bursar_schemas::wire::{
@@ -16,7 +16,6 @@ use bursar_schemas::wire::{
 use bursar_schemas::TsMicros;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use serde_json::Value;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -65,8 +64,29 @@ pub enum WriteCmd {
     Extend(ExtendRequest),
 }
 
+impl WriteCmd {
+    /// The command as the core takes it.
+    pub fn command(&self) -> Command<'_> {
+        match self {
+            WriteCmd::Record(r) => Command::Record(r),
+            WriteCmd::Reserve(r) => Command::Reserve(r),
+            WriteCmd::Commit(r) => Command::Commit(r),
+            WriteCmd::Release(r) => Command::Release(r),
+            WriteCmd::Extend(r) => Command::Extend(r),
+        }
+    }
+
+    /// The request's idempotency digest (computed where it is decoded, off the writer thread).
+    pub fn digest(&self) -> [u8; 16] {
+        self.command().digest()
+    }
+}
+
 /// Where an answer line goes.
 pub type Reply = tokio::sync::oneshot::Sender<String>;
+/// Where a write's typed answer goes (rendered to JSON by the connection, after every lock is
+/// released).
+pub type WriteReply = tokio::sync::oneshot::Sender<Answer>;
 
 /// A job for the writer.
 pub enum Job {
@@ -74,12 +94,12 @@ pub enum Job {
     Write {
         /// The command.
         cmd: WriteCmd,
+        /// The request's idempotency digest, computed where it was decoded.
+        digest: [u8; 16],
         /// Peer credentials.
         actor: Actor,
-        /// `req` echo.
-        req: Option<Value>,
         /// Answer.
-        reply: Reply,
+        reply: WriteReply,
     },
     /// Apply a new policy (`reload`, SIGHUP). `None` means: read the config again.
     Reload {
@@ -158,91 +178,22 @@ impl WriterHandle {
     }
 }
 
-/// Id lookups: not-yet-written entries of this batch, then the store.
-struct Ids<'a> {
-    pending: &'a Pending,
-    store: &'a dyn LogStore,
-}
-
-impl IdLookup for Ids<'_> {
-    fn get(&self, key: &str) -> Option<IdRecord> {
-        if let Some(r) = self.pending.get(key) {
-            return Some(r.clone());
-        }
-        match self.store.get_id(key.as_bytes()) {
-            Ok(Some(bytes)) => decode_id(self.store, &bytes),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::error!("idempotency index read failed for {key:?}: {e}");
-                None
-            }
-        }
-    }
-}
-
-/// The answer line of a write. A new (non-duplicate, non-error) answer was already serialised
-/// once by the ledger for the idempotency index (`IdRecord::answer`, JSON without `req`); the
-/// line is that text with `req` appended, which is byte for byte what `Answer::to_line` gives
-/// (`req` is the last field of every answer struct), without cloning and serialising the
-/// answer a second time.
-fn answer_line(step: &Step, req: Option<Value>) -> String {
-    let stored = match (&step.answer, step.ids.as_slice()) {
-        (
-            Answer::Usage(_) | Answer::Decision(_) | Answer::Release(_) | Answer::Extend(_),
-            [(_, rec)],
-        ) => Some(rec.answer.as_str()),
-        _ => None,
-    };
-    match stored {
-        Some(text) if text.ends_with('}') && text.len() > 2 => match req {
-            None => text.to_string(),
-            Some(r) => match serde_json::to_string(&r) {
-                Ok(r) => {
-                    let mut line = String::with_capacity(text.len() + r.len() + 8);
-                    line.push_str(&text[..text.len() - 1]);
-                    line.push_str(",\"req\":");
-                    line.push_str(&r);
-                    line.push('}');
-                    line
-                }
-                Err(_) => step.answer.to_line(Some(r)),
-            },
-        },
-        _ => step.answer.to_line(req),
-    }
-}
-
-/// The idempotency index keeps, per id, the request digest and where the original answer is;
-/// the answers of one group commit are stored together, compressed, under one key. One small
-/// entry per id and one blob per batch cost sled far less than a 1-2 KB answer per id (the
-/// answer of a `record` names every matched budget).
-///
-/// A locator: [`LOCATOR_TAG`], the digest, the blob's batch seq (big-endian) and the answer's
-/// index in it (big-endian). Entries written before answers were batched hold
-/// `bincode(IdRecord)`: 16 digest bytes, a varint length and an answer of at least 20 bytes
-/// (`{"ok":true,"seq":1,…}`), so never exactly [`LOCATOR_LEN`] bytes; both are read.
+/// Data dirs written by the first release kept an idempotency index of their own, the `ids`
+/// tree: per id a locator (digest, batch seq, index) into a per-batch LZ4 blob of answers, or,
+/// older still, the whole record. Their events carry no receipt, so the original answer of a
+/// resend of one of their ids is read from there (read only: nothing writes the tree now).
 const LOCATOR_TAG: u8 = 0xA1;
 const LOCATOR_LEN: usize = 1 + 16 + 8 + 4;
 /// Format byte of a batch's answer blob: LZ4 block (size prepended) of `bincode(Vec<String>)`.
 const ANSWERS_FORMAT_V1: u8 = 1;
-/// Largest decompressed answer blob accepted (a batch is at most `MAX_BATCH_JOBS` answers).
+/// Largest decompressed answer blob accepted.
 const MAX_ANSWERS_BYTES: usize = 256 * 1024 * 1024;
 
 /// Key of the answers of the batch whose first event has `seq`: `a/` and the seq big-endian.
-/// Ids keys start with `e/`, `r/` or `x/`, so the two never meet.
 fn answers_key(seq: u64) -> Vec<u8> {
     let mut k = b"a/".to_vec();
     k.extend_from_slice(&seq.to_be_bytes());
     k
-}
-
-fn encode_locator(digest: &[u8; 16], batch: u64, index: u32) -> Vec<u8> {
-    let mut v = Vec::with_capacity(LOCATOR_LEN);
-    v.push(LOCATOR_TAG);
-    v.extend_from_slice(digest);
-    v.extend_from_slice(&batch.to_be_bytes());
-    v.extend_from_slice(&index.to_be_bytes());
-    v
 }
 
 /// `(digest, batch seq, index)` of a locator; `None` for anything else.
@@ -254,13 +205,6 @@ fn decode_locator(bytes: &[u8]) -> Option<([u8; 16], u64, u32)> {
     let batch = u64::from_be_bytes(bytes.get(17..25)?.try_into().ok()?);
     let index = u32::from_be_bytes(bytes.get(25..29)?.try_into().ok()?);
     Some((digest, batch, index))
-}
-
-fn encode_answers(answers: &[&str]) -> Option<Vec<u8>> {
-    let plain = bincode::serde::encode_to_vec(answers, bincode::config::standard()).ok()?;
-    let mut out = vec![ANSWERS_FORMAT_V1];
-    out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&plain));
-    Some(out)
 }
 
 fn decode_answer(blob: &[u8], index: u32) -> Option<String> {
@@ -279,58 +223,63 @@ fn decode_answer(blob: &[u8], index: u32) -> Option<String> {
     (index < answers.len()).then(|| answers.swap_remove(index))
 }
 
-/// The index entries of one commit: a locator per id and the batch's answer blob, keyed by the
-/// seq of the batch's first event. Empty when the batch has no ids.
-fn encode_ids(first_seq: Option<u64>, pending: &[(String, IdRecord)]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let Some(first) = first_seq.filter(|_| !pending.is_empty()) else {
-        return Vec::new();
-    };
-    let answers: Vec<&str> = pending.iter().map(|(_, r)| r.answer.as_str()).collect();
-    let Some(blob) = encode_answers(&answers) else {
-        return Vec::new();
-    };
-    let mut out = Vec::with_capacity(pending.len() + 1);
-    for (index, (key, rec)) in pending.iter().enumerate() {
-        let index = u32::try_from(index).unwrap_or(u32::MAX);
-        out.push((
-            key.clone().into_bytes(),
-            encode_locator(&rec.digest, first, index),
-        ));
-    }
-    out.push((answers_key(first), blob));
-    out
+/// A whole record of the oldest `ids` entries: the digest and the answer's JSON.
+#[derive(serde::Deserialize)]
+struct OldIdRecord {
+    digest: [u8; 16],
+    answer: String,
 }
 
-/// An id entry as stored: a locator (the answer is fetched from its batch's blob) or, from
-/// older data dirs, the whole record.
-fn decode_id(store: &dyn LogStore, bytes: &[u8]) -> Option<IdRecord> {
-    match decode_locator(bytes) {
+/// The request digest and the original answer (JSON without `req`) of `key` (`e/…`, `r/…`,
+/// `x/…`) in the `ids` tree of a data dir written by the first release; `None` when it is not
+/// there.
+pub fn first_release_answer(store: &dyn LogStore, key: &str) -> Option<([u8; 16], String)> {
+    let bytes = store.get_id(key.as_bytes()).ok()??;
+    match decode_locator(&bytes) {
         Some((digest, batch, index)) => {
-            let blob = match store.get_id(&answers_key(batch)) {
-                Ok(Some(blob)) => blob,
-                Ok(None) => {
-                    tracing::error!("idempotency index: the answers of batch {batch} are missing");
-                    return None;
-                }
-                Err(e) => {
-                    tracing::error!("idempotency index read failed for batch {batch}: {e}");
-                    return None;
-                }
-            };
-            match decode_answer(&blob, index) {
-                Some(answer) => Some(IdRecord { digest, answer }),
-                None => {
-                    tracing::error!(
-                        "idempotency index: answer {index} of batch {batch} is unreadable"
-                    );
-                    None
-                }
-            }
+            let blob = store.get_id(&answers_key(batch)).ok()??;
+            decode_answer(&blob, index).map(|a| (digest, a))
         }
-        None => bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-            .ok()
-            .map(|(r, _)| r),
+        None => {
+            bincode::serde::decode_from_slice::<OldIdRecord, _>(&bytes, bincode::config::standard())
+                .ok()
+                .map(|(r, _)| (r.digest, r.answer))
+        }
     }
+}
+
+/// The idempotency key of a write (`None` for `extend`, which has none).
+pub fn id_key(cmd: &WriteCmd) -> Option<String> {
+    match cmd {
+        WriteCmd::Record(r) => Some(format!("e/{}", r.event_id)),
+        WriteCmd::Commit(c) => Some(format!("e/{}", c.event_id)),
+        WriteCmd::Reserve(r) => Some(format!("r/{}", r.reservation_id)),
+        WriteCmd::Release(r) => Some(format!("x/{}", r.reservation_id)),
+        WriteCmd::Extend(_) => None,
+    }
+}
+
+/// A write whose id the first release's `ids` tree knows: the first release remembered ids for
+/// ever, so a resend of one of its requests stays a duplicate (the same digest) or a conflict.
+fn first_release_id(store: &dyn LogStore, cmd: &WriteCmd, digest: &[u8; 16]) -> Option<Answer> {
+    let key = id_key(cmd)?;
+    let (had, answer) = first_release_answer(store, &key)?;
+    if had != *digest {
+        let field = if key.starts_with("e/") {
+            "event_id"
+        } else {
+            "reservation_id"
+        };
+        return Some(Answer::Error(WireError {
+            code: ErrorCode::Conflict,
+            message: format!("{field} was already used for a different request"),
+            field: Some(field.into()),
+        }));
+    }
+    let seq = serde_json::from_str::<Value>(&answer)
+        .ok()
+        .and_then(|v| v.get("seq").and_then(Value::as_u64))?;
+    Some(Answer::Duplicate { seq })
 }
 
 /// Encode a ledger snapshot.
@@ -465,6 +414,8 @@ pub struct Writer {
     reload: Arc<dyn Fn() -> Result<LoadedPolicy, String> + Send + Sync>,
     since_snapshot: u64,
     last_snapshot: std::time::Instant,
+    /// The store holds the first release's idempotency index (consulted, never written).
+    first_release_ids: bool,
 }
 
 /// Start the writer thread. Appends `policy_applied` first when `policy` differs from the one
@@ -476,7 +427,13 @@ pub fn start(
     reload: Arc<dyn Fn() -> Result<LoadedPolicy, String> + Send + Sync>,
 ) -> Result<(WriterHandle, std::thread::JoinHandle<()>), String> {
     let (tx, rx) = crossbeam_channel::bounded(WRITE_QUEUE_DEPTH);
-    let prev_hash = lock_store(&shared).head().map(|h| h.1).unwrap_or_default();
+    let (prev_hash, first_release_ids) = {
+        let store = lock_store(&shared);
+        (
+            store.head().map(|h| h.1).unwrap_or_default(),
+            store.has_ids(),
+        )
+    };
     let own = Actor {
         uid: crate::config::own_uid(),
         gid: 0,
@@ -491,6 +448,7 @@ pub fn start(
         reload,
         since_snapshot: 0,
         last_snapshot: std::time::Instant::now(),
+        first_release_ids,
     };
     w.apply_policy_if_changed(policy)?;
     let thread = std::thread::Builder::new()
@@ -614,40 +572,30 @@ impl Writer {
             for job in jobs {
                 match job {
                     Job::Shutdown => {}
-                    Job::Write { req, reply, .. } if poisoned => {
-                        let _ = reply.send(error_line(ErrorCode::Unavailable, UNAVAILABLE, req));
+                    Job::Write { reply, .. } if poisoned => {
+                        let _ = reply.send(unavailable());
                     }
                     Job::Write {
                         cmd,
+                        digest,
                         actor,
-                        req,
                         reply,
                     } => {
+                        if self.first_release_ids {
+                            let known =
+                                first_release_id(lock_store(&shared).as_ref(), &cmd, &digest);
+                            if let Some(answer) = known {
+                                batch.replies.push(Replier::Answer(reply, answer));
+                                continue;
+                            }
+                        }
                         let now = (self.clock)();
-                        let step = {
-                            let mut l = write_ledger(&shared);
-                            let store = lock_store(&shared);
-                            let ids = Ids {
-                                pending: &batch.pending_ids,
-                                store: store.as_ref(),
-                            };
-                            let c = match &cmd {
-                                WriteCmd::Record(r) => Command::Record(r),
-                                WriteCmd::Reserve(r) => Command::Reserve(r),
-                                WriteCmd::Commit(r) => Command::Commit(r),
-                                WriteCmd::Release(r) => Command::Release(r),
-                                WriteCmd::Extend(r) => Command::Extend(r),
-                            };
-                            l.execute(c, now, &ids)
-                        };
-                        let line = answer_line(&step, req.clone());
+                        let step =
+                            write_ledger(&shared).execute_digested(cmd.command(), &digest, now);
                         for (seq, ts, body) in step.events {
                             self.seal(&mut batch, seq, ts, actor, body);
                         }
-                        for (k, v) in step.ids {
-                            batch.pending_ids.insert(k, v);
-                        }
-                        batch.replies.push((reply, line, req));
+                        batch.replies.push(Replier::Answer(reply, step.answer));
                     }
                     Job::Reload {
                         policy,
@@ -701,7 +649,7 @@ impl Writer {
                             }
                         };
                         if let Some(r) = reply {
-                            batch.replies.push((r, line, echo));
+                            batch.replies.push(Replier::Line(r, line, echo));
                         }
                     }
                     Job::Replay {
@@ -720,7 +668,7 @@ impl Writer {
                             req.clone(),
                             poisoned,
                         );
-                        batch.replies.push((reply, line, req));
+                        batch.replies.push(Replier::Line(reply, line, req));
                     }
                 }
             }
@@ -824,9 +772,8 @@ impl Writer {
     /// Append and sync the batch, then answer it. On failure, poison and answer `unavailable`.
     fn commit(&mut self, batch: &mut Batch) -> Result<(), LogError> {
         let result = {
-            let ids = encode_ids(batch.envs.first().map(|e| e.seq), &batch.pending_ids.list);
             let mut store = lock_store(&self.shared);
-            store.append(&batch.envs, &ids).and_then(|_| store.sync())
+            store.append(&batch.envs, &[]).and_then(|_| store.sync())
         };
         match result {
             Ok(()) => {
@@ -837,17 +784,23 @@ impl Writer {
                     self.shared.durable.send_replace(last.seq);
                 }
                 batch.envs.clear();
-                batch.pending_ids.clear();
                 batch.answer();
                 Ok(())
             }
             Err(e) => {
                 self.shared.poisoned.store(true, Ordering::SeqCst);
-                for (reply, _, req) in batch.replies.drain(..) {
-                    let _ = reply.send(error_line(ErrorCode::Unavailable, UNAVAILABLE, req));
+                for r in batch.replies.drain(..) {
+                    match r {
+                        Replier::Line(reply, _, req) => {
+                            let _ =
+                                reply.send(error_line(ErrorCode::Unavailable, UNAVAILABLE, req));
+                        }
+                        Replier::Answer(reply, _) => {
+                            let _ = reply.send(unavailable());
+                        }
+                    }
                 }
                 batch.envs.clear();
-                batch.pending_ids.clear();
                 Err(e)
             }
         }
@@ -892,50 +845,39 @@ fn policy_body(p: &LoadedPolicy, version: u64) -> EventBody {
     })
 }
 
-/// Envelopes, id entries and replies of one group commit.
+/// Envelopes and replies of one group commit.
 #[derive(Default)]
 struct Batch {
     envs: Vec<Envelope>,
-    pending_ids: Pending,
-    /// Each reply with its answer line and the request's `req` (for an `unavailable` answer).
-    replies: Vec<(Reply, String, Option<Value>)>,
+    replies: Vec<Replier>,
 }
 
-/// The id entries of a batch not yet written, in order, with an index by key.
-#[derive(Default)]
-struct Pending {
-    list: Vec<(String, IdRecord)>,
-    index: HashMap<String, usize>,
+/// A reply waiting for its batch to be durable. (Kept inline: a batch holds one per job, and
+/// boxing the larger variant would allocate for every write.)
+#[allow(clippy::large_enum_variant)]
+enum Replier {
+    /// An answer line, with the request's `req` (for an `unavailable` answer).
+    Line(Reply, String, Option<Value>),
+    /// A write's typed answer (the connection renders it).
+    Answer(WriteReply, Answer),
 }
 
-impl Pending {
-    fn get(&self, key: &str) -> Option<&IdRecord> {
-        self.index
-            .get(key)
-            .and_then(|i| self.list.get(*i))
-            .map(|(_, r)| r)
-    }
-
-    /// Add an entry; a key already pending (never: an id is new when its entry is made)
-    /// keeps its first record.
-    fn insert(&mut self, key: String, rec: IdRecord) {
-        if self.index.contains_key(&key) {
-            return;
-        }
-        self.index.insert(key.clone(), self.list.len());
-        self.list.push((key, rec));
-    }
-
-    fn clear(&mut self) {
-        self.list.clear();
-        self.index.clear();
-    }
+/// The answer of a write that the daemon refuses because its log cannot be written.
+fn unavailable() -> Answer {
+    Answer::Error(WireError::new(ErrorCode::Unavailable, UNAVAILABLE))
 }
 
 impl Batch {
     fn answer(&mut self) {
-        for (reply, line, _) in self.replies.drain(..) {
-            let _ = reply.send(line);
+        for r in self.replies.drain(..) {
+            match r {
+                Replier::Line(reply, line, _) => {
+                    let _ = reply.send(line);
+                }
+                Replier::Answer(reply, answer) => {
+                    let _ = reply.send(answer);
+                }
+            }
         }
     }
 }
@@ -944,155 +886,23 @@ impl Batch {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use bursar_schemas::wire::{RecordRequest, ReleaseRequest, ReserveRequest, Usage};
 
-    fn ledger() -> Ledger {
-        let p = bursar_core::policy::default_policy();
-        let mut l = Ledger::new();
-        let body = policy_body(&p, 1);
-        l.apply(1, 1_000, &body).unwrap();
-        l
-    }
-
-    fn lines_agree(l: &mut Ledger, cmd: Command<'_>) {
-        let ids: HashMap<String, IdRecord> = HashMap::new();
-        let step = l.execute(cmd, 2_000_000, &ids);
-        assert!(!step.answer.is_error(), "{:?}", step.answer);
-        for req in [
-            None,
-            Some(serde_json::json!(7)),
-            Some(serde_json::json!({"trace": "a\"b", "n": [1, 2.5, null]})),
-        ] {
-            assert_eq!(answer_line(&step, req.clone()), step.answer.to_line(req));
-        }
+    fn old_blob(answers: &[&str]) -> Vec<u8> {
+        let plain = bincode::serde::encode_to_vec(answers, bincode::config::standard()).unwrap();
+        let mut out = vec![ANSWERS_FORMAT_V1];
+        out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&plain));
+        out
     }
 
     #[test]
-    fn the_spliced_answer_line_equals_to_line_for_every_new_answer() {
-        let mut l = ledger();
-        let labels: bursar_schemas::Labels = [("team".to_string(), "t1".to_string())].into();
-        let record = RecordRequest {
-            event_id: "e-1".into(),
-            labels: labels.clone(),
-            model: "gpt-4o".into(),
-            usage: Usage {
-                input_tokens: 1200,
-                output_tokens: 300,
-                ..Usage::default()
-            },
-            occurred_at: None,
-            reported_cost_usd: None,
-        };
-        lines_agree(&mut l, Command::Record(&record));
-        let reserve = ReserveRequest {
-            reservation_id: "r-1".into(),
-            labels,
-            model: Some("gpt-4o".into()),
-            estimate: bursar_schemas::wire::Estimate {
-                input_tokens: 100,
-                max_output_tokens: Some(100),
-            },
-            ttl_seconds: Some(60),
-            candidates: None,
-            require: None,
-        };
-        lines_agree(&mut l, Command::Reserve(&reserve));
-        let release = ReleaseRequest {
-            reservation_id: "r-1".into(),
-        };
-        lines_agree(&mut l, Command::Release(&release));
-    }
-
-    fn rec(i: u64) -> IdRecord {
-        IdRecord {
-            digest: [i as u8; 16],
-            answer: format!(
-                r#"{{"ok":true,"seq":{i},"duplicate":false,"cost_micros":{}}}"#,
-                i * 7
-            ),
-        }
-    }
-
-    fn lookup(store: &dyn LogStore, key: &str) -> Option<IdRecord> {
-        let pending = Pending::default();
-        Ids {
-            pending: &pending,
-            store,
-        }
-        .get(key)
-    }
-
-    #[test]
-    fn batched_answers_come_back_exactly_per_id_across_batches_and_reopen() {
-        use crate::log::testing::{sample_batch, MemDisk, MemLog};
-        let disk = MemDisk::new();
-        let mut store = MemLog::open(&disk).unwrap();
-        let mut n = 0u64;
-        for size in [1u64, 3, 64] {
-            let envs = sample_batch(store.head(), size);
-            let pending: Vec<(String, IdRecord)> = envs
-                .iter()
-                .map(|e| (format!("e/id-{}", e.seq), rec(e.seq)))
-                .collect();
-            let ids = encode_ids(envs.first().map(|e| e.seq), &pending);
-            assert_eq!(
-                ids.len(),
-                pending.len() + 1,
-                "a locator per id and one blob"
-            );
-            store.append(&envs, &ids).unwrap();
-            store.sync().unwrap();
-            n += size;
-        }
-        drop(store);
-        let store = MemLog::open(&disk).unwrap();
-        for seq in 1..=n {
-            assert_eq!(
-                lookup(&store, &format!("e/id-{seq}")),
-                Some(rec(seq)),
-                "id of seq {seq}"
-            );
-        }
-        assert_eq!(lookup(&store, "e/id-unknown"), None);
-    }
-
-    #[test]
-    fn entries_of_the_older_whole_record_format_still_read() {
-        use crate::log::testing::{sample_batch, MemDisk, MemLog};
-        let disk = MemDisk::new();
-        let mut store = MemLog::open(&disk).unwrap();
-        let envs = sample_batch(store.head(), 2);
-        let old =
-            |r: &IdRecord| bincode::serde::encode_to_vec(r, bincode::config::standard()).unwrap();
-        store
-            .append(
-                &envs,
-                &[
-                    (b"e/old-1".to_vec(), old(&rec(1))),
-                    (b"r/old-2".to_vec(), old(&rec(2))),
-                ],
-            )
-            .unwrap();
-        store.sync().unwrap();
-        assert_eq!(lookup(&store, "e/old-1"), Some(rec(1)));
-        assert_eq!(lookup(&store, "r/old-2"), Some(rec(2)));
-        // The shortest possible old entry is longer than a locator.
-        let shortest = old(&IdRecord {
-            digest: [0; 16],
-            answer: r#"{"ok":true,"seq":1}"#.into(),
-        });
-        assert!(shortest.len() > LOCATOR_LEN);
-    }
-
-    #[test]
-    fn a_damaged_blob_or_locator_is_a_miss_not_a_panic() {
+    fn a_damaged_blob_or_locator_of_the_first_release_is_a_miss_not_a_panic() {
         assert_eq!(decode_answer(&[], 0), None);
         assert_eq!(
             decode_answer(&[ANSWERS_FORMAT_V1, 0xff, 0xff, 0xff, 0x7f], 0),
             None
         );
         assert_eq!(decode_answer(&[9, 1, 2, 3], 0), None);
-        let blob = encode_answers(&["a", "b"]).unwrap();
+        let blob = old_blob(&["a", "b"]);
         assert_eq!(decode_answer(&blob, 1).as_deref(), Some("b"));
         assert_eq!(decode_answer(&blob, 2), None);
         let mut cut = blob.clone();

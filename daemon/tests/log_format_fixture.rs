@@ -9,7 +9,7 @@
 //! log_format_fixture` (which refuses to overwrite an existing file).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_core::ledger::{fold, Command, IdRecord, Ledger};
+use bursar_core::ledger::{fold, Command, Ledger};
 use bursar_core::policy::parse_policy;
 use bursar_schemas::event::{
     decode_record, encode_record, Actor, Envelope, EventBody, Hash32, PolicyApplied,
@@ -17,7 +17,6 @@ use bursar_schemas::event::{
 use bursar_schemas::wire::{
     Estimate, RecordRequest, ReleaseRequest, ReserveRequest, StatusRequest, Usage,
 };
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 const POLICY: &str = r#"
@@ -38,7 +37,6 @@ fn fixture() -> PathBuf {
 fn make_log() -> Vec<Vec<Envelope>> {
     let loaded = parse_policy(POLICY, "fixture.toml", &|_| Err("no imports".into())).unwrap();
     let mut l = Ledger::new();
-    let mut ids: HashMap<String, IdRecord> = HashMap::new();
     let t0 = 1_795_392_000_000_000;
     let mut records = Vec::new();
     let mut prev = Hash32::default();
@@ -91,8 +89,7 @@ fn make_log() -> Vec<Vec<Envelope>> {
             occurred_at: None,
             reported_cost_usd: None,
         };
-        let step = l.execute(Command::Record(&r), t0 + 1_000_000 * (i as i64 + 1), &ids);
-        ids.extend(step.ids);
+        let step = l.execute(Command::Record(&r), t0 + 1_000_000 * (i as i64 + 1));
         records.push(seal(step.events, &mut prev));
     }
     let r = ReserveRequest {
@@ -107,15 +104,13 @@ fn make_log() -> Vec<Vec<Envelope>> {
         candidates: None,
         require: None,
     };
-    let step = l.execute(Command::Reserve(&r), t0 + 10_000_000, &ids);
-    ids.extend(step.ids);
+    let step = l.execute(Command::Reserve(&r), t0 + 10_000_000);
     let mut batch = seal(step.events, &mut prev);
     let step = l.execute(
         Command::Release(&ReleaseRequest {
             reservation_id: "r-1".into(),
         }),
         t0 + 11_000_000,
-        &ids,
     );
     batch.extend(seal(step.events, &mut prev));
     records.push(batch);

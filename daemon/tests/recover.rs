@@ -4,13 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_core::ledger::{self, Command, IdRecord, Ledger};
+use bursar_core::ledger::{self, Command, Ledger};
 use bursar_schemas::event::{Actor, Envelope, EventBody, Hash32, PolicyApplied, PricingChanged};
 use bursar_schemas::wire::{RecordRequest, Usage};
 use bursar_schemas::TsMicros;
 use bursard::log::testing::{MemDisk, MemLog};
 use bursard::log::LogStore;
-use std::collections::HashMap;
 
 const T0: TsMicros = 1_800_000_000_000_000;
 
@@ -77,8 +76,7 @@ impl Builder {
                 occurred_at: None,
                 reported_cost_usd: None,
             };
-            let ids: HashMap<String, IdRecord> = HashMap::new();
-            let step = self.ledger.execute(Command::Record(&req), self.now, &ids);
+            let step = self.ledger.execute(Command::Record(&req), self.now);
             assert!(!step.answer.is_error(), "{:?}", step.answer);
             self.seal(step.events);
         }

@@ -8,7 +8,7 @@
 //! snapshot_format_fixture` on that commit (which refuses to overwrite an existing file).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_core::ledger::{Command, IdRecord, Ledger};
+use bursar_core::ledger::{Command, Ledger};
 use bursar_core::policy::parse_policy;
 use bursar_schemas::event::{EventBody, PolicyApplied};
 use bursar_schemas::wire::{
@@ -17,7 +17,6 @@ use bursar_schemas::wire::{
 };
 use bursar_schemas::Labels;
 use bursard::writer::{decode_snapshot, encode_snapshot};
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// Every kind of window, limits in every dimension, `warn_at`, a meter.
@@ -110,7 +109,7 @@ fn record(id: &str, team: &str, user: &str, input: u64) -> RecordRequest {
 }
 
 /// A ledger with usage in every window, live and ended holds, warnings and crossings.
-fn make_ledger() -> (Ledger, HashMap<String, IdRecord>) {
+fn make_ledger() -> (Ledger, ()) {
     let loaded = parse_policy(POLICY, "fixture.toml", &|_| Err("no imports".into())).unwrap();
     let mut l = Ledger::new();
     let body = EventBody::PolicyApplied(PolicyApplied {
@@ -120,12 +119,10 @@ fn make_ledger() -> (Ledger, HashMap<String, IdRecord>) {
         policy: loaded.resolved,
     });
     l.apply(1, T0, &body).unwrap();
-    let mut ids = HashMap::new();
     let mut now = T0;
-    let mut run = |l: &mut Ledger, cmd: Command<'_>, now: i64| {
-        let step = l.execute(cmd, now, &ids);
+    let run = |l: &mut Ledger, cmd: Command<'_>, now: i64| {
+        let step = l.execute(cmd, now);
         assert!(!step.answer.is_error(), "{:?}", step.answer);
-        ids.extend(step.ids);
     };
     for (n, (team, user)) in [("a", "u1"), ("b", "u2"), ("a", "u3"), ("a", "u1")]
         .into_iter()
@@ -173,23 +170,22 @@ fn make_ledger() -> (Ledger, HashMap<String, IdRecord>) {
         ttl_seconds: 900,
     };
     run(&mut l, Command::Extend(&extend), now);
-    (l, ids)
+    (l, ())
 }
 
 /// What this version decides next, from `l`: a line per answer and the status after.
-fn next_answers(mut l: Ledger, mut ids: HashMap<String, IdRecord>) -> Vec<String> {
+fn next_answers(mut l: Ledger, _: ()) -> Vec<String> {
     let mut out = Vec::new();
     let mut now = l.last_ts() + 30 * SEC;
     for n in 0..6 {
         now += 11 * SEC;
         let (team, user) = [("a", "u1"), ("b", "u2"), ("c", "u4")][n % 3];
         let r = record(&format!("n{n}"), team, user, 90_000);
-        let step = l.execute(Command::Record(&r), now, &ids);
+        let step = l.execute(Command::Record(&r), now);
         out.push(step.answer.to_line(None));
         out.extend(step.events.iter().map(|(_, _, b)| format!("{b:?}")));
-        ids.extend(step.ids);
     }
-    let step = l.execute(Command::Reserve(&reserve("r-next", "a", "u1")), now, &ids);
+    let step = l.execute(Command::Reserve(&reserve("r-next", "a", "u1")), now);
     out.push(step.answer.to_line(None));
     out.push(format!("{:?}", l.status(&StatusRequest::default(), now)));
     out
@@ -223,8 +219,8 @@ fn a_snapshot_of_the_first_format_is_set_aside_not_misread() {
 
 #[test]
 fn a_snapshot_written_now_reads_back_equal() {
-    let (l, ids) = make_ledger();
+    let (l, ()) = make_ledger();
     let back = decode_snapshot(&encode_snapshot(&l).unwrap()).unwrap();
     assert_eq!(back, l);
-    assert_eq!(next_answers(back, ids.clone()), next_answers(l, ids));
+    assert_eq!(next_answers(back, ()), next_answers(l, ()));
 }

@@ -8,6 +8,7 @@
 //! Architecture invariant: this crate holds data and (de)serialisation only. Every decision
 //! lives in `bursar-core`.
 
+pub mod answer;
 mod decode;
 pub mod event;
 pub mod jsonschema;

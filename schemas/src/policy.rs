@@ -57,6 +57,9 @@ pub struct DaemonSection {
     pub reservation_ttl_seconds: Option<u64>,
     /// Fail-closed bound on dynamic `group_by` keys per budget (default 100000).
     pub max_keys_per_budget: Option<u64>,
+    /// How long an `event_id` / `reservation_id` is remembered after its event: a request resent
+    /// within it is a duplicate with its original answer; later, a new request (default 3600).
+    pub idempotency_window_seconds: Option<u64>,
     /// `"deny"` (default) or `"price_at_max"`.
     pub unknown_models: Option<String>,
 }
@@ -316,6 +319,14 @@ pub struct ResolvedTiers {
     pub caps: BTreeMap<String, ResolvedTierCap>,
 }
 
+/// Default of `idempotency_window_seconds`: an hour, as long as ended reservations are
+/// remembered.
+pub const DEFAULT_IDEMPOTENCY_WINDOW_SECONDS: u64 = 3600;
+
+fn default_idempotency_window_seconds() -> u64 {
+    DEFAULT_IDEMPOTENCY_WINDOW_SECONDS
+}
+
 /// The policy the daemon runs under, as logged in `policy_applied` and folded by replay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -324,6 +335,9 @@ pub struct ResolvedPolicy {
     pub reservation_ttl_seconds: u64,
     /// Bound on group_by keys per budget.
     pub max_keys_per_budget: u64,
+    /// Ids are remembered this long after their event (duplicates within it).
+    #[serde(default = "default_idempotency_window_seconds")]
+    pub idempotency_window_seconds: u64,
     /// Unknown model handling.
     pub unknown_models: UnknownModels,
     /// Tiers.

@@ -400,6 +400,23 @@ impl ErrorAnswer {
 
 pub use crate::decode::{body_as, decode_request};
 
+/// The idempotency digest of a request: the first 16 bytes of BLAKE3 over the JSON of
+/// `[op, payload]` (serde_json's, of the typed request: the same request always gives the
+/// same bytes, whatever its key order or spacing on the wire). A resent request is a duplicate
+/// when its id and digest match; the same id with another digest is a conflict. Computed where
+/// the request is decoded, off the writer thread.
+pub fn request_digest(op: &str, payload: &impl Serialize) -> [u8; 16] {
+    // One allocation of the usual size of a request's JSON instead of a series of regrowths.
+    let mut bytes = Vec::with_capacity(512);
+    if serde_json::to_writer(&mut bytes, &(op, payload)).is_err() {
+        bytes.clear();
+    }
+    let hash = blake3::hash(&bytes);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&hash.as_bytes()[..16]);
+    out
+}
+
 /// `state` of a bucket or of a usage answer.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,

@@ -1,39 +1,39 @@
 //! Decisions: validation, idempotency, candidate evaluation, and the write commands.
+//!
+//! A write's answer is rendered from the events it appended (their receipts say what the
+//! budget lines showed): [`Ledger::render_event`] makes the answer of a new request and, with
+//! `duplicate`, the original answer of a resent one, so the two cannot differ.
 
 use super::buckets::{crossing_window, Figures};
+use super::ids::IdEntry;
 use super::report::{report, utilization_ppm, Adjust, WindowEnds};
 use super::{
     ref_budget, ref_slot, EndKind, Ledger, UsageDecision, DEFAULT_MAX_OUTPUT_TOKENS,
-    MAX_EVENT_TOKENS, MAX_ID_BYTES, NO_SLOT,
+    MAX_EVENT_TOKENS, MAX_ID_BYTES, NO_SLOT, OVERFLOW_KEY,
 };
 use crate::labels::{glob_match, scope_key, validate_client_labels};
 use crate::policy::MAX_RESERVATION_TTL_SECONDS;
 use crate::pricing;
 use crate::time::{format_ts, parse_ts, seconds};
 use crate::window::Amounts;
+pub use bursar_schemas::answer::Answer;
 use bursar_schemas::event::{
-    BudgetCrossing, EventBody, ReservationCreated, ReservationDenied, ReservationExpired,
-    ReservationExtended, ReservationLink, ReservationReleased, UsageRecorded,
+    BudgetCrossing, EventBody, Receipt, ReceiptLine, ReservationCreated, ReservationDenied,
+    ReservationExpired, ReservationExtended, ReservationLink, ReservationReleased, UsageRecorded,
 };
+use bursar_schemas::policy::ResolvedBudget;
 use bursar_schemas::wire::{
-    BudgetReport, CheckRequest, CommitRequest, Decision, DecisionAnswer, ErrorAnswer, ErrorCode,
-    Estimate, ExtendAnswer, ExtendRequest, Reason, RecordRequest, ReleaseAnswer, ReleaseRequest,
-    ReserveRequest, SkipReason, Skipped, Usage, UsageAnswer, WireError,
+    request_digest, BucketState, BudgetReport, CheckRequest, CommitRequest, Decision,
+    DecisionAnswer, ErrorCode, Estimate, ExtendAnswer, ExtendRequest, Reason, RecordRequest,
+    ReleaseAnswer, ReleaseRequest, ReserveRequest, SkipReason, Skipped, Usage, UsageAnswer,
+    WireError,
 };
 use bursar_schemas::{Labels, Micros, TsMicros};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// Most candidates a request may name.
 pub const MAX_CANDIDATES: usize = 16;
 /// Most required capabilities a request may name.
 pub const MAX_REQUIRE: usize = 16;
-/// Initial capacity of the buffer a request is rendered into for its digest.
-const DIGEST_BUFFER_BYTES: usize = 512;
-/// Room for an answer's JSON without its budget lines.
-const ANSWER_JSON_BYTES: usize = 256;
-/// Room for one budget line of an answer's JSON (a typical one is 300 to 400 bytes).
-const REPORT_JSON_BYTES: usize = 448;
 
 /// A write command for the single writer.
 #[derive(Debug, Clone, Copy)]
@@ -50,90 +50,29 @@ pub enum Command<'a> {
     Extend(&'a ExtendRequest),
 }
 
-/// What the idempotency index remembers of an id: the request digest and the original answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IdRecord {
-    /// Digest of the original request payload.
-    pub digest: [u8; 16],
-    /// The original answer, JSON without `req`.
-    pub answer: String,
-}
-
-/// The idempotency index as the writer sees it (the store plus not-yet-written entries).
-pub trait IdLookup {
-    /// The record of `key` (`e/<event_id>`, `r/<reservation_id>`, `x/<reservation_id>`).
-    fn get(&self, key: &str) -> Option<IdRecord>;
-}
-
-impl IdLookup for std::collections::HashMap<String, IdRecord> {
-    fn get(&self, key: &str) -> Option<IdRecord> {
-        std::collections::HashMap::get(self, key).cloned()
+impl Command<'_> {
+    /// The request's idempotency digest ([`request_digest`]); the daemon computes it where the
+    /// request is decoded, off the writer thread.
+    pub fn digest(&self) -> [u8; 16] {
+        match self {
+            Command::Record(r) => request_digest("record", r),
+            Command::Reserve(r) => request_digest("reserve", r),
+            Command::Commit(r) => request_digest("commit", r),
+            Command::Release(r) => request_digest("release", r),
+            // `extend` is not idempotent by id: no digest is kept.
+            Command::Extend(_) => [0; 16],
+        }
     }
 }
 
-/// An answer to send back.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Answer {
-    /// `record` / `commit`.
-    Usage(UsageAnswer),
-    /// `reserve` / `check`.
-    Decision(DecisionAnswer),
-    /// `release`.
-    Release(ReleaseAnswer),
-    /// `extend`.
-    Extend(ExtendAnswer),
-    /// The original answer of a duplicate, with `duplicate: true`.
-    Duplicate(Value),
-    /// An error.
-    Error(WireError),
-}
-
-impl Answer {
-    /// The JSON line (without newline), with `req` echoed.
-    pub fn to_line(&self, req: Option<Value>) -> String {
-        let out = match self {
-            Answer::Usage(a) => {
-                let mut bytes = Vec::with_capacity(answer_capacity(a.budgets.len()));
-                a.write_json_with(req.as_ref(), &mut bytes);
-                String::from_utf8(bytes).map_err(serde::ser::Error::custom)
-            }
-            Answer::Decision(a) => {
-                let mut bytes = Vec::with_capacity(answer_capacity(a.budgets.len()));
-                a.write_json_with(req.as_ref(), &mut bytes);
-                String::from_utf8(bytes).map_err(serde::ser::Error::custom)
-            }
-            Answer::Release(a) => serde_json::to_string(&ReleaseAnswer { req, ..a.clone() }),
-            Answer::Extend(a) => serde_json::to_string(&ExtendAnswer { req, ..a.clone() }),
-            Answer::Duplicate(v) => {
-                let mut v = v.clone();
-                if let (Value::Object(m), Some(r)) = (&mut v, req) {
-                    m.insert("req".into(), r);
-                }
-                serde_json::to_string(&v)
-            }
-            Answer::Error(e) => serde_json::to_string(&ErrorAnswer::new(e.clone(), req)),
-        };
-        out.unwrap_or_else(|_| {
-            r#"{"ok":false,"error":{"code":"internal","message":"answer encoding failed"}}"#.into()
-        })
-    }
-
-    /// True for an error answer.
-    pub fn is_error(&self) -> bool {
-        matches!(self, Answer::Error(_))
-    }
-}
-
-/// The outcome of one write command: its answer, the events to append (already folded into the
-/// ledger, in order) and the idempotency entries to store atomically with them.
+/// The outcome of one write command: its answer and the events to append (already folded into
+/// the ledger, in order, receipts included).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     /// The answer.
     pub answer: Answer,
     /// `(seq, ts, body)` of every event, in order.
     pub events: Vec<(u64, TsMicros, EventBody)>,
-    /// Idempotency entries.
-    pub ids: Vec<(String, IdRecord)>,
 }
 
 impl Step {
@@ -141,51 +80,53 @@ impl Step {
         Step {
             answer,
             events: Vec::new(),
-            ids: Vec::new(),
         }
     }
 }
 
-fn digest(op: &str, payload: &impl Serialize) -> [u8; 16] {
-    // One allocation of the usual size of a request's JSON instead of a series of regrowths.
-    let mut bytes = Vec::with_capacity(DIGEST_BUFFER_BYTES);
-    if serde_json::to_writer(&mut bytes, &(op, payload)).is_err() {
-        bytes.clear();
+/// A budget line of an answer before it is rendered: the budget, the bucket's scope key and
+/// the figures shown.
+#[derive(Debug, Clone, PartialEq)]
+struct Shown {
+    budget: u32,
+    key: String,
+    figures: Figures,
+}
+
+impl Shown {
+    fn receipt_line(&self) -> ReceiptLine {
+        receipt_line(self.budget, self.key == OVERFLOW_KEY, &self.figures)
     }
-    let hash = blake3::hash(&bytes);
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&hash.as_bytes()[..16]);
-    out
 }
 
-/// Room for the JSON of an answer with `reports` budget lines.
-fn answer_capacity(reports: usize) -> usize {
-    ANSWER_JSON_BYTES.saturating_add(reports.saturating_mul(REPORT_JSON_BYTES))
-}
-
-/// The JSON of a usage answer for the idempotency index (hand-written, the same bytes as
-/// `serde_json`'s).
-fn usage_answer_json(answer: &UsageAnswer) -> String {
-    let mut bytes = Vec::with_capacity(answer_capacity(answer.budgets.len()));
-    answer.write_json(&mut bytes);
-    String::from_utf8(bytes).unwrap_or_default()
-}
-
-/// The JSON of a decision answer for the idempotency index (as [`usage_answer_json`]).
-fn decision_answer_json(answer: &DecisionAnswer) -> String {
-    let mut bytes = Vec::with_capacity(answer_capacity(answer.budgets.len()));
-    answer.write_json(&mut bytes);
-    String::from_utf8(bytes).unwrap_or_default()
-}
-
-/// The JSON of an answer for the idempotency index (empty if it cannot be encoded), written
-/// into a buffer sized for its `reports` budget lines up front instead of regrown as it fills.
-fn answer_json(answer: &impl Serialize, reports: usize) -> String {
-    let mut bytes = Vec::with_capacity(answer_capacity(reports));
-    if serde_json::to_writer(&mut bytes, answer).is_err() {
-        return String::new();
+fn receipt_line(budget: u32, overflow: bool, f: &Figures) -> ReceiptLine {
+    ReceiptLine {
+        budget,
+        overflow,
+        spent_micros: f.spent.micros,
+        spent_tokens: f.spent.tokens,
+        spent_requests: f.spent.requests,
+        held_micros: f.held.micros,
+        held_tokens: f.held.tokens,
+        held_requests: f.held.requests,
+        live_holds: f.live_holds,
     }
-    String::from_utf8(bytes).unwrap_or_default()
+}
+
+fn figures_of(line: &ReceiptLine) -> Figures {
+    Figures {
+        spent: Amounts {
+            micros: line.spent_micros,
+            tokens: line.spent_tokens,
+            requests: line.spent_requests,
+        },
+        held: Amounts {
+            micros: line.held_micros,
+            tokens: line.held_tokens,
+            requests: line.held_requests,
+        },
+        live_holds: line.live_holds,
+    }
 }
 
 fn check_id(field: &str, id: &str) -> Result<(), WireError> {
@@ -319,19 +260,12 @@ fn check_require(require: &Option<Vec<String>>) -> Result<Vec<String>, WireError
     Ok(r)
 }
 
-fn dup_or_conflict(
-    ids: &dyn IdLookup,
-    key: &str,
-    digest: &[u8; 16],
-    field: &str,
-) -> Option<Answer> {
-    let rec = ids.get(key)?;
-    if rec.digest == *digest {
-        let mut v: Value = serde_json::from_str(&rec.answer).unwrap_or(Value::Null);
-        if let Value::Object(m) = &mut v {
-            m.insert("duplicate".into(), Value::Bool(true));
-        }
-        Some(Answer::Duplicate(v))
+/// A resent request (the same id and digest: its original answer) or a conflict (the same id,
+/// another request).
+fn dup_or_conflict(entry: Option<&IdEntry>, digest: &[u8; 16], field: &str) -> Option<Answer> {
+    let entry = entry?;
+    if entry.digest == *digest {
+        Some(Answer::Duplicate { seq: entry.seq })
     } else {
         Some(Answer::Error(WireError {
             code: ErrorCode::Conflict,
@@ -424,7 +358,7 @@ struct Evaluation {
     hold: Amounts,
     input_tokens: u64,
     max_output_tokens: u64,
-    budgets: Vec<BudgetReport>,
+    budgets: Vec<Shown>,
     skipped: Vec<Skipped>,
     reason: Reason,
 }
@@ -562,25 +496,6 @@ impl Ledger {
             }
         }
         due
-    }
-
-    /// The answer's budget lines of a usage event's fold, at `now`.
-    fn usage_reports(&self, decided: &UsageDecision, now: TsMicros) -> Vec<BudgetReport> {
-        let Some(policy) = &self.policy else {
-            return Vec::new();
-        };
-        let mut ends = WindowEnds::default();
-        decided
-            .lines
-            .iter()
-            .filter_map(|line| {
-                let i = line.budget();
-                let b = policy.budgets.get(i)?;
-                let key = self.budgets.get(i)?.key(line.slot);
-                let f = self.figures_at(i, line.slot, now);
-                Some(report(b, key.to_string(), &f, now, &mut ends))
-            })
-            .collect()
     }
 
     /// Evaluate a check or reservation at `now` (no state change).
@@ -873,40 +788,53 @@ impl Ledger {
         verdict: &Verdict,
         now: TsMicros,
     ) -> (Decision, Vec<BudgetReport>, Reason) {
-        self.render_adjusted(verdict, now, &Adjust::new())
+        let (decision, shown, reason) = self.verdict_lines(verdict, now, &Adjust::new());
+        (decision, self.reports(&shown, now), reason)
     }
 
-    /// [`Ledger::render_verdict`] of a verdict decided without the holds in `adj`.
-    fn render_adjusted(
+    /// The budget lines `shown`, rendered at `now` under the policy in force.
+    fn reports(&self, shown: &[Shown], now: TsMicros) -> Vec<BudgetReport> {
+        let Some(policy) = &self.policy else {
+            return Vec::new();
+        };
+        let mut ends = WindowEnds::default();
+        shown
+            .iter()
+            .filter_map(|l| {
+                let b = policy.budgets.get(l.budget as usize)?;
+                Some(report(b, l.key.clone(), &l.figures, now, &mut ends))
+            })
+            .collect()
+    }
+
+    /// [`Ledger::render_verdict`] of a verdict decided without the holds in `adj`, its lines
+    /// not rendered yet.
+    fn verdict_lines(
         &self,
         verdict: &Verdict,
         now: TsMicros,
         adj: &Adjust,
-    ) -> (Decision, Vec<BudgetReport>, Reason) {
+    ) -> (Decision, Vec<Shown>, Reason) {
         let Some(policy) = &self.policy else {
             return (Decision::Allow, Vec::new(), ok_reason(Decision::Allow));
         };
         let denied = verdict.deny.is_some();
-        let mut ends = WindowEnds::default();
-        let reports = verdict
+        let shown = verdict
             .lines
             .iter()
             .enumerate()
-            .filter_map(|(n, line)| {
-                let b = policy.budgets.get(line.budget as usize)?;
+            .map(|(n, line)| {
                 let without = self.line_figures(verdict, n, now, adj);
-                let f = if denied {
+                let figures = if denied {
                     without
                 } else {
                     with_probe(&without, verdict.probe)
                 };
-                Some(report(
-                    b,
-                    self.line_key(verdict, n).to_string(),
-                    &f,
-                    now,
-                    &mut ends,
-                ))
+                Shown {
+                    budget: line.budget,
+                    key: self.line_key(verdict, n).to_string(),
+                    figures,
+                }
             })
             .collect();
         let deny = verdict.deny.and_then(|n| {
@@ -935,8 +863,8 @@ impl Ledger {
             })
         });
         match deny {
-            Some(r) => (Decision::Deny, reports, r),
-            None => (verdict.decision, reports, ok_reason(verdict.decision)),
+            Some(r) => (Decision::Deny, shown, r),
+            None => (verdict.decision, shown, ok_reason(verdict.decision)),
         }
     }
 
@@ -948,9 +876,9 @@ impl Ledger {
         probe: Amounts,
         now: TsMicros,
         adj: &Adjust,
-    ) -> (Decision, Vec<BudgetReport>, Reason) {
+    ) -> (Decision, Vec<Shown>, Reason) {
         let verdict = self.decide_adjusted(labels, probe, now, adj);
-        self.render_adjusted(&verdict, now, adj)
+        self.verdict_lines(&verdict, now, adj)
     }
 
     /// `check`: what `reserve` would decide now. Appends nothing.
@@ -980,7 +908,8 @@ impl Ledger {
             now,
             &adj,
         );
-        Answer::Decision(decision_answer(eval, None, None))
+        let budgets = self.reports(&eval.budgets, now);
+        Answer::Decision(decision_answer(eval, budgets, None, None))
     }
 
     fn validate_decision(
@@ -1004,15 +933,22 @@ impl Ledger {
     /// buckets already hold usage stamped after `now`, possibly in a window that `now` has not
     /// reached; judging at `now` would not see that usage and could overspend the window the
     /// event lands in.
-    pub fn execute(&mut self, cmd: Command<'_>, now: TsMicros, ids: &dyn IdLookup) -> Step {
+    pub fn execute(&mut self, cmd: Command<'_>, now: TsMicros) -> Step {
+        let digest = cmd.digest();
+        self.execute_digested(cmd, &digest, now)
+    }
+
+    /// [`Ledger::execute`] with the request's digest computed already (by the daemon, where
+    /// the request was decoded).
+    pub fn execute_digested(&mut self, cmd: Command<'_>, digest: &[u8; 16], now: TsMicros) -> Step {
         let mut events = Vec::new();
         self.reap_into(now, &mut events);
         let now = self.stamp(now);
         let mut step = match cmd {
-            Command::Record(r) => self.record(r, now, ids),
-            Command::Reserve(r) => self.reserve(r, now, ids),
-            Command::Commit(c) => self.commit(c, now, ids),
-            Command::Release(r) => self.release(r, now, ids),
+            Command::Record(r) => self.record(r, digest, now),
+            Command::Reserve(r) => self.reserve(r, digest, now),
+            Command::Commit(c) => self.commit(c, digest, now),
+            Command::Release(r) => self.release(r, digest, now),
             Command::Extend(e) => self.extend(e, now),
         };
         if !events.is_empty() {
@@ -1022,58 +958,167 @@ impl Ledger {
         step
     }
 
+    /// The answer an event gave (the event at `seq`, stamped `ts`, with its receipt), rendered
+    /// again: for a new request, or (`duplicate`) the original answer of a resent one. `None`
+    /// for an event that answers no request by id, or one without a receipt (written by the
+    /// first release).
+    pub fn render_event(
+        &self,
+        seq: u64,
+        ts: TsMicros,
+        body: &EventBody,
+        duplicate: bool,
+    ) -> Option<Answer> {
+        let receipt = match body {
+            EventBody::UsageRecorded(u) => u.receipt.as_ref(),
+            EventBody::ReservationCreated(r) => r.receipt.as_ref(),
+            EventBody::ReservationDenied(r) => r.receipt.as_ref(),
+            EventBody::ReservationReleased(_) => {
+                return Some(Answer::Release(ReleaseAnswer {
+                    ok: true,
+                    seq,
+                    duplicate,
+                    req: None,
+                }))
+            }
+            _ => return None,
+        }?;
+        let budgets = self.budgets_of_version(receipt.policy_version)?;
+        let labels = body.labels()?;
+        let mut ends = WindowEnds::default();
+        let mut state = BucketState::Ok;
+        let reports: Vec<BudgetReport> = receipt
+            .lines
+            .iter()
+            .filter_map(|line| {
+                let b = budgets.get(line.budget as usize)?;
+                let key = if line.overflow {
+                    OVERFLOW_KEY.to_string()
+                } else {
+                    scope_key(&b.group_by, labels).unwrap_or_default()
+                };
+                let r = report(b, key, &figures_of(line), ts, &mut ends);
+                state = state.max(r.state);
+                Some(r)
+            })
+            .collect();
+        Some(match body {
+            EventBody::UsageRecorded(u) => Answer::Usage(UsageAnswer {
+                ok: true,
+                seq,
+                duplicate,
+                cost_micros: receipt.cost_micros,
+                state,
+                budgets: reports,
+                priced_at_max: receipt.priced_at_max,
+                late: u.late,
+                reservation: (u.reservation == ReservationLink::Unknown)
+                    .then(|| "unknown".to_string()),
+                overrun_micros: receipt.overrun_micros,
+                req: None,
+            }),
+            EventBody::ReservationCreated(r) => {
+                let decision = receipt.decision.unwrap_or(Decision::Allow);
+                Answer::Decision(DecisionAnswer {
+                    ok: true,
+                    seq: Some(seq),
+                    duplicate,
+                    decision,
+                    model: Some(r.model.clone()),
+                    hold_micros: r.hold_micros,
+                    max_output_tokens: (r.max_output_tokens > 0).then_some(r.max_output_tokens),
+                    expires_at: Some(format_ts(r.expires_at)),
+                    budgets: reports,
+                    skipped: receipt.skipped.clone(),
+                    reason: ok_reason(decision),
+                    req: None,
+                })
+            }
+            EventBody::ReservationDenied(r) => Answer::Decision(DecisionAnswer {
+                ok: true,
+                seq: Some(seq),
+                duplicate,
+                decision: Decision::Deny,
+                model: (!r.model.is_empty()).then(|| r.model.clone()),
+                hold_micros: r.hold_micros,
+                max_output_tokens: (r.max_output_tokens > 0).then_some(r.max_output_tokens),
+                expires_at: None,
+                budgets: reports,
+                skipped: receipt.skipped.clone(),
+                reason: Reason {
+                    code: r.reason.clone(),
+                    message: receipt.message.clone().unwrap_or_default(),
+                    budget: r.budget.clone(),
+                    key: r.key.clone(),
+                },
+                req: None,
+            }),
+            _ => return None,
+        })
+    }
+
+    /// Render the event at `index` of `events` (this step's own), as a new answer.
+    fn answer_of(&self, events: &[(u64, TsMicros, EventBody)], index: usize) -> Answer {
+        match events.get(index) {
+            Some((seq, ts, body)) => {
+                self.render_event(*seq, *ts, body, false)
+                    .unwrap_or_else(|| {
+                        Answer::Error(WireError::new(
+                            ErrorCode::Internal,
+                            format!("event {seq} renders no answer"),
+                        ))
+                    })
+            }
+            None => Answer::Error(WireError::new(
+                ErrorCode::Internal,
+                "no event to answer with",
+            )),
+        }
+    }
+
     fn usage_step(
         &mut self,
         now: TsMicros,
         body: UsageRecorded,
-        key: String,
         overrun_of: Option<Micros>,
     ) -> Step {
         let mut events = Vec::new();
         let mut decided = UsageDecision::default();
-        let digest = body.payload_digest;
-        let (late, link) = (body.late, body.reservation);
-        let (seq, ts) = self.emit_with(
+        self.emit_with(
             now,
             EventBody::UsageRecorded(body),
             Some(&mut decided),
             &mut events,
         );
+        let main = events.len() - 1;
+        let ts = events.get(main).map_or(now, |e| e.1);
+        let receipt = Receipt {
+            policy_version: self.policy_version,
+            lines: self.usage_lines(&decided, ts),
+            cost_micros: decided.cost_micros,
+            priced_at_max: decided.priced_at_max,
+            overrun_micros: overrun_of
+                .map(|h| decided.cost_micros - h)
+                .filter(|o| *o > 0),
+            decision: None,
+            skipped: Vec::new(),
+            message: None,
+        };
+        if let Some((_, _, EventBody::UsageRecorded(u))) = events.get_mut(main) {
+            u.receipt = Some(receipt);
+        }
         // The fold looked at each bucket once, for the crossings and the answer both:
         // appending a crossing changes no figure.
         for body in self.usage_crossings(&decided, ts) {
             self.emit(now, body, &mut events);
         }
-        let budgets = self.usage_reports(&decided, ts);
-        let cost = decided.cost_micros;
-        let answer = UsageAnswer {
-            ok: true,
-            seq,
-            duplicate: false,
-            cost_micros: cost,
-            state: decided.state,
-            budgets,
-            priced_at_max: decided.priced_at_max,
-            late,
-            reservation: (link == ReservationLink::Unknown).then(|| "unknown".to_string()),
-            overrun_micros: overrun_of.map(|h| cost - h).filter(|o| *o > 0),
-            req: None,
-        };
-        let ids = vec![(
-            key,
-            IdRecord {
-                digest,
-                answer: usage_answer_json(&answer),
-            },
-        )];
         Step {
-            answer: Answer::Usage(answer),
+            answer: self.answer_of(&events, main),
             events,
-            ids,
         }
     }
 
-    fn record(&mut self, r: &RecordRequest, now: TsMicros, ids: &dyn IdLookup) -> Step {
+    fn record(&mut self, r: &RecordRequest, digest: &[u8; 16], now: TsMicros) -> Step {
         let valid = check_id("event_id", &r.event_id)
             .and_then(|_| check_labels(&r.labels))
             .and_then(|_| check_model("model", &r.model))
@@ -1082,9 +1127,8 @@ impl Ledger {
         if let Err(e) = valid {
             return Step::new(Answer::Error(e));
         }
-        let digest = digest("record", r);
         let key = format!("e/{}", r.event_id);
-        if let Some(a) = dup_or_conflict(ids, &key, &digest, "event_id") {
+        if let Some(a) = dup_or_conflict(self.ids.get(&key), digest, "event_id") {
             return Step::new(a);
         }
         let body = UsageRecorded {
@@ -1097,12 +1141,13 @@ impl Ledger {
             usage: r.usage,
             occurred_at: r.occurred_at.clone(),
             reported_cost_usd: r.reported_cost_usd.clone(),
-            payload_digest: digest,
+            payload_digest: *digest,
+            receipt: None,
         };
-        self.usage_step(now, body, key, None)
+        self.usage_step(now, body, None)
     }
 
-    fn commit(&mut self, c: &CommitRequest, now: TsMicros, ids: &dyn IdLookup) -> Step {
+    fn commit(&mut self, c: &CommitRequest, digest: &[u8; 16], now: TsMicros) -> Step {
         let valid = check_id("reservation_id", &c.reservation_id)
             .and_then(|_| check_id("event_id", &c.event_id))
             .and_then(|_| c.labels.as_ref().map_or(Ok(()), check_labels))
@@ -1112,9 +1157,8 @@ impl Ledger {
         if let Err(e) = valid {
             return Step::new(Answer::Error(e));
         }
-        let digest = digest("commit", c);
         let key = format!("e/{}", c.event_id);
-        if let Some(a) = dup_or_conflict(ids, &key, &digest, "event_id") {
+        if let Some(a) = dup_or_conflict(self.ids.get(&key), digest, "event_id") {
             return Step::new(a);
         }
         let rid = &c.reservation_id;
@@ -1162,12 +1206,13 @@ impl Ledger {
             usage: c.usage,
             occurred_at: c.occurred_at.clone(),
             reported_cost_usd: c.reported_cost_usd.clone(),
-            payload_digest: digest,
+            payload_digest: *digest,
+            receipt: None,
         };
-        self.usage_step(now, body, key, hold)
+        self.usage_step(now, body, hold)
     }
 
-    fn reserve(&mut self, r: &ReserveRequest, now: TsMicros, ids: &dyn IdLookup) -> Step {
+    fn reserve(&mut self, r: &ReserveRequest, digest: &[u8; 16], now: TsMicros) -> Step {
         let ttl = r.ttl_seconds.unwrap_or_else(|| {
             self.policy
                 .as_ref()
@@ -1184,9 +1229,8 @@ impl Ledger {
             Ok(m) => m,
             Err(e) => return Step::new(Answer::Error(e)),
         };
-        let digest = digest("reserve", r);
         let key = format!("r/{}", r.reservation_id);
-        if let Some(a) = dup_or_conflict(ids, &key, &digest, "reservation_id") {
+        if let Some(a) = dup_or_conflict(self.ids.get(&key), digest, "reservation_id") {
             return Step::new(a);
         }
         if self.holds.contains_key(&r.reservation_id) || self.ended.contains_key(&r.reservation_id)
@@ -1210,7 +1254,17 @@ impl Ledger {
             &Adjust::new(),
         );
         let mut events = Vec::new();
-        let (seq, expires) = if eval.decision == Decision::Deny {
+        let receipt = Receipt {
+            policy_version: self.policy_version,
+            lines: eval.budgets.iter().map(Shown::receipt_line).collect(),
+            cost_micros: 0,
+            priced_at_max: false,
+            overrun_micros: None,
+            decision: Some(eval.decision),
+            skipped: std::mem::take(&mut eval.skipped),
+            message: (eval.decision == Decision::Deny).then(|| eval.reason.message.clone()),
+        };
+        if eval.decision == Decision::Deny {
             let body = EventBody::ReservationDenied(ReservationDenied {
                 reservation_id: r.reservation_id.clone(),
                 labels: std::mem::take(&mut eval.labels),
@@ -1219,9 +1273,11 @@ impl Ledger {
                 reason: eval.reason.code.clone(),
                 budget: eval.reason.budget.clone(),
                 key: eval.reason.key.clone(),
-                payload_digest: digest,
+                payload_digest: *digest,
+                max_output_tokens: eval.max_output_tokens,
+                receipt: Some(receipt),
             });
-            (self.emit(now, body, &mut events).0, None)
+            self.emit(now, body, &mut events);
         } else {
             let expires_at = self.stamp(now).saturating_add(seconds(ttl));
             let body = EventBody::ReservationCreated(ReservationCreated {
@@ -1232,9 +1288,10 @@ impl Ledger {
                 max_output_tokens: eval.max_output_tokens,
                 hold_micros: eval.hold.micros,
                 expires_at,
-                payload_digest: digest,
+                payload_digest: *digest,
+                receipt: Some(receipt),
             });
-            let (seq, _) = self.emit(now, body, &mut events);
+            self.emit(now, body, &mut events);
             // The hold's buckets judged as a usage event's are: the crossings it caused.
             let due = match self.holds.get(&r.reservation_id) {
                 Some(h) => {
@@ -1246,30 +1303,19 @@ impl Ledger {
             for body in due {
                 self.emit(now, body, &mut events);
             }
-            (seq, Some(expires_at))
-        };
-        let answer = decision_answer(eval, Some(seq), expires);
-        let ids = vec![(
-            key,
-            IdRecord {
-                digest,
-                answer: decision_answer_json(&answer),
-            },
-        )];
+        }
         Step {
-            answer: Answer::Decision(answer),
+            answer: self.answer_of(&events, 0),
             events,
-            ids,
         }
     }
 
-    fn release(&mut self, r: &ReleaseRequest, now: TsMicros, ids: &dyn IdLookup) -> Step {
+    fn release(&mut self, r: &ReleaseRequest, digest: &[u8; 16], now: TsMicros) -> Step {
         if let Err(e) = check_id("reservation_id", &r.reservation_id) {
             return Step::new(Answer::Error(e));
         }
-        let digest = digest("release", r);
         let key = format!("x/{}", r.reservation_id);
-        if let Some(a) = dup_or_conflict(ids, &key, &digest, "reservation_id") {
+        if let Some(a) = dup_or_conflict(self.ids.get(&key), digest, "reservation_id") {
             return Step::new(a);
         }
         if !self.holds.contains_key(&r.reservation_id) {
@@ -1279,23 +1325,11 @@ impl Ledger {
         let body = EventBody::ReservationReleased(ReservationReleased {
             reservation_id: r.reservation_id.clone(),
             reason: "cancelled".into(),
+            payload_digest: *digest,
         });
-        let (seq, _) = self.emit(now, body, &mut events);
-        let answer = ReleaseAnswer {
-            ok: true,
-            seq,
-            duplicate: false,
-            req: None,
-        };
+        self.emit(now, body, &mut events);
         Step {
-            ids: vec![(
-                key,
-                IdRecord {
-                    digest,
-                    answer: answer_json(&answer, 0),
-                },
-            )],
-            answer: Answer::Release(answer),
+            answer: self.answer_of(&events, 0),
             events,
         }
     }
@@ -1324,7 +1358,6 @@ impl Ledger {
                 req: None,
             }),
             events,
-            ids: Vec::new(),
         }
     }
 
@@ -1389,6 +1422,7 @@ fn first_over(b: &bursar_schemas::policy::ResolvedBudget, f: &Figures) -> Option
 
 fn decision_answer(
     eval: Evaluation,
+    budgets: Vec<BudgetReport>,
     seq: Option<u64>,
     expires: Option<TsMicros>,
 ) -> DecisionAnswer {
@@ -1401,9 +1435,36 @@ fn decision_answer(
         hold_micros: eval.hold.micros,
         max_output_tokens: (eval.max_output_tokens > 0).then_some(eval.max_output_tokens),
         expires_at: expires.map(format_ts),
-        budgets: eval.budgets,
+        budgets,
         skipped: eval.skipped,
         reason: eval.reason,
         req: None,
+    }
+}
+
+/// The budgets of policy `version`, for rendering a receipt.
+impl Ledger {
+    fn budgets_of_version(&self, version: u64) -> Option<&[ResolvedBudget]> {
+        if version == self.policy_version {
+            return self.policy.as_ref().map(|p| &p.budgets[..]);
+        }
+        self.old_budgets.get(&version).map(|b| &b[..])
+    }
+
+    /// The receipt lines of a usage event's buckets at `ts` (the figures its answer shows).
+    fn usage_lines(&self, decided: &UsageDecision, ts: TsMicros) -> Vec<ReceiptLine> {
+        decided
+            .lines
+            .iter()
+            .map(|line| {
+                let i = line.budget();
+                let f = self.figures_at(i, line.slot, ts);
+                let overflow = self
+                    .budgets
+                    .get(i)
+                    .is_some_and(|s| s.key(line.slot) == OVERFLOW_KEY);
+                receipt_line(line.budget, overflow, &f)
+            })
+            .collect()
     }
 }

@@ -10,10 +10,12 @@
 
 mod buckets;
 mod decide;
+mod ids;
 mod replay;
 mod report;
 
-pub use decide::{Answer, Command, IdLookup, IdRecord, Step, Verdict};
+pub use decide::{Answer, Command, Step, Verdict};
+pub use ids::{IdEntry, IdIndex};
 pub use replay::{
     collect_epochs, diff_rows, fold, fold_into, replay, replay_from_log, EpochDecl, FoldError,
     ReplayOutcome,
@@ -525,6 +527,14 @@ pub struct Ledger {
     expiries: BTreeSet<(TsMicros, String)>,
     ended: HashMap<String, Ended>,
     ended_queue: VecDeque<(TsMicros, String)>,
+    /// Request ids within the idempotency window (see [`IdIndex`]).
+    ids: IdIndex,
+    /// The budgets of earlier policy versions, by version: receipts refer to them.
+    #[serde(
+        serialize_with = "json_inside::serialize",
+        deserialize_with = "json_inside::deserialize"
+    )]
+    old_budgets: BTreeMap<u64, Vec<bursar_schemas::policy::ResolvedBudget>>,
     /// The policy's budgets' limits, compiled (derived from `policy`).
     #[serde(skip)]
     limits: Vec<Limits>,
@@ -543,6 +553,8 @@ impl PartialEq for Ledger {
             && self.expiries == o.expiries
             && self.ended == o.ended
             && self.ended_queue == o.ended_queue
+            && self.ids == o.ids
+            && self.old_budgets == o.old_budgets
             && self.budgets.len() == o.budgets.len()
             && self
                 .budgets
@@ -578,6 +590,9 @@ struct LedgerData {
     expiries: BTreeSet<(TsMicros, String)>,
     ended: HashMap<String, Ended>,
     ended_queue: VecDeque<(TsMicros, String)>,
+    ids: IdIndex,
+    #[serde(deserialize_with = "json_inside::deserialize")]
+    old_budgets: BTreeMap<u64, Vec<bursar_schemas::policy::ResolvedBudget>>,
 }
 
 impl From<LedgerData> for Ledger {
@@ -598,6 +613,8 @@ impl From<LedgerData> for Ledger {
             expiries: d.expiries,
             ended: d.ended,
             ended_queue: d.ended_queue,
+            ids: d.ids,
+            old_budgets: d.old_budgets,
             matches: MatchCache::default(),
         }
     }
@@ -981,9 +998,10 @@ impl Ledger {
         self.last_ts = self.last_ts.max(ts);
         match body {
             EventBody::PolicyApplied(p) => {
+                let previous = self.policy_version;
                 self.policy_version = p.policy_version;
                 self.preload_epoch(ts, seq, &p.policy.pricing);
-                self.install_policy(p.policy.clone());
+                self.install_policy(p.policy.clone(), previous);
             }
             EventBody::PricingChanged(p) => {
                 self.preload_epoch(p.effective_from, seq, &p.pricing);
@@ -1070,8 +1088,39 @@ impl Ledger {
                 }
             }
         }
+        self.remember_id(seq, ts, body);
         self.forget_ended(ts);
         Ok(())
+    }
+
+    /// Forget the request ids older than the window at `ts`, and remember the one the event
+    /// answered.
+    fn remember_id(&mut self, seq: u64, ts: TsMicros, body: &EventBody) {
+        let window = self.policy.as_ref().map_or(
+            bursar_schemas::policy::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
+            |p| p.idempotency_window_seconds,
+        );
+        self.ids
+            .forget_before(ts.saturating_sub(crate::time::seconds(window)));
+        let (key, digest) = match body {
+            EventBody::UsageRecorded(u) => (format!("e/{}", u.event_id), u.payload_digest),
+            EventBody::ReservationCreated(r) => {
+                (format!("r/{}", r.reservation_id), r.payload_digest)
+            }
+            EventBody::ReservationDenied(r) => {
+                (format!("r/{}", r.reservation_id), r.payload_digest)
+            }
+            EventBody::ReservationReleased(r) => {
+                (format!("x/{}", r.reservation_id), r.payload_digest)
+            }
+            _ => return,
+        };
+        self.ids.insert(key, IdEntry { digest, seq, ts });
+    }
+
+    /// The idempotency index (ids within the window, with their request digest and event).
+    pub fn ids(&self) -> &IdIndex {
+        &self.ids
     }
 
     /// Remove a live hold from its buckets and remember how it ended. False if it was not live.
@@ -1121,7 +1170,7 @@ impl Ledger {
 
     /// Install a new policy: budgets whose id, selector, grouping and window are unchanged keep
     /// their buckets; the others start empty. Live holds are re-counted under the new budgets.
-    fn install_policy(&mut self, new: ResolvedPolicy) {
+    fn install_policy(&mut self, new: ResolvedPolicy, previous_version: u64) {
         // Take every live hold out of the old buckets.
         let hold_ids: Vec<String> = self.holds.keys().cloned().collect();
         for rid in &hold_ids {
@@ -1135,6 +1184,11 @@ impl Ledger {
             }
         }
         let old_policy = self.policy.take();
+        if let Some(old) = &old_policy {
+            // Receipts of the outgoing version still render with its budgets.
+            self.old_budgets
+                .insert(previous_version, old.budgets.clone());
+        }
         let mut old_states = std::mem::take(&mut self.budgets);
         let mut states = Vec::with_capacity(new.budgets.len());
         for b in &new.budgets {

@@ -2,13 +2,13 @@
 //! emitted events (the "log") and the idempotency index like the daemon does.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_core::ledger::{fold, Answer, Command, IdRecord, Ledger};
+use bursar_core::ledger::{fold, Answer, Command, Ledger};
 use bursar_schemas::event::{Actor, Envelope, EventBody, PolicyApplied};
 use bursar_schemas::policy::*;
 use bursar_schemas::pricing::{ModelPrice, PriceTable};
 use bursar_schemas::wire::*;
 use bursar_schemas::{Labels, TsMicros};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// 2026-11-23T00:00:00Z in µs.
 pub const T0: TsMicros = 1_795_392_000_000_000;
@@ -67,6 +67,7 @@ pub fn policy(budgets: Vec<ResolvedBudget>) -> ResolvedPolicy {
     ResolvedPolicy {
         reservation_ttl_seconds: 300,
         max_keys_per_budget: 100_000,
+        idempotency_window_seconds: DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
         unknown_models: UnknownModels::Deny,
         tiers: ResolvedTiers {
             default: "small".into(),
@@ -96,7 +97,6 @@ pub fn usage(input: u64, output: u64) -> Usage {
 pub struct Harness {
     pub ledger: Ledger,
     pub log: Vec<Envelope>,
-    pub ids: HashMap<String, IdRecord>,
     pub now: TsMicros,
 }
 
@@ -105,7 +105,6 @@ impl Harness {
         let mut h = Harness {
             ledger: Ledger::new(),
             log: Vec::new(),
-            ids: HashMap::new(),
             now: T0,
         };
         h.apply_policy(p);
@@ -132,15 +131,29 @@ impl Harness {
             .push(Envelope::seal(seq, ts, Actor::default(), prev, body).unwrap());
     }
 
+    /// Execute `cmd` at `now`; a duplicate's original answer is rendered from the log, as the
+    /// daemon renders it.
     pub fn run(&mut self, cmd: Command<'_>) -> Answer {
-        let step = self.ledger.execute(cmd, self.now, &self.ids);
+        let step = self.ledger.execute(cmd, self.now);
         for (seq, ts, body) in step.events {
             self.push(seq, ts, body);
         }
-        for (k, v) in step.ids {
-            self.ids.insert(k, v);
-        }
-        step.answer
+        self.resolve(step.answer)
+    }
+
+    /// The original answer behind a [`Answer::Duplicate`] (any other answer as it is).
+    pub fn resolve(&self, answer: Answer) -> Answer {
+        let Answer::Duplicate { seq } = answer else {
+            return answer;
+        };
+        let e = self
+            .log
+            .iter()
+            .find(|e| e.seq == seq)
+            .unwrap_or_else(|| panic!("duplicate of seq {seq}, which is not in the log"));
+        self.ledger
+            .render_event(e.seq, e.ts, &e.body, true)
+            .unwrap_or_else(|| panic!("event {seq} renders no answer"))
     }
 
     pub fn record(&mut self, id: &str, l: Labels, model: &str, u: Usage) -> UsageAnswer {

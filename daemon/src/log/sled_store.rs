@@ -301,6 +301,10 @@ impl LogStore for SledLog {
         self.head
     }
 
+    fn has_ids(&self) -> bool {
+        !self.ids.is_empty()
+    }
+
     fn get_id(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
         Ok(self
             .ids

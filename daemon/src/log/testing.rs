@@ -210,6 +210,10 @@ impl LogStore for MemLog {
         self.head
     }
 
+    fn has_ids(&self) -> bool {
+        !self.view.ids.is_empty()
+    }
+
     fn get_id(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
         self.alive()?;
         Ok(self.view.ids.get(key).cloned())
@@ -373,6 +377,10 @@ impl<L: LogStore> LogStore for FaultyLog<L> {
         self.inner.head()
     }
 
+    fn has_ids(&self) -> bool {
+        self.inner.has_ids()
+    }
+
     fn get_id(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
         self.inner.get_id(key)
     }
@@ -478,6 +486,7 @@ pub fn sample_body(seq: u64) -> EventBody {
     EventBody::ReservationReleased(ReservationReleased {
         reservation_id: format!("res-{seq}"),
         reason: "cancelled".into(),
+        payload_digest: [0; 16],
     })
 }
 

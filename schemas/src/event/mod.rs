@@ -615,6 +615,8 @@ pub struct UsageRecorded {
     pub reported_cost_usd: Option<String>,
     /// Digest of the request payload, for idempotency after restart.
     pub payload_digest: [u8; 16],
+    /// What the daemon answered (absent in events of envelope version 1).
+    pub receipt: Option<Receipt>,
 }
 
 /// A granted hold.
@@ -637,6 +639,8 @@ pub struct ReservationCreated {
     pub expires_at: TsMicros,
     /// Digest of the request payload.
     pub payload_digest: [u8; 16],
+    /// What the daemon answered (absent in events of envelope version 1).
+    pub receipt: Option<Receipt>,
 }
 
 /// A refused hold.
@@ -659,6 +663,11 @@ pub struct ReservationDenied {
     pub key: Option<String>,
     /// Digest of the request payload.
     pub payload_digest: [u8; 16],
+    /// Output tokens of the estimate of the last candidate considered, after capping (0 when
+    /// none was priced).
+    pub max_output_tokens: u64,
+    /// What the daemon answered (absent in events of envelope version 1).
+    pub receipt: Option<Receipt>,
 }
 
 /// A cancelled hold.
@@ -669,6 +678,59 @@ pub struct ReservationReleased {
     pub reservation_id: String,
     /// Always `"cancelled"` in this version.
     pub reason: String,
+    /// Digest of the request payload (`release` is idempotent too).
+    pub payload_digest: [u8; 16],
+}
+
+/// What the daemon answered to the request that an event records, as far as the event does not
+/// say it already: with the policy in force (its budgets, by `policy_version`) it renders the
+/// original answer again, byte for byte, for a resent request (a duplicate), and shows
+/// afterwards why the daemon said what it said.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    /// The policy the answer's budget lines refer to.
+    pub policy_version: u64,
+    /// The answer's budget lines, in order.
+    pub lines: Vec<ReceiptLine>,
+    /// Usage: the cost answered (a later repricing changes the fold, not what was answered).
+    pub cost_micros: Micros,
+    /// Usage: priced at the table's highest prices (unknown model).
+    pub priced_at_max: bool,
+    /// Usage: a commit's cost above its hold.
+    pub overrun_micros: Option<Micros>,
+    /// Reservations: the decision.
+    pub decision: Option<crate::wire::Decision>,
+    /// Reservations: the candidates skipped, in order.
+    pub skipped: Vec<crate::wire::Skipped>,
+    /// A denial: its reason, in words.
+    pub message: Option<String>,
+}
+
+/// One budget line of an answer: the budget (its index in the policy), whether the line is the
+/// budget's `(overflow)` bucket (else the scope of the event's labels), and the bucket's figures
+/// as answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptLine {
+    /// Index of the budget in the policy.
+    pub budget: u32,
+    /// The budget's `(overflow)` bucket.
+    pub overflow: bool,
+    /// Spent in the window.
+    pub spent_micros: Micros,
+    /// Tokens spent.
+    pub spent_tokens: u64,
+    /// Requests made.
+    pub spent_requests: u64,
+    /// Held by live holds.
+    pub held_micros: Micros,
+    /// Tokens held.
+    pub held_tokens: u64,
+    /// Requests held.
+    pub held_requests: u64,
+    /// Live holds.
+    pub live_holds: u64,
 }
 
 /// A hold with a new expiry.
@@ -755,6 +817,7 @@ mod tests {
             occurred_at: None,
             reported_cost_usd: None,
             payload_digest: [7; 16],
+            receipt: None,
         })
     }
 

@@ -1,10 +1,10 @@
 //! Records of format 1 (envelope version 1), read only: the first release's log.
 //!
-//! A format-1 record is bincode of `Vec<Envelope>` where the bodies carry the policy and price
-//! types of that release; its chain hash is over the canonical bincode of
-//! `{version, seq, ts, actor, body}` in those types. The types that changed since are frozen
-//! here (`ModelPrice` with one long-context tier, the policy and pricing bodies that hold it);
-//! the rest are the current ones, unchanged since (the frozen fixtures
+//! A format-1 record is bincode of `Vec<Envelope>` where the bodies carry the types of that
+//! release; its chain hash is over the canonical bincode of `{version, seq, ts, actor, body}` in
+//! those types. The types that changed since are frozen here (`ModelPrice` with one
+//! long-context tier, the policy and pricing bodies that hold it, the usage and reservation
+//! bodies without receipts); the rest are the current ones, unchanged since (the frozen fixtures
 //! `daemon/tests/fixtures/log-format-v1.bin` and `datadir-v1/` fail if one changes). Decoded
 //! envelopes are converted to the current types, keeping `version: 1`; [`compute_hash`]
 //! converts back, which is exact for anything that came from a format-1 record.
@@ -12,11 +12,13 @@
 use super::{
     chain_hash, Actor, BudgetCrossing, Checked, CodecError, Envelope, EventBody, Hash32,
     ReservationCreated, ReservationDenied, ReservationExpired, ReservationExtended,
-    ReservationReleased, UsageRecorded,
+    ReservationLink, ReservationReleased, UsageRecorded,
 };
 use crate::policy::{ResolvedBudget, ResolvedPolicy, ResolvedTiers, UnknownModels};
 use crate::pricing::{ModelPrice, PriceTable, PriceTier};
+use crate::wire::Usage;
 use crate::TsMicros;
+use crate::{Labels, Micros};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -69,13 +71,57 @@ struct PricingChangedV1 {
     pricing: PriceTableV1,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct UsageRecordedV1 {
+    event_id: String,
+    reservation_id: Option<String>,
+    reservation: ReservationLink,
+    late: bool,
+    labels: Labels,
+    model: String,
+    usage: Usage,
+    occurred_at: Option<String>,
+    reported_cost_usd: Option<String>,
+    payload_digest: [u8; 16],
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ReservationCreatedV1 {
+    reservation_id: String,
+    labels: Labels,
+    model: String,
+    input_tokens: u64,
+    max_output_tokens: u64,
+    hold_micros: Micros,
+    expires_at: TsMicros,
+    payload_digest: [u8; 16],
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ReservationDeniedV1 {
+    reservation_id: String,
+    labels: Labels,
+    model: String,
+    hold_micros: Micros,
+    reason: String,
+    budget: Option<String>,
+    key: Option<String>,
+    payload_digest: [u8; 16],
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ReservationReleasedV1 {
+    reservation_id: String,
+    reason: String,
+}
+
 /// The bodies of version 1, variant for variant in the same order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum EventBodyV1 {
-    UsageRecorded(UsageRecorded),
-    ReservationCreated(ReservationCreated),
-    ReservationDenied(ReservationDenied),
-    ReservationReleased(ReservationReleased),
+    UsageRecorded(UsageRecordedV1),
+    ReservationCreated(ReservationCreatedV1),
+    ReservationDenied(ReservationDeniedV1),
+    ReservationReleased(ReservationReleasedV1),
     ReservationExtended(ReservationExtended),
     ReservationExpired(ReservationExpired),
     BudgetWarned(BudgetCrossing),
@@ -290,6 +336,7 @@ impl From<ResolvedPolicyV1> for ResolvedPolicy {
         ResolvedPolicy {
             reservation_ttl_seconds: p.reservation_ttl_seconds,
             max_keys_per_budget: p.max_keys_per_budget,
+            idempotency_window_seconds: crate::policy::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
             unknown_models: p.unknown_models,
             tiers: p.tiers,
             budgets: p.budgets,
@@ -315,10 +362,59 @@ impl TryFrom<&ResolvedPolicy> for ResolvedPolicyV1 {
 impl From<EventBodyV1> for EventBody {
     fn from(b: EventBodyV1) -> EventBody {
         match b {
-            EventBodyV1::UsageRecorded(x) => EventBody::UsageRecorded(x),
-            EventBodyV1::ReservationCreated(x) => EventBody::ReservationCreated(x),
-            EventBodyV1::ReservationDenied(x) => EventBody::ReservationDenied(x),
-            EventBodyV1::ReservationReleased(x) => EventBody::ReservationReleased(x),
+            EventBodyV1::UsageRecorded(x) => EventBody::UsageRecorded(UsageRecorded {
+                event_id: x.event_id,
+                reservation_id: x.reservation_id,
+                reservation: x.reservation,
+                late: x.late,
+                labels: x.labels,
+                model: x.model,
+                usage: x.usage,
+                occurred_at: x.occurred_at,
+                reported_cost_usd: x.reported_cost_usd,
+                payload_digest: x.payload_digest,
+                receipt: None,
+            }),
+            EventBodyV1::ReservationCreated(x) => {
+                EventBody::ReservationCreated(ReservationCreated {
+                    reservation_id: x.reservation_id,
+                    labels: x.labels,
+                    model: x.model,
+                    input_tokens: x.input_tokens,
+                    max_output_tokens: x.max_output_tokens,
+                    hold_micros: x.hold_micros,
+                    expires_at: x.expires_at,
+                    payload_digest: x.payload_digest,
+                    receipt: None,
+                })
+            }
+            EventBodyV1::ReservationDenied(x) => EventBody::ReservationDenied(ReservationDenied {
+                reservation_id: x.reservation_id,
+                labels: x.labels,
+                model: x.model,
+                hold_micros: x.hold_micros,
+                reason: x.reason,
+                budget: x.budget,
+                key: x.key,
+                payload_digest: x.payload_digest,
+                max_output_tokens: 0,
+                receipt: None,
+            }),
+            EventBodyV1::ReservationReleased(x) => {
+                // Version 1 kept no digest for a release: it is the digest of the only
+                // request that can cause it.
+                let payload_digest = crate::wire::request_digest(
+                    "release",
+                    &crate::wire::ReleaseRequest {
+                        reservation_id: x.reservation_id.clone(),
+                    },
+                );
+                EventBody::ReservationReleased(ReservationReleased {
+                    reservation_id: x.reservation_id,
+                    reason: x.reason,
+                    payload_digest,
+                })
+            }
             EventBodyV1::ReservationExtended(x) => EventBody::ReservationExtended(x),
             EventBodyV1::ReservationExpired(x) => EventBody::ReservationExpired(x),
             EventBodyV1::BudgetWarned(x) => EventBody::BudgetWarned(x),
@@ -341,10 +437,48 @@ impl TryFrom<&EventBody> for EventBodyV1 {
     type Error = CodecError;
     fn try_from(b: &EventBody) -> Result<EventBodyV1, CodecError> {
         Ok(match b {
-            EventBody::UsageRecorded(x) => EventBodyV1::UsageRecorded(x.clone()),
-            EventBody::ReservationCreated(x) => EventBodyV1::ReservationCreated(x.clone()),
-            EventBody::ReservationDenied(x) => EventBodyV1::ReservationDenied(x.clone()),
-            EventBody::ReservationReleased(x) => EventBodyV1::ReservationReleased(x.clone()),
+            EventBody::UsageRecorded(x) => EventBodyV1::UsageRecorded(UsageRecordedV1 {
+                event_id: x.event_id.clone(),
+                reservation_id: x.reservation_id.clone(),
+                reservation: x.reservation,
+                late: x.late,
+                labels: x.labels.clone(),
+                model: x.model.clone(),
+                usage: x.usage,
+                occurred_at: x.occurred_at.clone(),
+                reported_cost_usd: x.reported_cost_usd.clone(),
+                payload_digest: x.payload_digest,
+            }),
+            EventBody::ReservationCreated(x) => {
+                EventBodyV1::ReservationCreated(ReservationCreatedV1 {
+                    reservation_id: x.reservation_id.clone(),
+                    labels: x.labels.clone(),
+                    model: x.model.clone(),
+                    input_tokens: x.input_tokens,
+                    max_output_tokens: x.max_output_tokens,
+                    hold_micros: x.hold_micros,
+                    expires_at: x.expires_at,
+                    payload_digest: x.payload_digest,
+                })
+            }
+            EventBody::ReservationDenied(x) => {
+                EventBodyV1::ReservationDenied(ReservationDeniedV1 {
+                    reservation_id: x.reservation_id.clone(),
+                    labels: x.labels.clone(),
+                    model: x.model.clone(),
+                    hold_micros: x.hold_micros,
+                    reason: x.reason.clone(),
+                    budget: x.budget.clone(),
+                    key: x.key.clone(),
+                    payload_digest: x.payload_digest,
+                })
+            }
+            EventBody::ReservationReleased(x) => {
+                EventBodyV1::ReservationReleased(ReservationReleasedV1 {
+                    reservation_id: x.reservation_id.clone(),
+                    reason: x.reason.clone(),
+                })
+            }
             EventBody::ReservationExtended(x) => EventBodyV1::ReservationExtended(x.clone()),
             EventBody::ReservationExpired(x) => EventBodyV1::ReservationExpired(x.clone()),
             EventBody::BudgetWarned(x) => EventBodyV1::BudgetWarned(x.clone()),

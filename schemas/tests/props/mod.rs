@@ -174,6 +174,7 @@ pub fn sample_envelopes() -> Vec<Envelope> {
     let policy = ResolvedPolicy {
         reservation_ttl_seconds: 300,
         max_keys_per_budget: 100_000,
+        idempotency_window_seconds: 7200,
         unknown_models: UnknownModels::PriceAtMax,
         tiers: ResolvedTiers {
             default: "small".into(),
@@ -228,6 +229,26 @@ pub fn sample_envelopes() -> Vec<Envelope> {
             occurred_at: Some("2026-11-23T10:00:00Z".into()),
             reported_cost_usd: Some("0.006".into()),
             payload_digest: [7; 16],
+            receipt: Some(Receipt {
+                policy_version: 1,
+                lines: vec![ReceiptLine {
+                    budget: 0,
+                    overflow: false,
+                    spent_micros: 1_206_000,
+                    spent_tokens: 71_505,
+                    spent_requests: 3,
+                    held_micros: 11_000,
+                    held_tokens: 2_000,
+                    held_requests: 1,
+                    live_holds: 1,
+                }],
+                cost_micros: 6_000,
+                priced_at_max: false,
+                overrun_micros: Some(-5),
+                decision: None,
+                skipped: Vec::new(),
+                message: None,
+            }),
         }),
         EventBody::ReservationCreated(ReservationCreated {
             reservation_id: "r-1".into(),
@@ -238,6 +259,7 @@ pub fn sample_envelopes() -> Vec<Envelope> {
             hold_micros: 11_000,
             expires_at: 1_790_000_000_000_000,
             payload_digest: [1; 16],
+            receipt: None,
         }),
         EventBody::ReservationDenied(ReservationDenied {
             reservation_id: "r-2".into(),
@@ -248,10 +270,26 @@ pub fn sample_envelopes() -> Vec<Envelope> {
             budget: Some("team-daily".into()),
             key: Some("team=search".into()),
             payload_digest: [2; 16],
+            max_output_tokens: 100_000,
+            receipt: Some(Receipt {
+                policy_version: 3,
+                lines: Vec::new(),
+                cost_micros: 0,
+                priced_at_max: true,
+                overrun_micros: None,
+                decision: Some(bursar_schemas::wire::Decision::Deny),
+                skipped: vec![bursar_schemas::wire::Skipped {
+                    model: "gpt-4o".into(),
+                    reason: bursar_schemas::wire::SkipReason::TierCap,
+                    detail: "worst case \"1\" exceeds".into(),
+                }],
+                message: Some("budget team-daily would exceed max_usd".into()),
+            }),
         }),
         EventBody::ReservationReleased(ReservationReleased {
             reservation_id: "r-1".into(),
             reason: "cancelled".into(),
+            payload_digest: [3; 16],
         }),
         EventBody::ReservationExtended(ReservationExtended {
             reservation_id: "r-1".into(),
