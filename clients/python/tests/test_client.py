@@ -298,7 +298,10 @@ class ClientTest(unittest.TestCase):
 
     def test_concurrency_limit(self) -> None:
         gpu = {"pool": "gpu", "team": team()}
-        with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1):
+        with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1) as first:
+            [seats] = [b for b in first.decision.budgets if b.budget == "gpu-seats"]
+            self.assertEqual((seats.limit_concurrent, seats.remaining_concurrent), (2, 1))
+            self.assertIsNone(seats.remaining_micros, "no spend limit, nothing remains of one")
             with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1):
                 with self.assertRaises(BudgetDenied) as cm:
                     with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1):

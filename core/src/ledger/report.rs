@@ -142,10 +142,19 @@ pub(super) fn report(
         limit_tokens: b.max_tokens,
         spent_tokens: f.spent.tokens,
         held_tokens: f.held.tokens,
+        remaining_tokens: b.max_tokens.map(|l| {
+            l.saturating_sub(f.spent.tokens)
+                .saturating_sub(f.held.tokens)
+        }),
         limit_requests: b.max_requests,
         spent_requests: f.spent.requests,
+        remaining_requests: b.max_requests.map(|l| {
+            l.saturating_sub(f.spent.requests)
+                .saturating_sub(f.held.requests)
+        }),
         limit_concurrent: b.max_concurrent,
         live_holds: f.live_holds,
+        remaining_concurrent: b.max_concurrent.map(|l| l.saturating_sub(f.live_holds)),
         utilization: if ppm == u64::MAX {
             f64::INFINITY.min(1e9)
         } else {
