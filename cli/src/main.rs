@@ -110,13 +110,15 @@ enum PricingCommand {
 
 #[derive(Args, Debug)]
 struct StatusArgs {
-    /// Keep buckets whose budget groups by this label with this value (repeatable).
+    /// Keep buckets that carry this label with this value: in their scope (a `group_by` label of
+    /// their budget) or pinned by their budget's `match` (repeatable; all must hold).
     #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
     labels: Vec<(String, String)>,
-    /// Keep one budget.
+    /// Keep one budget (an id the policy in force lacks is an error).
     #[arg(long, value_name = "ID")]
     budget: Option<String>,
-    /// At most this many buckets, most utilized first.
+    /// At most this many buckets, most utilized first (default 1000); a cut table says how many
+    /// there were.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
     /// Refresh in place until interrupted.
@@ -613,7 +615,7 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
             if json {
                 return json_line(out, &answer);
             }
-            write_status(out, &answer.budgets, &req)?;
+            write_status(out, &answer, &req)?;
             return Ok(0);
         }
         Source::Daemon(p) => p,
@@ -625,7 +627,7 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
             return json_line(out, &v);
         }
         let answer: bursar_schemas::wire::StatusAnswer = bursar_cli::decode_answer(v)?;
-        write_status(out, &answer.budgets, &req)?;
+        write_status(out, &answer, &req)?;
         return Ok(0);
     }
     let interval = if a.interval.is_finite() && a.interval >= 0.05 {
@@ -651,7 +653,7 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
                 bursar_core::time::format_ts(now_micros()),
                 interval.as_secs_f64()
             )?;
-            write_status(out, &answer.budgets, &req)?;
+            write_status(out, &answer, &req)?;
             if !tty {
                 writeln!(out)?;
             }
@@ -667,10 +669,10 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
 
 fn write_status(
     out: &mut dyn Write,
-    budgets: &[bursar_schemas::wire::BudgetReport],
+    answer: &bursar_schemas::wire::StatusAnswer,
     req: &StatusRequest,
 ) -> Res<()> {
-    if budgets.is_empty() {
+    if answer.budgets.is_empty() && !answer.truncated {
         if req.budget.is_some() || req.labels.is_some() {
             writeln!(out, "no bucket matches the filter")?;
         } else {
@@ -681,7 +683,14 @@ fn write_status(
         }
         return Ok(());
     }
-    write!(out, "{}", render::budgets_table(budgets, now_micros()))?;
+    write!(
+        out,
+        "{}",
+        render::budgets_table(&answer.budgets, now_micros())
+    )?;
+    if answer.truncated {
+        writeln!(out, "{}", render::status_cut(answer))?;
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use bursar_schemas::event::EventBody;
 use bursar_schemas::policy::Enforce;
 use bursar_schemas::wire::{
     BucketState, BudgetReport, Decision, DecisionAnswer, DiffRow, ExportedEvent, ReplayAnswer,
-    UsageAnswer,
+    StatusAnswer, UsageAnswer,
 };
 use bursar_schemas::{Labels, Micros, TsMicros};
 
@@ -185,6 +185,15 @@ pub fn remaining(b: &BudgetReport) -> String {
         return "-".to_string();
     }
     parts.join(", ")
+}
+
+/// The line under a `status` table that was cut at its limit: how many buckets there were.
+pub fn status_cut(a: &StatusAnswer) -> String {
+    format!(
+        "showing {} of {} buckets (the most utilized); a larger --limit shows more",
+        a.budgets.len(),
+        a.total
+    )
 }
 
 /// True for a budget without any limit: it only measures.

@@ -2113,6 +2113,7 @@ impl Sim {
             .h
             .ledger
             .status(&StatusRequest::default(), self.h.now)
+            .unwrap()
             .budgets;
         // A read never looks at a time before the last event.
         let t = self.h.now.max(self.m.last_ts);

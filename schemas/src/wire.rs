@@ -167,11 +167,13 @@ pub struct ExtendRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusRequest {
-    /// Keep buckets whose budget groups by each of these labels with this value.
+    /// Keep buckets that carry each of these labels with this value: as a `group_by` label of
+    /// their budget (in the scope key), or pinned to that value by their budget's `match`.
     pub labels: Option<Labels>,
-    /// Keep one budget.
+    /// Keep one budget (`not_found` when the policy in force has no such budget).
     pub budget: Option<String>,
-    /// At most this many buckets (default 1000).
+    /// At most this many buckets, most utilized first (default 1000); the answer's `total`
+    /// and `truncated` say what was left out.
     pub limit: Option<usize>,
 }
 
@@ -311,7 +313,7 @@ pub enum ErrorCode {
     TooLarge,
     /// An id was reused for a different payload.
     Conflict,
-    /// No such reservation (or budget).
+    /// No such reservation, or (`status`) no such budget.
     NotFound,
     /// Not allowed for this peer.
     Forbidden,
@@ -779,8 +781,12 @@ pub struct ExtendAnswer {
 pub struct StatusAnswer {
     /// Always true.
     pub ok: bool,
-    /// Buckets, most utilized first.
+    /// Buckets, most utilized first, at most the request's `limit` of them.
     pub budgets: Vec<BudgetReport>,
+    /// How many buckets matched the filters in all (more than `budgets` holds when cut).
+    pub total: u64,
+    /// True when `budgets` was cut at the request's `limit`.
+    pub truncated: bool,
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,

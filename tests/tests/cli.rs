@@ -400,7 +400,7 @@ fn status_table_filters_and_watch() {
     let only_b = d.cli_json(&["status", "--label", "team=b"]);
     assert_eq!(only_b["budgets"].as_array().unwrap().len(), 1);
     assert_eq!(only_b["budgets"][0]["key"], "team=b");
-    let none = d.cli(&["status", "--budget", "no-such-budget"]).ok();
+    let none = d.cli(&["status", "--label", "team=z"]).ok();
     assert_eq!(none.stdout, "no bucket matches the filter\n");
     let top = d.cli_json(&["status", "--limit", "1"]);
     assert_eq!(top["budgets"].as_array().unwrap().len(), 1);
@@ -428,6 +428,112 @@ fn status_table_filters_and_watch() {
         .ok()
         .json_lines();
     assert_eq!(watch_json.len(), 2);
+}
+
+/// Per-team budgets of one org (`org` pinned by `match`), and a budget of tokens only.
+const ORG_POLICY: &str = r#"
+[[budget]]
+id = "acme-teams"
+match = { org = "acme" }
+group_by = ["team"]
+max_usd = 1
+
+[[budget]]
+id = "tokens"
+max_tokens = 100000
+"#;
+
+/// `status` online and offline: an unknown budget is an error, a cut table says how many rows
+/// there were, a label pinned by a budget's `match` finds its buckets, and what remains is shown
+/// in the units of each limit.
+#[test]
+fn status_refuses_an_unknown_budget_says_when_it_cut_and_finds_pinned_labels() {
+    let mut d = Daemon::start_with_config(ORG_POLICY);
+    for (n, team) in ["a", "b", "c"].into_iter().enumerate() {
+        d.cli_json(&[
+            "record",
+            "--model",
+            "gpt-4o",
+            "--label",
+            "org=acme",
+            "--label",
+            &format!("team={team}"),
+            "--input-tokens",
+            &(1000 * (n + 1)).to_string(),
+            "--output-tokens",
+            "100",
+        ]);
+    }
+    let check = |mode: &str, run: &dyn Fn(&[&str]) -> bursar_tests::CliOutput| {
+        let unknown = run(&["status", "--budget", "acme-teamz"]);
+        assert_eq!(unknown.code, Some(1), "{mode}: {unknown:?}");
+        assert!(unknown.stdout.is_empty(), "{mode}: {unknown:?}");
+        assert_one_clean_error_line(&unknown.stderr);
+        assert!(
+            unknown.stderr.contains("not_found") && unknown.stderr.contains("acme-teamz"),
+            "{mode}: {}",
+            unknown.stderr
+        );
+
+        let cut = run(&["status", "--limit", "2"]).ok().stdout;
+        assert_eq!(
+            cut.lines().count(),
+            1 + 2 + 1,
+            "{mode}: header, 2 rows, a note:\n{cut}"
+        );
+        assert!(
+            cut.ends_with(
+                "showing 2 of 4 buckets (the most utilized); a larger --limit shows more\n"
+            ),
+            "{mode}:\n{cut}"
+        );
+        let whole = run(&["status"]).ok().stdout;
+        assert!(!whole.contains("showing"), "{mode}: nothing cut:\n{whole}");
+        let cut_json = run(&["--json", "status", "--limit", "2"]).ok().json();
+        assert_eq!(cut_json["total"], 4, "{mode}: {cut_json}");
+        assert_eq!(cut_json["truncated"], true, "{mode}: {cut_json}");
+
+        let acme = run(&["--json", "status", "--label", "org=acme"])
+            .ok()
+            .json();
+        let keys: Vec<&str> = acme["budgets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["team=c", "team=b", "team=a"], "{mode}: {acme}");
+        let acme_b = run(&[
+            "--json", "status", "--label", "org=acme", "--label", "team=b",
+        ])
+        .ok()
+        .json();
+        assert_eq!(acme_b["total"], 1, "{mode}: {acme_b}");
+
+        // 6000 + 300 tokens of 100000 used: the tokens-only budget shows tokens left, no dollars.
+        let table = run(&["status", "--budget", "tokens"]).ok().stdout;
+        assert!(
+            table.lines().next().unwrap().contains("REMAINING"),
+            "{mode}:\n{table}"
+        );
+        let row = table.lines().nth(1).unwrap();
+        assert!(
+            row.contains("6300 / 100000 tok") && row.contains("93700 tok"),
+            "{mode}:\n{table}"
+        );
+        assert!(
+            !row.contains('$'),
+            "{mode}: no spend limit, no dollars:\n{table}"
+        );
+        let teams = run(&["status", "--budget", "acme-teams"]).ok().stdout;
+        assert!(
+            teams.contains("$0.0085 / $1.00") && teams.contains("$0.9915"),
+            "{mode}:\n{teams}"
+        );
+    };
+    check("online", &|args| d.cli(args));
+    assert!(d.terminate().success());
+    check("offline", &|args| d.offline(args));
 }
 
 #[test]

@@ -219,6 +219,44 @@ max_concurrent = 2
 }
 
 #[test]
+fn status_says_how_many_buckets_matched_and_refuses_an_unknown_budget() {
+    let d = Daemon::start_with_config(POLICY);
+    let mut c = d.client();
+    for (n, team) in ["a", "b", "c"].into_iter().enumerate() {
+        let input = 1000 * (n as u64 + 1);
+        let a = c.call(record(&format!("e-{n}"), acme(team), "gpt-4o", input, 0));
+        assert_eq!(a["ok"], true, "{a}");
+    }
+    let top = c.call(json!({"op":"status","limit":2}));
+    let keys: Vec<&str> = top["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["team=c", "team=b"], "most utilized first: {top}");
+    assert_eq!(top["total"], 3, "{top}");
+    assert_eq!(top["truncated"], true, "{top}");
+    let all = c.call(json!({"op":"status"}));
+    assert_eq!(
+        (&all["total"], &all["truncated"]),
+        (&json!(3), &json!(false))
+    );
+
+    // `org` is pinned to acme by team-daily's `match`: every team's bucket carries it.
+    let acme_only = c.call(json!({"op":"status","labels":{"org":"acme"}}));
+    assert_eq!(acme_only["total"], 3, "{acme_only}");
+    let other = c.call(json!({"op":"status","labels":{"org":"globex"}}));
+    assert_eq!(other["total"], 0, "{other}");
+
+    let nf = c.call(json!({"op":"status","budget":"team-dialy","req":"s-1"}));
+    assert_eq!(nf["ok"], false, "{nf}");
+    assert_eq!(nf["error"]["code"], "not_found", "{nf}");
+    assert_eq!(nf["error"]["field"], "budget", "{nf}");
+    assert_eq!(nf["req"], "s-1", "{nf}");
+}
+
+#[test]
 fn pipelined_requests_are_answered_in_order_with_req_echoed() {
     let d = Daemon::start_with_config(POLICY);
     let mut c = d.client();

@@ -270,9 +270,15 @@ class ExtendAnswer:
 
 @dataclass
 class StatusAnswer:
-    """Buckets, most utilized first."""
+    """Buckets, most utilized first, at most the request's ``limit`` of them.
+
+    ``total`` is how many buckets matched in all; ``truncated`` is true when ``budgets`` was cut
+    at ``limit``.
+    """
 
     budgets: List[BudgetReport]
+    total: int = 0
+    truncated: bool = False
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
