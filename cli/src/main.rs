@@ -738,6 +738,14 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
     }
 }
 
+/// How export writes events into its sink.
+enum Out<'s> {
+    /// JSON Lines.
+    Jsonl(&'s mut dyn Write),
+    /// CSV.
+    Csv(Box<csv::Writer<&'s mut dyn Write>>),
+}
+
 /// Export output: stdout, or a temporary file renamed into place at the end.
 struct Sink<'a> {
     out: Box<dyn Write + 'a>,
@@ -868,22 +876,25 @@ fn export(source: &Source, a: &ExportArgs, stdout: &mut dyn Write) -> Res<u8> {
         labels: (!a.labels.is_empty()).then(|| labels_of(&a.labels)),
     };
     let mut sink = Sink::new(a.output.as_deref(), stdout)?;
-    if a.format == Format::Csv {
-        sink.out.write_all(csv::header().as_bytes())?;
-    }
+    let mut out = match a.format {
+        Format::Csv => {
+            let mut w = csv::Writer::new(&mut *sink.out as &mut dyn Write);
+            w.header()?;
+            Out::Csv(Box::new(w))
+        }
+        Format::Jsonl => Out::Jsonl(&mut *sink.out),
+    };
     let mut progress = Progress::new();
     let mut n = 0u64;
-    let mut write_one = |sink: &mut Sink, e: &ExportedEvent| -> Res<()> {
-        match a.format {
-            Format::Csv => sink.out.write_all(csv::row(e).as_bytes())?,
-            Format::Jsonl => {
-                serde_json::to_writer(&mut sink.out, e).map_err(|err| {
-                    match err.io_error_kind() {
-                        Some(std::io::ErrorKind::BrokenPipe) => Fail::Pipe,
-                        _ => msg(format!("cannot write output: {err}")),
-                    }
+    let mut write_one = |out: &mut Out, e: &ExportedEvent| -> Res<()> {
+        match out {
+            Out::Csv(w) => w.event(e)?,
+            Out::Jsonl(w) => {
+                serde_json::to_writer(&mut **w, e).map_err(|err| match err.io_error_kind() {
+                    Some(std::io::ErrorKind::BrokenPipe) => Fail::Pipe,
+                    _ => msg(format!("cannot write output: {err}")),
                 })?;
-                sink.out.write_all(b"\n")?;
+                w.write_all(b"\n")?;
             }
         }
         n += 1;
@@ -894,14 +905,14 @@ fn export(source: &Source, a: &ExportArgs, stdout: &mut dyn Write) -> Res<u8> {
         Source::Offline(dir) => {
             let mut off = open_offline(dir)?;
             for ev in off.events(1, &req)? {
-                write_one(&mut sink, &ev?)?;
+                write_one(&mut out, &ev?)?;
             }
         }
         Source::Daemon(path) => {
             let mut c = Client::connect(path)?;
             let mut stream = c.stream(&Request::Export(req))?;
             for ev in stream.by_ref() {
-                write_one(&mut sink, &ev?)?;
+                write_one(&mut out, &ev?)?;
             }
             let sent = stream.end().and_then(|e| e.count);
             if let Some(sent) = sent {
@@ -914,6 +925,10 @@ fn export(source: &Source, a: &ExportArgs, stdout: &mut dyn Write) -> Res<u8> {
         }
     }
     progress.done();
+    if let Out::Csv(w) = &mut out {
+        w.flush()?;
+    }
+    drop(out);
     let to_file = a.output.clone();
     sink.finish()?;
     if let Some(path) = to_file {
