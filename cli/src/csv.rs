@@ -1,10 +1,22 @@
-//! CSV rendering of exported events (RFC 4180: `,` separated, `"` quoted when needed, `\n`
-//! line ends). One header line, then one line per event: the daemon refuses control characters
-//! in labels, ids and model names, so no cell holds a line break (one that did would be quoted).
+//! CSV rendering of exported events, written by the `csv` crate (RFC 4180: `,` separated, `"`
+//! quoted when needed, `\n` line ends). One header line, then one line per event: the daemon
+//! refuses control characters in labels, ids and model names, so no cell holds a line break (one
+//! that did would be quoted).
+//!
+//! **Formula injection** (SPEC §9; OWASP "CSV Injection"): a spreadsheet runs a cell that begins
+//! with `=`, `+`, `-`, `@`, a tab or a carriage return as a formula, and agents choose event
+//! ids, reservation ids, label values and model names. Every cell of a text column (everything
+//! but [`NUMBER_COLUMNS`]) that begins with one of those characters is written with a single
+//! quote `'` in front, which makes a spreadsheet show it as text; it is then quoted as CSV
+//! requires, like any other cell. The cells of [`NUMBER_COLUMNS`] are numbers the daemon
+//! computed (seqs, times, uids, token counts, costs), never text a client chose; they are
+//! written as they are, so that a negative number stays a number.
 
 use bursar_core::money::format_usd;
 use bursar_schemas::event::EventBody;
 use bursar_schemas::wire::ExportedEvent;
+use std::borrow::Cow;
+use std::io::{self, Write};
 
 /// The header line's columns.
 pub const COLUMNS: [&str; 25] = [
@@ -35,25 +47,77 @@ pub const COLUMNS: [&str; 25] = [
     "hash",
 ];
 
-/// The header line, with its newline.
-pub fn header() -> String {
-    let mut s = COLUMNS.join(",");
-    s.push('\n');
-    s
-}
+/// The columns whose cells are numbers the daemon computed: written as they are. Every other
+/// column is text and neutralised (see the module docs).
+pub const NUMBER_COLUMNS: [&str; 14] = [
+    "seq",
+    "ts",
+    "actor_uid",
+    "actor_gid",
+    "actor_pid",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "requests",
+    "cost_micros",
+    "cost_usd",
+    "price_version",
+    "hold_micros",
+];
 
-/// Quote a cell when it needs it.
-pub fn cell(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
+/// Text that a spreadsheet would run as a formula, with a `'` in front so that it shows as
+/// text; any other text as it is.
+pub fn neutralise(text: &str) -> Cow<'_, str> {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        Cow::Owned(format!("'{text}"))
     } else {
-        text.to_string()
+        Cow::Borrowed(text)
     }
 }
 
-/// One event as a CSV line, with its newline. `labels` is `k=v,k=v` (client labels plus the
-/// derived ones, all of them, sorted by key).
-pub fn row(e: &ExportedEvent) -> String {
+/// Writes an export as CSV: [`Writer::header`] once, then [`Writer::event`] per event.
+pub struct Writer<W: Write> {
+    inner: ::csv::Writer<W>,
+}
+
+impl<W: Write> Writer<W> {
+    /// A writer into `out` (buffered; [`Writer::flush`] at the end).
+    pub fn new(out: W) -> Writer<W> {
+        Writer {
+            inner: ::csv::WriterBuilder::new()
+                .terminator(::csv::Terminator::Any(b'\n'))
+                .from_writer(out),
+        }
+    }
+
+    /// The header line.
+    pub fn header(&mut self) -> io::Result<()> {
+        self.inner.write_record(COLUMNS).map_err(io_error)
+    }
+
+    /// One event's line.
+    pub fn event(&mut self, e: &ExportedEvent) -> io::Result<()> {
+        self.inner.write_record(cells(e)).map_err(io_error)
+    }
+
+    /// Write out what is buffered.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The I/O error inside a `csv` error (a closed pipe stays a closed pipe).
+fn io_error(e: ::csv::Error) -> io::Error {
+    match e.into_kind() {
+        ::csv::ErrorKind::Io(io) => io,
+        other => io::Error::other(format!("{other:?}")),
+    }
+}
+
+/// The cells of one event's line, text neutralised. `labels` is `k=v,k=v` (client labels plus
+/// the derived ones, all of them, sorted by key).
+fn cells(e: &ExportedEvent) -> Vec<String> {
     let mut c: Vec<String> = vec![String::new(); COLUMNS.len()];
     let mut set = |name: &str, v: String| {
         if let Some(i) = COLUMNS.iter().position(|n| *n == name) {
@@ -183,9 +247,14 @@ pub fn row(e: &ExportedEvent) -> String {
             );
         }
     }
-    let mut line = c.iter().map(|s| cell(s)).collect::<Vec<_>>().join(",");
-    line.push('\n');
-    line
+    for (name, text) in COLUMNS.iter().zip(c.iter_mut()) {
+        if !NUMBER_COLUMNS.contains(name) {
+            if let Cow::Owned(safe) = neutralise(text) {
+                *text = safe;
+            }
+        }
+    }
+    c
 }
 
 #[cfg(test)]
@@ -193,15 +262,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cells_are_quoted_when_needed() {
-        assert_eq!(cell("plain"), "plain");
-        assert_eq!(cell("a,b"), "\"a,b\"");
-        assert_eq!(cell("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(cell("two\nlines"), "\"two\nlines\"");
-    }
-
-    #[test]
-    fn header_has_every_column() {
-        assert_eq!(header().trim_end().split(',').count(), COLUMNS.len());
+    fn text_that_a_spreadsheet_would_run_gets_a_quote_in_front() {
+        for formula in ["=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx"] {
+            assert_eq!(neutralise(formula), format!("'{formula}"));
+        }
+        for text in ["e-1", "a=b", "1-2", "", "'=1", " =1"] {
+            assert_eq!(neutralise(text), text);
+        }
     }
 }

@@ -110,13 +110,15 @@ enum PricingCommand {
 
 #[derive(Args, Debug)]
 struct StatusArgs {
-    /// Keep buckets whose budget groups by this label with this value (repeatable).
+    /// Keep buckets that carry this label with this value: in their scope (a `group_by` label of
+    /// their budget) or pinned by their budget's `match` (repeatable; all must hold).
     #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
     labels: Vec<(String, String)>,
-    /// Keep one budget.
+    /// Keep one budget (an id the policy in force lacks is an error).
     #[arg(long, value_name = "ID")]
     budget: Option<String>,
-    /// At most this many buckets, most utilized first.
+    /// At most this many buckets, most utilized first (default 1000); a cut table says how many
+    /// there were.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
     /// Refresh in place until interrupted.
@@ -276,7 +278,8 @@ struct TailArgs {
 enum Format {
     /// One JSON object per event and line.
     Jsonl,
-    /// A header line, then one line per event.
+    /// A header line, then one line per event; text a spreadsheet would run as a formula
+    /// (a leading `=`, `+`, `-`, `@`, tab or CR) gets a `'` in front.
     Csv,
 }
 
@@ -613,7 +616,7 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
             if json {
                 return json_line(out, &answer);
             }
-            write_status(out, &answer.budgets, &req)?;
+            write_status(out, &answer, &req)?;
             return Ok(0);
         }
         Source::Daemon(p) => p,
@@ -625,7 +628,7 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
             return json_line(out, &v);
         }
         let answer: bursar_schemas::wire::StatusAnswer = bursar_cli::decode_answer(v)?;
-        write_status(out, &answer.budgets, &req)?;
+        write_status(out, &answer, &req)?;
         return Ok(0);
     }
     let interval = if a.interval.is_finite() && a.interval >= 0.05 {
@@ -651,7 +654,7 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
                 bursar_core::time::format_ts(now_micros()),
                 interval.as_secs_f64()
             )?;
-            write_status(out, &answer.budgets, &req)?;
+            write_status(out, &answer, &req)?;
             if !tty {
                 writeln!(out)?;
             }
@@ -667,10 +670,10 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
 
 fn write_status(
     out: &mut dyn Write,
-    budgets: &[bursar_schemas::wire::BudgetReport],
+    answer: &bursar_schemas::wire::StatusAnswer,
     req: &StatusRequest,
 ) -> Res<()> {
-    if budgets.is_empty() {
+    if answer.budgets.is_empty() && !answer.truncated {
         if req.budget.is_some() || req.labels.is_some() {
             writeln!(out, "no bucket matches the filter")?;
         } else {
@@ -681,7 +684,14 @@ fn write_status(
         }
         return Ok(());
     }
-    write!(out, "{}", render::budgets_table(budgets, now_micros()))?;
+    write!(
+        out,
+        "{}",
+        render::budgets_table(&answer.budgets, now_micros())
+    )?;
+    if answer.truncated {
+        writeln!(out, "{}", render::status_cut(answer))?;
+    }
     Ok(())
 }
 
@@ -726,6 +736,14 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
             Ok(0)
         }
     }
+}
+
+/// How export writes events into its sink.
+enum Out<'s> {
+    /// JSON Lines.
+    Jsonl(&'s mut dyn Write),
+    /// CSV.
+    Csv(Box<csv::Writer<&'s mut dyn Write>>),
 }
 
 /// Export output: stdout, or a temporary file renamed into place at the end.
@@ -858,22 +876,25 @@ fn export(source: &Source, a: &ExportArgs, stdout: &mut dyn Write) -> Res<u8> {
         labels: (!a.labels.is_empty()).then(|| labels_of(&a.labels)),
     };
     let mut sink = Sink::new(a.output.as_deref(), stdout)?;
-    if a.format == Format::Csv {
-        sink.out.write_all(csv::header().as_bytes())?;
-    }
+    let mut out = match a.format {
+        Format::Csv => {
+            let mut w = csv::Writer::new(&mut *sink.out as &mut dyn Write);
+            w.header()?;
+            Out::Csv(Box::new(w))
+        }
+        Format::Jsonl => Out::Jsonl(&mut *sink.out),
+    };
     let mut progress = Progress::new();
     let mut n = 0u64;
-    let mut write_one = |sink: &mut Sink, e: &ExportedEvent| -> Res<()> {
-        match a.format {
-            Format::Csv => sink.out.write_all(csv::row(e).as_bytes())?,
-            Format::Jsonl => {
-                serde_json::to_writer(&mut sink.out, e).map_err(|err| {
-                    match err.io_error_kind() {
-                        Some(std::io::ErrorKind::BrokenPipe) => Fail::Pipe,
-                        _ => msg(format!("cannot write output: {err}")),
-                    }
+    let mut write_one = |out: &mut Out, e: &ExportedEvent| -> Res<()> {
+        match out {
+            Out::Csv(w) => w.event(e)?,
+            Out::Jsonl(w) => {
+                serde_json::to_writer(&mut **w, e).map_err(|err| match err.io_error_kind() {
+                    Some(std::io::ErrorKind::BrokenPipe) => Fail::Pipe,
+                    _ => msg(format!("cannot write output: {err}")),
                 })?;
-                sink.out.write_all(b"\n")?;
+                w.write_all(b"\n")?;
             }
         }
         n += 1;
@@ -884,14 +905,14 @@ fn export(source: &Source, a: &ExportArgs, stdout: &mut dyn Write) -> Res<u8> {
         Source::Offline(dir) => {
             let mut off = open_offline(dir)?;
             for ev in off.events(1, &req)? {
-                write_one(&mut sink, &ev?)?;
+                write_one(&mut out, &ev?)?;
             }
         }
         Source::Daemon(path) => {
             let mut c = Client::connect(path)?;
             let mut stream = c.stream(&Request::Export(req))?;
             for ev in stream.by_ref() {
-                write_one(&mut sink, &ev?)?;
+                write_one(&mut out, &ev?)?;
             }
             let sent = stream.end().and_then(|e| e.count);
             if let Some(sent) = sent {
@@ -904,6 +925,10 @@ fn export(source: &Source, a: &ExportArgs, stdout: &mut dyn Write) -> Res<u8> {
         }
     }
     progress.done();
+    if let Out::Csv(w) = &mut out {
+        w.flush()?;
+    }
+    drop(out);
     let to_file = a.output.clone();
     sink.finish()?;
     if let Some(path) = to_file {

@@ -120,7 +120,9 @@ impl Offline {
         req: &StatusRequest,
         now: TsMicros,
     ) -> Result<StatusAnswer, OfflineError> {
-        Ok(self.ledger()?.status(req, now))
+        self.ledger()?
+            .status(req, now)
+            .map_err(|e| OfflineError::Invalid(crate::describe_wire_error(&e)))
     }
 
     /// `verify`: walk the whole hash chain.

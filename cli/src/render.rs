@@ -9,7 +9,7 @@ use bursar_schemas::event::EventBody;
 use bursar_schemas::policy::Enforce;
 use bursar_schemas::wire::{
     BucketState, BudgetReport, Decision, DecisionAnswer, DiffRow, ExportedEvent, ReplayAnswer,
-    UsageAnswer,
+    StatusAnswer, UsageAnswer,
 };
 use bursar_schemas::{Labels, Micros, TsMicros};
 
@@ -155,6 +155,47 @@ pub fn held(b: &BudgetReport) -> String {
     }
 }
 
+/// What is left of every limit the budget sets, in that limit's units (`$48.79`, `4000 tok`,
+/// `3 req`, `1 slot`); `-` for a meter.
+pub fn remaining(b: &BudgetReport) -> String {
+    let mut parts = Vec::new();
+    if b.limit_micros.is_some() {
+        parts.push(b.remaining_micros.map_or_else(|| "?".to_string(), usd));
+    }
+    if b.limit_tokens.is_some() {
+        parts.push(match b.remaining_tokens {
+            Some(r) => format!("{r} tok"),
+            None => "? tok".to_string(),
+        });
+    }
+    if b.limit_requests.is_some() {
+        parts.push(match b.remaining_requests {
+            Some(r) => format!("{r} req"),
+            None => "? req".to_string(),
+        });
+    }
+    if b.limit_concurrent.is_some() {
+        parts.push(match b.remaining_concurrent {
+            Some(1) => "1 slot".to_string(),
+            Some(r) => format!("{r} slots"),
+            None => "? slots".to_string(),
+        });
+    }
+    if parts.is_empty() {
+        return "-".to_string();
+    }
+    parts.join(", ")
+}
+
+/// The line under a `status` table that was cut at its limit: how many buckets there were.
+pub fn status_cut(a: &StatusAnswer) -> String {
+    format!(
+        "showing {} of {} buckets (the most utilized); a larger --limit shows more",
+        a.budgets.len(),
+        a.total
+    )
+}
+
 /// True for a budget without any limit: it only measures.
 pub fn is_meter(b: &BudgetReport) -> bool {
     b.limit_micros.is_none()
@@ -218,14 +259,15 @@ pub fn duration(seconds: i64) -> String {
     }
 }
 
-/// The budget table of `status` (and of answers): budget, scope, spent / limit, held, a
-/// utilization bar, state, next reset.
+/// The budget table of `status` (and of answers): budget, scope, spent / limit, held, what
+/// remains of each limit, a utilization bar, state, next reset.
 pub fn budgets_table(budgets: &[BudgetReport], now: TsMicros) -> String {
     let mut t = Table::new(&[
         "BUDGET",
         "SCOPE",
         ">SPENT / LIMIT",
         ">HELD",
+        ">REMAINING",
         "UTILIZATION",
         "STATE",
         "NEXT RESET",
@@ -240,6 +282,7 @@ pub fn budgets_table(budgets: &[BudgetReport], now: TsMicros) -> String {
             },
             spent_vs_limit(b),
             held(b),
+            remaining(b),
             if is_meter(b) {
                 "meter (no limit)".to_string()
             } else {

@@ -372,7 +372,10 @@ fn repricing_from_since_reports_the_diff_and_applying_it_equals_a_full_fold() {
     let full = fold(|| h.log.iter().cloned().map(Ok::<_, String>)).unwrap();
     assert_eq!(full, live);
     assert_eq!(
-        full.status(&StatusRequest::default(), h.now).budgets[0].spent_micros,
+        full.status(&StatusRequest::default(), h.now)
+            .unwrap()
+            .budgets[0]
+            .spent_micros,
         900
     );
     // New usage is priced with the new table.

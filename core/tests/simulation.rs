@@ -1896,6 +1896,31 @@ impl Sim {
                 *st,
             );
             ensure_eq!(self, row(g), expected, "{what}: bucket {id} {key:?}");
+            // What is left of each limit the budget has: `limit - spent - held`, never below 0.
+            if let Some(b) = self.m.policy.budgets.iter().find(|b| b.id == *id) {
+                let left = |limit: Option<i128>, used: i128| limit.map(|l| (l - used).max(0));
+                let got_left = (
+                    g.remaining_micros.map(i128::from),
+                    g.remaining_tokens.map(i128::from),
+                    g.remaining_requests.map(i128::from),
+                    g.remaining_concurrent.map(i128::from),
+                );
+                let want_left = (
+                    left(b.max_micros.map(i128::from), f.spent.micros + f.held.micros),
+                    left(b.max_tokens.map(i128::from), f.spent.tokens + f.held.tokens),
+                    left(
+                        b.max_requests.map(i128::from),
+                        f.spent.requests + f.held.requests,
+                    ),
+                    left(b.max_concurrent.map(i128::from), f.live),
+                );
+                ensure_eq!(
+                    self,
+                    got_left,
+                    want_left,
+                    "{what}: remaining of {id} {key:?}"
+                );
+            }
         }
     }
 
@@ -2107,6 +2132,7 @@ impl Sim {
             .h
             .ledger
             .status(&StatusRequest::default(), self.h.now)
+            .unwrap()
             .budgets;
         // A read never looks at a time before the last event.
         let t = self.h.now.max(self.m.last_ts);

@@ -326,9 +326,14 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
         })),
         Request::Status(s) => Pending::Read(Box::new(move |ctx: &Ctx| {
             let now = (ctx.clock)();
-            let mut a = read_ledger(&ctx.shared).status(&s, now);
-            a.req = req;
-            serde_json::to_string(&a).unwrap_or_default()
+            let answer = read_ledger(&ctx.shared).status(&s, now);
+            match answer {
+                Ok(mut a) => {
+                    a.req = req;
+                    serde_json::to_string(&a).unwrap_or_default()
+                }
+                Err(e) => Answer::Error(e).to_line(req),
+            }
         })),
         Request::Check(c) => Pending::Read(Box::new(move |ctx: &Ctx| {
             let now = (ctx.clock)();

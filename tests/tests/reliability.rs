@@ -147,7 +147,9 @@ fn crash_loop_loses_nothing_acknowledged_and_status_is_always_the_fold() {
         }
         // Status equals a fresh fold of the log.
         let live = c.call(json!({"op":"status"}));
-        let folded = folded_log.status(&StatusRequest::default(), folded_log.last_ts());
+        let folded = folded_log
+            .status(&StatusRequest::default(), folded_log.last_ts())
+            .unwrap();
         let figures = |b: &Value| {
             (
                 b["budget"].clone(),
@@ -254,7 +256,7 @@ max_concurrent = 40
     let mut l = Ledger::new();
     for e in &events {
         l.apply(e.seq, e.ts, &e.body).unwrap();
-        for b in l.status(&StatusRequest::default(), e.ts).budgets {
+        for b in l.status(&StatusRequest::default(), e.ts).unwrap().budgets {
             if let Some(limit) = b.limit_micros {
                 assert!(
                     b.spent_micros + b.held_micros <= limit,
@@ -275,7 +277,9 @@ max_concurrent = 40
     );
     // The final live state equals the fold.
     let live = c.call(json!({"op":"status"}));
-    let folded = l.status(&StatusRequest::default(), events.last().unwrap().ts);
+    let folded = l
+        .status(&StatusRequest::default(), events.last().unwrap().ts)
+        .unwrap();
     let spent_live: i64 = live["budgets"]
         .as_array()
         .unwrap()

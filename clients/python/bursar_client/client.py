@@ -298,7 +298,9 @@ class Client:
         budget: Optional[str] = None,
         limit: Optional[int] = None,
     ) -> StatusAnswer:
-        """Budget buckets, most utilized first."""
+        """Budget buckets, most utilized first, at most ``limit`` (default 1000); ``total`` and
+        ``truncated`` say what was left out. ``labels`` keeps buckets carrying each label in their
+        scope or pinned by their budget's ``match``; an unknown ``budget`` raises ``NotFound``."""
         return self._call(P.status(labels, budget, limit))
 
     def verify(self) -> VerifyAnswer:

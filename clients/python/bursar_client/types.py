@@ -97,7 +97,12 @@ def _build(cls: Type[T], obj: Mapping[str, Any], **overrides: Any) -> T:
 
 @dataclass
 class BudgetReport:
-    """One budget bucket as the daemon reports it."""
+    """One budget bucket as the daemon reports it.
+
+    Each limit the budget has comes with what remains of it (``limit - spent - held``, never
+    below 0): ``remaining_micros``, ``remaining_tokens``, ``remaining_requests``,
+    ``remaining_concurrent``; ``None`` for a limit the budget does not set.
+    """
 
     budget: str
     key: str
@@ -113,8 +118,11 @@ class BudgetReport:
     limit_micros: Optional[int] = None
     remaining_micros: Optional[int] = None
     limit_tokens: Optional[int] = None
+    remaining_tokens: Optional[int] = None
     limit_requests: Optional[int] = None
+    remaining_requests: Optional[int] = None
     limit_concurrent: Optional[int] = None
+    remaining_concurrent: Optional[int] = None
     window: Optional[str] = None
     window_end: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -262,9 +270,15 @@ class ExtendAnswer:
 
 @dataclass
 class StatusAnswer:
-    """Buckets, most utilized first."""
+    """Buckets, most utilized first, at most the request's ``limit`` of them.
+
+    ``total`` is how many buckets matched in all; ``truncated`` is true when ``budgets`` was cut
+    at ``limit``.
+    """
 
     budgets: List[BudgetReport]
+    total: int = 0
+    truncated: bool = False
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

@@ -298,7 +298,10 @@ class ClientTest(unittest.TestCase):
 
     def test_concurrency_limit(self) -> None:
         gpu = {"pool": "gpu", "team": team()}
-        with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1):
+        with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1) as first:
+            [seats] = [b for b in first.decision.budgets if b.budget == "gpu-seats"]
+            self.assertEqual((seats.limit_concurrent, seats.remaining_concurrent), (2, 1))
+            self.assertIsNone(seats.remaining_micros, "no spend limit, nothing remains of one")
             with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1):
                 with self.assertRaises(BudgetDenied) as cm:
                     with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1):
@@ -340,7 +343,17 @@ class ClientTest(unittest.TestCase):
         s = self.client.status(labels={"team": t2})
         self.assertEqual([(b.budget, b.key, b.spent_micros) for b in s.budgets],
                          [("team-daily", f"team={t2}", 300)])
-        self.assertLessEqual(len(self.client.status(limit=1).budgets), 1)
+        self.assertEqual((s.total, s.truncated), (1, False))
+        top = self.client.status(limit=1)
+        self.assertEqual(len(top.budgets), 1)
+        self.assertGreaterEqual(top.total, 2)
+        self.assertTrue(top.truncated)
+        # `org` is pinned to acme by team-daily's `match`: both teams' buckets carry it.
+        pinned = self.client.status(labels={"org": "acme", "team": t1})
+        self.assertEqual([b.key for b in pinned.budgets], [f"team={t1}"])
+        with self.assertRaises(NotFound) as cm:
+            self.client.status(budget="no-such-budget")
+        self.assertEqual((cm.exception.code, cm.exception.field), ("not_found", "budget"))
 
     # --- threads -------------------------------------------------------------------------------
 

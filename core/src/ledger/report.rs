@@ -6,8 +6,10 @@ use crate::labels::parse_scope_key;
 use crate::time::format_ts;
 use crate::window::{window_bounds, Amounts};
 use bursar_schemas::policy::{ResolvedBudget, WindowSpec};
-use bursar_schemas::wire::{BucketState, BudgetReport, StatusAnswer, StatusRequest};
-use bursar_schemas::TsMicros;
+use bursar_schemas::wire::{
+    BucketState, BudgetReport, ErrorCode, StatusAnswer, StatusRequest, WireError,
+};
+use bursar_schemas::{Labels, TsMicros};
 use std::collections::HashMap;
 
 /// Default `limit` of a `status` answer.
@@ -142,10 +144,19 @@ pub(super) fn report(
         limit_tokens: b.max_tokens,
         spent_tokens: f.spent.tokens,
         held_tokens: f.held.tokens,
+        remaining_tokens: b.max_tokens.map(|l| {
+            l.saturating_sub(f.spent.tokens)
+                .saturating_sub(f.held.tokens)
+        }),
         limit_requests: b.max_requests,
         spent_requests: f.spent.requests,
+        remaining_requests: b.max_requests.map(|l| {
+            l.saturating_sub(f.spent.requests)
+                .saturating_sub(f.held.requests)
+        }),
         limit_concurrent: b.max_concurrent,
         live_holds: f.live_holds,
+        remaining_concurrent: b.max_concurrent.map(|l| l.saturating_sub(f.live_holds)),
         utilization: if ppm == u64::MAX {
             f64::INFINITY.min(1e9)
         } else {
@@ -221,55 +232,105 @@ impl Ledger {
             .unwrap_or_default()
     }
 
-    /// `status`: buckets, most utilized first, filtered by budget and group_by labels.
-    pub fn status(&self, req: &StatusRequest, now: TsMicros) -> StatusAnswer {
+    /// `status` (SPEC §6): buckets, most utilized first, at most `limit` of them, with how many
+    /// matched in all. `budget` keeps one budget (an id the policy in force does not have is
+    /// `not_found`); `labels` keeps a bucket when every given label is a `group_by` label of its
+    /// budget with that value in the bucket's key, or is pinned to that value by the budget's
+    /// `match` (a `"*"` in `match` pins nothing).
+    pub fn status(&self, req: &StatusRequest, now: TsMicros) -> Result<StatusAnswer, WireError> {
+        let budgets = self
+            .policy
+            .as_ref()
+            .map(|p| p.budgets.as_slice())
+            .unwrap_or_default();
+        if let Some(id) = &req.budget {
+            if !budgets.iter().any(|b| b.id == *id) {
+                return Err(WireError {
+                    code: ErrorCode::NotFound,
+                    message: format!("no budget `{id}` in the policy in force"),
+                    field: Some("budget".into()),
+                });
+            }
+        }
         let now = self.effective_now(now);
         let adj = self.expired_adjust(now);
         let limit = req.limit.unwrap_or(DEFAULT_STATUS_LIMIT);
-        let mut rows: Vec<(u64, BudgetReport)> = Vec::new();
-        let mut ends = WindowEnds::default();
-        if let Some(policy) = &self.policy {
-            for (i, b) in policy.budgets.iter().enumerate() {
-                if req.budget.as_ref().is_some_and(|id| *id != b.id) {
+        // Every matching bucket as (utilization, budget, key, figures); rendered once cut.
+        let mut rows: Vec<(u64, &ResolvedBudget, &str, Figures)> = Vec::new();
+        for (i, b) in budgets.iter().enumerate() {
+            if req.budget.as_ref().is_some_and(|id| *id != b.id) {
+                continue;
+            }
+            let Some(state) = self.budgets.get(i) else {
+                continue;
+            };
+            let Some(in_key) = key_filter(b, req.labels.as_ref()) else {
+                continue;
+            };
+            let limits = self.limits.get(i);
+            for (key, bucket) in state.iter() {
+                // A scope whose window has ended and that holds nothing is no longer live
+                // (SPEC §5): it is not listed, whether or not it has left memory yet.
+                if limits.is_some_and(|l| bucket.ended(l, now)) {
                     continue;
                 }
-                let Some(state) = self.budgets.get(i) else {
-                    continue;
-                };
-                let limits = self.limits.get(i);
-                for (key, bucket) in state.iter() {
-                    // A scope whose window has ended and that holds nothing is no longer live
-                    // (SPEC §5): it is not listed, whether or not it has left memory yet.
-                    if limits.is_some_and(|l| bucket.ended(l, now)) {
+                if !in_key.is_empty() {
+                    let pairs = parse_scope_key(key).unwrap_or_default();
+                    let all = in_key
+                        .iter()
+                        .all(|(k, v)| pairs.iter().any(|(pk, pv)| pk == k && pv == v));
+                    if !all {
                         continue;
                     }
-                    if let Some(filter) = &req.labels {
-                        let pairs = parse_scope_key(key).unwrap_or_default();
-                        let all = filter
-                            .iter()
-                            .all(|(k, v)| pairs.iter().any(|(pk, pv)| pk == k && pv == v));
-                        if !all {
-                            continue;
-                        }
-                    }
-                    let f = self.figures(i, key, now, &adj);
-                    rows.push((
-                        utilization_ppm(b, &f),
-                        report(b, key.to_string(), &f, now, &mut ends),
-                    ));
                 }
+                let f = self.figures(i, key, now, &adj);
+                rows.push((utilization_ppm(b, &f), b, key, f));
             }
         }
-        rows.sort_by(|a, b| {
+        let total = rows.len();
+        type Row<'a> = (u64, &'a ResolvedBudget, &'a str, Figures);
+        let by_utilization = |a: &Row, b: &Row| {
             b.0.cmp(&a.0)
-                .then_with(|| a.1.budget.cmp(&b.1.budget))
-                .then_with(|| a.1.key.cmp(&b.1.key))
-        });
-        rows.truncate(limit);
-        StatusAnswer {
-            ok: true,
-            budgets: rows.into_iter().map(|(_, r)| r).collect(),
-            req: None,
+                .then_with(|| a.1.id.cmp(&b.1.id))
+                .then_with(|| a.2.cmp(b.2))
+        };
+        if limit < total {
+            // Only the first `limit` need to be in order.
+            rows.select_nth_unstable_by(limit, by_utilization);
+            rows.truncate(limit);
         }
+        rows.sort_unstable_by(by_utilization);
+        let mut ends = WindowEnds::default();
+        Ok(StatusAnswer {
+            ok: true,
+            budgets: rows
+                .into_iter()
+                .map(|(_, b, key, f)| report(b, key.to_string(), &f, now, &mut ends))
+                .collect(),
+            total: total as u64,
+            truncated: total > limit,
+            req: None,
+        })
     }
+}
+
+/// Which of the `status` filter's labels a bucket of budget `b` must carry in its scope key:
+/// those the budget's `match` does not pin to the wanted value. `None` when one of them is not
+/// a `group_by` label of `b`, so that no bucket of `b` can match.
+fn key_filter<'a>(
+    b: &ResolvedBudget,
+    labels: Option<&'a Labels>,
+) -> Option<Vec<(&'a str, &'a str)>> {
+    let mut in_key = Vec::new();
+    for (k, v) in labels.into_iter().flatten() {
+        let pinned = b.match_labels.get(k).is_some_and(|m| m != "*" && m == v);
+        if pinned {
+            continue;
+        }
+        if !b.group_by.iter().any(|g| g == k) {
+            return None;
+        }
+        in_key.push((k.as_str(), v.as_str()));
+    }
+    Some(in_key)
 }

@@ -233,6 +233,7 @@ impl Harness {
     pub fn status(&self) -> Vec<BudgetReport> {
         self.ledger
             .status(&StatusRequest::default(), self.now)
+            .unwrap()
             .budgets
     }
 }
