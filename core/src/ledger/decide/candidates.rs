@@ -1,0 +1,261 @@
+//! Which model a `check` or `reserve` settles on: prices, required capabilities, the worst
+//! case capped at the model's maximum output, tier caps, then the budgets' verdict; and
+//! `check`, which decides without appending.
+
+use super::super::report::Adjust;
+use super::super::{Ledger, DEFAULT_MAX_OUTPUT_TOKENS};
+use super::receipts::Shown;
+use crate::pricing;
+use crate::time::format_ts;
+use crate::window::Amounts;
+use bursar_schemas::answer::Answer;
+use bursar_schemas::wire::{
+    BudgetReport, CheckRequest, Decision, DecisionAnswer, Estimate, Reason, SkipReason, Skipped,
+};
+use bursar_schemas::{Labels, TsMicros};
+
+/// What a check or reservation asks for.
+#[derive(Clone, Copy)]
+pub(super) struct Ask<'a> {
+    pub(super) client: &'a Labels,
+    pub(super) models: &'a [String],
+    pub(super) require: &'a [String],
+    pub(super) est: &'a Estimate,
+    pub(super) report_skips: bool,
+}
+
+/// Result of evaluating a check or reservation.
+#[derive(Debug, Clone)]
+pub(super) struct Evaluation {
+    pub(super) decision: Decision,
+    pub(super) model: Option<String>,
+    pub(super) labels: Labels,
+    pub(super) hold: Amounts,
+    pub(super) input_tokens: u64,
+    pub(super) max_output_tokens: u64,
+    pub(super) budgets: Vec<Shown>,
+    pub(super) skipped: Vec<Skipped>,
+    pub(super) reason: Reason,
+}
+
+pub(super) fn ok_reason(decision: Decision) -> Reason {
+    Reason {
+        code: "ok".into(),
+        message: if decision == Decision::Warn {
+            "allowed, near a limit".into()
+        } else {
+            "allowed".into()
+        },
+        budget: None,
+        key: None,
+    }
+}
+
+impl Ledger {
+    /// Evaluate a check or reservation at `now` (no state change).
+    pub(super) fn evaluate(&self, ask: &Ask<'_>, now: TsMicros, adj: &Adjust) -> Evaluation {
+        let Ask {
+            client,
+            models,
+            require,
+            est,
+            report_skips,
+        } = *ask;
+        let mut skipped = Vec::new();
+        let mut last: Option<Evaluation> = None;
+        for model in models {
+            let labels = self.derived_labels(client, model, now);
+            let skip = |reason: SkipReason,
+                        detail: String,
+                        eval: Evaluation,
+                        skipped: &mut Vec<Skipped>| {
+                skipped.push(Skipped {
+                    model: model.clone(),
+                    reason,
+                    detail,
+                });
+                eval
+            };
+            let mut eval = Evaluation {
+                decision: Decision::Deny,
+                model: Some(model.clone()),
+                labels,
+                hold: Amounts::default(),
+                input_tokens: est.input_tokens,
+                max_output_tokens: 0,
+                budgets: Vec::new(),
+                skipped: Vec::new(),
+                reason: ok_reason(Decision::Allow),
+            };
+            let Some((price, at_max, _)) = self.price_at(model, now) else {
+                eval.reason = Reason {
+                    code: "unknown_model".into(),
+                    message: "no price table is in force".into(),
+                    budget: None,
+                    key: None,
+                };
+                last = Some(skip(
+                    SkipReason::UnknownModel,
+                    "no price table".into(),
+                    eval,
+                    &mut skipped,
+                ));
+                continue;
+            };
+            if at_max && self.deny_unknown_models() {
+                eval.reason = Reason {
+                    code: "unknown_model".into(),
+                    message: format!("model {model:?} has no price and unknown models are denied"),
+                    budget: None,
+                    key: None,
+                };
+                last = Some(skip(
+                    SkipReason::UnknownModel,
+                    format!("no price for {model}"),
+                    eval,
+                    &mut skipped,
+                ));
+                continue;
+            }
+            if let Some(missing) = require.iter().find(|c| !price.capabilities.contains(c)) {
+                eval.reason = Reason {
+                    code: "missing_capability".into(),
+                    message: format!("model {model:?} lacks capability {missing:?}"),
+                    budget: None,
+                    key: None,
+                };
+                last = Some(skip(
+                    SkipReason::MissingCapability,
+                    missing.clone(),
+                    eval,
+                    &mut skipped,
+                ));
+                continue;
+            }
+            let max_out = match (est.max_output_tokens, price.max_output_tokens) {
+                (Some(e), Some(m)) => e.min(m),
+                (Some(e), None) => e,
+                (None, Some(m)) => m,
+                (None, None) => DEFAULT_MAX_OUTPUT_TOKENS,
+            };
+            let hold_micros = pricing::worst_case_cost(price, est.input_tokens, max_out);
+            eval.max_output_tokens = max_out;
+            eval.hold = Amounts {
+                micros: hold_micros,
+                tokens: est.input_tokens.saturating_add(max_out),
+                requests: 1,
+            };
+            let tier = self.tier_of(model);
+            if let Some(cap) = self.policy.as_ref().and_then(|p| p.tiers.caps.get(&tier)) {
+                let over_cost = cap.max_call_micros.filter(|c| hold_micros > *c).map(|c| {
+                    format!(
+                        "worst case {} USD exceeds tier {tier:?} max_call_usd {}",
+                        crate::money::format_usd(hold_micros),
+                        crate::money::format_usd(c)
+                    )
+                });
+                let over_out = cap.max_call_output_tokens.filter(|c| max_out > *c).map(|c| {
+                    format!("max_output_tokens {max_out} exceeds tier {tier:?} max_call_output_tokens {c}")
+                });
+                if let Some(detail) = over_cost.or(over_out) {
+                    eval.reason = Reason {
+                        code: "tier_cap".into(),
+                        message: detail.clone(),
+                        budget: None,
+                        key: None,
+                    };
+                    last = Some(skip(SkipReason::TierCap, detail, eval, &mut skipped));
+                    continue;
+                }
+            }
+            let (decision, reports, reason) = self.judge(&eval.labels, eval.hold, now, adj);
+            eval.decision = decision;
+            eval.budgets = reports;
+            if decision == Decision::Deny {
+                let detail = match (&reason.budget, &reason.key) {
+                    (Some(b), Some(k)) if !k.is_empty() => format!("{b} ({k})"),
+                    (Some(b), _) => b.clone(),
+                    _ => reason.message.clone(),
+                };
+                eval.reason = reason;
+                last = Some(skip(SkipReason::Budget, detail, eval, &mut skipped));
+                continue;
+            }
+            eval.reason = ok_reason(decision);
+            eval.skipped = if report_skips { skipped } else { Vec::new() };
+            return eval;
+        }
+        let mut eval = last.unwrap_or(Evaluation {
+            decision: Decision::Deny,
+            model: None,
+            labels: client.clone(),
+            hold: Amounts::default(),
+            input_tokens: est.input_tokens,
+            max_output_tokens: 0,
+            budgets: Vec::new(),
+            skipped: Vec::new(),
+            reason: Reason {
+                code: "no_candidate".into(),
+                message: "no model to consider".into(),
+                budget: None,
+                key: None,
+            },
+        });
+        eval.decision = Decision::Deny;
+        eval.skipped = if report_skips { skipped } else { Vec::new() };
+        eval
+    }
+
+    /// `check`: what `reserve` would decide now. Appends nothing.
+    pub fn check(&self, req: &CheckRequest, now: TsMicros) -> Answer {
+        // Judged when a `reserve` sent now would be (see `execute`).
+        let now = self.stamp(now);
+        let models = match self.validate_decision(
+            &req.labels,
+            &req.model,
+            &req.candidates,
+            &req.require,
+            &req.estimate,
+        ) {
+            Ok(m) => m,
+            Err(e) => return Answer::Error(e),
+        };
+        let require = req.require.clone().unwrap_or_default();
+        let adj = self.expired_adjust(now);
+        let eval = self.evaluate(
+            &Ask {
+                client: &req.labels,
+                models: &models,
+                require: &require,
+                est: &req.estimate,
+                report_skips: req.candidates.is_some(),
+            },
+            now,
+            &adj,
+        );
+        let budgets = self.reports(&eval.budgets, now);
+        Answer::Decision(decision_answer(eval, budgets, None, None))
+    }
+}
+
+pub(super) fn decision_answer(
+    eval: Evaluation,
+    budgets: Vec<BudgetReport>,
+    seq: Option<u64>,
+    expires: Option<TsMicros>,
+) -> DecisionAnswer {
+    DecisionAnswer {
+        ok: true,
+        seq,
+        duplicate: false,
+        decision: eval.decision,
+        model: eval.model,
+        hold_micros: eval.hold.micros,
+        max_output_tokens: (eval.max_output_tokens > 0).then_some(eval.max_output_tokens),
+        expires_at: expires.map(format_ts),
+        budgets,
+        skipped: eval.skipped,
+        reason: eval.reason,
+        req: None,
+    }
+}

@@ -1,0 +1,231 @@
+//! Idempotency and answers: a resent request is a duplicate (its original answer is that of
+//! its event) or a conflict; a write's answer is rendered from the event it appended and the
+//! event's receipt, the same way for a new request and for a duplicate.
+
+use super::super::buckets::Figures;
+use super::super::ids::IdEntry;
+use super::super::report::{report, WindowEnds};
+use super::super::{Ledger, UsageDecision, OVERFLOW_KEY};
+use super::candidates::ok_reason;
+use crate::labels::scope_key;
+use crate::time::format_ts;
+use crate::window::Amounts;
+use bursar_schemas::answer::Answer;
+use bursar_schemas::event::{EventBody, ReceiptLine, ReservationLink};
+use bursar_schemas::policy::ResolvedBudget;
+use bursar_schemas::wire::{
+    BucketState, BudgetReport, Decision, DecisionAnswer, ErrorCode, Reason, ReleaseAnswer,
+    UsageAnswer, WireError,
+};
+use bursar_schemas::TsMicros;
+
+/// A budget line of an answer before it is rendered: the budget, the bucket's scope key and
+/// the figures shown.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Shown {
+    pub(super) budget: u32,
+    pub(super) key: String,
+    pub(super) figures: Figures,
+}
+
+impl Shown {
+    pub(super) fn receipt_line(&self) -> ReceiptLine {
+        receipt_line(self.budget, self.key == OVERFLOW_KEY, &self.figures)
+    }
+}
+
+pub(super) fn receipt_line(budget: u32, overflow: bool, f: &Figures) -> ReceiptLine {
+    ReceiptLine {
+        budget,
+        overflow,
+        spent_micros: f.spent.micros,
+        spent_tokens: f.spent.tokens,
+        spent_requests: f.spent.requests,
+        held_micros: f.held.micros,
+        held_tokens: f.held.tokens,
+        held_requests: f.held.requests,
+        live_holds: f.live_holds,
+    }
+}
+
+pub(super) fn figures_of(line: &ReceiptLine) -> Figures {
+    Figures {
+        spent: Amounts {
+            micros: line.spent_micros,
+            tokens: line.spent_tokens,
+            requests: line.spent_requests,
+        },
+        held: Amounts {
+            micros: line.held_micros,
+            tokens: line.held_tokens,
+            requests: line.held_requests,
+        },
+        live_holds: line.live_holds,
+    }
+}
+
+/// A resent request (the same id and digest: its original answer) or a conflict (the same id,
+/// another request).
+pub(super) fn dup_or_conflict(
+    entry: Option<&IdEntry>,
+    digest: &[u8; 16],
+    field: &str,
+) -> Option<Answer> {
+    let entry = entry?;
+    if entry.digest == *digest {
+        Some(Answer::Duplicate { seq: entry.seq })
+    } else {
+        Some(Answer::Error(WireError {
+            code: ErrorCode::Conflict,
+            message: format!("{field} was already used for a different request"),
+            field: Some(field.into()),
+        }))
+    }
+}
+
+impl Ledger {
+    /// The answer an event gave (the event at `seq`, stamped `ts`, with its receipt), rendered
+    /// again: for a new request, or (`duplicate`) the original answer of a resent one. `None`
+    /// for an event that answers no request by id, or one without a receipt (written by the
+    /// first release).
+    pub fn render_event(
+        &self,
+        seq: u64,
+        ts: TsMicros,
+        body: &EventBody,
+        duplicate: bool,
+    ) -> Option<Answer> {
+        let receipt = match body {
+            EventBody::UsageRecorded(u) => u.receipt.as_ref(),
+            EventBody::ReservationCreated(r) => r.receipt.as_ref(),
+            EventBody::ReservationDenied(r) => r.receipt.as_ref(),
+            EventBody::ReservationReleased(_) => {
+                return Some(Answer::Release(ReleaseAnswer {
+                    ok: true,
+                    seq,
+                    duplicate,
+                    req: None,
+                }))
+            }
+            _ => return None,
+        }?;
+        let budgets = self.budgets_of_version(receipt.policy_version)?;
+        let labels = body.labels()?;
+        let mut ends = WindowEnds::default();
+        let mut state = BucketState::Ok;
+        let reports: Vec<BudgetReport> = receipt
+            .lines
+            .iter()
+            .filter_map(|line| {
+                let b = budgets.get(line.budget as usize)?;
+                let key = if line.overflow {
+                    OVERFLOW_KEY.to_string()
+                } else {
+                    scope_key(&b.group_by, labels).unwrap_or_default()
+                };
+                let r = report(b, key, &figures_of(line), ts, &mut ends);
+                state = state.max(r.state);
+                Some(r)
+            })
+            .collect();
+        Some(match body {
+            EventBody::UsageRecorded(u) => Answer::Usage(UsageAnswer {
+                ok: true,
+                seq,
+                duplicate,
+                cost_micros: receipt.cost_micros,
+                state,
+                budgets: reports,
+                priced_at_max: receipt.priced_at_max,
+                late: u.late,
+                reservation: (u.reservation == ReservationLink::Unknown)
+                    .then(|| "unknown".to_string()),
+                overrun_micros: receipt.overrun_micros,
+                req: None,
+            }),
+            EventBody::ReservationCreated(r) => {
+                let decision = receipt.decision.unwrap_or(Decision::Allow);
+                Answer::Decision(DecisionAnswer {
+                    ok: true,
+                    seq: Some(seq),
+                    duplicate,
+                    decision,
+                    model: Some(r.model.clone()),
+                    hold_micros: r.hold_micros,
+                    max_output_tokens: (r.max_output_tokens > 0).then_some(r.max_output_tokens),
+                    expires_at: Some(format_ts(r.expires_at)),
+                    budgets: reports,
+                    skipped: receipt.skipped.clone(),
+                    reason: ok_reason(decision),
+                    req: None,
+                })
+            }
+            EventBody::ReservationDenied(r) => Answer::Decision(DecisionAnswer {
+                ok: true,
+                seq: Some(seq),
+                duplicate,
+                decision: Decision::Deny,
+                model: (!r.model.is_empty()).then(|| r.model.clone()),
+                hold_micros: r.hold_micros,
+                max_output_tokens: (r.max_output_tokens > 0).then_some(r.max_output_tokens),
+                expires_at: None,
+                budgets: reports,
+                skipped: receipt.skipped.clone(),
+                reason: Reason {
+                    code: r.reason.clone(),
+                    message: receipt.message.clone().unwrap_or_default(),
+                    budget: r.budget.clone(),
+                    key: r.key.clone(),
+                },
+                req: None,
+            }),
+            _ => return None,
+        })
+    }
+
+    /// Render the event at `index` of `events` (this step's own), as a new answer.
+    pub(super) fn answer_of(&self, events: &[(u64, TsMicros, EventBody)], index: usize) -> Answer {
+        match events.get(index) {
+            Some((seq, ts, body)) => {
+                self.render_event(*seq, *ts, body, false)
+                    .unwrap_or_else(|| {
+                        Answer::Error(WireError::new(
+                            ErrorCode::Internal,
+                            format!("event {seq} renders no answer"),
+                        ))
+                    })
+            }
+            None => Answer::Error(WireError::new(
+                ErrorCode::Internal,
+                "no event to answer with",
+            )),
+        }
+    }
+}
+
+/// The budgets of policy `version`, for rendering a receipt.
+impl Ledger {
+    pub(super) fn budgets_of_version(&self, version: u64) -> Option<&[ResolvedBudget]> {
+        if version == self.policy_version {
+            return self.policy.as_ref().map(|p| &p.budgets[..]);
+        }
+        self.old_budgets.get(&version).map(|b| &b[..])
+    }
+
+    /// The receipt lines of a usage event's buckets at `ts` (the figures its answer shows).
+    pub(super) fn usage_lines(&self, decided: &UsageDecision, ts: TsMicros) -> Vec<ReceiptLine> {
+        decided
+            .lines
+            .iter()
+            .map(|line| {
+                let i = line.budget();
+                let f = self.figures_at(i, line.slot, ts);
+                let overflow = self
+                    .budgets
+                    .get(i)
+                    .is_some_and(|s| s.key(line.slot) == OVERFLOW_KEY);
+                receipt_line(line.budget, overflow, &f)
+            })
+            .collect()
+    }
+}
