@@ -273,3 +273,107 @@ fn socket_mode_0660_with_socket_group_gives_the_group_access() {
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65534);
     assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
 }
+
+/// Start `bursard` (config in `dir`) with this stderr and wait until it answers `hello`.
+fn spawn_with_stderr(
+    dir: &std::path::Path,
+    stderr: Stdio,
+) -> (std::process::Child, std::path::PathBuf) {
+    let socket = dir.join("s.sock");
+    let mut child = Command::new(bin("bursard"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(dir.join("bursar.toml"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    // Close the reading end of a piped stderr at once: every later log line meets a closed pipe.
+    drop(child.stderr.take());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("bursard exited with {status} before serving");
+        }
+        if let Ok(mut c) = Client::connect(&socket) {
+            if c.call(json!({"op":"hello"}))["ok"] == true {
+                return (child, socket);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bursard never answered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn send_signal(child: &std::process::Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_stderr_that_cannot_be_written_stops_neither_serving_nor_signals() {
+    type MakeStderr = fn() -> Stdio;
+    let cases: [(&str, MakeStderr); 2] = [
+        ("a pipe whose reader is gone", Stdio::piped),
+        ("/dev/full", || {
+            Stdio::from(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/full")
+                    .unwrap(),
+            )
+        }),
+    ];
+    for (what, stderr) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("bursar.toml");
+        std::fs::write(&cfg, "[[budget]]\nid = \"a\"\nmax_usd = 1\n").unwrap();
+        let (mut child, socket) = spawn_with_stderr(dir.path(), stderr());
+        let mut c = Client::connect(&socket).unwrap();
+        assert_eq!(
+            c.call(record("e-1", json!({}), "gpt-4o", 1, 1))["ok"],
+            true,
+            "{what}: serves"
+        );
+        // SIGHUP still reloads (the signal thread logs as it does so).
+        std::fs::write(&cfg, "[[budget]]\nid = \"a\"\nmax_usd = 2\n").unwrap();
+        send_signal(&child, "HUP");
+        let mut version = 0;
+        for _ in 0..500 {
+            version = c.call(json!({"op":"hello"}))["policy_version"]
+                .as_u64()
+                .unwrap();
+            if version == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(version, 2, "{what}: SIGHUP reloads");
+        // SIGTERM stops it, cleanly.
+        send_signal(&child, "TERM");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{what}: bursard ignored SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(0), "{what}: {status}");
+    }
+}
