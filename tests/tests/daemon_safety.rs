@@ -42,11 +42,42 @@ fn a_live_socket_is_never_touched_and_a_stale_one_is_replaced() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another daemon is listening"));
+    assert!(
+        !d.dir.path().join("data2").exists(),
+        "a daemon refused for its socket creates no data dir"
+    );
     assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
     // kill -9 leaves a stale socket file; the next start replaces it.
     d.kill9();
     assert!(d.socket.exists(), "kill -9 leaves the socket file behind");
     d.spawn().expect("start over a stale socket");
+    assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
+}
+
+#[test]
+fn a_daemon_refused_because_its_socket_is_in_use_appends_nothing_to_its_data_dir() {
+    let d = Daemon::start();
+    // A stopped daemon's data dir, and a new policy for it: a start would log `policy_applied`.
+    let mut other = Daemon::start();
+    other.terminate();
+    let before = other.offline(&["--json", "verify"]).ok().json();
+    let cfg = other.dir.path().join("new.toml");
+    std::fs::write(&cfg, "[[budget]]\nid = \"x\"\nmax_usd = 3\n").unwrap();
+    let out = Command::new(bin("bursard"))
+        .arg("--data-dir")
+        .arg(&other.data_dir)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--config")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another daemon is listening"), "{err}");
+    let after = other.offline(&["--json", "verify"]).ok().json();
+    assert_eq!(before, after, "the refused daemon appended to the log");
     assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
 }
 
