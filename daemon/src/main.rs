@@ -27,6 +27,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Every file the daemon (or sled, later) creates is private to its user (SPEC §7); the
+    // socket gets its configured mode explicitly.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -408,3 +408,85 @@ fn a_stderr_that_cannot_be_written_stops_neither_serving_nor_signals() {
         assert_eq!(status.code(), Some(0), "{what}: {status}");
     }
 }
+
+/// Every directory and file under `dir`, with its permission bits.
+fn modes_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32, bool)> {
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.path().symlink_metadata().unwrap();
+        out.push((
+            entry.path(),
+            meta.permissions().mode() & 0o7777,
+            meta.is_dir(),
+        ));
+        if meta.is_dir() {
+            out.extend(modes_under(&entry.path()));
+        }
+    }
+    out
+}
+
+fn assert_private(data: &std::path::Path) {
+    let mode = std::fs::metadata(data).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "data dir mode {mode:o}");
+    let entries = modes_under(data);
+    assert!(
+        entries.iter().any(|(p, _, _)| p.ends_with("db")),
+        "{entries:?}"
+    );
+    for (path, mode, is_dir) in entries {
+        let want = if is_dir { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} has mode {mode:o}", path.display());
+    }
+}
+
+#[test]
+fn a_data_dir_others_can_read_is_made_private_and_the_daemon_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut d = Daemon {
+        child: None,
+        socket: dir.path().join("s.sock"),
+        data_dir: data_dir.clone(),
+        config: None,
+        log: dir.path().join("d.log"),
+        dir,
+    };
+    d.spawn().unwrap();
+    assert!(d.stderr().contains("tightened"), "{}", d.stderr());
+    // Files sled creates while the daemon runs (blobs, its snapshots) are private too: they are
+    // created under the daemon's umask.
+    let pid = d.child.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.lines().any(|l| l == "Umask:\t0077"),
+        "the daemon's umask: {status}"
+    );
+    let mut c = d.client();
+    for i in 0..50 {
+        assert_eq!(
+            c.call(record(&format!("p-{i}"), json!({}), "gpt-4o", 1, 1))["ok"],
+            true
+        );
+    }
+    drop(c);
+    assert!(d.terminate().success());
+    assert_private(&data_dir);
+    // A data dir whose files are readable by others (copied with a loose umask) is tightened.
+    for (path, _, is_dir) in modes_under(&data_dir) {
+        let loose = if is_dir { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(loose)).unwrap();
+    }
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.spawn().unwrap();
+    assert_eq!(d.client().call(json!({"op":"verify"}))["events"], 51);
+    assert!(d.terminate().success());
+    assert_private(&data_dir);
+    assert!(
+        d.stderr().matches("tightened").count() >= 3,
+        "every change is logged: {}",
+        d.stderr()
+    );
+}
