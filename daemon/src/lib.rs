@@ -210,6 +210,7 @@ pub fn run_with(
         ledger.live_holds(),
         started.elapsed()
     );
+    let clock = watch_clock(clock, (ledger.last_seq() > 0).then(|| ledger.last_ts()));
     let (durable_tx, _) = tokio::sync::watch::channel(head);
     let shared = Arc::new(Shared {
         ledger: RwLock::new(ledger),
@@ -272,6 +273,74 @@ pub fn run_with(
     drop(signals_thread);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A forward step of the wall clock larger than this between two readings (the daemon reads
+/// it at least every [`writer::REAPER_TICK`]) is logged as a warning: ledger time follows the
+/// clock, so windows roll over and holds expire as if that time had passed.
+pub const CLOCK_JUMP_WARN_SECONDS: i64 = 3600;
+/// At start, a wall clock this far past the log's last event is logged as a warning (a daemon
+/// stopped for a while is normal; a clock set years ahead is not). A clock behind the last event
+/// by more than [`CLOCK_JUMP_WARN_SECONDS`] is logged too: ledger time stands still until the
+/// clock catches up.
+pub const CLOCK_START_GAP_WARN_SECONDS: i64 = 30 * 86_400;
+
+/// `seconds` as a short human duration ("3650 days", "2 h 5 min").
+fn human_seconds(seconds: i64) -> String {
+    let s = seconds.unsigned_abs();
+    match s {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 3600 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        s => format!("{} min {} s", s / 60, s % 60),
+    }
+}
+
+/// Wrap the daemon's clock so that jumps are logged (SPEC §2: the daemon's clock decides
+/// windows). Checks the first reading against the log's last event, then every reading against
+/// the highest one before it: a forward jump beyond [`CLOCK_JUMP_WARN_SECONDS`] is logged once,
+/// when it happens. Steps back are not logged while running: ledger time already stands still
+/// until the clock catches up (`Ledger::effective_now`).
+fn watch_clock(inner: Clock, last_event_ts: Option<bursar_schemas::TsMicros>) -> Clock {
+    use bursar_core::time::format_ts;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let first = inner();
+    if let Some(last) = last_event_ts {
+        let ahead = first.saturating_sub(last) / 1_000_000;
+        if ahead > CLOCK_START_GAP_WARN_SECONDS {
+            tracing::warn!(
+                "clock jump: the wall clock ({}) is {} past the log's last event ({}); ledger time \
+                 follows the clock: windows that ended since roll over and holds expire. If the \
+                 clock is wrong, stop the daemon and fix it",
+                format_ts(first),
+                human_seconds(ahead),
+                format_ts(last)
+            );
+        } else if -ahead > CLOCK_JUMP_WARN_SECONDS {
+            tracing::warn!(
+                "clock behind: the wall clock ({}) is {} before the log's last event ({}); ledger \
+                 time stands still at the last event until the clock catches up",
+                format_ts(first),
+                human_seconds(ahead),
+                format_ts(last)
+            );
+        }
+    }
+    let highest = Arc::new(AtomicI64::new(first));
+    Arc::new(move || {
+        let now = inner();
+        let before = highest.fetch_max(now, Ordering::Relaxed);
+        let jump = now.saturating_sub(before) / 1_000_000;
+        if jump > CLOCK_JUMP_WARN_SECONDS {
+            tracing::warn!(
+                "clock jump: the wall clock jumped {} forward (from {} to {}); ledger time follows \
+                 it: windows that ended in between roll over and holds due in between expire",
+                human_seconds(jump),
+                format_ts(before),
+                format_ts(now)
+            );
+        }
+        now
+    })
 }
 
 fn spawn_signal_thread(
