@@ -53,25 +53,38 @@ pub fn open_store(data_dir: &Path) -> Result<SledLog, DaemonError> {
     Ok(SledLog::open(data_dir)?)
 }
 
+/// Refuse a socket path a live daemon answers on, or that holds something other than a
+/// socket. Writes nothing: it runs before the data dir is opened. Returns whether a (stale)
+/// socket file is there.
+fn check_socket_path(path: &Path) -> Result<bool, DaemonError> {
+    let err = |message: String| DaemonError::Socket {
+        path: path.display().to_string(),
+        message,
+    };
+    let Ok(meta) = path.symlink_metadata() else {
+        return Ok(false);
+    };
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(err(
+            "another daemon is listening on it; not touching it".into()
+        ));
+    }
+    use std::os::unix::fs::FileTypeExt;
+    if !meta.file_type().is_socket() {
+        return Err(err(
+            "exists and is not a socket; refusing to replace it".into()
+        ));
+    }
+    Ok(true)
+}
+
 /// Replace a stale socket file; refuse when a live daemon answers on it.
 fn prepare_socket_path(path: &Path) -> Result<(), DaemonError> {
     let err = |message: String| DaemonError::Socket {
         path: path.display().to_string(),
         message,
     };
-    if path.exists() || path.symlink_metadata().is_ok() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(
-                "another daemon is listening on it; not touching it".into()
-            ));
-        }
-        let meta = path.symlink_metadata().map_err(|e| err(e.to_string()))?;
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(err(
-                "exists and is not a socket; refusing to replace it".into()
-            ));
-        }
+    if check_socket_path(path)? {
         tracing::info!("replacing stale socket {}", path.display());
         std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
     }
@@ -84,13 +97,40 @@ fn prepare_socket_path(path: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Bind the socket with its final mode: bind under a temporary name, set mode and group,
-/// then rename into place, so it never appears with looser permissions.
-fn bind_socket(
-    path: &Path,
-    mode: u32,
-    group: Option<&str>,
-) -> Result<std::os::unix::net::UnixListener, DaemonError> {
+/// A socket bound under a temporary name, not yet under its own: removed when dropped before
+/// [`publish`](BoundSocket::publish).
+struct BoundSocket {
+    listener: Option<std::os::unix::net::UnixListener>,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl BoundSocket {
+    /// Rename the socket into place; clients can connect from now on.
+    fn publish(mut self) -> Result<std::os::unix::net::UnixListener, DaemonError> {
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| DaemonError::Socket {
+            path: self.path.display().to_string(),
+            message: format!("cannot move into place: {e}"),
+        })?;
+        self.listener.take().ok_or_else(|| DaemonError::Socket {
+            path: self.path.display().to_string(),
+            message: "published twice".into(),
+        })
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Bind the socket with its final mode: bind under a temporary name and set mode and group;
+/// [`BoundSocket::publish`] then renames it into place, so it never appears with looser
+/// permissions, and never before the daemon is ready to write.
+fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<BoundSocket, DaemonError> {
     let err = |message: String| DaemonError::Socket {
         path: path.display().to_string(),
         message,
@@ -104,15 +144,19 @@ fn bind_socket(
     let _ = std::fs::remove_file(&tmp);
     let listener = std::os::unix::net::UnixListener::bind(&tmp)
         .map_err(|e| err(format!("cannot bind: {e}")))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+    let bound = BoundSocket {
+        listener: Some(listener),
+        tmp,
+        path: path.to_path_buf(),
+    };
+    std::fs::set_permissions(&bound.tmp, std::fs::Permissions::from_mode(mode))
         .map_err(|e| err(format!("cannot set mode: {e}")))?;
     if let Some(g) = group {
         let gid = group_id(g).ok_or_else(|| err(format!("unknown socket_group {g:?}")))?;
-        std::os::unix::fs::chown(&tmp, None, Some(gid))
+        std::os::unix::fs::chown(&bound.tmp, None, Some(gid))
             .map_err(|e| err(format!("cannot set group {g:?}: {e}")))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| err(format!("cannot move into place: {e}")))?;
-    Ok(listener)
+    Ok(bound)
 }
 
 /// Look a group name (or number) up in /etc/group.
@@ -143,6 +187,9 @@ pub fn run_with(
     store: Option<Box<dyn LogStore>>,
     stop_tx: tokio::sync::watch::Sender<bool>,
 ) -> Result<(), DaemonError> {
+    // Check what can be checked before anything is written: a daemon refused because its
+    // socket is in use creates no data dir and appends nothing.
+    check_socket_path(&config.socket)?;
     let store: Box<dyn LogStore> = match store {
         Some(s) => s,
         None => Box::new(open_store(&config.data_dir)?),
@@ -163,6 +210,7 @@ pub fn run_with(
         ledger.live_holds(),
         started.elapsed()
     );
+    let clock = watch_clock(clock, (ledger.last_seq() > 0).then(|| ledger.last_ts()));
     let (durable_tx, _) = tokio::sync::watch::channel(head);
     let shared = Arc::new(Shared {
         ledger: RwLock::new(ledger),
@@ -172,12 +220,15 @@ pub fn run_with(
         appended: Default::default(),
     });
     let cfg = Arc::new(config);
+    // Bound (under a temporary name) before the writer appends `policy_applied`; published once
+    // the writer runs.
+    let bound = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
     let reload_cfg = cfg.clone();
     let reload = Arc::new(move || reload_cfg.reload_policy().map_err(|e| e.to_string()));
     let (writer, writer_thread) = writer::start(shared.clone(), &cfg.policy, clock.clone(), reload)
         .map_err(DaemonError::Start)?;
 
-    let std_listener = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
+    let std_listener = bound.publish()?;
     std_listener
         .set_nonblocking(true)
         .map_err(|e| DaemonError::Start(format!("socket: {e}")))?;
@@ -223,6 +274,74 @@ pub fn run_with(
     drop(signals_thread);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A forward step of the wall clock larger than this between two readings (the daemon reads
+/// it at least every [`writer::REAPER_TICK`]) is logged as a warning: ledger time follows the
+/// clock, so windows roll over and holds expire as if that time had passed.
+pub const CLOCK_JUMP_WARN_SECONDS: i64 = 3600;
+/// At start, a wall clock this far past the log's last event is logged as a warning (a daemon
+/// stopped for a while is normal; a clock set years ahead is not). A clock behind the last event
+/// by more than [`CLOCK_JUMP_WARN_SECONDS`] is logged too: ledger time stands still until the
+/// clock catches up.
+pub const CLOCK_START_GAP_WARN_SECONDS: i64 = 30 * 86_400;
+
+/// `seconds` as a short human duration ("3650 days", "2 h 5 min").
+fn human_seconds(seconds: i64) -> String {
+    let s = seconds.unsigned_abs();
+    match s {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 3600 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        s => format!("{} min {} s", s / 60, s % 60),
+    }
+}
+
+/// Wrap the daemon's clock so that jumps are logged (SPEC §2: the daemon's clock decides
+/// windows). Checks the first reading against the log's last event, then every reading against
+/// the highest one before it: a forward jump beyond [`CLOCK_JUMP_WARN_SECONDS`] is logged once,
+/// when it happens. Steps back are not logged while running: ledger time already stands still
+/// until the clock catches up (`Ledger::effective_now`).
+fn watch_clock(inner: Clock, last_event_ts: Option<bursar_schemas::TsMicros>) -> Clock {
+    use bursar_core::time::format_ts;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let first = inner();
+    if let Some(last) = last_event_ts {
+        let ahead = first.saturating_sub(last) / 1_000_000;
+        if ahead > CLOCK_START_GAP_WARN_SECONDS {
+            tracing::warn!(
+                "clock jump: the wall clock ({}) is {} past the log's last event ({}); ledger time \
+                 follows the clock: windows that ended since roll over and holds expire. If the \
+                 clock is wrong, stop the daemon and fix it",
+                format_ts(first),
+                human_seconds(ahead),
+                format_ts(last)
+            );
+        } else if -ahead > CLOCK_JUMP_WARN_SECONDS {
+            tracing::warn!(
+                "clock behind: the wall clock ({}) is {} before the log's last event ({}); ledger \
+                 time stands still at the last event until the clock catches up",
+                format_ts(first),
+                human_seconds(ahead),
+                format_ts(last)
+            );
+        }
+    }
+    let highest = Arc::new(AtomicI64::new(first));
+    Arc::new(move || {
+        let now = inner();
+        let before = highest.fetch_max(now, Ordering::Relaxed);
+        let jump = now.saturating_sub(before) / 1_000_000;
+        if jump > CLOCK_JUMP_WARN_SECONDS {
+            tracing::warn!(
+                "clock jump: the wall clock jumped {} forward (from {} to {}); ledger time follows \
+                 it: windows that ended in between roll over and holds due in between expire",
+                human_seconds(jump),
+                format_ts(before),
+                format_ts(now)
+            );
+        }
+        now
+    })
 }
 
 fn spawn_signal_thread(

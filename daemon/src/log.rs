@@ -18,7 +18,7 @@
 mod sled_store;
 pub mod testing;
 
-pub use sled_store::{SledLog, RELEASE_WAIT};
+pub use sled_store::{make_private, SledLog, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, RELEASE_WAIT};
 
 use bursar_schemas::event::{decode_record, encode_record, CodecError, Envelope, Hash32};
 use bursar_schemas::TsMicros;

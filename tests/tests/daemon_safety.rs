@@ -42,11 +42,42 @@ fn a_live_socket_is_never_touched_and_a_stale_one_is_replaced() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another daemon is listening"));
+    assert!(
+        !d.dir.path().join("data2").exists(),
+        "a daemon refused for its socket creates no data dir"
+    );
     assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
     // kill -9 leaves a stale socket file; the next start replaces it.
     d.kill9();
     assert!(d.socket.exists(), "kill -9 leaves the socket file behind");
     d.spawn().expect("start over a stale socket");
+    assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
+}
+
+#[test]
+fn a_daemon_refused_because_its_socket_is_in_use_appends_nothing_to_its_data_dir() {
+    let d = Daemon::start();
+    // A stopped daemon's data dir, and a new policy for it: a start would log `policy_applied`.
+    let mut other = Daemon::start();
+    other.terminate();
+    let before = other.offline(&["--json", "verify"]).ok().json();
+    let cfg = other.dir.path().join("new.toml");
+    std::fs::write(&cfg, "[[budget]]\nid = \"x\"\nmax_usd = 3\n").unwrap();
+    let out = Command::new(bin("bursard"))
+        .arg("--data-dir")
+        .arg(&other.data_dir)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--config")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another daemon is listening"), "{err}");
+    let after = other.offline(&["--json", "verify"]).ok().json();
+    assert_eq!(before, after, "the refused daemon appended to the log");
     assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
 }
 
@@ -272,4 +303,190 @@ fn socket_mode_0660_with_socket_group_gives_the_group_access() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65534);
     assert_eq!(d.client().call(json!({"op":"hello"}))["ok"], true);
+}
+
+/// Start `bursard` (config in `dir`) with this stderr and wait until it answers `hello`.
+fn spawn_with_stderr(
+    dir: &std::path::Path,
+    stderr: Stdio,
+) -> (std::process::Child, std::path::PathBuf) {
+    let socket = dir.join("s.sock");
+    let mut child = Command::new(bin("bursard"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(dir.join("bursar.toml"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    // Close the reading end of a piped stderr at once: every later log line meets a closed pipe.
+    drop(child.stderr.take());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("bursard exited with {status} before serving");
+        }
+        if let Ok(mut c) = Client::connect(&socket) {
+            if c.call(json!({"op":"hello"}))["ok"] == true {
+                return (child, socket);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bursard never answered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn send_signal(child: &std::process::Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_stderr_that_cannot_be_written_stops_neither_serving_nor_signals() {
+    type MakeStderr = fn() -> Stdio;
+    let cases: [(&str, MakeStderr); 2] = [
+        ("a pipe whose reader is gone", Stdio::piped),
+        ("/dev/full", || {
+            Stdio::from(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/full")
+                    .unwrap(),
+            )
+        }),
+    ];
+    for (what, stderr) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("bursar.toml");
+        std::fs::write(&cfg, "[[budget]]\nid = \"a\"\nmax_usd = 1\n").unwrap();
+        let (mut child, socket) = spawn_with_stderr(dir.path(), stderr());
+        let mut c = Client::connect(&socket).unwrap();
+        assert_eq!(
+            c.call(record("e-1", json!({}), "gpt-4o", 1, 1))["ok"],
+            true,
+            "{what}: serves"
+        );
+        // SIGHUP still reloads (the signal thread logs as it does so).
+        std::fs::write(&cfg, "[[budget]]\nid = \"a\"\nmax_usd = 2\n").unwrap();
+        send_signal(&child, "HUP");
+        let mut version = 0;
+        for _ in 0..500 {
+            version = c.call(json!({"op":"hello"}))["policy_version"]
+                .as_u64()
+                .unwrap();
+            if version == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(version, 2, "{what}: SIGHUP reloads");
+        // SIGTERM stops it, cleanly.
+        send_signal(&child, "TERM");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{what}: bursard ignored SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(0), "{what}: {status}");
+    }
+}
+
+/// Every directory and file under `dir`, with its permission bits.
+fn modes_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32, bool)> {
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.path().symlink_metadata().unwrap();
+        out.push((
+            entry.path(),
+            meta.permissions().mode() & 0o7777,
+            meta.is_dir(),
+        ));
+        if meta.is_dir() {
+            out.extend(modes_under(&entry.path()));
+        }
+    }
+    out
+}
+
+fn assert_private(data: &std::path::Path) {
+    let mode = std::fs::metadata(data).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "data dir mode {mode:o}");
+    let entries = modes_under(data);
+    assert!(
+        entries.iter().any(|(p, _, _)| p.ends_with("db")),
+        "{entries:?}"
+    );
+    for (path, mode, is_dir) in entries {
+        let want = if is_dir { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} has mode {mode:o}", path.display());
+    }
+}
+
+#[test]
+fn a_data_dir_others_can_read_is_made_private_and_the_daemon_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut d = Daemon {
+        child: None,
+        socket: dir.path().join("s.sock"),
+        data_dir: data_dir.clone(),
+        config: None,
+        log: dir.path().join("d.log"),
+        dir,
+    };
+    d.spawn().unwrap();
+    assert!(d.stderr().contains("tightened"), "{}", d.stderr());
+    // Files sled creates while the daemon runs (blobs, its snapshots) are private too: they are
+    // created under the daemon's umask.
+    let pid = d.child.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.lines().any(|l| l == "Umask:\t0077"),
+        "the daemon's umask: {status}"
+    );
+    let mut c = d.client();
+    for i in 0..50 {
+        assert_eq!(
+            c.call(record(&format!("p-{i}"), json!({}), "gpt-4o", 1, 1))["ok"],
+            true
+        );
+    }
+    drop(c);
+    assert!(d.terminate().success());
+    assert_private(&data_dir);
+    // A data dir whose files are readable by others (copied with a loose umask) is tightened.
+    for (path, _, is_dir) in modes_under(&data_dir) {
+        let loose = if is_dir { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(loose)).unwrap();
+    }
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.spawn().unwrap();
+    assert_eq!(d.client().call(json!({"op":"verify"}))["events"], 51);
+    assert!(d.terminate().success());
+    assert_private(&data_dir);
+    assert!(
+        d.stderr().matches("tightened").count() >= 3,
+        "every change is logged: {}",
+        d.stderr()
+    );
 }

@@ -135,6 +135,54 @@ fn is_lock_error(e: &sled::Error) -> bool {
         if e.kind() == ErrorKind::Other && e.to_string().contains("could not acquire lock"))
 }
 
+/// Mode of the data dir and of every directory in it (SPEC §7).
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of every file in the data dir.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Make the data dir and everything in it private to its owner (SPEC §7): a directory or file
+/// that its group or others may use is set to [`PRIVATE_DIR_MODE`] / [`PRIVATE_FILE_MODE`], and
+/// each change is logged. Symlinks are left alone. A mode that cannot be changed is logged too;
+/// the dir is still used.
+pub fn make_private(dir: &Path) {
+    tighten(dir, PRIVATE_DIR_MODE, 0);
+}
+
+fn tighten(path: &Path, dir_mode: u32, depth: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = path.symlink_metadata() else {
+        return;
+    };
+    let (is_dir, want) = if meta.is_dir() {
+        (true, dir_mode)
+    } else if meta.is_file() {
+        (false, PRIVATE_FILE_MODE)
+    } else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(want)) {
+            Ok(()) => tracing::warn!(
+                "{} was accessible to other users (mode {mode:04o}); tightened to {want:04o}",
+                path.display()
+            ),
+            Err(e) => tracing::warn!(
+                "{} is accessible to other users (mode {mode:04o}) and cannot be tightened: {e}",
+                path.display()
+            ),
+        }
+    }
+    // sled nests at most one level (`blobs/`); a bound keeps a hostile tree from recursing far.
+    if is_dir && depth < 2 {
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for entry in entries.flatten() {
+                tighten(&entry.path(), dir_mode, depth + 1);
+            }
+        }
+    }
+}
+
 /// `fsync` a directory so the entries created in it survive a machine crash.
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir)
@@ -150,7 +198,12 @@ impl SledLog {
     /// to the record before it).
     pub fn open(data_dir: &Path) -> Result<SledLog, LogError> {
         let created = !data_dir.exists();
+        if !created {
+            make_private(data_dir);
+        }
         let (db, claim) = open_db(data_dir)?;
+        // What sled created or found; files it creates later are private by the daemon's umask.
+        make_private(data_dir);
         let log = db.open_tree("log").map_err(storage("open tree log"))?;
         let ids = db.open_tree("ids").map_err(storage("open tree ids"))?;
         let snapshots = db
