@@ -6,7 +6,7 @@ use crate::procs;
 use crate::workload::{self, Rng, Scope, MAX_OUTPUT, MODEL};
 use bursar_core::ledger::{Command, Ledger};
 use bursar_schemas::event::{
-    Actor, Envelope, EventBody, Hash32, PolicyApplied, Receipt, ReceiptLine,
+    Actor, EventBody, Hash32, PolicyApplied, Receipt, ReceiptLine, Sealed,
 };
 use bursar_schemas::wire::{RecordRequest, Usage};
 use bursar_schemas::{Labels, TsMicros};
@@ -48,7 +48,7 @@ struct Producer {
     ledger: Ledger,
     prev: Hash32,
     actor: Actor,
-    envs: Vec<Envelope>,
+    envs: Vec<Sealed>,
 }
 
 impl Producer {
@@ -82,10 +82,10 @@ impl Producer {
 
     fn seal(&mut self, events: Vec<(u64, TsMicros, EventBody)>) -> Result<(), String> {
         for (seq, ts, body) in events {
-            let env =
-                Envelope::seal(seq, ts, self.actor, self.prev, body).map_err(|e| e.to_string())?;
-            self.prev = env.hash;
-            self.envs.push(env);
+            let sealed = bursar_schemas::event::seal(seq, ts, &self.actor, self.prev, &body)
+                .map_err(|e| e.to_string())?;
+            self.prev = sealed.hash;
+            self.envs.push(sealed);
         }
         Ok(())
     }
@@ -243,7 +243,7 @@ pub fn generate(
         };
         p.seal(vec![(seq, ts, body)])?;
         if p.envs.len() >= batch {
-            store.append(&p.envs, &[]).map_err(|e| e.to_string())?;
+            store.append(&p.envs).map_err(|e| e.to_string())?;
             p.envs.clear();
         }
     }
@@ -254,7 +254,7 @@ pub fn generate(
         p.seal(vec![(seq, ts, body)])?;
     }
     if !p.envs.is_empty() {
-        store.append(&p.envs, &[]).map_err(|e| e.to_string())?;
+        store.append(&p.envs).map_err(|e| e.to_string())?;
     }
     store.sync().map_err(|e| e.to_string())?;
     drop(store);

@@ -2,7 +2,7 @@
 //! open a log another process holds; `log_child sync-abort DIR [unsynced]` writes synced
 //! sample batches (and optionally one unsynced batch) and aborts without any cleanup.
 
-use bursard::log::testing::{sample_batch, sample_id, write_sample_batches};
+use bursard::log::testing::{sample_batch, write_sample_batches};
 use bursard::log::{LogError, LogStore, SledLog};
 use std::path::Path;
 use std::process::ExitCode;
@@ -33,7 +33,14 @@ fn main() -> ExitCode {
             write_sample_batches(&mut log, &[3, 2, 4]);
             if args.get(3).map(String::as_str) == Some("unsynced") {
                 let unsynced = sample_batch(log.head(), 5);
-                if let Err(e) = log.append(&unsynced, &[sample_id(10)]) {
+                let sealed = match bursard::log::sealed_of(&unsynced) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("CHILD: {e}");
+                        return ExitCode::from(3);
+                    }
+                };
+                if let Err(e) = log.append(&sealed) {
                     eprintln!("CHILD: {e}");
                 }
             }

@@ -20,7 +20,9 @@ pub mod testing;
 
 pub use sled_store::{make_private, SledLog, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, RELEASE_WAIT};
 
-use bursar_schemas::event::{decode_record, encode_record, CodecError, Envelope, Hash32};
+use bursar_schemas::event::{
+    decode_record_checked, encode_sealed, CodecError, Envelope, Hash32, Sealed,
+};
 use bursar_schemas::TsMicros;
 use std::path::PathBuf;
 
@@ -29,15 +31,15 @@ pub type Head = (u64, Hash32, TsMicros);
 
 /// Storage of the event log, the idempotency index and snapshots. Used by one writer thread.
 pub trait LogStore: Send {
-    /// Stage one group-commit record: `envs` are consecutive envelopes (seq dense from
-    /// `head + 1`, each `prev_hash` equal to the hash before it), stored as ONE value keyed by
-    /// the big-endian seq of the first. `ids` are idempotency-index entries (key, value) written
-    /// atomically with the record. Nothing is durable until [`sync`](LogStore::sync).
-    ///
-    /// An empty `envs` with empty `ids` is a no-op; ids without envelopes are refused.
-    /// Hashes are not recomputed here (the writer sealed them); seq, `prev_hash` links and ts
-    /// order are checked, and a refused batch leaves the store unchanged.
-    fn append(&mut self, envs: &[Envelope], ids: &[(Vec<u8>, Vec<u8>)]) -> Result<(), LogError>;
+    /// Stage one group commit, conditionally on the head: `sealed` are consecutive events,
+    /// each encoded once by the writer, that must continue the store's head (seq dense from
+    /// `head + 1`, the first `prev_hash` the head's hash, ts never going back) — a fence, so
+    /// that a writer that is not the log's last writer cannot append (cluster mode builds on
+    /// it). Their bytes are stored as they are, in records of at most [`RECORD_RAW_BYTES`]
+    /// keyed by the big-endian seq of their first event, all or none. Nothing is durable until
+    /// [`sync`](LogStore::sync). An empty `sealed` is a no-op; a refused batch leaves the store
+    /// unchanged.
+    fn append(&mut self, sealed: &[Sealed]) -> Result<(), LogError>;
 
     /// Make everything appended (and every snapshot put) so far durable.
     fn sync(&mut self) -> Result<(), LogError>;
@@ -264,13 +266,13 @@ pub const STORED_LZ4: u8 = 0xC4;
 /// Largest decompressed record accepted (the decoder's own limit).
 const MAX_RECORD_BYTES: usize = 256 << 20;
 
-/// The stored form of `envs`: their record, compressed.
-pub(crate) fn pack_record(envs: &[Envelope]) -> Result<Vec<u8>, LogError> {
-    let raw = encode_record(envs).map_err(LogError::Encode)?;
+/// The stored form of `sealed`: their record (the bytes each was sealed with), compressed.
+pub(crate) fn pack_sealed(sealed: &[Sealed]) -> Vec<u8> {
+    let raw = encode_sealed(sealed);
     let mut out = Vec::with_capacity(raw.len() / 2 + 16);
     out.push(STORED_LZ4);
     out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&raw));
-    Ok(out)
+    out
 }
 
 /// The record bytes of a stored value (decompressed when it is compressed).
@@ -298,12 +300,20 @@ fn unpack_record(key: u64, bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, L
 
 /// Decode a stored record and check that it is non-empty and stored under its first seq.
 pub(crate) fn decode_at(key: u64, bytes: &[u8]) -> Result<Vec<Envelope>, LogError> {
+    decode_checked_at(key, bytes).map(|v| v.into_iter().map(|c| c.env).collect())
+}
+
+/// [`decode_at`], with the hash of each event's bytes as stored (which must equal its `hash`).
+pub(crate) fn decode_checked_at(
+    key: u64,
+    bytes: &[u8],
+) -> Result<Vec<bursar_schemas::event::Checked>, LogError> {
     let raw = unpack_record(key, bytes)?;
-    let envs = decode_record(&raw).map_err(|e| LogError::Corrupt {
+    let envs = decode_record_checked(&raw).map_err(|e| LogError::Corrupt {
         seq: key,
         reason: e.to_string(),
     })?;
-    match envs.first() {
+    match envs.first().map(|c| &c.env) {
         None => Err(LogError::Corrupt {
             seq: key,
             reason: "record holds no events".into(),
@@ -317,6 +327,86 @@ pub(crate) fn decode_at(key: u64, bytes: &[u8]) -> Result<Vec<Envelope>, LogErro
         }),
         Some(_) => Ok(envs),
     }
+}
+
+/// Check that `sealed` continue `head` (dense seq, linked hashes, ts non-decreasing).
+pub(crate) fn check_sealed(head: Option<Head>, sealed: &[Sealed]) -> Result<(), LogError> {
+    let (mut next, mut prev_hash, mut prev_ts) = match head {
+        Some((seq, hash, ts)) => (seq.saturating_add(1), hash, Some(ts)),
+        None => (1, Hash32::default(), None),
+    };
+    for e in sealed {
+        if e.seq != next {
+            return Err(LogError::Refused {
+                seq: e.seq,
+                reason: format!("expected seq {next}"),
+            });
+        }
+        if e.prev_hash != prev_hash {
+            return Err(LogError::Refused {
+                seq: e.seq,
+                reason: "prev_hash is not the hash of the event before it".into(),
+            });
+        }
+        if prev_ts.is_some_and(|t| e.ts < t) {
+            return Err(LogError::Refused {
+                seq: e.seq,
+                reason: "ts goes backwards".into(),
+            });
+        }
+        next = next.saturating_add(1);
+        prev_hash = e.hash;
+        prev_ts = Some(e.ts);
+    }
+    Ok(())
+}
+
+/// The head after `sealed`, when non-empty.
+pub(crate) fn head_of_sealed(sealed: &[Sealed]) -> Option<Head> {
+    sealed.last().map(|e| (e.seq, e.hash, e.ts))
+}
+
+/// Largest record (before compression) a batch is cut into. sled stores a tree node holding
+/// more than ~128 KiB as a separate blob file, and a leaf holds up to 16 records: records
+/// that stay near 8 KiB raw (3–4 KiB compressed) keep every node of the log inline, so the
+/// append path never writes blob files (a 4096-event group commit used to).
+pub const RECORD_RAW_BYTES: usize = 8 * 1024;
+
+/// `sealed` cut into consecutive records of at most [`RECORD_RAW_BYTES`] (one event per record
+/// at least).
+pub(crate) fn records_of(sealed: &[Sealed]) -> impl Iterator<Item = &[Sealed]> {
+    let mut rest = sealed;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut size = 0usize;
+        let mut n = 0usize;
+        for s in rest {
+            size += s.bytes.len() + 40;
+            if n > 0 && size > RECORD_RAW_BYTES {
+                break;
+            }
+            n += 1;
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Some(head)
+    })
+}
+
+/// Seal envelopes again (their bytes re-encoded): for tests and tools that build envelopes;
+/// the writer seals each event once.
+pub fn sealed_of(envs: &[Envelope]) -> Result<Vec<Sealed>, LogError> {
+    envs.iter()
+        .map(|e| {
+            let mut s = e.to_sealed().map_err(LogError::Encode)?;
+            // As given, even when it does not match (tests of tampering).
+            s.hash = e.hash;
+            s.prev_hash = e.prev_hash;
+            Ok(s)
+        })
+        .collect()
 }
 
 /// Check that `envs` continue `head` (dense seq, linked hashes, ts non-decreasing).
@@ -364,26 +454,24 @@ pub(crate) fn check_tail(
     last: &[u8],
     prev: Option<(u64, &[u8])>,
 ) -> Result<Head, LogError> {
-    let envs = decode_at(last_key, last)?;
+    let checked = decode_checked_at(last_key, last)?;
     let before = match prev {
         Some((k, bytes)) => head_of(&decode_at(k, bytes)?),
         None => None,
     };
+    for c in &checked {
+        if c.content_hash != c.env.hash {
+            return Err(LogError::Corrupt {
+                seq: c.env.seq,
+                reason: "stored hash does not match its contents".into(),
+            });
+        }
+    }
+    let envs: Vec<Envelope> = checked.into_iter().map(|c| c.env).collect();
     check_continues(before, &envs).map_err(|e| match e {
         LogError::Refused { seq, reason } => LogError::Corrupt { seq, reason },
         other => other,
     })?;
-    for e in &envs {
-        match e.compute_hash() {
-            Ok(h) if h == e.hash => {}
-            _ => {
-                return Err(LogError::Corrupt {
-                    seq: e.seq,
-                    reason: "stored hash does not match its contents".into(),
-                })
-            }
-        }
-    }
     head_of(&envs).ok_or(LogError::Corrupt {
         seq: last_key,
         reason: "record holds no events".into(),

@@ -8,7 +8,9 @@
 use crate::log::{LogError, LogStore};
 use bursar_core::ledger::{self, Answer, Command, Ledger};
 use bursar_core::policy::LoadedPolicy;
-use bursar_schemas::event::{Actor, Envelope, EventBody, Hash32, PolicyApplied, PricingChanged};
+use bursar_schemas::event::{
+    Actor, Envelope, EventBody, Hash32, PolicyApplied, PricingChanged, Sealed,
+};
 use bursar_schemas::wire::{
     CommitRequest, ErrorCode, ExtendRequest, RecordRequest, ReleaseRequest, ReloadAnswer,
     ReplayRequest, ReserveRequest, WireError,
@@ -534,24 +536,32 @@ impl Writer {
         }
     }
 
-    /// Seal `body` as the next envelope of the batch.
+    /// Fold `body` as the next event and seal it into the batch.
     fn stage(&mut self, l: &mut Ledger, batch: &mut Batch, actor: Actor, body: EventBody) {
         let seq = l.last_seq() + 1;
         let ts = l.stamp((self.clock)());
         if let Err(e) = l.apply(seq, ts, &body) {
-            tracing::error!("internal: cannot fold own event: {e}");
+            // Impossible (the seq follows by construction): never absorbed.
+            debug_assert!(false, "cannot fold own event: {e}");
+            batch.broken = Some(format!("cannot fold own event {seq}: {e}"));
             return;
         }
         self.seal(batch, seq, ts, actor, body);
     }
 
+    /// Encode the event once, as it is stored, chained to the one before it.
     fn seal(&mut self, batch: &mut Batch, seq: u64, ts: TsMicros, actor: Actor, body: EventBody) {
-        match Envelope::seal(seq, ts, actor, self.prev_hash, body) {
-            Ok(env) => {
-                self.prev_hash = env.hash;
-                batch.envs.push(env);
+        match bursar_schemas::event::seal(seq, ts, &actor, self.prev_hash, &body) {
+            Ok(sealed) => {
+                self.prev_hash = sealed.hash;
+                batch.sealed.push(sealed);
             }
-            Err(e) => tracing::error!("internal: cannot seal event {seq}: {e}"),
+            Err(e) => {
+                // An event that folded but does not encode is a bug: the batch is refused
+                // and the writer poisoned, rather than the event dropped.
+                debug_assert!(false, "cannot seal event {seq}: {e}");
+                batch.broken = Some(format!("cannot seal event {seq}: {e}"));
+            }
         }
     }
 
@@ -673,7 +683,7 @@ impl Writer {
                 }
             }
         }
-        if batch.envs.is_empty() {
+        if batch.sealed.is_empty() {
             batch.answer();
             return;
         }
@@ -732,7 +742,7 @@ impl Writer {
             }
         };
         // Everything staged in this batch is folded but not yet in the store: replay after it.
-        if !batch.envs.is_empty() {
+        if !batch.sealed.is_empty() {
             if let Err(e) = self.commit(batch) {
                 return error_line(
                     ErrorCode::Unavailable,
@@ -773,17 +783,24 @@ impl Writer {
     fn commit(&mut self, batch: &mut Batch) -> Result<(), LogError> {
         let result = {
             let mut store = lock_store(&self.shared);
-            store.append(&batch.envs, &[]).and_then(|_| store.sync())
+            match batch.broken.take() {
+                // Nothing of a broken batch is appended; the writer is poisoned below.
+                Some(why) => Err(LogError::Refused {
+                    seq: batch.sealed.first().map_or(0, |s| s.seq),
+                    reason: why,
+                }),
+                None => store.append(&batch.sealed).and_then(|_| store.sync()),
+            }
         };
         match result {
             Ok(()) => {
-                let n = batch.envs.len() as u64;
+                let n = batch.sealed.len() as u64;
                 self.since_snapshot += n;
                 self.shared.appended.fetch_add(n, Ordering::Relaxed);
-                if let Some(last) = batch.envs.last() {
+                if let Some(last) = batch.sealed.last() {
                     self.shared.durable.send_replace(last.seq);
                 }
-                batch.envs.clear();
+                batch.sealed.clear();
                 batch.answer();
                 Ok(())
             }
@@ -800,7 +817,7 @@ impl Writer {
                         }
                     }
                 }
-                batch.envs.clear();
+                batch.sealed.clear();
                 Err(e)
             }
         }
@@ -845,11 +862,14 @@ fn policy_body(p: &LoadedPolicy, version: u64) -> EventBody {
     })
 }
 
-/// Envelopes and replies of one group commit.
+/// Sealed events and replies of one group commit.
 #[derive(Default)]
 struct Batch {
-    envs: Vec<Envelope>,
+    /// Each event encoded once, with its hash.
+    sealed: Vec<Sealed>,
     replies: Vec<Replier>,
+    /// Why the batch must not be appended (an impossible state met while staging it).
+    broken: Option<String>,
 }
 
 /// A reply waiting for its batch to be durable. (Kept inline: a batch holds one per job, and

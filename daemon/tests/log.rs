@@ -5,12 +5,17 @@
 
 use bursar_schemas::event::{Envelope, EventBody, Hash32, ReservationExpired};
 use bursard::log::testing::{
-    sample_batch as batch, sample_id as id_of, tamper_delete, tamper_rewrite, with_raw_db,
+    sample_batch as batch, tamper_delete, tamper_rewrite, with_raw_db,
     write_sample_batches as write_batches, FaultControl, FaultyLog, MemDisk, MemLog, SyncFault,
 };
 use bursard::log::{verify_chain, LogError, LogStore, SledLog, VerifyError, STORED_LZ4};
 use std::path::Path;
 use std::process::{Command, Output};
+
+/// Envelopes as the writer stores them: each encoded once, with its hash.
+fn sealed(envs: &[Envelope]) -> Vec<bursar_schemas::event::Sealed> {
+    bursard::log::sealed_of(envs).unwrap()
+}
 
 fn read_all(store: &dyn LogStore, from: u64) -> Vec<Envelope> {
     store.read_from(from).collect::<Result<_, _>>().unwrap()
@@ -108,14 +113,14 @@ fn appending_after_reopen_continues_the_chain() {
 }
 
 #[test]
-fn a_batch_larger_than_a_sled_page_roundtrips() {
-    // Big enough that sled stores it as a separate blob file, which sync must fdatasync.
+fn a_big_batch_is_cut_into_records_that_sled_keeps_inline_and_roundtrips() {
+    // 5000 events in one group commit used to be one record, which sled wrote as a separate
+    // blob file (and whole tree nodes with it) on the append path; cut into small records, the
+    // append path writes no blob file.
     let tmp = tempfile::tempdir().unwrap();
     let written = write_batches(&mut SledLog::open(tmp.path()).unwrap(), &[5000, 2]);
-    assert!(
-        std::fs::read_dir(tmp.path().join("blobs")).unwrap().count() > 0,
-        "the batch did not go to a blob; the test no longer covers blob syncing"
-    );
+    let blobs = std::fs::read_dir(tmp.path().join("blobs")).map_or(0, |d| d.count());
+    assert_eq!(blobs, 0, "the append path wrote {blobs} blob files");
     let log = SledLog::open(tmp.path()).unwrap();
     assert_eq!(log.head().map(|h| h.0), Some(5002));
     assert_eq!(read_all(&log, 4999), written[4998..].to_vec());
@@ -213,12 +218,11 @@ fn synced_batches_survive_the_process_aborting() {
         let stored = read_all(&log, 1);
         assert!(stored.len() >= 9, "only {} events survived", stored.len());
         assert_eq!(stored[..9], expected[..]);
-        // An unsynced batch is all there or not at all, with its id.
-        let has_id = log.get_id(&id_of(10).0).unwrap().is_some();
-        let whole_tail = stored.len() == 14 && has_id && with_unsynced_tail;
+        // An unsynced batch is all there or not at all.
+        let whole_tail = stored.len() == 14 && with_unsynced_tail;
         assert!(
-            (stored.len() == 9 && !has_id) || whole_tail,
-            "{} events, id present: {has_id}",
+            stored.len() == 9 || whole_tail,
+            "{} events survived",
             stored.len()
         );
         assert_eq!(verify_chain(&log).unwrap().0, stored.len() as u64);
@@ -228,19 +232,7 @@ fn synced_batches_survive_the_process_aborting() {
 // ---- idempotency ids -------------------------------------------------------------------------
 
 #[test]
-fn ids_written_with_a_record_are_readable_after_reopen() {
-    let tmp = tempfile::tempdir().unwrap();
-    write_batches(&mut SledLog::open(tmp.path()).unwrap(), &[2, 3]);
-    let log = SledLog::open(tmp.path()).unwrap();
-    for seq in 1..=5 {
-        let (k, v) = id_of(seq);
-        assert_eq!(log.get_id(&k).unwrap(), Some(v), "id of seq {seq}");
-    }
-    assert_eq!(log.get_id(b"evt-6").unwrap(), None);
-}
-
-#[test]
-fn a_refused_batch_stores_neither_record_nor_ids() {
+fn a_batch_that_does_not_continue_the_head_is_refused_and_stores_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = SledLog::open(tmp.path()).unwrap();
     write_batches(&mut log, &[2]);
@@ -248,39 +240,33 @@ fn a_refused_batch_stores_neither_record_nor_ids() {
 
     // A gap: starts at seq 4 instead of 3.
     let gap = batch(Some((3, head.unwrap().1, head.unwrap().2)), 1);
-    let err = log.append(&gap, &[id_of(4)]).unwrap_err();
+    let err = log.append(&sealed(&gap)).unwrap_err();
     assert!(matches!(err, LogError::Refused { seq: 4, .. }), "{err:?}");
 
     // Right seq, wrong prev_hash.
     let unlinked = batch(Some((2, Hash32([9; 32]), 0)), 1);
-    let err = log.append(&unlinked, &[id_of(3)]).unwrap_err();
+    let err = log.append(&sealed(&unlinked)).unwrap_err();
     assert!(matches!(err, LogError::Refused { seq: 3, .. }), "{err:?}");
-
-    // Ids alone are refused too.
-    assert!(log.append(&[], &[id_of(3)]).is_err());
 
     log.sync().unwrap();
     drop(log);
     let log = SledLog::open(tmp.path()).unwrap();
     assert_eq!(log.head(), head);
-    assert_eq!(log.get_id(&id_of(3).0).unwrap(), None);
-    assert_eq!(log.get_id(&id_of(4).0).unwrap(), None);
 }
 
 #[test]
-fn record_and_ids_are_lost_together_when_crashing_before_sync() {
+fn a_staged_batch_is_lost_when_crashing_before_sync() {
     let disk = MemDisk::new();
     let mut log = MemLog::open(&disk).unwrap();
     let durable = write_batches(&mut log, &[2]);
     let staged = batch(log.head(), 2);
-    log.append(&staged, &[id_of(3), id_of(4)]).unwrap();
+    log.append(&sealed(&staged)).unwrap();
     // Before the crash the staged batch is visible to the writer itself.
-    assert_eq!(log.get_id(&id_of(3).0).unwrap(), Some(id_of(3).1));
     assert_eq!(log.head().map(|h| h.0), Some(4));
 
     disk.crash();
     assert!(matches!(
-        log.append(&batch(log.head(), 1), &[]),
+        log.append(&sealed(&batch(log.head(), 1))),
         Err(LogError::Crashed)
     ));
     drop(log);
@@ -288,9 +274,6 @@ fn record_and_ids_are_lost_together_when_crashing_before_sync() {
     let log = MemLog::open(&disk).unwrap();
     assert_eq!(read_all(&log, 1), durable);
     assert_eq!(log.head().map(|h| h.0), Some(2));
-    assert_eq!(log.get_id(&id_of(2).0).unwrap(), Some(id_of(2).1));
-    assert_eq!(log.get_id(&id_of(3).0).unwrap(), None);
-    assert_eq!(log.get_id(&id_of(4).0).unwrap(), None);
 }
 
 #[test]
@@ -444,7 +427,7 @@ fn run_until_sync_fails(n: u64, fault: SyncFault) -> (MemDisk, Vec<Envelope>, Ve
     let mut failed = Vec::new();
     for &size in &SIZES {
         let envs = batch(log.head(), size);
-        log.append(&envs, &[id_of(envs[0].seq)]).unwrap();
+        log.append(&sealed(&envs)).unwrap();
         match log.sync() {
             Ok(()) => acked.extend(envs),
             Err(e) => {
@@ -468,7 +451,6 @@ fn after_a_failed_sync_and_a_crash_only_the_synced_prefix_remains() {
         assert_eq!(read_all(&log, 0), acked, "failing sync {n}");
         assert_eq!(log.head().map_or(0, |h| h.0), acked.len() as u64);
         assert_eq!(disk.durable_last_seq(), acked.len() as u64);
-        assert_eq!(log.get_id(&id_of(failed[0].seq).0).unwrap(), None);
         assert_eq!(verify_chain(&log).unwrap().0, acked.len() as u64);
     }
 }
@@ -481,7 +463,6 @@ fn a_failed_sync_may_still_have_persisted_its_batch() {
         let mut expected = acked;
         expected.extend(failed.iter().cloned());
         assert_eq!(read_all(&log, 0), expected, "failing sync {n}");
-        assert!(log.get_id(&id_of(failed[0].seq).0).unwrap().is_some());
     }
 }
 
@@ -494,17 +475,16 @@ fn a_failed_append_stages_nothing() {
     let first = write_batches(&mut log, &[2]);
     let second = batch(log.head(), 2);
     assert!(matches!(
-        log.append(&second, &[id_of(3)]),
+        log.append(&sealed(&second)),
         Err(LogError::Injected("append"))
     ));
     log.sync().unwrap();
     assert_eq!(log.head().map(|h| h.0), Some(2));
-    assert_eq!(log.get_id(&id_of(3).0).unwrap(), None);
 
     control.fail_all_appends(true);
-    assert!(log.append(&second, &[]).is_err());
+    assert!(log.append(&sealed(&second)).is_err());
     control.fail_all_appends(false);
-    log.append(&second, &[]).unwrap();
+    log.append(&sealed(&second)).unwrap();
     log.sync().unwrap();
     assert_eq!(control.appends(), 4);
 
@@ -524,7 +504,7 @@ fn faults_can_be_switched_while_a_writer_thread_owns_the_store() {
         let mut log = log;
         while go_rx.recv().is_ok() {
             let envs = batch(log.head(), 2);
-            let ok = log.append(&envs, &[]).is_ok() && log.sync().is_ok();
+            let ok = log.append(&sealed(&envs)).is_ok() && log.sync().is_ok();
             res_tx.send(ok).unwrap();
         }
     });

@@ -56,7 +56,9 @@ impl Builder {
             self.prev = env.hash;
             envs.push(env);
         }
-        self.store.append(&envs, &[]).unwrap();
+        self.store
+            .append(&bursard::log::sealed_of(&envs).unwrap())
+            .unwrap();
         self.store.sync().unwrap();
     }
 

@@ -2,12 +2,10 @@
 //! sled's flush followed by our own `fdatasync` of sled's files.
 
 use super::{
-    check_continues, check_tail, head_of, key_seq, pack_record, seq_key, Head, LogError, LogStore,
-    RecordEnvelopes, SNAPSHOTS_KEPT,
+    check_sealed, check_tail, head_of_sealed, key_seq, pack_sealed, records_of, seq_key, Head,
+    LogError, LogStore, RecordEnvelopes, SNAPSHOTS_KEPT,
 };
-use bursar_schemas::event::Envelope;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
+use bursar_schemas::event::{Envelope, Sealed};
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
@@ -294,46 +292,21 @@ fn read_head(log: &sled::Tree) -> Result<Option<Head>, LogError> {
 }
 
 impl LogStore for SledLog {
-    fn append(&mut self, envs: &[Envelope], ids: &[(Vec<u8>, Vec<u8>)]) -> Result<(), LogError> {
-        let Some(first) = envs.first() else {
-            if ids.is_empty() {
-                return Ok(());
-            }
-            return Err(LogError::Refused {
-                seq: self.head.map_or(1, |h| h.0.saturating_add(1)),
-                reason: "idempotency entries without a record".into(),
-            });
-        };
-        check_continues(self.head, envs)?;
-        let key = seq_key(first.seq);
-        let value = sled::IVec::from(pack_record(envs)?);
-        if ids.is_empty() {
-            self.log
-                .insert(key, value)
-                .map_err(storage("append record"))?;
-        } else {
-            let mut batch = sled::Batch::default();
-            for (k, v) in ids {
-                batch.insert(k.as_slice(), v.as_slice());
-            }
-            (&self.log, &self.ids)
-                .transaction(|(log, id_tree)| {
-                    log.insert(&key, value.clone())?;
-                    id_tree.apply_batch(&batch)?;
-                    Ok::<(), ConflictableTransactionError<()>>(())
-                })
-                .map_err(|e| match e {
-                    TransactionError::Storage(source) => LogError::Storage {
-                        op: "append record with ids",
-                        source,
-                    },
-                    TransactionError::Abort(()) => LogError::Refused {
-                        seq: first.seq,
-                        reason: "transaction aborted".into(),
-                    },
-                })?;
+    fn append(&mut self, sealed: &[Sealed]) -> Result<(), LogError> {
+        if sealed.is_empty() {
+            return Ok(());
         }
-        self.head = head_of(envs);
+        check_sealed(self.head, sealed)?;
+        let mut batch = sled::Batch::default();
+        for record in records_of(sealed) {
+            if let Some(first) = record.first() {
+                batch.insert(&seq_key(first.seq), pack_sealed(record));
+            }
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(storage("append records"))?;
+        self.head = head_of_sealed(sealed);
         Ok(())
     }
 

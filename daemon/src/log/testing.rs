@@ -10,11 +10,11 @@
 
 use super::sled_store::open_db;
 use super::{
-    check_continues, check_tail, decode_at, head_of, key_seq, seq_key, Head, LogError, LogStore,
-    RecordEnvelopes, SNAPSHOTS_KEPT,
+    check_sealed, check_tail, decode_at, head_of_sealed, key_seq, records_of, seq_key, Head,
+    LogError, LogStore, RecordEnvelopes, SNAPSHOTS_KEPT,
 };
 use bursar_schemas::event::{
-    encode_record, Actor, Envelope, EventBody, Hash32, ReservationReleased,
+    encode_record, encode_sealed, Actor, Envelope, EventBody, Hash32, ReservationReleased, Sealed,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -173,25 +173,22 @@ impl Drop for MemLog {
 }
 
 impl LogStore for MemLog {
-    fn append(&mut self, envs: &[Envelope], ids: &[(Vec<u8>, Vec<u8>)]) -> Result<(), LogError> {
+    fn append(&mut self, sealed: &[Sealed]) -> Result<(), LogError> {
         self.alive()?;
-        let Some(first) = envs.first() else {
-            if ids.is_empty() {
-                return Ok(());
+        if sealed.is_empty() {
+            return Ok(());
+        }
+        check_sealed(self.head, sealed)?;
+        for record in records_of(sealed) {
+            if let Some(first) = record.first() {
+                self.stage(Op::Record {
+                    key: first.seq,
+                    bytes: encode_sealed(record),
+                    ids: Vec::new(),
+                });
             }
-            return Err(LogError::Refused {
-                seq: self.head.map_or(1, |h| h.0.saturating_add(1)),
-                reason: "idempotency entries without a record".into(),
-            });
-        };
-        check_continues(self.head, envs)?;
-        let bytes = encode_record(envs).map_err(LogError::Encode)?;
-        self.stage(Op::Record {
-            key: first.seq,
-            bytes,
-            ids: ids.to_vec(),
-        });
-        self.head = head_of(envs);
+        }
+        self.head = head_of_sealed(sealed);
         Ok(())
     }
 
@@ -343,7 +340,7 @@ impl<L: LogStore> FaultyLog<L> {
 }
 
 impl<L: LogStore> LogStore for FaultyLog<L> {
-    fn append(&mut self, envs: &[Envelope], ids: &[(Vec<u8>, Vec<u8>)]) -> Result<(), LogError> {
+    fn append(&mut self, sealed: &[Sealed]) -> Result<(), LogError> {
         let fail = {
             let mut f = lock(&self.control.0);
             f.appends = f.appends.saturating_add(1);
@@ -352,7 +349,7 @@ impl<L: LogStore> LogStore for FaultyLog<L> {
         if fail {
             return Err(LogError::Injected("append"));
         }
-        self.inner.append(envs, ids)
+        self.inner.append(sealed)
     }
 
     fn sync(&mut self) -> Result<(), LogError> {
@@ -510,22 +507,14 @@ pub fn sample_batch(head: Option<Head>, n: u64) -> Vec<Envelope> {
         .collect()
 }
 
-/// A sample idempotency entry for `seq`.
-pub fn sample_id(seq: u64) -> (Vec<u8>, Vec<u8>) {
-    (
-        format!("evt-{seq}").into_bytes(),
-        seq.to_be_bytes().to_vec(),
-    )
-}
-
-/// Append one synced batch per size (with an id per event); returns every envelope.
+/// Append one synced batch per size; returns every envelope.
 #[allow(clippy::expect_used)]
 pub fn write_sample_batches(store: &mut dyn LogStore, sizes: &[u64]) -> Vec<Envelope> {
     let mut all = Vec::new();
     for &n in sizes {
         let envs = sample_batch(store.head(), n);
-        let ids: Vec<_> = envs.iter().map(|e| sample_id(e.seq)).collect();
-        store.append(&envs, &ids).expect("sample data");
+        let sealed = super::sealed_of(&envs).expect("sample data");
+        store.append(&sealed).expect("sample data");
         store.sync().expect("sample data");
         all.extend(envs);
     }
