@@ -213,6 +213,7 @@ pub fn run_with(
     let clock = watch_clock(clock, (ledger.last_seq() > 0).then(|| ledger.last_ts()));
     let (durable_tx, _) = tokio::sync::watch::channel(head);
     let shared = Arc::new(Shared {
+        readers_waiting: Default::default(),
         ledger: RwLock::new(ledger),
         store: Mutex::new(store),
         poisoned: AtomicBool::new(false),

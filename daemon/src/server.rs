@@ -155,7 +155,21 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
     let writer_ctx = ctx.clone();
     let gate = Arc::new(ReadGate::default());
     let mut reads_queued = 0u64;
-    let answers = tokio::spawn(write_answers(wr, qrx, writer_ctx, gate.clone()));
+    // Answers go out through one buffer: the answer task writes the queued ones in order; a
+    // read that comes when nothing is queued or being written is answered here at once (one
+    // task hand-off less for an agent that asks and waits).
+    let out = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
+        CONNECTION_BUFFER_BYTES,
+        wr,
+    )));
+    let outstanding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let answers = tokio::spawn(write_answers(
+        out.clone(),
+        outstanding.clone(),
+        qrx,
+        writer_ctx,
+        gate.clone(),
+    ));
     let mut reader = BufReader::with_capacity(CONNECTION_BUFFER_BYTES, rd);
     let mut line: Vec<u8> = Vec::new();
     let mut shutdown = ctx.shutdown.clone();
@@ -178,12 +192,28 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
                     }
                 }
                 let pending = dispatch(decoded, actor, &ctx);
-                if matches!(
-                    pending,
-                    Pending::Read(_) | Pending::Blocking(_) | Pending::Stream(..)
-                ) {
+                if let Pending::Read(f) = pending {
+                    if outstanding.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                        // Nothing before it is unanswered: it sees exactly the requests before
+                        // it, and its answer goes out in order.
+                        let answer = f(&ctx);
+                        let mut w = out.lock().await;
+                        if !put(&mut *w, &answer).await || w.flush().await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    reads_queued += 1;
+                    outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if qtx.send(Pending::Read(f)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                if matches!(pending, Pending::Blocking(_) | Pending::Stream(..)) {
                     reads_queued += 1;
                 }
+                outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if qtx.send(pending).await.is_err() {
                     break;
                 }
@@ -193,6 +223,7 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
                     ErrorCode::TooLarge,
                     format!("line longer than {MAX_LINE_BYTES} bytes; closing the connection"),
                 );
+                outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = qtx
                     .send(Pending::Ready(Answer::Error(e).to_line(None)))
                     .await;
@@ -688,16 +719,19 @@ fn forbidden(what: &str, actor: Actor, req: Option<Value>) -> String {
     )
 }
 
+type Out = Arc<tokio::sync::Mutex<BufWriter<tokio::net::unix::OwnedWriteHalf>>>;
+
 async fn write_answers(
-    wr: tokio::net::unix::OwnedWriteHalf,
+    out: Out,
+    outstanding: Arc<std::sync::atomic::AtomicUsize>,
     mut rx: mpsc::Receiver<Pending>,
     ctx: Arc<Ctx>,
     gate: Arc<ReadGate>,
 ) {
-    let mut out = BufWriter::with_capacity(CONNECTION_BUFFER_BYTES, wr);
     while let Some(p) = rx.recv().await {
+        let mut out = out.lock().await;
         let ok = match p {
-            Pending::Ready(line) => put(&mut out, &line).await,
+            Pending::Ready(line) => put(&mut *out, &line).await,
             Pending::Wait(r) => {
                 let line = r.await.unwrap_or_else(|_| {
                     error_line(
@@ -706,7 +740,7 @@ async fn write_answers(
                         None,
                     )
                 });
-                put(&mut out, &line).await
+                put(&mut *out, &line).await
             }
             Pending::Answer(r, req) => {
                 let answer = r.await.unwrap_or_else(|_| {
@@ -726,12 +760,12 @@ async fn write_answers(
                     }
                     answer => answer.to_line(req),
                 };
-                put(&mut out, &line).await
+                put(&mut *out, &line).await
             }
             Pending::Read(f) => {
                 let line = f(&ctx);
                 gate.evaluated_one();
-                put(&mut out, &line).await
+                put(&mut *out, &line).await
             }
             Pending::Blocking(f) => {
                 let c = ctx.clone();
@@ -739,9 +773,9 @@ async fn write_answers(
                     .await
                     .unwrap_or_else(|_| error_line(ErrorCode::Internal, "internal error", None));
                 gate.evaluated_one();
-                put(&mut out, &line).await
+                put(&mut *out, &line).await
             }
-            Pending::Stream(kind, req) => stream(&mut out, kind, req, &ctx, &gate).await,
+            Pending::Stream(kind, req) => stream(&mut *out, kind, req, &ctx, &gate).await,
         };
         if !ok {
             return;
@@ -749,8 +783,9 @@ async fn write_answers(
         if rx.is_empty() && out.flush().await.is_err() {
             return;
         }
+        outstanding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
-    let _ = out.flush().await;
+    let _ = out.lock().await.flush().await;
 }
 
 async fn put<W: AsyncWriteExt + Unpin>(out: &mut W, line: &str) -> bool {

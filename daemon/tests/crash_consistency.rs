@@ -228,6 +228,7 @@ fn start(store: Box<dyn LogStore>, policy: &LoadedPolicy, clock: writer::Clock) 
     let ledger = writer::recover(store.as_ref()).unwrap();
     let head = ledger.last_seq();
     let shared = Arc::new(Shared {
+        readers_waiting: Default::default(),
         ledger: RwLock::new(ledger),
         store: Mutex::new(store),
         poisoned: AtomicBool::new(false),
