@@ -368,9 +368,9 @@ pub(crate) fn head_of_sealed(sealed: &[Sealed]) -> Option<Head> {
 
 /// Largest record (before compression) a batch is cut into. sled stores a tree node holding
 /// more than ~128 KiB as a separate blob file, and a leaf holds up to 16 records: records
-/// that stay near 8 KiB raw (3–4 KiB compressed) keep every node of the log inline, so the
+/// that stay near 12 KiB raw (4–6 KiB compressed) keep every node of the log inline, so the
 /// append path never writes blob files (a 4096-event group commit used to).
-pub const RECORD_RAW_BYTES: usize = 8 * 1024;
+pub const RECORD_RAW_BYTES: usize = 12 * 1024;
 
 /// `sealed` cut into consecutive records of at most [`RECORD_RAW_BYTES`] (one event per record
 /// at least).

@@ -34,8 +34,9 @@ pub const SNAPSHOT_EVERY_SECONDS: u64 = 300;
 pub const REAPER_TICK: Duration = Duration::from_millis(250);
 /// Format tag of the snapshots of the first release (ignored now: recovery folds the log).
 pub const SNAPSHOT_FORMAT_V1: u8 = 1;
-/// Format tag of a snapshot value: bincode of the ledger, its policy and price tables as JSON
-/// inside (so that they can grow keys without a new format).
+/// Format tag of a snapshot value: LZ4 (block, size prepended) of the bincode of the ledger,
+/// its policy and price tables as JSON inside (so that they can grow keys without a new
+/// format).
 pub const SNAPSHOT_FORMAT_V2: u8 = 2;
 
 /// A clock: Unix microseconds.
@@ -308,10 +309,15 @@ fn first_release_id(store: &dyn LogStore, cmd: &WriteCmd, digest: &[u8; 16]) -> 
 
 /// Encode a ledger snapshot.
 pub fn encode_snapshot(l: &Ledger) -> Option<Vec<u8>> {
-    let mut out = vec![SNAPSHOT_FORMAT_V2];
-    bincode::serde::encode_into_std_write(l, &mut out, bincode::config::standard()).ok()?;
+    let plain = bincode::serde::encode_to_vec(l, bincode::config::standard()).ok()?;
+    let mut out = Vec::with_capacity(plain.len() / 3 + 16);
+    out.push(SNAPSHOT_FORMAT_V2);
+    out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&plain));
     Some(out)
 }
+
+/// Largest decompressed snapshot accepted.
+const MAX_SNAPSHOT_BYTES: usize = 4 << 30;
 
 /// Decode a ledger snapshot. A snapshot is a cache of the log's fold: one of an older format
 /// (or a damaged one) is `None`, and recovery folds the log instead.
@@ -320,8 +326,14 @@ pub fn decode_snapshot(bytes: &[u8]) -> Option<Ledger> {
     if *tag != SNAPSHOT_FORMAT_V2 {
         return None;
     }
+    // A damaged size is a miss, not an allocation.
+    let size = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    if size > MAX_SNAPSHOT_BYTES || size > rest.len().saturating_mul(255) {
+        return None;
+    }
+    let plain = lz4_flex::block::decompress_size_prepended(rest).ok()?;
     bincode::serde::decode_from_slice(
-        rest,
+        &plain,
         bincode::config::standard().with_limit::<{ 4 << 30 }>(),
     )
     .ok()
