@@ -938,5 +938,11 @@ fn an_id_is_remembered_for_the_idempotency_window_and_then_counts_as_new() {
     assert_eq!(h.status()[0].spent_micros, 202);
     // A fold of the log (what a restart does) knows the same ids.
     assert_eq!(h.refold(), h.ledger);
-    assert_eq!(h.ledger.ids().get("e/e1").map(|e| e.seq), Some(late.seq));
+    assert_eq!(
+        h.ledger
+            .ids()
+            .get(bursar_core::ledger::IdKind::Event, "e1")
+            .map(|e| e.seq),
+        Some(late.seq)
+    );
 }

@@ -34,10 +34,13 @@ pub const SNAPSHOT_EVERY_SECONDS: u64 = 300;
 pub const REAPER_TICK: Duration = Duration::from_millis(250);
 /// Format tag of the snapshots of the first release (ignored now: recovery folds the log).
 pub const SNAPSHOT_FORMAT_V1: u8 = 1;
+/// Format tag of the snapshots whose idempotency index was keyed by text (never released;
+/// ignored like the first release's).
+pub const SNAPSHOT_FORMAT_V2: u8 = 2;
 /// Format tag of a snapshot value: LZ4 (block, size prepended) of the bincode of the ledger,
 /// its policy and price tables as JSON inside (so that they can grow keys without a new
-/// format).
-pub const SNAPSHOT_FORMAT_V2: u8 = 2;
+/// format), its idempotency index keyed by 128-bit id hashes.
+pub const SNAPSHOT_FORMAT_V3: u8 = 3;
 
 /// A clock: Unix microseconds.
 pub type Clock = Arc<dyn Fn() -> TsMicros + Send + Sync>;
@@ -311,7 +314,7 @@ fn first_release_id(store: &dyn LogStore, cmd: &WriteCmd, digest: &[u8; 16]) -> 
 pub fn encode_snapshot(l: &Ledger) -> Option<Vec<u8>> {
     let plain = bincode::serde::encode_to_vec(l, bincode::config::standard()).ok()?;
     let mut out = Vec::with_capacity(plain.len() / 3 + 16);
-    out.push(SNAPSHOT_FORMAT_V2);
+    out.push(SNAPSHOT_FORMAT_V3);
     out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&plain));
     Some(out)
 }
@@ -323,7 +326,7 @@ const MAX_SNAPSHOT_BYTES: usize = 4 << 30;
 /// (or a damaged one) is `None`, and recovery folds the log instead.
 pub fn decode_snapshot(bytes: &[u8]) -> Option<Ledger> {
     let (tag, rest) = bytes.split_first()?;
-    if *tag != SNAPSHOT_FORMAT_V2 {
+    if *tag != SNAPSHOT_FORMAT_V3 {
         return None;
     }
     // A damaged size is a miss, not an allocation.
@@ -351,7 +354,11 @@ pub fn recover(store: &dyn LogStore) -> Result<Ledger, String> {
     let from_snapshot = match store.latest_snapshot() {
         Ok(Some((seq, bytes))) => match decode_snapshot(&bytes) {
             Some(l) if l.last_seq() == seq => Some(l),
-            None if bytes.first() == Some(&SNAPSHOT_FORMAT_V1) => {
+            None if matches!(
+                bytes.first(),
+                Some(&SNAPSHOT_FORMAT_V1 | &SNAPSHOT_FORMAT_V2)
+            ) =>
+            {
                 tracing::info!(
                     "the snapshot at seq {seq} is of an older format; folding the whole log"
                 );

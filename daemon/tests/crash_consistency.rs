@@ -22,7 +22,7 @@
 //! retries of lost writes as new ones.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_core::ledger::{fold, Answer, Ledger};
+use bursar_core::ledger::{fold, Answer, IdKind, Ledger};
 use bursar_core::policy::{parse_policy, LoadedPolicy};
 use bursar_schemas::event::{Actor, Envelope, EventBody};
 use bursar_schemas::wire::{
@@ -181,24 +181,38 @@ fn workload(prefix: &str, rounds: usize, seed: u64) -> Vec<(i64, Vec<WriteCmd>)>
     out
 }
 
+/// An id and its kind, as the idempotency index knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct IdKey(IdKind, String);
+
+impl std::fmt::Display for IdKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} {}", self.0, self.1)
+    }
+}
+
 /// The idempotency key a write stores (none for `extend`).
-fn id_key(cmd: &WriteCmd) -> Option<String> {
+fn id_key(cmd: &WriteCmd) -> Option<IdKey> {
     match cmd {
-        WriteCmd::Record(r) => Some(format!("e/{}", r.event_id)),
-        WriteCmd::Commit(c) => Some(format!("e/{}", c.event_id)),
-        WriteCmd::Reserve(r) => Some(format!("r/{}", r.reservation_id)),
-        WriteCmd::Release(r) => Some(format!("x/{}", r.reservation_id)),
+        WriteCmd::Record(r) => Some(IdKey(IdKind::Event, r.event_id.clone())),
+        WriteCmd::Commit(c) => Some(IdKey(IdKind::Event, c.event_id.clone())),
+        WriteCmd::Reserve(r) => Some(IdKey(IdKind::Reservation, r.reservation_id.clone())),
+        WriteCmd::Release(r) => Some(IdKey(IdKind::Release, r.reservation_id.clone())),
         WriteCmd::Extend(_) => None,
     }
 }
 
 /// The same key, derived from the event a write appends first.
-fn event_key(body: &EventBody) -> Option<String> {
+fn event_key(body: &EventBody) -> Option<IdKey> {
     match body {
-        EventBody::UsageRecorded(u) => Some(format!("e/{}", u.event_id)),
-        EventBody::ReservationCreated(r) => Some(format!("r/{}", r.reservation_id)),
-        EventBody::ReservationDenied(r) => Some(format!("r/{}", r.reservation_id)),
-        EventBody::ReservationReleased(r) => Some(format!("x/{}", r.reservation_id)),
+        EventBody::UsageRecorded(u) => Some(IdKey(IdKind::Event, u.event_id.clone())),
+        EventBody::ReservationCreated(r) => {
+            Some(IdKey(IdKind::Reservation, r.reservation_id.clone()))
+        }
+        EventBody::ReservationDenied(r) => {
+            Some(IdKey(IdKind::Reservation, r.reservation_id.clone()))
+        }
+        EventBody::ReservationReleased(r) => Some(IdKey(IdKind::Release, r.reservation_id.clone())),
         _ => None,
     }
 }
@@ -399,7 +413,7 @@ fn scenario(n: u64, fault: SyncFault) -> Outcome {
     let snapshot_seq = store.latest_snapshot().unwrap().map(|(s, _)| s).unwrap();
     let durable: Vec<Envelope> = store.read_from(1).collect::<Result<_, _>>().unwrap();
     let by_seq: BTreeMap<u64, &Envelope> = durable.iter().map(|e| (e.seq, e)).collect();
-    let durable_keys: HashSet<String> = durable.iter().filter_map(|e| event_key(&e.body)).collect();
+    let durable_keys: HashSet<IdKey> = durable.iter().filter_map(|e| event_key(&e.body)).collect();
 
     // Every acknowledged write is durable, at the seq it was answered with, with its id entry.
     let mut acked_seqs = HashSet::new();
@@ -426,7 +440,7 @@ fn scenario(n: u64, fault: SyncFault) -> Outcome {
         if let Some(key) = id_key(cmd) {
             // The idempotency index is a projection of the log: recovery rebuilt the id.
             assert_eq!(
-                recovered.ids().get(&key).map(|e| e.seq),
+                recovered.ids().get(key.0, &key.1).map(|e| e.seq),
                 Some(seq),
                 "{ctx}: acknowledged {key} is not in the recovered idempotency index"
             );
@@ -441,7 +455,7 @@ fn scenario(n: u64, fault: SyncFault) -> Outcome {
             continue; // e.g. a second release of the same hold
         }
         let has_event = durable_keys.contains(&key);
-        let has_id = recovered.ids().get(&key).is_some();
+        let has_id = recovered.ids().get(key.0, &key.1).is_some();
         assert_eq!(
             has_event, has_id,
             "{ctx}: unacknowledged {key} ({a:?}) is half there: event {has_event}, id {has_id}"

@@ -15,7 +15,7 @@ mod replay;
 mod report;
 
 pub use decide::{Answer, Command, Step, Verdict};
-pub use ids::{IdEntry, IdIndex};
+pub use ids::{id_key, IdEntry, IdIndex, IdKind};
 pub use replay::{
     collect_epochs, diff_rows, fold, fold_into, replay, replay_from_log, EpochDecl, FoldError,
     ReplayOutcome,
@@ -1102,20 +1102,20 @@ impl Ledger {
         );
         self.ids
             .forget_before(ts.saturating_sub(crate::time::seconds(window)));
-        let (key, digest) = match body {
-            EventBody::UsageRecorded(u) => (format!("e/{}", u.event_id), u.payload_digest),
+        let (kind, id, digest) = match body {
+            EventBody::UsageRecorded(u) => (IdKind::Event, &u.event_id, u.payload_digest),
             EventBody::ReservationCreated(r) => {
-                (format!("r/{}", r.reservation_id), r.payload_digest)
+                (IdKind::Reservation, &r.reservation_id, r.payload_digest)
             }
             EventBody::ReservationDenied(r) => {
-                (format!("r/{}", r.reservation_id), r.payload_digest)
+                (IdKind::Reservation, &r.reservation_id, r.payload_digest)
             }
             EventBody::ReservationReleased(r) => {
-                (format!("x/{}", r.reservation_id), r.payload_digest)
+                (IdKind::Release, &r.reservation_id, r.payload_digest)
             }
             _ => return,
         };
-        self.ids.insert(key, IdEntry { digest, seq, ts });
+        self.ids.insert(kind, id, IdEntry { digest, seq, ts });
     }
 
     /// The idempotency index (ids within the window, with their request digest and event).

@@ -21,7 +21,7 @@ pub use verdict::Verdict;
 
 use super::buckets::crossing_window;
 use super::report::{utilization_ppm, Adjust};
-use super::{EndKind, Ledger, UsageDecision};
+use super::{EndKind, IdKind, Ledger, UsageDecision};
 use crate::labels::glob_match;
 use crate::time::{format_ts, seconds};
 pub use bursar_schemas::answer::Answer;
@@ -294,8 +294,9 @@ impl Ledger {
         if let Err(e) = valid {
             return Step::new(Answer::Error(e));
         }
-        let key = format!("e/{}", r.event_id);
-        if let Some(a) = dup_or_conflict(self.ids.get(&key), digest, "event_id") {
+        if let Some(a) =
+            dup_or_conflict(self.ids.get(IdKind::Event, &r.event_id), digest, "event_id")
+        {
             return Step::new(a);
         }
         let body = UsageRecorded {
@@ -324,8 +325,9 @@ impl Ledger {
         if let Err(e) = valid {
             return Step::new(Answer::Error(e));
         }
-        let key = format!("e/{}", c.event_id);
-        if let Some(a) = dup_or_conflict(self.ids.get(&key), digest, "event_id") {
+        if let Some(a) =
+            dup_or_conflict(self.ids.get(IdKind::Event, &c.event_id), digest, "event_id")
+        {
             return Step::new(a);
         }
         let rid = &c.reservation_id;
@@ -396,8 +398,11 @@ impl Ledger {
             Ok(m) => m,
             Err(e) => return Step::new(Answer::Error(e)),
         };
-        let key = format!("r/{}", r.reservation_id);
-        if let Some(a) = dup_or_conflict(self.ids.get(&key), digest, "reservation_id") {
+        if let Some(a) = dup_or_conflict(
+            self.ids.get(IdKind::Reservation, &r.reservation_id),
+            digest,
+            "reservation_id",
+        ) {
             return Step::new(a);
         }
         if self.holds.contains_key(&r.reservation_id) || self.ended.contains_key(&r.reservation_id)
@@ -481,8 +486,11 @@ impl Ledger {
         if let Err(e) = check_id("reservation_id", &r.reservation_id) {
             return Step::new(Answer::Error(e));
         }
-        let key = format!("x/{}", r.reservation_id);
-        if let Some(a) = dup_or_conflict(self.ids.get(&key), digest, "reservation_id") {
+        if let Some(a) = dup_or_conflict(
+            self.ids.get(IdKind::Release, &r.reservation_id),
+            digest,
+            "reservation_id",
+        ) {
             return Step::new(a);
         }
         if !self.holds.contains_key(&r.reservation_id) {
