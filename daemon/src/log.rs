@@ -1,19 +1,19 @@
 //! The durable, hash-chained event log (SPEC §7) behind the small [`LogStore`] trait.
 //!
 //! One writer thread owns a store. It stages a group-commit batch with [`LogStore::append`]
-//! (one stored record per batch: the envelopes framed by
-//! [`encode_record`](bursar_schemas::event::encode_record) and compressed ([`STORED_LZ4`]),
-//! keyed by the big-endian seq of the first envelope, written atomically with the batch's idempotency-index entries), then makes it
-//! durable with [`LogStore::sync`] before answering anybody.
+//! (the events as the writer sealed them, in records of at most [`RECORD_RAW_BYTES`], each
+//! compressed ([`STORED_LZ4`]) and keyed by the big-endian seq of its first event, all or
+//! none), then makes it durable with [`LogStore::sync`] before answering anybody.
 //!
-//! - [`SledLog`] is the real store (sled trees `log`, `ids`, `snapshots`; `sync` = sled flush
-//!   followed by `fdatasync` of sled's files, see [`SledLog::sync`]).
+//! - [`SledLog`] is the real store (sled trees `log` and `snapshots`, and the read-only `ids`
+//!   of first-release data dirs; `sync` = sled flush followed by `fdatasync` of sled's files,
+//!   see [`SledLog::sync`]).
 //! - [`testing`] holds an in-memory store that keeps "appended" and "durable" apart and can
 //!   crash, a fault-injecting wrapper for any store, and offline tamper helpers.
 //! - [`verify_chain`] walks a whole log and names the first bad seq.
 //!
-//! Architecture Invariant: a record and the ids written with it are either both stored or both
-//! absent, and nothing is durable until `sync` returned `Ok`.
+//! Architecture Invariant: the records of one append are either all stored or all absent, and
+//! nothing is durable until `sync` returned `Ok`.
 
 mod sled_store;
 pub mod testing;

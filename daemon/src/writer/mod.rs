@@ -1,0 +1,529 @@
+//! The writer: ONE thread that owns every decision and every append.
+//!
+//! It drains a bounded channel of jobs, decides and folds a batch through `bursar-core`,
+//! appends the batch as one record, syncs it to the device, and only then answers the batch
+//! (group commit). A failed append or sync poisons it: from then on every write answers
+//! `unavailable` (fail closed) while reads keep working.
+//!
+//! Its concerns, apart: this module runs the loop, stages and seals events and commits batches
+//! (the log writer's side; the store and the log reader are `crate::log`); `snapshots` takes
+//! and decodes snapshots; `recovery` rebuilds the ledger at start; `reload` applies policies;
+//! `replay` re-prices the log; `first_release` reads the idempotency index of data dirs the
+//! first release wrote.
+
+mod first_release;
+mod recovery;
+mod reload;
+mod replay;
+mod snapshots;
+
+use first_release::first_release_id;
+pub use first_release::{first_release_answer, id_key};
+pub use recovery::recover;
+pub use snapshots::{
+    decode_snapshot, encode_snapshot, SNAPSHOT_FORMAT_V1, SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3,
+};
+
+use crate::log::{LogError, LogStore};
+use bursar_core::ledger::{Answer, Command, Ledger};
+use bursar_core::policy::LoadedPolicy;
+use bursar_schemas::event::{Actor, EventBody, Hash32, Sealed};
+use bursar_schemas::wire::{
+    CommitRequest, ErrorCode, ExtendRequest, RecordRequest, ReleaseRequest, ReplayRequest,
+    ReserveRequest, WireError,
+};
+use bursar_schemas::TsMicros;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use serde_json::Value;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// Most jobs folded into one group commit.
+pub const MAX_BATCH_JOBS: usize = 4096;
+/// Depth of the writer's queue; a full queue answers `overloaded`.
+pub const WRITE_QUEUE_DEPTH: usize = 65_536;
+/// Take a snapshot after this many events…
+pub const SNAPSHOT_EVERY_EVENTS: u64 = 100_000;
+/// …or after this long with any new event.
+pub const SNAPSHOT_EVERY_SECONDS: u64 = 300;
+/// Longest the writer sleeps without checking for due expiries.
+pub const REAPER_TICK: Duration = Duration::from_millis(250);
+
+/// A clock: Unix microseconds.
+pub type Clock = Arc<dyn Fn() -> TsMicros + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+    })
+}
+
+/// A write request, owned.
+#[derive(Debug, Clone)]
+pub enum WriteCmd {
+    /// `record`.
+    Record(RecordRequest),
+    /// `reserve`.
+    Reserve(ReserveRequest),
+    /// `commit`.
+    Commit(CommitRequest),
+    /// `release`.
+    Release(ReleaseRequest),
+    /// `extend`.
+    Extend(ExtendRequest),
+}
+
+impl WriteCmd {
+    /// The command as the core takes it.
+    pub fn command(&self) -> Command<'_> {
+        match self {
+            WriteCmd::Record(r) => Command::Record(r),
+            WriteCmd::Reserve(r) => Command::Reserve(r),
+            WriteCmd::Commit(r) => Command::Commit(r),
+            WriteCmd::Release(r) => Command::Release(r),
+            WriteCmd::Extend(r) => Command::Extend(r),
+        }
+    }
+
+    /// The request's idempotency digest (computed where it is decoded, off the writer thread).
+    pub fn digest(&self) -> [u8; 16] {
+        self.command().digest()
+    }
+}
+
+/// Where an answer line goes.
+pub type Reply = tokio::sync::oneshot::Sender<String>;
+/// Where a write's typed answer goes (rendered to JSON by the connection, after every lock is
+/// released).
+pub type WriteReply = tokio::sync::oneshot::Sender<Answer>;
+
+/// A job for the writer.
+pub enum Job {
+    /// A client write.
+    Write {
+        /// The command.
+        cmd: WriteCmd,
+        /// The request's idempotency digest, computed where it was decoded.
+        digest: [u8; 16],
+        /// Peer credentials.
+        actor: Actor,
+        /// Answer.
+        reply: WriteReply,
+    },
+    /// Apply a new policy (`reload`, SIGHUP). `None` means: read the config again.
+    Reload {
+        /// The policy, or None to re-read the config file.
+        policy: Option<LoadedPolicy>,
+        /// Peer credentials.
+        actor: Actor,
+        /// `req` echo.
+        req: Option<Value>,
+        /// Answer, if anyone waits.
+        reply: Option<Reply>,
+    },
+    /// `replay`, dry run or apply.
+    Replay {
+        /// The request.
+        request: ReplayRequest,
+        /// The text of `request.pricing.import`, read off the writer thread.
+        import_text: Option<String>,
+        /// Peer credentials.
+        actor: Actor,
+        /// `req` echo.
+        req: Option<Value>,
+        /// Answer.
+        reply: Reply,
+    },
+    /// Finish the queue, sync, and stop.
+    Shutdown,
+}
+
+/// State shared between the writer and the readers.
+pub struct Shared {
+    /// The projections; the writer updates them before syncing, so reads are never older
+    /// than any answered write.
+    pub ledger: RwLock<Ledger>,
+    /// The log. The writer holds it for append+sync; readers take it per chunk.
+    pub store: Mutex<Box<dyn LogStore>>,
+    /// Set after a failed append or sync.
+    pub poisoned: AtomicBool,
+    /// Seq of the last durable event (tail followers watch it).
+    pub durable: tokio::sync::watch::Sender<u64>,
+    /// Events appended since start (for tests and stats).
+    pub appended: AtomicU64,
+    /// Reads waiting for the ledger: the writer lets them in between two jobs (see
+    /// `write_ledger`).
+    pub readers_waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// An answer line for an error.
+pub fn error_line(code: ErrorCode, message: impl Into<String>, req: Option<Value>) -> String {
+    Answer::Error(WireError::new(code, message)).to_line(req)
+}
+
+/// Lock helpers that survive a poisoned std lock (a panic elsewhere must not stop the ledger).
+pub fn read_ledger(s: &Shared) -> std::sync::RwLockReadGuard<'_, Ledger> {
+    s.readers_waiting.fetch_add(1, Ordering::SeqCst);
+    let guard = s.ledger.read().unwrap_or_else(|e| e.into_inner());
+    s.readers_waiting.fetch_sub(1, Ordering::SeqCst);
+    guard
+}
+
+/// Longest the writer stands back for waiting reads before it takes the ledger anyway.
+const READERS_FIRST_MICROS: u64 = 50;
+
+/// The ledger, for one job of the writer. The writer takes and releases it per job, and the
+/// lock's own order would let it take it back at once, again and again, while a read waits
+/// out the whole batch (p99 of `check` ~330 µs under 20,000 writes/s, benches/README.md):
+/// reads that wait go first, for at most [`READERS_FIRST_MICROS`].
+fn write_ledger(s: &Shared) -> std::sync::RwLockWriteGuard<'_, Ledger> {
+    if s.readers_waiting.load(Ordering::SeqCst) > 0 {
+        let started = std::time::Instant::now();
+        while s.readers_waiting.load(Ordering::SeqCst) > 0
+            && started.elapsed() < Duration::from_micros(READERS_FIRST_MICROS)
+        {
+            std::thread::yield_now();
+        }
+    }
+    s.ledger.write().unwrap_or_else(|e| e.into_inner())
+}
+/// Lock the store.
+pub fn lock_store(s: &Shared) -> std::sync::MutexGuard<'_, Box<dyn LogStore>> {
+    s.store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The writer's handle for submitting jobs.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: Sender<Job>,
+}
+
+impl WriterHandle {
+    /// Queue a job: `overloaded` when the queue is full, `unavailable` when the writer is gone.
+    pub fn submit(&self, job: Job) -> Result<(), ErrorCode> {
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ErrorCode::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(ErrorCode::Unavailable),
+        }
+    }
+}
+
+/// The writer thread's state.
+pub struct Writer {
+    shared: Arc<Shared>,
+    rx: Receiver<Job>,
+    clock: Clock,
+    own: Actor,
+    prev_hash: Hash32,
+    reload: Arc<dyn Fn() -> Result<LoadedPolicy, String> + Send + Sync>,
+    since_snapshot: u64,
+    last_snapshot: std::time::Instant,
+    /// The store holds the first release's idempotency index (consulted, never written).
+    first_release_ids: bool,
+}
+
+/// Start the writer thread. Appends `policy_applied` first when `policy` differs from the one
+/// the log ends with.
+pub fn start(
+    shared: Arc<Shared>,
+    policy: &LoadedPolicy,
+    clock: Clock,
+    reload: Arc<dyn Fn() -> Result<LoadedPolicy, String> + Send + Sync>,
+) -> Result<(WriterHandle, std::thread::JoinHandle<()>), String> {
+    let (tx, rx) = crossbeam_channel::bounded(WRITE_QUEUE_DEPTH);
+    let (prev_hash, first_release_ids) = {
+        let store = lock_store(&shared);
+        (
+            store.head().map(|h| h.1).unwrap_or_default(),
+            store.has_ids(),
+        )
+    };
+    let own = Actor {
+        uid: crate::config::own_uid(),
+        gid: 0,
+        pid: std::process::id(),
+    };
+    let mut w = Writer {
+        shared,
+        rx,
+        clock,
+        own,
+        prev_hash,
+        reload,
+        since_snapshot: 0,
+        last_snapshot: std::time::Instant::now(),
+        first_release_ids,
+    };
+    w.apply_policy_if_changed(policy)?;
+    let thread = std::thread::Builder::new()
+        .name("bursar-writer".into())
+        .spawn(move || w.run())
+        .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+    Ok((WriterHandle { tx }, thread))
+}
+
+impl Writer {
+    fn run(mut self) {
+        loop {
+            let first = match self.rx.recv_timeout(self.sleep_for()) {
+                Ok(j) => Some(j),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut jobs = Vec::new();
+            let mut stop = false;
+            if let Some(j) = first {
+                jobs.push(j);
+                while jobs.len() < MAX_BATCH_JOBS {
+                    match self.rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+            }
+            if let Some(pos) = jobs.iter().position(|j| matches!(j, Job::Shutdown)) {
+                stop = true;
+                // Jobs after Shutdown in this batch are still served; Shutdown itself is dropped.
+                jobs.remove(pos);
+            }
+            self.process(jobs);
+            if stop {
+                // Serve whatever is still queued, then stop.
+                let rest: Vec<Job> = self
+                    .rx
+                    .try_iter()
+                    .filter(|j| !matches!(j, Job::Shutdown))
+                    .collect();
+                if !rest.is_empty() {
+                    self.process(rest);
+                }
+                self.snapshot(true);
+                break;
+            }
+        }
+    }
+
+    fn sleep_for(&self) -> Duration {
+        // A poisoned writer appends nothing, not even expiries, so a due hold stays due: waking
+        // for it at once would spin. It only waits for jobs to refuse.
+        if self.shared.poisoned.load(Ordering::SeqCst) {
+            return REAPER_TICK;
+        }
+        let now = (self.clock)();
+        match read_ledger(&self.shared).next_expiry() {
+            Some(at) if at > now => {
+                Duration::from_micros(u64::try_from(at - now).unwrap_or(0)).min(REAPER_TICK)
+            }
+            Some(_) => Duration::ZERO,
+            None => REAPER_TICK,
+        }
+    }
+
+    /// Fold `body` as the next event and seal it into the batch.
+    fn stage(&mut self, l: &mut Ledger, batch: &mut Batch, actor: Actor, body: EventBody) {
+        let seq = l.last_seq() + 1;
+        let ts = l.stamp((self.clock)());
+        if let Err(e) = l.apply(seq, ts, &body) {
+            // Impossible (the seq follows by construction): never absorbed.
+            debug_assert!(false, "cannot fold own event: {e}");
+            batch.broken = Some(format!("cannot fold own event {seq}: {e}"));
+            return;
+        }
+        self.seal(batch, seq, ts, actor, body);
+    }
+
+    /// Encode the event once, as it is stored, chained to the one before it.
+    fn seal(&mut self, batch: &mut Batch, seq: u64, ts: TsMicros, actor: Actor, body: EventBody) {
+        match bursar_schemas::event::seal(seq, ts, &actor, self.prev_hash, &body) {
+            Ok(sealed) => {
+                self.prev_hash = sealed.hash;
+                batch.sealed.push(sealed);
+            }
+            Err(e) => {
+                // An event that folded but does not encode is a bug: the batch is refused
+                // and the writer poisoned, rather than the event dropped.
+                debug_assert!(false, "cannot seal event {seq}: {e}");
+                batch.broken = Some(format!("cannot seal event {seq}: {e}"));
+            }
+        }
+    }
+
+    fn process(&mut self, jobs: Vec<Job>) {
+        let poisoned = self.shared.poisoned.load(Ordering::SeqCst);
+        let mut batch = Batch::default();
+        {
+            // The ledger is locked per job, not per batch: a read (`check`, `status`) waits for
+            // at most one job's decision, never for a whole batch (up to MAX_BATCH_JOBS).
+            let shared = self.shared.clone();
+            let now = (self.clock)();
+            if !poisoned {
+                let expired = write_ledger(&shared).reap(now);
+                for (seq, ts, body) in expired {
+                    self.seal(&mut batch, seq, ts, self.own, body);
+                }
+            }
+            for job in jobs {
+                match job {
+                    Job::Shutdown => {}
+                    Job::Write { reply, .. } if poisoned => {
+                        let _ = reply.send(unavailable());
+                    }
+                    Job::Write {
+                        cmd,
+                        digest,
+                        actor,
+                        reply,
+                    } => {
+                        if self.first_release_ids {
+                            let known =
+                                first_release_id(lock_store(&shared).as_ref(), &cmd, &digest);
+                            if let Some(answer) = known {
+                                batch.replies.push(Replier::Answer(reply, answer));
+                                continue;
+                            }
+                        }
+                        let now = (self.clock)();
+                        let step =
+                            write_ledger(&shared).execute_digested(cmd.command(), &digest, now);
+                        for (seq, ts, body) in step.events {
+                            self.seal(&mut batch, seq, ts, actor, body);
+                        }
+                        batch.replies.push(Replier::Answer(reply, step.answer));
+                    }
+                    Job::Reload {
+                        policy,
+                        actor,
+                        req,
+                        reply,
+                    } => {
+                        let echo = req.clone();
+                        let mut l = write_ledger(&shared);
+                        let line = self.reload(&mut l, &mut batch, policy, actor, req, poisoned);
+                        if let Some(r) = reply {
+                            batch.replies.push(Replier::Line(r, line, echo));
+                        }
+                    }
+                    Job::Replay {
+                        request,
+                        import_text,
+                        actor,
+                        req,
+                        reply,
+                    } => {
+                        let mut l = write_ledger(&shared);
+                        let line = self.replay(
+                            &mut l,
+                            &mut batch,
+                            (request, import_text),
+                            actor,
+                            req.clone(),
+                            poisoned,
+                        );
+                        batch.replies.push(Replier::Line(reply, line, req));
+                    }
+                }
+            }
+        }
+        if batch.sealed.is_empty() {
+            batch.answer();
+            return;
+        }
+        if let Err(e) = self.commit(&mut batch) {
+            tracing::error!("log write failed, refusing writes from now on (fail closed): {e}");
+        }
+        self.snapshot(false);
+    }
+
+    /// Append and sync the batch, then answer it. On failure, poison and answer `unavailable`.
+    fn commit(&mut self, batch: &mut Batch) -> Result<(), LogError> {
+        let result = {
+            let mut store = lock_store(&self.shared);
+            match batch.broken.take() {
+                // Nothing of a broken batch is appended; the writer is poisoned below.
+                Some(why) => Err(LogError::Refused {
+                    seq: batch.sealed.first().map_or(0, |s| s.seq),
+                    reason: why,
+                }),
+                None => store.append(&batch.sealed).and_then(|_| store.sync()),
+            }
+        };
+        match result {
+            Ok(()) => {
+                let n = batch.sealed.len() as u64;
+                self.since_snapshot += n;
+                self.shared.appended.fetch_add(n, Ordering::Relaxed);
+                if let Some(last) = batch.sealed.last() {
+                    self.shared.durable.send_replace(last.seq);
+                }
+                batch.sealed.clear();
+                batch.answer();
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.poisoned.store(true, Ordering::SeqCst);
+                for r in batch.replies.drain(..) {
+                    match r {
+                        Replier::Line(reply, _, req) => {
+                            let _ =
+                                reply.send(error_line(ErrorCode::Unavailable, UNAVAILABLE, req));
+                        }
+                        Replier::Answer(reply, _) => {
+                            let _ = reply.send(unavailable());
+                        }
+                    }
+                }
+                batch.sealed.clear();
+                Err(e)
+            }
+        }
+    }
+}
+
+pub(crate) const UNAVAILABLE: &str =
+    "the log cannot be written; the daemon refuses writes (fail closed) until it is restarted";
+
+/// Sealed events and replies of one group commit.
+#[derive(Default)]
+struct Batch {
+    /// Each event encoded once, with its hash.
+    sealed: Vec<Sealed>,
+    replies: Vec<Replier>,
+    /// Why the batch must not be appended (an impossible state met while staging it).
+    broken: Option<String>,
+}
+
+/// A reply waiting for its batch to be durable. (Kept inline: a batch holds one per job, and
+/// boxing the larger variant would allocate for every write.)
+#[allow(clippy::large_enum_variant)]
+enum Replier {
+    /// An answer line, with the request's `req` (for an `unavailable` answer).
+    Line(Reply, String, Option<Value>),
+    /// A write's typed answer (the connection renders it).
+    Answer(WriteReply, Answer),
+}
+
+/// The answer of a write that the daemon refuses because its log cannot be written.
+fn unavailable() -> Answer {
+    Answer::Error(WireError::new(ErrorCode::Unavailable, UNAVAILABLE))
+}
+
+impl Batch {
+    fn answer(&mut self) {
+        for r in self.replies.drain(..) {
+            match r {
+                Replier::Line(reply, line, _) => {
+                    let _ = reply.send(line);
+                }
+                Replier::Answer(reply, answer) => {
+                    let _ = reply.send(answer);
+                }
+            }
+        }
+    }
+}
