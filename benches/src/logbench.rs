@@ -303,7 +303,9 @@ pub fn replay(data_dir: &Path) -> Result<Replay, String> {
     let ledger = bursard::writer::recover(&store)?;
     let fold_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let bytes = bursard::writer::encode_snapshot(&ledger).ok_or("cannot encode a snapshot")?;
+    let head = store.head().map(|h| h.1).unwrap_or_default();
+    let bytes =
+        bursard::writer::encode_snapshot(&ledger, head).ok_or("cannot encode a snapshot")?;
     let r = Replay {
         open_secs,
         fold_secs,

@@ -21,7 +21,7 @@ pub mod testing;
 pub use sled_store::{make_private, SledLog, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, RELEASE_WAIT};
 
 use bursar_schemas::event::{
-    decode_record_checked, encode_sealed, CodecError, Envelope, Hash32, Sealed,
+    decode_record_checked, encode_sealed, Checked, CodecError, Envelope, Hash32, Sealed,
 };
 use bursar_schemas::TsMicros;
 use std::path::PathBuf;
@@ -116,6 +116,9 @@ pub enum LogError {
         /// What is wrong.
         reason: String,
     },
+    /// The events read do not form a chain (every reader of the log checks it as it goes).
+    #[error("log chain broken at seq {seq}: {0}", seq = .0.seq())]
+    Chain(ChainBreak),
     /// Encoding a record failed.
     #[error("cannot encode record: {0}")]
     Encode(#[source] CodecError),
@@ -139,6 +142,85 @@ pub enum LogError {
     /// The in-memory store was crashed by [`testing::MemDisk::crash`].
     #[error("the store was crashed; reopen it")]
     Crashed,
+}
+
+/// How the events read from a log fail to form its chain. Every variant names the bad seq.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainBreak {
+    /// The event at `seq` is not the one expected next (a gap, a reordering or a duplicate).
+    #[error("expected seq {expected}, found seq {seq} (missing or out-of-order events)")]
+    Gap {
+        /// The seq found.
+        seq: u64,
+        /// The seq that should have been there.
+        expected: u64,
+    },
+    /// `prev_hash` of `seq` is not the hash of the event before it.
+    #[error("prev_hash does not match the hash of the event before it")]
+    PrevHash {
+        /// The bad seq.
+        seq: u64,
+    },
+    /// The stored hash of `seq` is not the hash of its stored bytes (the event was altered).
+    #[error("stored hash does not match its contents")]
+    Hash {
+        /// The bad seq.
+        seq: u64,
+    },
+    /// `ts` went backwards.
+    #[error("ts {ts} is before the previous event's ts {prev_ts}")]
+    TsBackwards {
+        /// The bad seq.
+        seq: u64,
+        /// Its ts.
+        ts: TsMicros,
+        /// The ts before it.
+        prev_ts: TsMicros,
+    },
+}
+
+impl ChainBreak {
+    /// The bad seq.
+    pub fn seq(&self) -> u64 {
+        match self {
+            ChainBreak::Gap { seq, .. }
+            | ChainBreak::PrevHash { seq }
+            | ChainBreak::Hash { seq }
+            | ChainBreak::TsBackwards { seq, .. } => *seq,
+        }
+    }
+
+    /// Check that `next` (whose bytes hash to `content_hash`) follows `prev` (seq, hash, ts;
+    /// `None` at the start of the log).
+    pub fn check(prev: Option<Head>, next: &Checked) -> Result<(), ChainBreak> {
+        let env = &next.env;
+        let (expected, prev_hash) = match prev {
+            Some((seq, hash, _)) => (seq.saturating_add(1), hash),
+            None => (1, Hash32::default()),
+        };
+        if env.seq != expected {
+            return Err(ChainBreak::Gap {
+                seq: env.seq,
+                expected,
+            });
+        }
+        if env.prev_hash != prev_hash {
+            return Err(ChainBreak::PrevHash { seq: env.seq });
+        }
+        if next.content_hash != env.hash {
+            return Err(ChainBreak::Hash { seq: env.seq });
+        }
+        if let Some((_, _, prev_ts)) = prev {
+            if env.ts < prev_ts {
+                return Err(ChainBreak::TsBackwards {
+                    seq: env.seq,
+                    ts: env.ts,
+                    prev_ts,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why [`verify_chain`] rejected a log. Every variant names the first bad seq.
@@ -201,43 +283,36 @@ impl VerifyError {
 /// for seq 1), each `hash` recomputes, ts non-decreasing. Returns the number of events and the
 /// head hash (zeros for an empty log).
 pub fn verify_chain(store: &dyn LogStore) -> Result<(u64, Hash32), VerifyError> {
-    let mut count = 0u64;
-    let mut prev_hash = Hash32::default();
-    let mut prev_ts: Option<TsMicros> = None;
+    // The store's reader checks the chain as it decodes (each event's hash against the hash of
+    // its bytes as stored: nothing is encoded again); this only names what it found.
+    let mut head: Option<Head> = None;
     for item in store.read_from(0) {
-        let expected = count.saturating_add(1);
-        let env = item.map_err(|source| VerifyError::Unreadable {
-            seq: match &source {
-                LogError::Corrupt { seq, .. } => *seq,
-                _ => expected,
+        let env = item.map_err(|source| match source {
+            LogError::Chain(b) => VerifyError::from(b),
+            source => VerifyError::Unreadable {
+                seq: match &source {
+                    LogError::Corrupt { seq, .. } => *seq,
+                    _ => head.map_or(1, |h| h.0.saturating_add(1)),
+                },
+                source,
             },
-            source,
         })?;
-        let seq = env.seq;
-        if seq != expected {
-            return Err(VerifyError::Gap { seq, expected });
-        }
-        if env.prev_hash != prev_hash {
-            return Err(VerifyError::PrevHash { seq });
-        }
-        match env.compute_hash() {
-            Ok(h) if h == env.hash => {}
-            _ => return Err(VerifyError::Hash { seq }),
-        }
-        if let Some(prev_ts) = prev_ts {
-            if env.ts < prev_ts {
-                return Err(VerifyError::TsBackwards {
-                    seq,
-                    ts: env.ts,
-                    prev_ts,
-                });
+        head = Some((env.seq, env.hash, env.ts));
+    }
+    Ok(head.map_or((0, Hash32::default()), |h| (h.0, h.1)))
+}
+
+impl From<ChainBreak> for VerifyError {
+    fn from(b: ChainBreak) -> Self {
+        match b {
+            ChainBreak::Gap { seq, expected } => VerifyError::Gap { seq, expected },
+            ChainBreak::PrevHash { seq } => VerifyError::PrevHash { seq },
+            ChainBreak::Hash { seq } => VerifyError::Hash { seq },
+            ChainBreak::TsBackwards { seq, ts, prev_ts } => {
+                VerifyError::TsBackwards { seq, ts, prev_ts }
             }
         }
-        prev_ts = Some(env.ts);
-        prev_hash = env.hash;
-        count = seq;
     }
-    Ok((count, prev_hash))
 }
 
 // ---- helpers shared by the stores ------------------------------------------------------------
@@ -478,13 +553,19 @@ pub(crate) fn check_tail(
     })
 }
 
-/// Turns an iterator of stored records into the envelopes from `from` on.
+/// Turns an iterator of stored records into the envelopes from `from` on, checking the chain as
+/// it goes: from the first event of the first record read (the start of the log when `from` is
+/// 0 or 1), each event must follow the one before it and its stored hash must be the hash of its
+/// bytes as stored (computed while decoding, so the check costs two comparisons). The first
+/// break ends the iteration with [`LogError::Chain`].
 pub(crate) struct RecordEnvelopes<I> {
     records: I,
-    current: std::vec::IntoIter<Envelope>,
+    current: std::vec::IntoIter<Checked>,
     from: u64,
-    /// Records pulled so far; only the first one can straddle `from`.
-    pulled: u64,
+    /// The last event checked; `None` before the first.
+    prev: Option<Head>,
+    /// Whether the first event read must be the log's first.
+    at_start: bool,
     done: bool,
 }
 
@@ -494,7 +575,8 @@ impl<I> RecordEnvelopes<I> {
             records,
             current: Vec::new().into_iter(),
             from,
-            pulled: 0,
+            prev: None,
+            at_start: from <= 1,
             done: false,
         }
     }
@@ -509,20 +591,29 @@ where
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            if let Some(env) = self.current.next() {
-                if self.pulled <= 1 && env.seq < self.from {
-                    continue;
-                }
-                return Some(Ok(env));
-            }
             if self.done {
                 return None;
             }
+            if let Some(c) = self.current.next() {
+                if self.prev.is_some() || self.at_start {
+                    if let Err(b) = ChainBreak::check(self.prev, &c) {
+                        self.done = true;
+                        return Some(Err(LogError::Chain(b)));
+                    }
+                } else if c.content_hash != c.env.hash {
+                    self.done = true;
+                    return Some(Err(LogError::Chain(ChainBreak::Hash { seq: c.env.seq })));
+                }
+                self.prev = Some((c.env.seq, c.env.hash, c.env.ts));
+                if c.env.seq < self.from {
+                    continue;
+                }
+                return Some(Ok(c.env));
+            }
             let decoded = match self.records.next()? {
-                Ok((key, bytes)) => decode_at(key, bytes.as_ref()),
+                Ok((key, bytes)) => decode_checked_at(key, bytes.as_ref()),
                 Err(e) => Err(e),
             };
-            self.pulled = self.pulled.saturating_add(1);
             match decoded {
                 Ok(envs) => self.current = envs.into_iter(),
                 Err(e) => {

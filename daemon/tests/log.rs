@@ -581,3 +581,55 @@ fn memlog_snapshots_are_durable_only_after_sync_and_two_are_kept() {
     let log = MemLog::open(&disk).unwrap();
     assert_eq!(log.latest_snapshot().unwrap(), Some((3, vec![3])));
 }
+
+// ---- the chain checked by every reader, and at start ------------------------------------------
+
+#[test]
+fn recovery_refuses_a_log_with_an_altered_event_and_names_its_seq() {
+    let tmp = tempfile::tempdir().unwrap();
+    tamperable_log(tmp.path());
+    tamper_rewrite(tmp.path(), 4, |e| {
+        e.body = EventBody::ReservationExpired(ReservationExpired {
+            reservation_id: "res-4".into(),
+        })
+    })
+    .unwrap();
+    let log = SledLog::open(tmp.path()).unwrap();
+    let err = bursard::writer::recover(&log).unwrap_err();
+    assert!(err.contains("seq 4"), "{err}");
+    assert!(err.contains("hash"), "{err}");
+}
+
+#[test]
+fn a_read_from_the_middle_of_a_record_still_checks_the_events_before_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    tamperable_log(tmp.path());
+    // Records hold seqs 1-2, 3-5, 6-7, 8-9, 10-11: seq 3 is in the record a read from 5 opens.
+    tamper_rewrite(tmp.path(), 3, |e| e.ts += 1).unwrap();
+    let log = SledLog::open(tmp.path()).unwrap();
+    let first = log.read_from(5).next().unwrap();
+    assert!(
+        matches!(first, Err(LogError::Chain(ref b)) if b.seq() == 3),
+        "{first:?}"
+    );
+}
+
+#[test]
+fn recovery_checks_the_snapshots_last_event_against_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    tamperable_log(tmp.path());
+    let mut log = SledLog::open(tmp.path()).unwrap();
+    let full = bursard::writer::recover(&log).unwrap();
+    let head = log.head().unwrap();
+    // A snapshot recorded after a different event 11 than the log's.
+    let wrong = bursard::writer::encode_snapshot(&full, Hash32([9; 32])).unwrap();
+    log.put_snapshot(head.0, &wrong).unwrap();
+    log.sync().unwrap();
+    let err = bursard::writer::recover(&log).unwrap_err();
+    assert!(err.contains("seq 11"), "{err}");
+    // The right one is taken, and equals the full fold.
+    let right = bursard::writer::encode_snapshot(&full, head.1).unwrap();
+    log.put_snapshot(head.0, &right).unwrap();
+    log.sync().unwrap();
+    assert_eq!(bursard::writer::recover(&log).unwrap(), full);
+}

@@ -143,7 +143,8 @@ fn recovery_from_a_snapshot_with_a_retroactive_change_in_the_tail_equals_a_full_
     let disk = MemDisk::new();
     let mut b = Builder::new(&disk);
     b.records(40);
-    let snap = bursard::writer::encode_snapshot(&b.ledger).unwrap();
+    let head = b.store.head().unwrap().1;
+    let snap = bursard::writer::encode_snapshot(&b.ledger, head).unwrap();
     b.store.put_snapshot(b.ledger.last_seq(), &snap).unwrap();
     b.store.sync().unwrap();
     b.records(10);
@@ -159,7 +160,8 @@ fn recovery_from_a_snapshot_plus_tail_equals_a_full_fold() {
     let disk = MemDisk::new();
     let mut b = Builder::new(&disk);
     b.records(40);
-    let snap = bursard::writer::encode_snapshot(&b.ledger).unwrap();
+    let head = b.store.head().unwrap().1;
+    let snap = bursard::writer::encode_snapshot(&b.ledger, head).unwrap();
     b.store.put_snapshot(b.ledger.last_seq(), &snap).unwrap();
     b.store.sync().unwrap();
     b.records(5000);

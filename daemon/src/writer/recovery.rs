@@ -3,7 +3,7 @@
 use super::snapshots::{decode_snapshot, SNAPSHOT_FORMAT_V1, SNAPSHOT_FORMAT_V2};
 use crate::log::{LogError, LogStore};
 use bursar_core::ledger::{self, Ledger};
-use bursar_schemas::event::{Envelope, EventBody};
+use bursar_schemas::event::{Envelope, EventBody, Hash32};
 
 /// Rebuild the ledger at start: the newest usable snapshot, then the log after it.
 ///
@@ -15,7 +15,7 @@ use bursar_schemas::event::{Envelope, EventBody};
 pub fn recover(store: &dyn LogStore) -> Result<Ledger, String> {
     let from_snapshot = match store.latest_snapshot() {
         Ok(Some((seq, bytes))) => match decode_snapshot(&bytes) {
-            Some(l) if l.last_seq() == seq => Some(l),
+            Some((l, hash)) if l.last_seq() == seq => Some((l, hash)),
             None if matches!(
                 bytes.first(),
                 Some(&SNAPSHOT_FORMAT_V1 | &SNAPSHOT_FORMAT_V2)
@@ -38,8 +38,14 @@ pub fn recover(store: &dyn LogStore) -> Result<Ledger, String> {
         }
     };
     let had_snapshot = from_snapshot.is_some();
-    let mut l = from_snapshot.unwrap_or_default();
-    if one_pass_fold(store, &mut l)? {
+    let (mut l, anchor) = match from_snapshot {
+        Some((l, hash)) => {
+            let seq = l.last_seq();
+            (l, Some((seq, hash)))
+        }
+        None => (Ledger::default(), None),
+    };
+    if one_pass_fold(store, &mut l, anchor)? {
         return Ok(l);
     }
     if had_snapshot {
@@ -56,21 +62,53 @@ const RECOVER_CHUNKS_AHEAD: usize = 8;
 /// Fold the log after `l` into `l` in one pass. Returns false (leaving `l` half-folded) when a
 /// `pricing_changed` turned out to be retroactive, so the caller must fold in two passes.
 ///
+/// Every event folded is checked as it is read (its hash against its bytes, its link to the
+/// one before: see `crate::log::RecordEnvelopes`); after a snapshot, `anchor` is the seq and
+/// hash of the snapshot's last event, which the log must hold.
+///
 /// Reading and decoding the log runs on a second thread, a few chunks ahead of the fold, so
 /// the two halves of the work (about equal) overlap on two cores.
-fn one_pass_fold(store: &dyn LogStore, l: &mut Ledger) -> Result<bool, String> {
+fn one_pass_fold(
+    store: &dyn LogStore,
+    l: &mut Ledger,
+    anchor: Option<(u64, Hash32)>,
+) -> Result<bool, String> {
     let mut last_ts = l.last_ts();
     let mut folded_any = l.last_seq() > 0;
     let mut retroactive = false;
-    let source = store.read_from(l.last_seq() + 1);
+    let mut source = store.read_from(anchor.map_or(1, |a| a.0));
     std::thread::scope(|scope| {
         let (tx, rx) =
             std::sync::mpsc::sync_channel::<Vec<Result<Envelope, LogError>>>(RECOVER_CHUNKS_AHEAD);
         let decoder = std::thread::Builder::new()
             .name("bursar-recover".into())
             .spawn_scoped(scope, move || {
+                if let Some((seq, hash)) = anchor {
+                    // The snapshot's last event, as the log holds it (checked against the
+                    // events before it in its record).
+                    let found = match source.next() {
+                        Some(Ok(env)) if env.seq == seq && env.hash == hash => Ok(()),
+                        Some(Ok(env)) if env.seq == seq => Err(LogError::Corrupt {
+                            seq,
+                            reason: "the log's event differs from the one the snapshot was \
+                                     taken after (its hash)"
+                                .into(),
+                        }),
+                        Some(Err(e)) => Err(e),
+                        _ => Err(LogError::Corrupt {
+                            seq,
+                            reason: "the snapshot was taken after this event, which the log \
+                                     does not hold"
+                                .into(),
+                        }),
+                    };
+                    if let Err(e) = found {
+                        let _ = tx.send(vec![Err(e)]);
+                        return;
+                    }
+                }
                 let mut chunk = Vec::with_capacity(RECOVER_CHUNK_EVENTS);
-                for item in source {
+                for item in source.by_ref() {
                     chunk.push(item);
                     if chunk.len() == RECOVER_CHUNK_EVENTS {
                         let full =

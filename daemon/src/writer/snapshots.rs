@@ -3,6 +3,7 @@
 
 use super::{lock_store, read_ledger, Writer, SNAPSHOT_EVERY_EVENTS, SNAPSHOT_EVERY_SECONDS};
 use bursar_core::ledger::Ledger;
+use bursar_schemas::event::Hash32;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -11,16 +12,19 @@ pub const SNAPSHOT_FORMAT_V1: u8 = 1;
 /// Format tag of the snapshots whose idempotency index was keyed by text (never released;
 /// ignored like the first release's).
 pub const SNAPSHOT_FORMAT_V2: u8 = 2;
-/// Format tag of a snapshot value: LZ4 (block, size prepended) of the bincode of the ledger,
-/// its policy and price tables as JSON inside (so that they can grow keys without a new
-/// format), its idempotency index keyed by 128-bit id hashes.
+/// Format tag of a snapshot value: the hash of the last event folded into it (32 bytes: the
+/// head it continues, which recovery checks against the log), then LZ4 (block, size
+/// prepended) of the bincode of the ledger, its policy and price tables as JSON inside (so
+/// that they can grow keys without a new format), its idempotency index keyed by 128-bit id
+/// hashes.
 pub const SNAPSHOT_FORMAT_V3: u8 = 3;
 
-/// Encode a ledger snapshot.
-pub fn encode_snapshot(l: &Ledger) -> Option<Vec<u8>> {
+/// Encode a snapshot of `l`, whose last event (`l.last_seq()`) has hash `head_hash`.
+pub fn encode_snapshot(l: &Ledger, head_hash: Hash32) -> Option<Vec<u8>> {
     let plain = bincode::serde::encode_to_vec(l, bincode::config::standard()).ok()?;
-    let mut out = Vec::with_capacity(plain.len() / 3 + 16);
+    let mut out = Vec::with_capacity(plain.len() / 3 + 48);
     out.push(SNAPSHOT_FORMAT_V3);
+    out.extend_from_slice(&head_hash.0);
     out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&plain));
     Some(out)
 }
@@ -28,13 +32,16 @@ pub fn encode_snapshot(l: &Ledger) -> Option<Vec<u8>> {
 /// Largest decompressed snapshot accepted.
 const MAX_SNAPSHOT_BYTES: usize = 4 << 30;
 
-/// Decode a ledger snapshot. A snapshot is a cache of the log's fold: one of an older format
-/// (or a damaged one) is `None`, and recovery folds the log instead.
-pub fn decode_snapshot(bytes: &[u8]) -> Option<Ledger> {
+/// Decode a snapshot: the ledger and the hash of its last event. A snapshot is a cache of the
+/// log's fold: one of an older format (or a damaged one) is `None`, and recovery folds the log
+/// instead.
+pub fn decode_snapshot(bytes: &[u8]) -> Option<(Ledger, Hash32)> {
     let (tag, rest) = bytes.split_first()?;
     if *tag != SNAPSHOT_FORMAT_V3 {
         return None;
     }
+    let head_hash = Hash32(rest.get(..32)?.try_into().ok()?);
+    let rest = rest.get(32..)?;
     // A damaged size is a miss, not an allocation.
     let size = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
     if size > MAX_SNAPSHOT_BYTES || size > rest.len().saturating_mul(255) {
@@ -46,7 +53,7 @@ pub fn decode_snapshot(bytes: &[u8]) -> Option<Ledger> {
         bincode::config::standard().with_limit::<{ 4 << 30 }>(),
     )
     .ok()
-    .map(|(l, _)| l)
+    .map(|(l, _)| (l, head_hash))
 }
 
 impl Writer {
@@ -61,7 +68,9 @@ impl Writer {
         }
         let (seq, bytes) = {
             let l = read_ledger(&self.shared);
-            (l.last_seq(), encode_snapshot(&l))
+            // Called between batches: every event the ledger folded is committed, the last one
+            // with `prev_hash`.
+            (l.last_seq(), encode_snapshot(&l, self.prev_hash))
         };
         let Some(bytes) = bytes else {
             tracing::warn!("cannot encode a snapshot");
