@@ -13,8 +13,7 @@ use config::Config;
 use log::{LogError, LogStore, SledLog};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use writer::{Clock, Job, Shared};
 
 /// Why the daemon could not run.
@@ -211,15 +210,7 @@ pub fn run_with(
         started.elapsed()
     );
     let clock = watch_clock(clock, (ledger.last_seq() > 0).then(|| ledger.last_ts()));
-    let (durable_tx, _) = tokio::sync::watch::channel(head);
-    let shared = Arc::new(Shared {
-        readers_waiting: Default::default(),
-        ledger: RwLock::new(ledger),
-        store: Mutex::new(store),
-        poisoned: AtomicBool::new(false),
-        durable: durable_tx,
-        appended: Default::default(),
-    });
+    let shared = Arc::new(Shared::new(ledger, store));
     let cfg = Arc::new(config);
     // Bound (under a temporary name) before the writer appends `policy_applied`; published once
     // the writer runs.

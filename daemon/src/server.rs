@@ -55,7 +55,7 @@ enum Pending {
     /// From the writer.
     Wait(oneshot::Receiver<String>),
     /// A write's typed answer from the writer, rendered here with its `req`.
-    Answer(oneshot::Receiver<Answer>, Option<Value>),
+    Answer(oneshot::Receiver<crate::writer::Outcome>, Option<Value>),
     /// Evaluated at its turn.
     Read(ReadFn),
     /// Evaluated at its turn, on a blocking thread.
@@ -743,12 +743,16 @@ async fn write_answers(
                 put(&mut *out, &line).await
             }
             Pending::Answer(r, req) => {
-                let answer = r.await.unwrap_or_else(|_| {
-                    Answer::Error(WireError::new(
-                        ErrorCode::Unavailable,
-                        "the writer stopped before answering",
-                    ))
-                });
+                // Rendered here, after every lock is released.
+                let answer = r
+                    .await
+                    .map(crate::writer::Outcome::render)
+                    .unwrap_or_else(|_| {
+                        Answer::Error(WireError::new(
+                            ErrorCode::Unavailable,
+                            "the writer stopped before answering",
+                        ))
+                    });
                 let line = match answer {
                     Answer::Duplicate { seq } => {
                         let c = ctx.clone();

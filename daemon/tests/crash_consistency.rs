@@ -34,8 +34,8 @@ use bursard::log::{verify_chain, LogStore};
 use bursard::writer::{self, Job, Shared, WriteCmd, WriterHandle};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// 2026-11-23T00:00:00Z.
@@ -237,18 +237,13 @@ fn clock_of(time: &Arc<AtomicI64>) -> writer::Clock {
     Arc::new(move || time.load(Ordering::SeqCst))
 }
 
+/// Events between two snapshots in the faulty run (the daemon's default is 100,000).
+const SNAPSHOT_EVERY_EVENTS_HERE: u64 = 40;
+
 /// Recover the state from `store` and start the writer on it under `policy`.
 fn start(store: Box<dyn LogStore>, policy: &LoadedPolicy, clock: writer::Clock) -> Running {
     let ledger = writer::recover(store.as_ref()).unwrap();
-    let head = ledger.last_seq();
-    let shared = Arc::new(Shared {
-        readers_waiting: Default::default(),
-        ledger: RwLock::new(ledger),
-        store: Mutex::new(store),
-        poisoned: AtomicBool::new(false),
-        durable: tokio::sync::watch::channel(head).0,
-        appended: Default::default(),
-    });
+    let shared = Arc::new(Shared::new(ledger, store));
     let reload = Arc::new(|| Err("no reload in this test".to_string()));
     match writer::start(shared.clone(), policy, clock, reload) {
         Ok(w) => Running {
@@ -286,7 +281,7 @@ impl Running {
         receivers
             .into_iter()
             .map(|rx| {
-                let line = match rx.ok()?.blocking_recv().ok()? {
+                let line = match rx.ok()?.blocking_recv().ok()?.render() {
                     Answer::Duplicate { seq } => {
                         bursard::server::original_answer(&self.shared, seq, None)
                     }
@@ -330,6 +325,9 @@ struct Outcome {
     lost: usize,
     failed: bool,
     recovered_from_snapshot: bool,
+    /// The snapshot recovery started from was taken during the faulty run (off the writer,
+    /// between syncs), not at the clean prefix's stop.
+    snapshot_from_faulty_run: bool,
     unacked_but_durable: usize,
     syncs: u64,
 }
@@ -356,6 +354,7 @@ fn scenario(n: u64, fault: SyncFault) -> Outcome {
     // The writer staged a snapshot when it stopped; make it durable, as its next batch would.
     store.sync().unwrap();
     assert_eq!(disk.durable_snapshot_count(), 1, "{ctx}");
+    let prefix_end = disk.durable_last_seq();
     drop(store);
 
     // 2. Restart under a changed policy, failing the Nth sync.
@@ -364,6 +363,10 @@ fn scenario(n: u64, fault: SyncFault) -> Outcome {
     control.fail_sync_number(n);
     let faulty = FaultyLog::new(MemLog::open(&disk).unwrap(), control.clone());
     let run = start(Box::new(faulty), &policy("0.03"), clock_of(&clock));
+    // Snapshots taken (off the writer) while the syncs run and fail, not only at a clean stop.
+    run.shared
+        .snapshot_every_events
+        .store(SNAPSHOT_EVERY_EVENTS_HERE, Ordering::SeqCst);
     let mut sent: Vec<(WriteCmd, Option<Value>)> = Vec::new();
     let mut rounds_after_failure = 0;
     for (jump, cmds) in workload("w-", 30, 11) {
@@ -526,6 +529,7 @@ fn scenario(n: u64, fault: SyncFault) -> Outcome {
         lost,
         failed,
         recovered_from_snapshot: snapshot_seq > 0,
+        snapshot_from_faulty_run: snapshot_seq > prefix_end,
         unacked_but_durable,
         syncs,
     }
@@ -574,6 +578,10 @@ fn after_a_lost_sync_and_a_crash_exactly_the_acknowledged_writes_survive() {
     assert!(outcomes.len() > 20, "{outcomes:?}");
     assert!(outcomes.iter().any(|o| o.failed && o.acked > 10));
     assert!(outcomes.iter().all(|o| o.recovered_from_snapshot));
+    // A failed run is poisoned at its stop (no snapshot then): its snapshot came from the run.
+    assert!(outcomes
+        .iter()
+        .any(|o| o.failed && o.snapshot_from_faulty_run));
     assert!(outcomes.iter().any(|o| o.lost > 0));
     assert!(outcomes.iter().all(|o| o.unacked_but_durable == 0));
 }

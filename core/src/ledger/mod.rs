@@ -14,7 +14,7 @@ mod ids;
 mod replay;
 mod report;
 
-pub use decide::{Answer, Command, Step, Verdict};
+pub use decide::{Answer, Command, Decided, Renderer, Reply, Step, Verdict};
 pub use ids::{id_key, IdEntry, IdIndex, IdKind};
 pub use replay::{
     collect_epochs, diff_rows, fold, fold_into, replay, replay_from_log, EpochDecl, FoldError,
@@ -540,6 +540,9 @@ pub struct Ledger {
     limits: Vec<Limits>,
     #[serde(skip)]
     matches: MatchCache,
+    /// The renderer of answers under `policy` (derived from it).
+    #[serde(skip)]
+    renderer: std::sync::Arc<Renderer>,
 }
 
 impl PartialEq for Ledger {
@@ -601,6 +604,13 @@ impl From<LedgerData> for Ledger {
         for e in &mut epochs {
             e.index = PriceIndex::of(&e.table);
         }
+        let renderer = std::sync::Arc::new(Renderer::new(
+            d.policy_version,
+            d.policy
+                .as_ref()
+                .map(|p| p.budgets.clone())
+                .unwrap_or_default(),
+        ));
         Ledger {
             limits: compile_limits(d.policy.as_ref()),
             last_seq: d.last_seq,
@@ -616,6 +626,7 @@ impl From<LedgerData> for Ledger {
             ids: d.ids,
             old_budgets: d.old_budgets,
             matches: MatchCache::default(),
+            renderer,
         }
     }
 }
@@ -1208,6 +1219,8 @@ impl Ledger {
         }
         self.budgets = states;
         self.limits = compile_limits(Some(&new));
+        self.renderer =
+            std::sync::Arc::new(Renderer::new(self.policy_version, new.budgets.clone()));
         self.policy = Some(new);
         self.matches.clear();
         // Count live holds again, in the new budgets.

@@ -2,7 +2,7 @@
 //! emitted events (the "log") and the idempotency index like the daemon does.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_core::ledger::{fold, Answer, Command, Ledger};
+use bursar_core::ledger::{fold, Answer, Command, Ledger, Reply};
 use bursar_schemas::event::{Actor, Envelope, EventBody, PolicyApplied};
 use bursar_schemas::policy::*;
 use bursar_schemas::pricing::{ModelPrice, PriceTable};
@@ -131,14 +131,34 @@ impl Harness {
             .push(Envelope::seal(seq, ts, Actor::default(), prev, body).unwrap());
     }
 
-    /// Execute `cmd` at `now`; a duplicate's original answer is rendered from the log, as the
-    /// daemon renders it.
+    /// Execute `cmd` at `now` as the daemon does: decided and folded by the ledger, the answer
+    /// rendered afterwards from its event with the renderer of the policy it was decided under
+    /// (a duplicate's original answer from the log). While the ledger is small, the same command
+    /// also runs through `execute` (rendered in one go) on a copy, and both must agree.
     pub fn run(&mut self, cmd: Command<'_>) -> Answer {
-        let step = self.ledger.execute(cmd, self.now);
-        for (seq, ts, body) in step.events {
+        let twin = (self.ledger.bucket_count() < 300).then(|| {
+            let mut twin = self.ledger.clone();
+            twin.execute(cmd, self.now)
+        });
+        let renderer = self.ledger.renderer();
+        let decided = self.ledger.decide_digested(cmd, &cmd.digest(), self.now);
+        let answer = match decided.reply {
+            Reply::Ready(a) => a,
+            Reply::Event(i) => {
+                let (seq, ts, body) = &decided.events[i];
+                renderer
+                    .render_event(*seq, *ts, body, false)
+                    .unwrap_or_else(|| panic!("event {seq} renders no answer"))
+            }
+        };
+        if let Some(step) = twin {
+            assert_eq!(step.answer, answer, "execute and decide+render disagree");
+            assert_eq!(step.events, decided.events, "execute and decide disagree");
+        }
+        for (seq, ts, body) in decided.events {
             self.push(seq, ts, body);
         }
-        self.resolve(step.answer)
+        self.resolve(answer)
     }
 
     /// The original answer behind a [`Answer::Duplicate`] (any other answer as it is).

@@ -25,7 +25,7 @@ pub use snapshots::{
 };
 
 use crate::log::{LogError, LogStore};
-use bursar_core::ledger::{Answer, Command, Ledger};
+use bursar_core::ledger::{self, Answer, Command, Ledger, Renderer};
 use bursar_core::policy::LoadedPolicy;
 use bursar_schemas::event::{Actor, EventBody, Hash32, Sealed};
 use bursar_schemas::wire::{
@@ -100,7 +100,48 @@ impl WriteCmd {
 pub type Reply = tokio::sync::oneshot::Sender<String>;
 /// Where a write's typed answer goes (rendered to JSON by the connection, after every lock is
 /// released).
-pub type WriteReply = tokio::sync::oneshot::Sender<Answer>;
+pub type WriteReply = tokio::sync::oneshot::Sender<Outcome>;
+
+/// What the writer answers a write with, once its batch is durable.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The answer itself (an error, a duplicate to resolve, `extend`'s).
+    Answer(Answer),
+    /// The event that answers it, with the renderer of the policy it was decided under: the
+    /// answer is rendered by whoever receives it, off the writer.
+    Event {
+        /// Its seq.
+        seq: u64,
+        /// Its ts.
+        ts: TsMicros,
+        /// The event (with its receipt).
+        body: EventBody,
+        /// The budgets it was decided under.
+        renderer: Arc<Renderer>,
+    },
+}
+
+impl Outcome {
+    /// The typed answer.
+    pub fn render(self) -> Answer {
+        match self {
+            Outcome::Answer(a) => a,
+            Outcome::Event {
+                seq,
+                ts,
+                body,
+                renderer,
+            } => renderer
+                .render_event(seq, ts, &body, false)
+                .unwrap_or_else(|| {
+                    Answer::Error(WireError::new(
+                        ErrorCode::Internal,
+                        format!("event {seq} renders no answer"),
+                    ))
+                }),
+        }
+    }
+}
 
 /// A job for the writer.
 pub enum Job {
@@ -159,6 +200,24 @@ pub struct Shared {
     /// Reads waiting for the ledger: the writer lets them in between two jobs (see
     /// `write_ledger`).
     pub readers_waiting: std::sync::atomic::AtomicUsize,
+    /// Events between two snapshots ([`SNAPSHOT_EVERY_EVENTS`]; tests lower it).
+    pub snapshot_every_events: AtomicU64,
+}
+
+impl Shared {
+    /// The state shared with a writer that starts on `ledger` (recovered from `store`).
+    pub fn new(ledger: Ledger, store: Box<dyn LogStore>) -> Self {
+        let head = ledger.last_seq();
+        Shared {
+            ledger: RwLock::new(ledger),
+            store: Mutex::new(store),
+            poisoned: AtomicBool::new(false),
+            durable: tokio::sync::watch::channel(head).0,
+            appended: AtomicU64::new(0),
+            readers_waiting: Default::default(),
+            snapshot_every_events: AtomicU64::new(SNAPSHOT_EVERY_EVENTS),
+        }
+    }
 }
 
 /// An answer line for an error.
@@ -224,6 +283,7 @@ pub struct Writer {
     reload: Arc<dyn Fn() -> Result<LoadedPolicy, String> + Send + Sync>,
     since_snapshot: u64,
     last_snapshot: std::time::Instant,
+    snapshotter: snapshots::Snapshotter,
     /// The store holds the first release's idempotency index (consulted, never written).
     first_release_ids: bool,
 }
@@ -249,6 +309,7 @@ pub fn start(
         gid: 0,
         pid: std::process::id(),
     };
+    let snapshotter = snapshots::Snapshotter::start(shared.clone());
     let mut w = Writer {
         shared,
         rx,
@@ -258,6 +319,7 @@ pub fn start(
         reload,
         since_snapshot: 0,
         last_snapshot: std::time::Instant::now(),
+        snapshotter,
         first_release_ids,
     };
     w.apply_policy_if_changed(policy)?;
@@ -335,12 +397,12 @@ impl Writer {
             batch.broken = Some(format!("cannot fold own event {seq}: {e}"));
             return;
         }
-        self.seal(batch, seq, ts, actor, body);
+        self.seal(batch, seq, ts, actor, &body);
     }
 
     /// Encode the event once, as it is stored, chained to the one before it.
-    fn seal(&mut self, batch: &mut Batch, seq: u64, ts: TsMicros, actor: Actor, body: EventBody) {
-        match bursar_schemas::event::seal(seq, ts, &actor, self.prev_hash, &body) {
+    fn seal(&mut self, batch: &mut Batch, seq: u64, ts: TsMicros, actor: Actor, body: &EventBody) {
+        match bursar_schemas::event::seal(seq, ts, &actor, self.prev_hash, body) {
             Ok(sealed) => {
                 self.prev_hash = sealed.hash;
                 batch.sealed.push(sealed);
@@ -365,14 +427,14 @@ impl Writer {
             if !poisoned {
                 let expired = write_ledger(&shared).reap(now);
                 for (seq, ts, body) in expired {
-                    self.seal(&mut batch, seq, ts, self.own, body);
+                    self.seal(&mut batch, seq, ts, self.own, &body);
                 }
             }
             for job in jobs {
                 match job {
                     Job::Shutdown => {}
                     Job::Write { reply, .. } if poisoned => {
-                        let _ = reply.send(unavailable());
+                        let _ = reply.send(Outcome::Answer(unavailable()));
                     }
                     Job::Write {
                         cmd,
@@ -384,17 +446,50 @@ impl Writer {
                             let known =
                                 first_release_id(lock_store(&shared).as_ref(), &cmd, &digest);
                             if let Some(answer) = known {
-                                batch.replies.push(Replier::Answer(reply, answer));
+                                batch
+                                    .replies
+                                    .push(Replier::Answer(reply, Outcome::Answer(answer)));
                                 continue;
                             }
                         }
                         let now = (self.clock)();
-                        let step =
-                            write_ledger(&shared).execute_digested(cmd.command(), &digest, now);
-                        for (seq, ts, body) in step.events {
-                            self.seal(&mut batch, seq, ts, actor, body);
+                        let (decided, renderer) = {
+                            let mut l = write_ledger(&shared);
+                            let d = l.decide_digested(cmd.command(), &digest, now);
+                            (d, l.renderer())
+                        };
+                        let answer_at = match decided.reply {
+                            ledger::Reply::Ready(a) => {
+                                batch
+                                    .replies
+                                    .push(Replier::Answer(reply, Outcome::Answer(a)));
+                                None
+                            }
+                            ledger::Reply::Event(i) => Some((i, reply)),
+                        };
+                        let mut answering = None;
+                        for (i, (seq, ts, body)) in decided.events.into_iter().enumerate() {
+                            self.seal(&mut batch, seq, ts, actor, &body);
+                            if answer_at.as_ref().is_some_and(|(at, _)| *at == i) {
+                                answering = Some(Outcome::Event {
+                                    seq,
+                                    ts,
+                                    body,
+                                    renderer: renderer.clone(),
+                                });
+                            }
                         }
-                        batch.replies.push(Replier::Answer(reply, step.answer));
+                        if let Some((_, reply)) = answer_at {
+                            let outcome = answering.unwrap_or_else(|| {
+                                // Impossible: core names one of its own events.
+                                debug_assert!(false, "the answering event is missing");
+                                Outcome::Answer(Answer::Error(WireError::new(
+                                    ErrorCode::Internal,
+                                    "the answering event is missing",
+                                )))
+                            });
+                            batch.replies.push(Replier::Answer(reply, outcome));
+                        }
                     }
                     Job::Reload {
                         policy,
@@ -474,7 +569,7 @@ impl Writer {
                                 reply.send(error_line(ErrorCode::Unavailable, UNAVAILABLE, req));
                         }
                         Replier::Answer(reply, _) => {
-                            let _ = reply.send(unavailable());
+                            let _ = reply.send(Outcome::Answer(unavailable()));
                         }
                     }
                 }
@@ -505,7 +600,7 @@ enum Replier {
     /// An answer line, with the request's `req` (for an `unavailable` answer).
     Line(Reply, String, Option<Value>),
     /// A write's typed answer (the connection renders it).
-    Answer(WriteReply, Answer),
+    Answer(WriteReply, Outcome),
 }
 
 /// The answer of a write that the daemon refuses because its log cannot be written.

@@ -83,6 +83,135 @@ pub(super) fn dup_or_conflict(
     }
 }
 
+/// Render the answer of an event from its receipt, with the budgets of the receipt's policy
+/// version (`budgets_of`).
+fn render_with<'a>(
+    budgets_of: impl FnOnce(u64) -> Option<&'a [ResolvedBudget]>,
+    seq: u64,
+    ts: TsMicros,
+    body: &EventBody,
+    duplicate: bool,
+) -> Option<Answer> {
+    let receipt = match body {
+        EventBody::UsageRecorded(u) => u.receipt.as_ref(),
+        EventBody::ReservationCreated(r) => r.receipt.as_ref(),
+        EventBody::ReservationDenied(r) => r.receipt.as_ref(),
+        EventBody::ReservationReleased(_) => {
+            return Some(Answer::Release(ReleaseAnswer {
+                ok: true,
+                seq,
+                duplicate,
+                req: None,
+            }))
+        }
+        _ => return None,
+    }?;
+    let budgets = budgets_of(receipt.policy_version)?;
+    let labels = body.labels()?;
+    let mut ends = WindowEnds::default();
+    let mut state = BucketState::Ok;
+    let reports: Vec<BudgetReport> = receipt
+        .lines
+        .iter()
+        .filter_map(|line| {
+            let b = budgets.get(line.budget as usize)?;
+            let key = if line.overflow {
+                OVERFLOW_KEY.to_string()
+            } else {
+                scope_key(&b.group_by, labels).unwrap_or_default()
+            };
+            let r = report(b, key, &figures_of(line), ts, &mut ends);
+            state = state.max(r.state);
+            Some(r)
+        })
+        .collect();
+    Some(match body {
+        EventBody::UsageRecorded(u) => Answer::Usage(UsageAnswer {
+            ok: true,
+            seq,
+            duplicate,
+            cost_micros: receipt.cost_micros,
+            state,
+            budgets: reports,
+            priced_at_max: receipt.priced_at_max,
+            late: u.late,
+            reservation: (u.reservation == ReservationLink::Unknown).then(|| "unknown".to_string()),
+            overrun_micros: receipt.overrun_micros,
+            req: None,
+        }),
+        EventBody::ReservationCreated(r) => {
+            let decision = receipt.decision.unwrap_or(Decision::Allow);
+            Answer::Decision(DecisionAnswer {
+                ok: true,
+                seq: Some(seq),
+                duplicate,
+                decision,
+                model: Some(r.model.clone()),
+                hold_micros: r.hold_micros,
+                max_output_tokens: (r.max_output_tokens > 0).then_some(r.max_output_tokens),
+                expires_at: Some(format_ts(r.expires_at)),
+                budgets: reports,
+                skipped: receipt.skipped.clone(),
+                reason: ok_reason(decision),
+                req: None,
+            })
+        }
+        EventBody::ReservationDenied(r) => Answer::Decision(DecisionAnswer {
+            ok: true,
+            seq: Some(seq),
+            duplicate,
+            decision: Decision::Deny,
+            model: (!r.model.is_empty()).then(|| r.model.clone()),
+            hold_micros: r.hold_micros,
+            max_output_tokens: (r.max_output_tokens > 0).then_some(r.max_output_tokens),
+            expires_at: None,
+            budgets: reports,
+            skipped: receipt.skipped.clone(),
+            reason: Reason {
+                code: r.reason.clone(),
+                message: receipt.message.clone().unwrap_or_default(),
+                budget: r.budget.clone(),
+                key: r.key.clone(),
+            },
+            req: None,
+        }),
+        _ => return None,
+    })
+}
+
+/// What rendering a new answer needs: the budgets of the policy in force. The writer hands one
+/// (an `Arc`, shared until the policy changes) with each event it answers, and the connection
+/// renders the answer after every lock is released.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Renderer {
+    version: u64,
+    budgets: Vec<ResolvedBudget>,
+}
+
+impl Renderer {
+    pub(in crate::ledger) fn new(version: u64, budgets: Vec<ResolvedBudget>) -> Self {
+        Renderer { version, budgets }
+    }
+
+    /// [`Ledger::render_event`] of an event decided under this renderer's policy (`None` for
+    /// an event of another policy version).
+    pub fn render_event(
+        &self,
+        seq: u64,
+        ts: TsMicros,
+        body: &EventBody,
+        duplicate: bool,
+    ) -> Option<Answer> {
+        render_with(
+            |v| (v == self.version).then_some(&self.budgets[..]),
+            seq,
+            ts,
+            body,
+            duplicate,
+        )
+    }
+}
+
 impl Ledger {
     /// The answer an event gave (the event at `seq`, stamped `ts`, with its receipt), rendered
     /// again: for a new request, or (`duplicate`) the original answer of a resent one. `None`
@@ -95,92 +224,12 @@ impl Ledger {
         body: &EventBody,
         duplicate: bool,
     ) -> Option<Answer> {
-        let receipt = match body {
-            EventBody::UsageRecorded(u) => u.receipt.as_ref(),
-            EventBody::ReservationCreated(r) => r.receipt.as_ref(),
-            EventBody::ReservationDenied(r) => r.receipt.as_ref(),
-            EventBody::ReservationReleased(_) => {
-                return Some(Answer::Release(ReleaseAnswer {
-                    ok: true,
-                    seq,
-                    duplicate,
-                    req: None,
-                }))
-            }
-            _ => return None,
-        }?;
-        let budgets = self.budgets_of_version(receipt.policy_version)?;
-        let labels = body.labels()?;
-        let mut ends = WindowEnds::default();
-        let mut state = BucketState::Ok;
-        let reports: Vec<BudgetReport> = receipt
-            .lines
-            .iter()
-            .filter_map(|line| {
-                let b = budgets.get(line.budget as usize)?;
-                let key = if line.overflow {
-                    OVERFLOW_KEY.to_string()
-                } else {
-                    scope_key(&b.group_by, labels).unwrap_or_default()
-                };
-                let r = report(b, key, &figures_of(line), ts, &mut ends);
-                state = state.max(r.state);
-                Some(r)
-            })
-            .collect();
-        Some(match body {
-            EventBody::UsageRecorded(u) => Answer::Usage(UsageAnswer {
-                ok: true,
-                seq,
-                duplicate,
-                cost_micros: receipt.cost_micros,
-                state,
-                budgets: reports,
-                priced_at_max: receipt.priced_at_max,
-                late: u.late,
-                reservation: (u.reservation == ReservationLink::Unknown)
-                    .then(|| "unknown".to_string()),
-                overrun_micros: receipt.overrun_micros,
-                req: None,
-            }),
-            EventBody::ReservationCreated(r) => {
-                let decision = receipt.decision.unwrap_or(Decision::Allow);
-                Answer::Decision(DecisionAnswer {
-                    ok: true,
-                    seq: Some(seq),
-                    duplicate,
-                    decision,
-                    model: Some(r.model.clone()),
-                    hold_micros: r.hold_micros,
-                    max_output_tokens: (r.max_output_tokens > 0).then_some(r.max_output_tokens),
-                    expires_at: Some(format_ts(r.expires_at)),
-                    budgets: reports,
-                    skipped: receipt.skipped.clone(),
-                    reason: ok_reason(decision),
-                    req: None,
-                })
-            }
-            EventBody::ReservationDenied(r) => Answer::Decision(DecisionAnswer {
-                ok: true,
-                seq: Some(seq),
-                duplicate,
-                decision: Decision::Deny,
-                model: (!r.model.is_empty()).then(|| r.model.clone()),
-                hold_micros: r.hold_micros,
-                max_output_tokens: (r.max_output_tokens > 0).then_some(r.max_output_tokens),
-                expires_at: None,
-                budgets: reports,
-                skipped: receipt.skipped.clone(),
-                reason: Reason {
-                    code: r.reason.clone(),
-                    message: receipt.message.clone().unwrap_or_default(),
-                    budget: r.budget.clone(),
-                    key: r.key.clone(),
-                },
-                req: None,
-            }),
-            _ => return None,
-        })
+        render_with(|v| self.budgets_of_version(v), seq, ts, body, duplicate)
+    }
+
+    /// The renderer of answers decided now.
+    pub fn renderer(&self) -> std::sync::Arc<Renderer> {
+        self.renderer.clone()
     }
 
     /// Render the event at `index` of `events` (this step's own), as a new answer.
