@@ -633,6 +633,35 @@ fn a_scope_holding_a_reservation_stays_live_past_its_window() {
     assert_eq!(d.reason.code, "max_keys", "s1 (held) and s3 are live");
 }
 
+/// A scope in which a hold was placed is live until its window ends, also when the hold was
+/// released and nothing was spent: status lists it with zero spent and zero held (the Python
+/// client's `hold()` without a commit reads its bucket back).
+#[test]
+fn a_scope_whose_hold_was_released_stays_listed_until_its_window_ends() {
+    let mut h = Harness::new(two_sessions_a_day());
+    let session = |s: &str| labels(&[("session", s)]);
+    assert_eq!(
+        h.reserve("r1", session("s1"), "m", 1, 0).decision,
+        Decision::Allow
+    );
+    h.run(Command::Release(&ReleaseRequest {
+        reservation_id: "r1".into(),
+    }));
+    let rows = h.status();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (
+            rows[0].key.as_str(),
+            rows[0].spent_micros,
+            rows[0].held_micros
+        ),
+        ("session=s1", 0, 0)
+    );
+    assert_eq!(h.refold(), h.ledger, "a fold of the log agrees");
+    h.now += 86_400 * SEC; // the next day: it has ended
+    assert!(h.status().is_empty());
+}
+
 /// Memory stays bounded while scopes churn: ended buckets leave as new ones come.
 #[test]
 fn ended_buckets_leave_memory_while_sessions_churn_through_many_windows() {

@@ -94,6 +94,19 @@ impl Bucket {
         }
     }
 
+    /// Move a fixed or calendar bucket into the window containing `ts` (its spending starts
+    /// again at zero when that is a new window); nothing for rolling and cumulative ones. A
+    /// bucket in which a hold is placed is live until the end of that hold's window (SPEC §5),
+    /// also when nothing is ever spent in it.
+    pub fn enter_window(&mut self, spec: &WindowSpec, ts: TsMicros) {
+        if let WindowSpec::Fixed { .. }
+        | WindowSpec::Calendar { .. }
+        | WindowSpec::CalendarZone { .. } = spec
+        {
+            self.add_spent_in(spec, None, ts, Amounts::default());
+        }
+    }
+
     /// True when `ts` is known to be in the window starting at `window_start` (fixed and
     /// calendar windows; false when the window's end is not known yet).
     fn in_current_window(&self, ts: TsMicros) -> bool {

@@ -901,7 +901,8 @@ impl Ledger {
     ) -> Vec<(usize, String)> {
         let mut refs = Vec::new();
         // The key of the bucket used: the overflow bucket's for an overflowing key.
-        self.for_each_matching(labels, ts, |i, _, _, key, bucket, _| {
+        self.for_each_matching(labels, ts, |i, limits, _, key, bucket, _| {
+            bucket.enter_window(&limits.window, ts);
             bucket.hold(amounts, 1);
             refs.push((i, key.to_string()));
         });
