@@ -74,6 +74,13 @@ enum Command {
     Verify,
     /// Fold the log again under new prices and show what changes.
     Replay(ReplayArgs),
+    /// Copy the intact prefix of a damaged log (--data-dir DIR, daemon stopped) into a new data
+    /// dir, and say what was left behind.
+    Salvage {
+        /// The new data dir (must not exist, or be empty).
+        #[arg(long, value_name = "NEW_DIR")]
+        to: PathBuf,
+    },
     /// Check a policy file, or show the policy in force.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -418,7 +425,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
             Source::Daemon(path) => Ok(Client::connect(path)?),
             Source::Offline(_) => Err(msg(format!(
                 "`bursar {name}` needs the daemon; --data-dir works with status, export, verify, \
-                 tail, replay (dry run) and policy show"
+                 tail, replay (dry run), policy show and salvage"
             ))),
         }
     };
@@ -525,6 +532,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
         Command::Export(a) => export(&source, a, out),
         Command::Verify => verify(&source, json, out),
         Command::Replay(a) => replay(&source, a, json, out),
+        Command::Salvage { to } => salvage(&source, to, json, out),
         Command::Policy(PolicyCommand::Check { file }) => policy_check(file, json, out),
         Command::Policy(PolicyCommand::Show { prices }) => policy_show(&source, *prices, json, out),
         Command::Reload => {
@@ -949,6 +957,68 @@ fn verify(source: &Source, json: bool, out: &mut dyn Write) -> Res<u8> {
         out,
         "ok: {} events, hash chain intact from seq 1 to {}; head {}",
         answer.events, answer.events, answer.head
+    )?;
+    Ok(0)
+}
+
+fn salvage(source: &Source, to: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
+    let Source::Offline(dir) = source else {
+        return Err(msg(
+            "`bursar salvage` reads a stopped daemon's data dir: give it with --data-dir DIR",
+        ));
+    };
+    let s = bursard::log::salvage(dir, to).map_err(|e| match e {
+        bursard::log::SalvageError::Log(bursard::log::LogError::Locked { .. }) => msg(format!(
+            "the data dir {} is in use by a running bursard; stop it first",
+            dir.display()
+        )),
+        other => msg(other.to_string()),
+    })?;
+    if s.copied == 0 {
+        let _ = std::fs::remove_dir_all(&s.to);
+        let why = s.left_behind.map(|l| l.1).unwrap_or_default();
+        return Err(msg(format!(
+            "nothing in {} can be salvaged (the first event already: {why}); restore it from a \
+             backup",
+            dir.display()
+        )));
+    }
+    if json {
+        let v = serde_json::json!({
+            "ok": true,
+            "to": s.to.display().to_string(),
+            "copied": s.copied,
+            "left_behind_from": s.left_behind.as_ref().map(|l| l.0),
+            "reason": s.left_behind.as_ref().map(|l| l.1.clone()),
+            "claimed_head": s.claimed_head,
+        });
+        return json_line(out, &v);
+    }
+    writeln!(
+        out,
+        "salvaged seq 1 to {} ({} events) into {}; its hash chain verifies",
+        s.copied,
+        s.copied,
+        s.to.display()
+    )?;
+    match &s.left_behind {
+        None => writeln!(out, "nothing left behind: the log was intact")?,
+        Some((seq, why)) => {
+            writeln!(out, "left behind: everything from seq {seq} on ({why})")?;
+            match s.claimed_head {
+                Some(head) if head >= *seq => writeln!(
+                    out,
+                    "the damaged store held events up to seq {head}: {} are not in the copy",
+                    head - seq + 1
+                )?,
+                _ => writeln!(out, "how far the damaged store went is unknown")?,
+            }
+        }
+    }
+    writeln!(
+        out,
+        "start bursard with --data-dir {} (it folds the whole log; the old dir is untouched)",
+        s.to.display()
     )?;
     Ok(0)
 }

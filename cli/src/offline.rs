@@ -127,6 +127,16 @@ impl Offline {
 
     /// `verify`: walk the whole hash chain.
     pub fn verify(&self) -> Result<VerifyAnswer, OfflineError> {
+        if let Err(e) = bursard::log::check_durable_mark(&self.store) {
+            return Err(OfflineError::Verify {
+                seq: match &e {
+                    LogError::Corrupt { seq, .. } => *seq,
+                    LogError::Chain(b) => b.seq(),
+                    _ => 0,
+                },
+                message: e.to_string(),
+            });
+        }
         match verify_chain(&self.store) {
             Ok((events, head)) => Ok(VerifyAnswer {
                 ok: true,

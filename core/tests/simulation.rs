@@ -336,6 +336,9 @@ struct Model {
     buckets: Vec<(usize, String)>,
     /// Buckets some usage or hold has touched (the ledger lists exactly these).
     touched: BTreeSet<usize>,
+    /// `(bucket, window key)` of every hold placed in a fixed or calendar bucket: such a bucket
+    /// is live until the end of that window, even once the hold is gone.
+    placed: HashSet<(usize, i64)>,
     /// `(bucket, exhausted?, crossing window)` of every warn/exhausted event seen.
     crossings: HashSet<(usize, bool, TsMicros)>,
     last_ts: TsMicros,
@@ -526,6 +529,7 @@ impl Model {
             bucket_ids: HashMap::new(),
             buckets: Vec::new(),
             touched: BTreeSet::new(),
+            placed: HashSet::new(),
             crossings: HashSet::new(),
             last_ts: 0,
             generation: 0,
@@ -628,8 +632,9 @@ impl Model {
     }
 
     /// True when `bucket` is a live scope at `t` (SPEC §5): it holds a reservation (even one
-    /// past its expiry that is not reaped yet), its budget is cumulative, or some usage in it is
-    /// still in its window at `t`.
+    /// past its expiry that is not reaped yet), its budget is cumulative, some usage in it is
+    /// still in its window at `t`, or (fixed and calendar) a hold was placed in it in the window
+    /// of `t`.
     fn live(&self, bucket: usize, t: TsMicros) -> bool {
         let spec = &self.budget_of(bucket).window;
         if *spec == WindowSpec::Cumulative
@@ -638,6 +643,9 @@ impl Model {
             return true;
         }
         let now = window_key(spec, t);
+        if self.placed.contains(&(bucket, now)) {
+            return true;
+        }
         self.usage.iter().any(|u| {
             u.buckets
                 .iter()
@@ -1769,6 +1777,12 @@ impl Sim {
                     ensure_eq!(self, c.expires_at, expires_at, "expiry");
                     let buckets = self.m.matching(&eval.labels);
                     self.m.touched.extend(buckets.iter().copied());
+                    for &b in &buckets {
+                        let spec = self.m.budget_of(b).window.clone();
+                        if matches!(spec, WindowSpec::Fixed { .. } | WindowSpec::Calendar { .. }) {
+                            self.m.placed.insert((b, window_key(&spec, t)));
+                        }
+                    }
                     self.m.generation += 1;
                     self.m.holds.insert(
                         rid,

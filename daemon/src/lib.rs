@@ -194,8 +194,14 @@ pub fn run_with(
         None => Box::new(open_store(&config.data_dir)?),
     };
     let started = std::time::Instant::now();
-    let ledger = writer::recover(store.as_ref())
-        .map_err(|e| DaemonError::Start(format!("cannot rebuild state from the log: {e}")))?;
+    let ledger = writer::recover(store.as_ref()).map_err(|e| {
+        DaemonError::Start(format!(
+            "cannot rebuild state from the log: {e}; nothing was served. `bursar salvage \
+             --data-dir {} --to NEW_DIR` copies the intact events before the damage into a new \
+             data dir (see docs/operations.md)",
+            config.data_dir.display()
+        ))
+    })?;
     let head = store.head().map(|h| h.0).unwrap_or(0);
     if ledger.last_seq() != head {
         return Err(DaemonError::Start(format!(

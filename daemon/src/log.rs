@@ -15,8 +15,11 @@
 //! Architecture Invariant: the records of one append are either all stored or all absent, and
 //! nothing is durable until `sync` returned `Ok`.
 
+mod salvage;
 mod sled_store;
 pub mod testing;
+
+pub use salvage::{salvage, SalvageError, Salvaged};
 
 pub use sled_store::{make_private, SledLog, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, RELEASE_WAIT};
 
@@ -68,6 +71,46 @@ pub trait LogStore: Send {
 
     /// The newest snapshot and the seq it was taken at.
     fn latest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, LogError>;
+
+    /// Note that every event up to `seq` (whose hash is `hash`) is durable, outside the log
+    /// itself, so that a store that later loses acknowledged events (a file cut short, which
+    /// sled takes for a crash and silently recovers to an older state) is found out at start:
+    /// see [`check_durable_mark`]. Called after a snapshot; an error is only logged.
+    fn mark_durable(&mut self, seq: u64, hash: Hash32) -> Result<(), LogError> {
+        let _ = (seq, hash);
+        Ok(())
+    }
+
+    /// The last [`mark_durable`](LogStore::mark_durable) mark, if any (and readable).
+    fn durable_mark(&self) -> Option<(u64, Hash32)> {
+        None
+    }
+
+    /// A check, to run on any thread, that every stored record holding events before `before`
+    /// can still be read, without decoding it: the store's own checksums (sled's CRC of every
+    /// page it reads) run over the part of the log a snapshot covers, which recovery does not
+    /// fold. Returns how many records were read, or [`LogError::Corrupt`] naming the first seq
+    /// that cannot be read. A store that keeps no checksums of its own reads nothing.
+    fn readability_check(
+        &self,
+        before: u64,
+    ) -> Box<dyn FnOnce() -> Result<u64, LogError> + Send + '_> {
+        let _ = before;
+        Box::new(|| Ok(0))
+    }
+}
+
+/// sled's error as a sentence: its corruption error without the empty backtrace it prints.
+pub(crate) fn sled_text(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Corruption { at: Some(at), .. } => {
+            format!("a checksum does not match at {at:?} in the data file")
+        }
+        sled::Error::Corruption { at: None, .. } => {
+            "a checksum does not match in the data file".to_string()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// How many snapshots a store keeps.
@@ -83,15 +126,28 @@ pub enum LogError {
         dir: PathBuf,
     },
     /// sled could not open the data dir.
-    #[error("cannot open the log in {}: {source}", dir.display())]
+    #[error("cannot open the log in {}: {}", dir.display(), sled_text(source))]
     Open {
         /// The data dir.
         dir: PathBuf,
         /// sled's error.
         source: sled::Error,
     },
+    /// sled found its data file damaged while opening the store.
+    #[error(
+        "the store file {} is damaged ({}): restore the data dir from a backup, or copy what \
+         can still be read with `bursar salvage --data-dir DIR --to NEW_DIR`",
+        file.display(),
+        sled_text(source)
+    )]
+    Damaged {
+        /// The damaged file (`<data dir>/db`).
+        file: PathBuf,
+        /// sled's error.
+        source: sled::Error,
+    },
     /// A sled operation failed.
-    #[error("log storage failed during {op}: {source}")]
+    #[error("log storage failed during {op}: {}", sled_text(source))]
     Storage {
         /// What was being done.
         op: &'static str,
@@ -302,6 +358,34 @@ pub fn verify_chain(store: &dyn LogStore) -> Result<(u64, Hash32), VerifyError> 
     Ok(head.map_or((0, Hash32::default()), |h| (h.0, h.1)))
 }
 
+/// Check the store against its durable mark (see [`LogStore::mark_durable`]): the log must
+/// hold the marked event with the marked hash. [`LogError::Corrupt`] names the first seq the
+/// store lost (or the marked one, when it differs).
+pub fn check_durable_mark(store: &dyn LogStore) -> Result<(), LogError> {
+    let Some((seq, hash)) = store.durable_mark() else {
+        return Ok(());
+    };
+    let head = store.head().map_or(0, |h| h.0);
+    if head < seq {
+        return Err(LogError::Corrupt {
+            seq: head + 1,
+            reason: format!(
+                "the log ends at seq {head}, but events up to seq {seq} were durable (the \
+                 store's durable mark): the store lost them (a data file cut short or restored \
+                 in part)"
+            ),
+        });
+    }
+    match store.read_from(seq).next() {
+        Some(Ok(env)) if env.seq == seq && env.hash == hash => Ok(()),
+        Some(Err(e)) => Err(e),
+        _ => Err(LogError::Corrupt {
+            seq,
+            reason: "the log's event differs from the one marked durable (its hash)".into(),
+        }),
+    }
+}
+
 impl From<ChainBreak> for VerifyError {
     fn from(b: ChainBreak) -> Self {
         match b {
@@ -343,10 +427,14 @@ const MAX_RECORD_BYTES: usize = 256 << 20;
 
 /// The stored form of `sealed`: their record (the bytes each was sealed with), compressed.
 pub(crate) fn pack_sealed(sealed: &[Sealed]) -> Vec<u8> {
-    let raw = encode_sealed(sealed);
+    pack_raw(&encode_sealed(sealed))
+}
+
+/// The stored value of an encoded record (LZ4-compressed behind its tag).
+pub(crate) fn pack_raw(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len() / 2 + 16);
     out.push(STORED_LZ4);
-    out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&raw));
+    out.extend_from_slice(&lz4_flex::block::compress_prepend_size(raw));
     out
 }
 

@@ -893,16 +893,23 @@ impl Ledger {
     /// Hold `amounts` (and one concurrency slot) in every bucket an event with `labels` counts
     /// in; returns the `(budget index, scope key)` of each, the key being the one actually used
     /// (the overflow bucket's for a new key beyond `max_keys_per_budget`).
+    ///
+    /// `placed` is true when the hold is placed at `ts` (a reservation), false when a reload
+    /// counts an existing hold again: a bucket in which a hold is placed is live until the end
+    /// of that window (SPEC §5), and a reload moves no bucket into a window.
     fn hold_in_matching(
         &mut self,
         labels: &Labels,
         amounts: Amounts,
         ts: TsMicros,
+        placed: bool,
     ) -> Vec<(usize, String)> {
         let mut refs = Vec::new();
         // The key of the bucket used: the overflow bucket's for an overflowing key.
         self.for_each_matching(labels, ts, |i, limits, _, key, bucket, _| {
-            bucket.enter_window(&limits.window, ts);
+            if placed {
+                bucket.enter_window(&limits.window, ts);
+            }
             bucket.hold(amounts, 1);
             refs.push((i, key.to_string()));
         });
@@ -1052,7 +1059,7 @@ impl Ledger {
                     tokens: r.input_tokens.saturating_add(r.max_output_tokens),
                     requests: 1,
                 };
-                let refs = self.hold_in_matching(&r.labels, amounts, ts);
+                let refs = self.hold_in_matching(&r.labels, amounts, ts, true);
                 self.expiries
                     .insert((r.expires_at, r.reservation_id.clone()));
                 self.holds.insert(
@@ -1230,7 +1237,7 @@ impl Ledger {
                 continue;
             };
             let (amounts, labels) = (h.amounts, h.labels.clone());
-            let refs = self.hold_in_matching(&labels, amounts, self.last_ts);
+            let refs = self.hold_in_matching(&labels, amounts, self.last_ts, false);
             if let Some(h) = self.holds.get_mut(&rid) {
                 h.buckets = refs;
             }

@@ -2,14 +2,14 @@
 //! sled's flush followed by our own `fdatasync` of sled's files.
 
 use super::{
-    check_sealed, check_tail, head_of_sealed, key_seq, pack_sealed, records_of, seq_key, Head,
-    LogError, LogStore, RecordEnvelopes, SNAPSHOTS_KEPT,
+    check_sealed, check_tail, decode_checked_at, head_of_sealed, key_seq, pack_sealed, records_of,
+    seq_key, Head, LogError, LogStore, RecordEnvelopes, SNAPSHOTS_KEPT,
 };
-use bursar_schemas::event::{Envelope, Sealed};
+use bursar_schemas::event::{Envelope, Hash32, Sealed};
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,6 +20,9 @@ const DATA_FILE: &str = "db";
 const CONF_FILE: &str = "conf";
 /// sled writes large pages as separate files here (and never syncs them).
 const BLOBS_DIR: &str = "blobs";
+/// The durable mark's file in the data dir (see [`LogStore::mark_durable`]): one line,
+/// `<seq> <hash hex>`, replaced atomically.
+const DURABLE_MARK_FILE: &str = "durable-head";
 
 /// The event log stored with sled in one data dir (which it locks against other processes).
 pub struct SledLog {
@@ -117,6 +120,12 @@ pub(crate) fn open_db(dir: &Path) -> Result<(sled::Db, DirClaim), LogError> {
                 }
                 std::thread::sleep(RELEASE_POLL);
             }
+            Err(source @ sled::Error::Corruption { .. }) => {
+                return Err(LogError::Damaged {
+                    file: dir.join(DATA_FILE),
+                    source,
+                })
+            }
             Err(source) => {
                 return Err(LogError::Open {
                     dir: dir.to_path_buf(),
@@ -207,7 +216,16 @@ impl SledLog {
         let snapshots = db
             .open_tree("snapshots")
             .map_err(storage("open tree snapshots"))?;
-        let head = read_head(&log)?;
+        let head = read_head(&log).map_err(|e| match e {
+            LogError::Storage {
+                source: source @ sled::Error::Corruption { .. },
+                ..
+            } => LogError::Damaged {
+                file: data_dir.join(DATA_FILE),
+                source,
+            },
+            other => other,
+        })?;
 
         // sled neither syncs its config file nor the directory entries it creates.
         let conf = data_dir.join(CONF_FILE);
@@ -236,6 +254,15 @@ impl SledLog {
             synced_blobs: HashSet::new(),
             _claim: claim,
         })
+    }
+
+    /// Store one record's value under its key as it is, unchecked and without moving the head
+    /// (salvage copies checked records this way into a new store, then opens it again).
+    pub(crate) fn put_raw_record(&mut self, key: u64, value: &[u8]) -> Result<(), LogError> {
+        self.log
+            .insert(seq_key(key), value)
+            .map(|_| ())
+            .map_err(storage("copy record"))
     }
 
     /// The data dir.
@@ -273,6 +300,21 @@ impl SledLog {
         self.synced_blobs = present;
         Ok(())
     }
+}
+
+/// The durable mark of the data dir `dir` (see [`LogStore::mark_durable`]), if it has a
+/// readable one.
+pub(crate) fn read_durable_mark(dir: &Path) -> Option<(u64, Hash32)> {
+    let path = dir.join(DURABLE_MARK_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let parsed = text
+        .trim()
+        .split_once(' ')
+        .and_then(|(seq, hex)| Some((seq.parse::<u64>().ok()?, Hash32::from_hex(hex)?)));
+    if parsed.is_none() {
+        tracing::warn!("{} is unreadable; ignored", path.display());
+    }
+    parsed
 }
 
 /// Read and validate the head from the last record (and the one before it).
@@ -358,6 +400,63 @@ impl LogStore for SledLog {
             Ok((key_seq(&k)?, v))
         });
         Box::new(RecordEnvelopes::new(records, seq))
+    }
+
+    /// Reads the raw value of every record keyed before `before` (~160 ms per million events
+    /// on the 2-core bench machine: 2 M events in 0.33 s, a twentieth of decoding them), so that sled checks the CRC of
+    /// every page that holds one.
+    fn readability_check(
+        &self,
+        before: u64,
+    ) -> Box<dyn FnOnce() -> Result<u64, LogError> + Send + '_> {
+        let log = self.log.clone();
+        Box::new(move || {
+            let mut read = 0u64;
+            // The last record read: where the first unreadable seq is found from.
+            let mut last: Option<(u64, sled::IVec)> = None;
+            for item in log.range(..seq_key(before)) {
+                match item {
+                    Ok((k, v)) => {
+                        last = Some((key_seq(&k)?, v));
+                        read += 1;
+                    }
+                    Err(e) => {
+                        let seq = match &last {
+                            None => 1,
+                            Some((key, bytes)) => decode_checked_at(*key, bytes)?
+                                .last()
+                                .map_or(*key, |c| c.env.seq + 1),
+                        };
+                        return Err(LogError::Corrupt {
+                            seq,
+                            reason: format!(
+                                "the record holding it cannot be read: {}",
+                                super::sled_text(&e)
+                            ),
+                        });
+                    }
+                }
+            }
+            Ok(read)
+        })
+    }
+
+    /// Writes `<dir>/durable-head` through a temporary file, `fdatasync`ed, then renamed: a
+    /// crash leaves the old mark or the new one (one small write per snapshot).
+    fn mark_durable(&mut self, seq: u64, hash: Hash32) -> Result<(), LogError> {
+        let path = self.dir.join(DURABLE_MARK_FILE);
+        let tmp = self.dir.join(format!("{DURABLE_MARK_FILE}.tmp"));
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(format!("{seq} {}\n", hash.to_hex()).as_bytes())?;
+            f.sync_data()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(io("write the durable mark", &path))
+    }
+
+    fn durable_mark(&self) -> Option<(u64, Hash32)> {
+        read_durable_mark(&self.dir)
     }
 
     fn put_snapshot(&mut self, seq: u64, bytes: &[u8]) -> Result<(), LogError> {

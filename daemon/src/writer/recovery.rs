@@ -1,7 +1,7 @@
 //! Recovery: the ledger at start, from the newest usable snapshot and the log after it.
 
 use super::snapshots::{decode_snapshot, SNAPSHOT_FORMAT_V1, SNAPSHOT_FORMAT_V2};
-use crate::log::{LogError, LogStore};
+use crate::log::{check_durable_mark, LogError, LogStore};
 use bursar_core::ledger::{self, Ledger};
 use bursar_schemas::event::{Envelope, EventBody, Hash32};
 
@@ -13,6 +13,8 @@ use bursar_schemas::event::{Envelope, EventBody, Hash32};
 /// the two passes that define a fold (see `bursar_core::ledger::fold`). A log without a
 /// retroactive price change is thus decoded once instead of twice.
 pub fn recover(store: &dyn LogStore) -> Result<Ledger, String> {
+    // A store that lost events it had made durable is damaged, even when sled opens it.
+    check_durable_mark(store).map_err(|e| e.to_string())?;
     let from_snapshot = match store.latest_snapshot() {
         Ok(Some((seq, bytes))) => match decode_snapshot(&bytes) {
             Some((l, hash)) if l.last_seq() == seq => Some((l, hash)),
@@ -45,7 +47,25 @@ pub fn recover(store: &dyn LogStore) -> Result<Ledger, String> {
         }
         None => (Ledger::default(), None),
     };
-    if one_pass_fold(store, &mut l, anchor)? {
+    // The part of the log the snapshot covers is not folded: the store's own checks run over
+    // it meanwhile (SPEC §7: a damaged store is never served silently).
+    let check = store.readability_check(anchor.map_or(1, |a| a.0));
+    let folded = std::thread::scope(|scope| {
+        let checked = std::thread::Builder::new()
+            .name("bursar-check".into())
+            .spawn_scoped(scope, check)
+            .map_err(|e| format!("cannot start the store check: {e}"))?;
+        let folded = one_pass_fold(store, &mut l, anchor);
+        match checked.join() {
+            Ok(Ok(records)) => {
+                tracing::debug!("{records} records before the snapshot read back");
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("the store check panicked".to_string()),
+        }
+        folded
+    })?;
+    if folded {
         return Ok(l);
     }
     if had_snapshot {

@@ -133,9 +133,14 @@ fn store_snapshot(shared: &Shared, seq: u64, l: &Ledger, hash: Hash32) -> bool {
     if shared.poisoned.load(Ordering::SeqCst) {
         return false;
     }
-    match lock_store(shared).put_snapshot(seq, &bytes) {
+    let mut store = lock_store(shared);
+    match store.put_snapshot(seq, &bytes) {
         Ok(()) => {
             tracing::debug!("snapshot at seq {seq} ({} bytes)", bytes.len());
+            // Snapshots are taken between batches: every event up to `seq` is durable.
+            if let Err(e) = store.mark_durable(seq, hash) {
+                tracing::warn!("cannot mark seq {seq} durable (the log is intact): {e}");
+            }
             true
         }
         Err(e) => {
