@@ -339,10 +339,20 @@ impl VerifyError {
 /// for seq 1), each `hash` recomputes, ts non-decreasing. Returns the number of events and the
 /// head hash (zeros for an empty log).
 pub fn verify_chain(store: &dyn LogStore) -> Result<(u64, Hash32), VerifyError> {
+    verify_chain_to(store, u64::MAX)
+}
+
+/// [`verify_chain`] of the events up to seq `last` only: a running daemon verifies what is
+/// durable, not a batch whose sync is in progress or failed (SPEC §7: reads keep working
+/// while writes fail).
+pub fn verify_chain_to(store: &dyn LogStore, last: u64) -> Result<(u64, Hash32), VerifyError> {
     // The store's reader checks the chain as it decodes (each event's hash against the hash of
     // its bytes as stored: nothing is encoded again); this only names what it found.
     let mut head: Option<Head> = None;
-    for item in store.read_from(0) {
+    for item in store
+        .read_from(0)
+        .take_while(|item| item.as_ref().map_or(true, |env| env.seq <= last))
+    {
         let env = item.map_err(|source| match source {
             LogError::Chain(b) => VerifyError::from(b),
             source => VerifyError::Unreadable {

@@ -410,8 +410,9 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
             Pending::Blocking(Box::new(move |ctx: &Ctx| replay(ctx, r, actor, req)))
         }
         Request::Verify => Pending::Blocking(Box::new(move |ctx: &Ctx| {
+            let durable = *ctx.shared.durable.borrow();
             let store = lock_store(&ctx.shared);
-            match crate::log::verify_chain(store.as_ref()) {
+            match crate::log::verify_chain_to(store.as_ref(), durable) {
                 Ok((events, head)) => serde_json::to_string(&VerifyAnswer {
                     ok: true,
                     events,
