@@ -21,7 +21,9 @@ pub mod testing;
 
 pub use salvage::{salvage, SalvageError, Salvaged};
 
-pub use sled_store::{make_private, SledLog, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, RELEASE_WAIT};
+pub use sled_store::{
+    make_private, write_snapshot_file, SledLog, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, RELEASE_WAIT,
+};
 
 use bursar_schemas::event::{
     decode_record_checked, encode_sealed, Checked, CodecError, Envelope, Hash32, Sealed,
@@ -71,6 +73,13 @@ pub trait LogStore: Send {
 
     /// The newest snapshot and the seq it was taken at.
     fn latest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, LogError>;
+
+    /// The directory this store keeps snapshots in as files, when it does: the snapshot
+    /// thread then writes them with [`write_snapshot_file`] without holding the store (a
+    /// snapshot of tens of MiB synced under the store's lock would stall the writer).
+    fn snapshot_dir(&self) -> Option<PathBuf> {
+        None
+    }
 
     /// Note that every event up to `seq` (whose hash is `hash`) is durable, outside the log
     /// itself, so that a store that later loses acknowledged events (a file cut short, which

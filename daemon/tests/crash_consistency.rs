@@ -367,6 +367,7 @@ fn scenario(n: u64, fault: SyncFault) -> Outcome {
     run.shared
         .snapshot_every_events
         .store(SNAPSHOT_EVERY_EVENTS_HERE, Ordering::SeqCst);
+    run.shared.snapshot_amortized.store(false, Ordering::SeqCst);
     let mut sent: Vec<(WriteCmd, Option<Value>)> = Vec::new();
     let mut rounds_after_failure = 0;
     for (jump, cmds) in workload("w-", 30, 11) {

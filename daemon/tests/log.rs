@@ -551,19 +551,39 @@ fn only_the_two_newest_snapshots_are_kept() {
         Some((30, b"at thirty".to_vec()))
     );
     drop(log);
-    let kept: Vec<Vec<u8>> = with_raw_db(tmp.path(), |db| {
-        db.open_tree("snapshots")
-            .unwrap()
-            .iter()
-            .keys()
-            .map(|k| k.unwrap().to_vec())
-            .collect()
-    })
-    .unwrap();
+    // Snapshots are files beside sled's (not sled values, which stayed in its memory).
+    let mut kept: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok())
+        .filter(|n| n.starts_with("snapshot-"))
+        .collect();
+    kept.sort();
     assert_eq!(
         kept,
-        vec![20u64.to_be_bytes().to_vec(), 30u64.to_be_bytes().to_vec()]
+        vec![
+            "snapshot-00000000000000000020.bin",
+            "snapshot-00000000000000000030.bin"
+        ]
     );
+}
+
+/// A data dir whose snapshots an earlier release stored in sled's `snapshots` tree still
+/// starts from its newest one, until a file snapshot is newer.
+#[test]
+fn a_snapshot_stored_in_sled_by_an_earlier_release_is_still_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    drop(SledLog::open(tmp.path()).unwrap());
+    with_raw_db(tmp.path(), |db| {
+        db.open_tree("snapshots")
+            .unwrap()
+            .insert(7u64.to_be_bytes(), b"old".to_vec())
+            .unwrap();
+    })
+    .unwrap();
+    let mut log = SledLog::open(tmp.path()).unwrap();
+    assert_eq!(log.latest_snapshot().unwrap(), Some((7, b"old".to_vec())));
+    log.put_snapshot(9, b"new").unwrap();
+    assert_eq!(log.latest_snapshot().unwrap(), Some((9, b"new".to_vec())));
 }
 
 #[test]

@@ -202,6 +202,9 @@ pub struct Shared {
     pub readers_waiting: std::sync::atomic::AtomicUsize,
     /// Events between two snapshots ([`SNAPSHOT_EVERY_EVENTS`]; tests lower it).
     pub snapshot_every_events: AtomicU64,
+    /// Whether a snapshot also waits for as many events as the state holds entries (see
+    /// `Writer::snapshot`); tests that want snapshots every few events turn it off.
+    pub snapshot_amortized: AtomicBool,
 }
 
 impl Shared {
@@ -216,6 +219,7 @@ impl Shared {
             appended: AtomicU64::new(0),
             readers_waiting: Default::default(),
             snapshot_every_events: AtomicU64::new(SNAPSHOT_EVERY_EVENTS),
+            snapshot_amortized: AtomicBool::new(true),
         }
     }
 }
