@@ -61,15 +61,17 @@ def rfc3339(t: TimeLike) -> str:
 def usd_string(cost: Union[str, int, float, Decimal]) -> str:
     """A provider-reported cost as a plain decimal USD string (no exponent).
 
-    The daemon counts money in whole micro-USD, so numbers (floats such as LiteLLM's
-    ``response_cost`` in particular) are rounded *up* to 6 decimal places; a string is sent
-    as it is.
+    The daemon counts money in whole micro-USD, so numbers are rounded *up* to 6 decimal
+    places; a string is sent as it is. A float (LiteLLM's ``response_cost`` in particular) goes
+    through its shortest decimal text at a double's 15 significant digits first: its binary
+    noise is not money (``90 * 2.5e-6`` is ``0.00022500000000000002``, which is 225 µUSD, not
+    226).
     """
     if isinstance(cost, str):
         return cost
     if isinstance(cost, bool):
         raise TypeError("cost must be a number or a decimal string")
-    d = Decimal(repr(cost)) if isinstance(cost, float) else Decimal(cost)
+    d = Decimal(format(cost, ".15g")) if isinstance(cost, float) else Decimal(cost)
     if not d.is_finite() or d < 0:
         raise ValueError(f"cost must be finite and not negative, got {cost!r}")
     text = format(d.quantize(Decimal("0.000001"), rounding=ROUND_CEILING), "f")

@@ -314,6 +314,22 @@ class BursarCallback(CustomLogger):
         except NotFound:
             pass
 
+    @staticmethod
+    async def _off_loop(fn: Any, *args: Any) -> Any:
+        """Run the blocking client call `fn` on the loop's thread pool; when no thread can be
+        started any more, inline. LiteLLM flushes the async callbacks of a script that ended
+        first (`asyncio.run(litellm.acompletion(...))` as its last line) from an atexit handler
+        in a fresh loop, after the interpreter has begun shutting down, when a thread pool
+        refuses work ("cannot schedule new futures after interpreter shutdown"); the usage
+        must still be committed, and at exit blocking the loop for one round trip costs
+        nothing."""
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(None, fn, *args)
+        except RuntimeError:
+            return fn(*args)
+        return await future
+
     # --- LiteLLM hooks --------------------------------------------------------------------
 
     async def async_pre_call_deployment_hook(self, kwargs: Dict[str, Any], call_type: Any) -> Optional[dict]:
@@ -321,9 +337,7 @@ class BursarCallback(CustomLogger):
         model = kwargs.get("model")
         if call_id is None or not isinstance(model, str) or self._has(call_id):
             return None
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            None, functools.partial(self._reserve_sync, call_id, model, kwargs, True))
+        await self._off_loop(functools.partial(self._reserve_sync, call_id, model, kwargs, True))
         return None
 
     def log_pre_api_call(self, model: Any, messages: Any, kwargs: Dict[str, Any]) -> None:
@@ -340,9 +354,8 @@ class BursarCallback(CustomLogger):
             log.exception("bursar: could not commit the usage of a LiteLLM call")
 
     async def async_log_success_event(self, kwargs: Dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self._settle, kwargs, response_obj)
+            await self._off_loop(self._settle, kwargs, response_obj)
         except Exception:
             log.exception("bursar: could not commit the usage of a LiteLLM call")
 
@@ -353,9 +366,8 @@ class BursarCallback(CustomLogger):
             log.exception("bursar: could not release the hold of a failed LiteLLM call")
 
     async def async_log_failure_event(self, kwargs: Dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self._release, self._pop(self._call_id(kwargs)))
+            await self._off_loop(self._release, self._pop(self._call_id(kwargs)))
         except Exception:
             log.exception("bursar: could not release the hold of a failed LiteLLM call")
 

@@ -447,3 +447,19 @@ class DefaultSocketTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class UsdStringTest(unittest.TestCase):
+    """reported_cost_usd on the wire: exact decimals, floats through their shortest decimal."""
+
+    def test_float_noise_is_not_rounded_up_to_another_micro(self) -> None:
+        from bursar_client._proto import usd_string
+
+        self.assertEqual(90 * 2.5e-6, 0.00022500000000000002)  # 90 tokens at $2.50/Mtok
+        self.assertEqual(usd_string(0.00022500000000000002), "0.000225")
+        self.assertEqual(usd_string(0.1 + 0.2), "0.3")
+        # A real fraction of a micro-USD is still rounded up.
+        self.assertEqual(usd_string(0.0002251), "0.000226")
+        self.assertEqual(usd_string(Decimal("0.0000001")), "0.000001")
+        self.assertEqual(usd_string(3), "3")
+        self.assertEqual(usd_string("0.00022500000000000002"), "0.00022500000000000002")

@@ -64,6 +64,20 @@ class LiteLLMTest(unittest.TestCase):
         self.assertEqual(len(found), 1, f"usage events of call {call_id}: {found}\n{self.scenario_stderr}")
         return found[0]
 
+    def test_a_one_shot_async_script_records_its_spend(self) -> None:
+        t = team()
+        p = subprocess.run(
+            [str(venv_python()), str(HERE / "litellm_oneshot.py"), self.daemon.socket, t],
+            capture_output=True, text=True, timeout=120, cwd=str(HERE),
+            env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **LITELLM_ENV},
+        )
+        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+        self.assertNotIn("cannot schedule new futures", p.stderr)
+        b = self.client.status(labels={"team": t}).bucket("team-daily", f"team={t}")
+        self.assertIsNotNone(b, f"nothing recorded for the one-shot script:\n{p.stderr[-3000:]}")
+        self.assertGreater(b.spent_micros, 0, p.stderr[-3000:])
+        self.assertEqual((b.held_micros, b.live_holds, b.spent_requests), (0, 0, 1))
+
     def test_scenario_ran_to_the_end(self) -> None:
         self.assertEqual(self.calls[-1]["outcome"], "done", self.calls)
         self.assertEqual(len(self.calls_of("ok")), 8, self.calls)
