@@ -32,6 +32,8 @@ const DURABLE_MARK_FILE: &str = "durable-head";
 /// writers filled a 4 MiB tmpfs. Reads then take these records instead (SPEC §7: reads keep
 /// working while writes fail, and export everything that was answered).
 const RECENT_RECORDS: usize = 1024;
+/// Bytes of a snapshot file written between two syncs (see [`write_snapshot_file`]).
+const SNAPSHOT_SYNC_CHUNK: usize = 1 << 20;
 
 /// The event log stored with sled in one data dir (which it locks against other processes).
 pub struct SledLog {
@@ -631,8 +633,14 @@ pub fn write_snapshot_file(dir: &Path, seq: u64, bytes: &[u8]) -> Result<(), Log
             .truncate(true)
             .mode(PRIVATE_FILE_MODE)
             .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_data()?;
+        // In synced chunks: on ext4 (ordered data), the writer's `fdatasync` of the log waits
+        // for every dirty page a journal commit must cover, so a snapshot of tens of MiB
+        // written in one go slowed every group commit while it was flushed (churn bench:
+        // 63,400 records/s with one sync at the end, 76,000 with none at all).
+        for chunk in bytes.chunks(SNAPSHOT_SYNC_CHUNK) {
+            f.write_all(chunk)?;
+            f.sync_data()?;
+        }
         std::fs::rename(&tmp, &path)
     };
     if let Err(e) = write() {
