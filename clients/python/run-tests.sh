@@ -3,7 +3,8 @@
 #
 #   bash clients/python/run-tests.sh            # from anywhere; builds nothing
 #
-# Needs target/debug/bursard (cargo build -p bursard), or BURSARD=/path/to/bursard.
+# Needs target/debug/bursard (cargo build -p bursard), or BURSARD=/path/to/bursard; with
+# CARGO_TARGET_DIR set (as cargo honours it), $CARGO_TARGET_DIR/debug/bursard.
 # PYTHON picks the interpreter (default python3, 3.9+). The LiteLLM test installs litellm into
 # target/py/litellm-venv once (kept as a cache) and is skipped, saying why, when it cannot.
 # The last line is the summary: "N passed, M failed" (", K skipped" when any were).
@@ -12,7 +13,9 @@ set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 py="${PYTHON:-python3}"
-export BURSARD="${BURSARD:-$repo/target/debug/bursard}"
+target="${CARGO_TARGET_DIR:-$repo/target}"
+case "$target" in /*) ;; *) target="$PWD/$target" ;; esac   # cargo reads it from the cwd too
+export BURSARD="${BURSARD:-$target/debug/bursard}"
 export PYTHONDONTWRITEBYTECODE=1
 
 if [ ! -x "$BURSARD" ]; then

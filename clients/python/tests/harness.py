@@ -55,7 +55,8 @@ max_concurrent = 2
 
 def bursard_path() -> Path:
     env = os.environ.get("BURSARD")
-    path = Path(env) if env else REPO_ROOT / "target" / "debug" / "bursard"
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO_ROOT / "target")
+    path = Path(env) if env else target.resolve() / "debug" / "bursard"
     if not path.is_file():
         raise RuntimeError(
             f"bursard binary not found at {path}: run `cargo build -p bursard` first "
