@@ -277,8 +277,11 @@ struct TailArgs {
     #[arg(short = 'f', long)]
     follow: bool,
     /// Start at this seq (default: the last 10 events; with -f, only new ones).
-    #[arg(long, value_name = "SEQ")]
+    #[arg(long, value_name = "SEQ", conflicts_with = "lines")]
     from_seq: Option<u64>,
+    /// The last N events (default 10; with -f, then the new ones).
+    #[arg(short = 'n', long, value_name = "N")]
+    lines: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -295,10 +298,10 @@ struct ExportArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Jsonl)]
     format: Format,
-    /// Events at or after this time (RFC 3339).
+    /// Events at or after this time: RFC 3339, or a duration before now (`1h`, `2days`).
     #[arg(long, value_name = "TIME")]
     since: Option<String>,
-    /// Events before this time (RFC 3339).
+    /// Events before this time: RFC 3339, or a duration before now.
     #[arg(long, value_name = "TIME")]
     until: Option<String>,
     /// Keep events carrying this label with this value (repeatable; all must hold).
@@ -315,7 +318,8 @@ struct ReplayArgs {
     /// JSON price file. Merged over the prices in force.
     #[arg(long, value_name = "FILE")]
     pricing: PathBuf,
-    /// The new prices apply to events at or after this time (RFC 3339; default: all).
+    /// The new prices apply to events at or after this time (RFC 3339, or a duration before
+    /// now such as `7days`; default: all).
     #[arg(long, value_name = "TIME")]
     since: Option<String>,
     /// Append a pricing_changed event so the live figures follow (admin only).
@@ -719,11 +723,13 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
                 return Err(msg("tail -f needs the daemon (no events arrive offline)"));
             }
             let mut off = open_offline(dir)?;
-            let from = a.from_seq.unwrap_or_else(|| {
-                off.head()
-                    .saturating_sub(bursard::server::TAIL_DEFAULT_EVENTS - 1)
-                    .max(1)
-            });
+            let last = a.lines.unwrap_or(bursard::server::TAIL_DEFAULT_EVENTS);
+            if last == 0 && a.from_seq.is_none() {
+                return Ok(0);
+            }
+            let from = a
+                .from_seq
+                .unwrap_or_else(|| off.head().saturating_sub(last - 1).max(1));
             for ev in off.events(from, &ExportRequest::default())? {
                 print_event(out, &ev?, json)?;
             }
@@ -731,8 +737,27 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
         }
         Source::Daemon(path) => {
             let mut c = Client::connect(path)?;
+            // `-n N`: the daemon's default tail (its last events) gives the head's seq, then the
+            // last N are asked for from there.
+            let from_seq = match a.lines {
+                None => a.from_seq,
+                Some(n) => {
+                    let mut head = None;
+                    for ev in c.stream(&Request::Tail(TailRequest {
+                        from_seq: None,
+                        follow: false,
+                    }))? {
+                        head = Some(ev?.seq);
+                    }
+                    match head {
+                        Some(h) if n > 0 => Some(h.saturating_sub(n - 1).max(1)),
+                        Some(h) => Some(h + 1),
+                        None => None,
+                    }
+                }
+            };
             let mut stream = c.stream(&Request::Tail(TailRequest {
-                from_seq: a.from_seq,
+                from_seq,
                 follow: a.follow,
             }))?;
             for ev in stream.by_ref() {
@@ -864,23 +889,33 @@ impl Progress {
     }
 }
 
-fn check_time(flag: &str, t: &Option<String>) -> Res<()> {
-    if let Some(t) = t {
-        if bursar_core::time::parse_ts(t).is_none() {
-            return Err(msg(format!(
-                "--{flag}: {t:?} is not an RFC 3339 time (e.g. 2026-11-23T10:00:00Z)"
-            )));
-        }
+/// A time flag as RFC 3339: given so, or as a duration before now (`1h`, `30m`, `2days`,
+/// `1h 30m`).
+fn time_flag(flag: &str, t: &Option<String>) -> Res<Option<String>> {
+    let Some(t) = t else {
+        return Ok(None);
+    };
+    if bursar_core::time::parse_ts(t).is_some() {
+        return Ok(Some(t.clone()));
     }
-    Ok(())
+    let ago = humantime::parse_duration(t).map_err(|_| {
+        msg(format!(
+            "--{flag}: {t:?} is neither an RFC 3339 time (e.g. 2026-11-23T10:00:00Z) nor a \
+             duration before now (e.g. 1h, 30m, 2days)"
+        ))
+    })?;
+    let micros = i64::try_from(ago.as_micros())
+        .map_err(|_| msg(format!("--{flag}: {t:?} is too long ago")))?;
+    Ok(Some(bursar_core::time::format_ts(
+        now_micros().saturating_sub(micros),
+    )))
 }
 
 fn export(source: &Source, a: &ExportArgs, stdout: &mut dyn Write) -> Res<u8> {
-    check_time("since", &a.since)?;
-    check_time("until", &a.until)?;
+    let (since, until) = (time_flag("since", &a.since)?, time_flag("until", &a.until)?);
     let req = ExportRequest {
-        since: a.since.clone(),
-        until: a.until.clone(),
+        since,
+        until,
         labels: (!a.labels.is_empty()).then(|| labels_of(&a.labels)),
     };
     let mut sink = Sink::new(a.output.as_deref(), stdout)?;
@@ -1096,7 +1131,7 @@ fn read_pricing_file(path: &Path) -> Res<PricingSection> {
 }
 
 fn replay(source: &Source, a: &ReplayArgs, json: bool, out: &mut dyn Write) -> Res<u8> {
-    check_time("since", &a.since)?;
+    let since = time_flag("since", &a.since)?;
     let pricing = read_pricing_file(&a.pricing)?;
     let (answer, offline) = match source {
         Source::Offline(dir) => {
@@ -1106,13 +1141,13 @@ fn replay(source: &Source, a: &ReplayArgs, json: bool, out: &mut dyn Write) -> R
                      drop --apply for a dry run",
                 ));
             }
-            let answer = open_offline(dir)?.replay(&pricing, a.since.as_deref(), now_micros())?;
+            let answer = open_offline(dir)?.replay(&pricing, since.as_deref(), now_micros())?;
             (serde_json::to_value(&answer).unwrap_or(Value::Null), true)
         }
         Source::Daemon(path) => {
             let v = Client::connect(path)?.call_raw(&Request::Replay(ReplayRequest {
                 pricing,
-                since: a.since.clone(),
+                since: since.clone(),
                 apply: a.apply,
             }))?;
             (v, false)
@@ -1125,7 +1160,7 @@ fn replay(source: &Source, a: &ReplayArgs, json: bool, out: &mut dyn Write) -> R
     write!(
         out,
         "{}",
-        render::replay_answer(&a2, a.since.as_deref(), offline)
+        render::replay_answer(&a2, since.as_deref(), offline)
     )?;
     Ok(0)
 }

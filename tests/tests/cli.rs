@@ -580,6 +580,26 @@ fn tail_shows_the_last_events_and_follows_new_ones() {
         .json_lines();
     assert_eq!(all.len(), 13);
     assert_eq!(all[0]["type"], "policy_applied");
+    // -n N: the last N, more or fewer than the default ten, from the daemon and offline.
+    for n in [3u64, 12] {
+        let seqs = |lines: Vec<Value>| -> Vec<u64> {
+            lines.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+        };
+        let want: Vec<u64> = (14 - n..=13).collect();
+        let n_text = n.to_string();
+        assert_eq!(
+            seqs(d.cli(&["--json", "tail", "-n", &n_text]).ok().json_lines()),
+            want
+        );
+        assert_eq!(
+            seqs(
+                d.cli(&["--json", "tail", "--lines", &n_text])
+                    .ok()
+                    .json_lines()
+            ),
+            want
+        );
+    }
     let human = d.cli(&["tail"]).ok().stdout;
     assert_eq!(human.lines().count(), 10);
     assert!(
@@ -692,6 +712,21 @@ fn export_csv_and_jsonl_have_one_line_per_event() {
         .ok()
         .stdout;
     assert!(past.is_empty());
+    // Durations before now: the last hour holds every event, before a day ago none.
+    let hour = d
+        .cli(&["export", "--format", "jsonl", "--since", "1h"])
+        .ok()
+        .json_lines();
+    assert_eq!(hour.len() as u64, events);
+    let day_ago = d.cli(&["export", "--until", "1day"]).ok().stdout;
+    assert!(day_ago.is_empty(), "{day_ago}");
+    let bad = d.cli(&["export", "--since", "yesterdayish"]);
+    assert_eq!(bad.code, Some(1));
+    assert!(
+        bad.stderr.contains("--since") && bad.stderr.contains("duration before now"),
+        "{}",
+        bad.stderr
+    );
 
     // -o FILE: written whole, a note on stderr, nothing on stdout.
     let file = d.dir.path().join("audit.csv");
