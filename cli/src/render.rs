@@ -41,7 +41,8 @@ pub fn bar(utilization: f64) -> String {
     } else {
         1.0
     };
-    let filled = ((u.min(1.0) * BAR_WIDTH as f64).round() as usize).min(BAR_WIDTH);
+    // Rounded down: the bar is full only when the budget is (98 % is 19 of 20).
+    let filled = ((u.min(1.0) * BAR_WIDTH as f64).floor() as usize).min(BAR_WIDTH);
     let pct = (u * 100.0).floor();
     format!(
         "[{}{}] {:>3}%",
@@ -289,7 +290,12 @@ pub fn budgets_table(budgets: &[BudgetReport], now: TsMicros) -> String {
                 bar(b.utilization)
             },
             state_text(b),
-            next_reset(b.window_end.as_deref(), now),
+            if b.window == "rolling" {
+                // A rolling window never resets: its calls age out one slot at a time.
+                "rolling (slides)".to_string()
+            } else {
+                next_reset(b.window_end.as_deref(), now)
+            },
         ]);
     }
     t.render()
@@ -563,6 +569,23 @@ mod tests {
         assert_eq!(bar(0.0), "[--------------------]   0%");
         assert_eq!(bar(0.5), "[##########----------]  50%");
         assert_eq!(bar(1.5), "[####################] 150%");
+        assert_eq!(bar(0.98), "[###################-]  98%");
+        assert_eq!(bar(1.0), "[####################] 100%");
+    }
+
+    #[test]
+    fn a_rolling_window_slides_rather_than_resetting() {
+        let b: BudgetReport = serde_json::from_value(serde_json::json!({
+            "budget": "rpm", "key": "", "spent_micros": 0, "held_micros": 0,
+            "spent_tokens": 0, "held_tokens": 0, "limit_requests": 60, "spent_requests": 3,
+            "remaining_requests": 57, "live_holds": 0, "utilization": 0.05, "state": "ok",
+            "enforce": "deny", "window": "rolling", "window_end": "2026-12-03T10:00:00.5Z"
+        }))
+        .unwrap();
+        let now = parse_ts("2026-12-03T10:00:00Z").unwrap();
+        let table = budgets_table(&[b], now);
+        assert!(table.contains("rolling (slides)"), "{table}");
+        assert!(!table.contains("<1s"), "{table}");
     }
 
     #[test]

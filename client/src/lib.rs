@@ -176,7 +176,8 @@ impl Client {
     /// Connect to the daemon's socket.
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
         let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.to_path_buf(),
+            // Absolute in the message: "./bursar.sock" says little about where it looked.
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
             source,
         })?;
         let reader = BufReader::new(stream.try_clone()?);
@@ -484,6 +485,14 @@ mod tests {
             "cannot connect to bursard at /nonexistent/bursar.sock: No such file or directory \
              (is the daemon running? start it with `bursard`)"
         );
+    }
+
+    #[test]
+    fn a_relative_socket_path_is_shown_absolute_when_the_connection_fails() {
+        let err = Client::connect(Path::new("no-such-dir/bursar.sock")).unwrap_err();
+        let cwd = std::env::current_dir().unwrap();
+        let want = format!("at {}: ", cwd.join("no-such-dir/bursar.sock").display());
+        assert!(err.to_string().contains(&want), "{err}");
     }
 
     #[test]
