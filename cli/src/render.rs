@@ -92,10 +92,12 @@ impl Table {
     /// The table as text, one line per row, each ending in a newline.
     pub fn render(&self) -> String {
         let n = self.header.len();
-        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        // Display width (a CJK character takes two columns), not chars.
+        let width = |s: &str| unicode_width::UnicodeWidthStr::width(s);
+        let mut widths: Vec<usize> = self.header.iter().map(|h| width(h)).collect();
         for r in &self.rows {
             for (i, c) in r.iter().enumerate().take(n) {
-                widths[i] = widths[i].max(c.chars().count());
+                widths[i] = widths[i].max(width(c));
             }
         }
         let mut out = String::new();
@@ -103,7 +105,7 @@ impl Table {
             let mut line = String::new();
             for (i, w) in widths.iter().enumerate() {
                 let cell = r.get(i).map(String::as_str).unwrap_or("");
-                let pad = w.saturating_sub(cell.chars().count());
+                let pad = w.saturating_sub(width(cell));
                 if i > 0 {
                     line.push_str("  ");
                 }
@@ -586,6 +588,20 @@ mod tests {
         let table = budgets_table(&[b], now);
         assert!(table.contains("rolling (slides)"), "{table}");
         assert!(!table.contains("<1s"), "{table}");
+    }
+
+    #[test]
+    fn wide_characters_take_two_columns() {
+        let mut t = Table::new(&["SCOPE", ">N"]);
+        t.row(vec!["team=検索チーム".into(), "1".into()]);
+        t.row(vec!["team=search".into(), "100".into()]);
+        // `team=検索チーム` is 15 columns wide (five wide characters); every line ends in column 20.
+        let text = t.render();
+        let ends: Vec<usize> = text
+            .lines()
+            .map(unicode_width::UnicodeWidthStr::width)
+            .collect();
+        assert_eq!(ends, vec![20, 20, 20], "{text}");
     }
 
     #[test]
