@@ -119,13 +119,14 @@ impl ClientError {
 
 /// `code: message` on one line, naming the field when the message does not already.
 pub fn describe_wire_error(e: &WireError) -> String {
-    let message = e
-        .message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
+    // Lines joined with "; ", or a space after a line that ends in ':' (a heading).
+    let mut message = String::new();
+    for line in e.message.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !message.is_empty() {
+            message.push_str(if message.ends_with(':') { " " } else { "; " });
+        }
+        message.push_str(line);
+    }
     match &e.field {
         Some(f) if !message.contains(f.as_str()) => {
             format!("{}: {message} (field {f})", e.code.as_str())

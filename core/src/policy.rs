@@ -549,7 +549,12 @@ fn deserialize_error(
         "is required".to_string()
     } else if let Some(rest) = raw_message.strip_prefix("unknown field `") {
         match rest.split_once("`, expected ") {
-            Some((_, expected)) => format!("unknown key (expected {expected})"),
+            Some((typed, expected)) => match closest_key(typed, expected) {
+                Some(key) => {
+                    format!("unknown key; did you mean `{key}`? (expected {expected})")
+                }
+                None => format!("unknown key (expected {expected})"),
+            },
             None => "unknown key".to_string(),
         }
     } else {
@@ -1290,4 +1295,17 @@ mod tests {
         assert!(warn_at_to_ppm(f64::NAN).is_err());
         assert!(warn_at_to_ppm(0.1234567).is_err());
     }
+}
+
+/// The key among serde's "one of `a`, `b`" list that `typed` most likely meant: the nearest
+/// by edit distance, when it is close (at most a third of the key's length, and 3 edits).
+fn closest_key<'a>(typed: &str, expected: &'a str) -> Option<&'a str> {
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|key| (strsim::damerau_levenshtein(typed, key), key))
+        .filter(|(d, key)| *d <= 3 && *d * 3 <= key.len().max(typed.len()))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, key)| key)
 }

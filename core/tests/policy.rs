@@ -184,6 +184,20 @@ fn dollars_as_number_or_decimal_string_convert_exactly() {
 }
 
 #[test]
+fn an_unknown_key_suggests_the_key_a_typo_meant() {
+    let text = file(&["[daemon]", "socket = \"s\"", "sokcet = \"t\""]);
+    let msg = error_at(&text, "daemon.sokcet", 3);
+    assert!(msg.contains("did you mean `socket`?"), "{msg}");
+    let text = budget(&["max_usd = 1", "window_secnds = 60"]);
+    let msg = error_at(&text, "budget[0].window_secnds", 4);
+    assert!(msg.contains("did you mean `window_seconds`?"), "{msg}");
+    // Nothing close: no guess.
+    let text = budget(&["max_usd = 1", "colour = 2"]);
+    let msg = error_at(&text, "budget[0].colour", 4);
+    assert!(!msg.contains("did you mean"), "{msg}");
+}
+
+#[test]
 fn unknown_key_is_named_with_its_line() {
     let text = file(&["[daemon]", "socket = \"s\"", "sokcet = \"t\""]);
     let msg = error_at(&text, "daemon.sokcet", 3);

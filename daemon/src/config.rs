@@ -39,8 +39,23 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is invalid.
-    #[error("invalid config:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    #[error("{}", invalid_text(.0))]
     Invalid(Vec<PolicyError>),
+}
+
+/// `invalid config: <the error>`, or a count and one error per line.
+fn invalid_text(errors: &[PolicyError]) -> String {
+    match errors {
+        [one] => format!("invalid config: {one}"),
+        many => format!(
+            "invalid config ({} errors):\n{}",
+            many.len(),
+            many.iter()
+                .map(|e| format!("  {e}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    }
 }
 
 /// Read and validate a policy file. Imports are resolved relative to the file's directory.

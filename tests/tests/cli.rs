@@ -1196,6 +1196,14 @@ fn reload_reads_the_policy_file_again() {
         bad.stderr
     );
     assert!(bad.stderr.contains("budget[0].id"), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains(&format!(
+            "invalid config: {}:2: budget[0].id",
+            config.display()
+        )),
+        "one sentence, no stray separator: {}",
+        bad.stderr
+    );
     assert_one_clean_error_line(&bad.stderr);
     let kept = d.cli_json(&["status"]);
     assert_eq!(
