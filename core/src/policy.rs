@@ -1230,6 +1230,19 @@ fn parse_utc_offset(text: &str) -> Option<i32> {
     Some(sign * (hours * 3600 + minutes * 60))
 }
 
+/// The key among serde's "one of `a`, `b`" list that `typed` most likely meant: the nearest
+/// by edit distance, when it is close (at most a third of the key's length, and 3 edits).
+fn closest_key<'a>(typed: &str, expected: &'a str) -> Option<&'a str> {
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|key| (strsim::damerau_levenshtein(typed, key), key))
+        .filter(|(d, key)| *d <= 3 && *d * 3 <= key.len().max(typed.len()))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, key)| key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1295,17 +1308,4 @@ mod tests {
         assert!(warn_at_to_ppm(f64::NAN).is_err());
         assert!(warn_at_to_ppm(0.1234567).is_err());
     }
-}
-
-/// The key among serde's "one of `a`, `b`" list that `typed` most likely meant: the nearest
-/// by edit distance, when it is close (at most a third of the key's length, and 3 edits).
-fn closest_key<'a>(typed: &str, expected: &'a str) -> Option<&'a str> {
-    expected
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(|key| (strsim::damerau_levenshtein(typed, key), key))
-        .filter(|(d, key)| *d <= 3 && *d * 3 <= key.len().max(typed.len()))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, key)| key)
 }
