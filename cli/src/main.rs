@@ -1011,7 +1011,12 @@ fn salvage(source: &Source, to: &Path, json: bool, out: &mut dyn Write) -> Res<u
     })?;
     if s.copied == 0 {
         let _ = std::fs::remove_dir_all(&s.to);
-        let why = s.left_behind.map(|l| l.1).unwrap_or_default();
+        let Some((_, why)) = s.left_behind else {
+            return Err(msg(format!(
+                "the log in {} is empty: nothing to salvage",
+                dir.display()
+            )));
+        };
         return Err(msg(format!(
             "nothing in {} can be salvaged (the first event already: {why}); restore it from a \
              backup",

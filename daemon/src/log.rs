@@ -358,10 +358,13 @@ pub fn verify_chain_to(store: &dyn LogStore, last: u64) -> Result<(u64, Hash32),
     // The store's reader checks the chain as it decodes (each event's hash against the hash of
     // its bytes as stored: nothing is encoded again); this only names what it found.
     let mut head: Option<Head> = None;
-    for item in store
-        .read_from(0)
-        .take_while(|item| item.as_ref().map_or(true, |env| env.seq <= last))
-    {
+    let mut items = store.read_from(0);
+    // Nothing after `last` is read: a batch not yet durable cannot fail this.
+    while let Some(item) = if head.is_some_and(|h| h.0 >= last) {
+        None
+    } else {
+        items.next()
+    } {
         let env = item.map_err(|source| match source {
             LogError::Chain(b) => VerifyError::from(b),
             source => VerifyError::Unreadable {

@@ -653,3 +653,47 @@ fn recovery_checks_the_snapshots_last_event_against_the_log() {
     log.sync().unwrap();
     assert_eq!(bursard::writer::recover(&log).unwrap(), full);
 }
+
+// ---- salvage ---------------------------------------------------------------------------------
+
+/// Salvage copies everything before the first bad seq, names that seq (the one expected, not
+/// the one found after a gap), and its copy verifies; the intact events of the record holding
+/// the break are kept.
+#[test]
+fn salvage_keeps_the_intact_prefix_and_names_the_first_missing_seq() {
+    for (deleted, copied) in [(4u64, 3u64), (6, 5), (3, 2)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let from = tmp.path().join("from");
+        tamperable_log(&from);
+        tamper_delete(&from, deleted).unwrap();
+        let to = tmp.path().join("to");
+        let s = bursard::log::salvage(&from, &to).unwrap();
+        assert_eq!(s.copied, copied, "deleting {deleted}: {s:?}");
+        assert_eq!(
+            s.left_behind.as_ref().map(|l| l.0),
+            Some(deleted),
+            "deleting {deleted}: {s:?}"
+        );
+        assert_eq!(verify_dir(&to).unwrap().0, copied);
+    }
+}
+
+#[test]
+fn salvage_refuses_a_dir_without_a_store_and_a_destination_in_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nothing = tmp.path().join("typo");
+    let err = bursard::log::salvage(&nothing, &tmp.path().join("to")).unwrap_err();
+    assert!(err.to_string().contains("not a bursar data dir"), "{err}");
+    assert!(!nothing.exists(), "nothing created at a mistyped path");
+    let from = tmp.path().join("from");
+    tamperable_log(&from);
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("keep.txt"), "mine").unwrap();
+    let err = bursard::log::salvage(&from, &busy).unwrap_err();
+    assert!(err.to_string().contains("not empty"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(busy.join("keep.txt")).unwrap(),
+        "mine"
+    );
+}

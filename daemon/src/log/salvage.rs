@@ -36,6 +36,19 @@ pub enum SalvageError {
     /// The destination exists and is not an empty directory.
     #[error("{} already exists and is not empty: salvage writes only into a new data dir", .0.display())]
     DestinationInUse(PathBuf),
+    /// sled cannot open the damaged store at all: nothing in it can be read.
+    #[error(
+        "sled cannot open {} at all ({}): nothing in it can be read; restore the data dir from \
+         a backup",
+        file.display(),
+        super::sled_text(source)
+    )]
+    Unopenable {
+        /// The damaged file.
+        file: PathBuf,
+        /// sled's error.
+        source: sled::Error,
+    },
     /// The damaged store cannot be opened, or the new one cannot be written.
     #[error(transparent)]
     Log(#[from] LogError),
@@ -60,7 +73,19 @@ pub fn salvage(from: &Path, to: &Path) -> Result<Salvaged, SalvageError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(_) => return Err(SalvageError::DestinationInUse(to.to_path_buf())),
     }
-    let (db, _claim) = open_db(from)?;
+    if !from.join("db").is_file() {
+        return Err(SalvageError::Log(LogError::Open {
+            dir: from.to_path_buf(),
+            source: sled::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not a bursar data dir (no sled database `db` in it)",
+            )),
+        }));
+    }
+    let (db, _claim) = open_db(from).map_err(|e| match e {
+        LogError::Damaged { file, source } => SalvageError::Unopenable { file, source },
+        other => SalvageError::Log(other),
+    })?;
     let log = db.open_tree("log").map_err(|source| LogError::Storage {
         op: "open tree log",
         source,
@@ -110,10 +135,13 @@ pub fn salvage(from: &Path, to: &Path) -> Result<Salvaged, SalvageError> {
                 break;
             }
         };
+        let before_record = prev;
         let mut intact = 0;
         for c in &checked {
             if let Err(b) = ChainBreak::check(prev, c) {
-                left_behind = Some((b.seq(), b.to_string()));
+                // The seq expected next is the first one not copied (a gap names the seq it
+                // found instead).
+                left_behind = Some((prev.map_or(1, |h| h.0 + 1), b.to_string()));
                 break;
             }
             prev = Some((c.env.seq, c.env.hash, c.env.ts));
@@ -122,9 +150,27 @@ pub fn salvage(from: &Path, to: &Path) -> Result<Salvaged, SalvageError> {
         if intact == checked.len() && key == checked.first().map_or(key, |c| c.env.seq) {
             out.put_raw_record(key, &bytes)?;
         } else if intact > 0 {
+            // The intact events before the break, in a record of their own: encoded again, so
+            // kept only when every hash still recomputes from the new bytes (an old event whose
+            // JSON encodes differently today would not); else the copy ends before the record.
             let envs: Vec<_> = checked.into_iter().take(intact).map(|c| c.env).collect();
             let raw = encode_record(&envs).map_err(LogError::Encode)?;
-            out.put_raw_record(envs[0].seq, &pack_raw(&raw))?;
+            let packed = pack_raw(&raw);
+            let same = decode_checked_at(envs[0].seq, &packed).is_ok_and(|again| {
+                again.len() == envs.len()
+                    && again
+                        .iter()
+                        .zip(&envs)
+                        .all(|(a, e)| a.content_hash == e.hash && a.env.hash == e.hash)
+            });
+            if same {
+                out.put_raw_record(envs[0].seq, &packed)?;
+            } else {
+                prev = before_record;
+                if let Some((_, why)) = left_behind.take() {
+                    left_behind = Some((prev.map_or(1, |h| h.0 + 1), why));
+                }
+            }
         }
         if left_behind.is_some() {
             break;

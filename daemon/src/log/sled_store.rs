@@ -413,7 +413,7 @@ impl LogStore for SledLog {
         let start = match self.log.range(..=seq_key(seq)).next_back() {
             None => None,
             Some(Ok((k, _))) => Some(k),
-            Some(Err(e)) => {
+            Some(Err(e @ sled::Error::Io(_))) => {
                 // The holder among the kept records, when the first of them is at or before
                 // `seq` (kept records are consecutive: then the last such one holds it).
                 let holder = self
@@ -431,6 +431,8 @@ impl LogStore for SledLog {
                 let records = self.recent.iter().skip(i).map(|(k, v)| Ok((*k, v.clone())));
                 return Box::new(RecordEnvelopes::new(records, seq));
             }
+            // A checksum that fails is damage, never read around.
+            Some(Err(e)) => return Box::new(std::iter::once(Err(storage("read log")(e)))),
         };
         let first = match &start {
             Some(k) => key_seq(k).ok(),
@@ -566,7 +568,8 @@ impl Iterator for WithRecent<'_> {
                 self.last = Some(key);
                 Some(Ok((key, v)))
             }
-            Err(e) => {
+            // Only a failed I/O (a full disk) is read around; a checksum that fails is damage.
+            Err(e @ sled::Error::Io(_)) => {
                 // Continue with the kept records only where nothing between the last record
                 // read and them can be missing: the kept record at the key sled should have
                 // yielded next is the one after the last read (kept records are consecutive),
@@ -594,6 +597,7 @@ impl Iterator for WithRecent<'_> {
                     None => Some(Err(storage("read log")(e))),
                 }
             }
+            Err(e) => Some(Err(storage("read log")(e))),
         }
     }
 }
@@ -648,6 +652,16 @@ pub fn write_snapshot_file(dir: &Path, seq: u64, bytes: &[u8]) -> Result<(), Log
         return Err(io("write snapshot", &path)(e));
     }
     sync_dir(dir)?;
+    // A snapshot file left half-written by a crash (its `.tmp`) is never read: remove it.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("snapshot-") && name.ends_with(".bin.tmp") && e.path() != tmp {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let mut seqs = snapshot_files(dir);
     seqs.sort_unstable();
     let drop_count = seqs.len().saturating_sub(SNAPSHOTS_KEPT);

@@ -396,6 +396,25 @@ impl<L: LogStore> LogStore for FaultyLog<L> {
     fn latest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, LogError> {
         self.inner.latest_snapshot()
     }
+
+    fn snapshot_dir(&self) -> Option<std::path::PathBuf> {
+        self.inner.snapshot_dir()
+    }
+
+    fn mark_durable(&mut self, seq: u64, hash: Hash32) -> Result<(), LogError> {
+        self.inner.mark_durable(seq, hash)
+    }
+
+    fn durable_mark(&self) -> Option<(u64, Hash32)> {
+        self.inner.durable_mark()
+    }
+
+    fn readability_check(
+        &self,
+        before: u64,
+    ) -> Box<dyn FnOnce() -> Result<u64, LogError> + Send + '_> {
+        self.inner.readability_check(before)
+    }
 }
 
 /// Offline (the dir must not be open): run `f` on the raw sled database of a data dir (trees
