@@ -88,6 +88,10 @@ class AsyncClient:
         self.timeout = timeout
         self.retry_timeout = retry_timeout
         self.client_name = client_name
+        # Whether a daemon ever answered: until one has, a failed connect fails at once (a
+        # wrong socket path is not worth `retry_timeout` of waiting); after, it is retried
+        # across a restart.
+        self._reached = False
         self._lock: Optional[asyncio.Lock] = None  # made lazily, inside the running loop
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._conn: Optional[_AConn] = None
@@ -143,6 +147,7 @@ class AsyncClient:
                     await self._conn.send(line)
                     sent = True
                     answer = P.parse_line(await self._conn.read(self.timeout))
+                    self._reached = True
                 except _TRANSPORT_ERRORS as e:
                     await self._drop()
                     if sent and not call.resend_safe:
@@ -150,8 +155,18 @@ class AsyncClient:
                             f"connection to {self.socket_path} lost during `{call.body['op']}`; "
                             f"it may or may not have been applied: {e!r}"
                         ) from e
-                    delay = None if isinstance(e, PermissionError) else backoff.next_delay()
+                    never_reached = not self._reached and not sent
+                    delay = (
+                        None
+                        if isinstance(e, PermissionError) or never_reached
+                        else backoff.next_delay()
+                    )
                     if delay is None:
+                        if never_reached:
+                            raise Disconnected(
+                                f"cannot reach bursard at {self.socket_path}: {e!r} (is the "
+                                f"daemon running? --socket / BURSAR_SOCKET pick the socket)"
+                            ) from e
                         raise Disconnected(
                             f"cannot reach bursard at {self.socket_path} (retried for up to "
                             f"{self.retry_timeout:g}s): {e!r}"

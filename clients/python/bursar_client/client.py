@@ -93,7 +93,9 @@ class Client:
         retry_timeout: how long to keep reconnecting and resending when the daemon is
             unreachable, drops the connection, or answers ``overloaded``. Requests carry
             idempotency ids (generated when not given), so a resent request that had already
-            been applied is answered as a duplicate and never counted twice.
+            been applied is answered as a duplicate and never counted twice. Until a daemon
+            has answered this client once, a failed connection fails at once (a wrong socket
+            path is not worth waiting for); after that, it is retried across a restart.
         client_name: sent with ``hello``.
 
     All methods may raise :class:`~bursar_client.BursarError` subclasses.
@@ -111,6 +113,10 @@ class Client:
         self.timeout = timeout
         self.retry_timeout = retry_timeout
         self.client_name = client_name
+        # Whether a daemon ever answered: until one has, a failed connect fails at once (a
+        # wrong socket path is not worth `retry_timeout` of waiting); after, it is retried
+        # across a restart.
+        self._reached = False
         self._lock = threading.Lock()
         self._conn: Optional[_Conn] = None
 
@@ -159,6 +165,7 @@ class Client:
                     # delivered nothing: a closed peer cannot read a partial line.)
                     sent = True
                     answer = P.parse_line(conn.read())
+                    self._reached = True
                 except _TRANSPORT_ERRORS as e:
                     self._drop()
                     if sent and not call.resend_safe:
@@ -166,8 +173,18 @@ class Client:
                             f"connection to {self.socket_path} lost during `{call.body['op']}`; "
                             f"it may or may not have been applied: {e}"
                         ) from e
-                    delay = None if isinstance(e, PermissionError) else backoff.next_delay()
+                    never_reached = not self._reached and not sent
+                    delay = (
+                        None
+                        if isinstance(e, PermissionError) or never_reached
+                        else backoff.next_delay()
+                    )
                     if delay is None:
+                        if never_reached:
+                            raise Disconnected(
+                                f"cannot reach bursard at {self.socket_path}: {e} (is the "
+                                f"daemon running? --socket / BURSAR_SOCKET pick the socket)"
+                            ) from e
                         raise Disconnected(
                             f"cannot reach bursard at {self.socket_path} (retried for up to "
                             f"{self.retry_timeout:g}s): {e}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import unittest
@@ -84,6 +85,27 @@ class RestartTest(unittest.TestCase):
         self.assertIsInstance(cm.exception, Unavailable)
         self.assertEqual(cm.exception.code, "unavailable")
         self.assertIn(self.daemon.socket, str(cm.exception))
+
+    def test_a_wrong_socket_path_fails_at_once(self) -> None:
+        # No daemon ever answered this client: nothing to wait for across a restart.
+        missing = os.path.join(os.path.dirname(self.daemon.socket), "no-such.sock")
+        c = Client(missing, retry_timeout=10)
+        self.addCleanup(c.close)
+        t0 = time.monotonic()
+        with self.assertRaises(Disconnected) as cm:
+            c.hello()
+        self.assertLess(time.monotonic() - t0, 1.0)
+        self.assertIn(missing, str(cm.exception))
+        self.assertIn("is the daemon running?", str(cm.exception))
+
+        async def main() -> None:
+            async with AsyncClient(missing, retry_timeout=10) as a:
+                t1 = time.monotonic()
+                with self.assertRaises(Disconnected):
+                    await a.hello()
+                self.assertLess(time.monotonic() - t1, 1.0)
+
+        asyncio.run(main())
 
     def test_async_client_survives_a_restart(self) -> None:
         t = team()
