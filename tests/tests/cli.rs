@@ -718,6 +718,11 @@ fn export_csv_and_jsonl_have_one_line_per_event() {
         .ok()
         .json_lines();
     assert_eq!(hour.len() as u64, events);
+    let week = d
+        .cli(&["export", "--format", "jsonl", "--since", "7d"])
+        .ok()
+        .json_lines();
+    assert_eq!(week.len() as u64, events, "SPEC §9's form: 7d");
     let day_ago = d.cli(&["export", "--until", "1day"]).ok().stdout;
     assert!(day_ago.is_empty(), "{day_ago}");
     let bad = d.cli(&["export", "--since", "yesterdayish"]);

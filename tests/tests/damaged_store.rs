@@ -3,7 +3,7 @@
 //! copies the intact prefix into a new data dir.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_tests::{bin, bursar, record, Client, Daemon};
+use bursar_tests::{bin, bursar, copy_dir, record, CliOutput, Client, Daemon};
 use serde_json::json;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
@@ -42,19 +42,6 @@ fn stopped_daemon_with_a_log() -> Daemon {
     d
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// Run `bursard` on `data` and wait for it to exit (it must not start serving).
 fn run_daemon_expecting_exit(data: &Path, socket: &Path) -> (ExitStatus, String) {
     let mut child = Command::new(bin("bursard"))
@@ -83,6 +70,17 @@ fn run_daemon_expecting_exit(data: &Path, socket: &Path) -> (ExitStatus, String)
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `bursar salvage --data-dir FROM --to TO`.
+fn salvage(from: &Path, to: &Path) -> CliOutput {
+    bursar(&[
+        "salvage",
+        "--data-dir",
+        from.to_str().unwrap(),
+        "--to",
+        to.to_str().unwrap(),
+    ])
 }
 
 /// The seq offline `verify` names in "verify failed at seq N".
@@ -137,14 +135,7 @@ fn a_damaged_page_stops_the_daemon_naming_the_first_bad_seq_and_salvage_keeps_th
 
     // Salvage copies seqs 1..bad-1 and says what it left behind.
     let new_dir = scratch.path().join("salvaged");
-    let s = bursar(&[
-        "--data-dir",
-        damaged.to_str().unwrap(),
-        "salvage",
-        "--to",
-        new_dir.to_str().unwrap(),
-    ])
-    .ok();
+    let s = salvage(&damaged, &new_dir).ok();
     assert!(
         s.stdout
             .contains(&format!("salvaged seq 1 to {} ", bad - 1)),
@@ -164,13 +155,7 @@ fn a_damaged_page_stops_the_daemon_naming_the_first_bad_seq_and_salvage_keeps_th
         v.stdout
     );
     // A second salvage into the same dir is refused: it writes only into a new one.
-    let again = bursar(&[
-        "--data-dir",
-        damaged.to_str().unwrap(),
-        "salvage",
-        "--to",
-        new_dir.to_str().unwrap(),
-    ]);
+    let again = salvage(&damaged, &new_dir);
     assert_eq!(again.code, Some(1));
     assert!(again.stderr.contains("not empty"), "{}", again.stderr);
 
@@ -220,7 +205,7 @@ fn a_store_cut_in_half_is_refused_by_the_daemon_verify_and_salvage_without_a_pan
     assert!(!v.stderr.contains("panicked"), "{}", v.stderr);
 
     let to = d.dir.path().join("salvaged");
-    let s = bursar(&["--data-dir", data, "salvage", "--to", to.to_str().unwrap()]);
+    let s = salvage(&d.data_dir, &to);
     assert!(!s.stderr.contains("panicked"), "{}", s.stderr);
     assert!(
         s.code == Some(1) || s.stdout.contains("left behind: everything from seq"),

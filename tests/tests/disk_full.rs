@@ -3,10 +3,10 @@
 //! is there and the chain verifies. Needs root (to mount a tiny tmpfs); skips otherwise.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_tests::{bin, record, reserve, Client};
+use bursar_tests::{bin, record, reserve, Client, Running};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 struct Mount(PathBuf);
@@ -26,30 +26,6 @@ fn mount_tmpfs(at: &Path, size: &str) -> Option<Mount> {
         .ok()?
         .success();
     ok.then(|| Mount(at.to_path_buf()))
-}
-
-/// A daemon killed when dropped, also when an assertion fails (an orphan would hold the test
-/// runner's output open).
-struct Running(Child);
-
-impl std::ops::Deref for Running {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Running {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn start(socket: &Path, data: &Path, log: &Path) -> Running {
