@@ -901,7 +901,7 @@ fn time_flag(flag: &str, t: &Option<String>) -> Res<Option<String>> {
     let ago = humantime::parse_duration(t).map_err(|_| {
         msg(format!(
             "--{flag}: {t:?} is neither an RFC 3339 time (e.g. 2026-11-23T10:00:00Z) nor a \
-             duration before now (e.g. 1h, 30m, 2days)"
+             duration before now (e.g. 90m, 24h, 7d)"
         ))
     })?;
     let micros = i64::try_from(ago.as_micros())

@@ -359,12 +359,14 @@ pub fn verify_chain_to(store: &dyn LogStore, last: u64) -> Result<(u64, Hash32),
     // its bytes as stored: nothing is encoded again); this only names what it found.
     let mut head: Option<Head> = None;
     let mut items = store.read_from(0);
-    // Nothing after `last` is read: a batch not yet durable cannot fail this.
-    while let Some(item) = if head.is_some_and(|h| h.0 >= last) {
-        None
-    } else {
-        items.next()
-    } {
+    loop {
+        // Nothing after `last` is read: a batch not yet durable cannot fail this.
+        if head.is_some_and(|h| h.0 >= last) {
+            break;
+        }
+        let Some(item) = items.next() else {
+            break;
+        };
         let env = item.map_err(|source| match source {
             LogError::Chain(b) => VerifyError::from(b),
             source => VerifyError::Unreadable {

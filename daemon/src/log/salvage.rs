@@ -36,6 +36,9 @@ pub enum SalvageError {
     /// The destination exists and is not an empty directory.
     #[error("{} already exists and is not empty: salvage writes only into a new data dir", .0.display())]
     DestinationInUse(PathBuf),
+    /// The source has no sled database.
+    #[error("{} is not a bursar data dir (no sled database `db` in it)", .0.display())]
+    NotADataDir(PathBuf),
     /// sled cannot open the damaged store at all: nothing in it can be read.
     #[error(
         "sled cannot open {} at all ({}): nothing in it can be read; restore the data dir from \
@@ -73,14 +76,9 @@ pub fn salvage(from: &Path, to: &Path) -> Result<Salvaged, SalvageError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(_) => return Err(SalvageError::DestinationInUse(to.to_path_buf())),
     }
+    // sled would create a store at a mistyped path.
     if !from.join("db").is_file() {
-        return Err(SalvageError::Log(LogError::Open {
-            dir: from.to_path_buf(),
-            source: sled::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "not a bursar data dir (no sled database `db` in it)",
-            )),
-        }));
+        return Err(SalvageError::NotADataDir(from.to_path_buf()));
     }
     let (db, _claim) = open_db(from).map_err(|e| match e {
         LogError::Damaged { file, source } => SalvageError::Unopenable { file, source },
