@@ -30,6 +30,10 @@ pub const DEFAULT_RESERVATION_TTL_SECONDS: u64 = 300;
 pub const MAX_RESERVATION_TTL_SECONDS: u64 = 86400;
 /// Default fail-closed bound on dynamic `group_by` keys per budget.
 pub const DEFAULT_MAX_KEYS_PER_BUDGET: u64 = 100_000;
+/// Default number of buckets given per-bucket gauges on `/metrics` (SPEC §12).
+pub const DEFAULT_METRICS_MAX_BUCKETS: usize = 1000;
+/// Most buckets `metrics_max_buckets` may ask for (a scrape stays small and quick).
+pub const MAX_METRICS_BUCKETS: usize = 100_000;
 /// Longest `idempotency_window_seconds`: a year.
 pub const MAX_IDEMPOTENCY_WINDOW_SECONDS: u64 = 366 * 86_400;
 pub use bursar_schemas::policy::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS;
@@ -91,6 +95,10 @@ pub struct DaemonSettings {
     pub socket_group: Option<String>,
     /// Admin uids; empty: only the daemon's own uid.
     pub admin_uids: Vec<u32>,
+    /// Where the Prometheus endpoint listens (SPEC §12); `None`: no endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Most buckets given per-bucket gauges, most utilized first.
+    pub metrics_max_buckets: usize,
 }
 
 impl Default for DaemonSettings {
@@ -101,6 +109,8 @@ impl Default for DaemonSettings {
             socket_mode: DEFAULT_SOCKET_MODE,
             socket_group: None,
             admin_uids: Vec::new(),
+            metrics_listen: None,
+            metrics_max_buckets: DEFAULT_METRICS_MAX_BUCKETS,
         }
     }
 }
@@ -665,6 +675,26 @@ fn resolve_daemon(
         }
     }
     settings.admin_uids = d.admin_uids.clone().unwrap_or_default();
+    if let Some(addr) = non_empty("metrics_listen", &d.metrics_listen, issues) {
+        match addr.parse::<std::net::SocketAddr>() {
+            Ok(a) => settings.metrics_listen = Some(a),
+            Err(_) => issues.push(
+                with(&at, k("metrics_listen")),
+                format!(
+                    "{addr:?} is not an address and port, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\""
+                ),
+            ),
+        }
+    }
+    if let Some(n) = d.metrics_max_buckets {
+        match usize::try_from(n) {
+            Ok(n) if (1..=MAX_METRICS_BUCKETS).contains(&n) => settings.metrics_max_buckets = n,
+            _ => issues.push(
+                with(&at, k("metrics_max_buckets")),
+                format!("must be between 1 and {MAX_METRICS_BUCKETS}, got {n}"),
+            ),
+        }
+    }
     let ttl = d
         .reservation_ttl_seconds
         .unwrap_or(DEFAULT_RESERVATION_TTL_SECONDS);

@@ -31,6 +31,8 @@ const KEYS: &[&str] = &[
     "reservation_ttl_seconds",
     "max_keys_per_budget",
     "unknown_models",
+    "metrics_listen",
+    "metrics_max_buckets",
     "import",
     "provider",
     "input_per_mtok",

@@ -570,6 +570,15 @@ fn daemon_settings_are_checked() {
     error_at(&text, "daemon.max_keys_per_budget", 2);
     let text = file(&["[daemon]", "unknown_models = \"allow\""]);
     error_at(&text, "daemon.unknown_models", 2);
+    for addr in ["localhost", "9464", "127.0.0.1:99999"] {
+        let text = file(&["[daemon]", &format!("metrics_listen = \"{addr}\"")]);
+        let msg = error_at(&text, "daemon.metrics_listen", 2);
+        assert!(msg.contains("127.0.0.1:9464"), "{msg}");
+    }
+    for n in ["0", "100001"] {
+        let text = file(&["[daemon]", &format!("metrics_max_buckets = {n}")]);
+        error_at(&text, "daemon.metrics_max_buckets", 2);
+    }
     let ok = file(&[
         "[daemon]",
         "socket_mode = \"0660\"",
@@ -577,6 +586,8 @@ fn daemon_settings_are_checked() {
         "admin_uids = [1000]",
         "reservation_ttl_seconds = 86400",
         "unknown_models = \"price_at_max\"",
+        "metrics_listen = \"[::1]:9464\"",
+        "metrics_max_buckets = 50",
     ]);
     let loaded = match parse_policy(&ok, "bursar.toml", &no_import) {
         Ok(l) => l,
@@ -587,6 +598,11 @@ fn daemon_settings_are_checked() {
     assert_eq!(loaded.daemon.admin_uids, [1000]);
     assert_eq!(loaded.resolved.reservation_ttl_seconds, 86_400);
     assert_eq!(loaded.resolved.unknown_models, UnknownModels::PriceAtMax);
+    assert_eq!(
+        loaded.daemon.metrics_listen,
+        "[::1]:9464".parse::<std::net::SocketAddr>().ok()
+    );
+    assert_eq!(loaded.daemon.metrics_max_buckets, 50);
 }
 
 #[test]

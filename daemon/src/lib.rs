@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod log;
+pub mod metrics;
 pub mod server;
 pub mod writer;
 
@@ -171,6 +172,20 @@ fn group_id(name: &str) -> Option<u32> {
     })
 }
 
+/// The metrics endpoint of `[daemon] metrics_listen`, bound, with its metrics (SPEC §12).
+fn cfg_metrics(
+    config: &Config,
+) -> Result<Option<(std::net::TcpListener, metrics::Metrics)>, DaemonError> {
+    let d = &config.policy.daemon;
+    let Some(addr) = d.metrics_listen else {
+        return Ok(None);
+    };
+    let listener = metrics::bind(addr).map_err(DaemonError::Start)?;
+    let m = metrics::Metrics::new(d.metrics_max_buckets, config.data_dir.clone())
+        .map_err(|e| DaemonError::Start(e.to_string()))?;
+    Ok(Some((listener, m)))
+}
+
 /// Run the daemon until SIGTERM/SIGINT. Blocks.
 pub fn run(config: Config, clock: Clock) -> Result<(), DaemonError> {
     let (stop, _) = tokio::sync::watch::channel(false);
@@ -216,7 +231,10 @@ pub fn run_with(
         started.elapsed()
     );
     let clock = watch_clock(clock, (ledger.last_seq() > 0).then(|| ledger.last_ts()));
-    let shared = Arc::new(Shared::new(ledger, store));
+    let metrics = cfg_metrics(&config)?.map(|(listener, m)| (listener, Arc::new(m)));
+    let mut shared = Shared::new(ledger, store);
+    shared.metrics = metrics.as_ref().map(|(_, m)| m.clone());
+    let shared = Arc::new(shared);
     let cfg = Arc::new(config);
     // Bound (under a temporary name) before the writer appends `policy_applied`; published once
     // the writer runs.
@@ -256,6 +274,21 @@ pub fn run_with(
         cfg.socket.display(),
         cfg.data_dir.display()
     );
+    if let Some((listener, m)) = metrics {
+        tracing::info!(
+            "metrics at http://{}/metrics",
+            listener
+                .local_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string())
+        );
+        runtime.spawn(metrics::serve(
+            listener,
+            shared.clone(),
+            m,
+            ctx.clock.clone(),
+            ctx.shutdown.clone(),
+        ));
+    }
     runtime.block_on(async {
         match tokio::net::UnixListener::from_std(std_listener) {
             Ok(listener) => server::serve(listener, ctx).await,

@@ -151,7 +151,7 @@ impl ReadGate {
 async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
     let actor = actor_of(&stream);
     let (rd, wr) = stream.into_split();
-    let (qtx, qrx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT_PER_CONNECTION);
+    let (qtx, qrx) = mpsc::channel::<(Pending, Meter)>(MAX_IN_FLIGHT_PER_CONNECTION);
     let writer_ctx = ctx.clone();
     let gate = Arc::new(ReadGate::default());
     let mut reads_queued = 0u64;
@@ -181,6 +181,7 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
         match read {
             LineRead::Line => {
                 let decoded = decode(&line);
+                let meter = Meter::start(&ctx, decoded.as_ref().ok().map(|d| &d.request), &line);
                 line.clear();
                 if let Ok(d) = &decoded {
                     if goes_to_writer(&d.request) && reads_queued > 0 {
@@ -197,6 +198,7 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
                         // Nothing before it is unanswered: it sees exactly the requests before
                         // it, and its answer goes out in order.
                         let answer = f(&ctx);
+                        meter.answered(&ctx, &answer);
                         let mut w = out.lock().await;
                         if !put(&mut *w, &answer).await || w.flush().await.is_err() {
                             break;
@@ -205,7 +207,7 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
                     }
                     reads_queued += 1;
                     outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    if qtx.send(Pending::Read(f)).await.is_err() {
+                    if qtx.send((Pending::Read(f), meter)).await.is_err() {
                         break;
                     }
                     continue;
@@ -214,7 +216,7 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
                     reads_queued += 1;
                 }
                 outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if qtx.send(pending).await.is_err() {
+                if qtx.send((pending, meter)).await.is_err() {
                     break;
                 }
             }
@@ -225,7 +227,10 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
                 );
                 outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = qtx
-                    .send(Pending::Ready(Answer::Error(e).to_line(None)))
+                    .send((
+                        Pending::Ready(Answer::Error(e).to_line(None)),
+                        Meter::start(&ctx, None, b""),
+                    ))
                     .await;
                 break;
             }
@@ -287,6 +292,44 @@ fn submit(ctx: &Ctx, job: Job, rx: oneshot::Receiver<String>, req: Option<Value>
                 "the writer has stopped"
             };
             Pending::Ready(error_line(code, msg, req))
+        }
+    }
+}
+
+/// What the metrics need of a request (SPEC §12): its op and when its line was read; nothing
+/// when metrics are off.
+struct Meter(Option<(&'static str, std::time::Instant)>);
+
+impl Meter {
+    /// A request read now from `line` (`None`: a line that is no valid request, counted under
+    /// the op it names if it names one, else as op `invalid`).
+    fn start(ctx: &Ctx, request: Option<&Request>, line: &[u8]) -> Meter {
+        Meter(ctx.shared.metrics.as_ref().map(|_| {
+            let op = match request {
+                Some(r) => r.op(),
+                None => crate::metrics::op_named_in(line),
+            };
+            (op, std::time::Instant::now())
+        }))
+    }
+
+    fn answered(&self, ctx: &Ctx, line: &str) {
+        if let (Some((op, t)), Some(m)) = (self.0, &ctx.shared.metrics) {
+            m.answered(op, line, Some(t));
+        }
+    }
+
+    /// A write's typed answer: its decision (`reserve`).
+    fn decided(&self, ctx: &Ctx, answer: &Answer) {
+        if let (Some((op, _)), Some(m)) = (self.0, &ctx.shared.metrics) {
+            m.decided(op, answer);
+        }
+    }
+
+    /// A stream ended (counted, not timed).
+    fn streamed(&self, ctx: &Ctx) {
+        if let (Some((op, _)), Some(m)) = (self.0, &ctx.shared.metrics) {
+            m.answered(op, r#"{"ok":true}"#, None);
         }
     }
 }
@@ -370,6 +413,9 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
             let now = (ctx.clock)();
             // Decide under the read lock; serialise after it is released.
             let answer = read_ledger(&ctx.shared).check(&c, now);
+            if let Some(m) = &ctx.shared.metrics {
+                m.decided("check", &answer);
+            }
             answer.to_line(req)
         })),
         Request::Record(r) => write(WriteCmd::Record(r)),
@@ -725,14 +771,17 @@ type Out = Arc<tokio::sync::Mutex<BufWriter<tokio::net::unix::OwnedWriteHalf>>>;
 async fn write_answers(
     out: Out,
     outstanding: Arc<std::sync::atomic::AtomicUsize>,
-    mut rx: mpsc::Receiver<Pending>,
+    mut rx: mpsc::Receiver<(Pending, Meter)>,
     ctx: Arc<Ctx>,
     gate: Arc<ReadGate>,
 ) {
-    while let Some(p) = rx.recv().await {
+    while let Some((p, meter)) = rx.recv().await {
         let mut out = out.lock().await;
         let ok = match p {
-            Pending::Ready(line) => put(&mut *out, &line).await,
+            Pending::Ready(line) => {
+                meter.answered(&ctx, &line);
+                put(&mut *out, &line).await
+            }
             Pending::Wait(r) => {
                 let line = r.await.unwrap_or_else(|_| {
                     error_line(
@@ -741,6 +790,7 @@ async fn write_answers(
                         None,
                     )
                 });
+                meter.answered(&ctx, &line);
                 put(&mut *out, &line).await
             }
             Pending::Answer(r, req) => {
@@ -754,6 +804,7 @@ async fn write_answers(
                             "the writer stopped before answering",
                         ))
                     });
+                meter.decided(&ctx, &answer);
                 let line = match answer {
                     Answer::Duplicate { seq } => {
                         let c = ctx.clone();
@@ -765,11 +816,13 @@ async fn write_answers(
                     }
                     answer => answer.to_line(req),
                 };
+                meter.answered(&ctx, &line);
                 put(&mut *out, &line).await
             }
             Pending::Read(f) => {
                 let line = f(&ctx);
                 gate.evaluated_one();
+                meter.answered(&ctx, &line);
                 put(&mut *out, &line).await
             }
             Pending::Blocking(f) => {
@@ -778,9 +831,14 @@ async fn write_answers(
                     .await
                     .unwrap_or_else(|_| error_line(ErrorCode::Internal, "internal error", None));
                 gate.evaluated_one();
+                meter.answered(&ctx, &line);
                 put(&mut *out, &line).await
             }
-            Pending::Stream(kind, req) => stream(&mut *out, kind, req, &ctx, &gate).await,
+            Pending::Stream(kind, req) => {
+                let ok = stream(&mut *out, kind, req, &ctx, &gate).await;
+                meter.streamed(&ctx);
+                ok
+            }
         };
         if !ok {
             return;

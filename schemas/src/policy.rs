@@ -62,6 +62,10 @@ pub struct DaemonSection {
     pub idempotency_window_seconds: Option<u64>,
     /// `"deny"` (default) or `"price_at_max"`.
     pub unknown_models: Option<String>,
+    /// Address (`host:port`) of the Prometheus endpoint `/metrics` (SPEC §12); off when absent.
+    pub metrics_listen: Option<String>,
+    /// Most buckets given spent/held/limit gauges, most utilized first (default 1000).
+    pub metrics_max_buckets: Option<u64>,
 }
 
 /// `[pricing]`.

@@ -205,6 +205,8 @@ pub struct Shared {
     /// Whether a snapshot also waits for as many events as the state holds entries (see
     /// `Writer::snapshot`); tests that want snapshots every few events turn it off.
     pub snapshot_amortized: AtomicBool,
+    /// Prometheus metrics, when `metrics_listen` is set (SPEC §12).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Shared {
@@ -220,6 +222,7 @@ impl Shared {
             readers_waiting: Default::default(),
             snapshot_every_events: AtomicU64::new(SNAPSHOT_EVERY_EVENTS),
             snapshot_amortized: AtomicBool::new(true),
+            metrics: None,
         }
     }
 }
@@ -549,7 +552,14 @@ impl Writer {
                     seq: batch.sealed.first().map_or(0, |s| s.seq),
                     reason: why,
                 }),
-                None => store.append(&batch.sealed).and_then(|_| store.sync()),
+                None => store.append(&batch.sealed).and_then(|_| {
+                    let t = std::time::Instant::now();
+                    store.sync()?;
+                    if let Some(m) = &self.shared.metrics {
+                        m.synced(batch.sealed.len(), t.elapsed());
+                    }
+                    Ok(())
+                }),
             }
         };
         match result {

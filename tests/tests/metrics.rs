@@ -1,0 +1,290 @@
+//! Prometheus metrics (SPEC §12): scraped over loopback from a running daemon, checked by
+//! `promtool` where it is installed (`.ci/run` installs Debian's `prometheus`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bursar_tests::{record, reserve, Daemon};
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+
+const POLICY: &str = r#"
+[daemon]
+metrics_listen = "127.0.0.1:0"
+metrics_max_buckets = 2
+
+[[budget]]
+id = "session"
+match = { session = "*" }
+group_by = ["session"]
+window = "cumulative"
+max_usd = 1
+"#;
+
+/// The address the daemon says it serves metrics on (it binds port 0 here).
+fn metrics_addr(d: &Daemon) -> String {
+    let log = d.stderr();
+    log.split("metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no metrics address in the daemon's log: {log}"))
+        .to_string()
+}
+
+/// One HTTP exchange: the status line and the body.
+fn get(addr: &str, request: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.write_all(request.as_bytes()).expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+fn scrape(addr: &str) -> String {
+    let (status, body) = get(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\n\r\n",
+    );
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    body
+}
+
+/// The value of the sample `name{labels}` (labels as printed, sorted by name), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn promtool() -> Option<&'static str> {
+    Command::new("promtool")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| "promtool")
+}
+
+#[test]
+fn a_scrape_counts_requests_decisions_and_syncs_and_shows_the_most_utilized_buckets() {
+    let d = Daemon::start_with_config(POLICY);
+    let addr = metrics_addr(&d);
+    let mut c = d.client();
+    for (i, cost_tokens) in [(1, 100_000u64), (2, 40_000), (3, 10_000)] {
+        let r = c.call(record(
+            &format!("e-{i}"),
+            json!({"session": format!("s-{i}")}),
+            "gpt-4o",
+            cost_tokens,
+            0,
+        ));
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    // A resent record is a duplicate: an answer, not an event.
+    let dup = c.call(record(
+        "e-1",
+        json!({"session": "s-1"}),
+        "gpt-4o",
+        100_000,
+        0,
+    ));
+    assert_eq!(dup["duplicate"], true, "{dup}");
+    // $1 for the session: a hold of $2.50 + output is denied by the budget.
+    let denied = c.call(reserve(
+        "r-1",
+        json!({"session": "s-1"}),
+        "gpt-4o",
+        1_000_000,
+        10,
+    ));
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    let bad = c.call(json!({"op": "record", "event_id": "e-9"}));
+    assert_eq!(bad["ok"], false);
+
+    let text = scrape(&addr);
+    let n = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series}: {text}"));
+    assert_eq!(n(r#"bursar_requests_total{op="record",outcome="ok"}"#), 4.0);
+    assert_eq!(
+        n(r#"bursar_requests_total{op="record",outcome="bad_request"}"#),
+        1.0
+    );
+    assert_eq!(
+        n(r#"bursar_requests_total{op="reserve",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        n(r#"bursar_decisions_total{decision="deny",op="reserve",reason="budget"}"#),
+        1.0
+    );
+    assert_eq!(
+        n(r#"bursar_request_duration_seconds_count{op="record"}"#),
+        5.0
+    );
+    // Every event the log holds went through a sync: policy_applied, 3 usages, 1 denial.
+    assert_eq!(n("bursar_log_head_seq"), 5.0);
+    assert_eq!(n("bursar_events_appended_total"), 5.0);
+    assert_eq!(n("bursar_durable_seq"), 5.0);
+    assert!(n("bursar_batch_events_count") >= 1.0);
+    assert!(n("bursar_fdatasync_duration_seconds_count") >= 1.0);
+    assert!(n("bursar_log_bytes") > 0.0);
+    assert_eq!(n("bursar_writer_poisoned"), 0.0);
+    // Three live buckets, two exported: the two most utilized ($0.25 of $1, $0.10 of $1).
+    assert_eq!(n("bursar_live_buckets"), 3.0);
+    assert_eq!(n("bursar_buckets_not_exported"), 1.0);
+    assert_eq!(
+        n(r#"bursar_bucket_spent_micros{budget="session",key="session=s-1"}"#),
+        250_000.0
+    );
+    assert_eq!(
+        n(r#"bursar_bucket_limit_micros{budget="session",key="session=s-2"}"#),
+        1_000_000.0
+    );
+    assert_eq!(
+        n(r#"bursar_bucket_utilization_ratio{budget="session",key="session=s-1"}"#),
+        0.25
+    );
+    assert!(
+        !text.contains(r#"key="session=s-3""#),
+        "the least utilized bucket is left out: {text}"
+    );
+
+    // The check's decision is counted under its own op.
+    let ok = c.call(
+        json!({"op": "check", "labels": {"session": "s-3"}, "model": "gpt-4o",
+                           "estimate": {"input_tokens": 10, "max_output_tokens": 10}}),
+    );
+    assert_eq!(ok["decision"], "allow", "{ok}");
+    let text = scrape(&addr);
+    assert_eq!(
+        sample(
+            &text,
+            r#"bursar_decisions_total{decision="allow",op="check",reason="ok"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_endpoint_serves_only_get_metrics() {
+    let d = Daemon::start_with_config(POLICY);
+    let addr = metrics_addr(&d);
+    let (status, _) = get(&addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    let (status, _) = get(&addr, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+    // A scraper that sends garbage and hangs up disturbs nobody.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(&[0xff; 100]).unwrap();
+    drop(s);
+    assert_eq!(d.client().call(json!({"op": "hello"}))["ok"], true);
+    assert!(scrape(&addr).contains("bursar_requests_total"));
+}
+
+#[test]
+fn without_metrics_listen_no_endpoint_is_opened() {
+    let d = Daemon::start();
+    assert!(
+        !d.stderr().contains("metrics at"),
+        "metrics are off by default: {}",
+        d.stderr()
+    );
+}
+
+#[test]
+fn a_taken_metrics_port_stops_the_start_with_an_error_naming_the_setting() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bursar.toml");
+    std::fs::write(
+        &cfg,
+        format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(bursar_tests::bin("bursard"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("metrics_listen") && err.contains(&port.to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn promtool_accepts_a_scrape_and_the_example_alerting_rules() {
+    let Some(promtool) = promtool() else {
+        eprintln!(
+            "skipped: promtool not installed (Debian: apt-get install prometheus; .ci/run does)"
+        );
+        return;
+    };
+    let d = Daemon::start_with_config(POLICY);
+    let addr = metrics_addr(&d);
+    let mut c = d.client();
+    c.call(record("e-1", json!({"session": "s-1"}), "gpt-4o", 1000, 10));
+    c.call(reserve(
+        "r-1",
+        json!({"session": "s-1"}),
+        "gpt-4o",
+        1_000_000,
+        10,
+    ));
+    let text = scrape(&addr);
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bursar-alerts.yml");
+    let out = Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The rules name metrics the daemon serves.
+    let rules_text = std::fs::read_to_string(&rules).unwrap();
+    for metric in [
+        "bursar_bucket_utilization_ratio",
+        "bursar_fdatasync_duration_seconds_bucket",
+        "bursar_writer_poisoned",
+    ] {
+        assert!(rules_text.contains(metric), "{metric} in the rules");
+        let family = metric.trim_end_matches("_bucket");
+        assert!(text.contains(family), "{family} in a scrape");
+    }
+}
