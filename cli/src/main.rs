@@ -1152,6 +1152,7 @@ fn replay(source: &Source, a: &ReplayArgs, json: bool, out: &mut dyn Write) -> R
         Source::Daemon(path) => {
             let v = Client::connect(path)?.call_raw(&Request::Replay(ReplayRequest {
                 pricing,
+                policy: None,
                 since: since.clone(),
                 apply: a.apply,
             }))?;

@@ -507,6 +507,9 @@ fn replay(ctx: &Ctx, request: ReplayRequest, actor: Actor, req: Option<Value>) -
         },
         None => None,
     };
+    if let Some(text) = &request.policy {
+        return what_if(ctx, text, &request, req);
+    }
     if request.apply {
         let (tx, rx) = oneshot::channel();
         let job = Job::Replay {
@@ -538,6 +541,78 @@ fn replay(ctx: &Ctx, request: ReplayRequest, actor: Actor, req: Option<Value>) -
         );
     }
     let line = dry_run(ctx, &request, import_text.as_deref(), req);
+    ctx.dry_run_busy
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    line
+}
+
+/// A what-if `replay` (SPEC §11): the log up to the durable head decided again under the
+/// policy `text`, off the writer thread, at most one dry run at a time. Changes nothing.
+fn what_if(ctx: &Ctx, text: &str, request: &ReplayRequest, req: Option<Value>) -> String {
+    let refuse = |field: &str, msg: &str| {
+        Answer::Error(WireError::bad_field(field, msg.to_string())).to_line(req.clone())
+    };
+    if request.apply {
+        return refuse(
+            "apply",
+            "a what-if replay never applies its policy; `reload` applies a policy",
+        );
+    }
+    if request.pricing != Default::default() {
+        return refuse(
+            "pricing",
+            "give either pricing (a repricing) or policy (a what-if), not both",
+        );
+    }
+    let since = match &request.since {
+        Some(s) => match bursar_core::time::parse_ts(s) {
+            Some(t) => t,
+            None => return refuse("since", "since must be an RFC 3339 time"),
+        },
+        None => i64::MIN,
+    };
+    // A policy sent over the socket never makes the daemon read a file it names.
+    let no_import = |p: &str| -> Result<String, String> {
+        Err(format!(
+            "a what-if policy cannot import {p:?}: the daemon reads no file a request names;              put the prices in [pricing.models] instead"
+        ))
+    };
+    let loaded = match bursar_core::policy::parse_policy(text, "replay.policy", &no_import) {
+        Ok(l) => l,
+        Err(errs) => {
+            let msg = errs
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return refuse("policy", &msg);
+        }
+    };
+    if ctx
+        .dry_run_busy
+        .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return error_line(
+            ErrorCode::Overloaded,
+            "another dry-run replay is running; retry when it is done",
+            req,
+        );
+    }
+    let head = *ctx.shared.durable.borrow();
+    let line = match ledger::collect_epochs(LogChunks::new(&ctx.shared, head)).and_then(|epochs| {
+        ledger::what_if_with(
+            &epochs,
+            LogChunks::new(&ctx.shared, head),
+            &loaded.resolved,
+            since,
+        )
+    }) {
+        Ok(mut answer) => {
+            answer.req = req;
+            serde_json::to_string(&answer).unwrap_or_default()
+        }
+        Err(e) => error_line(ErrorCode::Internal, e.to_string(), req),
+    };
     ctx.dry_run_busy
         .store(false, std::sync::atomic::Ordering::SeqCst);
     line

@@ -203,12 +203,18 @@ pub struct ExportRequest {
     pub labels: Option<Labels>,
 }
 
-/// `replay`: refold the log under new prices from `since`.
+/// `replay`: refold the log under new prices from `since`, or, with `policy`, what that policy
+/// would have done (a what-if, SPEC §11).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
-    /// New prices, same shape as the `[pricing]` section.
+    /// New prices, same shape as the `[pricing]` section (required without `policy`).
+    #[serde(default)]
     pub pricing: crate::policy::PricingSection,
+    /// The text of a `bursar.toml`: a what-if under this policy instead of the one in force
+    /// (never applied; without `pricing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     /// RFC 3339 time from which the new prices apply (default: the start of the log).
     pub since: Option<String>,
     /// Append `pricing_changed` and make the projections follow (admin only).
@@ -728,6 +734,92 @@ pub struct ReplayAnswer {
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,
+}
+
+/// Answer to a what-if `replay` (with `policy`): what that policy would have done differently
+/// from `since` on, had the same requests come (SPEC §11).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WhatIfAnswer {
+    /// Always true.
+    pub ok: bool,
+    /// Events of the log read.
+    pub events: u64,
+    /// Reservations of the log decided again under the policy.
+    pub reservations: u64,
+    /// Reservations granted in the log that the policy would have denied, in log order (at
+    /// most [`WHAT_IF_MAX_DENIALS`]; `denied_total` counts them all).
+    pub denied: Vec<WhatIfDenial>,
+    /// How many it would have denied.
+    pub denied_total: u64,
+    /// The money those denied reservations would have held.
+    pub denied_hold_micros: Micros,
+    /// Usage committed in the log against a reservation the policy denies (the call would
+    /// not have been made): left out of the what-if fold.
+    pub usage_left_out: u64,
+    /// Its cost, at the prices of the what-if fold.
+    pub usage_left_out_micros: Micros,
+    /// Each bucket's first exhaustion per window under the policy, in time order.
+    pub exhausted: Vec<WhatIfExhausted>,
+    /// The peak utilization of each budget of the policy (its most utilized bucket, at the
+    /// first time it reached that peak), by budget id.
+    pub peaks: Vec<WhatIfPeak>,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// Most denials a [`WhatIfAnswer`] lists.
+pub const WHAT_IF_MAX_DENIALS: usize = 10_000;
+
+/// A reservation the what-if policy would have denied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WhatIfDenial {
+    /// Seq of its `reservation_created` in the log.
+    pub seq: u64,
+    /// When (RFC 3339).
+    pub ts: String,
+    /// Its id.
+    pub reservation_id: String,
+    /// Its labels (the derived `model`, `provider` and `tier` included).
+    pub labels: Labels,
+    /// Its model.
+    pub model: String,
+    /// The money it would have held.
+    pub hold_micros: Micros,
+    /// Why: the reason code (`budget`, `tier_cap`, ...).
+    pub reason: String,
+    /// The budget that would have denied it, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+    /// Its scope key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// A bucket the what-if policy would have exhausted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WhatIfExhausted {
+    /// Budget id.
+    pub budget: String,
+    /// Scope key.
+    pub key: String,
+    /// When it became exhausted (RFC 3339).
+    pub at: String,
+    /// Start of the window it was exhausted in (RFC 3339).
+    pub window_start: String,
+}
+
+/// The peak utilization of a budget under the what-if policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WhatIfPeak {
+    /// Budget id.
+    pub budget: String,
+    /// The bucket at the peak.
+    pub key: String,
+    /// Spent and held over the tightest limit (1 = 100 %).
+    pub utilization: f64,
+    /// When (RFC 3339).
+    pub at: String,
 }
 
 /// Answer to `verify`.

@@ -13,6 +13,7 @@ mod decide;
 mod ids;
 mod replay;
 mod report;
+mod whatif;
 
 pub use decide::{Answer, Command, Decided, Renderer, Reply, Step, Verdict};
 pub use ids::{id_key, IdEntry, IdIndex, IdKind};
@@ -20,6 +21,7 @@ pub use replay::{
     collect_epochs, diff_rows, fold, fold_into, replay, replay_from_log, EpochDecl, FoldError,
     ReplayOutcome,
 };
+pub use whatif::{what_if, what_if_with};
 
 use crate::labels::{scope_key, selector_matches};
 use crate::pricing;
