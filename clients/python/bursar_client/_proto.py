@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
+from ._version import __version__
 from .errors import BudgetDenied, NotFound, ProtocolError, error_from_answer
 from .types import (
     DecisionAnswer,
@@ -30,7 +31,7 @@ from .types import (
 
 log = logging.getLogger("bursar_client")
 
-CLIENT_NAME = "bursar-python/0.1.0"
+CLIENT_NAME = f"bursar-python/{__version__}"
 
 # Answers can be long (an exported `policy_applied` event carries the whole price table).
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
