@@ -41,7 +41,7 @@ from .types import (
     micros_to_usd,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "AsyncClient", "AsyncHold", "Client", "Hold",

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
-from .errors import ProtocolError, error_from_answer
+from ._version import __version__
+from .errors import BudgetDenied, NotFound, ProtocolError, error_from_answer
 from .types import (
     DecisionAnswer,
     ExtendAnswer,
@@ -19,13 +22,16 @@ from .types import (
     ReloadAnswer,
     ReplayAnswer,
     StatusAnswer,
+    Usage,
     UsageAnswer,
     UsageLike,
     VerifyAnswer,
     usage_to_wire,
 )
 
-CLIENT_NAME = "bursar-python/0.1.0"
+log = logging.getLogger("bursar_client")
+
+CLIENT_NAME = f"bursar-python/{__version__}"
 
 # Answers can be long (an exported `policy_applied` event carries the whole price table).
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
@@ -281,3 +287,115 @@ def tail(from_seq: Optional[int], follow: bool) -> Dict[str, Any]:
 
 def stream_line(body: Dict[str, Any]) -> bytes:
     return Call(body, lambda a: a).line()
+
+
+# --- what both clients share beyond single requests ----------------------------------------
+
+
+class Backoff:
+    """Exponential backoff inside an overall deadline."""
+
+    def __init__(self, retry_timeout: float) -> None:
+        self.deadline = time.monotonic() + max(0.0, retry_timeout)
+        self.delay = 0.02
+
+    def next_delay(self) -> Optional[float]:
+        """Seconds to sleep before the next try, or None when the deadline has passed."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return None
+        d = min(self.delay, left)
+        self.delay = min(self.delay * 2, 0.5)
+        return d
+
+
+class HoldBase:
+    """What Hold and AsyncHold share: the reservation's state and the requests it sends."""
+
+    def __init__(
+        self,
+        client: Any,
+        labels: Optional[Mapping[str, str]],
+        model: Optional[str],
+        input_tokens: int,
+        max_output_tokens: Optional[int],
+        ttl_seconds: Optional[int],
+        candidates: Optional[Sequence[str]],
+        require: Optional[Iterable[str]],
+        reservation_id: Optional[str],
+    ) -> None:
+        self.client = client
+        self.labels = dict(labels or {})
+        self.requested_model = model
+        self._args = dict(
+            input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens,
+            ttl_seconds=ttl_seconds,
+            candidates=candidates,
+            require=require,
+        )
+        self.reservation_id = reservation_id or new_id()
+        self.decision: Optional[DecisionAnswer] = None
+        self.answer: Optional[UsageAnswer] = None
+        self.released = False
+
+    @property
+    def model(self) -> Optional[str]:
+        """The model to call: the requested one, or the fallback candidate the daemon chose."""
+        return self.decision.model if self.decision is not None else self.requested_model
+
+    @property
+    def warned(self) -> bool:
+        """True when the call was allowed but brings a budget near its limit."""
+        return self.decision is not None and self.decision.decision == "warn"
+
+    @property
+    def hold_micros(self) -> int:
+        return self.decision.hold_micros if self.decision is not None else 0
+
+    @property
+    def expires_at(self) -> Optional[str]:
+        return self.decision.expires_at if self.decision is not None else None
+
+    @property
+    def committed(self) -> bool:
+        return self.answer is not None
+
+    def _reserve_call(self) -> Call:
+        a = self._args
+        return reserve(self.labels, self.requested_model, a["input_tokens"],
+                         a["max_output_tokens"], a["ttl_seconds"], a["candidates"], a["require"],
+                         self.reservation_id)
+
+    def _entered(self, decision: DecisionAnswer) -> None:
+        self.decision = decision
+        if not decision.allowed:
+            raise BudgetDenied(decision)
+
+    def _commit_call(self, usage: Optional[UsageLike], fields: Mapping[str, int],
+                     event_id: Optional[str], occurred_at: Any, reported_cost_usd: Any) -> Call:
+        if self.decision is None:
+            raise RuntimeError("hold not entered: use it in a `with` statement")
+        if self.answer is not None:
+            raise RuntimeError(f"hold {self.reservation_id} was already committed")
+        if self.released:
+            raise RuntimeError(f"hold {self.reservation_id} was already released")
+        if usage is None:
+            usage = Usage(**fields)
+        elif fields:
+            raise TypeError("give usage either as an object or as keyword arguments, not both")
+        return commit(self.reservation_id, usage, event_id, self.labels, self.model,
+                        occurred_at, reported_cost_usd)
+
+    def _done(self) -> bool:
+        return self.decision is None or self.answer is not None or self.released
+
+    def _release_failed(self, e: BaseException) -> None:
+        if isinstance(e, NotFound):
+            return  # expired, or already gone: nothing is held
+        log.warning("bursar: could not release hold %s (it expires at %s): %s",
+                    self.reservation_id, self.expires_at, e)
+
+    def __repr__(self) -> str:
+        state = "committed" if self.committed else "released" if self.released else "live"
+        return f"<Hold {self.reservation_id} model={self.model!r} {state}>"

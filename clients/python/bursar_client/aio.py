@@ -1,14 +1,16 @@
-"""asyncio client for bursard: the same surface as :class:`bursar_client.Client`, awaitable."""
+"""asyncio client for bursard: ``AsyncClient``, every method a coroutine."""
+
+# client.py is generated from this file by scripts/unasync.py: edit this one, then run
+# `python3 clients/python/scripts/unasync.py` (tests/test_codegen.py fails until you do).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 
 from . import _proto as P
-from .client import _Backoff, _HoldBase
+from ._backend_async import TRANSPORT_ERRORS, AsyncClientIO, AsyncConn, describe, sleep
 from .errors import BursarError, Disconnected, Overloaded, ProtocolError
 from .types import (
     DecisionAnswer,
@@ -26,49 +28,24 @@ from .types import (
 
 log = logging.getLogger("bursar_client")
 
-_TRANSPORT_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError)
 
+class AsyncClient(AsyncClientIO):
+    """An asyncio connection to bursard, safe to share between the tasks of one event loop.
 
-class _AConn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.pid = os.getpid()
+    Args:
+        socket_path: the daemon's socket; default ``$BURSAR_SOCKET``, else
+            ``$XDG_RUNTIME_DIR/bursar.sock``, else ``./bursar.sock``.
+        timeout: seconds to wait for one answer before treating the connection as dead.
+        retry_timeout: how long to keep reconnecting and resending when the daemon is
+            unreachable, drops the connection, or answers ``overloaded``. Requests carry
+            idempotency ids (generated when not given), so a resent request that had already
+            been applied is answered as a duplicate and never counted twice. Until a daemon
+            has answered this client once, a failed connection fails at once (a wrong socket
+            path is not worth waiting for); after that, it is retried across a restart.
+        client_name: sent with ``hello``.
 
-    @classmethod
-    async def open(cls, path: str, timeout: Optional[float]) -> "_AConn":
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(path, limit=P.MAX_ANSWER_BYTES), timeout
-        )
-        return cls(reader, writer)
-
-    async def send(self, line: bytes) -> None:
-        self.writer.write(line)
-        await self.writer.drain()
-
-    async def read(self, timeout: Optional[float]) -> bytes:
-        try:
-            raw = await asyncio.wait_for(self.reader.readuntil(b"\n"), timeout)
-        except asyncio.LimitOverrunError as e:
-            raise ProtocolError("answer line too long") from e
-        except asyncio.IncompleteReadError as e:
-            raise EOFError("bursard closed the connection") from e
-        return raw
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (OSError, asyncio.CancelledError):
-            pass
-
-
-class AsyncClient:
-    """An asyncio connection to bursard, safe to share between tasks of one event loop.
-
-    Same arguments, methods and retry behaviour as :class:`bursar_client.Client`; every
-    method is a coroutine, ``export``/``tail`` are async iterators and ``hold`` is an async
-    context manager::
+    All methods may raise :class:`~bursar_client.BursarError` subclasses. ``export`` and
+    ``tail`` are iterators on a connection of their own; ``hold`` is a context manager::
 
         async with AsyncClient() as bursar:
             async with bursar.hold(labels, "gpt-4o", input_tokens=900) as h:
@@ -92,9 +69,10 @@ class AsyncClient:
         # wrong socket path is not worth `retry_timeout` of waiting); after, it is retried
         # across a restart.
         self._reached = False
-        self._lock: Optional[asyncio.Lock] = None  # made lazily, inside the running loop
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._conn: Optional[_AConn] = None
+        self._conn: Optional[AsyncConn] = None
+        self._init_io()
+
+    # --- connection ---------------------------------------------------------------------
 
     def __repr__(self) -> str:
         return f"AsyncClient({self.socket_path!r})"
@@ -105,55 +83,29 @@ class AsyncClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Close the connection (the next call opens a new one)."""
-        await self._drop()
-
-    async def _drop(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            if conn.pid == os.getpid():
-                try:
-                    await conn.close()
-                except RuntimeError:  # made in an event loop that is gone
-                    pass
-
-    def _get_lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        if self._lock is None or self._loop is not loop:
-            # First use, or a new event loop (e.g. a second asyncio.run): the old loop's
-            # lock and stream cannot be used from this one.
-            if self._conn is not None:
-                try:
-                    self._conn.writer.close()
-                except RuntimeError:  # its loop is closed; the socket went with it
-                    pass
-                self._conn = None
-            self._lock = asyncio.Lock()
-            self._loop = loop
-        return self._lock
-
     async def _call(self, call: P.Call) -> Any:
         line = call.line()
-        backoff = _Backoff(self.retry_timeout)
+        backoff = P.Backoff(self.retry_timeout)
         async with self._get_lock():
             while True:
                 sent = False
                 try:
                     if self._conn is not None and self._conn.pid != os.getpid():
-                        self._conn = None
+                        self._conn = None  # inherited across fork: never share a stream
                     if self._conn is None:
-                        self._conn = await _AConn.open(self.socket_path, self.timeout)
+                        self._conn = await AsyncConn.open(self.socket_path, self.timeout)
                     await self._conn.send(line)
+                    # From here on the daemon may have applied the request. (A failed send
+                    # delivered nothing: a closed peer cannot read a partial line.)
                     sent = True
                     answer = P.parse_line(await self._conn.read(self.timeout))
                     self._reached = True
-                except _TRANSPORT_ERRORS as e:
+                except TRANSPORT_ERRORS as e:
                     await self._drop()
                     if sent and not call.resend_safe:
                         raise Disconnected(
                             f"connection to {self.socket_path} lost during `{call.body['op']}`; "
-                            f"it may or may not have been applied: {e!r}"
+                            f"it may or may not have been applied: {describe(e)}"
                         ) from e
                     never_reached = not self._reached and not sent
                     delay = (
@@ -164,21 +116,19 @@ class AsyncClient:
                     if delay is None:
                         if never_reached:
                             raise Disconnected(
-                                f"cannot reach bursard at {self.socket_path}: {e!r} (is the "
-                                f"daemon running? --socket / BURSAR_SOCKET pick the socket)"
+                                f"cannot reach bursard at {self.socket_path}: {describe(e)} (is "
+                                f"the daemon running? --socket / BURSAR_SOCKET pick the socket)"
                             ) from e
                         raise Disconnected(
                             f"cannot reach bursard at {self.socket_path} (retried for up to "
-                            f"{self.retry_timeout:g}s): {e!r}"
+                            f"{self.retry_timeout:g}s): {describe(e)}"
                         ) from e
-                    log.debug("bursar: %r; retrying in %.2fs", e, delay)
-                    await asyncio.sleep(delay)
+                    log.debug("bursar: %s; retrying in %.2fs", describe(e), delay)
+                    await sleep(delay)
                     continue
-                except ProtocolError:
-                    await self._drop()
-                    raise
-                except asyncio.CancelledError:
-                    # An answer may be on its way: this stream can no longer be trusted.
+                except BaseException:
+                    # A malformed answer, or an interruption (task cancelled, Ctrl-C) while an
+                    # answer may be on its way: this stream can no longer be trusted.
                     await self._drop()
                     raise
                 try:
@@ -187,27 +137,30 @@ class AsyncClient:
                     delay = backoff.next_delay() if call.resend_safe else None
                     if delay is None:
                         raise
-                    await asyncio.sleep(delay)
+                    await sleep(delay)
 
     async def _stream(self, body: Mapping[str, Any]) -> AsyncIterator[Event]:
-        backoff = _Backoff(self.retry_timeout)
+        """Send a streaming request on its own connection and yield its events."""
+        backoff = P.Backoff(self.retry_timeout)
         follow = bool(body.get("follow"))
         while True:
             try:
-                conn = await _AConn.open(self.socket_path, self.timeout)
+                conn = await AsyncConn.open(self.socket_path, self.timeout)
                 break
-            except _TRANSPORT_ERRORS as e:
+            except TRANSPORT_ERRORS as e:
                 delay = backoff.next_delay()
                 if delay is None:
-                    raise Disconnected(f"bursard at {self.socket_path} unreachable: {e!r}") from e
-                await asyncio.sleep(delay)
+                    raise Disconnected(
+                        f"bursard at {self.socket_path} unreachable: {describe(e)}"
+                    ) from e
+                await sleep(delay)
         try:
             await conn.send(P.stream_line(dict(body)))
             while True:
                 try:
                     obj = P.parse_line(await conn.read(None if follow else self.timeout))
-                except _TRANSPORT_ERRORS as e:
-                    raise Disconnected(f"stream from bursard interrupted: {e!r}") from e
+                except TRANSPORT_ERRORS as e:
+                    raise Disconnected(f"stream from bursard interrupted: {describe(e)}") from e
                 if "event" in obj:
                     yield Event.from_wire(obj["event"])
                     continue
@@ -218,9 +171,10 @@ class AsyncClient:
         finally:
             await conn.close()
 
-    # --- operations (see Client for the documentation) ------------------------------------
+    # --- operations -----------------------------------------------------------------------
 
     async def hello(self, client: Optional[str] = None) -> HelloAnswer:
+        """Server name, protocol version and policy version."""
         return await self._call(P.hello(client or self.client_name))
 
     async def record(
@@ -233,8 +187,10 @@ class AsyncClient:
         occurred_at: Optional[P.TimeLike] = None,
         reported_cost_usd: Any = None,
     ) -> UsageAnswer:
+        """Record usage that already happened (always kept, even past a limit)."""
         return await self._call(
-            P.record(labels, model, usage, event_id, occurred_at, reported_cost_usd))
+            P.record(labels, model, usage, event_id, occurred_at, reported_cost_usd)
+        )
 
     async def reserve(
         self,
@@ -248,9 +204,11 @@ class AsyncClient:
         require: Optional[Iterable[str]] = None,
         reservation_id: Optional[str] = None,
     ) -> DecisionAnswer:
+        """Hold the worst case of a call. A denial is returned (``decision == "deny"``), not raised."""
         return await self._call(
             P.reserve(labels, model, input_tokens, max_output_tokens, ttl_seconds, candidates,
-                      require, reservation_id))
+                      require, reservation_id)
+        )
 
     async def check(
         self,
@@ -262,8 +220,10 @@ class AsyncClient:
         candidates: Optional[Sequence[str]] = None,
         require: Optional[Iterable[str]] = None,
     ) -> DecisionAnswer:
+        """What ``reserve`` would decide, without holding or logging anything."""
         return await self._call(
-            P.check(labels, model, input_tokens, max_output_tokens, candidates, require))
+            P.check(labels, model, input_tokens, max_output_tokens, candidates, require)
+        )
 
     async def commit(
         self,
@@ -276,14 +236,20 @@ class AsyncClient:
         occurred_at: Optional[P.TimeLike] = None,
         reported_cost_usd: Any = None,
     ) -> UsageAnswer:
+        """Record the actual usage of a reserved call and release its hold.
+
+        ``labels`` and ``model`` are used only if the daemon never saw the reservation.
+        """
         return await self._call(
-            P.commit(reservation_id, usage, event_id, labels, model, occurred_at,
-                     reported_cost_usd))
+            P.commit(reservation_id, usage, event_id, labels, model, occurred_at, reported_cost_usd)
+        )
 
     async def release(self, reservation_id: str) -> ReleaseAnswer:
+        """Cancel a hold (``NotFound`` if it is not live)."""
         return await self._call(P.release(reservation_id))
 
     async def extend(self, reservation_id: str, ttl_seconds: int) -> ExtendAnswer:
+        """Give a live hold a new lifetime of ``ttl_seconds`` from now."""
         return await self._call(P.extend(reservation_id, ttl_seconds))
 
     async def status(
@@ -292,17 +258,23 @@ class AsyncClient:
         budget: Optional[str] = None,
         limit: Optional[int] = None,
     ) -> StatusAnswer:
+        """Budget buckets, most utilized first, at most ``limit`` (default 1000); ``total`` and
+        ``truncated`` say what was left out. ``labels`` keeps buckets carrying each label in their
+        scope or pinned by their budget's ``match``; an unknown ``budget`` raises ``NotFound``."""
         return await self._call(P.status(labels, budget, limit))
 
     async def verify(self) -> VerifyAnswer:
+        """Check the log's hash chain."""
         return await self._call(P.verify())
 
     async def reload(self) -> ReloadAnswer:
+        """Re-read the policy file (admin only)."""
         return await self._call(P.reload())
 
     async def replay(
         self, pricing: Mapping[str, Any], since: Optional[P.TimeLike] = None, apply: bool = False
     ) -> ReplayAnswer:
+        """Refold the log under new prices; with ``apply`` make them current (admin only)."""
         return await self._call(P.replay(pricing, since, apply))
 
     def export(
@@ -311,10 +283,12 @@ class AsyncClient:
         until: Optional[P.TimeLike] = None,
         labels: Optional[Mapping[str, str]] = None,
     ) -> AsyncIterator[Event]:
-        """``async for event in client.export(...)``."""
+        """``async for event in client.export(...)``: logged events (on a connection of its own,
+        so other calls may interleave)."""
         return self._stream(P.export(since, until, labels))
 
     def tail(self, from_seq: Optional[int] = None, follow: bool = False) -> AsyncIterator[Event]:
+        """Events from ``from_seq`` (``async for``); with ``follow``, keep waiting for new ones."""
         return self._stream(P.tail(from_seq, follow))
 
     def hold(
@@ -329,13 +303,23 @@ class AsyncClient:
         require: Optional[Iterable[str]] = None,
         reservation_id: Optional[str] = None,
     ) -> "AsyncHold":
-        """``async with client.hold(...) as h: ...; await h.commit(usage)``."""
-        return AsyncHold(self, labels, model, input_tokens, max_output_tokens, ttl_seconds,
-                         candidates, require, reservation_id)
+        """A context manager around one reserved call::
+
+            async with client.hold({"team": "search"}, "gpt-4o", input_tokens=1200) as h:
+                reply = call_model(h.model)
+                await h.commit(Usage(input_tokens=..., output_tokens=...))
+
+        Entering reserves (raising :class:`~bursar_client.BudgetDenied` when refused); leaving
+        without a commit, or by an exception, releases the hold.
+        """
+        return AsyncHold(
+            self, labels, model, input_tokens, max_output_tokens, ttl_seconds, candidates,
+            require, reservation_id,
+        )
 
 
-class AsyncHold(_HoldBase):
-    """A reservation used as an async context manager (see :meth:`AsyncClient.hold`)."""
+class AsyncHold(P.HoldBase):
+    """A reservation used as a context manager (see :meth:`AsyncClient.hold`)."""
 
     async def __aenter__(self) -> "AsyncHold":
         self._entered(await self.client._call(self._reserve_call()))
@@ -350,11 +334,13 @@ class AsyncHold(_HoldBase):
         reported_cost_usd: Any = None,
         **usage_fields: int,
     ) -> UsageAnswer:
+        """Record the call's actual usage (a :class:`Usage`, a mapping, or keyword fields)."""
         call = self._commit_call(usage, usage_fields, event_id, occurred_at, reported_cost_usd)
         self.answer = await self.client._call(call)
         return self.answer
 
     async def release(self) -> Optional[ReleaseAnswer]:
+        """Release the hold now (also done automatically on exit without a commit)."""
         if self._done():
             return None
         ans = await self.client.release(self.reservation_id)
@@ -362,6 +348,7 @@ class AsyncHold(_HoldBase):
         return ans
 
     async def extend(self, ttl_seconds: int) -> ExtendAnswer:
+        """Keep the hold alive for ``ttl_seconds`` more (long streaming calls)."""
         ans = await self.client.extend(self.reservation_id, ttl_seconds)
         if self.decision is not None:
             self.decision.expires_at = ans.expires_at

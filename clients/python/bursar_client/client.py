@@ -1,16 +1,17 @@
-"""Blocking client for bursard."""
+"""Blocking client for bursard: ``Client``, safe to share between threads."""
+
+# Generated from aio.py by scripts/unasync.py: do not edit; edit aio.py, then run
+# `python3 clients/python/scripts/unasync.py` (tests/test_codegen.py fails until you do).
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
-import threading
-import time
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Iterable, Mapping, Optional, Sequence
 
 from . import _proto as P
-from .errors import BudgetDenied, BursarError, Disconnected, NotFound, Overloaded, ProtocolError
+from ._backend_sync import TRANSPORT_ERRORS, ClientIO, Conn, describe, sleep
+from .errors import BursarError, Disconnected, Overloaded, ProtocolError
 from .types import (
     DecisionAnswer,
     Event,
@@ -20,7 +21,6 @@ from .types import (
     ReloadAnswer,
     ReplayAnswer,
     StatusAnswer,
-    Usage,
     UsageAnswer,
     UsageLike,
     VerifyAnswer,
@@ -28,63 +28,9 @@ from .types import (
 
 log = logging.getLogger("bursar_client")
 
-# Transport failures after which the request is resent on a new connection.
-_TRANSPORT_ERRORS = (OSError, EOFError)
 
-
-class _Backoff:
-    """Exponential backoff inside an overall deadline."""
-
-    def __init__(self, retry_timeout: float) -> None:
-        self.deadline = time.monotonic() + max(0.0, retry_timeout)
-        self.delay = 0.02
-
-    def next_delay(self) -> Optional[float]:
-        """Seconds to sleep before the next try, or None when the deadline has passed."""
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            return None
-        d = min(self.delay, left)
-        self.delay = min(self.delay * 2, 0.5)
-        return d
-
-
-class _Conn:
-    """One Unix-socket connection speaking JSON Lines."""
-
-    def __init__(self, path: str, timeout: Optional[float]) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(path)
-        except BaseException:
-            self.sock.close()
-            raise
-        self.rfile = self.sock.makefile("rb")
-        self.pid = os.getpid()
-
-    def send(self, line: bytes) -> None:
-        self.sock.sendall(line)
-
-    def read(self) -> bytes:
-        raw = self.rfile.readline(P.MAX_ANSWER_BYTES + 1)
-        if not raw:
-            raise EOFError("bursard closed the connection")
-        if not raw.endswith(b"\n"):
-            if len(raw) > P.MAX_ANSWER_BYTES:
-                raise ProtocolError("answer line too long")
-            raise EOFError("bursard closed the connection mid-answer")
-        return raw
-
-    def close(self) -> None:
-        try:
-            self.rfile.close()
-        finally:
-            self.sock.close()
-
-
-class Client:
-    """A blocking, thread-safe connection to bursard.
+class Client(ClientIO):
+    """A blocking connection to bursard, safe to share between threads.
 
     Args:
         socket_path: the daemon's socket; default ``$BURSAR_SOCKET``, else
@@ -98,7 +44,13 @@ class Client:
             path is not worth waiting for); after that, it is retried across a restart.
         client_name: sent with ``hello``.
 
-    All methods may raise :class:`~bursar_client.BursarError` subclasses.
+    All methods may raise :class:`~bursar_client.BursarError` subclasses. ``export`` and
+    ``tail`` are iterators on a connection of their own; ``hold`` is a context manager::
+
+        with Client() as bursar:
+            with bursar.hold(labels, "gpt-4o", input_tokens=900) as h:
+                ...
+                h.commit(Usage(input_tokens=900, output_tokens=120))
     """
 
     def __init__(
@@ -117,10 +69,13 @@ class Client:
         # wrong socket path is not worth `retry_timeout` of waiting); after, it is retried
         # across a restart.
         self._reached = False
-        self._lock = threading.Lock()
-        self._conn: Optional[_Conn] = None
+        self._conn: Optional[Conn] = None
+        self._init_io()
 
     # --- connection ---------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"Client({self.socket_path!r})"
 
     def __enter__(self) -> "Client":
         return self
@@ -128,50 +83,29 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"Client({self.socket_path!r})"
-
-    def close(self) -> None:
-        """Close the connection (the next call opens a new one)."""
-        with self._lock:
-            self._drop()
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            if conn.pid == os.getpid():
-                try:
-                    conn.close()
-                except OSError:
-                    pass
-
-    def _connection(self) -> _Conn:
-        if self._conn is not None and self._conn.pid != os.getpid():
-            self._conn = None  # inherited across fork: never share a stream with the parent
-        if self._conn is None:
-            self._conn = _Conn(self.socket_path, self.timeout)
-        return self._conn
-
     def _call(self, call: P.Call) -> Any:
         line = call.line()
-        backoff = _Backoff(self.retry_timeout)
-        with self._lock:
+        backoff = P.Backoff(self.retry_timeout)
+        with self._get_lock():
             while True:
                 sent = False
                 try:
-                    conn = self._connection()
-                    conn.send(line)
+                    if self._conn is not None and self._conn.pid != os.getpid():
+                        self._conn = None  # inherited across fork: never share a stream
+                    if self._conn is None:
+                        self._conn = Conn.open(self.socket_path, self.timeout)
+                    self._conn.send(line)
                     # From here on the daemon may have applied the request. (A failed send
                     # delivered nothing: a closed peer cannot read a partial line.)
                     sent = True
-                    answer = P.parse_line(conn.read())
+                    answer = P.parse_line(self._conn.read(self.timeout))
                     self._reached = True
-                except _TRANSPORT_ERRORS as e:
+                except TRANSPORT_ERRORS as e:
                     self._drop()
                     if sent and not call.resend_safe:
                         raise Disconnected(
                             f"connection to {self.socket_path} lost during `{call.body['op']}`; "
-                            f"it may or may not have been applied: {e}"
+                            f"it may or may not have been applied: {describe(e)}"
                         ) from e
                     never_reached = not self._reached and not sent
                     delay = (
@@ -182,17 +116,19 @@ class Client:
                     if delay is None:
                         if never_reached:
                             raise Disconnected(
-                                f"cannot reach bursard at {self.socket_path}: {e} (is the "
-                                f"daemon running? --socket / BURSAR_SOCKET pick the socket)"
+                                f"cannot reach bursard at {self.socket_path}: {describe(e)} (is "
+                                f"the daemon running? --socket / BURSAR_SOCKET pick the socket)"
                             ) from e
                         raise Disconnected(
                             f"cannot reach bursard at {self.socket_path} (retried for up to "
-                            f"{self.retry_timeout:g}s): {e}"
+                            f"{self.retry_timeout:g}s): {describe(e)}"
                         ) from e
-                    log.debug("bursar: %s; retrying in %.2fs", e, delay)
-                    time.sleep(delay)
+                    log.debug("bursar: %s; retrying in %.2fs", describe(e), delay)
+                    sleep(delay)
                     continue
-                except ProtocolError:
+                except BaseException:
+                    # A malformed answer, or an interruption (task cancelled, Ctrl-C) while an
+                    # answer may be on its way: this stream can no longer be trusted.
                     self._drop()
                     raise
                 try:
@@ -201,27 +137,30 @@ class Client:
                     delay = backoff.next_delay() if call.resend_safe else None
                     if delay is None:
                         raise
-                    time.sleep(delay)
+                    sleep(delay)
 
     def _stream(self, body: Mapping[str, Any]) -> Iterator[Event]:
         """Send a streaming request on its own connection and yield its events."""
-        backoff = _Backoff(self.retry_timeout)
+        backoff = P.Backoff(self.retry_timeout)
+        follow = bool(body.get("follow"))
         while True:
             try:
-                conn = _Conn(self.socket_path, self.timeout if not body.get("follow") else None)
+                conn = Conn.open(self.socket_path, self.timeout)
                 break
-            except OSError as e:
+            except TRANSPORT_ERRORS as e:
                 delay = backoff.next_delay()
                 if delay is None:
-                    raise Disconnected(f"bursard at {self.socket_path} unreachable: {e}") from e
-                time.sleep(delay)
+                    raise Disconnected(
+                        f"bursard at {self.socket_path} unreachable: {describe(e)}"
+                    ) from e
+                sleep(delay)
         try:
             conn.send(P.stream_line(dict(body)))
             while True:
                 try:
-                    obj = P.parse_line(conn.read())
-                except _TRANSPORT_ERRORS as e:
-                    raise Disconnected(f"stream from bursard interrupted: {e}") from e
+                    obj = P.parse_line(conn.read(None if follow else self.timeout))
+                except TRANSPORT_ERRORS as e:
+                    raise Disconnected(f"stream from bursard interrupted: {describe(e)}") from e
                 if "event" in obj:
                     yield Event.from_wire(obj["event"])
                     continue
@@ -249,7 +188,9 @@ class Client:
         reported_cost_usd: Any = None,
     ) -> UsageAnswer:
         """Record usage that already happened (always kept, even past a limit)."""
-        return self._call(P.record(labels, model, usage, event_id, occurred_at, reported_cost_usd))
+        return self._call(
+            P.record(labels, model, usage, event_id, occurred_at, reported_cost_usd)
+        )
 
     def reserve(
         self,
@@ -280,7 +221,9 @@ class Client:
         require: Optional[Iterable[str]] = None,
     ) -> DecisionAnswer:
         """What ``reserve`` would decide, without holding or logging anything."""
-        return self._call(P.check(labels, model, input_tokens, max_output_tokens, candidates, require))
+        return self._call(
+            P.check(labels, model, input_tokens, max_output_tokens, candidates, require)
+        )
 
     def commit(
         self,
@@ -340,11 +283,12 @@ class Client:
         until: Optional[P.TimeLike] = None,
         labels: Optional[Mapping[str, str]] = None,
     ) -> Iterator[Event]:
-        """Iterate over logged events (on a connection of its own, so other calls may interleave)."""
+        """``for event in client.export(...)``: logged events (on a connection of its own,
+        so other calls may interleave)."""
         return self._stream(P.export(since, until, labels))
 
     def tail(self, from_seq: Optional[int] = None, follow: bool = False) -> Iterator[Event]:
-        """Iterate over events from ``from_seq``; with ``follow``, keep waiting for new ones."""
+        """Events from ``from_seq`` (``for``); with ``follow``, keep waiting for new ones."""
         return self._stream(P.tail(from_seq, follow))
 
     def hold(
@@ -361,109 +305,20 @@ class Client:
     ) -> "Hold":
         """A context manager around one reserved call::
 
-            with client.hold({"team": "search"}, "gpt-4o", input_tokens=1200,
-                             max_output_tokens=800) as h:
+            with client.hold({"team": "search"}, "gpt-4o", input_tokens=1200) as h:
                 reply = call_model(h.model)
                 h.commit(Usage(input_tokens=..., output_tokens=...))
 
         Entering reserves (raising :class:`~bursar_client.BudgetDenied` when refused); leaving
         without a commit, or by an exception, releases the hold.
         """
-        return Hold(self, labels, model, input_tokens, max_output_tokens, ttl_seconds,
-                    candidates, require, reservation_id)
-
-
-class _HoldBase:
-    def __init__(
-        self,
-        client: Any,
-        labels: Optional[Mapping[str, str]],
-        model: Optional[str],
-        input_tokens: int,
-        max_output_tokens: Optional[int],
-        ttl_seconds: Optional[int],
-        candidates: Optional[Sequence[str]],
-        require: Optional[Iterable[str]],
-        reservation_id: Optional[str],
-    ) -> None:
-        self.client = client
-        self.labels = dict(labels or {})
-        self.requested_model = model
-        self._args = dict(
-            input_tokens=input_tokens,
-            max_output_tokens=max_output_tokens,
-            ttl_seconds=ttl_seconds,
-            candidates=candidates,
-            require=require,
+        return Hold(
+            self, labels, model, input_tokens, max_output_tokens, ttl_seconds, candidates,
+            require, reservation_id,
         )
-        self.reservation_id = reservation_id or P.new_id()
-        self.decision: Optional[DecisionAnswer] = None
-        self.answer: Optional[UsageAnswer] = None
-        self.released = False
-
-    @property
-    def model(self) -> Optional[str]:
-        """The model to call: the requested one, or the fallback candidate the daemon chose."""
-        return self.decision.model if self.decision is not None else self.requested_model
-
-    @property
-    def warned(self) -> bool:
-        """True when the call was allowed but brings a budget near its limit."""
-        return self.decision is not None and self.decision.decision == "warn"
-
-    @property
-    def hold_micros(self) -> int:
-        return self.decision.hold_micros if self.decision is not None else 0
-
-    @property
-    def expires_at(self) -> Optional[str]:
-        return self.decision.expires_at if self.decision is not None else None
-
-    @property
-    def committed(self) -> bool:
-        return self.answer is not None
-
-    def _reserve_call(self) -> P.Call:
-        a = self._args
-        return P.reserve(self.labels, self.requested_model, a["input_tokens"],
-                         a["max_output_tokens"], a["ttl_seconds"], a["candidates"], a["require"],
-                         self.reservation_id)
-
-    def _entered(self, decision: DecisionAnswer) -> None:
-        self.decision = decision
-        if not decision.allowed:
-            raise BudgetDenied(decision)
-
-    def _commit_call(self, usage: Optional[UsageLike], fields: Mapping[str, int],
-                     event_id: Optional[str], occurred_at: Any, reported_cost_usd: Any) -> P.Call:
-        if self.decision is None:
-            raise RuntimeError("hold not entered: use it in a `with` statement")
-        if self.answer is not None:
-            raise RuntimeError(f"hold {self.reservation_id} was already committed")
-        if self.released:
-            raise RuntimeError(f"hold {self.reservation_id} was already released")
-        if usage is None:
-            usage = Usage(**fields)
-        elif fields:
-            raise TypeError("give usage either as an object or as keyword arguments, not both")
-        return P.commit(self.reservation_id, usage, event_id, self.labels, self.model,
-                        occurred_at, reported_cost_usd)
-
-    def _done(self) -> bool:
-        return self.decision is None or self.answer is not None or self.released
-
-    def _release_failed(self, e: BaseException) -> None:
-        if isinstance(e, NotFound):
-            return  # expired, or already gone: nothing is held
-        log.warning("bursar: could not release hold %s (it expires at %s): %s",
-                    self.reservation_id, self.expires_at, e)
-
-    def __repr__(self) -> str:
-        state = "committed" if self.committed else "released" if self.released else "live"
-        return f"<Hold {self.reservation_id} model={self.model!r} {state}>"
 
 
-class Hold(_HoldBase):
+class Hold(P.HoldBase):
     """A reservation used as a context manager (see :meth:`Client.hold`)."""
 
     def __enter__(self) -> "Hold":

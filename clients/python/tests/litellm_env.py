@@ -9,6 +9,7 @@ run.py starts the installation in the background before the other tests, so the 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -27,6 +28,15 @@ ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
 _lock = threading.Lock()
 _thread: Optional[threading.Thread] = None
 _result: Optional[str] = None
+
+
+def extra_requirement() -> str:
+    """The `litellm` extra's requirement as pyproject.toml writes it (SPEC must satisfy it)."""
+    text = (REPO_ROOT / "clients" / "python" / "pyproject.toml").read_text(encoding="utf-8")
+    m = re.search(r'^litellm\s*=\s*\[\s*"([^"]+)"\s*\]', text, re.M)
+    if not m:
+        raise AssertionError("no `litellm = [...]` extra in clients/python/pyproject.toml")
+    return m.group(1)
 
 
 def venv_python() -> Path:

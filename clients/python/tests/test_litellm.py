@@ -55,6 +55,17 @@ class LiteLLMTest(unittest.TestCase):
         cls.client.close()
         cls.daemon.cleanup()
 
+    def test_the_tested_litellm_is_in_the_extras_range(self) -> None:
+        # `pip install bursar-client[litellm]` must be able to pick the version tested here.
+        spec = litellm_env.extra_requirement()
+        p = subprocess.run(
+            [str(venv_python()), "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps",
+             "--disable-pip-version-check", spec],
+            capture_output=True, text=True, timeout=120)
+        self.assertEqual(p.returncode, 0,
+                         f"{litellm_env.SPEC} (tested) is outside the extra's {spec}:\n{p.stderr}")
+        self.assertIn("Requirement already satisfied", p.stdout)
+
     def calls_of(self, *outcomes: str) -> list:
         return [c for c in self.calls if c["outcome"] in outcomes]
 

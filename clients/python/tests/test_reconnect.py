@@ -265,6 +265,56 @@ class FakeDaemonTest(unittest.TestCase):
         finally:
             fake.close()
 
+    def slow_first_verify(self) -> FakeDaemon:
+        """Answers the first `verify` after 0.5 s, the others at once, each with its number."""
+        count = []
+
+        def respond(req: dict) -> dict:
+            count.append(1)
+            if len(count) == 1:
+                time.sleep(0.5)
+            return {"ok": True, "events": len(count), "head": f"answer {len(count)}"}
+
+        return FakeDaemon(self.path, respond)
+
+    def test_an_interrupted_call_leaves_no_answer_behind_for_the_next(self) -> None:
+        # Ctrl-C while the blocking client waits: the late answer must not become the answer
+        # to the next call on the same client.
+        import signal
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        fake = self.slow_first_verify()
+        old = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            with Client(self.path) as c:
+                signal.setitimer(signal.ITIMER_REAL, 0.1)
+                with self.assertRaises(KeyboardInterrupt):
+                    c.verify()
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                time.sleep(0.6)  # the first answer has been sent by now
+                self.assertEqual(c.verify().head, "answer 2")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+            fake.close()
+
+    def test_a_cancelled_async_call_leaves_no_answer_behind_for_the_next(self) -> None:
+        fake = self.slow_first_verify()
+
+        async def main() -> str:
+            async with AsyncClient(self.path) as c:
+                with self.assertRaises(asyncio.TimeoutError):
+                    await asyncio.wait_for(c.verify(), 0.1)
+                await asyncio.sleep(0.6)
+                return (await c.verify()).head
+
+        try:
+            self.assertEqual(asyncio.run(main()), "answer 2")
+        finally:
+            fake.close()
+
 
 if __name__ == "__main__":
     unittest.main()
