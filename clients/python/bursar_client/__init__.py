@@ -38,6 +38,10 @@ from .types import (
     Usage,
     UsageAnswer,
     VerifyAnswer,
+    WhatIfAnswer,
+    WhatIfDenial,
+    WhatIfExhausted,
+    WhatIfPeak,
     micros_to_usd,
 )
 
@@ -49,5 +53,6 @@ __all__ = [
     "Internal", "NotFound", "Overloaded", "ProtocolError", "TooLarge", "Unavailable", "UnknownOp",
     "BudgetReport", "DecisionAnswer", "DiffRow", "Event", "ExtendAnswer", "HelloAnswer", "Reason",
     "ReleaseAnswer", "ReloadAnswer", "ReplayAnswer", "Skipped", "StatusAnswer", "Usage",
-    "UsageAnswer", "VerifyAnswer", "default_socket_path", "micros_to_usd", "new_id",
+    "UsageAnswer", "VerifyAnswer", "WhatIfAnswer", "WhatIfDenial", "WhatIfExhausted", "WhatIfPeak",
+    "default_socket_path", "micros_to_usd", "new_id",
 ]

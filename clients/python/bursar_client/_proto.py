@@ -26,6 +26,7 @@ from .types import (
     UsageAnswer,
     UsageLike,
     VerifyAnswer,
+    WhatIfAnswer,
     usage_to_wire,
 )
 
@@ -259,15 +260,19 @@ def reload() -> Call:
     return Call({"op": "reload"}, ReloadAnswer.from_wire, resend_safe=False)
 
 
-def replay(pricing: Mapping[str, Any], since: Optional[TimeLike], apply: bool) -> Call:
+def replay(
+    pricing: Mapping[str, Any], since: Optional[TimeLike], apply: bool, policy: Optional[str] = None
+) -> Call:
+    """A repricing (``pricing``), or with ``policy`` (a ``bursar.toml`` text) a what-if."""
     return Call(
         {
             "op": "replay",
-            "pricing": dict(pricing),
+            "pricing": dict(pricing) if pricing or policy is None else None,
+            "policy": policy,
             "since": None if since is None else rfc3339(since),
             "apply": bool(apply) or None,
         },
-        ReplayAnswer.from_wire,
+        ReplayAnswer.from_wire if policy is None else WhatIfAnswer.from_wire,
         resend_safe=not apply,
     )
 

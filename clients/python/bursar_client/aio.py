@@ -24,6 +24,7 @@ from .types import (
     UsageAnswer,
     UsageLike,
     VerifyAnswer,
+    WhatIfAnswer,
 )
 
 log = logging.getLogger("bursar_client")
@@ -276,6 +277,12 @@ class AsyncClient(AsyncClientIO):
     ) -> ReplayAnswer:
         """Refold the log under new prices; with ``apply`` make them current (admin only)."""
         return await self._call(P.replay(pricing, since, apply))
+
+    async def what_if(self, policy: str, since: Optional[P.TimeLike] = None) -> WhatIfAnswer:
+        """What the policy ``policy`` (the text of a ``bursar.toml``) would have done with the
+        log's requests since ``since``: the reservations it would have denied, the buckets it
+        would have exhausted, each budget's peak. Changes nothing."""
+        return await self._call(P.replay({}, since, False, policy))
 
     def export(
         self,

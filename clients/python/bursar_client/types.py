@@ -344,6 +344,79 @@ class ReplayAnswer:
 
 
 @dataclass
+class WhatIfDenial:
+    """A reservation of the log that the what-if policy would have denied."""
+
+    seq: int
+    ts: str
+    reservation_id: str
+    labels: Dict[str, str]
+    model: str
+    hold_micros: int
+    reason: str
+    budget: Optional[str] = None
+    key: Optional[str] = None
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "WhatIfDenial":
+        return _build(cls, obj)
+
+
+@dataclass
+class WhatIfExhausted:
+    """A bucket the what-if policy would have exhausted, and when."""
+
+    budget: str
+    key: str
+    at: str
+    window_start: str
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "WhatIfExhausted":
+        return _build(cls, obj)
+
+
+@dataclass
+class WhatIfPeak:
+    """A budget's highest utilization under the what-if policy."""
+
+    budget: str
+    key: str
+    utilization: float
+    at: str
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "WhatIfPeak":
+        return _build(cls, obj)
+
+
+@dataclass
+class WhatIfAnswer:
+    """What another policy would have done with the log's requests (``Client.what_if``)."""
+
+    events: int
+    reservations: int
+    denied: List[WhatIfDenial]
+    denied_total: int
+    denied_hold_micros: int
+    usage_left_out: int
+    usage_left_out_micros: int
+    exhausted: List[WhatIfExhausted]
+    peaks: List[WhatIfPeak]
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "WhatIfAnswer":
+        return _build(
+            cls,
+            obj,
+            denied=[WhatIfDenial.from_wire(d) for d in obj.get("denied") or []],
+            exhausted=[WhatIfExhausted.from_wire(d) for d in obj.get("exhausted") or []],
+            peaks=[WhatIfPeak.from_wire(d) for d in obj.get("peaks") or []],
+        )
+
+
+@dataclass
 class Event:
     """One logged event as ``export`` and ``tail`` stream it.
 

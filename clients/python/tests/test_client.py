@@ -151,6 +151,32 @@ class ClientTest(unittest.TestCase):
         with self.assertRaises(NotFound):
             self.client.extend(d2.reservation_id, 60)
 
+    def test_what_if_names_the_reservation_a_stricter_policy_would_have_denied(self) -> None:
+        t = team()
+        d = self.client.reserve(acme(t), "gpt-4o-mini", input_tokens=1000, max_output_tokens=1000)
+        self.assertEqual(d.decision, "allow")
+        self.client.commit(d.reservation_id, Usage(input_tokens=900, output_tokens=200))
+        before = self.bucket(t)
+        policy = (
+            "[[budget]]\n"
+            'id = "strict"\n'
+            f'match = {{ team = "{t}" }}\n'
+            'group_by = ["team"]\n'
+            "max_usd = 0.0005\n"
+        )
+        w = self.client.what_if(policy)
+        self.assertIsInstance(w, bursar_client.WhatIfAnswer)
+        [mine] = [x for x in w.denied if x.reservation_id == d.reservation_id]
+        self.assertEqual((mine.budget, mine.key, mine.reason), ("strict", f"team={t}", "budget"))
+        self.assertEqual((mine.model, mine.hold_micros), ("gpt-4o-mini", 750))
+        self.assertEqual(mine.labels["team"], t)
+        self.assertGreaterEqual(w.usage_left_out, 1)
+        # A what-if changes nothing.
+        self.assertEqual(self.bucket(t), before)
+        with self.assertRaises(BadRequest) as e:
+            self.client.what_if("[[budget]]\nid = 'x'\nmax_usdd = 1\n")
+        self.assertEqual(e.exception.field, "policy")
+
     def test_reserve_with_the_same_id_is_one_hold(self) -> None:
         t = team()
         rid = "r-" + uuid.uuid4().hex

@@ -34,6 +34,10 @@ ANSWERS: Dict[type, Tuple[str, Any]] = {
     types.VerifyAnswer: ("answer-verify", None),
     types.ReloadAnswer: ("answer-reload", None),
     types.ReplayAnswer: ("answer-replay", None),
+    types.WhatIfAnswer: ("answer-what-if", None),
+    types.WhatIfDenial: ("answer-what-if", "WhatIfDenial"),
+    types.WhatIfExhausted: ("answer-what-if", "WhatIfExhausted"),
+    types.WhatIfPeak: ("answer-what-if", "WhatIfPeak"),
     types.BudgetReport: ("answer-status", "BudgetReport"),
     types.Reason: ("answer-decision", "Reason"),
     types.Skipped: ("answer-decision", "Skipped"),
@@ -94,7 +98,11 @@ REQUESTS = {
     "request-extend": (P.extend("r", 5).body, P.extend("r", 5).body),
     "request-status": (P.status({"a": "b"}, "b", 3).body, P.status(None, None, None).body),
     "request-replay": (
-        P.replay({}, "2026-01-01T00:00:00Z", True).body,
+        # A repricing and a what-if together send every field of the schema.
+        {k: v
+         for body in (P.replay({"models": {}}, "2026-01-01T00:00:00Z", True).body,
+                      P.replay({}, None, False, "[[budget]]").body)
+         for k, v in body.items() if v is not None},
         P.replay({}, None, False).body,
     ),
     "request-export": (
