@@ -282,6 +282,11 @@ struct TailArgs {
     /// The last N events (default 10; with -f, then the new ones).
     #[arg(short = 'n', long, value_name = "N")]
     lines: Option<u64>,
+    /// Only events of these types, e.g. `--type budget_warned,budget_exhausted` (with `-f
+    /// --json`: one line per crossing, for alerting scripts). `-n` and `--from-seq` count every
+    /// event of the log, before this filter.
+    #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
+    types: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -730,8 +735,12 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
             let from = a
                 .from_seq
                 .unwrap_or_else(|| off.head().saturating_sub(last - 1).max(1));
+            check_types(&a.types)?;
             for ev in off.events(from, &ExportRequest::default())? {
-                print_event(out, &ev?, json)?;
+                let ev = ev?;
+                if a.types.is_empty() || a.types.contains(&ev.kind) {
+                    print_event(out, &ev, json)?;
+                }
             }
             Ok(0)
         }
@@ -746,6 +755,7 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
                     for ev in c.stream(&Request::Tail(TailRequest {
                         from_seq: None,
                         follow: false,
+                        types: None,
                     }))? {
                         head = Some(ev?.seq);
                     }
@@ -759,6 +769,7 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
             let mut stream = c.stream(&Request::Tail(TailRequest {
                 from_seq,
                 follow: a.follow,
+                types: (!a.types.is_empty()).then(|| a.types.clone()),
             }))?;
             for ev in stream.by_ref() {
                 print_event(out, &ev?, json)?;
@@ -768,6 +779,18 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
             }
             Ok(0)
         }
+    }
+}
+
+/// `--type` names only event types (the daemon checks them too; offline, this does).
+fn check_types(types: &[String]) -> Res<()> {
+    use bursar_schemas::event::EVENT_KINDS;
+    match types.iter().find(|t| !EVENT_KINDS.contains(&t.as_str())) {
+        Some(t) => Err(msg(format!(
+            "--type {t:?} is not an event type; the types are {}",
+            EVENT_KINDS.join(", ")
+        ))),
+        None => Ok(()),
     }
 }
 

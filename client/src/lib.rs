@@ -377,6 +377,7 @@ impl Client {
             let mut s = c.stream(&Request::Tail(TailRequest {
                 from_seq: Some(from),
                 follow: false,
+                types: None,
             }))?;
             for ev in s.by_ref() {
                 let ev = ev?;

@@ -474,7 +474,26 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
                 .to_line(req),
             }
         })),
-        Request::Tail(t) => Pending::Stream(StreamKind::Tail(t), req),
+        Request::Tail(t) => {
+            let unknown = t
+                .types
+                .iter()
+                .flatten()
+                .find(|k| !bursar_schemas::event::EVENT_KINDS.contains(&k.as_str()));
+            if let Some(k) = unknown {
+                return Pending::Ready(
+                    Answer::Error(WireError::bad_field(
+                        "types",
+                        format!(
+                            "{k:?} is not an event type; the types are {}",
+                            bursar_schemas::event::EVENT_KINDS.join(", ")
+                        ),
+                    ))
+                    .to_line(req),
+                );
+            }
+            Pending::Stream(StreamKind::Tail(t), req)
+        }
         Request::Export(e) => {
             for (field, v) in [("since", &e.since), ("until", &e.until)] {
                 if let Some(t) = v {
@@ -960,16 +979,16 @@ async fn stream<W: AsyncWriteExt + Unpin>(
     // A stream that does not follow shows the log as it is now (up to `head`), not the writes
     // the connection sends after it; those may go ahead from here.
     gate.evaluated_one();
-    let (mut from, follow, filter) = match &kind {
+    let (mut from, follow, filter, types) = match &kind {
         StreamKind::Tail(t) => {
             let from = t.from_seq.unwrap_or(if t.follow {
                 head + 1
             } else {
                 head.saturating_sub(TAIL_DEFAULT_EVENTS - 1).max(1)
             });
-            (from.max(1), t.follow, None)
+            (from.max(1), t.follow, None, t.types.clone())
         }
-        StreamKind::Export(e) => (1, false, Some(e.clone())),
+        StreamKind::Export(e) => (1, false, Some(e.clone()), None),
     };
     let since = filter
         .as_ref()
@@ -1005,6 +1024,12 @@ async fn stream<W: AsyncWriteExt + Unpin>(
             any = true;
             from = env.seq + 1;
             if since.is_some_and(|s| env.ts < s) || until.is_some_and(|u| env.ts >= u) {
+                continue;
+            }
+            if types
+                .as_ref()
+                .is_some_and(|t| !t.iter().any(|k| k == env.body.kind()))
+            {
                 continue;
             }
             if let Some(want) = &labels {

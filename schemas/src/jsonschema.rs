@@ -68,7 +68,10 @@ pub fn all() -> Vec<(&'static str, String)> {
         schema_for!(wire::StreamEnd),
     );
     push("answer-replay.schema.json", schema_for!(wire::ReplayAnswer));
-    push("answer-what-if.schema.json", schema_for!(wire::WhatIfAnswer));
+    push(
+        "answer-what-if.schema.json",
+        schema_for!(wire::WhatIfAnswer),
+    );
     push("answer-verify.schema.json", schema_for!(wire::VerifyAnswer));
     push("answer-reload.schema.json", schema_for!(wire::ReloadAnswer));
     push(

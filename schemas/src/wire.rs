@@ -188,6 +188,11 @@ pub struct TailRequest {
     /// Keep streaming new events.
     #[serde(default)]
     pub follow: bool,
+    /// Keep only events of these types (e.g. `["budget_warned","budget_exhausted"]`): one
+    /// line per crossing for an alerting script. `from_seq` and the default last events count
+    /// every event of the log, before this filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub types: Option<Vec<String>>,
 }
 
 /// `export`.

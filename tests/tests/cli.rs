@@ -651,6 +651,91 @@ fn tail_shows_the_last_events_and_follows_new_ones() {
 }
 
 #[test]
+fn tail_follow_by_type_gives_alerting_scripts_one_json_line_per_crossing() {
+    let d = Daemon::start_with_config(TEAM_POLICY);
+    // Team a: warned at the 2nd call ($0.007 of $0.015), exhausted at the 5th ($0.0175).
+    for i in 0..5 {
+        record(&d, "a", &format!("a-{i}"));
+    }
+    let mut child = bursar_command(&[
+        "--socket",
+        d.socket.to_str().unwrap(),
+        "--json",
+        "tail",
+        "-f",
+        "--from-seq",
+        "1",
+        "--type",
+        "budget_warned,budget_exhausted",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || -> Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a crossing line");
+        serde_json::from_str(&line).unwrap()
+    };
+    let (w, x) = (next(), next());
+    assert_eq!(
+        (
+            w["type"].as_str(),
+            w["body"]["budget_warned"]["key"].as_str()
+        ),
+        (Some("budget_warned"), Some("team=a"))
+    );
+    assert_eq!(x["type"], "budget_exhausted", "{x}");
+    // Then new crossings as they happen (team b), and nothing else.
+    for i in 0..2 {
+        record(&d, "b", &format!("b-{i}"));
+    }
+    let w = next();
+    assert_eq!(w["type"], "budget_warned");
+    assert_eq!(w["body"]["budget_warned"]["key"], "team=b");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "only crossings are shown"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A type that does not exist is refused, naming it, by the daemon and offline.
+    let bad = d.cli(&["tail", "--type", "budget_exausted"]);
+    assert_ne!(bad.code, Some(0));
+    assert!(bad.stderr.contains("budget_exausted"), "{}", bad.stderr);
+    let mut c = d.client();
+    let a = c.call(json!({"op":"tail","types":["nope"]}));
+    assert_eq!(a["error"]["field"], "types", "{a}");
+    // Offline, the same filter.
+    let mut d = d;
+    d.terminate();
+    let offline = d
+        .offline(&[
+            "--json",
+            "tail",
+            "--from-seq",
+            "1",
+            "--type",
+            "budget_exhausted",
+        ])
+        .ok()
+        .json_lines();
+    assert_eq!(offline.len(), 1);
+    assert_eq!(offline[0]["body"]["budget_exhausted"]["key"], "team=a");
+}
+
+#[test]
 fn export_csv_and_jsonl_have_one_line_per_event() {
     let d = Daemon::start_with_config(TEAM_POLICY);
     record(&d, "a", "e-1");

@@ -286,8 +286,13 @@ def export(since: Optional[TimeLike], until: Optional[TimeLike], labels: Optiona
     }
 
 
-def tail(from_seq: Optional[int], follow: bool) -> Dict[str, Any]:
-    return {"op": "tail", "from_seq": from_seq, "follow": bool(follow) or None}
+def tail(from_seq: Optional[int], follow: bool, types: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+    return {
+        "op": "tail",
+        "from_seq": from_seq,
+        "follow": bool(follow) or None,
+        "types": None if types is None else list(types),
+    }
 
 
 def stream_line(body: Dict[str, Any]) -> bytes:

@@ -294,9 +294,15 @@ class Client(ClientIO):
         so other calls may interleave)."""
         return self._stream(P.export(since, until, labels))
 
-    def tail(self, from_seq: Optional[int] = None, follow: bool = False) -> Iterator[Event]:
-        """Events from ``from_seq`` (``for``); with ``follow``, keep waiting for new ones."""
-        return self._stream(P.tail(from_seq, follow))
+    def tail(
+        self,
+        from_seq: Optional[int] = None,
+        follow: bool = False,
+        types: Optional[Iterable[str]] = None,
+    ) -> Iterator[Event]:
+        """Events from ``from_seq`` (``for``); with ``follow``, keep waiting for new ones;
+        with ``types`` (e.g. ``["budget_warned", "budget_exhausted"]``), only those."""
+        return self._stream(P.tail(from_seq, follow, types))
 
     def hold(
         self,

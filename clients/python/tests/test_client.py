@@ -259,6 +259,10 @@ class ClientTest(unittest.TestCase):
         released = [e for e in self.client.export() if e.type == "reservation_released"
                     and e.data.get("reservation_id") == h.reservation_id]
         self.assertEqual(len(released), 1)
+        # tail by type: only releases, this one among them.
+        tailed = list(self.client.tail(from_seq=1, types=["reservation_released"]))
+        self.assertEqual({e.type for e in tailed}, {"reservation_released"})
+        self.assertIn(h.reservation_id, [e.data.get("reservation_id") for e in tailed])
 
     def test_hold_denied_names_budget_scope_and_remaining(self) -> None:
         t = team()

@@ -109,7 +109,7 @@ REQUESTS = {
         P.export("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", {"a": "b"}),
         P.export(None, None, None),
     ),
-    "request-tail": (P.tail(1, True), P.tail(None, False)),
+    "request-tail": (P.tail(1, True, ["budget_warned"]), P.tail(None, False)),
 }
 
 

@@ -563,6 +563,20 @@ pub enum EventBody {
     PricingChanged(PricingChanged),
 }
 
+/// Every event type's name ([`EventBody::kind`]), in SPEC §7's order.
+pub const EVENT_KINDS: [&str; 10] = [
+    "usage_recorded",
+    "reservation_created",
+    "reservation_denied",
+    "reservation_released",
+    "reservation_extended",
+    "reservation_expired",
+    "budget_warned",
+    "budget_exhausted",
+    "policy_applied",
+    "pricing_changed",
+];
+
 impl EventBody {
     /// The snake_case type name.
     pub fn kind(&self) -> &'static str {
