@@ -152,6 +152,7 @@ pub fn default_policy() -> LoadedPolicy {
             enforce: Enforce::Deny,
         }],
         pricing: builtin_table(),
+        report_exclude_labels: bursar_schemas::policy::default_report_exclude_labels(),
     };
     // There is no file text: the hash covers the resolved policy itself, so it changes exactly
     // when the embedded default (including the built-in prices) changes.
@@ -605,6 +606,20 @@ fn resolve(
     let (daemon, ttl, max_keys, id_window, unknown_models) = resolve_daemon(&raw.daemon, issues);
     let pricing = resolve_pricing(&raw.pricing, &builtin_table(), read_import, issues);
     let tiers = resolve_tiers(raw.tiers.as_ref(), issues);
+    let report_exclude_labels = match raw.reports.as_ref().and_then(|r| r.exclude_labels.clone()) {
+        None => bursar_schemas::policy::default_report_exclude_labels(),
+        Some(keys) => {
+            for (i, key) in keys.iter().enumerate() {
+                if !crate::labels::is_valid_label_key(key) {
+                    issues.push(
+                        vec![k("reports"), k("exclude_labels"), Seg::Index(i)],
+                        format!("{key:?} is not a label key ([a-z][a-z0-9_.-]{{0,63}})"),
+                    );
+                }
+            }
+            keys
+        }
+    };
     let mut budgets = Vec::with_capacity(raw.budget.len());
     let mut first_index: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, section) in raw.budget.iter().enumerate() {
@@ -636,6 +651,7 @@ fn resolve(
             tiers,
             budgets,
             pricing,
+            report_exclude_labels,
         },
         daemon,
     ))

@@ -210,7 +210,11 @@ pub fn parse_zone(name: &str) -> Option<chrono_tz::Tz> {
 /// next, so a day is 23 or 25 hours long across a daylight-saving change. A midnight that the
 /// zone skips (a change at 00:00) starts the period at the first local instant after the gap.
 /// An unknown zone (which validation rejects) behaves as UTC.
-fn zoned_bounds(unit: CalendarUnit, name: &str, ts: TsMicros) -> (TsMicros, Option<TsMicros>) {
+pub(crate) fn zoned_bounds(
+    unit: CalendarUnit,
+    name: &str,
+    ts: TsMicros,
+) -> (TsMicros, Option<TsMicros>) {
     use chrono::{Duration, TimeZone};
     let tz = parse_zone(name).unwrap_or(chrono_tz::UTC);
     let Some(utc) = chrono::DateTime::from_timestamp_micros(ts) else {

@@ -322,9 +322,9 @@ fn outcome_of(line: &str) -> &'static str {
 }
 
 /// The ops of SPEC §6 (label values of `op`).
-const OPS: [&str; 13] = [
+const OPS: [&str; 14] = [
     "hello", "record", "reserve", "check", "commit", "release", "extend", "status", "tail",
-    "export", "replay", "verify", "reload",
+    "export", "replay", "report", "verify", "reload",
 ];
 
 /// The op an invalid request line names, when it is one of [`OPS`]; else `invalid` (only

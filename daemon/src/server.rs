@@ -409,6 +409,18 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
                 Err(e) => Answer::Error(e).to_line(req),
             }
         })),
+        Request::Report(r) => Pending::Read(Box::new(move |ctx: &Ctx| {
+            let now = (ctx.clock)();
+            // Read under the ledger's read lock from the rollups; rendered after it.
+            let answer = read_ledger(&ctx.shared).report(&r, now);
+            match answer {
+                Ok(mut a) => {
+                    a.req = req;
+                    serde_json::to_string(&a).unwrap_or_default()
+                }
+                Err(e) => Answer::Error(e).to_line(req),
+            }
+        })),
         Request::Check(c) => Pending::Read(Box::new(move |ctx: &Ctx| {
             let now = (ctx.clock)();
             // Decide under the read lock; serialise after it is released.

@@ -120,6 +120,7 @@ fn body_of<'de, A: MapAccess<'de>>(
         "tail" => Request::Tail(read(body)?),
         "export" => Request::Export(read(body)?),
         "replay" => Request::Replay(read(body)?),
+        "report" => Request::Report(read(body)?),
         "verify" | "reload" => {
             let Empty = read(body)?;
             if op == "verify" {
@@ -370,6 +371,7 @@ fn slow(text: &str) -> Result<RequestLine, (WireError, Option<Value>)> {
         "tail" => Request::Tail(body_as(body).map_err(|e| (e, req.clone()))?),
         "export" => Request::Export(body_as(body).map_err(|e| (e, req.clone()))?),
         "replay" => Request::Replay(body_as(body).map_err(|e| (e, req.clone()))?),
+        "report" => Request::Report(body_as(body).map_err(|e| (e, req.clone()))?),
         "verify" => {
             empty_body(&body).map_err(|e| (e, req.clone()))?;
             Request::Verify

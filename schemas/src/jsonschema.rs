@@ -50,6 +50,10 @@ pub fn all() -> Vec<(&'static str, String)> {
         "request-replay.schema.json",
         schema_for!(wire::ReplayRequest),
     );
+    push(
+        "request-report.schema.json",
+        schema_for!(wire::ReportRequest),
+    );
     push("answer-error.schema.json", schema_for!(wire::ErrorAnswer));
     push("answer-hello.schema.json", schema_for!(wire::HelloAnswer));
     push("answer-usage.schema.json", schema_for!(wire::UsageAnswer));
@@ -72,6 +76,7 @@ pub fn all() -> Vec<(&'static str, String)> {
         "answer-what-if.schema.json",
         schema_for!(wire::WhatIfAnswer),
     );
+    push("answer-report.schema.json", schema_for!(wire::ReportAnswer));
     push("answer-verify.schema.json", schema_for!(wire::VerifyAnswer));
     push("answer-reload.schema.json", schema_for!(wire::ReloadAnswer));
     push(

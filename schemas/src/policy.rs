@@ -34,6 +34,8 @@ pub struct PolicyFile {
     pub pricing: PricingSection,
     /// `[tiers]`: model tiers and per-call caps.
     pub tiers: Option<TiersSection>,
+    /// `[reports]`: what the report rollups keep (SPEC §11).
+    pub reports: Option<ReportsSection>,
     /// `[[budget]]`: the budgets.
     #[serde(default)]
     pub budget: Vec<BudgetSection>,
@@ -66,6 +68,16 @@ pub struct DaemonSection {
     pub metrics_listen: Option<String>,
     /// Most buckets given spent/held/limit gauges, most utilized first (default 1000).
     pub metrics_max_buckets: Option<u64>,
+}
+
+/// `[reports]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportsSection {
+    /// Labels left out of the report rollups: reports cannot group or filter by them, and they
+    /// cost no memory there (default `["session"]`: sessions are many and short-lived; `export`
+    /// keeps them).
+    pub exclude_labels: Option<Vec<String>>,
 }
 
 /// `[pricing]`.
@@ -331,6 +343,11 @@ fn default_idempotency_window_seconds() -> u64 {
     DEFAULT_IDEMPOTENCY_WINDOW_SECONDS
 }
 
+/// Default of `[reports] exclude_labels`.
+pub fn default_report_exclude_labels() -> Vec<String> {
+    vec!["session".to_string()]
+}
+
 /// The policy the daemon runs under, as logged in `policy_applied` and folded by replay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -350,4 +367,7 @@ pub struct ResolvedPolicy {
     pub budgets: Vec<ResolvedBudget>,
     /// The full effective price table (built-in, import, then file overrides).
     pub pricing: PriceTable,
+    /// Labels the report rollups leave out (`[reports] exclude_labels`).
+    #[serde(default = "default_report_exclude_labels")]
+    pub report_exclude_labels: Vec<String>,
 }

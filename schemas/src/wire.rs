@@ -227,6 +227,27 @@ pub struct ReplayRequest {
     pub apply: bool,
 }
 
+/// `report` (SPEC §11): spend per period, grouped by labels, from the rollups.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportRequest {
+    /// Group rows by these labels (derived `model`, `provider`, `tier` included); none: one
+    /// group.
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// `hour`, `day` (default), `week` (ISO, from Monday) or `month`.
+    pub every: Option<String>,
+    /// IANA time zone of the periods (default UTC).
+    pub timezone: Option<String>,
+    /// RFC 3339 lower bound (default: the start of the log).
+    pub since: Option<String>,
+    /// RFC 3339 upper bound, exclusive (default: now).
+    pub until: Option<String>,
+    /// Keep usage carrying all these labels.
+    #[serde(default, deserialize_with = "crate::decode::unique_map_opt")]
+    pub labels: Option<Labels>,
+}
+
 /// A decoded request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -252,6 +273,8 @@ pub enum Request {
     Export(ExportRequest),
     /// `replay`.
     Replay(ReplayRequest),
+    /// `report`.
+    Report(ReportRequest),
     /// `verify`.
     Verify,
     /// `reload`.
@@ -273,6 +296,7 @@ impl Request {
             Request::Tail(_) => "tail",
             Request::Export(_) => "export",
             Request::Replay(_) => "replay",
+            Request::Report(_) => "report",
             Request::Verify => "verify",
             Request::Reload => "reload",
         }
@@ -292,6 +316,7 @@ impl Request {
             Request::Tail(r) => ("tail", serde_json::to_value(r)),
             Request::Export(r) => ("export", serde_json::to_value(r)),
             Request::Replay(r) => ("replay", serde_json::to_value(r)),
+            Request::Report(r) => ("report", serde_json::to_value(r)),
             Request::Verify => ("verify", Ok(Value::Object(Default::default()))),
             Request::Reload => ("reload", Ok(Value::Object(Default::default()))),
         };
@@ -739,6 +764,51 @@ pub struct ReplayAnswer {
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,
+}
+
+/// Answer to `report`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReportAnswer {
+    /// Always true.
+    pub ok: bool,
+    /// `hour`, `day`, `week` or `month`.
+    pub every: String,
+    /// The time zone of the periods.
+    pub timezone: String,
+    /// Rows by period, then group (at most [`REPORT_MAX_ROWS`]).
+    pub rows: Vec<ReportRow>,
+    /// Rows in all.
+    pub total_rows: u64,
+    /// True when rows were left out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// Most rows a [`ReportAnswer`] carries.
+pub const REPORT_MAX_ROWS: usize = 100_000;
+
+/// One period of one group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReportRow {
+    /// Start of the period (RFC 3339, with the zone's offset).
+    pub period_start: String,
+    /// The group: each `group_by` label and its value (`null` for usage without it).
+    pub group: std::collections::BTreeMap<String, Option<String>>,
+    /// Cost, at the prices of the current fold.
+    pub cost_micros: Micros,
+    /// Uncached input tokens.
+    pub input_tokens: u64,
+    /// Cached-input tokens.
+    pub cached_input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Requests.
+    pub requests: u64,
+    /// Reservations denied.
+    pub denied: u64,
 }
 
 /// Answer to a what-if `replay` (with `policy`): what that policy would have done differently

@@ -33,6 +33,8 @@ from .types import (
     ReleaseAnswer,
     ReloadAnswer,
     ReplayAnswer,
+    ReportAnswer,
+    ReportRow,
     Skipped,
     StatusAnswer,
     Usage,
@@ -52,7 +54,7 @@ __all__ = [
     "BadRequest", "BudgetDenied", "BursarError", "Conflict", "Disconnected", "Forbidden",
     "Internal", "NotFound", "Overloaded", "ProtocolError", "TooLarge", "Unavailable", "UnknownOp",
     "BudgetReport", "DecisionAnswer", "DiffRow", "Event", "ExtendAnswer", "HelloAnswer", "Reason",
-    "ReleaseAnswer", "ReloadAnswer", "ReplayAnswer", "Skipped", "StatusAnswer", "Usage",
+    "ReleaseAnswer", "ReloadAnswer", "ReplayAnswer", "ReportAnswer", "ReportRow", "Skipped", "StatusAnswer", "Usage",
     "UsageAnswer", "VerifyAnswer", "WhatIfAnswer", "WhatIfDenial", "WhatIfExhausted", "WhatIfPeak",
     "default_socket_path", "micros_to_usd", "new_id",
 ]

@@ -21,6 +21,7 @@ from .types import (
     ReleaseAnswer,
     ReloadAnswer,
     ReplayAnswer,
+    ReportAnswer,
     StatusAnswer,
     Usage,
     UsageAnswer,
@@ -274,6 +275,28 @@ def replay(
         },
         ReplayAnswer.from_wire if policy is None else WhatIfAnswer.from_wire,
         resend_safe=not apply,
+    )
+
+
+def report(
+    group_by: Optional[Sequence[str]],
+    every: Optional[str],
+    timezone: Optional[str],
+    since: Optional[TimeLike],
+    until: Optional[TimeLike],
+    labels: Optional[Labels],
+) -> Call:
+    return Call(
+        {
+            "op": "report",
+            "group_by": None if group_by is None else list(group_by),
+            "every": every,
+            "timezone": timezone,
+            "since": None if since is None else rfc3339(since),
+            "until": None if until is None else rfc3339(until),
+            "labels": _labels(labels),
+        },
+        ReportAnswer.from_wire,
     )
 
 

@@ -20,6 +20,7 @@ from .types import (
     ReleaseAnswer,
     ReloadAnswer,
     ReplayAnswer,
+    ReportAnswer,
     StatusAnswer,
     UsageAnswer,
     UsageLike,
@@ -277,6 +278,19 @@ class AsyncClient(AsyncClientIO):
     ) -> ReplayAnswer:
         """Refold the log under new prices; with ``apply`` make them current (admin only)."""
         return await self._call(P.replay(pricing, since, apply))
+
+    async def report(
+        self,
+        group_by: Optional[Sequence[str]] = None,
+        every: Optional[str] = None,
+        *,
+        timezone: Optional[str] = None,
+        since: Optional[P.TimeLike] = None,
+        until: Optional[P.TimeLike] = None,
+        labels: Optional[Mapping[str, str]] = None,
+    ) -> ReportAnswer:
+        """Spend per ``every`` (``hour``, ``day``, ``week``, ``month``) grouped by labels."""
+        return await self._call(P.report(group_by, every, timezone, since, until, labels))
 
     async def what_if(self, policy: str, since: Optional[P.TimeLike] = None) -> WhatIfAnswer:
         """What the policy ``policy`` (the text of a ``bursar.toml``) would have done with the

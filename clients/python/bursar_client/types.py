@@ -344,6 +344,40 @@ class ReplayAnswer:
 
 
 @dataclass
+class ReportRow:
+    """One period of one group of a report."""
+
+    period_start: str
+    group: Dict[str, Optional[str]]
+    cost_micros: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    requests: int
+    denied: int
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "ReportRow":
+        return _build(cls, obj)
+
+
+@dataclass
+class ReportAnswer:
+    """Spend per period and group (``Client.report``)."""
+
+    every: str
+    timezone: str
+    rows: List[ReportRow]
+    total_rows: int
+    truncated: bool = False
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "ReportAnswer":
+        return _build(cls, obj, rows=[ReportRow.from_wire(r) for r in obj.get("rows") or []])
+
+
+@dataclass
 class WhatIfDenial:
     """A reservation of the log that the what-if policy would have denied."""
 

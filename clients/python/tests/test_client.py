@@ -151,6 +151,20 @@ class ClientTest(unittest.TestCase):
         with self.assertRaises(NotFound):
             self.client.extend(d2.reservation_id, 60)
 
+    def test_report_sums_a_teams_spend_per_day(self) -> None:
+        t = team()
+        self.client.record(acme(t), "gpt-4o-mini", Usage(input_tokens=1000, output_tokens=100))
+        self.client.record(acme(t), "gpt-4o-mini", Usage(input_tokens=1000, output_tokens=100))
+        r = self.client.report(["team", "model"], "day", labels={"team": t})
+        self.assertIsInstance(r, bursar_client.ReportAnswer)
+        self.assertEqual((r.every, r.timezone), ("day", "UTC"))
+        [row] = r.rows
+        self.assertEqual(row.group, {"team": t, "model": "gpt-4o-mini"})
+        self.assertEqual((row.cost_micros, row.requests, row.input_tokens), (420, 2, 2000))
+        with self.assertRaises(BadRequest) as e:
+            self.client.report(["session"])
+        self.assertEqual(e.exception.field, "group_by")
+
     def test_what_if_names_the_reservation_a_stricter_policy_would_have_denied(self) -> None:
         t = team()
         d = self.client.reserve(acme(t), "gpt-4o-mini", input_tokens=1000, max_output_tokens=1000)

@@ -35,6 +35,8 @@ ANSWERS: Dict[type, Tuple[str, Any]] = {
     types.ReloadAnswer: ("answer-reload", None),
     types.ReplayAnswer: ("answer-replay", None),
     types.WhatIfAnswer: ("answer-what-if", None),
+    types.ReportAnswer: ("answer-report", None),
+    types.ReportRow: ("answer-report", "ReportRow"),
     types.WhatIfDenial: ("answer-what-if", "WhatIfDenial"),
     types.WhatIfExhausted: ("answer-what-if", "WhatIfExhausted"),
     types.WhatIfPeak: ("answer-what-if", "WhatIfPeak"),
@@ -104,6 +106,11 @@ REQUESTS = {
                       P.replay({}, None, False, "[[budget]]").body)
          for k, v in body.items() if v is not None},
         P.replay({}, None, False).body,
+    ),
+    "request-report": (
+        P.report(["team"], "day", "UTC", "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z",
+                 {"a": "b"}).body,
+        P.report(None, None, None, None, None, None).body,
     ),
     "request-export": (
         P.export("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", {"a": "b"}),

@@ -13,6 +13,8 @@ mod decide;
 mod ids;
 mod replay;
 mod report;
+mod reports;
+pub mod rollup;
 mod whatif;
 
 pub use decide::{Answer, Command, Decided, Renderer, Reply, Step, Verdict};
@@ -537,6 +539,8 @@ pub struct Ledger {
         deserialize_with = "json_inside::deserialize"
     )]
     old_budgets: BTreeMap<u64, Vec<bursar_schemas::policy::ResolvedBudget>>,
+    /// Spend per 15-minute slot per label set, for reports (SPEC §11).
+    rollups: rollup::Rollups,
     /// The policy's budgets' limits, compiled (derived from `policy`).
     #[serde(skip)]
     limits: Vec<Limits>,
@@ -560,6 +564,7 @@ impl PartialEq for Ledger {
             && self.ended_queue == o.ended_queue
             && self.ids == o.ids
             && self.old_budgets == o.old_budgets
+            && self.rollups == o.rollups
             && self.budgets.len() == o.budgets.len()
             && self
                 .budgets
@@ -598,6 +603,7 @@ struct LedgerData {
     ids: IdIndex,
     #[serde(deserialize_with = "json_inside::deserialize")]
     old_budgets: BTreeMap<u64, Vec<bursar_schemas::policy::ResolvedBudget>>,
+    rollups: rollup::Rollups,
 }
 
 impl From<LedgerData> for Ledger {
@@ -627,6 +633,7 @@ impl From<LedgerData> for Ledger {
             ended_queue: d.ended_queue,
             ids: d.ids,
             old_budgets: d.old_budgets,
+            rollups: d.rollups,
             matches: MatchCache::default(),
             renderer,
         }
@@ -1039,6 +1046,10 @@ impl Ledger {
                     d.cost_micros = cost;
                     d.priced_at_max = at_max;
                 }
+                if let Some(p) = &self.policy {
+                    self.rollups
+                        .add_usage(ts, &u.labels, &p.report_exclude_labels, cost, &u.usage);
+                }
                 self.spend_in_matching(&u.labels, ts, amounts, decided.as_deref_mut());
                 if u.reservation == ReservationLink::Known {
                     if let Some(rid) = &u.reservation_id {
@@ -1075,7 +1086,12 @@ impl Ledger {
                     },
                 );
             }
-            EventBody::ReservationDenied(_) => {}
+            EventBody::ReservationDenied(d) => {
+                if let Some(p) = &self.policy {
+                    self.rollups
+                        .add_denied(ts, &d.labels, &p.report_exclude_labels);
+                }
+            }
             EventBody::ReservationReleased(r) => {
                 self.end_hold(&r.reservation_id, EndKind::Released, ts);
             }

@@ -22,6 +22,7 @@ pub use first_release::{first_release_answer, id_key};
 pub use recovery::recover;
 pub use snapshots::{
     decode_snapshot, encode_snapshot, SNAPSHOT_FORMAT_V1, SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3,
+    SNAPSHOT_FORMAT_V4,
 };
 
 use crate::log::{LogError, LogStore};

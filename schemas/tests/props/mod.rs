@@ -204,6 +204,7 @@ pub fn sample_envelopes() -> Vec<Envelope> {
             enforce: Enforce::Warn,
         }],
         pricing: pricing.clone(),
+        report_exclude_labels: vec!["session".into()],
     };
     let bodies = vec![
         EventBody::PolicyApplied(PolicyApplied {

@@ -1,0 +1,152 @@
+//! `report` (SPEC §11): spend per hour, day, week or month of a time zone, grouped by labels,
+//! read from the rollups (never from the log).
+
+use super::rollup::{Cell, SLOT_SECONDS};
+use super::Ledger;
+use bursar_schemas::policy::CalendarUnit;
+use bursar_schemas::wire::{ReportAnswer, ReportRequest, ReportRow, WireError, REPORT_MAX_ROWS};
+use bursar_schemas::TsMicros;
+use std::collections::{BTreeMap, HashMap};
+
+/// A report's period unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Every {
+    Hour,
+    Calendar(CalendarUnit),
+}
+
+impl Every {
+    fn parse(s: Option<&str>) -> Option<(Every, &'static str)> {
+        Some(match s.unwrap_or("day") {
+            "hour" => (Every::Hour, "hour"),
+            "day" => (Every::Calendar(CalendarUnit::Day), "day"),
+            "week" => (Every::Calendar(CalendarUnit::Week), "week"),
+            "month" => (Every::Calendar(CalendarUnit::Month), "month"),
+            _ => return None,
+        })
+    }
+}
+
+/// Start of the period of `every` in zone `tz` holding `ts`.
+fn period_start(every: Every, tz: chrono_tz::Tz, zone: &str, ts: TsMicros) -> TsMicros {
+    match every {
+        Every::Calendar(unit) => crate::window::zoned_bounds(unit, zone, ts).0,
+        Every::Hour => {
+            use chrono::Timelike;
+            let Some(utc) = chrono::DateTime::from_timestamp_micros(ts) else {
+                return ts;
+            };
+            let local = utc.with_timezone(&tz);
+            // Offsets are whole quarter hours: the local hour starts this many seconds ago.
+            let into = i64::from(local.minute()) * 60 + i64::from(local.second());
+            ts - into * 1_000_000 - i64::from(local.nanosecond() / 1000)
+        }
+    }
+}
+
+fn period_text(tz: chrono_tz::Tz, ts: TsMicros) -> String {
+    chrono::DateTime::from_timestamp_micros(ts)
+        .map(|t| {
+            t.with_timezone(&tz)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        })
+        .unwrap_or_default()
+}
+
+impl Ledger {
+    /// Answer a `report` at `now` from the rollups.
+    pub fn report(&self, req: &ReportRequest, now: TsMicros) -> Result<ReportAnswer, WireError> {
+        let (every, every_name) = Every::parse(req.every.as_deref()).ok_or_else(|| {
+            WireError::bad_field(
+                "every",
+                "every must be \"hour\", \"day\", \"week\" or \"month\"",
+            )
+        })?;
+        let zone = req.timezone.clone().unwrap_or_else(|| "UTC".to_string());
+        let tz = crate::window::parse_zone(&zone).ok_or_else(|| {
+            WireError::bad_field(
+                "timezone",
+                format!("{zone:?} is not an IANA time zone (e.g. \"Europe/Paris\")"),
+            )
+        })?;
+        let time = |field: &str, v: &Option<String>| -> Result<Option<TsMicros>, WireError> {
+            match v {
+                None => Ok(None),
+                Some(t) => crate::time::parse_ts(t).map(Some).ok_or_else(|| {
+                    WireError::bad_field(field, format!("{field} must be an RFC 3339 time"))
+                }),
+            }
+        };
+        let since = time("since", &req.since)?.unwrap_or(TsMicros::MIN);
+        let until = time("until", &req.until)?.unwrap_or(now.saturating_add(1));
+        let excluded: &[String] = self
+            .policy
+            .as_ref()
+            .map_or(&[], |p| p.report_exclude_labels.as_slice());
+        for (field, key) in req
+            .group_by
+            .iter()
+            .map(|k| ("group_by", k))
+            .chain(req.labels.iter().flatten().map(|(k, _)| ("labels", k)))
+        {
+            if excluded.contains(key) {
+                return Err(WireError::bad_field(
+                    field,
+                    format!(
+                        "{key:?} is left out of report rollups ([reports] exclude_labels); \
+                         `export` has every event with its labels"
+                    ),
+                ));
+            }
+        }
+        // Slots are 15 minutes: `since` counts the slot it falls in, `until` the slots that
+        // start before it.
+        let first_slot = since.div_euclid(1_000_000).div_euclid(SLOT_SECONDS) * SLOT_SECONDS;
+        let mut periods: HashMap<i64, TsMicros> = HashMap::new();
+        let mut rows: BTreeMap<(TsMicros, Vec<Option<String>>), Cell> = BTreeMap::new();
+        for (slot, labels, cell) in self.rollups.cells() {
+            let slot_ts = slot.saturating_mul(1_000_000);
+            if slot < first_slot || slot_ts >= until {
+                continue;
+            }
+            if let Some(want) = &req.labels {
+                if !want.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                    continue;
+                }
+            }
+            let start = *periods
+                .entry(slot)
+                .or_insert_with(|| period_start(every, tz, &zone, slot_ts));
+            let group: Vec<Option<String>> = req
+                .group_by
+                .iter()
+                .map(|k| labels.get(k).cloned())
+                .collect();
+            rows.entry((start, group)).or_default().add(cell);
+        }
+        let total_rows = rows.len() as u64;
+        let rows: Vec<ReportRow> = rows
+            .into_iter()
+            .take(REPORT_MAX_ROWS)
+            .map(|((start, values), c)| ReportRow {
+                period_start: period_text(tz, start),
+                group: req.group_by.iter().cloned().zip(values).collect(),
+                cost_micros: c.cost_micros,
+                input_tokens: c.input_tokens,
+                cached_input_tokens: c.cached_input_tokens,
+                output_tokens: c.output_tokens,
+                requests: c.requests,
+                denied: c.denied,
+            })
+            .collect();
+        Ok(ReportAnswer {
+            ok: true,
+            every: every_name.to_string(),
+            timezone: zone,
+            truncated: total_rows > rows.len() as u64,
+            rows,
+            total_rows,
+            req: None,
+        })
+    }
+}
