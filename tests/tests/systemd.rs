@@ -129,6 +129,24 @@ fn the_units_daemon_says_ready_once_its_socket_answers_reloads_and_says_stopping
         String::from_utf8_lossy(&out.stdout),
         "policy version 1 in force (unchanged)\n"
     );
+    // A bad policy file makes `systemctl reload` fail, and the running policy stays.
+    std::fs::write(
+        root.path().join("etc/bursar.toml"),
+        "[[budget]]\nid = \"x\"\nmax_usd = \"lots\"\n",
+    )
+    .unwrap();
+    let out = Command::new(&reload[0])
+        .args(&reload[1..])
+        .env_remove("BURSAR_SOCKET")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "ExecReload accepted a bad policy: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let hello = client.call(json!({"op":"hello"}));
+    assert_eq!(hello["policy_version"], 1, "{hello}");
 
     // systemctl stop: SIGTERM (KillSignal=). STOPPING=1, then a clean exit.
     let pid = daemon.id().to_string();
