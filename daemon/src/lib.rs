@@ -12,6 +12,7 @@ pub mod writer;
 
 use config::Config;
 use log::{LogError, LogStore, SledLog};
+use sd_notify::NotifyState;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -209,6 +210,7 @@ pub fn run_with(
         None => Box::new(open_store(&config.data_dir)?),
     };
     let started = std::time::Instant::now();
+    notify_systemd(&[NotifyState::Status("rebuilding state from the log")]);
     let ledger = writer::recover(store.as_ref()).map_err(|e| {
         DaemonError::Start(format!(
             "cannot rebuild state from the log: {e}; nothing was served. `bursar salvage \
@@ -289,6 +291,13 @@ pub fn run_with(
             ctx.shutdown.clone(),
         ));
     }
+    // Ready: the socket is under its name and listening (a connect succeeds from now on, and
+    // is served as soon as the runtime below runs), the state is rebuilt from the log, and
+    // SIGTERM is handled (a stop right after READY=1 is a clean one).
+    notify_systemd(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!("serving on {}", cfg.socket.display())),
+    ]);
     runtime.block_on(async {
         match tokio::net::UnixListener::from_std(std_listener) {
             Ok(listener) => server::serve(listener, ctx).await,
@@ -296,6 +305,10 @@ pub fn run_with(
         }
     });
     // Drain: let the writer finish what is queued, sync, snapshot, stop.
+    notify_systemd(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: draining the writer"),
+    ]);
     tracing::info!("stopping: draining the writer");
     let _ = writer.submit(Job::Shutdown);
     drop(writer);
@@ -305,6 +318,21 @@ pub fn run_with(
     drop(signals_thread);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tell the service manager how the daemon is doing, when it asked to be told: systemd sets
+/// `NOTIFY_SOCKET` for a `Type=notify` unit (examples/systemd/bursard.service); without it this
+/// does nothing. A failed notification is logged, never fatal: the daemon serves either way
+/// (systemd then times the start out and says so). The `sd-notify` crate sends one datagram per
+/// call to the path in `NOTIFY_SOCKET` (what systemd's system and user managers set); it does
+/// not reach abstract-namespace sockets (`@…`), which some container managers use.
+fn notify_systemd(states: &[NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify the service manager through $NOTIFY_SOCKET: {e}");
+    }
 }
 
 /// A forward step of the wall clock larger than this between two readings (the daemon reads

@@ -167,7 +167,8 @@ impl Daemon {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
-        cmd.env("RUST_LOG", "info");
+        // A test run under a service manager must not tell it about the daemons it starts.
+        cmd.env("RUST_LOG", "info").env_remove("NOTIFY_SOCKET");
         cmd
     }
 

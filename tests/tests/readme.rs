@@ -4,9 +4,12 @@
 //!   bursard` is run as the built `bursard` with no arguments (its embedded defaults) in a temp
 //!   dir; `cargo test --workspace` is this very suite.
 //! - Every other block is the tour: they are joined into one bash script and run in a temp dir
-//!   holding a copy of `examples/`, with the built binaries first on `PATH`,
-//!   `XDG_RUNTIME_DIR` pointing into the temp dir, `cargo build --release` mapped to a no-op
-//!   (the binaries are built), and `set -euo pipefail`, so any failing command fails the test.
+//!   holding a copy of `examples/` (standing for the repository), with the built binaries first
+//!   on `PATH`, `XDG_RUNTIME_DIR` pointing into the temp dir, `TMPDIR` too (the tour makes its
+//!   own work dir with `mktemp -d`), `cargo build --release` mapped to a no-op (the binaries are
+//!   built), and `set -euo pipefail`, so any failing command fails the test. Every line of output
+//!   the tour's ```text blocks show must be printed (`…` stands for any text), and the tour's
+//!   files must land in its work dir, not in the dir it started from.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use bursar_tests::{bin, bursar_command, copy_dir};
@@ -24,12 +27,35 @@ fn repo() -> PathBuf {
 
 /// The ```sh blocks of README.md, in order.
 fn sh_blocks() -> Vec<String> {
+    fenced_blocks("sh")
+}
+
+/// The fenced blocks of README.md in this language (```sh, ```text), in order.
+fn fenced_blocks(language: &str) -> Vec<String> {
+    fenced_blocks_in(
+        &std::fs::read_to_string(repo().join("README.md")).unwrap(),
+        language,
+    )
+}
+
+/// The ```text blocks of the tour's section: the output it shows.
+fn tour_text_blocks() -> Vec<String> {
     let text = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = text
+        .find("## A ten-minute tour")
+        .expect("README.md has a section \"A ten-minute tour\"");
+    let section = &text[start..];
+    let end = section[3..].find("\n## ").map_or(section.len(), |i| i + 3);
+    fenced_blocks_in(&section[..end], "text")
+}
+
+fn fenced_blocks_in(text: &str, language: &str) -> Vec<String> {
+    let fence = format!("```{language}");
     let mut blocks = Vec::new();
     let mut current: Option<String> = None;
     for line in text.lines() {
         match &mut current {
-            None if line.trim_start().starts_with("```sh") => current = Some(String::new()),
+            None if line.trim_start() == fence => current = Some(String::new()),
             Some(_) if line.trim_start().starts_with("```") => {
                 blocks.push(current.take().unwrap());
             }
@@ -40,8 +66,21 @@ fn sh_blocks() -> Vec<String> {
             None => {}
         }
     }
-    assert!(current.is_none(), "unclosed ```sh block in README.md");
+    assert!(current.is_none(), "unclosed {fence} block in README.md");
     blocks
+}
+
+/// Whether `line` matches a line of output shown in the README, where `…` stands for any text
+/// (ids, times, lines left out).
+fn shown_line_matches(shown: &str, line: &str) -> bool {
+    let mut rest = line.trim_end();
+    for part in shown.trim_end().split('…') {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// Commands of a block: comments and blank lines dropped.
@@ -169,6 +208,8 @@ fn readme_tour_runs_as_written() {
     copy_dir(&repo().join("examples"), &dir.path().join("examples"));
     let run = dir.path().join("run");
     std::fs::create_dir(&run).unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
     let mut script = PRELUDE.to_string();
     for block in &blocks[1..] {
         script.push_str(block);
@@ -182,6 +223,8 @@ fn readme_tour_runs_as_written() {
         .current_dir(dir.path())
         .env("PATH", path_with_bins())
         .env("XDG_RUNTIME_DIR", &run)
+        // `mktemp -d` (the tour's work dir) makes its dir in here, where the test finds it.
+        .env("TMPDIR", &tmp)
         .env_remove("BURSAR_SOCKET")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -209,7 +252,18 @@ fn readme_tour_runs_as_written() {
     };
     let out = std::fs::read_to_string(&stdout_path).unwrap();
     let err = std::fs::read_to_string(&stderr_path).unwrap();
-    let daemon_log = std::fs::read_to_string(dir.path().join("bursard.log")).unwrap_or_default();
+    // The tour works in a fresh dir of its own (`cd "$(mktemp -d)"`).
+    let work_dirs: Vec<PathBuf> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let work = match work_dirs.as_slice() {
+        [one] => one.clone(),
+        other => panic!(
+            "the tour should make one work dir with mktemp -d, made {other:?}\nstdout:\n{out}\nstderr:\n{err}"
+        ),
+    };
+    let daemon_log = std::fs::read_to_string(work.join("bursard.log")).unwrap_or_default();
     assert!(
         status.success(),
         "the README tour failed ({status})\nstdout:\n{out}\nstderr:\n{err}\nbursard.log:\n{daemon_log}"
@@ -217,7 +271,9 @@ fn readme_tour_runs_as_written() {
     // What the prose around the blocks promises.
     for promise in [
         "recorded ",
-        "cost $0.50, state ok",
+        "(seq 2): cost $0.50, state ok",
+        "reservation r-2: denied (seq 6)",
+        "(6 events folded)",
         "warn: gpt-4o, holds $0.31",
         "cost $0.18, state ok",
         "deny: gpt-4o, would hold $0.41",
@@ -236,8 +292,23 @@ fn readme_tour_runs_as_written() {
             "README tour output lacks {promise:?}:\n{out}"
         );
     }
+    // Every line of output the README shows is printed (`…` elides ids, times and lines).
+    let printed: Vec<&str> = out.lines().chain(err.lines()).collect();
+    for block in tour_text_blocks() {
+        for shown in block.lines().filter(|l| l.trim() != "…") {
+            assert!(
+                printed.iter().any(|line| shown_line_matches(shown, line)),
+                "README.md shows {shown:?}, which the tour did not print:\n{out}\n{err}"
+            );
+        }
+    }
     assert!(err.contains("exported 6 events to audit.csv"), "{err}");
-    let csv = std::fs::read_to_string(dir.path().join("audit.csv")).unwrap();
+    // Its files are in its work dir, none in the dir it started from (the repository).
+    for file in ["audit.csv", "new-prices.toml", "bursard.log", "bursar-data"] {
+        assert!(work.join(file).exists(), "{file} in the tour's work dir");
+        assert!(!dir.path().join(file).exists(), "{file} written outside it");
+    }
+    let csv = std::fs::read_to_string(work.join("audit.csv")).unwrap();
     assert_eq!(csv.lines().count(), 7, "header + 6 events:\n{csv}");
     assert!(
         !err.contains("panicked") && !err.contains("no mapping"),
@@ -246,7 +317,7 @@ fn readme_tour_runs_as_written() {
     // The daemon stopped cleanly when the tour stopped it.
     assert!(daemon_log.contains("stopped"), "{daemon_log}");
     assert!(
-        !run.join("bursar.sock").exists(),
+        !work.join("bursar.sock").exists() && !run.join("bursar.sock").exists(),
         "the socket is removed on exit"
     );
 }
