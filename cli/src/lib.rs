@@ -5,5 +5,6 @@ pub mod csv;
 pub mod offline;
 pub mod policy_toml;
 pub mod render;
+pub mod report;
 
 pub use bursar_client::*;

@@ -74,6 +74,8 @@ enum Command {
     Verify,
     /// Fold the log again under new prices and show what changes.
     Replay(ReplayArgs),
+    /// Spend per hour, day, week or month, grouped by labels: a table, CSV, JSON or a chart.
+    Report(ReportArgs),
     /// Copy the intact prefix of a damaged log (--data-dir DIR, daemon stopped) into a new data
     /// dir, and say what was left behind.
     Salvage {
@@ -317,6 +319,51 @@ struct ExportArgs {
     output: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum ReportFormat {
+    /// A table (with --chart on a terminal, bars too).
+    Table,
+    /// One line per period and group.
+    Csv,
+    /// The daemon's answer.
+    Json,
+    /// A stacked bar chart of cost per period by group.
+    Svg,
+    /// The same chart as a PNG image.
+    Png,
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// Group by these labels, e.g. `team` or `team,user` (also `model`, `provider`, `tier`).
+    #[arg(long = "by", value_name = "LABELS", value_delimiter = ',')]
+    by: Vec<String>,
+    /// Period: hour, day, week (from Monday) or month.
+    #[arg(long, value_name = "PERIOD", default_value = "day")]
+    every: String,
+    /// Periods of this IANA time zone (default UTC), e.g. Europe/Paris.
+    #[arg(long, value_name = "ZONE")]
+    timezone: Option<String>,
+    /// From this time: RFC 3339, or a duration before now (`30d`, `24h`).
+    #[arg(long, value_name = "TIME", default_value = "30d")]
+    since: String,
+    /// Until this time (exclusive): RFC 3339, or a duration before now (default: now).
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Keep usage carrying this label with this value (repeatable; all must hold).
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    format: ReportFormat,
+    /// With the table: a bar chart of cost per period.
+    #[arg(long)]
+    chart: bool,
+    /// Write to FILE instead of stdout (svg and png need it unless stdout is not a terminal).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
 #[derive(Args, Debug)]
 struct ReplayArgs {
     /// New prices: a TOML file with a [pricing] section (as in bursar.toml), or a LiteLLM
@@ -541,6 +588,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
         Command::Export(a) => export(&source, a, out),
         Command::Verify => verify(&source, json, out),
         Command::Replay(a) => replay(&source, a, json, out),
+        Command::Report(a) => report(&source, a, json, out),
         Command::Salvage { to } => salvage(&source, to, json, out),
         Command::Policy(PolicyCommand::Check { file }) => policy_check(file, json, out),
         Command::Policy(PolicyCommand::Show { prices }) => policy_show(&source, *prices, json, out),
@@ -1191,6 +1239,54 @@ fn replay(source: &Source, a: &ReplayArgs, json: bool, out: &mut dyn Write) -> R
         "{}",
         render::replay_answer(&a2, since.as_deref(), offline)
     )?;
+    Ok(0)
+}
+
+fn report(source: &Source, a: &ReportArgs, json: bool, stdout: &mut dyn Write) -> Res<u8> {
+    let req = bursar_schemas::wire::ReportRequest {
+        group_by: a.by.clone(),
+        every: Some(a.every.clone()),
+        timezone: a.timezone.clone(),
+        since: time_flag("since", &Some(a.since.clone()))?,
+        until: time_flag("until", &a.until)?,
+        labels: (!a.labels.is_empty()).then(|| labels_of(&a.labels)),
+    };
+    let v = match source {
+        Source::Offline(dir) => {
+            serde_json::to_value(open_offline(dir)?.report(&req, now_micros())?)
+                .unwrap_or(Value::Null)
+        }
+        Source::Daemon(path) => Client::connect(path)?.call_raw(&Request::Report(req.clone()))?,
+    };
+    let format = if json { ReportFormat::Json } else { a.format };
+    if matches!(format, ReportFormat::Svg | ReportFormat::Png)
+        && a.output.is_none()
+        && std::io::stdout().is_terminal()
+    {
+        return Err(msg(
+            "--format svg/png writes an image: give -o FILE (or redirect stdout)",
+        ));
+    }
+    if format == ReportFormat::Json {
+        // An error answer is an error, not a report.
+        let _: bursar_schemas::wire::ReportAnswer = bursar_cli::decode_answer(v.clone())?;
+        let mut sink = Sink::new(a.output.as_deref(), stdout)?;
+        json_line(&mut *sink.out, &v)?;
+        sink.finish()?;
+        return Ok(0);
+    }
+    let answer: bursar_schemas::wire::ReportAnswer = bursar_cli::decode_answer(v)?;
+    let mut sink = Sink::new(a.output.as_deref(), stdout)?;
+    match format {
+        ReportFormat::Table | ReportFormat::Json => {
+            write!(sink.out, "{}", bursar_cli::report::table(&answer, &a.by))?;
+        }
+        ReportFormat::Csv => bursar_cli::report::write_csv(&answer, &mut *sink.out)?,
+        ReportFormat::Svg | ReportFormat::Png => {
+            return Err(msg("charts are not built yet"));
+        }
+    }
+    sink.finish()?;
     Ok(0)
 }
 

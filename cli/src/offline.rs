@@ -125,6 +125,17 @@ impl Offline {
             .map_err(|e| OfflineError::Invalid(crate::describe_wire_error(&e)))
     }
 
+    /// `report`: from the rollups of the fold.
+    pub fn report(
+        &mut self,
+        req: &bursar_schemas::wire::ReportRequest,
+        now: TsMicros,
+    ) -> Result<bursar_schemas::wire::ReportAnswer, OfflineError> {
+        self.ledger()?
+            .report(req, now)
+            .map_err(|e| OfflineError::Invalid(crate::describe_wire_error(&e)))
+    }
+
     /// `verify`: walk the whole hash chain.
     pub fn verify(&self) -> Result<VerifyAnswer, OfflineError> {
         if let Err(e) = bursard::log::check_durable_mark(&self.store) {

@@ -736,6 +736,67 @@ fn tail_follow_by_type_gives_alerting_scripts_one_json_line_per_crossing() {
 }
 
 #[test]
+fn report_shows_spend_per_day_by_team_as_a_table_csv_and_json() {
+    let d = Daemon::start_with_config(TEAM_POLICY);
+    record(&d, "a", "e-1");
+    record(&d, "a", "e-2");
+    record(&d, "b", "e-3");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    let today = bursar_core::time::format_ts(now);
+    let day = &today[..10];
+    let table = d.cli(&["report", "--by", "team"]).ok().stdout;
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("PERIOD") && lines[0].contains("TEAM") && lines[0].contains("COST"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with(day) && lines[1].contains(" a "),
+        "{table}"
+    );
+    assert!(lines[1].contains("$0.007"), "two calls of $0.0035: {table}");
+    assert!(
+        lines[2].contains(" b ") && lines[2].contains("$0.0035"),
+        "{table}"
+    );
+    assert!(
+        lines[3].starts_with("TOTAL") && lines[3].contains("$0.0105"),
+        "{table}"
+    );
+    let csv = d
+        .cli(&["report", "--by", "team", "--format", "csv"])
+        .ok()
+        .stdout;
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        rows[0],
+        "period_start,group,cost_micros,cost_usd,input_tokens,cached_input_tokens,\
+         output_tokens,requests,denied"
+    );
+    assert_eq!(
+        rows[1],
+        format!("{day}T00:00:00Z,team=a,7000,0.007,2000,0,200,2,0")
+    );
+    let j = d.cli_json(&["report", "--by", "team,model", "--label", "team=b"]);
+    assert_eq!(j["rows"].as_array().unwrap().len(), 1, "{j}");
+    assert_eq!(j["rows"][0]["group"], json!({"team":"b","model":"gpt-4o"}));
+    assert_eq!(j["rows"][0]["cost_micros"], CALL_MICROS);
+    // A label the rollups leave out is refused, saying why.
+    let bad = d.cli(&["report", "--by", "session"]);
+    assert_ne!(bad.code, Some(0));
+    assert!(bad.stderr.contains("exclude_labels"), "{}", bad.stderr);
+    // Offline, from the stopped daemon's data dir: the same rows.
+    let mut d = d;
+    d.terminate();
+    let offline = d.offline(&["--json", "report", "--by", "team"]).ok().json();
+    assert_eq!(offline["rows"].as_array().unwrap().len(), 2, "{offline}");
+    assert_eq!(offline["rows"][0]["cost_micros"], 2 * CALL_MICROS);
+}
+
+#[test]
 fn export_csv_and_jsonl_have_one_line_per_event() {
     let d = Daemon::start_with_config(TEAM_POLICY);
     record(&d, "a", "e-1");
