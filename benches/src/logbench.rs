@@ -288,6 +288,44 @@ pub struct Replay {
     pub snapshot_bytes: usize,
     /// Seconds to encode the snapshot.
     pub snapshot_encode_secs: f64,
+    /// Report queries on the folded ledger: (what, seconds, rows).
+    pub reports: Vec<(String, f64, u64)>,
+}
+
+/// Time `report` on `ledger` (its rollups) for a few typical questions over the whole log.
+fn time_reports(ledger: &bursar_core::ledger::Ledger) -> Vec<(String, f64, u64)> {
+    use bursar_schemas::wire::ReportRequest;
+    let ask = |what: &str, group_by: &[&str], every: &str, zone: Option<&str>| {
+        let req = ReportRequest {
+            group_by: group_by.iter().map(|s| s.to_string()).collect(),
+            every: Some(every.into()),
+            timezone: zone.map(str::to_string),
+            since: None,
+            until: None,
+            labels: None,
+        };
+        let t = Instant::now();
+        let rows = ledger
+            .report(&req, now_micros())
+            .map(|a| a.total_rows)
+            .unwrap_or(0);
+        (what.to_string(), t.elapsed().as_secs_f64(), rows)
+    };
+    vec![
+        ask("by team per day (UTC)", &["team"], "day", None),
+        ask(
+            "by user and model per hour",
+            &["user", "model"],
+            "hour",
+            None,
+        ),
+        ask(
+            "by org per week, Europe/Paris",
+            &["org"],
+            "week",
+            Some("Europe/Paris"),
+        ),
+    ]
 }
 
 /// Open the log and fold it completely (no snapshot), as the daemon does at start; also time
@@ -332,6 +370,7 @@ pub fn replay(data_dir: &Path) -> Result<Replay, String> {
         holds: ledger.live_holds(),
         snapshot_bytes: bytes.len(),
         snapshot_encode_secs: t.elapsed().as_secs_f64(),
+        reports: time_reports(&ledger),
     };
     drop(bytes);
     drop(ledger);

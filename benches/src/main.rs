@@ -882,6 +882,21 @@ fn log_figures(o: &Opts, replay: bool, startup: bool, report: &mut Report) -> Re
             r.snapshot_bytes as f64 / r.buckets.max(1) as f64,
             r.snapshot_encode_secs
         );
+        for (what, secs, rows) in &r.reports {
+            println!(
+                "report {what}: {:.0} ms, {} rows, from the rollups of {} events",
+                secs * 1000.0,
+                fmt_rate(*rows as f64),
+                fmt_rate(r.events as f64)
+            );
+            report.add(
+                &format!("report {what} ({} events)", fmt_rate(r.events as f64)),
+                "≤ 1 s",
+                format!("{:.0} ms", secs * 1000.0),
+                None,
+                None,
+            );
+        }
         report.add(
             &format!("full replay ({} events)", fmt_rate(r.events as f64)),
             "≥ 1,000,000 events/s",

@@ -606,6 +606,24 @@ fn daemon_settings_are_checked() {
 }
 
 #[test]
+fn report_exclude_labels_default_to_session_and_must_be_label_keys() {
+    let loaded = parse_policy(
+        &file(&["[[budget]]", "id = \"x\""]),
+        "bursar.toml",
+        &no_import,
+    )
+    .unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(loaded.resolved.report_exclude_labels, ["session"]);
+    let text = file(&["[reports]", "exclude_labels = [\"trace_id\"]"]);
+    let loaded =
+        parse_policy(&text, "bursar.toml", &no_import).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(loaded.resolved.report_exclude_labels, ["trace_id"]);
+    let text = file(&["[reports]", "exclude_labels = [\"ok\", \"Not A Key\"]"]);
+    let msg = error_at(&text, "reports.exclude_labels[1]", 2);
+    assert!(msg.contains("not a label key"), "{msg}");
+}
+
+#[test]
 fn unreadable_import_names_pricing_import_with_the_readers_message() {
     let text = file(&["[pricing]", "import = \"missing.json\""]);
     let msg = error_at(&text, "pricing.import", 2);
