@@ -347,7 +347,10 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Prepared) -> Resu
     let step = nice_step(p.max_total, 6);
     let ticks = p.max_total.div_euclid(step) + i64::from(p.max_total % step != 0);
     let top = step.saturating_mul(ticks.max(1));
-    let y_keys: Vec<i64> = (0..=ticks.max(1)).map(|k| k * step).collect();
+    // (Saturated near i64::MAX micro-USD, where the top is the largest bar, not a tick.)
+    let y_keys: Vec<i64> = (0..=ticks.max(1))
+        .filter_map(|k| k.checked_mul(step))
+        .collect();
     let mut y_label_w = 0;
     for &y in &y_keys {
         y_label_w = y_label_w.max(text_width(root, &tick_label(y, step), &label_style)?);
@@ -890,6 +893,48 @@ mod tests {
         // Every bar starts in the same column.
         let col = |line: &str| line.find(['█', '▏', '▎', '▍', '▌', '▋', '▊', '▉']);
         assert_eq!(col(lines[1]), col(lines[4]));
+    }
+
+    #[test]
+    fn odd_input_still_draws() -> Result<(), ChartError> {
+        // No title, glyphs the font lacks, one period, a tiny amount, a huge one.
+        for chart in [
+            StackedBars {
+                title: String::new(),
+                periods: vec!["週1".into()],
+                series: vec![("team=研究 & <dev>".into(), vec![1])],
+            },
+            StackedBars {
+                title: "x".repeat(500),
+                periods: vec!["a".into(), "b".into()],
+                series: vec![("a".into(), vec![i64::MAX, 0]), ("b".into(), vec![1, 1])],
+            },
+        ] {
+            let svg = render_svg(&chart)?;
+            assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+            assert!(render_png(&chart)?.starts_with(b"\x89PNG"));
+            assert!(!render_terminal(&chart, 40).is_empty());
+        }
+        let escaped = render_svg(&StackedBars {
+            title: "t".into(),
+            periods: vec!["p".into()],
+            series: vec![("team=R&D <x>".into(), vec![D])],
+        })?;
+        assert!(escaped.contains("team=R&amp;D &lt;x&gt;"));
+        // A long hourly range: every bar drawn, few labels.
+        let n = 24 * 90;
+        let chart = StackedBars {
+            title: "hours".into(),
+            periods: (0..n)
+                .map(|i| format!("2026-09-{:02} {:02}:00", i / 24, i % 24))
+                .collect(),
+            series: vec![("a".into(), vec![D; n]), ("b".into(), vec![2 * D; n])],
+        };
+        let svg = render_svg(&chart)?;
+        let labels = texts(&svg).iter().filter(|t| t.ends_with(":00")).count();
+        assert!((2..=24).contains(&labels), "{labels}");
+        assert!(render_png(&chart)?.starts_with(b"\x89PNG"));
+        Ok(())
     }
 
     #[test]
