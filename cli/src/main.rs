@@ -1276,18 +1276,64 @@ fn report(source: &Source, a: &ReportArgs, json: bool, stdout: &mut dyn Write) -
         return Ok(0);
     }
     let answer: bursar_schemas::wire::ReportAnswer = bursar_cli::decode_answer(v)?;
+    let chart = || {
+        let (periods, series) = bursar_cli::report::series(&answer);
+        let by = if a.by.is_empty() {
+            String::new()
+        } else {
+            format!(" by {}", a.by.join(", "))
+        };
+        bursar_cli::chart::StackedBars {
+            title: format!(
+                "Cost per {}{by}, {} ({})",
+                answer.every,
+                match (periods.first(), periods.last()) {
+                    (Some(f), Some(l)) if f != l => format!("{f} to {l}"),
+                    (Some(f), _) => f.clone(),
+                    _ => "no periods".into(),
+                },
+                answer.timezone
+            ),
+            periods,
+            series,
+        }
+    };
     let mut sink = Sink::new(a.output.as_deref(), stdout)?;
     match format {
         ReportFormat::Table | ReportFormat::Json => {
             write!(sink.out, "{}", bursar_cli::report::table(&answer, &a.by))?;
+            if a.chart {
+                writeln!(sink.out)?;
+                write!(
+                    sink.out,
+                    "{}",
+                    bursar_cli::chart::render_terminal(&chart(), terminal_width())
+                )?;
+            }
         }
         ReportFormat::Csv => bursar_cli::report::write_csv(&answer, &mut *sink.out)?,
-        ReportFormat::Svg | ReportFormat::Png => {
-            return Err(msg("charts are not built yet"));
+        ReportFormat::Svg => {
+            let svg = bursar_cli::chart::render_svg(&chart())
+                .map_err(|e| msg(format!("cannot draw the chart: {e}")))?;
+            sink.out.write_all(svg.as_bytes())?;
+        }
+        ReportFormat::Png => {
+            let png = bursar_cli::chart::render_png(&chart())
+                .map_err(|e| msg(format!("cannot draw the chart: {e}")))?;
+            sink.out.write_all(&png)?;
         }
     }
     sink.finish()?;
     Ok(0)
+}
+
+/// Columns for a chart on the terminal: `$COLUMNS` when the shell exports it, else 100.
+fn terminal_width() -> usize {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse::<usize>().ok())
+        .filter(|&c| (40..=1000).contains(&c))
+        .unwrap_or(100)
 }
 
 fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {

@@ -784,6 +784,38 @@ fn report_shows_spend_per_day_by_team_as_a_table_csv_and_json() {
     assert_eq!(j["rows"].as_array().unwrap().len(), 1, "{j}");
     assert_eq!(j["rows"][0]["group"], json!({"team":"b","model":"gpt-4o"}));
     assert_eq!(j["rows"][0]["cost_micros"], CALL_MICROS);
+    // Charts: a stacked bar chart by team as SVG and PNG files, bars on the terminal.
+    let svg_path = d.dir.path().join("cost.svg");
+    d.cli(&[
+        "report",
+        "--by",
+        "team",
+        "--format",
+        "svg",
+        "-o",
+        svg_path.to_str().unwrap(),
+    ])
+    .ok();
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{svg}");
+    for text in ["team=a", "team=b", "Cost per day by team", day] {
+        assert!(svg.contains(text), "{text} in the SVG");
+    }
+    let png_path = d.dir.path().join("cost.png");
+    d.cli(&[
+        "report",
+        "--by",
+        "team",
+        "--format",
+        "png",
+        "-o",
+        png_path.to_str().unwrap(),
+    ])
+    .ok();
+    let png = std::fs::read(&png_path).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG file");
+    let bars = d.cli(&["report", "--by", "team", "--chart"]).ok().stdout;
+    assert!(bars.contains('█') && bars.contains("$0.0105"), "{bars}");
     // A label the rollups leave out is refused, saying why.
     let bad = d.cli(&["report", "--by", "session"]);
     assert_ne!(bad.code, Some(0));
