@@ -14,7 +14,7 @@ use bursar_schemas::wire::{
     StatusRequest, TailRequest, Usage, UsageAnswer,
 };
 use bursar_schemas::Labels;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -89,6 +89,11 @@ enum Command {
     /// Price tables.
     #[command(subcommand)]
     Pricing(PricingCommand),
+    /// Print a shell completion script, e.g. `bursar completions bash > ~/.local/share/bash-completion/completions/bursar`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,6 +102,15 @@ enum PolicyCommand {
     Check {
         /// The policy file.
         file: PathBuf,
+    },
+    /// A commented starter bursar.toml: on stdout, or written to PATH (never over an existing
+    /// file unless --force).
+    Init {
+        /// Write it here instead of stdout (`-`: stdout).
+        path: Option<PathBuf>,
+        /// Replace PATH if it exists.
+        #[arg(long, requires = "path")]
+        force: bool,
     },
     /// Print the policy in force (the last `policy_applied` event of the log) as bursar.toml.
     Show {
@@ -538,6 +552,9 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
         Command::Replay(a) => replay(&source, a, json, out),
         Command::Salvage { to } => salvage(&source, to, json, out),
         Command::Policy(PolicyCommand::Check { file }) => policy_check(file, json, out),
+        Command::Policy(PolicyCommand::Init { path, force }) => {
+            policy_init(path.as_deref(), *force, out)
+        }
         Command::Policy(PolicyCommand::Show { prices }) => policy_show(&source, *prices, json, out),
         Command::Reload => {
             let mut c = online("reload")?;
@@ -559,6 +576,10 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
             Ok(0)
         }
         Command::Pricing(PricingCommand::Import { file }) => pricing_import(file, out),
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "bursar", out);
+            Ok(0)
+        }
     }
 }
 
@@ -1223,6 +1244,51 @@ fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
         Err(bursard::config::ConfigError::Read { path, source }) => Err(msg(format!(
             "cannot read {path}: {}",
             bursar_cli::os_message(&source)
+        ))),
+    }
+}
+
+/// The starter policy of `bursar policy init`: the embedded default (a per-model daily meter) and
+/// two limits most setups want, commented.
+const STARTER_POLICY: &str = include_str!("starter.toml");
+
+fn policy_init(path: Option<&Path>, force: bool, out: &mut dyn Write) -> Res<u8> {
+    let path = match path {
+        Some(p) if p != Path::new("-") => p,
+        _ => {
+            out.write_all(STARTER_POLICY.as_bytes())?;
+            return Ok(0);
+        }
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        // Never over an existing file, even one that appears between a check and the write.
+        options.create_new(true);
+    }
+    let written = options.open(path).and_then(|mut f| {
+        f.write_all(STARTER_POLICY.as_bytes())
+            .and_then(|()| f.sync_all())
+    });
+    match written {
+        Ok(()) => {
+            eprintln!(
+                "wrote a starter policy to {}; check it with `bursar policy check {}`",
+                path.display(),
+                path.display()
+            );
+            Ok(0)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(msg(format!(
+            "{} already exists; pass --force to replace it (or give another path)",
+            path.display()
+        ))),
+        Err(e) => Err(msg(format!(
+            "cannot write {}: {}",
+            path.display(),
+            bursar_cli::os_message(&e)
         ))),
     }
 }
