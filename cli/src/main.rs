@@ -19,6 +19,8 @@ use serde_json::Value;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Exit code of `check` and `reserve` when the answer is `deny`.
@@ -142,7 +144,8 @@ struct StatusArgs {
     /// there were.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
-    /// Refresh in place until interrupted.
+    /// Refresh until interrupted (Ctrl-C). On a terminal the table is redrawn in place on the
+    /// alternate screen, which is left on exit; elsewhere one table follows another.
     #[arg(long)]
     watch: bool,
     /// Seconds between refreshes with --watch.
@@ -670,25 +673,67 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
         return Err(msg("--interval must be at least 0.05 seconds"));
     };
     let tty = std::io::stdout().is_terminal();
+    // Ctrl-C (or SIGTERM) ends the watch cleanly: the terminal gets its screen back.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .map_err(|e| msg(format!("cannot handle signals: {e}")))?;
+    }
+    let screen = tty && !json;
+    if screen {
+        write!(out, "{ALT_SCREEN_ENTER}")?;
+    }
+    let watched = watch_loop(&mut client, a, &req, interval, screen, json, &stop, out);
+    if screen {
+        write!(out, "{ALT_SCREEN_LEAVE}")?;
+        out.flush()?;
+    }
+    watched
+}
+
+/// Enter the terminal's alternate screen and hide the cursor (`status --watch` on a terminal).
+const ALT_SCREEN_ENTER: &str = "\x1b[?1049h\x1b[?25l";
+/// Show the cursor and leave the alternate screen: the shell's screen is as it was.
+const ALT_SCREEN_LEAVE: &str = "\x1b[?25h\x1b[?1049l";
+
+/// Refresh `status` every `interval` until `--count` refreshes or `stop` (a signal). On a
+/// terminal (`screen`) each frame overwrites the last in place: cursor home, every line cleared
+/// to its end after its text, the rest of the screen cleared below the last line. Nothing is
+/// blanked first, so the table does not flicker. Elsewhere frames follow one another.
+#[allow(clippy::too_many_arguments)]
+fn watch_loop(
+    client: &mut Client,
+    a: &StatusArgs,
+    req: &StatusRequest,
+    interval: Duration,
+    screen: bool,
+    json: bool,
+    stop: &AtomicBool,
+    out: &mut dyn Write,
+) -> Res<u8> {
     let mut n = 0u64;
-    loop {
+    while !stop.load(Ordering::Relaxed) {
         let v = client.call_raw(&Request::Status(req.clone()))?;
         if json {
             json_line(out, &v)?;
         } else {
             let answer: bursar_schemas::wire::StatusAnswer = bursar_cli::decode_answer(v)?;
-            if tty {
-                // Home the cursor and clear the screen: refresh in place.
-                write!(out, "\x1b[H\x1b[2J")?;
-            }
+            let mut frame: Vec<u8> = Vec::new();
             writeln!(
-                out,
+                frame,
                 "bursar status at {}  (every {}s; Ctrl-C to stop)",
                 bursar_core::time::format_ts(now_micros()),
                 interval.as_secs_f64()
             )?;
-            write_status(out, &answer, &req)?;
-            if !tty {
+            write_status(&mut frame, &answer, req)?;
+            if screen {
+                write!(out, "\x1b[H")?;
+                for line in String::from_utf8_lossy(&frame).lines() {
+                    writeln!(out, "{line}\x1b[K")?;
+                }
+                write!(out, "\x1b[J")?;
+            } else {
+                out.write_all(&frame)?;
                 writeln!(out)?;
             }
         }
@@ -697,8 +742,16 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
         if a.count.is_some_and(|c| n >= c) {
             return Ok(0);
         }
-        std::thread::sleep(interval);
+        let until = Instant::now() + interval;
+        while !stop.load(Ordering::Relaxed) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+        }
     }
+    Ok(0)
 }
 
 fn write_status(

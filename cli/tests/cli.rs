@@ -2,8 +2,9 @@
 //! in-process daemon, the tables of `replay` and `status --watch`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn bursar_in(dir: Option<&Path>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bursar"));
@@ -132,4 +133,223 @@ fn policy_init_writes_a_file_and_never_over_an_existing_one_without_force() {
     );
     assert_eq!(forced.status.code(), Some(0), "{}", text(&forced.stderr));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), written);
+}
+
+// ---------------------------------------------------------------------------------------------
+// An in-process daemon
+
+/// `bursard` on a thread of this test, on a policy file, in a temp dir (kept while it runs);
+/// stopped on drop.
+struct Daemon {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    fn start(policy: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("bursar.toml");
+        std::fs::write(&config, policy).unwrap();
+        let socket = dir.path().join("bursar.sock");
+        let config = bursard::config::Config::resolve(
+            Some(config),
+            Some(socket.clone()),
+            Some(dir.path().join("data")),
+        )
+        .unwrap();
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            bursard::run_with(config, bursard::writer::system_clock(), false, None, stop2).unwrap();
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the daemon did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon {
+            _dir: dir,
+            socket,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec!["--socket", self.socket.to_str().unwrap()];
+        all.extend_from_slice(args);
+        all
+    }
+
+    /// Run `bursar --socket SOCKET ARGS`, assert exit 0, return stdout.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = bursar(&self.args(args));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "bursar {args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    fn record(&self, event_id: &str, team: &str, input: u64, output: u64) {
+        let label = format!("team={team}");
+        let (input, output) = (input.to_string(), output.to_string());
+        self.cli(&[
+            "record",
+            "--model",
+            "gpt-4o",
+            "--label",
+            &label,
+            "--input-tokens",
+            &input,
+            "--output-tokens",
+            &output,
+            "--event-id",
+            event_id,
+        ]);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// status --watch
+
+const TEAM_POLICY: &str = r#"
+[[budget]]
+id = "team-daily"
+group_by = ["team"]
+window = "fixed"
+window_seconds = 86400
+max_usd = 1
+"#;
+
+/// Says, from what was written so far, when to interrupt.
+type When<'a> = &'a dyn Fn(&[u8]) -> bool;
+
+/// Run `bursar ARGS` with its stdout on a pseudo-terminal; `interrupt_when` sees what it wrote so far and
+/// says when to send SIGINT (None: wait for it to exit). Returns the exit code and every byte.
+fn on_a_terminal(args: &[&str], interrupt_when: Option<When>) -> (Option<i32>, Vec<u8>) {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    use std::io::Read;
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(name.to_str().unwrap())
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bursar"))
+        .args(args)
+        .env_remove("BURSAR_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(slave))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let mut reader = std::fs::File::from(master);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        // Ends with EIO once the child (the last holder of the slave side) has exited.
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut bytes = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut interrupted = interrupt_when.is_none();
+    loop {
+        while let Ok(chunk) = rx.try_recv() {
+            bytes.extend_from_slice(&chunk);
+        }
+        if !interrupted && interrupt_when.is_some_and(|f| f(&bytes)) {
+            let pid = rustix::process::Pid::from_child(&child);
+            rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+            interrupted = true;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            std::thread::sleep(Duration::from_millis(50));
+            while let Ok(chunk) = rx.try_recv() {
+                bytes.extend_from_slice(&chunk);
+            }
+            return (status.code(), bytes);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bursar did not exit: {}", String::from_utf8_lossy(&bytes));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn count(haystack: &[u8], needle: &str) -> usize {
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle.as_bytes())
+        .count()
+}
+
+const ENTER: &str = "\x1b[?1049h";
+const LEAVE: &str = "\x1b[?1049l";
+
+#[test]
+fn watch_on_a_terminal_redraws_in_place_on_the_alternate_screen() {
+    let d = Daemon::start(TEAM_POLICY);
+    d.record("e-1", "a", 1000, 100);
+    let args = d.args(&["status", "--watch", "--interval", "0.05", "--count", "3"]);
+    let (code, bytes) = on_a_terminal(&args, None);
+    assert_eq!(code, Some(0), "{}", text(&bytes));
+    let shown = text(&bytes);
+    assert!(shown.starts_with(ENTER), "{shown:?}");
+    assert!(shown.trim_end().ends_with(LEAVE), "{shown:?}");
+    assert_eq!(count(&bytes, ENTER), 1, "{shown:?}");
+    assert_eq!(count(&bytes, "bursar status at"), 3, "{shown:?}");
+    // Three frames, each from the top, none blanking the whole screen first (no flicker).
+    assert_eq!(count(&bytes, "\x1b[H"), 3, "{shown:?}");
+    assert_eq!(count(&bytes, "\x1b[2J"), 0, "{shown:?}");
+    // Each line is cleared after its text, and what is below the last line.
+    assert!(shown.contains("team=a"), "{shown:?}");
+    assert_eq!(count(&bytes, "\x1b[J"), 3, "{shown:?}");
+    assert!(count(&bytes, "\x1b[K") >= 3 * 3, "{shown:?}");
+}
+
+#[test]
+fn ctrl_c_leaves_the_alternate_screen() {
+    let d = Daemon::start(TEAM_POLICY);
+    d.record("e-1", "a", 1000, 100);
+    let args = d.args(&["status", "--watch", "--interval", "0.05"]);
+    let two_frames = |b: &[u8]| count(b, "bursar status at") >= 2;
+    let (code, bytes) = on_a_terminal(&args, Some(&two_frames));
+    let shown = text(&bytes);
+    assert_eq!(code, Some(0), "{shown:?}");
+    assert!(shown.starts_with(ENTER), "{shown:?}");
+    assert!(shown.trim_end().ends_with(LEAVE), "{shown:?}");
+}
+
+#[test]
+fn watch_into_a_pipe_writes_plain_tables_one_after_another() {
+    let d = Daemon::start(TEAM_POLICY);
+    d.record("e-1", "a", 1000, 100);
+    let out = d.cli(&["status", "--watch", "--interval", "0.05", "--count", "2"]);
+    assert_eq!(out.matches("bursar status at").count(), 2, "{out}");
+    assert!(
+        !out.contains('\x1b'),
+        "no escape codes into a pipe: {out:?}"
+    );
 }
