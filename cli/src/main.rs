@@ -16,6 +16,7 @@ use bursar_schemas::wire::{
 use bursar_schemas::Labels;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
+use std::collections::BTreeSet;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -1236,12 +1237,64 @@ fn replay(source: &Source, a: &ReplayArgs, json: bool, out: &mut dyn Write) -> R
         return json_line(out, &answer);
     }
     let a2: bursar_schemas::wire::ReplayAnswer = bursar_cli::decode_answer(answer)?;
+    let units = own_units(source, &a2)?;
     write!(
         out,
         "{}",
-        render::replay_answer(&a2, since.as_deref(), offline)
+        render::replay_answer(&a2, since.as_deref(), offline, &units)
     )?;
     Ok(0)
+}
+
+/// For the diff rows of budgets without a dollar limit (tokens, requests or concurrency only),
+/// their figures in those units (`render::own_units`), from `status`: the diff itself is in
+/// dollars.
+fn own_units(source: &Source, a: &bursar_schemas::wire::ReplayAnswer) -> Res<render::OwnUnits> {
+    let mut found = render::OwnUnits::new();
+    if a.diff.is_empty() {
+        return Ok(found);
+    }
+    enum Asker {
+        Offline(Box<Offline>),
+        Daemon(Client),
+    }
+    let mut asker = match source {
+        Source::Offline(dir) => Asker::Offline(Box::new(open_offline(dir)?)),
+        Source::Daemon(path) => Asker::Daemon(Client::connect(path)?),
+    };
+    let mut ask = |req: &StatusRequest| -> Res<bursar_schemas::wire::StatusAnswer> {
+        match &mut asker {
+            Asker::Offline(off) => Ok(off.status(req, now_micros())?),
+            Asker::Daemon(c) => {
+                let v = c.call_raw(&Request::Status(req.clone()))?;
+                Ok(bursar_cli::decode_answer(v)?)
+            }
+        }
+    };
+    let budgets: BTreeSet<&str> = a.diff.iter().map(|r| r.budget.as_str()).collect();
+    for budget in budgets {
+        let mut req = StatusRequest {
+            labels: None,
+            budget: Some(budget.to_string()),
+            limit: Some(1),
+        };
+        // One bucket tells the budget's limits; only a budget without a dollar limit needs all.
+        let first = ask(&req)?;
+        if first
+            .budgets
+            .first()
+            .is_none_or(|b| render::own_units(b).is_none())
+        {
+            continue;
+        }
+        req.limit = Some(usize::try_from(first.total).unwrap_or(usize::MAX));
+        for b in ask(&req)?.budgets {
+            if let Some(units) = render::own_units(&b) {
+                found.insert((b.budget, b.key), units);
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {

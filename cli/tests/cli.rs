@@ -141,7 +141,7 @@ fn policy_init_writes_a_file_and_never_over_an_existing_one_without_force() {
 /// `bursard` on a thread of this test, on a policy file, in a temp dir (kept while it runs);
 /// stopped on drop.
 struct Daemon {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     socket: PathBuf,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -170,7 +170,7 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(10));
         }
         Daemon {
-            _dir: dir,
+            dir,
             socket,
             stop,
             thread: Some(thread),
@@ -214,12 +214,19 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
+impl Daemon {
+    /// Stop the daemon (its data stays), e.g. for offline mode.
+    fn stop(&mut self) {
         self.stop.send_replace(true);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -352,4 +359,86 @@ fn watch_into_a_pipe_writes_plain_tables_one_after_another() {
         !out.contains('\x1b'),
         "no escape codes into a pipe: {out:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// replay
+
+/// A dollar budget, a budget of tokens only and one of requests only, per team.
+const UNITS_POLICY: &str = r#"
+[[budget]]
+id = "team-usd"
+group_by = ["team"]
+max_usd = 1
+
+[[budget]]
+id = "team-tokens"
+group_by = ["team"]
+max_tokens = 100000
+
+[[budget]]
+id = "team-requests"
+group_by = ["team"]
+max_requests = 50
+"#;
+
+fn row<'a>(table: &'a str, budget: &str) -> &'a str {
+    table
+        .lines()
+        .find(|l| l.starts_with(&format!("{budget} ")))
+        .unwrap_or_else(|| panic!("no row for {budget}:\n{table}"))
+}
+
+#[test]
+fn replay_shows_a_budget_without_a_dollar_limit_in_its_own_units() {
+    let mut d = Daemon::start(UNITS_POLICY);
+    d.record("e-1", "a", 1000, 100);
+    d.record("e-2", "a", 1000, 100);
+    let prices = d.dir.path().join("doubled.toml");
+    std::fs::write(
+        &prices,
+        "[pricing.models.\"gpt-4o\"]\ninput_per_mtok = 5.00\noutput_per_mtok = 20.00\n",
+    )
+    .unwrap();
+    let table = d.cli(&["replay", "--pricing", prices.to_str().unwrap()]);
+    // Dollars where the budget limits dollars: 2 × $0.0035 before, doubled after.
+    let usd = row(&table, "team-usd");
+    assert!(
+        usd.contains("$0.007") && usd.contains("$0.014") && usd.contains("+$0.007"),
+        "{table}"
+    );
+    // Tokens and requests where the budget limits those: unchanged by new prices.
+    let tokens = row(&table, "team-tokens");
+    assert!(!tokens.contains('$'), "{table}");
+    assert_eq!(tokens.matches("2200 tok").count(), 2, "{table}");
+    assert!(tokens.contains("0 tok"), "{table}");
+    let requests = row(&table, "team-requests");
+    assert!(!requests.contains('$'), "{table}");
+    assert!(
+        requests.contains("2 req") && requests.contains("0 req"),
+        "{table}"
+    );
+    assert!(
+        table.contains("total delta over the whole log: +$0.007"),
+        "{table}"
+    );
+    // --json keeps the daemon's answer as it is (micro-USD).
+    let json = d.cli(&["--json", "replay", "--pricing", prices.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["total_delta_micros"], 7000);
+
+    // Offline, on the stopped daemon's data dir: the same figures.
+    d.stop();
+    let data = d.dir.path().join("data");
+    let out = bursar(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "replay",
+        "--pricing",
+        prices.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let offline = text(&out.stdout);
+    assert_eq!(row(&offline, "team-tokens"), tokens, "{offline}");
+    assert_eq!(row(&offline, "team-usd"), usd, "{offline}");
 }
