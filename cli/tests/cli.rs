@@ -442,3 +442,103 @@ fn replay_shows_a_budget_without_a_dollar_limit_in_its_own_units() {
     assert_eq!(row(&offline, "team-tokens"), tokens, "{offline}");
     assert_eq!(row(&offline, "team-usd"), usd, "{offline}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// policy check
+
+#[test]
+fn policy_check_reports_every_mistake_of_a_file_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bursar.toml");
+    std::fs::write(
+        &file,
+        r#"[daemon]
+reservaton_ttl_seconds = 60
+
+[[budget]]
+id = "team"
+max_usdd = 5
+window = "fixed"
+window_seconds = "a day"
+
+[[budget]]
+id = "org"
+max_usd = 10
+warn_at = 1.5
+"#,
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let out = bursar(&["policy", "check", path]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(
+        lines[0].starts_with(&format!("bursar: {path}:2: daemon.reservaton_ttl_seconds: unknown key; did you mean `reservation_ttl_seconds`?")),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with(&format!(
+            "bursar: {path}:6: budget[0].max_usdd: unknown key; did you mean `max_usd`?"
+        )),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with(&format!("bursar: {path}:8: budget[0].window_seconds: ")),
+        "{err}"
+    );
+    assert!(
+        lines[3].starts_with(&format!("bursar: {path}:13: budget[1].warn_at: must be")),
+        "{err}"
+    );
+
+    let json = bursar(&["--json", "policy", "check", path]);
+    assert_eq!(json.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let keys: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "daemon.reservaton_ttl_seconds",
+            "budget[0].max_usdd",
+            "budget[0].window_seconds",
+            "budget[1].warn_at"
+        ]
+    );
+}
+
+#[test]
+fn a_key_dropped_for_its_type_is_not_reported_missing_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bursar.toml");
+    std::fs::write(
+        &file,
+        "[[budget]]\nid = 7\n\n[[budget]]\nmax_usd = 1\n\n[tiers]\npatterns = [{ match = \"*\", tierr = \"x\" }]\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let out = bursar(&["policy", "check", path]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(
+        lines[0].starts_with(&format!("bursar: {path}:2: budget[0].id: ")),
+        "{err}"
+    );
+    assert!(!lines[0].contains("required"), "{err}");
+    assert!(
+        lines[1].starts_with(&format!("bursar: {path}:4: budget[1].id: is required")),
+        "{err}"
+    );
+    assert!(
+        lines[2].contains(":8: tiers.patterns[0].tierr: unknown key; did you mean `tier`?"),
+        "{err}"
+    );
+}
