@@ -542,3 +542,29 @@ fn a_key_dropped_for_its_type_is_not_reported_missing_too() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// TOML written by bursar
+
+#[test]
+fn pricing_import_writes_model_names_as_toml_strings_that_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("prices.json");
+    std::fs::write(
+        &json,
+        r#"{"we\"ird\\model x": {"litellm_provider": "open\"ai", "mode": "chat",
+             "input_cost_per_token": 0.000001, "output_cost_per_token": 0.000002}}"#,
+    )
+    .unwrap();
+    let out = bursar(&["pricing", "import", json.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let toml = text(&out.stdout);
+    assert!(
+        toml.contains("[pricing.models.\"we\\\"ird\\\\model x\"]\nprovider = \"open\\\"ai\"\n"),
+        "{toml}"
+    );
+    let file = dir.path().join("bursar.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let check = bursar(&["--json", "policy", "check", file.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check.stderr));
+}

@@ -579,32 +579,13 @@ fn render_path(path: &[Seg]) -> String {
                 if !out.is_empty() {
                     out.push('.');
                 }
-                let bare = !s.is_empty()
-                    && s.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-                if bare && matches!(seg, Seg::Key(_)) {
-                    out.push_str(s);
-                } else {
-                    out.push_str(&quote(s));
-                }
+                out.push_str(&match seg {
+                    Seg::Key(_) => crate::toml_text::key(s),
+                    _ => crate::toml_text::string(s),
+                });
             }
         }
     }
-    out
-}
-
-fn quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
     out
 }
 
