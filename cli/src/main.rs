@@ -684,7 +684,7 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
     if screen {
         write!(out, "{ALT_SCREEN_ENTER}")?;
     }
-    let watched = watch_loop(&mut client, a, &req, interval, screen, json, &stop, out);
+    let watched = watch_loop(path, client, a, &req, interval, screen, json, &stop, out);
     if screen {
         write!(out, "{ALT_SCREEN_LEAVE}")?;
         out.flush()?;
@@ -703,7 +703,8 @@ const ALT_SCREEN_LEAVE: &str = "\x1b[?25h\x1b[?1049l";
 /// blanked first, so the table does not flicker. Elsewhere frames follow one another.
 #[allow(clippy::too_many_arguments)]
 fn watch_loop(
-    client: &mut Client,
+    path: &Path,
+    client: Client,
     a: &StatusArgs,
     req: &StatusRequest,
     interval: Duration,
@@ -713,12 +714,34 @@ fn watch_loop(
     out: &mut dyn Write,
 ) -> Res<u8> {
     let mut n = 0u64;
+    let mut client = Some(client);
     while !stop.load(Ordering::Relaxed) {
-        let v = client.call_raw(&Request::Status(req.clone()))?;
+        // A daemon that stopped (a restart, an upgrade) is waited for: the watch goes on when
+        // it answers again (SPEC §9). An error the daemon answers ends the watch.
+        let asked = match client.as_mut() {
+            Some(c) => c.call_raw(&Request::Status(req.clone())),
+            None => Client::connect(path).and_then(|mut c| {
+                let v = c.call_raw(&Request::Status(req.clone()));
+                client = Some(c);
+                v
+            }),
+        };
+        let v = match asked {
+            Ok(v) => Some(v),
+            Err(e @ (ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Closed)) => {
+                client = None;
+                if json {
+                    eprintln!("bursar: {e}; waiting for bursard to answer again");
+                }
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
         if json {
-            json_line(out, &v)?;
+            if let Some(v) = &v {
+                json_line(out, v)?;
+            }
         } else {
-            let answer: bursar_schemas::wire::StatusAnswer = bursar_cli::decode_answer(v)?;
             let mut frame: Vec<u8> = Vec::new();
             writeln!(
                 frame,
@@ -726,7 +749,17 @@ fn watch_loop(
                 bursar_core::time::format_ts(now_micros()),
                 interval.as_secs_f64()
             )?;
-            write_status(&mut frame, &answer, req)?;
+            match v {
+                Some(v) => {
+                    let answer: bursar_schemas::wire::StatusAnswer = bursar_cli::decode_answer(v)?;
+                    write_status(&mut frame, &answer, req)?;
+                }
+                None => writeln!(
+                    frame,
+                    "bursard at {} is not answering (stopped or restarting); waiting for it",
+                    path.display()
+                )?,
+            }
             if screen {
                 write!(out, "\x1b[H")?;
                 for line in String::from_utf8_lossy(&frame).lines() {

@@ -150,30 +150,36 @@ struct Daemon {
 impl Daemon {
     fn start(policy: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("bursar.toml");
-        std::fs::write(&config, policy).unwrap();
+        std::fs::write(dir.path().join("bursar.toml"), policy).unwrap();
         let socket = dir.path().join("bursar.sock");
-        let config = bursard::config::Config::resolve(
-            Some(config),
-            Some(socket.clone()),
-            Some(dir.path().join("data")),
-        )
-        .unwrap();
         let (stop, _) = tokio::sync::watch::channel(false);
-        let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            bursard::run_with(config, bursard::writer::system_clock(), false, None, stop2).unwrap();
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the daemon did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Daemon {
+        let mut d = Daemon {
             dir,
             socket,
             stop,
-            thread: Some(thread),
+            thread: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Start (again) on the temp dir's policy, data and socket; wait until it accepts.
+    fn spawn(&mut self) {
+        let config = bursard::config::Config::resolve(
+            Some(self.dir.path().join("bursar.toml")),
+            Some(self.socket.clone()),
+            Some(self.dir.path().join("data")),
+        )
+        .unwrap();
+        let (stop, _) = tokio::sync::watch::channel(false);
+        self.stop = stop.clone();
+        self.thread = Some(std::thread::spawn(move || {
+            bursard::run_with(config, bursard::writer::system_clock(), false, None, stop).unwrap();
+        }));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "the daemon did not start");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -567,4 +573,56 @@ fn pricing_import_writes_model_names_as_toml_strings_that_read_back() {
     std::fs::write(&file, &toml).unwrap();
     let check = bursar(&["--json", "policy", "check", file.to_str().unwrap()]);
     assert_eq!(check.status.code(), Some(0), "{}", text(&check.stderr));
+}
+
+#[test]
+fn watch_waits_for_a_restarted_daemon_and_goes_on() {
+    use std::io::Read;
+    use std::sync::{Arc, Mutex};
+    let mut d = Daemon::start(TEAM_POLICY);
+    d.record("e-1", "a", 1000, 100);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bursar"))
+        .args(d.args(&["status", "--watch", "--interval", "0.05"]))
+        .env_remove("BURSAR_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let shown = Arc::new(Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let sink = Arc::clone(&shown);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let wait_for = |what: &str, after: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = shown.lock().unwrap().clone();
+            if let Some(at) = now.get(after..).and_then(|rest| rest.find(what)) {
+                return after + at;
+            }
+            assert!(Instant::now() < deadline, "no {what:?} in:\n{now}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let first = wait_for("team=a", 0);
+    d.stop();
+    let waiting = wait_for("is not answering", first);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the watch stopped with the daemon"
+    );
+    d.spawn();
+    wait_for("team=a", waiting);
+    let _ = child.kill();
+    let _ = child.wait();
 }
