@@ -864,17 +864,46 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
                     }
                 }
             };
-            let mut stream = c.stream(&Request::Tail(TailRequest {
-                from_seq,
-                follow: a.follow,
-            }))?;
-            for ev in stream.by_ref() {
-                print_event(out, &ev?, json)?;
-                if a.follow {
-                    out.flush()?;
+            let mut from_seq = from_seq;
+            let mut client = Some(c);
+            loop {
+                let Some(mut c) = client.take() else {
+                    // -f and the daemon went away: wait for it to answer again (SPEC §9).
+                    std::thread::sleep(Duration::from_millis(200));
+                    client = Client::connect(path).ok();
+                    continue;
+                };
+                let mut stream = c.stream(&Request::Tail(TailRequest {
+                    from_seq,
+                    follow: a.follow,
+                }))?;
+                let mut broke = None;
+                for ev in stream.by_ref() {
+                    match ev {
+                        Ok(ev) => {
+                            from_seq = Some(ev.seq + 1);
+                            print_event(out, &ev, json)?;
+                            if a.follow {
+                                out.flush()?;
+                            }
+                        }
+                        Err(e) => {
+                            broke = Some(e);
+                            break;
+                        }
+                    }
                 }
+                match broke {
+                    Some(e @ ClientError::Server(_)) => return Err(e.into()),
+                    Some(e) if !a.follow => return Err(e.into()),
+                    None if !a.follow => return Ok(0),
+                    _ => {}
+                }
+                eprintln!(
+                    "bursar: bursard at {} stopped answering; waiting for it to come back",
+                    path.display()
+                );
             }
-            Ok(0)
         }
     }
 }

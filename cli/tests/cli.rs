@@ -577,52 +577,90 @@ fn pricing_import_writes_model_names_as_toml_strings_that_read_back() {
 
 #[test]
 fn watch_waits_for_a_restarted_daemon_and_goes_on() {
-    use std::io::Read;
-    use std::sync::{Arc, Mutex};
     let mut d = Daemon::start(TEAM_POLICY);
     d.record("e-1", "a", 1000, 100);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bursar"))
-        .args(d.args(&["status", "--watch", "--interval", "0.05"]))
-        .env_remove("BURSAR_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let shown = Arc::new(Mutex::new(String::new()));
-    let mut stdout = child.stdout.take().unwrap();
-    let sink = Arc::clone(&shown);
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 {
-                break;
+    let mut f = Following::start(&d.args(&["status", "--watch", "--interval", "0.05"]));
+    let first = f.wait_for("team=a", 0);
+    d.stop();
+    let waiting = f.wait_for("is not answering", first);
+    assert!(
+        f.child.try_wait().unwrap().is_none(),
+        "the watch stopped with the daemon"
+    );
+    d.spawn();
+    f.wait_for("team=a", waiting);
+}
+
+/// Run `bursar ARGS` with stdout collected as it comes; `wait_for(what, after)` waits until
+/// `what` appears in the output at or after byte `after` and returns where.
+struct Following {
+    child: std::process::Child,
+    shown: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Following {
+    fn start(args: &[&str]) -> Following {
+        use std::io::Read;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bursar"))
+            .args(args)
+            .env_remove("BURSAR_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let shown = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = std::sync::Arc::clone(&shown);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    let wait_for = |what: &str, after: usize| {
+        });
+        Following { child, shown }
+    }
+
+    fn wait_for(&self, what: &str, after: usize) -> usize {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let now = shown.lock().unwrap().clone();
+            let now = self.shown.lock().unwrap().clone();
             if let Some(at) = now.get(after..).and_then(|rest| rest.find(what)) {
                 return after + at;
             }
             assert!(Instant::now() < deadline, "no {what:?} in:\n{now}");
             std::thread::sleep(Duration::from_millis(10));
         }
-    };
-    let first = wait_for("team=a", 0);
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn tail_f_waits_for_a_restarted_daemon_and_goes_on() {
+    let mut d = Daemon::start(TEAM_POLICY);
+    d.record("e-before", "a", 1000, 100);
+    let mut f = Following::start(&d.args(&["tail", "-f", "-n", "1"]));
+    let first = f.wait_for("e-before", 0);
     d.stop();
-    let waiting = wait_for("is not answering", first);
+    std::thread::sleep(Duration::from_millis(300));
     assert!(
-        child.try_wait().unwrap().is_none(),
-        "the watch stopped with the daemon"
+        f.child.try_wait().unwrap().is_none(),
+        "tail -f stopped with the daemon"
     );
     d.spawn();
-    wait_for("team=a", waiting);
-    let _ = child.kill();
-    let _ = child.wait();
+    d.record("e-after", "a", 1000, 100);
+    f.wait_for("e-after", first);
+    // Nothing shown twice.
+    assert_eq!(f.shown.lock().unwrap().matches("e-before").count(), 1);
 }
