@@ -14,11 +14,14 @@ use bursar_schemas::wire::{
     StatusRequest, TailRequest, Usage, UsageAnswer,
 };
 use bursar_schemas::Labels;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
+use std::collections::BTreeSet;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Exit code of `check` and `reserve` when the answer is `deny`.
@@ -91,6 +94,11 @@ enum Command {
     /// Price tables.
     #[command(subcommand)]
     Pricing(PricingCommand),
+    /// Print a shell completion script, e.g. `bursar completions bash > ~/.local/share/bash-completion/completions/bursar`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,6 +107,15 @@ enum PolicyCommand {
     Check {
         /// The policy file.
         file: PathBuf,
+    },
+    /// A commented starter bursar.toml: on stdout, or written to PATH (never over an existing
+    /// file unless --force).
+    Init {
+        /// Write it here instead of stdout (`-`: stdout).
+        path: Option<PathBuf>,
+        /// Replace PATH if it exists.
+        #[arg(long, requires = "path")]
+        force: bool,
     },
     /// Print the policy in force (the last `policy_applied` event of the log) as bursar.toml.
     Show {
@@ -130,7 +147,8 @@ struct StatusArgs {
     /// there were.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
-    /// Refresh in place until interrupted.
+    /// Refresh until interrupted (Ctrl-C). On a terminal the table is redrawn in place on the
+    /// alternate screen, which is left on exit; elsewhere one table follows another.
     #[arg(long)]
     watch: bool,
     /// Seconds between refreshes with --watch.
@@ -591,6 +609,9 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
         Command::Report(a) => report(&source, a, json, out),
         Command::Salvage { to } => salvage(&source, to, json, out),
         Command::Policy(PolicyCommand::Check { file }) => policy_check(file, json, out),
+        Command::Policy(PolicyCommand::Init { path, force }) => {
+            policy_init(path.as_deref(), *force, out)
+        }
         Command::Policy(PolicyCommand::Show { prices }) => policy_show(&source, *prices, json, out),
         Command::Reload => {
             let mut c = online("reload")?;
@@ -612,6 +633,10 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
             Ok(0)
         }
         Command::Pricing(PricingCommand::Import { file }) => pricing_import(file, out),
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "bursar", out);
+            Ok(0)
+        }
     }
 }
 
@@ -702,25 +727,100 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
         return Err(msg("--interval must be at least 0.05 seconds"));
     };
     let tty = std::io::stdout().is_terminal();
+    // Ctrl-C (or SIGTERM) ends the watch cleanly: the terminal gets its screen back.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .map_err(|e| msg(format!("cannot handle signals: {e}")))?;
+    }
+    let screen = tty && !json;
+    if screen {
+        write!(out, "{ALT_SCREEN_ENTER}")?;
+    }
+    let watched = watch_loop(path, client, a, &req, interval, screen, json, &stop, out);
+    if screen {
+        write!(out, "{ALT_SCREEN_LEAVE}")?;
+        out.flush()?;
+    }
+    watched
+}
+
+/// Enter the terminal's alternate screen and hide the cursor (`status --watch` on a terminal).
+const ALT_SCREEN_ENTER: &str = "\x1b[?1049h\x1b[?25l";
+/// Show the cursor and leave the alternate screen: the shell's screen is as it was.
+const ALT_SCREEN_LEAVE: &str = "\x1b[?25h\x1b[?1049l";
+
+/// Refresh `status` every `interval` until `--count` refreshes or `stop` (a signal). On a
+/// terminal (`screen`) each frame overwrites the last in place: cursor home, every line cleared
+/// to its end after its text, the rest of the screen cleared below the last line. Nothing is
+/// blanked first, so the table does not flicker. Elsewhere frames follow one another.
+#[allow(clippy::too_many_arguments)]
+fn watch_loop(
+    path: &Path,
+    client: Client,
+    a: &StatusArgs,
+    req: &StatusRequest,
+    interval: Duration,
+    screen: bool,
+    json: bool,
+    stop: &AtomicBool,
+    out: &mut dyn Write,
+) -> Res<u8> {
     let mut n = 0u64;
-    loop {
-        let v = client.call_raw(&Request::Status(req.clone()))?;
-        if json {
-            json_line(out, &v)?;
-        } else {
-            let answer: bursar_schemas::wire::StatusAnswer = bursar_cli::decode_answer(v)?;
-            if tty {
-                // Home the cursor and clear the screen: refresh in place.
-                write!(out, "\x1b[H\x1b[2J")?;
+    let mut client = Some(client);
+    while !stop.load(Ordering::Relaxed) {
+        // A daemon that stopped (a restart, an upgrade) is waited for: the watch goes on when
+        // it answers again (SPEC §9). An error the daemon answers ends the watch.
+        let asked = match client.as_mut() {
+            Some(c) => c.call_raw(&Request::Status(req.clone())),
+            None => Client::connect(path).and_then(|mut c| {
+                let v = c.call_raw(&Request::Status(req.clone()));
+                client = Some(c);
+                v
+            }),
+        };
+        let v = match asked {
+            Ok(v) => Some(v),
+            Err(e @ (ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Closed)) => {
+                client = None;
+                if json {
+                    eprintln!("bursar: {e}; waiting for bursard to answer again");
+                }
+                None
             }
+            Err(e) => return Err(e.into()),
+        };
+        if json {
+            if let Some(v) = &v {
+                json_line(out, v)?;
+            }
+        } else {
+            let mut frame: Vec<u8> = Vec::new();
             writeln!(
-                out,
+                frame,
                 "bursar status at {}  (every {}s; Ctrl-C to stop)",
                 bursar_core::time::format_ts(now_micros()),
                 interval.as_secs_f64()
             )?;
-            write_status(out, &answer, &req)?;
-            if !tty {
+            match v {
+                Some(v) => {
+                    let answer: bursar_schemas::wire::StatusAnswer = bursar_cli::decode_answer(v)?;
+                    write_status(&mut frame, &answer, req)?;
+                }
+                None => writeln!(
+                    frame,
+                    "bursard at {} is not answering (stopped or restarting); waiting for it",
+                    path.display()
+                )?,
+            }
+            if screen {
+                write!(out, "\x1b[H")?;
+                for line in String::from_utf8_lossy(&frame).lines() {
+                    writeln!(out, "{line}\x1b[K")?;
+                }
+                write!(out, "\x1b[J")?;
+            } else {
+                out.write_all(&frame)?;
                 writeln!(out)?;
             }
         }
@@ -729,8 +829,16 @@ fn status(source: &Source, a: &StatusArgs, json: bool, out: &mut dyn Write) -> R
         if a.count.is_some_and(|c| n >= c) {
             return Ok(0);
         }
-        std::thread::sleep(interval);
+        let until = Instant::now() + interval;
+        while !stop.load(Ordering::Relaxed) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+        }
     }
+    Ok(0)
 }
 
 fn write_status(
@@ -814,18 +922,47 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
                     }
                 }
             };
-            let mut stream = c.stream(&Request::Tail(TailRequest {
-                from_seq,
-                follow: a.follow,
-                types: (!a.types.is_empty()).then(|| a.types.clone()),
-            }))?;
-            for ev in stream.by_ref() {
-                print_event(out, &ev?, json)?;
-                if a.follow {
-                    out.flush()?;
+            let mut from_seq = from_seq;
+            let mut client = Some(c);
+            loop {
+                let Some(mut c) = client.take() else {
+                    // -f and the daemon went away: wait for it to answer again (SPEC §9).
+                    std::thread::sleep(Duration::from_millis(200));
+                    client = Client::connect(path).ok();
+                    continue;
+                };
+                let mut stream = c.stream(&Request::Tail(TailRequest {
+                    from_seq,
+                    follow: a.follow,
+                    types: (!a.types.is_empty()).then(|| a.types.clone()),
+                }))?;
+                let mut broke = None;
+                for ev in stream.by_ref() {
+                    match ev {
+                        Ok(ev) => {
+                            from_seq = Some(ev.seq + 1);
+                            print_event(out, &ev, json)?;
+                            if a.follow {
+                                out.flush()?;
+                            }
+                        }
+                        Err(e) => {
+                            broke = Some(e);
+                            break;
+                        }
+                    }
                 }
+                match broke {
+                    Some(e @ ClientError::Server(_)) => return Err(e.into()),
+                    Some(e) if !a.follow => return Err(e.into()),
+                    None if !a.follow => return Ok(0),
+                    _ => {}
+                }
+                eprintln!(
+                    "bursar: bursard at {} stopped answering; waiting for it to come back",
+                    path.display()
+                );
             }
-            Ok(0)
         }
     }
 }
@@ -1234,10 +1371,11 @@ fn replay(source: &Source, a: &ReplayArgs, json: bool, out: &mut dyn Write) -> R
         return json_line(out, &answer);
     }
     let a2: bursar_schemas::wire::ReplayAnswer = bursar_cli::decode_answer(answer)?;
+    let units = own_units(source, &a2);
     write!(
         out,
         "{}",
-        render::replay_answer(&a2, since.as_deref(), offline)
+        render::replay_answer(&a2, since.as_deref(), offline, &units)
     )?;
     Ok(0)
 }
@@ -1336,6 +1474,70 @@ fn terminal_width() -> usize {
         .unwrap_or(100)
 }
 
+/// For the diff rows of budgets without a dollar limit (tokens, requests or concurrency only),
+/// their figures in those units (`render::own_units`), from `status`: the diff itself is in
+/// dollars.
+fn own_units(source: &Source, a: &bursar_schemas::wire::ReplayAnswer) -> render::OwnUnits {
+    let mut found = render::OwnUnits::new();
+    if a.diff.is_empty() {
+        return found;
+    }
+    enum Asker {
+        Offline(Box<Offline>),
+        Daemon(Client),
+    }
+    // The diff is the answer; these figures only refine how it is shown: when they cannot be
+    // had, the rows stay in dollars.
+    let mut asker = match source {
+        Source::Offline(dir) => match open_offline(dir) {
+            Ok(off) => Asker::Offline(Box::new(off)),
+            Err(_) => return found,
+        },
+        Source::Daemon(path) => match Client::connect(path) {
+            Ok(c) => Asker::Daemon(c),
+            Err(_) => return found,
+        },
+    };
+    let mut ask = |req: &StatusRequest| -> Res<bursar_schemas::wire::StatusAnswer> {
+        match &mut asker {
+            Asker::Offline(off) => Ok(off.status(req, now_micros())?),
+            Asker::Daemon(c) => {
+                let v = c.call_raw(&Request::Status(req.clone()))?;
+                Ok(bursar_cli::decode_answer(v)?)
+            }
+        }
+    };
+    let budgets: BTreeSet<&str> = a.diff.iter().map(|r| r.budget.as_str()).collect();
+    for budget in budgets {
+        let mut req = StatusRequest {
+            labels: None,
+            budget: Some(budget.to_string()),
+            limit: Some(1),
+        };
+        // One bucket tells the budget's limits; only a budget without a dollar limit needs all.
+        let Ok(first) = ask(&req) else {
+            continue;
+        };
+        if first
+            .budgets
+            .first()
+            .is_none_or(|b| render::own_units(b).is_none())
+        {
+            continue;
+        }
+        req.limit = Some(usize::try_from(first.total).unwrap_or(usize::MAX));
+        let Ok(all) = ask(&req) else {
+            continue;
+        };
+        for b in all.budgets {
+            if let Some(units) = render::own_units(&b) {
+                found.insert((b.budget, b.key), units);
+            }
+        }
+    }
+    found
+}
+
 fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
     match bursard::config::load_policy_file(file) {
         Ok(p) => {
@@ -1389,6 +1591,51 @@ fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
         Err(bursard::config::ConfigError::Read { path, source }) => Err(msg(format!(
             "cannot read {path}: {}",
             bursar_cli::os_message(&source)
+        ))),
+    }
+}
+
+/// The starter policy of `bursar policy init`: the embedded default (a per-model daily meter) and
+/// two limits most setups want, commented.
+const STARTER_POLICY: &str = include_str!("starter.toml");
+
+fn policy_init(path: Option<&Path>, force: bool, out: &mut dyn Write) -> Res<u8> {
+    let path = match path {
+        Some(p) if p != Path::new("-") => p,
+        _ => {
+            out.write_all(STARTER_POLICY.as_bytes())?;
+            return Ok(0);
+        }
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        // Never over an existing file, even one that appears between a check and the write.
+        options.create_new(true);
+    }
+    let written = options.open(path).and_then(|mut f| {
+        f.write_all(STARTER_POLICY.as_bytes())
+            .and_then(|()| f.sync_all())
+    });
+    match written {
+        Ok(()) => {
+            eprintln!(
+                "wrote a starter policy to {}; check it with `bursar policy check {}`",
+                path.display(),
+                path.display()
+            );
+            Ok(0)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(msg(format!(
+            "{} already exists; pass --force to replace it (or give another path)",
+            path.display()
+        ))),
+        Err(e) => Err(msg(format!(
+            "cannot write {}: {}",
+            path.display(),
+            bursar_cli::os_message(&e)
         ))),
     }
 }

@@ -13,33 +13,12 @@ use bursar_schemas::policy::{
 
 /// A TOML basic string, escaped.
 pub fn toml_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    bursar_core::toml_text::string(s)
 }
 
 /// A key, bare when TOML allows it.
 pub fn toml_key(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        s.to_string()
-    } else {
-        toml_str(s)
-    }
+    bursar_core::toml_text::key(s)
 }
 
 /// `"+02:00"` from seconds east of UTC.

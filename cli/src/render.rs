@@ -381,18 +381,60 @@ pub fn decision_answer(reservation_id: Option<&str>, a: &DecisionAnswer, now: Ts
     out
 }
 
+/// A bucket's figures in the units of its budget's limits when it sets limits and none is in
+/// dollars (`1100 tok`, `3 req`, `1 live`), with the zero change a price change makes to them
+/// (`0 tok`); `None` for a budget with a dollar limit and for a meter, which are shown in
+/// dollars (as `status` does).
+pub fn own_units(b: &BudgetReport) -> Option<(String, String)> {
+    if b.limit_micros.is_some() {
+        return None;
+    }
+    let mut figures = Vec::new();
+    let mut zeros = Vec::new();
+    for (limit, spent, unit) in [
+        (b.limit_tokens, b.spent_tokens, "tok"),
+        (b.limit_requests, b.spent_requests, "req"),
+        (b.limit_concurrent, b.live_holds, "live"),
+    ] {
+        if limit.is_some() {
+            figures.push(format!("{spent} {unit}"));
+            zeros.push(format!("0 {unit}"));
+        }
+    }
+    (!figures.is_empty()).then(|| (figures.join(", "), zeros.join(", ")))
+}
+
+/// Per (budget, scope key): figures and zero change in the units of a budget without a dollar
+/// limit, as [`own_units`] gives them.
+pub type OwnUnits = std::collections::BTreeMap<(String, String), (String, String)>;
+
 /// The diff table of `replay`: budget, scope, before, after, delta, state change; then the
-/// total delta.
-pub fn replay_answer(a: &ReplayAnswer, since: Option<&str>, offline: bool) -> String {
+/// total delta. `units` gives, for a row's budget and scope, its figures in the units of a
+/// budget without a dollar limit (see [`own_units`]); other rows are in dollars.
+pub fn replay_answer(
+    a: &ReplayAnswer,
+    since: Option<&str>,
+    offline: bool,
+    units: &OwnUnits,
+) -> String {
     let mut out = String::new();
     if a.diff.is_empty() {
         out.push_str("no bucket's current figures change\n");
     } else {
         let mut t = Table::new(&["BUDGET", "SCOPE", ">BEFORE", ">AFTER", ">DELTA", "STATE"]);
+        let mut in_own_units = false;
         for r in &a.diff {
-            t.row(diff_cells(r));
+            let own = units.get(&(r.budget.clone(), r.key.clone())).cloned();
+            in_own_units |= own.is_some();
+            t.row(diff_cells(r, own));
         }
         out.push_str(&t.render());
+        if in_own_units {
+            out.push_str(
+                "(budgets without a dollar limit are shown in the units of their limits, which \
+                 new prices do not change)\n",
+            );
+        }
     }
     let from = since
         .map(|s| format!("since {s}"))
@@ -417,7 +459,7 @@ pub fn replay_answer(a: &ReplayAnswer, since: Option<&str>, offline: bool) -> St
     out
 }
 
-fn diff_cells(r: &DiffRow) -> Vec<String> {
+fn diff_cells(r: &DiffRow, own_units: Option<(String, String)>) -> Vec<String> {
     let state = if r.state_before == r.state_after {
         bucket_state(r.state_after).to_string()
     } else {
@@ -427,18 +469,24 @@ fn diff_cells(r: &DiffRow) -> Vec<String> {
             bucket_state(r.state_after)
         )
     };
-    vec![
+    let mut cells = vec![
         r.budget.clone(),
         if r.key.is_empty() {
             "(all)".into()
         } else {
             r.key.clone()
         },
-        usd(r.before_micros),
-        usd(r.after_micros),
-        usd_delta(r.delta_micros),
-        state,
-    ]
+    ];
+    match own_units {
+        Some((figures, zero)) => cells.extend([figures.clone(), figures, zero]),
+        None => cells.extend([
+            usd(r.before_micros),
+            usd(r.after_micros),
+            usd_delta(r.delta_micros),
+        ]),
+    }
+    cells.push(state);
+    cells
 }
 
 /// Labels as `k=v,k=v`, without the derived `model`, `provider` and `tier`.

@@ -10,4 +10,5 @@ pub mod money;
 pub mod policy;
 pub mod pricing;
 pub mod time;
+pub mod toml_text;
 pub mod window;

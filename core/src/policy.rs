@@ -4,8 +4,10 @@
 //! then validates every section into a [`ResolvedPolicy`] plus [`DaemonSettings`]. Every error
 //! names the file, the line and the key as a dotted path (`budget[2].window_seconds`,
 //! `pricing.models."gpt-4o".input_per_mtok`; array indexes count from 0). Validation collects
-//! all the errors it finds rather than stopping at the first; a TOML syntax or type error stops
-//! at that error.
+//! all the errors it finds rather than stopping at the first: each section of the file (the top
+//! level, `[daemon]`, `[pricing]` and each of its models, `[tiers]`, each `[[budget]]`) is
+//! deserialized on its own, every unknown key and every value of the wrong type is reported, and
+//! what is left is validated. A TOML syntax error stops at that error.
 //!
 //! Prices: the built-in table, then `[pricing] import` (a LiteLLM price file read through the
 //! caller's `read_import`, so this module does no I/O), then `[pricing.models."NAME"]`
@@ -197,12 +199,42 @@ pub fn parse_policy(
             }]);
         }
     };
-    let raw: PolicyFile = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => return Err(vec![deserialize_error(&e, text, file, &doc)]),
+    // Every unknown key and every value of the wrong type, each section on its own (serde stops
+    // at the first error of a document); then, on what is left, the checks of `resolve`.
+    let read = read_sections(&doc, text, file);
+    let raw: PolicyFile = match read.cleaned {
+        Some(raw) => raw,
+        None if read.errors.is_empty() => match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                return Err(vec![deserialize_error(
+                    e.message(),
+                    e.span(),
+                    text,
+                    file,
+                    &doc,
+                    &[],
+                )])
+            }
+        },
+        None => return Err(read.errors),
     };
     let mut issues = Issues::default();
     let resolved = resolve(&raw, read_import, &mut issues);
+    if !read.errors.is_empty() {
+        // A section with a value of the wrong type lost that key: what `resolve` says about
+        // the section would be about the copy, not the file.
+        let mut errors = read.errors;
+        errors.extend(
+            issues
+                .0
+                .into_iter()
+                .filter(|issue| !read.mistyped.iter().any(|m| issue.path.starts_with(m)))
+                .map(|issue| located(issue, &doc, text, file)),
+        );
+        errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+        return Err(errors);
+    }
     match resolved {
         Some((resolved, daemon)) if issues.0.is_empty() => Ok(LoadedPolicy {
             resolved,
@@ -213,13 +245,291 @@ pub fn parse_policy(
         _ => Err(issues
             .0
             .into_iter()
-            .map(|issue| PolicyError {
-                file: file.to_string(),
-                line: locate(&doc, &issue.path).map(|off| line_of_offset(text, off)),
-                key: render_path(&issue.path),
-                message: issue.message,
-            })
+            .map(|issue| located(issue, &doc, text, file))
             .collect()),
+    }
+}
+
+fn located(issue: Issue, doc: &ImDocument<&str>, text: &str, file: &str) -> PolicyError {
+    PolicyError {
+        file: file.to_string(),
+        line: locate(doc, &issue.path).map(|off| line_of_offset(text, off)),
+        key: render_path(&issue.path),
+        message: issue.message,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every deserialization error in one run
+
+/// Most errors reported for one section (a budget, a model's prices, `[daemon]`, ...).
+const MAX_ERRORS_PER_SECTION: usize = 64;
+
+/// What [`read_sections`] found.
+struct Sections {
+    /// Unknown keys and values of the wrong type, in the order of the file.
+    errors: Vec<PolicyError>,
+    /// The file without the keys of `errors`, when every section could be read that way (no
+    /// required key missing, no section of the wrong type).
+    cleaned: Option<PolicyFile>,
+    /// Sections that had a value of the wrong type.
+    mistyped: Vec<Vec<Seg>>,
+}
+
+/// One part of the file deserialized on its own: its key path, its copy (keys dropped as their
+/// errors are reported) and its type.
+struct Section {
+    at: Vec<Seg>,
+    item: Item,
+    check: fn(Value) -> Result<(), toml_edit::de::Error>,
+}
+
+fn check_as<T: serde::de::DeserializeOwned>(v: Value) -> Result<(), toml_edit::de::Error> {
+    use serde::de::IntoDeserializer;
+    T::deserialize(v.into_deserializer()).map(|_| ())
+}
+
+/// The sections of the file, each deserialized on its own type: top-level keys, `[daemon]`,
+/// `[pricing]` and each of its models, `[tiers]`, each `[[budget]]`.
+fn sections(root: &Table) -> Vec<Section> {
+    use bursar_schemas::policy::ModelPriceSection;
+    let mut out = Vec::new();
+    let mut top = root.clone();
+    for known in ["daemon", "pricing", "tiers", "budget"] {
+        top.remove(known);
+    }
+    out.push(Section {
+        at: Vec::new(),
+        item: Item::Table(top),
+        check: check_as::<PolicyFile>,
+    });
+    if let Some(item) = root.get("daemon") {
+        out.push(Section {
+            at: vec![k("daemon")],
+            item: item.clone(),
+            check: check_as::<DaemonSection>,
+        });
+    }
+    if let Some(item) = root.get("pricing") {
+        let mut pricing = item.clone();
+        let models = match pricing.get("models") {
+            Some(m) if m.is_table_like() => m.as_table_like().map(|t| {
+                t.iter()
+                    .map(|(name, m)| (name.to_string(), m.clone()))
+                    .collect::<Vec<_>>()
+            }),
+            _ => None,
+        };
+        if let Some(models) = models {
+            if let Some(t) = pricing.as_table_like_mut() {
+                t.remove("models");
+            }
+            for (name, model) in models {
+                out.push(Section {
+                    at: vec![k("pricing"), k("models"), Seg::Name(name)],
+                    item: model,
+                    check: check_as::<ModelPriceSection>,
+                });
+            }
+        }
+        out.push(Section {
+            at: vec![k("pricing")],
+            item: pricing,
+            check: check_as::<PricingSection>,
+        });
+    }
+    if let Some(item) = root.get("tiers") {
+        out.push(Section {
+            at: vec![k("tiers")],
+            item: item.clone(),
+            check: check_as::<TiersSection>,
+        });
+    }
+    match root.get("budget") {
+        Some(Item::ArrayOfTables(budgets)) => {
+            for (i, b) in budgets.iter().enumerate() {
+                out.push(Section {
+                    at: vec![k("budget"), Seg::Index(i)],
+                    item: Item::Table(b.clone()),
+                    check: check_as::<BudgetSection>,
+                });
+            }
+        }
+        Some(Item::Value(Value::Array(budgets))) => {
+            for (i, b) in budgets.iter().enumerate() {
+                out.push(Section {
+                    at: vec![k("budget"), Seg::Index(i)],
+                    item: Item::Value(b.clone()),
+                    check: check_as::<BudgetSection>,
+                });
+            }
+        }
+        Some(other) => out.push(Section {
+            at: vec![k("budget")],
+            item: other.clone(),
+            check: check_as::<Vec<BudgetSection>>,
+        }),
+        None => {}
+    }
+    out
+}
+
+/// Deserialize each section of the file on its own, and within a section report every unknown
+/// key and every value of the wrong type: after each error the key it names is dropped from the
+/// section's copy and the section is read again. A missing required key ends its section (a
+/// key dropped for its type, or misspelt as a key that was reported with "did you mean" it, is
+/// not reported missing as well).
+fn read_sections(doc: &ImDocument<&str>, text: &str, file: &str) -> Sections {
+    let mut errors = Vec::new();
+    let mut mistyped = Vec::new();
+    let mut complete = true;
+    let mut cleaned = Item::Table(doc.as_table().clone());
+    for mut section in sections(doc.as_table()) {
+        let mut dropped: Vec<Vec<Seg>> = Vec::new();
+        let mut clean = false;
+        for _ in 0..MAX_ERRORS_PER_SECTION {
+            let Ok(value) = section.item.clone().into_value() else {
+                break;
+            };
+            let Err(e) = (section.check)(value) else {
+                clean = true;
+                break;
+            };
+            let (error, path) =
+                deserialize_error_at(e.message(), e.span(), text, file, doc, &section.at);
+            let missing = e.message().trim_start().starts_with("missing field");
+            if missing && dropped.contains(&path) {
+                break;
+            }
+            let unknown = e.message().trim_start().starts_with("unknown field");
+            if let Some(meant) = error
+                .message
+                .split_once("did you mean `")
+                .and_then(|(_, rest)| rest.split_once('`'))
+                .map(|(meant, _)| meant)
+            {
+                // A misspelt required key: its absence is the same mistake.
+                let mut sibling = path.clone();
+                sibling.pop();
+                sibling.push(k(meant));
+                dropped.push(sibling);
+            }
+            errors.push(error);
+            if missing {
+                break;
+            }
+            if !unknown && !mistyped.contains(&section.at) {
+                mistyped.push(section.at.clone());
+            }
+            // The key the error is about (an array element's error drops the whole array).
+            let mut key = path;
+            while matches!(key.last(), Some(Seg::Index(_))) {
+                key.pop();
+            }
+            let Some(relative) = key.strip_prefix(section.at.as_slice()) else {
+                break;
+            };
+            if relative.is_empty() || !remove_key(&mut section.item, relative) {
+                break;
+            }
+            dropped.push(key);
+        }
+        if !clean || !replace_at(&mut cleaned, &section.at, section.item) {
+            complete = false;
+        }
+    }
+    errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    let cleaned = if complete && !errors.is_empty() {
+        // The sections were read without errors, so is their sum (else: report as before).
+        cleaned.into_value().ok().and_then(|v| {
+            use serde::de::IntoDeserializer;
+            use serde::Deserialize;
+            PolicyFile::deserialize(v.into_deserializer()).ok()
+        })
+    } else {
+        None
+    };
+    Sections {
+        errors,
+        cleaned,
+        mistyped,
+    }
+}
+
+fn get_mut<'a>(item: &'a mut Item, seg: &Seg) -> Option<&'a mut Item> {
+    match seg {
+        Seg::Key(name) | Seg::Name(name) => item.get_mut(name.as_str()),
+        Seg::Index(i) => item.get_mut(*i),
+    }
+}
+
+/// Drop the key at `path` (below `item`); false when it is not there.
+fn remove_key(item: &mut Item, path: &[Seg]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let Some(name) = seg_name(last) else {
+        return false;
+    };
+    let mut node = item;
+    for seg in parents {
+        match get_mut(node, seg) {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    node.as_table_like_mut()
+        .is_some_and(|t| t.remove(name).is_some())
+}
+
+/// Put a section's cleaned copy back at its path in the document's copy.
+fn replace_at(root: &mut Item, path: &[Seg], item: Item) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        // The top level: only the keys the other sections do not cover.
+        let (Item::Table(top), Some(root)) = (item, root.as_table_mut()) else {
+            return false;
+        };
+        let unknown: Vec<String> = root
+            .iter()
+            .map(|(key, _)| key.to_string())
+            .filter(|key| !["daemon", "pricing", "tiers", "budget"].contains(&key.as_str()))
+            .filter(|key| !top.contains_key(key))
+            .collect();
+        for key in unknown {
+            root.remove(&key);
+        }
+        return true;
+    };
+    let mut node = root;
+    for seg in parents {
+        match get_mut(node, seg) {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    let slot = match last {
+        Seg::Index(i) => node.get_mut(*i),
+        Seg::Key(name) | Seg::Name(name) => {
+            // `[pricing]` without its models: keep the models (their own sections).
+            if let (Some(existing), Item::Table(new)) = (node.get_mut(name.as_str()), &item) {
+                if let Some(models) = existing.get("models").cloned() {
+                    if !new.contains_key("models") && existing.is_table() {
+                        let mut merged = new.clone();
+                        merged.insert("models", models);
+                        *existing = Item::Table(merged);
+                        return true;
+                    }
+                }
+            }
+            node.get_mut(name.as_str())
+        }
+    };
+    match slot {
+        Some(slot) => {
+            *slot = item;
+            true
+        }
+        None => false,
     }
 }
 
@@ -280,32 +590,13 @@ fn render_path(path: &[Seg]) -> String {
                 if !out.is_empty() {
                     out.push('.');
                 }
-                let bare = !s.is_empty()
-                    && s.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-                if bare && matches!(seg, Seg::Key(_)) {
-                    out.push_str(s);
-                } else {
-                    out.push_str(&quote(s));
-                }
+                out.push_str(&match seg {
+                    Seg::Key(_) => crate::toml_text::key(s),
+                    _ => crate::toml_text::string(s),
+                });
             }
         }
     }
-    out
-}
-
-fn quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
     out
 }
 
@@ -531,17 +822,34 @@ fn search_value(v: &Value, offset: usize, path: &mut Vec<Seg>) -> bool {
     }
 }
 
-/// A serde error from `toml`: place it by its span and name the key.
+/// A serde error: place it by its span and name the key; without a span, at `section`.
 fn deserialize_error(
-    e: &toml::de::Error,
+    message: &str,
+    span: Option<Range<usize>>,
     text: &str,
     file: &str,
     doc: &ImDocument<&str>,
+    section: &[Seg],
 ) -> PolicyError {
-    let raw_message = e.message().trim().to_string();
-    let (line, mut path) = match e.span() {
+    deserialize_error_at(message, span, text, file, doc, section).0
+}
+
+/// [`deserialize_error`], and the key path it names.
+fn deserialize_error_at(
+    message: &str,
+    span: Option<Range<usize>>,
+    text: &str,
+    file: &str,
+    doc: &ImDocument<&str>,
+    section: &[Seg],
+) -> (PolicyError, Vec<Seg>) {
+    let raw_message = message.trim().to_string();
+    let (line, mut path) = match span {
         Some(r) => (Some(line_of_offset(text, r.start)), path_at(doc, r.start)),
-        None => (None, Vec::new()),
+        None => (
+            locate(doc, section).map(|off| line_of_offset(text, off)),
+            section.to_vec(),
+        ),
     };
     // "unknown field `x`, expected ..." / "missing field `x`": make sure the key is named.
     let named = ["unknown field `", "missing field `"]
@@ -575,7 +883,7 @@ fn deserialize_error(
             .replace("expected i64", "expected a whole number")
             .replace("expected f64", "expected a number")
     };
-    PolicyError {
+    let error = PolicyError {
         file: file.to_string(),
         line,
         key: if path.is_empty() {
@@ -584,7 +892,8 @@ fn deserialize_error(
             render_path(&path)
         },
         message: non_empty_message(message, "is not a valid policy file"),
-    }
+    };
+    (error, path)
 }
 
 fn non_empty_message(message: String, fallback: &str) -> String {

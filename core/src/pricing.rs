@@ -706,8 +706,14 @@ pub fn max_price(table: &PriceTable) -> ModelPrice {
 pub fn table_to_toml(table: &PriceTable) -> String {
     let mut out = String::new();
     for (name, p) in &table.models {
-        out.push_str(&format!("[pricing.models.{}]\n", toml_string(name)));
-        out.push_str(&format!("provider = {}\n", toml_string(&p.provider)));
+        out.push_str(&format!(
+            "[pricing.models.{}]\n",
+            crate::toml_text::string(name)
+        ));
+        out.push_str(&format!(
+            "provider = {}\n",
+            crate::toml_text::string(&p.provider)
+        ));
         push_usd(&mut out, "input_per_mtok", Some(p.input_per_mtok));
         push_usd(&mut out, "output_per_mtok", Some(p.output_per_mtok));
         push_usd(&mut out, "cached_input_per_mtok", p.cached_input_per_mtok);
@@ -715,12 +721,16 @@ pub fn table_to_toml(table: &PriceTable) -> String {
         if let Some(m) = p.max_output_tokens {
             out.push_str(&format!("max_output_tokens = {m}\n"));
         }
-        let caps: Vec<String> = p.capabilities.iter().map(|c| toml_string(c)).collect();
+        let caps: Vec<String> = p
+            .capabilities
+            .iter()
+            .map(|c| crate::toml_text::string(c))
+            .collect();
         out.push_str(&format!("capabilities = [{}]\n\n", caps.join(", ")));
         for t in &p.tiers {
             out.push_str(&format!(
                 "[[pricing.models.{}.tiers]]\nabove_tokens = {}\n",
-                toml_string(name),
+                crate::toml_text::string(name),
                 t.above_tokens
             ));
             push_usd(&mut out, "input_per_mtok", t.input_per_mtok);
@@ -748,25 +758,6 @@ fn push_usd(out: &mut String, key: &str, micros: Option<i64>) {
     } else {
         out.push_str(&format!("{key} = \"{text}\"\n"));
     }
-}
-
-/// A TOML basic string (also valid as a quoted key), escaped.
-fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]
@@ -1350,7 +1341,10 @@ mod tests {
         push_usd(&mut out, "b", Some(1));
         push_usd(&mut out, "c", Some(123_456_789_012_345_678));
         assert_eq!(out, "a = 2.50\nb = 0.000001\nc = \"123456789012.345678\"\n");
-        assert_eq!(toml_string("a\"b\\c\u{1}"), "\"a\\\"b\\\\c\\u0001\"");
+        assert_eq!(
+            crate::toml_text::string("a\"b\\c\u{1}"),
+            "\"a\\\"b\\\\c\\u0001\""
+        );
     }
 
     proptest! {

@@ -144,12 +144,9 @@ fn main() -> Result<(), String> {
         }
     };
     let socket = work.path().join("bursar.sock");
-    let config = bursard::config::Config::resolve(
-        Some(policy),
-        Some(socket.clone()),
-        Some(data_dir.into()),
-    )
-    .map_err(|e| e.to_string())?;
+    let config =
+        bursard::config::Config::resolve(Some(policy), Some(socket.clone()), Some(data_dir.into()))
+            .map_err(|e| e.to_string())?;
     let now = Arc::new(AtomicI64::new(START));
     let clock_now = now.clone();
     let clock: bursard::writer::Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
@@ -185,8 +182,7 @@ fn main() -> Result<(), String> {
                     (true, false) => team.calls_per_hour / 12,
                 };
                 // Research runs a batch job on some weeknights.
-                if team.name == "research" && !weekend && (1..5).contains(&hour) && day % 3 == 1
-                {
+                if team.name == "research" && !weekend && (1..5).contains(&hour) && day % 3 == 1 {
                     n += 30;
                 }
                 for _ in 0..between(&mut rng, (n / 2, n + n / 2)) {
@@ -222,7 +218,10 @@ fn main() -> Result<(), String> {
             if a["ok"] != true {
                 return Err(format!("reserve: {a}"));
             }
-            now.store(*at + 1_000_000 + (rng.below(20_000_000) as i64), Ordering::SeqCst);
+            now.store(
+                *at + 1_000_000 + (rng.below(20_000_000) as i64),
+                Ordering::SeqCst,
+            );
             let c = conn.call(&serde_json::json!({
                 "op": "commit", "reservation_id": rid, "event_id": format!("e-{i}"),
                 "usage": {"input_tokens": input, "output_tokens": output}

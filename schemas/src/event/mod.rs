@@ -39,39 +39,13 @@ pub const MAX_RECORD_ENVELOPES: u64 = 1 << 20;
 pub struct Hash32(pub [u8; 32]);
 
 impl Hash32 {
-    /// Lower-case hex.
+    /// Lower-case hex (blake3's encoder).
     pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push(char::from(HEX[usize::from(b >> 4)]));
-            s.push(char::from(HEX[usize::from(b & 15)]));
-        }
-        s
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
     }
-    /// Parse lower- or upper-case hex.
+    /// Parse lower- or upper-case hex (blake3's decoder).
     pub fn from_hex(s: &str) -> Option<Self> {
-        let bytes = s.as_bytes();
-        if bytes.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, pair) in bytes.chunks(2).enumerate() {
-            let hi = hex_val(*pair.first()?)?;
-            let lo = hex_val(*pair.get(1)?)?;
-            *out.get_mut(i)? = (hi << 4) | lo;
-        }
-        Some(Self(out))
-    }
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
+        blake3::Hash::from_hex(s).ok().map(|h| Self(*h.as_bytes()))
     }
 }
 
@@ -878,6 +852,8 @@ mod tests {
         let h = Hash32([0xab; 32]);
         assert_eq!(Hash32::from_hex(&h.to_hex()), Some(h));
         assert_eq!(Hash32::from_hex("zz"), None);
+        assert_eq!(Hash32::from_hex(&"AB".repeat(32)), Some(h));
+        assert_eq!(Hash32::from_hex(&"ag".repeat(32)), None);
         let json = serde_json::to_string(&h).unwrap();
         assert_eq!(json, format!("\"{}\"", "ab".repeat(32)));
     }
