@@ -326,6 +326,15 @@ fn time_reports(ledger: &bursar_core::ledger::Ledger) -> Vec<(String, f64, u64)>
             Some("Europe/Paris"),
         ),
     ]
+    .into_iter()
+    .map(|(what, secs, rows)| {
+        (
+            format!("{what}, {} rollup cells", ledger.rollup_cells()),
+            secs,
+            rows,
+        )
+    })
+    .collect()
 }
 
 /// Open the log and fold it completely (no snapshot), as the daemon does at start; also time

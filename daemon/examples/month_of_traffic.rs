@@ -24,7 +24,7 @@ id = "team-daily"
 group_by = ["team"]
 window = "calendar"
 calendar = "day"
-max_usd = 40
+max_usd = 20
 warn_at = 0.8
 
 [[budget]]

@@ -89,7 +89,13 @@ struct MatchEntry {
     /// Buckets at the start of `data`.
     refs: u32,
     data: Box<[u64]>,
+    /// The id of this label set in the report rollups, once known ([`NO_ROLLUP_SET`] before):
+    /// the rollups find a usage event's set without hashing its labels again.
+    rollup_set: u32,
 }
+
+/// [`MatchEntry::rollup_set`] not looked up yet.
+const NO_ROLLUP_SET: u32 = u32::MAX;
 
 impl MatchEntry {
     fn new(hash: u64, packed: &Packed<'_>, refs: Vec<MatchRef>) -> MatchEntry {
@@ -101,6 +107,7 @@ impl MatchEntry {
             packed_len: u32::try_from(packed.len).unwrap_or(u32::MAX),
             refs: u32::try_from(n).unwrap_or(u32::MAX),
             data: data.into_boxed_slice(),
+            rollup_set: NO_ROLLUP_SET,
         }
     }
 
@@ -118,9 +125,18 @@ impl MatchEntry {
         self.data.get(..self.refs as usize).unwrap_or_default()
     }
 
+    #[cfg(test)]
     fn refs_mut(&mut self) -> &mut [MatchRef] {
         let n = self.refs as usize;
         self.data.get_mut(..n).unwrap_or_default()
+    }
+
+    fn refs_and_rollup_mut(&mut self) -> (&mut [MatchRef], &mut u32) {
+        let n = self.refs as usize;
+        (
+            self.data.get_mut(..n).unwrap_or_default(),
+            &mut self.rollup_set,
+        )
     }
 }
 
@@ -249,24 +265,39 @@ impl MatchCache {
 
     /// The buckets of `labels` if remembered, moving an old entry up; else `compute`'s,
     /// remembered.
+    #[cfg(test)]
     fn get_or_insert(
         &mut self,
         labels: &Labels,
         entries: usize,
         compute: impl FnOnce() -> Vec<MatchRef>,
     ) -> &mut [MatchRef] {
+        match self.entry(labels, entries, compute) {
+            Some(e) => e.refs_mut(),
+            None => &mut [],
+        }
+    }
+
+    /// The entry of `labels` if remembered, moving an old entry up; else a new one with
+    /// `compute`'s buckets. `None` cannot happen (an entry just found or inserted is there).
+    fn entry(
+        &mut self,
+        labels: &Labels,
+        entries: usize,
+        compute: impl FnOnce() -> Vec<MatchRef>,
+    ) -> Option<&mut MatchEntry> {
         with_packed(labels, |packed, hash| {
-            self.get_or_insert_packed(packed, hash, entries, compute)
+            self.entry_packed(packed, hash, entries, compute)
         })
     }
 
-    fn get_or_insert_packed(
+    fn entry_packed(
         &mut self,
         packed: &Packed<'_>,
         hash: u64,
         entries: usize,
         compute: impl FnOnce() -> Vec<MatchRef>,
-    ) -> &mut [MatchRef] {
+    ) -> Option<&mut MatchEntry> {
         let is = |e: &MatchEntry| e.is(hash, packed);
         if self.new.find(hash, is).is_none() {
             let old = self.old.find_entry(hash, is).ok().map(|e| e.remove().0);
@@ -279,16 +310,9 @@ impl MatchCache {
                 std::mem::swap(&mut self.old, &mut self.new);
                 self.new.clear();
             }
-            return self
-                .new
-                .insert_unique(hash, entry, |e| e.hash)
-                .into_mut()
-                .refs_mut();
+            return Some(self.new.insert_unique(hash, entry, |e| e.hash).into_mut());
         }
-        match self.new.find_mut(hash, is) {
-            Some(e) => e.refs_mut(),
-            None => &mut [],
-        }
+        self.new.find_mut(hash, is)
     }
 
     fn clear(&mut self) {
@@ -760,6 +784,11 @@ impl Ledger {
         self.last_ts
     }
 
+    /// Cells of the report rollups (15-minute slots × label sets seen in them).
+    pub fn rollup_cells(&self) -> usize {
+        self.rollups.len()
+    }
+
     /// Version of the policy in force (0 before the first `policy_applied`).
     pub fn policy_version(&self) -> u64 {
         self.policy_version
@@ -856,6 +885,7 @@ impl Ledger {
         &mut self,
         labels: &Labels,
         ts: TsMicros,
+        rollup: Option<&rollup::Cell>,
         mut f: impl FnMut(usize, &Limits, u32, &str, &mut Bucket, bool),
     ) {
         let Some(policy) = &self.policy else {
@@ -864,9 +894,20 @@ impl Ledger {
         let max_keys = policy.max_keys_per_budget;
         let budgets = &mut self.budgets;
         let mut swept = false;
-        let refs = self.matches.get_or_insert(labels, MATCH_CACHE_ENTRIES, || {
+        let Some(entry) = self.matches.entry(labels, MATCH_CACHE_ENTRIES, || {
             match_labels(policy, budgets, labels)
-        });
+        }) else {
+            debug_assert!(false, "a match cache entry just found or made is missing");
+            return;
+        };
+        let (refs, rollup_set) = entry.refs_and_rollup_mut();
+        if let Some(cell) = rollup {
+            // The report rollups (SPEC §11): the set found once per cached label set.
+            if *rollup_set == NO_ROLLUP_SET {
+                *rollup_set = self.rollups.set_of(labels, &policy.report_exclude_labels);
+            }
+            self.rollups.add_to(ts, *rollup_set, cell);
+        }
         for r in refs.iter_mut() {
             let i = ref_budget(*r);
             let (Some(limits), Some(state)) = (self.limits.get(i), budgets.get_mut(i)) else {
@@ -915,7 +956,7 @@ impl Ledger {
     ) -> Vec<(usize, String)> {
         let mut refs = Vec::new();
         // The key of the bucket used: the overflow bucket's for an overflowing key.
-        self.for_each_matching(labels, ts, |i, limits, _, key, bucket, _| {
+        self.for_each_matching(labels, ts, None, |i, limits, _, key, bucket, _| {
             if placed {
                 bucket.enter_window(&limits.window, ts);
             }
@@ -933,10 +974,11 @@ impl Ledger {
         ts: TsMicros,
         amounts: Amounts,
         mut decided: Option<&mut UsageDecision>,
+        rollup: &rollup::Cell,
     ) {
         // The buckets are judged in a second pass (`decide_usage_lines`), once the whole event
         // is folded: this loop stays short, so the cache misses of its buckets overlap.
-        self.for_each_matching(labels, ts, |i, limits, slot, _, bucket, _| {
+        self.for_each_matching(labels, ts, Some(rollup), |i, limits, slot, _, bucket, _| {
             bucket.add_spent_in(&limits.window, limits.rolling, ts, amounts);
             if let Some(d) = decided.as_deref_mut() {
                 d.lines.push(UsageLine {
@@ -1046,11 +1088,8 @@ impl Ledger {
                     d.cost_micros = cost;
                     d.priced_at_max = at_max;
                 }
-                if let Some(p) = &self.policy {
-                    self.rollups
-                        .add_usage(ts, &u.labels, &p.report_exclude_labels, cost, &u.usage);
-                }
-                self.spend_in_matching(&u.labels, ts, amounts, decided.as_deref_mut());
+                let counted = rollup::Cell::of_usage(cost, &u.usage);
+                self.spend_in_matching(&u.labels, ts, amounts, decided.as_deref_mut(), &counted);
                 if u.reservation == ReservationLink::Known {
                     if let Some(rid) = &u.reservation_id {
                         let how = EndKind::Committed(u.event_id.clone());

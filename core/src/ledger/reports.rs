@@ -6,7 +6,7 @@ use super::Ledger;
 use bursar_schemas::policy::CalendarUnit;
 use bursar_schemas::wire::{ReportAnswer, ReportRequest, ReportRow, WireError, REPORT_MAX_ROWS};
 use bursar_schemas::TsMicros;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 /// A report's period unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,41 +102,80 @@ impl Ledger {
         // Slots are 15 minutes: `since` counts the slot it falls in, `until` the slots that
         // start before it.
         let first_slot = since.div_euclid(1_000_000).div_euclid(SLOT_SECONDS) * SLOT_SECONDS;
-        let mut periods: HashMap<i64, TsMicros> = HashMap::new();
-        let mut rows: BTreeMap<(TsMicros, Vec<Option<String>>), Cell> = BTreeMap::new();
-        for (slot, labels, cell) in self.rollups.cells() {
+        // Per label set, once: its group (an id into `groups`), or `None` when `labels`
+        // leaves it out. A report then costs one lookup and one addition per cell.
+        let mut groups: Vec<Vec<Option<String>>> = Vec::new();
+        let mut group_ids: HashMap<Vec<Option<String>>, u32> = HashMap::new();
+        let set_group: Vec<Option<u32>> = self
+            .rollups
+            .sets()
+            .iter()
+            .map(|labels| {
+                if let Some(want) = &req.labels {
+                    if !want.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                        return None;
+                    }
+                }
+                let group: Vec<Option<String>> = req
+                    .group_by
+                    .iter()
+                    .map(|k| labels.get(k).cloned())
+                    .collect();
+                let next = u32::try_from(groups.len()).unwrap_or(u32::MAX);
+                let id = *group_ids.entry(group.clone()).or_insert_with(|| {
+                    groups.push(group);
+                    next
+                });
+                Some(id)
+            })
+            .collect();
+        let mut periods: HashMap<i64, TsMicros, rustc_hash::FxBuildHasher> = HashMap::default();
+        let mut sums: HashMap<(TsMicros, u32), Cell, rustc_hash::FxBuildHasher> =
+            HashMap::default();
+        for (slot, set, cell) in self.rollups.cells_by_set() {
+            let Some(&Some(group)) = set_group.get(set as usize) else {
+                continue;
+            };
             let slot_ts = slot.saturating_mul(1_000_000);
             if slot < first_slot || slot_ts >= until {
                 continue;
             }
-            if let Some(want) = &req.labels {
-                if !want.iter().all(|(k, v)| labels.get(k) == Some(v)) {
-                    continue;
-                }
-            }
             let start = *periods
                 .entry(slot)
                 .or_insert_with(|| period_start(every, tz, &zone, slot_ts));
-            let group: Vec<Option<String>> = req
-                .group_by
-                .iter()
-                .map(|k| labels.get(k).cloned())
-                .collect();
-            rows.entry((start, group)).or_default().add(cell);
+            sums.entry((start, group)).or_default().add(cell);
         }
-        let total_rows = rows.len() as u64;
-        let rows: Vec<ReportRow> = rows
+        // Rows by period, then by group values.
+        let mut order: Vec<u32> = (0..u32::try_from(groups.len()).unwrap_or(u32::MAX)).collect();
+        order.sort_by(|a, b| groups.get(*a as usize).cmp(&groups.get(*b as usize)));
+        let mut rank = vec![0u32; groups.len()];
+        for (r, g) in order.iter().enumerate() {
+            if let Some(slot) = rank.get_mut(*g as usize) {
+                *slot = u32::try_from(r).unwrap_or(u32::MAX);
+            }
+        }
+        let mut keys: Vec<(TsMicros, u32, u32)> = sums
+            .keys()
+            .map(|&(start, g)| (start, rank.get(g as usize).copied().unwrap_or(0), g))
+            .collect();
+        keys.sort_unstable();
+        let total_rows = keys.len() as u64;
+        let rows: Vec<ReportRow> = keys
             .into_iter()
             .take(REPORT_MAX_ROWS)
-            .map(|((start, values), c)| ReportRow {
-                period_start: period_text(tz, start),
-                group: req.group_by.iter().cloned().zip(values).collect(),
-                cost_micros: c.cost_micros,
-                input_tokens: c.input_tokens,
-                cached_input_tokens: c.cached_input_tokens,
-                output_tokens: c.output_tokens,
-                requests: c.requests,
-                denied: c.denied,
+            .filter_map(|(start, _, g)| {
+                let c = sums.get(&(start, g))?;
+                let values = groups.get(g as usize)?;
+                Some(ReportRow {
+                    period_start: period_text(tz, start),
+                    group: req.group_by.iter().cloned().zip(values.clone()).collect(),
+                    cost_micros: c.cost_micros,
+                    input_tokens: c.input_tokens,
+                    cached_input_tokens: c.cached_input_tokens,
+                    output_tokens: c.output_tokens,
+                    requests: c.requests,
+                    denied: c.denied,
+                })
             })
             .collect();
         Ok(ReportAnswer {

@@ -33,6 +33,18 @@ pub struct Cell {
 }
 
 impl Cell {
+    /// What a usage event costing `cost` adds.
+    pub fn of_usage(cost: Micros, usage: &Usage) -> Cell {
+        Cell {
+            cost_micros: cost,
+            input_tokens: usage.input_tokens,
+            cached_input_tokens: usage.cached_input_tokens,
+            output_tokens: usage.output_tokens,
+            requests: usage.requests,
+            denied: 0,
+        }
+    }
+
     /// Add `o` into `self`.
     pub fn add(&mut self, o: &Cell) {
         self.cost_micros = self.cost_micros.saturating_add(o.cost_micros);
@@ -171,7 +183,7 @@ impl Rollups {
     }
 
     /// The id of `labels` without `exclude`, interned when new.
-    fn set_of(&mut self, labels: &Labels, exclude: &[String]) -> u32 {
+    pub(crate) fn set_of(&mut self, labels: &Labels, exclude: &[String]) -> u32 {
         let kept = labels.iter().filter(|(k, _)| !exclude.contains(k));
         if let Some(id) = self.find(kept.clone()) {
             return id;
@@ -187,25 +199,9 @@ impl Rollups {
         id
     }
 
-    /// Count a usage event at `ts` costing `cost`.
-    pub fn add_usage(
-        &mut self,
-        ts: TsMicros,
-        labels: &Labels,
-        exclude: &[String],
-        cost: Micros,
-        usage: &Usage,
-    ) {
-        let id = self.set_of(labels, exclude);
-        let cell = self.cells.entry((slot_of(ts), id)).or_default();
-        cell.add(&Cell {
-            cost_micros: cost,
-            input_tokens: usage.input_tokens,
-            cached_input_tokens: usage.cached_input_tokens,
-            output_tokens: usage.output_tokens,
-            requests: usage.requests,
-            denied: 0,
-        });
+    /// Add `cell` to the slot of `ts` of the set `set` (an id [`Rollups::set_of`] gave).
+    pub(crate) fn add_to(&mut self, ts: TsMicros, set: u32, cell: &Cell) {
+        self.cells.entry((slot_of(ts), set)).or_default().add(cell);
     }
 
     /// Count a denied reservation at `ts`.
@@ -220,6 +216,19 @@ impl Rollups {
         self.cells
             .iter()
             .filter_map(|((slot, id), cell)| self.sets.get(*id as usize).map(|l| (*slot, l, cell)))
+    }
+
+    /// The label sets, by id.
+    pub fn sets(&self) -> &[Labels] {
+        &self.sets
+    }
+
+    /// Every cell with its slot (Unix seconds) and the id of its label set ([`Rollups::sets`]),
+    /// in no particular order.
+    pub fn cells_by_set(&self) -> impl Iterator<Item = (i64, u32, &Cell)> + '_ {
+        self.cells
+            .iter()
+            .map(|((slot, id), cell)| (*slot, *id, cell))
     }
 
     /// Number of cells.
