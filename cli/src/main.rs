@@ -386,8 +386,12 @@ struct ReportArgs {
 struct ReplayArgs {
     /// New prices: a TOML file with a [pricing] section (as in bursar.toml), or a LiteLLM
     /// JSON price file. Merged over the prices in force.
-    #[arg(long, value_name = "FILE")]
-    pricing: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "policy")]
+    pricing: Option<PathBuf>,
+    /// What-if: what this bursar.toml would have denied, exhausted and peaked at, had it been
+    /// in force (changes nothing; `bursar reload` applies a policy).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["pricing", "apply"])]
+    policy: Option<PathBuf>,
     /// The new prices apply to events at or after this time (RFC 3339, or a duration before
     /// now such as `7days`; default: all).
     #[arg(long, value_name = "TIME")]
@@ -1345,7 +1349,15 @@ fn read_pricing_file(path: &Path) -> Res<PricingSection> {
 
 fn replay(source: &Source, a: &ReplayArgs, json: bool, out: &mut dyn Write) -> Res<u8> {
     let since = time_flag("since", &a.since)?;
-    let pricing = read_pricing_file(&a.pricing)?;
+    if let Some(file) = &a.policy {
+        return what_if(source, file, since, json, out);
+    }
+    let Some(pricing_file) = &a.pricing else {
+        return Err(msg(
+            "replay needs --pricing FILE (new prices) or --policy FILE (a what-if)",
+        ));
+    };
+    let pricing = read_pricing_file(pricing_file)?;
     let (answer, offline) = match source {
         Source::Offline(dir) => {
             if a.apply {
@@ -1376,6 +1388,48 @@ fn replay(source: &Source, a: &ReplayArgs, json: bool, out: &mut dyn Write) -> R
         out,
         "{}",
         render::replay_answer(&a2, since.as_deref(), offline, &units)
+    )?;
+    Ok(0)
+}
+
+/// `replay --policy FILE`: the what-if of SPEC §11, as tables.
+fn what_if(
+    source: &Source,
+    file: &Path,
+    since: Option<String>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Res<u8> {
+    let answer = match source {
+        Source::Offline(dir) => {
+            let loaded = bursard::config::load_policy_file(file).map_err(|e| msg(e.to_string()))?;
+            let a = open_offline(dir)?.what_if(&loaded.resolved, since.as_deref())?;
+            serde_json::to_value(&a).unwrap_or(Value::Null)
+        }
+        Source::Daemon(path) => {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                msg(format!(
+                    "cannot read {}: {}",
+                    file.display(),
+                    bursar_cli::os_message(&e)
+                ))
+            })?;
+            Client::connect(path)?.call_raw(&Request::Replay(ReplayRequest {
+                pricing: Default::default(),
+                policy: Some(text),
+                since: since.clone(),
+                apply: false,
+            }))?
+        }
+    };
+    if json {
+        return json_line(out, &answer);
+    }
+    let a: bursar_schemas::wire::WhatIfAnswer = bursar_cli::decode_answer(answer)?;
+    write!(
+        out,
+        "{}",
+        render::what_if_answer(&a, &file.display().to_string(), since.as_deref())
     )?;
     Ok(0)
 }

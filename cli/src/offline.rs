@@ -233,6 +233,22 @@ impl Offline {
         .map_err(|e| OfflineError::Log(e.to_string()))?;
         Ok(outcome.answer)
     }
+
+    /// A what-if `replay`: the log's requests decided again under `policy` from `since`.
+    pub fn what_if(
+        &mut self,
+        policy: &bursar_schemas::policy::ResolvedPolicy,
+        since: Option<&str>,
+    ) -> Result<bursar_schemas::wire::WhatIfAnswer, OfflineError> {
+        let since = match since {
+            Some(s) => parse_ts(s).ok_or_else(|| {
+                OfflineError::Invalid(format!("--since: {s:?} is not an RFC 3339 time"))
+            })?,
+            None => i64::MIN,
+        };
+        ledger::what_if(|| self.store.read_from(1), policy, since)
+            .map_err(|e| OfflineError::Log(e.to_string()))
+    }
 }
 
 /// The `since` / `until` / `labels` filter of `export`, as the daemon applies it.

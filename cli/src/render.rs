@@ -668,3 +668,101 @@ mod tests {
         assert_eq!(duration(3 * 86_400 + 4 * 3600), "3d04h");
     }
 }
+
+/// A what-if `replay` (SPEC §11) as tables: the reservations the policy would have denied, the
+/// buckets it would have exhausted, each budget's peak.
+pub fn what_if_answer(
+    a: &bursar_schemas::wire::WhatIfAnswer,
+    policy: &str,
+    since: Option<&str>,
+) -> String {
+    let mut out = String::new();
+    let from = since
+        .map(|s| format!("since {s}"))
+        .unwrap_or_else(|| "over the whole log".into());
+    out.push_str(&format!(
+        "what-if under {policy}, {from}: {} events read, {} reservations decided again\n",
+        a.events, a.reservations
+    ));
+    if a.denied_total == 0 {
+        out.push_str("\nno reservation granted in the log would have been denied\n");
+    } else {
+        out.push_str(&format!(
+            "\nWOULD HAVE DENIED: {} reservations, holding {}\n",
+            a.denied_total,
+            usd(a.denied_hold_micros)
+        ));
+        let mut t = Table::new(&[
+            ">SEQ",
+            "TIME",
+            "RESERVATION",
+            "MODEL",
+            ">HOLD",
+            "BUDGET",
+            "SCOPE",
+            "LABELS",
+        ]);
+        for d in &a.denied {
+            t.row(vec![
+                d.seq.to_string(),
+                d.ts.clone(),
+                d.reservation_id.clone(),
+                d.model.clone(),
+                usd(d.hold_micros),
+                d.budget.clone().unwrap_or_else(|| d.reason.clone()),
+                d.key.clone().unwrap_or_default(),
+                client_labels(&d.labels),
+            ]);
+        }
+        out.push_str(&t.render());
+        if (a.denied.len() as u64) < a.denied_total {
+            out.push_str(&format!(
+                "(showing the first {} of {}; --json has them as data)\n",
+                a.denied.len(),
+                a.denied_total
+            ));
+        }
+        if a.usage_left_out > 0 {
+            out.push_str(&format!(
+                "usage committed against them, left out (the calls would not have been made): {} \
+                 events, {}\n",
+                a.usage_left_out,
+                usd(a.usage_left_out_micros)
+            ));
+        }
+    }
+    if a.exhausted.is_empty() {
+        out.push_str("\nno bucket would have been exhausted\n");
+    } else {
+        out.push_str("\nWOULD HAVE BEEN EXHAUSTED\n");
+        let mut t = Table::new(&["BUDGET", "SCOPE", "AT", "WINDOW FROM"]);
+        for x in &a.exhausted {
+            t.row(vec![
+                x.budget.clone(),
+                x.key.clone(),
+                x.at.clone(),
+                x.window_start.clone(),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    if !a.peaks.is_empty() {
+        out.push_str("\nPEAK UTILIZATION\n");
+        let mut t = Table::new(&["BUDGET", "SCOPE", ">PEAK", "AT"]);
+        for p in &a.peaks {
+            t.row(vec![
+                p.budget.clone(),
+                if p.key.is_empty() {
+                    "(all)".into()
+                } else {
+                    p.key.clone()
+                },
+                format!("{:.0}%", p.utilization * 100.0),
+                p.at.clone(),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    out.push_str("\nwhat-if: nothing was changed; `bursar reload` applies a policy\n");
+    out
+}

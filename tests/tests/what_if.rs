@@ -85,6 +85,36 @@ fn a_stricter_policy_lists_the_reservations_it_would_have_denied_and_changes_not
     // Nothing changed: same buckets, same log.
     assert_eq!(c.call(json!({"op":"status"})), status_before);
     assert_eq!(c.call(json!({"op":"verify"})), verify_before);
+
+    // The CLI shows it as tables, from the daemon and offline.
+    let file = d.dir.path().join("stricter.toml");
+    std::fs::write(&file, STRICTER).unwrap();
+    let shown = d
+        .cli(&["replay", "--policy", file.to_str().unwrap()])
+        .ok()
+        .stdout;
+    for text in [
+        "WOULD HAVE DENIED: 2 reservations, holding $0.70",
+        "r-2",
+        "r-3",
+        "session=s-1",
+        "left out (the calls would not have been made): 2 events, $0.60",
+        "no bucket would have been exhausted",
+        "PEAK UTILIZATION",
+        "70%",
+        "nothing was changed",
+    ] {
+        assert!(shown.contains(text), "{text:?} in:\n{shown}");
+    }
+    let refused = d.cli(&["replay", "--policy", file.to_str().unwrap(), "--apply"]);
+    assert_ne!(refused.code, Some(0), "a what-if never applies");
+    let mut d = d;
+    d.terminate();
+    let offline = d
+        .offline(&["--json", "replay", "--policy", file.to_str().unwrap()])
+        .ok()
+        .json();
+    assert_eq!(offline["denied_total"], 2, "{offline}");
 }
 
 #[test]
