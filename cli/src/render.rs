@@ -601,74 +601,6 @@ pub fn now_micros() -> TsMicros {
         .unwrap_or(0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn money_is_exact() {
-        assert_eq!(usd(3500), "$0.0035");
-        assert_eq!(usd(50_000_000), "$50.00");
-        assert_eq!(usd(-1), "-$0.000001");
-        assert_eq!(usd_delta(1), "+$0.000001");
-        assert_eq!(usd_delta(0), "$0.00");
-    }
-
-    #[test]
-    fn bars() {
-        assert_eq!(bar(0.0), "[--------------------]   0%");
-        assert_eq!(bar(0.5), "[##########----------]  50%");
-        assert_eq!(bar(1.5), "[####################] 150%");
-        assert_eq!(bar(0.98), "[###################-]  98%");
-        assert_eq!(bar(1.0), "[####################] 100%");
-    }
-
-    #[test]
-    fn a_rolling_window_slides_rather_than_resetting() {
-        let b: BudgetReport = serde_json::from_value(serde_json::json!({
-            "budget": "rpm", "key": "", "spent_micros": 0, "held_micros": 0,
-            "spent_tokens": 0, "held_tokens": 0, "limit_requests": 60, "spent_requests": 3,
-            "remaining_requests": 57, "live_holds": 0, "utilization": 0.05, "state": "ok",
-            "enforce": "deny", "window": "rolling", "window_end": "2026-12-03T10:00:00.5Z"
-        }))
-        .unwrap();
-        let now = parse_ts("2026-12-03T10:00:00Z").unwrap();
-        let table = budgets_table(&[b], now);
-        assert!(table.contains("rolling (slides)"), "{table}");
-        assert!(!table.contains("<1s"), "{table}");
-    }
-
-    #[test]
-    fn wide_characters_take_two_columns() {
-        let mut t = Table::new(&["SCOPE", ">N"]);
-        t.row(vec!["team=検索チーム".into(), "1".into()]);
-        t.row(vec!["team=search".into(), "100".into()]);
-        // `team=検索チーム` is 15 columns wide (five wide characters); every line ends in column 20.
-        let text = t.render();
-        let ends: Vec<usize> = text
-            .lines()
-            .map(unicode_width::UnicodeWidthStr::width)
-            .collect();
-        assert_eq!(ends, vec![20, 20, 20], "{text}");
-    }
-
-    #[test]
-    fn tables_align() {
-        let mut t = Table::new(&["A", ">N"]);
-        t.row(vec!["xyz".into(), "1".into()]);
-        t.row(vec!["q".into(), "100".into()]);
-        assert_eq!(t.render(), "A      N\nxyz    1\nq    100\n");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(duration(5), "5s");
-        assert_eq!(duration(485), "8m05s");
-        assert_eq!(duration(8 * 3600 + 16 * 60), "8h16m");
-        assert_eq!(duration(3 * 86_400 + 4 * 3600), "3d04h");
-    }
-}
-
 /// A what-if `replay` (SPEC §11) as tables: the reservations the policy would have denied, the
 /// buckets it would have exhausted, each budget's peak.
 pub fn what_if_answer(
@@ -765,4 +697,72 @@ pub fn what_if_answer(
     }
     out.push_str("\nwhat-if: nothing was changed; `bursar reload` applies a policy\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_is_exact() {
+        assert_eq!(usd(3500), "$0.0035");
+        assert_eq!(usd(50_000_000), "$50.00");
+        assert_eq!(usd(-1), "-$0.000001");
+        assert_eq!(usd_delta(1), "+$0.000001");
+        assert_eq!(usd_delta(0), "$0.00");
+    }
+
+    #[test]
+    fn bars() {
+        assert_eq!(bar(0.0), "[--------------------]   0%");
+        assert_eq!(bar(0.5), "[##########----------]  50%");
+        assert_eq!(bar(1.5), "[####################] 150%");
+        assert_eq!(bar(0.98), "[###################-]  98%");
+        assert_eq!(bar(1.0), "[####################] 100%");
+    }
+
+    #[test]
+    fn a_rolling_window_slides_rather_than_resetting() {
+        let b: BudgetReport = serde_json::from_value(serde_json::json!({
+            "budget": "rpm", "key": "", "spent_micros": 0, "held_micros": 0,
+            "spent_tokens": 0, "held_tokens": 0, "limit_requests": 60, "spent_requests": 3,
+            "remaining_requests": 57, "live_holds": 0, "utilization": 0.05, "state": "ok",
+            "enforce": "deny", "window": "rolling", "window_end": "2026-12-03T10:00:00.5Z"
+        }))
+        .unwrap();
+        let now = parse_ts("2026-12-03T10:00:00Z").unwrap();
+        let table = budgets_table(&[b], now);
+        assert!(table.contains("rolling (slides)"), "{table}");
+        assert!(!table.contains("<1s"), "{table}");
+    }
+
+    #[test]
+    fn wide_characters_take_two_columns() {
+        let mut t = Table::new(&["SCOPE", ">N"]);
+        t.row(vec!["team=検索チーム".into(), "1".into()]);
+        t.row(vec!["team=search".into(), "100".into()]);
+        // `team=検索チーム` is 15 columns wide (five wide characters); every line ends in column 20.
+        let text = t.render();
+        let ends: Vec<usize> = text
+            .lines()
+            .map(unicode_width::UnicodeWidthStr::width)
+            .collect();
+        assert_eq!(ends, vec![20, 20, 20], "{text}");
+    }
+
+    #[test]
+    fn tables_align() {
+        let mut t = Table::new(&["A", ">N"]);
+        t.row(vec!["xyz".into(), "1".into()]);
+        t.row(vec!["q".into(), "100".into()]);
+        assert_eq!(t.render(), "A      N\nxyz    1\nq    100\n");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration(5), "5s");
+        assert_eq!(duration(485), "8m05s");
+        assert_eq!(duration(8 * 3600 + 16 * 60), "8h16m");
+        assert_eq!(duration(3 * 86_400 + 4 * 3600), "3d04h");
+    }
 }
