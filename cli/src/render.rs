@@ -89,36 +89,29 @@ impl Table {
         self.rows.is_empty()
     }
 
-    /// The table as text, one line per row, each ending in a newline.
+    /// The table as text, one line per row, each ending in a newline: `comfy-table` lays it
+    /// out by display width (a CJK character takes two columns) with its border-less preset,
+    /// columns two spaces apart, trailing spaces trimmed.
     pub fn render(&self) -> String {
+        use comfy_table::{CellAlignment, ContentArrangement};
         let n = self.header.len();
-        // Display width (a CJK character takes two columns), not chars.
-        let width = |s: &str| unicode_width::UnicodeWidthStr::width(s);
-        let mut widths: Vec<usize> = self.header.iter().map(|h| width(h)).collect();
+        let mut t = comfy_table::Table::new();
+        t.load_preset(comfy_table::presets::NOTHING)
+            .set_content_arrangement(ContentArrangement::Disabled)
+            .set_header(self.header.iter().map(String::as_str));
         for r in &self.rows {
-            for (i, c) in r.iter().enumerate().take(n) {
-                widths[i] = widths[i].max(width(c));
+            t.add_row((0..n).map(|i| r.get(i).map(String::as_str).unwrap_or("")));
+        }
+        for (i, right) in self.right.iter().enumerate() {
+            if let Some(c) = t.column_mut(i) {
+                c.set_padding((u16::from(i > 0), u16::from(i + 1 < n)));
+                if *right {
+                    c.set_cell_alignment(CellAlignment::Right);
+                }
             }
         }
         let mut out = String::new();
-        for r in std::iter::once(&self.header).chain(self.rows.iter()) {
-            let mut line = String::new();
-            for (i, w) in widths.iter().enumerate() {
-                let cell = r.get(i).map(String::as_str).unwrap_or("");
-                let pad = w.saturating_sub(width(cell));
-                if i > 0 {
-                    line.push_str("  ");
-                }
-                if self.right.get(i) == Some(&true) {
-                    line.push_str(&" ".repeat(pad));
-                    line.push_str(cell);
-                } else {
-                    line.push_str(cell);
-                    if i + 1 < n {
-                        line.push_str(&" ".repeat(pad));
-                    }
-                }
-            }
+        for line in t.lines() {
             out.push_str(line.trim_end());
             out.push('\n');
         }
