@@ -10,6 +10,7 @@
 use bursar_schemas::wire::Usage;
 use bursar_schemas::{Labels, Micros, TsMicros};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Length of a rollup slot.
 pub const SLOT_SECONDS: i64 = 900;
@@ -60,15 +61,26 @@ impl Cell {
 
 /// The rollups: interned label sets and the cells of each slot.
 ///
-/// Serialised as the sets and the cells sorted by (slot, set), so that equal rollups encode
+/// Events come in time order (every `ts` is the daemon's, never earlier than the one before),
+/// so a slot's cells stop changing once an event of a later slot comes: they are then
+/// **sealed** into an immutable array shared by every clone. Only the newest slot's cells are
+/// a map. Cloning the rollups (which the writer does for every snapshot) thus copies a list of
+/// pointers and one slot, not months of cells, and folding an event touches one small map.
+///
+/// Serialised as the sets and every cell sorted by (slot, set), so that equal rollups encode
 /// equally; the lookup tables are rebuilt when read back.
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(from = "RollupData", into = "RollupData")]
 pub struct Rollups {
-    sets: Vec<Labels>,
+    sets: Vec<Arc<Labels>>,
     /// Set ids by the hash of their labels.
     index: hashbrown::HashTable<u32>,
-    cells: hashbrown::HashMap<(i64, u32), Cell, rustc_hash::FxBuildHasher>,
+    /// Cells of slots that are over, each array sorted by (slot, set).
+    sealed: Vec<Arc<[(i64, u32, Cell)]>>,
+    /// The newest slot (when `open` has cells).
+    open_slot: i64,
+    /// Its cells, by set.
+    open: hashbrown::HashMap<u32, Cell, rustc_hash::FxBuildHasher>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -79,7 +91,7 @@ struct RollupData {
 
 impl From<RollupData> for Rollups {
     fn from(d: RollupData) -> Rollups {
-        let sets = d.sets;
+        let sets: Vec<Arc<Labels>> = d.sets.into_iter().map(Arc::new).collect();
         let mut index = hashbrown::HashTable::with_capacity(sets.len());
         for (id, labels) in sets.iter().enumerate() {
             let id = u32::try_from(id).unwrap_or(u32::MAX);
@@ -88,24 +100,43 @@ impl From<RollupData> for Rollups {
             });
         }
         let n = sets.len();
-        let mut cells =
-            hashbrown::HashMap::with_capacity_and_hasher(d.cells.len(), rustc_hash::FxBuildHasher);
-        for (slot, set, cell) in d.cells {
-            if (set as usize) < n {
-                cells.insert((slot, set), cell);
-            }
+        let cells: Vec<(i64, u32, Cell)> = d
+            .cells
+            .into_iter()
+            .filter(|(_, set, _)| (*set as usize) < n)
+            .collect();
+        Rollups {
+            sets,
+            index,
+            sealed: if cells.is_empty() {
+                Vec::new()
+            } else {
+                vec![Arc::from(merged(cells))]
+            },
+            open_slot: i64::MIN,
+            open: Default::default(),
         }
-        Rollups { sets, index, cells }
     }
+}
+
+/// `cells` sorted by (slot, set), a cell per key (equal keys summed).
+fn merged(mut cells: Vec<(i64, u32, Cell)>) -> Vec<(i64, u32, Cell)> {
+    cells.sort_unstable_by_key(|(s, id, _)| (*s, *id));
+    let mut out: Vec<(i64, u32, Cell)> = Vec::with_capacity(cells.len());
+    for (slot, set, cell) in cells {
+        match out.last_mut() {
+            Some((s, id, c)) if *s == slot && *id == set => c.add(&cell),
+            _ => out.push((slot, set, cell)),
+        }
+    }
+    out
 }
 
 impl From<Rollups> for RollupData {
     fn from(r: Rollups) -> RollupData {
-        let mut cells: Vec<(i64, u32, Cell)> =
-            r.cells.into_iter().map(|((s, id), c)| (s, id, c)).collect();
-        cells.sort_unstable_by_key(|(s, id, _)| (*s, *id));
+        let cells = merged(r.cells_by_set().map(|(s, id, c)| (s, id, *c)).collect());
         RollupData {
-            sets: r.sets,
+            sets: r.sets.iter().map(|l| Labels::clone(l)).collect(),
             cells,
         }
     }
@@ -114,16 +145,18 @@ impl From<Rollups> for RollupData {
 impl PartialEq for Rollups {
     fn eq(&self, o: &Self) -> bool {
         // By content: the same sums for the same labels and slots (ids may differ).
-        if self.cells.len() != o.cells.len() {
-            return false;
-        }
-        self.cells.iter().all(|((slot, id), cell)| {
-            self.sets
-                .get(*id as usize)
-                .and_then(|l| o.find(l.iter()))
-                .and_then(|oid| o.cells.get(&(*slot, oid)))
-                == Some(cell)
-        })
+        let content = |r: &Rollups| -> std::collections::BTreeMap<(i64, Labels), Cell> {
+            let mut m = std::collections::BTreeMap::new();
+            for (slot, id, cell) in r.cells_by_set() {
+                if let Some(l) = r.sets.get(id as usize) {
+                    m.entry((slot, Labels::clone(l)))
+                        .or_insert_with(Cell::default)
+                        .add(cell);
+                }
+            }
+            m
+        };
+        content(self) == content(o)
     }
 }
 
@@ -133,7 +166,7 @@ impl std::fmt::Debug for Rollups {
             f,
             "Rollups({} label sets, {} cells)",
             self.sets.len(),
-            self.cells.len()
+            self.len()
         )
     }
 }
@@ -195,49 +228,121 @@ impl Rollups {
         self.index.insert_unique(hash, id, |&i| {
             sets.get(i as usize).map_or(0, |l| hash_of(l.iter()))
         });
-        self.sets.push(owned);
+        self.sets.push(Arc::new(owned));
         id
     }
 
     /// Add `cell` to the slot of `ts` of the set `set` (an id [`Rollups::set_of`] gave).
     pub(crate) fn add_to(&mut self, ts: TsMicros, set: u32, cell: &Cell) {
-        self.cells.entry((slot_of(ts), set)).or_default().add(cell);
+        self.cell_at(ts, set).add(cell);
     }
 
     /// Count a denied reservation at `ts`.
     pub fn add_denied(&mut self, ts: TsMicros, labels: &Labels, exclude: &[String]) {
         let id = self.set_of(labels, exclude);
-        let cell = self.cells.entry((slot_of(ts), id)).or_default();
+        let cell = self.cell_at(ts, id);
         cell.denied = cell.denied.saturating_add(1);
     }
 
-    /// Every cell with its slot (Unix seconds) and labels, in no particular order.
-    pub fn cells(&self) -> impl Iterator<Item = (i64, &Labels, &Cell)> + '_ {
-        self.cells
-            .iter()
-            .filter_map(|((slot, id), cell)| self.sets.get(*id as usize).map(|l| (*slot, l, cell)))
+    /// The open cell of `set` in the slot of `ts`, sealing the slot before it when `ts` is in
+    /// a later one.
+    fn cell_at(&mut self, ts: TsMicros, set: u32) -> &mut Cell {
+        let slot = slot_of(ts);
+        if slot != self.open_slot {
+            // Events come in time order, so an earlier slot never comes back; if one did (a
+            // bug), its cell would stand in a sealed array of its own and still be counted.
+            debug_assert!(
+                slot > self.open_slot || self.open.is_empty(),
+                "rollup slot {slot} after slot {}",
+                self.open_slot
+            );
+            self.seal();
+            self.open_slot = slot;
+        }
+        self.open.entry(set).or_default()
+    }
+
+    /// Move the open slot's cells into a sealed array.
+    fn seal(&mut self) {
+        if self.open.is_empty() {
+            return;
+        }
+        let slot = self.open_slot;
+        let mut cells: Vec<(i64, u32, Cell)> =
+            self.open.drain().map(|(id, c)| (slot, id, c)).collect();
+        cells.sort_unstable_by_key(|(_, id, _)| *id);
+        self.sealed.push(Arc::from(cells));
     }
 
     /// The label sets, by id.
-    pub fn sets(&self) -> &[Labels] {
+    pub fn sets(&self) -> &[Arc<Labels>] {
         &self.sets
     }
 
     /// Every cell with its slot (Unix seconds) and the id of its label set ([`Rollups::sets`]),
-    /// in no particular order.
+    /// in no particular order (a key may come more than once; its cells add up).
     pub fn cells_by_set(&self) -> impl Iterator<Item = (i64, u32, &Cell)> + '_ {
-        self.cells
+        self.sealed
             .iter()
-            .map(|((slot, id), cell)| (*slot, *id, cell))
+            .flat_map(|chunk| chunk.iter().map(|(s, id, c)| (*s, *id, c)))
+            .chain(self.open.iter().map(|(id, c)| (self.open_slot, *id, c)))
     }
 
     /// Number of cells.
     pub fn len(&self) -> usize {
-        self.cells.len()
+        self.sealed.iter().map(|c| c.len()).sum::<usize>() + self.open.len()
     }
 
     /// True when nothing was counted.
     pub fn is_empty(&self) -> bool {
-        self.cells.is_empty()
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(team: &str, session: &str) -> Labels {
+        [("team", team), ("session", session)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const SLOT: TsMicros = SLOT_SECONDS * 1_000_000;
+
+    #[test]
+    fn slots_that_are_over_are_sealed_and_shared_by_clones_and_read_back_equal() {
+        let exclude = ["session".to_string()];
+        let mut r = Rollups::default();
+        let usage = Usage {
+            input_tokens: 10,
+            ..Usage::default()
+        };
+        for (i, ts) in [0, 1, SLOT, SLOT + 5, 3 * SLOT].into_iter().enumerate() {
+            let id = r.set_of(&labels("a", &format!("s-{i}")), &exclude);
+            r.add_to(ts, id, &Cell::of_usage(100, &usage));
+        }
+        r.add_denied(3 * SLOT + 1, &labels("b", "s-9"), &exclude);
+        // Sessions are left out: two sets (team a, team b), one cell per slot and set.
+        assert_eq!(r.sets().len(), 2);
+        assert_eq!(r.len(), 4);
+        assert_eq!(r.sealed.len(), 2, "the first two slots are over");
+        let copy = r.clone();
+        assert!(
+            Arc::ptr_eq(&r.sealed[0], &copy.sealed[0]),
+            "shared, not copied"
+        );
+        let mut grown = copy.clone();
+        let id = grown.set_of(&labels("a", "x"), &exclude);
+        grown.add_to(4 * SLOT, id, &Cell::of_usage(7, &usage));
+        assert_ne!(grown, r);
+        assert_eq!(copy, r);
+        let sums: i64 = r.cells_by_set().map(|(_, _, c)| c.cost_micros).sum();
+        assert_eq!(sums, 500);
+        let back: Rollups = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.len(), r.len());
     }
 }
