@@ -44,6 +44,25 @@ fn period_start(every: Every, tz: chrono_tz::Tz, zone: &str, ts: TsMicros) -> Ts
     }
 }
 
+/// Add a period's sums into `periods` (a period met twice only if slots came out of order).
+fn merge_into(
+    periods: &mut std::collections::BTreeMap<
+        TsMicros,
+        HashMap<u32, Cell, rustc_hash::FxBuildHasher>,
+    >,
+    period: TsMicros,
+    sums: HashMap<u32, Cell, rustc_hash::FxBuildHasher>,
+) {
+    let into = periods.entry(period).or_default();
+    if into.is_empty() {
+        *into = sums;
+        return;
+    }
+    for (g, c) in sums {
+        into.entry(g).or_default().add(&c);
+    }
+}
+
 fn period_text(tz: chrono_tz::Tz, ts: TsMicros) -> String {
     chrono::DateTime::from_timestamp_micros(ts)
         .map(|t| {
@@ -129,9 +148,13 @@ impl Ledger {
                 Some(id)
             })
             .collect();
-        let mut periods: HashMap<i64, TsMicros, rustc_hash::FxBuildHasher> = HashMap::default();
-        let mut sums: HashMap<(TsMicros, u32), Cell, rustc_hash::FxBuildHasher> =
-            HashMap::default();
+        // Cells come slot by slot in time order (sealed slots, then the open one), so each
+        // period's groups are summed in a small map of their own, moved into `periods` when the
+        // next period starts (10 M events, 1.8 M rows: 2.0 s with one map for every row).
+        type Sums = HashMap<u32, Cell, rustc_hash::FxBuildHasher>;
+        let mut periods: std::collections::BTreeMap<TsMicros, Sums> = Default::default();
+        let mut current: Option<(TsMicros, Sums)> = None;
+        let mut last_slot: Option<(i64, TsMicros)> = None;
         for (slot, set, cell) in self.rollups.cells_by_set() {
             let Some(&Some(group)) = set_group.get(set as usize) else {
                 continue;
@@ -140,10 +163,26 @@ impl Ledger {
             if slot < first_slot || slot_ts >= until {
                 continue;
             }
-            let start = *periods
-                .entry(slot)
-                .or_insert_with(|| period_start(every, tz, &zone, slot_ts));
-            sums.entry((start, group)).or_default().add(cell);
+            let start = match last_slot {
+                Some((s, start)) if s == slot => start,
+                _ => {
+                    let start = period_start(every, tz, &zone, slot_ts);
+                    last_slot = Some((slot, start));
+                    start
+                }
+            };
+            if current.as_ref().is_none_or(|(p, _)| *p != start) {
+                if let Some((p, sums)) = current.take() {
+                    merge_into(&mut periods, p, sums);
+                }
+                current = Some((start, periods.remove(&start).unwrap_or_default()));
+            }
+            if let Some((_, sums)) = current.as_mut() {
+                sums.entry(group).or_default().add(cell);
+            }
+        }
+        if let Some((p, sums)) = current.take() {
+            merge_into(&mut periods, p, sums);
         }
         // Rows by period, then by group values.
         let mut order: Vec<u32> = (0..u32::try_from(groups.len()).unwrap_or(u32::MAX)).collect();
@@ -154,20 +193,23 @@ impl Ledger {
                 *slot = u32::try_from(r).unwrap_or(u32::MAX);
             }
         }
-        let mut keys: Vec<(TsMicros, u32, u32)> = sums
-            .keys()
-            .map(|&(start, g)| (start, rank.get(g as usize).copied().unwrap_or(0), g))
-            .collect();
-        keys.sort_unstable();
-        let total_rows = keys.len() as u64;
-        let rows: Vec<ReportRow> = keys
-            .into_iter()
-            .take(REPORT_MAX_ROWS)
-            .filter_map(|(start, _, g)| {
-                let c = sums.get(&(start, g))?;
-                let values = groups.get(g as usize)?;
-                Some(ReportRow {
-                    period_start: period_text(tz, start),
+        let total_rows: u64 = periods.values().map(|m| m.len() as u64).sum();
+        let mut rows: Vec<ReportRow> = Vec::new();
+        'periods: for (start, sums) in &periods {
+            let mut in_period: Vec<(u32, u32)> = sums
+                .keys()
+                .map(|&g| (rank.get(g as usize).copied().unwrap_or(0), g))
+                .collect();
+            in_period.sort_unstable();
+            for (_, g) in in_period {
+                if rows.len() >= REPORT_MAX_ROWS {
+                    break 'periods;
+                }
+                let (Some(c), Some(values)) = (sums.get(&g), groups.get(g as usize)) else {
+                    continue;
+                };
+                rows.push(ReportRow {
+                    period_start: period_text(tz, *start),
                     group: req.group_by.iter().cloned().zip(values.clone()).collect(),
                     cost_micros: c.cost_micros,
                     input_tokens: c.input_tokens,
@@ -175,9 +217,9 @@ impl Ledger {
                     output_tokens: c.output_tokens,
                     requests: c.requests,
                     denied: c.denied,
-                })
-            })
-            .collect();
+                });
+            }
+        }
         Ok(ReportAnswer {
             ok: true,
             every: every_name.to_string(),
