@@ -76,7 +76,7 @@ pub struct Rollups {
     /// Set ids by the hash of their labels.
     index: hashbrown::HashTable<u32>,
     /// Cells of slots that are over, each array sorted by (slot, set).
-    sealed: Vec<Arc<[(i64, u32, Cell)]>>,
+    sealed: Vec<Arc<Vec<(i64, u32, Cell)>>>,
     /// The newest slot (when `open` has cells).
     open_slot: i64,
     /// Its cells, by set.
@@ -100,18 +100,18 @@ impl From<RollupData> for Rollups {
             });
         }
         let n = sets.len();
-        let cells: Vec<(i64, u32, Cell)> = d
-            .cells
-            .into_iter()
-            .filter(|(_, set, _)| (*set as usize) < n)
-            .collect();
+        // In place: a snapshot's cells are most of its size (one copy, not three).
+        let mut cells = d.cells;
+        cells.retain(|(_, set, _)| (*set as usize) < n);
+        merge_in_place(&mut cells);
+        cells.shrink_to_fit();
         Rollups {
             sets,
             index,
             sealed: if cells.is_empty() {
                 Vec::new()
             } else {
-                vec![Arc::from(merged(cells))]
+                vec![Arc::new(cells)]
             },
             open_slot: i64::MIN,
             open: Default::default(),
@@ -119,22 +119,23 @@ impl From<RollupData> for Rollups {
     }
 }
 
-/// `cells` sorted by (slot, set), a cell per key (equal keys summed).
-fn merged(mut cells: Vec<(i64, u32, Cell)>) -> Vec<(i64, u32, Cell)> {
+/// Sort `cells` by (slot, set) and sum the cells of equal keys into one.
+fn merge_in_place(cells: &mut Vec<(i64, u32, Cell)>) {
     cells.sort_unstable_by_key(|(s, id, _)| (*s, *id));
-    let mut out: Vec<(i64, u32, Cell)> = Vec::with_capacity(cells.len());
-    for (slot, set, cell) in cells {
-        match out.last_mut() {
-            Some((s, id, c)) if *s == slot && *id == set => c.add(&cell),
-            _ => out.push((slot, set, cell)),
+    cells.dedup_by(|later, kept| {
+        let same = later.0 == kept.0 && later.1 == kept.1;
+        if same {
+            kept.2.add(&later.2);
         }
-    }
-    out
+        same
+    });
 }
 
 impl From<Rollups> for RollupData {
     fn from(r: Rollups) -> RollupData {
-        let cells = merged(r.cells_by_set().map(|(s, id, c)| (s, id, *c)).collect());
+        let mut cells: Vec<(i64, u32, Cell)> =
+            r.cells_by_set().map(|(s, id, c)| (s, id, *c)).collect();
+        merge_in_place(&mut cells);
         RollupData {
             sets: r.sets.iter().map(|l| Labels::clone(l)).collect(),
             cells,
@@ -271,7 +272,7 @@ impl Rollups {
         let mut cells: Vec<(i64, u32, Cell)> =
             self.open.drain().map(|(id, c)| (slot, id, c)).collect();
         cells.sort_unstable_by_key(|(_, id, _)| *id);
-        self.sealed.push(Arc::from(cells));
+        self.sealed.push(Arc::new(cells));
     }
 
     /// The label sets, by id.
