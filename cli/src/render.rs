@@ -659,7 +659,10 @@ pub fn what_if_answer(
     if a.exhausted.is_empty() {
         out.push_str("\nno bucket would have been exhausted\n");
     } else {
-        out.push_str("\nWOULD HAVE BEEN EXHAUSTED\n");
+        out.push_str(&format!(
+            "\nWOULD HAVE BEEN EXHAUSTED: {} times\n",
+            a.exhausted_total
+        ));
         let mut t = Table::new(&["BUDGET", "SCOPE", "AT", "WINDOW FROM"]);
         for x in &a.exhausted {
             t.row(vec![

@@ -120,6 +120,7 @@ fn a_stricter_budget_denies_the_reservation_that_would_pass_it_and_leaves_its_us
     assert_eq!(w.usage_left_out_micros, 2_000);
     // The record is kept ($0.0025): s-1 reaches $0.0045 of $0.004, exhausted then.
     assert_eq!(w.exhausted.len(), 1, "{w:#?}");
+    assert_eq!(w.exhausted_total, 1);
     assert_eq!(w.exhausted[0].key, "session=s-1");
     // Stamped as the daemon stamps the crossing: right after the record that caused it.
     assert_eq!(w.exhausted[0].at, format_ts(at[3] + 1));

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Longest request head the endpoint reads.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// How long a scraper may take to send its request.
+/// How long a scraper may take to send its request, and to read the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most scrapes served at once (more wait for the listener's backlog).
 const MAX_SCRAPERS: usize = 16;
@@ -410,8 +410,12 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.changed() => return,
         };
         let (shared, metrics, clock) = (shared.clone(), metrics.clone(), clock.clone());
         tokio::spawn(async move {
@@ -463,8 +467,12 @@ async fn scrape(
     if method != "HEAD" {
         response.push_str(&body);
     }
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    // A scraper that stops reading gives its slot back after the timeout.
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// The request head (up to the blank line), or `None` if it is too long or not UTF-8.

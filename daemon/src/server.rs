@@ -409,7 +409,8 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
                 Err(e) => Answer::Error(e).to_line(req),
             }
         })),
-        Request::Report(r) => Pending::Read(Box::new(move |ctx: &Ctx| {
+        // On a blocking thread: a report over months of rollups takes tens to hundreds of ms.
+        Request::Report(r) => Pending::Blocking(Box::new(move |ctx: &Ctx| {
             let now = (ctx.clock)();
             // Read under the ledger's read lock from the rollups; rendered after it.
             let answer = read_ledger(&ctx.shared).report(&r, now);
@@ -487,6 +488,15 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
             }
         })),
         Request::Tail(t) => {
+            if t.types.as_ref().is_some_and(Vec::is_empty) {
+                return Pending::Ready(
+                    Answer::Error(WireError::bad_field(
+                        "types",
+                        "types must name at least one event type (leave it out for all)",
+                    ))
+                    .to_line(req),
+                );
+            }
             let unknown = t
                 .types
                 .iter()
@@ -561,20 +571,33 @@ fn replay(ctx: &Ctx, request: ReplayRequest, actor: Actor, req: Option<Value>) -
             Err(code) => error_line(code, "the writer's queue is full; retry shortly", req),
         };
     }
-    if ctx
-        .dry_run_busy
-        .swap(true, std::sync::atomic::Ordering::SeqCst)
-    {
+    let Some(_busy) = DryRunSlot::take(ctx) else {
         return error_line(
             ErrorCode::Overloaded,
             "another dry-run replay is running; retry when it is done",
             req,
         );
+    };
+    dry_run(ctx, &request, import_text.as_deref(), req)
+}
+
+/// The one dry run (repricing or what-if) allowed at a time, given back when dropped, even
+/// if the dry run panics.
+struct DryRunSlot<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> DryRunSlot<'a> {
+    fn take(ctx: &'a Ctx) -> Option<DryRunSlot<'a>> {
+        (!ctx
+            .dry_run_busy
+            .swap(true, std::sync::atomic::Ordering::SeqCst))
+        .then_some(DryRunSlot(&ctx.dry_run_busy))
     }
-    let line = dry_run(ctx, &request, import_text.as_deref(), req);
-    ctx.dry_run_busy
-        .store(false, std::sync::atomic::Ordering::SeqCst);
-    line
+}
+
+impl Drop for DryRunSlot<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A what-if `replay` (SPEC §11): the log up to the durable head decided again under the
@@ -619,18 +642,15 @@ fn what_if(ctx: &Ctx, text: &str, request: &ReplayRequest, req: Option<Value>) -
             return refuse("policy", &msg);
         }
     };
-    if ctx
-        .dry_run_busy
-        .swap(true, std::sync::atomic::Ordering::SeqCst)
-    {
+    let Some(_busy) = DryRunSlot::take(ctx) else {
         return error_line(
             ErrorCode::Overloaded,
             "another dry-run replay is running; retry when it is done",
             req,
         );
-    }
+    };
     let head = *ctx.shared.durable.borrow();
-    let line = match ledger::collect_epochs(LogChunks::new(&ctx.shared, head)).and_then(|epochs| {
+    match ledger::collect_epochs(LogChunks::new(&ctx.shared, head)).and_then(|epochs| {
         ledger::what_if_with(
             &epochs,
             LogChunks::new(&ctx.shared, head),
@@ -643,10 +663,7 @@ fn what_if(ctx: &Ctx, text: &str, request: &ReplayRequest, req: Option<Value>) -
             serde_json::to_string(&answer).unwrap_or_default()
         }
         Err(e) => error_line(ErrorCode::Internal, e.to_string(), req),
-    };
-    ctx.dry_run_busy
-        .store(false, std::sync::atomic::Ordering::SeqCst);
-    line
+    }
 }
 
 /// Largest `pricing.import` file a `replay` reads.

@@ -833,8 +833,11 @@ pub struct WhatIfAnswer {
     pub usage_left_out: u64,
     /// Its cost, at the prices of the what-if fold.
     pub usage_left_out_micros: Micros,
-    /// Each bucket's first exhaustion per window under the policy, in time order.
+    /// Each bucket's first exhaustion per window under the policy, in time order (at most
+    /// [`WHAT_IF_MAX_DENIALS`]; `exhausted_total` counts them all).
     pub exhausted: Vec<WhatIfExhausted>,
+    /// How many exhaustions there were.
+    pub exhausted_total: u64,
     /// The peak utilization of each budget of the policy (its most utilized bucket, at the
     /// first time it reached that peak), by budget id.
     pub peaks: Vec<WhatIfPeak>,
@@ -843,7 +846,7 @@ pub struct WhatIfAnswer {
     pub req: Option<Value>,
 }
 
-/// Most denials a [`WhatIfAnswer`] lists.
+/// Most denials (and most exhaustions) a [`WhatIfAnswer`] lists.
 pub const WHAT_IF_MAX_DENIALS: usize = 10_000;
 
 /// A reservation the what-if policy would have denied.

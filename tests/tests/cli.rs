@@ -717,6 +717,9 @@ fn tail_follow_by_type_gives_alerting_scripts_one_json_line_per_crossing() {
     let mut c = d.client();
     let a = c.call(json!({"op":"tail","types":["nope"]}));
     assert_eq!(a["error"]["field"], "types", "{a}");
+    // An empty list would show nothing, for ever with follow: refused.
+    let a = c.call(json!({"op":"tail","types":[],"follow":true}));
+    assert_eq!(a["error"]["field"], "types", "{a}");
     // Offline, the same filter.
     let mut d = d;
     d.terminate();

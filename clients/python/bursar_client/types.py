@@ -436,6 +436,7 @@ class WhatIfAnswer:
     usage_left_out: int
     usage_left_out_micros: int
     exhausted: List[WhatIfExhausted]
+    exhausted_total: int
     peaks: List[WhatIfPeak]
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 

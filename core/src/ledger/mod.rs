@@ -565,6 +565,9 @@ pub struct Ledger {
     old_budgets: BTreeMap<u64, Vec<bursar_schemas::policy::ResolvedBudget>>,
     /// Spend per 15-minute slot per label set, for reports (SPEC §11).
     rollups: rollup::Rollups,
+    /// True for a ledger nobody reports from (a what-if's): its rollups stay empty.
+    #[serde(skip)]
+    no_rollups: bool,
     /// The policy's budgets' limits, compiled (derived from `policy`).
     #[serde(skip)]
     limits: Vec<Limits>,
@@ -658,6 +661,7 @@ impl From<LedgerData> for Ledger {
             ids: d.ids,
             old_budgets: d.old_budgets,
             rollups: d.rollups,
+            no_rollups: false,
             matches: MatchCache::default(),
             renderer,
         }
@@ -772,6 +776,15 @@ impl Ledger {
     /// An empty ledger (no policy yet).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty ledger that keeps no report rollups (a what-if's: nobody reports from it, and
+    /// on a long log they would be most of its memory).
+    pub fn without_rollups() -> Self {
+        Ledger {
+            no_rollups: true,
+            ..Self::default()
+        }
     }
 
     /// Seq of the last folded event.
@@ -901,7 +914,7 @@ impl Ledger {
             return;
         };
         let (refs, rollup_set) = entry.refs_and_rollup_mut();
-        if let Some(cell) = rollup {
+        if let Some(cell) = rollup.filter(|_| !self.no_rollups) {
             // The report rollups (SPEC §11): the set found once per cached label set.
             if *rollup_set == NO_ROLLUP_SET {
                 *rollup_set = self.rollups.set_of(labels, &policy.report_exclude_labels);
@@ -1126,7 +1139,7 @@ impl Ledger {
                 );
             }
             EventBody::ReservationDenied(d) => {
-                if let Some(p) = &self.policy {
+                if let Some(p) = self.policy.as_ref().filter(|_| !self.no_rollups) {
                     self.rollups
                         .add_denied(ts, &d.labels, &p.report_exclude_labels);
                 }

@@ -67,7 +67,7 @@ struct Run {
 
 impl Run {
     fn new(epochs: &[EpochDecl]) -> Run {
-        let mut ledger = Ledger::new();
+        let mut ledger = Ledger::without_rollups();
         for (eff, seq, table) in epochs {
             ledger.preload_epoch(*eff, *seq, table);
         }
@@ -85,6 +85,7 @@ impl Run {
                 usage_left_out: 0,
                 usage_left_out_micros: 0,
                 exhausted: Vec::new(),
+                exhausted_total: 0,
                 peaks: Vec::new(),
                 req: None,
             },
@@ -234,6 +235,10 @@ impl Run {
         let step = self.ledger.execute(cmd, ts);
         for (_, at, body) in &step.events {
             if let EventBody::BudgetExhausted(c) = body {
+                self.answer.exhausted_total += 1;
+                if self.answer.exhausted.len() >= WHAT_IF_MAX_DENIALS {
+                    continue;
+                }
                 self.answer.exhausted.push(WhatIfExhausted {
                     budget: c.budget.clone(),
                     key: c.key.clone(),
