@@ -401,26 +401,14 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
         Request::Status(s) => Pending::Read(Box::new(move |ctx: &Ctx| {
             let now = (ctx.clock)();
             let answer = read_ledger(&ctx.shared).status(&s, now);
-            match answer {
-                Ok(mut a) => {
-                    a.req = req;
-                    serde_json::to_string(&a).unwrap_or_default()
-                }
-                Err(e) => Answer::Error(e).to_line(req),
-            }
+            echoed(answer, req, |a, req| a.req = req)
         })),
         // On a blocking thread: a report over months of rollups takes tens to hundreds of ms.
         Request::Report(r) => Pending::Blocking(Box::new(move |ctx: &Ctx| {
             let now = (ctx.clock)();
             // Read under the ledger's read lock from the rollups; rendered after it.
             let answer = read_ledger(&ctx.shared).report(&r, now);
-            match answer {
-                Ok(mut a) => {
-                    a.req = req;
-                    serde_json::to_string(&a).unwrap_or_default()
-                }
-                Err(e) => Answer::Error(e).to_line(req),
-            }
+            echoed(answer, req, |a, req| a.req = req)
         })),
         Request::Check(c) => Pending::Read(Box::new(move |ctx: &Ctx| {
             let now = (ctx.clock)();
@@ -618,17 +606,14 @@ fn what_if(ctx: &Ctx, text: &str, request: &ReplayRequest, req: Option<Value>) -
             "give either pricing (a repricing) or policy (a what-if), not both",
         );
     }
-    let since = match &request.since {
-        Some(s) => match bursar_core::time::parse_ts(s) {
-            Some(t) => t,
-            None => return refuse("since", "since must be an RFC 3339 time"),
-        },
-        None => i64::MIN,
+    let since = match since_of(request, &req) {
+        Ok(t) => t,
+        Err(line) => return line,
     };
     // A policy sent over the socket never makes the daemon read a file it names.
     let no_import = |p: &str| -> Result<String, String> {
         Err(format!(
-            "a what-if policy cannot import {p:?}: the daemon reads no file a request names;              put the prices in [pricing.models] instead"
+            "a what-if policy cannot import {p:?}: the daemon reads no file a request names; put the prices in [pricing.models] instead"
         ))
     };
     let loaded = match bursar_core::policy::parse_policy(text, "replay.policy", &no_import) {
@@ -663,6 +648,35 @@ fn what_if(ctx: &Ctx, text: &str, request: &ReplayRequest, req: Option<Value>) -
             serde_json::to_string(&answer).unwrap_or_default()
         }
         Err(e) => error_line(ErrorCode::Internal, e.to_string(), req),
+    }
+}
+
+/// A `replay`'s `since` (default: the start of the log), or the error line naming it.
+fn since_of(request: &ReplayRequest, req: &Option<Value>) -> Result<i64, String> {
+    match &request.since {
+        None => Ok(i64::MIN),
+        Some(s) => bursar_core::time::parse_ts(s).ok_or_else(|| {
+            Answer::Error(WireError::bad_field(
+                "since",
+                "since must be an RFC 3339 time",
+            ))
+            .to_line(req.clone())
+        }),
+    }
+}
+
+/// A read's answer line: the answer with `req` echoed (`echo` puts it in), or its error.
+fn echoed<A: serde::Serialize>(
+    answer: Result<A, WireError>,
+    req: Option<Value>,
+    echo: impl FnOnce(&mut A, Option<Value>),
+) -> String {
+    match answer {
+        Ok(mut a) => {
+            echo(&mut a, req);
+            serde_json::to_string(&a).unwrap_or_default()
+        }
+        Err(e) => Answer::Error(e).to_line(req),
     }
 }
 
@@ -710,18 +724,9 @@ fn dry_run(
     import_text: Option<&str>,
     req: Option<Value>,
 ) -> String {
-    let since = match &request.since {
-        Some(s) => match bursar_core::time::parse_ts(s) {
-            Some(t) => t,
-            None => {
-                return Answer::Error(WireError::bad_field(
-                    "since",
-                    "since must be an RFC 3339 time",
-                ))
-                .to_line(req)
-            }
-        },
-        None => i64::MIN,
+    let since = match since_of(request, &req) {
+        Ok(t) => t,
+        Err(line) => return line,
     };
     let (head, base) = {
         let l = read_ledger(&ctx.shared);

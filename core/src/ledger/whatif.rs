@@ -26,9 +26,6 @@ use bursar_schemas::wire::{
 use bursar_schemas::{Labels, TsMicros};
 use std::collections::{BTreeMap, HashSet};
 
-/// The labels the daemon derives from the model (a request may not carry them).
-const DERIVED: [&str; 3] = ["model", "provider", "tier"];
-
 /// Run the what-if over a whole log (read twice: once for its price epochs, as a fold is).
 pub fn what_if<E: std::fmt::Display, I: Iterator<Item = Result<Envelope, E>>>(
     mut source: impl FnMut() -> I,
@@ -290,7 +287,7 @@ fn ttl_seconds(expires_at: TsMicros, ts: TsMicros) -> u64 {
 fn requested(labels: &Labels) -> Labels {
     labels
         .iter()
-        .filter(|(k, _)| !DERIVED.contains(&k.as_str()))
+        .filter(|(k, _)| !crate::labels::RESERVED_LABELS.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
