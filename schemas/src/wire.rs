@@ -602,6 +602,8 @@ pub enum SkipReason {
     TierCap,
     /// No price is known and unknown models are denied.
     UnknownModel,
+    /// A subscription allowance or a provider quota (SPEC §10) would deny it.
+    Quota,
 }
 
 /// A skipped candidate.
@@ -618,7 +620,7 @@ pub struct Skipped {
 /// Why a decision was what it was.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Reason {
-    /// `budget`, `tier_cap`, `unknown_model`, `missing_capability`, `max_keys` or `ok`.
+    /// `budget`, `quota`, `tier_cap`, `unknown_model`, `missing_capability`, `max_keys` or `ok`.
     pub code: String,
     /// Human-readable explanation.
     pub message: String,
@@ -1167,6 +1169,7 @@ mod fast_json {
                     SkipReason::Budget => b"\"budget\"",
                     SkipReason::TierCap => b"\"tier_cap\"",
                     SkipReason::UnknownModel => b"\"unknown_model\"",
+                    SkipReason::Quota => b"\"quota\"",
                 });
                 out.extend_from_slice(b",\"detail\":");
                 string(out, &s.detail);

@@ -136,7 +136,7 @@ class BudgetDenied(BursarError):
 
     Attributes:
         decision: the full :class:`~bursar_client.types.DecisionAnswer`.
-        reason: its :class:`~bursar_client.types.Reason` (``code`` is ``budget``, ``tier_cap``,
+        reason: its :class:`~bursar_client.types.Reason` (``code`` is ``budget``, ``quota``, ``tier_cap``,
             ``unknown_model``, ``missing_capability`` or ``max_keys``).
         budget: id of the budget to blame, when one is.
         key: that budget's scope key (e.g. ``team=search``).
