@@ -15,6 +15,7 @@
 //! Architecture Invariant: the records of one append are either all stored or all absent, and
 //! nothing is durable until `sync` returned `Ok`.
 
+pub mod jetstream;
 mod salvage;
 mod sled_store;
 pub mod testing;
@@ -200,6 +201,15 @@ pub enum LogError {
     NotFound {
         /// The seq asked for.
         seq: u64,
+    },
+    /// The shared log (cluster mode's JetStream stream) could not be reached, or did not
+    /// store a record on a quorum in time.
+    #[error("shared log: cannot {op}: {reason}")]
+    Shared {
+        /// What was being done.
+        op: &'static str,
+        /// What went wrong.
+        reason: String,
     },
     /// A fault injected by [`testing::FaultyLog`].
     #[error("injected fault: {0}")]

@@ -518,10 +518,8 @@ impl LogStore for SledLog {
     }
 
     fn latest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, LogError> {
-        if let Some(seq) = snapshot_files(&self.dir).into_iter().max() {
-            let path = self.dir.join(snapshot_file_name(seq));
-            let bytes = std::fs::read(&path).map_err(io("read snapshot", &path))?;
-            return Ok(Some((seq, bytes)));
+        if let Some(found) = latest_snapshot_file(&self.dir)? {
+            return Ok(Some(found));
         }
         match self.snapshots.last().map_err(storage("read snapshot"))? {
             None => Ok(None),
@@ -645,6 +643,17 @@ fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write().inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
+}
+
+/// The newest snapshot file in `dir` (see [`write_snapshot_file`]) and the seq it was taken
+/// at.
+pub(crate) fn latest_snapshot_file(dir: &Path) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+    let Some(seq) = snapshot_files(dir).into_iter().max() else {
+        return Ok(None);
+    };
+    let path = dir.join(snapshot_file_name(seq));
+    let bytes = std::fs::read(&path).map_err(io("read snapshot", &path))?;
+    Ok(Some((seq, bytes)))
 }
 
 /// Write the snapshot taken after event `seq` into the data dir `dir` (see

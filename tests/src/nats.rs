@@ -1,0 +1,271 @@
+//! A real NATS JetStream cluster for cluster mode's tests (SPEC §13, issue 15): three
+//! `nats-server` processes on loopback ports, each with its own store dir and
+//! `jetstream { sync_interval: always }` (every write synced before it is acknowledged).
+//!
+//! The server binary: `$BURSAR_NATS_SERVER`, else the pinned one that
+//! `scripts/install-nats-server.sh` installs (run here when it is missing), else a
+//! `nats-server` ≥ 2.10 on the `PATH`. Where none can be had, [`NatsCluster::start`] returns
+//! `Err` with the reason and the test says it skipped.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The server version `scripts/install-nats-server.sh` pins.
+pub const PINNED_VERSION: &str = "2.15.1";
+
+/// Find (or install) a `nats-server` that has `sync_interval` (2.10 or newer).
+pub fn nats_server() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("BURSAR_NATS_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = root.join("scripts/install-nats-server.sh");
+    let installed = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if installed.status.success() {
+        let path = String::from_utf8_lossy(&installed.stdout)
+            .trim()
+            .to_string();
+        if let Some(last) = path.lines().last() {
+            return Ok(PathBuf::from(last));
+        }
+    }
+    let why = String::from_utf8_lossy(&installed.stderr)
+        .trim()
+        .to_string();
+    // A current server on the PATH will do.
+    if let Ok(out) = Command::new("nats-server").arg("--version").output() {
+        let v = String::from_utf8_lossy(&out.stdout);
+        if let Some((major, minor)) = v.trim().strip_prefix("nats-server: v").and_then(|v| {
+            let mut it = v.split('.');
+            Some((
+                it.next()?.parse::<u32>().ok()?,
+                it.next()?.parse::<u32>().ok()?,
+            ))
+        }) {
+            if (major, minor) >= (2, 10) {
+                return Ok(PathBuf::from("nats-server"));
+            }
+        }
+    }
+    Err(format!(
+        "no nats-server >= 2.10 (scripts/install-nats-server.sh: {why})"
+    ))
+}
+
+/// A free loopback port (bound and released: good enough for tests on one machine).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// One node of the cluster.
+pub struct NatsNode {
+    /// `n1`, `n2`, ...
+    pub name: String,
+    /// Client port.
+    pub port: u16,
+    /// Cluster (route) port.
+    pub cluster_port: u16,
+    /// Monitoring (HTTP) port.
+    pub http_port: u16,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsNode {
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether its process runs.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+/// Three (or n) `nats-server`s clustered on loopback; killed when dropped.
+pub struct NatsCluster {
+    /// Its nodes.
+    pub nodes: Vec<NatsNode>,
+    bin: PathBuf,
+    /// Holds every node's config, store dir and log.
+    pub dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Start `n` clustered servers with JetStream (`sync_interval: always`) and wait until
+    /// JetStream has a meta leader (a stream can be created).
+    pub fn start(n: usize) -> Result<NatsCluster, String> {
+        let bin = nats_server()?;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, c, _)| format!("nats://127.0.0.1:{c}"))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (port, cluster_port, http_port)) in ports.into_iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let store = dir.path().join(format!("{name}-store"));
+            let config = dir.path().join(format!("{name}.conf"));
+            let log = dir.path().join(format!("{name}.log"));
+            let text = format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http_port}\n\
+                 jetstream {{ store_dir: {store:?}, sync_interval: always }}\n\
+                 cluster {{ name: bursar-test, listen: 127.0.0.1:{cluster_port}, routes: [{}] }}\n",
+                routes.join(", ")
+            );
+            std::fs::write(&config, text).map_err(|e| e.to_string())?;
+            nodes.push(NatsNode {
+                name,
+                port,
+                cluster_port,
+                http_port,
+                config,
+                log,
+                child: None,
+            });
+        }
+        let mut cluster = NatsCluster { nodes, bin, dir };
+        for i in 0..n {
+            cluster.start_node(i)?;
+        }
+        cluster.wait_ready(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    /// Start (or restart) node `i` on its ports and store.
+    pub fn start_node(&mut self, i: usize) -> Result<(), String> {
+        let bin = self.bin.clone();
+        let node = &mut self.nodes[i];
+        if node.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .map_err(|e| e.to_string())?;
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&node.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// kill -9 node `i`.
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every running node's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.url())
+            .collect()
+    }
+
+    /// A node's monitoring endpoint `path` (`/jsz?streams=true`, ...), as text.
+    pub fn http_get(&self, i: usize, path: &str) -> Result<String, String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.nodes[i].http_port))
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        Ok(out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default())
+    }
+
+    /// The node (index) that leads stream `stream`, per the first running node's `/jsz`.
+    pub fn stream_leader(&self, stream: &str) -> Option<usize> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !n.is_running() {
+                continue;
+            }
+            let Ok(body) = self.http_get(i, "/jsz?streams=true") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+                continue;
+            };
+            for account in v["account_details"].as_array().into_iter().flatten() {
+                for s in account["stream_detail"].as_array().into_iter().flatten() {
+                    if s["name"] == stream {
+                        let leader = s["cluster"]["leader"].as_str()?;
+                        return self.nodes.iter().position(|n| n.name == leader);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Wait until every running node reports a JetStream meta leader.
+    pub fn wait_ready(&self, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let ready = self.nodes.iter().enumerate().all(|(i, n)| {
+                !n.is_running()
+                    || self
+                        .http_get(i, "/jsz")
+                        .ok()
+                        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                        .is_some_and(|v| v["meta_cluster"]["leader"].as_str().is_some())
+            });
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
+                    .collect();
+                return Err(format!(
+                    "the NATS cluster has no JetStream leader after {within:?}:\n{}",
+                    logs.join("\n")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+    }
+}

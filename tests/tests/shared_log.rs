@@ -1,0 +1,164 @@
+//! Cluster mode's shared log (SPEC §13, issue 15): a partition's log as a JetStream stream on a
+//! real 3-node NATS cluster (`sync_interval: always`), behind the same `LogStore` seam as the
+//! single-host sled log. What the cluster's writers and followers build on: records appended
+//! through one node read back through another with the chain checked; a writer whose view of
+//! the stream is stale cannot append (the fence); no acknowledged record is lost when the
+//! stream's leader is killed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bursar_schemas::event::Envelope;
+use bursar_tests::nats::{nats_server, NatsCluster};
+use bursard::log::jetstream::{JetStreamLog, JetStreamOptions};
+use bursard::log::testing::{sample_batch, write_sample_batches};
+use bursard::log::{sealed_of, LogError, LogStore};
+use std::time::{Duration, Instant};
+
+/// One cluster at a time: three clusters electing leaders at once on two busy cores took
+/// longer than the harness waits.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The cluster (and the turn to use it), or `None` (after saying why) where no nats-server
+/// can be installed.
+fn cluster() -> Option<(std::sync::MutexGuard<'static, ()>, NatsCluster)> {
+    let turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(why) = nats_server() {
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    Some((turn, NatsCluster::start(3).expect("a 3-node NATS cluster")))
+}
+
+fn options(servers: Vec<String>, stream: &str, dir: &std::path::Path) -> JetStreamOptions {
+    JetStreamOptions {
+        servers,
+        stream: stream.to_string(),
+        subject: format!("bursar.{}.log", stream.to_lowercase()),
+        replicas: 3,
+        snapshot_dir: dir.join(format!("snapshots-{stream}")),
+        timeout: Duration::from_secs(15),
+    }
+}
+
+fn read_all(store: &JetStreamLog, from: u64) -> Vec<Envelope> {
+    store
+        .read_from(from)
+        .collect::<Result<Vec<_>, _>>()
+        .expect("the stream reads back with its chain intact")
+}
+
+#[test]
+fn records_appended_through_one_node_read_back_through_another_with_the_chain_checked() {
+    let Some((_turn, c)) = cluster() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = JetStreamLog::open(options(vec![c.nodes[0].url()], "P0", tmp.path())).unwrap();
+    assert_eq!(a.head(), None, "a new stream is an empty log");
+    // 400 events in one batch are cut into several records (messages).
+    let written = write_sample_batches(&mut a, &[3, 50, 1, 400, 7]);
+    let b = JetStreamLog::open(options(vec![c.nodes[2].url()], "P0", tmp.path())).unwrap();
+    assert_eq!(b.head(), a.head(), "another node sees the same head");
+    let read = read_all(&b, 1);
+    assert_eq!(read.len(), written.len());
+    for (r, w) in read.iter().zip(&written) {
+        assert_eq!((r.seq, r.hash), (w.seq, w.hash));
+    }
+    // Following from a seq inside a record yields that record's tail and what follows.
+    let tail = read_all(&b, 200);
+    assert_eq!(tail.first().map(|e| e.seq), Some(200));
+    assert_eq!(tail.len(), written.len() - 199);
+    assert!(read_all(&b, written.len() as u64 + 1).is_empty());
+}
+
+#[test]
+fn a_writer_whose_view_of_the_stream_is_stale_cannot_append() {
+    let Some((_turn, c)) = cluster() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = JetStreamLog::open(options(c.urls(), "FENCE", tmp.path())).unwrap();
+    let mut stale = JetStreamLog::open(options(c.urls(), "FENCE", tmp.path())).unwrap();
+    let written = write_sample_batches(&mut a, &[10]);
+
+    // The stale writer still believes the log is empty: its own head check passes, the
+    // stream refuses the record.
+    let envs = sample_batch(stale.head(), 5);
+    let sealed = sealed_of(&envs).unwrap();
+    stale.append(&sealed).unwrap();
+    match stale.sync() {
+        Err(LogError::Refused { seq: 1, reason }) => {
+            assert!(reason.contains("another writer appended"), "{reason}")
+        }
+        other => panic!("a stale writer's append must be refused, got {other:?}"),
+    }
+    let check = JetStreamLog::open(options(c.urls(), "FENCE", tmp.path())).unwrap();
+    let read = read_all(&check, 1);
+    assert_eq!(
+        read.len(),
+        10,
+        "nothing of the stale writer's batch was stored"
+    );
+    assert_eq!(read.last().map(|e| e.hash), written.last().map(|e| e.hash));
+
+    // Reopened (having followed the stream), it continues the log.
+    let mut reopened = JetStreamLog::open(options(c.urls(), "FENCE", tmp.path())).unwrap();
+    assert_eq!(reopened.head(), a.head());
+    write_sample_batches(&mut reopened, &[2]);
+    assert_eq!(read_all(&check, 1).len(), 12);
+}
+
+#[test]
+fn no_acknowledged_record_is_lost_when_the_stream_leader_is_killed() {
+    let Some((_turn, mut c)) = cluster() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = options(c.urls(), "FAIL", tmp.path());
+    let mut store = JetStreamLog::open(opts.clone()).unwrap();
+    let mut acked: Vec<Envelope> = Vec::new();
+    let mut killed = None;
+    let mut stalled_since: Option<Instant> = None;
+    let mut longest_stall = Duration::ZERO;
+    let mut round = 0;
+    while acked.len() < 3_000 {
+        round += 1;
+        if round == 20 && killed.is_none() {
+            let leader = c.stream_leader("FAIL").expect("the stream has a leader");
+            c.kill_node(leader);
+            killed = Some(leader);
+        }
+        let envs = sample_batch(store.head(), 64);
+        let sealed = sealed_of(&envs).unwrap();
+        let result = store.append(&sealed).and_then(|()| store.sync());
+        match result {
+            Ok(()) => {
+                acked.extend(envs);
+                if let Some(t) = stalled_since.take() {
+                    longest_stall = longest_stall.max(t.elapsed());
+                }
+            }
+            Err(e) => {
+                // As the daemon's writer does: fail closed, then follow the stream again.
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                assert!(
+                    since.elapsed() < Duration::from_secs(30),
+                    "appends did not resume within 30 s of the leader's death: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+                if let Ok(s) = JetStreamLog::open(opts.clone()) {
+                    store = s;
+                }
+            }
+        }
+    }
+    assert!(killed.is_some());
+    eprintln!("appends stalled at most {longest_stall:?} while the stream changed leader");
+    let survivors: Vec<String> = c.urls();
+    let check = JetStreamLog::open(options(survivors, "FAIL", tmp.path())).unwrap();
+    let read = read_all(&check, 1);
+    let stored: std::collections::HashMap<u64, _> = read.iter().map(|e| (e.seq, e.hash)).collect();
+    for e in &acked {
+        assert_eq!(
+            stored.get(&e.seq),
+            Some(&e.hash),
+            "acknowledged event {} is missing or different",
+            e.seq
+        );
+    }
+}
