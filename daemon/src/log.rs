@@ -16,6 +16,7 @@
 //! nothing is durable until `sync` returned `Ok`.
 
 pub mod jetstream;
+pub mod lease;
 mod salvage;
 mod sled_store;
 pub mod testing;

@@ -8,7 +8,8 @@
 
 use bursar_schemas::event::Envelope;
 use bursar_tests::nats::{nats_server, NatsCluster};
-use bursard::log::jetstream::{JetStreamLog, JetStreamOptions};
+use bursard::log::jetstream::{JetStreamLog, JetStreamOptions, Nats};
+use bursard::log::lease::Leases;
 use bursard::log::testing::{sample_batch, write_sample_batches};
 use bursard::log::{sealed_of, LogError, LogStore};
 use std::time::{Duration, Instant};
@@ -161,4 +162,77 @@ fn no_acknowledged_record_is_lost_when_the_stream_leader_is_killed() {
             e.seq
         );
     }
+}
+
+#[test]
+fn a_lease_has_one_holder_and_passes_to_another_node_only_after_its_holder_stopped_renewing() {
+    let Some((_turn, c)) = cluster() else { return };
+    let ttl = Duration::from_secs(2);
+    let timeout = Duration::from_secs(15);
+    let a = Leases::open(
+        Nats::connect(&[c.nodes[0].url()], timeout).unwrap(),
+        "bursar-leases",
+        ttl,
+        3,
+    )
+    .unwrap();
+    let b = Leases::open(
+        Nats::connect(&[c.nodes[1].url()], timeout).unwrap(),
+        "bursar-leases",
+        ttl,
+        3,
+    )
+    .unwrap();
+    let mut held_a = a
+        .try_acquire("p0", "host-a")
+        .unwrap()
+        .expect("a free lease is taken");
+    assert!(b.try_acquire("p0", "host-b").unwrap().is_none());
+    assert_eq!(
+        b.holder("p0").unwrap().map(|(node, _)| node),
+        Some("host-a".to_string())
+    );
+    // Renewed well within its TTL, it stays with its holder for three TTLs and more.
+    let until = Instant::now() + ttl * 3;
+    while Instant::now() < until {
+        std::thread::sleep(ttl / 4);
+        assert!(
+            a.renew(&mut held_a).unwrap(),
+            "a renewal in time keeps the lease"
+        );
+        assert!(held_a.is_valid(Instant::now()));
+        assert!(b.try_acquire("p0", "host-b").unwrap().is_none());
+    }
+    // The holder stops renewing (dead, cut off or paused): the other node takes over once the
+    // entry aged out — never before the old holder's own view of its lease ended.
+    let stopped = Instant::now();
+    let held_b = loop {
+        if let Some(h) = b.try_acquire("p0", "host-b").unwrap() {
+            break h;
+        }
+        assert!(
+            stopped.elapsed() < ttl * 5,
+            "nobody took over an abandoned lease"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took_over = Instant::now();
+    assert!(
+        held_a.valid_until <= took_over,
+        "the deposed holder still believed it held the lease when another node took it"
+    );
+    assert!(
+        held_b.revision > held_a.revision,
+        "a new holder has a later epoch"
+    );
+    // The deposed holder learns it on its next renewal, and stays deposed.
+    assert!(!a.renew(&mut held_a).unwrap());
+    assert!(!held_a.is_valid(Instant::now()));
+    assert_eq!(
+        a.holder("p0").unwrap().map(|(node, _)| node),
+        Some("host-b".to_string())
+    );
+    // A holder that stops gives its lease up: another takes it at once.
+    b.release(held_b).unwrap();
+    assert!(a.try_acquire("p0", "host-a").unwrap().is_some());
 }

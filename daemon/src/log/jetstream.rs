@@ -26,8 +26,8 @@
 //! - **Snapshots** are local files in `snapshot_dir` (each node folds the shared log into its
 //!   own state and snapshots it itself).
 //!
-//! The store owns a small tokio runtime (one worker) for the NATS connection: the writer thread
-//! that uses it is not a runtime thread and blocks on each call.
+//! The store runs on a [`Nats`] connection (its own small tokio runtime), which a node's
+//! [leases](super::lease) share.
 
 use super::{
     check_sealed, check_tail, head_of_sealed, pack_sealed, records_of, write_snapshot_file, Head,
@@ -60,10 +60,69 @@ pub struct JetStreamOptions {
     pub timeout: Duration,
 }
 
+/// A connection to the NATS cluster, with the small tokio runtime (one worker) that drives
+/// it: the writer thread that uses the stores is not a runtime thread and blocks on each
+/// call. Shared by a node's partition logs and its leases.
+pub struct Nats {
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) js: jetstream::Context,
+    /// How long a request to the cluster may take before it fails.
+    pub(crate) timeout: Duration,
+}
+
+impl Nats {
+    /// Connect to any of `servers` (`nats://127.0.0.1:4222`, ...).
+    pub fn connect(
+        servers: &[String],
+        timeout: Duration,
+    ) -> Result<std::sync::Arc<Nats>, LogError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bursard-nats")
+            .enable_all()
+            .build()
+            .map_err(|e| shared("start the NATS runtime")(e.to_string()))?;
+        let js = rt.block_on(async {
+            let client = tokio::time::timeout(
+                timeout,
+                async_nats::ConnectOptions::new()
+                    .connection_timeout(timeout)
+                    .request_timeout(Some(timeout))
+                    .connect(servers),
+            )
+            .await
+            .map_err(|_| shared("connect")(format!("no answer within {timeout:?}")))?
+            .map_err(|e| shared("connect")(e.to_string()))?;
+            let mut js = jetstream::new(client);
+            js.set_timeout(timeout);
+            Ok::<_, LogError>(js)
+        })?;
+        Ok(std::sync::Arc::new(Nats { rt, js, timeout }))
+    }
+
+    /// Run `op` until it succeeds or the timeout has passed: a cluster that is electing a
+    /// leader answers "no responders" or times out for a few seconds.
+    pub(crate) fn retrying<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, LogError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            match self.rt.block_on(op()) {
+                Ok(v) => return Ok(v),
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    return Err(shared(what)(e));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
 /// One partition's log in a JetStream stream (see the module docs).
 pub struct JetStreamLog {
-    rt: tokio::runtime::Runtime,
-    js: jetstream::Context,
+    nats: std::sync::Arc<Nats>,
     stream: jetstream::stream::Stream,
     opts: JetStreamOptions,
     /// The last event appended (staged included).
@@ -84,55 +143,36 @@ impl JetStreamLog {
     /// ever discarded), and read its head (the last record, checked
     /// against the one before it).
     pub fn open(opts: JetStreamOptions) -> Result<JetStreamLog, LogError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("bursard-nats")
-            .enable_all()
-            .build()
-            .map_err(|e| shared("start the NATS runtime")(e.to_string()))?;
+        let nats = Nats::connect(&opts.servers, opts.timeout)?;
+        JetStreamLog::open_on(nats, opts)
+    }
+
+    /// [`open`](JetStreamLog::open) on an existing connection (`opts.servers` unused).
+    pub fn open_on(
+        nats: std::sync::Arc<Nats>,
+        opts: JetStreamOptions,
+    ) -> Result<JetStreamLog, LogError> {
         std::fs::create_dir_all(&opts.snapshot_dir).map_err(|source| LogError::Io {
             op: "create snapshot dir",
             path: opts.snapshot_dir.clone(),
             source,
         })?;
-        let (js, stream) = rt.block_on(async {
-            let client = tokio::time::timeout(
-                opts.timeout,
-                async_nats::ConnectOptions::new()
-                    .connection_timeout(opts.timeout)
-                    .request_timeout(Some(opts.timeout))
-                    .connect(opts.servers.as_slice()),
-            )
-            .await
-            .map_err(|_| shared("connect")(format!("no answer within {:?}", opts.timeout)))?
-            .map_err(|e| shared("connect")(e.to_string()))?;
-            let mut js = jetstream::new(client);
-            js.set_timeout(opts.timeout);
-            let config = jetstream::stream::Config {
-                name: opts.stream.clone(),
-                subjects: vec![opts.subject.clone()],
-                num_replicas: opts.replicas,
-                storage: jetstream::stream::StorageType::File,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            };
-            // A cluster that is still electing its leaders answers with errors or not at all
-            // for a while: try again until the timeout.
-            let deadline = tokio::time::Instant::now() + opts.timeout;
-            let stream = loop {
-                match js.get_or_create_stream(config.clone()).await {
-                    Ok(stream) => break stream,
-                    Err(e) if tokio::time::Instant::now() >= deadline => {
-                        return Err(shared("open the stream")(e.to_string()));
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            };
-            Ok::<_, LogError>((js, stream))
+        let config = jetstream::stream::Config {
+            name: opts.stream.clone(),
+            subjects: vec![opts.subject.clone()],
+            num_replicas: opts.replicas,
+            storage: jetstream::stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let stream = nats.retrying("open the stream", || async {
+            nats.js
+                .get_or_create_stream(config.clone())
+                .await
+                .map_err(|e| e.to_string())
         })?;
         let mut log = JetStreamLog {
-            rt,
-            js,
+            nats,
             stream,
             opts,
             head: None,
@@ -169,7 +209,7 @@ impl JetStreamLog {
     /// The stream's last sequence now (another node's writer may have appended since this
     /// store read it).
     fn stream_end(&self) -> Result<u64, LogError> {
-        self.retrying("read the stream's state", || async {
+        self.nats.retrying("read the stream's state", || async {
             self.stream
                 .get_info()
                 .await
@@ -178,29 +218,10 @@ impl JetStreamLog {
         })
     }
 
-    /// Run `op` until it succeeds or [`JetStreamOptions::timeout`] has passed: a stream that
-    /// is changing leader answers "no responders" or times out for a few seconds.
-    fn retrying<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, LogError>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<T, String>>,
-    {
-        let deadline = std::time::Instant::now() + self.opts.timeout;
-        loop {
-            match self.rt.block_on(op()) {
-                Ok(v) => return Ok(v),
-                Err(e) if std::time::Instant::now() >= deadline => {
-                    return Err(shared(what)(e));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
-
     /// The record stored at stream sequence `sequence`: its first event's seq and its bytes.
     fn record_at(&self, sequence: u64) -> Result<(u64, Vec<u8>), LogError> {
         // From the stream's leader (a direct get may be served by a replica that lags).
-        let msg = self.retrying("read a record", || async {
+        let msg = self.nats.retrying("read a record", || async {
             self.stream
                 .get_raw_message(sequence)
                 .await
@@ -260,8 +281,13 @@ impl LogStore for JetStreamLog {
                 .message_id(format!("{}:{}", self.opts.stream, first.seq))
                 .expected_last_sequence(last);
             let ack = self
+                .nats
                 .rt
-                .block_on(self.js.send_publish(self.opts.subject.clone(), publish))
+                .block_on(
+                    self.nats
+                        .js
+                        .send_publish(self.opts.subject.clone(), publish),
+                )
                 .map_err(|e| shared("publish a record")(e.to_string()))?;
             last += 1;
             published.push((first.seq, last, ack));
@@ -278,7 +304,7 @@ impl LogStore for JetStreamLog {
         for (seq, expected, ack) in pending {
             // Every acknowledgement is awaited, also after a failure, so that none is left
             // behind to be taken for a later record's.
-            let result = self.rt.block_on(ack.into_future());
+            let result = self.nats.rt.block_on(ack.into_future());
             if first_error.is_some() {
                 continue;
             }

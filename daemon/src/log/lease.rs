@@ -1,0 +1,163 @@
+//! Partition leases (cluster mode, SPEC §13; issue 15): who may write a partition's log.
+//!
+//! A lease is an entry of a JetStream key-value bucket (replicated like the logs) whose
+//! `max_age` is the lease's time to live: the key is the partition, the value the holder's node
+//! name. A node takes a free lease with `create` (which fails while a live entry exists), and
+//! keeps it by renewing it with `update` conditional on the revision it holds, well within the
+//! TTL. A holder that stops renewing (dead, partitioned, paused) loses the entry when it ages
+//! out, and another node's `create` then succeeds; the old holder's next renewal fails on the
+//! revision, so it knows it was deposed.
+//!
+//! The holder's own view is on the safe side: [`Held::is_valid`] counts the TTL from the moment
+//! it *sent* its last successful create or renewal, on the local monotonic clock, less a
+//! margin, so it believes it holds the lease no longer than the servers keep the entry (they
+//! expire it no earlier than `max_age` after they stored it). A writer checks it before each
+//! append; the log's conditional append ([`super::jetstream`]) is the fence behind it for a
+//! writer paused between the check and the append.
+
+use super::jetstream::Nats;
+use super::LogError;
+use async_nats::jetstream::kv;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The part of the TTL a holder does not count on (its view ends this much before the entry's
+/// age-out).
+const SAFETY_MARGIN_DIVISOR: u32 = 5;
+
+fn shared(op: &'static str) -> impl Fn(String) -> LogError {
+    move |reason| LogError::Shared { op, reason }
+}
+
+/// The leases of a cluster's partitions.
+pub struct Leases {
+    nats: Arc<Nats>,
+    kv: kv::Store,
+    ttl: Duration,
+}
+
+/// A lease this node holds.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// The partition.
+    pub partition: String,
+    /// This node.
+    pub node: String,
+    /// The entry's revision: the condition of the next renewal, and the lease's epoch (it only
+    /// grows, over every lease of the bucket).
+    pub revision: u64,
+    /// Until when this node may act as the holder.
+    pub valid_until: Instant,
+}
+
+impl Held {
+    /// Whether this node may still act as the partition's writer at `now`.
+    pub fn is_valid(&self, now: Instant) -> bool {
+        now < self.valid_until
+    }
+}
+
+impl Leases {
+    /// Open (or create: R`replicas`, one revision kept, entries aging out after `ttl`) the
+    /// bucket `bucket`.
+    pub fn open(
+        nats: Arc<Nats>,
+        bucket: &str,
+        ttl: Duration,
+        replicas: usize,
+    ) -> Result<Leases, LogError> {
+        let config = kv::Config {
+            bucket: bucket.to_string(),
+            history: 1,
+            max_age: ttl,
+            num_replicas: replicas,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        let kv = nats.retrying("open the lease bucket", || async {
+            match nats.js.get_key_value(bucket).await {
+                Ok(kv) => Ok(kv),
+                Err(_) => nats
+                    .js
+                    .create_key_value(config.clone())
+                    .await
+                    .map_err(|e| e.to_string()),
+            }
+        })?;
+        Ok(Leases { nats, kv, ttl })
+    }
+
+    fn valid_until(&self, sent: Instant) -> Instant {
+        sent + self.ttl - self.ttl / SAFETY_MARGIN_DIVISOR
+    }
+
+    /// Take the partition's lease when nobody holds it; `None` while another node does.
+    pub fn try_acquire(&self, partition: &str, node: &str) -> Result<Option<Held>, LogError> {
+        let sent = Instant::now();
+        let created = self
+            .nats
+            .rt
+            .block_on(self.kv.create(partition, node.to_string().into()));
+        match created {
+            Ok(revision) => Ok(Some(Held {
+                partition: partition.to_string(),
+                node: node.to_string(),
+                revision,
+                valid_until: self.valid_until(sent),
+            })),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(shared("take a lease")(format!("{partition}: {e}"))),
+        }
+    }
+
+    /// Renew a held lease. `Ok(false)`: it was lost (aged out and taken, or deleted), and
+    /// `held` is no longer valid.
+    pub fn renew(&self, held: &mut Held) -> Result<bool, LogError> {
+        let sent = Instant::now();
+        let updated = self.nats.rt.block_on(self.kv.update(
+            &held.partition,
+            held.node.clone().into(),
+            held.revision,
+        ));
+        match updated {
+            Ok(revision) => {
+                held.revision = revision;
+                held.valid_until = self.valid_until(sent);
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                held.valid_until = sent;
+                Ok(false)
+            }
+            Err(e) => Err(shared("renew a lease")(format!("{}: {e}", held.partition))),
+        }
+    }
+
+    /// Give a held lease up at once (a node that stops), so another takes over without waiting
+    /// for the TTL. A lease already lost is left alone.
+    pub fn release(&self, held: Held) -> Result<(), LogError> {
+        self.nats
+            .rt
+            .block_on(
+                self.kv
+                    .delete_expect_revision(&held.partition, Some(held.revision)),
+            )
+            .map_err(|e| shared("release a lease")(format!("{}: {e}", held.partition)))
+    }
+
+    /// The partition's holder and its revision, if anybody holds it.
+    pub fn holder(&self, partition: &str) -> Result<Option<(String, u64)>, LogError> {
+        let entry = self.nats.retrying("read a lease", || async {
+            self.kv.entry(partition).await.map_err(|e| e.to_string())
+        })?;
+        Ok(entry.and_then(|e| {
+            (e.operation == kv::Operation::Put)
+                .then(|| (String::from_utf8_lossy(&e.value).into_owned(), e.revision))
+        }))
+    }
+
+    /// The lease's time to live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+}
