@@ -859,6 +859,7 @@ fn write_status(
                 "no budget has seen any usage yet (record some with `bursar record`)"
             )?;
         }
+        write_subscriptions(out, answer)?;
         return Ok(());
     }
     write!(
@@ -868,6 +869,32 @@ fn write_status(
     )?;
     if answer.truncated {
         writeln!(out, "{}", render::status_cut(answer))?;
+    }
+    write_subscriptions(out, answer)?;
+    Ok(())
+}
+
+/// The policy's subscriptions under the buckets: each plan's fee and its current period (its
+/// allowances are among the buckets above, as `subscription:ID:N`).
+fn write_subscriptions(
+    out: &mut dyn Write,
+    answer: &bursar_schemas::wire::StatusAnswer,
+) -> Res<()> {
+    for s in &answer.subscriptions {
+        writeln!(
+            out,
+            "subscription {}: {} per {} (this period {} .. {}), allowances: {}",
+            s.id,
+            bursar_core::money::format_usd(s.fee_micros),
+            s.fee_period,
+            s.period_start,
+            s.period_end,
+            if s.allowances.is_empty() {
+                "none".to_string()
+            } else {
+                s.allowances.join(", ")
+            }
+        )?;
     }
     Ok(())
 }

@@ -293,7 +293,7 @@ impl Filter {
 pub fn exported(env: Envelope, pricer: &Pricer) -> ExportedEvent {
     let (cost, version) = match &env.body {
         EventBody::UsageRecorded(u) => {
-            let (c, _, v) = pricer.usage_cost(&u.model, &u.usage, env.ts);
+            let (c, _, v) = pricer.event_cost(u, env.ts);
             (Some(c), Some(v))
         }
         _ => (None, None),

@@ -17,8 +17,9 @@ pub const MAX_LABEL_VALUE_BYTES: usize = 256;
 const MAX_LABEL_KEY_BYTES: usize = 64;
 /// Room reserved up front for a scope key, so that a typical one is rendered without regrowing.
 const SCOPE_KEY_CAPACITY: usize = 48;
-/// Labels the daemon derives from the event's model; clients may not set them.
-pub const RESERVED_LABELS: [&str; 3] = ["model", "provider", "tier"];
+/// Labels the daemon derives (from the event's model, and `subscription` from the policy's
+/// `[[subscription]]` matches); clients may not set them.
+pub const RESERVED_LABELS: [&str; 4] = ["model", "provider", "tier", "subscription"];
 
 /// A label that is not acceptable, naming where it is (`labels.team`, or `labels` for the map).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,7 +89,7 @@ pub fn validate_client_labels(labels: &Labels) -> Result<(), LabelError> {
         if RESERVED_LABELS.contains(&key.as_str()) {
             return Err(error(format!(
                 "label {key:?} is reserved: the daemon derives model, provider and tier from the \
-                 event's model"
+                 event's model, and subscription from the policy's subscriptions"
             )));
         }
         validate_label_value(value).map_err(error)?;

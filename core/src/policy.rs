@@ -17,8 +17,8 @@ use crate::money::{self, MoneyError};
 use crate::pricing::{self, apply_section, builtin_table, import_litellm};
 use bursar_schemas::policy::{
     BudgetSection, CalendarUnit, DaemonSection, Dollars, Enforce, PolicyFile, PricingSection,
-    ResolvedBudget, ResolvedPolicy, ResolvedTierCap, ResolvedTiers, TiersSection, UnknownModels,
-    WindowSpec,
+    ResolvedBudget, ResolvedPolicy, ResolvedSubscription, ResolvedTierCap, ResolvedTiers,
+    SubscriptionSection, TiersSection, UnknownModels, WindowSpec, ALLOWANCE_ID_PREFIX,
 };
 use bursar_schemas::pricing::PriceTable;
 use std::collections::{BTreeMap, BTreeSet};
@@ -154,6 +154,7 @@ pub fn default_policy() -> LoadedPolicy {
             enforce: Enforce::Deny,
         }],
         pricing: builtin_table(),
+        subscriptions: Vec::new(),
         report_exclude_labels: bursar_schemas::policy::default_report_exclude_labels(),
     };
     // There is no file text: the hash covers the resolved policy itself, so it changes exactly
@@ -295,7 +296,7 @@ fn sections(root: &Table) -> Vec<Section> {
     use bursar_schemas::policy::ModelPriceSection;
     let mut out = Vec::new();
     let mut top = root.clone();
-    for known in ["daemon", "pricing", "tiers", "budget"] {
+    for known in ["daemon", "pricing", "tiers", "budget", "subscription"] {
         top.remove(known);
     }
     out.push(Section {
@@ -368,6 +369,32 @@ fn sections(root: &Table) -> Vec<Section> {
             at: vec![k("budget")],
             item: other.clone(),
             check: check_as::<Vec<BudgetSection>>,
+        }),
+        None => {}
+    }
+    match root.get("subscription") {
+        Some(Item::ArrayOfTables(subs)) => {
+            for (i, b) in subs.iter().enumerate() {
+                out.push(Section {
+                    at: vec![k("subscription"), Seg::Index(i)],
+                    item: Item::Table(b.clone()),
+                    check: check_as::<SubscriptionSection>,
+                });
+            }
+        }
+        Some(Item::Value(Value::Array(subs))) => {
+            for (i, b) in subs.iter().enumerate() {
+                out.push(Section {
+                    at: vec![k("subscription"), Seg::Index(i)],
+                    item: Item::Value(b.clone()),
+                    check: check_as::<SubscriptionSection>,
+                });
+            }
+        }
+        Some(other) => out.push(Section {
+            at: vec![k("subscription")],
+            item: other.clone(),
+            check: check_as::<Vec<SubscriptionSection>>,
         }),
         None => {}
     }
@@ -492,7 +519,9 @@ fn replace_at(root: &mut Item, path: &[Seg], item: Item) -> bool {
         let unknown: Vec<String> = root
             .iter()
             .map(|(key, _)| key.to_string())
-            .filter(|key| !["daemon", "pricing", "tiers", "budget"].contains(&key.as_str()))
+            .filter(|key| {
+                !["daemon", "pricing", "tiers", "budget", "subscription"].contains(&key.as_str())
+            })
             .filter(|key| !top.contains_key(key))
             .collect();
         for key in unknown {
@@ -948,6 +977,7 @@ fn resolve(
             budgets.push(b);
         }
     }
+    let subscriptions = resolve_subscriptions(&raw.subscription, &mut budgets, issues);
     if !issues.0.is_empty() {
         return None;
     }
@@ -961,6 +991,7 @@ fn resolve(
             budgets,
             pricing,
             report_exclude_labels,
+            subscriptions,
         },
         daemon,
     ))
@@ -1246,28 +1277,10 @@ fn money_field(value: &Option<Dollars>, at: Vec<Seg>, issues: &mut Issues) -> Op
     }
 }
 
-fn resolve_budget(b: &BudgetSection, at: &[Seg], issues: &mut Issues) -> Option<ResolvedBudget> {
-    let before = issues.0.len();
-    let field = |name: &str| with(at, k(name));
-
-    if b.id.is_empty() {
-        issues.push(field("id"), "must not be empty");
-    } else if b.id.len() > MAX_BUDGET_ID_BYTES
-        || !b.id.bytes().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-')
-        })
-    {
-        issues.push(
-            field("id"),
-            format!(
-                "{:?} is not a budget id: use 1..={MAX_BUDGET_ID_BYTES} of a-z 0-9 _ . -",
-                b.id
-            ),
-        );
-    }
-
-    for (key, value) in &b.match_labels {
-        let key_at = with(&field("match"), k(key));
+/// A `match` selector's keys and values are label keys and values (`"*"` = any value).
+fn check_match(selector: &BTreeMap<String, String>, at: &[Seg], issues: &mut Issues) {
+    for (key, value) in selector {
+        let key_at = with(at, k(key));
         if !is_label_key(key) {
             issues.push(
                 key_at,
@@ -1285,6 +1298,146 @@ fn resolve_budget(b: &BudgetSection, at: &[Seg], issues: &mut Issues) -> Option<
             );
         }
     }
+}
+
+/// `[[subscription]]`s: each validated, and each of its allowances resolved as a budget (id
+/// `subscription:ID:N`, matching the derived label `subscription = ID`) appended to `budgets`.
+fn resolve_subscriptions(
+    subs: &[SubscriptionSection],
+    budgets: &mut Vec<ResolvedBudget>,
+    issues: &mut Issues,
+) -> Vec<ResolvedSubscription> {
+    let mut out = Vec::with_capacity(subs.len());
+    let mut first_index: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, s) in subs.iter().enumerate() {
+        let at = vec![k("subscription"), Seg::Index(i)];
+        let field = |name: &str| with(&at, k(name));
+        let before = issues.0.len();
+        if let Some(problem) = budget_id_problem(&s.id, "subscription") {
+            issues.push(field("id"), problem);
+        } else if let Some(&j) = first_index.get(s.id.as_str()) {
+            issues.push(
+                field("id"),
+                format!(
+                    "duplicate subscription id {:?} (subscription[{j}] already uses it)",
+                    s.id
+                ),
+            );
+        } else {
+            first_index.insert(&s.id, i);
+        }
+        if s.match_labels.is_empty() {
+            issues.push(
+                field("match"),
+                "say which calls draw on this subscription, e.g. match = { account = \"claude-pro\" } \
+                 (without it, every call would be free)",
+            );
+        }
+        check_match(&s.match_labels, &field("match"), issues);
+        if s.match_labels.contains_key("subscription") {
+            issues.push(
+                with(&field("match"), k("subscription")),
+                "the label subscription is derived from this match: match on the labels agents send",
+            );
+        }
+        let fee_micros = money_field(&s.fee_usd, field("fee_usd"), issues).unwrap_or(0);
+        let fee_period = match s.fee_period.as_deref() {
+            None | Some("month") => CalendarUnit::Month,
+            Some("week") => CalendarUnit::Week,
+            Some("day") => CalendarUnit::Day,
+            Some(other) => {
+                issues.push(
+                    field("fee_period"),
+                    format!("must be \"month\", \"week\" or \"day\", got {other:?}"),
+                );
+                CalendarUnit::Month
+            }
+        };
+        if let Some(name) = &s.timezone {
+            if crate::window::parse_zone(name).is_none() {
+                issues.push(
+                    field("timezone"),
+                    format!(
+                        "{name:?} is not an IANA time zone (such as \"Europe/Berlin\", \
+                         \"America/New_York\" or \"UTC\")"
+                    ),
+                );
+            }
+        }
+        let mut allowances = Vec::with_capacity(s.allowance.len());
+        for (j, a) in s.allowance.iter().enumerate() {
+            let a_at = with(&field("allowance"), Seg::Index(j));
+            if a.max_requests.is_none() && a.max_tokens.is_none() && a.max_concurrent.is_none() {
+                issues.push(
+                    a_at.clone(),
+                    "an allowance needs max_requests, max_tokens or max_concurrent",
+                );
+                continue;
+            }
+            let as_budget = BudgetSection {
+                id: "allowance".to_string(),
+                match_labels: BTreeMap::from([("subscription".to_string(), s.id.clone())]),
+                group_by: s.group_by.clone(),
+                window: a.window.clone(),
+                window_seconds: a.window_seconds,
+                window_offset_seconds: a.window_offset_seconds,
+                resolution_seconds: a.resolution_seconds,
+                calendar: a.calendar.clone(),
+                utc_offset: a.utc_offset.clone(),
+                timezone: a.timezone.clone(),
+                max_usd: None,
+                max_tokens: a.max_tokens,
+                max_requests: a.max_requests,
+                max_concurrent: a.max_concurrent,
+                warn_at: a.warn_at,
+                enforce: None,
+            };
+            if let Some(mut b) = resolve_budget(&as_budget, &a_at, issues) {
+                b.id = format!("{ALLOWANCE_ID_PREFIX}{}:{}", s.id, j + 1);
+                allowances.push(b);
+            }
+        }
+        if issues.0.len() != before {
+            continue;
+        }
+        out.push(ResolvedSubscription {
+            id: s.id.clone(),
+            match_labels: s.match_labels.clone(),
+            fee_micros,
+            fee_period,
+            timezone: s.timezone.clone(),
+            allowances: allowances.iter().map(|b| b.id.clone()).collect(),
+        });
+        budgets.extend(allowances);
+    }
+    out
+}
+
+/// What is wrong with a budget or subscription id, if anything.
+fn budget_id_problem(id: &str, what: &str) -> Option<String> {
+    if id.is_empty() {
+        Some("must not be empty".to_string())
+    } else if id.len() > MAX_BUDGET_ID_BYTES
+        || !id.bytes().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-')
+        })
+    {
+        Some(format!(
+            "{id:?} is not a {what} id: use 1..={MAX_BUDGET_ID_BYTES} of a-z 0-9 _ . -"
+        ))
+    } else {
+        None
+    }
+}
+
+fn resolve_budget(b: &BudgetSection, at: &[Seg], issues: &mut Issues) -> Option<ResolvedBudget> {
+    let before = issues.0.len();
+    let field = |name: &str| with(at, k(name));
+
+    if let Some(problem) = budget_id_problem(&b.id, "budget") {
+        issues.push(field("id"), problem);
+    }
+    check_match(&b.match_labels, &field("match"), issues);
     let mut seen = BTreeSet::new();
     for (i, key) in b.group_by.iter().enumerate() {
         let key_at = with(&field("group_by"), Seg::Index(i));

@@ -249,6 +249,7 @@ fn sim_policy(l: &Limits) -> ResolvedPolicy {
         budgets: vec![team, tpm, daily, trial, conc, soft, meter],
         pricing: sim_prices(),
         report_exclude_labels: vec!["session".into()],
+        subscriptions: Vec::new(),
     }
 }
 

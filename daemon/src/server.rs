@@ -1077,7 +1077,7 @@ async fn stream<W: AsyncWriteExt + Unpin>(
             }
             let (cost, version) = match &env.body {
                 bursar_schemas::event::EventBody::UsageRecorded(u) => {
-                    let (c, _, v) = pricer.usage_cost(&u.model, &u.usage, env.ts);
+                    let (c, _, v) = pricer.event_cost(u, env.ts);
                     (Some(c), Some(v))
                 }
                 _ => (None, None),

@@ -39,6 +39,62 @@ pub struct PolicyFile {
     /// `[[budget]]`: the budgets.
     #[serde(default)]
     pub budget: Vec<BudgetSection>,
+    /// `[[subscription]]`: flat-fee plans whose calls cost nothing per call and count
+    /// against their allowances (SPEC §10).
+    #[serde(default)]
+    pub subscription: Vec<SubscriptionSection>,
+}
+
+/// `[[subscription]]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionSection {
+    /// Unique id, `[a-z0-9_.-]+`; calls it carries get the derived label `subscription`.
+    pub id: String,
+    /// Label selector of the calls that draw on it (all must hold; `"*"` = any value).
+    #[serde(default, rename = "match")]
+    pub match_labels: BTreeMap<String, String>,
+    /// One set of allowances per distinct tuple of these labels (e.g. `["user"]` for a plan
+    /// per seat); none = one set for every call it carries.
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// The flat fee per `fee_period` in USD (shown in status, never charged per call).
+    pub fee_usd: Option<Dollars>,
+    /// `"month"` (default), `"week"` or `"day"`.
+    pub fee_period: Option<String>,
+    /// IANA time zone of the fee period (default UTC).
+    pub timezone: Option<String>,
+    /// `[[subscription.allowance]]`: windows of requests or tokens the plan allows.
+    #[serde(default)]
+    pub allowance: Vec<AllowanceSection>,
+}
+
+/// `[[subscription.allowance]]`: one window of a subscription (any window kind of a budget).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AllowanceSection {
+    /// `"fixed"`, `"rolling"`, `"calendar"` or `"cumulative"` (default).
+    pub window: Option<String>,
+    /// Fixed/rolling window length.
+    pub window_seconds: Option<u64>,
+    /// Fixed only: shift of the epoch alignment.
+    pub window_offset_seconds: Option<i64>,
+    /// Rolling only: bucket size; default `window_seconds / 60`, min 1.
+    pub resolution_seconds: Option<u64>,
+    /// Calendar only: `"day"`, `"week"` or `"month"`.
+    pub calendar: Option<String>,
+    /// Calendar only: UTC offset such as `"+02:00"`.
+    pub utc_offset: Option<String>,
+    /// Calendar only: an IANA time zone.
+    pub timezone: Option<String>,
+    /// Requests allowed per window.
+    pub max_requests: Option<u64>,
+    /// Tokens allowed per window (all token kinds added).
+    pub max_tokens: Option<u64>,
+    /// Calls in flight at once.
+    pub max_concurrent: Option<u64>,
+    /// Warn when utilization would reach this fraction (0 < warn_at <= 1).
+    pub warn_at: Option<f64>,
 }
 
 /// `[daemon]`.
@@ -370,4 +426,37 @@ pub struct ResolvedPolicy {
     /// Labels the report rollups leave out (`[reports] exclude_labels`).
     #[serde(default = "default_report_exclude_labels")]
     pub report_exclude_labels: Vec<String>,
+    /// Subscriptions in file order (their allowances are budgets of `budgets`, with ids that
+    /// start with [`ALLOWANCE_ID_PREFIX`]). Left out of the JSON when empty, so that a policy
+    /// without subscriptions keeps the hash it had before they existed. (The policy is JSON
+    /// inside the bincode of events and snapshots, so this attribute is honoured.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<ResolvedSubscription>,
+}
+
+/// Budget ids of subscription allowances start with this (`subscription:ID:N`, N from 1): a
+/// `[[budget]]` id cannot contain `:`, so the two never collide.
+pub const ALLOWANCE_ID_PREFIX: &str = "subscription:";
+
+/// True when `budget_id` is a subscription allowance's (a deny by it has reason `quota`).
+pub fn is_allowance(budget_id: &str) -> bool {
+    budget_id.starts_with(ALLOWANCE_ID_PREFIX)
+}
+
+/// A validated subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedSubscription {
+    /// Unique id.
+    pub id: String,
+    /// Label selector of the calls that draw on it.
+    pub match_labels: BTreeMap<String, String>,
+    /// The flat fee per period, in micro-USD.
+    pub fee_micros: Micros,
+    /// The fee's period (calendar).
+    pub fee_period: CalendarUnit,
+    /// The fee period's time zone (`None` = UTC).
+    pub timezone: Option<String>,
+    /// Budget ids of its allowances, in file order.
+    pub allowances: Vec<String>,
 }

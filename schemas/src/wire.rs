@@ -708,9 +708,30 @@ pub struct StatusAnswer {
     pub total: u64,
     /// True when `budgets` was cut at the request's `limit`.
     pub truncated: bool,
+    /// The policy's subscriptions (SPEC §10) with their fee and its current period; absent
+    /// when there are none. Their allowances are among `budgets` (ids `subscription:ID:N`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<SubscriptionReport>,
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,
+}
+
+/// A subscription in a `status` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SubscriptionReport {
+    /// Subscription id (the derived label `subscription` of the calls it carries).
+    pub id: String,
+    /// The flat fee per period, in micro-USD (never charged per call).
+    pub fee_micros: Micros,
+    /// `month`, `week` or `day`.
+    pub fee_period: String,
+    /// Start of the current fee period (RFC 3339).
+    pub period_start: String,
+    /// End of the current fee period (RFC 3339).
+    pub period_end: String,
+    /// Budget ids of its allowances.
+    pub allowances: Vec<String>,
 }
 
 /// End of a `tail` or `export` stream.

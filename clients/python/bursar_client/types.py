@@ -141,6 +141,23 @@ def _budgets(obj: Mapping[str, Any]) -> List[BudgetReport]:
 
 
 @dataclass
+class SubscriptionReport:
+    """A flat-fee subscription (SPEC §10) as ``status`` reports it: its fee per period (never
+    charged per call), the current fee period (RFC 3339) and its allowances' budget ids."""
+
+    id: str
+    fee_micros: int
+    fee_period: str
+    period_start: str
+    period_end: str
+    allowances: List[str]
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "SubscriptionReport":
+        return _build(cls, obj)
+
+
+@dataclass
 class HelloAnswer:
     server: str
     protocol: int
@@ -279,11 +296,19 @@ class StatusAnswer:
     budgets: List[BudgetReport]
     total: int = 0
     truncated: bool = False
+    subscriptions: List[SubscriptionReport] = field(default_factory=list)
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "StatusAnswer":
-        return _build(cls, obj, budgets=_budgets(obj))
+        return _build(
+            cls,
+            obj,
+            budgets=_budgets(obj),
+            subscriptions=[
+                SubscriptionReport.from_wire(s) for s in obj.get("subscriptions") or []
+            ],
+        )
 
     def bucket(self, budget: str, key: str = "") -> Optional[BudgetReport]:
         """The bucket of ``budget`` with scope key ``key``, if reported."""

@@ -29,7 +29,7 @@ use crate::labels::{scope_key, selector_matches};
 use crate::pricing;
 use crate::window::Amounts;
 use buckets::{Bucket, BudgetState, Figures, Limits};
-use bursar_schemas::event::{json_inside, EventBody, ReservationLink};
+use bursar_schemas::event::{json_inside, EventBody, ReservationLink, UsageRecorded};
 use bursar_schemas::policy::{ResolvedPolicy, UnknownModels};
 use bursar_schemas::pricing::{ModelPrice, PriceTable};
 use bursar_schemas::wire::{BucketState, Usage};
@@ -855,9 +855,18 @@ impl Ledger {
         price_at(&self.epochs, model, ts)
     }
 
-    /// Cost of usage of `model` at `ts`: `(cost, priced_at_max, price_version)`.
+    /// Cost of a usage event at `ts`: `(cost, priced_at_max, price_version)` ([`event_cost`]).
+    pub fn event_cost(&self, u: &UsageRecorded, ts: TsMicros) -> (Micros, bool, u64) {
+        event_cost(&self.epochs, u, ts)
+    }
+
+    /// Cost of `usage` of `model` at `ts` at the prices in force (no subscription):
+    /// `(cost, priced_at_max, price_version)`.
     pub fn usage_cost(&self, model: &str, usage: &Usage, ts: TsMicros) -> (Micros, bool, u64) {
-        usage_cost(&self.epochs, model, usage, ts)
+        match price_at(&self.epochs, model, ts) {
+            Some((price, at_max, version)) => (pricing::usage_cost(price, usage), at_max, version),
+            None => (0, true, 0),
+        }
     }
 
     /// The price table introduced last (the one new events use unless a later-effective epoch
@@ -1090,7 +1099,7 @@ impl Ledger {
                 self.preload_epoch(p.effective_from, seq, &p.pricing);
             }
             EventBody::UsageRecorded(u) => {
-                let (cost, at_max, _) = self.usage_cost(&u.model, &u.usage, ts);
+                let (cost, at_max, _) = self.event_cost(u, ts);
                 let amounts = Amounts {
                     micros: cost,
                     tokens: total_tokens(&u.usage),
@@ -1328,14 +1337,14 @@ fn price_at<'a>(
     }
 }
 
-fn usage_cost(
-    epochs: &[PriceEpoch],
-    model: &str,
-    usage: &Usage,
-    ts: TsMicros,
-) -> (Micros, bool, u64) {
-    match price_at(epochs, model, ts) {
-        Some((price, at_max, version)) => (pricing::usage_cost(price, usage), at_max, version),
+/// Cost of a usage event at `ts`, `(cost, priced_at_max, price_version)`: its tokens at the
+/// prices in force, or 0 when a subscription carried the call (the derived label
+/// `subscription`, which clients cannot set: SPEC §10, "costs 0 µUSD against money budgets").
+/// The fold, replay, exports and what-if all price events here, so they cannot disagree.
+pub fn event_cost(epochs: &[PriceEpoch], u: &UsageRecorded, ts: TsMicros) -> (Micros, bool, u64) {
+    match price_at(epochs, &u.model, ts) {
+        Some((_, _, version)) if u.labels.contains_key("subscription") => (0, false, version),
+        Some((price, at_max, version)) => (pricing::usage_cost(price, &u.usage), at_max, version),
         None => (0, true, 0),
     }
 }
@@ -1347,9 +1356,9 @@ pub struct Pricer {
 }
 
 impl Pricer {
-    /// Cost of usage of `model` at `ts`: `(cost, priced_at_max, price_version)`.
-    pub fn usage_cost(&self, model: &str, usage: &Usage, ts: TsMicros) -> (Micros, bool, u64) {
-        usage_cost(&self.epochs, model, usage, ts)
+    /// Cost of a usage event at `ts`: `(cost, priced_at_max, price_version)` ([`event_cost`]).
+    pub fn event_cost(&self, u: &UsageRecorded, ts: TsMicros) -> (Micros, bool, u64) {
+        event_cost(&self.epochs, u, ts)
     }
 }
 

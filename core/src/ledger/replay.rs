@@ -154,8 +154,8 @@ fn refold(
     after.apply(ev.seq, ev.ts, &ev.body)?;
     if let EventBody::UsageRecorded(u) = &ev.body {
         if ev.ts >= since {
-            let (old, _, _) = before.usage_cost(&u.model, &u.usage, ev.ts);
-            let (new, _, _) = after.usage_cost(&u.model, &u.usage, ev.ts);
+            let (old, _, _) = before.event_cost(u, ev.ts);
+            let (new, _, _) = after.event_cost(u, ev.ts);
             return Ok(new.saturating_sub(old));
         }
     }

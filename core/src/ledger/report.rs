@@ -5,9 +5,10 @@ use super::Ledger;
 use crate::labels::parse_scope_key;
 use crate::time::format_ts;
 use crate::window::{window_bounds, Amounts};
-use bursar_schemas::policy::{ResolvedBudget, WindowSpec};
+use bursar_schemas::policy::{CalendarUnit, ResolvedBudget, WindowSpec};
 use bursar_schemas::wire::{
-    BucketState, BudgetReport, ErrorCode, StatusAnswer, StatusRequest, WireError,
+    BucketState, BudgetReport, ErrorCode, StatusAnswer, StatusRequest, SubscriptionReport,
+    WireError,
 };
 use bursar_schemas::{Labels, TsMicros};
 use std::collections::HashMap;
@@ -309,8 +310,46 @@ impl Ledger {
                 .collect(),
             total: total as u64,
             truncated: total > limit,
+            subscriptions: self.subscription_reports(now),
             req: None,
         })
+    }
+
+    /// Each subscription of the policy in force with its fee and the fee period holding `now`.
+    pub fn subscription_reports(&self, now: TsMicros) -> Vec<SubscriptionReport> {
+        let Some(policy) = &self.policy else {
+            return Vec::new();
+        };
+        policy
+            .subscriptions
+            .iter()
+            .map(|s| {
+                let period = match &s.timezone {
+                    Some(timezone) => WindowSpec::CalendarZone {
+                        unit: s.fee_period,
+                        timezone: timezone.clone(),
+                    },
+                    None => WindowSpec::Calendar {
+                        unit: s.fee_period,
+                        utc_offset_seconds: 0,
+                    },
+                };
+                let (start, end) = window_bounds(&period, now);
+                SubscriptionReport {
+                    id: s.id.clone(),
+                    fee_micros: s.fee_micros,
+                    fee_period: match s.fee_period {
+                        CalendarUnit::Day => "day",
+                        CalendarUnit::Week => "week",
+                        CalendarUnit::Month => "month",
+                    }
+                    .to_string(),
+                    period_start: format_ts(start),
+                    period_end: end.map(format_ts).unwrap_or_default(),
+                    allowances: s.allowances.clone(),
+                }
+            })
+            .collect()
     }
 }
 

@@ -126,7 +126,7 @@ impl Run {
                     && rid.is_some_and(|r| self.denied_ids.contains(r))
                 {
                     self.answer.usage_left_out += 1;
-                    let (cost, _, _) = self.ledger.usage_cost(&u.model, &u.usage, ev.ts);
+                    let (cost, _, _) = self.ledger.event_cost(u, ev.ts);
                     self.answer.usage_left_out_micros =
                         self.answer.usage_left_out_micros.saturating_add(cost);
                     return Ok(());

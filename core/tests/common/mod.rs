@@ -77,6 +77,7 @@ pub fn policy(budgets: Vec<ResolvedBudget>) -> ResolvedPolicy {
         budgets,
         pricing: prices(),
         report_exclude_labels: vec!["session".into()],
+        subscriptions: Vec::new(),
     }
 }
 

@@ -341,6 +341,7 @@ impl From<ResolvedPolicyV1> for ResolvedPolicy {
             tiers: p.tiers,
             budgets: p.budgets,
             pricing: p.pricing.into(),
+            subscriptions: Vec::new(),
             report_exclude_labels: crate::policy::default_report_exclude_labels(),
         }
     }

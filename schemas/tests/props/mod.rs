@@ -205,6 +205,7 @@ pub fn sample_envelopes() -> Vec<Envelope> {
         }],
         pricing: pricing.clone(),
         report_exclude_labels: vec!["session".into()],
+        subscriptions: Vec::new(),
     };
     let bodies = vec![
         EventBody::PolicyApplied(PolicyApplied {

@@ -138,7 +138,13 @@ impl Ledger {
                 (None, Some(m)) => m,
                 (None, None) => DEFAULT_MAX_OUTPUT_TOKENS,
             };
-            let hold_micros = pricing::worst_case_cost(price, est.input_tokens, max_out);
+            // A call a subscription carries costs nothing per call (SPEC §10): it holds its
+            // tokens and a request, no money.
+            let hold_micros = if eval.labels.contains_key("subscription") {
+                0
+            } else {
+                pricing::worst_case_cost(price, est.input_tokens, max_out)
+            };
             eval.max_output_tokens = max_out;
             eval.hold = Amounts {
                 micros: hold_micros,
@@ -177,8 +183,13 @@ impl Ledger {
                     (Some(b), _) => b.clone(),
                     _ => reason.message.clone(),
                 };
+                let why = if reason.code == "quota" {
+                    SkipReason::Quota
+                } else {
+                    SkipReason::Budget
+                };
                 eval.reason = reason;
-                last = Some(skip(SkipReason::Budget, detail, eval, &mut skipped));
+                last = Some(skip(why, detail, eval, &mut skipped));
                 continue;
             }
             eval.reason = ok_reason(decision);

@@ -129,7 +129,8 @@ impl Ledger {
         }
     }
 
-    /// Client labels plus the derived `model`, `provider` and `tier`.
+    /// Client labels plus the derived `model`, `provider` and `tier`, and `subscription` when a
+    /// subscription carries the call.
     pub fn derived_labels(&self, client: &Labels, model: &str, now: TsMicros) -> Labels {
         let mut labels = client.clone();
         let provider = self
@@ -140,7 +141,21 @@ impl Ledger {
         labels.insert("model".into(), model.to_string());
         labels.insert("provider".into(), provider);
         labels.insert("tier".into(), self.tier_of(model));
+        if let Some(sub) = self.subscription_of(&labels) {
+            labels.insert("subscription".into(), sub.to_string());
+        }
         labels
+    }
+
+    /// The subscription that carries a call with these (derived) labels: the first
+    /// `[[subscription]]` of the policy in force whose `match` holds (SPEC §10).
+    pub fn subscription_of(&self, labels: &Labels) -> Option<&str> {
+        self.policy
+            .as_ref()?
+            .subscriptions
+            .iter()
+            .find(|s| crate::labels::selector_matches(&s.match_labels, labels))
+            .map(|s| s.id.as_str())
     }
 
     /// Append `body` at `now`: stamp it, fold it, and queue it for the log.

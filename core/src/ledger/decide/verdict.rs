@@ -285,6 +285,9 @@ impl Ledger {
             Some(Reason {
                 code: if line.why == Why::MaxKeys {
                     "max_keys".into()
+                } else if bursar_schemas::policy::is_allowance(&b.id) {
+                    // A subscription's allowance ran out (SPEC §10).
+                    "quota".into()
                 } else {
                     "budget".into()
                 },
