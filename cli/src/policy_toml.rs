@@ -8,7 +8,8 @@
 use bursar_core::money::format_usd;
 use bursar_core::pricing::table_to_toml;
 use bursar_schemas::policy::{
-    CalendarUnit, Enforce, ResolvedBudget, ResolvedPolicy, UnknownModels, WindowSpec,
+    is_allowance, CalendarUnit, Enforce, ResolvedBudget, ResolvedPolicy, ResolvedSubscription,
+    UnknownModels, WindowSpec,
 };
 
 /// A TOML basic string, escaped.
@@ -54,6 +55,63 @@ fn budget_toml(b: &ResolvedBudget, out: &mut String) {
         let keys: Vec<String> = b.group_by.iter().map(|k| toml_str(k)).collect();
         out.push_str(&format!("group_by = [{}]\n", keys.join(", ")));
     }
+    window_and_limits(b, out);
+    let enforce = match b.enforce {
+        Enforce::Deny => "deny",
+        Enforce::Warn => "warn",
+    };
+    out.push_str(&format!("enforce = \"{enforce}\"\n"));
+    if b.max_micros.is_none()
+        && b.max_tokens.is_none()
+        && b.max_requests.is_none()
+        && b.max_concurrent.is_none()
+    {
+        out.push_str("# no limit: a meter (reports, never warns or denies)\n");
+    }
+}
+
+/// A subscription and its allowances (whose budgets `p.budgets` holds by id).
+fn subscription_toml(s: &ResolvedSubscription, p: &ResolvedPolicy, out: &mut String) {
+    out.push_str("[[subscription]]\n");
+    out.push_str(&format!("id = {}\n", toml_str(&s.id)));
+    let pairs: Vec<String> = s
+        .match_labels
+        .iter()
+        .map(|(k, v)| format!("{} = {}", toml_key(k), toml_str(v)))
+        .collect();
+    out.push_str(&format!("match = {{ {} }}\n", pairs.join(", ")));
+    let allowances: Vec<&ResolvedBudget> = s
+        .allowances
+        .iter()
+        .filter_map(|id| p.budgets.iter().find(|b| b.id == *id))
+        .collect();
+    if let Some(first) = allowances.first() {
+        if !first.group_by.is_empty() {
+            let keys: Vec<String> = first.group_by.iter().map(|k| toml_str(k)).collect();
+            out.push_str(&format!("group_by = [{}]\n", keys.join(", ")));
+        }
+    }
+    out.push_str(&format!("fee_usd = \"{}\"\n", format_usd(s.fee_micros)));
+    out.push_str(&format!("fee_period = \"{}\"\n", unit_name(&s.fee_period)));
+    if let Some(tz) = &s.timezone {
+        out.push_str(&format!("timezone = {}\n", toml_str(tz)));
+    }
+    for b in allowances {
+        out.push_str("[[subscription.allowance]]\n");
+        window_and_limits(b, out);
+    }
+}
+
+fn unit_name(unit: &CalendarUnit) -> &'static str {
+    match unit {
+        CalendarUnit::Day => "day",
+        CalendarUnit::Week => "week",
+        CalendarUnit::Month => "month",
+    }
+}
+
+/// A budget's window and limit keys (shared by `[[budget]]` and `[[subscription.allowance]]`).
+fn window_and_limits(b: &ResolvedBudget, out: &mut String) {
     match &b.window {
         WindowSpec::Fixed {
             seconds,
@@ -116,18 +174,6 @@ fn budget_toml(b: &ResolvedBudget, out: &mut String) {
     if let Some(ppm) = b.warn_at_ppm {
         out.push_str(&format!("warn_at = {}\n", ppm_fraction(ppm)));
     }
-    let enforce = match b.enforce {
-        Enforce::Deny => "deny",
-        Enforce::Warn => "warn",
-    };
-    out.push_str(&format!("enforce = \"{enforce}\"\n"));
-    if b.max_micros.is_none()
-        && b.max_tokens.is_none()
-        && b.max_requests.is_none()
-        && b.max_concurrent.is_none()
-    {
-        out.push_str("# no limit: a meter (reports, never warns or denies)\n");
-    }
 }
 
 /// The policy as `bursar.toml` text. With `prices`, the full price table follows as
@@ -173,9 +219,13 @@ pub fn policy_to_toml(p: &ResolvedPolicy, prices: bool) -> String {
             out.push_str(&format!("max_call_output_tokens = {t}\n"));
         }
     }
-    for b in &p.budgets {
+    for b in p.budgets.iter().filter(|b| !is_allowance(&b.id)) {
         out.push('\n');
         budget_toml(b, &mut out);
+    }
+    for s in &p.subscriptions {
+        out.push('\n');
+        subscription_toml(s, p, &mut out);
     }
     out.push('\n');
     if prices {
@@ -201,6 +251,36 @@ mod tests {
         let back = parse_policy(&shown, "shown.toml", &|_| Err("no imports".into()))
             .unwrap_or_else(|e| panic!("{e:?}\n{shown}"));
         assert_eq!(back.resolved, loaded.resolved, "{shown}");
+    }
+
+    #[test]
+    fn subscriptions_and_their_allowances_roundtrip() {
+        roundtrip(
+            r#"
+[[budget]]
+id = "team"
+max_usd = 5
+[[subscription]]
+id = "chat-pro"
+match = { account = "chat-pro", model = "claude-*" }
+group_by = ["user"]
+fee_usd = 20
+fee_period = "week"
+timezone = "Europe/Paris"
+[[subscription.allowance]]
+window = "rolling"
+window_seconds = 18000
+max_requests = 45
+[[subscription.allowance]]
+window = "calendar"
+calendar = "week"
+max_tokens = 5000000
+warn_at = 0.8
+[[subscription]]
+id = "free"
+match = { account = "free" }
+"#,
+        );
     }
 
     #[test]

@@ -256,3 +256,39 @@ fn status_shows_each_subscription_with_its_fee_and_current_period() {
     assert_eq!(pro.period_end, "2026-12-01T00:00:00Z");
     assert_eq!(pro.allowances, ["subscription:pro:1", "subscription:pro:2"]);
 }
+
+/// The ```toml blocks of a doc that show subscriptions.
+fn doc_policies(doc: &str) -> Vec<String> {
+    let path = format!("{}/../docs/{doc}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        match (&mut current, line.trim_start()) {
+            (None, l) if l.starts_with("```toml") => current = Some(String::new()),
+            (Some(_), l) if l.starts_with("```") => blocks.extend(current.take()),
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            _ => {}
+        }
+    }
+    blocks.retain(|b| b.contains("[[subscription]]"));
+    blocks
+}
+
+#[test]
+fn the_subscription_examples_of_the_docs_are_valid_policies() {
+    let mut seen = 0;
+    for doc in ["quotas.md", "configuration.md"] {
+        for block in doc_policies(doc) {
+            seen += 1;
+            let p = parse_policy(&block, doc, &no_import)
+                .unwrap_or_else(|e| panic!("{doc}: {e:#?}\n{block}"))
+                .resolved;
+            assert!(!p.subscriptions.is_empty(), "{doc}");
+        }
+    }
+    assert!(seen >= 2, "the docs show subscriptions");
+}
