@@ -15,6 +15,7 @@
 //! Architecture Invariant: the records of one append are either all stored or all absent, and
 //! nothing is durable until `sync` returned `Ok`.
 
+pub mod follow;
 pub mod jetstream;
 pub mod lease;
 mod salvage;

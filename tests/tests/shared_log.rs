@@ -236,3 +236,37 @@ fn a_lease_has_one_holder_and_passes_to_another_node_only_after_its_holder_stopp
     b.release(held_b).unwrap();
     assert!(a.try_acquire("p0", "host-a").unwrap().is_some());
 }
+
+#[test]
+fn a_follower_keeps_a_verified_local_copy_of_the_stream_and_copies_only_what_is_new() {
+    use bursard::log::follow::catch_up;
+    use bursard::log::{verify_chain, SledLog};
+    let Some((_turn, c)) = cluster() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut writer =
+        JetStreamLog::open(options(vec![c.nodes[0].url()], "FOLLOW", tmp.path())).unwrap();
+    write_sample_batches(&mut writer, &[40, 400]);
+    // The follower reads through another node into its own sled data dir.
+    let reader = JetStreamLog::open(options(vec![c.nodes[1].url()], "FOLLOW", tmp.path())).unwrap();
+    let mut copy = SledLog::open(&tmp.path().join("follower")).unwrap();
+    let mut folded = Vec::new();
+    assert_eq!(
+        catch_up(&reader, &mut copy, |e| folded.push(e.seq)).unwrap(),
+        440
+    );
+    write_sample_batches(&mut writer, &[25]);
+    let reader = JetStreamLog::open(options(vec![c.nodes[2].url()], "FOLLOW", tmp.path())).unwrap();
+    assert_eq!(
+        catch_up(&reader, &mut copy, |e| folded.push(e.seq)).unwrap(),
+        25,
+        "a second catch-up copies only the new events"
+    );
+    assert_eq!(folded, (1..=465).collect::<Vec<u64>>());
+    assert_eq!(
+        copy.head(),
+        writer.head(),
+        "the copy's head is the stream's"
+    );
+    let (last, hash) = verify_chain(&copy).unwrap();
+    assert_eq!(Some((last, hash)), writer.head().map(|h| (h.0, h.1)));
+}
