@@ -8,8 +8,8 @@
 use bursar_core::money::format_usd;
 use bursar_core::pricing::table_to_toml;
 use bursar_schemas::policy::{
-    is_allowance, CalendarUnit, Enforce, ResolvedBudget, ResolvedPolicy, ResolvedSubscription,
-    UnknownModels, WindowSpec,
+    is_allowance, is_quota_limit, CalendarUnit, Enforce, ResolvedBudget, ResolvedPolicy,
+    ResolvedSubscription, UnknownModels, WindowSpec,
 };
 
 /// A TOML basic string, escaped.
@@ -219,13 +219,36 @@ pub fn policy_to_toml(p: &ResolvedPolicy, prices: bool) -> String {
             out.push_str(&format!("max_call_output_tokens = {t}\n"));
         }
     }
-    for b in p.budgets.iter().filter(|b| !is_allowance(&b.id)) {
+    for b in p
+        .budgets
+        .iter()
+        .filter(|b| !is_allowance(&b.id) && !is_quota_limit(&b.id))
+    {
         out.push('\n');
         budget_toml(b, &mut out);
     }
     for s in &p.subscriptions {
         out.push('\n');
         subscription_toml(s, p, &mut out);
+    }
+    for q in &p.quotas {
+        out.push_str("\n[[quota]]\n");
+        out.push_str(&format!("id = {}\n", toml_str(&q.id)));
+        out.push_str(&format!("provider = {}\n", toml_str(&q.provider)));
+        if !q.match_labels.is_empty() {
+            let pairs: Vec<String> = q
+                .match_labels
+                .iter()
+                .map(|(k, v)| format!("{} = {}", toml_key(k), toml_str(v)))
+                .collect();
+            out.push_str(&format!("match = {{ {} }}\n", pairs.join(", ")));
+        }
+        if let Some(r) = q.requests_per_minute {
+            out.push_str(&format!("requests_per_minute = {r}\n"));
+        }
+        if let Some(t) = q.tokens_per_minute {
+            out.push_str(&format!("tokens_per_minute = {t}\n"));
+        }
     }
     out.push('\n');
     if prices {
@@ -254,7 +277,7 @@ mod tests {
     }
 
     #[test]
-    fn subscriptions_and_their_allowances_roundtrip() {
+    fn subscriptions_quotas_and_allowances_roundtrip() {
         roundtrip(
             r#"
 [[budget]]
@@ -279,6 +302,15 @@ warn_at = 0.8
 [[subscription]]
 id = "free"
 match = { account = "free" }
+[[quota]]
+id = "openai-prod"
+provider = "openai"
+match = { account = "prod" }
+requests_per_minute = 10000
+tokens_per_minute = 2000000
+[[quota]]
+id = "anthropic"
+provider = "anthropic"
 "#,
         );
     }

@@ -17,8 +17,9 @@ use crate::money::{self, MoneyError};
 use crate::pricing::{self, apply_section, builtin_table, import_litellm};
 use bursar_schemas::policy::{
     BudgetSection, CalendarUnit, DaemonSection, Dollars, Enforce, PolicyFile, PricingSection,
-    ResolvedBudget, ResolvedPolicy, ResolvedSubscription, ResolvedTierCap, ResolvedTiers,
-    SubscriptionSection, TiersSection, UnknownModels, WindowSpec, ALLOWANCE_ID_PREFIX,
+    QuotaSection, ResolvedBudget, ResolvedPolicy, ResolvedQuota, ResolvedSubscription,
+    ResolvedTierCap, ResolvedTiers, SubscriptionSection, TiersSection, UnknownModels, WindowSpec,
+    ALLOWANCE_ID_PREFIX, QUOTA_ID_PREFIX,
 };
 use bursar_schemas::pricing::PriceTable;
 use std::collections::{BTreeMap, BTreeSet};
@@ -155,6 +156,7 @@ pub fn default_policy() -> LoadedPolicy {
         }],
         pricing: builtin_table(),
         subscriptions: Vec::new(),
+        quotas: Vec::new(),
         report_exclude_labels: bursar_schemas::policy::default_report_exclude_labels(),
     };
     // There is no file text: the hash covers the resolved policy itself, so it changes exactly
@@ -296,7 +298,14 @@ fn sections(root: &Table) -> Vec<Section> {
     use bursar_schemas::policy::ModelPriceSection;
     let mut out = Vec::new();
     let mut top = root.clone();
-    for known in ["daemon", "pricing", "tiers", "budget", "subscription"] {
+    for known in [
+        "daemon",
+        "pricing",
+        "tiers",
+        "budget",
+        "subscription",
+        "quota",
+    ] {
         top.remove(known);
     }
     out.push(Section {
@@ -395,6 +404,32 @@ fn sections(root: &Table) -> Vec<Section> {
             at: vec![k("subscription")],
             item: other.clone(),
             check: check_as::<Vec<SubscriptionSection>>,
+        }),
+        None => {}
+    }
+    match root.get("quota") {
+        Some(Item::ArrayOfTables(quotas)) => {
+            for (i, q) in quotas.iter().enumerate() {
+                out.push(Section {
+                    at: vec![k("quota"), Seg::Index(i)],
+                    item: Item::Table(q.clone()),
+                    check: check_as::<QuotaSection>,
+                });
+            }
+        }
+        Some(Item::Value(Value::Array(quotas))) => {
+            for (i, q) in quotas.iter().enumerate() {
+                out.push(Section {
+                    at: vec![k("quota"), Seg::Index(i)],
+                    item: Item::Value(q.clone()),
+                    check: check_as::<QuotaSection>,
+                });
+            }
+        }
+        Some(other) => out.push(Section {
+            at: vec![k("quota")],
+            item: other.clone(),
+            check: check_as::<Vec<QuotaSection>>,
         }),
         None => {}
     }
@@ -520,7 +555,15 @@ fn replace_at(root: &mut Item, path: &[Seg], item: Item) -> bool {
             .iter()
             .map(|(key, _)| key.to_string())
             .filter(|key| {
-                !["daemon", "pricing", "tiers", "budget", "subscription"].contains(&key.as_str())
+                ![
+                    "daemon",
+                    "pricing",
+                    "tiers",
+                    "budget",
+                    "subscription",
+                    "quota",
+                ]
+                .contains(&key.as_str())
             })
             .filter(|key| !top.contains_key(key))
             .collect();
@@ -978,6 +1021,7 @@ fn resolve(
         }
     }
     let subscriptions = resolve_subscriptions(&raw.subscription, &mut budgets, issues);
+    let quotas = resolve_quotas(&raw.quota, &mut budgets, issues);
     if !issues.0.is_empty() {
         return None;
     }
@@ -992,6 +1036,7 @@ fn resolve(
             pricing,
             report_exclude_labels,
             subscriptions,
+            quotas,
         },
         daemon,
     ))
@@ -1409,6 +1454,91 @@ fn resolve_subscriptions(
             allowances: allowances.iter().map(|b| b.id.clone()).collect(),
         });
         budgets.extend(allowances);
+    }
+    out
+}
+
+/// `[[quota]]`s: each validated; its known limits (`requests_per_minute`, `tokens_per_minute`)
+/// resolved as rolling one-minute budgets `quota:ID:requests` and `quota:ID:tokens` over the
+/// calls whose derived `provider` (and `match`) it names, appended to `budgets`.
+fn resolve_quotas(
+    quotas: &[QuotaSection],
+    budgets: &mut Vec<ResolvedBudget>,
+    issues: &mut Issues,
+) -> Vec<ResolvedQuota> {
+    let mut out = Vec::with_capacity(quotas.len());
+    let mut first_index: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, q) in quotas.iter().enumerate() {
+        let at = vec![k("quota"), Seg::Index(i)];
+        let field = |name: &str| with(&at, k(name));
+        let before = issues.0.len();
+        if let Some(problem) = budget_id_problem(&q.id, "quota") {
+            issues.push(field("id"), problem);
+        } else if let Some(&j) = first_index.get(q.id.as_str()) {
+            issues.push(
+                field("id"),
+                format!("duplicate quota id {:?} (quota[{j}] already uses it)", q.id),
+            );
+        } else {
+            first_index.insert(&q.id, i);
+        }
+        if q.provider.is_empty()
+            || q.provider.len() > MAX_LABEL_VALUE_BYTES
+            || q.provider.chars().any(char::is_control)
+        {
+            issues.push(
+                field("provider"),
+                "name the provider label of the calls it governs, e.g. \"openai\"",
+            );
+        }
+        check_match(&q.match_labels, &field("match"), issues);
+        if q.match_labels.contains_key("provider") {
+            issues.push(
+                with(&field("match"), k("provider")),
+                "give the provider as `provider = ...` of the quota, not in its match",
+            );
+        }
+        for (key, value) in [
+            ("requests_per_minute", q.requests_per_minute),
+            ("tokens_per_minute", q.tokens_per_minute),
+        ] {
+            if value == Some(0) {
+                issues.push(field(key), "must be at least 1 (leave it out when unknown)");
+            }
+        }
+        if issues.0.len() != before {
+            continue;
+        }
+        let mut selector = q.match_labels.clone();
+        selector.insert("provider".to_string(), q.provider.clone());
+        let limit = |what: &str, requests: Option<u64>, tokens: Option<u64>| ResolvedBudget {
+            id: format!("{QUOTA_ID_PREFIX}{}:{what}", q.id),
+            match_labels: selector.clone(),
+            group_by: Vec::new(),
+            window: WindowSpec::Rolling {
+                seconds: 60,
+                resolution_seconds: 1,
+            },
+            max_micros: None,
+            max_tokens: tokens,
+            max_requests: requests,
+            max_concurrent: None,
+            warn_at_ppm: None,
+            enforce: Enforce::Deny,
+        };
+        if q.requests_per_minute.is_some() {
+            budgets.push(limit("requests", q.requests_per_minute, None));
+        }
+        if q.tokens_per_minute.is_some() {
+            budgets.push(limit("tokens", None, q.tokens_per_minute));
+        }
+        out.push(ResolvedQuota {
+            id: q.id.clone(),
+            provider: q.provider.clone(),
+            match_labels: q.match_labels.clone(),
+            requests_per_minute: q.requests_per_minute,
+            tokens_per_minute: q.tokens_per_minute,
+        });
     }
     out
 }

@@ -250,6 +250,7 @@ fn sim_policy(l: &Limits) -> ResolvedPolicy {
         pricing: sim_prices(),
         report_exclude_labels: vec!["session".into()],
         subscriptions: Vec::new(),
+        quotas: Vec::new(),
     }
 }
 

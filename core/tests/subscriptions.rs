@@ -274,12 +274,12 @@ fn doc_policies(doc: &str) -> Vec<String> {
             _ => {}
         }
     }
-    blocks.retain(|b| b.contains("[[subscription]]"));
+    blocks.retain(|b| b.contains("[[subscription]]") || b.contains("[[quota]]"));
     blocks
 }
 
 #[test]
-fn the_subscription_examples_of_the_docs_are_valid_policies() {
+fn the_subscription_and_quota_examples_of_the_docs_are_valid_policies() {
     let mut seen = 0;
     for doc in ["quotas.md", "configuration.md"] {
         for block in doc_policies(doc) {
@@ -287,8 +287,8 @@ fn the_subscription_examples_of_the_docs_are_valid_policies() {
             let p = parse_policy(&block, doc, &no_import)
                 .unwrap_or_else(|e| panic!("{doc}: {e:#?}\n{block}"))
                 .resolved;
-            assert!(!p.subscriptions.is_empty(), "{doc}");
+            assert!(!p.subscriptions.is_empty() || !p.quotas.is_empty(), "{doc}");
         }
     }
-    assert!(seen >= 2, "the docs show subscriptions");
+    assert!(seen >= 3, "the docs show subscriptions and a quota");
 }

@@ -43,6 +43,26 @@ pub struct PolicyFile {
     /// against their allowances (SPEC §10).
     #[serde(default)]
     pub subscription: Vec<SubscriptionSection>,
+    /// `[[quota]]`: a provider's rate limits for one key or account (SPEC §10).
+    #[serde(default)]
+    pub quota: Vec<QuotaSection>,
+}
+
+/// `[[quota]]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSection {
+    /// Unique id, `[a-z0-9_.-]+`.
+    pub id: String,
+    /// The derived label `provider` of the calls it governs.
+    pub provider: String,
+    /// Optional narrowing (e.g. `{ account = "prod" }`).
+    #[serde(default, rename = "match")]
+    pub match_labels: BTreeMap<String, String>,
+    /// Known requests per minute.
+    pub requests_per_minute: Option<u64>,
+    /// Known tokens per minute (all kinds).
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// `[[subscription]]`.
@@ -432,6 +452,30 @@ pub struct ResolvedPolicy {
     /// inside the bincode of events and snapshots, so this attribute is honoured.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscriptions: Vec<ResolvedSubscription>,
+    /// Provider quotas in file order (their known limits are budgets of `budgets`, ids
+    /// starting with [`QUOTA_ID_PREFIX`]); left out of the JSON when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<ResolvedQuota>,
+}
+
+/// Budget ids of a `[[quota]]`'s known limits start with this (`quota:ID:requests`,
+/// `quota:ID:tokens`).
+pub const QUOTA_ID_PREFIX: &str = "quota:";
+
+/// A validated `[[quota]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedQuota {
+    /// Unique id.
+    pub id: String,
+    /// The provider label it governs.
+    pub provider: String,
+    /// Extra selector.
+    pub match_labels: BTreeMap<String, String>,
+    /// Known requests per minute.
+    pub requests_per_minute: Option<u64>,
+    /// Known tokens per minute.
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// Budget ids of subscription allowances start with this (`subscription:ID:N`, N from 1): a
@@ -441,6 +485,11 @@ pub const ALLOWANCE_ID_PREFIX: &str = "subscription:";
 /// True when `budget_id` is a subscription allowance's (a deny by it has reason `quota`).
 pub fn is_allowance(budget_id: &str) -> bool {
     budget_id.starts_with(ALLOWANCE_ID_PREFIX)
+}
+
+/// True when `budget_id` stands for a `[[quota]]`'s known limit (a deny has reason `quota`).
+pub fn is_quota_limit(budget_id: &str) -> bool {
+    budget_id.starts_with(QUOTA_ID_PREFIX)
 }
 
 /// A validated subscription.

@@ -78,6 +78,7 @@ pub fn policy(budgets: Vec<ResolvedBudget>) -> ResolvedPolicy {
         pricing: prices(),
         report_exclude_labels: vec!["session".into()],
         subscriptions: Vec::new(),
+        quotas: Vec::new(),
     }
 }
 

@@ -342,6 +342,7 @@ impl From<ResolvedPolicyV1> for ResolvedPolicy {
             budgets: p.budgets,
             pricing: p.pricing.into(),
             subscriptions: Vec::new(),
+            quotas: Vec::new(),
             report_exclude_labels: crate::policy::default_report_exclude_labels(),
         }
     }

@@ -206,6 +206,7 @@ pub fn sample_envelopes() -> Vec<Envelope> {
         pricing: pricing.clone(),
         report_exclude_labels: vec!["session".into()],
         subscriptions: Vec::new(),
+        quotas: Vec::new(),
     };
     let bodies = vec![
         EventBody::PolicyApplied(PolicyApplied {

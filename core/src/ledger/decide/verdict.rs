@@ -285,8 +285,10 @@ impl Ledger {
             Some(Reason {
                 code: if line.why == Why::MaxKeys {
                     "max_keys".into()
-                } else if bursar_schemas::policy::is_allowance(&b.id) {
-                    // A subscription's allowance ran out (SPEC §10).
+                } else if bursar_schemas::policy::is_allowance(&b.id)
+                    || bursar_schemas::policy::is_quota_limit(&b.id)
+                {
+                    // A subscription's allowance or a provider's quota ran out (SPEC §10).
                     "quota".into()
                 } else {
                     "budget".into()
