@@ -9,6 +9,7 @@ pub mod ledger;
 pub mod money;
 pub mod policy;
 pub mod pricing;
+pub mod tiers;
 pub mod time;
 pub mod toml_text;
 pub mod window;

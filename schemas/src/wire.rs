@@ -708,6 +708,9 @@ pub struct StatusAnswer {
     pub total: u64,
     /// True when `budgets` was cut at the request's `limit`.
     pub truncated: bool,
+    /// The tiers of the policy in force, with their metadata (SPEC §10).
+    #[serde(default)]
+    pub tiers: Vec<crate::policy::TierDef>,
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,

@@ -37,6 +37,7 @@ from .types import (
     ReportRow,
     Skipped,
     StatusAnswer,
+    Tier,
     Usage,
     UsageAnswer,
     VerifyAnswer,
@@ -54,7 +55,7 @@ __all__ = [
     "BadRequest", "BudgetDenied", "BursarError", "Conflict", "Disconnected", "Forbidden",
     "Internal", "NotFound", "Overloaded", "ProtocolError", "TooLarge", "Unavailable", "UnknownOp",
     "BudgetReport", "DecisionAnswer", "DiffRow", "Event", "ExtendAnswer", "HelloAnswer", "Reason",
-    "ReleaseAnswer", "ReloadAnswer", "ReplayAnswer", "ReportAnswer", "ReportRow", "Skipped", "StatusAnswer", "Usage",
+    "ReleaseAnswer", "ReloadAnswer", "ReplayAnswer", "ReportAnswer", "ReportRow", "Skipped", "StatusAnswer", "Tier", "Usage",
     "UsageAnswer", "VerifyAnswer", "WhatIfAnswer", "WhatIfDenial", "WhatIfExhausted", "WhatIfPeak",
     "default_socket_path", "micros_to_usd", "new_id",
 ]

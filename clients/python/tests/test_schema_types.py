@@ -41,6 +41,7 @@ ANSWERS: Dict[type, Tuple[str, Any]] = {
     types.WhatIfExhausted: ("answer-what-if", "WhatIfExhausted"),
     types.WhatIfPeak: ("answer-what-if", "WhatIfPeak"),
     types.BudgetReport: ("answer-status", "BudgetReport"),
+    types.Tier: ("answer-status", "TierDef"),
     types.Reason: ("answer-decision", "Reason"),
     types.Skipped: ("answer-decision", "Skipped"),
     types.DiffRow: ("answer-replay", "DiffRow"),

@@ -309,6 +309,11 @@ impl Ledger {
                 .collect(),
             total: total as u64,
             truncated: total > limit,
+            tiers: self
+                .policy
+                .as_ref()
+                .map(|p| crate::tiers::all_tiers(&p.tiers))
+                .unwrap_or_default(),
             req: None,
         })
     }

@@ -34,7 +34,7 @@ impl Writer {
         &mut self,
         l: &mut Ledger,
         batch: &mut Batch,
-        policy: Option<LoadedPolicy>,
+        policy: Option<Box<LoadedPolicy>>,
         actor: Actor,
         req: Option<Value>,
         poisoned: bool,
@@ -43,7 +43,7 @@ impl Writer {
             return error_line(ErrorCode::Unavailable, UNAVAILABLE, req);
         }
         let loaded = match policy {
-            Some(p) => Ok(p),
+            Some(p) => Ok(*p),
             None => (self.reload)(),
         };
         match loaded {
