@@ -1673,7 +1673,7 @@ fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
             }
             writeln!(
                 out,
-                "{}: ok ({} budgets: {}; {} priced models; default tier {:?})",
+                "{}: ok ({} budgets: {}; {} priced models; default tier {:?}){}",
                 file.display(),
                 r.budgets.len(),
                 r.budgets
@@ -1682,7 +1682,12 @@ fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
                     .collect::<Vec<_>>()
                     .join(", "),
                 r.pricing.models.len(),
-                r.tiers.default
+                r.tiers.default,
+                match warnings.len() {
+                    0 => String::new(),
+                    1 => ", 1 warning".to_string(),
+                    n => format!(", {n} warnings"),
+                }
             )?;
             Ok(0)
         }
