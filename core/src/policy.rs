@@ -1173,6 +1173,14 @@ fn resolve_tiers(tiers: Option<&TiersSection>, issues: &mut Issues) -> ResolvedT
         .into_iter()
         .filter(|d| !removed.contains(d.id.as_str()))
         .collect();
+    if let Some(n) = t.defs.as_ref().map(BTreeMap::len) {
+        if n > MAX_TIER_DEFS {
+            issues.push(
+                with(&at, k("defs")),
+                format!("at most {MAX_TIER_DEFS} tiers may be defined, got {n}"),
+            );
+        }
+    }
     for (id, section) in t.defs.iter().flatten() {
         let def_at = with(&with(&at, k("defs")), k(id));
         if let Some(problem) = tier_name_problem(id) {
@@ -1267,6 +1275,8 @@ fn quoted_list<'a>(items: impl Iterator<Item = &'a str>) -> String {
         .join(", ")
 }
 
+/// Most `[tiers.defs.ID]` tables (every `status` answer carries the tiers).
+pub const MAX_TIER_DEFS: usize = 1000;
 /// Longest tier `display_name`, in bytes.
 pub const MAX_TIER_DISPLAY_NAME_BYTES: usize = 128;
 /// Longest tier `description`, in bytes.

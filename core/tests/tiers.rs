@@ -272,6 +272,11 @@ fn tier_metadata_is_checked_field_by_field() {
         2,
     );
     error_at(&def("display_nam = \"X\""), "tiers.defs.x.display_nam", 2);
+    let many: Vec<String> = (0..1001).map(|i| format!("[tiers.defs.t{i}]")).collect();
+    let errs = errors(&(many.join("\n") + "\n"));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_eq!(errs[0].key, "tiers.defs");
+    assert!(errs[0].message.contains("at most 1000 tiers"), "{errs:#?}");
     let long_id = "t".repeat(300);
     let errs = errors(&file(&[&format!("[tiers.defs.{long_id}]")]));
     assert!(errs[0].message.contains("tier name"), "{errs:#?}");
