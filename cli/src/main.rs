@@ -31,8 +31,8 @@ const EXIT_ERROR: u8 = 1;
 
 const AFTER_HELP: &str = "\
 Socket: --socket, else $BURSAR_SOCKET, else $XDG_RUNTIME_DIR/bursar.sock, else ./bursar.sock.
-Offline: with --data-dir DIR, `status`, `export`, `verify`, `tail`, `replay` (dry run) and
-`policy show` read a stopped daemon's data dir directly.
+Offline: with --data-dir DIR, `status`, `export`, `verify`, `tail`, `replay` (dry run),
+`policy show` and `tiers` read a stopped daemon's data dir directly.
 Money is shown in exact dollars; --json prints the daemon's answers as they are (micro-USD).
 Exit codes: 0 ok, 1 error, 2 usage error, 3 `check`/`reserve` denied.";
 
@@ -89,6 +89,9 @@ enum Command {
     /// Check a policy file, or show the policy in force.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Cost tiers: each with its metadata and the priced models it holds (of the policy in
+    /// force, or of --config FILE).
+    Tiers(TiersArgs),
     /// Make the daemon read its policy file again (admin only).
     Reload,
     /// Price tables.
@@ -383,6 +386,14 @@ struct ReportArgs {
 }
 
 #[derive(Args, Debug)]
+struct TiersArgs {
+    /// Read the tiers and prices of this bursar.toml (checked as `policy check` does) instead
+    /// of the policy in force.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 struct ReplayArgs {
     /// New prices: a TOML file with a [pricing] section (as in bursar.toml), or a LiteLLM
     /// JSON price file. Merged over the prices in force.
@@ -503,7 +514,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
             Source::Daemon(path) => Ok(Client::connect(path)?),
             Source::Offline(_) => Err(msg(format!(
                 "`bursar {name}` needs the daemon; --data-dir works with status, export, verify, \
-                 tail, replay (dry run), policy show and salvage"
+                 tail, replay (dry run), policy show, tiers and salvage"
             ))),
         }
     };
@@ -617,6 +628,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
             policy_init(path.as_deref(), *force, out)
         }
         Command::Policy(PolicyCommand::Show { prices }) => policy_show(&source, *prices, json, out),
+        Command::Tiers(a) => tiers(&source, a, json, out),
         Command::Reload => {
             let mut c = online("reload")?;
             let before = c.hello(Some("bursar-cli"))?;
@@ -1619,10 +1631,50 @@ fn own_units(source: &Source, a: &bursar_schemas::wire::ReplayAnswer) -> render:
     found
 }
 
+/// What `policy check` warns about in a valid policy (SPEC §10): a tier named but not defined
+/// (in a file without `[tiers.defs]`), a model priced outside its tier's `price_range`. Each is
+/// `(key, message)`.
+fn policy_warnings(r: &bursar_schemas::policy::ResolvedPolicy) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = bursar_core::tiers::undefined_tiers(&r.tiers)
+        .into_iter()
+        .map(|u| {
+            (
+                u.key,
+                format!(
+                    "tier {:?} is not defined (it has no display name, description or price \
+                     range); define it as [tiers.defs.{}]",
+                    u.tier,
+                    policy_toml::toml_key(&u.tier)
+                ),
+            )
+        })
+        .collect();
+    out.extend(
+        bursar_core::tiers::prices_outside_ranges(r)
+            .into_iter()
+            .map(|w| {
+                (
+                    w.key,
+                    format!(
+                        "model {:?} costs {} per million input tokens, outside the price_range \
+                         {}..{} of its tier {:?}",
+                        w.model,
+                        render::usd(w.input_per_mtok),
+                        render::usd(w.range.min_input_per_mtok),
+                        render::usd(w.range.max_input_per_mtok),
+                        w.tier
+                    ),
+                )
+            }),
+    );
+    out
+}
+
 fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
     match bursard::config::load_policy_file(file) {
         Ok(p) => {
             let r = &p.resolved;
+            let warnings = policy_warnings(r);
             if json {
                 return json_line(
                     out,
@@ -1631,14 +1683,24 @@ fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
                         "file": file.display().to_string(),
                         "budgets": r.budgets.iter().map(|b| b.id.clone()).collect::<Vec<_>>(),
                         "priced_models": r.pricing.models.len(),
-                        "tiers": r.tiers.caps.keys().collect::<Vec<_>>(),
+                        "tiers": bursar_core::tiers::all_tiers(&r.tiers)
+                            .into_iter()
+                            .map(|t| t.id)
+                            .collect::<Vec<_>>(),
+                        "warnings": warnings
+                            .iter()
+                            .map(|(key, message)| serde_json::json!({"key": key, "message": message}))
+                            .collect::<Vec<_>>(),
                         "source_hash": p.source_hash,
                     }),
                 );
             }
+            for (key, message) in &warnings {
+                eprintln!("bursar: warning: {}: {key}: {message}", file.display());
+            }
             writeln!(
                 out,
-                "{}: ok ({} budgets: {}; {} priced models; default tier {:?})",
+                "{}: ok ({} budgets: {}; {} priced models; default tier {:?}){}",
                 file.display(),
                 r.budgets.len(),
                 r.budgets
@@ -1647,7 +1709,12 @@ fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
                     .collect::<Vec<_>>()
                     .join(", "),
                 r.pricing.models.len(),
-                r.tiers.default
+                r.tiers.default,
+                match warnings.len() {
+                    0 => String::new(),
+                    1 => ", 1 warning".to_string(),
+                    n => format!(", {n} warnings"),
+                }
             )?;
             Ok(0)
         }
@@ -1742,6 +1809,84 @@ fn policy_show(source: &Source, prices: bool, json: bool, out: &mut dyn Write) -
         p.policy_version, event.time, event.seq, p.source, p.source_hash
     )?;
     write!(out, "{}", policy_toml::policy_to_toml(&p.policy, prices))?;
+    Ok(0)
+}
+
+/// `bursar tiers`: the tiers of `--config FILE`, else of the policy in force (the last
+/// `policy_applied`, from the daemon or a data dir), with the models of its price table.
+fn tiers(source: &Source, a: &TiersArgs, json: bool, out: &mut dyn Write) -> Res<u8> {
+    let (policy, from) = match &a.config {
+        Some(file) => match bursard::config::load_policy_file(file) {
+            Ok(p) => (p.resolved, file.display().to_string()),
+            Err(bursard::config::ConfigError::Invalid(errs)) => {
+                return Err(msg(errs
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\nbursar: ")))
+            }
+            Err(bursard::config::ConfigError::Read { path, source }) => {
+                return Err(msg(format!(
+                    "cannot read {path}: {}",
+                    bursar_cli::os_message(&source)
+                )))
+            }
+        },
+        None => {
+            let event = match source {
+                Source::Offline(dir) => open_offline(dir)?.last_policy_event()?,
+                Source::Daemon(path) => Client::last_policy_event(path)?,
+            };
+            let Some(event) = event else {
+                return Err(msg("the log holds no policy yet"));
+            };
+            let EventBody::PolicyApplied(p) = event.body else {
+                return Err(msg("the last policy event is not a policy_applied"));
+            };
+            let from = format!("policy version {} ({})", p.policy_version, p.source);
+            (p.policy, from)
+        }
+    };
+    let listing = bursar_core::tiers::listing(&policy);
+    if json {
+        let tiers: Vec<Value> = listing
+            .iter()
+            .map(|l| {
+                let range = l.tier.price_range;
+                serde_json::json!({
+                    "id": l.tier.id,
+                    "origin": l.tier.origin,
+                    "display_name": l.tier.display_name,
+                    "description": l.tier.description,
+                    "price_range": range,
+                    "color": l.tier.color,
+                    "icon": l.tier.icon,
+                    "default": l.is_default,
+                    "models": l.models.iter().map(|m| serde_json::json!({
+                        "model": m.model,
+                        "provider": m.price.provider,
+                        "input_per_mtok": m.price.input_per_mtok,
+                        "output_per_mtok": m.price.output_per_mtok,
+                        "in_range": range.is_none_or(|r| {
+                            (r.min_input_per_mtok..=r.max_input_per_mtok)
+                                .contains(&m.price.input_per_mtok)
+                        }),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        return json_line(
+            out,
+            &serde_json::json!({"ok": true, "source": from, "default": policy.tiers.default,
+                                "tiers": tiers}),
+        );
+    }
+    writeln!(
+        out,
+        "tiers of {from}; default tier {:?}\n",
+        policy.tiers.default
+    )?;
+    write!(out, "{}", render::tiers_table(&listing))?;
     Ok(0)
 }
 

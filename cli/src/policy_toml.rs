@@ -9,7 +9,7 @@ use bursar_core::money::format_usd;
 use bursar_core::pricing::table_to_toml;
 use bursar_schemas::policy::{
     is_allowance, is_quota_limit, CalendarUnit, Enforce, ResolvedBudget, ResolvedPolicy,
-    ResolvedSubscription, UnknownModels, WindowSpec,
+    ResolvedSubscription, TierOrigin, UnknownModels, WindowSpec,
 };
 
 /// A TOML basic string, escaped.
@@ -210,6 +210,43 @@ pub fn policy_to_toml(p: &ResolvedPolicy, prices: bool) -> String {
         }
         out.push_str("]\n");
     }
+    // Built-in tiers the policy lacks, or has redefined afresh, were removed.
+    let removed: Vec<String> = bursar_core::tiers::BUILTIN_TIER_IDS
+        .iter()
+        .filter(|id| {
+            !p.tiers.defs.is_empty()
+                && !p.tiers.defs.iter().any(|d| {
+                    d.id == **id && matches!(d.origin, TierOrigin::Builtin | TierOrigin::Changed)
+                })
+        })
+        .map(|id| toml_str(id))
+        .collect();
+    if !removed.is_empty() {
+        out.push_str(&format!("remove = [{}]\n", removed.join(", ")));
+    }
+    for d in &p.tiers.defs {
+        if !matches!(d.origin, TierOrigin::Changed | TierOrigin::Defined) {
+            continue;
+        }
+        out.push_str(&format!("[tiers.defs.{}]\n", toml_key(&d.id)));
+        for (key, value) in [
+            ("display_name", &d.display_name),
+            ("description", &d.description),
+            ("color", &d.color),
+            ("icon", &d.icon),
+        ] {
+            if let Some(v) = value {
+                out.push_str(&format!("{key} = {}\n", toml_str(v)));
+            }
+        }
+        if let Some(r) = d.price_range {
+            out.push_str(&format!(
+                "price_range = [\"{}\", \"{}\"]\n",
+                format_usd(r.min_input_per_mtok),
+                format_usd(r.max_input_per_mtok)
+            ));
+        }
+    }
     for (name, cap) in &p.tiers.caps {
         out.push_str(&format!("[tiers.caps.{}]\n", toml_key(name)));
         if let Some(m) = cap.max_call_micros {
@@ -370,6 +407,42 @@ max_concurrent = 2
 [[budget]]
 id = "meter"
 group_by = ["model"]
+"#,
+        );
+    }
+
+    #[test]
+    fn tier_definitions_changes_and_removals_roundtrip() {
+        roundtrip(
+            r##"
+[tiers]
+default = "low"
+patterns = [ { match = "gpt-4o*", tier = "frontier" }, { match = "o1*", tier = "premium" } ]
+remove = ["medium", "high"]
+[tiers.defs.frontier]
+display_name = "Frontier \"max\""
+description = "The best there is"
+price_range = [2, 20.5]
+color = "#abc"
+icon = "*"
+[tiers.defs.premium]
+display_name = "Top"
+[tiers.defs.high]
+description = "high, defined afresh"
+[tiers.caps.frontier]
+max_call_usd = 1
+"##,
+        );
+    }
+
+    #[test]
+    fn a_legacy_tiers_section_roundtrips_without_definitions() {
+        roundtrip(
+            r#"
+[tiers]
+default = "small"
+patterns = [ { match = "gpt-4o*", tier = "frontier" } ]
+remove = ["premium"]
 "#,
         );
     }

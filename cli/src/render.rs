@@ -4,9 +4,10 @@
 //! many decimals as needed. Machine output (`--json`) does not come through here.
 
 use bursar_core::money::format_usd;
+use bursar_core::tiers::TierListing;
 use bursar_core::time::parse_ts;
 use bursar_schemas::event::EventBody;
-use bursar_schemas::policy::Enforce;
+use bursar_schemas::policy::{Enforce, TierOrigin, TierPriceRange};
 use bursar_schemas::wire::{
     BucketState, BudgetReport, Decision, DecisionAnswer, DiffRow, ExportedEvent, ReplayAnswer,
     StatusAnswer, UsageAnswer,
@@ -692,6 +693,104 @@ pub fn what_if_answer(
         out.push_str(&t.render());
     }
     out.push_str("\nwhat-if: nothing was changed; `bursar reload` applies a policy\n");
+    out
+}
+
+/// `$0.50–$3.00`, or `-` without a range.
+pub fn tier_range(range: Option<TierPriceRange>) -> String {
+    range.map_or_else(
+        || "-".to_string(),
+        |r| {
+            format!(
+                "{}–{}",
+                usd(r.min_input_per_mtok),
+                usd(r.max_input_per_mtok)
+            )
+        },
+    )
+}
+
+/// `bursar tiers`: a table of the tiers, then each tier's models with their prices (USD per
+/// million tokens), a model outside its tier's input price range marked.
+pub fn tiers_table(listing: &[TierListing]) -> String {
+    let mut t = Table::new(&[
+        "TIER",
+        "NAME",
+        ">INPUT $/MTOK",
+        ">MODELS",
+        "COLOR",
+        "ICON",
+        "ORIGIN",
+        "DESCRIPTION",
+    ]);
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_string());
+    for l in listing {
+        let origin = match l.tier.origin {
+            TierOrigin::Builtin => "built in",
+            TierOrigin::Changed => "built in, changed",
+            TierOrigin::Defined => "defined",
+            TierOrigin::Implicit => "named only",
+        };
+        t.row(vec![
+            if l.is_default {
+                format!("{} (default)", l.tier.id)
+            } else {
+                l.tier.id.clone()
+            },
+            dash(&l.tier.display_name),
+            tier_range(l.tier.price_range),
+            l.models.len().to_string(),
+            dash(&l.tier.color),
+            dash(&l.tier.icon),
+            origin.to_string(),
+            dash(&l.tier.description),
+        ]);
+    }
+    let mut out = t.render();
+    for l in listing.iter().filter(|l| !l.models.is_empty()) {
+        out.push('\n');
+        out.push_str(&format!(
+            "{}{}: {} model{}{}\n",
+            l.tier.id,
+            l.tier
+                .display_name
+                .as_ref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default(),
+            l.models.len(),
+            if l.models.len() == 1 { "" } else { "s" },
+            if l.is_default {
+                ", those no pattern matches"
+            } else {
+                ""
+            },
+        ));
+        let mut m = Table::new(&[
+            "MODEL",
+            "PROVIDER",
+            ">INPUT $/MTOK",
+            ">OUTPUT $/MTOK",
+            "NOTE",
+        ]);
+        for model in &l.models {
+            let p = &model.price;
+            let outside = l.tier.price_range.is_some_and(|r| {
+                !(r.min_input_per_mtok..=r.max_input_per_mtok).contains(&p.input_per_mtok)
+            });
+            m.row(vec![
+                model.model.clone(),
+                p.provider.clone(),
+                usd(p.input_per_mtok),
+                usd(p.output_per_mtok),
+                if outside {
+                    format!("outside {}", tier_range(l.tier.price_range))
+                } else {
+                    String::new()
+                },
+            ]);
+        }
+        out.push_str(&m.render());
+    }
     out
 }
 

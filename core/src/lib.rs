@@ -10,6 +10,7 @@ pub mod money;
 pub mod policy;
 pub mod pricing;
 pub mod quota;
+pub mod tiers;
 pub mod time;
 pub mod toml_text;
 pub mod window;

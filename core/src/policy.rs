@@ -18,8 +18,8 @@ use crate::pricing::{self, apply_section, builtin_table, import_litellm};
 use bursar_schemas::policy::{
     BudgetSection, CalendarUnit, DaemonSection, Dollars, Enforce, PolicyFile, PricingSection,
     QuotaSection, ResolvedBudget, ResolvedPolicy, ResolvedQuota, ResolvedSubscription,
-    ResolvedTierCap, ResolvedTiers, SubscriptionSection, TiersSection, UnknownModels, WindowSpec,
-    ALLOWANCE_ID_PREFIX, QUOTA_ID_PREFIX,
+    ResolvedTierCap, ResolvedTiers, SubscriptionSection, TierDef, TierDefSection, TierOrigin,
+    TierPriceRange, TiersSection, UnknownModels, WindowSpec, ALLOWANCE_ID_PREFIX, QUOTA_ID_PREFIX,
 };
 use bursar_schemas::pricing::PriceTable;
 use std::collections::{BTreeMap, BTreeSet};
@@ -171,10 +171,13 @@ pub fn default_policy() -> LoadedPolicy {
 }
 
 fn default_tiers() -> ResolvedTiers {
+    let mut defs = crate::tiers::builtin_tiers();
+    defs.push(crate::tiers::implicit(DEFAULT_TIER));
     ResolvedTiers {
         default: DEFAULT_TIER.to_string(),
         patterns: Vec::new(),
         caps: BTreeMap::new(),
+        defs,
     }
 }
 
@@ -1227,8 +1230,76 @@ fn resolve_tiers(tiers: Option<&TiersSection>, issues: &mut Issues) -> ResolvedT
     if let Some(problem) = tier_name_problem(&default) {
         issues.push(with(&at, k("default")), problem);
     }
-    let mut known: BTreeSet<&str> = BTreeSet::new();
-    known.insert(&default);
+    // The built-in tiers, less those removed.
+    let mut removed: BTreeSet<&str> = BTreeSet::new();
+    for (i, id) in t.remove.iter().flatten().enumerate() {
+        if crate::tiers::is_builtin(id) {
+            removed.insert(id);
+        } else {
+            issues.push(
+                with(&with(&at, k("remove")), Seg::Index(i)),
+                format!(
+                    "{id:?} is not a built-in tier: only {} can be removed",
+                    quoted_list(crate::tiers::BUILTIN_TIER_IDS.iter().copied())
+                ),
+            );
+        }
+    }
+    let mut defs: Vec<TierDef> = crate::tiers::builtin_tiers()
+        .into_iter()
+        .filter(|d| !removed.contains(d.id.as_str()))
+        .collect();
+    if let Some(n) = t.defs.as_ref().map(BTreeMap::len) {
+        if n > MAX_TIER_DEFS {
+            issues.push(
+                with(&at, k("defs")),
+                format!("at most {MAX_TIER_DEFS} tiers may be defined, got {n}"),
+            );
+        }
+    }
+    for (id, section) in t.defs.iter().flatten() {
+        let def_at = with(&with(&at, k("defs")), k(id));
+        if let Some(problem) = tier_name_problem(id) {
+            issues.push(def_at.clone(), problem);
+        }
+        let def = match defs.iter_mut().find(|d| d.id == *id) {
+            Some(builtin) => {
+                builtin.origin = TierOrigin::Changed;
+                builtin
+            }
+            None => {
+                let mut new = crate::tiers::implicit(id);
+                new.origin = TierOrigin::Defined;
+                defs.push(new);
+                let Some(last) = defs.last_mut() else {
+                    continue;
+                };
+                last
+            }
+        };
+        resolve_tier_def(section, def, &def_at, issues);
+    }
+    // Every tier named must exist; in a file without `[tiers.defs]`, a name is definition
+    // enough (it is implicit: no metadata). The tier `default` never needs a definition.
+    let strict = t.defs.is_some();
+    let need = |id: &str, key: Vec<Seg>, defs: &mut Vec<TierDef>, issues: &mut Issues| {
+        if defs.iter().any(|d| d.id == id) {
+            return;
+        }
+        if strict && id != DEFAULT_TIER {
+            let list = quoted_list(defs.iter().map(|d| d.id.as_str()));
+            issues.push(
+                key,
+                format!(
+                    "no tier named {id:?}: it is neither built in nor defined in [tiers.defs] \
+                     (tiers: {list})"
+                ),
+            );
+        } else {
+            defs.push(crate::tiers::implicit(id));
+        }
+    };
+    need(&default, with(&at, k("default")), &mut defs, issues);
     let mut patterns = Vec::with_capacity(t.patterns.len());
     for (i, p) in t.patterns.iter().enumerate() {
         let pat_at = with(&with(&at, k("patterns")), Seg::Index(i));
@@ -1238,20 +1309,19 @@ fn resolve_tiers(tiers: Option<&TiersSection>, issues: &mut Issues) -> ResolvedT
         if let Some(problem) = tier_name_problem(&p.tier) {
             issues.push(with(&pat_at, k("tier")), problem);
         }
-        known.insert(&p.tier);
+        need(&p.tier, with(&pat_at, k("tier")), &mut defs, issues);
         patterns.push((p.pattern.clone(), p.tier.clone()));
     }
     let mut caps = BTreeMap::new();
     for (name, cap) in &t.caps {
         let cap_at = with(&with(&at, k("caps")), k(name));
-        if !known.contains(name.as_str()) {
-            let list: Vec<String> = known.iter().map(|s| format!("{s:?}")).collect();
+        if !defs.iter().any(|d| d.id == *name) {
+            let list = quoted_list(defs.iter().map(|d| d.id.as_str()));
             issues.push(
                 cap_at.clone(),
                 format!(
-                    "no tier named {name:?}: caps must name the default tier or a pattern's tier \
-                     ({})",
-                    list.join(", ")
+                    "no tier named {name:?}: caps must name a built-in or defined tier, the \
+                     default tier or a pattern's tier ({list})"
                 ),
             );
         }
@@ -1269,6 +1339,124 @@ fn resolve_tiers(tiers: Option<&TiersSection>, issues: &mut Issues) -> ResolvedT
         default,
         patterns,
         caps,
+        defs,
+    }
+}
+
+/// `"a", "b", "c"`.
+fn quoted_list<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    items
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Most `[tiers.defs.ID]` tables (every `status` answer carries the tiers).
+pub const MAX_TIER_DEFS: usize = 1000;
+/// Longest tier `display_name`, in bytes.
+pub const MAX_TIER_DISPLAY_NAME_BYTES: usize = 128;
+/// Longest tier `description`, in bytes.
+pub const MAX_TIER_DESCRIPTION_BYTES: usize = 1024;
+/// Longest tier `icon` and `color`, in bytes.
+pub const MAX_TIER_ICON_BYTES: usize = 32;
+
+/// A metadata text: 1..=`max` bytes, no control characters.
+fn tier_text_problem(text: &str, max: usize) -> Option<String> {
+    if text.trim().is_empty() {
+        Some("must not be empty".to_string())
+    } else if text.len() > max {
+        Some(format!("must be at most {max} bytes, got {}", text.len()))
+    } else if text.chars().any(char::is_control) {
+        Some("must not contain control characters".to_string())
+    } else {
+        None
+    }
+}
+
+/// `#rgb`, `#rrggbb`, or a colour name of lowercase ASCII letters and `-` (`green`,
+/// `dark-orange`).
+fn color_problem(color: &str) -> Option<String> {
+    let ok = match color.strip_prefix('#') {
+        Some(hex) => {
+            (hex.len() == 3 || hex.len() == 6) && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        }
+        None => {
+            !color.is_empty()
+                && color.len() <= MAX_TIER_ICON_BYTES
+                && color.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+        }
+    };
+    (!ok).then(|| {
+        format!(
+            "{color:?} is not a colour: write \"#rrggbb\", \"#rgb\" or a name such as \"green\""
+        )
+    })
+}
+
+/// Apply one `[tiers.defs.ID]` section to `def` (each key given replaces its value).
+fn resolve_tier_def(section: &TierDefSection, def: &mut TierDef, at: &[Seg], issues: &mut Issues) {
+    let mut text = |key: &str, value: &Option<String>, max: usize, slot: &mut Option<String>| {
+        if let Some(v) = value {
+            match tier_text_problem(v, max) {
+                Some(problem) => issues.push(with(at, k(key)), problem),
+                None => *slot = Some(v.clone()),
+            }
+        }
+    };
+    text(
+        "display_name",
+        &section.display_name,
+        MAX_TIER_DISPLAY_NAME_BYTES,
+        &mut def.display_name,
+    );
+    text(
+        "description",
+        &section.description,
+        MAX_TIER_DESCRIPTION_BYTES,
+        &mut def.description,
+    );
+    text("icon", &section.icon, MAX_TIER_ICON_BYTES, &mut def.icon);
+    if let Some(color) = &section.color {
+        match color_problem(color) {
+            Some(problem) => issues.push(with(at, k("color")), problem),
+            None => def.color = Some(color.clone()),
+        }
+    }
+    if let Some(range) = &section.price_range {
+        let range_at = with(at, k("price_range"));
+        let [min, max] = range.as_slice() else {
+            issues.push(
+                range_at,
+                format!(
+                    "must be [min, max] (USD per million input tokens), got {} values",
+                    range.len()
+                ),
+            );
+            return;
+        };
+        let before = issues.0.len();
+        let min = money_field(&Some(min.clone()), with(&range_at, Seg::Index(0)), issues);
+        let max = money_field(&Some(max.clone()), with(&range_at, Seg::Index(1)), issues);
+        match (min, max) {
+            (Some(min), Some(max)) if min > max => issues.push(
+                range_at,
+                format!(
+                    "min {} USD is above max {} USD (per million input tokens)",
+                    money::format_usd(min),
+                    money::format_usd(max)
+                ),
+            ),
+            (Some(min), Some(max)) => {
+                def.price_range = Some(TierPriceRange {
+                    min_input_per_mtok: min,
+                    max_input_per_mtok: max,
+                })
+            }
+            _ => debug_assert!(
+                issues.0.len() > before,
+                "a bad price_range end went unreported"
+            ),
+        }
     }
 }
 

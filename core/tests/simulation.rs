@@ -245,6 +245,7 @@ fn sim_policy(l: &Limits) -> ResolvedPolicy {
                     max_call_output_tokens: Some(FRONTIER_MAX_CALL_OUTPUT),
                 },
             )]),
+            defs: Vec::new(),
         },
         budgets: vec![team, tpm, daily, trial, conc, soft, meter],
         pricing: sim_prices(),

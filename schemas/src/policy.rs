@@ -230,6 +230,31 @@ pub struct TiersSection {
     /// Per-call caps per tier.
     #[serde(default)]
     pub caps: BTreeMap<String, TierCapSection>,
+    /// `[tiers.defs.ID]`: user-defined tiers, or changes to a built-in one (SPEC §10). Once the
+    /// file has `defs` (even an empty table), every tier a pattern, `default` or cap names must
+    /// be built in or defined here.
+    pub defs: Option<BTreeMap<String, TierDefSection>>,
+    /// Built-in tiers (`low`, `medium`, `high`, `premium`) to leave out; a `defs` entry with a
+    /// removed id defines that id afresh.
+    pub remove: Option<Vec<String>>,
+}
+
+/// `[tiers.defs.ID]`: a tier's metadata, every key optional. On a built-in tier, each key given
+/// replaces the built-in value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TierDefSection {
+    /// Name shown to people, e.g. `"Frontier"`.
+    pub display_name: Option<String>,
+    /// One line on what the tier is for.
+    pub description: Option<String>,
+    /// `[min, max]`: the input prices (USD per million input tokens) the tier's models should
+    /// have; `policy check` warns about a model outside it.
+    pub price_range: Option<Vec<Dollars>>,
+    /// A colour for dashboards: `"#rrggbb"`, `"#rgb"` or a name such as `"green"`.
+    pub color: Option<String>,
+    /// A short symbol or icon name for dashboards.
+    pub icon: Option<String>,
 }
 
 /// One tier pattern.
@@ -409,6 +434,57 @@ pub struct ResolvedTiers {
     pub patterns: Vec<(String, String)>,
     /// Caps per tier.
     pub caps: BTreeMap<String, ResolvedTierCap>,
+    /// Every tier of the policy with its metadata: the built-in ones left in, the defined ones,
+    /// then those only named (see [`TierOrigin`]). Empty in a policy logged before tiers had
+    /// metadata (the tiers are then the names `default`, `patterns` and `caps` use).
+    #[serde(default)]
+    pub defs: Vec<TierDef>,
+}
+
+/// Where a tier comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TierOrigin {
+    /// A built-in tier as shipped.
+    Builtin,
+    /// A built-in tier that `[tiers.defs.ID]` changed.
+    Changed,
+    /// Defined by `[tiers.defs.ID]`.
+    Defined,
+    /// Not defined, only named (by `default` or a pattern) in a file without `[tiers.defs]`, or
+    /// the tier `default` (the default tier when `[tiers] default` is not set): it has no
+    /// metadata.
+    Implicit,
+}
+
+/// A tier's input price range, micro-USD per million input tokens, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TierPriceRange {
+    /// Lowest input price.
+    pub min_input_per_mtok: Micros,
+    /// Highest input price.
+    pub max_input_per_mtok: Micros,
+}
+
+/// A tier and its metadata (SPEC §10), as resolved and as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TierDef {
+    /// The tier id: the value of the derived `tier` label.
+    pub id: String,
+    /// Built in, changed, defined or implicit.
+    pub origin: TierOrigin,
+    /// Name shown to people.
+    pub display_name: Option<String>,
+    /// What the tier is for.
+    pub description: Option<String>,
+    /// The input prices its models should have.
+    pub price_range: Option<TierPriceRange>,
+    /// A colour for dashboards.
+    pub color: Option<String>,
+    /// A short symbol or icon name.
+    pub icon: Option<String>,
 }
 
 /// Default of `idempotency_window_seconds`: an hour, as long as ended reservations are

@@ -712,6 +712,9 @@ pub struct StatusAnswer {
     /// when there are none. Their allowances are among `budgets` (ids `subscription:ID:N`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscriptions: Vec<SubscriptionReport>,
+    /// The tiers of the policy in force, with their metadata (SPEC §10).
+    #[serde(default)]
+    pub tiers: Vec<crate::policy::TierDef>,
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,

@@ -1500,3 +1500,231 @@ fn user_mistakes_are_one_clear_line_never_a_panic() {
         out.stderr
     );
 }
+
+/// A policy with user-defined tiers: `frontier` (defined), `low` (built in, changed), `medium`
+/// and `high` removed; gpt-4o ($2.50 input) sits in `low`, outside its range.
+const TIERS_POLICY: &str = r##"
+[tiers]
+default = "premium"
+patterns = [
+  { match = "gpt-4o-mini*", tier = "low" },
+  { match = "gpt-4o*", tier = "low" },
+  { match = "my-*", tier = "frontier" },
+]
+remove = ["medium", "high"]
+[tiers.defs.frontier]
+display_name = "Frontier"
+description = "Our best models"
+price_range = [1, 5]
+color = "#6a1b9a"
+icon = "star"
+[tiers.defs.low]
+display_name = "Cheap"
+[pricing.models."my-model"]
+input_per_mtok = 2
+output_per_mtok = 8
+
+[[budget]]
+id = "team-daily"
+group_by = ["team"]
+"##;
+
+#[test]
+fn tiers_lists_each_tier_with_its_metadata_and_its_models_with_their_prices() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bursar.toml");
+    std::fs::write(&file, TIERS_POLICY).unwrap();
+    let config = file.to_str().unwrap();
+
+    let v = bursar(&["--json", "tiers", "--config", config]).ok().json();
+    assert_eq!(v["default"], "premium");
+    let ids: Vec<&str> = v["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["low", "premium", "frontier"], "{v}");
+    let tier = |id: &str| {
+        v["tiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let frontier = tier("frontier");
+    assert_eq!(frontier["origin"], "defined");
+    assert_eq!(frontier["display_name"], "Frontier");
+    assert_eq!(frontier["description"], "Our best models");
+    assert_eq!(
+        frontier["price_range"],
+        json!({"min_input_per_mtok": 1_000_000, "max_input_per_mtok": 5_000_000})
+    );
+    assert_eq!(frontier["color"], "#6a1b9a");
+    assert_eq!(frontier["icon"], "star");
+    assert_eq!(
+        frontier["models"],
+        json!([{"model": "my-model", "provider": "custom", "input_per_mtok": 2_000_000,
+                "output_per_mtok": 8_000_000, "in_range": true}])
+    );
+    let low = tier("low");
+    assert_eq!(low["origin"], "changed");
+    assert_eq!(low["display_name"], "Cheap");
+    let gpt4o = low["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == "gpt-4o")
+        .unwrap();
+    assert_eq!(gpt4o["input_per_mtok"], 2_500_000);
+    assert_eq!(gpt4o["in_range"], false, "$2.50 is not low ($0–$0.50)");
+    // The default tier holds the models no pattern matches.
+    let premium = tier("premium");
+    assert_eq!(premium["default"], true);
+    assert!(
+        premium["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["model"] == "o1"),
+        "{premium}"
+    );
+
+    let table = bursar(&["tiers", "--config", config]).ok().stdout;
+    assert!(table.contains("default tier \"premium\""), "{table}");
+    let frontier_row = table
+        .lines()
+        .find(|l| l.starts_with("frontier "))
+        .unwrap_or_else(|| panic!("{table}"));
+    for cell in [
+        "Frontier",
+        "$1.00–$5.00",
+        "#6a1b9a",
+        "star",
+        "defined",
+        "Our best models",
+    ] {
+        assert!(frontier_row.contains(cell), "{cell} in {frontier_row:?}");
+    }
+    assert!(table.contains("premium (default)"), "{table}");
+    let gpt4o_row = table
+        .lines()
+        .find(|l| l.starts_with("gpt-4o "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(gpt4o_row.contains("$2.50"), "{gpt4o_row}");
+    assert!(gpt4o_row.contains("outside $0.00–$0.50"), "{gpt4o_row}");
+
+    // Without --config: the policy in force, from the daemon or (stopped) its data dir.
+    let mut d = Daemon::start_with_config(TIERS_POLICY);
+    let live = d.cli_json(&["tiers"]);
+    assert_eq!(live["tiers"], v["tiers"]);
+    d.terminate();
+    let offline = d.offline(&["--json", "tiers"]).ok().json();
+    assert_eq!(offline["tiers"], v["tiers"]);
+
+    let missing = bursar(&["tiers", "--config", "/nonexistent/bursar.toml"]);
+    assert_eq!(missing.code, Some(1));
+    assert_one_clean_error_line(&missing.stderr);
+}
+
+#[test]
+fn policy_check_warns_about_models_outside_their_tiers_range_and_refuses_undefined_tiers() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bursar.toml");
+    std::fs::write(&file, TIERS_POLICY).unwrap();
+    let path = file.to_str().unwrap();
+    let out = bursar(&["policy", "check", path]).ok();
+    let n = out.stderr.lines().count();
+    assert!(
+        out.stdout.ends_with(&format!("), {n} warnings\n")),
+        "{}",
+        out.stdout
+    );
+    let warning = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("\"gpt-4o\""))
+        .unwrap_or_else(|| panic!("{}", out.stderr));
+    assert_eq!(
+        warning,
+        format!(
+            "bursar: warning: {path}: tiers.patterns[1]: model \"gpt-4o\" costs $2.50 per million \
+             input tokens, outside the price_range $0.00..$0.50 of its tier \"low\""
+        )
+    );
+    assert!(!out.stderr.contains("\"my-model\""), "{}", out.stderr);
+    let v = bursar(&["--json", "policy", "check", path]).ok().json();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["tiers"], json!(["low", "premium", "frontier"]));
+    let warnings = v["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| w["key"] == "tiers.patterns[1]"
+            && w["message"].as_str().unwrap().contains("\"gpt-4o\"")),
+        "{v}"
+    );
+
+    // With [tiers.defs], a pattern naming a tier nobody defined is an error naming the key.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        TIERS_POLICY.replace("tier = \"frontier\"", "tier = \"fronteir\""),
+    )
+    .unwrap();
+    let out = bursar(&["policy", "check", bad.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains(":7: tiers.patterns[2].tier: no tier named \"fronteir\""),
+        "{}",
+        out.stderr
+    );
+
+    // Without [tiers.defs], tier names work as before; check warns that they are undefined.
+    let legacy = dir.path().join("legacy.toml");
+    std::fs::write(
+        &legacy,
+        "[tiers]\ndefault = \"small\"\npatterns = [ { match = \"gpt-4o*\", tier = \"frontier\" } ]\n",
+    )
+    .unwrap();
+    let out = bursar(&["policy", "check", legacy.to_str().unwrap()]).ok();
+    assert!(
+        out.stderr.contains(
+            "tiers.patterns[0].tier: tier \"frontier\" is not defined (it has no display name, \
+             description or price range); define it as [tiers.defs.frontier]"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert!(out
+        .stderr
+        .contains("tiers.default: tier \"small\" is not defined"));
+}
+
+#[test]
+fn status_json_carries_the_tiers_of_the_policy_in_force() {
+    let d = Daemon::start_with_config(TIERS_POLICY);
+    let status = d.cli_json(&["status"]);
+    let tiers = status["tiers"].as_array().unwrap();
+    let ids: Vec<&str> = tiers.iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["low", "premium", "frontier"], "{status}");
+    assert_eq!(
+        tiers[2],
+        json!({"id": "frontier", "origin": "defined", "display_name": "Frontier",
+               "description": "Our best models",
+               "price_range": {"min_input_per_mtok": 1_000_000, "max_input_per_mtok": 5_000_000},
+               "color": "#6a1b9a", "icon": "star"})
+    );
+    assert_eq!(tiers[1]["origin"], "builtin");
+    assert_eq!(tiers[1]["display_name"], "Premium");
+    // The default policy has the built-in tiers and the tier `default`.
+    let plain = Daemon::start();
+    let ids: Vec<Value> = plain.cli_json(&["status"])["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].clone())
+        .collect();
+    assert_eq!(ids, ["low", "medium", "high", "premium", "default"]);
+}

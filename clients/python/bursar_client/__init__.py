@@ -38,6 +38,7 @@ from .types import (
     Skipped,
     StatusAnswer,
     SubscriptionReport,
+    Tier,
     Usage,
     UsageAnswer,
     VerifyAnswer,
@@ -55,7 +56,8 @@ __all__ = [
     "BadRequest", "BudgetDenied", "BursarError", "Conflict", "Disconnected", "Forbidden",
     "Internal", "NotFound", "Overloaded", "ProtocolError", "TooLarge", "Unavailable", "UnknownOp",
     "BudgetReport", "DecisionAnswer", "DiffRow", "Event", "ExtendAnswer", "HelloAnswer", "Reason",
-    "ReleaseAnswer", "ReloadAnswer", "ReplayAnswer", "ReportAnswer", "ReportRow", "Skipped", "StatusAnswer", "SubscriptionReport", "Usage",
+    "ReleaseAnswer", "ReloadAnswer", "ReplayAnswer", "ReportAnswer", "ReportRow", "Skipped", "StatusAnswer",
+    "SubscriptionReport", "Tier", "Usage",
     "UsageAnswer", "VerifyAnswer", "WhatIfAnswer", "WhatIfDenial", "WhatIfExhausted", "WhatIfPeak",
     "default_socket_path", "micros_to_usd", "new_id",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "ReleaseAnswer",
     "ExtendAnswer",
     "StatusAnswer",
+    "Tier",
     "VerifyAnswer",
     "ReloadAnswer",
     "DiffRow",
@@ -286,17 +287,42 @@ class ExtendAnswer:
 
 
 @dataclass
+class Tier:
+    """A cost tier of the policy in force and its metadata (SPEC §10).
+
+    ``origin`` is ``builtin``, ``changed`` (a built-in tier the policy changed), ``defined`` or
+    ``implicit`` (only named, no metadata). ``price_range`` is
+    ``{"min_input_per_mtok": .., "max_input_per_mtok": ..}`` in micro-USD per million input
+    tokens, or ``None``.
+    """
+
+    id: str
+    origin: str
+    display_name: Optional[str] = None
+    description: Optional[str] = None
+    price_range: Optional[Dict[str, int]] = None
+    color: Optional[str] = None
+    icon: Optional[str] = None
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "Tier":
+        return _build(cls, obj)
+
+
+@dataclass
 class StatusAnswer:
     """Buckets, most utilized first, at most the request's ``limit`` of them.
 
     ``total`` is how many buckets matched in all; ``truncated`` is true when ``budgets`` was cut
-    at ``limit``.
+    at ``limit``. ``tiers`` are the cost tiers of the policy in force.
     """
 
     budgets: List[BudgetReport]
     total: int = 0
     truncated: bool = False
     subscriptions: List[SubscriptionReport] = field(default_factory=list)
+    tiers: List[Tier] = field(default_factory=list)
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -308,6 +334,7 @@ class StatusAnswer:
             subscriptions=[
                 SubscriptionReport.from_wire(s) for s in obj.get("subscriptions") or []
             ],
+            tiers=[Tier.from_wire(t) for t in obj.get("tiers") or []],
         )
 
     def bucket(self, budget: str, key: str = "") -> Optional[BudgetReport]:

@@ -399,6 +399,17 @@ class ClientTest(unittest.TestCase):
             self.client.status(budget="no-such-budget")
         self.assertEqual((cm.exception.code, cm.exception.field), ("not_found", "budget"))
 
+    def test_status_carries_the_cost_tiers(self) -> None:
+        tiers = {t.id: t for t in self.client.status(limit=1).tiers}
+        # The built-in tiers, then the harness policy's tiers, named but not defined.
+        self.assertEqual(list(tiers)[:4], ["low", "medium", "high", "premium"])
+        self.assertEqual(tiers["low"].origin, "builtin")
+        self.assertEqual(tiers["low"].display_name, "Low")
+        self.assertEqual(tiers["low"].price_range,
+                         {"min_input_per_mtok": 0, "max_input_per_mtok": 500000})
+        self.assertEqual((tiers["frontier"].origin, tiers["frontier"].display_name),
+                         ("implicit", None))
+
     # --- threads -------------------------------------------------------------------------------
 
     def test_one_client_shared_by_threads(self) -> None:

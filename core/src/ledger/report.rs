@@ -311,6 +311,11 @@ impl Ledger {
             total: total as u64,
             truncated: total > limit,
             subscriptions: self.subscription_reports(now),
+            tiers: self
+                .policy
+                .as_ref()
+                .map(|p| crate::tiers::all_tiers(&p.tiers))
+                .unwrap_or_default(),
             req: None,
         })
     }

@@ -73,6 +73,7 @@ pub fn policy(budgets: Vec<ResolvedBudget>) -> ResolvedPolicy {
             default: "small".into(),
             patterns: vec![],
             caps: BTreeMap::new(),
+            defs: Vec::new(),
         },
         budgets,
         pricing: prices(),

@@ -159,7 +159,7 @@ pub enum Job {
     },
     /// Apply a new policy (`reload`, SIGHUP). `None` means: read the config again.
     Reload {
-        /// The policy, or None to re-read the config file.
+        /// The policy, or None to re-read the config file (boxed: a policy is large).
         policy: Option<Box<LoadedPolicy>>,
         /// Peer credentials.
         actor: Actor,

@@ -14,7 +14,9 @@ use super::{
     ReservationCreated, ReservationDenied, ReservationExpired, ReservationExtended,
     ReservationLink, ReservationReleased, UsageRecorded,
 };
-use crate::policy::{ResolvedBudget, ResolvedPolicy, ResolvedTiers, UnknownModels};
+use crate::policy::{
+    ResolvedBudget, ResolvedPolicy, ResolvedTierCap, ResolvedTiers, UnknownModels,
+};
 use crate::pricing::{ModelPrice, PriceTable, PriceTier};
 use crate::wire::Usage;
 use crate::TsMicros;
@@ -47,12 +49,20 @@ struct PriceTableV1 {
     models: BTreeMap<String, ModelPriceV1>,
 }
 
+/// Tiers as the first release stored them: names only, no metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ResolvedTiersV1 {
+    default: String,
+    patterns: Vec<(String, String)>,
+    caps: BTreeMap<String, ResolvedTierCap>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct ResolvedPolicyV1 {
     reservation_ttl_seconds: u64,
     max_keys_per_budget: u64,
     unknown_models: UnknownModels,
-    tiers: ResolvedTiers,
+    tiers: ResolvedTiersV1,
     budgets: Vec<ResolvedBudget>,
     pricing: PriceTableV1,
 }
@@ -338,7 +348,12 @@ impl From<ResolvedPolicyV1> for ResolvedPolicy {
             max_keys_per_budget: p.max_keys_per_budget,
             idempotency_window_seconds: crate::policy::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
             unknown_models: p.unknown_models,
-            tiers: p.tiers,
+            tiers: ResolvedTiers {
+                default: p.tiers.default,
+                patterns: p.tiers.patterns,
+                caps: p.tiers.caps,
+                defs: Vec::new(),
+            },
             budgets: p.budgets,
             pricing: p.pricing.into(),
             subscriptions: Vec::new(),
@@ -355,7 +370,16 @@ impl TryFrom<&ResolvedPolicy> for ResolvedPolicyV1 {
             reservation_ttl_seconds: p.reservation_ttl_seconds,
             max_keys_per_budget: p.max_keys_per_budget,
             unknown_models: p.unknown_models,
-            tiers: p.tiers.clone(),
+            tiers: {
+                if !p.tiers.defs.is_empty() {
+                    return Err(not_v1("tiers with metadata"));
+                }
+                ResolvedTiersV1 {
+                    default: p.tiers.default.clone(),
+                    patterns: p.tiers.patterns.clone(),
+                    caps: p.tiers.caps.clone(),
+                }
+            },
             budgets: p.budgets.clone(),
             pricing: PriceTableV1::try_from(&p.pricing)?,
         })

@@ -187,6 +187,18 @@ pub fn sample_envelopes() -> Vec<Envelope> {
                 },
             )]
             .into(),
+            defs: vec![bursar_schemas::policy::TierDef {
+                id: "frontier".into(),
+                origin: bursar_schemas::policy::TierOrigin::Defined,
+                display_name: Some("Frontier".into()),
+                description: Some("the best".into()),
+                price_range: Some(bursar_schemas::policy::TierPriceRange {
+                    min_input_per_mtok: 2_000_000,
+                    max_input_per_mtok: 20_000_000,
+                }),
+                color: Some("#6a1b9a".into()),
+                icon: None,
+            }],
         },
         budgets: vec![ResolvedBudget {
             id: "team-daily".into(),

@@ -23,7 +23,6 @@ pub use verdict::Verdict;
 use super::buckets::crossing_window;
 use super::report::{utilization_ppm, Adjust};
 use super::{EndKind, IdKind, Ledger, UsageDecision};
-use crate::labels::glob_match;
 use crate::time::{format_ts, seconds};
 pub use bursar_schemas::answer::Answer;
 use bursar_schemas::event::{
@@ -118,14 +117,8 @@ impl Ledger {
     /// The tier of `model` under the policy in force (the default tier when no pattern matches).
     pub fn tier_of(&self, model: &str) -> String {
         match &self.policy {
-            Some(p) => p
-                .tiers
-                .patterns
-                .iter()
-                .find(|(pat, _)| glob_match(pat, model))
-                .map(|(_, t)| t.clone())
-                .unwrap_or_else(|| p.tiers.default.clone()),
-            None => "default".into(),
+            Some(p) => crate::tiers::tier_of(&p.tiers, model).to_string(),
+            None => crate::policy::DEFAULT_TIER.into(),
         }
     }
 
