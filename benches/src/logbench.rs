@@ -470,6 +470,7 @@ pub fn memory_inprocess(scopes: u64) -> Result<(usize, f64), String> {
             },
             occurred_at: None,
             reported_cost_usd: None,
+            headers: None,
         };
         let step = p.ledger.execute(Command::Record(&req), now_micros());
         drop(step);

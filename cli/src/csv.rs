@@ -246,6 +246,31 @@ fn cells(e: &ExportedEvent) -> Vec<String> {
                 ),
             );
         }
+        EventBody::QuotaObserved(q) => {
+            set("budget", format!("quota:{}", q.quota));
+            set("labels", all_labels(&q.labels));
+            set("event_id", q.event_id.clone().unwrap_or_default());
+            set(
+                "detail",
+                format!(
+                    "provider={} {}",
+                    q.provider,
+                    crate::render::observed_limits(q)
+                ),
+            );
+        }
+        EventBody::QuotaExhausted(q) => {
+            set("budget", format!("quota:{}", q.quota));
+            set(
+                "detail",
+                format!(
+                    "limit={} reset_at={} observed_seq={}",
+                    q.limit,
+                    bursar_core::time::format_ts(q.reset_at),
+                    q.observed_seq
+                ),
+            );
+        }
     }
     for (name, text) in COLUMNS.iter().zip(c.iter_mut()) {
         if !NUMBER_COLUMNS.contains(name) {

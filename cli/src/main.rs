@@ -10,8 +10,8 @@ use bursar_schemas::event::EventBody;
 use bursar_schemas::policy::{PolicyFile, PricingSection};
 use bursar_schemas::wire::{
     CheckRequest, CommitRequest, Decision, DecisionAnswer, Estimate, ExportRequest, ExportedEvent,
-    ExtendRequest, RecordRequest, ReleaseRequest, ReplayRequest, Request, ReserveRequest,
-    StatusRequest, TailRequest, Usage, UsageAnswer,
+    ExtendRequest, ObserveRequest, ObservedQuota, ObservedWindow, RecordRequest, ReleaseRequest,
+    ReplayRequest, Request, ReserveRequest, StatusRequest, TailRequest, Usage, UsageAnswer,
 };
 use bursar_schemas::Labels;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
@@ -67,6 +67,9 @@ enum Command {
     Release(ReleaseArgs),
     /// Give a live hold a new lifetime.
     Extend(ExtendArgs),
+    /// Tell the daemon what a provider said about a quota's rate limits (its response headers,
+    /// or limits you read elsewhere).
+    Observe(ObserveArgs),
     /// Record usage that already happened (no reservation).
     Record(RecordArgs),
     /// Show the last events of the log; -f keeps following new ones.
@@ -278,6 +281,24 @@ struct CommitArgs {
 }
 
 #[derive(Args, Debug)]
+struct ObserveArgs {
+    /// The provider (the derived label `provider` of the calls the quota governs).
+    #[arg(long)]
+    provider: String,
+    /// A label that picks the quota (repeatable), e.g. --label account=prod.
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// A response header (repeatable), e.g. --header 'x-ratelimit-remaining-requests: 59'.
+    #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header, conflicts_with = "limits")]
+    headers: Vec<(String, String)>,
+    /// A limit (repeatable): KIND=REMAINING[/LIMIT]@RESET, KIND one of requests, tokens,
+    /// input_tokens, output_tokens and RESET an RFC 3339 time, e.g.
+    /// --limit requests=0/10000@2026-12-04T10:00:00Z.
+    #[arg(long = "limit", value_name = "SPEC", value_parser = parse_limit)]
+    limits: Vec<(String, ObservedWindow)>,
+}
+
+#[derive(Args, Debug)]
 struct ReleaseArgs {
     /// The hold to cancel.
     #[arg(long, value_name = "ID")]
@@ -417,6 +438,37 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once(':') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("expected NAME: VALUE, got {s:?}")),
+    }
+}
+
+fn parse_limit(s: &str) -> Result<(String, ObservedWindow), String> {
+    let bad = || format!("expected KIND=REMAINING[/LIMIT]@RESET, got {s:?}");
+    let (kind, rest) = s.split_once('=').ok_or_else(bad)?;
+    if !bursar_core::ledger::quotas::LIMIT_NAMES.contains(&kind) {
+        return Err(format!(
+            "unknown limit {kind:?}: one of requests, tokens, input_tokens, output_tokens"
+        ));
+    }
+    let (counts, reset_at) = rest.split_once('@').ok_or_else(bad)?;
+    let (remaining, limit) = match counts.split_once('/') {
+        Some((r, l)) => (r, Some(l.parse::<u64>().map_err(|_| bad())?)),
+        None => (counts, None),
+    };
+    let remaining = remaining.parse::<u64>().map_err(|_| bad())?;
+    Ok((
+        kind.to_string(),
+        ObservedWindow {
+            limit,
+            remaining,
+            reset_at: reset_at.to_string(),
+        },
+    ))
 }
 
 fn labels_of(pairs: &[(String, String)]) -> Labels {
@@ -565,6 +617,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
                 model: a.model.clone(),
                 occurred_at: a.usage.occurred_at.clone(),
                 reported_cost_usd: a.usage.reported_cost_usd.clone(),
+                headers: None,
             };
             let v = c.call_raw(&Request::Commit(req))?;
             usage_out("committed", &eid, v, json, out)
@@ -583,6 +636,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
                 usage: a.usage.usage(),
                 occurred_at: a.usage.occurred_at.clone(),
                 reported_cost_usd: a.usage.reported_cost_usd.clone(),
+                headers: None,
             };
             let v = c.call_raw(&Request::Record(req))?;
             usage_out("recorded", &eid, v, json, out)
@@ -615,6 +669,72 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
                 "extended {}: expires {exp} (seq {seq})",
                 a.reservation_id
             )?;
+            Ok(0)
+        }
+        Command::Observe(a) => {
+            let mut c = online("observe")?;
+            let (quota, headers) = if a.headers.is_empty() {
+                let mut q = ObservedQuota::default();
+                for (kind, w) in &a.limits {
+                    let slot = match kind.as_str() {
+                        "requests" => &mut q.requests,
+                        "tokens" => &mut q.tokens,
+                        "input_tokens" => &mut q.input_tokens,
+                        _ => &mut q.output_tokens,
+                    };
+                    *slot = Some(w.clone());
+                }
+                (Some(q), None)
+            } else {
+                (None, Some(a.headers.iter().cloned().collect()))
+            };
+            let v = c.call_raw(&Request::Observe(ObserveRequest {
+                provider: a.provider.clone(),
+                labels: labels_of(&a.labels),
+                quota,
+                headers,
+            }))?;
+            if json {
+                return json_line(out, &v);
+            }
+            let quotas: Vec<&str> = v
+                .get("quotas")
+                .and_then(Value::as_array)
+                .map(|q| q.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            if quotas.is_empty() {
+                writeln!(out, "nothing observed: no rate limit was read")?;
+            } else {
+                let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
+                writeln!(out, "observed {} (seq {seq})", quotas.join(", "))?;
+            }
+            if let Some(obs) = v.get("observed").and_then(Value::as_object) {
+                for (name, w) in obs {
+                    let n = |k: &str| w.get(k).and_then(Value::as_u64);
+                    let of = n("limit").map(|l| format!("/{l}")).unwrap_or_default();
+                    let reset = w.get("reset_at").and_then(Value::as_str).unwrap_or("?");
+                    writeln!(
+                        out,
+                        "  {name}: {}{of} left until {reset}",
+                        n("remaining").unwrap_or(0)
+                    )?;
+                }
+            }
+            for i in v
+                .get("ignored")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let f = |k: &str| i.get(k).and_then(Value::as_str).unwrap_or("?");
+                writeln!(
+                    out,
+                    "  ignored {}: {:?}: {}",
+                    f("header"),
+                    f("value"),
+                    f("reason")
+                )?;
+            }
             Ok(0)
         }
         Command::Tail(a) => tail(&source, a, json, out),

@@ -584,7 +584,45 @@ pub fn summary(e: &ExportedEvent) -> String {
             p.pricing.models.len(),
             bursar_core::time::format_ts(p.effective_from)
         ),
+        EventBody::QuotaObserved(q) => {
+            let mut s = format!("{} ({}): {}", q.quota, q.provider, observed_limits(q));
+            if let Some(id) = &q.event_id {
+                s.push_str(&format!(" with {id}"));
+            }
+            if !q.ignored.is_empty() {
+                s.push_str(&format!(" ({} headers ignored)", q.ignored.len()));
+            }
+            s
+        }
+        EventBody::QuotaExhausted(q) => format!(
+            "{} {} until {} (observed at seq {})",
+            q.quota,
+            q.limit,
+            bursar_core::time::format_ts(q.reset_at),
+            q.observed_seq
+        ),
     }
+}
+
+/// `requests 0/10000 until T, tokens 1999000/2000000 until T`: each limit a `quota_observed`
+/// carries (remaining, of the limit when known).
+pub fn observed_limits(q: &bursar_schemas::event::QuotaObserved) -> String {
+    let all = [&q.requests, &q.tokens, &q.input_tokens, &q.output_tokens];
+    let parts: Vec<String> = bursar_core::ledger::quotas::LIMIT_NAMES
+        .iter()
+        .zip(all)
+        .filter_map(|(name, l)| {
+            l.map(|l| {
+                let of = l.limit.map(|n| format!("/{n}")).unwrap_or_default();
+                format!(
+                    "{name} {}{of} until {}",
+                    l.remaining,
+                    bursar_core::time::format_ts(l.reset_at)
+                )
+            })
+        })
+        .collect();
+    parts.join(", ")
 }
 
 /// Now, in Unix microseconds.

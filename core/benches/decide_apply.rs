@@ -276,6 +276,7 @@ fn record_request(i: usize) -> RecordRequest {
         usage: usage(i),
         occurred_at: None,
         reported_cost_usd: None,
+        headers: None,
     }
 }
 
@@ -303,6 +304,7 @@ fn commit_request(i: usize, n: u64) -> CommitRequest {
         model: None,
         occurred_at: None,
         reported_cost_usd: None,
+        headers: None,
     }
 }
 

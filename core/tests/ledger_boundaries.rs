@@ -276,6 +276,7 @@ fn commit_of_an_unknown_reservation_is_recorded_and_flagged() {
         model: Some("m".into()),
         occurred_at: None,
         reported_cost_usd: None,
+        headers: None,
     };
     let a = usage_answer(h.run(Command::Commit(&c)));
     assert_eq!(a.reservation.as_deref(), Some("unknown"));
@@ -303,6 +304,7 @@ fn duplicate_returns_the_original_answer_and_counts_nothing_twice() {
         usage: usage(100, 0),
         occurred_at: None,
         reported_cost_usd: None,
+        headers: None,
     };
     let Answer::Usage(v) = h.run(Command::Record(&r)) else {
         panic!("not a usage answer")
@@ -720,6 +722,7 @@ fn client_may_not_set_derived_labels_and_bad_input_names_the_field() {
         usage: usage(1, 0),
         occurred_at: None,
         reported_cost_usd: None,
+        headers: None,
     };
     let e = error(h.run(Command::Record(&r)));
     assert_eq!(e.field.as_deref(), Some("labels.model"));

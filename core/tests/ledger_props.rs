@@ -401,6 +401,7 @@ fn exports_can_name_the_price_version_of_each_usage_event() {
         usage: usage(1, 0),
         occurred_at: None,
         reported_cost_usd: None,
+        headers: None,
     }));
     assert!(matches!(&a, Answer::Usage(u) if u.duplicate), "{a:?}");
 }

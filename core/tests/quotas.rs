@@ -144,3 +144,356 @@ fn a_provider_over_its_quota_is_skipped_with_reason_quota_and_the_next_provider_
     assert_eq!(d.decision, Decision::Allow);
     assert_eq!(h.refold(), h.ledger);
 }
+
+// ---- observations (SPEC §10 `observe`) ----
+
+/// `acme-prod` with no known limits: only what the provider says binds.
+const OBSERVED: &str = r#"
+[[quota]]
+id = "acme-prod"
+provider = "acme"
+match = { account = "prod" }
+"#;
+
+fn policy_observed() -> ResolvedPolicy {
+    let mut p = parse_policy(OBSERVED, "bursar.toml", &no_import)
+        .unwrap()
+        .resolved;
+    let mut table = prices();
+    let mut other: ModelPrice = table.models["m"].clone();
+    other.provider = "elsewhere".into();
+    table.models.insert("other".into(), other);
+    p.pricing = table;
+    p
+}
+
+fn at(h: &Harness, secs: i64) -> String {
+    bursar_core::time::format_ts(h.now + secs * SEC)
+}
+
+fn observe_req(provider: &str, account: &str) -> ObserveRequest {
+    ObserveRequest {
+        provider: provider.into(),
+        labels: labels(&[("account", account)]),
+        quota: None,
+        headers: None,
+    }
+}
+
+fn observe(h: &mut Harness, req: &ObserveRequest) -> ObserveAnswer {
+    match h.run(Command::Observe(req)) {
+        Answer::Observe(a) => a,
+        other => panic!("observe answered {other:?}"),
+    }
+}
+
+fn requests_left(h: &mut Harness, remaining: u64, reset_in: i64) -> ObserveAnswer {
+    let mut req = observe_req("acme", "prod");
+    req.quota = Some(ObservedQuota {
+        requests: Some(ObservedWindow {
+            limit: Some(100),
+            remaining,
+            reset_at: at(h, reset_in),
+        }),
+        ..ObservedQuota::default()
+    });
+    observe(h, &req)
+}
+
+fn headers(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn an_observation_binds_until_its_reset_less_what_was_used_and_held_since() {
+    let mut h = Harness::new(policy_observed());
+    let prod = labels(&[("account", "prod")]);
+    let a = requests_left(&mut h, 2, 30);
+    assert_eq!(a.quotas, ["acme-prod"]);
+    assert_eq!(h.kinds().last(), Some(&"quota_observed"));
+
+    // Two calls fit in the two requests left; the holds count, so a third does not.
+    assert_eq!(
+        h.reserve("r1", prod.clone(), "m", 10, 10).decision,
+        Decision::Allow
+    );
+    assert_eq!(
+        h.reserve("r2", prod.clone(), "m", 10, 10).decision,
+        Decision::Allow
+    );
+    let d = h.reserve("r3", prod.clone(), "m", 10, 10);
+    assert_eq!(d.decision, Decision::Deny);
+    assert_eq!(d.reason.code, "quota");
+    assert!(d.reason.message.contains("acme-prod"), "{d:?}");
+
+    // With a fallback, the candidate is skipped with reason quota and the next one is taken.
+    let mut r = h.reserve_req("r4", prod.clone(), "m", 10, 10);
+    r.model = None;
+    r.candidates = Some(vec!["m".into(), "other".into()]);
+    let Answer::Decision(d) = h.run(Command::Reserve(&r)) else {
+        panic!("no decision")
+    };
+    assert_eq!(d.model.as_deref(), Some("other"));
+    assert_eq!(d.skipped[0].reason, SkipReason::Quota);
+    assert!(d.skipped[0].detail.contains("acme-prod"), "{d:?}");
+
+    // A commit turns a hold into usage recorded since: still nothing left. Another account is
+    // not under this quota.
+    h.commit("r1", "c1", usage(10, 10));
+    assert_eq!(
+        h.reserve("r5", prod.clone(), "m", 10, 10).decision,
+        Decision::Deny
+    );
+    let dev = labels(&[("account", "dev")]);
+    assert_eq!(h.reserve("r6", dev, "m", 10, 10).decision, Decision::Allow);
+
+    // Past its reset the observation no longer binds.
+    h.now += 31 * SEC;
+    assert_eq!(
+        h.reserve("r7", prod.clone(), "m", 10, 10).decision,
+        Decision::Allow
+    );
+    // A new observation replaces the old one: what was used before it is not counted again.
+    requests_left(&mut h, 1, 30);
+    h.commit("r2", "c2", usage(10, 10));
+    assert_eq!(h.reserve("r8", prod, "m", 10, 10).decision, Decision::Deny);
+    assert_eq!(h.refold(), h.ledger);
+}
+
+#[test]
+fn openai_headers_are_read_and_each_malformed_one_is_reported_not_fatal() {
+    let mut h = Harness::new(policy_observed());
+    let mut req = observe_req("acme", "prod");
+    req.headers = Some(headers(&[
+        ("X-RateLimit-Limit-Requests", "60"),
+        ("x-ratelimit-remaining-requests", "0"),
+        ("x-ratelimit-reset-requests", "1s"),
+        ("x-ratelimit-limit-tokens", "150000"),
+        ("x-ratelimit-remaining-tokens", "lots"),
+        ("x-ratelimit-reset-tokens", "6m0s"),
+        ("content-type", "application/json"),
+    ]));
+    let a = observe(&mut h, &req);
+    assert_eq!(a.quotas, ["acme-prod"]);
+    let r = a.observed.requests.as_ref().unwrap();
+    assert_eq!((r.limit, r.remaining), (Some(60), 0));
+    // `1s` after the response arrived: the observation's own time.
+    let observed_at = h
+        .log
+        .iter()
+        .find(|e| e.body.kind() == "quota_observed")
+        .unwrap()
+        .ts;
+    assert_eq!(r.reset_at, bursar_core::time::format_ts(observed_at + SEC));
+    // The tokens window has no readable `remaining`: it does not bind, and the header is named.
+    assert!(a.observed.tokens.is_none(), "{a:?}");
+    assert_eq!(a.ignored.len(), 1, "{a:?}");
+    assert_eq!(a.ignored[0].header, "x-ratelimit-remaining-tokens");
+    assert_eq!(a.ignored[0].value, "lots");
+    // Nothing left of the requests: quota_exhausted right away, and reserve is refused.
+    assert_eq!(
+        h.kinds()[h.kinds().len() - 2..],
+        ["quota_observed", "quota_exhausted"]
+    );
+    let prod = labels(&[("account", "prod")]);
+    assert_eq!(
+        h.reserve("r1", prod.clone(), "m", 1, 1).reason.code,
+        "quota"
+    );
+    h.now += 2 * SEC;
+    assert_eq!(h.reserve("r2", prod, "m", 1, 1).decision, Decision::Allow);
+    assert_eq!(h.refold(), h.ledger);
+}
+
+#[test]
+fn anthropic_token_limits_bind_a_call_whose_worst_case_does_not_fit() {
+    let mut h = Harness::new(policy_observed());
+    let mut req = observe_req("acme", "prod");
+    req.headers = Some(headers(&[
+        ("anthropic-ratelimit-requests-remaining", "50"),
+        ("anthropic-ratelimit-requests-reset", &at(&h, 60)),
+        ("anthropic-ratelimit-input-tokens-limit", "40000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "500"),
+        ("anthropic-ratelimit-input-tokens-reset", &at(&h, 20)),
+        ("anthropic-ratelimit-output-tokens-reset", "yesterday"),
+    ]));
+    let a = observe(&mut h, &req);
+    assert_eq!(a.observed.input_tokens.as_ref().unwrap().remaining, 500);
+    assert_eq!(
+        a.ignored[0].header,
+        "anthropic-ratelimit-output-tokens-reset"
+    );
+    let prod = labels(&[("account", "prod")]);
+    let d = h.reserve("r1", prod.clone(), "m", 600, 10);
+    assert_eq!(d.decision, Decision::Deny, "600 input tokens > 500 left");
+    assert!(d.reason.message.contains("input_tokens"), "{d:?}");
+    assert_eq!(
+        h.reserve("r2", prod, "m", 400, 10).decision,
+        Decision::Allow
+    );
+}
+
+#[test]
+fn usage_recorded_since_an_observation_exhausts_it_once() {
+    let mut h = Harness::new(policy_observed());
+    let prod = labels(&[("account", "prod")]);
+    requests_left(&mut h, 2, 30);
+    h.record("e1", prod.clone(), "m", usage(1, 1));
+    assert!(!h.kinds().contains(&"quota_exhausted"));
+    h.record("e2", prod.clone(), "m", usage(1, 1));
+    h.record("e3", prod, "m", usage(1, 1));
+    let exhausted: Vec<_> = h
+        .log
+        .iter()
+        .filter_map(|e| match &e.body {
+            bursar_schemas::event::EventBody::QuotaExhausted(q) => Some(q.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(exhausted.len(), 1, "once per observation and limit");
+    assert_eq!(exhausted[0].quota, "acme-prod");
+    assert_eq!(exhausted[0].limit, "requests");
+    assert_eq!(h.refold(), h.ledger);
+}
+
+#[test]
+fn a_commit_brings_the_responses_headers_and_observes_the_quota_of_its_call() {
+    let mut h = Harness::new(policy_observed());
+    let prod = labels(&[("account", "prod")]);
+    h.reserve("r1", prod.clone(), "m", 10, 10);
+    let c = CommitRequest {
+        reservation_id: "r1".into(),
+        event_id: "c1".into(),
+        usage: usage(10, 10),
+        labels: None,
+        model: None,
+        occurred_at: None,
+        reported_cost_usd: None,
+        headers: Some(headers(&[
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "20ms"),
+        ])),
+    };
+    let a = usage_answer(h.run(Command::Commit(&c)));
+    assert!(!a.duplicate);
+    let n = h.kinds().len();
+    assert_eq!(
+        h.kinds()[n - 3..],
+        ["usage_recorded", "quota_observed", "quota_exhausted"]
+    );
+    let Some(bursar_schemas::event::EventBody::QuotaObserved(q)) = h
+        .log
+        .iter()
+        .map(|e| &e.body)
+        .find(|b| b.kind() == "quota_observed")
+    else {
+        panic!("no observation");
+    };
+    assert_eq!(q.event_id.as_deref(), Some("c1"));
+    assert_eq!(q.provider, "acme");
+    assert_eq!(
+        h.reserve("r2", prod.clone(), "m", 1, 1).reason.code,
+        "quota"
+    );
+    // A resent commit is a duplicate and observes nothing again.
+    let again = usage_answer(h.run(Command::Commit(&c)));
+    assert!(again.duplicate);
+    assert_eq!(h.kinds().len(), n + 1, "only r2's denial was appended");
+    // Headers of a call no quota governs are left alone.
+    let r = RecordRequest {
+        event_id: "e9".into(),
+        labels: labels(&[("account", "dev")]),
+        model: "m".into(),
+        usage: usage(1, 1),
+        occurred_at: None,
+        reported_cost_usd: None,
+        headers: c.headers.clone(),
+    };
+    usage_answer(h.run(Command::Record(&r)));
+    assert_eq!(h.kinds().last(), Some(&"usage_recorded"));
+    assert_eq!(h.refold(), h.ledger);
+}
+
+#[test]
+fn observe_mistakes_are_errors_naming_the_field() {
+    let mut h = Harness::new(policy_observed());
+    let e = error(h.run(Command::Observe(&observe_req("acme", "prod"))));
+    assert_eq!(
+        (e.code, e.field.as_deref()),
+        (ErrorCode::BadRequest, Some("quota"))
+    );
+
+    let mut both = observe_req("acme", "prod");
+    both.quota = Some(ObservedQuota::default());
+    both.headers = Some(headers(&[]));
+    let e = error(h.run(Command::Observe(&both)));
+    assert_eq!(e.field.as_deref(), Some("headers"));
+
+    let mut bad_time = observe_req("acme", "prod");
+    bad_time.quota = Some(ObservedQuota {
+        tokens: Some(ObservedWindow {
+            limit: None,
+            remaining: 1,
+            reset_at: "soon".into(),
+        }),
+        ..ObservedQuota::default()
+    });
+    let e = error(h.run(Command::Observe(&bad_time)));
+    assert_eq!(e.field.as_deref(), Some("quota.tokens.reset_at"));
+
+    let mut too_many = observe_req("acme", "prod");
+    too_many.quota = Some(ObservedQuota {
+        requests: Some(ObservedWindow {
+            limit: Some(5),
+            remaining: 6,
+            reset_at: at(&h, 1),
+        }),
+        ..ObservedQuota::default()
+    });
+    let e = error(h.run(Command::Observe(&too_many)));
+    assert_eq!(e.field.as_deref(), Some("quota.requests.remaining"));
+
+    let mut nobody = observe_req("nobody", "prod");
+    nobody.quota = Some(ObservedQuota::default());
+    let e = error(h.run(Command::Observe(&nobody)));
+    assert_eq!(
+        (e.code, e.field.as_deref()),
+        (ErrorCode::NotFound, Some("provider"))
+    );
+
+    // Headers that say nothing about rate limits: an answer, nothing appended.
+    let before = h.log.len();
+    let mut quiet = observe_req("acme", "prod");
+    quiet.headers = Some(headers(&[("content-type", "text/plain")]));
+    let a = observe(&mut h, &quiet);
+    assert!(a.quotas.is_empty() && a.seq.is_none(), "{a:?}");
+    assert_eq!(h.log.len(), before);
+}
+
+#[test]
+fn a_policy_change_counts_live_holds_in_the_quotas_that_govern_them_now() {
+    let mut h = Harness::new(policy_observed());
+    let prod = labels(&[("account", "prod")]);
+    requests_left(&mut h, 2, 60);
+    h.reserve("r1", prod.clone(), "m", 10, 10);
+    // The same policy again (a reload): the hold still counts, once.
+    h.apply_policy(policy_observed());
+    assert_eq!(h.ledger.quota_held("acme-prod").0[0], 1);
+    assert_eq!(
+        h.reserve("r2", prod.clone(), "m", 10, 10).decision,
+        Decision::Allow
+    );
+    assert_eq!(h.reserve("r3", prod, "m", 10, 10).decision, Decision::Deny);
+    assert_eq!(h.refold(), h.ledger);
+    // A ledger read back from a snapshot's form counts them the same.
+    let copy: bursar_core::ledger::Ledger = bincode::serde::decode_from_slice(
+        &bincode::serde::encode_to_vec(&h.ledger, bincode::config::standard()).unwrap(),
+        bincode::config::standard(),
+    )
+    .unwrap()
+    .0;
+    assert_eq!(copy.quota_held("acme-prod").0[0], 2);
+}

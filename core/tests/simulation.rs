@@ -1210,6 +1210,7 @@ impl Sim {
             usage,
             occurred_at: None,
             reported_cost_usd: None,
+            headers: None,
         })
     }
 
@@ -1401,6 +1402,7 @@ impl Sim {
             model,
             occurred_at: None,
             reported_cost_usd: None,
+            headers: None,
         })
     }
 

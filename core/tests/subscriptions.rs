@@ -236,6 +236,7 @@ fn clients_cannot_claim_a_subscription_by_sending_its_label() {
         usage: usage(100, 50),
         occurred_at: None,
         reported_cost_usd: None,
+        headers: None,
     };
     let e = error(h.run(Command::Record(&r)));
     assert_eq!(e.code, ErrorCode::BadRequest);

@@ -353,6 +353,7 @@ fn goes_to_writer(r: &Request) -> bool {
             | Request::Commit(_)
             | Request::Release(_)
             | Request::Extend(_)
+            | Request::Observe(_)
             | Request::Reload
             | Request::Replay(_)
     )
@@ -424,6 +425,7 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
         Request::Commit(r) => write(WriteCmd::Commit(r)),
         Request::Release(r) => write(WriteCmd::Release(r)),
         Request::Extend(r) => write(WriteCmd::Extend(r)),
+        Request::Observe(r) => write(WriteCmd::Observe(r)),
         Request::Reload => {
             if !ctx.admin_uids.contains(&actor.uid) {
                 return Pending::Ready(forbidden("reload", actor, req));

@@ -140,6 +140,7 @@ fn workload(prefix: &str, rounds: usize, seed: u64) -> Vec<(i64, Vec<WriteCmd>)>
                     usage: usage(rng.below(3000), rng.below(1000)),
                     occurred_at: None,
                     reported_cost_usd: None,
+                    headers: None,
                 }),
                 7..=12 => {
                     let rid = format!("{prefix}r-{n}");
@@ -165,6 +166,7 @@ fn workload(prefix: &str, rounds: usize, seed: u64) -> Vec<(i64, Vec<WriteCmd>)>
                     model: Some("sim-model".into()),
                     occurred_at: None,
                     reported_cost_usd: None,
+                    headers: None,
                 }),
                 17..=18 => WriteCmd::Release(ReleaseRequest {
                     reservation_id: pick(&mut rng, &rids),
@@ -198,7 +200,7 @@ fn id_key(cmd: &WriteCmd) -> Option<IdKey> {
         WriteCmd::Commit(c) => Some(IdKey(IdKind::Event, c.event_id.clone())),
         WriteCmd::Reserve(r) => Some(IdKey(IdKind::Reservation, r.reservation_id.clone())),
         WriteCmd::Release(r) => Some(IdKey(IdKind::Release, r.reservation_id.clone())),
-        WriteCmd::Extend(_) => None,
+        WriteCmd::Extend(_) | WriteCmd::Observe(_) => None,
     }
 }
 

@@ -88,6 +88,7 @@ fn make_log() -> Vec<Vec<Envelope>> {
             },
             occurred_at: None,
             reported_cost_usd: None,
+            headers: None,
         };
         let step = l.execute(Command::Record(&r), t0 + 1_000_000 * (i as i64 + 1));
         records.push(seal(step.events, &mut prev));

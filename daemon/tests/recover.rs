@@ -77,6 +77,7 @@ impl Builder {
                 },
                 occurred_at: None,
                 reported_cost_usd: None,
+                headers: None,
             };
             let step = self.ledger.execute(Command::Record(&req), self.now);
             assert!(!step.answer.is_error(), "{:?}", step.answer);

@@ -105,6 +105,7 @@ fn record(id: &str, team: &str, user: &str, input: u64) -> RecordRequest {
         usage: usage(input, input / 4),
         occurred_at: None,
         reported_cost_usd: None,
+        headers: None,
     }
 }
 
@@ -162,6 +163,7 @@ fn make_ledger() -> (Ledger, ()) {
         model: None,
         occurred_at: None,
         reported_cost_usd: None,
+        headers: None,
     };
     run(&mut l, Command::Commit(&commit), now);
     now += SEC;
@@ -207,19 +209,29 @@ fn a_snapshot_of_the_first_format_is_set_aside_not_misread() {
     assert!(decode_snapshot(&bytes).is_none());
     // Its bytes after the tag are not a ledger of this version either.
     let mut retagged = bytes.clone();
-    retagged[0] = bursard::writer::SNAPSHOT_FORMAT_V4;
+    retagged[0] = bursard::writer::SNAPSHOT_FORMAT_V5;
     let misread = decode_snapshot(&retagged).map(|(l, _)| l);
     let (new, _) = make_ledger();
     assert_ne!(
         misread.as_ref(),
         Some(&new),
-        "format 4 must not read format 1 as itself"
+        "format 5 must not read format 1 as itself"
     );
 }
 
 #[test]
+fn a_snapshot_without_quota_observations_is_set_aside() {
+    // Format 4 has no observations and holds without their input tokens: read as format 5 it
+    // would misplace every field after them, so it is never decoded.
+    let (l, ()) = make_ledger();
+    let mut v4 = encode_snapshot(&l, Default::default()).unwrap();
+    v4[0] = bursard::writer::SNAPSHOT_FORMAT_V4;
+    assert!(decode_snapshot(&v4).is_none());
+}
+
+#[test]
 fn a_snapshot_without_report_rollups_is_set_aside() {
-    // Format 3 is format 4 without the rollups: read as format 4 its ledger would miss every
+    // Format 3 is format 4 without the rollups: read as format 5 its ledger would miss every
     // report figure of the events before it, so it is never decoded.
     let (l, ()) = make_ledger();
     let mut v3 = encode_snapshot(&l, Default::default()).unwrap();

@@ -4,7 +4,7 @@
 //! connection's side (after every lock is released), with the request's `req` echoed.
 
 use crate::wire::{
-    DecisionAnswer, ErrorAnswer, ExtendAnswer, ReleaseAnswer, UsageAnswer, WireError,
+    DecisionAnswer, ErrorAnswer, ExtendAnswer, ObserveAnswer, ReleaseAnswer, UsageAnswer, WireError,
 };
 use serde_json::Value;
 
@@ -24,6 +24,8 @@ pub enum Answer {
     Release(ReleaseAnswer),
     /// `extend`.
     Extend(ExtendAnswer),
+    /// `observe`.
+    Observe(ObserveAnswer),
     /// A resent request: its original answer is that of the event at `seq`, rendered again
     /// from the log (with `duplicate: true`) by whoever can read the log.
     Duplicate {
@@ -56,6 +58,7 @@ impl Answer {
             }
             Answer::Release(a) => serde_json::to_string(&ReleaseAnswer { req, ..a.clone() }),
             Answer::Extend(a) => serde_json::to_string(&ExtendAnswer { req, ..a.clone() }),
+            Answer::Observe(a) => serde_json::to_string(&ObserveAnswer { req, ..a.clone() }),
             Answer::Duplicate { seq } => serde_json::to_string(&ErrorAnswer::new(
                 WireError::new(
                     crate::wire::ErrorCode::Internal,

@@ -121,6 +121,7 @@ fn body_of<'de, A: MapAccess<'de>>(
         "export" => Request::Export(read(body)?),
         "replay" => Request::Replay(read(body)?),
         "report" => Request::Report(read(body)?),
+        "observe" => Request::Observe(read(body)?),
         "verify" | "reload" => {
             let Empty = read(body)?;
             if op == "verify" {
@@ -372,6 +373,7 @@ fn slow(text: &str) -> Result<RequestLine, (WireError, Option<Value>)> {
         "export" => Request::Export(body_as(body).map_err(|e| (e, req.clone()))?),
         "replay" => Request::Replay(body_as(body).map_err(|e| (e, req.clone()))?),
         "report" => Request::Report(body_as(body).map_err(|e| (e, req.clone()))?),
+        "observe" => Request::Observe(body_as(body).map_err(|e| (e, req.clone()))?),
         "verify" => {
             empty_body(&body).map_err(|e| (e, req.clone()))?;
             Request::Verify

@@ -54,6 +54,10 @@ pub fn all() -> Vec<(&'static str, String)> {
         "request-report.schema.json",
         schema_for!(wire::ReportRequest),
     );
+    push(
+        "request-observe.schema.json",
+        schema_for!(wire::ObserveRequest),
+    );
     push("answer-error.schema.json", schema_for!(wire::ErrorAnswer));
     push("answer-hello.schema.json", schema_for!(wire::HelloAnswer));
     push("answer-usage.schema.json", schema_for!(wire::UsageAnswer));
@@ -78,6 +82,10 @@ pub fn all() -> Vec<(&'static str, String)> {
     );
     push("answer-report.schema.json", schema_for!(wire::ReportAnswer));
     push("answer-verify.schema.json", schema_for!(wire::VerifyAnswer));
+    push(
+        "answer-observe.schema.json",
+        schema_for!(wire::ObserveAnswer),
+    );
     push("answer-reload.schema.json", schema_for!(wire::ReloadAnswer));
     push(
         "answer-event-line.schema.json",

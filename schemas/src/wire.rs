@@ -8,6 +8,7 @@ use crate::{Labels, Micros};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// Longest request line accepted, in bytes (without the newline).
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
@@ -85,6 +86,15 @@ pub struct RecordRequest {
     pub occurred_at: Option<String>,
     /// A provider-reported cost as a decimal USD string (audit only).
     pub reported_cost_usd: Option<String>,
+    /// The provider response's rate-limit headers (SPEC §10): each `[[quota]]` governing the
+    /// call gets a `quota_observed` event after the usage. Left out of the request's digest
+    /// when absent.
+    #[serde(
+        default,
+        deserialize_with = "crate::decode::unique_map_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub headers: Option<BTreeMap<String, String>>,
 }
 
 /// `reserve` and `check` share these fields.
@@ -144,6 +154,79 @@ pub struct CommitRequest {
     pub occurred_at: Option<String>,
     /// Audit-only provider cost, decimal USD string.
     pub reported_cost_usd: Option<String>,
+    /// The provider response's rate-limit headers, as on `record`.
+    #[serde(
+        default,
+        deserialize_with = "crate::decode::unique_map_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+/// `observe`: what a provider said about its rate limits (SPEC §10), normalised (`quota`) or
+/// as the response's raw headers (`headers`); exactly one of the two.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObserveRequest {
+    /// The provider (the derived label `provider` of the calls the quota governs).
+    pub provider: String,
+    /// Labels that pick the `[[quota]]` (its `match`), e.g. `account`.
+    #[serde(default, deserialize_with = "crate::decode::unique_map")]
+    pub labels: Labels,
+    /// Normalised limits.
+    pub quota: Option<ObservedQuota>,
+    /// Raw response headers (OpenAI `x-ratelimit-*`, Anthropic `anthropic-ratelimit-*`).
+    #[serde(default, deserialize_with = "crate::decode::unique_map_opt")]
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+/// Normalised limits of an `observe`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObservedQuota {
+    /// Requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<ObservedWindow>,
+    /// Tokens (all kinds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<ObservedWindow>,
+    /// Input tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<ObservedWindow>,
+    /// Output tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<ObservedWindow>,
+}
+
+/// One normalised limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObservedWindow {
+    /// The limit per window (optional).
+    pub limit: Option<u64>,
+    /// What is left.
+    pub remaining: u64,
+    /// When it is whole again (RFC 3339).
+    pub reset_at: String,
+}
+
+/// Answer to `observe`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ObserveAnswer {
+    /// Always true.
+    pub ok: bool,
+    /// Seq of the last event appended (absent when nothing was observed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The quotas the observation was recorded for (one `quota_observed` each).
+    pub quotas: Vec<String>,
+    /// What was read, as recorded.
+    pub observed: ObservedQuota,
+    /// Rate-limit headers that were ignored, each with why.
+    pub ignored: Vec<crate::event::IgnoredHeader>,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
 }
 
 /// `release`: cancel a hold.
@@ -275,6 +358,8 @@ pub enum Request {
     Replay(ReplayRequest),
     /// `report`.
     Report(ReportRequest),
+    /// `observe`.
+    Observe(ObserveRequest),
     /// `verify`.
     Verify,
     /// `reload`.
@@ -297,6 +382,7 @@ impl Request {
             Request::Export(_) => "export",
             Request::Replay(_) => "replay",
             Request::Report(_) => "report",
+            Request::Observe(_) => "observe",
             Request::Verify => "verify",
             Request::Reload => "reload",
         }
@@ -317,6 +403,7 @@ impl Request {
             Request::Export(r) => ("export", serde_json::to_value(r)),
             Request::Replay(r) => ("replay", serde_json::to_value(r)),
             Request::Report(r) => ("report", serde_json::to_value(r)),
+            Request::Observe(r) => ("observe", serde_json::to_value(r)),
             Request::Verify => ("verify", Ok(Value::Object(Default::default()))),
             Request::Reload => ("reload", Ok(Value::Object(Default::default()))),
         };

@@ -256,6 +256,20 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                     p.policy.budgets[0].match_labels = labels;
                 }
                 PricingChanged(p) => p.effective_from = ts,
+                QuotaObserved(q) => {
+                    q.quota = text;
+                    q.labels = labels;
+                    q.requests = Some(bursar_schemas::event::ObservedLimit {
+                        limit: None,
+                        remaining: seq,
+                        reset_at: ts,
+                    });
+                }
+                QuotaExhausted(q) => {
+                    q.limit = text;
+                    q.observed_seq = seq;
+                    q.reset_at = ts;
+                }
             }
             env.hash = env.compute_hash().unwrap();
             env

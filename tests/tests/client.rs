@@ -34,6 +34,7 @@ fn record(id: &str) -> RecordRequest {
         },
         occurred_at: None,
         reported_cost_usd: None,
+        headers: None,
     }
 }
 

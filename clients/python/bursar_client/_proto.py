@@ -17,6 +17,7 @@ from .errors import BudgetDenied, NotFound, ProtocolError, error_from_answer
 from .types import (
     DecisionAnswer,
     ExtendAnswer,
+    ObserveAnswer,
     HelloAnswer,
     ReleaseAnswer,
     ReloadAnswer,
@@ -146,6 +147,7 @@ def record(
     event_id: Optional[str],
     occurred_at: Optional[TimeLike],
     reported_cost_usd: Any,
+    headers: Optional[Mapping[str, Any]] = None,
 ) -> Call:
     eid = event_id or new_id()
     return Call(
@@ -157,6 +159,7 @@ def record(
             "usage": usage_to_wire(usage),
             "occurred_at": None if occurred_at is None else rfc3339(occurred_at),
             "reported_cost_usd": None if reported_cost_usd is None else usd_string(reported_cost_usd),
+            "headers": rate_limit_headers(headers),
         },
         lambda a: UsageAnswer.from_wire(a, event_id=eid),
     )
@@ -217,6 +220,7 @@ def commit(
     model: Optional[str],
     occurred_at: Optional[TimeLike],
     reported_cost_usd: Any,
+    headers: Optional[Mapping[str, Any]] = None,
 ) -> Call:
     eid = event_id or new_id()
     return Call(
@@ -229,8 +233,52 @@ def commit(
             "model": model,
             "occurred_at": None if occurred_at is None else rfc3339(occurred_at),
             "reported_cost_usd": None if reported_cost_usd is None else usd_string(reported_cost_usd),
+            "headers": rate_limit_headers(headers),
         },
         lambda a: UsageAnswer.from_wire(a, event_id=eid),
+    )
+
+
+# Header names bursar reads (SPEC §10): OpenAI's and Anthropic's rate-limit families.
+RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+# LiteLLM forwards a provider's raw headers under this prefix.
+_LITELLM_PROVIDER_PREFIX = "llm_provider-"
+# At most this many headers are sent (a line is at most 64 KiB).
+MAX_RATE_LIMIT_HEADERS = 64
+
+
+def rate_limit_headers(headers: Optional[Mapping[str, Any]]) -> Optional[Dict[str, str]]:
+    """The rate-limit headers among a response's ``headers`` (names lower-cased, LiteLLM's
+    ``llm_provider-`` prefix taken off, values as text), or ``None`` when there are none."""
+    if not headers:
+        return None
+    out: Dict[str, str] = {}
+    for k, v in headers.items():
+        if not isinstance(k, str) or v is None or isinstance(v, (dict, list, tuple, set)):
+            continue
+        name = k.strip().lower()
+        if name.startswith(_LITELLM_PROVIDER_PREFIX):
+            name = name[len(_LITELLM_PROVIDER_PREFIX):]
+        if name.startswith(RATE_LIMIT_PREFIXES) and len(out) < MAX_RATE_LIMIT_HEADERS:
+            out[name] = str(v)
+    return out or None
+
+
+def observe(provider: str, labels: Optional[Labels], quota: Optional[Mapping[str, Any]],
+            headers: Optional[Mapping[str, Any]]) -> Call:
+    if (quota is None) == (headers is None):
+        raise TypeError("give quota (normalised limits) or headers (a response's headers), not both")
+    return Call(
+        {
+            "op": "observe",
+            "provider": provider,
+            "labels": _labels(labels) or {},
+            "quota": None if quota is None else {
+                k: {**w, "reset_at": rfc3339(w["reset_at"])} for k, w in quota.items()},
+            "headers": None if headers is None else {str(k): str(v) for k, v in headers.items()},
+        },
+        ObserveAnswer.from_wire,
+        resend_safe=False,
     )
 
 
@@ -406,7 +454,8 @@ class HoldBase:
             raise BudgetDenied(decision)
 
     def _commit_call(self, usage: Optional[UsageLike], fields: Mapping[str, int],
-                     event_id: Optional[str], occurred_at: Any, reported_cost_usd: Any) -> Call:
+                     event_id: Optional[str], occurred_at: Any, reported_cost_usd: Any,
+                     headers: Optional[Mapping[str, Any]] = None) -> Call:
         if self.decision is None:
             raise RuntimeError("hold not entered: use it in a `with` statement")
         if self.answer is not None:
@@ -418,7 +467,7 @@ class HoldBase:
         elif fields:
             raise TypeError("give usage either as an object or as keyword arguments, not both")
         return commit(self.reservation_id, usage, event_id, self.labels, self.model,
-                        occurred_at, reported_cost_usd)
+                        occurred_at, reported_cost_usd, headers)
 
     def _done(self) -> bool:
         return self.decision is None or self.answer is not None or self.released

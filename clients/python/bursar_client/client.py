@@ -16,6 +16,7 @@ from .types import (
     DecisionAnswer,
     Event,
     ExtendAnswer,
+    ObserveAnswer,
     HelloAnswer,
     ReleaseAnswer,
     ReloadAnswer,
@@ -188,10 +189,14 @@ class Client(ClientIO):
         event_id: Optional[str] = None,
         occurred_at: Optional[P.TimeLike] = None,
         reported_cost_usd: Any = None,
+        headers: Optional[Mapping[str, Any]] = None,
     ) -> UsageAnswer:
-        """Record usage that already happened (always kept, even past a limit)."""
+        """Record usage that already happened (always kept, even past a limit).
+
+        ``headers``: the provider response's headers; its rate-limit headers are sent along
+        and update the ``[[quota]]`` that governs the call (SPEC §10)."""
         return self._call(
-            P.record(labels, model, usage, event_id, occurred_at, reported_cost_usd)
+            P.record(labels, model, usage, event_id, occurred_at, reported_cost_usd, headers)
         )
 
     def reserve(
@@ -237,14 +242,31 @@ class Client(ClientIO):
         model: Optional[str] = None,
         occurred_at: Optional[P.TimeLike] = None,
         reported_cost_usd: Any = None,
+        headers: Optional[Mapping[str, Any]] = None,
     ) -> UsageAnswer:
         """Record the actual usage of a reserved call and release its hold.
 
         ``labels`` and ``model`` are used only if the daemon never saw the reservation.
+        ``headers``: the provider response's headers; its rate-limit headers are sent along
+        and update the ``[[quota]]`` that governs the call (SPEC §10).
         """
         return self._call(
-            P.commit(reservation_id, usage, event_id, labels, model, occurred_at, reported_cost_usd)
+            P.commit(reservation_id, usage, event_id, labels, model, occurred_at, reported_cost_usd,
+                     headers)
         )
+
+    def observe(
+        self,
+        provider: str,
+        labels: Optional[Mapping[str, str]] = None,
+        *,
+        quota: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        headers: Optional[Mapping[str, Any]] = None,
+    ) -> ObserveAnswer:
+        """Tell the daemon what ``provider`` said about its rate limits: a response's raw
+        ``headers``, or ``quota={"requests": {"limit": .., "remaining": .., "reset_at": ..}}``
+        (also ``tokens``, ``input_tokens``, ``output_tokens``). ``labels`` pick the quota."""
+        return self._call(P.observe(provider, labels, quota, headers))
 
     def release(self, reservation_id: str) -> ReleaseAnswer:
         """Cancel a hold (``NotFound`` if it is not live)."""
@@ -359,10 +381,13 @@ class Hold(P.HoldBase):
         event_id: Optional[str] = None,
         occurred_at: Optional[P.TimeLike] = None,
         reported_cost_usd: Any = None,
+        headers: Optional[Mapping[str, Any]] = None,
         **usage_fields: int,
     ) -> UsageAnswer:
-        """Record the call's actual usage (a :class:`Usage`, a mapping, or keyword fields)."""
-        call = self._commit_call(usage, usage_fields, event_id, occurred_at, reported_cost_usd)
+        """Record the call's actual usage (a :class:`Usage`, a mapping, or keyword fields);
+        ``headers``: the response's headers (its rate-limit headers are sent along)."""
+        call = self._commit_call(usage, usage_fields, event_id, occurred_at, reported_cost_usd,
+                                 headers)
         self.answer = self.client._call(call)
         return self.answer
 

@@ -29,7 +29,10 @@ How it maps onto LiteLLM's hooks:
   ``prompt_tokens`` include cache reads and writes); ``cached_tokens`` go to
   ``cached_input_tokens`` and cache writes to ``cache_write_tokens``. LiteLLM's own
   ``response_cost`` rides along as ``reported_cost_usd`` (audit only). A cache hit of LiteLLM's
-  response cache spends nothing: the hold is released.
+  response cache spends nothing: the hold is released. The provider's rate-limit headers
+  (OpenAI ``x-ratelimit-*``, Anthropic ``anthropic-ratelimit-*``, as LiteLLM keeps them in the
+  response's ``_hidden_params["headers"]`` / ``["additional_headers"]``) go along with the
+  commit, so each ``[[quota]]`` learns what the provider has left (SPEC §10).
 * failure hooks: release the hold.
 
 Labels: the ``labels`` given to the callback, then ``metadata["bursar_labels"]`` of the call
@@ -53,9 +56,27 @@ from .client import Client
 from .errors import BudgetDenied, BursarError, NotFound
 from .types import DecisionAnswer, Usage
 
-__all__ = ["BursarCallback", "LiteLLMBudgetDenied", "usage_from_response", "default_model_name"]
+__all__ = ["BursarCallback", "LiteLLMBudgetDenied", "usage_from_response", "default_model_name",
+           "response_rate_limit_headers"]
 
 log = logging.getLogger("bursar_client.litellm")
+
+
+def response_rate_limit_headers(response_obj: Any) -> Optional[Dict[str, str]]:
+    """The provider's rate-limit headers of a LiteLLM response, or ``None``.
+
+    LiteLLM keeps a response's raw headers in ``_hidden_params["headers"]`` and forwards them
+    as ``llm_provider-<name>`` in ``_hidden_params["additional_headers"]``; both are read (the
+    raw ones win), and only the rate-limit families bursar understands are kept."""
+    hidden = getattr(response_obj, "_hidden_params", None)
+    if not isinstance(hidden, Mapping):
+        return None
+    merged: Dict[str, Any] = {}
+    for key in ("additional_headers", "headers"):
+        source = hidden.get(key)
+        if isinstance(source, Mapping):
+            merged.update(P.rate_limit_headers(source) or {})
+    return merged or None
 
 # Providers whose models bursar's price table (from LiteLLM's data) lists without a prefix.
 _UNPREFIXED_PROVIDERS = ("openai", "anthropic", "text-completion-openai")
@@ -298,13 +319,15 @@ class BursarCallback(CustomLogger):
             return
         cost = kwargs.get("response_cost")
         event_id = f"litellm-{call_id}-usage" if call_id else None
+        headers = response_rate_limit_headers(response_obj)
         if p is not None and p.live:
             self.client.commit(p.reservation_id, usage, event_id=event_id, labels=p.labels,
-                               model=p.model, reported_cost_usd=cost)
+                               model=p.model, reported_cost_usd=cost, headers=headers)
         else:
             model = p.model if p is not None else self._model(str(kwargs.get("model") or ""))
             labels = p.labels if p is not None else self._labels_for(kwargs)
-            self.client.record(labels, model, usage, event_id=event_id, reported_cost_usd=cost)
+            self.client.record(labels, model, usage, event_id=event_id, reported_cost_usd=cost,
+                               headers=headers)
 
     def _release(self, p: Optional[_Pending]) -> None:
         if p is None or not p.live:

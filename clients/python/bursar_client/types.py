@@ -22,6 +22,7 @@ __all__ = [
     "DecisionAnswer",
     "ReleaseAnswer",
     "ExtendAnswer",
+    "ObserveAnswer",
     "StatusAnswer",
     "Tier",
     "VerifyAnswer",
@@ -283,6 +284,24 @@ class ExtendAnswer:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "ExtendAnswer":
+        return _build(cls, obj)
+
+
+@dataclass
+class ObserveAnswer:
+    """What ``observe`` recorded (SPEC §10): the quotas it was recorded for (one
+    ``quota_observed`` event each; empty when no header said anything), the limits as read
+    (``{"requests": {"limit":.., "remaining":.., "reset_at":..}, ...}``) and the rate-limit
+    headers that were ignored, each ``{"header", "value", "reason"}``."""
+
+    quotas: List[str]
+    observed: Dict[str, Dict[str, Any]]
+    ignored: List[Dict[str, str]]
+    seq: Optional[int] = None
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "ObserveAnswer":
         return _build(cls, obj)
 
 

@@ -50,6 +50,12 @@ enforce = "deny"
 id = "gpu-seats"
 match = { pool = "gpu" }
 max_concurrent = 2
+
+# A provider's rate limits on one account: what its headers say binds (SPEC §10).
+[[quota]]
+id = "openai-prod"
+provider = "openai"
+match = { account = "prod" }
 """
 
 

@@ -472,6 +472,76 @@ class ClientTest(unittest.TestCase):
         self.assertEqual((b.spent_micros, b.held_micros), (48000, 0))
 
 
+class QuotaObservationTest(unittest.TestCase):
+    """``observe`` and the rate-limit headers a commit brings along (SPEC §10), against a real
+    bursard with a ``[[quota]]`` for OpenAI's prod account (a daemon of its own: observations
+    are per quota, not per team)."""
+
+    def setUp(self) -> None:
+        self.daemon = Daemon().start()
+        self.addCleanup(self.daemon.cleanup)
+        self.client = Client(self.daemon.socket)
+        self.addCleanup(self.client.close)
+
+    def test_observed_headers_bind_until_a_commits_headers_say_otherwise(self) -> None:
+        t = team()
+        labels = acme(t, account="prod")
+        a = self.client.observe("openai", {"account": "prod"}, headers={
+            "X-RateLimit-Remaining-Requests": "1",
+            "x-ratelimit-reset-requests": "1h",
+            "x-ratelimit-remaining-tokens": "plenty",
+        })
+        self.assertEqual(a.quotas, ["openai-prod"])
+        self.assertEqual(a.observed["requests"]["remaining"], 1)
+        self.assertEqual([i["header"] for i in a.ignored], ["x-ratelimit-remaining-tokens"])
+        r1 = self.client.reserve(labels, candidates=["gpt-4o-mini", "gpt-4o"],
+                                 input_tokens=100, max_output_tokens=100)
+        self.assertEqual(r1.model, "gpt-4o-mini")
+        # The one request left is held: the next candidate is tried, gpt-4o is OpenAI's too.
+        r2 = self.client.check(labels, candidates=["gpt-4o-mini"], input_tokens=100,
+                               max_output_tokens=100)
+        self.assertEqual((r2.decision, r2.reason.code), ("deny", "quota"), r2)
+        # LiteLLM's `llm_provider-` names are understood; other headers are not sent.
+        self.client.commit(r1.reservation_id, Usage(input_tokens=90, output_tokens=40),
+                           headers={"llm_provider-x-ratelimit-remaining-requests": "30",
+                                    "llm_provider-x-ratelimit-reset-requests": "1h",
+                                    "content-type": "application/json"})
+        observed = [e for e in self.client.export(labels={"account": "prod"})
+                    if e.type == "quota_observed"]
+        self.assertEqual(len(observed), 2, observed)
+        self.assertEqual(observed[1].data["event_id"], self.client_event_id(observed))
+        self.assertEqual(observed[1].data["requests"]["remaining"], 30)
+        r3 = self.client.check(labels, "gpt-4o-mini", input_tokens=100, max_output_tokens=100)
+        self.assertEqual(r3.decision, "allow", r3)
+
+    def client_event_id(self, observed: list) -> str:
+        usage = [e for e in self.client.export(labels={"account": "prod"})
+                 if e.type == "usage_recorded"]
+        self.assertEqual(len(usage), 1)
+        return usage[0].data["event_id"]
+
+    def test_observe_mistakes_raise_naming_the_field(self) -> None:
+        with self.assertRaises(NotFound) as e:
+            self.client.observe("nobody", headers={"x-ratelimit-remaining-requests": "1"})
+        self.assertEqual(e.exception.field, "provider")
+        with self.assertRaises(BadRequest) as e:
+            self.client.observe("openai", {"account": "prod"},
+                                quota={"requests": {"remaining": 1, "reset_at": "soon"}})
+        self.assertEqual(e.exception.field, "quota.requests.reset_at")
+        with self.assertRaises(TypeError):
+            self.client.observe("openai")
+
+    def test_only_rate_limit_headers_are_sent(self) -> None:
+        from bursar_client import _proto as P
+        self.assertEqual(
+            P.rate_limit_headers({"llm_provider-Anthropic-RateLimit-Requests-Remaining": 4,
+                                  "x-ratelimit-reset-tokens": "1s", "server": "x",
+                                  "llm_provider-date": "today"}),
+            {"anthropic-ratelimit-requests-remaining": "4", "x-ratelimit-reset-tokens": "1s"})
+        self.assertIsNone(P.rate_limit_headers({"server": "x"}))
+        self.assertIsNone(P.rate_limit_headers(None))
+
+
 class DefaultSocketTest(unittest.TestCase):
     def test_default_path_order(self) -> None:
         with mock.patch.dict(os.environ, {"BURSAR_SOCKET": "/x/b.sock", "XDG_RUNTIME_DIR": "/run/u"}):

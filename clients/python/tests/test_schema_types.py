@@ -30,6 +30,7 @@ ANSWERS: Dict[type, Tuple[str, Any]] = {
     types.DecisionAnswer: ("answer-decision", None),
     types.ReleaseAnswer: ("answer-release", None),
     types.ExtendAnswer: ("answer-extend", None),
+    types.ObserveAnswer: ("answer-observe", None),
     types.StatusAnswer: ("answer-status", None),
     types.VerifyAnswer: ("answer-verify", None),
     types.ReloadAnswer: ("answer-reload", None),
@@ -83,7 +84,8 @@ DEFAULTED = {
 REQUESTS = {
     "request-hello": (P.hello("me").body, P.hello(None).body),
     "request-record": (
-        P.record({"a": "b"}, "m", types.Usage(), "e", "2026-01-01T00:00:00Z", "0.1").body,
+        P.record({"a": "b"}, "m", types.Usage(), "e", "2026-01-01T00:00:00Z", "0.1",
+                 {"x-ratelimit-remaining-requests": "1"}).body,
         P.record(None, "m", types.Usage(), None, None, None).body,
     ),
     "request-reserve": (
@@ -95,10 +97,20 @@ REQUESTS = {
         P.check(None, None, 0, None, None, None).body,
     ),
     "request-commit": (
-        P.commit("r", types.Usage(), "e", {"a": "b"}, "m", "2026-01-01T00:00:00Z", "0.1").body,
+        P.commit("r", types.Usage(), "e", {"a": "b"}, "m", "2026-01-01T00:00:00Z", "0.1",
+                 {"x-ratelimit-remaining-requests": "1"}).body,
         P.commit("r", types.Usage(), None, None, None, None, None).body,
     ),
     "request-release": (P.release("r").body, P.release("r").body),
+    "request-observe": (
+        # Normalised limits and raw headers are two requests: together they send every field.
+        {k: v
+         for body in (P.observe("openai", {"a": "b"}, {"requests": {
+                          "remaining": 1, "reset_at": "2026-01-01T00:00:00Z"}}, None).body,
+                      P.observe("openai", None, None, {"x-ratelimit-remaining-requests": "1"}).body)
+         for k, v in body.items() if v is not None},
+        P.observe("openai", None, None, {}).body,
+    ),
     "request-extend": (P.extend("r", 5).body, P.extend("r", 5).body),
     "request-status": (P.status({"a": "b"}, "b", 3).body, P.status(None, None, None).body),
     "request-replay": (

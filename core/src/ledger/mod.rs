@@ -11,6 +11,7 @@
 mod buckets;
 mod decide;
 mod ids;
+pub mod quotas;
 mod replay;
 mod report;
 mod reports;
@@ -503,6 +504,8 @@ pub struct Hold {
     pub model: String,
     /// Held amounts (micros, tokens, one request).
     pub amounts: Amounts,
+    /// Input tokens of its estimate (the rest of `amounts.tokens` is output).
+    pub input_tokens: u64,
     /// Expiry, Unix µs.
     pub expires_at: TsMicros,
     /// `(budget index, scope key)` of every bucket it is counted in.
@@ -557,6 +560,8 @@ pub struct Ledger {
     ended_queue: VecDeque<(TsMicros, String)>,
     /// Request ids within the idempotency window (see [`IdIndex`]).
     ids: IdIndex,
+    /// Each `[[quota]]`'s last observation (SPEC §10), by quota id.
+    observed: BTreeMap<String, quotas::Observed>,
     /// The budgets of earlier policy versions, by version: receipts refer to them.
     #[serde(
         serialize_with = "json_inside::serialize",
@@ -576,6 +581,9 @@ pub struct Ledger {
     /// The renderer of answers under `policy` (derived from it).
     #[serde(skip)]
     renderer: std::sync::Arc<Renderer>,
+    /// What the live holds governed by each quota hold (derived from `holds`).
+    #[serde(skip)]
+    quota_holds: BTreeMap<String, quotas::Need>,
 }
 
 impl PartialEq for Ledger {
@@ -590,6 +598,7 @@ impl PartialEq for Ledger {
             && self.ended == o.ended
             && self.ended_queue == o.ended_queue
             && self.ids == o.ids
+            && self.observed == o.observed
             && self.old_budgets == o.old_budgets
             && self.rollups == o.rollups
             && self.budgets.len() == o.budgets.len()
@@ -628,6 +637,7 @@ struct LedgerData {
     ended: HashMap<String, Ended>,
     ended_queue: VecDeque<(TsMicros, String)>,
     ids: IdIndex,
+    observed: BTreeMap<String, quotas::Observed>,
     #[serde(deserialize_with = "json_inside::deserialize")]
     old_budgets: BTreeMap<u64, Vec<bursar_schemas::policy::ResolvedBudget>>,
     rollups: rollup::Rollups,
@@ -646,7 +656,7 @@ impl From<LedgerData> for Ledger {
                 .map(|p| p.budgets.clone())
                 .unwrap_or_default(),
         ));
-        Ledger {
+        let mut ledger = Ledger {
             limits: compile_limits(d.policy.as_ref()),
             last_seq: d.last_seq,
             last_ts: d.last_ts,
@@ -659,12 +669,16 @@ impl From<LedgerData> for Ledger {
             ended: d.ended,
             ended_queue: d.ended_queue,
             ids: d.ids,
+            observed: d.observed,
             old_budgets: d.old_budgets,
             rollups: d.rollups,
             no_rollups: false,
             matches: MatchCache::default(),
             renderer,
-        }
+            quota_holds: BTreeMap::new(),
+        };
+        ledger.recount_quota_holds();
+        ledger
     }
 }
 
@@ -1112,6 +1126,7 @@ impl Ledger {
                 }
                 let counted = rollup::Cell::of_usage(cost, &u.usage);
                 self.spend_in_matching(&u.labels, ts, amounts, decided.as_deref_mut(), &counted);
+                self.quota_usage(&u.labels, &quotas::Need::of_usage(&u.usage), ts);
                 if u.reservation == ReservationLink::Known {
                     if let Some(rid) = &u.reservation_id {
                         let how = EndKind::Committed(u.event_id.clone());
@@ -1136,16 +1151,16 @@ impl Ledger {
                 let refs = self.hold_in_matching(&r.labels, amounts, ts, true);
                 self.expiries
                     .insert((r.expires_at, r.reservation_id.clone()));
-                self.holds.insert(
-                    r.reservation_id.clone(),
-                    Hold {
-                        labels: r.labels.clone(),
-                        model: r.model.clone(),
-                        amounts,
-                        expires_at: r.expires_at,
-                        buckets: refs,
-                    },
-                );
+                let hold = Hold {
+                    labels: r.labels.clone(),
+                    model: r.model.clone(),
+                    amounts,
+                    input_tokens: r.input_tokens,
+                    expires_at: r.expires_at,
+                    buckets: refs,
+                };
+                self.quota_hold(&hold, true);
+                self.holds.insert(r.reservation_id.clone(), hold);
             }
             EventBody::ReservationDenied(d) => {
                 if let Some(p) = self.policy.as_ref().filter(|_| !self.no_rollups) {
@@ -1168,6 +1183,8 @@ impl Ledger {
                         .insert((r.expires_at, r.reservation_id.clone()));
                 }
             }
+            EventBody::QuotaObserved(q) => self.fold_observed(seq, ts, q),
+            EventBody::QuotaExhausted(e) => self.fold_quota_exhausted(e),
             EventBody::BudgetWarned(c) | EventBody::BudgetExhausted(c) => {
                 let warned = matches!(body, EventBody::BudgetWarned(_));
                 let idx = self
@@ -1226,6 +1243,7 @@ impl Ledger {
         let Some(hold) = self.holds.remove(rid) else {
             return false;
         };
+        self.quota_hold(&hold, false);
         self.expiries.remove(&(hold.expires_at, rid.to_string()));
         for (i, key) in &hold.buckets {
             if let Some(state) = self.budgets.get_mut(*i) {
@@ -1310,7 +1328,8 @@ impl Ledger {
             std::sync::Arc::new(Renderer::new(self.policy_version, new.budgets.clone()));
         self.policy = Some(new);
         self.matches.clear();
-        // Count live holds again, in the new budgets.
+        // Count live holds again, in the new budgets and quotas.
+        self.recount_quota_holds();
         for rid in hold_ids {
             let Some(h) = self.holds.get(&rid) else {
                 continue;

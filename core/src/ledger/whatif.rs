@@ -119,7 +119,10 @@ impl Run {
             return self.own(ev.ts, &ev.body);
         }
         match &ev.body {
-            EventBody::PricingChanged(_) => self.own(ev.ts, &ev.body)?,
+            // Prices and what providers said are facts under any policy.
+            EventBody::PricingChanged(_) | EventBody::QuotaObserved(_) => {
+                self.own(ev.ts, &ev.body)?
+            }
             EventBody::UsageRecorded(u) => {
                 let rid = u.reservation_id.as_ref();
                 if u.reservation == ReservationLink::Known
@@ -142,6 +145,8 @@ impl Run {
                             model: unknown.then(|| u.model.clone()),
                             occurred_at: u.occurred_at.clone(),
                             reported_cost_usd: u.reported_cost_usd.clone(),
+                            // The observations its headers gave follow in the log.
+                            headers: None,
                         };
                         self.execute(Command::Commit(&c), ev.ts)
                     }
@@ -153,6 +158,7 @@ impl Run {
                             usage: u.usage,
                             occurred_at: u.occurred_at.clone(),
                             reported_cost_usd: u.reported_cost_usd.clone(),
+                            headers: None,
                         };
                         self.execute(Command::Record(&r), ev.ts)
                     }
@@ -222,7 +228,8 @@ impl Run {
             | EventBody::ReservationExpired(_)
             | EventBody::ReservationDenied(_)
             | EventBody::BudgetWarned(_)
-            | EventBody::BudgetExhausted(_) => {}
+            | EventBody::BudgetExhausted(_)
+            | EventBody::QuotaExhausted(_) => {}
         }
         Ok(())
     }

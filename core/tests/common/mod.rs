@@ -188,6 +188,7 @@ impl Harness {
             usage: u,
             occurred_at: None,
             reported_cost_usd: None,
+            headers: None,
         };
         match self.run(Command::Record(&r)) {
             Answer::Usage(a) => a,
@@ -241,6 +242,7 @@ impl Harness {
             model: None,
             occurred_at: None,
             reported_cost_usd: None,
+            headers: None,
         };
         self.run(Command::Commit(&c))
     }

@@ -84,7 +84,7 @@ pub fn id_key(cmd: &WriteCmd) -> Option<String> {
         WriteCmd::Commit(c) => Some(format!("e/{}", c.event_id)),
         WriteCmd::Reserve(r) => Some(format!("r/{}", r.reservation_id)),
         WriteCmd::Release(r) => Some(format!("x/{}", r.reservation_id)),
-        WriteCmd::Extend(_) => None,
+        WriteCmd::Extend(_) | WriteCmd::Observe(_) => None,
     }
 }
 

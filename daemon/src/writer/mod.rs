@@ -22,7 +22,7 @@ pub use first_release::{first_release_answer, id_key};
 pub use recovery::recover;
 pub use snapshots::{
     decode_snapshot, encode_snapshot, SNAPSHOT_FORMAT_V1, SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3,
-    SNAPSHOT_FORMAT_V4,
+    SNAPSHOT_FORMAT_V4, SNAPSHOT_FORMAT_V5,
 };
 
 use crate::log::{LogError, LogStore};
@@ -30,8 +30,8 @@ use bursar_core::ledger::{self, Answer, Command, Ledger, Renderer};
 use bursar_core::policy::LoadedPolicy;
 use bursar_schemas::event::{Actor, EventBody, Hash32, Sealed};
 use bursar_schemas::wire::{
-    CommitRequest, ErrorCode, ExtendRequest, RecordRequest, ReleaseRequest, ReplayRequest,
-    ReserveRequest, WireError,
+    CommitRequest, ErrorCode, ExtendRequest, ObserveRequest, RecordRequest, ReleaseRequest,
+    ReplayRequest, ReserveRequest, WireError,
 };
 use bursar_schemas::TsMicros;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -77,6 +77,8 @@ pub enum WriteCmd {
     Release(ReleaseRequest),
     /// `extend`.
     Extend(ExtendRequest),
+    /// `observe`.
+    Observe(ObserveRequest),
 }
 
 impl WriteCmd {
@@ -88,6 +90,7 @@ impl WriteCmd {
             WriteCmd::Commit(r) => Command::Commit(r),
             WriteCmd::Release(r) => Command::Release(r),
             WriteCmd::Extend(r) => Command::Extend(r),
+            WriteCmd::Observe(r) => Command::Observe(r),
         }
     }
 

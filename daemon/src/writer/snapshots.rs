@@ -16,18 +16,21 @@ pub const SNAPSHOT_FORMAT_V2: u8 = 2;
 /// Format tag of the snapshots before report rollups (ignored now: recovery folds the log
 /// once, which rebuilds the rollups of every event).
 pub const SNAPSHOT_FORMAT_V3: u8 = 3;
+/// Format tag of the snapshots before provider-quota observations (and holds that remember
+/// their input tokens): ignored now, recovery folds the log.
+pub const SNAPSHOT_FORMAT_V4: u8 = 4;
 /// Format tag of a snapshot value: the hash of the last event folded into it (32 bytes: the
 /// head it continues, which recovery checks against the log), then LZ4 (block, size
 /// prepended) of the bincode of the ledger, its policy and price tables as JSON inside (so
 /// that they can grow keys without a new format), its idempotency index keyed by 128-bit id
-/// hashes, its report rollups.
-pub const SNAPSHOT_FORMAT_V4: u8 = 4;
+/// hashes, its report rollups, each `[[quota]]`'s last observation.
+pub const SNAPSHOT_FORMAT_V5: u8 = 5;
 
 /// Encode a snapshot of `l`, whose last event (`l.last_seq()`) has hash `head_hash`.
 pub fn encode_snapshot(l: &Ledger, head_hash: Hash32) -> Option<Vec<u8>> {
     let plain = bincode::serde::encode_to_vec(l, bincode::config::standard()).ok()?;
     let mut out = Vec::with_capacity(plain.len() / 3 + 48);
-    out.push(SNAPSHOT_FORMAT_V4);
+    out.push(SNAPSHOT_FORMAT_V5);
     out.extend_from_slice(&head_hash.0);
     out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&plain));
     Some(out)
@@ -41,7 +44,7 @@ const MAX_SNAPSHOT_BYTES: usize = 4 << 30;
 /// instead.
 pub fn decode_snapshot(bytes: &[u8]) -> Option<(Ledger, Hash32)> {
     let (tag, rest) = bytes.split_first()?;
-    if *tag != SNAPSHOT_FORMAT_V4 {
+    if *tag != SNAPSHOT_FORMAT_V5 {
         return None;
     }
     let head_hash = Hash32(rest.get(..32)?.try_into().ok()?);

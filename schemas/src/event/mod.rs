@@ -535,10 +535,14 @@ pub enum EventBody {
     PolicyApplied(PolicyApplied),
     /// New prices from `effective_from` on (retroactive repricing).
     PricingChanged(PricingChanged),
+    /// What a provider said about a `[[quota]]` (SPEC §10 `observe`, or a commit's headers).
+    QuotaObserved(QuotaObserved),
+    /// An observed provider limit ran out (once per observation and limit).
+    QuotaExhausted(QuotaExhausted),
 }
 
 /// Every event type's name ([`EventBody::kind`]), in SPEC §7's order.
-pub const EVENT_KINDS: [&str; 10] = [
+pub const EVENT_KINDS: [&str; 12] = [
     "usage_recorded",
     "reservation_created",
     "reservation_denied",
@@ -549,6 +553,8 @@ pub const EVENT_KINDS: [&str; 10] = [
     "budget_exhausted",
     "policy_applied",
     "pricing_changed",
+    "quota_observed",
+    "quota_exhausted",
 ];
 
 impl EventBody {
@@ -565,6 +571,8 @@ impl EventBody {
             EventBody::BudgetExhausted(_) => "budget_exhausted",
             EventBody::PolicyApplied(_) => "policy_applied",
             EventBody::PricingChanged(_) => "pricing_changed",
+            EventBody::QuotaObserved(_) => "quota_observed",
+            EventBody::QuotaExhausted(_) => "quota_exhausted",
         }
     }
 
@@ -574,6 +582,7 @@ impl EventBody {
             EventBody::UsageRecorded(u) => Some(&u.labels),
             EventBody::ReservationCreated(r) => Some(&r.labels),
             EventBody::ReservationDenied(r) => Some(&r.labels),
+            EventBody::QuotaObserved(q) => Some(&q.labels),
             _ => None,
         }
     }
@@ -787,6 +796,70 @@ pub struct PricingChanged {
         deserialize_with = "json_inside::deserialize"
     )]
     pub pricing: PriceTable,
+}
+
+/// One limit a provider reported: what was left of it and when it is whole again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObservedLimit {
+    /// The limit per window, when the provider said it.
+    pub limit: Option<u64>,
+    /// What was left when the response was sent.
+    pub remaining: u64,
+    /// When the limit is whole again (Unix µs); the observation binds until then.
+    pub reset_at: TsMicros,
+}
+
+/// A rate-limit header that was recognised but could not be read (it was ignored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IgnoredHeader {
+    /// The header's name as it was sent.
+    pub header: String,
+    /// Its value (cut to 64 characters).
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// What a provider said about one `[[quota]]` (SPEC §10): each limit binds until its reset,
+/// less the usage of the quota recorded (and held) since.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaObserved {
+    /// The `[[quota]]` id.
+    pub quota: String,
+    /// The provider that said it.
+    pub provider: String,
+    /// The labels the observation came with.
+    pub labels: Labels,
+    /// The commit's `event_id` when the headers came with a commit or record.
+    pub event_id: Option<String>,
+    /// Requests.
+    pub requests: Option<ObservedLimit>,
+    /// Tokens (all kinds).
+    pub tokens: Option<ObservedLimit>,
+    /// Input tokens (Anthropic).
+    pub input_tokens: Option<ObservedLimit>,
+    /// Output tokens (Anthropic).
+    pub output_tokens: Option<ObservedLimit>,
+    /// Rate-limit headers that could not be read.
+    pub ignored: Vec<IgnoredHeader>,
+}
+
+/// One of a quota's observed limits ran out: by the observation itself (remaining 0) or by the
+/// usage recorded since.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaExhausted {
+    /// The `[[quota]]` id.
+    pub quota: String,
+    /// Which limit: `requests`, `tokens`, `input_tokens` or `output_tokens`.
+    pub limit: String,
+    /// Seq of the `quota_observed` event whose limit ran out.
+    pub observed_seq: u64,
+    /// When it is whole again (Unix µs).
+    pub reset_at: TsMicros,
 }
 
 #[cfg(test)]

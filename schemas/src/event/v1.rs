@@ -520,6 +520,8 @@ impl TryFrom<&EventBody> for EventBodyV1 {
                 effective_from: p.effective_from,
                 pricing: PriceTableV1::try_from(&p.pricing)?,
             }),
+            EventBody::QuotaObserved(_) => return Err(not_v1("quota_observed")),
+            EventBody::QuotaExhausted(_) => return Err(not_v1("quota_exhausted")),
         })
     }
 }

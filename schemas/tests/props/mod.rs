@@ -333,6 +333,35 @@ pub fn sample_envelopes() -> Vec<Envelope> {
             effective_from: 1_789_948_800_000_000,
             pricing,
         }),
+        EventBody::QuotaObserved(QuotaObserved {
+            quota: "openai-prod".into(),
+            provider: "openai".into(),
+            labels: [("account".to_string(), "prod".to_string())].into(),
+            event_id: Some("e-9".into()),
+            requests: Some(ObservedLimit {
+                limit: Some(10_000),
+                remaining: 0,
+                reset_at: 1_789_948_800_020_000,
+            }),
+            tokens: Some(ObservedLimit {
+                limit: None,
+                remaining: u64::MAX,
+                reset_at: i64::MIN,
+            }),
+            input_tokens: None,
+            output_tokens: None,
+            ignored: vec![IgnoredHeader {
+                header: "x-ratelimit-reset-tokens".into(),
+                value: "soon".into(),
+                reason: "not a duration such as 6m0s, 1s or 20ms".into(),
+            }],
+        }),
+        EventBody::QuotaExhausted(QuotaExhausted {
+            quota: "openai-prod".into(),
+            limit: "requests".into(),
+            observed_seq: 12,
+            reset_at: 1_789_948_800_020_000,
+        }),
     ];
     let mut prev = Hash32::default();
     let mut out = Vec::new();

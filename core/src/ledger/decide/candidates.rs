@@ -2,6 +2,7 @@
 //! case capped at the model's maximum output, tier caps, then the budgets' verdict; and
 //! `check`, which decides without appending.
 
+use super::super::quotas::Need;
 use super::super::report::Adjust;
 use super::super::{Ledger, DEFAULT_MAX_OUTPUT_TOKENS};
 use super::receipts::Shown;
@@ -173,6 +174,33 @@ impl Ledger {
                     last = Some(skip(SkipReason::TierCap, detail, eval, &mut skipped));
                     continue;
                 }
+            }
+            // A provider's observed rate limit (SPEC §10): skipped with reason `quota`.
+            let need = Need::of_hold(est.input_tokens, max_out);
+            if let Some(b) = self.quota_block(&eval.labels, &need, now) {
+                let detail = format!(
+                    "quota {}: {} of {} {} left until {}",
+                    b.quota,
+                    b.left,
+                    b.need,
+                    b.limit,
+                    format_ts(b.reset_at)
+                );
+                eval.reason = Reason {
+                    code: "quota".into(),
+                    message: format!(
+                        "the provider's {} limit of quota {:?} has {} left until {} (this call needs {})",
+                        b.limit,
+                        b.quota,
+                        b.left,
+                        format_ts(b.reset_at),
+                        b.need
+                    ),
+                    budget: None,
+                    key: None,
+                };
+                last = Some(skip(SkipReason::Quota, detail, eval, &mut skipped));
+                continue;
             }
             let (decision, reports, reason) = self.judge(&eval.labels, eval.hold, now, adj);
             eval.decision = decision;

@@ -6,10 +6,13 @@
 //!   `duplicate`, the original answer of a resent one, so the two cannot differ;
 //! - [`candidates`]: which model a `check` or `reserve` settles on, and `check` itself;
 //! - [`verdict`]: SPEC §5 on the buckets of one candidate ([`Ledger::decide`]);
+//! - [`observe`]: what providers say about their rate limits (`observe`, and the headers a
+//!   `commit` or `record` brings);
 //! - here: the commands (`record`, `reserve`, `commit`, `release`, `extend`), the reaper and
 //!   the crossings they append.
 
 mod candidates;
+mod observe;
 mod receipts;
 mod validate;
 mod verdict;
@@ -30,8 +33,8 @@ use bursar_schemas::event::{
     ReservationExtended, ReservationLink, ReservationReleased, UsageRecorded,
 };
 use bursar_schemas::wire::{
-    request_digest, CommitRequest, Decision, ErrorCode, ExtendAnswer, ExtendRequest, RecordRequest,
-    ReleaseRequest, ReserveRequest, WireError,
+    request_digest, CommitRequest, Decision, ErrorCode, ExtendAnswer, ExtendRequest,
+    ObserveRequest, RecordRequest, ReleaseRequest, ReserveRequest, WireError,
 };
 use bursar_schemas::{Labels, Micros, TsMicros};
 
@@ -53,6 +56,8 @@ pub enum Command<'a> {
     Release(&'a ReleaseRequest),
     /// `extend`.
     Extend(&'a ExtendRequest),
+    /// `observe`.
+    Observe(&'a ObserveRequest),
 }
 
 impl Command<'_> {
@@ -64,8 +69,8 @@ impl Command<'_> {
             Command::Reserve(r) => request_digest("reserve", r),
             Command::Commit(r) => request_digest("commit", r),
             Command::Release(r) => request_digest("release", r),
-            // `extend` is not idempotent by id: no digest is kept.
-            Command::Extend(_) => [0; 16],
+            // `extend` and `observe` are not idempotent by id: no digest is kept.
+            Command::Extend(_) | Command::Observe(_) => [0; 16],
         }
     }
 }
@@ -287,6 +292,7 @@ impl Ledger {
             Command::Commit(c) => self.commit(c, digest, now),
             Command::Release(r) => self.release(r, digest, now),
             Command::Extend(e) => self.extend(e, now),
+            Command::Observe(o) => self.observe(o, now),
         };
         if !events.is_empty() {
             // The reaper's expiries come first: the answering event moves back by as many.
@@ -304,7 +310,10 @@ impl Ledger {
         now: TsMicros,
         body: UsageRecorded,
         overrun_of: Option<Micros>,
+        headers: Option<&std::collections::BTreeMap<String, String>>,
     ) -> Decided {
+        let labels = (headers.is_some() || !self.observed.is_empty())
+            .then(|| (body.labels.clone(), body.event_id.clone()));
         let mut events = Vec::new();
         let mut decided = UsageDecision::default();
         self.emit_with(
@@ -334,6 +343,12 @@ impl Ledger {
         // appending a crossing changes no figure.
         for body in self.usage_crossings(&decided, ts) {
             self.emit(now, body, &mut events);
+        }
+        if let Some((labels, event_id)) = labels {
+            self.usage_quota_crossings(&labels, now, &mut events);
+            if let Some(h) = headers {
+                self.observe_usage_headers(&labels, &event_id, h, now, &mut events);
+            }
         }
         Decided {
             reply: Reply::Event(main),
@@ -368,7 +383,7 @@ impl Ledger {
             payload_digest: *digest,
             receipt: None,
         };
-        self.usage_step(now, body, None)
+        self.usage_step(now, body, None, r.headers.as_ref())
     }
 
     fn commit(&mut self, c: &CommitRequest, digest: &[u8; 16], now: TsMicros) -> Decided {
@@ -434,7 +449,7 @@ impl Ledger {
             payload_digest: *digest,
             receipt: None,
         };
-        self.usage_step(now, body, hold)
+        self.usage_step(now, body, hold, c.headers.as_ref())
     }
 
     fn reserve(&mut self, r: &ReserveRequest, digest: &[u8; 16], now: TsMicros) -> Decided {
