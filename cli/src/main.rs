@@ -1006,12 +1006,37 @@ fn write_status(
     Ok(())
 }
 
-/// The policy's subscriptions under the buckets: each plan's fee and its current period (its
-/// allowances are among the buckets above, as `subscription:ID:N`).
+/// The policy's quotas and subscriptions under the buckets: what each provider last said that
+/// still binds; each plan's fee and its current period (its allowances are among the buckets
+/// above, as `subscription:ID:N`).
 fn write_subscriptions(
     out: &mut dyn Write,
     answer: &bursar_schemas::wire::StatusAnswer,
 ) -> Res<()> {
+    for q in &answer.quotas {
+        let limits: Vec<String> = q
+            .limits
+            .iter()
+            .map(|l| {
+                let of = l.of.map(|n| format!(" of {n}")).unwrap_or_default();
+                format!(
+                    "{} {} left{of} until {} (provider said {})",
+                    l.limit, l.remaining, l.reset_at, l.observed_remaining
+                )
+            })
+            .collect();
+        writeln!(
+            out,
+            "quota {} ({}): {}",
+            q.id,
+            q.provider,
+            if limits.is_empty() {
+                "no observed limit binds".to_string()
+            } else {
+                limits.join("; ")
+            }
+        )?;
+    }
     for s in &answer.subscriptions {
         writeln!(
             out,

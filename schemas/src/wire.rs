@@ -799,6 +799,10 @@ pub struct StatusAnswer {
     /// when there are none. Their allowances are among `budgets` (ids `subscription:ID:N`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscriptions: Vec<SubscriptionReport>,
+    /// The policy's `[[quota]]`s with what their providers last said that still binds (SPEC
+    /// §10); absent when there are none. Their known limits are among `budgets` (`quota:ID:*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<QuotaReport>,
     /// The tiers of the policy in force, with their metadata (SPEC §10).
     #[serde(default)]
     pub tiers: Vec<crate::policy::TierDef>,
@@ -822,6 +826,36 @@ pub struct SubscriptionReport {
     pub period_end: String,
     /// Budget ids of its allowances.
     pub allowances: Vec<String>,
+}
+
+/// A `[[quota]]` in a `status` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QuotaReport {
+    /// Quota id.
+    pub id: String,
+    /// The provider it governs.
+    pub provider: String,
+    /// When its provider last said something (RFC 3339); absent when never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<String>,
+    /// Each observed limit that still binds (before its reset).
+    pub limits: Vec<QuotaLimitReport>,
+}
+
+/// One observed limit of a quota that still binds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QuotaLimitReport {
+    /// `requests`, `tokens`, `input_tokens` or `output_tokens`.
+    pub limit: String,
+    /// The limit per window, when the provider said it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub of: Option<u64>,
+    /// What the provider said was left.
+    pub observed_remaining: u64,
+    /// What is left now: that, less the usage recorded and the holds since.
+    pub remaining: u64,
+    /// When it stops binding (RFC 3339).
+    pub reset_at: String,
 }
 
 /// End of a `tail` or `export` stream.

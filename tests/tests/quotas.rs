@@ -101,6 +101,18 @@ fn a_providers_headers_bind_its_quota_until_the_reset_and_survive_a_restart() {
         lines[2]
     );
 
+    // status shows what binds: nothing left of the requests until the reset.
+    let s = d.cli_json(&["status", "--json"]);
+    let q = &s["quotas"][0];
+    assert_eq!(q["id"], json!("openai-prod"), "{s}");
+    assert_eq!(q["limits"][0]["limit"], json!("requests"), "{s}");
+    assert_eq!(q["limits"][0]["remaining"], json!(0), "{s}");
+    let human = d.cli(&["status"]).ok().stdout;
+    assert!(
+        human.contains("quota openai-prod (openai): requests 0 left"),
+        "{human}"
+    );
+
     // A restart folds the log again: the observation still binds.
     d.kill9();
     d.restart_after_kill();

@@ -38,6 +38,7 @@ from .types import (
     ReportRow,
     Skipped,
     StatusAnswer,
+    QuotaReport,
     SubscriptionReport,
     Tier,
     Usage,
@@ -58,7 +59,7 @@ __all__ = [
     "Internal", "NotFound", "Overloaded", "ProtocolError", "TooLarge", "Unavailable", "UnknownOp",
     "BudgetReport", "DecisionAnswer", "DiffRow", "Event", "ExtendAnswer", "ObserveAnswer", "HelloAnswer", "Reason",
     "ReleaseAnswer", "ReloadAnswer", "ReplayAnswer", "ReportAnswer", "ReportRow", "Skipped", "StatusAnswer",
-    "SubscriptionReport", "Tier", "Usage",
+    "QuotaReport", "SubscriptionReport", "Tier", "Usage",
     "UsageAnswer", "VerifyAnswer", "WhatIfAnswer", "WhatIfDenial", "WhatIfExhausted", "WhatIfPeak",
     "default_socket_path", "micros_to_usd", "new_id",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "ReleaseAnswer",
     "ExtendAnswer",
     "ObserveAnswer",
+    "QuotaReport",
     "StatusAnswer",
     "Tier",
     "VerifyAnswer",
@@ -330,6 +331,23 @@ class Tier:
 
 
 @dataclass
+class QuotaReport:
+    """A ``[[quota]]`` of the policy in force (SPEC §10): ``limits`` are the observed limits that
+    still bind, each ``{"limit": "requests", "of": 500, "observed_remaining": .., "remaining":
+    .., "reset_at": ..}`` (``remaining`` less the usage and holds since the observation)."""
+
+    id: str
+    provider: str
+    limits: List[Dict[str, Any]]
+    observed_at: Optional[str] = None
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "QuotaReport":
+        return _build(cls, obj)
+
+
+@dataclass
 class StatusAnswer:
     """Buckets, most utilized first, at most the request's ``limit`` of them.
 
@@ -341,6 +359,7 @@ class StatusAnswer:
     total: int = 0
     truncated: bool = False
     subscriptions: List[SubscriptionReport] = field(default_factory=list)
+    quotas: List[QuotaReport] = field(default_factory=list)
     tiers: List[Tier] = field(default_factory=list)
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -353,6 +372,7 @@ class StatusAnswer:
             subscriptions=[
                 SubscriptionReport.from_wire(s) for s in obj.get("subscriptions") or []
             ],
+            quotas=[QuotaReport.from_wire(q) for q in obj.get("quotas") or []],
             tiers=[Tier.from_wire(t) for t in obj.get("tiers") or []],
         )
 

@@ -513,6 +513,9 @@ class QuotaObservationTest(unittest.TestCase):
         self.assertEqual(observed[1].data["requests"]["remaining"], 30)
         r3 = self.client.check(labels, "gpt-4o-mini", input_tokens=100, max_output_tokens=100)
         self.assertEqual(r3.decision, "allow", r3)
+        q = self.client.status().quotas[0]
+        self.assertEqual((q.id, q.provider), ("openai-prod", "openai"))
+        self.assertEqual((q.limits[0]["limit"], q.limits[0]["remaining"]), ("requests", 30))
 
     def client_event_id(self, observed: list) -> str:
         usage = [e for e in self.client.export(labels={"account": "prod"})

@@ -43,6 +43,7 @@ ANSWERS: Dict[type, Tuple[str, Any]] = {
     types.WhatIfPeak: ("answer-what-if", "WhatIfPeak"),
     types.BudgetReport: ("answer-status", "BudgetReport"),
     types.SubscriptionReport: ("answer-status", "SubscriptionReport"),
+    types.QuotaReport: ("answer-status", "QuotaReport"),
     types.Tier: ("answer-status", "TierDef"),
     types.Reason: ("answer-decision", "Reason"),
     types.Skipped: ("answer-decision", "Skipped"),

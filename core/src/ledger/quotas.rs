@@ -8,9 +8,10 @@
 //! binds.
 
 use super::{total_tokens, Hold, Ledger};
+use crate::time::format_ts;
 use bursar_schemas::event::{ObservedLimit, QuotaExhausted, QuotaObserved};
 use bursar_schemas::policy::ResolvedQuota;
-use bursar_schemas::wire::Usage;
+use bursar_schemas::wire::{QuotaLimitReport, QuotaReport, Usage};
 use bursar_schemas::{Labels, TsMicros};
 use serde::{Deserialize, Serialize};
 
@@ -160,6 +161,47 @@ impl Ledger {
             out[i] = Some((b.limit.remaining.saturating_sub(taken), b.limit.reset_at));
         }
         out
+    }
+
+    /// Each `[[quota]]` of the policy in force with its observed limits that still bind at
+    /// `now` (`status`).
+    pub fn quota_reports(&self, now: TsMicros) -> Vec<QuotaReport> {
+        let Some(policy) = &self.policy else {
+            return Vec::new();
+        };
+        policy
+            .quotas
+            .iter()
+            .map(|q| {
+                let obs = self.observed.get(&q.id);
+                let left = self.quota_left(&q.id, now);
+                let limits = obs
+                    .map(|o| {
+                        o.bounds
+                            .iter()
+                            .zip(left)
+                            .enumerate()
+                            .filter_map(|(i, (b, left))| {
+                                let (b, (remaining, reset_at)) = (b.as_ref()?, left?);
+                                Some(QuotaLimitReport {
+                                    limit: LIMIT_NAMES[i].into(),
+                                    of: b.limit.limit,
+                                    observed_remaining: b.limit.remaining,
+                                    remaining,
+                                    reset_at: format_ts(reset_at),
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                QuotaReport {
+                    id: q.id.clone(),
+                    provider: q.provider.clone(),
+                    observed_at: obs.map(|o| format_ts(o.at)),
+                    limits,
+                }
+            })
+            .collect()
     }
 
     /// The first observed limit a candidate with these labels, needing `need`, would overrun

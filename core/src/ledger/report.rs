@@ -311,6 +311,7 @@ impl Ledger {
             total: total as u64,
             truncated: total > limit,
             subscriptions: self.subscription_reports(now),
+            quotas: self.quota_reports(now),
             tiers: self
                 .policy
                 .as_ref()
