@@ -2,7 +2,7 @@
 //!
 //! One writer thread owns a store. It stages a group-commit batch with [`LogStore::append`]
 //! (the events as the writer sealed them, in records of at most [`RECORD_RAW_BYTES`], each
-//! compressed ([`STORED_LZ4`]) and keyed by the big-endian seq of its first event, all or
+//! compressed ([`STORED_ZSTD`]; older data dirs' [`STORED_LZ4`] records still read) and keyed by the big-endian seq of its first event, all or
 //! none), then makes it durable with [`LogStore::sync`] before answering anybody.
 //!
 //! - [`SledLog`] is the real store (sled trees `log` and `snapshots`, and the read-only `ids`
@@ -451,41 +451,115 @@ pub(crate) fn key_seq(key: &[u8]) -> Result<u64, LogError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
-/// First byte of a record [`SledLog`] stores compressed: LZ4 (block, size prepended) of the
-/// record's [`encode_record`](bursar_schemas::event::encode_record) bytes. A record's own
-/// format byte is 1 (`RECORD_FORMAT_V1`), so uncompressed records (written before compression,
-/// or by the tamper helpers) still read as they are. The hash chain covers the envelopes, not
-/// the stored bytes, so compression changes no hash.
+/// First byte of a record stored LZ4-compressed (block, size prepended) by earlier builds: its
+/// [`encode_record`](bursar_schemas::event::encode_record) bytes. A record's own format byte is
+/// 1 or 2 (`RECORD_FORMAT_V1`, `_V2`), so uncompressed records (written before compression, or
+/// by the tamper helpers) still read as they are. The hash chain covers the envelopes, not the
+/// stored bytes, so compression changes no hash.
 pub const STORED_LZ4: u8 = 0xC4;
+
+/// First byte of a record as this build stores it: the record's size (u32 LE), then a zstd
+/// frame (level [`ZSTD_LEVEL`]) of its bytes.
+pub const STORED_ZSTD: u8 = 0xC5;
+
+/// zstd's level for log records: -1 (fast). Measured on a loaded daemon's records (179,536
+/// events, 2026-12-04): 149 bytes per event against LZ4's 173 and level 1's 143, compressing in
+/// 0.78 µs per event (LZ4 0.45, level 1 1.45) and decompressing in 0.24 µs (LZ4 0.10, level 1
+/// 0.55), with contexts reused per thread.
+pub const ZSTD_LEVEL: i32 = -1;
 
 /// Largest decompressed record accepted (the decoder's own limit).
 const MAX_RECORD_BYTES: usize = 256 << 20;
+
+thread_local! {
+    /// zstd contexts, reused: creating one per record cost 3× the compression itself.
+    static ZSTD: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, zstd::bulk::Decompressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` with this thread's zstd contexts (`None` when zstd could not make them).
+fn with_zstd<T>(
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>, &mut zstd::bulk::Decompressor<'static>) -> T,
+) -> Option<T> {
+    ZSTD.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            let c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()?;
+            let d = zstd::bulk::Decompressor::new().ok()?;
+            *slot = Some((c, d));
+        }
+        let (c, d) = slot.as_mut()?;
+        Some(f(c, d))
+    })
+}
 
 /// The stored form of `sealed`: their record (the bytes each was sealed with), compressed.
 pub(crate) fn pack_sealed(sealed: &[Sealed]) -> Vec<u8> {
     pack_raw(&encode_sealed(sealed))
 }
 
-/// The stored value of an encoded record (LZ4-compressed behind its tag).
+/// The stored value of an encoded record: zstd-compressed behind its tag and size (LZ4 should
+/// zstd fail, which only an allocation failure could make it do).
 pub(crate) fn pack_raw(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len() / 2 + 16);
-    out.push(STORED_LZ4);
-    out.extend_from_slice(&lz4_flex::block::compress_prepend_size(raw));
-    out
+    let size = u32::try_from(raw.len()).ok();
+    let zstd = size.and_then(|size| {
+        with_zstd(|c, _| c.compress(raw).ok())
+            .flatten()
+            .map(|frame| (size, frame))
+    });
+    match zstd {
+        Some((size, frame)) => {
+            let mut out = Vec::with_capacity(frame.len() + 5);
+            out.push(STORED_ZSTD);
+            out.extend_from_slice(&size.to_le_bytes());
+            out.extend_from_slice(&frame);
+            out
+        }
+        None => {
+            let mut out = Vec::with_capacity(raw.len() / 2 + 16);
+            out.push(STORED_LZ4);
+            out.extend_from_slice(&lz4_flex::block::compress_prepend_size(raw));
+            out
+        }
+    }
 }
 
 /// The record bytes of a stored value (decompressed when it is compressed).
 fn unpack_record(key: u64, bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, LogError> {
     let corrupt = |reason: String| LogError::Corrupt { seq: key, reason };
+    let size_of = |packed: &[u8]| {
+        packed
+            .get(..4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+            .map(|s| usize::try_from(s).unwrap_or(usize::MAX))
+            .ok_or_else(|| corrupt("compressed record without its size".into()))
+    };
     match bytes.split_first() {
+        Some((&STORED_ZSTD, packed)) => {
+            let size = size_of(packed)?;
+            let frame = packed.get(4..).unwrap_or_default();
+            // The frame says its own size too: a damaged size is refused before any allocation.
+            let framed = zstd::zstd_safe::get_frame_content_size(frame).ok().flatten();
+            if size > MAX_RECORD_BYTES || framed != Some(size as u64) {
+                return Err(corrupt(format!(
+                    "compressed record claims {size} bytes, its frame {framed:?}"
+                )));
+            }
+            let out = with_zstd(|_, d| d.decompress(frame, size))
+                .ok_or_else(|| corrupt("no zstd context".into()))?
+                .map_err(|e| corrupt(format!("compressed record does not decompress: {e}")))?;
+            if out.len() != size {
+                return Err(corrupt(format!(
+                    "compressed record gave {} bytes, not {size}",
+                    out.len()
+                )));
+            }
+            Ok(std::borrow::Cow::Owned(out))
+        }
         Some((&STORED_LZ4, packed)) => {
-            let size = packed
-                .get(..4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(u32::from_le_bytes)
-                .ok_or_else(|| corrupt("compressed record without its size".into()))?;
+            let size = size_of(packed)?;
             // LZ4 expands at most ~255 times; a larger claim is damage, not data.
-            let size = usize::try_from(size).unwrap_or(usize::MAX);
             if size > MAX_RECORD_BYTES || size > packed.len().saturating_mul(255) {
                 return Err(corrupt(format!("compressed record claims {size} bytes")));
             }

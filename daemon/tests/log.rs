@@ -8,7 +8,9 @@ use bursard::log::testing::{
     sample_batch as batch, tamper_delete, tamper_rewrite, with_raw_db,
     write_sample_batches as write_batches, FaultControl, FaultyLog, MemDisk, MemLog, SyncFault,
 };
-use bursard::log::{verify_chain, LogError, LogStore, SledLog, VerifyError, STORED_LZ4};
+use bursard::log::{
+    verify_chain, LogError, LogStore, SledLog, VerifyError, STORED_LZ4, STORED_ZSTD,
+};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -65,7 +67,7 @@ fn batches_survive_reopen_and_read_from_starts_mid_batch() {
 }
 
 #[test]
-fn records_are_stored_compressed_and_uncompressed_records_still_read() {
+fn records_are_stored_compressed_and_lz4_and_uncompressed_records_still_read() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let written = {
@@ -74,7 +76,7 @@ fn records_are_stored_compressed_and_uncompressed_records_still_read() {
     };
     // Stored compressed, and smaller than the record itself.
     let first = with_raw_log(&dir, |raw| raw.get(1u64.to_be_bytes()).unwrap().unwrap());
-    assert_eq!(first[0], STORED_LZ4);
+    assert_eq!(first[0], STORED_ZSTD);
     let plain = bursar_schemas::event::encode_record(&written[..64]).unwrap();
     assert!(
         first.len() < plain.len(),
@@ -82,6 +84,15 @@ fn records_are_stored_compressed_and_uncompressed_records_still_read() {
         first.len(),
         plain.len()
     );
+    // A data dir of the builds that stored LZ4: the same records, LZ4-compressed.
+    let mut lz4 = vec![STORED_LZ4];
+    lz4.extend_from_slice(&lz4_flex::block::compress_prepend_size(&plain));
+    with_raw_log(&dir, |raw| {
+        raw.insert(1u64.to_be_bytes(), lz4).unwrap();
+    });
+    let log = SledLog::open(&dir).unwrap();
+    assert_eq!(read_all(&log, 1), written);
+    drop(log);
     // A data dir written before compression: the same records, stored as they are.
     with_raw_log(&dir, |raw| {
         raw.insert(1u64.to_be_bytes(), plain.clone()).unwrap();
@@ -90,6 +101,19 @@ fn records_are_stored_compressed_and_uncompressed_records_still_read() {
     assert_eq!(read_all(&log, 1), written);
     assert_eq!(verify_chain(&log).unwrap().0, written.len() as u64);
     drop(log);
+    // A compressed record whose size does not match its frame is damage, refused before any
+    // allocation of the size it claims.
+    let good = with_raw_log(&dir, |raw| raw.get(65u64.to_be_bytes()).unwrap().unwrap().to_vec());
+    with_raw_log(&dir, |raw| {
+        let mut bad = good.clone();
+        let size = u32::from_le_bytes(bad[1..5].try_into().unwrap());
+        bad[1..5].copy_from_slice(&(size + 1).to_le_bytes());
+        raw.insert(65u64.to_be_bytes(), bad).unwrap();
+    });
+    match SledLog::open(&dir) {
+        Err(LogError::Corrupt { seq: 65, .. }) => {}
+        other => panic!("{other:?}"),
+    }
     // A damaged compressed record is named, not trusted and not a panic.
     with_raw_log(&dir, |raw| {
         let mut bad = raw.get(65u64.to_be_bytes()).unwrap().unwrap().to_vec();
