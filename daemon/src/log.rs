@@ -540,7 +540,9 @@ fn unpack_record(key: u64, bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, L
             let size = size_of(packed)?;
             let frame = packed.get(4..).unwrap_or_default();
             // The frame says its own size too: a damaged size is refused before any allocation.
-            let framed = zstd::zstd_safe::get_frame_content_size(frame).ok().flatten();
+            let framed = zstd::zstd_safe::get_frame_content_size(frame)
+                .ok()
+                .flatten();
             if size > MAX_RECORD_BYTES || framed != Some(size as u64) {
                 return Err(corrupt(format!(
                     "compressed record claims {size} bytes, its frame {framed:?}"

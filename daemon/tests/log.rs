@@ -103,7 +103,9 @@ fn records_are_stored_compressed_and_lz4_and_uncompressed_records_still_read() {
     drop(log);
     // A compressed record whose size does not match its frame is damage, refused before any
     // allocation of the size it claims.
-    let good = with_raw_log(&dir, |raw| raw.get(65u64.to_be_bytes()).unwrap().unwrap().to_vec());
+    let good = with_raw_log(&dir, |raw| {
+        raw.get(65u64.to_be_bytes()).unwrap().unwrap().to_vec()
+    });
     with_raw_log(&dir, |raw| {
         let mut bad = good.clone();
         let size = u32::from_le_bytes(bad[1..5].try_into().unwrap());
