@@ -580,6 +580,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
                 estimate: estimate(&a.call),
                 candidates: candidates(&a.call),
                 require: require(&a.call),
+                wait_ms: None,
             };
             let v = c.call_raw(&Request::Check(req))?;
             decision_out(None, v, json, out)
@@ -598,6 +599,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
                 ttl_seconds: a.ttl_seconds,
                 candidates: candidates(&a.call),
                 require: require(&a.call),
+                wait_ms: None,
             };
             let v = c.call_raw(&Request::Reserve(req))?;
             decision_out(Some(&rid), v, json, out)

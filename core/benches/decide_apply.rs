@@ -292,6 +292,7 @@ fn reserve_request(i: usize, n: u64) -> ReserveRequest {
         ttl_seconds: None,
         candidates: None,
         require: None,
+        wait_ms: None,
     }
 }
 
@@ -318,6 +319,7 @@ fn check_request(i: usize) -> CheckRequest {
         },
         candidates: None,
         require: None,
+        wait_ms: None,
     }
 }
 

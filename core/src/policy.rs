@@ -35,6 +35,10 @@ pub const MAX_RESERVATION_TTL_SECONDS: u64 = 86400;
 pub const DEFAULT_MAX_KEYS_PER_BUDGET: u64 = 100_000;
 /// Default number of buckets given per-bucket gauges on `/metrics` (SPEC §12).
 pub const DEFAULT_METRICS_MAX_BUCKETS: usize = 1000;
+/// `[daemon] max_waiters` by default.
+pub const DEFAULT_MAX_WAITERS: usize = 1024;
+/// Most `max_waiters` may ask for (each waiter is a request kept in memory).
+pub const MAX_MAX_WAITERS: usize = 1 << 20;
 /// Most buckets `metrics_max_buckets` may ask for (a scrape stays small and quick).
 pub const MAX_METRICS_BUCKETS: usize = 100_000;
 /// Longest `idempotency_window_seconds`: a year.
@@ -102,6 +106,8 @@ pub struct DaemonSettings {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Most buckets given per-bucket gauges, most utilized first.
     pub metrics_max_buckets: usize,
+    /// Most `reserve`s waiting in line at once (SPEC §10 `wait_ms`).
+    pub max_waiters: usize,
 }
 
 impl Default for DaemonSettings {
@@ -114,6 +120,7 @@ impl Default for DaemonSettings {
             admin_uids: Vec::new(),
             metrics_listen: None,
             metrics_max_buckets: DEFAULT_METRICS_MAX_BUCKETS,
+            max_waiters: DEFAULT_MAX_WAITERS,
         }
     }
 }
@@ -1087,6 +1094,15 @@ fn resolve_daemon(
                 format!(
                     "{addr:?} is not an address and port, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\""
                 ),
+            ),
+        }
+    }
+    if let Some(n) = d.max_waiters {
+        match usize::try_from(n) {
+            Ok(n) if (1..=MAX_MAX_WAITERS).contains(&n) => settings.max_waiters = n,
+            _ => issues.push(
+                with(&at, k("max_waiters")),
+                format!("must be between 1 and {MAX_MAX_WAITERS}, got {n}"),
             ),
         }
     }

@@ -218,6 +218,7 @@ fn expired_hold_is_never_shown_and_is_released_by_an_event() {
         },
         candidates: None,
         require: None,
+        wait_ms: None,
     };
     let Answer::Decision(c) = h.ledger.check(&check, h.now) else {
         panic!()
@@ -484,6 +485,7 @@ fn fallback_picks_the_first_allowed_candidate_and_explains_every_skip() {
             "m".into(),
         ]),
         require: Some(vec!["tools".into()]),
+        wait_ms: None,
     };
     let Answer::Decision(d) = h.run(Command::Reserve(&req)) else {
         panic!()
@@ -848,6 +850,7 @@ fn a_clock_stepped_back_across_a_window_boundary_neither_hides_spending_nor_over
         },
         candidates: None,
         require: None,
+        wait_ms: None,
     };
     match h.ledger.check(&check, h.now) {
         Answer::Decision(d) => assert_eq!(d.decision, Decision::Deny, "{d:?}"),

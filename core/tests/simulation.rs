@@ -1265,6 +1265,7 @@ impl Sim {
             ttl_seconds,
             candidates,
             require,
+            wait_ms: None,
         })
     }
 
@@ -2061,6 +2062,7 @@ impl Sim {
             estimate,
             candidates,
             require,
+            wait_ms: None,
         };
         self.note(format!("check {req:?}"));
         let answer = self.h.ledger.check(&req, self.h.now);

@@ -258,8 +258,15 @@ fn status_shows_each_subscription_with_its_fee_and_current_period() {
     assert_eq!(pro.allowances, ["subscription:pro:1", "subscription:pro:2"]);
 }
 
-/// The ```toml blocks of a doc that show subscriptions.
+/// The ```toml blocks of a doc that show subscriptions or quotas.
 fn doc_policies(doc: &str) -> Vec<String> {
+    let mut blocks = doc_toml_blocks(doc);
+    blocks.retain(|b| b.contains("[[subscription]]") || b.contains("[[quota]]"));
+    blocks
+}
+
+/// Every ```toml block of a doc.
+fn doc_toml_blocks(doc: &str) -> Vec<String> {
     let path = format!("{}/../docs/{doc}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap();
     let mut blocks = Vec::new();
@@ -275,8 +282,24 @@ fn doc_policies(doc: &str) -> Vec<String> {
             _ => {}
         }
     }
-    blocks.retain(|b| b.contains("[[subscription]]") || b.contains("[[quota]]"));
     blocks
+}
+
+#[test]
+fn the_local_gpu_example_of_the_docs_is_two_slots_over_a_free_model() {
+    let blocks: Vec<String> = doc_toml_blocks("quotas.md")
+        .into_iter()
+        .filter(|b| b.contains("local-gpu"))
+        .collect();
+    assert_eq!(blocks.len(), 1, "docs/quotas.md shows the local GPU once");
+    let p = parse_policy(&blocks[0], "quotas.md", &no_import)
+        .unwrap_or_else(|e| panic!("{e:#?}\n{}", blocks[0]))
+        .resolved;
+    let gpu = p.budgets.iter().find(|b| b.id == "local-gpu").unwrap();
+    assert_eq!(gpu.max_concurrent, Some(2));
+    let model = gpu.match_labels.get("model").unwrap();
+    let price = &p.pricing.models[model];
+    assert_eq!((price.input_per_mtok, price.output_per_mtok), (0, 0));
 }
 
 #[test]

@@ -236,6 +236,7 @@ pub fn run_with(
     let metrics = cfg_metrics(&config)?.map(|(listener, m)| (listener, Arc::new(m)));
     let mut shared = Shared::new(ledger, store);
     shared.metrics = metrics.as_ref().map(|(_, m)| m.clone());
+    shared.max_waiters = std::sync::atomic::AtomicUsize::new(config.policy.daemon.max_waiters);
     let shared = Arc::new(shared);
     let cfg = Arc::new(config);
     // Bound (under a temporary name) before the writer appends `policy_applied`; published once

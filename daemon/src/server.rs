@@ -10,8 +10,9 @@ use bursar_core::ledger::{self, Answer};
 use bursar_schemas::event::Actor;
 use bursar_schemas::event::EventBody;
 use bursar_schemas::wire::{
-    decode_request, ErrorCode, EventLine, ExportRequest, ExportedEvent, HelloAnswer, ReplayRequest,
-    Request, RequestLine, StreamEnd, TailRequest, VerifyAnswer, WireError, MAX_LINE_BYTES,
+    decode_request, CheckRequest, ErrorCode, EventLine, ExportRequest, ExportedEvent, HelloAnswer,
+    ReplayRequest, Request, RequestLine, StreamEnd, TailRequest, VerifyAnswer, WireError,
+    MAX_LINE_BYTES,
 };
 use serde_json::Value;
 use std::sync::Arc;
@@ -62,6 +63,8 @@ enum Pending {
     Blocking(ReadFn),
     /// A stream of lines (tail, export) produced at its turn.
     Stream(StreamKind, Option<Value>),
+    /// A `check` with `wait_ms`, evaluated at its turn and again as capacity frees (SPEC §10).
+    WaitingCheck(Box<CheckRequest>, Option<Value>),
 }
 
 enum StreamKind {
@@ -212,7 +215,10 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
                     }
                     continue;
                 }
-                if matches!(pending, Pending::Blocking(_) | Pending::Stream(..)) {
+                if matches!(
+                    pending,
+                    Pending::Blocking(_) | Pending::Stream(..) | Pending::WaitingCheck(..)
+                ) {
                     reads_queued += 1;
                 }
                 outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -411,6 +417,9 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
             let answer = read_ledger(&ctx.shared).report(&r, now);
             echoed(answer, req, |a, req| a.req = req)
         })),
+        Request::Check(c) if c.wait_ms.is_some_and(|w| w > 0) => {
+            Pending::WaitingCheck(Box::new(c), req)
+        }
         Request::Check(c) => Pending::Read(Box::new(move |ctx: &Ctx| {
             let now = (ctx.clock)();
             // Decide under the read lock; serialise after it is released.
@@ -964,6 +973,14 @@ async fn write_answers(
                 meter.answered(&ctx, &line);
                 put(&mut *out, &line).await
             }
+            Pending::WaitingCheck(c, req) => {
+                let answer = waiting_check(&ctx, &c).await;
+                gate.evaluated_one();
+                meter.decided(&ctx, &answer);
+                let line = answer.to_line(req);
+                meter.answered(&ctx, &line);
+                put(&mut *out, &line).await
+            }
             Pending::Stream(kind, req) => {
                 let ok = stream(&mut *out, kind, req, &ctx, &gate).await;
                 meter.streamed(&ctx);
@@ -979,6 +996,42 @@ async fn write_answers(
         outstanding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
     let _ = out.lock().await.flush().await;
+}
+
+/// A `check` with `wait_ms` (SPEC §10): decided now and again whenever a batch is durable or
+/// time passes (rolling windows slide, observations reset), until it fits, its deny is one
+/// waiting cannot see through, or its time is up. Nothing is appended; the answer says
+/// `waited_ms`.
+async fn waiting_check(ctx: &Arc<Ctx>, c: &CheckRequest) -> Answer {
+    let since = std::time::Instant::now();
+    let deadline = since + std::time::Duration::from_millis(c.wait_ms.unwrap_or(0));
+    let mut durable = ctx.shared.durable.subscribe();
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let now = (ctx.clock)();
+        let (answer, waitable) = read_ledger(&ctx.shared).check_waitable(c, now);
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if !waitable || left.is_zero() {
+            return match answer {
+                Answer::Decision(mut d) => {
+                    d.waited_ms =
+                        Some(u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX));
+                    Answer::Decision(d)
+                }
+                other => other,
+            };
+        }
+        tokio::select! {
+            _ = durable.changed() => {}
+            () = tokio::time::sleep(left.min(crate::writer::WAIT_RETRY_EVERY)) => {}
+            _ = shutdown.changed() => {
+                return Answer::Error(WireError::new(
+                    ErrorCode::Unavailable,
+                    "the daemon is stopping",
+                ));
+            }
+        }
+    }
 }
 
 async fn put<W: AsyncWriteExt + Unpin>(out: &mut W, line: &str) -> bool {

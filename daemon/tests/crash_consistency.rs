@@ -156,6 +156,7 @@ fn workload(prefix: &str, rounds: usize, seed: u64) -> Vec<(i64, Vec<WriteCmd>)>
                         ttl_seconds: Some(30 + rng.below(31)),
                         candidates: None,
                         require: None,
+                        wait_ms: None,
                     })
                 }
                 13..=16 => WriteCmd::Commit(CommitRequest {
@@ -632,6 +633,7 @@ fn a_poisoned_writer_with_a_due_hold_waits_instead_of_spinning() {
         ttl_seconds: Some(1),
         candidates: None,
         require: None,
+        wait_ms: None,
     })]);
     assert!(unavailable(&answers[0]), "{answers:?}");
     assert!(run.shared.poisoned.load(Ordering::SeqCst));

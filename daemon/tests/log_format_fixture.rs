@@ -104,6 +104,7 @@ fn make_log() -> Vec<Vec<Envelope>> {
         ttl_seconds: Some(60),
         candidates: None,
         require: None,
+        wait_ms: None,
     };
     let step = l.execute(Command::Reserve(&r), t0 + 10_000_000);
     let mut batch = seal(step.events, &mut prev);

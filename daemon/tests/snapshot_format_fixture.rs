@@ -94,6 +94,7 @@ fn reserve(id: &str, team: &str, user: &str) -> ReserveRequest {
         ttl_seconds: Some(600),
         candidates: None,
         require: None,
+        wait_ms: None,
     }
 }
 

@@ -144,6 +144,9 @@ pub struct DaemonSection {
     pub metrics_listen: Option<String>,
     /// Most buckets given spent/held/limit gauges, most utilized first (default 1000).
     pub metrics_max_buckets: Option<u64>,
+    /// Most `reserve`s waiting in line at once (`wait_ms`, SPEC §10); past it a request that
+    /// would wait answers `overloaded` (default 1024).
+    pub max_waiters: Option<u64>,
 }
 
 /// `[reports]`.

@@ -116,6 +116,10 @@ pub struct ReserveRequest {
     pub candidates: Option<Vec<String>>,
     /// Capabilities every candidate must have.
     pub require: Option<Vec<String>>,
+    /// Wait in line up to this many milliseconds (at most 60000) when only limits that free up
+    /// by themselves stand in the way (SPEC §10). Not part of the request's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
 }
 
 /// `check`: a reserve that holds nothing and appends nothing.
@@ -133,6 +137,9 @@ pub struct CheckRequest {
     pub candidates: Option<Vec<String>>,
     /// Capabilities every candidate must have.
     pub require: Option<Vec<String>>,
+    /// Wait up to this many milliseconds (at most 60000) for the call to fit, as `reserve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
 }
 
 /// `commit`: actual usage of a reserved call; releases the hold in the same event.
@@ -750,6 +757,9 @@ pub struct DecisionAnswer {
     pub skipped: Vec<Skipped>,
     /// The reason for the decision.
     pub reason: Reason,
+    /// How long the request waited in line, when it said `wait_ms` (SPEC §10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,
@@ -1322,6 +1332,10 @@ mod fast_json {
             });
             out.extend_from_slice(b",\"reason\":");
             self.reason.write_json(out);
+            if let Some(w) = self.waited_ms {
+                out.extend_from_slice(b",\"waited_ms\":");
+                unsigned(out, w);
+            }
             req(out, req_value);
             out.push(b'}');
         }

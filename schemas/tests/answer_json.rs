@@ -184,6 +184,7 @@ prop_compose! {
         DecisionAnswer {
             ok, seq, duplicate, decision, model, hold_micros, max_output_tokens, expires_at,
             budgets, skipped, reason, req,
+            waited_ms: None,
         }
     }
 }

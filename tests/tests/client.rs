@@ -71,6 +71,7 @@ fn typed_calls_pipelining_and_streams() {
             ttl_seconds: None,
             candidates: None,
             require: None,
+            wait_ms: None,
         })
         .unwrap();
     assert_eq!(deny.decision, Decision::Deny);

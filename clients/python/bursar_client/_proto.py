@@ -108,6 +108,12 @@ class Call:
     body: Dict[str, Any]
     decode: Callable[[Dict[str, Any]], Any]
     resend_safe: bool = True
+    wait_s: float = 0.0
+    """How long the daemon may keep the request waiting in line (``wait_ms``), on top of the
+    client's answer timeout."""
+
+    def answer_timeout(self, timeout: Optional[float]) -> Optional[float]:
+        return None if timeout is None else timeout + self.wait_s
 
     def line(self) -> bytes:
         body = {k: v for k, v in self.body.items() if v is not None}
@@ -174,6 +180,7 @@ def reserve(
     candidates: Optional[Sequence[str]],
     require: Optional[Iterable[str]],
     reservation_id: Optional[str],
+    wait_ms: Optional[int] = None,
 ) -> Call:
     rid = reservation_id or new_id()
     return Call(
@@ -186,8 +193,10 @@ def reserve(
             "ttl_seconds": ttl_seconds,
             "candidates": None if candidates is None else list(candidates),
             "require": None if require is None else list(require),
+            "wait_ms": None if wait_ms is None else int(wait_ms),
         },
         lambda a: DecisionAnswer.from_wire(a, reservation_id=rid),
+        wait_s=(wait_ms or 0) / 1000.0,
     )
 
 
@@ -198,6 +207,7 @@ def check(
     max_output_tokens: Optional[int],
     candidates: Optional[Sequence[str]],
     require: Optional[Iterable[str]],
+    wait_ms: Optional[int] = None,
 ) -> Call:
     return Call(
         {
@@ -207,8 +217,10 @@ def check(
             "estimate": _estimate(input_tokens, max_output_tokens),
             "candidates": None if candidates is None else list(candidates),
             "require": None if require is None else list(require),
+            "wait_ms": None if wait_ms is None else int(wait_ms),
         },
         DecisionAnswer.from_wire,
+        wait_s=(wait_ms or 0) / 1000.0,
     )
 
 
@@ -404,6 +416,7 @@ class HoldBase:
         candidates: Optional[Sequence[str]],
         require: Optional[Iterable[str]],
         reservation_id: Optional[str],
+        wait_ms: Optional[int] = None,
     ) -> None:
         self.client = client
         self.labels = dict(labels or {})
@@ -414,6 +427,7 @@ class HoldBase:
             ttl_seconds=ttl_seconds,
             candidates=candidates,
             require=require,
+            wait_ms=wait_ms,
         )
         self.reservation_id = reservation_id or new_id()
         self.decision: Optional[DecisionAnswer] = None
@@ -446,7 +460,7 @@ class HoldBase:
         a = self._args
         return reserve(self.labels, self.requested_model, a["input_tokens"],
                          a["max_output_tokens"], a["ttl_seconds"], a["candidates"], a["require"],
-                         self.reservation_id)
+                         self.reservation_id, a.get("wait_ms"))
 
     def _entered(self, decision: DecisionAnswer) -> None:
         self.decision = decision

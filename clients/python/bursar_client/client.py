@@ -101,7 +101,8 @@ class Client(ClientIO):
                     # From here on the daemon may have applied the request. (A failed send
                     # delivered nothing: a closed peer cannot read a partial line.)
                     sent = True
-                    answer = P.parse_line(self._conn.read(self.timeout))
+                    answer = P.parse_line(
+                        self._conn.read(call.answer_timeout(self.timeout)))
                     self._reached = True
                 except TRANSPORT_ERRORS as e:
                     self._drop()
@@ -210,11 +211,16 @@ class Client(ClientIO):
         candidates: Optional[Sequence[str]] = None,
         require: Optional[Iterable[str]] = None,
         reservation_id: Optional[str] = None,
+        wait_ms: Optional[int] = None,
     ) -> DecisionAnswer:
-        """Hold the worst case of a call. A denial is returned (``decision == "deny"``), not raised."""
+        """Hold the worst case of a call. A denial is returned (``decision == "deny"``), not raised.
+
+        ``wait_ms`` (at most 60000): wait in line that long when only limits that free up by
+        themselves stand in the way (concurrency, rolling windows, quotas); the answer's
+        ``waited_ms`` says how long it waited."""
         return self._call(
             P.reserve(labels, model, input_tokens, max_output_tokens, ttl_seconds, candidates,
-                      require, reservation_id)
+                      require, reservation_id, wait_ms)
         )
 
     def check(
@@ -226,10 +232,12 @@ class Client(ClientIO):
         max_output_tokens: Optional[int] = None,
         candidates: Optional[Sequence[str]] = None,
         require: Optional[Iterable[str]] = None,
+        wait_ms: Optional[int] = None,
     ) -> DecisionAnswer:
-        """What ``reserve`` would decide, without holding or logging anything."""
+        """What ``reserve`` would decide, without holding or logging anything (with
+        ``wait_ms``: once it fits, or when that time is up)."""
         return self._call(
-            P.check(labels, model, input_tokens, max_output_tokens, candidates, require)
+            P.check(labels, model, input_tokens, max_output_tokens, candidates, require, wait_ms)
         )
 
     def commit(
@@ -351,6 +359,7 @@ class Client(ClientIO):
         candidates: Optional[Sequence[str]] = None,
         require: Optional[Iterable[str]] = None,
         reservation_id: Optional[str] = None,
+        wait_ms: Optional[int] = None,
     ) -> "Hold":
         """A context manager around one reserved call::
 
@@ -358,12 +367,13 @@ class Client(ClientIO):
                 reply = call_model(h.model)
                 h.commit(Usage(input_tokens=..., output_tokens=...))
 
-        Entering reserves (raising :class:`~bursar_client.BudgetDenied` when refused); leaving
-        without a commit, or by an exception, releases the hold.
+        Entering reserves (raising :class:`~bursar_client.BudgetDenied` when refused; with
+        ``wait_ms``, after waiting in line up to that long); leaving without a commit, or by an
+        exception, releases the hold.
         """
         return Hold(
             self, labels, model, input_tokens, max_output_tokens, ttl_seconds, candidates,
-            require, reservation_id,
+            require, reservation_id, wait_ms,
         )
 
 

@@ -545,6 +545,35 @@ class QuotaObservationTest(unittest.TestCase):
         self.assertIsNone(P.rate_limit_headers(None))
 
 
+class WaitingTest(unittest.TestCase):
+    """``wait_ms`` (SPEC §10): a reserve waits in line for a GPU slot instead of being denied."""
+
+    def setUp(self) -> None:
+        self.daemon = Daemon().start()
+        self.addCleanup(self.daemon.cleanup)
+        self.client = Client(self.daemon.socket, timeout=2.0)
+        self.addCleanup(self.client.close)
+
+    def test_a_reserve_with_wait_ms_waits_for_a_free_slot_past_the_clients_timeout(self) -> None:
+        gpu = {"pool": "gpu"}
+        holds = [self.client.reserve(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1)
+                 for _ in range(2)]
+        self.assertTrue(all(h.allowed for h in holds), holds)
+        other = Client(self.daemon.socket)
+        self.addCleanup(other.close)
+        timer = threading.Timer(2.5, lambda: other.release(holds[0].reservation_id))
+        timer.start()
+        self.addCleanup(timer.cancel)
+        # Waits longer than the client's 2 s answer timeout: the wait is added to it.
+        with self.client.hold(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1,
+                              wait_ms=10_000) as h:
+            self.assertGreaterEqual(h.decision.waited_ms, 2000, h.decision)
+        d = self.client.check(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1,
+                              wait_ms=100)
+        self.assertEqual(d.decision, "allow", d)
+        self.assertEqual(d.waited_ms, 0)
+
+
 class DefaultSocketTest(unittest.TestCase):
     def test_default_path_order(self) -> None:
         with mock.patch.dict(os.environ, {"BURSAR_SOCKET": "/x/b.sock", "XDG_RUNTIME_DIR": "/run/u"}):

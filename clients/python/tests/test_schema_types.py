@@ -90,11 +90,11 @@ REQUESTS = {
         P.record(None, "m", types.Usage(), None, None, None).body,
     ),
     "request-reserve": (
-        P.reserve({"a": "b"}, "m", 1, 2, 3, ["m"], ["vision"], "r").body,
+        P.reserve({"a": "b"}, "m", 1, 2, 3, ["m"], ["vision"], "r", 5).body,
         P.reserve(None, None, 0, None, None, None, None, None).body,
     ),
     "request-check": (
-        P.check({"a": "b"}, "m", 1, 2, ["m"], ["vision"]).body,
+        P.check({"a": "b"}, "m", 1, 2, ["m"], ["vision"], 5).body,
         P.check(None, None, 0, None, None, None).body,
     ),
     "request-commit": (

@@ -290,6 +290,23 @@ impl Limits {
         self.limited && ((u[0] > l[0]) | (u[1] > l[1]) | (u[2] > l[2]) | (u[3] > l[3]))
     }
 
+    /// True when every limit `after` (a bucket's figures with a probe held) exceeds frees up by
+    /// itself (SPEC §10 `wait_ms`): a concurrency slot, anything in a rolling window, or what
+    /// other holds keep (`spent + probe` alone fits). Money, tokens or requests already spent
+    /// in a fixed, calendar or cumulative window do not come back by waiting.
+    pub fn frees_by_itself(&self, after: &Figures, probe: Amounts) -> bool {
+        let u = Self::used(after);
+        let spent = [
+            i128::from(after.spent.micros) + i128::from(probe.micros),
+            i128::from(after.spent.tokens) + i128::from(probe.tokens),
+            i128::from(after.spent.requests) + i128::from(probe.requests),
+            1,
+        ];
+        (0..4).all(|d| {
+            u[d] <= self.limit[d] || d == 3 || self.rolling.is_some() || spent[d] <= self.limit[d]
+        })
+    }
+
     /// True when `f` reaches `warn_at` of some limit.
     pub fn warns(&self, f: &Figures) -> bool {
         self.has_warn && Self::reaches(&Self::used(f), &self.warn)

@@ -180,6 +180,7 @@ impl Run {
                     ttl_seconds: Some(ttl_seconds(r.expires_at, ev.ts)),
                     candidates: None,
                     require: None,
+                    wait_ms: None,
                 };
                 match self.execute(Command::Reserve(&req), ev.ts) {
                     Answer::Decision(d) if d.decision == Decision::Deny => {

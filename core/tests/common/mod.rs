@@ -148,6 +148,7 @@ impl Harness {
         let decided = self.ledger.decide_digested(cmd, &cmd.digest(), self.now);
         let answer = match decided.reply {
             Reply::Ready(a) => a,
+            Reply::Wait => panic!("the harness never sends a reserve that may wait"),
             Reply::Event(i) => {
                 let (seq, ts, body) = &decided.events[i];
                 renderer
@@ -215,6 +216,7 @@ impl Harness {
             ttl_seconds: None,
             candidates: None,
             require: None,
+            wait_ms: None,
         }
     }
 

@@ -9,13 +9,14 @@
 //! (the log writer's side; the store and the log reader are `crate::log`); `snapshots` takes
 //! and decodes snapshots; `recovery` rebuilds the ledger at start; `reload` applies policies;
 //! `replay` re-prices the log; `first_release` reads the idempotency index of data dirs the
-//! first release wrote.
+//! first release wrote; `waiters` is the line of `reserve`s waiting with `wait_ms`.
 
 mod first_release;
 mod recovery;
 mod reload;
 mod replay;
 mod snapshots;
+mod waiters;
 
 use first_release::first_release_id;
 pub use first_release::{first_release_answer, id_key};
@@ -48,6 +49,8 @@ pub const WRITE_QUEUE_DEPTH: usize = 65_536;
 pub const SNAPSHOT_EVERY_EVENTS: u64 = 100_000;
 /// …or after this long with any new event.
 pub const SNAPSHOT_EVERY_SECONDS: u64 = 300;
+/// How often waiting requests are decided again while nothing else happens.
+pub const WAIT_RETRY_EVERY: Duration = waiters::RETRY_EVERY;
 /// Longest the writer sleeps without checking for due expiries.
 pub const REAPER_TICK: Duration = Duration::from_millis(250);
 
@@ -123,6 +126,8 @@ pub enum Outcome {
         /// The budgets it was decided under.
         renderer: Arc<Renderer>,
     },
+    /// The answer of a request that said `wait_ms`, with how long it waited (ms).
+    Waited(Box<Outcome>, u64),
 }
 
 impl Outcome {
@@ -130,6 +135,13 @@ impl Outcome {
     pub fn render(self) -> Answer {
         match self {
             Outcome::Answer(a) => a,
+            Outcome::Waited(inner, waited_ms) => match inner.render() {
+                Answer::Decision(mut d) => {
+                    d.waited_ms = Some(waited_ms);
+                    Answer::Decision(d)
+                }
+                other => other,
+            },
             Outcome::Event {
                 seq,
                 ts,
@@ -211,6 +223,10 @@ pub struct Shared {
     pub snapshot_amortized: AtomicBool,
     /// Prometheus metrics, when `metrics_listen` is set (SPEC §12).
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Most `reserve`s waiting in line (`[daemon] max_waiters`).
+    pub max_waiters: std::sync::atomic::AtomicUsize,
+    /// `reserve`s waiting in line now.
+    pub waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -227,6 +243,10 @@ impl Shared {
             snapshot_every_events: AtomicU64::new(SNAPSHOT_EVERY_EVENTS),
             snapshot_amortized: AtomicBool::new(true),
             metrics: None,
+            max_waiters: std::sync::atomic::AtomicUsize::new(
+                bursar_core::policy::DEFAULT_MAX_WAITERS,
+            ),
+            waiting: Default::default(),
         }
     }
 }
@@ -297,6 +317,8 @@ pub struct Writer {
     snapshotter: snapshots::Snapshotter,
     /// The store holds the first release's idempotency index (consulted, never written).
     first_release_ids: bool,
+    /// `reserve`s waiting in line (`wait_ms`).
+    waiters: waiters::Waiters,
 }
 
 /// Start the writer thread. Appends `policy_applied` first when `policy` differs from the one
@@ -332,6 +354,7 @@ pub fn start(
         last_snapshot: std::time::Instant::now(),
         snapshotter,
         first_release_ids,
+        waiters: Default::default(),
     };
     w.apply_policy_if_changed(policy)?;
     let thread = std::thread::Builder::new()
@@ -344,7 +367,12 @@ pub fn start(
 impl Writer {
     fn run(mut self) {
         loop {
-            let first = match self.rx.recv_timeout(self.sleep_for()) {
+            let sleep = self.sleep_for();
+            let sleep = self
+                .waiters
+                .sleep_for(std::time::Instant::now())
+                .map_or(sleep, |w| w.min(sleep));
+            let first = match self.rx.recv_timeout(sleep) {
                 Ok(j) => Some(j),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -376,6 +404,8 @@ impl Writer {
                 if !rest.is_empty() {
                     self.process(rest);
                 }
+                // Whoever still waits in line gets the decision of now (a deny is appended).
+                self.finish_waiters();
                 self.snapshot(true);
                 break;
             }
@@ -440,6 +470,14 @@ impl Writer {
                 for (seq, ts, body) in expired {
                     self.seal(&mut batch, seq, ts, self.own, &body);
                 }
+                if !self.waiters.is_empty() {
+                    self.retry_waiters(&mut batch, false);
+                }
+            } else if !self.waiters.is_empty() {
+                for w in self.waiters.take() {
+                    let _ = w.reply.send(Outcome::Answer(unavailable()));
+                }
+                self.shared.waiting.store(0, Ordering::Relaxed);
             }
             for job in jobs {
                 match job {
@@ -463,43 +501,22 @@ impl Writer {
                                 continue;
                             }
                         }
-                        let now = (self.clock)();
-                        let (decided, renderer) = {
-                            let mut l = write_ledger(&shared);
-                            let d = l.decide_digested(cmd.command(), &digest, now);
-                            (d, l.renderer())
-                        };
-                        let answer_at = match decided.reply {
-                            ledger::Reply::Ready(a) => {
-                                batch
-                                    .replies
-                                    .push(Replier::Answer(reply, Outcome::Answer(a)));
-                                None
-                            }
-                            ledger::Reply::Event(i) => Some((i, reply)),
-                        };
-                        let mut answering = None;
-                        for (i, (seq, ts, body)) in decided.events.into_iter().enumerate() {
-                            self.seal(&mut batch, seq, ts, actor, &body);
-                            if answer_at.as_ref().is_some_and(|(at, _)| *at == i) {
-                                answering = Some(Outcome::Event {
-                                    seq,
-                                    ts,
-                                    body,
-                                    renderer: renderer.clone(),
-                                });
-                            }
+                        let wait = waiters::wait_of(&cmd);
+                        if wait.is_some() && !self.waiters.is_empty() {
+                            // Those in line first: time may have freed what they wait for.
+                            self.retry_waiters(&mut batch, false);
                         }
-                        if let Some((_, reply)) = answer_at {
-                            let outcome = answering.unwrap_or_else(|| {
-                                // Impossible: core names one of its own events.
-                                debug_assert!(false, "the answering event is missing");
-                                Outcome::Answer(Answer::Error(WireError::new(
-                                    ErrorCode::Internal,
-                                    "the answering event is missing",
-                                )))
-                            });
-                            batch.replies.push(Replier::Answer(reply, outcome));
+                        let may_wait = wait.is_some_and(|w| !w.is_zero());
+                        let frees = frees_capacity(&cmd);
+                        match self.decide_write(&mut batch, &cmd, &digest, actor, may_wait) {
+                            Some(outcome) if wait.is_some() => batch
+                                .replies
+                                .push(Replier::Answer(reply, waiters::waited(outcome, 0))),
+                            Some(outcome) => batch.replies.push(Replier::Answer(reply, outcome)),
+                            None => self.park(cmd, digest, actor, reply, wait),
+                        }
+                        if frees && !self.waiters.is_empty() {
+                            self.retry_waiters(&mut batch, false);
                         }
                     }
                     Job::Reload {
@@ -511,8 +528,13 @@ impl Writer {
                         let echo = req.clone();
                         let mut l = write_ledger(&shared);
                         let line = self.reload(&mut l, &mut batch, policy, actor, req, poisoned);
+                        drop(l);
                         if let Some(r) = reply {
                             batch.replies.push(Replier::Line(r, line, echo));
+                        }
+                        // Another policy may let waiters through.
+                        if !poisoned && !self.waiters.is_empty() {
+                            self.retry_waiters(&mut batch, false);
                         }
                     }
                     Job::Replay {
@@ -544,6 +566,143 @@ impl Writer {
             tracing::error!("log write failed, refusing writes from now on (fail closed): {e}");
         }
         self.snapshot(false);
+    }
+
+    /// Decide one write at the clock's now and seal its events into `batch`: its outcome, or
+    /// `None` when it waits in line (`may_wait`: a `reserve` with `wait_ms` that only limits
+    /// freeing up by themselves stand in the way of; nothing of it was appended).
+    fn decide_write(
+        &mut self,
+        batch: &mut Batch,
+        cmd: &WriteCmd,
+        digest: &[u8; 16],
+        actor: Actor,
+        may_wait: bool,
+    ) -> Option<Outcome> {
+        let shared = self.shared.clone();
+        let now = (self.clock)();
+        let command = match cmd {
+            WriteCmd::Reserve(r) if may_wait => Command::ReserveOrWait(r),
+            other => other.command(),
+        };
+        let (decided, renderer) = {
+            let mut l = write_ledger(&shared);
+            let d = l.decide_digested(command, digest, now);
+            (d, l.renderer())
+        };
+        let answer_at = match decided.reply {
+            ledger::Reply::Ready(a) => {
+                // Its events (expiries reaped first) are appended all the same.
+                for (seq, ts, body) in decided.events {
+                    self.seal(batch, seq, ts, actor, &body);
+                }
+                return Some(Outcome::Answer(a));
+            }
+            ledger::Reply::Wait => {
+                for (seq, ts, body) in decided.events {
+                    self.seal(batch, seq, ts, actor, &body);
+                }
+                return None;
+            }
+            ledger::Reply::Event(i) => i,
+        };
+        let mut answering = None;
+        for (i, (seq, ts, body)) in decided.events.into_iter().enumerate() {
+            self.seal(batch, seq, ts, actor, &body);
+            if i == answer_at {
+                answering = Some(Outcome::Event {
+                    seq,
+                    ts,
+                    body,
+                    renderer: renderer.clone(),
+                });
+            }
+        }
+        Some(answering.unwrap_or_else(|| {
+            // Impossible: core names one of its own events.
+            debug_assert!(false, "the answering event is missing");
+            Outcome::Answer(Answer::Error(WireError::new(
+                ErrorCode::Internal,
+                "the answering event is missing",
+            )))
+        }))
+    }
+
+    /// Put a request that waits at the end of the line (`overloaded` when the line is full).
+    fn park(
+        &mut self,
+        cmd: WriteCmd,
+        digest: [u8; 16],
+        actor: Actor,
+        reply: WriteReply,
+        wait: Option<Duration>,
+    ) {
+        let max = self.shared.max_waiters.load(Ordering::Relaxed);
+        if self.waiters.len() >= max {
+            let _ = reply.send(Outcome::Answer(Answer::Error(WireError::new(
+                ErrorCode::Overloaded,
+                format!("{max} requests already wait in line ([daemon] max_waiters); retry later"),
+            ))));
+            return;
+        }
+        let since = std::time::Instant::now();
+        self.waiters.push(waiters::Waiter {
+            cmd,
+            digest,
+            actor,
+            reply,
+            since,
+            deadline: since + wait.unwrap_or_default(),
+        });
+        self.shared
+            .waiting
+            .store(self.waiters.len(), Ordering::Relaxed);
+    }
+
+    /// Decide every waiter again, in arrival order: those that fit now (or whose time is up, or
+    /// all of them with `last`) are answered with this batch; the others keep their place.
+    fn retry_waiters(&mut self, batch: &mut Batch, last: bool) {
+        let now = std::time::Instant::now();
+        for w in self.waiters.take() {
+            if w.reply.is_closed() {
+                // The client is gone: nothing was appended for it, nothing will be.
+                continue;
+            }
+            let final_try = last || now >= w.deadline;
+            match self.decide_write(batch, &w.cmd, &w.digest, w.actor, !final_try) {
+                Some(outcome) => {
+                    let waited_ms = w.waited_ms();
+                    batch.replies.push(Replier::Answer(
+                        w.reply,
+                        waiters::waited(outcome, waited_ms),
+                    ));
+                }
+                None => self.waiters.push(w),
+            }
+        }
+        self.shared
+            .waiting
+            .store(self.waiters.len(), Ordering::Relaxed);
+    }
+
+    /// At shutdown: decide whoever still waits, append and answer.
+    fn finish_waiters(&mut self) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let mut batch = Batch::default();
+        if self.shared.poisoned.load(Ordering::SeqCst) {
+            for w in self.waiters.take() {
+                let _ = w.reply.send(Outcome::Answer(unavailable()));
+            }
+            return;
+        }
+        self.retry_waiters(&mut batch, true);
+        if batch.sealed.is_empty() {
+            batch.answer();
+        } else if let Err(e) = self.commit(&mut batch) {
+            tracing::error!("log write failed at shutdown: {e}");
+        }
     }
 
     /// Append and sync the batch, then answer it. On failure, poison and answer `unavailable`.
@@ -619,6 +778,15 @@ enum Replier {
     Line(Reply, String, Option<Value>),
     /// A write's typed answer (the connection renders it).
     Answer(WriteReply, Outcome),
+}
+
+/// True for the writes after which a waiter may fit: they end a hold, or change what a
+/// provider's quota allows.
+fn frees_capacity(cmd: &WriteCmd) -> bool {
+    matches!(
+        cmd,
+        WriteCmd::Commit(_) | WriteCmd::Release(_) | WriteCmd::Observe(_)
+    )
 }
 
 /// The answer of a write that the daemon refuses because its log cannot be written.

@@ -37,6 +37,9 @@ pub(super) struct Evaluation {
     pub(super) budgets: Vec<Shown>,
     pub(super) skipped: Vec<Skipped>,
     pub(super) reason: Reason,
+    /// A deny some candidate of which only limits that free up by themselves stand in the way
+    /// of (SPEC §10 `wait_ms`).
+    pub(super) waitable: bool,
 }
 
 pub(super) fn ok_reason(decision: Decision) -> Reason {
@@ -64,6 +67,7 @@ impl Ledger {
         } = *ask;
         let mut skipped = Vec::new();
         let mut last: Option<Evaluation> = None;
+        let mut waitable = false;
         for model in models {
             let labels = self.derived_labels(client, model, now);
             let skip = |reason: SkipReason,
@@ -87,6 +91,7 @@ impl Ledger {
                 budgets: Vec::new(),
                 skipped: Vec::new(),
                 reason: ok_reason(Decision::Allow),
+                waitable: false,
             };
             let Some((price, at_max, _)) = self.price_at(model, now) else {
                 eval.reason = Reason {
@@ -199,10 +204,13 @@ impl Ledger {
                     budget: None,
                     key: None,
                 };
+                // An observation binds until its reset: waiting may see it through.
+                waitable = true;
                 last = Some(skip(SkipReason::Quota, detail, eval, &mut skipped));
                 continue;
             }
-            let (decision, reports, reason) = self.judge(&eval.labels, eval.hold, now, adj);
+            let (decision, reports, reason, frees) = self.judge(&eval.labels, eval.hold, now, adj);
+            waitable |= frees;
             eval.decision = decision;
             eval.budgets = reports;
             if decision == Decision::Deny {
@@ -233,6 +241,7 @@ impl Ledger {
             max_output_tokens: 0,
             budgets: Vec::new(),
             skipped: Vec::new(),
+            waitable: false,
             reason: Reason {
                 code: "no_candidate".into(),
                 message: "no model to consider".into(),
@@ -242,11 +251,18 @@ impl Ledger {
         });
         eval.decision = Decision::Deny;
         eval.skipped = if report_skips { skipped } else { Vec::new() };
+        eval.waitable = waitable;
         eval
     }
 
     /// `check`: what `reserve` would decide now. Appends nothing.
     pub fn check(&self, req: &CheckRequest, now: TsMicros) -> Answer {
+        self.check_waitable(req, now).0
+    }
+
+    /// [`Ledger::check`], and whether its deny is one that waiting may see through (only
+    /// limits that free up by themselves stand in the way: SPEC §10 `wait_ms`).
+    pub fn check_waitable(&self, req: &CheckRequest, now: TsMicros) -> (Answer, bool) {
         // Judged when a `reserve` sent now would be (see `execute`).
         let now = self.stamp(now);
         let models = match self.validate_decision(
@@ -257,8 +273,11 @@ impl Ledger {
             &req.estimate,
         ) {
             Ok(m) => m,
-            Err(e) => return Answer::Error(e),
+            Err(e) => return (Answer::Error(e), false),
         };
+        if let Err(e) = super::validate::check_wait(req.wait_ms) {
+            return (Answer::Error(e), false);
+        }
         let require = req.require.clone().unwrap_or_default();
         let adj = self.expired_adjust(now);
         let eval = self.evaluate(
@@ -273,7 +292,11 @@ impl Ledger {
             &adj,
         );
         let budgets = self.reports(&eval.budgets, now);
-        Answer::Decision(decision_answer(eval, budgets, None, None))
+        let waitable = eval.decision == Decision::Deny && eval.waitable;
+        (
+            Answer::Decision(decision_answer(eval, budgets, None, None)),
+            waitable,
+        )
     }
 }
 
@@ -296,5 +319,6 @@ pub(super) fn decision_answer(
         skipped: eval.skipped,
         reason: eval.reason,
         req: None,
+        waited_ms: None,
     }
 }

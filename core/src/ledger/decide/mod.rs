@@ -48,8 +48,12 @@ pub const MAX_REQUIRE: usize = 16;
 pub enum Command<'a> {
     /// `record`.
     Record(&'a RecordRequest),
-    /// `reserve`.
+    /// `reserve`, decided now (its `wait_ms` aside).
     Reserve(&'a ReserveRequest),
+    /// `reserve` that may wait in line (SPEC §10 `wait_ms`): a deny that only limits freeing up
+    /// by themselves stand behind is [`Reply::Wait`], and appends nothing. The daemon asks
+    /// again as capacity frees, and at the deadline as [`Command::Reserve`].
+    ReserveOrWait(&'a ReserveRequest),
     /// `commit`.
     Commit(&'a CommitRequest),
     /// `release`.
@@ -66,13 +70,26 @@ impl Command<'_> {
     pub fn digest(&self) -> [u8; 16] {
         match self {
             Command::Record(r) => request_digest("record", r),
-            Command::Reserve(r) => request_digest("reserve", r),
+            Command::Reserve(r) | Command::ReserveOrWait(r) => reserve_digest(r),
             Command::Commit(r) => request_digest("commit", r),
             Command::Release(r) => request_digest("release", r),
             // `extend` and `observe` are not idempotent by id: no digest is kept.
             Command::Extend(_) | Command::Observe(_) => [0; 16],
         }
     }
+}
+
+/// The digest of a `reserve`, without its `wait_ms`: how long a client waits is no part of what
+/// it asks for (a resend with another `wait_ms` is the same request).
+fn reserve_digest(r: &ReserveRequest) -> [u8; 16] {
+    if r.wait_ms.is_none() {
+        return request_digest("reserve", r);
+    }
+    let plain = ReserveRequest {
+        wait_ms: None,
+        ..r.clone()
+    };
+    request_digest("reserve", &plain)
 }
 
 /// The outcome of one write command: its answer and the events to append (already folded into
@@ -96,6 +113,8 @@ pub enum Reply {
     /// The answer rendered from the event at this index of the step's events (and its
     /// receipt), by [`Renderer::render_event`](super::Renderer::render_event).
     Event(usize),
+    /// No answer yet: a [`Command::ReserveOrWait`] waits in line (nothing of it was appended).
+    Wait,
 }
 
 /// [`Step`] before its answer is rendered: what the writer takes, so that rendering (the
@@ -268,6 +287,11 @@ impl Ledger {
         let answer = match d.reply {
             Reply::Ready(a) => a,
             Reply::Event(i) => self.answer_of(&d.events, i),
+            // Only the daemon's waiting line sends `ReserveOrWait`; here it is decided as is.
+            Reply::Wait => Answer::Error(WireError::new(
+                ErrorCode::Internal,
+                "a waiting reserve has no answer yet",
+            )),
         };
         Step {
             answer,
@@ -288,7 +312,8 @@ impl Ledger {
         let now = self.stamp(now);
         let mut step = match cmd {
             Command::Record(r) => self.record(r, digest, now),
-            Command::Reserve(r) => self.reserve(r, digest, now),
+            Command::Reserve(r) => self.reserve(r, digest, now, false),
+            Command::ReserveOrWait(r) => self.reserve(r, digest, now, true),
             Command::Commit(c) => self.commit(c, digest, now),
             Command::Release(r) => self.release(r, digest, now),
             Command::Extend(e) => self.extend(e, now),
@@ -452,7 +477,13 @@ impl Ledger {
         self.usage_step(now, body, hold, c.headers.as_ref())
     }
 
-    fn reserve(&mut self, r: &ReserveRequest, digest: &[u8; 16], now: TsMicros) -> Decided {
+    fn reserve(
+        &mut self,
+        r: &ReserveRequest,
+        digest: &[u8; 16],
+        now: TsMicros,
+        may_wait: bool,
+    ) -> Decided {
         let ttl = r.ttl_seconds.unwrap_or_else(|| {
             self.policy
                 .as_ref()
@@ -462,6 +493,7 @@ impl Ledger {
         });
         let models = check_id("reservation_id", &r.reservation_id)
             .and_then(|_| check_ttl("ttl_seconds", ttl))
+            .and_then(|_| check_wait(r.wait_ms))
             .and_then(|_| {
                 self.validate_decision(&r.labels, &r.model, &r.candidates, &r.require, &r.estimate)
             });
@@ -496,6 +528,12 @@ impl Ledger {
             now,
             &Adjust::new(),
         );
+        if may_wait && eval.decision == Decision::Deny && eval.waitable {
+            return Decided {
+                reply: Reply::Wait,
+                events: Vec::new(),
+            };
+        }
         let mut events = Vec::new();
         let receipt = Receipt {
             policy_version: self.policy_version,

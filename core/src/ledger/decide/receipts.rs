@@ -154,6 +154,7 @@ fn render_with<'a>(
                 skipped: receipt.skipped.clone(),
                 reason: ok_reason(decision),
                 req: None,
+                waited_ms: None,
             })
         }
         EventBody::ReservationDenied(r) => Answer::Decision(DecisionAnswer {
@@ -174,6 +175,7 @@ fn render_with<'a>(
                 key: r.key.clone(),
             },
             req: None,
+            waited_ms: None,
         }),
         _ => return None,
     })

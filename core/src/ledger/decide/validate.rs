@@ -158,3 +158,16 @@ impl Ledger {
         candidate_list(model, candidates)
     }
 }
+
+/// Longest `wait_ms` (SPEC §10).
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+pub(super) fn check_wait(wait_ms: Option<u64>) -> Result<(), WireError> {
+    match wait_ms {
+        Some(w) if w > MAX_WAIT_MS => Err(WireError::bad_field(
+            "wait_ms",
+            format!("wait_ms must be at most {MAX_WAIT_MS}"),
+        )),
+        _ => Ok(()),
+    }
+}

@@ -312,9 +312,33 @@ impl Ledger {
         probe: Amounts,
         now: TsMicros,
         adj: &Adjust,
-    ) -> (Decision, Vec<Shown>, Reason) {
+    ) -> (Decision, Vec<Shown>, Reason, bool) {
         let verdict = self.decide_adjusted(labels, probe, now, adj);
-        self.verdict_lines(&verdict, now, adj)
+        let (decision, shown, reason) = self.verdict_lines(&verdict, now, adj);
+        let waitable = decision == Decision::Deny && self.verdict_waitable(&verdict, now, adj);
+        (decision, shown, reason, waitable)
+    }
+
+    /// True when every bucket that denies `verdict` would let it through once limits that free
+    /// up by themselves have (SPEC §10 `wait_ms`): concurrency, rolling windows, other holds,
+    /// and any limit of a subscription's allowance or a provider's quota.
+    fn verdict_waitable(&self, verdict: &Verdict, now: TsMicros, adj: &Adjust) -> bool {
+        let Some(policy) = &self.policy else {
+            return false;
+        };
+        verdict.lines.iter().enumerate().all(|(n, line)| {
+            let i = line.budget as usize;
+            let (Some(limits), Some(b)) = (self.limits.get(i), policy.budgets.get(i)) else {
+                return true;
+            };
+            let after = with_probe(&self.line_figures(verdict, n, now, adj), verdict.probe);
+            let denies = line.why == Why::MaxKeys || (limits.deny && limits.over(&after));
+            !denies
+                || (line.why == Why::OverLimit
+                    && (bursar_schemas::policy::is_allowance(&b.id)
+                        || bursar_schemas::policy::is_quota_limit(&b.id)
+                        || limits.frees_by_itself(&after, verdict.probe)))
+        })
     }
 }
 

@@ -1,0 +1,235 @@
+//! Waiting in line (SPEC §10 `wait_ms`, issue 16.4), through a real daemon: agents that say
+//! `wait_ms` wait for limits that free up by themselves instead of being denied, first come
+//! first served, without holding up anybody else; a waiter whose time runs out gets its deny.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bursar_tests::{Client, Daemon};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// A local GPU with two slots, an API with two requests per rolling 2 s, and a small fixed
+/// daily budget.
+const POLICY: &str = r#"
+[daemon]
+max_waiters = 24
+
+[[budget]]
+id = "local-gpu"
+match = { pool = "gpu" }
+max_concurrent = 2
+
+[[budget]]
+id = "api-rpm"
+match = { pool = "api" }
+window = "rolling"
+window_seconds = 2
+resolution_seconds = 1
+max_requests = 2
+
+[[budget]]
+id = "daily"
+match = { pool = "small" }
+window = "fixed"
+window_seconds = 86400
+max_usd = 0.0001
+"#;
+
+fn reserve(id: &str, pool: &str, wait_ms: Option<u64>) -> Value {
+    let mut r = json!({"op": "reserve", "reservation_id": id, "labels": {"pool": pool},
+        "model": "gpt-4o-mini", "estimate": {"input_tokens": 10, "max_output_tokens": 10}});
+    if let Some(w) = wait_ms {
+        r["wait_ms"] = json!(w);
+    }
+    r
+}
+
+fn release(id: &str) -> Value {
+    json!({"op": "release", "reservation_id": id})
+}
+
+fn created_order(c: &mut Client) -> Vec<String> {
+    c.send(&json!({"op": "export"}));
+    let (events, _) = c.read_stream();
+    events
+        .iter()
+        .filter(|e| e["type"] == json!("reservation_created"))
+        .map(|e| {
+            e["body"]["reservation_created"]["reservation_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn twenty_agents_waiting_for_two_gpu_slots_are_all_served_in_arrival_order() {
+    let d = Daemon::start_with_config(POLICY);
+    let mut admin = d.client();
+    for id in ["h1", "h2"] {
+        assert_eq!(
+            admin.call(reserve(id, "gpu", None))["decision"],
+            json!("allow")
+        );
+    }
+    // Twenty agents, one connection each, arriving 40 ms apart: all wait.
+    let mut agents: Vec<Client> = Vec::new();
+    for i in 0..20 {
+        let mut c = d.client();
+        c.send(&reserve(&format!("a{i:02}"), "gpu", Some(30_000)));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(
+            c.poll_recv().is_none(),
+            "agent {i} was answered without a free slot"
+        );
+        agents.push(c);
+    }
+    // A reserve without wait_ms is denied at once and does not jump the line.
+    let denied = admin.call(reserve("impatient", "gpu", None));
+    assert_eq!(denied["decision"], json!("deny"), "{denied}");
+    // Each slot freed goes to the next agent in line; each agent then frees its own.
+    assert_eq!(admin.call(release("h1"))["ok"], json!(true));
+    assert_eq!(admin.call(release("h2"))["ok"], json!(true));
+    let mut waited = Vec::new();
+    for (i, c) in agents.iter_mut().enumerate() {
+        let a = c.recv();
+        assert_eq!(a["decision"], json!("allow"), "agent {i}: {a}");
+        waited.push(a["waited_ms"].as_u64().unwrap());
+        assert_eq!(c.call(release(&format!("a{i:02}")))["ok"], json!(true));
+    }
+    let order = created_order(&mut admin);
+    let expected: Vec<String> = ["h1", "h2"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain((0..20).map(|i| format!("a{i:02}")))
+        .collect();
+    assert_eq!(order, expected, "served in arrival order");
+    // The first in line waited longest.
+    assert!(waited[0] >= waited[19], "{waited:?}");
+    assert!(waited[0] >= 700, "{waited:?}");
+}
+
+#[test]
+fn waiters_on_a_rolling_request_limit_are_admitted_as_the_window_slides() {
+    let d = Daemon::start_with_config(POLICY);
+    let mut c = d.client();
+    for id in ["r1", "r2"] {
+        assert_eq!(c.call(reserve(id, "api", None))["decision"], json!("allow"));
+        let commit = c.call(
+            json!({"op": "commit", "reservation_id": id, "event_id": format!("e-{id}"),
+            "usage": {"input_tokens": 10, "output_tokens": 10}}),
+        );
+        assert_eq!(commit["ok"], json!(true), "{commit}");
+    }
+    // Two requests in the last 2 s: a third waits until the oldest slides out of the window.
+    let started = Instant::now();
+    let a = c.call(reserve("r3", "api", Some(10_000)));
+    let elapsed = started.elapsed();
+    assert_eq!(a["decision"], json!("allow"), "{a}");
+    let waited = a["waited_ms"].as_u64().unwrap();
+    assert!(
+        waited >= 500,
+        "admitted after {waited} ms, before the window slid: {a}"
+    );
+    assert!(elapsed < Duration::from_secs(8), "{elapsed:?}");
+    // One more waits in its turn too.
+    let b = c.call(reserve("r4", "api", Some(10_000)));
+    assert_eq!(b["decision"], json!("allow"), "{b}");
+}
+
+#[test]
+fn a_waiter_whose_time_runs_out_gets_its_deny_once() {
+    let d = Daemon::start_with_config(POLICY);
+    let mut c = d.client();
+    for id in ["h1", "h2"] {
+        c.call(reserve(id, "gpu", None));
+    }
+    let started = Instant::now();
+    let a = c.call(reserve("late", "gpu", Some(300)));
+    assert_eq!(a["decision"], json!("deny"), "{a}");
+    assert!(a["waited_ms"].as_u64().unwrap() >= 300, "{a}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(a["reason"]["budget"], json!("local-gpu"), "{a}");
+    c.send(&json!({"op": "export"}));
+    let (events, _) = c.read_stream();
+    let denials = events
+        .iter()
+        .filter(|e| e["type"] == json!("reservation_denied"))
+        .count();
+    assert_eq!(denials, 1, "only the final deny is appended");
+    // A resend is a duplicate of that deny, whatever its wait_ms.
+    let again = c.call(reserve("late", "gpu", Some(5)));
+    assert_eq!(again["duplicate"], json!(true), "{again}");
+    assert_eq!(again["decision"], json!("deny"), "{again}");
+}
+
+#[test]
+fn a_full_line_is_overloaded_and_a_deny_that_cannot_free_up_is_answered_at_once() {
+    let d = Daemon::start_with_config(&POLICY.replace("max_waiters = 24", "max_waiters = 2"));
+    let mut c = d.client();
+    for id in ["h1", "h2"] {
+        c.call(reserve(id, "gpu", None));
+    }
+    let mut waiting = Vec::new();
+    for i in 0..2 {
+        let mut w = d.client();
+        w.send(&reserve(&format!("w{i}"), "gpu", Some(20_000)));
+        std::thread::sleep(Duration::from_millis(50));
+        waiting.push(w);
+    }
+    let o = c.call(reserve("w2", "gpu", Some(20_000)));
+    assert_eq!(o["error"]["code"], json!("overloaded"), "{o}");
+
+    // Money spent in a fixed daily window does not come back by waiting: denied at once.
+    c.call(
+        json!({"op": "record", "event_id": "spend", "labels": {"pool": "small"},
+        "model": "gpt-4o-mini", "usage": {"input_tokens": 1000, "output_tokens": 1000}}),
+    );
+    let started = Instant::now();
+    let a = c.call(reserve("s1", "small", Some(20_000)));
+    assert_eq!(a["decision"], json!("deny"), "{a}");
+    assert_eq!(a["waited_ms"], json!(0), "{a}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let e = c.call(reserve("s2", "gpu", Some(60_001)));
+    assert_eq!(e["error"]["code"], json!("bad_request"), "{e}");
+    assert_eq!(e["error"]["field"], json!("wait_ms"), "{e}");
+
+    // The waiters are still served when a slot frees.
+    c.call(release("h1"));
+    assert_eq!(waiting[0].recv()["decision"], json!("allow"));
+}
+
+#[test]
+fn a_check_with_wait_ms_waits_for_a_release_and_appends_nothing() {
+    let d = Daemon::start_with_config(POLICY);
+    let mut c = d.client();
+    for id in ["h1", "h2"] {
+        c.call(reserve(id, "gpu", None));
+    }
+    let mut asker = d.client();
+    asker.send(
+        &json!({"op": "check", "labels": {"pool": "gpu"}, "model": "gpt-4o-mini",
+        "estimate": {"input_tokens": 10, "max_output_tokens": 10}, "wait_ms": 20_000}),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        asker.poll_recv().is_none(),
+        "answered while both slots were held"
+    );
+    // Another connection is not held up meanwhile.
+    let s = c.call(json!({"op": "status"}));
+    assert_eq!(s["ok"], json!(true));
+    c.call(release("h1"));
+    let a = asker.recv();
+    assert_eq!(a["decision"], json!("allow"), "{a}");
+    assert!(a["waited_ms"].as_u64().unwrap() >= 250, "{a}");
+    assert!(a.get("seq").is_none(), "a check appends nothing: {a}");
+    // Without a slot and with little time, a check says deny after waiting.
+    c.call(reserve("h3", "gpu", None));
+    let late = asker.call(json!({"op": "check", "labels": {"pool": "gpu"},
+        "model": "gpt-4o-mini", "estimate": {"input_tokens": 10, "max_output_tokens": 10},
+        "wait_ms": 200}));
+    assert_eq!(late["decision"], json!("deny"), "{late}");
+    assert!(late["waited_ms"].as_u64().unwrap() >= 200, "{late}");
+}
