@@ -92,6 +92,16 @@ pub fn table(a: &ReportAnswer, group_by: &[String]) -> String {
             a.total_rows
         ));
     }
+    for f in &a.subscriptions {
+        out.push_str(&format!(
+            "subscription {}: {} per {} × {} = {} in flat fees (not in COST)\n",
+            f.id,
+            usd(f.fee_micros),
+            f.fee_period,
+            f.periods,
+            usd(f.fee_total_micros)
+        ));
+    }
     out
 }
 

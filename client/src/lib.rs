@@ -18,6 +18,7 @@
 //!     usage: Usage { input_tokens: 1200, output_tokens: 300, ..Usage::default() },
 //!     occurred_at: None,
 //!     reported_cost_usd: None,
+//!     headers: None,
 //! })?;
 //! println!("cost {} micro-USD, state {:?}", answer.cost_micros, answer.state);
 //! # Ok(())

@@ -35,6 +35,16 @@ pub const MAX_RESERVATION_TTL_SECONDS: u64 = 86400;
 pub const DEFAULT_MAX_KEYS_PER_BUDGET: u64 = 100_000;
 /// Default number of buckets given per-bucket gauges on `/metrics` (SPEC §12).
 pub const DEFAULT_METRICS_MAX_BUCKETS: usize = 1000;
+/// `day`, `week` or `month`.
+pub fn calendar_unit_name(u: bursar_schemas::policy::CalendarUnit) -> &'static str {
+    use bursar_schemas::policy::CalendarUnit;
+    match u {
+        CalendarUnit::Day => "day",
+        CalendarUnit::Week => "week",
+        CalendarUnit::Month => "month",
+    }
+}
+
 /// `[daemon] max_waiters` by default.
 pub const DEFAULT_MAX_WAITERS: usize = 1024;
 /// Most `max_waiters` may ask for (each waiter is a request kept in memory).

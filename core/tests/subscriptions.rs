@@ -316,3 +316,36 @@ fn the_subscription_and_quota_examples_of_the_docs_are_valid_policies() {
     }
     assert!(seen >= 3, "the docs show subscriptions and a quota");
 }
+
+#[test]
+fn a_report_shows_each_plans_flat_fee_over_its_range_apart_from_the_calls_cost() {
+    let mut h = Harness::new(plan());
+    h.record("e1", pro(), "m", usage(100, 100));
+    let report = |h: &Harness, since: Option<&str>, until: &str| {
+        h.ledger
+            .report(
+                &ReportRequest {
+                    group_by: vec!["subscription".into()],
+                    every: Some("month".into()),
+                    timezone: None,
+                    since: since.map(String::from),
+                    until: Some(until.into()),
+                    labels: None,
+                },
+                h.now,
+            )
+            .unwrap()
+    };
+    // October 15 to December 5: three monthly fee periods overlap.
+    let r = report(&h, Some("2026-10-15T00:00:00Z"), "2026-12-05T00:00:00Z");
+    assert_eq!(r.subscriptions.len(), 1);
+    let fee = &r.subscriptions[0];
+    assert_eq!((fee.id.as_str(), fee.fee_period.as_str()), ("pro", "month"));
+    assert_eq!((fee.periods, fee.fee_total_micros), (3, 60_000_000));
+    // The plan's calls cost nothing per call: the fee is not in the rows.
+    assert_eq!(r.rows.iter().map(|row| row.cost_micros).sum::<i64>(), 0);
+    assert_eq!(r.rows[0].group["subscription"].as_deref(), Some("pro"));
+    // Without `since`, the range starts at the first usage (November 23): one period.
+    let r = report(&h, None, "2026-11-30T00:00:00Z");
+    assert_eq!(r.subscriptions[0].periods, 1);
+}

@@ -939,9 +939,29 @@ pub struct ReportAnswer {
     /// True when rows were left out.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// The flat fees of the policy's subscriptions over the report's range (SPEC §10): not in
+    /// the rows' cost, which is what calls cost per token. Absent without subscriptions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<SubscriptionFee>,
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,
+}
+
+/// A subscription's fee over a report's range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SubscriptionFee {
+    /// Subscription id.
+    pub id: String,
+    /// The fee per period, in micro-USD.
+    pub fee_micros: Micros,
+    /// `month`, `week` or `day`.
+    pub fee_period: String,
+    /// Fee periods that overlap the report's range (from `since`, or from the first usage the
+    /// rollups hold, to `until`).
+    pub periods: u64,
+    /// `fee_micros × periods`.
+    pub fee_total_micros: Micros,
 }
 
 /// Most rows a [`ReportAnswer`] carries.

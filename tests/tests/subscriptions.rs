@@ -79,4 +79,45 @@ fn a_subscription_carries_calls_for_free_until_its_allowance_runs_out_then_the_p
         "{}",
         human.stdout
     );
+
+    // Reports show the flat fee over their range, apart from what calls cost.
+    let r = d.cli_json(&[
+        "report",
+        "--by",
+        "subscription",
+        "--every",
+        "month",
+        "--since",
+        "1d",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(r["subscriptions"][0]["id"], json!("chat-pro"), "{r}");
+    assert_eq!(
+        r["subscriptions"][0]["fee_micros"],
+        json!(20_000_000),
+        "{r}"
+    );
+    assert!(
+        r["subscriptions"][0]["periods"].as_u64().unwrap() >= 1,
+        "{r}"
+    );
+    let table = d
+        .cli(&[
+            "report",
+            "--by",
+            "subscription",
+            "--every",
+            "month",
+            "--since",
+            "1d",
+        ])
+        .ok();
+    assert!(
+        table
+            .stdout
+            .contains("subscription chat-pro: $20.00 per month × 1 = $20.00"),
+        "{}",
+        table.stdout
+    );
 }

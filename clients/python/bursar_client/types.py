@@ -463,6 +463,9 @@ class ReportAnswer:
     rows: List[ReportRow]
     total_rows: int
     truncated: bool = False
+    subscriptions: List[Dict[str, Any]] = field(default_factory=list)
+    """Each subscription's flat fee over the range: ``{"id", "fee_micros", "fee_period",
+    "periods", "fee_total_micros"}`` (not in the rows' ``cost_micros``)."""
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

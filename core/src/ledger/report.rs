@@ -5,7 +5,7 @@ use super::Ledger;
 use crate::labels::parse_scope_key;
 use crate::time::format_ts;
 use crate::window::{window_bounds, Amounts};
-use bursar_schemas::policy::{CalendarUnit, ResolvedBudget, WindowSpec};
+use bursar_schemas::policy::{ResolvedBudget, WindowSpec};
 use bursar_schemas::wire::{
     BucketState, BudgetReport, ErrorCode, StatusAnswer, StatusRequest, SubscriptionReport,
     WireError,
@@ -344,12 +344,7 @@ impl Ledger {
                 SubscriptionReport {
                     id: s.id.clone(),
                     fee_micros: s.fee_micros,
-                    fee_period: match s.fee_period {
-                        CalendarUnit::Day => "day",
-                        CalendarUnit::Week => "week",
-                        CalendarUnit::Month => "month",
-                    }
-                    .to_string(),
+                    fee_period: crate::policy::calendar_unit_name(s.fee_period).to_string(),
                     period_start: format_ts(start),
                     period_end: end.map(format_ts).unwrap_or_default(),
                     allowances: s.allowances.clone(),

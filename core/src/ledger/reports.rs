@@ -4,6 +4,7 @@
 use super::rollup::{Cell, SLOT_SECONDS};
 use super::Ledger;
 use bursar_schemas::policy::CalendarUnit;
+use bursar_schemas::policy::WindowSpec;
 use bursar_schemas::wire::{ReportAnswer, ReportRequest, ReportRow, WireError, REPORT_MAX_ROWS};
 use bursar_schemas::TsMicros;
 use std::collections::HashMap;
@@ -220,6 +221,15 @@ impl Ledger {
                 });
             }
         }
+        // The range the fees cover: from `since`, or from the first usage there is.
+        let from = if since == TsMicros::MIN {
+            self.rollups
+                .cells_by_set()
+                .next()
+                .map(|(slot, _, _)| slot.saturating_mul(1_000_000))
+        } else {
+            Some(since)
+        };
         Ok(ReportAnswer {
             ok: true,
             every: every_name.to_string(),
@@ -227,7 +237,56 @@ impl Ledger {
             truncated: total_rows > rows.len() as u64,
             rows,
             total_rows,
+            subscriptions: self.subscription_fees(from, until),
             req: None,
         })
+    }
+
+    /// Each subscription's flat fee over `[from, until)`: the fee periods (calendar, in its
+    /// time zone) that overlap it.
+    pub fn subscription_fees(
+        &self,
+        from: Option<TsMicros>,
+        until: TsMicros,
+    ) -> Vec<bursar_schemas::wire::SubscriptionFee> {
+        /// Most periods counted (a century of days).
+        const MAX_PERIODS: u64 = 36_600;
+        let Some(policy) = &self.policy else {
+            return Vec::new();
+        };
+        policy
+            .subscriptions
+            .iter()
+            .map(|s| {
+                let spec = s.timezone.as_ref().map_or(
+                    WindowSpec::Calendar {
+                        unit: s.fee_period,
+                        utc_offset_seconds: 0,
+                    },
+                    |timezone| WindowSpec::CalendarZone {
+                        unit: s.fee_period,
+                        timezone: timezone.clone(),
+                    },
+                );
+                let mut periods = 0u64;
+                let mut t = from.unwrap_or(until);
+                while t < until && periods < MAX_PERIODS {
+                    periods += 1;
+                    match crate::window::window_bounds(&spec, t).1 {
+                        Some(end) if end > t => t = end,
+                        _ => break,
+                    }
+                }
+                bursar_schemas::wire::SubscriptionFee {
+                    id: s.id.clone(),
+                    fee_micros: s.fee_micros,
+                    fee_period: crate::policy::calendar_unit_name(s.fee_period).to_string(),
+                    periods,
+                    fee_total_micros: s
+                        .fee_micros
+                        .saturating_mul(i64::try_from(periods).unwrap_or(i64::MAX)),
+                }
+            })
+            .collect()
     }
 }
