@@ -502,8 +502,9 @@ impl Writer {
                             }
                         }
                         let wait = waiters::wait_of(&cmd);
-                        if wait.is_some() && !self.waiters.is_empty() {
-                            // Those in line first: time may have freed what they wait for.
+                        if matches!(cmd, WriteCmd::Reserve(_)) && !self.waiters.is_empty() {
+                            // Those in line first: time may have freed what they wait for, and
+                            // a later reserve must not take it from them.
                             self.retry_waiters(&mut batch, false);
                         }
                         let may_wait = wait.is_some_and(|w| !w.is_zero());
