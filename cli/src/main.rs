@@ -1818,10 +1818,18 @@ fn policy_warnings(r: &bursar_schemas::policy::ResolvedPolicy) -> Vec<(String, S
 }
 
 fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
-    match bursard::config::load_policy_file(file) {
+    match bursard::config::parse_policy_file(file) {
         Ok(p) => {
             let r = &p.resolved;
-            let warnings = policy_warnings(r);
+            let mut warnings = policy_warnings(r);
+            if p.cluster.is_some() {
+                warnings.push((
+                    "cluster".to_string(),
+                    "valid for cluster mode (every budget lies within one partition), but this \
+                     build of bursard runs single-host only and refuses to start with [cluster]"
+                        .to_string(),
+                ));
+            }
             if json {
                 return json_line(
                     out,
@@ -1883,6 +1891,7 @@ fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
                 .collect::<Vec<_>>()
                 .join("\nbursar: ")))
         }
+        Err(e @ bursard::config::ConfigError::ClusterUnavailable { .. }) => Err(msg(e.to_string())),
         Err(bursard::config::ConfigError::Read { path, source }) => Err(msg(format!(
             "cannot read {path}: {}",
             bursar_cli::os_message(&source)
@@ -1963,7 +1972,7 @@ fn policy_show(source: &Source, prices: bool, json: bool, out: &mut dyn Write) -
 /// `policy_applied`, from the daemon or a data dir), with the models of its price table.
 fn tiers(source: &Source, a: &TiersArgs, json: bool, out: &mut dyn Write) -> Res<u8> {
     let (policy, from) = match &a.config {
-        Some(file) => match bursard::config::load_policy_file(file) {
+        Some(file) => match bursard::config::parse_policy_file(file) {
             Ok(p) => (p.resolved, file.display().to_string()),
             Err(bursard::config::ConfigError::Invalid(errs)) => {
                 return Err(msg(errs
@@ -1971,6 +1980,9 @@ fn tiers(source: &Source, a: &TiersArgs, json: bool, out: &mut dyn Write) -> Res
                     .map(|e| e.to_string())
                     .collect::<Vec<_>>()
                     .join("\nbursar: ")))
+            }
+            Err(e @ bursard::config::ConfigError::ClusterUnavailable { .. }) => {
+                return Err(msg(e.to_string()))
             }
             Err(bursard::config::ConfigError::Read { path, source }) => {
                 return Err(msg(format!(

@@ -16,10 +16,11 @@
 use crate::money::{self, MoneyError};
 use crate::pricing::{self, apply_section, builtin_table, import_litellm};
 use bursar_schemas::policy::{
-    BudgetSection, CalendarUnit, DaemonSection, Dollars, Enforce, PolicyFile, PricingSection,
-    QuotaSection, ResolvedBudget, ResolvedPolicy, ResolvedQuota, ResolvedSubscription,
-    ResolvedTierCap, ResolvedTiers, SubscriptionSection, TierDef, TierDefSection, TierOrigin,
-    TierPriceRange, TiersSection, UnknownModels, WindowSpec, ALLOWANCE_ID_PREFIX, QUOTA_ID_PREFIX,
+    BudgetSection, CalendarUnit, ClusterSection, DaemonSection, Dollars, Enforce, PolicyFile,
+    PricingSection, QuotaSection, ResolvedBudget, ResolvedPolicy, ResolvedQuota,
+    ResolvedSubscription, ResolvedTierCap, ResolvedTiers, SubscriptionSection, TierDef,
+    TierDefSection, TierOrigin, TierPriceRange, TiersSection, UnknownModels, WindowSpec,
+    ALLOWANCE_ID_PREFIX, QUOTA_ID_PREFIX,
 };
 use bursar_schemas::pricing::PriceTable;
 use std::collections::{BTreeMap, BTreeSet};
@@ -142,10 +143,159 @@ pub struct LoadedPolicy {
     pub resolved: ResolvedPolicy,
     /// Where and how the daemon runs.
     pub daemon: DaemonSettings,
+    /// `[cluster]`, when the file has it (SPEC §13).
+    pub cluster: Option<ClusterSettings>,
     /// File name, or `"embedded default"`.
     pub source: String,
     /// BLAKE3 hex of the file's text.
     pub source_hash: String,
+}
+
+/// `[cluster]`, checked (SPEC §13).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// NATS server URLs.
+    pub nats: Vec<String>,
+    /// This daemon's name.
+    pub node: String,
+    /// The label whose value picks a partition.
+    pub partition_by: String,
+    /// Partitions.
+    pub partitions: u32,
+    /// JetStream replicas per stream.
+    pub replicas: u32,
+    /// Stream name prefix.
+    pub stream_prefix: String,
+}
+
+/// Most partitions a cluster may have.
+pub const MAX_PARTITIONS: u32 = 256;
+/// Most JetStream replicas of a stream (JetStream's own limit).
+pub const MAX_REPLICAS: u32 = 5;
+
+/// `[cluster]` checked key by key.
+fn resolve_cluster(c: &ClusterSection, issues: &mut Issues) -> Option<ClusterSettings> {
+    let at = |key: &str| vec![k("cluster"), k(key)];
+    let before = issues.0.len();
+    if c.nats.is_empty() {
+        issues.push(
+            at("nats"),
+            "give at least one NATS server URL (nats://host:4222)",
+        );
+    }
+    for (i, url) in c.nats.iter().enumerate() {
+        let host = ["nats://", "tls://", "ws://", "wss://"]
+            .iter()
+            .find_map(|scheme| url.strip_prefix(scheme));
+        if !host.is_some_and(|h| !h.is_empty() && !h.contains(char::is_whitespace)) {
+            issues.push(
+                with(&at("nats"), Seg::Index(i)),
+                format!("{url:?} is not a NATS URL (nats://host:port, tls://, ws:// or wss://)"),
+            );
+        }
+    }
+    let name_ok = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+    if !name_ok(&c.node, 64) {
+        issues.push(
+            at("node"),
+            format!(
+                "{:?} is not a node name (1 to 64 of A-Z a-z 0-9 _ -)",
+                c.node
+            ),
+        );
+    }
+    if !crate::labels::is_valid_label_key(&c.partition_by) {
+        issues.push(
+            at("partition_by"),
+            format!(
+                "{:?} is not a label key ([a-z][a-z0-9_.-]{{0,63}})",
+                c.partition_by
+            ),
+        );
+    } else if crate::labels::RESERVED_LABELS.contains(&c.partition_by.as_str()) {
+        issues.push(
+            at("partition_by"),
+            format!(
+                "{:?} is derived by the daemon and may differ between a call's candidates: \
+                 partition by a label agents send (e.g. org)",
+                c.partition_by
+            ),
+        );
+    }
+    if !(1..=MAX_PARTITIONS).contains(&c.partitions) {
+        issues.push(
+            at("partitions"),
+            format!(
+                "must be between 1 and {MAX_PARTITIONS}, got {}",
+                c.partitions
+            ),
+        );
+    }
+    let replicas = c.replicas.unwrap_or(3);
+    if !(1..=MAX_REPLICAS).contains(&replicas) {
+        issues.push(
+            at("replicas"),
+            format!("must be between 1 and {MAX_REPLICAS} (JetStream's limit), got {replicas}"),
+        );
+    }
+    let prefix = c.stream_prefix.clone().unwrap_or_else(|| "bursar".into());
+    if !name_ok(&prefix, 32) {
+        issues.push(
+            at("stream_prefix"),
+            format!("{prefix:?} is not a stream name prefix (1 to 32 of A-Z a-z 0-9 _ -)"),
+        );
+    }
+    (issues.0.len() == before).then(|| ClusterSettings {
+        nats: c.nats.clone(),
+        node: c.node.clone(),
+        partition_by: c.partition_by.clone(),
+        partitions: c.partitions,
+        replicas,
+        stream_prefix: prefix,
+    })
+}
+
+/// In cluster mode every budget lies within one partition (SPEC §13): its `match` pins
+/// `partition_by` or its `group_by` contains it; so do subscriptions (their allowances are
+/// budgets) and quotas (their calls must all reach one partition's writer).
+fn check_partitions(raw: &PolicyFile, budgets: &[ResolvedBudget], by: &str, issues: &mut Issues) {
+    let within = |m: &BTreeMap<String, String>, group_by: &[String]| {
+        m.get(by).is_some_and(|v| v != "*") || group_by.iter().any(|g| g == by)
+    };
+    let why = |what: &str, id: &str| {
+        format!(
+            "in cluster mode every {what} must lie within one partition: its `match` must pin \
+             `{by}` (the cluster's partition_by) or its `group_by` contain it; {what} {id:?} would \
+             span partitions, and no single writer could keep its limits (SPEC §13)"
+        )
+    };
+    for (i, b) in raw.budget.iter().enumerate() {
+        let resolved = budgets.iter().find(|r| r.id == b.id);
+        if resolved.is_some_and(|r| !within(&r.match_labels, &r.group_by)) {
+            issues.push(vec![k("budget"), Seg::Index(i)], why("budget", &b.id));
+        }
+    }
+    for (i, sub) in raw.subscription.iter().enumerate() {
+        if !within(&sub.match_labels, &sub.group_by) {
+            issues.push(
+                vec![k("subscription"), Seg::Index(i), k("match")],
+                why("subscription", &sub.id),
+            );
+        }
+    }
+    for (i, q) in raw.quota.iter().enumerate() {
+        if !within(&q.match_labels, &[]) {
+            issues.push(
+                vec![k("quota"), Seg::Index(i), k("match")],
+                why("quota", &q.id),
+            );
+        }
+    }
 }
 
 /// The default policy (SPEC §8): built-in prices and one meter per model per day.
@@ -182,6 +332,7 @@ pub fn default_policy() -> LoadedPolicy {
     LoadedPolicy {
         resolved,
         daemon: DaemonSettings::default(),
+        cluster: None,
         source: EMBEDDED_DEFAULT_SOURCE.to_string(),
         source_hash: blake3::hash(&canonical).to_hex().to_string(),
     }
@@ -259,9 +410,10 @@ pub fn parse_policy(
         return Err(errors);
     }
     match resolved {
-        Some((resolved, daemon)) if issues.0.is_empty() => Ok(LoadedPolicy {
+        Some((resolved, daemon, cluster)) if issues.0.is_empty() => Ok(LoadedPolicy {
             resolved,
             daemon,
+            cluster,
             source: file.to_string(),
             source_hash: blake3::hash(text.as_bytes()).to_hex().to_string(),
         }),
@@ -1003,7 +1155,7 @@ fn resolve(
     raw: &PolicyFile,
     read_import: &dyn Fn(&str) -> Result<String, String>,
     issues: &mut Issues,
-) -> Option<(ResolvedPolicy, DaemonSettings)> {
+) -> Option<(ResolvedPolicy, DaemonSettings, Option<ClusterSettings>)> {
     let (daemon, ttl, max_keys, id_window, unknown_models) = resolve_daemon(&raw.daemon, issues);
     let pricing = resolve_pricing(&raw.pricing, &builtin_table(), read_import, issues);
     let tiers = resolve_tiers(raw.tiers.as_ref(), issues);
@@ -1042,6 +1194,13 @@ fn resolve(
     }
     let subscriptions = resolve_subscriptions(&raw.subscription, &mut budgets, issues);
     let quotas = resolve_quotas(&raw.quota, &mut budgets, issues);
+    let cluster = raw
+        .cluster
+        .as_ref()
+        .and_then(|c| resolve_cluster(c, issues));
+    if let Some(c) = &cluster {
+        check_partitions(raw, &budgets, &c.partition_by, issues);
+    }
     if !issues.0.is_empty() {
         return None;
     }
@@ -1059,6 +1218,7 @@ fn resolve(
             quotas,
         },
         daemon,
+        cluster,
     ))
 }
 

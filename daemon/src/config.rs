@@ -41,6 +41,16 @@ pub enum ConfigError {
     /// The file is invalid.
     #[error("{}", invalid_text(.0))]
     Invalid(Vec<PolicyError>),
+    /// The file asks for cluster mode, which this build does not run yet.
+    #[error(
+        "{path}: [cluster] is set, but this bursard runs single-host only: cluster mode (SPEC \
+         §13) is not available in this build yet. Remove [cluster] to run this host on its own \
+         (its budgets are then not shared with other hosts)"
+    )]
+    ClusterUnavailable {
+        /// The file.
+        path: String,
+    },
 }
 
 /// `invalid config: <the error>`, or a count and one error per line.
@@ -59,7 +69,7 @@ fn invalid_text(errors: &[PolicyError]) -> String {
 }
 
 /// Read and validate a policy file. Imports are resolved relative to the file's directory.
-pub fn load_policy_file(path: &Path) -> Result<LoadedPolicy, ConfigError> {
+pub fn parse_policy_file(path: &Path) -> Result<LoadedPolicy, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.display().to_string(),
         source,
@@ -74,6 +84,20 @@ pub fn load_policy_file(path: &Path) -> Result<LoadedPolicy, ConfigError> {
         std::fs::read_to_string(&full).map_err(|e| format!("cannot read {}: {e}", full.display()))
     };
     parse_policy(&text, &path.display().to_string(), &read_import).map_err(ConfigError::Invalid)
+}
+
+/// [`parse_policy_file`] for a daemon to run: a file with `[cluster]` is refused (this build
+/// runs single-host only).
+pub fn load_policy_file(path: &Path) -> Result<LoadedPolicy, ConfigError> {
+    let loaded = parse_policy_file(path)?;
+    if loaded.cluster.is_some() {
+        // Never run a file meant for a cluster as an island: its budgets would silently not be
+        // shared.
+        return Err(ConfigError::ClusterUnavailable {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(loaded)
 }
 
 /// The uid this process runs as.

@@ -46,6 +46,27 @@ pub struct PolicyFile {
     /// `[[quota]]`: a provider's rate limits for one key or account (SPEC §10).
     #[serde(default)]
     pub quota: Vec<QuotaSection>,
+    /// `[cluster]`: run as one node of a cluster sharing its log through NATS JetStream
+    /// (SPEC §13).
+    pub cluster: Option<ClusterSection>,
+}
+
+/// `[cluster]` (SPEC §13).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// NATS server URLs (`nats://host:port`, also `tls://`, `ws://`, `wss://`).
+    pub nats: Vec<String>,
+    /// This daemon's name, unique in the cluster.
+    pub node: String,
+    /// The label whose value picks a partition.
+    pub partition_by: String,
+    /// Partitions (fixed when the cluster's streams are created).
+    pub partitions: u32,
+    /// JetStream replicas of each partition's stream (default 3).
+    pub replicas: Option<u32>,
+    /// Stream names are `<stream_prefix>-p0` .. (default `bursar`).
+    pub stream_prefix: Option<String>,
 }
 
 /// `[[quota]]`.

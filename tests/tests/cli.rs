@@ -2,7 +2,7 @@
 //! export formats, replay figures, policy files.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_tests::{bursar, bursar_command, Daemon};
+use bursar_tests::{bin, bursar, bursar_command, Daemon};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -1727,4 +1727,58 @@ fn status_json_carries_the_tiers_of_the_policy_in_force() {
         .map(|t| t["id"].clone())
         .collect();
     assert_eq!(ids, ["low", "medium", "high", "premium", "default"]);
+}
+
+#[test]
+fn policy_check_refuses_budgets_spanning_partitions_in_cluster_mode_and_bursard_will_not_run_a_cluster_file_alone(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = "[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\nnode = \"a\"\npartition_by = \"org\"\npartitions = 2\n";
+    let spanning = dir.path().join("spanning.toml");
+    std::fs::write(
+        &spanning,
+        format!("{cluster}\n[[budget]]\nid = \"everyone\"\nmax_usd = 100\n"),
+    )
+    .unwrap();
+    let out = bursar(&["policy", "check", spanning.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(":7: budget[0]: in cluster mode every budget must lie within one partition"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("pin `org`"), "{}", out.stderr);
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!("{cluster}\n[[budget]]\nid = \"per-org\"\ngroup_by = [\"org\"]\nmax_usd = 100\n"),
+    )
+    .unwrap();
+    let out = bursar(&["policy", "check", good.to_str().unwrap()]).ok();
+    assert!(out.stdout.contains(": ok ("), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("cluster: valid for cluster mode"),
+        "{}",
+        out.stderr
+    );
+    // The daemon refuses to run it as an island, with one clear line, and writes nothing.
+    let data = dir.path().join("data");
+    let run = std::process::Command::new(bin("bursard"))
+        .arg("--config")
+        .arg(&good)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    // Exit 2, like every configuration the daemon refuses.
+    assert_eq!(run.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("runs single-host only"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!data.exists(), "a refused daemon created its data dir");
 }
