@@ -467,12 +467,13 @@ impl Writer {
             let now = (self.clock)();
             if !poisoned {
                 let expired = write_ledger(&shared).reap(now);
+                if !expired.is_empty() {
+                    self.waiters.changed();
+                }
                 for (seq, ts, body) in expired {
                     self.seal(&mut batch, seq, ts, self.own, &body);
                 }
-                if !self.waiters.is_empty() {
-                    self.retry_waiters(&mut batch, false);
-                }
+                self.maybe_retry_waiters(&mut batch);
             } else if !self.waiters.is_empty() {
                 for w in self.waiters.take() {
                     let _ = w.reply.send(Outcome::Answer(unavailable()));
@@ -502,10 +503,10 @@ impl Writer {
                             }
                         }
                         let wait = waiters::wait_of(&cmd);
-                        if matches!(cmd, WriteCmd::Reserve(_)) && !self.waiters.is_empty() {
-                            // Those in line first: time may have freed what they wait for, and
-                            // a later reserve must not take it from them.
-                            self.retry_waiters(&mut batch, false);
+                        if matches!(cmd, WriteCmd::Reserve(_)) {
+                            // Those in line first: a later reserve must not take what was
+                            // freed for them.
+                            self.maybe_retry_waiters(&mut batch);
                         }
                         let may_wait = wait.is_some_and(|w| !w.is_zero());
                         let frees = frees_capacity(&cmd);
@@ -516,8 +517,8 @@ impl Writer {
                             Some(outcome) => batch.replies.push(Replier::Answer(reply, outcome)),
                             None => self.park(cmd, digest, actor, reply, wait),
                         }
-                        if frees && !self.waiters.is_empty() {
-                            self.retry_waiters(&mut batch, false);
+                        if frees {
+                            self.waiters.changed();
                         }
                     }
                     Job::Reload {
@@ -534,9 +535,7 @@ impl Writer {
                             batch.replies.push(Replier::Line(r, line, echo));
                         }
                         // Another policy may let waiters through.
-                        if !poisoned && !self.waiters.is_empty() {
-                            self.retry_waiters(&mut batch, false);
-                        }
+                        self.waiters.changed();
                     }
                     Job::Replay {
                         request,
@@ -558,6 +557,10 @@ impl Writer {
                     }
                 }
             }
+        }
+        if !poisoned {
+            // Whatever this batch freed goes to the line before its answers leave.
+            self.maybe_retry_waiters(&mut batch);
         }
         if batch.sealed.is_empty() {
             batch.answer();
@@ -660,6 +663,15 @@ impl Writer {
             .store(self.waiters.len(), Ordering::Relaxed);
     }
 
+    /// [`Writer::retry_waiters`] when something may have freed capacity since the last time
+    /// (a commit, release, expiry, observation or policy change), when a tick has passed
+    /// (rolling windows slide, observations reset), or when a waiter's time is up.
+    fn maybe_retry_waiters(&mut self, batch: &mut Batch) {
+        if self.waiters.due(std::time::Instant::now()) {
+            self.retry_waiters(batch, false);
+        }
+    }
+
     /// Decide every waiter again, in arrival order: those that fit now (or whose time is up, or
     /// all of them with `last`) are answered with this batch; the others keep their place.
     fn retry_waiters(&mut self, batch: &mut Batch, last: bool) {
@@ -681,6 +693,7 @@ impl Writer {
                 None => self.waiters.push(w),
             }
         }
+        self.waiters.retried(now);
         self.shared
             .waiting
             .store(self.waiters.len(), Ordering::Relaxed);

@@ -4,12 +4,13 @@
 //!
 //! The line lives here, on the writer's side, not in core (core only says "this would wait",
 //! [`bursar_core::ledger::Reply::Wait`]) and never blocks the writer: a waiter is a parked
-//! request that the writer decides again, in arrival order, whenever capacity may have freed
-//! — right after a job that ends a hold, after expiries, after a policy change or an
-//! observation, and at least every [`RETRY_EVERY`] while anyone waits (rolling windows slide,
-//! observations reset) — and always before the next new request is decided. So a request that
-//! arrives later cannot take capacity a waiter fits in: first come, first served per bucket.
-//! At its deadline a waiter is decided a last time as a plain `reserve` (its deny appended).
+//! request that the writer decides again, in arrival order, after anything that may have freed
+//! capacity — a job that ends a hold, expiries, a policy change or an observation: before the
+//! next `reserve` is decided and before the batch's answers leave — and on a tick for what
+//! frees with time (rolling windows slide, observations reset; [`RETRY_EVERY`], longer for a
+//! long line). So a request that arrives later cannot take what a commit or release freed for
+//! a waiter: first come, first served per bucket. At its deadline a waiter is decided a last
+//! time as a plain `reserve` (its deny appended).
 
 use super::{Outcome, WriteCmd, WriteReply};
 use bursar_schemas::event::Actor;
@@ -47,7 +48,15 @@ impl Waiter {
 #[derive(Default)]
 pub(super) struct Waiters {
     line: VecDeque<Waiter>,
+    /// Something may have freed capacity since the line was last decided.
+    changed: bool,
+    /// When the line was last decided.
+    last: Option<Instant>,
 }
+
+/// Deciding the line again costs one decision per waiter (a few µs): the tick grows with the
+/// line so that a long line waiting on slow frees keeps the writer mostly free.
+const RETRY_PER_WAITER: Duration = Duration::from_micros(10);
 
 impl Waiters {
     /// Waiters now.
@@ -71,13 +80,43 @@ impl Waiters {
         std::mem::take(&mut self.line)
     }
 
+    /// Something may have freed capacity (the line is decided again before the next reserve).
+    pub(super) fn changed(&mut self) {
+        self.changed = true;
+    }
+
+    /// The line was decided at `at`.
+    pub(super) fn retried(&mut self, at: Instant) {
+        self.changed = false;
+        self.last = Some(at);
+    }
+
+    /// How often the line is decided again when nothing else happens.
+    fn tick(&self) -> Duration {
+        RETRY_EVERY.max(
+            RETRY_PER_WAITER.saturating_mul(u32::try_from(self.line.len()).unwrap_or(u32::MAX)),
+        )
+    }
+
+    /// True when the line should be decided again now.
+    pub(super) fn due(&self, now: Instant) -> bool {
+        if self.line.is_empty() {
+            return false;
+        }
+        self.changed
+            || self
+                .last
+                .is_none_or(|l| now.saturating_duration_since(l) >= self.tick())
+            || self.line.iter().any(|w| w.deadline <= now)
+    }
+
     /// How long the writer may sleep before a waiter needs deciding again.
     pub(super) fn sleep_for(&self, now: Instant) -> Option<Duration> {
         let first_deadline = self.line.iter().map(|w| w.deadline).min()?;
         Some(
             first_deadline
                 .saturating_duration_since(now)
-                .min(RETRY_EVERY),
+                .min(self.tick()),
         )
     }
 }
