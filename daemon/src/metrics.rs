@@ -199,6 +199,29 @@ impl Metrics {
             )
         };
         gauge(
+            "waiting_requests",
+            "Reserves waiting in line now (wait_ms, SPEC §10).",
+            saturate(shared.waiting.load(Ordering::Relaxed) as u64),
+        )?;
+        if let Ok(status) = &status {
+            let remaining = IntGaugeVec::new(
+                Opts::new(
+                    "quota_remaining",
+                    "What a provider's observed limit still allows until its reset (SPEC §10): \
+                     the observed remaining less the usage and holds since.",
+                ),
+                &["quota", "limit"],
+            )?;
+            r.register(Box::new(remaining.clone()))?;
+            for q in &status.quotas {
+                for l in &q.limits {
+                    remaining
+                        .with_label_values(&[q.id.as_str(), l.limit.as_str()])
+                        .set(saturate(l.remaining));
+                }
+            }
+        }
+        gauge(
             "writer_poisoned",
             "1 when the log could not be written and writes are refused (fail closed).",
             i64::from(shared.poisoned.load(Ordering::SeqCst)),

@@ -20,6 +20,16 @@ match = { session = "*" }
 group_by = ["session"]
 window = "cumulative"
 max_usd = 1
+
+[[budget]]
+id = "gpu"
+match = { pool = "gpu" }
+max_concurrent = 1
+
+[[quota]]
+id = "openai-prod"
+provider = "openai"
+match = { account = "prod" }
 "#;
 
 /// The address the daemon says it serves metrics on (it binds port 0 here).
@@ -243,6 +253,10 @@ fn promtool_accepts_a_scrape_and_the_example_alerting_rules() {
         1_000_000,
         10,
     ));
+    c.call(
+        json!({"op": "observe", "provider": "openai", "labels": {"account": "prod"},
+        "headers": {"x-ratelimit-remaining-requests": "7", "x-ratelimit-reset-requests": "1h"}}),
+    );
     let text = scrape(&addr);
     let mut child = Command::new(promtool)
         .args(["check", "metrics"])
@@ -287,4 +301,51 @@ fn promtool_accepts_a_scrape_and_the_example_alerting_rules() {
         let family = metric.trim_end_matches("_bucket");
         assert!(text.contains(family), "{family} in a scrape");
     }
+}
+
+#[test]
+fn a_scrape_shows_the_waiting_line_and_what_each_quota_has_left() {
+    let d = Daemon::start_with_config(POLICY);
+    let addr = metrics_addr(&d);
+    let mut c = d.client();
+    let o = c.call(
+        json!({"op": "observe", "provider": "openai", "labels": {"account": "prod"},
+        "headers": {"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "1h"}}),
+    );
+    assert_eq!(o["quotas"], json!(["openai-prod"]), "{o}");
+    let gpu = |id: &str, wait: u64| {
+        json!({"op": "reserve", "reservation_id": id, "labels": {"pool": "gpu", "account": "prod"},
+            "model": "gpt-4o-mini", "estimate": {"input_tokens": 10, "max_output_tokens": 10},
+            "wait_ms": wait})
+    };
+    assert_eq!(c.call(gpu("g1", 0))["decision"], json!("allow"));
+    let mut waiter = d.client();
+    waiter.send(&gpu("g2", 20_000));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = scrape(&addr);
+        if sample(&text, "bursar_waiting_requests") == Some(1.0)
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(
+        sample(&text, "bursar_waiting_requests"),
+        Some(1.0),
+        "{text}"
+    );
+    // Five requests left, one held by g1.
+    assert_eq!(
+        sample(
+            &text,
+            "bursar_quota_remaining{limit=\"requests\",quota=\"openai-prod\"}"
+        ),
+        Some(4.0),
+        "{text}"
+    );
+    c.call(json!({"op": "release", "reservation_id": "g1"}));
+    assert_eq!(waiter.recv()["decision"], json!("allow"));
+    assert_eq!(sample(&scrape(&addr), "bursar_waiting_requests"), Some(0.0));
 }
