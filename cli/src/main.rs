@@ -191,6 +191,10 @@ struct CallArgs {
     /// A capability every candidate must have (repeatable), e.g. --require tools.
     #[arg(long = "require", value_name = "CAPABILITY")]
     require: Vec<String>,
+    /// Wait in line up to this many milliseconds (at most 60000) when only limits that free up
+    /// by themselves stand in the way (a max_concurrent slot, a rolling window, a quota).
+    #[arg(long, value_name = "MS")]
+    wait_ms: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -580,7 +584,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
                 estimate: estimate(&a.call),
                 candidates: candidates(&a.call),
                 require: require(&a.call),
-                wait_ms: None,
+                wait_ms: a.call.wait_ms,
             };
             let v = c.call_raw(&Request::Check(req))?;
             decision_out(None, v, json, out)
@@ -599,7 +603,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
                 ttl_seconds: a.ttl_seconds,
                 candidates: candidates(&a.call),
                 require: require(&a.call),
-                wait_ms: None,
+                wait_ms: a.call.wait_ms,
             };
             let v = c.call_raw(&Request::Reserve(req))?;
             decision_out(Some(&rid), v, json, out)

@@ -344,6 +344,9 @@ pub fn decision_answer(reservation_id: Option<&str>, a: &DecisionAnswer, now: Ts
     if let Some(m) = a.max_output_tokens {
         out.push_str(&format!(" (max_output_tokens {m})"));
     }
+    if let Some(w) = a.waited_ms.filter(|w| *w > 0) {
+        out.push_str(&format!(", after waiting in line {w} ms"));
+    }
     out.push('\n');
     if let Some(rid) = reservation_id {
         match (&a.expires_at, a.decision) {

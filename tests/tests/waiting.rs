@@ -233,3 +233,66 @@ fn a_check_with_wait_ms_waits_for_a_release_and_appends_nothing() {
     assert_eq!(late["decision"], json!("deny"), "{late}");
     assert!(late["waited_ms"].as_u64().unwrap() >= 200, "{late}");
 }
+
+#[test]
+fn bursar_reserve_with_wait_ms_waits_for_a_slot_and_says_how_long() {
+    let d = Daemon::start_with_config(POLICY);
+    let mut c = d.client();
+    for id in ["h1", "h2"] {
+        c.call(reserve(id, "gpu", None));
+    }
+    let socket = d.socket.to_str().unwrap().to_string();
+    let cli = std::thread::spawn(move || {
+        bursar_tests::bursar_command(&[
+            "--socket",
+            &socket,
+            "reserve",
+            "--label",
+            "pool=gpu",
+            "--model",
+            "gpt-4o-mini",
+            "--input-tokens",
+            "10",
+            "--max-output-tokens",
+            "10",
+            "--wait-ms",
+            "20000",
+        ])
+        .output()
+        .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    c.call(release("h1"));
+    let out = cli.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("after waiting in line"), "{stdout}");
+}
+
+#[test]
+fn a_stopping_daemon_decides_its_waiters_before_it_exits() {
+    let mut d = Daemon::start_with_config(POLICY);
+    let mut c = d.client();
+    for id in ["h1", "h2"] {
+        c.call(reserve(id, "gpu", None));
+    }
+    let mut w = d.client();
+    w.send(&reserve("waiting", "gpu", Some(30_000)));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(w.poll_recv().is_none());
+    let started = Instant::now();
+    assert!(d.terminate().success());
+    // Answered (denied: both slots are still held), not left hanging until its 30 s are up.
+    let a = w.recv();
+    assert_eq!(a["decision"], json!("deny"), "{a}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The deny is in the log.
+    let events = d.offline(&["--json", "export"]).ok().json_lines();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == json!("reservation_denied")
+                && e["body"]["reservation_denied"]["reservation_id"] == json!("waiting")),
+        "{events:?}"
+    );
+}
