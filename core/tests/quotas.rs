@@ -456,6 +456,28 @@ fn observe_mistakes_are_errors_naming_the_field() {
     let e = error(h.run(Command::Observe(&too_many)));
     assert_eq!(e.field.as_deref(), Some("quota.requests.remaining"));
 
+    // A reset years ahead would bind the quota for good: refused, or ignored in headers.
+    let mut forever = observe_req("acme", "prod");
+    forever.quota = Some(ObservedQuota {
+        requests: Some(ObservedWindow {
+            limit: None,
+            remaining: 0,
+            reset_at: "2099-01-01T00:00:00Z".into(),
+        }),
+        ..ObservedQuota::default()
+    });
+    let e = error(h.run(Command::Observe(&forever)));
+    assert_eq!(e.field.as_deref(), Some("quota.requests.reset_at"));
+    let mut far = observe_req("acme", "prod");
+    far.headers = Some(headers(&[
+        ("anthropic-ratelimit-requests-remaining", "0"),
+        ("anthropic-ratelimit-requests-reset", "2099-01-01T00:00:00Z"),
+    ]));
+    let a = observe(&mut h, &far);
+    assert!(a.observed.requests.is_none(), "{a:?}");
+    assert_eq!(a.ignored[0].header, "requests reset", "{a:?}");
+    assert!(a.quotas.is_empty());
+
     let mut nobody = observe_req("nobody", "prod");
     nobody.quota = Some(ObservedQuota::default());
     let e = error(h.run(Command::Observe(&nobody)));

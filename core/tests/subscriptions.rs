@@ -336,12 +336,18 @@ fn a_report_shows_each_plans_flat_fee_over_its_range_apart_from_the_calls_cost()
             )
             .unwrap()
     };
-    // October 15 to December 5: three monthly fee periods overlap.
+    // Since October 15, until December 5: the fee counts from the first usage (November 23),
+    // so the November and December periods.
     let r = report(&h, Some("2026-10-15T00:00:00Z"), "2026-12-05T00:00:00Z");
     assert_eq!(r.subscriptions.len(), 1);
     let fee = &r.subscriptions[0];
     assert_eq!((fee.id.as_str(), fee.fee_period.as_str()), ("pro", "month"));
-    assert_eq!((fee.periods, fee.fee_total_micros), (3, 60_000_000));
+    assert_eq!((fee.periods, fee.fee_total_micros), (2, 40_000_000));
+    let december = report(&h, Some("2026-12-01T00:00:00Z"), "2026-12-05T00:00:00Z");
+    assert_eq!(
+        december.subscriptions[0].periods, 1,
+        "since December 1: only December"
+    );
     // The plan's calls cost nothing per call: the fee is not in the rows.
     assert_eq!(r.rows.iter().map(|row| row.cost_micros).sum::<i64>(), 0);
     assert_eq!(r.rows[0].group["subscription"].as_deref(), Some("pro"));

@@ -35,7 +35,14 @@ fn gpu_policy() -> bursar_schemas::policy::ResolvedPolicy {
         offset_seconds: 0,
     };
     held.match_labels = [("pool".to_string(), "shared".to_string())].into();
-    policy(vec![slots, rpm, daily, held])
+    let mut tpm = budget("tpm");
+    tpm.max_tokens = Some(50);
+    tpm.window = WindowSpec::Rolling {
+        seconds: 60,
+        resolution_seconds: 1,
+    };
+    tpm.match_labels = [("pool".to_string(), "tiny".to_string())].into();
+    policy(vec![slots, rpm, daily, held, tpm])
 }
 
 fn waiting(h: &mut Harness, id: &str, pool: &str) -> Reply {
@@ -117,4 +124,18 @@ fn wait_ms_is_no_part_of_a_reserves_digest_and_is_bounded() {
     let mut h = h;
     let e = error(h.run(Command::Reserve(&r)));
     assert_eq!(e.field.as_deref(), Some("wait_ms"));
+}
+
+#[test]
+fn a_request_larger_than_a_limit_itself_does_not_wait() {
+    let mut h = Harness::new(gpu_policy());
+    // 10 input + 10 output tokens fit the rolling 50; a call of 100 never would.
+    let mut r = h.reserve_req("big", labels(&[("pool", "tiny")]), "m", 100, 10);
+    r.wait_ms = Some(1000);
+    let d = h.ledger.decide_digested(
+        Command::ReserveOrWait(&r),
+        &Command::Reserve(&r).digest(),
+        h.now,
+    );
+    assert!(matches!(d.reply, Reply::Event(_)), "{:?}", d.reply);
 }

@@ -998,15 +998,24 @@ async fn write_answers(
     let _ = out.lock().await.flush().await;
 }
 
-/// A `check` with `wait_ms` (SPEC §10): decided now and again whenever a batch is durable or
-/// time passes (rolling windows slide, observations reset), until it fits, its deny is one
+/// A `check` with `wait_ms` (SPEC §10): decided now and again every 5 ms (a release shows
+/// within a tick; rolling windows slide, observations reset) until it fits, its deny is one
 /// waiting cannot see through, or its time is up. Nothing is appended; the answer says
-/// `waited_ms`.
+/// `waited_ms`. Waiting checks count against `[daemon] max_waiters` with the waiting reserves.
 async fn waiting_check(ctx: &Arc<Ctx>, c: &CheckRequest) -> Answer {
+    /// A place in the line, given back however the wait ends (the connection may go away).
+    struct Slot<'a>(&'a Shared);
+    impl Drop for Slot<'_> {
+        fn drop(&mut self) {
+            self.0
+                .waiting_checks
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let since = std::time::Instant::now();
     let deadline = since + std::time::Duration::from_millis(c.wait_ms.unwrap_or(0));
-    let mut durable = ctx.shared.durable.subscribe();
     let mut shutdown = ctx.shutdown.clone();
+    let mut slot: Option<Slot<'_>> = None;
     loop {
         let now = (ctx.clock)();
         let (answer, waitable) = read_ledger(&ctx.shared).check_waitable(c, now);
@@ -1021,8 +1030,19 @@ async fn waiting_check(ctx: &Arc<Ctx>, c: &CheckRequest) -> Answer {
                 other => other,
             };
         }
+        if slot.is_none() {
+            use std::sync::atomic::Ordering::Relaxed;
+            let max = ctx.shared.max_waiters.load(Relaxed);
+            let checks = ctx.shared.waiting_checks.fetch_add(1, Relaxed);
+            slot = Some(Slot(&ctx.shared));
+            if checks + ctx.shared.waiting.load(Relaxed) >= max {
+                return Answer::Error(WireError::new(
+                    ErrorCode::Overloaded,
+                    format!("{max} requests already wait ([daemon] max_waiters); retry later"),
+                ));
+            }
+        }
         tokio::select! {
-            _ = durable.changed() => {}
             () = tokio::time::sleep(left.min(crate::writer::WAIT_RETRY_EVERY)) => {}
             _ = shutdown.changed() => {
                 return Answer::Error(WireError::new(

@@ -124,9 +124,19 @@ fn a_providers_headers_bind_its_quota_until_the_reset_and_survive_a_restart() {
     assert_eq!(only["reason"]["code"], json!("quota"), "{only}");
 
     // The normalised form, on the wire: a new observation replaces the old one.
+    let in_an_hour = bursar_core::time::format_ts(
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros(),
+        )
+        .unwrap()
+            + 3_600_000_000,
+    );
     let o = c.call(
         json!({"op": "observe", "provider": "openai", "labels": {"account": "prod"},
-        "quota": {"requests": {"remaining": 5, "reset_at": "2099-01-01T00:00:00Z"}}}),
+        "quota": {"requests": {"remaining": 5, "reset_at": in_an_hour}}}),
     );
     assert_eq!(o["quotas"], json!(["openai-prod"]), "{o}");
     assert!(o["seq"].as_u64().is_some(), "{o}");

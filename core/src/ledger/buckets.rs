@@ -290,6 +290,18 @@ impl Limits {
         self.limited && ((u[0] > l[0]) | (u[1] > l[1]) | (u[2] > l[2]) | (u[3] > l[3]))
     }
 
+    /// True when `probe` (and one concurrency slot) would fit an empty bucket: a request that
+    /// does not is never let through by waiting.
+    pub fn fits_empty(&self, probe: Amounts) -> bool {
+        let p = [
+            i128::from(probe.micros),
+            i128::from(probe.tokens),
+            i128::from(probe.requests),
+            1,
+        ];
+        (0..4).all(|d| p[d] <= self.limit[d])
+    }
+
     /// True when every limit `after` (a bucket's figures with a probe held) exceeds frees up by
     /// itself (SPEC §10 `wait_ms`): a concurrency slot, anything in a rolling window, or what
     /// other holds keep (`spent + probe` alone fits). Money, tokens or requests already spent

@@ -114,6 +114,8 @@ pub struct QuotaBlock {
     pub left: u64,
     /// What the candidate needs.
     pub need: u64,
+    /// The limit itself, when the provider said it.
+    pub of: Option<u64>,
     /// When the observation stops binding.
     pub reset_at: TsMicros,
 }
@@ -208,6 +210,10 @@ impl Ledger {
     /// at `now`.
     pub fn quota_block(&self, labels: &Labels, need: &Need, now: TsMicros) -> Option<QuotaBlock> {
         for q in self.governing_quotas(labels) {
+            let of = self
+                .observed
+                .get(&q.id)
+                .map(|o| o.bounds.map(|b| b.and_then(|b| b.limit.limit)));
             for (i, left) in self.quota_left(&q.id, now).iter().enumerate() {
                 let Some((left, reset_at)) = *left else {
                     continue;
@@ -218,6 +224,7 @@ impl Ledger {
                         limit: LIMIT_NAMES[i],
                         left,
                         need: need.0[i],
+                        of: of.and_then(|o| o[i]),
                         reset_at,
                     });
                 }

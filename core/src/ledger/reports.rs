@@ -221,15 +221,13 @@ impl Ledger {
                 });
             }
         }
-        // The range the fees cover: from `since`, or from the first usage there is.
-        let from = if since == TsMicros::MIN {
-            self.rollups
-                .cells_by_set()
-                .next()
-                .map(|(slot, _, _)| slot.saturating_mul(1_000_000))
-        } else {
-            Some(since)
-        };
+        // The range the fees cover: from `since`, but not before the first usage there is.
+        let first_usage = self
+            .rollups
+            .cells_by_set()
+            .next()
+            .map(|(slot, _, _)| slot.saturating_mul(1_000_000));
+        let from = first_usage.map(|first| first.max(since));
         Ok(ReportAnswer {
             ok: true,
             every: every_name.to_string(),

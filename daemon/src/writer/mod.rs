@@ -227,6 +227,8 @@ pub struct Shared {
     pub max_waiters: std::sync::atomic::AtomicUsize,
     /// `reserve`s waiting in line now.
     pub waiting: std::sync::atomic::AtomicUsize,
+    /// `check`s waiting now (they count against `max_waiters` too).
+    pub waiting_checks: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -247,6 +249,7 @@ impl Shared {
                 bursar_core::policy::DEFAULT_MAX_WAITERS,
             ),
             waiting: Default::default(),
+            waiting_checks: Default::default(),
         }
     }
 }
@@ -594,6 +597,14 @@ impl Writer {
             let d = l.decide_digested(command, digest, now);
             (d, l.renderer())
         };
+        if decided
+            .events
+            .iter()
+            .any(|(_, _, b)| matches!(b, EventBody::ReservationExpired(_)))
+        {
+            // A hold expired on the way: its slot is the line's first.
+            self.waiters.changed();
+        }
         let answer_at = match decided.reply {
             ledger::Reply::Ready(a) => {
                 // Its events (expiries reaped first) are appended all the same.
@@ -642,7 +653,8 @@ impl Writer {
         wait: Option<Duration>,
     ) {
         let max = self.shared.max_waiters.load(Ordering::Relaxed);
-        if self.waiters.len() >= max {
+        let checks = self.shared.waiting_checks.load(Ordering::Relaxed);
+        if self.waiters.len() + checks >= max {
             let _ = reply.send(Outcome::Answer(Answer::Error(WireError::new(
                 ErrorCode::Overloaded,
                 format!("{max} requests already wait in line ([daemon] max_waiters); retry later"),

@@ -1,7 +1,7 @@
 //! Recovery: the ledger at start, from the newest usable snapshot and the log after it.
 
 use super::snapshots::{
-    decode_snapshot, SNAPSHOT_FORMAT_V1, SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3,
+    decode_snapshot, SNAPSHOT_FORMAT_V1, SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3, SNAPSHOT_FORMAT_V4,
 };
 use crate::log::{check_durable_mark, LogError, LogStore};
 use bursar_core::ledger::{self, Ledger};
@@ -22,7 +22,12 @@ pub fn recover(store: &dyn LogStore) -> Result<Ledger, String> {
             Some((l, hash)) if l.last_seq() == seq => Some((l, hash)),
             None if matches!(
                 bytes.first(),
-                Some(&SNAPSHOT_FORMAT_V1 | &SNAPSHOT_FORMAT_V2 | &SNAPSHOT_FORMAT_V3)
+                Some(
+                    &SNAPSHOT_FORMAT_V1
+                        | &SNAPSHOT_FORMAT_V2
+                        | &SNAPSHOT_FORMAT_V3
+                        | &SNAPSHOT_FORMAT_V4
+                )
             ) =>
             {
                 tracing::info!(

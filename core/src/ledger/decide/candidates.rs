@@ -204,8 +204,9 @@ impl Ledger {
                     budget: None,
                     key: None,
                 };
-                // An observation binds until its reset: waiting may see it through.
-                waitable = true;
+                // An observation binds until its reset: waiting may see it through, unless the
+                // call needs more than the whole limit.
+                waitable |= b.of.is_none_or(|of| b.need <= of);
                 last = Some(skip(SkipReason::Quota, detail, eval, &mut skipped));
                 continue;
             }

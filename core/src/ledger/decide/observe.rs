@@ -19,6 +19,10 @@ use std::collections::BTreeMap;
 /// How long an observed limit without a reset time binds.
 pub const DEFAULT_OBSERVATION_SECONDS: u64 = 60;
 
+/// Farthest reset an observation may name (a month and a day): a provider's limits reset within
+/// minutes, hours or a monthly cap; a reset years ahead would bind the quota for good.
+pub const MAX_OBSERVATION_SECONDS: u64 = 31 * 86_400 + 86_400;
+
 /// The four limits of an observation, in [`LIMIT_NAMES`] order.
 type Limits4 = [Option<ObservedLimit>; 4];
 
@@ -41,12 +45,24 @@ fn from_headers(
     now: TsMicros,
 ) -> (Limits4, Vec<IgnoredHeader>) {
     let (obs, problems) = parse_headers(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), now);
-    let limits = [
+    let mut limits = [
         limit_of(&obs.requests, now),
         limit_of(&obs.tokens, now),
         limit_of(&obs.input_tokens, now),
         limit_of(&obs.output_tokens, now),
     ];
+    let latest = now.saturating_add(seconds(MAX_OBSERVATION_SECONDS));
+    let mut far = Vec::new();
+    for (i, slot) in limits.iter_mut().enumerate() {
+        if let Some(l) = slot.filter(|l| l.reset_at > latest) {
+            far.push(IgnoredHeader {
+                header: format!("{} reset", LIMIT_NAMES[i]),
+                value: format_ts(l.reset_at),
+                reason: "a reset more than 32 days ahead is not believed".into(),
+            });
+            *slot = None;
+        }
+    }
     let ignored = problems
         .into_iter()
         .map(
@@ -60,12 +76,14 @@ fn from_headers(
                 reason,
             },
         )
+        .chain(far)
         .collect();
     (limits, ignored)
 }
 
 /// Read a normalised observation; errors name the field.
-fn from_quota(q: &ObservedQuota) -> Result<Limits4, WireError> {
+fn from_quota(q: &ObservedQuota, now: TsMicros) -> Result<Limits4, WireError> {
+    let latest = now.saturating_add(seconds(MAX_OBSERVATION_SECONDS));
     let mut out = [None; 4];
     let given = [&q.requests, &q.tokens, &q.input_tokens, &q.output_tokens];
     for (i, w) in given.iter().enumerate() {
@@ -77,6 +95,15 @@ fn from_quota(q: &ObservedQuota) -> Result<Limits4, WireError> {
                 format!("{} is not an RFC 3339 time", field("reset_at")),
             ));
         };
+        if reset_at > latest {
+            return Err(WireError::bad_field(
+                field("reset_at"),
+                format!(
+                    "{} is more than 32 days ahead: a provider's limit resets sooner",
+                    field("reset_at")
+                ),
+            ));
+        }
         if w.limit.is_some_and(|l| w.remaining > l) {
             return Err(WireError::bad_field(
                 field("remaining"),
@@ -152,7 +179,7 @@ impl Ledger {
         }
         let (limits, ignored) =
             match (&r.quota, &r.headers) {
-                (Some(q), None) => match from_quota(q) {
+                (Some(q), None) => match from_quota(q, now) {
                     Ok(l) => (l, Vec::new()),
                     Err(e) => return Decided::new(Answer::Error(e)),
                 },

@@ -321,7 +321,8 @@ impl Ledger {
 
     /// True when every bucket that denies `verdict` would let it through once limits that free
     /// up by themselves have (SPEC §10 `wait_ms`): concurrency, rolling windows, other holds,
-    /// and any limit of a subscription's allowance or a provider's quota.
+    /// and any limit of a subscription's allowance or a provider's quota — never a request
+    /// larger than a limit itself.
     fn verdict_waitable(&self, verdict: &Verdict, now: TsMicros, adj: &Adjust) -> bool {
         let Some(policy) = &self.policy else {
             return false;
@@ -335,6 +336,7 @@ impl Ledger {
             let denies = line.why == Why::MaxKeys || (limits.deny && limits.over(&after));
             !denies
                 || (line.why == Why::OverLimit
+                    && limits.fits_empty(verdict.probe)
                     && (bursar_schemas::policy::is_allowance(&b.id)
                         || bursar_schemas::policy::is_quota_limit(&b.id)
                         || limits.frees_by_itself(&after, verdict.probe)))
