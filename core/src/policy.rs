@@ -464,6 +464,40 @@ fn check_as<T: serde::de::DeserializeOwned>(v: Value) -> Result<(), toml_edit::d
     T::deserialize(v.into_deserializer()).map(|_| ())
 }
 
+/// Each element of the array of tables `name` (`[[budget]]`, …) as a section of its own, or
+/// the key as a whole when it is not an array.
+fn array_sections<T: serde::de::DeserializeOwned>(
+    root: &Table,
+    name: &str,
+    out: &mut Vec<Section>,
+) {
+    let element = |i: usize, item: Item| Section {
+        at: vec![k(name), Seg::Index(i)],
+        item,
+        check: check_as::<T>,
+    };
+    match root.get(name) {
+        Some(Item::ArrayOfTables(tables)) => out.extend(
+            tables
+                .iter()
+                .enumerate()
+                .map(|(i, t)| element(i, Item::Table(t.clone()))),
+        ),
+        Some(Item::Value(Value::Array(values))) => out.extend(
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| element(i, Item::Value(v.clone()))),
+        ),
+        Some(other) => out.push(Section {
+            at: vec![k(name)],
+            item: other.clone(),
+            check: check_as::<Vec<T>>,
+        }),
+        None => {}
+    }
+}
+
 /// The sections of the file, each deserialized on its own type: top-level keys, `[daemon]`,
 /// `[pricing]` and each of its models, `[tiers]`, each `[[budget]]`.
 fn sections(root: &Table) -> Vec<Section> {
@@ -527,84 +561,9 @@ fn sections(root: &Table) -> Vec<Section> {
             check: check_as::<TiersSection>,
         });
     }
-    match root.get("budget") {
-        Some(Item::ArrayOfTables(budgets)) => {
-            for (i, b) in budgets.iter().enumerate() {
-                out.push(Section {
-                    at: vec![k("budget"), Seg::Index(i)],
-                    item: Item::Table(b.clone()),
-                    check: check_as::<BudgetSection>,
-                });
-            }
-        }
-        Some(Item::Value(Value::Array(budgets))) => {
-            for (i, b) in budgets.iter().enumerate() {
-                out.push(Section {
-                    at: vec![k("budget"), Seg::Index(i)],
-                    item: Item::Value(b.clone()),
-                    check: check_as::<BudgetSection>,
-                });
-            }
-        }
-        Some(other) => out.push(Section {
-            at: vec![k("budget")],
-            item: other.clone(),
-            check: check_as::<Vec<BudgetSection>>,
-        }),
-        None => {}
-    }
-    match root.get("subscription") {
-        Some(Item::ArrayOfTables(subs)) => {
-            for (i, b) in subs.iter().enumerate() {
-                out.push(Section {
-                    at: vec![k("subscription"), Seg::Index(i)],
-                    item: Item::Table(b.clone()),
-                    check: check_as::<SubscriptionSection>,
-                });
-            }
-        }
-        Some(Item::Value(Value::Array(subs))) => {
-            for (i, b) in subs.iter().enumerate() {
-                out.push(Section {
-                    at: vec![k("subscription"), Seg::Index(i)],
-                    item: Item::Value(b.clone()),
-                    check: check_as::<SubscriptionSection>,
-                });
-            }
-        }
-        Some(other) => out.push(Section {
-            at: vec![k("subscription")],
-            item: other.clone(),
-            check: check_as::<Vec<SubscriptionSection>>,
-        }),
-        None => {}
-    }
-    match root.get("quota") {
-        Some(Item::ArrayOfTables(quotas)) => {
-            for (i, q) in quotas.iter().enumerate() {
-                out.push(Section {
-                    at: vec![k("quota"), Seg::Index(i)],
-                    item: Item::Table(q.clone()),
-                    check: check_as::<QuotaSection>,
-                });
-            }
-        }
-        Some(Item::Value(Value::Array(quotas))) => {
-            for (i, q) in quotas.iter().enumerate() {
-                out.push(Section {
-                    at: vec![k("quota"), Seg::Index(i)],
-                    item: Item::Value(q.clone()),
-                    check: check_as::<QuotaSection>,
-                });
-            }
-        }
-        Some(other) => out.push(Section {
-            at: vec![k("quota")],
-            item: other.clone(),
-            check: check_as::<Vec<QuotaSection>>,
-        }),
-        None => {}
-    }
+    array_sections::<BudgetSection>(root, "budget", &mut out);
+    array_sections::<SubscriptionSection>(root, "subscription", &mut out);
+    array_sections::<QuotaSection>(root, "quota", &mut out);
     out
 }
 

@@ -432,42 +432,41 @@ fn observe_mistakes_are_errors_naming_the_field() {
     let e = error(h.run(Command::Observe(&both)));
     assert_eq!(e.field.as_deref(), Some("headers"));
 
-    let mut bad_time = observe_req("acme", "prod");
-    bad_time.quota = Some(ObservedQuota {
-        tokens: Some(ObservedWindow {
-            limit: None,
-            remaining: 1,
-            reset_at: "soon".into(),
-        }),
-        ..ObservedQuota::default()
-    });
-    let e = error(h.run(Command::Observe(&bad_time)));
-    assert_eq!(e.field.as_deref(), Some("quota.tokens.reset_at"));
-
-    let mut too_many = observe_req("acme", "prod");
-    too_many.quota = Some(ObservedQuota {
-        requests: Some(ObservedWindow {
-            limit: Some(5),
-            remaining: 6,
-            reset_at: at(&h, 1),
-        }),
-        ..ObservedQuota::default()
-    });
-    let e = error(h.run(Command::Observe(&too_many)));
-    assert_eq!(e.field.as_deref(), Some("quota.requests.remaining"));
-
-    // A reset years ahead would bind the quota for good: refused, or ignored in headers.
-    let mut forever = observe_req("acme", "prod");
-    forever.quota = Some(ObservedQuota {
-        requests: Some(ObservedWindow {
-            limit: None,
-            remaining: 0,
-            reset_at: "2099-01-01T00:00:00Z".into(),
-        }),
-        ..ObservedQuota::default()
-    });
-    let e = error(h.run(Command::Observe(&forever)));
-    assert_eq!(e.field.as_deref(), Some("quota.requests.reset_at"));
+    // Each normalised limit's mistake names its field; a reset years ahead would bind the
+    // quota for good: refused (and ignored when headers say it, below).
+    let w = |limit: Option<u64>, remaining: u64, reset_at: String| ObservedWindow {
+        limit,
+        remaining,
+        reset_at,
+    };
+    for (quota, field) in [
+        (
+            ObservedQuota {
+                tokens: Some(w(None, 1, "soon".into())),
+                ..ObservedQuota::default()
+            },
+            "quota.tokens.reset_at",
+        ),
+        (
+            ObservedQuota {
+                requests: Some(w(Some(5), 6, at(&h, 1))),
+                ..ObservedQuota::default()
+            },
+            "quota.requests.remaining",
+        ),
+        (
+            ObservedQuota {
+                requests: Some(w(None, 0, "2099-01-01T00:00:00Z".into())),
+                ..ObservedQuota::default()
+            },
+            "quota.requests.reset_at",
+        ),
+    ] {
+        let mut req = observe_req("acme", "prod");
+        req.quota = Some(quota);
+        let e = error(h.run(Command::Observe(&req)));
+        assert_eq!(e.field.as_deref(), Some(field), "{e:?}");
+    }
     let mut far = observe_req("acme", "prod");
     far.headers = Some(headers(&[
         ("anthropic-ratelimit-requests-remaining", "0"),

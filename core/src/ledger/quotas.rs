@@ -138,6 +138,13 @@ impl Ledger {
             .filter(move |q| governs(q, labels))
     }
 
+    /// The ids of [`Ledger::governing_quotas`].
+    pub fn governing_ids(&self, labels: &Labels) -> Vec<String> {
+        self.governing_quotas(labels)
+            .map(|q| q.id.clone())
+            .collect()
+    }
+
     /// The last observation of quota `id`.
     pub fn observation(&self, id: &str) -> Option<&Observed> {
         self.observed.get(id)
@@ -261,10 +268,7 @@ impl Ledger {
         if self.observed.is_empty() {
             return;
         }
-        let ids: Vec<String> = self
-            .governing_quotas(labels)
-            .map(|q| q.id.clone())
-            .collect();
+        let ids: Vec<String> = self.governing_ids(labels);
         for id in ids {
             if let Some(obs) = self.observed.get_mut(&id) {
                 for (i, b) in obs.bounds.iter_mut().enumerate() {

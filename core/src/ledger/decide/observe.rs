@@ -165,8 +165,17 @@ impl Ledger {
             });
             self.emit(now, body, events);
         }
-        let ts = self.last_ts;
-        for e in self.quota_crossings(ids, ts) {
+        self.emit_quota_crossings(ids, now, events);
+    }
+
+    /// Append the `quota_exhausted` of every limit of the quotas `ids` that has nothing left.
+    fn emit_quota_crossings(
+        &mut self,
+        ids: &[String],
+        now: TsMicros,
+        events: &mut Vec<(u64, TsMicros, EventBody)>,
+    ) {
+        for e in self.quota_crossings(ids, self.last_ts) {
             self.emit(now, EventBody::QuotaExhausted(e), events);
         }
     }
@@ -197,10 +206,7 @@ impl Ledger {
             };
         let mut labels = r.labels.clone();
         labels.insert("provider".into(), r.provider.clone());
-        let ids: Vec<String> = self
-            .governing_quotas(&labels)
-            .map(|q| q.id.clone())
-            .collect();
+        let ids: Vec<String> = self.governing_ids(&labels);
         if ids.is_empty() {
             return Decided::new(Answer::Error(WireError {
                 code: ErrorCode::NotFound,
@@ -250,10 +256,7 @@ impl Ledger {
         now: TsMicros,
         events: &mut Vec<(u64, TsMicros, EventBody)>,
     ) {
-        let ids: Vec<String> = self
-            .governing_quotas(labels)
-            .map(|q| q.id.clone())
-            .collect();
+        let ids: Vec<String> = self.governing_ids(labels);
         if ids.is_empty() {
             return;
         }
@@ -284,13 +287,7 @@ impl Ledger {
         if self.observed.is_empty() {
             return;
         }
-        let ids: Vec<String> = self
-            .governing_quotas(labels)
-            .map(|q| q.id.clone())
-            .collect();
-        let ts = self.last_ts;
-        for e in self.quota_crossings(&ids, ts) {
-            self.emit(now, EventBody::QuotaExhausted(e), events);
-        }
+        let ids: Vec<String> = self.governing_ids(labels);
+        self.emit_quota_crossings(&ids, now, events);
     }
 }
