@@ -95,8 +95,12 @@ enum Command {
     /// Cost tiers: each with its metadata and the priced models it holds (of the policy in
     /// force, or of --config FILE).
     Tiers(TiersArgs),
-    /// Make the daemon read its policy file again (admin only).
+    /// Make the daemon read its policy file again (admin only; in cluster mode every
+    /// partition's writer reads its node's file).
     Reload,
+    /// Cluster mode (SPEC §13).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Price tables.
     #[command(subcommand)]
     Pricing(PricingCommand),
@@ -105,6 +109,12 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Partitions, their lease holders (writers), and each node's fold and lag.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -746,6 +756,9 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
         Command::Tail(a) => tail(&source, a, json, out),
         Command::Export(a) => export(&source, a, out),
         Command::Verify => verify(&source, json, out),
+        Command::Cluster(ClusterCommand::Status) => {
+            cluster_status(online("cluster status")?, json, out)
+        }
         Command::Replay(a) => replay(&source, a, json, out),
         Command::Report(a) => report(&source, a, json, out),
         Command::Salvage { to } => salvage(&source, to, json, out),
@@ -1382,6 +1395,49 @@ fn export(source: &Source, a: &ExportArgs, stdout: &mut dyn Write) -> Res<u8> {
     Ok(0)
 }
 
+/// `bursar cluster status`: one line per partition and node.
+fn cluster_status(mut c: Client, json: bool, out: &mut dyn Write) -> Res<u8> {
+    let answer: bursar_schemas::wire::ClusterStatusAnswer =
+        c.call(&bursar_schemas::wire::Request::ClusterStatus)?;
+    if json {
+        return json_line(out, &answer);
+    }
+    writeln!(
+        out,
+        "cluster seen from node {}: {} partitions by label {:?}",
+        answer.node,
+        answer.partitions.len(),
+        answer.partition_by
+    )?;
+    for p in &answer.partitions {
+        writeln!(
+            out,
+            "p{} ({}): writer {}",
+            p.partition,
+            p.stream,
+            p.holder
+                .as_deref()
+                .unwrap_or("none (no lease holder: writes are unavailable)")
+        )?;
+        for n in &p.nodes {
+            writeln!(
+                out,
+                "  {:<20} folded to seq {:<10} lag {} ms{}{}",
+                n.node,
+                n.folded_seq,
+                n.lag_ms,
+                if n.writer { "  (writer)" } else { "" },
+                if n.reported_ms_ago > 5000 {
+                    format!("  (last report {} s ago)", n.reported_ms_ago / 1000)
+                } else {
+                    String::new()
+                }
+            )?;
+        }
+    }
+    Ok(0)
+}
+
 fn verify(source: &Source, json: bool, out: &mut dyn Write) -> Res<u8> {
     let answer = match source {
         Source::Offline(dir) => open_offline(dir)?.verify()?,
@@ -1825,15 +1881,7 @@ fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
     match bursard::config::parse_policy_file(file) {
         Ok(p) => {
             let r = &p.resolved;
-            let mut warnings = policy_warnings(r);
-            if p.cluster.is_some() {
-                warnings.push((
-                    "cluster".to_string(),
-                    "valid for cluster mode (every budget lies within one partition), but this \
-                     build of bursard runs single-host only and refuses to start with [cluster]"
-                        .to_string(),
-                ));
-            }
+            let warnings = policy_warnings(r);
             if json {
                 return json_line(
                     out,
@@ -1895,7 +1943,6 @@ fn policy_check(file: &Path, json: bool, out: &mut dyn Write) -> Res<u8> {
                 .collect::<Vec<_>>()
                 .join("\nbursar: ")))
         }
-        Err(e @ bursard::config::ConfigError::ClusterUnavailable { .. }) => Err(msg(e.to_string())),
         Err(bursard::config::ConfigError::Read { path, source }) => Err(msg(format!(
             "cannot read {path}: {}",
             bursar_cli::os_message(&source)
@@ -1984,9 +2031,6 @@ fn tiers(source: &Source, a: &TiersArgs, json: bool, out: &mut dyn Write) -> Res
                     .map(|e| e.to_string())
                     .collect::<Vec<_>>()
                     .join("\nbursar: ")))
-            }
-            Err(e @ bursard::config::ConfigError::ClusterUnavailable { .. }) => {
-                return Err(msg(e.to_string()))
             }
             Err(bursard::config::ConfigError::Read { path, source }) => {
                 return Err(msg(format!(

@@ -41,16 +41,6 @@ pub enum ConfigError {
     /// The file is invalid.
     #[error("{}", invalid_text(.0))]
     Invalid(Vec<PolicyError>),
-    /// The file asks for cluster mode, which this build does not run yet.
-    #[error(
-        "{path}: [cluster] is set, but this bursard runs single-host only: cluster mode (SPEC \
-         §13) is not available in this build yet. Remove [cluster] to run this host on its own \
-         (its budgets are then not shared with other hosts)"
-    )]
-    ClusterUnavailable {
-        /// The file.
-        path: String,
-    },
 }
 
 /// `invalid config: <the error>`, or a count and one error per line.
@@ -86,18 +76,9 @@ pub fn parse_policy_file(path: &Path) -> Result<LoadedPolicy, ConfigError> {
     parse_policy(&text, &path.display().to_string(), &read_import).map_err(ConfigError::Invalid)
 }
 
-/// [`parse_policy_file`] for a daemon to run: a file with `[cluster]` is refused (this build
-/// runs single-host only).
+/// [`parse_policy_file`] for a daemon to run (a file with `[cluster]` runs a cluster node).
 pub fn load_policy_file(path: &Path) -> Result<LoadedPolicy, ConfigError> {
-    let loaded = parse_policy_file(path)?;
-    if loaded.cluster.is_some() {
-        // Never run a file meant for a cluster as an island: its budgets would silently not be
-        // shared.
-        return Err(ConfigError::ClusterUnavailable {
-            path: path.display().to_string(),
-        });
-    }
-    Ok(loaded)
+    parse_policy_file(path)
 }
 
 /// The uid this process runs as.

@@ -4,6 +4,7 @@
 //! folds it through `bursar_core::ledger` → [`log`] appends and syncs the batch → the answer goes
 //! back in request order.
 
+pub mod cluster;
 pub mod config;
 pub mod log;
 pub mod metrics;
@@ -205,6 +206,9 @@ pub fn run_with(
     // Check what can be checked before anything is written: a daemon refused because its
     // socket is in use creates no data dir and appends nothing.
     check_socket_path(&config.socket)?;
+    if let Some(settings) = config.policy.cluster.clone() {
+        return run_cluster(config, settings, clock, install_signals, stop_tx);
+    }
     let store: Box<dyn LogStore> = match store {
         Some(s) => s,
         None => Box::new(open_store(&config.data_dir)?),
@@ -254,7 +258,26 @@ pub fn run_with(
     let stop_rx = stop_tx.subscribe();
 
     let signals_thread = if install_signals {
-        Some(spawn_signal_thread(stop_tx.clone(), writer.clone())?)
+        let w = writer.clone();
+        Some(spawn_signal_thread(
+            stop_tx.clone(),
+            Box::new(move || {
+                let own = bursar_schemas::event::Actor {
+                    uid: config::own_uid(),
+                    gid: 0,
+                    pid: std::process::id(),
+                };
+                let job = Job::Reload {
+                    policy: None,
+                    actor: own,
+                    req: None,
+                    reply: None,
+                };
+                if w.submit(job).is_err() {
+                    tracing::error!("SIGHUP: the writer is not accepting jobs");
+                }
+            }),
+        )?)
     } else {
         None
     };
@@ -270,6 +293,7 @@ pub fn run_with(
         clock,
         shutdown: stop_rx,
         dry_run_busy: Default::default(),
+        cluster: None,
     });
     tracing::info!(
         "bursard {} listening on {} (data dir {})",
@@ -314,6 +338,106 @@ pub fn run_with(
     let _ = writer.submit(Job::Shutdown);
     drop(writer);
     let _ = writer_thread.join();
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    let _ = std::fs::remove_file(&cfg.socket);
+    drop(signals_thread);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Run a cluster node (SPEC §13) until SIGTERM/SIGINT: every partition's local copy folded and
+/// followed, leases taken and renewed, the socket served. See [`cluster`].
+fn run_cluster(
+    config: Config,
+    settings: bursar_core::policy::ClusterSettings,
+    clock: Clock,
+    install_signals: bool,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+) -> Result<(), DaemonError> {
+    if !config.data_dir.exists() {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            DaemonError::Start(format!(
+                "cannot create data dir {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+        let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    if config.policy.daemon.metrics_listen.is_some() {
+        tracing::warn!("cluster mode: metrics_listen is not served yet (issue 15)");
+    }
+    notify_systemd(&[NotifyState::Status("cluster: folding every partition")]);
+    let cfg = Arc::new(config);
+    let clock = watch_clock(clock, None);
+    let cluster = cluster::Cluster::open(cfg.clone(), settings.clone(), clock.clone())?;
+    let coordinator = cluster.start_coordinator().map_err(DaemonError::Start)?;
+    let bound = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
+    let std_listener = bound.publish()?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| DaemonError::Start(format!("socket: {e}")))?;
+    let stop_rx = stop_tx.subscribe();
+    let signals_thread = if install_signals {
+        let c = cluster.clone();
+        Some(spawn_signal_thread(
+            stop_tx.clone(),
+            Box::new(move || {
+                let c = c.clone();
+                let own = bursar_schemas::event::Actor {
+                    uid: config::own_uid(),
+                    gid: 0,
+                    pid: std::process::id(),
+                };
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    if let Ok(rt) = rt {
+                        let line = rt.block_on(c.reload(own, None));
+                        tracing::info!("SIGHUP: {line}");
+                    }
+                });
+            }),
+        )?)
+    } else {
+        None
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| DaemonError::Start(format!("cannot start the runtime: {e}")))?;
+    let ctx = Arc::new(server::Ctx {
+        shared: cluster.parts[0].shared.clone(),
+        writer: writer::WriterHandle::closed(),
+        admin_uids: cfg.admin_uids.clone(),
+        clock,
+        shutdown: stop_rx,
+        dry_run_busy: Default::default(),
+        cluster: Some(cluster.clone()),
+    });
+    tracing::info!(
+        "bursard {} (cluster node {}, {} partitions by {:?}) listening on {}",
+        env!("CARGO_PKG_VERSION"),
+        settings.node,
+        settings.partitions,
+        settings.partition_by,
+        cfg.socket.display()
+    );
+    notify_systemd(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!("serving on {}", cfg.socket.display())),
+    ]);
+    runtime.block_on(async {
+        match tokio::net::UnixListener::from_std(std_listener) {
+            Ok(listener) => server::serve(listener, ctx).await,
+            Err(e) => tracing::error!("socket: {e}"),
+        }
+    });
+    notify_systemd(&[NotifyState::Stopping]);
+    tracing::info!("stopping: draining the partitions' writers, giving their leases back");
+    cluster.stop();
+    let _ = coordinator.join();
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     let _ = std::fs::remove_file(&cfg.socket);
     drop(signals_thread);
@@ -406,7 +530,7 @@ fn watch_clock(inner: Clock, last_event_ts: Option<bursar_schemas::TsMicros>) ->
 
 fn spawn_signal_thread(
     stop: tokio::sync::watch::Sender<bool>,
-    writer: writer::WriterHandle,
+    on_hup: Box<dyn Fn() + Send>,
 ) -> Result<std::thread::JoinHandle<()>, DaemonError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
@@ -417,20 +541,7 @@ fn spawn_signal_thread(
             for sig in signals.forever() {
                 if sig == SIGHUP {
                     tracing::info!("SIGHUP: reloading the policy");
-                    let own = bursar_schemas::event::Actor {
-                        uid: config::own_uid(),
-                        gid: 0,
-                        pid: std::process::id(),
-                    };
-                    let job = Job::Reload {
-                        policy: None,
-                        actor: own,
-                        req: None,
-                        reply: None,
-                    };
-                    if writer.submit(job).is_err() {
-                        tracing::error!("SIGHUP: the writer is not accepting jobs");
-                    }
+                    on_hup();
                 } else {
                     tracing::info!("signal {sig}: shutting down");
                     stop.send_replace(true);

@@ -45,6 +45,9 @@ pub struct Ctx {
     pub shutdown: watch::Receiver<bool>,
     /// True while a dry-run `replay` runs (at most one at a time).
     pub dry_run_busy: std::sync::atomic::AtomicBool,
+    /// Cluster mode (SPEC §13): the partitions, their writers and followers. `shared` and
+    /// `writer` are then partition 0's and unused for requests.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 type ReadFn = Box<dyn FnOnce(&Ctx) -> String + Send>;
@@ -185,6 +188,8 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
             LineRead::Line => {
                 let decoded = decode(&line);
                 let meter = Meter::start(&ctx, decoded.as_ref().ok().map(|d| &d.request), &line);
+                // Cluster mode forwards a write's line as it came.
+                let raw = ctx.cluster.as_ref().map(|_| line.clone());
                 line.clear();
                 if let Ok(d) = &decoded {
                     if goes_to_writer(&d.request) && reads_queued > 0 {
@@ -195,7 +200,10 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
                         }
                     }
                 }
-                let pending = dispatch(decoded, actor, &ctx);
+                let pending = match (&ctx.cluster, raw) {
+                    (Some(c), Some(raw)) => cluster_dispatch(c, decoded, raw, actor, &ctx),
+                    _ => dispatch(decoded, actor, &ctx),
+                };
                 if let Pending::Read(f) = pending {
                     if outstanding.load(std::sync::atomic::Ordering::SeqCst) == 0 {
                         // Nothing before it is unanswered: it sees exactly the requests before
@@ -435,6 +443,13 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
         Request::Release(r) => write(WriteCmd::Release(r)),
         Request::Extend(r) => write(WriteCmd::Extend(r)),
         Request::Observe(r) => write(WriteCmd::Observe(r)),
+        Request::ClusterStatus => Pending::Ready(
+            Answer::Error(WireError::bad_field(
+                "op",
+                "this bursard runs single-host: cluster_status needs [cluster] (SPEC §13)",
+            ))
+            .to_line(req),
+        ),
         Request::Reload => {
             if !ctx.admin_uids.contains(&actor.uid) {
                 return Pending::Ready(forbidden("reload", actor, req));
@@ -531,6 +546,120 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
             }
             Pending::Stream(StreamKind::Export(e), req)
         }
+    }
+}
+
+/// A request in cluster mode (SPEC §13): writes go to their partition's writer (here or
+/// forwarded), reads are answered from this node's fold of their partition with `lag_ms`.
+fn cluster_dispatch(
+    c: &Arc<crate::cluster::Cluster>,
+    decoded: Result<RequestLine, String>,
+    raw: Vec<u8>,
+    actor: Actor,
+    ctx: &Ctx,
+) -> Pending {
+    let decoded = match decoded {
+        Ok(d) => d,
+        Err(line) => return Pending::Ready(line),
+    };
+    let req = decoded.req;
+    let spawned = |f: std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>| {
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        Pending::Wait(rx)
+    };
+    match decoded.request {
+        Request::Hello(h) => dispatch(
+            Ok(RequestLine {
+                request: Request::Hello(h),
+                req,
+            }),
+            actor,
+            ctx,
+        ),
+        Request::Check(ch) => {
+            let labels = Some(&ch.labels);
+            let i = match c.partition_for_labels(labels) {
+                Ok(i) => i,
+                Err(e) => return Pending::Ready(Answer::Error(e).to_line(req)),
+            };
+            let p = c.parts[i].clone();
+            Pending::Read(Box::new(move |ctx: &Ctx| {
+                let now = (ctx.clock)();
+                let answer = read_ledger(&p.shared).check(&ch, now);
+                match answer {
+                    Answer::Decision(mut d) => {
+                        d.lag_ms = Some(p.lag_ms());
+                        Answer::Decision(d).to_line(req)
+                    }
+                    other => other.to_line(req),
+                }
+            }))
+        }
+        Request::Status(s) => {
+            let c = c.clone();
+            Pending::Read(Box::new(move |ctx: &Ctx| {
+                let now = (ctx.clock)();
+                let mut merged: Option<bursar_schemas::wire::StatusAnswer> = None;
+                let mut lag = 0u64;
+                for p in &c.parts {
+                    lag = lag.max(p.lag_ms());
+                    let answer = read_ledger(&p.shared).status(&s, now);
+                    let Ok(a) = answer else {
+                        return echoed(answer, req, |a, req| a.req = req);
+                    };
+                    match &mut merged {
+                        None => merged = Some(a),
+                        Some(m) => {
+                            m.budgets.extend(a.budgets);
+                            m.total += a.total;
+                            m.truncated |= a.truncated;
+                        }
+                    }
+                }
+                let Some(mut m) = merged else {
+                    return error_line(ErrorCode::Internal, "no partitions", req);
+                };
+                if let Some(limit) = s.limit {
+                    if m.budgets.len() > limit {
+                        m.budgets.truncate(limit);
+                        m.truncated = true;
+                    }
+                }
+                m.lag_ms = Some(lag);
+                echoed(Ok(m), req, |a, req| a.req = req)
+            }))
+        }
+        request @ (Request::Record(_)
+        | Request::Reserve(_)
+        | Request::Commit(_)
+        | Request::Release(_)
+        | Request::Extend(_)
+        | Request::Observe(_)) => {
+            let c = c.clone();
+            spawned(Box::pin(c.write(request, raw, actor, req)))
+        }
+        Request::Reload => {
+            if !ctx.admin_uids.contains(&actor.uid) {
+                return Pending::Ready(forbidden("reload", actor, req));
+            }
+            spawned(Box::pin(c.clone().reload(actor, req)))
+        }
+        Request::ClusterStatus => spawned(Box::pin(c.clone().status(req))),
+        other => Pending::Ready(
+            Answer::Error(WireError::bad_field(
+                "op",
+                format!(
+                    "{} is not available in cluster mode yet; each node keeps a verified copy \
+                     of every partition's log in its data dir (p0, p1, ...): `bursar verify`, \
+                     `export` and `report` read one offline with --data-dir DATA/pN",
+                    other.op()
+                ),
+            ))
+            .to_line(req),
+        ),
     }
 }
 

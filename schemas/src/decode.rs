@@ -122,12 +122,12 @@ fn body_of<'de, A: MapAccess<'de>>(
         "replay" => Request::Replay(read(body)?),
         "report" => Request::Report(read(body)?),
         "observe" => Request::Observe(read(body)?),
-        "verify" | "reload" => {
+        "verify" | "reload" | "cluster_status" => {
             let Empty = read(body)?;
-            if op == "verify" {
-                Request::Verify
-            } else {
-                Request::Reload
+            match op {
+                "verify" => Request::Verify,
+                "reload" => Request::Reload,
+                _ => Request::ClusterStatus,
             }
         }
         _ => return Ok(None),
@@ -381,6 +381,10 @@ fn slow(text: &str) -> Result<RequestLine, (WireError, Option<Value>)> {
         "reload" => {
             empty_body(&body).map_err(|e| (e, req.clone()))?;
             Request::Reload
+        }
+        "cluster_status" => {
+            empty_body(&body).map_err(|e| (e, req.clone()))?;
+            Request::ClusterStatus
         }
         other => {
             let mut shown: String = other.chars().take(64).collect();

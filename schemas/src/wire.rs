@@ -371,6 +371,8 @@ pub enum Request {
     Verify,
     /// `reload`.
     Reload,
+    /// `cluster_status` (cluster mode, SPEC §13).
+    ClusterStatus,
 }
 
 impl Request {
@@ -392,6 +394,7 @@ impl Request {
             Request::Observe(_) => "observe",
             Request::Verify => "verify",
             Request::Reload => "reload",
+            Request::ClusterStatus => "cluster_status",
         }
     }
 
@@ -413,6 +416,7 @@ impl Request {
             Request::Observe(r) => ("observe", serde_json::to_value(r)),
             Request::Verify => ("verify", Ok(Value::Object(Default::default()))),
             Request::Reload => ("reload", Ok(Value::Object(Default::default()))),
+            Request::ClusterStatus => ("cluster_status", Ok(Value::Object(Default::default()))),
         };
         let mut map = match body {
             Ok(Value::Object(m)) => m,
@@ -760,6 +764,10 @@ pub struct DecisionAnswer {
     /// How long the request waited in line, when it said `wait_ms` (SPEC §10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waited_ms: Option<u64>,
+    /// Cluster mode (SPEC §13), `check`: how stale the local fold this was decided on may be
+    /// (ms since this node last knew it held the partition's whole log; 0 on its writer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_ms: Option<u64>,
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,
@@ -794,6 +802,56 @@ pub struct ExtendAnswer {
     pub req: Option<Value>,
 }
 
+/// Answer to `cluster_status` (cluster mode, SPEC §13).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClusterStatusAnswer {
+    /// Always true.
+    pub ok: bool,
+    /// The node that answered.
+    pub node: String,
+    /// The label whose value picks a partition.
+    pub partition_by: String,
+    /// Every partition.
+    pub partitions: Vec<ClusterPartitionStatus>,
+    /// Echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<Value>,
+}
+
+/// One partition in `cluster_status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClusterPartitionStatus {
+    /// Its number.
+    pub partition: u32,
+    /// Its JetStream stream.
+    pub stream: String,
+    /// The node holding its lease (its writer), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// The lease's revision (grows with every take-over and renewal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_revision: Option<u64>,
+    /// Each node's fold of it, as the node last reported.
+    pub nodes: Vec<ClusterNodeLag>,
+}
+
+/// A node's fold of one partition, as it reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClusterNodeLag {
+    /// The node.
+    pub node: String,
+    /// The last seq it folded.
+    pub folded_seq: u64,
+    /// How stale its fold may be (ms since it last knew it held the whole stream; 0 on the
+    /// writer).
+    pub lag_ms: u64,
+    /// Whether it is the partition's writer.
+    pub writer: bool,
+    /// How long ago it reported (nodes report every second; a node that stopped reporting is
+    /// down or cut off).
+    pub reported_ms_ago: u64,
+}
+
 /// Answer to `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StatusAnswer {
@@ -816,6 +874,10 @@ pub struct StatusAnswer {
     /// The tiers of the policy in force, with their metadata (SPEC §10).
     #[serde(default)]
     pub tiers: Vec<crate::policy::TierDef>,
+    /// Cluster mode (SPEC §13): how stale the local folds this was read from may be (the
+    /// largest over the partitions; ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_ms: Option<u64>,
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,
@@ -1355,6 +1417,10 @@ mod fast_json {
             if let Some(w) = self.waited_ms {
                 out.extend_from_slice(b",\"waited_ms\":");
                 unsigned(out, w);
+            }
+            if let Some(l) = self.lag_ms {
+                out.extend_from_slice(b",\"lag_ms\":");
+                unsigned(out, l);
             }
             req(out, req_value);
             out.push(b'}');

@@ -185,6 +185,7 @@ prop_compose! {
             ok, seq, duplicate, decision, model, hold_micros, max_output_tokens, expires_at,
             budgets, skipped, reason, req,
             waited_ms: None,
+            lag_ms: None,
         }
     }
 }

@@ -317,6 +317,7 @@ impl Ledger {
                 .as_ref()
                 .map(|p| crate::tiers::all_tiers(&p.tiers))
                 .unwrap_or_default(),
+            lag_ms: None,
             req: None,
         })
     }

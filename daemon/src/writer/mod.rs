@@ -297,6 +297,13 @@ pub struct WriterHandle {
 }
 
 impl WriterHandle {
+    /// A handle whose writer is gone: every job answers `unavailable` (the server's handle in
+    /// cluster mode, where each partition has its own writer).
+    pub fn closed() -> WriterHandle {
+        let (tx, _) = crossbeam_channel::bounded(1);
+        WriterHandle { tx }
+    }
+
     /// Queue a job: `overloaded` when the queue is full, `unavailable` when the writer is gone.
     pub fn submit(&self, job: Job) -> Result<(), ErrorCode> {
         match self.tx.try_send(job) {
@@ -332,6 +339,17 @@ pub fn start(
     clock: Clock,
     reload: Arc<dyn Fn() -> Result<LoadedPolicy, String> + Send + Sync>,
 ) -> Result<(WriterHandle, std::thread::JoinHandle<()>), String> {
+    start_with(shared, Some(policy), clock, reload)
+}
+
+/// [`start`], appending `policy` only when given (a cluster node taking a partition over
+/// keeps the policy the partition's log holds).
+pub fn start_with(
+    shared: Arc<Shared>,
+    policy: Option<&LoadedPolicy>,
+    clock: Clock,
+    reload: Arc<dyn Fn() -> Result<LoadedPolicy, String> + Send + Sync>,
+) -> Result<(WriterHandle, std::thread::JoinHandle<()>), String> {
     let (tx, rx) = crossbeam_channel::bounded(WRITE_QUEUE_DEPTH);
     let (prev_hash, first_release_ids) = {
         let store = lock_store(&shared);
@@ -359,7 +377,9 @@ pub fn start(
         first_release_ids,
         waiters: Default::default(),
     };
-    w.apply_policy_if_changed(policy)?;
+    if let Some(policy) = policy {
+        w.apply_policy_if_changed(policy)?;
+    }
     let thread = std::thread::Builder::new()
         .name("bursar-writer".into())
         .spawn(move || w.run())

@@ -321,5 +321,6 @@ pub(super) fn decision_answer(
         reason: eval.reason,
         req: None,
         waited_ms: None,
+        lag_ms: None,
     }
 }

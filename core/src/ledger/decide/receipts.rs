@@ -155,6 +155,7 @@ fn render_with<'a>(
                 reason: ok_reason(decision),
                 req: None,
                 waited_ms: None,
+                lag_ms: None,
             })
         }
         EventBody::ReservationDenied(r) => Answer::Decision(DecisionAnswer {
@@ -176,6 +177,7 @@ fn render_with<'a>(
             },
             req: None,
             waited_ms: None,
+            lag_ms: None,
         }),
         _ => return None,
     })

@@ -1,0 +1,1163 @@
+//! Cluster mode (SPEC §13, issue 15): many hosts, one set of budgets, on NATS JetStream.
+//!
+//! Every node runs the same machinery per partition: a [`Shared`] (the partition's ledger and
+//! its store) whose store is a [`PartitionStore`] — the node's verified local copy of the
+//! partition's log (a sled data dir, `DATA/p<N>`) and, while this node holds the partition's
+//! lease, the partition's JetStream stream in front of it.
+//!
+//! - **Follower** (no lease): a thread per partition reads the stream through an ordered
+//!   consumer, checks each record (hash chain, dense seq), appends it to the local copy and
+//!   folds it with the same `apply` as everywhere. Reads are answered from that fold, saying how
+//!   stale it may be (`lag_ms`: how long since the node last knew it held the whole stream).
+//! - **Writer** (lease holder): the single-host writer thread, unchanged, on a store whose
+//!   `append` publishes each record to the stream conditionally on the last stream sequence
+//!   (the fence) and whose `sync` waits for the quorum's acknowledgement, then appends the
+//!   records to the local copy. The store refuses to append once the node's view of its lease
+//!   has ended. A refused or failed append poisons the writer (fail closed): the node steps
+//!   down, rebuilds the partition's ledger from its local copy (which holds only what the
+//!   stream acknowledged) and follows again.
+//! - **Forwarding**: a write that reaches a node which is not the partition's writer is sent as
+//!   its request line over NATS (`<prefix>.p<N>.write`, a request with the agent's credentials
+//!   in headers) to the holder, which answers it like a local write; the forwarding node waits
+//!   until its own fold holds the answered event before passing the answer on, so the next
+//!   read on any of its connections sees the write (read-your-writes).
+//! - **Leases** ([`crate::log::lease`]): a coordinator thread renews the leases this node holds
+//!   and takes free ones; a holder that dies loses its lease after [`LEASE_TTL`].
+//! - **Routing**: a request goes to the partition of its `partition_by` label's value
+//!   ([`partition_of`]); `commit`, `release` and `extend` go to the partition that knows the
+//!   reservation.
+
+use crate::log::jetstream::{JetStreamLog, JetStreamOptions, Nats, SEQ_HEADER};
+use crate::log::lease::{Held, Leases};
+use crate::log::{Head, LogError, LogStore, RecordEnvelopes, SledLog};
+use crate::writer::{
+    self, error_line, lock_store, read_ledger, Clock, Job, Outcome, Shared, WriteCmd, WriterHandle,
+};
+use bursar_core::ledger::{Answer, IdKind};
+use bursar_core::policy::ClusterSettings;
+use bursar_schemas::event::{Actor, Envelope, Sealed};
+use bursar_schemas::wire::{
+    decode_request, ClusterNodeLag, ClusterPartitionStatus, ClusterStatusAnswer, ErrorCode,
+    Request, WireError,
+};
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A lease's time to live: a dead holder's partitions are taken over within about this long
+/// (SPEC §13: within 10 s).
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
+/// How often the coordinator renews held leases and tries free ones.
+pub const LEASE_TICK: Duration = Duration::from_millis(500);
+/// How long a forwarded write may take, retries included, before it answers `unavailable`
+/// (covers a takeover: [`LEASE_TTL`] and a catch-up).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(12);
+/// How long one attempt of a forwarded write waits for the writer's answer before it is sent
+/// again (a resend is answered as a duplicate): a writer paused or cut off is replaced within
+/// [`LEASE_TTL`], and the next attempt reaches the new one.
+pub const FORWARD_ATTEMPT: Duration = Duration::from_secs(2);
+/// How long a request to the NATS cluster may take before it fails.
+pub const NATS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a forwarding node waits for its own fold to hold a forwarded write before it
+/// answers anyway.
+pub const FOLD_WAIT: Duration = Duration::from_secs(5);
+/// How often each node publishes its lag per partition (for `cluster status`).
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// The partition a label value belongs to: the first 8 bytes of its BLAKE3 hash (little
+/// endian) modulo the number of partitions. Fixed: changing it would move budgets.
+pub fn partition_of(value: &str, partitions: u32) -> u32 {
+    let h = blake3::hash(value.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h.as_bytes()[..8]);
+    (u64::from_le_bytes(first) % u64::from(partitions.max(1))) as u32
+}
+
+/// Unix microseconds now (wall clock; for lag only, never for accounting).
+fn wall_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The stream in front of a partition's local copy, while this node writes the partition.
+type StreamSlot = Arc<Mutex<Option<JetStreamLog>>>;
+
+fn slot(s: &StreamSlot) -> std::sync::MutexGuard<'_, Option<JetStreamLog>> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A partition's store on this node: its local copy, and the stream while this node writes.
+pub struct PartitionStore {
+    local: SledLog,
+    stream: StreamSlot,
+    /// Events published to the stream and not yet acknowledged (appended to the local copy
+    /// once they are).
+    staged: Vec<Sealed>,
+    lease: Arc<Mutex<Option<Instant>>>,
+}
+
+impl PartitionStore {
+    fn lease_valid(&self) -> bool {
+        self.lease
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|until| Instant::now() < until)
+    }
+}
+
+impl LogStore for PartitionStore {
+    fn append(&mut self, sealed: &[Sealed]) -> Result<(), LogError> {
+        let valid = self.lease_valid();
+        let stream = self.stream.clone();
+        let mut stream = slot(&stream);
+        match stream.as_mut() {
+            Some(js) => {
+                if !valid {
+                    return Err(LogError::Refused {
+                        seq: sealed.first().map_or(0, |s| s.seq),
+                        reason: "this node's lease on the partition has ended".into(),
+                    });
+                }
+                js.append(sealed)?;
+                self.staged.extend_from_slice(sealed);
+                Ok(())
+            }
+            None => {
+                // Whatever was published and never acknowledged is not the log's.
+                self.staged.clear();
+                self.local.append(sealed)
+            }
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), LogError> {
+        let stream = self.stream.clone();
+        let mut stream = slot(&stream);
+        let staged = std::mem::take(&mut self.staged);
+        if let Some(js) = stream.as_mut() {
+            js.sync()?;
+            // Stored on a quorum: now the local copy.
+            self.local.append(&staged)?;
+        }
+        self.local.sync()
+    }
+
+    fn head(&self) -> Option<Head> {
+        match slot(&self.stream).as_ref() {
+            Some(js) => js.head(),
+            None => self.local.head(),
+        }
+    }
+
+    fn get_id(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
+        self.local.get_id(key)
+    }
+
+    fn has_ids(&self) -> bool {
+        false
+    }
+
+    fn read_from(
+        &self,
+        seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send + '_> {
+        self.local.read_from(seq)
+    }
+
+    fn put_snapshot(&mut self, seq: u64, bytes: &[u8]) -> Result<(), LogError> {
+        self.local.put_snapshot(seq, bytes)
+    }
+
+    fn latest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+        self.local.latest_snapshot()
+    }
+
+    fn snapshot_dir(&self) -> Option<PathBuf> {
+        self.local.snapshot_dir()
+    }
+}
+
+/// What a node runs a partition as.
+enum Role {
+    Follower {
+        stop: Arc<AtomicBool>,
+        thread: std::thread::JoinHandle<()>,
+    },
+    Writer {
+        held: Held,
+        writer: WriterHandle,
+        thread: std::thread::JoinHandle<()>,
+        forward: tokio::task::JoinHandle<()>,
+    },
+    Idle,
+}
+
+/// One partition on this node.
+pub struct Partition {
+    /// Its number.
+    pub index: u32,
+    /// Its stream (`<prefix>-p<N>`).
+    pub stream: String,
+    /// Its stream's subject.
+    pub subject: String,
+    /// Ledger and store.
+    pub shared: Arc<Shared>,
+    /// The writer, while this node holds the lease.
+    writer: Mutex<Option<WriterHandle>>,
+    role: Mutex<Role>,
+    lease: Arc<Mutex<Option<Instant>>>,
+    /// The stream slot of its store.
+    stream_slot: StreamSlot,
+    /// When (Unix µs) this node last knew its fold held the whole stream.
+    confirmed_at: AtomicI64,
+    /// The stream sequence of the last record folded (followers).
+    stream_seq: AtomicU64,
+}
+
+impl Partition {
+    /// How stale this node's fold of the partition may be (ms).
+    pub fn lag_ms(&self) -> u64 {
+        if self.is_writer() {
+            return 0;
+        }
+        let at = self.confirmed_at.load(Ordering::Relaxed);
+        u64::try_from((wall_micros() - at) / 1000).unwrap_or(0)
+    }
+
+    fn is_writer(&self) -> bool {
+        self.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+            && !self.shared.poisoned.load(Ordering::SeqCst)
+    }
+
+    fn confirm(&self) {
+        self.confirmed_at.store(wall_micros(), Ordering::Relaxed);
+    }
+
+    fn folded_to(&self, seq: u64) {
+        self.shared.durable.send_if_modified(|s| {
+            let moved = seq > *s;
+            *s = seq.max(*s);
+            moved
+        });
+    }
+
+    /// Wait (at most `within`) until this node's fold holds event `seq` (as a follower, or as
+    /// the writer it became meanwhile: both move `durable`).
+    async fn wait_folded(&self, seq: u64, within: Duration) -> bool {
+        let mut rx = self.shared.durable.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|s| *s >= seq))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// This node's view of the cluster.
+pub struct Cluster {
+    /// `[cluster]`.
+    pub settings: ClusterSettings,
+    /// The partitions, by number.
+    pub parts: Vec<Arc<Partition>>,
+    nats: Arc<Nats>,
+    client: async_nats::Client,
+    leases: Leases,
+    nodes: async_nats::jetstream::kv::Store,
+    config: Arc<crate::config::Config>,
+    clock: Clock,
+    stopping: AtomicBool,
+}
+
+fn shared_err(op: &'static str) -> impl Fn(String) -> LogError {
+    move |reason| LogError::Shared { op, reason }
+}
+
+impl Cluster {
+    /// Connect to NATS, open every partition's local copy and fold it, and follow every
+    /// partition. Leases are taken by [`Cluster::start_coordinator`].
+    pub fn open(
+        config: Arc<crate::config::Config>,
+        settings: ClusterSettings,
+        clock: Clock,
+    ) -> Result<Arc<Cluster>, crate::DaemonError> {
+        let start = |e: String| crate::DaemonError::Start(e);
+        let nats = Nats::connect(&settings.nats, NATS_TIMEOUT)
+            .map_err(|e| start(format!("cluster: cannot reach NATS: {e}")))?;
+        let replicas = settings.replicas as usize;
+        let leases = Leases::open(
+            nats.clone(),
+            &format!("{}-leases", settings.stream_prefix),
+            LEASE_TTL,
+            replicas,
+        )
+        .map_err(|e| start(format!("cluster: {e}")))?;
+        let nodes_bucket = format!("{}-nodes", settings.stream_prefix);
+        let nodes = nats
+            .retrying("open the nodes bucket", || async {
+                match nats.js.get_key_value(&nodes_bucket).await {
+                    Ok(kv) => Ok(kv),
+                    Err(_) => nats
+                        .js
+                        .create_key_value(async_nats::jetstream::kv::Config {
+                            bucket: nodes_bucket.clone(),
+                            history: 1,
+                            max_age: Duration::from_secs(3600),
+                            num_replicas: replicas,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| e.to_string()),
+                }
+            })
+            .map_err(|e| start(format!("cluster: {e}")))?;
+        let client = nats.js.client();
+        let mut parts = Vec::new();
+        for i in 0..settings.partitions {
+            let dir = config.data_dir.join(format!("p{i}"));
+            let local = crate::open_store(&dir)?;
+            let lease = Arc::new(Mutex::new(None));
+            let stream_slot: StreamSlot = Arc::new(Mutex::new(None));
+            let store = PartitionStore {
+                local,
+                stream: stream_slot.clone(),
+                staged: Vec::new(),
+                lease: lease.clone(),
+            };
+            let ledger = writer::recover(&store).map_err(|e| {
+                start(format!(
+                    "cluster: cannot rebuild partition {i} from its local copy {}: {e} (remove \
+                     the directory: the node follows the stream again)",
+                    dir.display()
+                ))
+            })?;
+            let shared = Arc::new(Shared::new(ledger, Box::new(store)));
+            parts.push(Arc::new(Partition {
+                index: i,
+                stream: format!("{}-p{i}", settings.stream_prefix),
+                subject: format!("{}.p{i}.log", settings.stream_prefix),
+                shared,
+                writer: Mutex::new(None),
+                role: Mutex::new(Role::Idle),
+                lease,
+                stream_slot,
+                confirmed_at: AtomicI64::new(0),
+                stream_seq: AtomicU64::new(0),
+            }));
+        }
+        let cluster = Arc::new(Cluster {
+            settings,
+            parts,
+            nats,
+            client,
+            leases,
+            nodes,
+            config,
+            clock,
+            stopping: AtomicBool::new(false),
+        });
+        for p in &cluster.parts {
+            cluster
+                .ensure_stream(p)
+                .map_err(|e| start(format!("cluster: {e}")))?;
+            cluster.follow(p);
+        }
+        Ok(cluster)
+    }
+
+    fn js_options(&self, p: &Partition) -> JetStreamOptions {
+        JetStreamOptions {
+            servers: self.settings.nats.clone(),
+            stream: p.stream.clone(),
+            subject: p.subject.clone(),
+            replicas: self.settings.replicas as usize,
+            snapshot_dir: self
+                .config
+                .data_dir
+                .join(format!("p{}", p.index))
+                .join("js-snapshots"),
+            timeout: NATS_TIMEOUT,
+        }
+    }
+
+    /// Create the partition's stream when it does not exist yet.
+    fn ensure_stream(&self, p: &Partition) -> Result<(), LogError> {
+        JetStreamLog::open_on(self.nats.clone(), self.js_options(p)).map(|_| ())
+    }
+
+    /// Start following `p` (it must not be written by this node).
+    fn follow(self: &Arc<Self>, p: &Arc<Partition>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, part, s) = (self.clone(), p.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("bursar-follow-p{}", p.index))
+            .spawn(move || c.follow_loop(&part, &s));
+        match thread {
+            Ok(thread) => {
+                *p.role.lock().unwrap_or_else(|e| e.into_inner()) = Role::Follower { stop, thread }
+            }
+            Err(e) => tracing::error!("partition {}: cannot start its follower: {e}", p.index),
+        }
+    }
+
+    /// Follow the stream until `stop`: (re)start an ordered consumer after the local head, fold
+    /// each record, confirm the lag.
+    fn follow_loop(&self, p: &Partition, stop: &AtomicBool) {
+        while !stop.load(Ordering::SeqCst) {
+            if let Err(e) = self.follow_once(p, stop) {
+                tracing::warn!("partition {}: following the stream: {e}; retrying", p.index);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+
+    fn follow_once(&self, p: &Partition, stop: &AtomicBool) -> Result<(), LogError> {
+        use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+        let rt = &self.nats.rt;
+        let err = shared_err("follow the stream");
+        let stream = rt
+            .block_on(async {
+                tokio::time::timeout(NATS_TIMEOUT, self.nats.js.get_stream(&p.stream)).await
+            })
+            .map_err(|_| err("no answer".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        let head = lock_store(&p.shared).head().map_or(0, |h| h.0);
+        let end = rt
+            .block_on(async { stream.get_info().await.map(|i| i.state.last_sequence) })
+            .map_err(|e| err(e.to_string()))?;
+        let start = rt.block_on(locate(&stream, head + 1, end))?;
+        let consumer = rt
+            .block_on(stream.create_consumer(OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start.max(1),
+                },
+                ..Default::default()
+            }))
+            .map_err(|e| err(e.to_string()))?;
+        let mut messages = rt
+            .block_on(consumer.messages())
+            .map_err(|e| err(e.to_string()))?;
+        let mut last_poll = Instant::now();
+        while !stop.load(Ordering::SeqCst) {
+            let next = rt.block_on(async {
+                tokio::time::timeout(Duration::from_millis(100), messages.next()).await
+            });
+            match next {
+                Ok(Some(Ok(msg))) => {
+                    let (sequence, pending) = match msg.info() {
+                        Ok(i) => (i.stream_sequence, i.pending),
+                        Err(e) => return Err(err(e.to_string())),
+                    };
+                    let key = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(SEQ_HEADER))
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .ok_or_else(|| LogError::Corrupt {
+                            seq: 0,
+                            reason: format!("stream sequence {sequence} has no {SEQ_HEADER}"),
+                        })?;
+                    self.fold_record(p, key, &msg.payload)?;
+                    p.stream_seq.store(sequence, Ordering::Relaxed);
+                    if pending == 0 {
+                        p.confirm();
+                        last_poll = Instant::now();
+                    }
+                }
+                Ok(Some(Err(e))) => return Err(err(e.to_string())),
+                Ok(None) => return Err(err("the consumer ended".into())),
+                Err(_) => {}
+            }
+            if last_poll.elapsed() >= Duration::from_millis(250) {
+                // Nothing new for a while: ask the stream's leader for its last record (only a
+                // leader with a quorum answers; a replica cut off from it does not), so the
+                // lag says how long this node has not known.
+                last_poll = Instant::now();
+                let last = rt.block_on(async {
+                    tokio::time::timeout(
+                        Duration::from_secs(1),
+                        stream.get_last_raw_message_by_subject(&p.subject),
+                    )
+                    .await
+                });
+                let folded = p.stream_seq.load(Ordering::Relaxed);
+                match last {
+                    Ok(Ok(m)) if m.sequence <= folded => p.confirm(),
+                    Ok(Err(e))
+                        if folded == 0
+                            && e.kind()
+                                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                    {
+                        p.confirm()
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Check one record of the stream, append it to the local copy and fold it.
+    fn fold_record(&self, p: &Partition, key: u64, bytes: &[u8]) -> Result<(), LogError> {
+        let head = lock_store(&p.shared).head().map_or(0, |h| h.0);
+        let envs: Vec<Envelope> =
+            RecordEnvelopes::new(std::iter::once(Ok((key, bytes.to_vec()))), head + 1)
+                .collect::<Result<_, _>>()?;
+        if envs.is_empty() {
+            return Ok(());
+        }
+        let sealed = crate::log::sealed_of(&envs)?;
+        {
+            let mut store = lock_store(&p.shared);
+            store.append(&sealed)?;
+            store.sync()?;
+        }
+        let last = {
+            let mut l = p.shared.ledger.write().unwrap_or_else(|e| e.into_inner());
+            for e in &envs {
+                l.apply(e.seq, e.ts, &e.body)
+                    .map_err(|e2| LogError::Refused {
+                        seq: e.seq,
+                        reason: format!("cannot fold: {e2}"),
+                    })?;
+            }
+            l.last_seq()
+        };
+        p.folded_to(last);
+        Ok(())
+    }
+
+    /// Stop following `p` (waits for its thread).
+    fn stop_following(&self, p: &Partition) {
+        let role = std::mem::replace(
+            &mut *p.role.lock().unwrap_or_else(|e| e.into_inner()),
+            Role::Idle,
+        );
+        match role {
+            Role::Follower { stop, thread } => {
+                stop.store(true, Ordering::SeqCst);
+                let _ = thread.join();
+            }
+            other => *p.role.lock().unwrap_or_else(|e| e.into_inner()) = other,
+        }
+    }
+
+    /// Become `p`'s writer with the lease `held`: catch up with the stream, put the stream in
+    /// front of the local copy, start the writer and the forward service.
+    fn take_over(self: &Arc<Self>, p: &Arc<Partition>, held: Held) -> Result<(), String> {
+        self.stop_following(p);
+        let result = (|| -> Result<(), String> {
+            let js = JetStreamLog::open_on(self.nats.clone(), self.js_options(p))
+                .map_err(|e| e.to_string())?;
+            {
+                let mut store = lock_store(&p.shared);
+                let mut folded = Vec::new();
+                crate::log::follow::catch_up(&js, store.as_mut(), |e| folded.push(e.clone()))
+                    .map_err(|e| e.to_string())?;
+                let mut l = p.shared.ledger.write().unwrap_or_else(|e| e.into_inner());
+                for e in &folded {
+                    l.apply(e.seq, e.ts, &e.body)
+                        .map_err(|e2| format!("cannot fold event {}: {e2}", e.seq))?;
+                }
+                if store.head() != js.head() {
+                    return Err("the local copy does not end where the stream does".into());
+                }
+                drop(l);
+                *p.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(held.valid_until);
+                *slot(&p.stream_slot) = Some(js);
+            }
+            let last = read_ledger(&p.shared).last_seq();
+            p.folded_to(last);
+            p.shared.poisoned.store(false, Ordering::SeqCst);
+            // The log's policy is the cluster's: a node's own file is applied only to a
+            // partition whose log has none yet (`reload` changes it everywhere).
+            let has_policy = read_ledger(&p.shared).policy_version() > 0;
+            let policy = (!has_policy).then_some(&self.config.policy);
+            let cfg = self.config.clone();
+            let reload = Arc::new(move || cfg.reload_policy().map_err(|e| e.to_string()));
+            let (handle, thread) =
+                writer::start_with(p.shared.clone(), policy, self.clock.clone(), reload)?;
+            let forward = self.nats.rt.spawn(serve_forwarded(
+                self.client.clone(),
+                p.clone(),
+                handle.clone(),
+                format!("{}.p{}.write", self.settings.stream_prefix, p.index),
+            ));
+            *p.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.clone());
+            *p.role.lock().unwrap_or_else(|e| e.into_inner()) = Role::Writer {
+                held,
+                writer: handle,
+                thread,
+                forward,
+            };
+            p.confirm();
+            tracing::info!("partition {}: this node is its writer", p.index);
+            Ok(())
+        })();
+        if result.is_err() {
+            *p.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.reset_to_local(p);
+            self.follow(p);
+        }
+        result
+    }
+
+    /// Drop the stream from `p`'s store and rebuild its ledger from the local copy when the
+    /// writer left it ahead of what was stored.
+    fn reset_to_local(&self, p: &Partition) {
+        let store = lock_store(&p.shared);
+        *slot(&p.stream_slot) = None;
+        let head = store.head().map_or(0, |h| h.0);
+        let dirty =
+            p.shared.poisoned.load(Ordering::SeqCst) || read_ledger(&p.shared).last_seq() != head;
+        if dirty {
+            match writer::recover(&**store) {
+                Ok(l) => {
+                    *p.shared.ledger.write().unwrap_or_else(|e| e.into_inner()) = l;
+                }
+                Err(e) => tracing::error!(
+                    "partition {}: cannot rebuild from the local copy: {e}",
+                    p.index
+                ),
+            }
+        }
+        p.shared.poisoned.store(false, Ordering::SeqCst);
+    }
+
+    /// Stop writing `p`: stop the forward service and the writer, give the lease back when
+    /// `release`, rebuild from the local copy, follow again (unless the node stops).
+    fn step_down(self: &Arc<Self>, p: &Arc<Partition>, release: bool) {
+        let role = std::mem::replace(
+            &mut *p.role.lock().unwrap_or_else(|e| e.into_inner()),
+            Role::Idle,
+        );
+        let Role::Writer {
+            held,
+            writer,
+            thread,
+            forward,
+        } = role
+        else {
+            *p.role.lock().unwrap_or_else(|e| e.into_inner()) = role;
+            return;
+        };
+        forward.abort();
+        *p.writer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let _ = writer.submit(Job::Shutdown);
+        drop(writer);
+        let _ = thread.join();
+        *p.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if release {
+            let _ = self.leases.release(held);
+        }
+        self.reset_to_local(p);
+        tracing::info!("partition {}: this node no longer writes it", p.index);
+        if !self.stopping.load(Ordering::SeqCst) {
+            self.follow(p);
+        }
+    }
+
+    /// Renew held leases, step down where one is lost or the writer failed, take free ones.
+    fn tick(self: &Arc<Self>) {
+        for p in &self.parts {
+            let mut lost = false;
+            {
+                let mut role = p.role.lock().unwrap_or_else(|e| e.into_inner());
+                if let Role::Writer { held, .. } = &mut *role {
+                    if p.shared.poisoned.load(Ordering::SeqCst) {
+                        lost = true;
+                    } else {
+                        match self.leases.renew(held) {
+                            Ok(true) => {
+                                *p.lease.lock().unwrap_or_else(|e| e.into_inner()) =
+                                    Some(held.valid_until);
+                                p.confirm();
+                            }
+                            Ok(false) => lost = true,
+                            Err(e) => {
+                                tracing::warn!("partition {}: renewing its lease: {e}", p.index);
+                                lost = !held.is_valid(Instant::now());
+                            }
+                        }
+                    }
+                    if !lost {
+                        continue;
+                    }
+                }
+            }
+            if lost {
+                tracing::warn!(
+                    "partition {}: lease lost or writer failed; stepping down",
+                    p.index
+                );
+                self.step_down(p, true);
+                continue;
+            }
+            match self
+                .leases
+                .try_acquire(&p.index.to_string(), &self.settings.node)
+            {
+                Ok(Some(held)) => {
+                    if let Err(e) = self.take_over(p, held) {
+                        tracing::warn!("partition {}: cannot take over: {e}", p.index);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!("partition {}: {e}", p.index),
+            }
+        }
+    }
+
+    /// Publish this node's fold and lag per partition (read by `cluster status`).
+    fn report(&self) {
+        let parts: Vec<Value> = self
+            .parts
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "partition": p.index,
+                    "folded_seq": read_ledger(&p.shared).last_seq(),
+                    "lag_ms": p.lag_ms(),
+                    "writer": p.is_writer(),
+                })
+            })
+            .collect();
+        let body = serde_json::json!({"at": wall_micros(), "partitions": parts}).to_string();
+        let node = self.settings.node.clone();
+        let _ = self.nats.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), self.nodes.put(node, body.into())).await
+        });
+    }
+
+    /// Run the coordinator until the node stops.
+    pub fn start_coordinator(self: &Arc<Self>) -> Result<std::thread::JoinHandle<()>, String> {
+        let c = self.clone();
+        std::thread::Builder::new()
+            .name("bursar-cluster".into())
+            .spawn(move || {
+                let mut last_report = Instant::now() - REPORT_EVERY;
+                while !c.stopping.load(Ordering::SeqCst) {
+                    c.tick();
+                    if last_report.elapsed() >= REPORT_EVERY {
+                        c.report();
+                        last_report = Instant::now();
+                    }
+                    std::thread::sleep(LEASE_TICK);
+                }
+            })
+            .map_err(|e| format!("cannot start the cluster thread: {e}"))
+    }
+
+    /// Stop: writers drain and give their leases back; followers stop.
+    pub fn stop(self: &Arc<Self>) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for p in &self.parts {
+            self.step_down(p, true);
+            self.stop_following(p);
+            let _ = lock_store(&p.shared).sync();
+        }
+    }
+
+    /// The partition a request with `labels` goes to.
+    pub fn partition_for_labels(
+        &self,
+        labels: Option<&bursar_schemas::Labels>,
+    ) -> Result<usize, WireError> {
+        let key = &self.settings.partition_by;
+        match labels.and_then(|l| l.get(key)) {
+            Some(v) => Ok(partition_of(v, self.settings.partitions) as usize),
+            None => Err(WireError::bad_field(
+                format!("labels.{key}"),
+                format!(
+                    "cluster mode: every request carries the partition label {key:?} \
+                     ([cluster] partition_by)"
+                ),
+            )),
+        }
+    }
+
+    /// The partition that knows reservation `rid`, if any does on this node.
+    fn partition_of_reservation(&self, rid: &str) -> Option<usize> {
+        self.parts.iter().position(|p| {
+            let l = read_ledger(&p.shared);
+            l.hold(rid).is_some() || l.ids().get(IdKind::Reservation, rid).is_some()
+        })
+    }
+
+    /// Where a write goes: its partition.
+    async fn route(&self, request: &Request) -> Result<usize, WireError> {
+        let (rid, labels) = match request {
+            Request::Record(r) => return self.partition_for_labels(Some(&r.labels)),
+            Request::Reserve(r) => return self.partition_for_labels(Some(&r.labels)),
+            Request::Observe(r) => return self.partition_for_labels(Some(&r.labels)),
+            Request::Commit(c) => (&c.reservation_id, c.labels.as_ref()),
+            Request::Release(r) => (&r.reservation_id, None),
+            Request::Extend(e) => (&e.reservation_id, None),
+            _ => return Ok(0),
+        };
+        // A reservation made through another node may not be folded here yet: wait a little.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            if let Some(i) = self.partition_of_reservation(rid) {
+                return Ok(i);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Unknown everywhere: its labels say where (a commit of an unknown hold records its
+        // usage); else any partition's writer answers `not_found`.
+        Ok(self.partition_for_labels(labels).unwrap_or(0))
+    }
+
+    /// A write, answered through this node: its partition's writer here, or forwarded.
+    pub async fn write(
+        self: Arc<Self>,
+        request: Request,
+        line: Vec<u8>,
+        actor: Actor,
+        req: Option<Value>,
+    ) -> String {
+        let i = match self.route(&request).await {
+            Ok(i) => i,
+            Err(e) => return Answer::Error(e).to_line(req),
+        };
+        let p = self.parts[i].clone();
+        let local = p.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(w) = local {
+            if let Some(cmd) = write_cmd(request) {
+                return local_write(&p, &w, cmd, actor, req).await;
+            }
+        }
+        self.forward(&p, line, actor, req).await
+    }
+
+    /// Send a write to the partition's writer over NATS; wait for this node's fold to hold it.
+    async fn forward(
+        &self,
+        p: &Partition,
+        line: Vec<u8>,
+        actor: Actor,
+        req: Option<Value>,
+    ) -> String {
+        let subject = format!("{}.p{}.write", self.settings.stream_prefix, p.index);
+        let deadline = Instant::now() + FORWARD_TIMEOUT;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            "Bursar-Actor",
+            format!("{}:{}:{}", actor.uid, actor.gid, actor.pid).as_str(),
+        );
+        let mut last_error = String::new();
+        while Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let request = async_nats::Request::new()
+                .payload(line.clone().into())
+                .headers(headers.clone())
+                .timeout(Some(left.min(FORWARD_ATTEMPT)));
+            match self.client.send_request(subject.clone(), request).await {
+                Ok(msg) => {
+                    let seq = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(SEQ_HEADER))
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    if seq > 0 && !p.wait_folded(seq, FOLD_WAIT).await {
+                        tracing::warn!(
+                            "partition {}: answered write {seq} not folded here within {FOLD_WAIT:?}",
+                            p.index
+                        );
+                    }
+                    return String::from_utf8_lossy(&msg.payload).into_owned();
+                }
+                Err(e) => {
+                    last_error = e.to_string();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        error_line(
+            ErrorCode::Unavailable,
+            format!(
+                "partition {}: no writer answered within {FORWARD_TIMEOUT:?} (no lease holder or \
+                 no quorum: {last_error}); the write may or may not be recorded: resend it with \
+                 the same id (a duplicate is answered as one)",
+                p.index
+            ),
+            req,
+        )
+    }
+
+    /// `reload` on every partition's writer (each re-reads its node's policy file).
+    pub async fn reload(self: Arc<Self>, actor: Actor, req: Option<Value>) -> String {
+        let mut answers = Vec::new();
+        for p in self.parts.clone() {
+            let local = p.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let line = match local {
+                Some(w) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let job = Job::Reload {
+                        policy: None,
+                        actor,
+                        req: None,
+                        reply: Some(tx),
+                    };
+                    match w.submit(job) {
+                        Ok(()) => rx.await.unwrap_or_else(|_| {
+                            error_line(ErrorCode::Unavailable, "the writer stopped", None)
+                        }),
+                        Err(code) => error_line(code, "the writer is not accepting jobs", None),
+                    }
+                }
+                None => {
+                    self.forward(&p, br#"{"op":"reload"}"#.to_vec(), actor, None)
+                        .await
+                }
+            };
+            answers.push(line);
+        }
+        // The first failure, else the first answer (every partition applied the same file).
+        let failed = answers.iter().position(|a| a.starts_with(r#"{"ok":false"#));
+        let chosen = answers
+            .get(failed.unwrap_or(0))
+            .cloned()
+            .unwrap_or_default();
+        match serde_json::from_str::<Value>(&chosen) {
+            Ok(Value::Object(mut m)) => {
+                m.insert("partitions".into(), Value::from(self.parts.len()));
+                if let Some(r) = req {
+                    m.insert("req".into(), r);
+                }
+                serde_json::to_string(&m).unwrap_or_default()
+            }
+            _ => error_line(ErrorCode::Internal, "no partition answered the reload", req),
+        }
+    }
+
+    /// `cluster_status`: each partition's lease holder and each node's fold and lag.
+    pub async fn status(self: Arc<Self>, req: Option<Value>) -> String {
+        let mut reports: Vec<(String, Value)> = Vec::new();
+        if let Ok(mut keys) = self.nodes.keys().await {
+            while let Some(Ok(k)) = keys.next().await {
+                if let Ok(Some(v)) = self.nodes.get(k.clone()).await {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&v) {
+                        reports.push((k, v));
+                    }
+                }
+            }
+        }
+        let now = wall_micros();
+        let mut partitions = Vec::new();
+        for p in &self.parts {
+            let kv = self.leases_kv_holder(p.index).await;
+            let nodes = reports
+                .iter()
+                .filter_map(|(node, v)| {
+                    let at = v["at"].as_i64()?;
+                    let part = v["partitions"]
+                        .as_array()?
+                        .iter()
+                        .find(|x| x["partition"] == p.index)?;
+                    Some(ClusterNodeLag {
+                        node: node.clone(),
+                        folded_seq: part["folded_seq"].as_u64().unwrap_or(0),
+                        lag_ms: part["lag_ms"].as_u64().unwrap_or(0),
+                        writer: part["writer"].as_bool().unwrap_or(false),
+                        reported_ms_ago: u64::try_from((now - at) / 1000).unwrap_or(0),
+                    })
+                })
+                .collect();
+            partitions.push(ClusterPartitionStatus {
+                partition: p.index,
+                stream: p.stream.clone(),
+                holder: kv.as_ref().map(|(h, _)| h.clone()),
+                lease_revision: kv.map(|(_, r)| r),
+                nodes,
+            });
+        }
+        serde_json::to_string(&ClusterStatusAnswer {
+            ok: true,
+            node: self.settings.node.clone(),
+            partition_by: self.settings.partition_by.clone(),
+            partitions,
+            req,
+        })
+        .unwrap_or_default()
+    }
+
+    async fn leases_kv_holder(&self, index: u32) -> Option<(String, u64)> {
+        let bucket = format!("{}-leases", self.settings.stream_prefix);
+        let kv = self.nats.js.get_key_value(&bucket).await.ok()?;
+        let e = kv.entry(index.to_string()).await.ok()??;
+        (e.operation == async_nats::jetstream::kv::Operation::Put)
+            .then(|| (String::from_utf8_lossy(&e.value).into_owned(), e.revision))
+    }
+
+    /// The directory of partition `i`'s local copy.
+    pub fn partition_dir(data_dir: &Path, i: u32) -> PathBuf {
+        data_dir.join(format!("p{i}"))
+    }
+}
+
+/// The stream sequence of the record holding event `seq` (the last record when the stream
+/// ends before it; 1 for an empty stream): a binary search over the records' first seqs.
+async fn locate(
+    stream: &async_nats::jetstream::stream::Stream,
+    seq: u64,
+    end: u64,
+) -> Result<u64, LogError> {
+    if end == 0 {
+        return Ok(1);
+    }
+    let first_of = |sequence: u64| async move {
+        let msg = stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| shared_err("read a record")(format!("stream sequence {sequence}: {e}")))?;
+        msg.headers
+            .get(SEQ_HEADER)
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .ok_or_else(|| LogError::Corrupt {
+                seq: 0,
+                reason: format!("stream sequence {sequence} has no {SEQ_HEADER}"),
+            })
+    };
+    if first_of(end).await? <= seq {
+        // In the last record, or past the stream's end: the last record is read again (the
+        // events the copy holds already are skipped).
+        return Ok(end);
+    }
+    let (mut lo, mut hi) = (1u64, end);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if first_of(mid).await? <= seq {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Ok(lo)
+}
+
+/// The writer-side command of a write request.
+fn write_cmd(request: Request) -> Option<WriteCmd> {
+    Some(match request {
+        Request::Record(r) => WriteCmd::Record(r),
+        Request::Reserve(r) => WriteCmd::Reserve(r),
+        Request::Commit(r) => WriteCmd::Commit(r),
+        Request::Release(r) => WriteCmd::Release(r),
+        Request::Extend(r) => WriteCmd::Extend(r),
+        Request::Observe(r) => WriteCmd::Observe(r),
+        _ => return None,
+    })
+}
+
+/// A write on this node's writer of `p`: its answer line.
+async fn local_write(
+    p: &Arc<Partition>,
+    w: &WriterHandle,
+    cmd: WriteCmd,
+    actor: Actor,
+    req: Option<Value>,
+) -> String {
+    let digest = cmd.digest();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = Job::Write {
+        cmd,
+        digest,
+        actor,
+        reply: tx,
+    };
+    if let Err(code) = w.submit(job) {
+        return error_line(code, "the partition's writer is not accepting writes", req);
+    }
+    let answer = rx.await.map(Outcome::render).unwrap_or_else(|_| {
+        Answer::Error(WireError::new(
+            ErrorCode::Unavailable,
+            "the partition's writer stopped before answering (it lost its lease); resend",
+        ))
+    });
+    match answer {
+        Answer::Duplicate { seq } => {
+            let shared = p.shared.clone();
+            tokio::task::spawn_blocking(move || crate::server::original_answer(&shared, seq, req))
+                .await
+                .unwrap_or_else(|_| error_line(ErrorCode::Internal, "internal error", None))
+        }
+        answer => answer.to_line(req),
+    }
+}
+
+/// The lease holder's side of forwarding: answer each forwarded write line with this node's
+/// writer of `p`, with the partition's durable seq in a header.
+async fn serve_forwarded(
+    client: async_nats::Client,
+    p: Arc<Partition>,
+    writer: WriterHandle,
+    subject: String,
+) {
+    let mut sub = match client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("partition {}: cannot serve forwarded writes: {e}", p.index);
+            return;
+        }
+    };
+    while let Some(msg) = sub.next().await {
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        let (client, p, writer) = (client.clone(), p.clone(), writer.clone());
+        tokio::spawn(async move {
+            let actor = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Bursar-Actor"))
+                .and_then(|v| {
+                    let mut it = v.as_str().split(':').map(|x| x.parse::<u32>().ok());
+                    Some(Actor {
+                        uid: it.next()??,
+                        gid: it.next()??,
+                        pid: it.next()??,
+                    })
+                })
+                .unwrap_or_default();
+            let line = match decode_request(&msg.payload) {
+                Err((e, req)) => Answer::Error(e).to_line(req),
+                Ok(d) => match d.request {
+                    Request::Reload => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let job = Job::Reload {
+                            policy: None,
+                            actor,
+                            req: d.req.clone(),
+                            reply: Some(tx),
+                        };
+                        match writer.submit(job) {
+                            Ok(()) => rx.await.unwrap_or_else(|_| {
+                                error_line(ErrorCode::Unavailable, "the writer stopped", None)
+                            }),
+                            Err(code) => error_line(code, "the writer is not accepting jobs", None),
+                        }
+                    }
+                    request => match write_cmd(request) {
+                        Some(cmd) => local_write(&p, &writer, cmd, actor, d.req).await,
+                        None => error_line(ErrorCode::BadRequest, "not a write", d.req),
+                    },
+                },
+            };
+            let durable = *p.shared.durable.borrow();
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(SEQ_HEADER, durable.to_string().as_str());
+            let _ = client
+                .publish_with_headers(reply, headers, line.into_bytes().into())
+                .await;
+        });
+    }
+}

@@ -1,0 +1,605 @@
+//! Cluster mode (SPEC §13, issue 15) end to end: three `bursard` nodes over a real 3-node NATS
+//! JetStream cluster (`sync_interval: always`), agents on every node sharing one budget.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bursar_tests::nats::{nats_server, NatsCluster};
+use bursar_tests::{Client, Daemon};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// One cluster at a time (three NATS servers and three daemons on two cores).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// $0.01 a day for org acme: 13 reservations of 750 µ$ fit (gpt-4o-mini, 1000 in + 1000 out).
+fn policy(urls: &[String], node: &str, prefix: &str) -> String {
+    let nats: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        r#"
+[cluster]
+nats = [{}]
+node = "{node}"
+partition_by = "org"
+partitions = 2
+replicas = 3
+stream_prefix = "{prefix}"
+
+[[budget]]
+id = "org-daily"
+group_by = ["org"]
+window = "fixed"
+window_seconds = 86400
+max_usd = 0.01
+"#,
+        nats.join(", ")
+    )
+}
+
+struct Nodes {
+    nodes: Vec<Daemon>,
+    nats: NatsCluster,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+/// Three nodes `a`, `b`, `c`, each with its own data dir and socket, once every partition has
+/// a writer; `None` (after saying why) where no nats-server can be had.
+fn start(prefix: &str) -> Option<Nodes> {
+    let turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(why) = nats_server() {
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let nats = NatsCluster::start(3).expect("a 3-node NATS cluster");
+    let urls = nats.urls();
+    let nodes: Vec<Daemon> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Daemon::start_with_config(&policy(&urls, n, prefix)))
+        .collect();
+    let cluster = Nodes {
+        nodes,
+        nats,
+        _turn: turn,
+    };
+    cluster.wait_for_writers(Duration::from_secs(30));
+    Some(cluster)
+}
+
+impl Nodes {
+    fn status(&self, i: usize) -> Value {
+        self.nodes[i].client().call(json!({"op": "cluster_status"}))
+    }
+
+    /// Wait until every partition has a holder that reports itself its writer.
+    fn wait_for_writers(&self, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].child.is_none() {
+                    continue;
+                }
+                let s = self.status(i);
+                let holders: Vec<Option<String>> = s["partitions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        let h = p["holder"].as_str()?;
+                        p["nodes"]
+                            .as_array()?
+                            .iter()
+                            .any(|n| {
+                                n["node"] == h
+                                    && n["writer"] == true
+                                    && n["reported_ms_ago"].as_u64().is_some_and(|ms| ms < 3000)
+                            })
+                            .then(|| h.to_string())
+                    })
+                    .collect();
+                if !holders.is_empty() && holders.iter().all(Option::is_some) {
+                    return holders.into_iter().flatten().collect();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no writer for every partition within {within:?}: {}\n{}",
+                self.status(0),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|d| {
+                let log = d.stderr();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+
+    fn index_of(&self, node: &str) -> usize {
+        ["a", "b", "c"].iter().position(|n| *n == node).unwrap()
+    }
+}
+
+fn reserve(id: &str, org: &str) -> Value {
+    json!({"op": "reserve", "reservation_id": id, "labels": {"org": org},
+           "model": "gpt-4o-mini", "estimate": {"input_tokens": 1000, "max_output_tokens": 1000}})
+}
+
+/// The org's budget as node `c` sees it: (spent, held).
+fn budget_of(c: &mut Client, org: &str) -> Option<(i64, i64)> {
+    let s = c.call(json!({"op": "status"}));
+    s["budgets"].as_array()?.iter().find_map(|b| {
+        (b["key"].as_str()?.contains(org)).then(|| {
+            (
+                b["spent_micros"].as_i64().unwrap_or(0),
+                b["held_micros"].as_i64().unwrap_or(0),
+            )
+        })
+    })
+}
+
+/// Every event of partition `p` in a stopped node's local copy, checked with `bursar verify`.
+fn local_copy(d: &Daemon, p: u32) -> Vec<Value> {
+    let dir = d.data_dir.join(format!("p{p}"));
+    let dir = dir.to_str().unwrap();
+    bursar_tests::bursar(&["--data-dir", dir, "verify"]).ok();
+    bursar_tests::bursar(&["--data-dir", dir, "--json", "export"])
+        .ok()
+        .json_lines()
+}
+
+#[test]
+fn racing_reservations_through_three_nodes_never_overspend_and_every_node_folds_the_same_log() {
+    let Some(mut cluster) = start("race") else {
+        return;
+    };
+    // 500 reservations for one budget from agents on all three nodes at once.
+    let allowed: Vec<(String, i64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..15)
+            .map(|t| {
+                let node = &cluster.nodes[t % 3];
+                s.spawn(move || {
+                    let mut c = node.client();
+                    let mut mine = Vec::new();
+                    for k in 0..34 {
+                        let n = t * 34 + k;
+                        if n >= 500 {
+                            break;
+                        }
+                        let id = format!("r{n}");
+                        let a = c.call(reserve(&id, "acme"));
+                        assert_eq!(a["ok"], true, "{a}");
+                        if a["decision"] == "allow" {
+                            mine.push((id, a["hold_micros"].as_i64().unwrap()));
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let held: i64 = allowed.iter().map(|(_, h)| h).sum();
+    assert_eq!(allowed[0].1, 750);
+    assert!(held <= 10_000, "overspent: {held} µ$ held of 10000");
+    assert_eq!(allowed.len(), 13, "the budget fills exactly");
+
+    // A resend through any node is a duplicate with the original's answer.
+    let first = cluster.nodes[0].client().call(reserve("dup", "beta"));
+    for i in 1..3 {
+        let again = cluster.nodes[i].client().call(reserve("dup", "beta"));
+        assert_eq!(again["duplicate"], true, "{again}");
+        assert_eq!(again["seq"], first["seq"]);
+    }
+
+    // Read-your-writes on each node's connection, writer or not.
+    for (i, d) in cluster.nodes.iter().enumerate() {
+        let mut c = d.client();
+        let org = format!("ryw{i}");
+        let before = budget_of(&mut c, &org).map_or(0, |b| b.0);
+        let r = c.call(bursar_tests::record(
+            &format!("e-ryw-{i}"),
+            json!({"org": org}),
+            "gpt-4o-mini",
+            1000,
+            0,
+        ));
+        assert_eq!(r["ok"], true, "{r}");
+        let after = budget_of(&mut c, &org).expect("the budget shows at once").0;
+        assert_eq!(after - before, 150, "node {i} reads its own write at once");
+        let check = c.call(
+            json!({"op": "check", "labels": {"org": org}, "model": "gpt-4o-mini",
+            "estimate": {"input_tokens": 1, "max_output_tokens": 1}}),
+        );
+        assert!(
+            check["lag_ms"].is_u64(),
+            "a check in cluster mode says its lag: {check}"
+        );
+    }
+
+    // Short holds expire; the writer appends each expiry once.
+    for k in 0..3 {
+        let mut r = reserve(&format!("short{k}"), "beta");
+        r["ttl_seconds"] = json!(1);
+        assert_eq!(cluster.nodes[k].client().call(r)["decision"], "allow");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let status = bursar_tests::bursar_command(&["cluster", "status"])
+        .env("BURSAR_SOCKET", &cluster.nodes[2].socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success() && text.contains("writer"), "{text}");
+
+    // Every node's copy of every partition: the same events, each chain verified.
+    let mut copies: BTreeMap<u32, Vec<Vec<Value>>> = BTreeMap::new();
+    for d in cluster.nodes.iter_mut() {
+        assert!(d.terminate().success());
+    }
+    for d in &cluster.nodes {
+        for p in 0..2 {
+            copies.entry(p).or_default().push(local_copy(d, p));
+        }
+    }
+    let mut expired = BTreeMap::new();
+    for (p, per_node) in &copies {
+        let longest = per_node.iter().map(Vec::len).max().unwrap();
+        for copy in per_node {
+            // A node stopped a moment before the last writer's final events may hold a prefix.
+            assert_eq!(
+                copy[..],
+                per_node[0][..copy.len().min(per_node[0].len())],
+                "partition {p}"
+            );
+            assert!(
+                copy.len() + 5 >= longest,
+                "partition {p}: a copy far behind"
+            );
+        }
+        let longest = per_node.iter().max_by_key(|c| c.len()).unwrap();
+        for e in longest {
+            if e["type"] == "reservation_expired" {
+                let id = e["body"]["reservation_expired"]["reservation_id"].to_string();
+                *expired.entry(id).or_insert(0) += 1;
+            }
+        }
+    }
+    let shorts: BTreeSet<&String> = expired.keys().filter(|k| k.contains("short")).collect();
+    assert_eq!(shorts.len(), 3, "{expired:?}");
+    assert!(
+        expired.values().all(|n| *n == 1),
+        "each expiry once: {expired:?}"
+    );
+    drop(cluster.nats);
+}
+
+/// What an agent saw acknowledged: `record`s (event ids) and allowed `reserve`s (ids).
+#[derive(Default)]
+struct Acked {
+    records: Vec<String>,
+    allowed: Vec<String>,
+}
+
+/// Agents on `nodes` writing until `stop`: records for orgs acme and beta, reserves for acme.
+fn agents(
+    sockets: &[(usize, std::path::PathBuf)],
+    round: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Acked {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = sockets
+            .iter()
+            .map(|(i, socket)| {
+                let i = *i;
+                s.spawn(move || {
+                    let mut acked = Acked::default();
+                    let Ok(mut c) = Client::connect(socket) else {
+                        return acked;
+                    };
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        n += 1;
+                        let id = format!("f{round}-{i}-{n}");
+                        let org = if n % 2 == 0 { "acme" } else { "beta" };
+                        let req = if n % 3 == 0 {
+                            reserve(&id, "acme")
+                        } else {
+                            bursar_tests::record(&id, json!({"org": org}), "gpt-4o-mini", 10, 0)
+                        };
+                        c.send(&req);
+                        let Some(a) = c.try_recv() else { break };
+                        if a["ok"] == true && req["op"] == "record" {
+                            acked.records.push(id);
+                        } else if a["decision"] == "allow" {
+                            acked.allowed.push(id);
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    acked
+                })
+            })
+            .collect();
+        let mut all = Acked::default();
+        for h in handles {
+            let a = h.join().unwrap();
+            all.records.extend(a.records);
+            all.allowed.extend(a.allowed);
+        }
+        all
+    })
+}
+
+/// How long until a record for `org` through node `via` is acknowledged.
+fn time_to_write(cluster: &Nodes, via: usize, org: &str, tag: &str) -> Duration {
+    let t = Instant::now();
+    let mut c = cluster.nodes[via].client();
+    for n in 0.. {
+        let a = c.call(bursar_tests::record(
+            &format!("probe-{tag}-{n}"),
+            json!({"org": org}),
+            "gpt-4o-mini",
+            10,
+            0,
+        ));
+        if a["ok"] == true {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no write within 60 s: {a}"
+        );
+    }
+    unreachable!()
+}
+
+/// The partition org `acme` lies in, and its writer.
+fn acme_writer(cluster: &Nodes) -> (usize, usize) {
+    cluster.wait_for_writers(Duration::from_secs(30));
+    let via = (0..3).find(|i| cluster.nodes[*i].child.is_some()).unwrap();
+    let s = cluster.status(via);
+    let p = cluster.nodes[via]
+        .client()
+        .call(reserve("where-acme", "acme"));
+    assert_eq!(p["ok"], true, "{p}");
+    // Both partitions' holders; acme's is whichever partition knows "where-acme".
+    let holders: Vec<String> = s["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["holder"].as_str().unwrap_or("").to_string())
+        .collect();
+    let acme_p = bursard::cluster::partition_of("acme", 2) as usize;
+    (acme_p, cluster.index_of(&holders[acme_p]))
+}
+
+#[test]
+fn faults_lose_no_acknowledged_write_never_overspend_and_fail_over_within_ten_seconds() {
+    let Some(mut cluster) = start("fault") else {
+        return;
+    };
+    let rounds: usize = std::env::var("BURSAR_CLUSTER_FAULT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut acked = Acked::default();
+    let mut failovers = Vec::new();
+    let kinds = [
+        "kill the writer",
+        "kill a follower",
+        "kill the stream leader",
+        "pause the writer",
+    ];
+    for round in 0..rounds * kinds.len() {
+        let kind = kinds[round % kinds.len()];
+        let (acme_p, writer) = acme_writer(&cluster);
+        let follower = (0..3).find(|i| *i != writer).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (victim, live): (Option<usize>, Vec<usize>) = match kind {
+            "kill the writer" | "pause the writer" => {
+                (Some(writer), (0..3).filter(|i| *i != writer).collect())
+            }
+            "kill a follower" => (Some(follower), (0..3).filter(|i| *i != follower).collect()),
+            _ => (None, (0..3).collect()),
+        };
+        let sockets: Vec<(usize, std::path::PathBuf)> = live
+            .iter()
+            .map(|i| (*i, cluster.nodes[*i].socket.clone()))
+            .collect();
+        let got = std::thread::scope(|s| {
+            let load = s.spawn(|| agents(&sockets, round, &stop));
+            std::thread::sleep(Duration::from_millis(300));
+            let t = Instant::now();
+            match kind {
+                "kill the writer" | "kill a follower" => {
+                    let pid = cluster.nodes[victim.unwrap()].child.as_ref().unwrap().id();
+                    let _ = std::process::Command::new("kill")
+                        .args(["-9", &pid.to_string()])
+                        .status();
+                }
+                "pause the writer" => cluster.nodes[writer].signal(19),
+                _ => {
+                    let leader = cluster
+                        .nats
+                        .stream_leader(&format!("fault-p{acme_p}"))
+                        .expect("the stream has a leader");
+                    cluster.nats.kill_node(leader);
+                }
+            }
+            eprintln!("{kind} at {:?}", std::time::SystemTime::now());
+            let via = live[0];
+            let took = time_to_write(&cluster, via, "acme", &format!("{round}"));
+            if kind == "kill the writer" || kind == "pause the writer" {
+                failovers.push((kind, took, t.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            load.join().unwrap()
+        });
+        acked.records.extend(got.records);
+        acked.allowed.extend(got.allowed);
+        // Heal: the paused writer resumes (it must not append: its lease is gone), killed
+        // processes come back and follow the streams again.
+        match kind {
+            "pause the writer" => {
+                cluster.nodes[writer].signal(18);
+                // Its next append is refused; it steps down and follows.
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            "kill the writer" | "kill a follower" => {
+                let v = victim.unwrap();
+                cluster.nodes[v].child = None;
+                cluster.nodes[v].spawn().expect("the node rejoins");
+            }
+            _ => {
+                for i in 0..3 {
+                    cluster.nats.start_node(i).unwrap();
+                }
+                cluster.nats.wait_ready(Duration::from_secs(30)).unwrap();
+            }
+        }
+    }
+    eprintln!("failovers: {failovers:?}");
+    for (kind, took, _) in &failovers {
+        assert!(
+            *took <= Duration::from_secs(10),
+            "{kind}: failover took {took:?}\n{}",
+            cluster.logs()
+        );
+    }
+    eprintln!("failovers: {failovers:?}");
+
+    // Every node folds the same: each answers status with the same budgets once caught up.
+    cluster.wait_for_writers(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let views: Vec<Value> = (0..3)
+            .map(|i| cluster.nodes[i].client().call(json!({"op": "status"}))["budgets"].clone())
+            .collect();
+        if views.iter().all(|v| *v == views[0]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the nodes' folds differ: {views:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for d in cluster.nodes.iter_mut() {
+        assert!(d.terminate().success());
+    }
+    // Nothing acknowledged was lost; the chains verify; the budget was never overspent.
+    let mut events: BTreeSet<String> = BTreeSet::new();
+    let mut allowed: BTreeSet<String> = BTreeSet::new();
+    for p in 0..2 {
+        let copies: Vec<Vec<Value>> = cluster.nodes.iter().map(|d| local_copy(d, p)).collect();
+        let longest = copies.iter().max_by_key(|c| c.len()).unwrap();
+        for c in &copies {
+            assert_eq!(c[..], longest[..c.len()], "partition {p}: the copies agree");
+        }
+        for e in longest {
+            if let Some(id) = e["body"]["usage_recorded"]["event_id"].as_str() {
+                events.insert(id.to_string());
+            }
+            if e["type"] == "reservation_created" {
+                allowed.insert(
+                    e["body"]["reservation_created"]["reservation_id"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    let lost: Vec<&String> = acked
+        .records
+        .iter()
+        .filter(|id| !events.contains(*id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged records lost: {lost:?}");
+    let lost: Vec<&String> = acked
+        .allowed
+        .iter()
+        .filter(|id| !allowed.contains(*id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged reservations lost: {lost:?}");
+    let acme: Vec<&String> = allowed
+        .iter()
+        .filter(|id| !id.starts_with("where"))
+        .collect();
+    assert!(
+        acme.len() <= 13,
+        "acme's $0.01 overspent: {} holds of 750 µ$",
+        acme.len()
+    );
+    assert!(
+        acked.records.len() > 20,
+        "the agents wrote through the faults"
+    );
+}
+
+#[test]
+fn without_a_quorum_writes_fail_closed_and_reads_say_how_stale_they_are() {
+    let Some(mut cluster) = start("quorum") else {
+        return;
+    };
+    let mut c = cluster.nodes[1].client();
+    let ok = c.call(bursar_tests::record(
+        "before",
+        json!({"org": "acme"}),
+        "gpt-4o-mini",
+        1000,
+        0,
+    ));
+    assert_eq!(ok["ok"], true, "{ok}");
+    // Two of the three NATS servers gone: no stream has a quorum.
+    cluster.nats.kill_node(0);
+    cluster.nats.kill_node(1);
+    for (i, d) in cluster.nodes.iter().enumerate() {
+        let mut c = d.client();
+        let a = c.call(bursar_tests::record(
+            &format!("no-quorum-{i}"),
+            json!({"org": "acme"}),
+            "gpt-4o-mini",
+            1000,
+            0,
+        ));
+        assert_eq!(a["ok"], false, "node {i} wrote without a quorum: {a}");
+        assert_eq!(a["error"]["code"], "unavailable", "{a}");
+    }
+    // Reads go on from each node's fold, saying how stale it may be.
+    std::thread::sleep(Duration::from_secs(2));
+    for (i, d) in cluster.nodes.iter().enumerate() {
+        let mut c = d.client();
+        let check = c.call(
+            json!({"op": "check", "labels": {"org": "acme"}, "model": "gpt-4o-mini",
+            "estimate": {"input_tokens": 1, "max_output_tokens": 1}}),
+        );
+        assert_eq!(check["ok"], true, "{check}");
+        assert!(
+            check["lag_ms"].as_u64().unwrap() >= 1000,
+            "node {i}: {check}"
+        );
+        let (spent, _) = budget_of(&mut c, "acme").unwrap();
+        assert_eq!(spent, 150, "node {i} still reads what was written");
+        let status = c.call(json!({"op": "status"}));
+        assert!(status["lag_ms"].as_u64().unwrap() >= 1000, "{status}");
+    }
+    // The quorum back: writes go on.
+    cluster.nats.start_node(0).unwrap();
+    cluster.nats.start_node(1).unwrap();
+    cluster.nats.wait_ready(Duration::from_secs(30)).unwrap();
+    let took = time_to_write(&cluster, 0, "acme", "after");
+    assert!(
+        took < Duration::from_secs(30),
+        "writes came back after {took:?}"
+    );
+}
