@@ -317,6 +317,18 @@ impl Cluster {
             })
             .map_err(|e| start(format!("cluster: {e}")))?;
         let client = nats.js.client();
+        // Created only once NATS answered: a node that cannot reach it writes nothing.
+        if !config.data_dir.exists() {
+            std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+                start(format!(
+                    "cannot create data dir {}: {e}",
+                    config.data_dir.display()
+                ))
+            })?;
+            use std::os::unix::fs::PermissionsExt;
+            let _ =
+                std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
+        }
         let mut parts = Vec::new();
         for i in 0..settings.partitions {
             let dir = config.data_dir.join(format!("p{i}"));

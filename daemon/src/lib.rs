@@ -354,15 +354,6 @@ fn run_cluster(
     install_signals: bool,
     stop_tx: tokio::sync::watch::Sender<bool>,
 ) -> Result<(), DaemonError> {
-    if !config.data_dir.exists() {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-            DaemonError::Start(format!(
-                "cannot create data dir {}: {e}",
-                config.data_dir.display()
-            ))
-        })?;
-        let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
-    }
     if config.policy.daemon.metrics_listen.is_some() {
         tracing::warn!("cluster mode: metrics_listen is not served yet (issue 15)");
     }

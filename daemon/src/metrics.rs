@@ -345,9 +345,23 @@ fn outcome_of(line: &str) -> &'static str {
 }
 
 /// The ops of SPEC §6 (label values of `op`).
-const OPS: [&str; 14] = [
-    "hello", "record", "reserve", "check", "commit", "release", "extend", "status", "tail",
-    "export", "replay", "report", "verify", "reload",
+const OPS: [&str; 16] = [
+    "hello",
+    "record",
+    "reserve",
+    "check",
+    "commit",
+    "release",
+    "extend",
+    "status",
+    "tail",
+    "export",
+    "replay",
+    "report",
+    "verify",
+    "reload",
+    "observe",
+    "cluster_status",
 ];
 
 /// The op an invalid request line names, when it is one of [`OPS`]; else `invalid` (only
