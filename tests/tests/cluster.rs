@@ -603,3 +603,47 @@ fn without_a_quorum_writes_fail_closed_and_reads_say_how_stale_they_are() {
         "writes came back after {took:?}"
     );
 }
+
+#[test]
+fn reload_on_one_node_applies_the_new_policy_to_every_partition_on_every_node() {
+    let Some(cluster) = start("reload") else {
+        return;
+    };
+    // The new file deployed to every node, then one `reload` through one of them.
+    let urls = cluster.nats.urls();
+    for (i, d) in cluster.nodes.iter().enumerate() {
+        let text =
+            policy(&urls, ["a", "b", "c"][i], "reload").replace("max_usd = 0.01", "max_usd = 0.02");
+        std::fs::write(d.config.as_ref().unwrap(), text).unwrap();
+    }
+    let answer = cluster.nodes[2].client().call(json!({"op": "reload"}));
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["partitions"], 2, "{answer}");
+    assert_eq!(answer["policy_version"], 2, "{answer}");
+    // An org on each partition.
+    let orgs: Vec<String> = (0..2)
+        .map(|p| {
+            (0..)
+                .map(|n| format!("org{n}"))
+                .find(|o| bursard::cluster::partition_of(o, 2) == p)
+                .unwrap()
+        })
+        .collect();
+    for (i, d) in cluster.nodes.iter().enumerate() {
+        for org in &orgs {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let check = d.client().call(json!({"op": "check", "labels": {"org": org},
+                    "model": "gpt-4o-mini", "estimate": {"input_tokens": 1, "max_output_tokens": 1}}));
+                if check["budgets"][0]["limit_micros"] == 20_000 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {i}, org {org}: still the old limit: {check}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
