@@ -1420,13 +1420,22 @@ fn cluster_status(mut c: Client, json: bool, out: &mut dyn Write) -> Res<u8> {
                 .unwrap_or("none (no lease holder: writes are unavailable)")
         )?;
         for n in &p.nodes {
+            let fold_lag = match (n.fold_lag_p50_us, n.fold_lag_p99_us) {
+                (Some(p50), Some(p99)) => format!(
+                    "  follower lag p50 {:.1} ms p99 {:.1} ms",
+                    p50 as f64 / 1000.0,
+                    p99 as f64 / 1000.0
+                ),
+                _ => String::new(),
+            };
             writeln!(
                 out,
-                "  {:<20} folded to seq {:<10} lag {} ms{}{}",
+                "  {:<20} folded to seq {:<10} lag {} ms{}{}{}",
                 n.node,
                 n.folded_seq,
                 n.lag_ms,
                 if n.writer { "  (writer)" } else { "" },
+                fold_lag,
                 if n.reported_ms_ago > 5000 {
                     format!("  (last report {} s ago)", n.reported_ms_ago / 1000)
                 } else {

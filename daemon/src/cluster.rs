@@ -217,6 +217,9 @@ pub struct Partition {
     confirmed_at: AtomicI64,
     /// The stream sequence of the last record folded (followers).
     stream_seq: AtomicU64,
+    /// Follower lag (µs): from the record's storage in the stream (its leader's timestamp) to
+    /// its fold here, for records that arrived once this node had caught up.
+    fold_lag: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 impl Partition {
@@ -360,6 +363,10 @@ impl Cluster {
                 stream_slot,
                 confirmed_at: AtomicI64::new(0),
                 stream_seq: AtomicU64::new(0),
+                fold_lag: Mutex::new(
+                    hdrhistogram::Histogram::new(3)
+                        .map_err(|e| start(format!("cluster: a histogram: {e}")))?,
+                ),
             }));
         }
         let cluster = Arc::new(Cluster {
@@ -455,14 +462,20 @@ impl Cluster {
             .block_on(consumer.messages())
             .map_err(|e| err(e.to_string()))?;
         let mut last_poll = Instant::now();
+        // Lag is counted once this follower holds the whole stream (a catch-up is not lag).
+        let mut live = false;
         while !stop.load(Ordering::SeqCst) {
             let next = rt.block_on(async {
                 tokio::time::timeout(Duration::from_millis(100), messages.next()).await
             });
             match next {
                 Ok(Some(Ok(msg))) => {
-                    let (sequence, pending) = match msg.info() {
-                        Ok(i) => (i.stream_sequence, i.pending),
+                    let (sequence, pending, published_us) = match msg.info() {
+                        Ok(i) => (
+                            i.stream_sequence,
+                            i.pending,
+                            i64::try_from(i.published.unix_timestamp_nanos() / 1000).unwrap_or(0),
+                        ),
                         Err(e) => return Err(err(e.to_string())),
                     };
                     let key = msg
@@ -476,8 +489,17 @@ impl Cluster {
                         })?;
                     self.fold_record(p, key, &msg.payload)?;
                     p.stream_seq.store(sequence, Ordering::Relaxed);
+                    if live {
+                        let lag = u64::try_from(wall_micros() - published_us).unwrap_or(0);
+                        let _ = p
+                            .fold_lag
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .record(lag);
+                    }
                     if pending == 0 {
                         p.confirm();
+                        live = true;
                         last_poll = Instant::now();
                     }
                 }
@@ -499,13 +521,17 @@ impl Cluster {
                 });
                 let folded = p.stream_seq.load(Ordering::Relaxed);
                 match last {
-                    Ok(Ok(m)) if m.sequence <= folded => p.confirm(),
+                    Ok(Ok(m)) if m.sequence <= folded => {
+                        p.confirm();
+                        live = true;
+                    }
                     Ok(Err(e))
                         if folded == 0
                             && e.kind()
                                 == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
                     {
-                        p.confirm()
+                        p.confirm();
+                        live = true;
                     }
                     _ => {}
                 }
@@ -731,11 +757,16 @@ impl Cluster {
             .parts
             .iter()
             .map(|p| {
+                let h = p.fold_lag.lock().unwrap_or_else(|e| e.into_inner());
+                let q = |q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q));
                 serde_json::json!({
                     "partition": p.index,
                     "folded_seq": read_ledger(&p.shared).last_seq(),
                     "lag_ms": p.lag_ms(),
                     "writer": p.is_writer(),
+                    "fold_lag_p50_us": q(0.5),
+                    "fold_lag_p99_us": q(0.99),
+                    "fold_lag_records": h.len(),
                 })
             })
             .collect();
@@ -982,6 +1013,9 @@ impl Cluster {
                         lag_ms: part["lag_ms"].as_u64().unwrap_or(0),
                         writer: part["writer"].as_bool().unwrap_or(false),
                         reported_ms_ago: u64::try_from((now - at) / 1000).unwrap_or(0),
+                        fold_lag_p50_us: part["fold_lag_p50_us"].as_u64(),
+                        fold_lag_p99_us: part["fold_lag_p99_us"].as_u64(),
+                        fold_lag_records: part["fold_lag_records"].as_u64().unwrap_or(0),
                     })
                 })
                 .collect();

@@ -850,6 +850,16 @@ pub struct ClusterNodeLag {
     /// How long ago it reported (nodes report every second; a node that stopped reporting is
     /// down or cut off).
     pub reported_ms_ago: u64,
+    /// Follower lag, median (µs): from a record's storage in the stream to its fold on this
+    /// node, over the records that reached it since it started and caught up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold_lag_p50_us: Option<u64>,
+    /// Follower lag, 99th percentile (µs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold_lag_p99_us: Option<u64>,
+    /// Records the lag figures are over.
+    #[serde(default)]
+    pub fold_lag_records: u64,
 }
 
 /// Answer to `status`.
