@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod churn;
+mod cluster;
 mod load;
 mod logbench;
 mod procs;
@@ -54,6 +55,8 @@ enum Cmd {
     Startup(Opts),
     /// Memory per active bucket.
     Memory(Opts),
+    /// Cluster mode: three nodes over a 3-node NATS cluster, one partition (issue 15).
+    Cluster(Opts),
     /// RSS of a daemon while a million sessions churn through many short windows (SPEC §5,
     /// live scopes): it must stay flat.
     Churn {
@@ -256,7 +259,8 @@ fn run(cmd: Cmd) -> Result<(), String> {
         | Cmd::Ceiling(o)
         | Cmd::Replay(o)
         | Cmd::Startup(o)
-        | Cmd::Memory(o) => o.clone(),
+        | Cmd::Memory(o)
+        | Cmd::Cluster(o) => o.clone(),
     };
     print_machine();
     let redis = redis_bin(&opts);
@@ -283,6 +287,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::Replay(o) => log_figures(&o, true, false, &mut report)?,
         Cmd::Startup(o) => log_figures(&o, true, true, &mut report)?,
         Cmd::Memory(o) => memory(&o, &mut report)?,
+        Cmd::Cluster(o) => cluster::cluster(&o, &mut report)?,
         Cmd::Policy { .. } | Cmd::MemoryLedger { .. } | Cmd::Churn { .. } => {}
     }
     report.print();
