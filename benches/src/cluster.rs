@@ -64,6 +64,79 @@ fn writer_of(nodes: &[Proc], names: &[&str], within: Duration) -> Result<usize, 
     }
 }
 
+/// A connection that sends a line and reads its answer.
+struct Conn(std::io::BufReader<std::os::unix::net::UnixStream>);
+
+impl Conn {
+    fn open(socket: &std::path::Path) -> Result<Conn, String> {
+        let s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
+        Ok(Conn(std::io::BufReader::new(s)))
+    }
+
+    fn call(&mut self, line: &str) -> Result<String, String> {
+        use std::io::{BufRead, Write};
+        let s = self.0.get_mut();
+        s.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+        s.write_all(b"\n").map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        self.0.read_line(&mut answer).map_err(|e| e.to_string())?;
+        Ok(answer)
+    }
+}
+
+/// Visibility lag: a `record` for a new org acknowledged by the writer, then `check` on the
+/// follower, back to back, until the follower's fold shows it. Returns the lags (µs) from the
+/// writer's acknowledgement to the first answer that shows the write, every `every` until
+/// `stop`.
+fn visibility_probe(
+    writer: &std::path::Path,
+    follower: &std::path::Path,
+    tag: u32,
+    every: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Vec<u64>, String> {
+    let (mut w, mut f) = (Conn::open(writer)?, Conn::open(follower)?);
+    let mut lags = Vec::new();
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        n += 1;
+        let labels = format!(r#"{{"org":"probe{tag}-{n}","team":"t","user":"u","session":"s"}}"#);
+        let a = w.call(&format!(
+            r#"{{"op":"record","event_id":"probe-{tag}-{n}","labels":{labels},"model":"gpt-4o-mini","usage":{{"input_tokens":1000,"output_tokens":0}}}}"#
+        ))?;
+        let acked = Instant::now();
+        if !a.starts_with(r#"{"ok":true"#) {
+            continue;
+        }
+        let check = format!(
+            r#"{{"op":"check","labels":{labels},"model":"gpt-4o-mini","estimate":{{"input_tokens":1,"max_output_tokens":1}}}}"#
+        );
+        loop {
+            let c = f.call(&check)?;
+            if c.contains(r#""spent_micros":150"#) {
+                lags.push(u64::try_from(acked.elapsed().as_micros()).unwrap_or(u64::MAX));
+                break;
+            }
+            if acked.elapsed() > Duration::from_secs(10) {
+                return Err(format!(
+                    "probe {n} not visible on the follower within 10 s: {c}"
+                ));
+            }
+        }
+        std::thread::sleep(every);
+    }
+    Ok(lags)
+}
+
+fn quantile_us(v: &mut [u64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v[i.min(v.len() - 1)] as f64
+}
+
 /// The worse follower's lag (p50, p99 in µs, its name), as the followers report it.
 fn follower_lag(writer: &Proc) -> Option<(u64, u64, String)> {
     let s = status(writer)?;
@@ -158,15 +231,36 @@ pub fn cluster(o: &Opts, report: &mut Report) -> Result<(), String> {
             mix: Mix::Record,
             threads: o.client_threads,
         };
-        let res = load::run(
-            &target(&nodes[writer], run_tag + 10 + k as u32),
-            nodes[writer].pid(),
-            &[g],
-            o.scopes,
-            o.warmup(),
-            o.duration(),
-            o.seed,
-        )?;
+        let follower_socket = nodes[(0..3).find(|i| *i != writer).unwrap_or(0)]
+            .socket
+            .clone();
+        let writer_socket = nodes[writer].socket.clone();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (res, probe) = std::thread::scope(|s| {
+            let probe = s.spawn(|| {
+                std::thread::sleep(o.warmup());
+                visibility_probe(
+                    &writer_socket,
+                    &follower_socket,
+                    run_tag + k as u32,
+                    Duration::from_millis(20),
+                    &stop,
+                )
+            });
+            let res = load::run(
+                &target(&nodes[writer], run_tag + 10 + k as u32),
+                nodes[writer].pid(),
+                &[g],
+                o.scopes,
+                o.warmup(),
+                o.duration(),
+                o.seed,
+            );
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            (res, probe.join())
+        });
+        let res = res?;
+        let mut lags = probe.map_err(|_| "the probe panicked".to_string())??;
         std::thread::sleep(Duration::from_millis(1500));
         let got = rate_of(&res, 0, record);
         println!(
@@ -174,6 +268,23 @@ pub fn cluster(o: &Opts, report: &mut Report) -> Result<(), String> {
             fmt_rate(rate),
             fmt_rate(got),
             res.groups[0].skipped
+        );
+        let (v50, v99) = (quantile_us(&mut lags, 0.5), quantile_us(&mut lags, 0.99));
+        println!(
+            "  visible on a follower after the writer's ack: p50 {:.2} ms, p99 {:.2} ms over {} probes",
+            v50 / 1000.0,
+            v99 / 1000.0,
+            lags.len()
+        );
+        report.add(
+            &format!(
+                "cluster: a write visible on a follower after the writer's ack, p50 / p99, at {} records/s",
+                fmt_rate(got)
+            ),
+            "p99 ≤ 10 ms (issue 15: follower lag)",
+            format!("{:.2} / {:.2} ms", v50 / 1000.0, v99 / 1000.0),
+            None,
+            None,
         );
         if let Some((p50, p99, name)) = follower_lag(&nodes[writer]) {
             report.add(

@@ -104,6 +104,9 @@ pub struct PartitionStore {
     /// once they are).
     staged: Vec<Sealed>,
     lease: Arc<Mutex<Option<Instant>>>,
+    /// Wakes the coordinator when an append or sync to the stream fails (the writer is then
+    /// poisoned; its ledger may hold the failed batch until the node steps down).
+    wake: crossbeam_channel::Sender<()>,
 }
 
 impl PartitionStore {
@@ -128,7 +131,10 @@ impl LogStore for PartitionStore {
                         reason: "this node's lease on the partition has ended".into(),
                     });
                 }
-                js.append(sealed)?;
+                if let Err(e) = js.append(sealed) {
+                    let _ = self.wake.try_send(());
+                    return Err(e);
+                }
                 self.staged.extend_from_slice(sealed);
                 Ok(())
             }
@@ -145,7 +151,10 @@ impl LogStore for PartitionStore {
         let mut stream = slot(&stream);
         let staged = std::mem::take(&mut self.staged);
         if let Some(js) = stream.as_mut() {
-            js.sync()?;
+            if let Err(e) = js.sync() {
+                let _ = self.wake.try_send(());
+                return Err(e);
+            }
             // Stored on a quorum: now the local copy.
             self.local.append(&staged)?;
         }
@@ -280,6 +289,8 @@ pub struct Cluster {
     config: Arc<crate::config::Config>,
     clock: Clock,
     stopping: AtomicBool,
+    /// Woken by a partition store whose stream append failed.
+    wake: crossbeam_channel::Receiver<()>,
 }
 
 fn shared_err(op: &'static str) -> impl Fn(String) -> LogError {
@@ -337,6 +348,7 @@ impl Cluster {
             let _ =
                 std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
         }
+        let (wake_tx, wake) = crossbeam_channel::bounded(1);
         let mut parts = Vec::new();
         for i in 0..settings.partitions {
             let dir = config.data_dir.join(format!("p{i}"));
@@ -348,6 +360,7 @@ impl Cluster {
                 stream: stream_slot.clone(),
                 staged: Vec::new(),
                 lease: lease.clone(),
+                wake: wake_tx.clone(),
             };
             let ledger = writer::recover(&store).map_err(|e| {
                 start(format!(
@@ -384,6 +397,7 @@ impl Cluster {
             config,
             clock,
             stopping: AtomicBool::new(false),
+            wake,
         });
         for p in &cluster.parts {
             cluster
@@ -732,10 +746,11 @@ impl Cluster {
         drop(writer);
         let _ = thread.join();
         *p.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // The ledger back to what the stream holds before anything that may wait on NATS.
+        self.reset_to_local(p);
         if release {
             let _ = self.leases.release(held);
         }
-        self.reset_to_local(p);
         tracing::info!("partition {}: this node no longer writes it", p.index);
         if !self.stopping.load(Ordering::SeqCst) {
             self.follow(p);
@@ -744,6 +759,17 @@ impl Cluster {
 
     /// Renew held leases, step down where one is lost or the writer failed, take free ones.
     fn tick(self: &Arc<Self>) {
+        // Failed writers first: their ledgers may hold what the stream refused.
+        for p in &self.parts {
+            let failed = matches!(
+                *p.role.lock().unwrap_or_else(|e| e.into_inner()),
+                Role::Writer { .. }
+            ) && p.shared.poisoned.load(Ordering::SeqCst);
+            if failed {
+                tracing::warn!("partition {}: its writer failed; stepping down", p.index);
+                self.step_down(p, true);
+            }
+        }
         for p in &self.parts {
             let mut lost = false;
             {
@@ -832,7 +858,9 @@ impl Cluster {
                         c.report();
                         last_report = Instant::now();
                     }
-                    std::thread::sleep(LEASE_TICK);
+                    // A failed writer wakes this at once: its partition's ledger may hold the
+                    // batch the stream refused until the node steps down and rebuilds it.
+                    let _ = c.wake.recv_timeout(LEASE_TICK);
                 }
             })
             .map_err(|e| format!("cannot start the cluster thread: {e}"))

@@ -21,6 +21,10 @@ use async_nats::jetstream::kv;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Longest a take or renewal of a lease may wait for the servers: a node's coordinator renews
+/// every lease it holds in turn, and must come back to step down a failed writer at once.
+const LEASE_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The part of the TTL a holder does not count on (its view ends this much before the entry's
 /// age-out).
 const SAFETY_MARGIN_DIVISOR: u32 = 5;
@@ -94,10 +98,18 @@ impl Leases {
     /// Take the partition's lease when nobody holds it; `None` while another node does.
     pub fn try_acquire(&self, partition: &str, node: &str) -> Result<Option<Held>, LogError> {
         let sent = Instant::now();
-        let created = self
-            .nats
-            .rt
-            .block_on(self.kv.create(partition, node.to_string().into()));
+        let created = self.nats.rt.block_on(async {
+            tokio::time::timeout(
+                LEASE_REQUEST_TIMEOUT,
+                self.kv.create(partition, node.to_string().into()),
+            )
+            .await
+        });
+        let Ok(created) = created else {
+            return Err(shared("take a lease")(format!(
+                "{partition}: no answer within {LEASE_REQUEST_TIMEOUT:?}"
+            )));
+        };
         match created {
             Ok(revision) => Ok(Some(Held {
                 partition: partition.to_string(),
@@ -114,11 +126,20 @@ impl Leases {
     /// `held` is no longer valid.
     pub fn renew(&self, held: &mut Held) -> Result<bool, LogError> {
         let sent = Instant::now();
-        let updated = self.nats.rt.block_on(self.kv.update(
-            &held.partition,
-            held.node.clone().into(),
-            held.revision,
-        ));
+        let updated = self.nats.rt.block_on(async {
+            tokio::time::timeout(
+                LEASE_REQUEST_TIMEOUT,
+                self.kv
+                    .update(&held.partition, held.node.clone().into(), held.revision),
+            )
+            .await
+        });
+        let Ok(updated) = updated else {
+            return Err(shared("renew a lease")(format!(
+                "{}: no answer within {LEASE_REQUEST_TIMEOUT:?}",
+                held.partition
+            )));
+        };
         match updated {
             Ok(revision) => {
                 held.revision = revision;
@@ -136,13 +157,21 @@ impl Leases {
     /// Give a held lease up at once (a node that stops), so another takes over without waiting
     /// for the TTL. A lease already lost is left alone.
     pub fn release(&self, held: Held) -> Result<(), LogError> {
-        self.nats
-            .rt
-            .block_on(
+        let deleted = self.nats.rt.block_on(async {
+            tokio::time::timeout(
+                LEASE_REQUEST_TIMEOUT,
                 self.kv
                     .delete_expect_revision(&held.partition, Some(held.revision)),
             )
-            .map_err(|e| shared("release a lease")(format!("{}: {e}", held.partition)))
+            .await
+        });
+        match deleted {
+            Ok(r) => r.map_err(|e| shared("release a lease")(format!("{}: {e}", held.partition))),
+            Err(_) => Err(shared("release a lease")(format!(
+                "{}: no answer within {LEASE_REQUEST_TIMEOUT:?} (it ages out)",
+                held.partition
+            ))),
+        }
     }
 
     /// The partition's holder and its revision, if anybody holds it.
