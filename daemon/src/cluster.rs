@@ -146,6 +146,14 @@ impl LogStore for PartitionStore {
         }
     }
 
+    fn append_record(&mut self, key: u64, bytes: &[u8], envs: &[Envelope]) -> Result<(), LogError> {
+        if slot(&self.stream).is_some() {
+            return self.append(&crate::log::sealed_of(envs)?);
+        }
+        self.staged.clear();
+        self.local.append_record(key, bytes, envs)
+    }
+
     fn sync(&mut self) -> Result<(), LogError> {
         let stream = self.stream.clone();
         let mut stream = slot(&stream);
@@ -601,7 +609,7 @@ impl Cluster {
                 if envs.is_empty() {
                     continue;
                 }
-                store.append(&crate::log::sealed_of(&envs)?)?;
+                store.append_record(*key, bytes, &envs)?;
                 folded.extend(envs);
             }
             if sync {

@@ -49,6 +49,16 @@ pub trait LogStore: Send {
     /// unchanged.
     fn append(&mut self, sealed: &[Sealed]) -> Result<(), LogError>;
 
+    /// Append one record stored elsewhere (a follower's copy of a shared log): `bytes` as the
+    /// record holds them, `envs` its events, decoded and checked against those bytes (their
+    /// hashes) by the caller. They must continue the head, as in [`append`](LogStore::append).
+    /// The default seals the events again and appends them; a store that keeps records as
+    /// bytes stores these verbatim (no second encoding and compression of each event).
+    fn append_record(&mut self, key: u64, bytes: &[u8], envs: &[Envelope]) -> Result<(), LogError> {
+        let _ = (key, bytes);
+        self.append(&sealed_of(envs)?)
+    }
+
     /// Make everything appended (and every snapshot put) so far durable.
     fn sync(&mut self) -> Result<(), LogError>;
 

@@ -376,6 +376,24 @@ impl LogStore for SledLog {
         Ok(())
     }
 
+    fn append_record(&mut self, key: u64, bytes: &[u8], envs: &[Envelope]) -> Result<(), LogError> {
+        // Verbatim only when the events are the whole record stored under its first seq.
+        if envs.first().map(|e| e.seq) != Some(key) {
+            return self.append(&super::sealed_of(envs)?);
+        }
+        super::check_continues(self.head, envs)?;
+        let value = sled::IVec::from(bytes);
+        self.log
+            .insert(seq_key(key), value.clone())
+            .map_err(storage("append a record"))?;
+        if self.recent.len() == RECENT_RECORDS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((key, value));
+        self.head = super::head_of(envs);
+        Ok(())
+    }
+
     /// sled `flush()` (which ends in `sync_file_range`, short of the device cache), then
     /// `fdatasync` of every blob file sled wrote since the last sync (and of the blobs dir when
     /// there were new ones), then `fdatasync` of the data file `<dir>/db`.
@@ -680,4 +698,52 @@ pub fn write_snapshot_file(dir: &Path, seq: u64, bytes: &[u8]) -> Result<(), Log
         let _ = std::fs::remove_file(dir.join(snapshot_file_name(old)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod append_record_tests {
+    use super::*;
+    use crate::log::testing::write_sample_batches;
+    use crate::log::verify_chain;
+
+    /// A follower's copy takes each record of the shared log verbatim: the same bytes under the
+    /// same key, the head moved, the chain intact; a record that does not continue the head is
+    /// refused and leaves the copy as it was.
+    #[test]
+    fn a_copy_stores_records_verbatim_and_refuses_one_that_does_not_continue_it() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut shared = SledLog::open(a.path()).unwrap();
+        write_sample_batches(&mut shared, &[3, 40, 1]);
+        let records: Vec<(u64, Vec<u8>)> = shared
+            .log
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (key_seq(&k).unwrap(), v.to_vec())
+            })
+            .collect();
+        let mut copy = SledLog::open(b.path()).unwrap();
+        // The second record first: it does not continue an empty copy.
+        let (k1, b1) = &records[1];
+        let envs1 = crate::log::decode_at(*k1, b1).unwrap();
+        assert!(matches!(
+            copy.append_record(*k1, b1, &envs1),
+            Err(LogError::Refused { .. })
+        ));
+        assert_eq!(copy.head(), None);
+        for (k, bytes) in &records {
+            let envs = crate::log::decode_at(*k, bytes).unwrap();
+            copy.append_record(*k, bytes, &envs).unwrap();
+        }
+        copy.sync().unwrap();
+        assert_eq!(copy.head(), shared.head());
+        assert_eq!(verify_chain(&copy).unwrap().0, 44);
+        for (k, bytes) in &records {
+            assert_eq!(
+                copy.log.get(seq_key(*k)).unwrap().unwrap().to_vec(),
+                *bytes,
+                "record {k} stored as the shared log holds it"
+            );
+        }
+    }
 }
