@@ -59,6 +59,8 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(12);
 /// again (a resend is answered as a duplicate): a writer paused or cut off is replaced within
 /// [`LEASE_TTL`], and the next attempt reaches the new one.
 pub const FORWARD_ATTEMPT: Duration = Duration::from_secs(2);
+/// Pause before a forwarded write is sent again after an `unavailable` answer.
+pub const FORWARD_RETRY: Duration = Duration::from_millis(200);
 /// How long a request to the NATS cluster may take before it fails.
 pub const NATS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a forwarding node waits for its own fold to hold a forwarded write before it
@@ -69,6 +71,11 @@ pub const FOLLOW_BATCH_RECORDS: usize = 256;
 /// How often a follower syncs its local copy (the stream holds every record; a copy that lost
 /// its last records in a crash follows them again).
 pub const FOLLOW_SYNC_EVERY: Duration = Duration::from_millis(1000);
+/// A node whose last report is older than this is not counted among the live ones when the
+/// writers are shared out.
+pub const LIVE_REPORT_AGE: Duration = Duration::from_secs(3);
+/// Most often a node gives a lease back to even out the writers.
+pub const REBALANCE_EVERY: Duration = Duration::from_secs(5);
 /// How often each node publishes its lag per partition (for `cluster status`).
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -239,6 +246,8 @@ pub struct Partition {
     confirmed_at: AtomicI64,
     /// The stream sequence of the last record folded (followers).
     stream_seq: AtomicU64,
+    /// Since when this node has seen the lease free while at its fair share.
+    free_since: Mutex<Option<Instant>>,
     /// Follower lag (µs): from the record's storage in the stream (its leader's timestamp) to
     /// its fold here, for records that arrived once this node had caught up.
     fold_lag: Mutex<hdrhistogram::Histogram<u64>>,
@@ -299,6 +308,10 @@ pub struct Cluster {
     stopping: AtomicBool,
     /// Woken by a partition store whose stream append failed.
     wake: crossbeam_channel::Receiver<()>,
+    /// Nodes (this one included) that reported in the last [`LIVE_REPORT_AGE`].
+    live_nodes: std::sync::atomic::AtomicUsize,
+    /// When this node last gave a lease back to even out the writers.
+    last_rebalance: Mutex<Instant>,
 }
 
 fn shared_err(op: &'static str) -> impl Fn(String) -> LogError {
@@ -389,6 +402,7 @@ impl Cluster {
                 stream_slot,
                 confirmed_at: AtomicI64::new(0),
                 stream_seq: AtomicU64::new(0),
+                free_since: Mutex::new(None),
                 fold_lag: Mutex::new(
                     hdrhistogram::Histogram::new(3)
                         .map_err(|e| start(format!("cluster: a histogram: {e}")))?,
@@ -406,6 +420,8 @@ impl Cluster {
             clock,
             stopping: AtomicBool::new(false),
             wake,
+            live_nodes: std::sync::atomic::AtomicUsize::new(1),
+            last_rebalance: Mutex::new(Instant::now()),
         });
         for p in &cluster.parts {
             cluster
@@ -750,7 +766,7 @@ impl Cluster {
         };
         forward.abort();
         *p.writer.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let _ = writer.submit(Job::Shutdown);
+        let _ = writer.submit(Job::Handover);
         drop(writer);
         let _ = thread.join();
         *p.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -812,6 +828,9 @@ impl Cluster {
                 self.step_down(p, true);
                 continue;
             }
+            if !self.may_take(p) {
+                continue;
+            }
             match self
                 .leases
                 .try_acquire(&p.index.to_string(), &self.settings.node)
@@ -824,6 +843,76 @@ impl Cluster {
                 Ok(None) => {}
                 Err(e) => tracing::debug!("partition {}: {e}", p.index),
             }
+        }
+        self.rebalance();
+    }
+
+    /// Partitions this node writes now.
+    fn held(&self) -> usize {
+        self.parts
+            .iter()
+            .filter(|q| {
+                matches!(
+                    *q.role.lock().unwrap_or_else(|e| e.into_inner()),
+                    Role::Writer { .. }
+                )
+            })
+            .count()
+    }
+
+    /// This node's fair share of the partitions' writers: all of them divided among the nodes
+    /// that reported in the last few seconds, rounded up.
+    fn fair_share(&self) -> usize {
+        let live = self.live_nodes.load(Ordering::Relaxed).max(1);
+        (self.parts.len()).div_ceil(live)
+    }
+
+    /// Whether to try for `p`'s free lease: when under its fair share, or when the lease has
+    /// been free for two TTLs (no node under its share took it).
+    fn may_take(&self, p: &Partition) -> bool {
+        let mut free_since = p.free_since.lock().unwrap_or_else(|e| e.into_inner());
+        if self.held() < self.fair_share() {
+            *free_since = None;
+            return true;
+        }
+        match self.leases.holder_now(&p.index.to_string()) {
+            Ok(Some(_)) | Err(_) => {
+                *free_since = None;
+                false
+            }
+            Ok(None) => {
+                let since = *free_since.get_or_insert_with(Instant::now);
+                since.elapsed() >= 2 * LEASE_TTL
+            }
+        }
+    }
+
+    /// Give one lease back (at most every [`REBALANCE_EVERY`]) while this node writes more
+    /// than its fair share: a node under its share takes it within a tick.
+    fn rebalance(self: &Arc<Self>) {
+        let mut last = self
+            .last_rebalance
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() < REBALANCE_EVERY || self.held() <= self.fair_share() {
+            return;
+        }
+        *last = Instant::now();
+        drop(last);
+        let writing = self.parts.iter().rev().find(|q| {
+            matches!(
+                *q.role.lock().unwrap_or_else(|e| e.into_inner()),
+                Role::Writer { .. }
+            )
+        });
+        if let Some(p) = writing {
+            tracing::info!(
+                "partition {}: giving its lease back ({} writers here, fair share {})",
+                p.index,
+                self.held(),
+                self.fair_share()
+            );
+            self.step_down(p, true);
         }
     }
 
@@ -848,9 +937,36 @@ impl Cluster {
             .collect();
         let body = serde_json::json!({"at": wall_micros(), "partitions": parts}).to_string();
         let node = self.settings.node.clone();
-        let _ = self.nats.rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(1), self.nodes.put(node, body.into())).await
+        let now = wall_micros();
+        let live = self.nats.rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.nodes.put(node, body.into()))
+                .await;
+            tokio::time::timeout(Duration::from_secs(1), async {
+                let mut live = 0usize;
+                let mut keys = self.nodes.keys().await.ok()?;
+                while let Some(Ok(k)) = keys.next().await {
+                    let fresh = self
+                        .nodes
+                        .get(k)
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|v| serde_json::from_slice::<Value>(&v).ok())
+                        .and_then(|v| v["at"].as_i64())
+                        .is_some_and(|at| {
+                            now - at < i64::try_from(LIVE_REPORT_AGE.as_micros()).unwrap_or(0)
+                        });
+                    live += usize::from(fresh);
+                }
+                Some(live)
+            })
+            .await
+            .ok()
+            .flatten()
         });
+        if let Some(live) = live {
+            self.live_nodes.store(live.max(1), Ordering::Relaxed);
+        }
     }
 
     /// Run the coordinator until the node stops.
@@ -949,14 +1065,23 @@ impl Cluster {
             Ok(i) => i,
             Err(e) => return Answer::Error(e).to_line(req),
         };
+        // A reserve that waits in line (`wait_ms`) is answered that much later.
+        let waits = match &request {
+            Request::Reserve(r) => Duration::from_millis(r.wait_ms.unwrap_or(0)),
+            _ => Duration::ZERO,
+        };
         let p = self.parts[i].clone();
         let local = p.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(w) = local {
             if let Some(cmd) = write_cmd(request) {
-                return local_write(&p, &w, cmd, actor, req).await;
+                let line = local_write(&p, &w, cmd, actor, req.clone()).await;
+                if !is_unavailable(&line) {
+                    return line;
+                }
+                // This node stopped writing the partition meanwhile: the next writer answers.
             }
         }
-        self.forward(&p, line, actor, req).await
+        self.forward(&p, line, actor, req, waits).await
     }
 
     /// Send a write to the partition's writer over NATS; wait for this node's fold to hold it.
@@ -966,9 +1091,10 @@ impl Cluster {
         line: Vec<u8>,
         actor: Actor,
         req: Option<Value>,
+        waits: Duration,
     ) -> String {
         let subject = format!("{}.p{}.write", self.settings.stream_prefix, p.index);
-        let deadline = Instant::now() + FORWARD_TIMEOUT;
+        let deadline = Instant::now() + FORWARD_TIMEOUT + waits;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             "Bursar-Actor",
@@ -980,7 +1106,7 @@ impl Cluster {
             let request = async_nats::Request::new()
                 .payload(line.clone().into())
                 .headers(headers.clone())
-                .timeout(Some(left.min(FORWARD_ATTEMPT)));
+                .timeout(Some(left.min(FORWARD_ATTEMPT + waits)));
             match self.client.send_request(subject.clone(), request).await {
                 Ok(msg) => {
                     let seq = msg
@@ -995,7 +1121,15 @@ impl Cluster {
                             p.index
                         );
                     }
-                    return String::from_utf8_lossy(&msg.payload).into_owned();
+                    let line = String::from_utf8_lossy(&msg.payload).into_owned();
+                    if is_unavailable(&line) && Instant::now() + FORWARD_RETRY < deadline {
+                        // A writer that failed or handed over: the next one answers (a resend
+                        // of a recorded write is a duplicate).
+                        last_error = line;
+                        tokio::time::sleep(FORWARD_RETRY).await;
+                        continue;
+                    }
+                    return line;
                 }
                 Err(e) => {
                     last_error = e.to_string();
@@ -1037,8 +1171,14 @@ impl Cluster {
                     }
                 }
                 None => {
-                    self.forward(&p, br#"{"op":"reload"}"#.to_vec(), actor, None)
-                        .await
+                    self.forward(
+                        &p,
+                        br#"{"op":"reload"}"#.to_vec(),
+                        actor,
+                        None,
+                        Duration::ZERO,
+                    )
+                    .await
                 }
             };
             answers.push(line);
@@ -1167,6 +1307,11 @@ async fn locate(
         }
     }
     Ok(lo)
+}
+
+/// Whether an answer line is an `unavailable` error.
+fn is_unavailable(line: &str) -> bool {
+    line.starts_with(r#"{"ok":false"#) && line.contains(r#""code":"unavailable""#)
 }
 
 /// The writer-side command of a write request.

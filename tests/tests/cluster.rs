@@ -30,6 +30,12 @@ group_by = ["org"]
 window = "fixed"
 window_seconds = 86400
 max_usd = 0.01
+
+[[budget]]
+id = "gpu"
+match = {{ pool = "gpu" }}
+group_by = ["org"]
+max_concurrent = 1
 "#,
         nats.join(", ")
     )
@@ -192,6 +198,20 @@ fn racing_reservations_through_three_nodes_never_overspend_and_every_node_folds_
     assert_eq!(allowed[0].1, 750);
     assert!(held <= 10_000, "overspent: {held} µ$ held of 10000");
     assert_eq!(allowed.len(), 13, "the budget fills exactly");
+
+    // The writers spread over the nodes: two partitions, three nodes, two different writers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let holders = cluster.wait_for_writers(Duration::from_secs(30));
+        if holders[0] != holders[1] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one node still writes both partitions: {holders:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // A resend through any node is a duplicate with the original's answer.
     let first = cluster.nodes[0].client().call(reserve("dup", "beta"));
@@ -662,4 +682,48 @@ fn reload_on_one_node_applies_the_new_policy_to_every_partition_on_every_node() 
             }
         }
     }
+}
+
+#[test]
+fn a_reserve_waiting_in_line_through_a_follower_gets_its_slot_after_longer_than_a_forward_may_take()
+{
+    let Some(cluster) = start("wait") else {
+        return;
+    };
+    let (_, writer) = acme_writer(&cluster);
+    let follower = (0..3).find(|i| *i != writer).unwrap();
+    let gpu = |id: &str, wait_ms: Option<u64>| {
+        let mut r = json!({"op": "reserve", "reservation_id": id,
+            "labels": {"org": "acme", "pool": "gpu"}, "model": "gpt-4o-mini",
+            "estimate": {"input_tokens": 1, "max_output_tokens": 1}});
+        if let Some(w) = wait_ms {
+            r["wait_ms"] = json!(w);
+        }
+        r
+    };
+    let first = cluster.nodes[writer].client().call(gpu("slot-1", None));
+    assert_eq!(first["decision"], "allow", "{first}");
+    let waiter = cluster.nodes[follower].socket.clone();
+    let waited = std::thread::spawn(move || {
+        let t = Instant::now();
+        let a = Client::connect(&waiter)
+            .unwrap()
+            .call(gpu("slot-2", Some(30_000)));
+        (a, t.elapsed())
+    });
+    // Longer than a forwarded write may take without `wait_ms` (12 s).
+    std::thread::sleep(Duration::from_secs(13));
+    let released = cluster.nodes[writer]
+        .client()
+        .call(json!({"op": "release", "reservation_id": "slot-1"}));
+    assert_eq!(released["ok"], true, "{released}");
+    let (answer, took) = waited.join().unwrap();
+    assert_eq!(answer["decision"], "allow", "{answer}");
+    // (`waited_ms` counts from its arrival at the writer that decided it: a writer that hands
+    // the partition over meanwhile sends it to the next one, where it waits again.)
+    assert!(answer["waited_ms"].is_u64(), "{answer}");
+    assert!(
+        took >= Duration::from_secs(13),
+        "answered after {took:?}: {answer}"
+    );
 }

@@ -185,6 +185,27 @@ impl Leases {
         }))
     }
 
+    /// [`holder`](Leases::holder), asked once and given at most 1 s (a node's coordinator asks
+    /// while it decides whether to take a free lease; an error means: unknown).
+    pub fn holder_now(&self, partition: &str) -> Result<Option<(String, u64)>, LogError> {
+        let entry = self.nats.rt.block_on(async {
+            tokio::time::timeout(LEASE_REQUEST_TIMEOUT, self.kv.entry(partition)).await
+        });
+        let entry = match entry {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => return Err(shared("read a lease")(format!("{partition}: {e}"))),
+            Err(_) => {
+                return Err(shared("read a lease")(format!(
+                    "{partition}: no answer within {LEASE_REQUEST_TIMEOUT:?}"
+                )))
+            }
+        };
+        Ok(entry.and_then(|e| {
+            (e.operation == kv::Operation::Put)
+                .then(|| (String::from_utf8_lossy(&e.value).into_owned(), e.revision))
+        }))
+    }
+
     /// The lease's time to live.
     pub fn ttl(&self) -> Duration {
         self.ttl

@@ -198,6 +198,10 @@ pub enum Job {
     },
     /// Finish the queue, sync, and stop.
     Shutdown,
+    /// Cluster mode: finish the queue and stop, as another node takes the partition over:
+    /// whoever waits in line is answered `unavailable` (nothing appended for them), so that
+    /// their resend reaches the next writer.
+    Handover,
 }
 
 /// State shared between the writer and the readers.
@@ -411,8 +415,13 @@ impl Writer {
                     }
                 }
             }
-            if let Some(pos) = jobs.iter().position(|j| matches!(j, Job::Shutdown)) {
+            let mut handover = false;
+            if let Some(pos) = jobs
+                .iter()
+                .position(|j| matches!(j, Job::Shutdown | Job::Handover))
+            {
                 stop = true;
+                handover = matches!(jobs[pos], Job::Handover);
                 // Jobs after Shutdown in this batch are still served; Shutdown itself is dropped.
                 jobs.remove(pos);
             }
@@ -422,10 +431,20 @@ impl Writer {
                 let rest: Vec<Job> = self
                     .rx
                     .try_iter()
-                    .filter(|j| !matches!(j, Job::Shutdown))
+                    .filter(|j| !matches!(j, Job::Shutdown | Job::Handover))
                     .collect();
                 if !rest.is_empty() {
                     self.process(rest);
+                }
+                if handover {
+                    for w in self.waiters.take() {
+                        let _ = w.reply.send(Outcome::Answer(Answer::Error(WireError::new(
+                            ErrorCode::Unavailable,
+                            "the partition's writer moved to another node while this waited; \
+                             resend it (nothing was recorded for it)",
+                        ))));
+                    }
+                    self.shared.waiting.store(0, Ordering::Relaxed);
                 }
                 // Whoever still waits in line gets the decision of now (a deny is appended).
                 self.finish_waiters();
@@ -505,7 +524,7 @@ impl Writer {
             }
             for job in jobs {
                 match job {
-                    Job::Shutdown => {}
+                    Job::Shutdown | Job::Handover => {}
                     Job::Write { reply, .. } if poisoned => {
                         let _ = reply.send(Outcome::Answer(unavailable()));
                     }
