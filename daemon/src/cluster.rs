@@ -66,6 +66,9 @@ pub const NATS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a forwarding node waits for its own fold to hold a forwarded write before it
 /// answers anyway.
 pub const FOLD_WAIT: Duration = Duration::from_secs(5);
+/// How long a follower waits on a consumer that delivers nothing while the stream holds more
+/// before it makes the consumer again.
+pub const FOLLOW_STALL: Duration = Duration::from_secs(1);
 /// Most records a follower takes from its consumer in one batch.
 pub const FOLLOW_BATCH_RECORDS: usize = 256;
 /// How often a follower syncs its local copy (the stream holds every record; a copy that lost
@@ -508,6 +511,8 @@ impl Cluster {
         // Lag is counted once this follower holds the whole stream (a catch-up is not lag).
         let mut live = false;
         let mut last_sync = Instant::now();
+        // Since when the stream has held records past this fold with none arriving.
+        let mut behind_since: Option<Instant> = None;
         while !stop.load(Ordering::SeqCst) {
             // The first record (waiting up to 100 ms), then every record already delivered: one
             // batch, folded under one lock. (One record at a time, each synced, left the
@@ -556,6 +561,7 @@ impl Cluster {
                     last_sync = Instant::now();
                 }
                 p.stream_seq.store(sequence, Ordering::Relaxed);
+                behind_since = None;
                 if live {
                     let now = wall_micros();
                     let mut h = p.fold_lag.lock().unwrap_or_else(|e| e.into_inner());
@@ -590,6 +596,21 @@ impl Cluster {
                     Ok(Ok(m)) if m.sequence <= folded => {
                         p.confirm();
                         live = true;
+                        behind_since = None;
+                    }
+                    Ok(Ok(_)) => {
+                        // The stream holds more and nothing arrives: a consumer that stalled
+                        // (its server or the stream's leader changed) is made again from the
+                        // copy's head rather than waited out.
+                        let since = *behind_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= FOLLOW_STALL {
+                            tracing::warn!(
+                                "partition {}: the stream holds more than this node folded and \
+                                 nothing arrived for {FOLLOW_STALL:?}: following it again",
+                                p.index
+                            );
+                            return Ok(());
+                        }
                     }
                     Ok(Err(e))
                         if folded == 0
