@@ -27,7 +27,7 @@
 //!   ([`partition_of`]); `commit`, `release` and `extend` go to the partition that knows the
 //!   reservation.
 
-use crate::log::jetstream::{JetStreamLog, JetStreamOptions, Nats, SEQ_HEADER};
+use crate::log::jetstream::{seq_header, JetStreamLog, JetStreamOptions, Nats, SEQ_HEADER};
 use crate::log::lease::{Held, Leases};
 use crate::log::{Head, LogError, LogStore, RecordEnvelopes, SledLog};
 use crate::writer::{
@@ -542,15 +542,7 @@ impl Cluster {
                 let published_us =
                     i64::try_from(i.published.unix_timestamp_nanos() / 1000).unwrap_or(0);
                 let (sequence, pending) = (i.stream_sequence, i.pending);
-                let key = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(SEQ_HEADER))
-                    .and_then(|v| v.as_str().parse::<u64>().ok())
-                    .ok_or_else(|| LogError::Corrupt {
-                        seq: 0,
-                        reason: format!("stream sequence {sequence} has no {SEQ_HEADER}"),
-                    })?;
+                let key = seq_header(msg.headers.as_ref(), sequence)?;
                 caught_up = pending == 0;
                 records.push((key, msg.payload.to_vec(), sequence, published_us));
             }
@@ -1130,12 +1122,7 @@ impl Cluster {
                 .timeout(Some(left.min(FORWARD_ATTEMPT + waits)));
             match self.client.send_request(subject.clone(), request).await {
                 Ok(msg) => {
-                    let seq = msg
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(SEQ_HEADER))
-                        .and_then(|v| v.as_str().parse::<u64>().ok())
-                        .unwrap_or(0);
+                    let seq = seq_header(msg.headers.as_ref(), 0).unwrap_or(0);
                     if seq > 0 && !p.wait_folded(seq, FOLD_WAIT).await {
                         tracing::warn!(
                             "partition {}: answered write {seq} not folded here within {FOLD_WAIT:?}",
@@ -1176,21 +1163,7 @@ impl Cluster {
         for p in self.parts.clone() {
             let local = p.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let line = match local {
-                Some(w) => {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let job = Job::Reload {
-                        policy: None,
-                        actor,
-                        req: None,
-                        reply: Some(tx),
-                    };
-                    match w.submit(job) {
-                        Ok(()) => rx.await.unwrap_or_else(|_| {
-                            error_line(ErrorCode::Unavailable, "the writer stopped", None)
-                        }),
-                        Err(code) => error_line(code, "the writer is not accepting jobs", None),
-                    }
-                }
+                Some(w) => reload_on(&w, actor, None).await,
                 None => {
                     self.forward(
                         &p,
@@ -1305,13 +1278,7 @@ async fn locate(
             .get_raw_message(sequence)
             .await
             .map_err(|e| shared_err("read a record")(format!("stream sequence {sequence}: {e}")))?;
-        msg.headers
-            .get(SEQ_HEADER)
-            .and_then(|v| v.as_str().parse::<u64>().ok())
-            .ok_or_else(|| LogError::Corrupt {
-                seq: 0,
-                reason: format!("stream sequence {sequence} has no {SEQ_HEADER}"),
-            })
+        seq_header(Some(&msg.headers), sequence)
     };
     if first_of(end).await? <= seq {
         // In the last record, or past the stream's end: the last record is read again (the
@@ -1328,6 +1295,24 @@ async fn locate(
         }
     }
     Ok(lo)
+}
+
+/// `reload` on this node's writer of a partition (it reads this node's policy file again): the
+/// answer line.
+async fn reload_on(writer: &WriterHandle, actor: Actor, req: Option<Value>) -> String {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = Job::Reload {
+        policy: None,
+        actor,
+        req: req.clone(),
+        reply: Some(tx),
+    };
+    match writer.submit(job) {
+        Ok(()) => rx
+            .await
+            .unwrap_or_else(|_| error_line(ErrorCode::Unavailable, "the writer stopped", req)),
+        Err(code) => error_line(code, "the writer is not accepting jobs", req),
+    }
 }
 
 /// Whether an answer line is an `unavailable` error.
@@ -1421,21 +1406,7 @@ async fn serve_forwarded(
             let line = match decode_request(&msg.payload) {
                 Err((e, req)) => Answer::Error(e).to_line(req),
                 Ok(d) => match d.request {
-                    Request::Reload => {
-                        let (tx, rx) = tokio::sync::oneshot::channel();
-                        let job = Job::Reload {
-                            policy: None,
-                            actor,
-                            req: d.req.clone(),
-                            reply: Some(tx),
-                        };
-                        match writer.submit(job) {
-                            Ok(()) => rx.await.unwrap_or_else(|_| {
-                                error_line(ErrorCode::Unavailable, "the writer stopped", None)
-                            }),
-                            Err(code) => error_line(code, "the writer is not accepting jobs", None),
-                        }
-                    }
+                    Request::Reload => reload_on(&writer, actor, d.req).await,
                     request => match write_cmd(request) {
                         Some(cmd) => local_write(&p, &writer, cmd, actor, d.req).await,
                         None => error_line(ErrorCode::BadRequest, "not a write", d.req),

@@ -81,6 +81,15 @@ pub fn load_policy_file(path: &Path) -> Result<LoadedPolicy, ConfigError> {
     parse_policy_file(path)
 }
 
+/// This daemon as the actor of the events it appends itself (policies, expiries, SIGHUP).
+pub fn own_actor() -> bursar_schemas::event::Actor {
+    bursar_schemas::event::Actor {
+        uid: own_uid(),
+        gid: 0,
+        pid: std::process::id(),
+    }
+}
+
 /// The uid this process runs as.
 pub fn own_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;

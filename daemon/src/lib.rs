@@ -262,11 +262,7 @@ pub fn run_with(
         Some(spawn_signal_thread(
             stop_tx.clone(),
             Box::new(move || {
-                let own = bursar_schemas::event::Actor {
-                    uid: config::own_uid(),
-                    gid: 0,
-                    pid: std::process::id(),
-                };
+                let own = config::own_actor();
                 let job = Job::Reload {
                     policy: None,
                     actor: own,
@@ -374,11 +370,7 @@ fn run_cluster(
             stop_tx.clone(),
             Box::new(move || {
                 let c = c.clone();
-                let own = bursar_schemas::event::Actor {
-                    uid: config::own_uid(),
-                    gid: 0,
-                    pid: std::process::id(),
-                };
+                let own = config::own_actor();
                 std::thread::spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()

@@ -42,6 +42,21 @@ use std::time::Duration;
 /// Header of a record's message: the seq of the record's first event (decimal).
 pub const SEQ_HEADER: &str = "Bursar-Seq";
 
+/// The first event's seq a record's message names in its [`SEQ_HEADER`]: corrupt when missing
+/// (`sequence`: the message's stream sequence, for the message).
+pub(crate) fn seq_header(
+    headers: Option<&async_nats::HeaderMap>,
+    sequence: u64,
+) -> Result<u64, LogError> {
+    headers
+        .and_then(|h| h.get(SEQ_HEADER))
+        .and_then(|v| v.as_str().parse::<u64>().ok())
+        .ok_or_else(|| LogError::Corrupt {
+            seq: 0,
+            reason: format!("stream sequence {sequence} has no {SEQ_HEADER} header"),
+        })
+}
+
 /// Where a partition's shared log lives.
 #[derive(Debug, Clone)]
 pub struct JetStreamOptions {
@@ -227,14 +242,7 @@ impl JetStreamLog {
                 .await
                 .map_err(|e| format!("stream sequence {sequence}: {e}"))
         })?;
-        let key = msg
-            .headers
-            .get(SEQ_HEADER)
-            .and_then(|v| v.as_str().parse::<u64>().ok())
-            .ok_or_else(|| LogError::Corrupt {
-                seq: 0,
-                reason: format!("stream sequence {sequence} has no {SEQ_HEADER} header"),
-            })?;
+        let key = seq_header(Some(&msg.headers), sequence)?;
         Ok((key, msg.payload.to_vec()))
     }
 

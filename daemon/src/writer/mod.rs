@@ -362,11 +362,7 @@ pub fn start_with(
             store.has_ids(),
         )
     };
-    let own = Actor {
-        uid: crate::config::own_uid(),
-        gid: 0,
-        pid: std::process::id(),
-    };
+    let own = crate::config::own_actor();
     let snapshotter = snapshots::Snapshotter::start(shared.clone());
     let mut w = Writer {
         shared,
