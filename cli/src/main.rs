@@ -345,6 +345,9 @@ struct TailArgs {
     /// event of the log, before this filter.
     #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
     types: Vec<String>,
+    /// Cluster mode: only this partition's log (`-n` and `--from-seq` count its events).
+    #[arg(long, value_name = "N")]
+    partition: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -373,6 +376,10 @@ struct ExportArgs {
     /// Write to FILE (atomically: a temporary file renamed at the end) instead of stdout.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Cluster mode: only this partition's log, one unbroken hash chain (default: every
+    /// partition's, one after the other, each line with its `partition`).
+    #[arg(long, value_name = "N")]
+    partition: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -1084,8 +1091,17 @@ fn print_event(out: &mut dyn Write, e: &ExportedEvent, json: bool) -> Res<()> {
     Ok(())
 }
 
+/// `--partition` offline: the data dir given is one log already.
+fn offline_partition() -> Fail {
+    msg(
+        "--partition picks a partition on a cluster node's socket; offline, give that \
+         partition's copy with --data-dir DATA/pN",
+    )
+}
+
 fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u8> {
     match source {
+        Source::Offline(_) if a.partition.is_some() => Err(offline_partition()),
         Source::Offline(dir) => {
             if a.follow {
                 return Err(msg("tail -f needs the daemon (no events arrive offline)"));
@@ -1119,9 +1135,18 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
                         from_seq: None,
                         follow: false,
                         types: None,
+                        partition: a.partition,
                     }))? {
-                        head = Some(ev?.seq);
+                        let ev = ev?;
+                        if ev.partition != head.and_then(|(p, _)| p) && head.is_some() {
+                            return Err(msg(
+                                "this daemon is a cluster node with a log per partition: -n \
+                                 counts one partition's events; add --partition N",
+                            ));
+                        }
+                        head = Some((ev.partition, ev.seq));
                     }
+                    let head = head.map(|(_, seq)| seq);
                     match head {
                         Some(h) if n > 0 => Some(h.saturating_sub(n - 1).max(1)),
                         Some(h) => Some(h + 1),
@@ -1142,12 +1167,18 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
                     from_seq,
                     follow: a.follow,
                     types: (!a.types.is_empty()).then(|| a.types.clone()),
+                    partition: a.partition,
                 }))?;
                 let mut broke = None;
                 for ev in stream.by_ref() {
                     match ev {
                         Ok(ev) => {
-                            from_seq = Some(ev.seq + 1);
+                            // A seq counts one partition's events: across partitions (a
+                            // cluster node, no --partition), a reconnect shows new events only.
+                            from_seq = match (ev.partition, a.partition) {
+                                (Some(_), None) => None,
+                                _ => Some(ev.seq + 1),
+                            };
                             print_event(out, &ev, json)?;
                             if a.follow {
                                 out.flush()?;
@@ -1332,7 +1363,11 @@ fn export(source: &Source, a: &ExportArgs, stdout: &mut dyn Write) -> Res<u8> {
         since,
         until,
         labels: (!a.labels.is_empty()).then(|| labels_of(&a.labels)),
+        partition: a.partition,
     };
+    if a.partition.is_some() && matches!(source, Source::Offline(_)) {
+        return Err(offline_partition());
+    }
     let mut sink = Sink::new(a.output.as_deref(), stdout)?;
     let mut out = match a.format {
         Format::Csv => {
@@ -1455,10 +1490,27 @@ fn verify(source: &Source, json: bool, out: &mut dyn Write) -> Res<u8> {
     if json {
         return json_line(out, &answer);
     }
+    if answer.partitions.is_empty() {
+        writeln!(
+            out,
+            "ok: {} events, hash chain intact from seq 1 to {}; head {}",
+            answer.events, answer.events, answer.head
+        )?;
+        return Ok(0);
+    }
+    for p in &answer.partitions {
+        writeln!(
+            out,
+            "partition {}: {} events, hash chain intact from seq 1 to {}; head {}",
+            p.partition, p.events, p.events, p.head
+        )?;
+    }
     writeln!(
         out,
-        "ok: {} events, hash chain intact from seq 1 to {}; head {}",
-        answer.events, answer.events, answer.head
+        "ok: {} events in {} partitions, every chain intact; cluster head {}",
+        answer.events,
+        answer.partitions.len(),
+        answer.head
     )?;
     Ok(0)
 }

@@ -153,6 +153,7 @@ impl Offline {
                 ok: true,
                 events,
                 head: head.to_hex(),
+                partitions: Vec::new(),
                 req: None,
             }),
             Err(e) => Err(OfflineError::Verify {
@@ -309,5 +310,6 @@ pub fn exported(env: Envelope, pricer: &Pricer) -> ExportedEvent {
         prev_hash: env.prev_hash,
         hash: env.hash,
         body: env.body,
+        partition: None,
     }
 }

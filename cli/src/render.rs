@@ -498,7 +498,12 @@ pub fn client_labels(labels: &Labels) -> String {
 
 /// One line for `tail`: `seq  time  type  summary`.
 pub fn event_line(e: &ExportedEvent) -> String {
-    format!("{:>6}  {}  {:<20}  {}", e.seq, e.time, e.kind, summary(e))
+    // Cluster mode: `p1:42` is seq 42 of partition 1's log.
+    let seq = match e.partition {
+        Some(p) => format!("p{p}:{}", e.seq),
+        None => e.seq.to_string(),
+    };
+    format!("{seq:>6}  {}  {:<20}  {}", e.time, e.kind, summary(e))
 }
 
 /// What an event says, in a few words.

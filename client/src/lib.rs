@@ -359,7 +359,12 @@ impl Client {
             let mut s = client.stream(&Request::Tail(TailRequest::default()))?;
             for ev in s.by_ref() {
                 let ev = ev?;
-                first_seen.get_or_insert(ev.seq);
+                // A cluster node sends each partition's last events; every partition's log
+                // holds the policies, so the first one's is searched.
+                let (_, partition) = *first_seen.get_or_insert((ev.seq, ev.partition));
+                if ev.partition != partition {
+                    continue;
+                }
                 if ev.kind == "policy_applied" {
                     last = Some(ev);
                 }
@@ -368,7 +373,7 @@ impl Client {
         if last.is_some() {
             return Ok(last);
         }
-        let Some(mut upper) = first_seen else {
+        let Some((mut upper, partition)) = first_seen else {
             return Ok(None);
         };
         let mut span: u64 = 64;
@@ -379,6 +384,7 @@ impl Client {
                 from_seq: Some(from),
                 follow: false,
                 types: None,
+                partition,
             }))?;
             for ev in s.by_ref() {
                 let ev = ev?;

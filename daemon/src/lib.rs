@@ -9,6 +9,7 @@ pub mod config;
 pub mod log;
 pub mod metrics;
 pub mod server;
+mod streams;
 pub mod writer;
 
 use config::Config;

@@ -10,9 +10,8 @@ use bursar_core::ledger::{self, Answer};
 use bursar_schemas::event::Actor;
 use bursar_schemas::event::EventBody;
 use bursar_schemas::wire::{
-    decode_request, CheckRequest, ErrorCode, EventLine, ExportRequest, ExportedEvent, HelloAnswer,
-    ReplayRequest, Request, RequestLine, StreamEnd, TailRequest, VerifyAnswer, WireError,
-    MAX_LINE_BYTES,
+    decode_request, CheckRequest, ErrorCode, HelloAnswer, ReplayRequest, Request, RequestLine,
+    StreamEnd, VerifyAnswer, WireError, MAX_LINE_BYTES,
 };
 use serde_json::Value;
 use std::sync::Arc;
@@ -70,10 +69,7 @@ enum Pending {
     WaitingCheck(Box<CheckRequest>, Option<Value>),
 }
 
-enum StreamKind {
-    Tail(TailRequest),
-    Export(ExportRequest),
-}
+use crate::streams::Kind as StreamKind;
 
 /// Accept connections until shutdown.
 pub async fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
@@ -483,69 +479,126 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
             Pending::Blocking(Box::new(move |ctx: &Ctx| replay(ctx, r, actor, req)))
         }
         Request::Verify => Pending::Blocking(Box::new(move |ctx: &Ctx| {
-            let durable = *ctx.shared.durable.borrow();
-            let store = lock_store(&ctx.shared);
-            match crate::log::verify_chain_to(store.as_ref(), durable) {
-                Ok((events, head)) => serde_json::to_string(&VerifyAnswer {
-                    ok: true,
-                    events,
-                    head: head.to_hex(),
-                    req,
-                })
-                .unwrap_or_default(),
-                Err(e) => Answer::Error(WireError {
-                    code: ErrorCode::Internal,
-                    message: format!("verify failed at seq {}: {e}", e.seq()),
-                    field: None,
-                })
-                .to_line(req),
+            let answer = verify_log(&ctx.shared).map(|(events, head)| VerifyAnswer {
+                ok: true,
+                events,
+                head: head.to_hex(),
+                partitions: Vec::new(),
+                req: req.clone(),
+            });
+            match answer {
+                Ok(a) => serde_json::to_string(&a).unwrap_or_default(),
+                Err(e) => Answer::Error(e).to_line(req),
             }
         })),
-        Request::Tail(t) => {
-            if t.types.as_ref().is_some_and(Vec::is_empty) {
-                return Pending::Ready(
-                    Answer::Error(WireError::bad_field(
-                        "types",
-                        "types must name at least one event type (leave it out for all)",
-                    ))
-                    .to_line(req),
-                );
-            }
-            let unknown = t
-                .types
+        Request::Tail(t) => stream_request(StreamKind::Tail(t), None, req),
+        Request::Export(e) => stream_request(StreamKind::Export(e), None, req),
+    }
+}
+
+/// Check a log's chain up to what it holds durably (folded, in cluster mode): its events and
+/// head.
+fn verify_log(shared: &Shared) -> Result<(u64, bursar_schemas::event::Hash32), WireError> {
+    let durable = *shared.durable.borrow();
+    let store = lock_store(shared);
+    crate::log::verify_chain_to(store.as_ref(), durable).map_err(|e| WireError {
+        code: ErrorCode::Internal,
+        message: format!("verify failed at seq {}: {e}", e.seq()),
+        field: None,
+    })
+}
+
+/// `verify` on a cluster node: each partition's copy, and the cluster's head (BLAKE3 over the
+/// partitions' heads in order).
+fn cluster_verify(c: &crate::cluster::Cluster) -> Result<VerifyAnswer, WireError> {
+    let mut partitions = Vec::new();
+    let mut heads = blake3::Hasher::new();
+    let mut events = 0u64;
+    for (i, p) in c.parts.iter().enumerate() {
+        let (n, head) = verify_log(&p.shared).map_err(|mut e| {
+            e.message = format!("partition {i}: {}", e.message);
+            e
+        })?;
+        heads.update(&head.0);
+        events += n;
+        partitions.push(bursar_schemas::wire::PartitionVerified {
+            partition: u32::try_from(i).unwrap_or(u32::MAX),
+            events: n,
+            head: head.to_hex(),
+        });
+    }
+    Ok(VerifyAnswer {
+        ok: true,
+        events,
+        head: bursar_schemas::event::Hash32(*heads.finalize().as_bytes()).to_hex(),
+        partitions,
+        req: None,
+    })
+}
+
+/// `report` on a cluster node: each partition's report, rows of the same period and group
+/// summed (a group's usage may lie in several partitions), in the order one log's report has
+/// (by period, then by group values).
+fn cluster_report(
+    c: &crate::cluster::Cluster,
+    r: &bursar_schemas::wire::ReportRequest,
+    now: bursar_schemas::TsMicros,
+) -> Result<bursar_schemas::wire::ReportAnswer, WireError> {
+    use bursar_schemas::wire::{ReportRow, REPORT_MAX_ROWS};
+    type Key = (bursar_schemas::TsMicros, Vec<Option<String>>);
+    let mut merged: Option<bursar_schemas::wire::ReportAnswer> = None;
+    let mut rows: std::collections::BTreeMap<Key, ReportRow> = Default::default();
+    let mut left_out = 0u64;
+    for p in &c.parts {
+        let mut a = read_ledger(&p.shared).report(r, now)?;
+        left_out += a.total_rows.saturating_sub(a.rows.len() as u64);
+        for row in std::mem::take(&mut a.rows) {
+            let start = bursar_core::time::parse_ts(&row.period_start).unwrap_or_default();
+            let values = r
+                .group_by
                 .iter()
-                .flatten()
-                .find(|k| !bursar_schemas::event::EVENT_KINDS.contains(&k.as_str()));
-            if let Some(k) = unknown {
-                return Pending::Ready(
-                    Answer::Error(WireError::bad_field(
-                        "types",
-                        format!(
-                            "{k:?} is not an event type; the types are {}",
-                            bursar_schemas::event::EVENT_KINDS.join(", ")
-                        ),
-                    ))
-                    .to_line(req),
-                );
+                .map(|k| row.group.get(k).cloned().flatten());
+            match rows.entry((start, values.collect())) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(row);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    let m = o.get_mut();
+                    m.cost_micros += row.cost_micros;
+                    m.input_tokens += row.input_tokens;
+                    m.cached_input_tokens += row.cached_input_tokens;
+                    m.output_tokens += row.output_tokens;
+                    m.requests += row.requests;
+                    m.denied += row.denied;
+                }
             }
-            Pending::Stream(StreamKind::Tail(t), req)
         }
-        Request::Export(e) => {
-            for (field, v) in [("since", &e.since), ("until", &e.until)] {
-                if let Some(t) = v {
-                    if bursar_core::time::parse_ts(t).is_none() {
-                        return Pending::Ready(
-                            Answer::Error(WireError::bad_field(
-                                field,
-                                format!("{field} must be an RFC 3339 time"),
-                            ))
-                            .to_line(req),
-                        );
+        match &mut merged {
+            None => merged = Some(a),
+            Some(m) => {
+                // The same policy everywhere: the same subscriptions; the partition whose
+                // usage starts first covers the most fee periods.
+                for (mine, theirs) in m.subscriptions.iter_mut().zip(a.subscriptions) {
+                    if theirs.periods > mine.periods {
+                        *mine = theirs;
                     }
                 }
             }
-            Pending::Stream(StreamKind::Export(e), req)
         }
+    }
+    let mut answer = merged.ok_or_else(|| WireError::new(ErrorCode::Internal, "no partitions"))?;
+    // Rows a partition left out are counted as rows of their own (at most that many more).
+    answer.total_rows = rows.len() as u64 + left_out;
+    answer.rows = rows.into_values().take(REPORT_MAX_ROWS).collect();
+    answer.truncated = answer.total_rows > answer.rows.len() as u64;
+    Ok(answer)
+}
+
+/// A `tail` or `export`, checked (`partitions`: the cluster's, `None` single-host).
+fn stream_request(kind: StreamKind, partitions: Option<usize>, req: Option<Value>) -> Pending {
+    match kind.check(partitions) {
+        Ok(()) => Pending::Stream(kind, req),
+        Err(e) => Pending::Ready(Answer::Error(e).to_line(req)),
     }
 }
 
@@ -648,13 +701,28 @@ fn cluster_dispatch(
             spawned(Box::pin(c.clone().reload(actor, req)))
         }
         Request::ClusterStatus => spawned(Box::pin(c.clone().status(req))),
+        Request::Tail(t) => stream_request(StreamKind::Tail(t), Some(c.parts.len()), req),
+        Request::Export(e) => stream_request(StreamKind::Export(e), Some(c.parts.len()), req),
+        Request::Verify => {
+            let c = c.clone();
+            Pending::Blocking(Box::new(move |_: &Ctx| {
+                echoed(cluster_verify(&c), req, |a, req| a.req = req)
+            }))
+        }
+        Request::Report(r) => {
+            let c = c.clone();
+            Pending::Blocking(Box::new(move |ctx: &Ctx| {
+                let now = (ctx.clock)();
+                echoed(cluster_report(&c, &r, now), req, |a, req| a.req = req)
+            }))
+        }
         other => Pending::Ready(
             Answer::Error(WireError::bad_field(
                 "op",
                 format!(
                     "{} is not available in cluster mode yet; each node keeps a verified copy \
-                     of every partition's log in its data dir (p0, p1, ...): `bursar verify`, \
-                     `export` and `report` read one offline with --data-dir DATA/pN",
+                     of every partition's log in its data dir (p0, p1, ...): `bursar replay` \
+                     reads one offline with --data-dir DATA/pN",
                     other.op()
                 ),
             ))
@@ -1187,24 +1255,7 @@ async fn put<W: AsyncWriteExt + Unpin>(out: &mut W, line: &str) -> bool {
     out.write_all(line.as_bytes()).await.is_ok() && out.write_all(b"\n").await.is_ok()
 }
 
-/// Read up to a chunk of events from `from` on a blocking thread.
-async fn read_chunk(
-    ctx: &Arc<Ctx>,
-    from: u64,
-) -> Result<Vec<bursar_schemas::event::Envelope>, String> {
-    let c = ctx.clone();
-    tokio::task::spawn_blocking(move || {
-        let store = lock_store(&c.shared);
-        store
-            .read_from(from)
-            .take(STREAM_CHUNK_EVENTS)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
-}
-
+/// A `tail` or `export`: the lines of its producers ([`crate::streams`]), then the end line.
 async fn stream<W: AsyncWriteExt + Unpin>(
     out: &mut W,
     kind: StreamKind,
@@ -1212,118 +1263,46 @@ async fn stream<W: AsyncWriteExt + Unpin>(
     ctx: &Arc<Ctx>,
     gate: &ReadGate,
 ) -> bool {
-    let pricer = read_ledger(&ctx.shared).pricer();
-    let head = *ctx.shared.durable.borrow();
-    // A stream that does not follow shows the log as it is now (up to `head`), not the writes
-    // the connection sends after it; those may go ahead from here.
-    gate.evaluated_one();
-    let (mut from, follow, filter, types) = match &kind {
-        StreamKind::Tail(t) => {
-            let from = t.from_seq.unwrap_or(if t.follow {
-                head + 1
-            } else {
-                head.saturating_sub(TAIL_DEFAULT_EVENTS - 1).max(1)
-            });
-            (from.max(1), t.follow, None, t.types.clone())
-        }
-        StreamKind::Export(e) => (1, false, Some(e.clone()), None),
+    let all = match &ctx.cluster {
+        Some(c) => c
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| crate::streams::Source {
+                shared: p.shared.clone(),
+                partition: u32::try_from(i).ok(),
+            })
+            .collect(),
+        None => vec![crate::streams::Source {
+            shared: ctx.shared.clone(),
+            partition: None,
+        }],
     };
-    let since = filter
-        .as_ref()
-        .and_then(|e| e.since.as_deref())
-        .and_then(bursar_core::time::parse_ts);
-    let until = filter
-        .as_ref()
-        .and_then(|e| e.until.as_deref())
-        .and_then(bursar_core::time::parse_ts);
-    let labels = filter.as_ref().and_then(|e| e.labels.clone());
-    let mut durable = ctx.shared.durable.subscribe();
-    let mut shutdown = ctx.shutdown.clone();
+    let mut lines = crate::streams::start(&kind, kind.sources(all), ctx.shutdown.clone());
+    // A stream that does not follow shows the log as it is now (fixed by `start`), not the
+    // writes the connection sends after it; those may go ahead from here.
+    gate.evaluated_one();
     let mut count = 0u64;
-    loop {
-        let durable_now = *durable.borrow_and_update();
-        let limit = if follow { durable_now } else { head };
-        let chunk = match read_chunk(ctx, from).await {
-            Ok(c) => c,
-            Err(e) => {
-                return put(
-                    out,
-                    &error_line(ErrorCode::Internal, format!("reading the log: {e}"), req),
-                )
-                .await
-            }
-        };
-        let mut any = false;
-        for env in chunk {
-            // Only durable events are shown.
-            if env.seq > limit {
-                break;
-            }
-            any = true;
-            from = env.seq + 1;
-            if since.is_some_and(|s| env.ts < s) || until.is_some_and(|u| env.ts >= u) {
-                continue;
-            }
-            if types
-                .as_ref()
-                .is_some_and(|t| !t.iter().any(|k| k == env.body.kind()))
-            {
-                continue;
-            }
-            if let Some(want) = &labels {
-                let ok = env
-                    .body
-                    .labels()
-                    .is_some_and(|l| want.iter().all(|(k, v)| l.get(k) == Some(v)));
-                if !ok {
-                    continue;
+    while let Some(item) = lines.recv().await {
+        match item {
+            crate::streams::Item::Line(text) => {
+                if !put(out, &text).await {
+                    return false;
                 }
+                count += 1;
             }
-            let (cost, version) = match &env.body {
-                bursar_schemas::event::EventBody::UsageRecorded(u) => {
-                    let (c, _, v) = pricer.event_cost(u, env.ts);
-                    (Some(c), Some(v))
-                }
-                _ => (None, None),
-            };
-            let line = EventLine {
-                event: ExportedEvent {
-                    seq: env.seq,
-                    ts: env.ts,
-                    time: bursar_core::time::format_ts(env.ts),
-                    actor: env.actor,
-                    kind: env.body.kind().to_string(),
-                    cost_micros: cost,
-                    price_version: version,
-                    prev_hash: env.prev_hash,
-                    hash: env.hash,
-                    body: env.body,
-                },
-            };
-            let text = serde_json::to_string(&line).unwrap_or_default();
-            if !put(out, &text).await {
-                return false;
+            crate::streams::Item::Failed(e) => {
+                return put(out, &error_line(ErrorCode::Internal, e, req)).await;
             }
-            count += 1;
         }
-        if any {
-            continue;
-        }
-        if !follow {
-            break;
-        }
-        if out.flush().await.is_err() {
+        if lines.is_empty() && out.flush().await.is_err() {
             return false;
-        }
-        tokio::select! {
-            changed = durable.changed() => if changed.is_err() { break },
-            _ = shutdown.changed() => break,
         }
     }
     let end = StreamEnd {
         ok: true,
         end: true,
-        count: matches!(kind, StreamKind::Export(_)).then_some(count),
+        count: kind.counts().then_some(count),
         req,
     };
     put(out, &serde_json::to_string(&end).unwrap_or_default()).await

@@ -283,6 +283,10 @@ pub struct TailRequest {
     /// every event of the log, before this filter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub types: Option<Vec<String>>,
+    /// Cluster mode (SPEC §13): only this partition's log (default: every partition's; with
+    /// `from_seq` and more than one partition, required — a seq counts one partition's events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
 }
 
 /// `export`.
@@ -296,6 +300,10 @@ pub struct ExportRequest {
     /// Keep events carrying all these labels.
     #[serde(default, deserialize_with = "crate::decode::unique_map_opt")]
     pub labels: Option<Labels>,
+    /// Cluster mode (SPEC §13): only this partition's log, one unbroken hash chain (default:
+    /// every partition's, one after the other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
 }
 
 /// `replay`: refold the log under new prices from `since`, or, with `policy`, what that policy
@@ -1156,11 +1164,26 @@ pub struct VerifyAnswer {
     pub ok: bool,
     /// Events checked.
     pub events: u64,
-    /// Hash of the last event, hex.
+    /// Hash of the last event, hex. Cluster mode: BLAKE3 over each partition's head (32 bytes
+    /// each, zeros for an empty log) in partition order.
     pub head: String,
+    /// Cluster mode (SPEC §13): each partition's copy, checked up to what it folded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionVerified>,
     /// Echo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<Value>,
+}
+
+/// One partition's part of a cluster node's `verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PartitionVerified {
+    /// The partition.
+    pub partition: u32,
+    /// Events checked.
+    pub events: u64,
+    /// Hash of its last event, hex.
+    pub head: String,
 }
 
 /// Answer to `reload`.
@@ -1208,6 +1231,10 @@ pub struct ExportedEvent {
     pub prev_hash: crate::event::Hash32,
     /// This event's chain hash.
     pub hash: crate::event::Hash32,
+    /// Cluster mode (SPEC §13): the partition whose log holds it (`seq` and the chain are that
+    /// partition's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
 }
 
 /// Hand-written JSON for the answers a busy writer produces most (the answer of every `record`,

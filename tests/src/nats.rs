@@ -111,11 +111,32 @@ impl NatsCluster {
     /// Start `n` clustered servers with JetStream (`sync_interval: always`) and wait until
     /// JetStream has a meta leader (a stream can be created).
     pub fn start(n: usize) -> Result<NatsCluster, String> {
+        // A port found free may be taken before the server binds it (another test's outgoing
+        // connection gets it as its ephemeral port): the cluster is then made again on other
+        // ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match NatsCluster::start_once(n) {
+                Err(e) if attempt < 3 && e.contains("address already in use") => {
+                    eprintln!("a NATS port was taken meanwhile; starting the cluster again");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(n: usize) -> Result<NatsCluster, String> {
         let bin = nats_server()?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let ports: Vec<(u16, u16, u16)> = (0..n)
-            .map(|_| (free_port(), free_port(), free_port()))
-            .collect();
+        let mut taken = std::collections::HashSet::new();
+        let mut port = || loop {
+            let p = free_port();
+            if taken.insert(p) {
+                return p;
+            }
+        };
+        let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (port(), port(), port())).collect();
         let routes: Vec<String> = ports
             .iter()
             .map(|(_, c, _)| format!("nats://127.0.0.1:{c}"))
@@ -232,9 +253,20 @@ impl NatsCluster {
     }
 
     /// Wait until every running node reports a JetStream meta leader.
-    pub fn wait_ready(&self, within: Duration) -> Result<(), String> {
+    pub fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
         loop {
+            // A server that exited (a port taken, a bad config) is reported at once.
+            for n in &mut self.nodes {
+                if let Some(status) = n.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    n.child = None;
+                    return Err(format!(
+                        "nats-server {} exited ({status}):\n{}",
+                        n.name,
+                        std::fs::read_to_string(&n.log).unwrap_or_default()
+                    ));
+                }
+            }
             let ready = self.nodes.iter().enumerate().all(|(i, n)| {
                 !n.is_running()
                     || self
@@ -264,6 +296,20 @@ impl NatsCluster {
 
 impl Drop for NatsCluster {
     fn drop(&mut self) {
+        // A test that failed shows what the servers said (the end of each node's log).
+        if std::thread::panicking() {
+            for n in &self.nodes {
+                let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(40)..];
+                eprintln!(
+                    "--- nats-server {} (last {} lines)\n{}",
+                    n.name,
+                    tail.len(),
+                    tail.join("\n")
+                );
+            }
+        }
         for i in 0..self.nodes.len() {
             self.kill_node(i);
         }

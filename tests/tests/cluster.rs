@@ -727,3 +727,143 @@ fn a_reserve_waiting_in_line_through_a_follower_gets_its_slot_after_longer_than_
         "answered after {took:?}: {answer}"
     );
 }
+
+#[test]
+fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_socket() {
+    let Some(cluster) = start("reads") else {
+        return;
+    };
+    let orgs: Vec<String> = (0..2)
+        .map(|p| {
+            (0..)
+                .map(|n| format!("org{n}"))
+                .find(|o| bursard::cluster::partition_of(o, 2) == p)
+                .unwrap()
+        })
+        .collect();
+    // A follower of every partition, through node c, before anything is written.
+    let mut follower = cluster.nodes[2].client();
+    follower.send(&json!({"op": "tail", "follow": true, "types": ["usage_recorded"]}));
+    // Three usages on partition 0's org and two on partition 1's, written through node a.
+    let mut a = cluster.nodes[0].client();
+    for (org, n) in [(&orgs[0], 3), (&orgs[1], 2)] {
+        for i in 0..n {
+            let r = a.call(bursar_tests::record(
+                &format!("{org}-{i}"),
+                json!({"org": org}),
+                "gpt-4o-mini",
+                1000,
+                500,
+            ));
+            assert_eq!(r["ok"], true, "{r}");
+        }
+    }
+    // The follower sees all five, each with its partition, as they are folded on node c.
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    while seen.values().sum::<usize>() < 5 {
+        let line = follower.recv();
+        let e = &line["event"];
+        assert_eq!(e["type"], "usage_recorded", "{line}");
+        let p = e["partition"].as_u64().expect("a partition on each line");
+        assert_eq!(
+            e["body"]["usage_recorded"]["labels"]["org"], orgs[p as usize],
+            "{line}"
+        );
+        *seen.entry(p).or_default() += 1;
+    }
+    assert_eq!(seen, BTreeMap::from([(0, 3), (1, 2)]));
+
+    // Export through node b: every partition, one after the other, each an unbroken chain.
+    let mut b = cluster.nodes[1].client();
+    b.send(&json!({"op": "export"}));
+    let (events, end) = b.read_stream();
+    assert_eq!(end["count"], events.len(), "{end}");
+    let mut chains: BTreeMap<u64, Vec<&Value>> = BTreeMap::new();
+    for e in &events {
+        chains
+            .entry(e["partition"].as_u64().unwrap())
+            .or_default()
+            .push(e);
+    }
+    let partitions: Vec<u64> = events
+        .iter()
+        .map(|e| e["partition"].as_u64().unwrap())
+        .collect();
+    assert!(
+        partitions.windows(2).all(|w| w[0] <= w[1]),
+        "partition after partition"
+    );
+    for (p, chain) in &chains {
+        for (i, e) in chain.iter().enumerate() {
+            assert_eq!(e["seq"], i as u64 + 1, "partition {p}: dense seqs from 1");
+            if i > 0 {
+                assert_eq!(
+                    e["prev_hash"],
+                    chain[i - 1]["hash"],
+                    "partition {p} chained"
+                );
+            }
+        }
+    }
+    b.send(&json!({"op": "export", "partition": 1}));
+    let (one, _) = b.read_stream();
+    assert_eq!(one.len(), chains[&1].len());
+    assert!(one.iter().all(|e| e["partition"] == 1));
+
+    // Verify through node b: each partition's copy, and the events the export showed.
+    let v = b.call(json!({"op": "verify"}));
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["events"], events.len(), "{v}");
+    for (p, chain) in &chains {
+        let part = &v["partitions"][*p as usize];
+        assert_eq!(part["events"], chain.len(), "{v}");
+        assert_eq!(part["head"], chain.last().unwrap()["hash"], "{v}");
+    }
+    let text = cluster.nodes[1].cli(&["verify"]).ok().stdout;
+    assert!(
+        text.contains("in 2 partitions, every chain intact"),
+        "{text}"
+    );
+
+    // A report through node a: each org's usage from its own partition, costs as exported.
+    let report = a.call(json!({"op": "report", "group_by": ["org"]}));
+    assert_eq!(report["ok"], true, "{report}");
+    for (p, org) in orgs.iter().enumerate() {
+        let cost: i64 = chains[&(p as u64)]
+            .iter()
+            .filter_map(|e| e["cost_micros"].as_i64())
+            .sum();
+        let rows: Vec<&Value> = report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["group"]["org"] == *org)
+            .collect();
+        let requests: u64 = rows.iter().map(|r| r["requests"].as_u64().unwrap()).sum();
+        let reported: i64 = rows
+            .iter()
+            .map(|r| r["cost_micros"].as_i64().unwrap())
+            .sum();
+        assert_eq!(requests, [3, 2][p], "{report}");
+        assert_eq!(reported, cost, "{report}");
+    }
+
+    // What a cluster node cannot answer, it says, naming the field.
+    let e = b.call(json!({"op": "tail", "from_seq": 1}));
+    assert_eq!(
+        (e["error"]["code"].as_str(), e["error"]["field"].as_str()),
+        (Some("bad_request"), Some("partition")),
+        "{e}"
+    );
+    let e = b.call(json!({"op": "export", "partition": 2}));
+    assert_eq!(e["error"]["field"], "partition", "{e}");
+    let text = cluster.nodes[1].cli(&["tail", "-n", "2"]);
+    assert_ne!(text.code, Some(0));
+    assert!(text.stderr.contains("--partition"), "{}", text.stderr);
+    let text = cluster.nodes[1]
+        .cli(&["--json", "tail", "-n", "2", "--partition", "0"])
+        .ok();
+    let lines = text.json_lines();
+    assert_eq!(lines.len(), 2, "{}", text.stdout);
+    assert!(lines.iter().all(|l| l["partition"] == 0));
+}

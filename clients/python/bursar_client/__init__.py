@@ -43,6 +43,7 @@ from .types import (
     Tier,
     Usage,
     UsageAnswer,
+    PartitionVerified,
     VerifyAnswer,
     WhatIfAnswer,
     WhatIfDenial,
@@ -60,6 +61,6 @@ __all__ = [
     "BudgetReport", "DecisionAnswer", "DiffRow", "Event", "ExtendAnswer", "ObserveAnswer", "HelloAnswer", "Reason",
     "ReleaseAnswer", "ReloadAnswer", "ReplayAnswer", "ReportAnswer", "ReportRow", "Skipped", "StatusAnswer",
     "QuotaReport", "SubscriptionReport", "Tier", "Usage",
-    "UsageAnswer", "VerifyAnswer", "WhatIfAnswer", "WhatIfDenial", "WhatIfExhausted", "WhatIfPeak",
+    "PartitionVerified", "UsageAnswer", "VerifyAnswer", "WhatIfAnswer", "WhatIfDenial", "WhatIfExhausted", "WhatIfPeak",
     "default_socket_path", "micros_to_usd", "new_id",
 ]

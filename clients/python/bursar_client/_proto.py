@@ -360,21 +360,25 @@ def report(
     )
 
 
-def export(since: Optional[TimeLike], until: Optional[TimeLike], labels: Optional[Labels]) -> Dict[str, Any]:
+def export(since: Optional[TimeLike], until: Optional[TimeLike], labels: Optional[Labels],
+           partition: Optional[int] = None) -> Dict[str, Any]:
     return {
         "op": "export",
         "since": None if since is None else rfc3339(since),
         "until": None if until is None else rfc3339(until),
         "labels": _labels(labels),
+        "partition": partition,
     }
 
 
-def tail(from_seq: Optional[int], follow: bool, types: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+def tail(from_seq: Optional[int], follow: bool, types: Optional[Iterable[str]] = None,
+         partition: Optional[int] = None) -> Dict[str, Any]:
     return {
         "op": "tail",
         "from_seq": from_seq,
         "follow": bool(follow) or None,
         "types": None if types is None else list(types),
+        "partition": partition,
     }
 
 

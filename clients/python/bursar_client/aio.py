@@ -333,20 +333,24 @@ class AsyncClient(AsyncClientIO):
         since: Optional[P.TimeLike] = None,
         until: Optional[P.TimeLike] = None,
         labels: Optional[Mapping[str, str]] = None,
+        partition: Optional[int] = None,
     ) -> AsyncIterator[Event]:
         """``async for event in client.export(...)``: logged events (on a connection of its own,
-        so other calls may interleave)."""
-        return self._stream(P.export(since, until, labels))
+        so other calls may interleave). On a cluster node, every partition's log one after the
+        other (each event's ``partition`` says whose), or only ``partition``'s."""
+        return self._stream(P.export(since, until, labels, partition))
 
     def tail(
         self,
         from_seq: Optional[int] = None,
         follow: bool = False,
         types: Optional[Iterable[str]] = None,
+        partition: Optional[int] = None,
     ) -> AsyncIterator[Event]:
         """Events from ``from_seq`` (``async for``); with ``follow``, keep waiting for new ones;
-        with ``types`` (e.g. ``["budget_warned", "budget_exhausted"]``), only those."""
-        return self._stream(P.tail(from_seq, follow, types))
+        with ``types`` (e.g. ``["budget_warned", "budget_exhausted"]``), only those. On a
+        cluster node, only ``partition``'s log (required with ``from_seq``)."""
+        return self._stream(P.tail(from_seq, follow, types, partition))
 
     def hold(
         self,

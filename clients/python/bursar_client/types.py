@@ -391,14 +391,33 @@ class StatusAnswer:
 
 
 @dataclass
+class PartitionVerified:
+    """One partition's copy, checked by a cluster node's ``verify``."""
+
+    partition: int
+    events: int
+    head: str
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "PartitionVerified":
+        return _build(cls, obj)
+
+
+@dataclass
 class VerifyAnswer:
     events: int
     head: str
+    partitions: List[PartitionVerified] = field(default_factory=list)
+    """Cluster mode: each partition's copy (``head`` is then BLAKE3 over their heads)."""
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "VerifyAnswer":
-        return _build(cls, obj)
+        return _build(
+            cls,
+            obj,
+            partitions=[PartitionVerified.from_wire(p) for p in obj.get("partitions") or []],
+        )
 
 
 @dataclass
@@ -569,6 +588,8 @@ class Event:
     price_version: Optional[int] = None
     prev_hash: Optional[str] = None
     hash: Optional[str] = None
+    partition: Optional[int] = None
+    """Cluster mode: the partition whose log holds it (``seq`` counts that log's events)."""
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

@@ -33,6 +33,7 @@ ANSWERS: Dict[type, Tuple[str, Any]] = {
     types.ObserveAnswer: ("answer-observe", None),
     types.StatusAnswer: ("answer-status", None),
     types.VerifyAnswer: ("answer-verify", None),
+    types.PartitionVerified: ("answer-verify", "PartitionVerified"),
     types.ReloadAnswer: ("answer-reload", None),
     types.ReplayAnswer: ("answer-replay", None),
     types.WhatIfAnswer: ("answer-what-if", None),
@@ -128,10 +129,10 @@ REQUESTS = {
         P.report(None, None, None, None, None, None).body,
     ),
     "request-export": (
-        P.export("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", {"a": "b"}),
+        P.export("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", {"a": "b"}, 1),
         P.export(None, None, None),
     ),
-    "request-tail": (P.tail(1, True, ["budget_warned"]), P.tail(None, False)),
+    "request-tail": (P.tail(1, True, ["budget_warned"], 0), P.tail(None, False)),
 }
 
 

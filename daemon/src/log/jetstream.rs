@@ -123,8 +123,16 @@ impl Nats {
         Fut: std::future::Future<Output = Result<T, String>>,
     {
         let deadline = std::time::Instant::now() + self.timeout;
+        // Each attempt gets a part of the time: a request whose answer was lost (a new
+        // connection's first request can race the routes learning of its inbox) is asked
+        // again rather than waited for until the end.
+        let attempt = (self.timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(5));
         loop {
-            match self.rt.block_on(op()) {
+            let answered = self
+                .rt
+                .block_on(async { tokio::time::timeout(attempt, op()).await })
+                .unwrap_or_else(|_| Err(format!("no answer within {attempt:?}")));
+            match answered {
                 Ok(v) => return Ok(v),
                 Err(e) if std::time::Instant::now() >= deadline => {
                     return Err(shared(what)(e));
@@ -185,6 +193,36 @@ impl JetStreamLog {
                 .get_or_create_stream(config.clone())
                 .await
                 .map_err(|e| e.to_string())
+        })?;
+        // A stream just created answers publishes only once its replicas elected a leader (a
+        // publish before that is refused: "no stream found for given subject").
+        nats.retrying("wait for the stream's leader", || async {
+            match stream.get_info().await {
+                Ok(info) if info.cluster.as_ref().is_none_or(|c| c.leader.is_some()) => Ok(()),
+                Ok(_) => Err("the stream has no leader yet".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        })?;
+        // ... and once every server knows where the stream's subject goes. A publish that no
+        // stream may take (the last sequence can never be u64::MAX) is answered "wrong last
+        // sequence" by the stream once it is reachable through this connection's server.
+        nats.retrying("wait until the stream takes appends", || async {
+            let probe = jetstream::message::PublishMessage::build()
+                .payload(Vec::<u8>::new().into())
+                .expected_last_sequence(u64::MAX);
+            let ack = nats
+                .js
+                .send_publish(opts.subject.clone(), probe)
+                .await
+                .map_err(|e| e.to_string())?;
+            match ack.await {
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+                Err(e) => Err(e.to_string()),
+                Ok(a) => Err(format!(
+                    "the stream stored a probe at sequence {} (it must refuse it)",
+                    a.sequence
+                )),
+            }
         })?;
         let mut log = JetStreamLog {
             nats,

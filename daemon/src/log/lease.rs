@@ -11,9 +11,12 @@
 //! The holder's own view is on the safe side: [`Held::is_valid`] counts the TTL from the moment
 //! it *sent* its last successful create or renewal, on the local monotonic clock, less a
 //! margin, so it believes it holds the lease no longer than the servers keep the entry (they
-//! expire it no earlier than `max_age` after they stored it). A writer checks it before each
-//! append; the log's conditional append ([`super::jetstream`]) is the fence behind it for a
-//! writer paused between the check and the append.
+//! expire it `max_age` after the time they stamp on it; NATS ≥ 2.11 stamps a cached clock that
+//! a starved server updates late, so an entry can age out a few hundred ms early: that is what
+//! the margin is for). A writer checks it before each append; the log's conditional append
+//! ([`super::jetstream`]) is the fence behind it — for a writer paused between the check and
+//! the append, and for a margin that was not enough: two writers that both believe they hold a
+//! partition cannot both append after the same sequence.
 
 use super::jetstream::Nats;
 use super::LogError;
@@ -70,23 +73,50 @@ impl Leases {
         ttl: Duration,
         replicas: usize,
     ) -> Result<Leases, LogError> {
-        let config = kv::Config {
-            bucket: bucket.to_string(),
-            history: 1,
+        // The bucket's stream, made here rather than by `create_key_value` so that entries are
+        // read from its leader, never a replica (direct gets off): a replica that lags shows a
+        // released lease as still held (and `create` then refuses to take it) or a renewed one
+        // as gone. A few reads per second; the leader's word is worth the hop.
+        let config = async_nats::jetstream::stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
             max_age: ttl,
             num_replicas: replicas,
             storage: async_nats::jetstream::stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
+            allow_direct: false,
             ..Default::default()
         };
         let kv = nats.retrying("open the lease bucket", || async {
-            match nats.js.get_key_value(bucket).await {
-                Ok(kv) => Ok(kv),
-                Err(_) => nats
-                    .js
-                    .create_key_value(config.clone())
+            let mut stream = nats
+                .js
+                .get_or_create_stream(config.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            let info = stream.info().await.map_err(|e| e.to_string())?;
+            if info.config.allow_direct {
+                // Made by an earlier bursard with direct gets on.
+                let mut leader_reads = info.config.clone();
+                leader_reads.allow_direct = false;
+                nats.js
+                    .update_stream(leader_reads)
                     .await
-                    .map_err(|e| e.to_string()),
+                    .map_err(|e| e.to_string())?;
             }
+            nats.js
+                .get_key_value(bucket)
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        // Ready once its leader answers a read through this connection's server.
+        nats.retrying("read the lease bucket", || async {
+            kv.entry("ready")
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         })?;
         Ok(Leases { nats, kv, ttl })
     }
