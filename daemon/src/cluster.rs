@@ -266,7 +266,8 @@ impl Partition {
         u64::try_from((wall_micros() - at) / 1000).unwrap_or(0)
     }
 
-    fn is_writer(&self) -> bool {
+    /// Whether this node writes the partition now (holds its lease, writer not failed).
+    pub fn is_writer(&self) -> bool {
         self.writer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -328,6 +329,7 @@ impl Cluster {
         config: Arc<crate::config::Config>,
         settings: ClusterSettings,
         clock: Clock,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Result<Arc<Cluster>, crate::DaemonError> {
         let start = |e: String| crate::DaemonError::Start(e);
         let nats = Nats::connect(&settings.nats, NATS_TIMEOUT)
@@ -393,7 +395,10 @@ impl Cluster {
                     dir.display()
                 ))
             })?;
-            let shared = Arc::new(Shared::new(ledger, Box::new(store)));
+            let mut shared = Shared::new(ledger, Box::new(store));
+            // One set of counters for the node: every partition's writer adds to them.
+            shared.metrics = metrics.clone();
+            let shared = Arc::new(shared);
             parts.push(Arc::new(Partition {
                 index: i,
                 stream: format!("{}-p{i}", settings.stream_prefix),

@@ -307,7 +307,7 @@ pub fn run_with(
         );
         runtime.spawn(metrics::serve(
             listener,
-            shared.clone(),
+            metrics::Scope::Single(shared.clone()),
             m,
             ctx.clock.clone(),
             ctx.shutdown.clone(),
@@ -351,13 +351,17 @@ fn run_cluster(
     install_signals: bool,
     stop_tx: tokio::sync::watch::Sender<bool>,
 ) -> Result<(), DaemonError> {
-    if config.policy.daemon.metrics_listen.is_some() {
-        tracing::warn!("cluster mode: metrics_listen is not served yet (issue 15)");
-    }
+    // Bound before anything else, so that a taken port stops the node with a clear error.
+    let metrics = cfg_metrics(&config)?.map(|(listener, m)| (listener, Arc::new(m)));
     notify_systemd(&[NotifyState::Status("cluster: folding every partition")]);
     let cfg = Arc::new(config);
     let clock = watch_clock(clock, None);
-    let cluster = cluster::Cluster::open(cfg.clone(), settings.clone(), clock.clone())?;
+    let cluster = cluster::Cluster::open(
+        cfg.clone(),
+        settings.clone(),
+        clock.clone(),
+        metrics.as_ref().map(|(_, m)| m.clone()),
+    )?;
     let coordinator = cluster.start_coordinator().map_err(DaemonError::Start)?;
     let bound = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
     let std_listener = bound.publish()?;
@@ -408,6 +412,21 @@ fn run_cluster(
         settings.partition_by,
         cfg.socket.display()
     );
+    if let Some((listener, m)) = metrics {
+        tracing::info!(
+            "metrics at http://{}/metrics",
+            listener
+                .local_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string())
+        );
+        runtime.spawn(metrics::serve(
+            listener,
+            metrics::Scope::Cluster(cluster.clone()),
+            m,
+            ctx.clock.clone(),
+            ctx.shutdown.clone(),
+        ));
+    }
     notify_systemd(&[
         NotifyState::Ready,
         NotifyState::Status(&format!("serving on {}", cfg.socket.display())),

@@ -148,9 +148,9 @@ impl Metrics {
     }
 
     /// The text exposition: counters, histograms, and the state's gauges read now.
-    pub fn render(&self, shared: &Shared, now: bursar_schemas::TsMicros) -> String {
+    pub fn render(&self, scope: &Scope, now: bursar_schemas::TsMicros) -> String {
         let mut families = self.registry.gather();
-        match self.state_gauges(shared, now) {
+        match self.state_gauges(scope, now) {
             Ok(more) => families.extend(more),
             Err(e) => tracing::warn!("metrics: cannot gather the state's gauges: {e}"),
         }
@@ -164,7 +164,7 @@ impl Metrics {
 
     fn state_gauges(
         &self,
-        shared: &Shared,
+        scope: &Scope,
         now: bursar_schemas::TsMicros,
     ) -> Result<Vec<prometheus::proto::MetricFamily>, prometheus::Error> {
         let r = Registry::new_custom(Some("bursar".into()), None)?;
@@ -178,32 +178,111 @@ impl Metrics {
             r.register(Box::new(g.clone()))?;
             Ok(g)
         };
-        let status = {
-            let l = read_ledger(shared);
-            gauge(
-                "live_holds",
-                "Reservations holding money or a slot now.",
-                saturate(l.live_holds()),
-            )?;
-            gauge(
-                "log_head_seq",
-                "Seq of the last event folded (events in the log).",
-                saturate(l.last_seq()),
-            )?;
-            l.status(
-                &StatusRequest {
-                    limit: Some(self.max_buckets),
-                    ..Default::default()
-                },
-                now,
-            )
+        // Each log read once, under its ledger's read lock: (partition, shared, live holds,
+        // head, status).
+        let logs: Vec<(Option<String>, &Shared, u64, u64, _)> = scope
+            .logs()
+            .into_iter()
+            .map(|(partition, shared)| {
+                let l = read_ledger(shared);
+                let status = l.status(
+                    &StatusRequest {
+                        limit: Some(self.max_buckets),
+                        ..Default::default()
+                    },
+                    now,
+                );
+                (
+                    partition,
+                    shared,
+                    l.live_holds() as u64,
+                    l.last_seq(),
+                    status,
+                )
+            })
+            .collect();
+        // A figure of each log: one gauge on one host, one per partition (label `partition`)
+        // on a cluster node.
+        let each = |name: &str,
+                    help: &str,
+                    v: &dyn Fn(&Shared, u64, u64) -> i64|
+         -> Result<(), prometheus::Error> {
+            if let [(None, shared, holds, head, _)] = logs.as_slice() {
+                return gauge(name, help, v(shared, *holds, *head));
+            }
+            let g = IntGaugeVec::new(Opts::new(name, help), &["partition"])?;
+            r.register(Box::new(g.clone()))?;
+            for (p, shared, holds, head, _) in &logs {
+                g.with_label_values(&[p.as_deref().unwrap_or("0")])
+                    .set(v(shared, *holds, *head));
+            }
+            Ok(())
         };
-        gauge(
+        each(
+            "live_holds",
+            "Reservations holding money or a slot now.",
+            &|_, holds, _| saturate(holds),
+        )?;
+        each(
+            "log_head_seq",
+            "Seq of the last event folded (events in the log).",
+            &|_, _, head| saturate(head),
+        )?;
+        each(
             "waiting_requests",
             "Reserves waiting in line now (wait_ms, SPEC §10).",
-            saturate(shared.waiting.load(Ordering::Relaxed) as u64),
+            &|s, _, _| saturate(s.waiting.load(Ordering::Relaxed) as u64),
         )?;
-        if let Ok(status) = &status {
+        each(
+            "writer_poisoned",
+            "1 when the log could not be written and writes are refused (fail closed).",
+            &|s, _, _| i64::from(s.poisoned.load(Ordering::SeqCst)),
+        )?;
+        each(
+            "durable_seq",
+            "Seq of the last event made durable (on a cluster node: folded from the stream).",
+            &|s, _, _| saturate(*s.durable.borrow()),
+        )?;
+        if let Scope::Cluster(c) = scope {
+            let lag = IntGaugeVec::new(
+                Opts::new(
+                    "cluster_lag_milliseconds",
+                    "How stale this node's fold of the partition may be (0 on its writer).",
+                ),
+                &["partition"],
+            )?;
+            let writer = IntGaugeVec::new(
+                Opts::new(
+                    "cluster_writer",
+                    "1 while this node holds the partition's lease and writes it.",
+                ),
+                &["partition"],
+            )?;
+            r.register(Box::new(lag.clone()))?;
+            r.register(Box::new(writer.clone()))?;
+            for p in &c.parts {
+                let label = p.index.to_string();
+                lag.with_label_values(&[label.as_str()])
+                    .set(saturate(p.lag_ms()));
+                writer
+                    .with_label_values(&[label.as_str()])
+                    .set(i64::from(p.is_writer()));
+            }
+        }
+        // A bucket lies in one partition: the partitions' buckets side by side. Quotas and
+        // subscriptions are in every partition's policy: partition 0's (as `status` shows).
+        let mut status: Option<bursar_schemas::wire::StatusAnswer> = None;
+        for (_, _, _, _, st) in logs {
+            let Ok(st) = st else { continue };
+            match &mut status {
+                None => status = Some(st),
+                Some(m) => {
+                    m.budgets.extend(st.budgets);
+                    m.total += st.total;
+                }
+            }
+        }
+        if let Some(status) = &status {
             let remaining = IntGaugeVec::new(
                 Opts::new(
                     "quota_remaining",
@@ -222,21 +301,11 @@ impl Metrics {
             }
         }
         gauge(
-            "writer_poisoned",
-            "1 when the log could not be written and writes are refused (fail closed).",
-            i64::from(shared.poisoned.load(Ordering::SeqCst)),
-        )?;
-        gauge(
-            "durable_seq",
-            "Seq of the last event made durable.",
-            saturate(*shared.durable.borrow()),
-        )?;
-        gauge(
             "log_bytes",
             "Bytes the data dir takes on disk (log, snapshots, marks).",
             saturate(dir_bytes(&self.data_dir)),
         )?;
-        if let Ok(status) = status {
+        if let Some(status) = status {
             gauge(
                 "live_buckets",
                 "Buckets live now (in their window, or holding something).",
@@ -413,6 +482,29 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
     total
 }
 
+/// What the endpoint reads: the one log, or each partition's on a cluster node (SPEC §13).
+#[derive(Clone)]
+pub enum Scope {
+    /// A single-host daemon's log.
+    Single(Arc<Shared>),
+    /// A cluster node's partitions.
+    Cluster(Arc<crate::cluster::Cluster>),
+}
+
+impl Scope {
+    /// Each log, with its partition's number on a cluster node.
+    fn logs(&self) -> Vec<(Option<String>, &Shared)> {
+        match self {
+            Scope::Single(s) => vec![(None, s.as_ref())],
+            Scope::Cluster(c) => c
+                .parts
+                .iter()
+                .map(|p| (Some(p.index.to_string()), p.shared.as_ref()))
+                .collect(),
+        }
+    }
+}
+
 /// Bind the endpoint (at start, so that a taken port stops the daemon with a clear error).
 pub fn bind(addr: std::net::SocketAddr) -> Result<std::net::TcpListener, String> {
     let l = std::net::TcpListener::bind(addr)
@@ -425,7 +517,7 @@ pub fn bind(addr: std::net::SocketAddr) -> Result<std::net::TcpListener, String>
 /// Serve `/metrics` until `shutdown` turns true.
 pub async fn serve(
     listener: std::net::TcpListener,
-    shared: Arc<Shared>,
+    shared: Scope,
     metrics: Arc<Metrics>,
     clock: crate::writer::Clock,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -465,7 +557,7 @@ pub async fn serve(
 /// One HTTP/1.1 exchange: `GET /metrics` (or `HEAD`), then the connection is closed.
 async fn scrape(
     mut stream: tokio::net::TcpStream,
-    shared: &Arc<Shared>,
+    shared: &Scope,
     metrics: &Arc<Metrics>,
     clock: &crate::writer::Clock,
 ) {

@@ -228,8 +228,21 @@ impl NatsCluster {
             .unwrap_or_default())
     }
 
-    /// The node (index) that leads stream `stream`, per the first running node's `/jsz`.
+    /// The node (index) that leads stream `stream`, per the running nodes' `/jsz`, asked for
+    /// up to 10 s (the servers' monitoring learns of a new leader a moment after the stream
+    /// has one); `None` when none names one by then.
     pub fn stream_leader(&self, stream: &str) -> Option<usize> {
+        let asked = Instant::now();
+        loop {
+            let leader = self.stream_leader_now(stream);
+            if leader.is_some() || asked.elapsed() > Duration::from_secs(10) {
+                return leader;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stream_leader_now(&self, stream: &str) -> Option<usize> {
         for (i, n) in self.nodes.iter().enumerate() {
             if !n.is_running() {
                 continue;
@@ -242,8 +255,11 @@ impl NatsCluster {
             };
             for account in v["account_details"].as_array().into_iter().flatten() {
                 for s in account["stream_detail"].as_array().into_iter().flatten() {
-                    if s["name"] == stream {
-                        let leader = s["cluster"]["leader"].as_str()?;
+                    // A node that does not know the leader yet: ask the next one.
+                    if let Some(leader) = s["cluster"]["leader"]
+                        .as_str()
+                        .filter(|_| s["name"] == stream)
+                    {
                         return self.nodes.iter().position(|n| n.name == leader);
                     }
                 }

@@ -50,6 +50,11 @@ struct Nodes {
 /// Three nodes `a`, `b`, `c`, each with its own data dir and socket, once every partition has
 /// a writer; `None` (after saying why) where no nats-server can be had.
 fn start(prefix: &str) -> Option<Nodes> {
+    start_with(prefix, "")
+}
+
+/// [`start`], with `extra` appended to every node's file.
+fn start_with(prefix: &str, extra: &str) -> Option<Nodes> {
     let turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(why) = nats_server() {
         eprintln!("skipped: {why}");
@@ -59,7 +64,7 @@ fn start(prefix: &str) -> Option<Nodes> {
     let urls = nats.urls();
     let nodes: Vec<Daemon> = ["a", "b", "c"]
         .iter()
-        .map(|n| Daemon::start_with_config(&policy(&urls, n, prefix)))
+        .map(|n| Daemon::start_with_config(&(policy(&urls, n, prefix) + extra)))
         .collect();
     let cluster = Nodes {
         nodes,
@@ -730,7 +735,8 @@ fn a_reserve_waiting_in_line_through_a_follower_gets_its_slot_after_longer_than_
 
 #[test]
 fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_socket() {
-    let Some(cluster) = start("reads") else {
+    let Some(cluster) = start_with("reads", "\n[daemon]\nmetrics_listen = \"127.0.0.1:0\"\n")
+    else {
         return;
     };
     let orgs: Vec<String> = (0..2)
@@ -866,4 +872,54 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
     let lines = text.json_lines();
     assert_eq!(lines.len(), 2, "{}", text.stdout);
     assert!(lines.iter().all(|l| l["partition"] == 0));
+
+    // Each node serves metrics: its folds per partition, the writers, the requests it answered.
+    let writers = cluster.wait_for_writers(Duration::from_secs(10));
+    for (i, d) in cluster.nodes.iter().enumerate() {
+        let log = d.stderr();
+        let addr = log
+            .split("metrics at http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_else(|| panic!("node {i} names no metrics address: {log}"));
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+        let sample = |series: &str| -> Option<f64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        };
+        for p in 0..2 {
+            let head = sample(&format!("bursar_log_head_seq{{partition=\"{p}\"}}"))
+                .unwrap_or_else(|| panic!("node {i}: no head of partition {p}:\n{text}"));
+            assert_eq!(head, chains[&p].len() as f64, "node {i}, partition {p}");
+            let writer = sample(&format!("bursar_cluster_writer{{partition=\"{p}\"}}")).unwrap();
+            assert_eq!(
+                writer == 1.0,
+                writers[p as usize] == ["a", "b", "c"][i],
+                "node {i}"
+            );
+            assert!(sample(&format!(
+                "bursar_cluster_lag_milliseconds{{partition=\"{p}\"}}"
+            ))
+            .is_some());
+        }
+        if i == 0 {
+            let records = sample(r#"bursar_requests_total{op="record",outcome="ok"}"#);
+            assert_eq!(
+                records,
+                Some(5.0),
+                "node a answered the five records:\n{text}"
+            );
+        }
+        for org in &orgs {
+            assert!(
+                text.contains(&format!(
+                    "bursar_bucket_spent_micros{{budget=\"org-daily\",key=\"org={org}\"}}"
+                )),
+                "node {i}: the buckets of every partition:\n{text}"
+            );
+        }
+    }
 }
