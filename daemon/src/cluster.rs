@@ -38,7 +38,7 @@ use bursar_core::policy::ClusterSettings;
 use bursar_schemas::event::{Actor, Envelope, Sealed};
 use bursar_schemas::wire::{
     decode_request, ClusterNodeLag, ClusterPartitionStatus, ClusterStatusAnswer, ErrorCode,
-    Request, WireError,
+    ReplayAnswer, Request, WhatIfAnswer, WireError,
 };
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -654,15 +654,11 @@ impl Cluster {
             return Ok(());
         }
         let last = {
-            let mut l = p.shared.ledger.write().unwrap_or_else(|e| e.into_inner());
-            for e in &folded {
-                l.apply(e.seq, e.ts, &e.body)
-                    .map_err(|e2| LogError::Refused {
-                        seq: e.seq,
-                        reason: format!("cannot fold: {e2}"),
-                    })?;
-            }
-            l.last_seq()
+            let store = lock_store(&p.shared);
+            fold_copied(p, store.as_ref(), &folded).map_err(|reason| LogError::Refused {
+                seq: folded.first().map_or(0, |e| e.seq),
+                reason,
+            })?
         };
         p.folded_to(last);
         Ok(())
@@ -695,15 +691,10 @@ impl Cluster {
                 let mut folded = Vec::new();
                 crate::log::follow::catch_up(&js, store.as_mut(), |e| folded.push(e.clone()))
                     .map_err(|e| e.to_string())?;
-                let mut l = p.shared.ledger.write().unwrap_or_else(|e| e.into_inner());
-                for e in &folded {
-                    l.apply(e.seq, e.ts, &e.body)
-                        .map_err(|e2| format!("cannot fold event {}: {e2}", e.seq))?;
-                }
+                fold_copied(p, store.as_ref(), &folded)?;
                 if store.head() != js.head() {
                     return Err("the local copy does not end where the stream does".into());
                 }
-                drop(l);
                 *p.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(held.valid_until);
                 *slot(&p.stream_slot) = Some(js);
             }
@@ -1200,6 +1191,46 @@ impl Cluster {
         }
     }
 
+    /// `replay` with `apply` (new prices) on every partition, through each one's writer
+    /// (here or forwarded), as `reload` goes: one answer, the partitions' summed, or the first
+    /// failure.
+    pub async fn replay_apply(
+        self: Arc<Self>,
+        request: bursar_schemas::wire::ReplayRequest,
+        raw: Vec<u8>,
+        actor: Actor,
+        req: Option<Value>,
+    ) -> String {
+        let mut answers = Vec::new();
+        for p in self.parts.clone() {
+            let local = p.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let line = match local {
+                Some(w) => replay_on(&w, request.clone(), actor, None).await,
+                None => {
+                    self.forward(&p, raw.clone(), actor, None, Duration::ZERO)
+                        .await
+                }
+            };
+            match serde_json::from_str::<ReplayAnswer>(&line) {
+                Ok(a) => answers.push(a),
+                Err(_) => {
+                    let mut failed: Value = serde_json::from_str(&line).unwrap_or_default();
+                    if let Value::Object(m) = &mut failed {
+                        m.insert("partition".into(), Value::from(p.index));
+                        if let Some(r) = req {
+                            m.insert("req".into(), r);
+                        }
+                        return serde_json::to_string(&m).unwrap_or_default();
+                    }
+                    return error_line(ErrorCode::Internal, "a writer answered nothing", req);
+                }
+            }
+        }
+        let mut all = merge_replays(answers);
+        all.req = req;
+        serde_json::to_string(&all).unwrap_or_default()
+    }
+
     /// `cluster_status`: each partition's lease holder and each node's fold and lag.
     pub async fn status(self: Arc<Self>, req: Option<Value>) -> String {
         let mut reports: Vec<(String, Value)> = Vec::new();
@@ -1320,6 +1351,123 @@ async fn reload_on(writer: &WriterHandle, actor: Actor, req: Option<Value>) -> S
     }
 }
 
+/// Fold events this node copied from the stream (already in `store`, its copy) into `p`'s
+/// ledger; the seq folded to. A `pricing_changed` reprices usage folded before it (`replay`
+/// with `apply`, SPEC §8): the ledger is then folded again from the copy, as at start (where
+/// the writer that appended it refolded its own).
+fn fold_copied(p: &Partition, store: &dyn LogStore, events: &[Envelope]) -> Result<u64, String> {
+    use bursar_schemas::event::EventBody;
+    if events
+        .iter()
+        .any(|e| matches!(e.body, EventBody::PricingChanged(_)))
+    {
+        let fresh = writer::recover(store)
+            .map_err(|e| format!("cannot fold again after new prices: {e}"))?;
+        let mut l = p.shared.ledger.write().unwrap_or_else(|e| e.into_inner());
+        *l = fresh;
+        return Ok(l.last_seq());
+    }
+    let mut l = p.shared.ledger.write().unwrap_or_else(|e| e.into_inner());
+    for e in events {
+        l.apply(e.seq, e.ts, &e.body)
+            .map_err(|e2| format!("cannot fold event {}: {e2}", e.seq))?;
+    }
+    Ok(l.last_seq())
+}
+
+/// An applied repricing (`replay` with `apply`) on this node's writer of a partition.
+async fn replay_on(
+    writer: &WriterHandle,
+    request: bursar_schemas::wire::ReplayRequest,
+    actor: Actor,
+    req: Option<Value>,
+) -> String {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = Job::Replay {
+        request,
+        import_text: None,
+        actor,
+        req: req.clone(),
+        reply: tx,
+    };
+    match writer.submit(job) {
+        Ok(()) => rx
+            .await
+            .unwrap_or_else(|_| error_line(ErrorCode::Unavailable, "the writer stopped", req)),
+        Err(code) => error_line(code, "the writer is not accepting jobs", req),
+    }
+}
+
+/// Each partition's dry-run repricing as one answer: every bucket lies in one partition, so
+/// the diffs side by side; events and the cost's change summed.
+pub fn merge_replays(answers: Vec<ReplayAnswer>) -> ReplayAnswer {
+    let mut all = ReplayAnswer {
+        ok: true,
+        events: 0,
+        diff: Vec::new(),
+        total_delta_micros: 0,
+        applied: !answers.is_empty(),
+        seq: None,
+        req: None,
+    };
+    for a in answers {
+        all.events += a.events;
+        all.diff.extend(a.diff);
+        all.total_delta_micros += a.total_delta_micros;
+        all.applied &= a.applied;
+    }
+    all
+}
+
+/// Each partition's what-if (`(partition, answer)`) as one answer: counts summed, denials and
+/// exhaustions in time order (each denial naming its partition), each budget's highest peak.
+pub fn merge_what_ifs(answers: Vec<(usize, WhatIfAnswer)>) -> WhatIfAnswer {
+    use bursar_schemas::wire::WHAT_IF_MAX_DENIALS;
+    let mut all = WhatIfAnswer {
+        ok: true,
+        events: 0,
+        reservations: 0,
+        denied: Vec::new(),
+        denied_total: 0,
+        denied_hold_micros: 0,
+        usage_left_out: 0,
+        usage_left_out_micros: 0,
+        exhausted: Vec::new(),
+        exhausted_total: 0,
+        peaks: Vec::new(),
+        req: None,
+    };
+    for (i, a) in answers {
+        all.events += a.events;
+        all.reservations += a.reservations;
+        all.denied_total += a.denied_total;
+        all.denied_hold_micros += a.denied_hold_micros;
+        all.usage_left_out += a.usage_left_out;
+        all.usage_left_out_micros += a.usage_left_out_micros;
+        all.exhausted_total += a.exhausted_total;
+        all.denied.extend(a.denied.into_iter().map(|mut d| {
+            d.partition = u32::try_from(i).ok();
+            d
+        }));
+        all.exhausted.extend(a.exhausted);
+        for peak in a.peaks {
+            match all.peaks.iter_mut().find(|p| p.budget == peak.budget) {
+                // Display figures: the decisions were made on integers.
+                Some(p) if peak.utilization > p.utilization => *p = peak,
+                Some(_) => {}
+                None => all.peaks.push(peak),
+            }
+        }
+    }
+    // RFC 3339 in UTC: text order is time order.
+    all.denied.sort_by(|a, b| a.ts.cmp(&b.ts));
+    all.denied.truncate(WHAT_IF_MAX_DENIALS);
+    all.exhausted.sort_by(|a, b| a.at.cmp(&b.at));
+    all.exhausted.truncate(WHAT_IF_MAX_DENIALS);
+    all.peaks.sort_by(|a, b| a.budget.cmp(&b.budget));
+    all
+}
+
 /// Whether an answer line is an `unavailable` error.
 fn is_unavailable(line: &str) -> bool {
     line.starts_with(r#"{"ok":false"#) && line.contains(r#""code":"unavailable""#)
@@ -1412,6 +1560,9 @@ async fn serve_forwarded(
                 Err((e, req)) => Answer::Error(e).to_line(req),
                 Ok(d) => match d.request {
                     Request::Reload => reload_on(&writer, actor, d.req).await,
+                    Request::Replay(r) if r.apply && r.policy.is_none() => {
+                        replay_on(&writer, r, actor, d.req).await
+                    }
                     request => match write_cmd(request) {
                         Some(cmd) => local_write(&p, &writer, cmd, actor, d.req).await,
                         None => error_line(ErrorCode::BadRequest, "not a write", d.req),

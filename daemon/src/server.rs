@@ -716,18 +716,10 @@ fn cluster_dispatch(
                 echoed(cluster_report(&c, &r, now), req, |a, req| a.req = req)
             }))
         }
-        other => Pending::Ready(
-            Answer::Error(WireError::bad_field(
-                "op",
-                format!(
-                    "{} is not available in cluster mode yet; each node keeps a verified copy \
-                     of every partition's log in its data dir (p0, p1, ...): `bursar replay` \
-                     reads one offline with --data-dir DATA/pN",
-                    other.op()
-                ),
-            ))
-            .to_line(req),
-        ),
+        Request::Replay(r) => {
+            let admin = ctx.admin_uids.contains(&actor.uid);
+            cluster_replay(c, r, raw, actor, req, admin)
+        }
     }
 }
 
@@ -799,41 +791,9 @@ impl Drop for DryRunSlot<'_> {
 /// A what-if `replay` (SPEC §11): the log up to the durable head decided again under the
 /// policy `text`, off the writer thread, at most one dry run at a time. Changes nothing.
 fn what_if(ctx: &Ctx, text: &str, request: &ReplayRequest, req: Option<Value>) -> String {
-    let refuse = |field: &str, msg: &str| {
-        Answer::Error(WireError::bad_field(field, msg.to_string())).to_line(req.clone())
-    };
-    if request.apply {
-        return refuse(
-            "apply",
-            "a what-if replay never applies its policy; `reload` applies a policy",
-        );
-    }
-    if request.pricing != Default::default() {
-        return refuse(
-            "pricing",
-            "give either pricing (a repricing) or policy (a what-if), not both",
-        );
-    }
-    let since = match since_of(request, &req) {
-        Ok(t) => t,
-        Err(line) => return line,
-    };
-    // A policy sent over the socket never makes the daemon read a file it names.
-    let no_import = |p: &str| -> Result<String, String> {
-        Err(format!(
-            "a what-if policy cannot import {p:?}: the daemon reads no file a request names; put the prices in [pricing.models] instead"
-        ))
-    };
-    let loaded = match bursar_core::policy::parse_policy(text, "replay.policy", &no_import) {
-        Ok(l) => l,
-        Err(errs) => {
-            let msg = errs
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; ");
-            return refuse("policy", &msg);
-        }
+    let (policy, since) = match what_if_policy(text, request) {
+        Ok(p) => p,
+        Err(e) => return Answer::Error(e).to_line(req),
     };
     let Some(_busy) = DryRunSlot::take(ctx) else {
         return error_line(
@@ -842,34 +802,68 @@ fn what_if(ctx: &Ctx, text: &str, request: &ReplayRequest, req: Option<Value>) -
             req,
         );
     };
-    let head = *ctx.shared.durable.borrow();
-    match ledger::collect_epochs(LogChunks::new(&ctx.shared, head)).and_then(|epochs| {
-        ledger::what_if_with(
-            &epochs,
-            LogChunks::new(&ctx.shared, head),
-            &loaded.resolved,
-            since,
-        )
-    }) {
-        Ok(mut answer) => {
-            answer.req = req;
-            serde_json::to_string(&answer).unwrap_or_default()
+    echoed(what_if_on(&ctx.shared, &policy, since), req, |a, req| {
+        a.req = req
+    })
+}
+
+/// A what-if's policy and `since`, checked.
+fn what_if_policy(
+    text: &str,
+    request: &ReplayRequest,
+) -> Result<(bursar_schemas::policy::ResolvedPolicy, i64), WireError> {
+    if request.apply {
+        return Err(WireError::bad_field(
+            "apply",
+            "a what-if replay never applies its policy; `reload` applies a policy",
+        ));
+    }
+    if request.pricing != Default::default() {
+        return Err(WireError::bad_field(
+            "pricing",
+            "give either pricing (a repricing) or policy (a what-if), not both",
+        ));
+    }
+    let since = since_of(request)?;
+    // A policy sent over the socket never makes the daemon read a file it names.
+    let no_import = |p: &str| -> Result<String, String> {
+        Err(format!(
+            "a what-if policy cannot import {p:?}: the daemon reads no file a request names; put the prices in [pricing.models] instead"
+        ))
+    };
+    match bursar_core::policy::parse_policy(text, "replay.policy", &no_import) {
+        Ok(l) => Ok((l.resolved, since)),
+        Err(errs) => {
+            let msg = errs
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            Err(WireError::bad_field("policy", msg))
         }
-        Err(e) => error_line(ErrorCode::Internal, e.to_string(), req),
     }
 }
 
-/// A `replay`'s `since` (default: the start of the log), or the error line naming it.
-fn since_of(request: &ReplayRequest, req: &Option<Value>) -> Result<i64, String> {
+/// A what-if on one log, up to what it holds durably.
+fn what_if_on(
+    shared: &Shared,
+    policy: &bursar_schemas::policy::ResolvedPolicy,
+    since: i64,
+) -> Result<bursar_schemas::wire::WhatIfAnswer, WireError> {
+    let head = *shared.durable.borrow();
+    ledger::collect_epochs(LogChunks::new(shared, head))
+        .and_then(|epochs| {
+            ledger::what_if_with(&epochs, LogChunks::new(shared, head), policy, since)
+        })
+        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))
+}
+
+/// A `replay`'s `since` (default: the start of the log), or the error naming it.
+fn since_of(request: &ReplayRequest) -> Result<i64, WireError> {
     match &request.since {
         None => Ok(i64::MIN),
-        Some(s) => bursar_core::time::parse_ts(s).ok_or_else(|| {
-            Answer::Error(WireError::bad_field(
-                "since",
-                "since must be an RFC 3339 time",
-            ))
-            .to_line(req.clone())
-        }),
+        Some(s) => bursar_core::time::parse_ts(s)
+            .ok_or_else(|| WireError::bad_field("since", "since must be an RFC 3339 time")),
     }
 }
 
@@ -932,52 +926,143 @@ fn dry_run(
     import_text: Option<&str>,
     req: Option<Value>,
 ) -> String {
-    let since = match since_of(request, &req) {
-        Ok(t) => t,
-        Err(line) => return line,
-    };
+    let answer = since_of(request)
+        .and_then(|since| dry_run_on(&ctx.shared, (ctx.clock)(), request, since, import_text));
+    echoed(answer, req, |a, req| a.req = req)
+}
+
+/// A dry-run repricing of one log, up to what it holds durably.
+fn dry_run_on(
+    shared: &Shared,
+    now: bursar_schemas::TsMicros,
+    request: &ReplayRequest,
+    since: i64,
+    import_text: Option<&str>,
+) -> Result<bursar_schemas::wire::ReplayAnswer, WireError> {
     let (head, base) = {
-        let l = read_ledger(&ctx.shared);
+        let l = read_ledger(shared);
         (
-            *ctx.shared.durable.borrow(),
+            *shared.durable.borrow(),
             l.current_prices().cloned().unwrap_or_default(),
         )
     };
-    let table = match bursar_core::policy::parse_pricing_section(
+    let table = bursar_core::policy::parse_pricing_section(
         &request.pricing,
         &base,
         "replay.pricing",
         &|_| Ok(import_text.unwrap_or_default().to_string()),
-    ) {
-        Ok(t) => t,
-        Err(errs) => {
-            let msg = errs
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Answer::Error(WireError::bad_field("pricing", msg)).to_line(req);
-        }
-    };
-    let now = (ctx.clock)();
-    let epochs = match ledger::collect_epochs(LogChunks::new(&ctx.shared, head)) {
-        Ok(e) => e,
-        Err(e) => return error_line(ErrorCode::Internal, e.to_string(), req),
-    };
-    match ledger::replay_from_log(
-        &epochs,
-        LogChunks::new(&ctx.shared, head),
-        &table,
-        since,
-        now,
-    ) {
-        Ok(outcome) => {
-            let mut answer = outcome.answer;
-            answer.req = req;
-            serde_json::to_string(&answer).unwrap_or_default()
-        }
-        Err(e) => error_line(ErrorCode::Internal, e.to_string(), req),
+    )
+    .map_err(|errs| {
+        let msg = errs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        WireError::bad_field("pricing", msg)
+    })?;
+    let internal = |e: &dyn std::fmt::Display| WireError::new(ErrorCode::Internal, e.to_string());
+    let epochs = ledger::collect_epochs(LogChunks::new(shared, head)).map_err(|e| internal(&e))?;
+    ledger::replay_from_log(&epochs, LogChunks::new(shared, head), &table, since, now)
+        .map(|outcome| outcome.answer)
+        .map_err(|e| internal(&e))
+}
+
+/// `replay` on a cluster node (SPEC §11, §13). A dry run (repricing or what-if) folds every
+/// partition's copy here and puts the answers together; `apply` goes to each partition's
+/// writer, here or forwarded, and sums their answers.
+fn cluster_replay(
+    c: &Arc<crate::cluster::Cluster>,
+    r: ReplayRequest,
+    raw: Vec<u8>,
+    actor: Actor,
+    req: Option<Value>,
+    admin: bool,
+) -> Pending {
+    if r.apply && !admin {
+        return Pending::Ready(forbidden("replay with apply", actor, req));
     }
+    if r.pricing.import.is_some() && !admin {
+        return Pending::Ready(forbidden(
+            "pricing.import (a path the daemon would read)",
+            actor,
+            req,
+        ));
+    }
+    if r.apply && r.policy.is_none() {
+        if r.pricing.import.is_some() {
+            return Pending::Ready(
+                Answer::Error(WireError::bad_field(
+                    "pricing.import",
+                    "in cluster mode an applied replay takes its prices in the request \
+                     (pricing.models): each partition's writer applies it on its own host",
+                ))
+                .to_line(req),
+            );
+        }
+        let (tx, rx) = oneshot::channel();
+        let c = c.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(c.replay_apply(r, raw, actor, req).await);
+        });
+        return Pending::Wait(rx);
+    }
+    let c = c.clone();
+    Pending::Blocking(Box::new(move |ctx: &Ctx| {
+        let import_text = match &r.pricing.import {
+            Some(path) => match read_import(path) {
+                Ok(text) => Some(text),
+                Err(msg) => {
+                    return Answer::Error(WireError::bad_field("pricing.import", msg)).to_line(req)
+                }
+            },
+            None => None,
+        };
+        let checked = match &r.policy {
+            Some(text) => what_if_policy(text, &r).map(|(p, since)| (Some(p), since)),
+            None => since_of(&r).map(|since| (None, since)),
+        };
+        let (policy, since) = match checked {
+            Ok(c) => c,
+            Err(e) => return Answer::Error(e).to_line(req),
+        };
+        let Some(_busy) = DryRunSlot::take(ctx) else {
+            return error_line(
+                ErrorCode::Overloaded,
+                "another dry-run replay is running; retry when it is done",
+                req,
+            );
+        };
+        let now = (ctx.clock)();
+        match policy {
+            Some(policy) => {
+                let answers = c
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| what_if_on(&p.shared, &policy, since).map(|a| (i, a)));
+                echoed(
+                    answers
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(crate::cluster::merge_what_ifs),
+                    req,
+                    |a, req| a.req = req,
+                )
+            }
+            None => {
+                let answers = c
+                    .parts
+                    .iter()
+                    .map(|p| dry_run_on(&p.shared, now, &r, since, import_text.as_deref()));
+                echoed(
+                    answers
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(crate::cluster::merge_replays),
+                    req,
+                    |a, req| a.req = req,
+                )
+            }
+        }
+    }))
 }
 
 /// The log from seq 1 up to `last`, read a chunk at a time with the store locked only per

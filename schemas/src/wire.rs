@@ -1129,6 +1129,9 @@ pub struct WhatIfDenial {
     /// Its scope key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Cluster mode (SPEC §13): the partition whose log holds it (`seq` is that log's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
 }
 
 /// A bucket the what-if policy would have exhausted.

@@ -601,6 +601,15 @@ fn without_a_quorum_writes_fail_closed_and_reads_say_how_stale_they_are() {
         0,
     ));
     assert_eq!(ok["ok"], true, "{ok}");
+    // Every node folded it (a follower gets it a moment after the writer answered).
+    for (i, d) in cluster.nodes.iter().enumerate() {
+        let mut c = d.client();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while budget_of(&mut c, "acme").map(|b| b.0) != Some(150) {
+            assert!(Instant::now() < deadline, "node {i} never folded the write");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     // Two of the three NATS servers gone: no stream has a quorum.
     cluster.nats.kill_node(0);
     cluster.nats.kill_node(1);
@@ -921,5 +930,60 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
                 "node {i}: the buckets of every partition:\n{text}"
             );
         }
+    }
+    // A dry-run repricing through node b: every partition's usage priced again (450 → 900 µ$
+    // a record), each org's bucket in the diff; nothing changes.
+    let prices =
+        json!({"models": {"gpt-4o-mini": {"input_per_mtok": 0.3, "output_per_mtok": 1.2}}});
+    let dry = b.call(json!({"op": "replay", "pricing": prices}));
+    assert_eq!(dry["ok"], true, "{dry}");
+    assert_eq!(dry["events"], events.len(), "{dry}");
+    assert_eq!(dry["total_delta_micros"], 5 * 450, "{dry}");
+    assert_eq!(dry["applied"], false, "{dry}");
+    let diff_keys: BTreeSet<String> = dry["diff"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        diff_keys,
+        orgs.iter().map(|o| format!("org={o}")).collect(),
+        "{dry}"
+    );
+    // A what-if through node b with a $0.001 budget: partition 0's org (3 × 450 µ$) runs out,
+    // partition 1's (2 × 450) does not.
+    let urls = cluster.nats.urls();
+    let text = policy(&urls, "b", "reads").replace("max_usd = 0.01", "max_usd = 0.001");
+    let what_if = b.call(json!({"op": "replay", "policy": text}));
+    assert_eq!(what_if["ok"], true, "{what_if}");
+    assert_eq!(what_if["events"], events.len(), "{what_if}");
+    assert_eq!(what_if["exhausted_total"], 1, "{what_if}");
+    assert_eq!(
+        what_if["exhausted"][0]["key"],
+        format!("org={}", orgs[0]),
+        "{what_if}"
+    );
+    // Applied through node c: each partition's writer appends the new prices and folds again;
+    // every node then reads the repriced spend.
+    let applied = cluster.nodes[2]
+        .client()
+        .call(json!({"op": "replay", "pricing": prices, "apply": true}));
+    assert_eq!(applied["ok"], true, "{applied}");
+    assert_eq!(applied["applied"], true, "{applied}");
+    assert_eq!(applied["total_delta_micros"], 5 * 450, "{applied}");
+    for (i, d) in cluster.nodes.iter().enumerate() {
+        let mut c = d.client();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while budget_of(&mut c, &format!("org={}", orgs[0])).map(|b| b.0) != Some(3 * 900) {
+            assert!(
+                Instant::now() < deadline,
+                "node {i}: not repriced: {}",
+                c.call(json!({"op": "status"}))
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let v = c.call(json!({"op": "verify"}));
+        assert_eq!(v["ok"], true, "{v}");
     }
 }

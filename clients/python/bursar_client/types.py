@@ -509,6 +509,8 @@ class WhatIfDenial:
     reason: str
     budget: Optional[str] = None
     key: Optional[str] = None
+    partition: Optional[int] = None
+    """Cluster mode: the partition whose log holds it (``seq`` is that log's)."""
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "WhatIfDenial":

@@ -199,6 +199,7 @@ impl Run {
                                 reason: d.reason.code,
                                 budget: d.reason.budget,
                                 key: d.reason.key,
+                                partition: None,
                             });
                         }
                     }
