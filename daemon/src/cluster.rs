@@ -396,6 +396,8 @@ impl Cluster {
                 ))
             })?;
             let mut shared = Shared::new(ledger, Box::new(store));
+            shared.max_waiters =
+                std::sync::atomic::AtomicUsize::new(config.policy.daemon.max_waiters);
             // One set of counters for the node: every partition's writer adds to them.
             shared.metrics = metrics.clone();
             let shared = Arc::new(shared);

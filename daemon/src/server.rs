@@ -638,6 +638,9 @@ fn cluster_dispatch(
                 Ok(i) => i,
                 Err(e) => return Pending::Ready(Answer::Error(e).to_line(req)),
             };
+            if ch.wait_ms.is_some_and(|w| w > 0) {
+                return Pending::WaitingCheck(Box::new(ch), req);
+            }
             let p = c.parts[i].clone();
             Pending::Read(Box::new(move |ctx: &Ctx| {
                 let now = (ctx.clock)();
@@ -1297,16 +1300,27 @@ async fn waiting_check(ctx: &Arc<Ctx>, c: &CheckRequest) -> Answer {
     let since = std::time::Instant::now();
     let deadline = since + std::time::Duration::from_millis(c.wait_ms.unwrap_or(0));
     let mut shutdown = ctx.shutdown.clone();
+    // A cluster node decides it on the fold of the labels' partition, which moves as this
+    // node copies the partition's log (a release on any node shows here once copied).
+    let partition = match &ctx.cluster {
+        Some(cl) => match cl.partition_for_labels(Some(&c.labels)) {
+            Ok(i) => cl.parts.get(i).cloned(),
+            Err(e) => return Answer::Error(e),
+        },
+        None => None,
+    };
+    let shared: &Shared = partition.as_ref().map_or(&ctx.shared, |p| &p.shared);
     let mut slot: Option<Slot<'_>> = None;
     loop {
         let now = (ctx.clock)();
-        let (answer, waitable) = read_ledger(&ctx.shared).check_waitable(c, now);
+        let (answer, waitable) = read_ledger(shared).check_waitable(c, now);
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if !waitable || left.is_zero() {
             return match answer {
                 Answer::Decision(mut d) => {
                     d.waited_ms =
                         Some(u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX));
+                    d.lag_ms = partition.as_ref().map(|p| p.lag_ms());
                     Answer::Decision(d)
                 }
                 other => other,
@@ -1314,10 +1328,10 @@ async fn waiting_check(ctx: &Arc<Ctx>, c: &CheckRequest) -> Answer {
         }
         if slot.is_none() {
             use std::sync::atomic::Ordering::Relaxed;
-            let max = ctx.shared.max_waiters.load(Relaxed);
-            let checks = ctx.shared.waiting_checks.fetch_add(1, Relaxed);
-            slot = Some(Slot(&ctx.shared));
-            if checks + ctx.shared.waiting.load(Relaxed) >= max {
+            let max = shared.max_waiters.load(Relaxed);
+            let checks = shared.waiting_checks.fetch_add(1, Relaxed);
+            slot = Some(Slot(shared));
+            if checks + shared.waiting.load(Relaxed) >= max {
                 return Answer::Error(WireError::new(
                     ErrorCode::Overloaded,
                     format!("{max} requests already wait ([daemon] max_waiters); retry later"),

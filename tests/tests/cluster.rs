@@ -788,8 +788,19 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
     }
     assert_eq!(seen, BTreeMap::from([(0, 3), (1, 2)]));
 
-    // Export through node b: every partition, one after the other, each an unbroken chain.
+    // Export through node b: every partition, one after the other, each an unbroken chain
+    // (once node b folded all five: it follows both partitions a moment behind their writers).
     let mut b = cluster.nodes[1].client();
+    for (org, n) in [(&orgs[0], 3), (&orgs[1], 2)] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while budget_of(&mut b, &format!("org={org}")).map(|s| s.0) != Some(n * 450) {
+            assert!(
+                Instant::now() < deadline,
+                "node b never folded {org}'s usage"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     b.send(&json!({"op": "export"}));
     let (events, end) = b.read_stream();
     assert_eq!(end["count"], events.len(), "{end}");
@@ -986,4 +997,38 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
         let v = c.call(json!({"op": "verify"}));
         assert_eq!(v["ok"], true, "{v}");
     }
+    // A check with wait_ms through node c waits for the gpu slot that a reserve through node a
+    // holds, and is allowed once a release through node b reaches node c's fold.
+    let gpu = json!({"org": orgs[1], "pool": "gpu"});
+    let held = a.call(bursar_tests::reserve(
+        "gpu-1",
+        gpu.clone(),
+        "gpt-4o-mini",
+        10,
+        10,
+    ));
+    assert_eq!(held["decision"], "allow", "{held}");
+    let mut waiter = cluster.nodes[2].client();
+    let check = json!({"op": "check", "labels": gpu, "model": "gpt-4o-mini",
+        "estimate": {"input_tokens": 10, "max_output_tokens": 10}});
+    // Once node c folded the hold (a follower reads a moment behind the writer).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiter.call(check.clone())["decision"] != "deny" {
+        assert!(Instant::now() < deadline, "node c never folded the hold");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut waiting = check.clone();
+    waiting["wait_ms"] = json!(10_000);
+    waiter.send(&waiting);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        waiter.poll_recv().is_none(),
+        "the check waits while the slot is held"
+    );
+    let released = b.call(json!({"op": "release", "reservation_id": "gpu-1"}));
+    assert_eq!(released["ok"], true, "{released}");
+    let waited = waiter.recv();
+    assert_eq!(waited["decision"], "allow", "{waited}");
+    assert!(waited["waited_ms"].as_u64().unwrap() >= 800, "{waited}");
+    assert!(waited["lag_ms"].is_u64(), "{waited}");
 }
