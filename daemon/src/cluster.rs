@@ -1400,6 +1400,26 @@ async fn replay_on(
     }
 }
 
+/// Put another partition's `status` into `into`: its buckets beside (a bucket lies in one
+/// partition; the caller orders them), counts summed; of a quota the partitions both report,
+/// the later observation (observations reach the partition of the labels they came with).
+/// Subscriptions and tiers are the policy's, the same in every partition.
+pub fn merge_status(
+    into: &mut bursar_schemas::wire::StatusAnswer,
+    other: bursar_schemas::wire::StatusAnswer,
+) {
+    into.budgets.extend(other.budgets);
+    into.total += other.total;
+    into.truncated |= other.truncated;
+    for q in other.quotas {
+        match into.quotas.iter_mut().find(|x| x.id == q.id) {
+            Some(mine) if q.observed_at > mine.observed_at => *mine = q,
+            Some(_) => {}
+            None => into.quotas.push(q),
+        }
+    }
+}
+
 /// Each partition's dry-run repricing as one answer: every bucket lies in one partition, so
 /// the diffs side by side; events and the cost's change summed.
 pub fn merge_replays(answers: Vec<ReplayAnswer>) -> ReplayAnswer {
@@ -1578,5 +1598,47 @@ async fn serve_forwarded(
                 .publish_with_headers(reply, headers, line.into_bytes().into())
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bursar_schemas::wire::{QuotaLimitReport, QuotaReport, StatusAnswer};
+
+    fn status(quota_seen: Option<&str>, remaining: u64) -> StatusAnswer {
+        StatusAnswer {
+            ok: true,
+            budgets: Vec::new(),
+            total: 1,
+            truncated: false,
+            subscriptions: Vec::new(),
+            quotas: vec![QuotaReport {
+                id: "openai-prod".into(),
+                provider: "openai".into(),
+                observed_at: quota_seen.map(str::to_string),
+                limits: vec![QuotaLimitReport {
+                    limit: "requests".into(),
+                    of: Some(100),
+                    observed_remaining: remaining,
+                    remaining,
+                    reset_at: "2026-12-04T10:01:00Z".into(),
+                }],
+            }],
+            tiers: Vec::new(),
+            lag_ms: None,
+            req: None,
+        }
+    }
+
+    #[test]
+    fn a_quota_heard_of_in_two_partitions_shows_what_its_provider_said_last() {
+        let mut merged = status(Some("2026-12-04T10:00:05Z"), 40);
+        merge_status(&mut merged, status(Some("2026-12-04T10:00:09Z"), 12));
+        merge_status(&mut merged, status(None, 99));
+        merge_status(&mut merged, status(Some("2026-12-04T10:00:01Z"), 70));
+        assert_eq!(merged.quotas.len(), 1);
+        assert_eq!(merged.quotas[0].limits[0].remaining, 12);
+        assert_eq!(merged.total, 4, "bucket counts summed");
     }
 }

@@ -269,17 +269,14 @@ impl Metrics {
                     .set(i64::from(p.is_writer()));
             }
         }
-        // A bucket lies in one partition: the partitions' buckets side by side. Quotas and
-        // subscriptions are in every partition's policy: partition 0's (as `status` shows).
+        // A bucket lies in one partition: the partitions' buckets side by side; of a quota,
+        // the latest observation (as `status` shows them).
         let mut status: Option<bursar_schemas::wire::StatusAnswer> = None;
         for (_, _, _, _, st) in logs {
             let Ok(st) = st else { continue };
             match &mut status {
                 None => status = Some(st),
-                Some(m) => {
-                    m.budgets.extend(st.budgets);
-                    m.total += st.total;
-                }
+                Some(m) => crate::cluster::merge_status(m, st),
             }
         }
         if let Some(status) = &status {

@@ -668,16 +668,20 @@ fn cluster_dispatch(
                     };
                     match &mut merged {
                         None => merged = Some(a),
-                        Some(m) => {
-                            m.budgets.extend(a.budgets);
-                            m.total += a.total;
-                            m.truncated |= a.truncated;
-                        }
+                        Some(m) => crate::cluster::merge_status(m, a),
                     }
                 }
                 let Some(mut m) = merged else {
                     return error_line(ErrorCode::Internal, "no partitions", req);
                 };
+                // Most utilized first over every partition, as one log's status orders them
+                // (the display ratio of the same integers; ties by budget, then key).
+                m.budgets.sort_by(|a, b| {
+                    b.utilization
+                        .total_cmp(&a.utilization)
+                        .then_with(|| a.budget.cmp(&b.budget))
+                        .then_with(|| a.key.cmp(&b.key))
+                });
                 if let Some(limit) = s.limit {
                     if m.budgets.len() > limit {
                         m.budgets.truncate(limit);

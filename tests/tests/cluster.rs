@@ -851,6 +851,12 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
         "{text}"
     );
 
+    // Status through node b: the most utilized bucket over both partitions first.
+    let st = b.call(json!({"op": "status", "limit": 1}));
+    assert_eq!(st["budgets"][0]["key"], format!("org={}", orgs[0]), "{st}");
+    assert_eq!(st["truncated"], true, "{st}");
+    assert_eq!(st["budgets"].as_array().unwrap().len(), 1, "{st}");
+
     // A report through node a: each org's usage from its own partition, costs as exported.
     let report = a.call(json!({"op": "report", "group_by": ["org"]}));
     assert_eq!(report["ok"], true, "{report}");
