@@ -1127,6 +1127,7 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
             let mut c = Client::connect(path)?;
             // `-n N`: the daemon's default tail (its last events) gives the head's seq, then the
             // last N are asked for from there.
+            let mut partition = a.partition;
             let from_seq = match a.lines {
                 None => a.from_seq,
                 Some(n) => {
@@ -1145,6 +1146,10 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
                             ));
                         }
                         head = Some((ev.partition, ev.seq));
+                    }
+                    // The partition found (a cluster node whose other partitions are empty).
+                    if let Some((Some(p), _)) = head {
+                        partition.get_or_insert(p);
                     }
                     let head = head.map(|(_, seq)| seq);
                     match head {
@@ -1167,7 +1172,7 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
                     from_seq,
                     follow: a.follow,
                     types: (!a.types.is_empty()).then(|| a.types.clone()),
-                    partition: a.partition,
+                    partition,
                 }))?;
                 let mut broke = None;
                 for ev in stream.by_ref() {
@@ -1175,7 +1180,7 @@ fn tail(source: &Source, a: &TailArgs, json: bool, out: &mut dyn Write) -> Res<u
                         Ok(ev) => {
                             // A seq counts one partition's events: across partitions (a
                             // cluster node, no --partition), a reconnect shows new events only.
-                            from_seq = match (ev.partition, a.partition) {
+                            from_seq = match (ev.partition, partition) {
                                 (Some(_), None) => None,
                                 _ => Some(ev.seq + 1),
                             };

@@ -676,7 +676,9 @@ pub fn what_if_answer(
         ]);
         for d in &a.denied {
             t.row(vec![
-                d.seq.to_string(),
+                // Cluster mode: `p1:42` is seq 42 of partition 1's log.
+                d.partition
+                    .map_or_else(|| d.seq.to_string(), |p| format!("p{p}:{}", d.seq)),
                 d.ts.clone(),
                 d.reservation_id.clone(),
                 d.model.clone(),

@@ -59,6 +59,9 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(12);
 /// again (a resend is answered as a duplicate): a writer paused or cut off is replaced within
 /// [`LEASE_TTL`], and the next attempt reaches the new one.
 pub const FORWARD_ATTEMPT: Duration = Duration::from_secs(2);
+/// How long a forwarded `replay` with `apply` may take at the partition's writer (it folds
+/// the partition's log again) before it is sent again.
+pub const REPLAY_APPLY_WAIT: Duration = Duration::from_secs(600);
 /// Pause before a forwarded write is sent again after an `unavailable` answer.
 pub const FORWARD_RETRY: Duration = Duration::from_millis(200);
 /// How long a request to the NATS cluster may take before it fails.
@@ -499,6 +502,16 @@ impl Cluster {
             .map_err(|_| err("no answer".into()))?
             .map_err(|e| err(e.to_string()))?;
         let head = lock_store(&p.shared).head().map_or(0, |h| h.0);
+        // The copy holds records the fold does not (a fold that failed after they were
+        // copied): fold the copy again before following on from its end.
+        if read_ledger(&p.shared).last_seq() != head {
+            let store = lock_store(&p.shared);
+            let fresh = writer::recover(store.as_ref()).map_err(|reason| LogError::Refused {
+                seq: head,
+                reason: format!("cannot fold the copy again: {reason}"),
+            })?;
+            *p.shared.ledger.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        }
         let end = rt
             .block_on(async { stream.get_info().await.map(|i| i.state.last_sequence) })
             .map_err(|e| err(e.to_string()))?;
@@ -1208,8 +1221,11 @@ impl Cluster {
             let local = p.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let line = match local {
                 Some(w) => replay_on(&w, request.clone(), actor, None).await,
+                // A repricing folds the partition's whole log again on its writer: seconds
+                // on a large log. It is given that long before it would be sent again (a
+                // resend would append the same prices a second time).
                 None => {
-                    self.forward(&p, raw.clone(), actor, None, Duration::ZERO)
+                    self.forward(&p, raw.clone(), actor, None, REPLAY_APPLY_WAIT)
                         .await
                 }
             };

@@ -682,11 +682,11 @@ fn cluster_dispatch(
                         .then_with(|| a.budget.cmp(&b.budget))
                         .then_with(|| a.key.cmp(&b.key))
                 });
-                if let Some(limit) = s.limit {
-                    if m.budgets.len() > limit {
-                        m.budgets.truncate(limit);
-                        m.truncated = true;
-                    }
+                // One log's default limit over them all (each partition applied it to its own).
+                let limit = s.limit.unwrap_or(ledger::DEFAULT_STATUS_LIMIT);
+                if m.budgets.len() > limit {
+                    m.budgets.truncate(limit);
+                    m.truncated = true;
                 }
                 m.lag_ms = Some(lag);
                 echoed(Ok(m), req, |a, req| a.req = req)

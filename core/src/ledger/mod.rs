@@ -24,6 +24,7 @@ pub use replay::{
     collect_epochs, diff_rows, fold, fold_into, replay, replay_from_log, EpochDecl, FoldError,
     ReplayOutcome,
 };
+pub use report::DEFAULT_STATUS_LIMIT;
 pub use whatif::{what_if, what_if_with};
 
 use crate::labels::{scope_key, selector_matches};
