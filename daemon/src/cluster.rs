@@ -669,8 +669,8 @@ impl Cluster {
             return Ok(());
         }
         let last = {
-            let store = lock_store(&p.shared);
-            fold_copied(p, store.as_ref(), &folded).map_err(|reason| LogError::Refused {
+            // Folded without the store's lock (readers of the copy go on meanwhile).
+            fold_copied(p, None, &folded).map_err(|reason| LogError::Refused {
                 seq: folded.first().map_or(0, |e| e.seq),
                 reason,
             })?
@@ -706,7 +706,7 @@ impl Cluster {
                 let mut folded = Vec::new();
                 crate::log::follow::catch_up(&js, store.as_mut(), |e| folded.push(e.clone()))
                     .map_err(|e| e.to_string())?;
-                fold_copied(p, store.as_ref(), &folded)?;
+                fold_copied(p, Some(store.as_ref()), &folded)?;
                 if store.head() != js.head() {
                     return Err("the local copy does not end where the stream does".into());
                 }
@@ -1372,15 +1372,23 @@ async fn reload_on(writer: &WriterHandle, actor: Actor, req: Option<Value>) -> S
 /// Fold events this node copied from the stream (already in `store`, its copy) into `p`'s
 /// ledger; the seq folded to. A `pricing_changed` reprices usage folded before it (`replay`
 /// with `apply`, SPEC §8): the ledger is then folded again from the copy, as at start (where
-/// the writer that appended it refolded its own).
-fn fold_copied(p: &Partition, store: &dyn LogStore, events: &[Envelope]) -> Result<u64, String> {
+/// the writer that appended it refolded its own). `store`: the copy when the caller holds its
+/// lock (else it is locked for a refold only).
+fn fold_copied(
+    p: &Partition,
+    store: Option<&dyn LogStore>,
+    events: &[Envelope],
+) -> Result<u64, String> {
     use bursar_schemas::event::EventBody;
     if events
         .iter()
         .any(|e| matches!(e.body, EventBody::PricingChanged(_)))
     {
-        let fresh = writer::recover(store)
-            .map_err(|e| format!("cannot fold again after new prices: {e}"))?;
+        let fresh = match store {
+            Some(s) => writer::recover(s),
+            None => writer::recover(lock_store(&p.shared).as_ref()),
+        }
+        .map_err(|e| format!("cannot fold again after new prices: {e}"))?;
         let mut l = p.shared.ledger.write().unwrap_or_else(|e| e.into_inner());
         *l = fresh;
         return Ok(l.last_seq());
