@@ -8,14 +8,15 @@
 
 use bursar_core::ledger::{self, Ledger, Pricer};
 use bursar_core::policy::parse_pricing_section;
-use bursar_core::time::{format_ts, parse_ts};
-use bursar_schemas::event::{Envelope, EventBody};
+use bursar_core::time::parse_ts;
+use bursar_schemas::event::EventBody;
 use bursar_schemas::policy::PricingSection;
 use bursar_schemas::wire::{
     ExportRequest, ExportedEvent, ReplayAnswer, StatusAnswer, StatusRequest, VerifyAnswer,
 };
-use bursar_schemas::{Labels, TsMicros};
+use bursar_schemas::TsMicros;
 use bursard::log::{verify_chain, LogError, LogStore, SledLog};
+use bursard::streams::{exported, Filter};
 use std::path::{Path, PathBuf};
 
 /// Why offline access failed.
@@ -171,12 +172,12 @@ impl Offline {
         filter: &ExportRequest,
     ) -> Result<impl Iterator<Item = Result<ExportedEvent, OfflineError>> + 'a, OfflineError> {
         let pricer = self.ledger()?.pricer();
-        let f = Filter::new(filter)?;
+        let f = filter_of(filter)?;
         Ok(self
             .store
             .read_from(from_seq.max(1))
             .filter_map(move |item| match item {
-                Ok(env) if f.keeps(&env) => Some(Ok(exported(env, &pricer))),
+                Ok(env) if f.keeps(&env) => Some(Ok(exported(env, &pricer, None))),
                 Ok(_) => None,
                 Err(e) => Some(Err(OfflineError::Log(format!("reading the log: {e}")))),
             }))
@@ -191,7 +192,7 @@ impl Offline {
                 last = Some(env);
             }
         }
-        Ok(last.map(|env| exported(env, &Pricer::default())))
+        Ok(last.map(|env| exported(env, &Pricer::default(), None)))
     }
 
     /// A dry-run `replay`: fold the log again with `pricing` (merged over the prices in force
@@ -253,63 +254,19 @@ impl Offline {
 }
 
 /// The `since` / `until` / `labels` filter of `export`, as the daemon applies it.
-struct Filter {
-    since: Option<TsMicros>,
-    until: Option<TsMicros>,
-    labels: Option<Labels>,
-}
-
-impl Filter {
-    fn new(e: &ExportRequest) -> Result<Filter, OfflineError> {
-        let parse = |name: &str, v: &Option<String>| -> Result<Option<TsMicros>, OfflineError> {
-            match v {
-                None => Ok(None),
-                Some(t) => parse_ts(t).map(Some).ok_or_else(|| {
-                    OfflineError::Invalid(format!("--{name}: {t:?} is not an RFC 3339 time"))
-                }),
-            }
-        };
-        Ok(Filter {
-            since: parse("since", &e.since)?,
-            until: parse("until", &e.until)?,
-            labels: e.labels.clone(),
-        })
-    }
-
-    fn keeps(&self, env: &Envelope) -> bool {
-        if self.since.is_some_and(|s| env.ts < s) || self.until.is_some_and(|u| env.ts >= u) {
-            return false;
+fn filter_of(e: &ExportRequest) -> Result<Filter, OfflineError> {
+    let parse = |name: &str, v: &Option<String>| -> Result<Option<TsMicros>, OfflineError> {
+        match v {
+            None => Ok(None),
+            Some(t) => parse_ts(t).map(Some).ok_or_else(|| {
+                OfflineError::Invalid(format!("--{name}: {t:?} is not an RFC 3339 time"))
+            }),
         }
-        match &self.labels {
-            None => true,
-            Some(want) => env
-                .body
-                .labels()
-                .is_some_and(|l| want.iter().all(|(k, v)| l.get(k) == Some(v))),
-        }
-    }
-}
-
-/// An envelope as `tail` and `export` show it.
-pub fn exported(env: Envelope, pricer: &Pricer) -> ExportedEvent {
-    let (cost, version) = match &env.body {
-        EventBody::UsageRecorded(u) => {
-            let (c, _, v) = pricer.event_cost(u, env.ts);
-            (Some(c), Some(v))
-        }
-        _ => (None, None),
     };
-    ExportedEvent {
-        seq: env.seq,
-        ts: env.ts,
-        time: format_ts(env.ts),
-        actor: env.actor,
-        kind: env.body.kind().to_string(),
-        cost_micros: cost,
-        price_version: version,
-        prev_hash: env.prev_hash,
-        hash: env.hash,
-        body: env.body,
-        partition: None,
-    }
+    Ok(Filter {
+        since: parse("since", &e.since)?,
+        until: parse("until", &e.until)?,
+        labels: e.labels.clone(),
+        types: None,
+    })
 }

@@ -1469,20 +1469,7 @@ pub fn merge_replays(answers: Vec<ReplayAnswer>) -> ReplayAnswer {
 /// exhaustions in time order (each denial naming its partition), each budget's highest peak.
 pub fn merge_what_ifs(answers: Vec<(usize, WhatIfAnswer)>) -> WhatIfAnswer {
     use bursar_schemas::wire::WHAT_IF_MAX_DENIALS;
-    let mut all = WhatIfAnswer {
-        ok: true,
-        events: 0,
-        reservations: 0,
-        denied: Vec::new(),
-        denied_total: 0,
-        denied_hold_micros: 0,
-        usage_left_out: 0,
-        usage_left_out_micros: 0,
-        exhausted: Vec::new(),
-        exhausted_total: 0,
-        peaks: Vec::new(),
-        req: None,
-    };
+    let mut all = WhatIfAnswer::empty();
     for (i, a) in answers {
         all.events += a.events;
         all.reservations += a.reservations;

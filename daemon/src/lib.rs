@@ -9,7 +9,7 @@ pub mod config;
 pub mod log;
 pub mod metrics;
 pub mod server;
-mod streams;
+pub mod streams;
 pub mod writer;
 
 use config::Config;
@@ -298,20 +298,13 @@ pub fn run_with(
         cfg.socket.display(),
         cfg.data_dir.display()
     );
-    if let Some((listener, m)) = metrics {
-        tracing::info!(
-            "metrics at http://{}/metrics",
-            listener
-                .local_addr()
-                .map_or_else(|_| "?".to_string(), |a| a.to_string())
-        );
-        runtime.spawn(metrics::serve(
-            listener,
+    if let Some(metrics) = metrics {
+        serve_metrics(
+            &runtime,
+            metrics,
             metrics::Scope::Single(shared.clone()),
-            m,
-            ctx.clock.clone(),
-            ctx.shutdown.clone(),
-        ));
+            &ctx,
+        );
     }
     // Ready: the socket is under its name and listening (a connect succeeds from now on, and
     // is served as soon as the runtime below runs), the state is rebuilt from the log, and
@@ -412,20 +405,13 @@ fn run_cluster(
         settings.partition_by,
         cfg.socket.display()
     );
-    if let Some((listener, m)) = metrics {
-        tracing::info!(
-            "metrics at http://{}/metrics",
-            listener
-                .local_addr()
-                .map_or_else(|_| "?".to_string(), |a| a.to_string())
-        );
-        runtime.spawn(metrics::serve(
-            listener,
+    if let Some(metrics) = metrics {
+        serve_metrics(
+            &runtime,
+            metrics,
             metrics::Scope::Cluster(cluster.clone()),
-            m,
-            ctx.clock.clone(),
-            ctx.shutdown.clone(),
-        ));
+            &ctx,
+        );
     }
     notify_systemd(&[
         NotifyState::Ready,
@@ -446,6 +432,28 @@ fn run_cluster(
     drop(signals_thread);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serve the metrics endpoint (bound at start) on `runtime` until shutdown.
+fn serve_metrics(
+    runtime: &tokio::runtime::Runtime,
+    (listener, m): (std::net::TcpListener, Arc<metrics::Metrics>),
+    scope: metrics::Scope,
+    ctx: &server::Ctx,
+) {
+    tracing::info!(
+        "metrics at http://{}/metrics",
+        listener
+            .local_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string())
+    );
+    runtime.spawn(metrics::serve(
+        listener,
+        scope,
+        m,
+        ctx.clock.clone(),
+        ctx.shutdown.clone(),
+    ));
 }
 
 /// Tell the service manager how the daemon is doing, when it asked to be told: systemd sets

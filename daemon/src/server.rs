@@ -766,12 +766,9 @@ fn replay(ctx: &Ctx, request: ReplayRequest, actor: Actor, req: Option<Value>) -
             Err(code) => error_line(code, "the writer's queue is full; retry shortly", req),
         };
     }
-    let Some(_busy) = DryRunSlot::take(ctx) else {
-        return error_line(
-            ErrorCode::Overloaded,
-            "another dry-run replay is running; retry when it is done",
-            req,
-        );
+    let _busy = match DryRunSlot::take(ctx, &req) {
+        Ok(slot) => slot,
+        Err(line) => return line,
     };
     dry_run(ctx, &request, import_text.as_deref(), req)
 }
@@ -781,11 +778,19 @@ fn replay(ctx: &Ctx, request: ReplayRequest, actor: Actor, req: Option<Value>) -
 struct DryRunSlot<'a>(&'a std::sync::atomic::AtomicBool);
 
 impl<'a> DryRunSlot<'a> {
-    fn take(ctx: &'a Ctx) -> Option<DryRunSlot<'a>> {
-        (!ctx
+    /// The slot, or the `overloaded` answer line while another dry run holds it.
+    fn take(ctx: &'a Ctx, req: &Option<Value>) -> Result<DryRunSlot<'a>, String> {
+        if ctx
             .dry_run_busy
-            .swap(true, std::sync::atomic::Ordering::SeqCst))
-        .then_some(DryRunSlot(&ctx.dry_run_busy))
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(error_line(
+                ErrorCode::Overloaded,
+                "another dry-run replay is running; retry when it is done",
+                req.clone(),
+            ));
+        }
+        Ok(DryRunSlot(&ctx.dry_run_busy))
     }
 }
 
@@ -802,12 +807,9 @@ fn what_if(ctx: &Ctx, text: &str, request: &ReplayRequest, req: Option<Value>) -
         Ok(p) => p,
         Err(e) => return Answer::Error(e).to_line(req),
     };
-    let Some(_busy) = DryRunSlot::take(ctx) else {
-        return error_line(
-            ErrorCode::Overloaded,
-            "another dry-run replay is running; retry when it is done",
-            req,
-        );
+    let _busy = match DryRunSlot::take(ctx, &req) {
+        Ok(slot) => slot,
+        Err(line) => return line,
     };
     echoed(what_if_on(&ctx.shared, &policy, since), req, |a, req| {
         a.req = req
@@ -1032,12 +1034,9 @@ fn cluster_replay(
             Ok(c) => c,
             Err(e) => return Answer::Error(e).to_line(req),
         };
-        let Some(_busy) = DryRunSlot::take(ctx) else {
-            return error_line(
-                ErrorCode::Overloaded,
-                "another dry-run replay is running; retry when it is done",
-                req,
-            );
+        let _busy = match DryRunSlot::take(ctx, &req) {
+            Ok(slot) => slot,
+            Err(line) => return line,
         };
         let now = (ctx.clock)();
         match policy {

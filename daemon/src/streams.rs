@@ -117,12 +117,16 @@ impl Kind {
     }
 }
 
-/// What a producer keeps and leaves out.
-struct Filter {
-    since: Option<TsMicros>,
-    until: Option<TsMicros>,
-    labels: Option<Labels>,
-    types: Option<Vec<String>>,
+/// What `tail` and `export` keep and leave out (the CLI's offline export applies the same).
+pub struct Filter {
+    /// Events at or after this time.
+    pub since: Option<TsMicros>,
+    /// Events before this time.
+    pub until: Option<TsMicros>,
+    /// Events carrying all these labels (derived ones included).
+    pub labels: Option<Labels>,
+    /// Events of these types.
+    pub types: Option<Vec<String>>,
 }
 
 impl Filter {
@@ -143,7 +147,8 @@ impl Filter {
         }
     }
 
-    fn keeps(&self, env: &Envelope) -> bool {
+    /// Whether `env` passes.
+    pub fn keeps(&self, env: &Envelope) -> bool {
         if self.since.is_some_and(|s| env.ts < s) || self.until.is_some_and(|u| env.ts >= u) {
             return false;
         }
@@ -177,6 +182,35 @@ struct Read {
     source: Source,
     from: u64,
     head: Option<u64>,
+}
+
+/// An envelope as `tail` and `export` show it: with the cost and price version of a usage
+/// event under the prices in force at its time, and (cluster mode) its partition.
+pub fn exported(
+    env: Envelope,
+    pricer: &bursar_core::ledger::Pricer,
+    partition: Option<u32>,
+) -> ExportedEvent {
+    let (cost, version) = match &env.body {
+        EventBody::UsageRecorded(u) => {
+            let (c, _, v) = pricer.event_cost(u, env.ts);
+            (Some(c), Some(v))
+        }
+        _ => (None, None),
+    };
+    ExportedEvent {
+        seq: env.seq,
+        ts: env.ts,
+        time: bursar_core::time::format_ts(env.ts),
+        actor: env.actor,
+        kind: env.body.kind().to_string(),
+        cost_micros: cost,
+        price_version: version,
+        prev_hash: env.prev_hash,
+        hash: env.hash,
+        body: env.body,
+        partition,
+    }
 }
 
 /// Start the producers of a stream; the lines arrive on the returned channel, which closes
@@ -280,27 +314,8 @@ async fn produce(
             if !filter.keeps(&env) {
                 continue;
             }
-            let (cost, version) = match &env.body {
-                EventBody::UsageRecorded(u) => {
-                    let (c, _, v) = pricer.event_cost(u, env.ts);
-                    (Some(c), Some(v))
-                }
-                _ => (None, None),
-            };
             let line = EventLine {
-                event: ExportedEvent {
-                    seq: env.seq,
-                    ts: env.ts,
-                    time: bursar_core::time::format_ts(env.ts),
-                    actor: env.actor,
-                    kind: env.body.kind().to_string(),
-                    cost_micros: cost,
-                    price_version: version,
-                    prev_hash: env.prev_hash,
-                    hash: env.hash,
-                    body: env.body,
-                    partition: source.partition,
-                },
+                event: exported(env, &pricer, source.partition),
             };
             let text = serde_json::to_string(&line).unwrap_or_default();
             if tx.send(Item::Line(text)).await.is_err() {

@@ -1103,6 +1103,26 @@ pub struct WhatIfAnswer {
     pub req: Option<Value>,
 }
 
+impl WhatIfAnswer {
+    /// An answer over no events (what a what-if starts from, and what partitions sum into).
+    pub fn empty() -> WhatIfAnswer {
+        WhatIfAnswer {
+            ok: true,
+            events: 0,
+            reservations: 0,
+            denied: Vec::new(),
+            denied_total: 0,
+            denied_hold_micros: 0,
+            usage_left_out: 0,
+            usage_left_out_micros: 0,
+            exhausted: Vec::new(),
+            exhausted_total: 0,
+            peaks: Vec::new(),
+            req: None,
+        }
+    }
+}
+
 /// Most denials (and most exhaustions) a [`WhatIfAnswer`] lists.
 pub const WHAT_IF_MAX_DENIALS: usize = 10_000;
 

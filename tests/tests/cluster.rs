@@ -137,6 +137,18 @@ impl Nodes {
     }
 }
 
+/// An org whose events go to partition 0, and one for partition 1.
+fn org_on_each_partition() -> Vec<String> {
+    (0..2)
+        .map(|p| {
+            (0..)
+                .map(|n| format!("org{n}"))
+                .find(|o| bursard::cluster::partition_of(o, 2) == p)
+                .unwrap()
+        })
+        .collect()
+}
+
 fn reserve(id: &str, org: &str) -> Value {
     json!({"op": "reserve", "reservation_id": id, "labels": {"org": org},
            "model": "gpt-4o-mini", "estimate": {"input_tokens": 1000, "max_output_tokens": 1000}})
@@ -671,14 +683,7 @@ fn reload_on_one_node_applies_the_new_policy_to_every_partition_on_every_node() 
     assert_eq!(answer["partitions"], 2, "{answer}");
     assert_eq!(answer["policy_version"], 2, "{answer}");
     // An org on each partition.
-    let orgs: Vec<String> = (0..2)
-        .map(|p| {
-            (0..)
-                .map(|n| format!("org{n}"))
-                .find(|o| bursard::cluster::partition_of(o, 2) == p)
-                .unwrap()
-        })
-        .collect();
+    let orgs = org_on_each_partition();
     for (i, d) in cluster.nodes.iter().enumerate() {
         for org in &orgs {
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -751,14 +756,7 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
     ) else {
         return;
     };
-    let orgs: Vec<String> = (0..2)
-        .map(|p| {
-            (0..)
-                .map(|n| format!("org{n}"))
-                .find(|o| bursard::cluster::partition_of(o, 2) == p)
-                .unwrap()
-        })
-        .collect();
+    let orgs = org_on_each_partition();
     // A follower of every partition, through node c, before anything is written.
     let mut follower = cluster.nodes[2].client();
     follower.send(&json!({"op": "tail", "follow": true, "types": ["usage_recorded"]}));

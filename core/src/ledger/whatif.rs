@@ -72,20 +72,7 @@ impl Run {
             ledger,
             switched: false,
             denied_ids: HashSet::new(),
-            answer: WhatIfAnswer {
-                ok: true,
-                events: 0,
-                reservations: 0,
-                denied: Vec::new(),
-                denied_total: 0,
-                denied_hold_micros: 0,
-                usage_left_out: 0,
-                usage_left_out_micros: 0,
-                exhausted: Vec::new(),
-                exhausted_total: 0,
-                peaks: Vec::new(),
-                req: None,
-            },
+            answer: WhatIfAnswer::empty(),
             peaks: BTreeMap::new(),
         }
     }
