@@ -122,6 +122,9 @@ fn visibility_probe(
                     "probe {n} not visible on the follower within 10 s: {c}"
                 ));
             }
+            // Asked again after 100 µs rather than back to back: a probe spinning on the
+            // follower's socket took CPU from the follower it measures (two cores).
+            std::thread::sleep(Duration::from_micros(100));
         }
         std::thread::sleep(every);
     }
@@ -243,7 +246,7 @@ pub fn cluster(o: &Opts, report: &mut Report) -> Result<(), String> {
                     &writer_socket,
                     &follower_socket,
                     run_tag + k as u32,
-                    Duration::from_millis(20),
+                    Duration::from_millis(5),
                     &stop,
                 )
             });
