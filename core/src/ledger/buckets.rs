@@ -1,5 +1,6 @@
 //! One budget bucket: what was spent in its current window and what live holds keep back.
 
+use super::chunked::Chunked;
 use crate::window::{window_bounds, Amounts, RollingCounter, RollingShape};
 use bursar_schemas::policy::WindowSpec;
 use bursar_schemas::wire::BucketState;
@@ -376,9 +377,9 @@ pub struct BudgetState {
     /// Slot of each key, hashed by key.
     index: hashbrown::HashTable<u32>,
     /// Key of each slot (`None`: vacant).
-    keys: Vec<Option<String>>,
+    keys: Chunked<Option<String>>,
     /// Bucket of each slot.
-    slab: Vec<Bucket>,
+    slab: Chunked<Bucket>,
     /// Vacant slots that may be reused.
     vacant: Vec<u32>,
     /// Slots vacated by a sweep, reusable once remembered slots are forgotten.
@@ -393,8 +394,8 @@ impl Default for BudgetState {
     fn default() -> Self {
         BudgetState {
             index: Default::default(),
-            keys: Vec::new(),
-            slab: Vec::new(),
+            keys: Chunked::default(),
+            slab: Chunked::default(),
             vacant: Vec::new(),
             released: Vec::new(),
             kept_by_sweep: 0,
@@ -658,8 +659,8 @@ impl<'de> Deserialize<'de> for Buckets {
                             .unwrap_or(""),
                     )
                 });
-                state.keys.reserve_exact(n);
-                state.slab.reserve_exact(n);
+                state.keys.reserve(n);
+                state.slab.reserve(n);
                 while let Some((key, bucket)) = map.next_entry::<String, Bucket>()? {
                     if state.slot(&key).is_some() {
                         return Err(serde::de::Error::custom(format!(

@@ -9,6 +9,7 @@
 //! Architecture invariant: nothing here reads a clock or touches I/O.
 
 mod buckets;
+mod chunked;
 mod decide;
 mod ids;
 pub mod quotas;

@@ -73,8 +73,10 @@ impl Cell {
 #[serde(from = "RollupData", into = "RollupData")]
 pub struct Rollups {
     sets: Vec<Arc<Labels>>,
-    /// Set ids by the hash of their labels.
-    index: hashbrown::HashTable<u32>,
+    /// (hash of its labels, set id) of every set, by that hash. The hash is kept so that
+    /// growing the table does not hash every set's labels again (that rehash, on a fold's
+    /// path, took ~10 ms at ~100,000 sets: benches/README.md "Follower lag").
+    index: hashbrown::HashTable<(u64, u32)>,
     /// Cells of slots that are over, each array sorted by (slot, set).
     sealed: Vec<Arc<Vec<(i64, u32, Cell)>>>,
     /// The newest slot (when `open` has cells).
@@ -95,9 +97,8 @@ impl From<RollupData> for Rollups {
         let mut index = hashbrown::HashTable::with_capacity(sets.len());
         for (id, labels) in sets.iter().enumerate() {
             let id = u32::try_from(id).unwrap_or(u32::MAX);
-            index.insert_unique(hash_of(labels.iter()), id, |&i| {
-                sets.get(i as usize).map_or(0, |l| hash_of(l.iter()))
-            });
+            let hash = hash_of(labels.iter());
+            index.insert_unique(hash, (hash, id), |&(h, _)| h);
         }
         let n = sets.len();
         // In place: a snapshot's cells are most of its size (one copy, not three).
@@ -208,12 +209,14 @@ impl Rollups {
     ) -> Option<u32> {
         let hash = hash_of(labels.clone());
         self.index
-            .find(hash, |&id| {
-                self.sets
-                    .get(id as usize)
-                    .is_some_and(|s| same(s, labels.clone()))
+            .find(hash, |&(h, id)| {
+                h == hash
+                    && self
+                        .sets
+                        .get(id as usize)
+                        .is_some_and(|s| same(s, labels.clone()))
             })
-            .copied()
+            .map(|&(_, id)| id)
     }
 
     /// The id of `labels` without `exclude`, interned when new.
@@ -225,10 +228,7 @@ impl Rollups {
         let owned: Labels = kept.map(|(k, v)| (k.clone(), v.clone())).collect();
         let hash = hash_of(owned.iter());
         let id = u32::try_from(self.sets.len()).unwrap_or(u32::MAX);
-        let sets = &self.sets;
-        self.index.insert_unique(hash, id, |&i| {
-            sets.get(i as usize).map_or(0, |l| hash_of(l.iter()))
-        });
+        self.index.insert_unique(hash, (hash, id), |&(h, _)| h);
         self.sets.push(Arc::new(owned));
         id
     }
