@@ -482,6 +482,64 @@ pub fn memory_inprocess(scopes: u64) -> Result<(usize, f64), String> {
     Ok((buckets, per))
 }
 
+/// `bursar-bench stalls`: `events` records with new ids over `scopes` scopes, each decided and
+/// applied through `Ledger::execute` and timed alone; prints the distribution, the slowest
+/// records (which record, how long) and how many took over 1 ms and over 10 ms.
+pub fn stalls(events: u64, scopes: u64) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let policy = bench_policy(dir.path())?;
+    let mut p = Producer::new(&policy)?;
+    p.envs.clear();
+    let mut h = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let mut worst: Vec<(u64, u64)> = Vec::new();
+    let (mut over_1ms, mut over_10ms) = (0u64, 0u64);
+    let ts0 = now_micros();
+    let started = Instant::now();
+    for i in 0..events {
+        let s = workload::scope(i % scopes, scopes);
+        let req = RecordRequest {
+            event_id: format!("s-{i}"),
+            labels: labels(&s),
+            model: MODEL.into(),
+            usage: Usage {
+                input_tokens: 1000,
+                output_tokens: 100,
+                ..Usage::default()
+            },
+            occurred_at: None,
+            reported_cost_usd: None,
+            headers: None,
+        };
+        // 20,000 records per second of ledger time, as the cluster bench's writer runs.
+        let ts = ts0 + i64::try_from(i).unwrap_or(i64::MAX) * 50;
+        let t = Instant::now();
+        let step = p.ledger.execute(Command::Record(&req), ts);
+        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        drop(step);
+        let _ = h.record(ns);
+        over_1ms += u64::from(ns > 1_000_000);
+        over_10ms += u64::from(ns > 10_000_000);
+        if ns > 1_000_000 {
+            worst.push((ns, i));
+        }
+    }
+    let total = started.elapsed();
+    worst.sort_unstable_by(|a, b| b.cmp(a));
+    println!(
+        "{events} records over {scopes} scopes in {:.1} s ({:.0} records/s): p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.2} ms; {over_1ms} over 1 ms, {over_10ms} over 10 ms",
+        total.as_secs_f64(),
+        events as f64 / total.as_secs_f64(),
+        h.value_at_quantile(0.5) as f64 / 1e3,
+        h.value_at_quantile(0.99) as f64 / 1e3,
+        h.value_at_quantile(0.999) as f64 / 1e3,
+        h.max() as f64 / 1e6,
+    );
+    for (ns, i) in worst.iter().take(10) {
+        println!("  record {i}: {:.2} ms", *ns as f64 / 1e6);
+    }
+    Ok(())
+}
+
 /// Memory per active bucket of the daemon: RSS after a restart on a log that touched `scopes`
 /// scopes once each, minus RSS after a restart on a log with one scope, over the extra buckets.
 pub fn memory_daemon(scopes: u64) -> Result<(usize, f64), String> {

@@ -80,6 +80,17 @@ enum Cmd {
         /// Scopes to touch.
         scopes: u64,
     },
+    /// The time of each `record` decided and applied in process, one after the other (the
+    /// writer's and a follower's fold path, no socket, no disk): its tail is what growing the
+    /// ledger costs, a stall every write of the batch (and every follower read) waits for.
+    Stalls {
+        /// Records, each with a new id.
+        #[arg(long, default_value_t = 2_000_000)]
+        events: u64,
+        /// Scopes (sessions) the records are spread over.
+        #[arg(long, default_value_t = 200_000)]
+        scopes: u64,
+    },
     /// Print the bench policy (bursar.toml) for a daemon started by hand (e.g. under a profiler).
     Policy {
         /// Socket path to write into the policy.
@@ -244,13 +255,18 @@ fn run(cmd: Cmd) -> Result<(), String> {
             window_seconds: *window_seconds,
         });
     }
+    if let Cmd::Stalls { events, scopes } = &cmd {
+        return logbench::stalls(*events, *scopes);
+    }
     if let Cmd::MemoryLedger { scopes } = &cmd {
         let (buckets, per) = logbench::memory_inprocess(*scopes)?;
         println!("{buckets} {per}");
         return Ok(());
     }
     let opts = match &cmd {
-        Cmd::Policy { .. } | Cmd::MemoryLedger { .. } | Cmd::Churn { .. } => return Ok(()),
+        Cmd::Policy { .. } | Cmd::MemoryLedger { .. } | Cmd::Churn { .. } | Cmd::Stalls { .. } => {
+            return Ok(())
+        }
         Cmd::All(o)
         | Cmd::Record(o)
         | Cmd::ReserveCommit(o)
@@ -288,7 +304,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::Startup(o) => log_figures(&o, true, true, &mut report)?,
         Cmd::Memory(o) => memory(&o, &mut report)?,
         Cmd::Cluster(o) => cluster::cluster(&o, &mut report)?,
-        Cmd::Policy { .. } | Cmd::MemoryLedger { .. } | Cmd::Churn { .. } => {}
+        Cmd::Policy { .. } | Cmd::MemoryLedger { .. } | Cmd::Churn { .. } | Cmd::Stalls { .. } => {}
     }
     report.print();
     println!("\nload average at the end: {}", procs::loadavg());

@@ -82,7 +82,7 @@ pub struct Rollups {
     /// The newest slot (when `open` has cells).
     open_slot: i64,
     /// Its cells, by set.
-    open: hashbrown::HashMap<u32, Cell, rustc_hash::FxBuildHasher>,
+    open: OpenCells,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -117,6 +117,68 @@ impl From<RollupData> for Rollups {
             open_slot: i64::MIN,
             open: Default::default(),
         }
+    }
+}
+
+/// Shards of the open slot's cells (a power of two), by the set id's low bits. One map of
+/// every set's cell doubled in one go: at 114,688 label sets in a slot the insert that grew it
+/// took 107–118 ms (`bursar-bench stalls`, benches/README.md "Follower lag"); a shard grows
+/// alone.
+const OPEN_SHARDS: usize = 256;
+const OPEN_SHIFT: u32 = OPEN_SHARDS.trailing_zeros();
+
+/// The open slot's cells by set id: shard `id % OPEN_SHARDS`, keyed there by `id /
+/// OPEN_SHARDS` (dense, so the shard's own hash spreads them).
+#[derive(Clone)]
+struct OpenCells {
+    shards: Box<[hashbrown::HashMap<u32, Cell, rustc_hash::FxBuildHasher>]>,
+    len: usize,
+}
+
+impl Default for OpenCells {
+    fn default() -> OpenCells {
+        OpenCells {
+            shards: (0..OPEN_SHARDS).map(|_| Default::default()).collect(),
+            len: 0,
+        }
+    }
+}
+
+impl OpenCells {
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The cell of `set`, made empty if new.
+    fn cell(&mut self, set: u32) -> &mut Cell {
+        let shard = &mut self.shards[set as usize & (OPEN_SHARDS - 1)];
+        let len = &mut self.len;
+        shard.entry(set >> OPEN_SHIFT).or_insert_with(|| {
+            *len += 1;
+            Cell::default()
+        })
+    }
+
+    /// Every (set, cell), emptying it (each shard keeps its room for the next slot).
+    fn drain(&mut self) -> impl Iterator<Item = (u32, Cell)> + '_ {
+        self.len = 0;
+        self.shards.iter_mut().enumerate().flat_map(|(i, shard)| {
+            shard
+                .drain()
+                .map(move |(high, c)| ((high << OPEN_SHIFT) | i as u32, c))
+        })
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, &Cell)> + '_ {
+        self.shards.iter().enumerate().flat_map(|(i, shard)| {
+            shard
+                .iter()
+                .map(move |(high, c)| ((high << OPEN_SHIFT) | i as u32, c))
+        })
     }
 }
 
@@ -260,7 +322,7 @@ impl Rollups {
             self.seal();
             self.open_slot = slot;
         }
-        self.open.entry(set).or_default()
+        self.open.cell(set)
     }
 
     /// Move the open slot's cells into a sealed array.
@@ -271,6 +333,7 @@ impl Rollups {
         let slot = self.open_slot;
         let mut cells: Vec<(i64, u32, Cell)> =
             self.open.drain().map(|(id, c)| (slot, id, c)).collect();
+        debug_assert!(self.open.is_empty());
         cells.sort_unstable_by_key(|(_, id, _)| *id);
         self.sealed.push(Arc::new(cells));
     }
@@ -286,7 +349,7 @@ impl Rollups {
         self.sealed
             .iter()
             .flat_map(|chunk| chunk.iter().map(|(s, id, c)| (*s, *id, c)))
-            .chain(self.open.iter().map(|(id, c)| (self.open_slot, *id, c)))
+            .chain(self.open.iter().map(|(id, c)| (self.open_slot, id, c)))
     }
 
     /// Number of cells.
@@ -345,5 +408,40 @@ mod tests {
         let back: Rollups = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.len(), r.len());
+    }
+
+    #[test]
+    fn the_cells_of_many_sets_in_one_slot_are_each_counted_once_and_sealed_with_their_set() {
+        let mut r = Rollups::default();
+        let usage = Usage::default();
+        let n = OPEN_SHARDS * 3 + 7;
+        for round in 0..2i64 {
+            for i in 0..n {
+                let id = r.set_of(&labels(&format!("t-{i}"), "s"), &[]);
+                assert_eq!(id as usize, i, "ids in order of first sight");
+                r.add_to(round, id, &Cell::of_usage(i as i64 + 1, &usage));
+            }
+        }
+        assert_eq!(r.len(), n, "one open cell per set");
+        let mut open: Vec<(u32, i64)> = r
+            .cells_by_set()
+            .map(|(slot, id, c)| {
+                assert_eq!(slot, 0);
+                (id, c.cost_micros)
+            })
+            .collect();
+        open.sort_unstable();
+        let want: Vec<(u32, i64)> = (0..n).map(|i| (i as u32, 2 * (i as i64 + 1))).collect();
+        assert_eq!(open, want, "each set's two usages in its own cell");
+        // The next slot seals them, in set order, with their sets.
+        let id = r.set_of(&labels("t-0", "s"), &[]);
+        r.add_to(SLOT, id, &Cell::of_usage(1, &usage));
+        assert_eq!(r.sealed.len(), 1);
+        let sealed: Vec<(u32, i64)> = r.sealed[0]
+            .iter()
+            .map(|(_, id, c)| (*id, c.cost_micros))
+            .collect();
+        assert_eq!(sealed, want);
+        assert_eq!(r.len(), n + 1);
     }
 }
