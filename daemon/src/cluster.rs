@@ -1444,6 +1444,22 @@ pub fn merge_status(
     }
 }
 
+/// Order `status`'s buckets most utilized first over every partition, as one log's status
+/// orders them (the display ratio of the same integers; ties by budget, then key), and keep
+/// at most `limit` of them (`truncated` when some were cut).
+pub fn keep_most_utilized(status: &mut bursar_schemas::wire::StatusAnswer, limit: usize) {
+    status.budgets.sort_by(|a, b| {
+        b.utilization
+            .total_cmp(&a.utilization)
+            .then_with(|| a.budget.cmp(&b.budget))
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    if status.budgets.len() > limit {
+        status.budgets.truncate(limit);
+        status.truncated = true;
+    }
+}
+
 /// Each partition's dry-run repricing as one answer: every bucket lies in one partition, so
 /// the diffs side by side; events and the cost's change summed.
 pub fn merge_replays(answers: Vec<ReplayAnswer>) -> ReplayAnswer {
@@ -1640,6 +1656,58 @@ mod tests {
             lag_ms: None,
             req: None,
         }
+    }
+
+    fn bucket(budget: &str, key: &str, spent: i64) -> bursar_schemas::wire::BudgetReport {
+        bursar_schemas::wire::BudgetReport {
+            budget: budget.into(),
+            key: key.into(),
+            limit_micros: Some(1_000),
+            spent_micros: spent,
+            held_micros: 0,
+            remaining_micros: Some(1_000 - spent),
+            limit_tokens: None,
+            spent_tokens: 0,
+            held_tokens: 0,
+            remaining_tokens: None,
+            limit_requests: None,
+            spent_requests: 1,
+            remaining_requests: None,
+            limit_concurrent: None,
+            live_holds: 0,
+            remaining_concurrent: None,
+            utilization: spent as f64 / 1_000.0,
+            state: bursar_schemas::wire::BucketState::Ok,
+            enforce: bursar_schemas::policy::Enforce::Deny,
+            window: "cumulative".into(),
+            window_end: None,
+        }
+    }
+
+    #[test]
+    fn the_buckets_of_every_partition_are_cut_to_the_most_utilized_as_one_log_orders_them() {
+        let mut a = status(None, 1);
+        a.budgets = vec![bucket("org", "org=a", 100), bucket("org", "org=c", 900)];
+        let mut b = status(None, 1);
+        b.budgets = vec![
+            bucket("org", "org=b", 900),
+            bucket("team", "team=x", 500),
+            bucket("org", "org=d", 10),
+        ];
+        merge_status(&mut a, b);
+        let mut all = a.clone();
+        keep_most_utilized(&mut all, 10);
+        let order: Vec<&str> = all.budgets.iter().map(|b| b.key.as_str()).collect();
+        assert_eq!(order, ["org=b", "org=c", "team=x", "org=a", "org=d"]);
+        assert!(!all.truncated, "nothing cut");
+        keep_most_utilized(&mut a, 3);
+        let kept: Vec<&str> = a.budgets.iter().map(|b| b.key.as_str()).collect();
+        assert_eq!(
+            kept,
+            ["org=b", "org=c", "team=x"],
+            "ties by budget, then key"
+        );
+        assert!(a.truncated, "the answer says some were cut");
     }
 
     #[test]

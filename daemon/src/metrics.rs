@@ -304,13 +304,7 @@ impl Metrics {
         )?;
         if let Some(mut status) = status {
             // Most utilized first over every partition, at most `metrics_max_buckets` in all.
-            status.budgets.sort_by(|a, b| {
-                b.utilization
-                    .total_cmp(&a.utilization)
-                    .then_with(|| a.budget.cmp(&b.budget))
-                    .then_with(|| a.key.cmp(&b.key))
-            });
-            status.budgets.truncate(self.max_buckets);
+            crate::cluster::keep_most_utilized(&mut status, self.max_buckets);
             gauge(
                 "live_buckets",
                 "Buckets live now (in their window, or holding something).",

@@ -674,20 +674,10 @@ fn cluster_dispatch(
                 let Some(mut m) = merged else {
                     return error_line(ErrorCode::Internal, "no partitions", req);
                 };
-                // Most utilized first over every partition, as one log's status orders them
-                // (the display ratio of the same integers; ties by budget, then key).
-                m.budgets.sort_by(|a, b| {
-                    b.utilization
-                        .total_cmp(&a.utilization)
-                        .then_with(|| a.budget.cmp(&b.budget))
-                        .then_with(|| a.key.cmp(&b.key))
-                });
-                // One log's default limit over them all (each partition applied it to its own).
+                // One log's order and default limit over them all (each partition applied
+                // the limit to its own).
                 let limit = s.limit.unwrap_or(ledger::DEFAULT_STATUS_LIMIT);
-                if m.budgets.len() > limit {
-                    m.budgets.truncate(limit);
-                    m.truncated = true;
-                }
+                crate::cluster::keep_most_utilized(&mut m, limit);
                 m.lag_ms = Some(lag);
                 echoed(Ok(m), req, |a, req| a.req = req)
             }))
