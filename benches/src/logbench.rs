@@ -426,17 +426,6 @@ pub fn startup_cycle(data_dir: &Path) -> Result<Startup, String> {
     })
 }
 
-/// Start `bursard` on `data_dir` and time it from spawn to the first answered `hello`; returns
-/// that time and the daemon's RSS then.
-pub fn startup(data_dir: &Path) -> Result<(Duration, u64), String> {
-    let mut p = procs::start_bursard(Some(data_dir))?;
-    let rss = procs::rss_bytes(p.pid()).unwrap_or(0);
-    let ready = p.ready_after;
-    p.stop(Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(200));
-    Ok((ready, rss))
-}
-
 fn open_retry(dir: &Path) -> Result<SledLog, String> {
     let start = Instant::now();
     loop {
@@ -541,8 +530,10 @@ pub fn stalls(events: u64, scopes: u64) -> Result<(), String> {
 }
 
 /// Memory per active bucket of the daemon: RSS after a restart on a log that touched `scopes`
-/// scopes once each, minus RSS after a restart on a log with one scope, over the extra buckets.
-pub fn memory_daemon(scopes: u64) -> Result<(usize, f64), String> {
+/// scopes once each, minus RSS after a restart on a log with one scope, over the extra buckets;
+/// taken at the first answered `hello` and again after [`SETTLE`] idle (start-up's buffers, the
+/// snapshot's bytes among them, freed by then and given back by the allocator).
+pub fn memory_daemon(scopes: u64) -> Result<(usize, f64, f64), String> {
     let mut rss = Vec::new();
     for n in [1, scopes] {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -553,13 +544,24 @@ pub fn memory_daemon(scopes: u64) -> Result<(usize, f64), String> {
             d.stop(Duration::from_secs(60));
         }
         std::thread::sleep(Duration::from_millis(300));
-        let (_, r) = startup(&data)?;
-        rss.push(r);
+        let mut p = procs::start_bursard(Some(&data))?;
+        let at_hello = procs::rss_bytes(p.pid()).unwrap_or(0);
+        std::thread::sleep(SETTLE);
+        let settled = procs::rss_bytes(p.pid()).unwrap_or(0);
+        p.stop(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(200));
+        rss.push((at_hello, settled));
     }
-    let buckets = workload::buckets_for(scopes) - workload::buckets_for(1);
-    let delta = rss.get(1).copied().unwrap_or(0) as f64 - rss.first().copied().unwrap_or(0) as f64;
-    Ok((buckets as usize, delta / buckets.max(1) as f64))
+    let buckets = (workload::buckets_for(scopes) - workload::buckets_for(1)).max(1) as f64;
+    let per = |f: fn(&(u64, u64)) -> u64| {
+        (rss.get(1).map_or(0, f) as f64 - rss.first().map_or(0, f) as f64) / buckets
+    };
+    Ok((buckets as usize, per(|r| r.0), per(|r| r.1)))
 }
+
+/// How long the daemon idles after start-up before its settled RSS is read: mimalloc gives
+/// freed memory back after 1 s (`purge_delay`).
+const SETTLE: Duration = Duration::from_secs(3);
 
 /// One `record` per scope over one pipelined connection.
 fn send_records(socket: &Path, scopes: u64) -> Result<(), String> {

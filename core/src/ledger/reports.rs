@@ -132,14 +132,14 @@ impl Ledger {
             .iter()
             .map(|labels| {
                 if let Some(want) = &req.labels {
-                    if !want.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                    if !want.iter().all(|(k, v)| labels.get(k) == Some(v.as_str())) {
                         return None;
                     }
                 }
                 let group: Vec<Option<String>> = req
                     .group_by
                     .iter()
-                    .map(|k| labels.get(k).cloned())
+                    .map(|k| labels.get(k).map(str::to_string))
                     .collect();
                 let next = u32::try_from(groups.len()).unwrap_or(u32::MAX);
                 let id = *group_ids.entry(group.clone()).or_insert_with(|| {
