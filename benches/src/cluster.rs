@@ -85,7 +85,7 @@ impl Conn {
 }
 
 /// Visibility lag: a `record` for a new org acknowledged by the writer, then `check` on the
-/// follower, back to back, until the follower's fold shows it. Returns the lags (µs) from the
+/// follower every 100 µs, until the follower's fold shows it. Returns the lags (µs) from the
 /// writer's acknowledgement to the first answer that shows the write, every `every` until
 /// `stop`.
 fn visibility_probe(

@@ -437,6 +437,23 @@ fn open_retry(dir: &Path) -> Result<SledLog, String> {
     }
 }
 
+/// A `record` of 1,000 input and 100 output tokens for scope `i` of `scopes`.
+fn scope_record(event_id: String, i: u64, scopes: u64) -> RecordRequest {
+    RecordRequest {
+        event_id,
+        labels: labels(&workload::scope(i, scopes)),
+        model: MODEL.into(),
+        usage: Usage {
+            input_tokens: 1000,
+            output_tokens: 100,
+            ..Usage::default()
+        },
+        occurred_at: None,
+        reported_cost_usd: None,
+        headers: None,
+    }
+}
+
 /// Memory per active bucket of the ledger alone: fold one `record` per scope over `scopes`
 /// scopes in this process and divide the RSS growth by the buckets created.
 pub fn memory_inprocess(scopes: u64) -> Result<(usize, f64), String> {
@@ -447,20 +464,7 @@ pub fn memory_inprocess(scopes: u64) -> Result<(usize, f64), String> {
     let before = procs::rss_bytes(std::process::id()).unwrap_or(0);
     let base_buckets = p.ledger.bucket_count();
     for i in 0..scopes {
-        let s = workload::scope(i, scopes);
-        let req = RecordRequest {
-            event_id: format!("m-{i}"),
-            labels: labels(&s),
-            model: MODEL.into(),
-            usage: Usage {
-                input_tokens: 1000,
-                output_tokens: 100,
-                ..Usage::default()
-            },
-            occurred_at: None,
-            reported_cost_usd: None,
-            headers: None,
-        };
+        let req = scope_record(format!("m-{i}"), i, scopes);
         let step = p.ledger.execute(Command::Record(&req), now_micros());
         drop(step);
     }
@@ -485,20 +489,7 @@ pub fn stalls(events: u64, scopes: u64) -> Result<(), String> {
     let ts0 = now_micros();
     let started = Instant::now();
     for i in 0..events {
-        let s = workload::scope(i % scopes, scopes);
-        let req = RecordRequest {
-            event_id: format!("s-{i}"),
-            labels: labels(&s),
-            model: MODEL.into(),
-            usage: Usage {
-                input_tokens: 1000,
-                output_tokens: 100,
-                ..Usage::default()
-            },
-            occurred_at: None,
-            reported_cost_usd: None,
-            headers: None,
-        };
+        let req = scope_record(format!("s-{i}"), i % scopes, scopes);
         // 20,000 records per second of ledger time, as the cluster bench's writer runs.
         let ts = ts0 + i64::try_from(i).unwrap_or(i64::MAX) * 50;
         let t = Instant::now();
@@ -531,8 +522,8 @@ pub fn stalls(events: u64, scopes: u64) -> Result<(), String> {
 
 /// Memory per active bucket of the daemon: RSS after a restart on a log that touched `scopes`
 /// scopes once each, minus RSS after a restart on a log with one scope, over the extra buckets;
-/// taken at the first answered `hello` and again after [`SETTLE`] idle (start-up's buffers, the
-/// snapshot's bytes among them, freed by then and given back by the allocator).
+/// taken at the first answered `hello` and again after [`SETTLE`] idle, to show whether
+/// start-up's freed buffers stay resident (on 2026-12-04 they did: the two figures were equal).
 pub fn memory_daemon(scopes: u64) -> Result<(usize, f64, f64), String> {
     let mut rss = Vec::new();
     for n in [1, scopes] {
@@ -559,8 +550,8 @@ pub fn memory_daemon(scopes: u64) -> Result<(usize, f64, f64), String> {
     Ok((buckets as usize, per(|r| r.0), per(|r| r.1)))
 }
 
-/// How long the daemon idles after start-up before its settled RSS is read: mimalloc gives
-/// freed memory back after 1 s (`purge_delay`).
+/// How long the daemon idles after start-up before its RSS is read again (mimalloc's
+/// `purge_delay` is 1 s, but it purges on later allocations, which an idle daemon does not make).
 const SETTLE: Duration = Duration::from_secs(3);
 
 /// One `record` per scope over one pipelined connection.

@@ -1,10 +1,11 @@
-//! A vector that grows a chunk at a time: pushing never moves what it holds.
+//! A vector that grows a chunk at a time: a push never moves the items of a full chunk.
 //!
 //! A `Vec` of every bucket of a budget doubled in one push: the push that grew it copied all
 //! of them into fresh memory, and a cluster follower folding 20,000 events/s stalled 10–60 ms
 //! on it (perf: `RawVec::grow_one` under `BudgetState::insert`, most of it the kernel zeroing
-//! the new pages; benches/README.md "Follower lag"). A chunk holds up to [`CHUNK`] items: a
-//! push moves at most one chunk's items.
+//! the new pages; benches/README.md "Follower lag"). A chunk holds up to [`CHUNK`] items and
+//! grows by doubling until full, so a push moves at most half a chunk (a clone's last chunk
+//! doubles again from its length).
 
 /// Items per chunk (a power of two).
 const CHUNK: usize = 1024;

@@ -85,7 +85,6 @@ fn shard_of(key: u128) -> usize {
 #[derive(Debug, Clone)]
 pub struct IdIndex {
     shards: Box<[Shard]>,
-    len: usize,
     order: Order,
 }
 
@@ -93,7 +92,6 @@ impl Default for IdIndex {
     fn default() -> IdIndex {
         IdIndex {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            len: 0,
             order: Order::default(),
         }
     }
@@ -103,10 +101,7 @@ impl Default for IdIndex {
 /// their chunks fall).
 impl PartialEq for IdIndex {
     fn eq(&self, other: &IdIndex) -> bool {
-        self.len == other.len
-            && self.shards == other.shards
-            && self.order.len == other.order.len
-            && self.order.iter().eq(other.order.iter())
+        self.shards == other.shards && self.order.iter().eq(other.order.iter())
     }
 }
 
@@ -121,12 +116,12 @@ impl IdIndex {
 
     /// Number of ids remembered.
     pub fn len(&self) -> usize {
-        self.len
+        self.shards.iter().map(Shard::len).sum()
     }
 
     /// True when no id is remembered.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.shards.iter().all(Shard::is_empty)
     }
 
     /// Remember the id `id` of `kind` (a later event with the same id, which the writer never
@@ -138,9 +133,7 @@ impl IdIndex {
     }
 
     fn put(&mut self, key: u128, entry: IdEntry) {
-        if self.shards[shard_of(key)].insert(key, entry).is_none() {
-            self.len += 1;
-        }
+        self.shards[shard_of(key)].insert(key, entry);
     }
 
     /// Forget the ids whose event is older than `horizon`.
@@ -153,7 +146,6 @@ impl IdIndex {
             let shard = &mut self.shards[shard_of(key)];
             if shard.get(&key).is_some_and(|e| e.ts == ts) {
                 shard.remove(&key);
-                self.len -= 1;
             }
         }
     }
@@ -165,7 +157,6 @@ struct Order {
     chunks: VecDeque<Vec<(TsMicros, u128)>>,
     /// Entries of the front chunk already popped.
     head: usize,
-    len: usize,
 }
 
 impl Order {
@@ -178,7 +169,10 @@ impl Order {
                 self.chunks.push_back(c);
             }
         }
-        self.len += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.chunks.iter().map(Vec::len).sum::<usize>() - self.head
     }
 
     fn front(&self) -> Option<&(TsMicros, u128)> {
@@ -191,7 +185,6 @@ impl Order {
         };
         debug_assert!(self.head < front.len(), "an empty chunk is never kept");
         self.head += 1;
-        self.len -= 1;
         if self.head >= front.len() {
             self.chunks.pop_front();
             self.head = 0;
@@ -211,7 +204,7 @@ impl Serialize for IdIndex {
         struct AllShards<'a>(&'a IdIndex);
         impl Serialize for AllShards<'_> {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                let mut m = serializer.serialize_map(Some(self.0.len))?;
+                let mut m = serializer.serialize_map(Some(self.0.len()))?;
                 for (k, v) in self.0.shards.iter().flat_map(|s| s.iter()) {
                     m.serialize_entry(k, v)?;
                 }
@@ -221,7 +214,7 @@ impl Serialize for IdIndex {
         struct InOrder<'a>(&'a Order);
         impl Serialize for InOrder<'_> {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                let mut q = serializer.serialize_seq(Some(self.0.len))?;
+                let mut q = serializer.serialize_seq(Some(self.0.len()))?;
                 for item in self.0.iter() {
                     q.serialize_element(item)?;
                 }
@@ -344,7 +337,7 @@ mod tests {
                 let id = format!("e-{seq}");
                 assert_eq!(ids.get(IdKind::Event, &id), model.get(&id), "{id}");
             }
-            assert_eq!(ids.order.len, model.len());
+            assert_eq!(ids.order.len(), model.len());
         }
         assert!(ids.is_empty());
         // Filled again after being emptied.

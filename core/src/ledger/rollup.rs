@@ -136,40 +136,34 @@ const OPEN_SHIFT: u32 = OPEN_SHARDS.trailing_zeros();
 #[derive(Clone)]
 struct OpenCells {
     shards: Box<[hashbrown::HashMap<u32, Cell, rustc_hash::FxBuildHasher>]>,
-    len: usize,
 }
 
 impl Default for OpenCells {
     fn default() -> OpenCells {
         OpenCells {
             shards: (0..OPEN_SHARDS).map(|_| Default::default()).collect(),
-            len: 0,
         }
     }
 }
 
 impl OpenCells {
     fn is_empty(&self) -> bool {
-        self.len == 0
+        self.shards.iter().all(|s| s.is_empty())
     }
 
     fn len(&self) -> usize {
-        self.len
+        self.shards.iter().map(|s| s.len()).sum()
     }
 
     /// The cell of `set`, made empty if new.
     fn cell(&mut self, set: u32) -> &mut Cell {
-        let shard = &mut self.shards[set as usize & (OPEN_SHARDS - 1)];
-        let len = &mut self.len;
-        shard.entry(set >> OPEN_SHIFT).or_insert_with(|| {
-            *len += 1;
-            Cell::default()
-        })
+        self.shards[set as usize & (OPEN_SHARDS - 1)]
+            .entry(set >> OPEN_SHIFT)
+            .or_default()
     }
 
     /// Every (set, cell), emptying it (each shard keeps its room for the next slot).
     fn drain(&mut self) -> impl Iterator<Item = (u32, Cell)> + '_ {
-        self.len = 0;
         self.shards.iter_mut().enumerate().flat_map(|(i, shard)| {
             shard
                 .drain()
