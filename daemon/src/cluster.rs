@@ -436,6 +436,8 @@ impl Cluster {
             live_nodes: std::sync::atomic::AtomicUsize::new(1),
             last_rebalance: Mutex::new(Instant::now()),
         });
+        // Every partition's recovery buffers are freed (see `crate::memory`).
+        crate::memory::give_back_freed_memory();
         for p in &cluster.parts {
             cluster
                 .ensure_stream(p)

@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod config;
 pub mod log;
+pub mod memory;
 pub mod metrics;
 pub mod server;
 pub mod streams;
@@ -237,6 +238,9 @@ pub fn run_with(
         ledger.live_holds(),
         started.elapsed()
     );
+    // Recovery's buffers (the snapshot's bytes, the decoded chunks of the log) are freed: give
+    // their pages back before serving, or the daemon keeps them (see `memory`).
+    memory::give_back_freed_memory();
     let clock = watch_clock(clock, (ledger.last_seq() > 0).then(|| ledger.last_ts()));
     let metrics = cfg_metrics(&config)?.map(|(listener, m)| (listener, Arc::new(m)));
     let mut shared = Shared::new(ledger, store);

@@ -139,3 +139,57 @@ fn every_rust_file_says_what_it_is_for() {
         );
     }
 }
+
+/// The workspace forbids `unsafe`; the daemon only denies it, so that `daemon/src/memory.rs`
+/// can make its one FFI call (mimalloc's `mi_collect`). No other file may allow it, and every
+/// other crate keeps the workspace's `forbid`.
+#[test]
+fn unsafe_code_lives_in_the_daemons_memory_module_alone() {
+    let mut files = Vec::new();
+    for dir in [
+        "schemas/src",
+        "core/src",
+        "daemon/src",
+        "client/src",
+        "cli/src",
+        "testkit/src",
+        "benches/src",
+        "tests/src",
+    ] {
+        rust_files(&root().join(dir), &mut files);
+    }
+    let allowed = root().join("daemon/src/memory.rs");
+    let mut seen_in_memory = 0;
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let blocks = text.matches("unsafe {").count() + text.matches("unsafe fn").count();
+        let allows = text.matches("allow(unsafe_code)").count();
+        if f == allowed {
+            seen_in_memory = blocks;
+            assert_eq!(allows, 1, "memory.rs allows unsafe code once");
+        } else {
+            assert_eq!(
+                blocks + allows,
+                0,
+                "{} uses or allows unsafe code (only daemon/src/memory.rs may)",
+                f.display()
+            );
+        }
+    }
+    assert_eq!(seen_in_memory, 1, "memory.rs makes its one unsafe call");
+    for krate in [
+        "schemas", "core", "client", "cli", "testkit", "benches", "tests",
+    ] {
+        let text = std::fs::read_to_string(root().join(krate).join("Cargo.toml")).unwrap();
+        let manifest: toml::Table = toml::from_str(&text).unwrap();
+        let workspace_lints = manifest
+            .get("lints")
+            .and_then(|l| l.get("workspace"))
+            .and_then(|w| w.as_bool());
+        assert_eq!(
+            workspace_lints,
+            Some(true),
+            "{krate} must keep the workspace's lints (unsafe_code = forbid)"
+        );
+    }
+}
