@@ -1,7 +1,7 @@
 //! One budget bucket: what was spent in its current window and what live holds keep back.
 
 use super::chunked::Chunked;
-use crate::window::{window_bounds, Amounts, RollingCounter, RollingShape};
+use crate::window::{window_bounds, Amounts, RollingShape, RollingSlots};
 use bursar_schemas::policy::WindowSpec;
 use bursar_schemas::wire::BucketState;
 use bursar_schemas::TsMicros;
@@ -21,8 +21,8 @@ pub struct Bucket {
     pub window_end: TsMicros,
     /// Spent in that window (fixed/calendar), or ever (cumulative).
     pub spent: Amounts,
-    /// Spent per slot (rolling).
-    pub rolling: RollingCounter,
+    /// Spent per slot (rolling budgets; allocated on first use).
+    pub rolling: RollingSlots,
     /// Held by live holds.
     pub held: Amounts,
     /// Live holds.

@@ -138,7 +138,7 @@ impl IdIndex {
 
     /// Forget the ids whose event is older than `horizon`.
     pub fn forget_before(&mut self, horizon: TsMicros) {
-        while let Some(&(ts, key)) = self.order.front() {
+        while let Some((ts, key)) = self.order.front() {
             if ts >= horizon {
                 break;
             }
@@ -151,16 +151,41 @@ impl IdIndex {
     }
 }
 
+/// One id in the order: its event's `ts` and its key, in 24 bytes (a `(TsMicros, u128)` takes
+/// 32: a `u128` is aligned to 16; 1.6 MB less at 200,000 ids).
+#[derive(Debug, Clone, Copy)]
+struct Ordered {
+    ts: TsMicros,
+    key: [u64; 2],
+}
+
+impl Ordered {
+    fn new((ts, key): (TsMicros, u128)) -> Ordered {
+        Ordered {
+            ts,
+            key: [key as u64, (key >> 64) as u64],
+        }
+    }
+
+    fn get(self) -> (TsMicros, u128) {
+        (
+            self.ts,
+            u128::from(self.key[0]) | (u128::from(self.key[1]) << 64),
+        )
+    }
+}
+
 /// A queue of (ts, key) in chunks of [`ORDER_CHUNK`].
 #[derive(Debug, Clone, Default)]
 struct Order {
-    chunks: VecDeque<Vec<(TsMicros, u128)>>,
+    chunks: VecDeque<Vec<Ordered>>,
     /// Entries of the front chunk already popped.
     head: usize,
 }
 
 impl Order {
     fn push_back(&mut self, item: (TsMicros, u128)) {
+        let item = Ordered::new(item);
         match self.chunks.back_mut() {
             Some(c) if c.len() < ORDER_CHUNK => c.push(item),
             _ => {
@@ -175,8 +200,11 @@ impl Order {
         self.chunks.iter().map(Vec::len).sum::<usize>() - self.head
     }
 
-    fn front(&self) -> Option<&(TsMicros, u128)> {
-        self.chunks.front().and_then(|c| c.get(self.head))
+    fn front(&self) -> Option<(TsMicros, u128)> {
+        self.chunks
+            .front()
+            .and_then(|c| c.get(self.head))
+            .map(|o| o.get())
     }
 
     fn pop_front(&mut self) {
@@ -191,11 +219,12 @@ impl Order {
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = &(TsMicros, u128)> + '_ {
+    fn iter(&self) -> impl Iterator<Item = (TsMicros, u128)> + '_ {
         self.chunks
             .iter()
             .enumerate()
             .flat_map(move |(i, c)| if i == 0 { &c[self.head..] } else { &c[..] })
+            .map(|o| o.get())
     }
 }
 
@@ -216,7 +245,7 @@ impl Serialize for IdIndex {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 let mut q = serializer.serialize_seq(Some(self.0.len()))?;
                 for item in self.0.iter() {
-                    q.serialize_element(item)?;
+                    q.serialize_element(&item)?;
                 }
                 q.end()
             }
