@@ -767,9 +767,9 @@ impl UsageLine {
         };
         if state != BucketState::Ok {
             let window = buckets::crossing_window(&limits.window, ts);
-            line.warn_due = limits.has_warn && bucket.warned_window != Some(window);
+            line.warn_due = limits.has_warn && bucket.marks.warned() != Some(window);
             line.exhausted_due =
-                state == BucketState::Exhausted && bucket.exhausted_window != Some(window);
+                state == BucketState::Exhausted && bucket.marks.exhausted() != Some(window);
         }
         line
     }
@@ -1198,9 +1198,9 @@ impl Ledger {
                     .and_then(|s| s.get_mut(&c.key))
                 {
                     if warned {
-                        bucket.warned_window = Some(c.window_start);
+                        bucket.marks.set_warned(c.window_start);
                     } else {
-                        bucket.exhausted_window = Some(c.window_start);
+                        bucket.marks.set_exhausted(c.window_start);
                     }
                 }
             }

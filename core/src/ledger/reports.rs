@@ -129,7 +129,6 @@ impl Ledger {
         let set_group: Vec<Option<u32>> = self
             .rollups
             .sets()
-            .iter()
             .map(|labels| {
                 if let Some(want) = &req.labels {
                     if !want.iter().all(|(k, v)| labels.get(k) == Some(v.as_str())) {

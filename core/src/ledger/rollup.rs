@@ -7,6 +7,7 @@
 //! `[reports] exclude_labels` (default `session`: sessions are many and short, and would make
 //! one set each). Costs are those of the fold, so a repricing shows in reports.
 
+use super::chunked::Chunked;
 use bursar_schemas::wire::Usage;
 use bursar_schemas::{Labels, Micros, TsMicros};
 use serde::{Deserialize, Serialize};
@@ -72,11 +73,13 @@ impl Cell {
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(from = "RollupData", into = "RollupData")]
 pub struct Rollups {
-    sets: Vec<LabelSet>,
+    /// The label sets, by id (in chunks: never copied as they grow).
+    sets: Chunked<LabelSet>,
     /// (hash of its labels, set id) of every set, by that hash. The hash is kept so that
     /// growing the table does not hash every set's labels again (that rehash, on a fold's
-    /// path, took ~10 ms at ~100,000 sets: benches/README.md "Follower lag").
-    index: hashbrown::HashTable<(u64, u32)>,
+    /// path, took ~10 ms at ~100,000 sets: benches/README.md "Follower lag"); 32 bits of it,
+    /// so that an entry takes 8 bytes.
+    index: hashbrown::HashTable<(u32, u32)>,
     /// Cells of slots that are over, each array sorted by (slot, set).
     sealed: Vec<Arc<Vec<(i64, u32, Cell)>>>,
     /// The newest slot (when `open` has cells).
@@ -93,16 +96,17 @@ struct RollupData {
 
 impl From<RollupData> for Rollups {
     fn from(d: RollupData) -> Rollups {
-        let sets: Vec<LabelSet> = d
-            .sets
-            .iter()
-            .map(|l| LabelSet::pack(l.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
-            .collect();
+        let mut sets = Chunked::default();
+        for l in &d.sets {
+            sets.push(LabelSet::pack(
+                l.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            ));
+        }
         let mut index = hashbrown::HashTable::with_capacity(sets.len());
         for (id, labels) in sets.iter().enumerate() {
             let id = u32::try_from(id).unwrap_or(u32::MAX);
             let hash = hash_of(labels.iter());
-            index.insert_unique(hash, (hash, id), |&(h, _)| h);
+            index.insert_unique(spread(hash), (hash, id), |&(h, _)| spread(h));
         }
         let n = sets.len();
         // In place: a snapshot's cells are most of its size (one copy, not three).
@@ -233,7 +237,7 @@ impl std::fmt::Debug for Rollups {
     }
 }
 
-fn hash_of<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> u64 {
+fn hash_of<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> u32 {
     use std::hash::Hasher;
     let mut h = rustc_hash::FxHasher::default();
     for (k, v) in labels {
@@ -242,7 +246,13 @@ fn hash_of<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> u64 {
         h.write(v.as_bytes());
         h.write_u8(0xFF);
     }
-    h.finish()
+    let h = h.finish();
+    (h >> 32) as u32 ^ h as u32
+}
+
+/// The table hash of a set's 32-bit hash (hashbrown takes its control bits from the top).
+fn spread(h: u32) -> u64 {
+    u64::from(h).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// True when `labels` yields exactly the pairs of `set`, in order.
@@ -343,7 +353,7 @@ impl Rollups {
     fn find<'a>(&self, labels: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> Option<u32> {
         let hash = hash_of(labels.clone());
         self.index
-            .find(hash, |&(h, id)| {
+            .find(spread(hash), |&(h, id)| {
                 h == hash
                     && self
                         .sets
@@ -365,7 +375,8 @@ impl Rollups {
         let set = LabelSet::pack(kept);
         let hash = hash_of(set.iter());
         let id = u32::try_from(self.sets.len()).unwrap_or(u32::MAX);
-        self.index.insert_unique(hash, (hash, id), |&(h, _)| h);
+        self.index
+            .insert_unique(spread(hash), (hash, id), |&(h, _)| spread(h));
         self.sets.push(set);
         id
     }
@@ -414,8 +425,8 @@ impl Rollups {
     }
 
     /// The label sets, by id.
-    pub fn sets(&self) -> &[LabelSet] {
-        &self.sets
+    pub fn sets(&self) -> impl Iterator<Item = &LabelSet> + '_ {
+        self.sets.iter()
     }
 
     /// Every cell with its slot (Unix seconds) and the id of its label set ([`Rollups::sets`]),
@@ -465,7 +476,7 @@ mod tests {
         }
         r.add_denied(3 * SLOT + 1, &labels("b", "s-9"), &exclude);
         // Sessions are left out: two sets (team a, team b), one cell per slot and set.
-        assert_eq!(r.sets().len(), 2);
+        assert_eq!(r.sets().count(), 2);
         assert_eq!(r.len(), 4);
         assert_eq!(r.sealed.len(), 2, "the first two slots are over");
         let copy = r.clone();
