@@ -11,6 +11,11 @@
 //! requires, like any other cell. The cells of [`NUMBER_COLUMNS`] are numbers the daemon
 //! computed (seqs, times, uids, token counts, costs), never text a client chose; they are
 //! written as they are, so that a negative number stays a number.
+//!
+//! **Cluster mode** (SPEC §13): an export of a cluster's partitions has one more column at the
+//! end, [`PARTITION_COLUMN`] (a number), since a `seq` counts one partition's events. The
+//! header is written with the first line: with that column when the first event names its
+//! partition. A single-host export (and an empty one) has the 25 columns of [`COLUMNS`].
 
 use bursar_core::money::format_usd;
 use bursar_schemas::event::EventBody;
@@ -76,9 +81,16 @@ pub fn neutralise(text: &str) -> Cow<'_, str> {
     }
 }
 
-/// Writes an export as CSV: [`Writer::header`] once, then [`Writer::event`] per event.
+/// The column a cluster's export adds after [`COLUMNS`]: the partition whose log holds the
+/// event (a number the daemon computed: written as it is).
+pub const PARTITION_COLUMN: &str = "partition";
+
+/// Writes an export as CSV: [`Writer::event`] per event (the header comes with the first),
+/// then [`Writer::flush`].
 pub struct Writer<W: Write> {
     inner: ::csv::Writer<W>,
+    /// `None` until the header is written; then whether it has [`PARTITION_COLUMN`].
+    partitions: Option<bool>,
 }
 
 impl<W: Write> Writer<W> {
@@ -88,21 +100,36 @@ impl<W: Write> Writer<W> {
             inner: ::csv::WriterBuilder::new()
                 .terminator(::csv::Terminator::Any(b'\n'))
                 .from_writer(out),
+            partitions: None,
         }
     }
 
-    /// The header line.
-    pub fn header(&mut self) -> io::Result<()> {
-        self.inner.write_record(COLUMNS).map_err(io_error)
+    /// The header line, once: with [`PARTITION_COLUMN`] when `partitions`.
+    fn header(&mut self, partitions: bool) -> io::Result<bool> {
+        if let Some(written) = self.partitions {
+            return Ok(written);
+        }
+        let mut names: Vec<&str> = COLUMNS.to_vec();
+        if partitions {
+            names.push(PARTITION_COLUMN);
+        }
+        self.inner.write_record(names).map_err(io_error)?;
+        self.partitions = Some(partitions);
+        Ok(partitions)
     }
 
-    /// One event's line.
+    /// One event's line (after the header, when it is the first).
     pub fn event(&mut self, e: &ExportedEvent) -> io::Result<()> {
-        self.inner.write_record(cells(e)).map_err(io_error)
+        let mut line = cells(e);
+        if self.header(e.partition.is_some())? {
+            line.push(e.partition.map(|p| p.to_string()).unwrap_or_default());
+        }
+        self.inner.write_record(line).map_err(io_error)
     }
 
-    /// Write out what is buffered.
+    /// Write out what is buffered (the header alone when no event came).
     pub fn flush(&mut self) -> io::Result<()> {
+        self.header(false)?;
         self.inner.flush()
     }
 }
@@ -285,6 +312,62 @@ fn cells(e: &ExportedEvent) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(partition: Option<u32>, seq: u64) -> ExportedEvent {
+        use bursar_schemas::event::{Actor, Hash32, ReservationExpired};
+        ExportedEvent {
+            seq,
+            ts: 1,
+            time: "1970-01-01T00:00:00.000001Z".into(),
+            actor: Actor {
+                uid: 0,
+                gid: 0,
+                pid: 0,
+            },
+            kind: "reservation_expired".into(),
+            body: EventBody::ReservationExpired(ReservationExpired {
+                reservation_id: "=r-1".into(),
+            }),
+            cost_micros: None,
+            price_version: None,
+            prev_hash: Hash32([0; 32]),
+            hash: Hash32([0; 32]),
+            partition,
+        }
+    }
+
+    fn written(events: &[ExportedEvent]) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out);
+        for e in events {
+            w.event(e).unwrap();
+        }
+        w.flush().unwrap();
+        drop(w);
+        let mut r = ::csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(out.as_slice());
+        r.records()
+            .map(|l| l.unwrap().iter().map(str::to_string).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_cluster_export_says_which_partition_each_event_is_from() {
+        let lines = written(&[event(Some(2), 7), event(Some(0), 7)]);
+        assert_eq!(lines[0].len(), COLUMNS.len() + 1);
+        assert_eq!(lines[0].last().map(String::as_str), Some(PARTITION_COLUMN));
+        // The same seq in two partitions: told apart by the last column.
+        assert_eq!(lines[1][0], "7");
+        assert_eq!(lines[1].last().map(String::as_str), Some("2"));
+        assert_eq!(lines[2].last().map(String::as_str), Some("0"));
+        assert_eq!(lines[1][8], "'=r-1", "text cells are still neutralised");
+        // A single host's export and an empty one keep the 25 columns.
+        let single = written(&[event(None, 1)]);
+        assert_eq!(single[0], COLUMNS);
+        assert_eq!(single[1].len(), COLUMNS.len());
+        assert_eq!(written(&[]), [COLUMNS]);
+    }
 
     #[test]
     fn text_that_a_spreadsheet_would_run_gets_a_quote_in_front() {

@@ -1375,11 +1375,7 @@ fn export(source: &Source, a: &ExportArgs, stdout: &mut dyn Write) -> Res<u8> {
     }
     let mut sink = Sink::new(a.output.as_deref(), stdout)?;
     let mut out = match a.format {
-        Format::Csv => {
-            let mut w = csv::Writer::new(&mut *sink.out as &mut dyn Write);
-            w.header()?;
-            Out::Csv(Box::new(w))
-        }
+        Format::Csv => Out::Csv(Box::new(csv::Writer::new(&mut *sink.out as &mut dyn Write))),
         Format::Jsonl => Out::Jsonl(&mut *sink.out),
     };
     let mut progress = Progress::new();

@@ -832,6 +832,19 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
             }
         }
     }
+    // The same export as CSV through the CLI: a `partition` column tells the seqs apart.
+    let csv = cluster.nodes[1]
+        .cli(&["export", "--format", "csv"])
+        .ok()
+        .stdout;
+    let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows[0].first(), Some(&"seq"), "{csv}");
+    assert_eq!(rows[0].last(), Some(&"partition"), "{csv}");
+    assert_eq!(rows.len(), events.len() + 1, "{csv}");
+    for (row, e) in rows[1..].iter().zip(&events) {
+        assert_eq!(row[0], e["seq"].to_string(), "{csv}");
+        assert_eq!(row.last().copied(), Some(e["partition"].to_string().as_str()));
+    }
     b.send(&json!({"op": "export", "partition": 1}));
     let (one, _) = b.read_stream();
     assert_eq!(one.len(), chains[&1].len());
