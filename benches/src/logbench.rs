@@ -520,34 +520,51 @@ pub fn stalls(events: u64, scopes: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Memory per active bucket of the daemon: RSS after a restart on a log that touched `scopes`
-/// scopes once each, minus RSS after a restart on a log with one scope, over the extra buckets;
-/// taken at the first answered `hello` and again after [`SETTLE`] idle, to show whether
-/// start-up's freed buffers stay resident (on 2026-12-04 they did: the two figures were equal).
-pub fn memory_daemon(scopes: u64) -> Result<(usize, f64, f64), String> {
-    let mut rss = Vec::new();
+/// The daemon's RSS per bucket (RSS with `scopes` scopes less RSS with one, over the buckets
+/// the difference makes): while it runs, right after the records were answered and 3 s
+/// later; and after a restart from its snapshot, at the first `hello` and 3 s later.
+pub struct DaemonMemory {
+    /// Buckets the difference makes.
+    pub buckets: usize,
+    /// Running: right after the last answer, and [`SETTLE`] later.
+    pub running: (f64, f64),
+    /// Restarted: at the first `hello`, and [`SETTLE`] later.
+    pub restarted: (f64, f64),
+}
+
+pub fn memory_daemon(scopes: u64) -> Result<DaemonMemory, String> {
+    // (running, running settled, restarted, restarted settled) for 1 scope, then `scopes`.
+    let mut rss: Vec<[u64; 4]> = Vec::new();
     for n in [1, scopes] {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let data = dir.path().join("data");
+        let mut r = [0u64; 4];
         {
             let mut d = procs::start_bursard(Some(&data))?;
             send_records(&d.socket, n)?;
+            r[0] = procs::rss_bytes(d.pid()).unwrap_or(0);
+            std::thread::sleep(SETTLE);
+            r[1] = procs::rss_bytes(d.pid()).unwrap_or(0);
             d.stop(Duration::from_secs(60));
         }
         std::thread::sleep(Duration::from_millis(300));
         let mut p = procs::start_bursard(Some(&data))?;
-        let at_hello = procs::rss_bytes(p.pid()).unwrap_or(0);
+        r[2] = procs::rss_bytes(p.pid()).unwrap_or(0);
         std::thread::sleep(SETTLE);
-        let settled = procs::rss_bytes(p.pid()).unwrap_or(0);
+        r[3] = procs::rss_bytes(p.pid()).unwrap_or(0);
         p.stop(Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(200));
-        rss.push((at_hello, settled));
+        rss.push(r);
     }
     let buckets = (workload::buckets_for(scopes) - workload::buckets_for(1)).max(1) as f64;
-    let per = |f: fn(&(u64, u64)) -> u64| {
-        (rss.get(1).map_or(0, f) as f64 - rss.first().map_or(0, f) as f64) / buckets
+    let per = |i: usize| {
+        (rss.get(1).map_or(0, |r| r[i]) as f64 - rss.first().map_or(0, |r| r[i]) as f64) / buckets
     };
-    Ok((buckets as usize, per(|r| r.0), per(|r| r.1)))
+    Ok(DaemonMemory {
+        buckets: buckets as usize,
+        running: (per(0), per(1)),
+        restarted: (per(2), per(3)),
+    })
 }
 
 /// How long the daemon idles after start-up before its RSS is read again (mimalloc's

@@ -843,7 +843,10 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
     assert_eq!(rows.len(), events.len() + 1, "{csv}");
     for (row, e) in rows[1..].iter().zip(&events) {
         assert_eq!(row[0], e["seq"].to_string(), "{csv}");
-        assert_eq!(row.last().copied(), Some(e["partition"].to_string().as_str()));
+        assert_eq!(
+            row.last().copied(),
+            Some(e["partition"].to_string().as_str())
+        );
     }
     b.send(&json!({"op": "export", "partition": 1}));
     let (one, _) = b.read_stream();
