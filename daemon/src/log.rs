@@ -25,7 +25,8 @@ pub mod testing;
 pub use salvage::{salvage, SalvageError, Salvaged};
 
 pub use sled_store::{
-    make_private, write_snapshot_file, SledLog, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, RELEASE_WAIT,
+    make_private, write_snapshot_file, write_snapshot_file_with, SledLog, PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE, RELEASE_WAIT,
 };
 
 use bursar_schemas::event::{

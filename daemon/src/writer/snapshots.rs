@@ -23,16 +23,45 @@ pub const SNAPSHOT_FORMAT_V4: u8 = 4;
 /// head it continues, which recovery checks against the log), then LZ4 (block, size
 /// prepended) of the bincode of the ledger, its policy and price tables as JSON inside (so
 /// that they can grow keys without a new format), its idempotency index keyed by 128-bit id
-/// hashes, its report rollups, each `[[quota]]`'s last observation.
+/// hashes, its report rollups, each `[[quota]]`'s last observation. Still read.
 pub const SNAPSHOT_FORMAT_V5: u8 = 5;
+/// Format tag of the snapshots written now: format 5's hash and bincode, compressed as one
+/// zstd stream instead of an LZ4 block, so that a snapshot is encoded into its file and
+/// decoded from its bytes without a buffer of the whole bincode (and, writing, of its
+/// compressed copy): those two buffers were 105 MB of a daemon's 289 MB peak at 200,000 label
+/// sets (heaptrack, benches/README.md "Memory per bucket").
+pub const SNAPSHOT_FORMAT_V6: u8 = 6;
 
-/// Encode a snapshot of `l`, whose last event (`l.last_seq()`) has hash `head_hash`.
+/// zstd level of snapshots (`1`: fast; a snapshot is written off the writer).
+const SNAPSHOT_ZSTD_LEVEL: i32 = 1;
+/// Buffer between bincode and the zstd stream, either way.
+const STREAM_BUFFER: usize = 64 << 10;
+
+/// Write a snapshot of `l`, whose last event (`l.last_seq()`) has hash `head_hash`, into `out`.
+pub fn write_snapshot(
+    l: &Ledger,
+    head_hash: Hash32,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    out.write_all(&[SNAPSHOT_FORMAT_V6])?;
+    out.write_all(&head_hash.0)?;
+    // bincode writes field by field: buffered, so that zstd sees 64 KiB at a time.
+    let mut z = zstd::stream::write::Encoder::new(out, SNAPSHOT_ZSTD_LEVEL)?;
+    // A damaged snapshot is then told apart from one that decodes to another ledger.
+    z.include_checksum(true)?;
+    let mut w = std::io::BufWriter::with_capacity(STREAM_BUFFER, z);
+    bincode::serde::encode_into_std_write(l, &mut w, bincode::config::standard())
+        .map_err(std::io::Error::other)?;
+    w.into_inner()
+        .map_err(std::io::IntoInnerError::into_error)?
+        .finish()?;
+    Ok(())
+}
+
+/// Encode a snapshot of `l` into memory (see [`write_snapshot`]).
 pub fn encode_snapshot(l: &Ledger, head_hash: Hash32) -> Option<Vec<u8>> {
-    let plain = bincode::serde::encode_to_vec(l, bincode::config::standard()).ok()?;
-    let mut out = Vec::with_capacity(plain.len() / 3 + 48);
-    out.push(SNAPSHOT_FORMAT_V5);
-    out.extend_from_slice(&head_hash.0);
-    out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&plain));
+    let mut out = Vec::new();
+    write_snapshot(l, head_hash, &mut out).ok()?;
     Some(out)
 }
 
@@ -44,11 +73,26 @@ const MAX_SNAPSHOT_BYTES: usize = 4 << 30;
 /// instead.
 pub fn decode_snapshot(bytes: &[u8]) -> Option<(Ledger, Hash32)> {
     let (tag, rest) = bytes.split_first()?;
-    if *tag != SNAPSHOT_FORMAT_V5 {
+    if *tag != SNAPSHOT_FORMAT_V5 && *tag != SNAPSHOT_FORMAT_V6 {
         return None;
     }
     let head_hash = Hash32(rest.get(..32)?.try_into().ok()?);
     let rest = rest.get(32..)?;
+    if *tag == SNAPSHOT_FORMAT_V6 {
+        let z = zstd::stream::read::Decoder::with_buffer(rest).ok()?;
+        let mut z = std::io::BufReader::with_capacity(STREAM_BUFFER, z);
+        let l: Ledger = bincode::serde::decode_from_std_read(
+            &mut z,
+            bincode::config::standard().with_limit::<{ 4 << 30 }>(),
+        )
+        .ok()?;
+        // Nothing may follow the ledger in the stream; reading to its end checks its checksum.
+        let mut more = [0u8; 1];
+        return match std::io::Read::read(&mut z, &mut more) {
+            Ok(0) => Some((l, head_hash)),
+            _ => None,
+        };
+    }
     // A damaged size is a miss, not an allocation.
     let size = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
     if size > MAX_SNAPSHOT_BYTES || size > rest.len().saturating_mul(255) {
@@ -132,22 +176,27 @@ impl Drop for Snapshotter {
 /// Encode and store a snapshot (durable at the store's next sync). Returns whether it was
 /// stored.
 fn store_snapshot(shared: &Shared, seq: u64, l: &Ledger, hash: Hash32) -> bool {
-    let Some(bytes) = encode_snapshot(l, hash) else {
-        tracing::warn!("cannot encode a snapshot");
-        return false;
-    };
     if shared.poisoned.load(Ordering::SeqCst) {
         return false;
     }
-    // A store that keeps snapshots as files gets them written here, without its lock.
+    // A store that keeps snapshots as files gets them encoded into the file here, without its
+    // lock; another is handed the encoded bytes.
     let dir = lock_store(shared).snapshot_dir();
     let stored = match dir {
-        Some(dir) => crate::log::write_snapshot_file(&dir, seq, &bytes),
-        None => lock_store(shared).put_snapshot(seq, &bytes),
+        Some(dir) => {
+            crate::log::write_snapshot_file_with(&dir, seq, &mut |w| write_snapshot(l, hash, w))
+        }
+        None => {
+            let Some(bytes) = encode_snapshot(l, hash) else {
+                tracing::warn!("cannot encode a snapshot");
+                return false;
+            };
+            lock_store(shared).put_snapshot(seq, &bytes)
+        }
     };
     match stored {
         Ok(()) => {
-            tracing::debug!("snapshot at seq {seq} ({} bytes)", bytes.len());
+            tracing::debug!("snapshot at seq {seq}");
             // Snapshots are taken between batches: every event up to `seq` is durable.
             if let Err(e) = lock_store(shared).mark_durable(seq, hash) {
                 tracing::warn!("cannot mark seq {seq} durable (the log is intact): {e}");
