@@ -118,11 +118,28 @@ impl<W: Write> Writer<W> {
         Ok(partitions)
     }
 
-    /// One event's line (after the header, when it is the first).
+    /// One event's line (after the header, when it is the first). An event that names a
+    /// partition in an export whose first did not (or the other way round) is an error: its
+    /// line would not fit the header.
     pub fn event(&mut self, e: &ExportedEvent) -> io::Result<()> {
         let mut line = cells(e);
-        if self.header(e.partition.is_some())? {
-            line.push(e.partition.map(|p| p.to_string()).unwrap_or_default());
+        if self.header(e.partition.is_some())? != e.partition.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                match e.partition {
+                    Some(p) => format!(
+                        "event {} names partition {p}, but the export's first event named none",
+                        e.seq
+                    ),
+                    None => format!(
+                        "event {} names no partition, but the export's first event named one",
+                        e.seq
+                    ),
+                },
+            ));
+        }
+        if let Some(p) = e.partition {
+            line.push(p.to_string());
         }
         self.inner.write_record(line).map_err(io_error)
     }
@@ -367,6 +384,17 @@ mod tests {
         assert_eq!(single[0], COLUMNS);
         assert_eq!(single[1].len(), COLUMNS.len());
         assert_eq!(written(&[]), [COLUMNS]);
+        // Lines that would not fit the header are refused, not written short.
+        for events in [
+            [event(None, 1), event(Some(0), 2)],
+            [event(Some(0), 1), event(None, 2)],
+        ] {
+            let mut out = Vec::new();
+            let mut w = Writer::new(&mut out);
+            w.event(&events[0]).unwrap();
+            let e = w.event(&events[1]).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        }
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub fn encode_snapshot(l: &Ledger, head_hash: Hash32) -> Option<Vec<u8>> {
 
 /// Largest decompressed snapshot accepted.
 const MAX_SNAPSHOT_BYTES: usize = 4 << 30;
+/// Largest ratio of a format-6 snapshot's decompressed size to its stored size accepted.
+const MAX_SNAPSHOT_RATIO: usize = 1024;
 
 /// Decode a snapshot: the ledger and the hash of its last event. A snapshot is a cache of the
 /// log's fold: one of an older format (or a damaged one) is `None`, and recovery folds the log
@@ -80,10 +82,14 @@ pub fn decode_snapshot(bytes: &[u8]) -> Option<(Ledger, Hash32)> {
     let rest = rest.get(32..)?;
     if *tag == SNAPSHOT_FORMAT_V6 {
         let z = zstd::stream::read::Decoder::with_buffer(rest).ok()?;
+        // A damaged or hostile file cannot make start-up decode more than this: snapshots
+        // compress ~5:1 (benches/README.md), far from the bound.
+        let most = MAX_SNAPSHOT_BYTES.min(rest.len().saturating_mul(MAX_SNAPSHOT_RATIO));
+        let z = std::io::Read::take(z, most as u64);
         let mut z = std::io::BufReader::with_capacity(STREAM_BUFFER, z);
         let l: Ledger = bincode::serde::decode_from_std_read(
             &mut z,
-            bincode::config::standard().with_limit::<{ 4 << 30 }>(),
+            bincode::config::standard().with_limit::<MAX_SNAPSHOT_BYTES>(),
         )
         .ok()?;
         // Nothing may follow the ledger in the stream; reading to its end checks its checksum.
@@ -101,7 +107,7 @@ pub fn decode_snapshot(bytes: &[u8]) -> Option<(Ledger, Hash32)> {
     let plain = lz4_flex::block::decompress_size_prepended(rest).ok()?;
     bincode::serde::decode_from_slice(
         &plain,
-        bincode::config::standard().with_limit::<{ 4 << 30 }>(),
+        bincode::config::standard().with_limit::<MAX_SNAPSHOT_BYTES>(),
     )
     .ok()
     .map(|(l, _)| (l, head_hash))
