@@ -45,10 +45,10 @@ pub fn write_snapshot(
 ) -> std::io::Result<()> {
     out.write_all(&[SNAPSHOT_FORMAT_V6])?;
     out.write_all(&head_hash.0)?;
-    // bincode writes field by field: buffered, so that zstd sees 64 KiB at a time.
     let mut z = zstd::stream::write::Encoder::new(out, SNAPSHOT_ZSTD_LEVEL)?;
     // A damaged snapshot is then told apart from one that decodes to another ledger.
     z.include_checksum(true)?;
+    // bincode writes field by field: buffered, so that zstd sees 64 KiB at a time.
     let mut w = std::io::BufWriter::with_capacity(STREAM_BUFFER, z);
     bincode::serde::encode_into_std_write(l, &mut w, bincode::config::standard())
         .map_err(std::io::Error::other)?;
