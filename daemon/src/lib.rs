@@ -282,12 +282,7 @@ pub fn run_with(
     } else {
         None
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| DaemonError::Start(format!("cannot start the runtime: {e}")))?;
-    let ctx = Arc::new(server::Ctx {
+    let ctx = server::Ctx {
         shared: shared.clone(),
         writer: writer.clone(),
         admin_uids: cfg.admin_uids.clone(),
@@ -295,34 +290,15 @@ pub fn run_with(
         shutdown: stop_rx,
         dry_run_busy: Default::default(),
         cluster: None,
-    });
-    tracing::info!(
+    };
+    let listening = format!(
         "bursard {} listening on {} (data dir {})",
         env!("CARGO_PKG_VERSION"),
         cfg.socket.display(),
         cfg.data_dir.display()
     );
-    if let Some(metrics) = metrics {
-        serve_metrics(
-            &runtime,
-            metrics,
-            metrics::Scope::Single(shared.clone()),
-            &ctx,
-        );
-    }
-    // Ready: the socket is under its name and listening (a connect succeeds from now on, and
-    // is served as soon as the runtime below runs), the state is rebuilt from the log, and
-    // SIGTERM is handled (a stop right after READY=1 is a clean one).
-    notify_systemd(&[
-        NotifyState::Ready,
-        NotifyState::Status(&format!("serving on {}", cfg.socket.display())),
-    ]);
-    runtime.block_on(async {
-        match tokio::net::UnixListener::from_std(std_listener) {
-            Ok(listener) => server::serve(listener, ctx).await,
-            Err(e) => tracing::error!("socket: {e}"),
-        }
-    });
+    let scope = metrics::Scope::Single(shared.clone());
+    let runtime = serve_until_stopped(&cfg, std_listener, ctx, metrics, scope, &listening)?;
     // Drain: let the writer finish what is queued, sync, snapshot, stop.
     notify_systemd(&[
         NotifyState::Stopping,
@@ -332,10 +308,7 @@ pub fn run_with(
     let _ = writer.submit(Job::Shutdown);
     drop(writer);
     let _ = writer_thread.join();
-    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
-    let _ = std::fs::remove_file(&cfg.socket);
-    drop(signals_thread);
-    tracing::info!("stopped");
+    finish(runtime, &cfg, signals_thread);
     Ok(())
 }
 
@@ -387,12 +360,7 @@ fn run_cluster(
     } else {
         None
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| DaemonError::Start(format!("cannot start the runtime: {e}")))?;
-    let ctx = Arc::new(server::Ctx {
+    let ctx = server::Ctx {
         shared: cluster.parts[0].shared.clone(),
         writer: writer::WriterHandle::closed(),
         admin_uids: cfg.admin_uids.clone(),
@@ -400,8 +368,8 @@ fn run_cluster(
         shutdown: stop_rx,
         dry_run_busy: Default::default(),
         cluster: Some(cluster.clone()),
-    });
-    tracing::info!(
+    };
+    let listening = format!(
         "bursard {} (cluster node {}, {} partitions by {:?}) listening on {}",
         env!("CARGO_PKG_VERSION"),
         settings.node,
@@ -409,14 +377,40 @@ fn run_cluster(
         settings.partition_by,
         cfg.socket.display()
     );
+    let scope = metrics::Scope::Cluster(cluster.clone());
+    let runtime = serve_until_stopped(&cfg, std_listener, ctx, metrics, scope, &listening)?;
+    notify_systemd(&[NotifyState::Stopping]);
+    tracing::info!("stopping: draining the partitions' writers, giving their leases back");
+    cluster.stop();
+    let _ = coordinator.join();
+    finish(runtime, &cfg, signals_thread);
+    Ok(())
+}
+
+/// What both modes do once their state is ready: serve the socket (and the metrics endpoint)
+/// on a runtime of their own until shutdown, telling systemd when serving starts. Returns the
+/// runtime, still up, for the caller's drain (writers, leases) before [`finish`].
+fn serve_until_stopped(
+    cfg: &Config,
+    std_listener: std::os::unix::net::UnixListener,
+    ctx: server::Ctx,
+    metrics: Option<(std::net::TcpListener, Arc<metrics::Metrics>)>,
+    scope: metrics::Scope,
+    listening: &str,
+) -> Result<tokio::runtime::Runtime, DaemonError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| DaemonError::Start(format!("cannot start the runtime: {e}")))?;
+    let ctx = Arc::new(ctx);
+    tracing::info!("{listening}");
     if let Some(metrics) = metrics {
-        serve_metrics(
-            &runtime,
-            metrics,
-            metrics::Scope::Cluster(cluster.clone()),
-            &ctx,
-        );
+        serve_metrics(&runtime, metrics, scope, &ctx);
     }
+    // Ready: the socket is under its name and listening (a connect succeeds from now on, and
+    // is served as soon as the runtime below runs), the state is rebuilt from the log, and
+    // SIGTERM is handled (a stop right after READY=1 is a clean one).
     notify_systemd(&[
         NotifyState::Ready,
         NotifyState::Status(&format!("serving on {}", cfg.socket.display())),
@@ -427,15 +421,20 @@ fn run_cluster(
             Err(e) => tracing::error!("socket: {e}"),
         }
     });
-    notify_systemd(&[NotifyState::Stopping]);
-    tracing::info!("stopping: draining the partitions' writers, giving their leases back");
-    cluster.stop();
-    let _ = coordinator.join();
+    Ok(runtime)
+}
+
+/// The end of a stop, once the caller drained: the runtime's tasks stopped (2 s at most), the
+/// socket's name removed, the signal thread let go.
+fn finish(
+    runtime: tokio::runtime::Runtime,
+    cfg: &Config,
+    signals_thread: Option<std::thread::JoinHandle<()>>,
+) {
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     let _ = std::fs::remove_file(&cfg.socket);
     drop(signals_thread);
     tracing::info!("stopped");
-    Ok(())
 }
 
 /// Serve the metrics endpoint (bound at start) on `runtime` until shutdown.

@@ -303,3 +303,26 @@ fn a_damaged_snapshot_of_format_6_is_set_aside() {
         );
     }
 }
+
+/// A format-6 snapshot is decoded only while its decompressed bytes stay within a bound of its
+/// stored size (1,024 times in the daemon): a damaged or hostile stream cannot make start-up
+/// decompress gigabytes. Shown with the bound just under and just over what this snapshot
+/// needs: under it the snapshot is set aside, over it it reads back as its ledger.
+#[test]
+fn a_format_6_snapshot_decompressing_past_its_bound_is_set_aside() {
+    let (l, ()) = make_ledger();
+    let head = bursar_schemas::event::Hash32([6; 32]);
+    let bytes = encode_snapshot(&l, head).unwrap();
+    let stored = bytes.len() - 33;
+    let decompressed = zstd::stream::decode_all(&bytes[33..]).unwrap().len();
+    // The largest ratio whose bound falls short of the decompressed size.
+    let short = (decompressed - 1) / stored;
+    assert!(
+        short >= 2,
+        "the fixture compresses ({decompressed} from {stored} bytes)"
+    );
+    assert!(bursard::writer::decode_snapshot_within(&bytes, short).is_none());
+    let (back, h) = bursard::writer::decode_snapshot_within(&bytes, short + 1).unwrap();
+    assert!(back == l && h == head);
+    assert!(decode_snapshot(&bytes).is_some_and(|(back, _)| back == l));
+}

@@ -22,8 +22,9 @@ use first_release::first_release_id;
 pub use first_release::{first_release_answer, id_key};
 pub use recovery::recover;
 pub use snapshots::{
-    decode_snapshot, encode_snapshot, write_snapshot, SNAPSHOT_FORMAT_V1, SNAPSHOT_FORMAT_V2,
-    SNAPSHOT_FORMAT_V3, SNAPSHOT_FORMAT_V4, SNAPSHOT_FORMAT_V5, SNAPSHOT_FORMAT_V6,
+    decode_snapshot, decode_snapshot_within, encode_snapshot, write_snapshot, SNAPSHOT_FORMAT_V1,
+    SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3, SNAPSHOT_FORMAT_V4, SNAPSHOT_FORMAT_V5,
+    SNAPSHOT_FORMAT_V6,
 };
 
 use crate::log::{LogError, LogStore};
