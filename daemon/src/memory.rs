@@ -1,4 +1,5 @@
-//! Giving freed memory back to the OS after start-up.
+//! Giving freed memory back to the OS: after start-up, and when the writer goes idle after
+//! work (`Writer::idle`, at most once a second).
 //!
 //! Recovery reads a snapshot (the file's bytes, tens of MiB at a few hundred thousand buckets;
 //! a snapshot of format 5 also its decompressed copy) and folds the log on two threads, the

@@ -291,6 +291,14 @@ impl Client {
         self.writer.write_all(&line).unwrap();
     }
 
+    /// Send one request without waiting; false when the daemon is gone (a killed daemon's
+    /// socket: the crash loop's load stops there rather than panicking).
+    pub fn try_send(&mut self, v: &Value) -> bool {
+        let mut line = serde_json::to_vec(v).unwrap();
+        line.push(b'\n');
+        self.writer.write_all(&line).is_ok()
+    }
+
     /// Send raw bytes.
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).unwrap();

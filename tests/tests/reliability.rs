@@ -71,7 +71,9 @@ fn mixed_load(
             ],
         };
         for r in &reqs {
-            c.send(r);
+            if !c.try_send(r) {
+                return;
+            }
         }
         for r in reqs {
             match c.try_recv() {
