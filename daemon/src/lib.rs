@@ -217,7 +217,7 @@ pub fn run_with(
     };
     let started = std::time::Instant::now();
     notify_systemd(&[NotifyState::Status("rebuilding state from the log")]);
-    let ledger = writer::recover(store.as_ref()).map_err(|e| {
+    let (ledger, folded_past_snapshot) = writer::recover_counted(store.as_ref()).map_err(|e| {
         DaemonError::Start(format!(
             "cannot rebuild state from the log: {e}; nothing was served. `bursar salvage \
              --data-dir {} --to NEW_DIR` copies the intact events before the damage into a new \
@@ -244,6 +244,7 @@ pub fn run_with(
     let clock = watch_clock(clock, (ledger.last_seq() > 0).then(|| ledger.last_ts()));
     let metrics = cfg_metrics(&config)?.map(|(listener, m)| (listener, Arc::new(m)));
     let mut shared = Shared::new(ledger, store);
+    shared.folded_past_snapshot = std::sync::atomic::AtomicU64::new(folded_past_snapshot);
     shared.metrics = metrics.as_ref().map(|(_, m)| m.clone());
     shared.max_waiters = std::sync::atomic::AtomicUsize::new(config.policy.daemon.max_waiters);
     let shared = Arc::new(shared);

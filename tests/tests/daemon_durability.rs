@@ -296,6 +296,45 @@ fn startup_from_snapshot_plus_tail_equals_a_full_fold_of_the_log() {
     assert_eq!(status_of(&mut d.client()), live);
 }
 
+/// A start that had to fold the log past its newest snapshot (here: a daemon killed before it
+/// ever took one) leaves a snapshot behind at its clean stop even when nothing was written
+/// meanwhile, so the next start does not fold the same log again.
+#[test]
+fn a_start_that_folded_the_log_leaves_a_snapshot_at_a_clean_stop_without_new_writes() {
+    let mut d = Daemon::start_with_config(METER);
+    let mut c = d.client();
+    for i in 0..40 {
+        c.call(record(
+            &format!("k-{i}"),
+            json!({"team": format!("t{}", i % 4)}),
+            "gpt-4o",
+            100,
+            10,
+        ));
+    }
+    let live = status_of(&mut c);
+    d.kill9();
+    let snapshot_seq = |dir: &std::path::Path| {
+        use bursard::log::LogStore;
+        let store = bursard::log::SledLog::open(dir).unwrap();
+        let head = store.head().map(|h| h.0);
+        (store.latest_snapshot().unwrap().map(|(seq, _)| seq), head)
+    };
+    let (before, head) = snapshot_seq(&d.data_dir);
+    assert_eq!(before, None, "killed before its first snapshot");
+    d.spawn().unwrap();
+    assert_eq!(status_of(&mut d.client()), live);
+    assert!(d.terminate().success());
+    let (after, head_after) = snapshot_seq(&d.data_dir);
+    assert_eq!(head_after, head, "nothing was written after the restart");
+    assert_eq!(
+        after, head,
+        "the clean stop left a snapshot of the whole log"
+    );
+    d.spawn().unwrap();
+    assert_eq!(status_of(&mut d.client()), live);
+}
+
 #[test]
 fn no_argument_start_uses_the_embedded_defaults_in_the_working_directory() {
     let dir = tempfile::tempdir().unwrap();

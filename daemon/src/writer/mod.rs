@@ -20,7 +20,7 @@ mod waiters;
 
 use first_release::first_release_id;
 pub use first_release::{first_release_answer, id_key};
-pub use recovery::recover;
+pub use recovery::{recover, recover_counted};
 pub use snapshots::{
     decode_snapshot, decode_snapshot_within, encode_snapshot, write_snapshot, SNAPSHOT_FORMAT_V1,
     SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3, SNAPSHOT_FORMAT_V4, SNAPSHOT_FORMAT_V5,
@@ -234,6 +234,10 @@ pub struct Shared {
     pub waiting: std::sync::atomic::AtomicUsize,
     /// `check`s waiting now (they count against `max_waiters` too).
     pub waiting_checks: std::sync::atomic::AtomicUsize,
+    /// Events the start folded past the newest snapshot: the writer counts them towards its
+    /// next one, so that a start that had to fold a long log leaves a snapshot behind (at the
+    /// latest at a clean stop) even when nothing is written meanwhile.
+    pub folded_past_snapshot: AtomicU64,
 }
 
 impl Shared {
@@ -255,6 +259,7 @@ impl Shared {
             ),
             waiting: Default::default(),
             waiting_checks: Default::default(),
+            folded_past_snapshot: AtomicU64::new(0),
         }
     }
 }
@@ -371,6 +376,7 @@ pub fn start_with(
     };
     let own = crate::config::own_actor();
     let snapshotter = snapshots::Snapshotter::start(shared.clone());
+    let since_snapshot = shared.folded_past_snapshot.load(Ordering::Relaxed);
     let mut w = Writer {
         shared,
         rx,
@@ -378,7 +384,7 @@ pub fn start_with(
         own,
         prev_hash,
         reload,
-        since_snapshot: 0,
+        since_snapshot,
         last_snapshot: std::time::Instant::now(),
         snapshotter,
         first_release_ids,

@@ -15,6 +15,12 @@ use bursar_schemas::event::{Envelope, EventBody, Hash32};
 /// the two passes that define a fold (see `bursar_core::ledger::fold`). A log without a
 /// retroactive price change is thus decoded once instead of twice.
 pub fn recover(store: &dyn LogStore) -> Result<Ledger, String> {
+    recover_counted(store).map(|(l, _)| l)
+}
+
+/// [`recover`], with the number of events it folded past the snapshot it started from (all of
+/// them when it started from none): the writer counts them towards its next snapshot.
+pub fn recover_counted(store: &dyn LogStore) -> Result<(Ledger, u64), String> {
     // A store that lost events it had made durable is damaged, even when sled opens it.
     check_durable_mark(store).map_err(|e| e.to_string())?;
     let from_snapshot = match store.latest_snapshot() {
@@ -73,12 +79,18 @@ pub fn recover(store: &dyn LogStore) -> Result<Ledger, String> {
         folded
     })?;
     if folded {
-        return Ok(l);
+        // The fold starts at the snapshot's event: it cannot end before it.
+        let from = anchor.map_or(0, |a| a.0);
+        debug_assert!(l.last_seq() >= from, "folded back past the snapshot");
+        let past = l.last_seq().checked_sub(from).unwrap_or(l.last_seq());
+        return Ok((l, past));
     }
     if had_snapshot {
         tracing::info!("a retroactive pricing change follows the snapshot; folding the whole log");
     }
-    ledger::fold(|| store.read_from(1)).map_err(|e| e.to_string())
+    let l = ledger::fold(|| store.read_from(1)).map_err(|e| e.to_string())?;
+    let past = l.last_seq();
+    Ok((l, past))
 }
 
 /// Events per chunk handed from the decoding thread to the folding one at recovery.
