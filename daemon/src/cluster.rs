@@ -391,7 +391,7 @@ impl Cluster {
                 lease: lease.clone(),
                 wake: wake_tx.clone(),
             };
-            let ledger = writer::recover(&store).map_err(|e| {
+            let (ledger, folded_past_snapshot) = writer::recover_counted(&store).map_err(|e| {
                 start(format!(
                     "cluster: cannot rebuild partition {i} from its local copy {}: {e} (remove \
                      the directory: the node follows the stream again)",
@@ -399,6 +399,7 @@ impl Cluster {
                 ))
             })?;
             let mut shared = Shared::new(ledger, Box::new(store));
+            shared.folded_past_snapshot = std::sync::atomic::AtomicU64::new(folded_past_snapshot);
             shared.max_waiters =
                 std::sync::atomic::AtomicUsize::new(config.policy.daemon.max_waiters);
             // One set of counters for the node: every partition's writer adds to them.

@@ -252,32 +252,29 @@ max_requests = 1
     assert_eq!(r["decision"], "allow", "a new window: {r}");
 }
 
+/// `n` records (`<prefix>-<i>`, 100 + 10 tokens of gpt-4o) spread over `teams` teams.
+fn record_for_teams(c: &mut Client, prefix: &str, n: usize, teams: usize) {
+    for i in 0..n {
+        c.call(record(
+            &format!("{prefix}-{i}"),
+            json!({"team": format!("t{}", i % teams)}),
+            "gpt-4o",
+            100,
+            10,
+        ));
+    }
+}
+
 #[test]
 fn startup_from_snapshot_plus_tail_equals_a_full_fold_of_the_log() {
     let mut d = Daemon::start_with_config(METER);
     let mut c = d.client();
-    for i in 0..50 {
-        c.call(record(
-            &format!("a-{i}"),
-            json!({"team": format!("t{}", i % 4)}),
-            "gpt-4o",
-            100,
-            10,
-        ));
-    }
+    record_for_teams(&mut c, "a", 50, 4);
     // A clean stop writes a snapshot; more events after the restart form the tail.
     assert!(d.terminate().success());
     d.spawn().unwrap();
     let mut c = d.client();
-    for i in 0..30 {
-        c.call(record(
-            &format!("b-{i}"),
-            json!({"team": format!("t{}", i % 6)}),
-            "gpt-4o",
-            100,
-            10,
-        ));
-    }
+    record_for_teams(&mut c, "b", 30, 6);
     c.call(reserve("held", json!({"team":"t1"}), "gpt-4o", 100, 100));
     let live = status_of(&mut c);
     d.kill9();
@@ -303,15 +300,7 @@ fn startup_from_snapshot_plus_tail_equals_a_full_fold_of_the_log() {
 fn a_start_that_folded_the_log_leaves_a_snapshot_at_a_clean_stop_without_new_writes() {
     let mut d = Daemon::start_with_config(METER);
     let mut c = d.client();
-    for i in 0..40 {
-        c.call(record(
-            &format!("k-{i}"),
-            json!({"team": format!("t{}", i % 4)}),
-            "gpt-4o",
-            100,
-            10,
-        ));
-    }
+    record_for_teams(&mut c, "k", 40, 4);
     let live = status_of(&mut c);
     d.kill9();
     let snapshot_seq = |dir: &std::path::Path| {

@@ -234,9 +234,10 @@ pub struct Shared {
     pub waiting: std::sync::atomic::AtomicUsize,
     /// `check`s waiting now (they count against `max_waiters` too).
     pub waiting_checks: std::sync::atomic::AtomicUsize,
-    /// Events the start folded past the newest snapshot: the writer counts them towards its
-    /// next one, so that a start that had to fold a long log leaves a snapshot behind (at the
-    /// latest at a clean stop) even when nothing is written meanwhile.
+    /// Events the start folded past the newest snapshot: the writer that starts first takes
+    /// them (once) towards its next snapshot, so that a start that had to fold a long log
+    /// leaves a snapshot behind (at the latest at a clean stop) even when nothing is written
+    /// meanwhile. (A cluster node counts what it folded at start, not what it follows later.)
     pub folded_past_snapshot: AtomicU64,
 }
 
@@ -339,13 +340,13 @@ pub struct Writer {
     first_release_ids: bool,
     /// `reserve`s waiting in line (`wait_ms`).
     waiters: waiters::Waiters,
-    /// Jobs served since freed memory was last given back (see [`Writer::idle`]).
-    busy_since_give_back: bool,
-    last_give_back: std::time::Instant,
+    /// When the last job came, if freed memory was not given back since (see
+    /// [`Writer::idle`]).
+    last_job: Option<std::time::Instant>,
 }
 
-/// Shortest time between two give-backs of freed memory when the writer goes idle.
-const GIVE_BACK_EVERY: Duration = Duration::from_secs(1);
+/// How long the writer has had no job before it gives freed memory back.
+const GIVE_BACK_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// Start the writer thread. Appends `policy_applied` first when `policy` differs from the one
 /// the log ends with.
@@ -376,7 +377,7 @@ pub fn start_with(
     };
     let own = crate::config::own_actor();
     let snapshotter = snapshots::Snapshotter::start(shared.clone());
-    let since_snapshot = shared.folded_past_snapshot.load(Ordering::Relaxed);
+    let since_snapshot = shared.folded_past_snapshot.swap(0, Ordering::Relaxed);
     let mut w = Writer {
         shared,
         rx,
@@ -389,8 +390,7 @@ pub fn start_with(
         snapshotter,
         first_release_ids,
         waiters: Default::default(),
-        busy_since_give_back: false,
-        last_give_back: std::time::Instant::now(),
+        last_job: None,
     };
     if let Some(policy) = policy {
         w.apply_policy_if_changed(policy)?;
@@ -420,7 +420,9 @@ impl Writer {
             };
             let mut jobs = Vec::new();
             let mut stop = false;
-            self.busy_since_give_back |= first.is_some();
+            if first.is_some() {
+                self.last_job = Some(std::time::Instant::now());
+            }
             if let Some(j) = first {
                 jobs.push(j);
                 while jobs.len() < MAX_BATCH_JOBS {
@@ -469,17 +471,21 @@ impl Writer {
         }
     }
 
-    /// No job came for a whole wait: once work was done, give the memory it freed back to the
-    /// OS (at most every [`GIVE_BACK_EVERY`]). mimalloc keeps freed pages for later
+    /// A wait ended without a job: once work was done and no job came for
+    /// [`GIVE_BACK_AFTER_IDLE`], give the memory it freed back to the OS. (A wait can be short
+    /// under load, up to a waiting reserve's deadline or a hold's expiry: the quiet second, not
+    /// the wait, is what keeps this off a busy writer.) mimalloc keeps freed pages for later
     /// allocations, and a daemon that went quiet makes none: after `bursar-bench memory`'s
     /// 200,000 records its RSS stayed at 598 bytes a bucket; given back when the writer goes
-    /// idle, 565 three seconds later (benches/README.md, "Memory per bucket"). It costs a
-    /// few ms of this thread, and only when it has had nothing to do for a wait.
+    /// idle, 560–574 three seconds later (benches/README.md, "Memory per bucket"). It costs a
+    /// few ms of this thread, once per quiet spell.
     fn idle(&mut self) {
-        if self.busy_since_give_back && self.last_give_back.elapsed() >= GIVE_BACK_EVERY {
+        if self
+            .last_job
+            .is_some_and(|t| t.elapsed() >= GIVE_BACK_AFTER_IDLE)
+        {
             crate::memory::give_back_freed_memory();
-            self.busy_since_give_back = false;
-            self.last_give_back = std::time::Instant::now();
+            self.last_job = None;
         }
     }
 

@@ -81,8 +81,12 @@ pub fn recover_counted(store: &dyn LogStore) -> Result<(Ledger, u64), String> {
     if folded {
         // The fold starts at the snapshot's event: it cannot end before it.
         let from = anchor.map_or(0, |a| a.0);
-        debug_assert!(l.last_seq() >= from, "folded back past the snapshot");
-        let past = l.last_seq().checked_sub(from).unwrap_or(l.last_seq());
+        let past = l.last_seq().checked_sub(from).ok_or_else(|| {
+            format!(
+                "the fold ends at seq {} before the snapshot it started from (seq {from})",
+                l.last_seq()
+            )
+        })?;
         return Ok((l, past));
     }
     if had_snapshot {

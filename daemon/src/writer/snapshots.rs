@@ -93,7 +93,9 @@ pub fn decode_snapshot_within(bytes: &[u8], max_ratio: usize) -> Option<(Ledger,
         // A damaged or hostile file cannot make start-up decode more than this: snapshots
         // compress ~5:1 (benches/README.md), far from the bound.
         let most = MAX_SNAPSHOT_BYTES.min(rest.len().saturating_mul(max_ratio));
-        let z = std::io::Read::take(z, most as u64);
+        // One byte over the bound is read, so that a stream ending exactly at it is still read
+        // to its real end (and its checksum checked) and one longer is told apart.
+        let z = std::io::Read::take(z, most as u64 + 1);
         let mut z = std::io::BufReader::with_capacity(STREAM_BUFFER, z);
         let l: Ledger = bincode::serde::decode_from_std_read(
             &mut z,
@@ -103,7 +105,7 @@ pub fn decode_snapshot_within(bytes: &[u8], max_ratio: usize) -> Option<(Ledger,
         // Nothing may follow the ledger in the stream; reading to its end checks its checksum.
         let mut more = [0u8; 1];
         return match std::io::Read::read(&mut z, &mut more) {
-            Ok(0) => Some((l, head_hash)),
+            Ok(0) if z.into_inner().limit() > 0 => Some((l, head_hash)),
             _ => None,
         };
     }
