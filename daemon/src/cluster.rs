@@ -504,17 +504,19 @@ impl Cluster {
             })
             .map_err(|_| err("no answer".into()))?
             .map_err(|e| err(e.to_string()))?;
-        let head = lock_store(&p.shared).head().map_or(0, |h| h.0);
-        // The copy holds records the fold does not (a fold that failed after they were
-        // copied): fold the copy again before following on from its end.
-        if read_ledger(&p.shared).last_seq() != head {
+        let head = {
+            // The copy holds records the fold does not (a fold that failed after they were
+            // copied): fold the copy again before following on from its end.
             let store = lock_store(&p.shared);
-            let fresh = writer::recover(store.as_ref()).map_err(|reason| LogError::Refused {
-                seq: head,
-                reason: format!("cannot fold the copy again: {reason}"),
+            let head = store.head().map_or(0, |h| h.0);
+            fold_copy_again_if_apart(&p.shared, store.as_ref(), false).map_err(|reason| {
+                LogError::Refused {
+                    seq: head,
+                    reason: format!("cannot fold the copy again: {reason}"),
+                }
             })?;
-            *p.shared.ledger.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        }
+            head
+        };
         let end = rt
             .block_on(async { stream.get_info().await.map(|i| i.state.last_sequence) })
             .map_err(|e| err(e.to_string()))?;
@@ -757,19 +759,12 @@ impl Cluster {
     fn reset_to_local(&self, p: &Partition) {
         let store = lock_store(&p.shared);
         *slot(&p.stream_slot) = None;
-        let head = store.head().map_or(0, |h| h.0);
-        let dirty =
-            p.shared.poisoned.load(Ordering::SeqCst) || read_ledger(&p.shared).last_seq() != head;
-        if dirty {
-            match writer::recover(&**store) {
-                Ok(l) => {
-                    *p.shared.ledger.write().unwrap_or_else(|e| e.into_inner()) = l;
-                }
-                Err(e) => tracing::error!(
-                    "partition {}: cannot rebuild from the local copy: {e}",
-                    p.index
-                ),
-            }
+        let poisoned = p.shared.poisoned.load(Ordering::SeqCst);
+        if let Err(e) = fold_copy_again_if_apart(&p.shared, store.as_ref(), poisoned) {
+            tracing::error!(
+                "partition {}: cannot rebuild from the local copy: {e}",
+                p.index
+            );
         }
         p.shared.poisoned.store(false, Ordering::SeqCst);
     }
@@ -1370,6 +1365,25 @@ async fn reload_on(writer: &WriterHandle, actor: Actor, req: Option<Value>) -> S
             .unwrap_or_else(|_| error_line(ErrorCode::Unavailable, "the writer stopped", req)),
         Err(code) => error_line(code, "the writer is not accepting jobs", req),
     }
+}
+
+/// Put the fold of `store` (a partition's local copy, whose lock the caller holds) in place of
+/// `shared`'s ledger when the two are apart — the ledger not at the copy's head: a follower's
+/// fold that failed after its records were copied (behind), or a writer stepping down whose
+/// ledger holds events the stream did not take (ahead) — or when `anyway` (a poisoned writer's
+/// ledger is not trusted). Whether it folded again.
+pub fn fold_copy_again_if_apart(
+    shared: &Shared,
+    store: &dyn LogStore,
+    anyway: bool,
+) -> Result<bool, String> {
+    let head = store.head().map_or(0, |h| h.0);
+    if !anyway && read_ledger(shared).last_seq() == head {
+        return Ok(false);
+    }
+    let fresh = writer::recover(store)?;
+    *shared.ledger.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+    Ok(true)
 }
 
 /// Fold events this node copied from the stream (already in `store`, its copy) into `p`'s

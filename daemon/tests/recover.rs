@@ -169,3 +169,39 @@ fn recovery_from_a_snapshot_plus_tail_equals_a_full_fold() {
     let recovered = bursard::writer::recover(&b.store).unwrap();
     assert_eq!(recovered, b.full_fold());
 }
+
+/// A cluster follower copies a batch of records into its local copy and then folds them: when
+/// the fold failed after the copy, the copy is ahead of the ledger, and the follower folds the
+/// copy again before it follows on. A writer stepping down may hold events the stream did not
+/// take: its ledger is ahead of the copy, and it too is replaced by the copy's fold.
+#[test]
+fn a_partition_whose_fold_and_local_copy_are_apart_is_folded_again_from_the_copy() {
+    use bursard::cluster::fold_copy_again_if_apart;
+    use bursard::writer::Shared;
+    let disk = MemDisk::new();
+    let mut b = Builder::new(&disk);
+    b.records(30);
+    let behind = b.ledger.clone();
+    b.records(20);
+    let copy = b.full_fold();
+    let ahead = {
+        let mut extra = Builder::new(&MemDisk::new());
+        extra.records(60);
+        extra.ledger
+    };
+    assert_ne!(behind, copy, "the test needs a fold behind its copy");
+    let Builder { store, .. } = b;
+    let shared = Shared::new(behind, Box::new(store));
+    let refold = |anyway| {
+        let store = bursard::writer::lock_store(&shared);
+        fold_copy_again_if_apart(&shared, store.as_ref(), anyway).unwrap()
+    };
+    assert!(refold(false), "a fold behind its copy is folded again");
+    assert_eq!(*bursard::writer::read_ledger(&shared), copy);
+    assert!(!refold(false), "a fold at its copy's head is left as it is");
+    *shared.ledger.write().unwrap() = ahead;
+    assert!(refold(false), "a fold ahead of its copy is folded again");
+    assert_eq!(*bursard::writer::read_ledger(&shared), copy);
+    assert!(refold(true), "a poisoned writer's fold is not trusted");
+    assert_eq!(*bursard::writer::read_ledger(&shared), copy);
+}
