@@ -397,6 +397,8 @@ pub struct Startup {
     pub with: Duration,
     /// RSS of the daemon started from the snapshot.
     pub rss_with: u64,
+    /// RSS of the daemon that folded the whole log, at its first answered hello.
+    pub rss_without: u64,
 }
 
 /// Start `bursard` on the log (no snapshot yet) and time it to the first answered `hello`; write
@@ -405,6 +407,7 @@ pub struct Startup {
 pub fn startup_cycle(data_dir: &Path) -> Result<Startup, String> {
     let mut p = procs::start_bursard(Some(data_dir))?;
     let without = p.ready_after;
+    let rss_without = procs::rss_bytes(p.pid()).unwrap_or(0);
     let answer = procs::request(
         &p.socket,
         r#"{"op":"record","event_id":"startup-probe","labels":{"org":"o0"},"model":"gpt-4o-mini","usage":{"input_tokens":1,"output_tokens":1}}"#,
@@ -423,6 +426,7 @@ pub fn startup_cycle(data_dir: &Path) -> Result<Startup, String> {
         without,
         with,
         rss_with,
+        rss_without,
     })
 }
 

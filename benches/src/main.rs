@@ -928,8 +928,9 @@ fn log_figures(o: &Opts, replay: bool, startup: bool, report: &mut Report) -> Re
         if startup {
             let s = logbench::startup_cycle(&dir)?;
             println!(
-                "start-up without a snapshot: {:.0} ms to the first answered hello",
-                s.without.as_secs_f64() * 1000.0
+                "start-up without a snapshot: {:.0} ms to the first answered hello (RSS then {} MiB)",
+                s.without.as_secs_f64() * 1000.0,
+                s.rss_without / (1 << 20)
             );
             println!(
                 "start-up with the daemon's own snapshot: {:.0} ms (RSS then {} MiB)",

@@ -106,10 +106,15 @@ impl Drop for DirClaim {
 }
 
 /// sled's page cache. Its default (1 GiB) let a daemon's RSS grow by ~4 MiB/s with the log
-/// under load (`bursar-bench churn`: 256 → 483 MiB over a million records); the log is
-/// appended at its end and read back rarely (tail, export, replay, start-up), so a small
-/// cache costs appends nothing measurable.
-pub const SLED_CACHE_BYTES: u64 = 64 << 20;
+/// under load (`bursar-bench churn`: 256 → 483 MiB over a million records). The log is
+/// appended at its end and read back rarely (tail, export, replay, start-up, a duplicate's
+/// original event), each read a scan or one record: what a cache keeps is the end the writer
+/// appends to and the newest records. 4 MiB (64 before 2026-12-04): `record` 3.26–3.67× Redis
+/// against 3.31–3.50× at 64 MiB in the same session, `reserve-commit` 3.49× against
+/// 3.43–3.51×; a running daemon after 200,000 records held 16.5 MB of the log's records at
+/// 64 MiB (heaptrack), about a third of its memory over a restarted one's (benches/README.md,
+/// "sled's cache").
+pub const SLED_CACHE_BYTES: u64 = 4 << 20;
 
 /// Open sled at `dir`, telling a held lock apart from other failures (see [`RELEASE_WAIT`]).
 pub(crate) fn open_db(dir: &Path) -> Result<(sled::Db, DirClaim), LogError> {

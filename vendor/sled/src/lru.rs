@@ -16,14 +16,19 @@ use crate::{
 #[cfg(any(test, feature = "lock_free_delays"))]
 const MAX_QUEUE_ITEMS: usize = 4;
 
+// bursar patch: 8 (published: 64). A shard's accesses are only counted, and pages evicted,
+// once its queue holds this many; with 256 shards of 64, a scan of a few thousand pages (a
+// log read once at start-up or by an export) was never counted, and every page it read stayed
+// in memory whatever `cache_capacity` said (vendor/README.md).
 #[cfg(not(any(test, feature = "lock_free_delays")))]
-const MAX_QUEUE_ITEMS: usize = 64;
+const MAX_QUEUE_ITEMS: usize = 8;
 
 #[cfg(any(test, feature = "lock_free_delays"))]
 const N_SHARDS: usize = 2;
 
+// bursar patch: 8 (published: 256); see `MAX_QUEUE_ITEMS`.
 #[cfg(not(any(test, feature = "lock_free_delays")))]
-const N_SHARDS: usize = 256;
+const N_SHARDS: usize = 8;
 
 struct AccessBlock {
     len: AtomicUsize,
