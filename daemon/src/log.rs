@@ -38,6 +38,9 @@ use std::path::PathBuf;
 /// The last stored event: its seq, its hash and its ts.
 pub type Head = (u64, Hash32, TsMicros);
 
+/// See [`LogStore::syncer`].
+pub type Syncer = Box<dyn FnMut() -> Result<(), LogError> + Send>;
+
 /// Storage of the event log, the idempotency index and snapshots. Used by one writer thread.
 pub trait LogStore: Send {
     /// Stage one group commit, conditionally on the head: `sealed` are consecutive events,
@@ -62,6 +65,15 @@ pub trait LogStore: Send {
 
     /// Make everything appended (and every snapshot put) so far durable.
     fn sync(&mut self) -> Result<(), LogError>;
+
+    /// A handle that, each time it is called, makes durable what was appended to this store
+    /// before the call, without the store: another thread can sync while this one appends (a
+    /// cluster follower syncs its copy off the thread that folds). It keeps the store's files
+    /// open: drop it before the store is closed or opened again. `None`: only
+    /// [`sync`](LogStore::sync) does.
+    fn syncer(&self) -> Option<Syncer> {
+        None
+    }
 
     /// Last seq, its hash and its ts (`None` for an empty log). Includes staged records.
     fn head(&self) -> Option<Head>;

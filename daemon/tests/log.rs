@@ -255,6 +255,24 @@ fn synced_batches_survive_the_process_aborting() {
     }
 }
 
+#[test]
+fn batches_synced_by_the_stores_syncer_on_another_thread_survive_the_process_aborting() {
+    let expected = write_batches(&mut MemLog::open(&MemDisk::new()).unwrap(), &[3, 2, 4]);
+    for _ in 0..3 {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = run_child("syncer-abort", tmp.path(), &[]);
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            Some(6),
+            "the child did not abort: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = SledLog::open(tmp.path()).unwrap();
+        assert_eq!(read_all(&log, 1), expected);
+        assert_eq!(verify_chain(&log).unwrap().0, 9);
+    }
+}
+
 // ---- idempotency ids -------------------------------------------------------------------------
 
 #[test]

@@ -289,37 +289,56 @@ impl SledLog {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
 
-    /// `fdatasync` every blob file not synced yet, then the blobs directory if any was new.
-    fn sync_new_blobs(&mut self) -> Result<(), LogError> {
-        let dir = self.dir.join(BLOBS_DIR);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io("list", &dir)(e)),
-        };
-        let mut present = HashSet::with_capacity(self.synced_blobs.len());
-        let mut new_files = false;
-        for entry in entries {
-            let entry = entry.map_err(io("list", &dir))?;
-            let name = entry.file_name();
-            if !self.synced_blobs.contains(&name) {
-                let path = entry.path();
-                match File::open(&path).and_then(|f| f.sync_data()) {
-                    Ok(()) => new_files = true,
-                    // Garbage-collected by sled while we looked: nothing to make durable.
-                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                    Err(e) => return Err(io("fdatasync", &path)(e)),
-                }
+/// sled `flush()`, then `fdatasync` of every blob file not in `synced` (and of the blobs dir
+/// when there were new ones), then of the data file: [`LogStore::sync`] of a [`SledLog`], and
+/// what its [`LogStore::syncer`] runs.
+fn sync_sled(
+    db: &sled::Db,
+    dir: &Path,
+    data_file: &File,
+    synced: &mut HashSet<OsString>,
+) -> Result<(), LogError> {
+    db.flush().map_err(storage("flush"))?;
+    sync_new_blobs(dir, synced)?;
+    data_file.sync_data().map_err(|source| LogError::Io {
+        op: "fdatasync",
+        path: dir.join(DATA_FILE),
+        source,
+    })
+}
+
+/// `fdatasync` every blob file of the data dir `dir` not in `synced`, then the blobs directory
+/// if any was new; `synced` becomes the blob files present.
+fn sync_new_blobs(dir: &Path, synced: &mut HashSet<OsString>) -> Result<(), LogError> {
+    let dir = dir.join(BLOBS_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("list", &dir)(e)),
+    };
+    let mut present = HashSet::with_capacity(synced.len());
+    let mut new_files = false;
+    for entry in entries {
+        let entry = entry.map_err(io("list", &dir))?;
+        let name = entry.file_name();
+        if !synced.contains(&name) {
+            let path = entry.path();
+            match File::open(&path).and_then(|f| f.sync_data()) {
+                Ok(()) => new_files = true,
+                // Garbage-collected by sled while we looked: nothing to make durable.
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("fdatasync", &path)(e)),
             }
-            present.insert(name);
         }
-        if new_files {
-            sync_dir(&dir)?;
-        }
-        self.synced_blobs = present;
-        Ok(())
+        present.insert(name);
     }
+    if new_files {
+        sync_dir(&dir)?;
+    }
+    *synced = present;
+    Ok(())
 }
 
 /// The durable mark of the data dir `dir` (see [`LogStore::mark_durable`]), if it has a
@@ -403,13 +422,20 @@ impl LogStore for SledLog {
     /// `fdatasync` of every blob file sled wrote since the last sync (and of the blobs dir when
     /// there were new ones), then `fdatasync` of the data file `<dir>/db`.
     fn sync(&mut self) -> Result<(), LogError> {
-        self.db.flush().map_err(storage("flush"))?;
-        self.sync_new_blobs()?;
-        self.data_file.sync_data().map_err(|source| LogError::Io {
-            op: "fdatasync",
-            path: self.dir.join(DATA_FILE),
-            source,
-        })
+        sync_sled(&self.db, &self.dir, &self.data_file, &mut self.synced_blobs)
+    }
+
+    /// The same steps as [`sync`](LogStore::sync), on handles of their own: sled's `flush`
+    /// may run while other threads append (what it makes durable is what was appended before
+    /// it began).
+    fn syncer(&self) -> Option<crate::log::Syncer> {
+        let db = self.db.clone();
+        let dir = self.dir.clone();
+        let data_file = self.data_file.try_clone().ok()?;
+        let mut synced = self.synced_blobs.clone();
+        Some(Box::new(move || {
+            sync_sled(&db, &dir, &data_file, &mut synced)
+        }))
     }
 
     fn head(&self) -> Option<Head> {
