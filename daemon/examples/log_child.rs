@@ -1,13 +1,19 @@
 //! A second process for the log tests (`daemon/tests/log.rs`): `log_child open DIR` tries to
 //! open a log another process holds; `log_child sync-abort DIR [unsynced]` writes synced
 //! sample batches (and optionally one unsynced batch) and aborts without any cleanup;
-//! `log_child syncer-abort DIR` the same, each batch synced by the store's `syncer` on another
-//! thread instead of `sync`.
+//! `log_child syncer-abort DIR` appends 300 batches of three events while the store's `syncer`
+//! syncs on another thread, round after round, prints `CHILD: durable N` (what the last whole
+//! round made durable) and aborts.
 
 use bursard::log::testing::{sample_batch, write_sample_batches};
 use bursard::log::{LogError, LogStore, SledLog};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Batches of three events the `syncer-abort` mode appends while its syncer runs.
+const SYNCER_BATCHES: usize = 300;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -61,32 +67,39 @@ fn main() -> ExitCode {
                 eprintln!("CHILD: no syncer");
                 return ExitCode::from(4);
             };
-            let (ask, asked) = std::sync::mpsc::channel::<()>();
-            let (done, synced) = std::sync::mpsc::channel();
-            let thread = std::thread::spawn(move || {
-                for () in asked {
-                    if done.send(syncer()).is_err() {
-                        return;
-                    }
+            // The syncer runs round after round on its own thread while this one appends: each
+            // round makes durable at least what was appended before it began.
+            let appended = Arc::new(AtomicU64::new(0));
+            let done = Arc::new(AtomicBool::new(false));
+            let (seen, stop) = (appended.clone(), done.clone());
+            let thread = std::thread::spawn(move || -> Result<u64, LogError> {
+                let mut durable = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let before = seen.load(Ordering::SeqCst);
+                    syncer()?;
+                    durable = before;
                 }
+                Ok(durable)
             });
-            for n in [3, 2, 4] {
-                let envs = sample_batch(log.head(), n);
-                let appended = bursard::log::sealed_of(&envs)
+            for _ in 0..SYNCER_BATCHES {
+                let envs = sample_batch(log.head(), 3);
+                let stored = bursard::log::sealed_of(&envs)
                     .map_err(|e| e.to_string())
                     .and_then(|s| log.append(&s).map_err(|e| e.to_string()));
-                if let Err(e) = appended {
+                if let Err(e) = stored {
                     eprintln!("CHILD: {e}");
                     return ExitCode::from(3);
                 }
-                let result = ask.send(()).ok().and_then(|()| synced.recv().ok());
-                if !matches!(result, Some(Ok(()))) {
-                    eprintln!("CHILD: the syncer failed: {result:?}");
+                appended.store(log.head().map_or(0, |h| h.0), Ordering::SeqCst);
+            }
+            done.store(true, Ordering::SeqCst);
+            match thread.join() {
+                Ok(Ok(durable)) => println!("CHILD: durable {durable}"),
+                other => {
+                    eprintln!("CHILD: the syncer failed: {other:?}");
                     return ExitCode::from(5);
                 }
             }
-            drop(ask);
-            let _ = thread.join();
             // No destructor of the store runs: only what the syncer wrote is on disk.
             std::process::abort();
         }

@@ -26,7 +26,7 @@ pub use salvage::{salvage, SalvageError, Salvaged};
 
 pub use sled_store::{
     make_private, write_snapshot_file, write_snapshot_file_with, SledLog, PRIVATE_DIR_MODE,
-    PRIVATE_FILE_MODE, RELEASE_WAIT,
+    PRIVATE_FILE_MODE, RELEASE_WAIT, SLED_CACHE_BYTES,
 };
 
 use bursar_schemas::event::{

@@ -112,8 +112,8 @@ impl Drop for DirClaim {
 /// appends to and the newest records. 4 MiB (64 before 2026-12-04): `record` 3.26–3.67× Redis
 /// against 3.31–3.50× at 64 MiB in the same session, `reserve-commit` 3.49× against
 /// 3.43–3.51×; a running daemon after 200,000 records held 16.5 MB of the log's records at
-/// 64 MiB (heaptrack), about a third of its memory over a restarted one's (benches/README.md,
-/// "sled's cache").
+/// 64 MiB (heaptrack): ~65 bytes a bucket, about what a running daemon then held over a
+/// restarted one three seconds after the writes (benches/README.md, "sled's cache").
 pub const SLED_CACHE_BYTES: u64 = 4 << 20;
 
 /// Open sled at `dir`, telling a held lock apart from other failures (see [`RELEASE_WAIT`]).
@@ -293,15 +293,20 @@ impl SledLog {
 
 /// sled `flush()`, then `fdatasync` of every blob file not in `synced` (and of the blobs dir
 /// when there were new ones), then of the data file: [`LogStore::sync`] of a [`SledLog`], and
-/// what its [`LogStore::syncer`] runs.
+/// what its [`LogStore::syncer`] runs, also while another thread appends. The blob files are
+/// listed *before* the flush: a blob being written then belongs to a write the flush waits for,
+/// so it is whole when synced after it; one that appears later (a write begun after the flush)
+/// may be half written, and is left for the next sync instead of being counted as synced.
 fn sync_sled(
     db: &sled::Db,
     dir: &Path,
     data_file: &File,
     synced: &mut HashSet<OsString>,
 ) -> Result<(), LogError> {
+    let blobs = dir.join(BLOBS_DIR);
+    let listed = list_blobs(&blobs)?;
     db.flush().map_err(storage("flush"))?;
-    sync_new_blobs(dir, synced)?;
+    sync_new_blobs(&blobs, listed, synced)?;
     data_file.sync_data().map_err(|source| LogError::Io {
         op: "fdatasync",
         path: dir.join(DATA_FILE),
@@ -309,25 +314,33 @@ fn sync_sled(
     })
 }
 
-/// `fdatasync` every blob file of the data dir `dir` not in `synced`, then the blobs directory
-/// if any was new; `synced` becomes the blob files present.
-fn sync_new_blobs(dir: &Path, synced: &mut HashSet<OsString>) -> Result<(), LogError> {
-    let dir = dir.join(BLOBS_DIR);
-    let entries = match std::fs::read_dir(&dir) {
+/// The blob files in `blobs` (none when the directory does not exist).
+fn list_blobs(blobs: &Path) -> Result<Vec<OsString>, LogError> {
+    let entries = match std::fs::read_dir(blobs) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io("list", &dir)(e)),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("list", blobs)(e)),
     };
-    let mut present = HashSet::with_capacity(synced.len());
+    entries
+        .map(|e| e.map(|e| e.file_name()).map_err(io("list", blobs)))
+        .collect()
+}
+
+/// `fdatasync` every file of `listed` (in the blobs directory `blobs`) not in `synced`, then
+/// the directory if any was new; `synced` becomes the listed files that still exist.
+fn sync_new_blobs(
+    blobs: &Path,
+    listed: Vec<OsString>,
+    synced: &mut HashSet<OsString>,
+) -> Result<(), LogError> {
+    let mut present = HashSet::with_capacity(listed.len());
     let mut new_files = false;
-    for entry in entries {
-        let entry = entry.map_err(io("list", &dir))?;
-        let name = entry.file_name();
+    for name in listed {
         if !synced.contains(&name) {
-            let path = entry.path();
+            let path = blobs.join(&name);
             match File::open(&path).and_then(|f| f.sync_data()) {
                 Ok(()) => new_files = true,
-                // Garbage-collected by sled while we looked: nothing to make durable.
+                // Garbage-collected by sled since it was listed: nothing to make durable.
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
                 Err(e) => return Err(io("fdatasync", &path)(e)),
             }
@@ -335,7 +348,7 @@ fn sync_new_blobs(dir: &Path, synced: &mut HashSet<OsString>) -> Result<(), LogE
         present.insert(name);
     }
     if new_files {
-        sync_dir(&dir)?;
+        sync_dir(blobs)?;
     }
     *synced = present;
     Ok(())
