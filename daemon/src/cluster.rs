@@ -391,8 +391,9 @@ pub struct Cluster {
     config: Arc<crate::config::Config>,
     clock: Clock,
     stopping: AtomicBool,
-    /// Woken by a partition store whose stream append failed.
+    /// Woken by a partition store whose stream append failed, and by a stop.
     wake: crossbeam_channel::Receiver<()>,
+    wake_tx: crossbeam_channel::Sender<()>,
     /// Nodes (this one included) that reported in the last [`LIVE_REPORT_AGE`].
     live_nodes: std::sync::atomic::AtomicUsize,
     /// When this node last gave a lease back to even out the writers.
@@ -512,6 +513,7 @@ impl Cluster {
             clock,
             stopping: AtomicBool::new(false),
             wake,
+            wake_tx,
             live_nodes: std::sync::atomic::AtomicUsize::new(1),
             last_rebalance: Mutex::new(Instant::now()),
         });
@@ -1100,6 +1102,15 @@ impl Cluster {
                 }
             })
             .map_err(|e| format!("cannot start the cluster thread: {e}"))
+    }
+
+    /// Stop coordinating: the coordinator ends after the tick under way. The caller joins it
+    /// before [`stop`](Cluster::stop), so that no tick takes a partition over or starts a
+    /// follower (a failed take-over follows again) once `stop` has stepped down and stopped
+    /// following.
+    pub fn stop_coordinating(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.wake_tx.try_send(());
     }
 
     /// Stop: writers drain and give their leases back; followers stop.

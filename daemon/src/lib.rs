@@ -382,8 +382,9 @@ fn run_cluster(
     let runtime = serve_until_stopped(&cfg, std_listener, ctx, metrics, scope, &listening)?;
     notify_systemd(&[NotifyState::Stopping]);
     tracing::info!("stopping: draining the partitions' writers, giving their leases back");
-    cluster.stop();
+    cluster.stop_coordinating();
     let _ = coordinator.join();
+    cluster.stop();
     finish(runtime, &cfg, signals_thread);
     Ok(())
 }
