@@ -571,7 +571,11 @@ class WaitingTest(unittest.TestCase):
         d = self.client.check(gpu, "gpt-4o-mini", input_tokens=1, max_output_tokens=1,
                               wait_ms=100)
         self.assertEqual(d.decision, "allow", d)
-        self.assertEqual(d.waited_ms, 0)
+        # Answered at once, not after waiting in line: `waited_ms` is the time from its arrival
+        # to its answer, which a busy machine's scheduling stretches by a few ms (6 ms once in
+        # CI), far from the 100 it may wait.
+        self.assertIsNotNone(d.waited_ms, d)
+        self.assertLess(d.waited_ms, 50, d)
 
 
 class DefaultSocketTest(unittest.TestCase):
