@@ -15,6 +15,14 @@ use std::sync::Arc;
 /// Batches of three events the `syncer-abort` mode appends while its syncer runs.
 const SYNCER_BATCHES: usize = 300;
 
+/// Open the log in `dir` for writing; a failure is told on stderr, with exit code 1.
+fn open(dir: &str) -> Result<SledLog, ExitCode> {
+    SledLog::open(Path::new(dir)).map_err(|e| {
+        eprintln!("CHILD: {e}");
+        ExitCode::from(1)
+    })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let (Some(mode), Some(dir)) = (args.get(1), args.get(2)) else {
@@ -31,12 +39,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         "sync-abort" => {
-            let mut log = match SledLog::open(Path::new(dir)) {
+            let mut log = match open(dir) {
                 Ok(l) => l,
-                Err(e) => {
-                    eprintln!("CHILD: {e}");
-                    return ExitCode::from(1);
-                }
+                Err(code) => return code,
             };
             write_sample_batches(&mut log, &[3, 2, 4]);
             if args.get(3).map(String::as_str) == Some("unsynced") {
@@ -56,12 +61,9 @@ fn main() -> ExitCode {
             std::process::abort();
         }
         "syncer-abort" => {
-            let mut log = match SledLog::open(Path::new(dir)) {
+            let mut log = match open(dir) {
                 Ok(l) => l,
-                Err(e) => {
-                    eprintln!("CHILD: {e}");
-                    return ExitCode::from(1);
-                }
+                Err(code) => return code,
             };
             let Some(mut syncer) = log.syncer() else {
                 eprintln!("CHILD: no syncer");
