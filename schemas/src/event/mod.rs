@@ -16,6 +16,7 @@
 //! Types here avoid serde attributes that bincode cannot honour (`skip_serializing_if`,
 //! `flatten`, internal tags).
 
+pub mod receipts;
 pub mod v1;
 
 use crate::policy::ResolvedPolicy;
@@ -467,6 +468,29 @@ pub mod json_inside {
     }
 }
 
+/// `deserialize_with` of an event's labels: the entries are collected first and the map built
+/// in bulk (`BTreeMap::from_iter`: one sort check and no search per entry), the same map as
+/// inserting them one by one (a later duplicate key wins either way). bincode writes a map in
+/// key order; building it entry by entry was ~12 % of decoding a log
+/// (benches/README.md, "Where replay's time goes").
+fn labels_in_bulk<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Labels;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map of label names to values")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Labels, A::Error> {
+            let mut entries = Vec::with_capacity(m.size_hint().unwrap_or(0).min(64));
+            while let Some(entry) = m.next_entry::<String, String>()? {
+                entries.push(entry);
+            }
+            Ok(entries.into_iter().collect())
+        }
+    }
+    d.deserialize_map(V)
+}
+
 /// Bytes read from a binary format.
 struct Bytes(Vec<u8>);
 
@@ -601,6 +625,7 @@ pub struct UsageRecorded {
     /// A commit after the hold expired.
     pub late: bool,
     /// Labels, including the derived `model`, `provider` and `tier`.
+    #[serde(deserialize_with = "labels_in_bulk")]
     pub labels: Labels,
     /// Model name.
     pub model: String,
@@ -613,6 +638,7 @@ pub struct UsageRecorded {
     /// Digest of the request payload, for idempotency after restart.
     pub payload_digest: [u8; 16],
     /// What the daemon answered (absent in events of envelope version 1).
+    #[serde(deserialize_with = "receipts::maybe_skipped")]
     pub receipt: Option<Receipt>,
 }
 
@@ -623,6 +649,7 @@ pub struct ReservationCreated {
     /// Client id of the hold.
     pub reservation_id: String,
     /// Labels, including derived ones for the chosen model.
+    #[serde(deserialize_with = "labels_in_bulk")]
     pub labels: Labels,
     /// The chosen model.
     pub model: String,
@@ -637,6 +664,7 @@ pub struct ReservationCreated {
     /// Digest of the request payload.
     pub payload_digest: [u8; 16],
     /// What the daemon answered (absent in events of envelope version 1).
+    #[serde(deserialize_with = "receipts::maybe_skipped")]
     pub receipt: Option<Receipt>,
 }
 
@@ -647,6 +675,7 @@ pub struct ReservationDenied {
     /// Client id of the hold.
     pub reservation_id: String,
     /// Labels of the request (with derived labels of the last candidate considered).
+    #[serde(deserialize_with = "labels_in_bulk")]
     pub labels: Labels,
     /// The last candidate considered.
     pub model: String,
@@ -664,6 +693,7 @@ pub struct ReservationDenied {
     /// none was priced).
     pub max_output_tokens: u64,
     /// What the daemon answered (absent in events of envelope version 1).
+    #[serde(deserialize_with = "receipts::maybe_skipped")]
     pub receipt: Option<Receipt>,
 }
 
@@ -832,6 +862,7 @@ pub struct QuotaObserved {
     /// The provider that said it.
     pub provider: String,
     /// The labels the observation came with.
+    #[serde(deserialize_with = "labels_in_bulk")]
     pub labels: Labels,
     /// The commit's `event_id` when the headers came with a commit or record.
     pub event_id: Option<String>,
