@@ -197,11 +197,8 @@ impl LogStore for PartitionStore {
         false
     }
 
-    fn read_from(
-        &self,
-        seq: u64,
-    ) -> Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send + '_> {
-        self.local.read_from(seq)
+    fn read_records_from(&self, seq: u64) -> crate::log::StoredRecords<'_> {
+        self.local.read_records_from(seq)
     }
 
     fn put_snapshot(&mut self, seq: u64, bytes: &[u8]) -> Result<(), LogError> {

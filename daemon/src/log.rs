@@ -30,7 +30,8 @@ pub use sled_store::{
 };
 
 use bursar_schemas::event::{
-    decode_record_checked, encode_sealed, Checked, CodecError, Envelope, Hash32, Sealed,
+    decode_record_checked, decode_record_deferred, encode_sealed, Checked, CodecError, Deferred,
+    Envelope, Hash32, Sealed,
 };
 use bursar_schemas::TsMicros;
 use std::path::PathBuf;
@@ -91,7 +92,14 @@ pub trait LogStore: Send {
     fn read_from(
         &self,
         seq: u64,
-    ) -> Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send + '_>;
+    ) -> Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send + '_> {
+        Box::new(RecordEnvelopes::new(self.read_records_from(seq), seq))
+    }
+
+    /// The stored records from the one holding `seq` on, in order, each under its first seq
+    /// and as stored (compressed): [`read_from`](LogStore::read_from) decodes and checks them
+    /// ([`RecordEnvelopes`]); recovery decodes them on two threads ([`ChainCheck`]).
+    fn read_records_from(&self, seq: u64) -> StoredRecords<'_>;
 
     /// Store a snapshot taken after event `seq` (durable at the next `sync`); only the newest
     /// [`SNAPSHOTS_KEPT`] are kept.
@@ -293,7 +301,15 @@ impl ChainBreak {
     /// Check that `next` (whose bytes hash to `content_hash`) follows `prev` (seq, hash, ts;
     /// `None` at the start of the log).
     pub fn check(prev: Option<Head>, next: &Checked) -> Result<(), ChainBreak> {
-        let env = &next.env;
+        Self::check_hashed(prev, &next.env, next.content_hash)
+    }
+
+    /// [`check`](Self::check) of an event and the hash of its bytes as stored.
+    pub fn check_hashed(
+        prev: Option<Head>,
+        env: &Envelope,
+        content_hash: Hash32,
+    ) -> Result<(), ChainBreak> {
         let (expected, prev_hash) = match prev {
             Some((seq, hash, _)) => (seq.saturating_add(1), hash),
             None => (1, Hash32::default()),
@@ -307,7 +323,7 @@ impl ChainBreak {
         if env.prev_hash != prev_hash {
             return Err(ChainBreak::PrevHash { seq: env.seq });
         }
-        if next.content_hash != env.hash {
+        if content_hash != env.hash {
             return Err(ChainBreak::Hash { seq: env.seq });
         }
         if let Some((_, _, prev_ts)) = prev {
@@ -611,7 +627,28 @@ pub(crate) fn decode_checked_at(
         seq: key,
         reason: e.to_string(),
     })?;
-    match envs.first().map(|c| &c.env) {
+    stored_under_its_first_seq(key, envs.first().map(|c| &c.env))?;
+    Ok(envs)
+}
+
+/// [`decode_checked_at`] without hashing (see [`Deferred`]): the record's bytes as decoded
+/// (decompressed), which the events' hashes are computed over, and its events.
+pub(crate) fn decode_deferred_at(
+    key: u64,
+    bytes: &[u8],
+) -> Result<(Vec<u8>, Vec<Deferred>), LogError> {
+    let raw = unpack_record(key, bytes)?.into_owned();
+    let envs = decode_record_deferred(&raw).map_err(|e| LogError::Corrupt {
+        seq: key,
+        reason: e.to_string(),
+    })?;
+    stored_under_its_first_seq(key, envs.first().map(|d| &d.env))?;
+    Ok((raw, envs))
+}
+
+/// A record must hold events and be stored under the seq of its first.
+fn stored_under_its_first_seq(key: u64, first: Option<&Envelope>) -> Result<(), LogError> {
+    match first {
         None => Err(LogError::Corrupt {
             seq: key,
             reason: "record holds no events".into(),
@@ -623,7 +660,7 @@ pub(crate) fn decode_checked_at(
                 first.seq
             ),
         }),
-        Some(_) => Ok(envs),
+        Some(_) => Ok(()),
     }
 }
 
@@ -776,6 +813,10 @@ pub(crate) fn check_tail(
     })
 }
 
+/// Stored records, each under its first seq, as [`LogStore::read_records_from`] reads them.
+pub type StoredRecords<'a> =
+    Box<dyn Iterator<Item = Result<(u64, sled::IVec), LogError>> + Send + 'a>;
+
 /// Turns an iterator of stored records into the envelopes from `from` on, checking the chain as
 /// it goes: from the first event of the first record read (the start of the log when `from` is
 /// 0 or 1), each event must follow the one before it and its stored hash must be the hash of its
@@ -784,12 +825,7 @@ pub(crate) fn check_tail(
 pub(crate) struct RecordEnvelopes<I> {
     records: I,
     current: std::vec::IntoIter<Checked>,
-    from: u64,
-    /// The last event checked; `None` before the first.
-    prev: Option<Head>,
-    /// Whether the first event read must be the log's first.
-    at_start: bool,
-    done: bool,
+    chain: ChainCheck,
 }
 
 impl<I> RecordEnvelopes<I> {
@@ -797,10 +833,7 @@ impl<I> RecordEnvelopes<I> {
         Self {
             records,
             current: Vec::new().into_iter(),
-            from,
-            prev: None,
-            at_start: from <= 1,
-            done: false,
+            chain: ChainCheck::new(from),
         }
     }
 }
@@ -814,24 +847,15 @@ where
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            if self.done {
+            if self.chain.done {
                 return None;
             }
             if let Some(c) = self.current.next() {
-                if self.prev.is_some() || self.at_start {
-                    if let Err(b) = ChainBreak::check(self.prev, &c) {
-                        self.done = true;
-                        return Some(Err(LogError::Chain(b)));
-                    }
-                } else if c.content_hash != c.env.hash {
-                    self.done = true;
-                    return Some(Err(LogError::Chain(ChainBreak::Hash { seq: c.env.seq })));
+                match self.chain.admit(c) {
+                    Ok(None) => continue,
+                    Ok(Some(env)) => return Some(Ok(env)),
+                    Err(e) => return Some(Err(e)),
                 }
-                self.prev = Some((c.env.seq, c.env.hash, c.env.ts));
-                if c.env.seq < self.from {
-                    continue;
-                }
-                return Some(Ok(c.env));
             }
             let decoded = match self.records.next()? {
                 Ok((key, bytes)) => decode_checked_at(key, bytes.as_ref()),
@@ -839,11 +863,70 @@ where
             };
             match decoded {
                 Ok(envs) => self.current = envs.into_iter(),
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(e));
-                }
+                Err(e) => return Some(Err(self.chain.fail(e))),
             }
         }
+    }
+}
+
+/// The chain check of [`RecordEnvelopes`], one decoded event at a time (recovery decodes
+/// records on two threads and checks the chain in order on one: `writer::recovery`).
+pub(crate) struct ChainCheck {
+    from: u64,
+    /// The last event checked; `None` before the first.
+    prev: Option<Head>,
+    /// Whether the first event read must be the log's first.
+    at_start: bool,
+    done: bool,
+}
+
+impl ChainCheck {
+    /// Check events from the first one read; yield those from `from` on.
+    pub(crate) fn new(from: u64) -> Self {
+        Self {
+            from,
+            prev: None,
+            at_start: from <= 1,
+            done: false,
+        }
+    }
+
+    /// The next decoded event, in order: `Ok(Some)` to yield, `Ok(None)` before `from`, and
+    /// the first break as an error (after which the check is done).
+    pub(crate) fn admit(&mut self, c: Checked) -> Result<Option<Envelope>, LogError> {
+        Ok(self.check(&c)?.then_some(c.env))
+    }
+
+    /// [`admit`](Self::admit) by reference: whether to yield the event.
+    pub(crate) fn check(&mut self, c: &Checked) -> Result<bool, LogError> {
+        self.check_hashed(&c.env, c.content_hash)
+    }
+
+    /// [`check`](Self::check) of an event and the hash of its bytes as stored.
+    pub(crate) fn check_hashed(
+        &mut self,
+        env: &Envelope,
+        content_hash: Hash32,
+    ) -> Result<bool, LogError> {
+        if self.prev.is_some() || self.at_start {
+            if let Err(b) = ChainBreak::check_hashed(self.prev, env, content_hash) {
+                return Err(self.fail(LogError::Chain(b)));
+            }
+        } else if content_hash != env.hash {
+            return Err(self.fail(LogError::Chain(ChainBreak::Hash { seq: env.seq })));
+        }
+        self.prev = Some((env.seq, env.hash, env.ts));
+        Ok(env.seq >= self.from)
+    }
+
+    /// End the check with `e` (a record that could not be read or decoded).
+    pub(crate) fn fail(&mut self, e: LogError) -> LogError {
+        self.stop();
+        e
+    }
+
+    /// End the check: nothing is read after an error.
+    pub(crate) fn stop(&mut self) {
+        self.done = true;
     }
 }

@@ -491,6 +491,57 @@ fn verify_rejects_time_going_backwards() {
     );
 }
 
+/// Recovery decodes records on its reading thread and checks their chain on the folding one,
+/// event by event, in order (`writer::recovery`): an event rewritten in any record stops the
+/// start naming its seq; so does one deleted, and records swapped.
+#[test]
+fn recovery_names_a_damaged_event_wherever_it_lies() {
+    // 24 records of 2 events: seqs 2k+1 and 2k+2 in record k (the first of each is its key).
+    let sizes = [2u64; 24];
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("good");
+    write_batches(&mut SledLog::open(&dir).unwrap(), &sizes);
+    let good = bursard::writer::recover(&SledLog::open(&dir).unwrap()).unwrap();
+    assert_eq!(good.last_seq(), 48);
+    // In records 0..=21 (the last two are checked when the log opens): first and second
+    // events of records, the log's first event and record boundaries.
+    for seq in [1, 4, 13, 15, 16, 17, 31, 32, 33, 40] {
+        let dir = tmp.path().join(format!("rewritten-{seq}"));
+        write_batches(&mut SledLog::open(&dir).unwrap(), &sizes);
+        tamper_rewrite(&dir, seq, |e| {
+            e.body = EventBody::ReservationExpired(ReservationExpired {
+                reservation_id: "someone else's".into(),
+            })
+        })
+        .unwrap();
+        let err = bursard::writer::recover(&SledLog::open(&dir).unwrap()).unwrap_err();
+        assert!(
+            err.contains(&format!("seq {seq}")),
+            "rewritten {seq}: {err}"
+        );
+    }
+    for (deleted, named) in [(15, 16), (16, 17), (30, 31)] {
+        let dir = tmp.path().join(format!("deleted-{deleted}"));
+        write_batches(&mut SledLog::open(&dir).unwrap(), &sizes);
+        tamper_delete(&dir, deleted).unwrap();
+        let err = bursard::writer::recover(&SledLog::open(&dir).unwrap()).unwrap_err();
+        assert!(
+            err.contains(&format!("seq {named}")),
+            "deleted {deleted}: {err}"
+        );
+    }
+    let dir = tmp.path().join("swapped");
+    write_batches(&mut SledLog::open(&dir).unwrap(), &sizes);
+    with_raw_log(&dir, |raw| {
+        let a = raw.get(13u64.to_be_bytes()).unwrap().unwrap();
+        let b = raw.get(15u64.to_be_bytes()).unwrap().unwrap();
+        raw.insert(13u64.to_be_bytes(), b).unwrap();
+        raw.insert(15u64.to_be_bytes(), a).unwrap();
+    });
+    let err = bursard::writer::recover(&SledLog::open(&dir).unwrap()).unwrap_err();
+    assert!(err.contains("seq 13"), "swapped: {err}");
+}
+
 #[test]
 fn tampering_with_a_missing_seq_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();

@@ -12,7 +12,8 @@
 use bursar_core::ledger::{fold, Command, Ledger};
 use bursar_core::policy::parse_policy;
 use bursar_schemas::event::{
-    decode_record, encode_record, Actor, Envelope, EventBody, Hash32, PolicyApplied,
+    decode_record, decode_record_checked, decode_record_deferred, encode_record, Actor, Envelope,
+    EventBody, Hash32, PolicyApplied,
 };
 use bursar_schemas::wire::{
     Estimate, RecordRequest, ReleaseRequest, ReserveRequest, StatusRequest, Usage,
@@ -142,6 +143,16 @@ fn the_v1_log_fixture_still_decodes_verifies_and_replays() {
         let (len, tail) = rest.split_at(4);
         let len = u32::from_be_bytes(len.try_into().unwrap()) as usize;
         let (rec, tail) = tail.split_at(len);
+        // Recovery's decode (hashes computed later, on the folding thread) gives the same
+        // events and hashes.
+        let deferred = decode_record_deferred(rec).unwrap();
+        let checked = decode_record_checked(rec).unwrap();
+        assert_eq!(deferred.len(), checked.len());
+        for (d, c) in deferred.iter().zip(&checked) {
+            assert_eq!(d.env, c.env);
+            assert_eq!(d.content_hash(rec).unwrap(), c.content_hash);
+            assert_eq!(c.content_hash, c.env.hash, "seq {}", c.env.seq);
+        }
         envs.extend(decode_record(rec).unwrap());
         rest = tail;
     }

@@ -5,7 +5,9 @@
 mod props;
 
 use bursar_schemas::event::receipts::without_receipts;
-use bursar_schemas::event::{decode_record, decode_record_checked, encode_record, EventBody};
+use bursar_schemas::event::{
+    decode_record, decode_record_checked, decode_record_deferred, encode_record, EventBody,
+};
 
 fn receipts_of(body: &mut EventBody) -> Option<&mut Option<bursar_schemas::event::Receipt>> {
     match body {
@@ -68,4 +70,23 @@ fn leaving_receipts_out_ends_with_the_closure_and_stays_on_its_thread() {
     // Also when the closure unwinds.
     let _ = std::panic::catch_unwind(|| without_receipts(|| panic!("inside")));
     assert_eq!(decode_record(&bytes).unwrap(), full);
+}
+
+/// Recovery decodes a record on one thread and hashes its events on another: the hash over the
+/// bytes where the decode says they lie is the one a decode that hashes computes, for every
+/// event, and it is refused for another record's bytes that end short of them.
+#[test]
+fn a_deferred_hash_is_the_hash_of_the_bytes_as_stored() {
+    let written = props::sample_envelopes();
+    let bytes = encode_record(&written).unwrap();
+    let checked = decode_record_checked(&bytes).unwrap();
+    let deferred = without_receipts(|| decode_record_deferred(&bytes)).unwrap();
+    assert_eq!(deferred.len(), checked.len());
+    for (d, c) in deferred.iter().zip(&checked) {
+        assert_eq!(d.env.seq, c.env.seq);
+        assert_eq!(d.content_hash(&bytes).unwrap(), c.content_hash);
+        assert_eq!(c.content_hash, c.env.hash, "seq {}", c.env.seq);
+    }
+    let last = deferred.last().unwrap();
+    assert!(last.content_hash(&bytes[..bytes.len() - 1]).is_err());
 }

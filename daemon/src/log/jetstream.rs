@@ -31,10 +31,10 @@
 
 use super::{
     check_sealed, check_tail, head_of_sealed, pack_sealed, records_of, write_snapshot_file, Head,
-    LogError, LogStore, RecordEnvelopes,
+    LogError, LogStore,
 };
 use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishErrorKind};
-use bursar_schemas::event::{Envelope, Sealed};
+use bursar_schemas::event::Sealed;
 use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -397,10 +397,7 @@ impl LogStore for JetStreamLog {
         false
     }
 
-    fn read_from(
-        &self,
-        seq: u64,
-    ) -> Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send + '_> {
+    fn read_records_from(&self, seq: u64) -> super::StoredRecords<'_> {
         // To the stream's end as it is now: a follower reads what other writers appended.
         let end = match self.stream_end() {
             Ok(0) => return Box::new(std::iter::empty()),
@@ -418,9 +415,9 @@ impl LogStore for JetStreamLog {
             }
             let r = self.record_at(next);
             next += 1;
-            Some(r)
+            Some(r.map(|(key, bytes)| (key, sled::IVec::from(bytes))))
         });
-        Box::new(RecordEnvelopes::new(records, seq))
+        Box::new(records)
     }
 
     fn put_snapshot(&mut self, seq: u64, bytes: &[u8]) -> Result<(), LogError> {

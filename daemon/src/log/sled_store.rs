@@ -4,7 +4,7 @@
 
 use super::{
     check_sealed, check_tail, decode_checked_at, head_of_sealed, key_seq, pack_sealed, records_of,
-    seq_key, Head, LogError, LogStore, RecordEnvelopes, SNAPSHOTS_KEPT,
+    seq_key, Head, LogError, LogStore, StoredRecords, SNAPSHOTS_KEPT,
 };
 use bursar_schemas::event::{Envelope, Hash32, Sealed};
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -217,6 +217,50 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
 }
 
 impl SledLog {
+    /// The stored records from the one holding `seq` on (the newest from memory when sled
+    /// cannot read them), for [`LogStore::read_from`] and [`LogStore::read_records_from`].
+    fn records_holding(&self, seq: u64) -> StoredRecords<'_> {
+        // The record holding `seq` is the last one keyed at or before it.
+        let start = match self.log.range(..=seq_key(seq)).next_back() {
+            None => None,
+            Some(Ok((k, _))) => Some(k),
+            Some(Err(e @ sled::Error::Io(_))) => {
+                // The holder among the kept records, when the first of them is at or before
+                // `seq` (kept records are consecutive: then the last such one holds it).
+                let holder = self
+                    .recent
+                    .iter()
+                    .rposition(|(k, _)| *k <= seq)
+                    .filter(|_| self.recent.front().is_some_and(|(k, _)| *k <= seq));
+                let Some(i) = holder else {
+                    return Box::new(std::iter::once(Err(storage("read log")(e))));
+                };
+                tracing::warn!(
+                    "sled cannot read the log's newest records ({}); reading them from memory",
+                    super::sled_text(&e)
+                );
+                return Box::new(self.recent.iter().skip(i).map(|(k, v)| Ok((*k, v.clone()))));
+            }
+            // A checksum that fails is damage, never read around.
+            Some(Err(e)) => return Box::new(std::iter::once(Err(storage("read log")(e)))),
+        };
+        let first = match &start {
+            Some(k) => key_seq(k).ok(),
+            None => Some(1),
+        };
+        let records = match start {
+            Some(k) => self.log.range(k..),
+            None => self.log.iter(),
+        };
+        Box::new(WithRecent {
+            sled: records,
+            recent: &self.recent,
+            last: None,
+            start: first,
+            from_recent: None,
+        })
+    }
+
     /// Open (or create) the log in `data_dir`. Fails with [`LogError::Locked`] when another
     /// process holds the dir (or a live store in this one; a store of this process closed a moment
     /// ago is waited for, up to [`RELEASE_WAIT`]), and with [`LogError::Corrupt`] when the last record does not
@@ -467,51 +511,8 @@ impl LogStore for SledLog {
             .map(|v| v.to_vec()))
     }
 
-    fn read_from(
-        &self,
-        seq: u64,
-    ) -> Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send + '_> {
-        // The record holding `seq` is the last one keyed at or before it.
-        let start = match self.log.range(..=seq_key(seq)).next_back() {
-            None => None,
-            Some(Ok((k, _))) => Some(k),
-            Some(Err(e @ sled::Error::Io(_))) => {
-                // The holder among the kept records, when the first of them is at or before
-                // `seq` (kept records are consecutive: then the last such one holds it).
-                let holder = self
-                    .recent
-                    .iter()
-                    .rposition(|(k, _)| *k <= seq)
-                    .filter(|_| self.recent.front().is_some_and(|(k, _)| *k <= seq));
-                let Some(i) = holder else {
-                    return Box::new(std::iter::once(Err(storage("read log")(e))));
-                };
-                tracing::warn!(
-                    "sled cannot read the log's newest records ({}); reading them from memory",
-                    super::sled_text(&e)
-                );
-                let records = self.recent.iter().skip(i).map(|(k, v)| Ok((*k, v.clone())));
-                return Box::new(RecordEnvelopes::new(records, seq));
-            }
-            // A checksum that fails is damage, never read around.
-            Some(Err(e)) => return Box::new(std::iter::once(Err(storage("read log")(e)))),
-        };
-        let first = match &start {
-            Some(k) => key_seq(k).ok(),
-            None => Some(1),
-        };
-        let records = match start {
-            Some(k) => self.log.range(k..),
-            None => self.log.iter(),
-        };
-        let records = WithRecent {
-            sled: records,
-            recent: &self.recent,
-            last: None,
-            start: first,
-            from_recent: None,
-        };
-        Box::new(RecordEnvelopes::new(records, seq))
+    fn read_records_from(&self, seq: u64) -> StoredRecords<'_> {
+        self.records_holding(seq)
     }
 
     /// Reads the raw value of every record keyed before `before` (2 M events in 0.33 s on the

@@ -11,7 +11,7 @@
 use super::sled_store::open_db;
 use super::{
     check_sealed, check_tail, decode_at, head_of_sealed, key_seq, records_of, seq_key, Head,
-    LogError, LogStore, RecordEnvelopes, SNAPSHOTS_KEPT,
+    LogError, LogStore, SNAPSHOTS_KEPT,
 };
 use bursar_schemas::event::{
     encode_record, encode_sealed, Actor, Envelope, EventBody, Hash32, ReservationReleased, Sealed,
@@ -216,10 +216,7 @@ impl LogStore for MemLog {
         Ok(self.view.ids.get(key).cloned())
     }
 
-    fn read_from(
-        &self,
-        seq: u64,
-    ) -> Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send + '_> {
+    fn read_records_from(&self, seq: u64) -> super::StoredRecords<'_> {
         if let Err(e) = self.alive() {
             return Box::new(std::iter::once(Err(e)));
         }
@@ -229,12 +226,12 @@ impl LogStore for MemLog {
             .range(..=seq)
             .next_back()
             .map_or(0, |(k, _)| *k);
-        let records = self
-            .view
-            .log
-            .range(start..)
-            .map(|(k, v)| Ok((*k, v.as_slice())));
-        Box::new(RecordEnvelopes::new(records, seq))
+        Box::new(
+            self.view
+                .log
+                .range(start..)
+                .map(|(k, v)| Ok((*k, sled::IVec::from(v.as_slice())))),
+        )
     }
 
     fn put_snapshot(&mut self, seq: u64, bytes: &[u8]) -> Result<(), LogError> {
@@ -382,11 +379,8 @@ impl<L: LogStore> LogStore for FaultyLog<L> {
         self.inner.get_id(key)
     }
 
-    fn read_from(
-        &self,
-        seq: u64,
-    ) -> Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send + '_> {
-        self.inner.read_from(seq)
+    fn read_records_from(&self, seq: u64) -> super::StoredRecords<'_> {
+        self.inner.read_records_from(seq)
     }
 
     fn put_snapshot(&mut self, seq: u64, bytes: &[u8]) -> Result<(), LogError> {

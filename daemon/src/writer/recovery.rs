@@ -3,9 +3,10 @@
 use super::snapshots::{
     decode_snapshot, SNAPSHOT_FORMAT_V1, SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3, SNAPSHOT_FORMAT_V4,
 };
-use crate::log::{check_durable_mark, LogError, LogStore};
+use crate::log::{check_durable_mark, decode_deferred_at, ChainCheck, LogError, LogStore};
 use bursar_core::ledger::{self, Ledger};
-use bursar_schemas::event::{Envelope, EventBody, Hash32};
+use bursar_schemas::event::receipts::without_receipts;
+use bursar_schemas::event::{Deferred, Envelope, EventBody, Hash32};
 
 /// Rebuild the ledger at start: the newest usable snapshot, then the log after it.
 ///
@@ -102,90 +103,170 @@ const RECOVER_CHUNK_EVENTS: usize = 4096;
 /// Chunks decoded ahead of the fold at recovery.
 const RECOVER_CHUNKS_AHEAD: usize = 8;
 
+/// Records decoded on the reading thread, in log order, each with its bytes as decoded (the
+/// hashes of its events and their chain not yet checked); an error ends them.
+type Chunk = Vec<Result<(Vec<u8>, Vec<Deferred>), LogError>>;
+
 /// Fold the log after `l` into `l` in one pass. Returns false (leaving `l` half-folded) when a
 /// `pricing_changed` turned out to be retroactive, so the caller must fold in two passes.
 ///
-/// Every event folded is checked as it is read (its hash against its bytes, its link to the
-/// one before: see `crate::log::RecordEnvelopes`); after a snapshot, `anchor` is the seq and
-/// hash of the snapshot's last event, which the log must hold.
+/// Every event folded is checked first (its hash against its bytes, its link to the one
+/// before: `crate::log::ChainCheck`); after a snapshot, `anchor` is the seq and hash of the
+/// snapshot's last event, which the log must hold.
 ///
-/// Reading and decoding the log runs on a second thread, a few chunks ahead of the fold, so
-/// the two halves of the work (about equal) overlap on two cores.
+/// The records are read and decoded on a second thread, a few chunks ahead of the fold,
+/// without receipts, which the fold never reads. The folding thread hashes each event's bytes
+/// and checks the chain (a fifth of the decoding thread's time, which was the busier one),
+/// folds each event where it lies, and hands each chunk back to be freed on the thread that
+/// allocated it (freeing another thread's allocations goes through that heap's queue in
+/// mimalloc). Measured in benches/README.md, "Replay: two threads, each its share".
 fn one_pass_fold(
     store: &dyn LogStore,
     l: &mut Ledger,
     anchor: Option<(u64, Hash32)>,
 ) -> Result<bool, String> {
-    let mut last_ts = l.last_ts();
-    let mut folded_any = l.last_seq() > 0;
-    let mut retroactive = false;
-    let mut source = store.read_from(anchor.map_or(1, |a| a.0));
+    let from = anchor.map_or(1, |a| a.0);
     std::thread::scope(|scope| {
-        let (tx, rx) =
-            std::sync::mpsc::sync_channel::<Vec<Result<Envelope, LogError>>>(RECOVER_CHUNKS_AHEAD);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(RECOVER_CHUNKS_AHEAD);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Chunk>(RECOVER_CHUNKS_AHEAD);
+        // Made here: the store is not shared with the thread, its reader is.
+        let records = store.read_records_from(from);
         let decoder = std::thread::Builder::new()
             .name("bursar-recover".into())
             .spawn_scoped(scope, move || {
-                if let Some((seq, hash)) = anchor {
-                    // The snapshot's last event, as the log holds it (checked against the
-                    // events before it in its record).
-                    let found = match source.next() {
-                        Some(Ok(env)) if env.seq == seq && env.hash == hash => Ok(()),
-                        Some(Ok(env)) if env.seq == seq => Err(LogError::Corrupt {
-                            seq,
-                            reason: "the log's event differs from the one the snapshot was \
-                                     taken after (its hash)"
-                                .into(),
-                        }),
-                        Some(Err(e)) => Err(e),
-                        _ => Err(LogError::Corrupt {
-                            seq,
-                            reason: "the snapshot was taken after this event, which the log \
-                                     does not hold"
-                                .into(),
-                        }),
-                    };
-                    if let Err(e) = found {
-                        let _ = tx.send(vec![Err(e)]);
-                        return;
-                    }
-                }
-                let mut chunk = Vec::with_capacity(RECOVER_CHUNK_EVENTS);
-                for item in source.by_ref() {
-                    chunk.push(item);
-                    if chunk.len() == RECOVER_CHUNK_EVENTS {
-                        let full =
-                            std::mem::replace(&mut chunk, Vec::with_capacity(RECOVER_CHUNK_EVENTS));
-                        // The fold stopped early (a retroactive price change): stop reading.
-                        if tx.send(full).is_err() {
-                            return;
-                        }
-                    }
-                }
-                if !chunk.is_empty() {
-                    let _ = tx.send(chunk);
-                }
+                without_receipts(|| decode_ahead(records, &tx, &done_rx));
             })
             .map_err(|e| format!("cannot start the recovery reader: {e}"))?;
-        let events = rx.iter().flatten().map_while(|item| {
-            if let Ok(env) = &item {
-                if let EventBody::PricingChanged(p) = &env.body {
-                    if folded_any && p.effective_from <= last_ts {
-                        retroactive = true;
-                        return None;
-                    }
-                }
-                last_ts = last_ts.max(env.ts);
-                folded_any = true;
-            }
-            Some(item)
-        });
-        let folded = ledger::fold_into(l, &[], events).map_err(|e| e.to_string());
+        let folded = fold_chunks(l, anchor, from, &rx, &done_tx);
         drop(rx);
+        drop(done_tx);
         decoder
             .join()
             .map_err(|_| "the recovery reader panicked".to_string())?;
         folded
-    })?;
-    Ok(!retroactive)
+    })
+}
+
+/// The reading thread: decode `records` into chunks for the fold, and free what it hands back.
+fn decode_ahead(
+    records: crate::log::StoredRecords<'_>,
+    tx: &std::sync::mpsc::SyncSender<Chunk>,
+    done: &std::sync::mpsc::Receiver<Chunk>,
+) {
+    let mut chunk = Chunk::new();
+    let mut events = 0usize;
+    for r in records {
+        let decoded = r.and_then(|(key, bytes)| decode_deferred_at(key, &bytes));
+        let failed = decoded.is_err();
+        events += decoded.as_ref().map_or(1, |(_, v)| v.len());
+        chunk.push(decoded);
+        if events >= RECOVER_CHUNK_EVENTS || failed {
+            events = 0;
+            // The fold stopped early (a retroactive price change, an error): stop reading.
+            if tx.send(std::mem::take(&mut chunk)).is_err() || failed {
+                return;
+            }
+            while let Ok(folded) = done.try_recv() {
+                drop(folded);
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = tx.send(chunk);
+    }
+    // What the fold hands back from now on is freed there.
+}
+
+/// The folding thread: check and fold the chunks in order. Ok(false) at a retroactive
+/// `pricing_changed` (not folded).
+fn fold_chunks(
+    l: &mut Ledger,
+    anchor: Option<(u64, Hash32)>,
+    from: u64,
+    rx: &std::sync::mpsc::Receiver<Chunk>,
+    done: &std::sync::mpsc::SyncSender<Chunk>,
+) -> Result<bool, String> {
+    let mut chain = ChainCheck::new(from);
+    let mut anchored = anchor.is_none();
+    let mut last_ts = l.last_ts();
+    let mut folded_any = l.last_seq() > 0;
+    for chunk in rx.iter() {
+        for record in &chunk {
+            let (bytes, events) = match record {
+                Ok(r) => r,
+                Err(e) => return Err(from_the_log(e)),
+            };
+            for d in events {
+                let env = &d.env;
+                let hash = d.content_hash(bytes).map_err(|e| {
+                    from_the_log(&LogError::Corrupt {
+                        seq: env.seq,
+                        reason: e.to_string(),
+                    })
+                })?;
+                if !chain
+                    .check_hashed(env, hash)
+                    .map_err(|e| from_the_log(&e))?
+                {
+                    continue;
+                }
+                if !anchored {
+                    anchored = true;
+                    // The snapshot's last event, as the log holds it (checked against the
+                    // events before it in its record): not folded again.
+                    match at_anchor(anchor, env) {
+                        Some(e) => return Err(from_the_log(&e)),
+                        None => continue,
+                    }
+                }
+                if let EventBody::PricingChanged(p) = &env.body {
+                    if folded_any && p.effective_from <= last_ts {
+                        return Ok(false);
+                    }
+                }
+                last_ts = last_ts.max(env.ts);
+                folded_any = true;
+                l.apply(env.seq, env.ts, &env.body)
+                    .map_err(|e| ledger::FoldError::from(e).to_string())?;
+            }
+        }
+        // Freed on the reading thread; here when it has stopped taking them.
+        let _ = done.try_send(chunk);
+    }
+    if !anchored {
+        if let Some((seq, _)) = anchor {
+            return Err(from_the_log(&LogError::Corrupt {
+                seq,
+                reason: "the snapshot was taken after this event, which the log does not hold"
+                    .into(),
+            }));
+        }
+    }
+    Ok(true)
+}
+
+/// A failed read as a fold reports it.
+fn from_the_log(e: &LogError) -> String {
+    ledger::FoldError::Source(e.to_string()).to_string()
+}
+
+/// `None` when `first`, the first event read after a snapshot, is the snapshot's last one
+/// (`anchor`), else the error.
+fn at_anchor(anchor: Option<(u64, Hash32)>, first: &Envelope) -> Option<LogError> {
+    let (seq, hash) = anchor?;
+    if first.seq == seq && first.hash == hash {
+        None
+    } else if first.seq == seq {
+        Some(LogError::Corrupt {
+            seq,
+            reason: "the log's event differs from the one the snapshot was taken after (its \
+                     hash)"
+                .into(),
+        })
+    } else {
+        Some(LogError::Corrupt {
+            seq,
+            reason: "the snapshot was taken after this event, which the log does not hold".into(),
+        })
+    }
 }

@@ -388,6 +388,71 @@ pub fn decode_record_checked(bytes: &[u8]) -> Result<Vec<Checked>, CodecError> {
 }
 
 fn decode_v2(rest: &[u8]) -> Result<Vec<Checked>, CodecError> {
+    decode_v2_with(rest, |env, body, _| Checked {
+        content_hash: chain_hash(&env.prev_hash, body),
+        env,
+    })
+}
+
+/// A decoded envelope whose chain hash may still have to be computed, over its bytes in the
+/// record it was decoded from ([`decode_record_deferred`]): recovery decodes records on one
+/// thread and hashes their events on another.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deferred {
+    /// The envelope as stored.
+    pub env: Envelope,
+    hashed: Hashed,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Hashed {
+    /// Computed while decoding (a format-1 record's hash is over a re-encoding).
+    Done(Hash32),
+    /// The envelope's bytes in the record, to hash after `env.prev_hash`.
+    Over(std::ops::Range<usize>),
+}
+
+impl Deferred {
+    /// `H(prev_hash ‖ its bytes as stored)`; `record` is the record it was decoded from.
+    pub fn content_hash(&self, record: &[u8]) -> Result<Hash32, CodecError> {
+        match &self.hashed {
+            Hashed::Done(h) => Ok(*h),
+            Hashed::Over(range) => record
+                .get(range.clone())
+                .map(|bytes| chain_hash(&self.env.prev_hash, bytes))
+                .ok_or_else(|| CodecError::Decode("not the record it was decoded from".into())),
+        }
+    }
+}
+
+/// [`decode_record_checked`] without hashing: each envelope with where its bytes lie in
+/// `bytes`, which [`Deferred::content_hash`] hashes later.
+pub fn decode_record_deferred(bytes: &[u8]) -> Result<Vec<Deferred>, CodecError> {
+    let (tag, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+    match *tag {
+        RECORD_FORMAT_V2 => decode_v2_with(rest, |env, body, at| Deferred {
+            env,
+            // `at` is in `rest`, one byte into `bytes`.
+            hashed: Hashed::Over(at + 1..at + 1 + body.len()),
+        }),
+        RECORD_FORMAT_V1 => v1::decode(rest).map(|v| {
+            v.into_iter()
+                .map(|c| Deferred {
+                    env: c.env,
+                    hashed: Hashed::Done(c.content_hash),
+                })
+                .collect()
+        }),
+        other => Err(CodecError::UnknownFormat(other)),
+    }
+}
+
+/// Decode a format-2 record's envelopes, each passed to `make` with its bytes as stored and
+/// where they start in `rest`.
+fn decode_v2_with<T>(
+    rest: &[u8],
+    mut make: impl FnMut(Envelope, &[u8], usize) -> T,
+) -> Result<Vec<T>, CodecError> {
     if rest.len() > MAX_RECORD_BYTES {
         return Err(CodecError::Decode(format!(
             "a record of {} bytes (the limit is {MAX_RECORD_BYTES})",
@@ -408,6 +473,7 @@ fn decode_v2(rest: &[u8]) -> Result<Vec<Checked>, CodecError> {
         let len = get_varint(rest, &mut at)?;
         let len = usize::try_from(len).map_err(|_| CodecError::Decode("length".into()))?;
         let hash = hash_at(rest, &mut at)?;
+        let start = at;
         let body = take(rest, &mut at, len)?;
         let (c, used): (OwnedContent, usize) =
             bincode::serde::decode_from_slice(body, config().with_limit::<MAX_RECORD_BYTES>())
@@ -418,19 +484,16 @@ fn decode_v2(rest: &[u8]) -> Result<Vec<Checked>, CodecError> {
         if c.version != ENVELOPE_VERSION {
             return Err(CodecError::UnknownVersion(c.version, c.seq));
         }
-        let content_hash = chain_hash(&prev, body);
-        out.push(Checked {
-            env: Envelope {
-                version: c.version,
-                seq: c.seq,
-                ts: c.ts,
-                actor: c.actor,
-                prev_hash: prev,
-                hash,
-                body: c.body,
-            },
-            content_hash,
-        });
+        let env = Envelope {
+            version: c.version,
+            seq: c.seq,
+            ts: c.ts,
+            actor: c.actor,
+            prev_hash: prev,
+            hash,
+            body: c.body,
+        };
+        out.push(make(env, body, start));
         prev = hash;
     }
     if at != rest.len() {
