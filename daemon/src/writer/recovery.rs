@@ -115,11 +115,11 @@ type Chunk = Vec<Result<(Vec<u8>, Vec<Deferred>), LogError>>;
 /// snapshot's last event, which the log must hold.
 ///
 /// The records are read and decoded on a second thread, a few chunks ahead of the fold,
-/// without receipts, which the fold never reads. The folding thread hashes each event's bytes
-/// and checks the chain (a fifth of the decoding thread's time, which was the busier one),
-/// folds each event where it lies, and hands each chunk back to be freed on the thread that
-/// allocated it (freeing another thread's allocations goes through that heap's queue in
-/// mimalloc). Measured in benches/README.md, "Replay: two threads, each its share".
+/// without receipts, which the fold never reads. Each event's bytes are hashed on whichever
+/// thread has time ([`decode_ahead`]); the folding thread checks the chain, folds each event
+/// where it lies, and hands each chunk back to be freed on the thread that allocated it
+/// (freeing another thread's allocations goes through that heap's queue in mimalloc).
+/// Measured in benches/README.md, "Replay: two threads, each its share".
 fn one_pass_fold(
     store: &dyn LogStore,
     l: &mut Ledger,
@@ -148,6 +148,11 @@ fn one_pass_fold(
 }
 
 /// The reading thread: decode `records` into chunks for the fold, and free what it hands back.
+///
+/// Hashing each event's bytes for the chain check is a fifth of the work, done on whichever
+/// thread has time: here while the fold is behind (the channel full), there while it keeps up.
+/// On 2 M events this reading thread was the busier one; on 10 M the folding one (its id index
+/// and buckets outgrow the caches): `bursar-bench replay`.
 fn decode_ahead(
     records: crate::log::StoredRecords<'_>,
     tx: &std::sync::mpsc::SyncSender<Chunk>,
@@ -155,15 +160,33 @@ fn decode_ahead(
 ) {
     let mut chunk = Chunk::new();
     let mut events = 0usize;
+    let mut hash_here = false;
     for r in records {
-        let decoded = r.and_then(|(key, bytes)| decode_deferred_at(key, &bytes));
+        let mut decoded = r.and_then(|(key, bytes)| decode_deferred_at(key, &bytes));
+        if let (true, Ok((bytes, record))) = (hash_here, &mut decoded) {
+            // A hash that cannot be computed is left to the fold, which reports it.
+            for d in record.iter_mut() {
+                let _ = d.hash_now(bytes);
+            }
+        }
         let failed = decoded.is_err();
         events += decoded.as_ref().map_or(1, |(_, v)| v.len());
         chunk.push(decoded);
         if events >= RECOVER_CHUNK_EVENTS || failed {
             events = 0;
-            // The fold stopped early (a retroactive price change, an error): stop reading.
-            if tx.send(std::mem::take(&mut chunk)).is_err() || failed {
+            let full = match tx.try_send(std::mem::take(&mut chunk)) {
+                Ok(()) => None,
+                Err(std::sync::mpsc::TrySendError::Full(c)) => Some(c),
+                // The fold stopped early (a retroactive price change, an error): stop reading.
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+            };
+            hash_here = full.is_some();
+            if let Some(c) = full {
+                if tx.send(c).is_err() {
+                    return;
+                }
+            }
+            if failed {
                 return;
             }
             while let Ok(folded) = done.try_recv() {
@@ -268,5 +291,46 @@ fn at_anchor(anchor: Option<(u64, Hash32)>, first: &Envelope) -> Option<LogError
             seq,
             reason: "the snapshot was taken after this event, which the log does not hold".into(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use crate::log::testing::{tamper_rewrite, write_sample_batches};
+    use crate::log::SledLog;
+    use bursar_schemas::event::ReservationExpired;
+
+    /// The reading thread hashes the events of the records it decodes while the fold is
+    /// behind: a rewritten event among them stops the fold all the same, naming its seq.
+    #[test]
+    fn a_damaged_event_hashed_on_the_reading_thread_stops_the_fold() {
+        let tmp = tempfile::tempdir().unwrap();
+        // 10,000 events in records of 100: three chunks of about 4,096 events.
+        write_sample_batches(&mut SledLog::open(tmp.path()).unwrap(), &[100; 100]);
+        tamper_rewrite(tmp.path(), 9_500, |e| {
+            e.body = EventBody::ReservationExpired(ReservationExpired {
+                reservation_id: "someone else's".into(),
+            })
+        })
+        .unwrap();
+        let store = SledLog::open(tmp.path()).unwrap();
+        let records = store.read_records_from(1);
+        // Room for one chunk: the second finds the channel full (the fold has not begun), so
+        // the reader hashes the third, which holds seq 9,500, itself.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(1);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Chunk>(8);
+        let err = std::thread::scope(|scope| {
+            scope.spawn(move || decode_ahead(records, &tx, &done_rx));
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let mut l = Ledger::default();
+            let result = fold_chunks(&mut l, None, 1, &rx, &done_tx);
+            drop(rx);
+            result
+        })
+        .unwrap_err();
+        assert!(err.contains("seq 9500"), "{err}");
     }
 }

@@ -425,6 +425,15 @@ impl Deferred {
     }
 }
 
+impl Deferred {
+    /// Compute the hash now, on this thread (see [`content_hash`](Self::content_hash)).
+    pub fn hash_now(&mut self, record: &[u8]) -> Result<(), CodecError> {
+        let h = self.content_hash(record)?;
+        self.hashed = Hashed::Done(h);
+        Ok(())
+    }
+}
+
 /// [`decode_record_checked`] without hashing: each envelope with where its bytes lie in
 /// `bytes`, which [`Deferred::content_hash`] hashes later.
 pub fn decode_record_deferred(bytes: &[u8]) -> Result<Vec<Deferred>, CodecError> {
