@@ -273,9 +273,37 @@ pub fn error_line(code: ErrorCode, message: impl Into<String>, req: Option<Value
 /// Lock helpers that survive a poisoned std lock (a panic elsewhere must not stop the ledger).
 pub fn read_ledger(s: &Shared) -> std::sync::RwLockReadGuard<'_, Ledger> {
     s.readers_waiting.fetch_add(1, Ordering::SeqCst);
-    let guard = s.ledger.read().unwrap_or_else(|e| e.into_inner());
+    let guard = spin_for(READ_SPIN_MICROS, || match s.ledger.try_read() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    })
+    .unwrap_or_else(|| s.ledger.read().unwrap_or_else(|e| e.into_inner()));
     s.readers_waiting.fetch_sub(1, Ordering::SeqCst);
     guard
+}
+
+/// How long a read spins for the ledger, and the writer for the reads to end, before either
+/// sleeps on the lock. The writer holds the ledger a few µs per write; a thread that sleeps on
+/// the lock instead must be woken by the other's unlock (a futex wake: on this VM an
+/// inter-processor interrupt, tens of µs on the waker's path and on the sleeper's).
+const READ_SPIN_MICROS: u64 = 30;
+const WRITE_SPIN_MICROS: u64 = 30;
+
+/// `attempt` until it gives something, for at most `micros`.
+fn spin_for<G>(micros: u64, mut attempt: impl FnMut() -> Option<G>) -> Option<G> {
+    let started = std::time::Instant::now();
+    loop {
+        for _ in 0..32 {
+            if let Some(g) = attempt() {
+                return Some(g);
+            }
+            std::hint::spin_loop();
+        }
+        if started.elapsed() >= Duration::from_micros(micros) {
+            return None;
+        }
+    }
 }
 
 /// Longest the writer stands back for waiting reads before it takes the ledger anyway.
@@ -294,7 +322,12 @@ fn write_ledger(s: &Shared) -> std::sync::RwLockWriteGuard<'_, Ledger> {
             std::thread::yield_now();
         }
     }
-    s.ledger.write().unwrap_or_else(|e| e.into_inner())
+    spin_for(WRITE_SPIN_MICROS, || match s.ledger.try_write() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    })
+    .unwrap_or_else(|| s.ledger.write().unwrap_or_else(|e| e.into_inner()))
 }
 /// Lock the store.
 pub fn lock_store(s: &Shared) -> std::sync::MutexGuard<'_, Box<dyn LogStore>> {
