@@ -1235,6 +1235,19 @@ impl Ledger {
         self.ids.insert(kind, id, IdEntry { digest, seq, ts });
     }
 
+    /// For a fold of many events: queue the ids the events answer instead of indexing each,
+    /// until [`Ledger::settle_ids`] (most are forgotten again within a long fold; see
+    /// [`IdIndex::defer`]). Looking ids up meanwhile (deciding) is right but slow.
+    pub fn defer_ids(&mut self) {
+        self.ids.defer();
+    }
+
+    /// Index the ids queued since [`Ledger::defer_ids`]: the ledger is then the same as if
+    /// they had never been deferred.
+    pub fn settle_ids(&mut self) {
+        self.ids.settle();
+    }
+
     /// The idempotency index (ids within the window, with their request digest and event).
     pub fn ids(&self) -> &IdIndex {
         &self.ids

@@ -37,11 +37,14 @@ pub fn fold_into<E: std::fmt::Display>(
     for (eff, seq, table) in epochs {
         ledger.preload_epoch(*eff, *seq, table);
     }
-    for ev in events {
+    ledger.defer_ids();
+    let folded = events.into_iter().try_for_each(|ev| {
         let ev = ev.map_err(|e| FoldError::Source(e.to_string()))?;
         ledger.apply(ev.seq, ev.ts, &ev.body)?;
-    }
-    Ok(())
+        Ok::<(), FoldError>(())
+    });
+    ledger.settle_ids();
+    folded
 }
 
 /// Collect the retroactive-capable epochs (`pricing_changed`) of a log.

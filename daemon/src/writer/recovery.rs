@@ -140,7 +140,11 @@ fn one_pass_fold(
                 without_receipts(|| decode_ahead(records, &tx, &done_rx));
             })
             .map_err(|e| format!("cannot start the recovery reader: {e}"))?;
+        // Most ids a long fold indexes it forgets again before its end: indexed once, at the
+        // end (`Ledger::defer_ids`).
+        l.defer_ids();
         let folded = fold_chunks(l, anchor, from, &rx, &done_tx);
+        l.settle_ids();
         drop(rx);
         drop(done_tx);
         decoder
