@@ -7,7 +7,6 @@
 //! `[reports] exclude_labels` (default `session`: sessions are many and short, and would make
 //! one set each). Costs are those of the fold, so a repricing shows in reports.
 
-use super::chunked::Chunked;
 use bursar_schemas::wire::Usage;
 use bursar_schemas::{Labels, Micros, TsMicros};
 use serde::{Deserialize, Serialize};
@@ -73,8 +72,8 @@ impl Cell {
 #[derive(Clone, Default, Deserialize)]
 #[serde(from = "RollupData")]
 pub struct Rollups {
-    /// The label sets, by id (in chunks: never copied as they grow).
-    sets: Chunked<LabelSet>,
+    /// The label sets, by id.
+    sets: SetStore,
     /// (hash of its labels, set id) of every set, by that hash. The hash is kept so that
     /// growing the table does not hash every set's labels again (that rehash, on a fold's
     /// path, took ~10 ms at ~100,000 sets: benches/README.md "Follower lag"); 32 bits of it,
@@ -96,11 +95,9 @@ struct RollupData {
 
 impl From<RollupData> for Rollups {
     fn from(d: RollupData) -> Rollups {
-        let mut sets = Chunked::default();
+        let mut sets = SetStore::default();
         for l in &d.sets {
-            sets.push(LabelSet::pack(
-                l.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            ));
+            sets.push(l.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         }
         let mut index = hashbrown::HashTable::with_capacity(sets.len());
         for (id, labels) in sets.iter().enumerate() {
@@ -202,7 +199,7 @@ fn merge_in_place(cells: &mut Vec<(i64, u32, Cell)>) {
 impl Serialize for Rollups {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
-        struct Set<'a>(&'a LabelSet);
+        struct Set<'a>(LabelSet<'a>);
         impl Serialize for Set<'_> {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 let mut m = serializer.serialize_map(Some(self.0.iter().count()))?;
@@ -212,7 +209,7 @@ impl Serialize for Rollups {
                 m.end()
             }
         }
-        struct Sets<'a>(&'a Chunked<LabelSet>);
+        struct Sets<'a>(&'a SetStore);
         impl Serialize for Sets<'_> {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 let mut q = serializer.serialize_seq(Some(self.0.len()))?;
@@ -240,7 +237,7 @@ impl From<Rollups> for RollupData {
             r.cells_by_set().map(|(s, id, c)| (s, id, *c)).collect();
         merge_in_place(&mut cells);
         RollupData {
-            sets: r.sets.iter().map(LabelSet::to_labels).collect(),
+            sets: r.sets.iter().map(|s| s.to_labels()).collect(),
             cells,
         }
     }
@@ -294,7 +291,7 @@ fn spread(h: u32) -> u64 {
 }
 
 /// True when `labels` yields exactly the pairs of `set`, in order.
-fn same<'a>(set: &LabelSet, mut labels: impl Iterator<Item = (&'a str, &'a str)>) -> bool {
+fn same<'a>(set: LabelSet<'_>, mut labels: impl Iterator<Item = (&'a str, &'a str)>) -> bool {
     for (k, v) in set.iter() {
         match labels.next() {
             Some((k2, v2)) if k == k2 && v == v2 => {}
@@ -304,40 +301,39 @@ fn same<'a>(set: &LabelSet, mut labels: impl Iterator<Item = (&'a str, &'a str)>
     labels.next().is_none()
 }
 
-/// A label set packed into one allocation: its (key, value) pairs in key order, each string
-/// after its length (LEB128: one byte under 128). A `BTreeMap<String, String>` of the bench's
-/// four labels took ~800 bytes (a B-tree leaf of capacity 11 and eight strings) and made the
-/// rollups most of a ledger's memory per scope (`bursar-bench memory`: 1,125 bytes per bucket
-/// with rollups, 427 without); packed with u32 lengths, ~130 (heaptrack: 25.8 MB for 200,000
-/// sets); one-byte lengths take 24 of those off.
-#[derive(Clone, PartialEq, Eq)]
-pub struct LabelSet(Arc<[u8]>);
+/// A label set packed: its (key, value) pairs in key order, each string after its length
+/// (LEB128: one byte under 128). A `BTreeMap<String, String>` of the bench's four labels took
+/// ~800 bytes (a B-tree leaf of capacity 11 and eight strings) and made the rollups most of a
+/// ledger's memory per scope (`bursar-bench memory`: 1,125 bytes per bucket with rollups, 427
+/// without); packed with u32 lengths, ~130 (heaptrack: 25.8 MB for 200,000 sets); one-byte
+/// lengths take 24 of those off. The bytes live in a [`SetStore`]'s chunk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct LabelSet<'a>(&'a [u8]);
 
-impl LabelSet {
-    fn pack<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> LabelSet {
-        let mut bytes = Vec::new();
-        for (k, v) in pairs {
-            for s in [k, v] {
-                let mut len = s.len();
-                while len >= 0x80 {
-                    bytes.push((len & 0x7f) as u8 | 0x80);
-                    len >>= 7;
-                }
-                bytes.push(len as u8);
-                bytes.extend_from_slice(s.as_bytes());
+/// Append `pairs` packed (see [`LabelSet`]) to `bytes`.
+fn pack_into<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>, bytes: &mut Vec<u8>) {
+    for (k, v) in pairs {
+        for s in [k, v] {
+            let mut len = s.len();
+            while len >= 0x80 {
+                bytes.push((len & 0x7f) as u8 | 0x80);
+                len >>= 7;
             }
+            bytes.push(len as u8);
+            bytes.extend_from_slice(s.as_bytes());
         }
-        LabelSet(Arc::from(bytes))
     }
+}
 
+impl<'a> LabelSet<'a> {
     /// The (key, value) pairs, in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + Clone + '_ {
-        let mut strings = Strings(&self.0);
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a str)> + Clone + 'a {
+        let mut strings = Strings(self.0);
         std::iter::from_fn(move || Some((strings.next()?, strings.next()?)))
     }
 
     /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<&str> {
+    pub fn get(&self, key: &str) -> Option<&'a str> {
         self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 
@@ -349,9 +345,76 @@ impl LabelSet {
     }
 }
 
-impl std::fmt::Debug for LabelSet {
+impl std::fmt::Debug for LabelSet<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+/// Label sets per chunk of a [`SetStore`] (a power of two).
+const SETS_PER_CHUNK: usize = 1024;
+
+/// The interned label sets, by id: their packed bytes one after another in chunks of
+/// [`SETS_PER_CHUNK`] sets, each chunk one allocation of bytes and one of ends. Each set in an
+/// `Arc<[u8]>` of its own took 94 bytes a set (heaptrack, `bursar-bench memory-ledger 200000`:
+/// 18.9 MB for 200,000 sets of ~60 packed bytes: the pointer, the counts, the allocator's size
+/// class); here a set takes its bytes and 4 bytes of end. A full chunk is shared by every clone
+/// (the writer clones the ledger for each snapshot) and never moves; only the last grows, and
+/// a clone copies at most that one when it pushes.
+#[derive(Clone, Default)]
+struct SetStore {
+    chunks: Vec<Arc<SetChunk>>,
+    len: usize,
+}
+
+#[derive(Clone, Default)]
+struct SetChunk {
+    bytes: Vec<u8>,
+    /// Where each set's bytes end in `bytes`.
+    ends: Vec<u32>,
+}
+
+impl SetStore {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Intern `pairs` as the next id.
+    fn push<'a>(&mut self, pairs: impl Iterator<Item = (&'a str, &'a str)>) {
+        if self
+            .chunks
+            .last()
+            .is_none_or(|c| c.ends.len() >= SETS_PER_CHUNK)
+        {
+            if let Some(full) = self.chunks.last_mut().and_then(Arc::get_mut) {
+                full.bytes.shrink_to_fit();
+                full.ends.shrink_to_fit();
+            }
+            self.chunks.push(Arc::default());
+        }
+        if let Some(last) = self.chunks.last_mut() {
+            let chunk = Arc::make_mut(last);
+            pack_into(pairs, &mut chunk.bytes);
+            chunk
+                .ends
+                .push(u32::try_from(chunk.bytes.len()).unwrap_or(u32::MAX));
+            self.len += 1;
+        }
+    }
+
+    fn get(&self, id: usize) -> Option<LabelSet<'_>> {
+        let chunk = self.chunks.get(id / SETS_PER_CHUNK)?;
+        let i = id % SETS_PER_CHUNK;
+        let start = match i {
+            0 => 0,
+            _ => *chunk.ends.get(i - 1)? as usize,
+        };
+        let end = *chunk.ends.get(i)? as usize;
+        chunk.bytes.get(start..end).map(LabelSet)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = LabelSet<'_>> + '_ {
+        (0..self.len).filter_map(|id| self.get(id))
     }
 }
 
@@ -410,12 +473,11 @@ impl Rollups {
         if let Some(id) = self.find(kept.clone()) {
             return id;
         }
-        let set = LabelSet::pack(kept);
-        let hash = hash_of(set.iter());
+        let hash = hash_of(kept.clone());
         let id = u32::try_from(self.sets.len()).unwrap_or(u32::MAX);
         self.index
             .insert_unique(spread(hash), (hash, id), |&(h, _)| spread(h));
-        self.sets.push(set);
+        self.sets.push(kept);
         id
     }
 
@@ -463,7 +525,7 @@ impl Rollups {
     }
 
     /// The label sets, by id.
-    pub fn sets(&self) -> impl Iterator<Item = &LabelSet> + '_ {
+    pub fn sets(&self) -> impl Iterator<Item = LabelSet<'_>> + '_ {
         self.sets.iter()
     }
 
@@ -606,7 +668,10 @@ mod tests {
         let mut l = labels("équipe-α", "");
         l.insert("model".into(), "gpt-4o".into());
         l.insert("".into(), "empty key".into());
-        let set = LabelSet::pack(l.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut store = SetStore::default();
+        store.push(l.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        store.push(std::iter::empty());
+        let set = store.get(0).unwrap();
         assert_eq!(set.to_labels(), l);
         let pairs: Vec<(&str, &str)> = set.iter().collect();
         assert_eq!(
@@ -621,7 +686,7 @@ mod tests {
         assert_eq!(set.get("team"), Some("équipe-α"));
         assert_eq!(set.get("session"), Some(""), "an empty value is a value");
         assert_eq!(set.get("org"), None);
-        assert!(LabelSet::pack(std::iter::empty()).iter().next().is_none());
+        assert!(store.get(1).unwrap().iter().next().is_none());
         assert_eq!(format!("{set:?}").matches("gpt-4o").count(), 1);
         // Lengths of one, two and three bytes (127, 128, 16,384 and more).
         let mut long = Labels::new();
@@ -634,8 +699,46 @@ mod tests {
         ] {
             long.insert(k.repeat(n), "v".repeat(n + 1));
         }
-        let set = LabelSet::pack(long.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        store.push(long.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let set = store.get(2).unwrap();
         assert_eq!(set.to_labels(), long);
         assert_eq!(set.get(&"d".repeat(16_384)).map(str::len), Some(16_385));
+        assert!(store.get(3).is_none());
+    }
+
+    #[test]
+    fn interned_sets_keep_their_ids_across_chunks_and_a_clone_keeps_what_it_had() {
+        let set = |i: usize| labels(&format!("team-{i}"), &format!("s-{}", i % 7));
+        let mut store = SetStore::default();
+        let n = SETS_PER_CHUNK * 2 + 10;
+        for i in 0..n {
+            let l = set(i);
+            store.push(l.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        }
+        // A snapshot's clone shares the chunks; both then grow apart.
+        let mut clone = store.clone();
+        for i in n..n + SETS_PER_CHUNK {
+            let l = set(i);
+            store.push(l.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let other = labels("other", &i.to_string());
+            clone.push(other.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        }
+        assert_eq!(store.len(), n + SETS_PER_CHUNK);
+        assert_eq!(store.iter().count(), store.len());
+        for (i, s) in store.iter().enumerate() {
+            assert_eq!(s.to_labels(), set(i), "set {i}");
+        }
+        for i in 0..n + SETS_PER_CHUNK {
+            let want = if i < n {
+                set(i)
+            } else {
+                labels("other", &i.to_string())
+            };
+            assert_eq!(
+                clone.get(i).unwrap().to_labels(),
+                want,
+                "the clone's set {i}"
+            );
+        }
     }
 }
