@@ -110,7 +110,7 @@ fn commit_of(id: u64, labels: Labels, usage: Usage, payload_digest: [u8; 16]) ->
         reservation_id: Some(format!("r-{id}")),
         reservation: ReservationLink::Known,
         late: false,
-        labels,
+        labels: labels.into(),
         model: MODEL.into(),
         usage,
         occurred_at: None,
@@ -215,7 +215,7 @@ pub fn generate(
                         reservation_id: None,
                         reservation: ReservationLink::None,
                         late: false,
-                        labels,
+                        labels: labels.into(),
                         model: MODEL.into(),
                         usage: usage(input, output),
                         occurred_at: None,
@@ -229,7 +229,7 @@ pub fn generate(
                     open.push_back((n, labels.clone(), input, output));
                     EventBody::ReservationCreated(ReservationCreated {
                         reservation_id: format!("r-{n}"),
-                        labels,
+                        labels: labels.into(),
                         model: MODEL.into(),
                         input_tokens: input,
                         max_output_tokens: MAX_OUTPUT,

@@ -849,6 +849,7 @@ fn what_if_on(
     policy: &bursar_schemas::policy::ResolvedPolicy,
     since: i64,
 ) -> Result<bursar_schemas::wire::WhatIfAnswer, WireError> {
+    let _sharing = bursar_schemas::event::SharingLabels::start();
     let head = *shared.durable.borrow();
     ledger::collect_epochs(LogChunks::new(shared, head))
         .and_then(|epochs| {
@@ -960,6 +961,7 @@ fn dry_run_on(
         WireError::bad_field("pricing", msg)
     })?;
     let internal = |e: &dyn std::fmt::Display| WireError::new(ErrorCode::Internal, e.to_string());
+    let _sharing = bursar_schemas::event::SharingLabels::start();
     let epochs = ledger::collect_epochs(LogChunks::new(shared, head)).map_err(|e| internal(&e))?;
     ledger::replay_from_log(&epochs, LogChunks::new(shared, head), &table, since, now)
         .map(|outcome| outcome.answer)

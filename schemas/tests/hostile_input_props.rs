@@ -232,17 +232,17 @@ fn envelope() -> impl Strategy<Value = Envelope> {
             match &mut env.body {
                 UsageRecorded(u) => {
                     u.event_id = text;
-                    u.labels = labels;
+                    u.labels = labels.into();
                     u.usage.requests = seq;
                 }
                 ReservationCreated(r) => {
                     r.model = text;
-                    r.labels = labels;
+                    r.labels = labels.into();
                     r.hold_micros = ts;
                 }
                 ReservationDenied(r) => {
                     r.key = Some(text);
-                    r.labels = labels;
+                    r.labels = labels.into();
                 }
                 ReservationReleased(r) => r.reason = text,
                 ReservationExtended(r) => r.expires_at = ts,
@@ -258,7 +258,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 PricingChanged(p) => p.effective_from = ts,
                 QuotaObserved(q) => {
                     q.quota = text;
-                    q.labels = labels;
+                    q.labels = labels.into();
                     q.requests = Some(bursar_schemas::event::ObservedLimit {
                         limit: None,
                         remaining: seq,

@@ -32,7 +32,7 @@ use crate::labels::{scope_key, selector_matches};
 use crate::pricing;
 use crate::window::Amounts;
 use buckets::{Bucket, BudgetState, Figures, Limits};
-use bursar_schemas::event::{json_inside, EventBody, ReservationLink, UsageRecorded};
+use bursar_schemas::event::{json_inside, EventBody, EventLabels, ReservationLink, UsageRecorded};
 use bursar_schemas::policy::{ResolvedPolicy, UnknownModels};
 use bursar_schemas::pricing::{ModelPrice, PriceTable};
 use bursar_schemas::wire::{BucketState, Usage};
@@ -500,8 +500,8 @@ impl std::fmt::Debug for PriceIndex {
 /// A live hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hold {
-    /// Labels including derived ones.
-    pub labels: Labels,
+    /// Labels including derived ones (shared with the event's).
+    pub labels: EventLabels,
     /// Model.
     pub model: String,
     /// Held amounts (micros, tokens, one request).
@@ -528,8 +528,8 @@ pub enum EndKind {
 /// A reservation that ended recently.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ended {
-    /// Labels including derived ones.
-    pub labels: Labels,
+    /// Labels including derived ones (shared with the event's).
+    pub labels: EventLabels,
     /// Model.
     pub model: String,
     /// Money it held.

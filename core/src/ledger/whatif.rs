@@ -180,7 +180,7 @@ impl Run {
                                 seq: ev.seq,
                                 ts: format_ts(ev.ts),
                                 reservation_id: r.reservation_id.clone(),
-                                labels: r.labels.clone(),
+                                labels: (*r.labels).clone(),
                                 model: r.model.clone(),
                                 hold_micros: d.hold_micros,
                                 reason: d.reason.code,

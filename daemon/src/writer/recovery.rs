@@ -6,7 +6,7 @@ use super::snapshots::{
 use crate::log::{check_durable_mark, decode_deferred_at, ChainCheck, LogError, LogStore};
 use bursar_core::ledger::{self, Ledger};
 use bursar_schemas::event::receipts::without_receipts;
-use bursar_schemas::event::{Deferred, Envelope, EventBody, Hash32};
+use bursar_schemas::event::{Deferred, Envelope, EventBody, Hash32, SharingLabels};
 
 /// Rebuild the ledger at start: the newest usable snapshot, then the log after it.
 ///
@@ -93,6 +93,7 @@ pub fn recover_counted(store: &dyn LogStore) -> Result<(Ledger, u64), String> {
     if had_snapshot {
         tracing::info!("a retroactive pricing change follows the snapshot; folding the whole log");
     }
+    let _sharing = SharingLabels::start();
     let l = ledger::fold(|| store.read_from(1)).map_err(|e| e.to_string())?;
     let past = l.last_seq();
     Ok((l, past))
@@ -137,6 +138,8 @@ fn one_pass_fold(
         let decoder = std::thread::Builder::new()
             .name("bursar-recover".into())
             .spawn_scoped(scope, move || {
+                // The label sets it decodes again and again, decoded once each.
+                let _sharing = SharingLabels::start();
                 without_receipts(|| decode_ahead(records, &tx, &done_rx));
             })
             .map_err(|e| format!("cannot start the recovery reader: {e}"))?;

@@ -69,6 +69,7 @@ impl Writer {
         let now = (self.clock)();
         let outcome = {
             let store = lock_store(&self.shared);
+            let _sharing = bursar_schemas::event::SharingLabels::start();
             let epochs = match ledger::collect_epochs(store.read_from(1)) {
                 Ok(e) => e,
                 Err(e) => return error_line(ErrorCode::Internal, e.to_string(), req),

@@ -16,8 +16,11 @@
 //! Types here avoid serde attributes that bincode cannot honour (`skip_serializing_if`,
 //! `flatten`, internal tags).
 
+mod labels;
 pub mod receipts;
 pub mod v1;
+
+pub use labels::{EventLabels, SharingLabels};
 
 use crate::policy::ResolvedPolicy;
 use crate::pricing::PriceTable;
@@ -540,29 +543,6 @@ pub mod json_inside {
     }
 }
 
-/// `deserialize_with` of an event's labels: the entries are collected first and the map built
-/// in bulk (`BTreeMap::from_iter`: one sort check and no search per entry), the same map as
-/// inserting them one by one (a later duplicate key wins either way). bincode writes a map in
-/// key order; building it entry by entry was ~12 % of decoding a log
-/// (benches/README.md, "Where replay's time goes").
-fn labels_in_bulk<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
-    struct V;
-    impl<'de> serde::de::Visitor<'de> for V {
-        type Value = Labels;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a map of label names to values")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Labels, A::Error> {
-            let mut entries = Vec::with_capacity(m.size_hint().unwrap_or(0).min(64));
-            while let Some(entry) = m.next_entry::<String, String>()? {
-                entries.push(entry);
-            }
-            Ok(entries.into_iter().collect())
-        }
-    }
-    d.deserialize_map(V)
-}
-
 /// Bytes read from a binary format.
 struct Bytes(Vec<u8>);
 
@@ -675,10 +655,10 @@ impl EventBody {
     /// Labels carried by the event, if it carries any.
     pub fn labels(&self) -> Option<&Labels> {
         match self {
-            EventBody::UsageRecorded(u) => Some(&u.labels),
-            EventBody::ReservationCreated(r) => Some(&r.labels),
-            EventBody::ReservationDenied(r) => Some(&r.labels),
-            EventBody::QuotaObserved(q) => Some(&q.labels),
+            EventBody::UsageRecorded(u) => Some(&*u.labels),
+            EventBody::ReservationCreated(r) => Some(&*r.labels),
+            EventBody::ReservationDenied(r) => Some(&*r.labels),
+            EventBody::QuotaObserved(q) => Some(&*q.labels),
             _ => None,
         }
     }
@@ -697,8 +677,7 @@ pub struct UsageRecorded {
     /// A commit after the hold expired.
     pub late: bool,
     /// Labels, including the derived `model`, `provider` and `tier`.
-    #[serde(deserialize_with = "labels_in_bulk")]
-    pub labels: Labels,
+    pub labels: EventLabels,
     /// Model name.
     pub model: String,
     /// Counts.
@@ -721,8 +700,7 @@ pub struct ReservationCreated {
     /// Client id of the hold.
     pub reservation_id: String,
     /// Labels, including derived ones for the chosen model.
-    #[serde(deserialize_with = "labels_in_bulk")]
-    pub labels: Labels,
+    pub labels: EventLabels,
     /// The chosen model.
     pub model: String,
     /// Input tokens of the estimate.
@@ -747,8 +725,7 @@ pub struct ReservationDenied {
     /// Client id of the hold.
     pub reservation_id: String,
     /// Labels of the request (with derived labels of the last candidate considered).
-    #[serde(deserialize_with = "labels_in_bulk")]
-    pub labels: Labels,
+    pub labels: EventLabels,
     /// The last candidate considered.
     pub model: String,
     /// Money the hold would have taken.
@@ -934,8 +911,7 @@ pub struct QuotaObserved {
     /// The provider that said it.
     pub provider: String,
     /// The labels the observation came with.
-    #[serde(deserialize_with = "labels_in_bulk")]
-    pub labels: Labels,
+    pub labels: EventLabels,
     /// The commit's `event_id` when the headers came with a commit or record.
     pub event_id: Option<String>,
     /// Requests.
@@ -975,7 +951,7 @@ mod tests {
             reservation_id: None,
             reservation: ReservationLink::None,
             late: false,
-            labels: Labels::from([("team".into(), "search".into())]),
+            labels: EventLabels::from([("team".into(), "search".into())]),
             model: "gpt-4o".into(),
             usage: Usage::default(),
             occurred_at: None,

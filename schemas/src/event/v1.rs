@@ -394,7 +394,7 @@ impl From<EventBodyV1> for EventBody {
                 reservation_id: x.reservation_id,
                 reservation: x.reservation,
                 late: x.late,
-                labels: x.labels,
+                labels: x.labels.into(),
                 model: x.model,
                 usage: x.usage,
                 occurred_at: x.occurred_at,
@@ -405,7 +405,7 @@ impl From<EventBodyV1> for EventBody {
             EventBodyV1::ReservationCreated(x) => {
                 EventBody::ReservationCreated(ReservationCreated {
                     reservation_id: x.reservation_id,
-                    labels: x.labels,
+                    labels: x.labels.into(),
                     model: x.model,
                     input_tokens: x.input_tokens,
                     max_output_tokens: x.max_output_tokens,
@@ -417,7 +417,7 @@ impl From<EventBodyV1> for EventBody {
             }
             EventBodyV1::ReservationDenied(x) => EventBody::ReservationDenied(ReservationDenied {
                 reservation_id: x.reservation_id,
-                labels: x.labels,
+                labels: x.labels.into(),
                 model: x.model,
                 hold_micros: x.hold_micros,
                 reason: x.reason,
@@ -469,7 +469,7 @@ impl TryFrom<&EventBody> for EventBodyV1 {
                 reservation_id: x.reservation_id.clone(),
                 reservation: x.reservation,
                 late: x.late,
-                labels: x.labels.clone(),
+                labels: (*x.labels).clone(),
                 model: x.model.clone(),
                 usage: x.usage,
                 occurred_at: x.occurred_at.clone(),
@@ -479,7 +479,7 @@ impl TryFrom<&EventBody> for EventBodyV1 {
             EventBody::ReservationCreated(x) => {
                 EventBodyV1::ReservationCreated(ReservationCreatedV1 {
                     reservation_id: x.reservation_id.clone(),
-                    labels: x.labels.clone(),
+                    labels: (*x.labels).clone(),
                     model: x.model.clone(),
                     input_tokens: x.input_tokens,
                     max_output_tokens: x.max_output_tokens,
@@ -491,7 +491,7 @@ impl TryFrom<&EventBody> for EventBodyV1 {
             EventBody::ReservationDenied(x) => {
                 EventBodyV1::ReservationDenied(ReservationDeniedV1 {
                     reservation_id: x.reservation_id.clone(),
-                    labels: x.labels.clone(),
+                    labels: (*x.labels).clone(),
                     model: x.model.clone(),
                     hold_micros: x.hold_micros,
                     reason: x.reason.clone(),

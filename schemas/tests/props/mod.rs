@@ -232,7 +232,7 @@ pub fn sample_envelopes() -> Vec<Envelope> {
             reservation_id: Some("r-1".into()),
             reservation: ReservationLink::Known,
             late: true,
-            labels: labels.clone(),
+            labels: labels.clone().into(),
             model: "gpt-4o".into(),
             usage: Usage {
                 input_tokens: 1200,
@@ -267,7 +267,7 @@ pub fn sample_envelopes() -> Vec<Envelope> {
         }),
         EventBody::ReservationCreated(ReservationCreated {
             reservation_id: "r-1".into(),
-            labels: labels.clone(),
+            labels: labels.clone().into(),
             model: "gpt-4o".into(),
             input_tokens: 1200,
             max_output_tokens: 800,
@@ -278,7 +278,7 @@ pub fn sample_envelopes() -> Vec<Envelope> {
         }),
         EventBody::ReservationDenied(ReservationDenied {
             reservation_id: "r-2".into(),
-            labels,
+            labels: labels.into(),
             model: "o3".into(),
             hold_micros: 99_000_000,
             reason: "budget".into(),

@@ -400,7 +400,7 @@ impl Ledger {
             reservation_id: None,
             reservation: ReservationLink::None,
             late: false,
-            labels: self.derived_labels(&r.labels, &r.model, now),
+            labels: self.derived_labels(&r.labels, &r.model, now).into(),
             model: r.model.clone(),
             usage: r.usage,
             occurred_at: r.occurred_at.clone(),
@@ -454,7 +454,7 @@ impl Ledger {
             let model = c.model.clone().unwrap_or_else(|| "unknown".into());
             let client = c.labels.clone().unwrap_or_default();
             (
-                self.derived_labels(&client, &model, now),
+                self.derived_labels(&client, &model, now).into(),
                 model,
                 ReservationLink::Unknown,
                 false,
@@ -548,7 +548,7 @@ impl Ledger {
         if eval.decision == Decision::Deny {
             let body = EventBody::ReservationDenied(ReservationDenied {
                 reservation_id: r.reservation_id.clone(),
-                labels: std::mem::take(&mut eval.labels),
+                labels: std::mem::take(&mut eval.labels).into(),
                 model: eval.model.clone().unwrap_or_default(),
                 hold_micros: eval.hold.micros,
                 reason: eval.reason.code.clone(),
@@ -563,7 +563,7 @@ impl Ledger {
             let expires_at = self.stamp(now).saturating_add(seconds(ttl));
             let body = EventBody::ReservationCreated(ReservationCreated {
                 reservation_id: r.reservation_id.clone(),
-                labels: std::mem::take(&mut eval.labels),
+                labels: std::mem::take(&mut eval.labels).into(),
                 model: eval.model.clone().unwrap_or_default(),
                 input_tokens: eval.input_tokens,
                 max_output_tokens: eval.max_output_tokens,

@@ -155,7 +155,7 @@ impl Ledger {
             let body = EventBody::QuotaObserved(QuotaObserved {
                 quota: id.clone(),
                 provider: provider.to_string(),
-                labels: labels.clone(),
+                labels: labels.clone().into(),
                 event_id: event_id.map(str::to_string),
                 requests: limits[0],
                 tokens: limits[1],

@@ -1,0 +1,363 @@
+//! The labels an event carries, shared between the copies of one label set.
+//!
+//! A fold of a long log decodes the same few label sets over and over (an agent's session makes
+//! many calls): each decode built a `BTreeMap` of owned strings and the fold copied it into a
+//! hold and dropped it again, ~25 % of the decoding thread and ~7 % of the folding one in a
+//! replay of 2 M events (benches/README.md, "Replay: label sets shared"). [`EventLabels`] is
+//! the same map behind an `Arc`: encoded exactly as the map (the log's format is unchanged),
+//! cloned by a count, and, while a thread decodes with [`SharingLabels`] in force, decoded
+//! into the copy it already made of the same set when it has one.
+
+use crate::Labels;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::Hasher as _;
+use std::ops::Deref;
+use std::sync::Arc;
+
+/// An event's labels: a [`Labels`] map, shared by its copies. Compares, prints and encodes as
+/// the map.
+#[derive(Clone, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
+pub struct EventLabels(Arc<Labels>);
+
+impl EventLabels {
+    /// The map, to change (copied first when another copy shares it).
+    pub fn make_mut(&mut self) -> &mut Labels {
+        Arc::make_mut(&mut self.0)
+    }
+
+    /// The map itself (copied when another copy shares it).
+    pub fn into_labels(self) -> Labels {
+        Arc::try_unwrap(self.0).unwrap_or_else(|shared| (*shared).clone())
+    }
+}
+
+impl Deref for EventLabels {
+    type Target = Labels;
+    fn deref(&self) -> &Labels {
+        &self.0
+    }
+}
+
+impl AsRef<Labels> for EventLabels {
+    fn as_ref(&self) -> &Labels {
+        &self.0
+    }
+}
+
+impl From<Labels> for EventLabels {
+    fn from(labels: Labels) -> EventLabels {
+        EventLabels(Arc::new(labels))
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for EventLabels {
+    fn from(entries: [(String, String); N]) -> EventLabels {
+        EventLabels::from(Labels::from(entries))
+    }
+}
+
+impl FromIterator<(String, String)> for EventLabels {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> EventLabels {
+        EventLabels::from(iter.into_iter().collect::<Labels>())
+    }
+}
+
+impl<'a> IntoIterator for &'a EventLabels {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl PartialEq<Labels> for EventLabels {
+    fn eq(&self, other: &Labels) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl std::fmt::Debug for EventLabels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for EventLabels {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl JsonSchema for EventLabels {
+    fn inline_schema() -> bool {
+        Labels::inline_schema()
+    }
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        Labels::schema_name()
+    }
+    fn schema_id() -> std::borrow::Cow<'static, str> {
+        Labels::schema_id()
+    }
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        Labels::json_schema(g)
+    }
+}
+
+/// Label sets a sharing thread remembers at most; past it, it starts again from none. A set is
+/// a few hundred bytes: at most ~20 MB, and only while [`SharingLabels`] is in force.
+const SHARED_SETS: usize = 65_536;
+
+thread_local! {
+    /// The label sets this thread decoded, by the hash of their entries; `None` when not
+    /// sharing.
+    static SHARED: RefCell<Option<HashMap<u64, EventLabels>>> = const { RefCell::new(None) };
+}
+
+/// While it lives, labels decoded on this thread are shared with an equal set decoded before
+/// (a fold of many events: start-up, replay). Dropping it forgets the sets.
+pub struct SharingLabels {
+    was: bool,
+}
+
+impl SharingLabels {
+    /// Share the labels this thread decodes from now on, until the value is dropped.
+    pub fn start() -> SharingLabels {
+        let was = SHARED.with(|s| {
+            let mut s = s.borrow_mut();
+            let was = s.is_some();
+            if !was {
+                *s = Some(HashMap::new());
+            }
+            was
+        });
+        SharingLabels { was }
+    }
+}
+
+impl Drop for SharingLabels {
+    fn drop(&mut self) {
+        if !self.was {
+            SHARED.with(|s| *s.borrow_mut() = None);
+        }
+    }
+}
+
+/// A string of the input: borrowed from it where the format allows.
+enum Text<'de> {
+    Borrowed(&'de str),
+    Owned(String),
+}
+
+impl Text<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Text::Borrowed(s) => s,
+            Text::Owned(s) => s,
+        }
+    }
+
+    fn into_string(self) -> String {
+        match self {
+            Text::Borrowed(s) => s.to_owned(),
+            Text::Owned(s) => s,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text<'de>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text::Owned(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text::Owned(v))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Hash of a label set's entries in their order (`name 0xFF value 0xFF …`; 0xFF is in no UTF-8
+/// text, so two different lists of entries never write the same bytes).
+fn hash_entries(entries: &[(Text<'_>, Text<'_>)]) -> u64 {
+    let mut h = rustc_hash::FxHasher::default();
+    for (k, v) in entries {
+        h.write(k.as_str().as_bytes());
+        h.write_u8(0xFF);
+        h.write(v.as_str().as_bytes());
+        h.write_u8(0xFF);
+    }
+    h.finish()
+}
+
+/// True when `labels` holds exactly `entries`, in their order.
+fn same(labels: &Labels, entries: &[(Text<'_>, Text<'_>)]) -> bool {
+    labels.len() == entries.len()
+        && labels
+            .iter()
+            .zip(entries)
+            .all(|((k, v), (ek, ev))| k == ek.as_str() && v == ev.as_str())
+}
+
+/// The map of `entries` (a later duplicate name wins, as inserting them one by one gives):
+/// built in bulk (`BTreeMap::from_iter`: one sort check and no search per entry; building it
+/// entry by entry was ~12 % of decoding a log, benches/README.md "Where replay's time goes").
+fn build(entries: Vec<(Text<'_>, Text<'_>)>) -> EventLabels {
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.into_string(), v.into_string()))
+        .collect()
+}
+
+impl<'de> Deserialize<'de> for EventLabels {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<EventLabels, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EventLabels;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of label names to values")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<EventLabels, A::Error> {
+                let mut entries = Vec::with_capacity(m.size_hint().unwrap_or(0).min(64));
+                while let Some(entry) = m.next_entry::<Text<'de>, Text<'de>>()? {
+                    entries.push(entry);
+                }
+                Ok(SHARED.with(|s| {
+                    let mut s = s.borrow_mut();
+                    let Some(sets) = s.as_mut() else {
+                        return build(entries);
+                    };
+                    let hash = hash_entries(&entries);
+                    if let Some(known) = sets.get(&hash).filter(|l| same(l, &entries)) {
+                        return known.clone();
+                    }
+                    let labels = build(entries);
+                    if sets.len() >= SHARED_SETS {
+                        sets.clear();
+                    }
+                    sets.insert(hash, labels.clone());
+                    labels
+                }))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(entries: &[(&str, &str)]) -> Labels {
+        entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn bincode_of(l: &Labels) -> Vec<u8> {
+        bincode::serde::encode_to_vec(l, bincode::config::standard()).unwrap()
+    }
+
+    fn decode(bytes: &[u8]) -> EventLabels {
+        bincode::serde::borrow_decode_from_slice(bytes, bincode::config::standard())
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn event_labels_encode_exactly_as_the_map_they_hold() {
+        let l = labels(&[("model", "gpt-4o"), ("team", "search"), ("user", "ada")]);
+        let shared = EventLabels::from(l.clone());
+        let cfg = bincode::config::standard();
+        assert_eq!(
+            bincode::serde::encode_to_vec(&shared, cfg).unwrap(),
+            bincode_of(&l)
+        );
+        assert_eq!(
+            serde_json::to_string(&shared).unwrap(),
+            serde_json::to_string(&l).unwrap()
+        );
+        assert_eq!(decode(&bincode_of(&l)), l);
+        let from_json: EventLabels =
+            serde_json::from_str(r#"{"team":"a\"b","user":"ada"}"#).unwrap();
+        assert_eq!(from_json, labels(&[("team", "a\"b"), ("user", "ada")]));
+        assert_eq!(format!("{shared:?}"), format!("{l:?}"));
+    }
+
+    #[test]
+    fn while_sharing_an_equal_set_decodes_into_the_same_copy_and_a_different_one_does_not() {
+        let a = labels(&[("session", "s1"), ("team", "search")]);
+        let b = labels(&[("session", "s2"), ("team", "search")]);
+        let before = (decode(&bincode_of(&a)), decode(&bincode_of(&a)));
+        assert!(
+            !Arc::ptr_eq(&before.0 .0, &before.1 .0),
+            "not shared unless asked"
+        );
+        let sharing = SharingLabels::start();
+        let (a1, a2, b1) = (
+            decode(&bincode_of(&a)),
+            decode(&bincode_of(&a)),
+            decode(&bincode_of(&b)),
+        );
+        assert!(Arc::ptr_eq(&a1.0, &a2.0), "one copy of an equal set");
+        assert!(!Arc::ptr_eq(&a1.0, &b1.0));
+        assert_eq!(
+            (a1.clone(), b1.clone()),
+            (EventLabels::from(a.clone()), b.clone().into())
+        );
+        // A set with a prefix of another's entries, an empty one and one with more entries.
+        let longer = labels(&[("session", "s1"), ("team", "search"), ("user", "u")]);
+        assert_eq!(decode(&bincode_of(&longer)), longer);
+        assert_eq!(decode(&bincode_of(&Labels::new())), Labels::new());
+        drop(sharing);
+        let after = (decode(&bincode_of(&a)), decode(&bincode_of(&a)));
+        assert!(
+            !Arc::ptr_eq(&after.0 .0, &after.1 .0),
+            "forgotten when dropped"
+        );
+    }
+
+    #[test]
+    fn a_set_whose_entries_are_out_of_order_or_repeated_decodes_as_the_map_would() {
+        // Not what bursar writes, but what a hand-made input may hold: the map is what
+        // inserting the entries one by one gives, shared or not.
+        let _sharing = SharingLabels::start();
+        for json in [
+            r#"{"user":"b","team":"a"}"#,
+            r#"{"team":"a","team":"b"}"#,
+            r#"{"team":"a","team":"b"}"#,
+        ] {
+            let shared: EventLabels = serde_json::from_str(json).unwrap();
+            let plain: Labels = serde_json::from_str(json).unwrap();
+            assert_eq!(shared, plain, "{json}");
+        }
+    }
+
+    #[test]
+    fn a_changed_copy_leaves_the_shared_set_as_it_was() {
+        let _sharing = SharingLabels::start();
+        let l = labels(&[("team", "search")]);
+        let mut one = decode(&bincode_of(&l));
+        let other = decode(&bincode_of(&l));
+        one.make_mut().insert("user".into(), "ada".into());
+        assert_eq!(other, l);
+        assert_eq!(decode(&bincode_of(&l)), l);
+        assert_eq!(one.into_labels().len(), 2);
+    }
+}
