@@ -119,8 +119,8 @@ type Chunk = Vec<Result<(Vec<u8>, Vec<Deferred>), LogError>>;
 /// snapshot's last event, which the log must hold.
 ///
 /// The records are read and decoded on a second thread, a few chunks ahead of the fold,
-/// without receipts, which the fold never reads. Each event's bytes are hashed on whichever
-/// thread has time ([`decode_ahead`]); the folding thread checks the chain, folds each event
+/// without receipts, which the fold never reads, each recurring label set decoded once and
+/// each event's bytes hashed there ([`decode_ahead`]); the folding thread checks the chain, folds each event
 /// where it lies, and hands each chunk back to be freed on the thread that allocated it
 /// (freeing another thread's allocations goes through that heap's queue in mimalloc).
 /// Measured in benches/README.md, "Replay: two threads, each its share".
@@ -159,10 +159,11 @@ fn one_pass_fold(
 
 /// The reading thread: decode `records` into chunks for the fold, and free what it hands back.
 ///
-/// Hashing each event's bytes for the chain check is a fifth of the work, done on whichever
-/// thread has time: here while the fold is behind (the channel full), there while it keeps up.
-/// On 2 M events this reading thread was the busier one; on 10 M the folding one (its id index
-/// and buckets outgrow the caches): `bursar-bench replay`.
+/// It hashes each event's bytes for the chain check too (the fold checks the links and hashes
+/// only what could not be hashed here, to report it). Until the label sets were shared
+/// (`SharingLabels`) this thread was the busier one at 2 M events and hashed only while the fold
+/// was behind; since, it has the time at 2 M and 10 M, and hashing all of it here made replay
+/// 11–27 % faster (benches/README.md, "Replay: label sets shared").
 fn decode_ahead(
     records: crate::log::StoredRecords<'_>,
     tx: &std::sync::mpsc::SyncSender<Chunk>,
@@ -170,10 +171,9 @@ fn decode_ahead(
 ) {
     let mut chunk = Chunk::new();
     let mut events = 0usize;
-    let mut hash_here = false;
     for r in records {
         let mut decoded = r.and_then(|(key, bytes)| decode_deferred_at(key, &bytes));
-        if let (true, Ok((bytes, record))) = (hash_here, &mut decoded) {
+        if let Ok((bytes, record)) = &mut decoded {
             // A hash that cannot be computed is left to the fold, which reports it.
             for d in record.iter_mut() {
                 let _ = d.hash_now(bytes);
@@ -184,17 +184,9 @@ fn decode_ahead(
         chunk.push(decoded);
         if events >= RECOVER_CHUNK_EVENTS || failed {
             events = 0;
-            let full = match tx.try_send(std::mem::take(&mut chunk)) {
-                Ok(()) => None,
-                Err(std::sync::mpsc::TrySendError::Full(c)) => Some(c),
+            if tx.send(std::mem::take(&mut chunk)).is_err() {
                 // The fold stopped early (a retroactive price change, an error): stop reading.
-                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
-            };
-            hash_here = full.is_some();
-            if let Some(c) = full {
-                if tx.send(c).is_err() {
-                    return;
-                }
+                return;
             }
             if failed {
                 return;
@@ -313,8 +305,8 @@ mod tests {
     use crate::log::SledLog;
     use bursar_schemas::event::ReservationExpired;
 
-    /// The reading thread hashes the events of the records it decodes while the fold is
-    /// behind: a rewritten event among them stops the fold all the same, naming its seq.
+    /// The reading thread hashes the events of the records it decodes: a rewritten event
+    /// among them stops the fold all the same, naming its seq.
     #[test]
     fn a_damaged_event_hashed_on_the_reading_thread_stops_the_fold() {
         let tmp = tempfile::tempdir().unwrap();
@@ -329,8 +321,8 @@ mod tests {
         .unwrap();
         let store = SledLog::open(tmp.path()).unwrap();
         let records = store.read_records_from(1);
-        // Room for one chunk: the second finds the channel full (the fold has not begun: it
-        // starts 300 ms later), so the reader hashes the third, which holds seq 2,500, itself.
+        // Room for one chunk, and the fold begins 300 ms later: the reader has hashed the
+        // chunks it sent by then, the third (which holds seq 2,500) among them.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(1);
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Chunk>(8);
         let err = std::thread::scope(|scope| {

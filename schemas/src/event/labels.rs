@@ -107,13 +107,22 @@ impl JsonSchema for EventLabels {
 }
 
 /// Label sets a sharing thread remembers at most; past it, it starts again from none. A set is
-/// a few hundred bytes: at most ~20 MB, and only while [`SharingLabels`] is in force.
+/// a few hundred bytes: at most ~25 MB, and only while [`SharingLabels`] is in force.
 const SHARED_SETS: usize = 65_536;
 
+/// What a sharing thread remembers: each set it decoded, by the hash of its entries packed.
+#[derive(Default)]
+struct Shared {
+    /// Hash of the packed entries → the packed entries and the set.
+    sets: HashMap<u64, (Box<[u8]>, EventLabels), rustc_hash::FxBuildHasher>,
+    /// The entries being decoded, packed (`name 0xFF value 0xFF …`; 0xFF is in no UTF-8 text,
+    /// so two different lists of entries never pack into the same bytes).
+    packed: Vec<u8>,
+}
+
 thread_local! {
-    /// The label sets this thread decoded, by the hash of their entries; `None` when not
-    /// sharing.
-    static SHARED: RefCell<Option<HashMap<u64, EventLabels>>> = const { RefCell::new(None) };
+    /// `None` when this thread is not sharing.
+    static SHARED: RefCell<Option<Shared>> = const { RefCell::new(None) };
 }
 
 /// While it lives, labels decoded on this thread are shared with an equal set decoded before
@@ -129,7 +138,7 @@ impl SharingLabels {
             let mut s = s.borrow_mut();
             let was = s.is_some();
             if !was {
-                *s = Some(HashMap::new());
+                *s = Some(Shared::default());
             }
             was
         });
@@ -145,80 +154,42 @@ impl Drop for SharingLabels {
     }
 }
 
-/// A string of the input: borrowed from it where the format allows.
-enum Text<'de> {
-    Borrowed(&'de str),
-    Owned(String),
-}
+/// A string of the input, appended to a packed set: borrowed from the input where the format
+/// allows, so a set already known costs no allocation.
+struct PackedText<'a>(&'a mut Vec<u8>);
 
-impl Text<'_> {
-    fn as_str(&self) -> &str {
-        match self {
-            Text::Borrowed(s) => s,
-            Text::Owned(s) => s,
-        }
-    }
-
-    fn into_string(self) -> String {
-        match self {
-            Text::Borrowed(s) => s.to_owned(),
-            Text::Owned(s) => s,
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Text<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text<'de>, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Text<'de>;
+impl<'de> serde::de::DeserializeSeed<'de> for PackedText<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        struct V<'a>(&'a mut Vec<u8>);
+        impl<'de> serde::de::Visitor<'de> for V<'_> {
+            type Value = ();
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a string")
             }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
-                Ok(Text::Borrowed(v))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
-                Ok(Text::Owned(v.to_owned()))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
-                Ok(Text::Owned(v))
+            fn visit_str<E>(self, v: &str) -> Result<(), E> {
+                self.0.extend_from_slice(v.as_bytes());
+                self.0.push(0xFF);
+                Ok(())
             }
         }
-        d.deserialize_str(V)
+        d.deserialize_str(V(self.0))
     }
 }
 
-/// Hash of a label set's entries in their order (`name 0xFF value 0xFF …`; 0xFF is in no UTF-8
-/// text, so two different lists of entries never write the same bytes).
-fn hash_entries(entries: &[(Text<'_>, Text<'_>)]) -> u64 {
-    let mut h = rustc_hash::FxHasher::default();
-    for (k, v) in entries {
-        h.write(k.as_str().as_bytes());
-        h.write_u8(0xFF);
-        h.write(v.as_str().as_bytes());
-        h.write_u8(0xFF);
+/// The map of the packed entries `packed` (a later duplicate name wins, as inserting them one
+/// by one gives): built in bulk (`BTreeMap::from_iter`: one sort check and no search per entry;
+/// building it entry by entry was ~12 % of decoding a log, benches/README.md "Where replay's
+/// time goes").
+fn unpack(packed: &[u8]) -> EventLabels {
+    let mut texts = packed
+        .split(|b| *b == 0xFF)
+        .map(|t| String::from_utf8_lossy(t).into_owned());
+    let mut entries = Vec::with_capacity(packed.len() / 16);
+    while let (Some(k), Some(v)) = (texts.next(), texts.next()) {
+        entries.push((k, v));
     }
-    h.finish()
-}
-
-/// True when `labels` holds exactly `entries`, in their order.
-fn same(labels: &Labels, entries: &[(Text<'_>, Text<'_>)]) -> bool {
-    labels.len() == entries.len()
-        && labels
-            .iter()
-            .zip(entries)
-            .all(|((k, v), (ek, ev))| k == ek.as_str() && v == ev.as_str())
-}
-
-/// The map of `entries` (a later duplicate name wins, as inserting them one by one gives):
-/// built in bulk (`BTreeMap::from_iter`: one sort check and no search per entry; building it
-/// entry by entry was ~12 % of decoding a log, benches/README.md "Where replay's time goes").
-fn build(entries: Vec<(Text<'_>, Text<'_>)>) -> EventLabels {
-    entries
-        .into_iter()
-        .map(|(k, v)| (k.into_string(), v.into_string()))
-        .collect()
+    entries.into_iter().collect()
 }
 
 impl<'de> Deserialize<'de> for EventLabels {
@@ -233,26 +204,39 @@ impl<'de> Deserialize<'de> for EventLabels {
                 self,
                 mut m: A,
             ) -> Result<EventLabels, A::Error> {
-                let mut entries = Vec::with_capacity(m.size_hint().unwrap_or(0).min(64));
-                while let Some(entry) = m.next_entry::<Text<'de>, Text<'de>>()? {
-                    entries.push(entry);
-                }
-                Ok(SHARED.with(|s| {
+                SHARED.with(|s| {
                     let mut s = s.borrow_mut();
-                    let Some(sets) = s.as_mut() else {
-                        return build(entries);
+                    let Some(shared) = s.as_mut() else {
+                        let mut entries = Vec::with_capacity(m.size_hint().unwrap_or(0).min(64));
+                        while let Some(entry) = m.next_entry::<String, String>()? {
+                            entries.push(entry);
+                        }
+                        return Ok(entries.into_iter().collect());
                     };
-                    let hash = hash_entries(&entries);
-                    if let Some(known) = sets.get(&hash).filter(|l| same(l, &entries)) {
-                        return known.clone();
+                    let packed = &mut shared.packed;
+                    packed.clear();
+                    while m.next_key_seed(PackedText(&mut *packed))?.is_some() {
+                        m.next_value_seed(PackedText(&mut *packed))?;
                     }
-                    let labels = build(entries);
-                    if sets.len() >= SHARED_SETS {
-                        sets.clear();
+                    let mut h = rustc_hash::FxHasher::default();
+                    h.write(packed);
+                    let hash = h.finish();
+                    if let Some((_, known)) = shared
+                        .sets
+                        .get(&hash)
+                        .filter(|(bytes, _)| **bytes == **packed)
+                    {
+                        return Ok(known.clone());
                     }
-                    sets.insert(hash, labels.clone());
-                    labels
-                }))
+                    let labels = unpack(packed);
+                    if shared.sets.len() >= SHARED_SETS {
+                        shared.sets.clear();
+                    }
+                    shared
+                        .sets
+                        .insert(hash, (packed.as_slice().into(), labels.clone()));
+                    Ok(labels)
+                })
             }
         }
         d.deserialize_map(V)
@@ -342,6 +326,8 @@ mod tests {
             r#"{"user":"b","team":"a"}"#,
             r#"{"team":"a","team":"b"}"#,
             r#"{"team":"a","team":"b"}"#,
+            r#"{"team":"équipe ✓","user":"\u00ff"}"#,
+            r#"{"team":"équipe ✓","user":"\u00ff"}"#,
         ] {
             let shared: EventLabels = serde_json::from_str(json).unwrap();
             let plain: Labels = serde_json::from_str(json).unwrap();
