@@ -118,7 +118,22 @@ struct Shared {
     /// The entries being decoded, packed (`name 0xFF value 0xFF …`; 0xFF is in no UTF-8 text,
     /// so two different lists of entries never pack into the same bytes).
     packed: Vec<u8>,
+    /// Packed bytes of the sets remembered.
+    bytes: usize,
+    /// Decodes that found / did not find their set since the sets were last forgotten.
+    hits: u64,
+    misses: u64,
+    /// Set when a full round of remembering found fewer sets than it missed: a log whose sets
+    /// do not recur (a label per request) decodes them plainly from then on (sharing decoded a
+    /// unique set ~4× slower than the plain map: a stranger's review, 2026-12-05).
+    off: bool,
 }
+
+/// Packed bytes of the sets a thread remembers at most (with their maps, a few times this in
+/// memory), and the largest set it remembers: the count alone let 65,536 of the largest sets a
+/// client may send keep 1.4 GiB alive (a stranger's review, 2026-12-05).
+const SHARED_BYTES: usize = 4 << 20;
+const SHARED_SET_BYTES: usize = 4 << 10;
 
 thread_local! {
     /// `None` when this thread is not sharing.
@@ -129,6 +144,8 @@ thread_local! {
 /// (a fold of many events: start-up, replay). Dropping it forgets the sets.
 pub struct SharingLabels {
     was: bool,
+    /// Not `Send`: dropped on another thread it would end that thread's sharing, not this one's.
+    _here: std::marker::PhantomData<*const ()>,
 }
 
 impl SharingLabels {
@@ -142,7 +159,10 @@ impl SharingLabels {
             }
             was
         });
-        SharingLabels { was }
+        SharingLabels {
+            was,
+            _here: std::marker::PhantomData,
+        }
     }
 }
 
@@ -185,7 +205,7 @@ fn unpack(packed: &[u8]) -> EventLabels {
     let mut texts = packed
         .split(|b| *b == 0xFF)
         .map(|t| String::from_utf8_lossy(t).into_owned());
-    let mut entries = Vec::with_capacity(packed.len() / 16);
+    let mut entries = Vec::with_capacity((packed.len() / 16).min(64));
     while let (Some(k), Some(v)) = (texts.next(), texts.next()) {
         entries.push((k, v));
     }
@@ -204,39 +224,70 @@ impl<'de> Deserialize<'de> for EventLabels {
                 self,
                 mut m: A,
             ) -> Result<EventLabels, A::Error> {
-                SHARED.with(|s| {
-                    let mut s = s.borrow_mut();
-                    let Some(shared) = s.as_mut() else {
-                        let mut entries = Vec::with_capacity(m.size_hint().unwrap_or(0).min(64));
-                        while let Some(entry) = m.next_entry::<String, String>()? {
-                            entries.push(entry);
-                        }
-                        return Ok(entries.into_iter().collect());
+                // The packing buffer, taken out so that no borrow of the thread's state is held
+                // while the input is read (a label map decoded inside another then works).
+                let buffer = SHARED.with(|s| {
+                    s.try_borrow_mut().ok().and_then(|mut s| {
+                        s.as_mut()
+                            .filter(|x| !x.off)
+                            .map(|x| std::mem::take(&mut x.packed))
+                    })
+                });
+                let Some(mut packed) = buffer else {
+                    let mut entries = Vec::with_capacity(m.size_hint().unwrap_or(0).min(64));
+                    while let Some(entry) = m.next_entry::<String, String>()? {
+                        entries.push(entry);
+                    }
+                    return Ok(entries.into_iter().collect());
+                };
+                packed.clear();
+                while m.next_key_seed(PackedText(&mut packed))?.is_some() {
+                    m.next_value_seed(PackedText(&mut packed))?;
+                }
+                let mut h = rustc_hash::FxHasher::default();
+                h.write(&packed);
+                let hash = h.finish();
+                Ok(SHARED.with(|s| {
+                    let Ok(mut s) = s.try_borrow_mut() else {
+                        return unpack(&packed);
                     };
-                    let packed = &mut shared.packed;
-                    packed.clear();
-                    while m.next_key_seed(PackedText(&mut *packed))?.is_some() {
-                        m.next_value_seed(PackedText(&mut *packed))?;
+                    let Some(shared) = s.as_mut() else {
+                        return unpack(&packed);
+                    };
+                    let labels = match shared.sets.get(&hash).filter(|(b, _)| **b == *packed) {
+                        Some((_, known)) => {
+                            shared.hits += 1;
+                            known.clone()
+                        }
+                        None => {
+                            shared.misses += 1;
+                            let labels = unpack(&packed);
+                            if packed.len() <= SHARED_SET_BYTES {
+                                if shared.sets.len() >= SHARED_SETS
+                                    || shared.bytes + packed.len() > SHARED_BYTES
+                                {
+                                    shared.off = shared.hits < shared.misses;
+                                    shared.sets = HashMap::default();
+                                    (shared.bytes, shared.hits, shared.misses) = (0, 0, 0);
+                                }
+                                if !shared.off {
+                                    shared.bytes += packed.len();
+                                    let old = shared
+                                        .sets
+                                        .insert(hash, (packed.as_slice().into(), labels.clone()));
+                                    if let Some((b, _)) = old {
+                                        shared.bytes -= b.len();
+                                    }
+                                }
+                            }
+                            labels
+                        }
+                    };
+                    if packed.capacity() <= 2 * SHARED_SET_BYTES {
+                        shared.packed = std::mem::take(&mut packed);
                     }
-                    let mut h = rustc_hash::FxHasher::default();
-                    h.write(packed);
-                    let hash = h.finish();
-                    if let Some((_, known)) = shared
-                        .sets
-                        .get(&hash)
-                        .filter(|(bytes, _)| **bytes == **packed)
-                    {
-                        return Ok(known.clone());
-                    }
-                    let labels = unpack(packed);
-                    if shared.sets.len() >= SHARED_SETS {
-                        shared.sets.clear();
-                    }
-                    shared
-                        .sets
-                        .insert(hash, (packed.as_slice().into(), labels.clone()));
-                    Ok(labels)
-                })
+                    labels
+                }))
             }
         }
         d.deserialize_map(V)
@@ -333,6 +384,25 @@ mod tests {
             let plain: Labels = serde_json::from_str(json).unwrap();
             assert_eq!(shared, plain, "{json}");
         }
+    }
+
+    #[test]
+    fn sets_that_do_not_recur_turn_sharing_off_once_their_bytes_fill_it() {
+        let sharing = SharingLabels::start();
+        let big = |i: usize| labels(&[("id", &format!("{i:04}{}", "x".repeat(4_000)))]);
+        // Each ~4 KB: a little over 1,000 fill the 4 MiB, with no set decoded twice.
+        for i in 0..1_100 {
+            assert_eq!(decode(&bincode_of(&big(i))), big(i));
+        }
+        let small = labels(&[("team", "search")]);
+        let (a, b) = (decode(&bincode_of(&small)), decode(&bincode_of(&small)));
+        assert_eq!((&a, &b), (&EventLabels::from(small.clone()), &small.clone().into()));
+        assert!(!Arc::ptr_eq(&a.0, &b.0), "decoded plainly from then on");
+        drop(sharing);
+        // A new guard shares again.
+        let _again = SharingLabels::start();
+        let (a, b) = (decode(&bincode_of(&small)), decode(&bincode_of(&small)));
+        assert!(Arc::ptr_eq(&a.0, &b.0));
     }
 
     #[test]
