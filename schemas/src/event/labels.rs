@@ -396,7 +396,10 @@ mod tests {
         }
         let small = labels(&[("team", "search")]);
         let (a, b) = (decode(&bincode_of(&small)), decode(&bincode_of(&small)));
-        assert_eq!((&a, &b), (&EventLabels::from(small.clone()), &small.clone().into()));
+        assert_eq!(
+            (&a, &b),
+            (&EventLabels::from(small.clone()), &small.clone().into())
+        );
         assert!(!Arc::ptr_eq(&a.0, &b.0), "decoded plainly from then on");
         drop(sharing);
         // A new guard shares again.
