@@ -37,13 +37,13 @@ pub fn fold_into<E: std::fmt::Display>(
     for (eff, seq, table) in epochs {
         ledger.preload_epoch(*eff, *seq, table);
     }
-    ledger.defer_ids();
+    ledger.begin_long_fold();
     let folded = events.into_iter().try_for_each(|ev| {
         let ev = ev.map_err(|e| FoldError::Source(e.to_string()))?;
         ledger.apply(ev.seq, ev.ts, &ev.body)?;
         Ok::<(), FoldError>(())
     });
-    ledger.settle_ids();
+    ledger.end_long_fold();
     folded
 }
 

@@ -7,6 +7,7 @@ use crate::log::{check_durable_mark, decode_deferred_at, ChainCheck, LogError, L
 use bursar_core::ledger::{self, Ledger};
 use bursar_schemas::event::receipts::without_receipts;
 use bursar_schemas::event::{Deferred, Envelope, EventBody, Hash32, SharingLabels};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Rebuild the ledger at start: the newest usable snapshot, then the log after it.
 ///
@@ -106,6 +107,9 @@ pub fn recover_counted(store: &dyn LogStore) -> Result<(Ledger, u64), String> {
 const RECOVER_CHUNK_EVENTS: usize = 1024;
 /// Chunks decoded ahead of the fold at recovery.
 const RECOVER_CHUNKS_AHEAD: usize = 8;
+/// The reading thread hashes the events of the next chunk itself while at least this many
+/// chunks it sent are not folded yet (it is ahead); else the fold hashes them ([`decode_ahead`]).
+const RECOVER_HASH_AHEAD: usize = RECOVER_CHUNKS_AHEAD / 2;
 
 /// Records decoded on the reading thread, in log order, each with its bytes as decoded (the
 /// hashes of its events and their chain not yet checked); an error ends them.
@@ -130,9 +134,12 @@ fn one_pass_fold(
     anchor: Option<(u64, Hash32)>,
 ) -> Result<bool, String> {
     let from = anchor.map_or(1, |a| a.0);
+    // Chunks folded so far: the reading thread reads from it how far ahead it is.
+    let folded_chunks = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(RECOVER_CHUNKS_AHEAD);
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Chunk>(RECOVER_CHUNKS_AHEAD);
+        let folded_count = &folded_chunks;
         // Made here: the store is not shared with the thread, its reader is.
         let records = store.read_records_from(from);
         let decoder = std::thread::Builder::new()
@@ -140,14 +147,15 @@ fn one_pass_fold(
             .spawn_scoped(scope, move || {
                 // The label sets it decodes again and again, decoded once each.
                 let _sharing = SharingLabels::start();
-                without_receipts(|| decode_ahead(records, &tx, &done_rx));
+                without_receipts(|| decode_ahead(records, &tx, &done_rx, folded_count));
             })
             .map_err(|e| format!("cannot start the recovery reader: {e}"))?;
         // Most ids a long fold indexes it forgets again before its end: indexed once, at the
-        // end (`Ledger::defer_ids`).
-        l.defer_ids();
-        let folded = fold_chunks(l, anchor, from, &rx, &done_tx);
-        l.settle_ids();
+        // end; the shared label sets are matched by where they live
+        // (`Ledger::begin_long_fold`).
+        l.begin_long_fold();
+        let folded = fold_chunks(l, anchor, from, &rx, &done_tx, &folded_chunks);
+        l.end_long_fold();
         drop(rx);
         drop(done_tx);
         decoder
@@ -159,21 +167,26 @@ fn one_pass_fold(
 
 /// The reading thread: decode `records` into chunks for the fold, and free what it hands back.
 ///
-/// It hashes each event's bytes for the chain check too (the fold checks the links and hashes
-/// only what could not be hashed here, to report it). Until the label sets were shared
-/// (`SharingLabels`) this thread was the busier one at 2 M events and hashed only while the fold
-/// was behind; since, it has the time at 2 M and 10 M, and hashing all of it here made replay
-/// 11–27 % faster (benches/README.md, "Replay: label sets shared").
+/// Hashing each event's bytes for the chain check (BLAKE3, a sixth of this thread's work) is
+/// done on whichever thread has the time: here while this thread is ahead (at least
+/// [`RECOVER_HASH_AHEAD`] of the chunks it sent not folded yet, counted by `folded`), else on
+/// the folding thread, which hashes whatever was not hashed here. Either thread may be the
+/// busier one: the reading one on the bench's log, where label sets recur, the folding one
+/// where each event brings a scope of its own (benches/README.md, "Replay: hashing where
+/// there is time").
 fn decode_ahead(
     records: crate::log::StoredRecords<'_>,
     tx: &std::sync::mpsc::SyncSender<Chunk>,
     done: &std::sync::mpsc::Receiver<Chunk>,
+    folded: &AtomicUsize,
 ) {
     let mut chunk = Chunk::new();
     let mut events = 0usize;
+    let mut sent = 0usize;
+    let mut hash_here = false;
     for r in records {
         let mut decoded = r.and_then(|(key, bytes)| decode_deferred_at(key, &bytes));
-        if let Ok((bytes, record)) = &mut decoded {
+        if let (true, Ok((bytes, record))) = (hash_here, &mut decoded) {
             // A hash that cannot be computed is left to the fold, which reports it.
             for d in record.iter_mut() {
                 let _ = d.hash_now(bytes);
@@ -191,6 +204,10 @@ fn decode_ahead(
             if failed {
                 return;
             }
+            sent += 1;
+            // The fold may count a chunk before `sent` does: not behind then.
+            let behind = sent.saturating_sub(folded.load(Ordering::Relaxed));
+            hash_here = behind >= RECOVER_HASH_AHEAD;
             while let Ok(folded) = done.try_recv() {
                 drop(folded);
             }
@@ -210,6 +227,7 @@ fn fold_chunks(
     from: u64,
     rx: &std::sync::mpsc::Receiver<Chunk>,
     done: &std::sync::mpsc::SyncSender<Chunk>,
+    folded: &AtomicUsize,
 ) -> Result<bool, String> {
     let mut chain = ChainCheck::new(from);
     let mut anchored = anchor.is_none();
@@ -255,6 +273,7 @@ fn fold_chunks(
                     .map_err(|e| ledger::FoldError::from(e).to_string())?;
             }
         }
+        folded.fetch_add(1, Ordering::Relaxed);
         // Freed on the reading thread; here when it has stopped taking them.
         let _ = done.try_send(chunk);
     }
@@ -305,15 +324,16 @@ mod tests {
     use crate::log::SledLog;
     use bursar_schemas::event::ReservationExpired;
 
-    /// The reading thread hashes the events of the records it decodes: a rewritten event
-    /// among them stops the fold all the same, naming its seq.
-    #[test]
-    fn a_damaged_event_hashed_on_the_reading_thread_stops_the_fold() {
+    /// Fold a log of 10,000 events in records of 100, the event at `seq` rewritten, the fold
+    /// beginning 300 ms after the reading thread: its error.
+    ///
+    /// A chunk is 11 records (1,100 events, the first past 1,024). Eight chunks fit ahead: the
+    /// reader has sent four before the fold begins, so it hashes the fifth chunk on (seqs from
+    /// 4,401) itself, and leaves the first four to the fold.
+    fn fold_late_with_event_rewritten(seq: u64) -> String {
         let tmp = tempfile::tempdir().unwrap();
-        // 10,000 events in records of 100; a chunk is 11 records (1,100 events, the first
-        // past 1,024), so the third holds seqs 2,201..=3,300.
         write_sample_batches(&mut SledLog::open(tmp.path()).unwrap(), &[100; 100]);
-        tamper_rewrite(tmp.path(), 2_500, |e| {
+        tamper_rewrite(tmp.path(), seq, |e| {
             e.body = EventBody::ReservationExpired(ReservationExpired {
                 reservation_id: "someone else's".into(),
             })
@@ -321,19 +341,34 @@ mod tests {
         .unwrap();
         let store = SledLog::open(tmp.path()).unwrap();
         let records = store.read_records_from(1);
-        // Room for one chunk, and the fold begins 300 ms later: the reader has hashed the
-        // chunks it sent by then, the third (which holds seq 2,500) among them.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(1);
-        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Chunk>(8);
-        let err = std::thread::scope(|scope| {
-            scope.spawn(move || decode_ahead(records, &tx, &done_rx));
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(RECOVER_CHUNKS_AHEAD);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Chunk>(RECOVER_CHUNKS_AHEAD);
+        let folded = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            let count = &folded;
+            scope.spawn(move || decode_ahead(records, &tx, &done_rx, count));
             std::thread::sleep(std::time::Duration::from_millis(300));
             let mut l = Ledger::default();
-            let result = fold_chunks(&mut l, None, 1, &rx, &done_tx);
+            let result = fold_chunks(&mut l, None, 1, &rx, &done_tx, &folded);
             drop(rx);
             result
         })
-        .unwrap_err();
+        .unwrap_err()
+    }
+
+    /// An event the reading thread hashed (it was ahead of the fold): rewritten, it stops the
+    /// fold all the same, naming its seq.
+    #[test]
+    fn a_damaged_event_hashed_on_the_reading_thread_stops_the_fold() {
+        let err = fold_late_with_event_rewritten(6_000);
+        assert!(err.contains("seq 6000"), "{err}");
+    }
+
+    /// An event left for the fold to hash (the reader was not ahead yet): rewritten, it stops
+    /// the fold, naming its seq.
+    #[test]
+    fn a_damaged_event_hashed_on_the_folding_thread_stops_the_fold() {
+        let err = fold_late_with_event_rewritten(2_500);
         assert!(err.contains("seq 2500"), "{err}");
     }
 }

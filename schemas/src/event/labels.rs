@@ -32,6 +32,22 @@ impl EventLabels {
     pub fn into_labels(self) -> Labels {
         Arc::try_unwrap(self.0).unwrap_or_else(|shared| (*shared).clone())
     }
+
+    /// Where the shared map lives: the same for every copy of one set, and no other set's
+    /// while a copy lives.
+    pub fn addr(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+
+    /// True when `other` is a copy of this very set (not merely an equal one).
+    pub fn same_set(&self, other: &EventLabels) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Whether another copy shares this set (decoded while `SharingLabels` was in force, say).
+    pub fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.0) > 1
+    }
 }
 
 impl Deref for EventLabels {

@@ -1,0 +1,163 @@
+//! A long fold (recovery, replay: `Ledger::begin_long_fold`) matches the label sets its events
+//! share by where they live. It must fold exactly as a plain fold does, whatever the events
+//! share and whenever their sets are freed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use bursar_core::ledger::Ledger;
+use bursar_schemas::event::{Envelope, EventBody, EventLabels};
+use bursar_schemas::policy::{ResolvedBudget, WindowSpec};
+use bursar_schemas::wire::StatusRequest;
+use bursar_schemas::Labels;
+use bursar_testkit::Rng;
+use common::*;
+use std::collections::BTreeMap;
+
+/// Budgets per org, per team and per user, a cumulative and a windowed one.
+fn budgets() -> Vec<ResolvedBudget> {
+    let mut out = Vec::new();
+    for (id, group) in [("org", "org"), ("team", "team"), ("user", "user")] {
+        let mut b = budget(id);
+        b.group_by = vec![group.into()];
+        b.max_micros = Some(1_000_000_000);
+        out.push(b);
+    }
+    let mut w = budget("user-hourly");
+    w.group_by = vec!["user".into()];
+    w.window = WindowSpec::Rolling {
+        seconds: 3600,
+        resolution_seconds: 60,
+    };
+    w.max_tokens = Some(10_000_000);
+    out.push(w);
+    out
+}
+
+fn set_of(i: u64) -> Labels {
+    labels(&[
+        ("org", &format!("o{}", i % 3)),
+        ("team", &format!("t{}", i % 7)),
+        ("user", &format!("u{i}")),
+    ])
+}
+
+/// A log of records, reservations and commits over `sets` label sets, with the policy applied
+/// again (the match cache emptied) now and then.
+fn log(seed: u64, events: usize, sets: u64) -> Vec<Envelope> {
+    let mut rng = Rng::new(seed);
+    let mut h = Harness::new(policy(budgets()));
+    let mut open = Vec::new();
+    for n in 0..events {
+        h.now += SEC;
+        let l = set_of(rng.below(sets));
+        match rng.below(10) {
+            0..=4 => {
+                h.record(&format!("e{n}"), l, "m", usage(rng.range(1, 500), 10));
+            }
+            5..=7 => {
+                h.reserve(&format!("r{n}"), l, "m", rng.range(1, 500), 100);
+                open.push(format!("r{n}"));
+            }
+            8 if !open.is_empty() => {
+                let rid = open.swap_remove(rng.below(open.len() as u64) as usize);
+                h.commit(&rid, &format!("c{n}"), usage(10, 10));
+            }
+            _ if rng.chance(10) => {
+                let mut p = policy(budgets());
+                p.reservation_ttl_seconds = 300 + rng.below(100);
+                h.apply_policy(p);
+            }
+            _ => {}
+        }
+    }
+    h.log
+}
+
+/// The labels of an event that has them.
+fn labels_mut(body: &mut EventBody) -> Option<&mut EventLabels> {
+    match body {
+        EventBody::UsageRecorded(u) => Some(&mut u.labels),
+        EventBody::ReservationCreated(r) => Some(&mut r.labels),
+        _ => None,
+    }
+}
+
+fn plain_fold(log: &[Envelope]) -> Ledger {
+    let mut l = Ledger::new();
+    for e in log {
+        l.apply(e.seq, e.ts, &e.body).unwrap();
+    }
+    l
+}
+
+fn assert_same(a: &Ledger, b: &Ledger, what: &str) {
+    assert!(a == b, "{what}: the ledgers differ");
+    let req = StatusRequest::default();
+    let (sa, sb) = (a.status(&req, a.last_ts()), b.status(&req, b.last_ts()));
+    assert_eq!(
+        serde_json::to_string(&sa.unwrap()).unwrap(),
+        serde_json::to_string(&sb.unwrap()).unwrap(),
+        "{what}: the status answers differ"
+    );
+}
+
+/// Events whose equal sets are one shared copy (as the log's reader decodes them) fold in a
+/// long fold to the ledger a plain fold of separate copies gives.
+#[test]
+fn a_long_fold_of_events_sharing_their_label_sets_folds_as_a_plain_one() {
+    for seed in 0..40 {
+        let log = log(seed, 600, 1 + seed % 30);
+        let expected = plain_fold(&log);
+        // One copy per distinct set, shared by every event with that set.
+        let mut copies: BTreeMap<Labels, EventLabels> = BTreeMap::new();
+        let shared: Vec<Envelope> = log
+            .iter()
+            .cloned()
+            .map(|mut e| {
+                if let Some(l) = labels_mut(&mut e.body) {
+                    let map = (**l).clone();
+                    *l = copies
+                        .entry(map.clone())
+                        .or_insert_with(|| EventLabels::from(map))
+                        .clone();
+                }
+                e
+            })
+            .collect();
+        let mut long = Ledger::new();
+        long.begin_long_fold();
+        for e in &shared {
+            long.apply(e.seq, e.ts, &e.body).unwrap();
+        }
+        long.end_long_fold();
+        assert_same(&long, &expected, &format!("seed {seed}"));
+    }
+}
+
+/// A set freed during a long fold leaves its address to the next set allocated, most likely
+/// one of the same size: an event bringing that other set counts in its own buckets, never in
+/// those of the set that lived there before.
+#[test]
+fn a_label_set_living_where_a_freed_one_lived_counts_in_its_own_buckets() {
+    for seed in 0..10 {
+        // Each event a user of its own: every set differs from the one before.
+        let log = log(seed, 400, 1_000_000);
+        let expected = plain_fold(&log);
+        let mut long = Ledger::new();
+        long.begin_long_fold();
+        for e in &log {
+            let mut body = e.body.clone();
+            // A fresh copy, shared (as decoded sets are) while the event folds, then freed.
+            let held = labels_mut(&mut body).map(|l| {
+                *l = EventLabels::from((**l).clone());
+                l.clone()
+            });
+            long.apply(e.seq, e.ts, &body).unwrap();
+            drop(body);
+            drop(held);
+        }
+        long.end_long_fold();
+        assert_same(&long, &expected, &format!("seed {seed}"));
+    }
+}
