@@ -46,8 +46,12 @@ fn decode_answer(blob: &[u8], index: u32) -> Option<String> {
         return None;
     }
     let plain = lz4_flex::block::decompress_size_prepended(packed).ok()?;
-    let (mut answers, _): (Vec<String>, _) =
-        bincode::serde::decode_from_slice(&plain, bincode::config::standard()).ok()?;
+    // Limited: a damaged length must not make bincode allocate what it claims (it aborted).
+    let (mut answers, _): (Vec<String>, _) = bincode::serde::decode_from_slice(
+        &plain,
+        bincode::config::standard().with_limit::<MAX_ANSWERS_BYTES>(),
+    )
+    .ok()?;
     let index = usize::try_from(index).ok()?;
     (index < answers.len()).then(|| answers.swap_remove(index))
 }
@@ -69,12 +73,19 @@ pub fn first_release_answer(store: &dyn LogStore, key: &str) -> Option<([u8; 16]
             let blob = store.get_id(&answers_key(batch)).ok()??;
             decode_answer(&blob, index).map(|a| (digest, a))
         }
-        None => {
-            bincode::serde::decode_from_slice::<OldIdRecord, _>(&bytes, bincode::config::standard())
-                .ok()
-                .map(|(r, _)| (r.digest, r.answer))
-        }
+        None => decode_old_record(&bytes),
     }
+}
+
+/// A whole record of the oldest `ids` entries, `None` when damaged.
+fn decode_old_record(bytes: &[u8]) -> Option<([u8; 16], String)> {
+    // Limited: a damaged length must not make bincode allocate what it claims (it aborted).
+    bincode::serde::decode_from_slice::<OldIdRecord, _>(
+        bytes,
+        bincode::config::standard().with_limit::<MAX_ANSWERS_BYTES>(),
+    )
+    .ok()
+    .map(|(r, _)| (r.digest, r.answer))
 }
 
 /// The idempotency key of a write (`None` for `extend`, which has none).
@@ -142,5 +153,24 @@ mod tests {
         cut.truncate(blob.len() - 1);
         assert_eq!(decode_answer(&cut, 0), None);
         assert_eq!(decode_locator(&[LOCATOR_TAG; 5]), None);
+    }
+
+    /// A damaged length inside a blob or an old record claims a terabyte: a miss, not an
+    /// abort of the daemon (bincode allocated what the length claimed).
+    #[test]
+    fn a_damaged_length_in_the_first_release_s_ids_is_a_miss_not_an_abort() {
+        // One string claiming 2^40 bytes (bincode's varint: 253, then a little-endian u64).
+        let huge = [253, 0, 0, 0, 0, 0, 1, 0, 0];
+        let mut plain = vec![1];
+        plain.extend_from_slice(&huge);
+        let mut blob = vec![ANSWERS_FORMAT_V1];
+        blob.extend_from_slice(&lz4_flex::block::compress_prepend_size(&plain));
+        assert_eq!(decode_answer(&blob, 0), None);
+        let mut record = vec![7u8; 16];
+        record.extend_from_slice(&huge);
+        assert_eq!(decode_old_record(&record), None);
+        let mut good = vec![7u8; 16];
+        good.extend_from_slice(&[2, b'o', b'k']);
+        assert_eq!(decode_old_record(&good), Some(([7; 16], "ok".to_string())));
     }
 }

@@ -435,4 +435,99 @@ mod tests {
         assert_eq!(decode(&bincode_of(&l)), l);
         assert_eq!(one.into_labels().len(), 2);
     }
+
+    /// Whatever the input — sets that recur, sets sharing a prefix, text with escapes and
+    /// non-ASCII, bytes damaged on the way — decoding with sharing on gives what decoding the
+    /// plain map gives: the same map, or an error where the map errs.
+    mod sharing_on_decodes_as_the_plain_map {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-d]{0,3}",
+                "[a-zA-Z0-9_\\-]{1,12}",
+                ".{0,6}",
+                Just("\"\\\u{0}".to_string()),
+            ]
+        }
+
+        fn set() -> impl Strategy<Value = Labels> {
+            proptest::collection::btree_map(text(), text(), 0..6)
+        }
+
+        /// Sets drawn from a small pool, so that they recur, some encodings damaged.
+        fn inputs() -> impl Strategy<Value = Vec<(usize, Option<(usize, u8)>)>> {
+            proptest::collection::vec(
+                (
+                    0..8usize,
+                    proptest::option::weighted(0.2, (0..64usize, any::<u8>())),
+                ),
+                1..40,
+            )
+        }
+
+        fn damaged(mut bytes: Vec<u8>, damage: Option<(usize, u8)>) -> Vec<u8> {
+            if let Some((at, b)) = damage {
+                if !bytes.is_empty() {
+                    let i = at % bytes.len();
+                    bytes[i] = b;
+                }
+            }
+            bytes
+        }
+
+        proptest! {
+            #[test]
+            fn from_bincode(pool in proptest::collection::vec(set(), 8), seq in inputs()) {
+                // Limited as the log's records are: a damaged length is an error, not an
+                // allocation of what it claims.
+                let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+                let inputs: Vec<Vec<u8>> = seq
+                    .iter()
+                    .map(|(i, d)| damaged(bincode_of(&pool[*i]), *d))
+                    .collect();
+                let plain: Vec<Result<Labels, String>> = inputs
+                    .iter()
+                    .map(|b| {
+                        bincode::serde::borrow_decode_from_slice::<Labels, _>(b, cfg)
+                            .map(|(l, _)| l)
+                            .map_err(|e| e.to_string())
+                    })
+                    .collect();
+                let _sharing = SharingLabels::start();
+                for (b, want) in inputs.iter().zip(&plain) {
+                    let got = bincode::serde::borrow_decode_from_slice::<EventLabels, _>(b, cfg)
+                        .map(|(l, _)| l.into_labels())
+                        .map_err(|e| e.to_string());
+                    prop_assert_eq!(got.is_ok(), want.is_ok(), "{:?} / {:?}", got, want);
+                    if let (Ok(g), Ok(w)) = (&got, want) {
+                        prop_assert_eq!(g, w);
+                    }
+                }
+            }
+
+            #[test]
+            fn from_json(pool in proptest::collection::vec(set(), 8), seq in inputs()) {
+                let inputs: Vec<Vec<u8>> = seq
+                    .iter()
+                    .map(|(i, d)| damaged(serde_json::to_vec(&pool[*i]).unwrap(), *d))
+                    .collect();
+                let plain: Vec<Result<Labels, String>> = inputs
+                    .iter()
+                    .map(|b| serde_json::from_slice::<Labels>(b).map_err(|e| e.to_string()))
+                    .collect();
+                let _sharing = SharingLabels::start();
+                for (b, want) in inputs.iter().zip(&plain) {
+                    let got = serde_json::from_slice::<EventLabels>(b)
+                        .map(|l| l.into_labels())
+                        .map_err(|e| e.to_string());
+                    prop_assert_eq!(got.is_ok(), want.is_ok(), "{:?} / {:?}", got, want);
+                    if let (Ok(g), Ok(w)) = (&got, want) {
+                        prop_assert_eq!(g, w);
+                    }
+                }
+            }
+        }
+    }
 }
