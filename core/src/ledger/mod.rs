@@ -252,7 +252,7 @@ fn copy_short(dst: &mut [u8], src: &[u8]) {
 /// force). Two generations bound it: a hit in the old one moves up, and the old one is dropped
 /// when the new one is full. Never serialised or compared, and emptied when a policy is
 /// installed.
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct MatchCache {
     new: hashbrown::HashTable<MatchEntry>,
     old: hashbrown::HashTable<MatchEntry>,
@@ -265,6 +265,26 @@ struct MatchCache {
     /// copy was freed cannot match. `(0, 0)` is an empty slot.
     by_set: Option<Box<[(usize, u64)]>>,
 }
+
+/// A copy of a ledger in a long fold is not in one: it matches by labels, keeping no set.
+impl Clone for MatchCache {
+    fn clone(&self) -> MatchCache {
+        let mut c = MatchCache {
+            new: self.new.clone(),
+            old: self.old.clone(),
+            by_set: None,
+        };
+        for e in c.new.iter_mut().chain(c.old.iter_mut()) {
+            e.kept = None;
+        }
+        c
+    }
+}
+
+/// Packed bytes of the largest label set a long fold keeps to match by where it lives (the
+/// bound `SharingLabels` remembers sets to, too): with 65,536 entries at most, under 300 MiB
+/// of kept maps in the worst case, a few MiB for sets of typical size.
+const KEPT_SET_BYTES: usize = 4 << 10;
 
 /// Slots of [`MatchCache::by_set`] (a power of two; 16 bytes each).
 const BY_SET_SLOTS: usize = 1 << 16;
@@ -348,6 +368,11 @@ impl MatchCache {
             }
         }
         with_packed(labels, |packed, hash| {
+            if packed.len > KEPT_SET_BYTES {
+                // A large set is matched by its labels: keeping 65,536 of them alive could
+                // hold hundreds of MiB (a stranger's review).
+                return self.entry_packed(packed, hash, entries, compute);
+            }
             if let Some(slot) = self.by_set.as_deref_mut().and_then(|b| b.get_mut(at)) {
                 *slot = (addr, hash);
             }
@@ -1563,8 +1588,23 @@ mod tests {
         );
         drop(shared);
         assert!(!l.is_shared() && other.is_shared());
+        // A copy of the cache is in no long fold: it keeps no set.
+        let copy = cache.clone();
+        assert!(copy.by_set.is_none());
+        assert!(other.is_shared(), "the original still keeps it");
+        drop(copy);
         cache.by_set(false);
         assert!(!other.is_shared(), "let go at the end of the fold");
+        // A large set is not kept.
+        cache.by_set(true);
+        let big = EventLabels::from(Labels::from([("id".to_string(), "x".repeat(5_000))]));
+        let also = big.clone();
+        cache.entry_of(&big, 16, || refs(2)).unwrap();
+        drop(also);
+        assert!(
+            !big.is_shared(),
+            "a set over 4 KB is matched by its labels, not kept"
+        );
     }
 
     #[test]
