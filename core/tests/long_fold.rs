@@ -161,3 +161,40 @@ fn a_label_set_living_where_a_freed_one_lived_counts_in_its_own_buckets() {
         assert_same(&long, &expected, &format!("seed {seed}"));
     }
 }
+
+/// Sets that recur, each event bringing a fresh copy (shared while it folds, then freed): the
+/// entry of a set keeps the newest copy and lets the one before go, whose address the next
+/// copy allocated — most likely of *another* set — takes. That event must count in its own
+/// buckets, not in those of the set whose stale `by_set` slot names the address.
+#[test]
+fn a_fresh_copy_of_another_recurring_set_at_a_freed_copy_s_address_counts_in_its_own_buckets() {
+    let mut reused = 0;
+    for seed in 0..20 {
+        let log = log(seed, 600, 2 + seed % 6);
+        let expected = plain_fold(&log);
+        let mut long = Ledger::new();
+        long.begin_long_fold();
+        let mut seen: BTreeMap<usize, Labels> = BTreeMap::new();
+        for e in &log {
+            let mut body = e.body.clone();
+            let held = labels_mut(&mut body).map(|l| {
+                *l = EventLabels::from((**l).clone());
+                if let Some(before) = seen.insert(l.addr(), (**l).clone()) {
+                    if before != **l {
+                        reused += 1;
+                    }
+                }
+                l.clone()
+            });
+            long.apply(e.seq, e.ts, &body).unwrap();
+            drop(body);
+            drop(held);
+        }
+        long.end_long_fold();
+        assert_same(&long, &expected, &format!("seed {seed}"));
+    }
+    assert!(
+        reused > 100,
+        "another set took a freed copy's address only {reused} times"
+    );
+}
