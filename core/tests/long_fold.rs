@@ -135,6 +135,26 @@ fn a_long_fold_of_events_sharing_their_label_sets_folds_as_a_plain_one() {
     }
 }
 
+/// Fold `log` in a long fold, each event with a fresh copy of its labels, shared (as decoded
+/// sets are) while the event folds and freed after; `on_copy` sees each copy first.
+fn long_fold_with_fresh_copies(log: &[Envelope], mut on_copy: impl FnMut(&EventLabels)) -> Ledger {
+    let mut long = Ledger::new();
+    long.begin_long_fold();
+    for e in log {
+        let mut body = e.body.clone();
+        let held = labels_mut(&mut body).map(|l| {
+            *l = EventLabels::from((**l).clone());
+            on_copy(l);
+            l.clone()
+        });
+        long.apply(e.seq, e.ts, &body).unwrap();
+        drop(body);
+        drop(held);
+    }
+    long.end_long_fold();
+    long
+}
+
 /// A set freed during a long fold leaves its address to the next set allocated, most likely
 /// one of the same size: an event bringing that other set counts in its own buckets, never in
 /// those of the set that lived there before.
@@ -143,22 +163,8 @@ fn a_label_set_living_where_a_freed_one_lived_counts_in_its_own_buckets() {
     for seed in 0..10 {
         // Each event a user of its own: every set differs from the one before.
         let log = log(seed, 400, 1_000_000);
-        let expected = plain_fold(&log);
-        let mut long = Ledger::new();
-        long.begin_long_fold();
-        for e in &log {
-            let mut body = e.body.clone();
-            // A fresh copy, shared (as decoded sets are) while the event folds, then freed.
-            let held = labels_mut(&mut body).map(|l| {
-                *l = EventLabels::from((**l).clone());
-                l.clone()
-            });
-            long.apply(e.seq, e.ts, &body).unwrap();
-            drop(body);
-            drop(held);
-        }
-        long.end_long_fold();
-        assert_same(&long, &expected, &format!("seed {seed}"));
+        let long = long_fold_with_fresh_copies(&log, |_| {});
+        assert_same(&long, &plain_fold(&log), &format!("seed {seed}"));
     }
 }
 
@@ -171,27 +177,15 @@ fn a_fresh_copy_of_another_recurring_set_at_a_freed_copy_s_address_counts_in_its
     let mut reused = 0;
     for seed in 0..20 {
         let log = log(seed, 600, 2 + seed % 6);
-        let expected = plain_fold(&log);
-        let mut long = Ledger::new();
-        long.begin_long_fold();
         let mut seen: BTreeMap<usize, Labels> = BTreeMap::new();
-        for e in &log {
-            let mut body = e.body.clone();
-            let held = labels_mut(&mut body).map(|l| {
-                *l = EventLabels::from((**l).clone());
-                if let Some(before) = seen.insert(l.addr(), (**l).clone()) {
-                    if before != **l {
-                        reused += 1;
-                    }
+        let long = long_fold_with_fresh_copies(&log, |l| {
+            if let Some(before) = seen.insert(l.addr(), (**l).clone()) {
+                if before != **l {
+                    reused += 1;
                 }
-                l.clone()
-            });
-            long.apply(e.seq, e.ts, &body).unwrap();
-            drop(body);
-            drop(held);
-        }
-        long.end_long_fold();
-        assert_same(&long, &expected, &format!("seed {seed}"));
+            }
+        });
+        assert_same(&long, &plain_fold(&log), &format!("seed {seed}"));
     }
     assert!(
         reused > 100,
