@@ -6,7 +6,7 @@ use super::snapshots::{
 use crate::log::{check_durable_mark, decode_deferred_at, ChainCheck, LogError, LogStore};
 use bursar_core::ledger::{self, Ledger};
 use bursar_schemas::event::receipts::without_receipts;
-use bursar_schemas::event::{Deferred, Envelope, EventBody, Hash32, SharingLabels};
+use bursar_schemas::event::{self, Deferred, Envelope, EventBody, Hash32, SharingLabels};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Rebuild the ledger at start: the newest usable snapshot, then the log after it.
@@ -188,9 +188,7 @@ fn decode_ahead(
         let mut decoded = r.and_then(|(key, bytes)| decode_deferred_at(key, &bytes));
         if let (true, Ok((bytes, record))) = (hash_here, &mut decoded) {
             // A hash that cannot be computed is left to the fold, which reports it.
-            for d in record.iter_mut() {
-                let _ = d.hash_now(bytes);
-            }
+            event::hash_all(bytes, record);
         }
         let failed = decoded.is_err();
         events += decoded.as_ref().map_or(1, |(_, v)| v.len());
@@ -233,13 +231,15 @@ fn fold_chunks(
     let mut anchored = anchor.is_none();
     let mut last_ts = l.last_ts();
     let mut folded_any = l.last_seq() > 0;
-    for chunk in rx.iter() {
-        for record in &chunk {
+    for mut chunk in rx.iter() {
+        for record in &mut chunk {
             let (bytes, events) = match record {
                 Ok(r) => r,
                 Err(e) => return Err(from_the_log(e)),
             };
-            for d in events {
+            // What the reading thread left, side by side (`chain_hash_many`).
+            event::hash_all(bytes, events);
+            for d in events.iter() {
                 let env = &d.env;
                 let hash = d.content_hash(bytes).map_err(|e| {
                     from_the_log(&LogError::Corrupt {

@@ -16,10 +16,12 @@
 //! Types here avoid serde attributes that bincode cannot honour (`skip_serializing_if`,
 //! `flatten`, internal tags).
 
+mod chain_many;
 mod labels;
 pub mod receipts;
 pub mod v1;
 
+pub use chain_many::chain_hash_many;
 pub use labels::{EventLabels, SharingLabels};
 
 use crate::policy::ResolvedPolicy;
@@ -391,10 +393,18 @@ pub fn decode_record_checked(bytes: &[u8]) -> Result<Vec<Checked>, CodecError> {
 }
 
 fn decode_v2(rest: &[u8]) -> Result<Vec<Checked>, CodecError> {
-    decode_v2_with(rest, |env, body, _| Checked {
-        content_hash: chain_hash(&env.prev_hash, body),
-        env,
-    })
+    let decoded = decode_v2_with(rest, |env, body, at| (env, at..at + body.len()))?;
+    let links: Vec<(&Hash32, &[u8])> = decoded
+        .iter()
+        // The ranges are where `decode_v2_with` found the bodies in `rest`.
+        .map(|(env, range)| (&env.prev_hash, rest.get(range.clone()).unwrap_or_default()))
+        .collect();
+    let hashes = chain_hash_many(&links);
+    Ok(decoded
+        .into_iter()
+        .zip(hashes)
+        .map(|((env, _), content_hash)| Checked { env, content_hash })
+        .collect())
 }
 
 /// A decoded envelope whose chain hash may still have to be computed, over its bytes in the
@@ -428,12 +438,26 @@ impl Deferred {
     }
 }
 
-impl Deferred {
-    /// Compute the hash now, on this thread (see [`content_hash`](Self::content_hash)).
-    pub fn hash_now(&mut self, record: &[u8]) -> Result<(), CodecError> {
-        let h = self.content_hash(record)?;
-        self.hashed = Hashed::Done(h);
-        Ok(())
+/// Compute the hashes of every event of `events` not hashed yet, side by side
+/// ([`chain_hash_many`]); `record` is the record they were decoded from. An event whose bytes
+/// are not in `record` is left as it is, for [`Deferred::content_hash`] to report.
+pub fn hash_all(record: &[u8], events: &mut [Deferred]) {
+    if !events.iter().any(|d| matches!(d.hashed, Hashed::Over(_))) {
+        return;
+    }
+    let mut which = Vec::with_capacity(events.len());
+    let mut links = Vec::with_capacity(events.len());
+    for (i, d) in events.iter().enumerate() {
+        if let Hashed::Over(range) = &d.hashed {
+            if let Some(bytes) = record.get(range.clone()) {
+                which.push(i);
+                links.push((&d.env.prev_hash, bytes));
+            }
+        }
+    }
+    let hashes = chain_hash_many(&links);
+    for (i, h) in which.into_iter().zip(hashes) {
+        events[i].hashed = Hashed::Done(h);
     }
 }
 
