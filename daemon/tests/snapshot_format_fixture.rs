@@ -326,3 +326,42 @@ fn a_format_6_snapshot_decompressing_past_its_bound_is_set_aside() {
     assert!(back == l && h == head);
     assert!(decode_snapshot(&bytes).is_some_and(|(back, _)| back == l));
 }
+
+/// The most virtual memory this process has had mapped at once (`VmPeak`), in bytes.
+fn vm_peak() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmPeak:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+/// A damaged length in a small snapshot is a miss, not an allocation of what it claims: a
+/// string of 3 GiB claimed inside a snapshot of a few KiB is refused before anything is
+/// allocated for it (bincode allocates a claimed length before reading; on a host that cannot
+/// map that much the allocation would abort the daemon instead of folding the log).
+#[test]
+fn a_damaged_length_in_a_small_snapshot_allocates_nothing_of_what_it_claims() {
+    let (l, ()) = make_ledger();
+    let mut plain = bincode::serde::encode_to_vec(&l, bincode::config::standard()).unwrap();
+    // The id of a released reservation, remembered among the ended ones: its length byte
+    // becomes a varint of 3 GiB (0xFC, then a u32).
+    let id = b"\x0ar-released";
+    let at = plain
+        .windows(id.len())
+        .position(|w| w == id)
+        .expect("the ledger's bincode holds the released reservation's id");
+    plain.splice(at..at + 1, [0xFC, 0x00, 0x00, 0x00, 0xC0]);
+    let mut damaged = vec![bursard::writer::SNAPSHOT_FORMAT_V6];
+    damaged.extend_from_slice(&[6; 32]);
+    damaged.extend_from_slice(&zstd::encode_all(&plain[..], 1).unwrap());
+    assert!(damaged.len() < 64 << 10, "a small snapshot");
+
+    let before = vm_peak();
+    assert!(decode_snapshot(&damaged).is_none());
+    let grew = vm_peak().saturating_sub(before);
+    assert!(
+        grew < 1 << 30,
+        "decoding mapped {} MiB at once for a claim of 3 GiB",
+        grew >> 20
+    );
+}

@@ -70,6 +70,45 @@ const MAX_SNAPSHOT_BYTES: usize = 4 << 30;
 /// Largest ratio of a format-6 snapshot's decompressed size to its stored size accepted.
 const MAX_SNAPSHOT_RATIO: usize = 1024;
 
+/// The smallest of the tiers [`SNAPSHOT_LIMIT_TIERS`] at or above `bound`.
+fn snapshot_limit(bound: usize) -> usize {
+    SNAPSHOT_LIMIT_TIERS
+        .into_iter()
+        .find(|t| *t >= bound)
+        .unwrap_or(MAX_SNAPSHOT_BYTES)
+}
+
+/// bincode limits for decoding a snapshot, by the most bincode it can hold. bincode allocates
+/// a string's or an array's length as claimed, before reading its bytes: with one limit of 4
+/// GiB for every snapshot, a damaged length in a snapshot of a few KiB asked for up to 4 GiB at
+/// once, and on a host that cannot map that much the allocation aborts the daemon. With the
+/// limit the smallest tier at or above the most the snapshot can hold (its decompressed size,
+/// or 1,024 times its stored size), a claim is at most 16 times that. Limits are constants
+/// in bincode: three tiers, three copies of the ledger's decoder per format.
+const SNAPSHOT_LIMIT_TIERS: [usize; 3] = [16 << 20, 256 << 20, MAX_SNAPSHOT_BYTES];
+
+/// Run `$decode` with `$cfg` bound to bincode's standard configuration limited to
+/// [`snapshot_limit`]`($bound)`.
+macro_rules! within_tier {
+    ($bound:expr, |$cfg:ident| $decode:expr) => {{
+        let std = bincode::config::standard();
+        match snapshot_limit($bound) {
+            l if l == SNAPSHOT_LIMIT_TIERS[0] => {
+                let $cfg = std.with_limit::<{ SNAPSHOT_LIMIT_TIERS[0] }>();
+                $decode
+            }
+            l if l == SNAPSHOT_LIMIT_TIERS[1] => {
+                let $cfg = std.with_limit::<{ SNAPSHOT_LIMIT_TIERS[1] }>();
+                $decode
+            }
+            _ => {
+                let $cfg = std.with_limit::<{ SNAPSHOT_LIMIT_TIERS[2] }>();
+                $decode
+            }
+        }
+    }};
+}
+
 /// Decode a snapshot: the ledger and the hash of its last event. A snapshot is a cache of the
 /// log's fold: one of an older format (or a damaged one) is `None`, and recovery folds the log
 /// instead.
@@ -97,10 +136,11 @@ pub fn decode_snapshot_within(bytes: &[u8], max_ratio: usize) -> Option<(Ledger,
         // to its real end (and its checksum checked) and one longer is told apart.
         let z = std::io::Read::take(z, most as u64 + 1);
         let mut z = std::io::BufReader::with_capacity(STREAM_BUFFER, z);
-        let l: Ledger = bincode::serde::decode_from_std_read(
-            &mut z,
-            bincode::config::standard().with_limit::<MAX_SNAPSHOT_BYTES>(),
-        )
+        let l = within_tier!(most, |cfg| bincode::serde::decode_from_std_read::<
+            Ledger,
+            _,
+            _,
+        >(&mut z, cfg))
         .ok()?;
         // Nothing may follow the ledger in the stream; reading to its end checks its checksum.
         let mut more = [0u8; 1];
@@ -115,10 +155,10 @@ pub fn decode_snapshot_within(bytes: &[u8], max_ratio: usize) -> Option<(Ledger,
         return None;
     }
     let plain = lz4_flex::block::decompress_size_prepended(rest).ok()?;
-    bincode::serde::decode_from_slice(
-        &plain,
-        bincode::config::standard().with_limit::<MAX_SNAPSHOT_BYTES>(),
-    )
+    within_tier!(plain.len(), |cfg| bincode::serde::decode_from_slice::<
+        Ledger,
+        _,
+    >(&plain, cfg))
     .ok()
     .map(|(l, _)| (l, head_hash))
 }
