@@ -1499,7 +1499,7 @@ fn price_at<'a>(
 /// The fold, replay, exports and what-if all price events here, so they cannot disagree.
 pub fn event_cost(epochs: &[PriceEpoch], u: &UsageRecorded, ts: TsMicros) -> (Micros, bool, u64) {
     match price_at(epochs, &u.model, ts) {
-        Some((_, _, version)) if u.labels.contains_key("subscription") => (0, false, version),
+        Some((_, _, version)) if u.labels.carries_subscription() => (0, false, version),
         Some((price, at_max, version)) => (pricing::usage_cost(price, &u.usage), at_max, version),
         None => (0, true, 0),
     }

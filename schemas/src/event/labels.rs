@@ -17,20 +17,45 @@ use std::hash::Hasher as _;
 use std::ops::Deref;
 use std::sync::Arc;
 
+/// The derived label that a `[[subscription]]` carried the call (SPEC §10); clients cannot
+/// set it.
+pub const SUBSCRIPTION_LABEL: &str = "subscription";
+
 /// An event's labels: a [`Labels`] map, shared by its copies. Compares, prints and encodes as
 /// the map.
 #[derive(Clone, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
-pub struct EventLabels(Arc<Labels>);
+pub struct EventLabels(Arc<Labels>, Subscription);
+
+/// Whether the map holds [`SUBSCRIPTION_LABEL`], found once when the map is made: the fold
+/// prices every usage event by it, and by then the map's nodes and keys are rarely in cache
+/// (looking it up was 8 % of a 10 M-event start-up's samples: benches/README.md "Replay: the
+/// links hashed side by side"). A function of the map, so comparing it changes nothing.
+#[derive(Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
+struct Subscription(bool);
+
+impl Subscription {
+    fn of(map: &Labels) -> Subscription {
+        Subscription(map.contains_key(SUBSCRIPTION_LABEL))
+    }
+}
 
 impl EventLabels {
-    /// The map, to change (copied first when another copy shares it).
-    pub fn make_mut(&mut self) -> &mut Labels {
-        Arc::make_mut(&mut self.0)
+    /// Change the map (copied first when another copy shares it).
+    pub fn update<R>(&mut self, change: impl FnOnce(&mut Labels) -> R) -> R {
+        let map = Arc::make_mut(&mut self.0);
+        let r = change(map);
+        self.1 = Subscription::of(map);
+        r
     }
 
     /// The map itself (copied when another copy shares it).
     pub fn into_labels(self) -> Labels {
         Arc::try_unwrap(self.0).unwrap_or_else(|shared| (*shared).clone())
+    }
+
+    /// Whether a `[[subscription]]` carried the call: the map holds [`SUBSCRIPTION_LABEL`].
+    pub fn carries_subscription(&self) -> bool {
+        self.1 .0
     }
 
     /// Where the shared map lives: the same for every copy of one set, and no other set's
@@ -65,7 +90,8 @@ impl AsRef<Labels> for EventLabels {
 
 impl From<Labels> for EventLabels {
     fn from(labels: Labels) -> EventLabels {
-        EventLabels(Arc::new(labels))
+        let subscription = Subscription::of(&labels);
+        EventLabels(Arc::new(labels), subscription)
     }
 }
 
@@ -424,13 +450,38 @@ mod tests {
         assert!(Arc::ptr_eq(&a.0, &b.0));
     }
 
+    /// The fold prices a usage event by whether its labels carry a subscription: the answer
+    /// is the map's whichever way the labels were made, decoded or changed.
+    #[test]
+    fn whether_labels_carry_a_subscription_follows_their_map() {
+        let plain = labels(&[("team", "search")]);
+        let with = labels(&[("subscription", "max"), ("team", "search")]);
+        assert!(!EventLabels::from(plain.clone()).carries_subscription());
+        assert!(EventLabels::from(with.clone()).carries_subscription());
+        let _sharing = SharingLabels::start();
+        for _ in 0..2 {
+            // Made, then found among the sets remembered.
+            assert!(!decode(&bincode_of(&plain)).carries_subscription());
+            assert!(decode(&bincode_of(&with)).carries_subscription());
+        }
+        let mut l = decode(&bincode_of(&plain));
+        l.update(|m| m.insert("subscription".into(), "max".into()));
+        assert!(l.carries_subscription());
+        assert!(
+            !decode(&bincode_of(&plain)).carries_subscription(),
+            "the shared set unchanged"
+        );
+        l.update(|m| m.remove("subscription"));
+        assert!(!l.carries_subscription());
+    }
+
     #[test]
     fn a_changed_copy_leaves_the_shared_set_as_it_was() {
         let _sharing = SharingLabels::start();
         let l = labels(&[("team", "search")]);
         let mut one = decode(&bincode_of(&l));
         let other = decode(&bincode_of(&l));
-        one.make_mut().insert("user".into(), "ada".into());
+        one.update(|m| m.insert("user".into(), "ada".into()));
         assert_eq!(other, l);
         assert_eq!(decode(&bincode_of(&l)), l);
         assert_eq!(one.into_labels().len(), 2);
