@@ -70,22 +70,32 @@ const MAX_SNAPSHOT_BYTES: usize = 4 << 30;
 /// Largest ratio of a format-6 snapshot's decompressed size to its stored size accepted.
 const MAX_SNAPSHOT_RATIO: usize = 1024;
 
-/// The smallest of the tiers [`SNAPSHOT_LIMIT_TIERS`] at or above `bound`.
+/// The bincode limit for a snapshot of at most `bound` bytes of bincode: the smallest of the
+/// tiers [`SNAPSHOT_LIMIT_TIERS`] at or above what decoding them can claim.
 fn snapshot_limit(bound: usize) -> usize {
+    let claims = bound.saturating_mul(CLAIMS_PER_BYTE);
     SNAPSHOT_LIMIT_TIERS
         .into_iter()
-        .find(|t| *t >= bound)
+        .find(|t| *t >= claims)
         .unwrap_or(MAX_SNAPSHOT_BYTES)
 }
 
-/// bincode limits for decoding a snapshot, by the most bincode it can hold. bincode allocates
+/// Most that bincode's limit counts per byte it decodes: it counts what it builds, not what it
+/// reads (each integer its whole size, a `u128` 16 bytes for a varint of one; a string its
+/// length). A real ledger claims 2–5 times its bincode (a stranger's review, 2026-12-05: 7.0 MB
+/// of bincode needed a 32 MiB limit); tiers picked by the bincode's size alone refused valid
+/// format-5 snapshots from a few MB up.
+const CLAIMS_PER_BYTE: usize = 16;
+
+/// bincode limits for decoding a snapshot, by the most its bincode can claim. bincode allocates
 /// a string's or an array's length as claimed, before reading its bytes: with one limit of 4
 /// GiB for every snapshot, a damaged length in a snapshot of a few KiB asked for up to 4 GiB at
-/// once, and on a host that cannot map that much the allocation aborts the daemon. With the
-/// limit the smallest tier at or above the most the snapshot can hold (its decompressed size,
-/// or 1,024 times its stored size), a claim is at most 16 times that. Limits are constants
-/// in bincode: three tiers, three copies of the ledger's decoder per format.
-const SNAPSHOT_LIMIT_TIERS: [usize; 3] = [16 << 20, 256 << 20, MAX_SNAPSHOT_BYTES];
+/// once, and on a host that cannot map that much the allocation aborts the daemon. The bincode
+/// a snapshot can hold is its decompressed size (format 5) or at most 1,024 times its stored
+/// size (format 6), so a format-6 snapshot of up to 4 KiB decodes within 64 MiB, one of up to
+/// 32 KiB within 512 MiB. Limits are constants in bincode: three tiers, three copies of the
+/// ledger's decoder per format.
+const SNAPSHOT_LIMIT_TIERS: [usize; 3] = [64 << 20, 512 << 20, MAX_SNAPSHOT_BYTES];
 
 /// Run `$decode` with `$cfg` bound to bincode's standard configuration limited to
 /// [`snapshot_limit`]`($bound)`.
