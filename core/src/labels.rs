@@ -4,6 +4,7 @@
 //! Architecture invariant: a scope key is a pure function of `(group_by, labels)`, and
 //! [`parse_scope_key`] inverts it exactly, so two different value tuples never share a bucket.
 
+use bursar_schemas::event::SUBSCRIPTION_LABEL;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -19,7 +20,7 @@ const MAX_LABEL_KEY_BYTES: usize = 64;
 const SCOPE_KEY_CAPACITY: usize = 48;
 /// Labels the daemon derives (from the event's model, and `subscription` from the policy's
 /// `[[subscription]]` matches); clients may not set them.
-pub const RESERVED_LABELS: [&str; 4] = ["model", "provider", "tier", "subscription"];
+pub const RESERVED_LABELS: [&str; 4] = ["model", "provider", "tier", SUBSCRIPTION_LABEL];
 
 /// A label that is not acceptable, naming where it is (`labels.team`, or `labels` for the map).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,6 +10,7 @@ use crate::pricing;
 use crate::time::format_ts;
 use crate::window::Amounts;
 use bursar_schemas::answer::Answer;
+use bursar_schemas::event::SUBSCRIPTION_LABEL;
 use bursar_schemas::wire::{
     BudgetReport, CheckRequest, Decision, DecisionAnswer, Estimate, Reason, SkipReason, Skipped,
 };
@@ -146,7 +147,7 @@ impl Ledger {
             };
             // A call a subscription carries costs nothing per call (SPEC §10): it holds its
             // tokens and a request, no money.
-            let hold_micros = if eval.labels.contains_key("subscription") {
+            let hold_micros = if eval.labels.contains_key(SUBSCRIPTION_LABEL) {
                 0
             } else {
                 pricing::worst_case_cost(price, est.input_tokens, max_out)

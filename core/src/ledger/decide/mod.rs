@@ -17,6 +17,7 @@ mod receipts;
 mod validate;
 mod verdict;
 
+use bursar_schemas::event::SUBSCRIPTION_LABEL;
 use candidates::Ask;
 pub use receipts::Renderer;
 use receipts::{dup_or_conflict, Shown};
@@ -159,7 +160,7 @@ impl Ledger {
         labels.insert("provider".into(), provider);
         labels.insert("tier".into(), self.tier_of(model));
         if let Some(sub) = self.subscription_of(&labels) {
-            labels.insert("subscription".into(), sub.to_string());
+            labels.insert(SUBSCRIPTION_LABEL.into(), sub.to_string());
         }
         labels
     }
