@@ -178,7 +178,7 @@ impl Ledger {
                 current = Some((start, periods.remove(&start).unwrap_or_default()));
             }
             if let Some((_, sums)) = current.as_mut() {
-                sums.entry(group).or_default().add(cell);
+                sums.entry(group).or_default().add(&cell);
             }
         }
         if let Some((p, sums)) = current.take() {

@@ -63,8 +63,8 @@ impl Cell {
 ///
 /// Events come in time order (every `ts` is the daemon's, never earlier than the one before),
 /// so a slot's cells stop changing once an event of a later slot comes: they are then
-/// **sealed** into an immutable array shared by every clone. Only the newest slot's cells are
-/// a map. Cloning the rollups (which the writer does for every snapshot) thus copies a list of
+/// **sealed** into an immutable, packed [`SealedSlot`] shared by every clone. Only the newest
+/// slot's cells are a map. Cloning the rollups (which the writer does for every snapshot) thus copies a list of
 /// pointers and one slot, not months of cells, and folding an event touches one small map.
 ///
 /// Serialised as the sets and every cell sorted by (slot, set), so that equal rollups encode
@@ -79,8 +79,8 @@ pub struct Rollups {
     /// path, took ~10 ms at ~100,000 sets: benches/README.md "Follower lag"); 32 bits of it,
     /// so that an entry takes 8 bytes.
     index: hashbrown::HashTable<(u32, u32)>,
-    /// Cells of slots that are over, each array sorted by (slot, set).
-    sealed: Vec<Arc<Vec<(i64, u32, Cell)>>>,
+    /// Cells of slots that are over, slot by slot in time order.
+    sealed: Vec<Arc<SealedSlot>>,
     /// The newest slot (when `open` has cells).
     open_slot: i64,
     /// Its cells, by set.
@@ -110,15 +110,17 @@ impl From<RollupData> for Rollups {
         let mut cells = d.cells;
         cells.retain(|(_, set, _)| (*set as usize) < n);
         merge_in_place(&mut cells);
-        cells.shrink_to_fit();
+        let sealed = cells
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|slot| {
+                let cells = slot.iter().map(|(_, set, cell)| (*set, *cell));
+                Arc::new(SealedSlot::of(slot[0].0, cells))
+            })
+            .collect();
         Rollups {
             sets,
             index,
-            sealed: if cells.is_empty() {
-                Vec::new()
-            } else {
-                vec![Arc::new(cells)]
-            },
+            sealed,
             open_slot: i64::MIN,
             open: Default::default(),
         }
@@ -181,6 +183,131 @@ impl OpenCells {
     }
 }
 
+/// The cells of a slot that is over, packed: for each cell its set id, then its six sums, as
+/// LEB128 numbers (the cost zigzagged, so that a negative one stays short), in no particular
+/// order.
+///
+/// As `(slot, set, Cell)` a cell took 64 bytes: 4.4 M cells, 282 MB, in a ledger folded from
+/// the bench's 10 M-event log, and the kernel zeroing fresh pages for them was 4.5 % of that
+/// start-up's samples (benches/README.md, "Replay: sealed slots packed"). A typical cell packs
+/// into ~10 bytes; a report reads them ~7 ns a cell slower.
+struct SealedSlot {
+    /// The slot (Unix seconds).
+    slot: i64,
+    /// Cells in `bytes`.
+    cells: usize,
+    bytes: Box<[u8]>,
+}
+
+/// The numbers a cell is packed as, in order.
+fn cell_numbers(set: u32, c: &Cell) -> [u64; 7] {
+    [
+        u64::from(set),
+        zigzag(c.cost_micros),
+        c.input_tokens,
+        c.cached_input_tokens,
+        c.output_tokens,
+        c.requests,
+        c.denied,
+    ]
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// Bytes of `v` as LEB128.
+fn leb128_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Append `v` as LEB128 (7 bits a byte, low first; the high bit set on all but the last).
+fn push_leb128(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v & 0x7f) as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// The LEB128 number at the start of `bytes` and the bytes after it; `None` when it is cut
+/// short or longer than 64 bits.
+fn read_leb128(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, &byte) in bytes.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;
+        if byte & 0x80 == 0 {
+            return Some((v, bytes.get(i + 1..)?));
+        }
+    }
+    None
+}
+
+impl SealedSlot {
+    /// Bytes the cell of `set` takes packed.
+    fn packed_len(set: u32, c: &Cell) -> usize {
+        cell_numbers(set, c).into_iter().map(leb128_len).sum()
+    }
+
+    /// `cells` packed into `bytes` bytes (their [`SealedSlot::packed_len`]s' sum): one
+    /// allocation of its final size.
+    fn with_len(slot: i64, cells: impl Iterator<Item = (u32, Cell)>, bytes: usize) -> SealedSlot {
+        let mut out = Vec::with_capacity(bytes);
+        let mut n = 0;
+        for (set, c) in cells {
+            for v in cell_numbers(set, &c) {
+                push_leb128(&mut out, v);
+            }
+            n += 1;
+        }
+        debug_assert_eq!(out.len(), bytes, "sealed slot sized as packed");
+        SealedSlot {
+            slot,
+            cells: n,
+            bytes: out.into_boxed_slice(),
+        }
+    }
+
+    /// `cells` packed.
+    fn of(slot: i64, cells: impl Iterator<Item = (u32, Cell)> + Clone) -> SealedSlot {
+        let bytes = cells.clone().map(|(s, c)| Self::packed_len(s, &c)).sum();
+        Self::with_len(slot, cells, bytes)
+    }
+
+    /// Each (set, cell).
+    fn iter(&self) -> impl Iterator<Item = (u32, Cell)> + '_ {
+        let mut rest: &[u8] = &self.bytes;
+        std::iter::from_fn(move || {
+            if rest.is_empty() {
+                return None;
+            }
+            let mut v = [0u64; 7];
+            for n in &mut v {
+                let Some((got, after)) = read_leb128(rest) else {
+                    // Packed here, by `with_len`: never cut short.
+                    debug_assert!(false, "a sealed slot's cells cut short");
+                    return None;
+                };
+                (*n, rest) = (got, after);
+            }
+            let [set, cost, input, cached, output, requests, denied] = v;
+            let cell = Cell {
+                cost_micros: unzigzag(cost),
+                input_tokens: input,
+                cached_input_tokens: cached,
+                output_tokens: output,
+                requests,
+                denied,
+            };
+            Some((u32::try_from(set).unwrap_or(u32::MAX), cell))
+        })
+    }
+}
+
 /// Sort `cells` by (slot, set) and sum the cells of equal keys into one.
 fn merge_in_place(cells: &mut Vec<(i64, u32, Cell)>) {
     cells.sort_unstable_by_key(|(s, id, _)| (*s, *id));
@@ -219,8 +346,7 @@ impl Serialize for Rollups {
                 q.end()
             }
         }
-        let mut cells: Vec<(i64, u32, Cell)> =
-            self.cells_by_set().map(|(s, id, c)| (s, id, *c)).collect();
+        let mut cells: Vec<(i64, u32, Cell)> = self.cells_by_set().collect();
         merge_in_place(&mut cells);
         let mut st = serializer.serialize_struct("RollupData", 2)?;
         st.serialize_field("sets", &Sets(&self.sets))?;
@@ -233,8 +359,7 @@ impl Serialize for Rollups {
 #[cfg(test)]
 impl From<Rollups> for RollupData {
     fn from(r: Rollups) -> RollupData {
-        let mut cells: Vec<(i64, u32, Cell)> =
-            r.cells_by_set().map(|(s, id, c)| (s, id, *c)).collect();
+        let mut cells: Vec<(i64, u32, Cell)> = r.cells_by_set().collect();
         merge_in_place(&mut cells);
         RollupData {
             sets: r.sets.iter().map(|s| s.to_labels()).collect(),
@@ -252,7 +377,7 @@ impl PartialEq for Rollups {
                 if let Some(l) = r.sets.get(id as usize) {
                     m.entry((slot, l.to_labels()))
                         .or_insert_with(Cell::default)
-                        .add(cell);
+                        .add(&cell);
                 }
             }
             m
@@ -314,12 +439,7 @@ pub struct LabelSet<'a>(&'a [u8]);
 fn pack_into<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>, bytes: &mut Vec<u8>) {
     for (k, v) in pairs {
         for s in [k, v] {
-            let mut len = s.len();
-            while len >= 0x80 {
-                bytes.push((len & 0x7f) as u8 | 0x80);
-                len >>= 7;
-            }
-            bytes.push(len as u8);
+            push_leb128(bytes, s.len() as u64);
             bytes.extend_from_slice(s.as_bytes());
         }
     }
@@ -425,17 +545,8 @@ struct Strings<'a>(&'a [u8]);
 impl<'a> Iterator for Strings<'a> {
     type Item = &'a str;
     fn next(&mut self) -> Option<&'a str> {
-        let mut len = 0usize;
-        let mut at = 0;
-        loop {
-            let &byte = self.0.get(at)?;
-            len |= usize::from(byte & 0x7f).checked_shl(7 * at as u32)?;
-            at += 1;
-            if byte & 0x80 == 0 {
-                break;
-            }
-        }
-        let (s, rest) = self.0.get(at..)?.split_at_checked(len)?;
+        let (len, after) = read_leb128(self.0)?;
+        let (s, rest) = after.split_at_checked(usize::try_from(len).ok()?)?;
         self.0 = rest;
         // Packed from `&str`s: always UTF-8.
         let s = std::str::from_utf8(s);
@@ -511,20 +622,19 @@ impl Rollups {
         self.open.cell(set)
     }
 
-    /// Move the open slot's cells into a sealed array.
+    /// Move the open slot's cells into a sealed slot.
     fn seal(&mut self) {
         if self.open.is_empty() {
             return;
         }
-        let slot = self.open_slot;
-        // Sized once: `drain` cannot tell its length, so a `collect` grew the array by
-        // doubling, each growth a copy into fresh pages the kernel zeroes first (5.7 % of a
-        // 2 M-event start-up's samples, `clear_page_erms` under `seal`; benches/README.md).
-        let mut cells: Vec<(i64, u32, Cell)> = Vec::with_capacity(self.open.len());
-        cells.extend(self.open.drain().map(|(id, c)| (slot, id, c)));
+        let bytes = self
+            .open
+            .iter()
+            .map(|(id, c)| SealedSlot::packed_len(id, c))
+            .sum();
+        let sealed = SealedSlot::with_len(self.open_slot, self.open.drain(), bytes);
         debug_assert!(self.open.is_empty());
-        cells.sort_unstable_by_key(|(_, id, _)| *id);
-        self.sealed.push(Arc::new(cells));
+        self.sealed.push(Arc::new(sealed));
     }
 
     /// The label sets, by id.
@@ -534,16 +644,17 @@ impl Rollups {
 
     /// Every cell with its slot (Unix seconds) and the id of its label set ([`Rollups::sets`]),
     /// in no particular order (a key may come more than once; its cells add up).
-    pub fn cells_by_set(&self) -> impl Iterator<Item = (i64, u32, &Cell)> + '_ {
+    /// Slots come in time order.
+    pub fn cells_by_set(&self) -> impl Iterator<Item = (i64, u32, Cell)> + '_ {
         self.sealed
             .iter()
-            .flat_map(|chunk| chunk.iter().map(|(s, id, c)| (*s, *id, c)))
-            .chain(self.open.iter().map(|(id, c)| (self.open_slot, id, c)))
+            .flat_map(|sealed| sealed.iter().map(|(id, c)| (sealed.slot, id, c)))
+            .chain(self.open.iter().map(|(id, c)| (self.open_slot, id, *c)))
     }
 
     /// Number of cells.
     pub fn len(&self) -> usize {
-        self.sealed.iter().map(|c| c.len()).sum::<usize>() + self.open.len()
+        self.sealed.iter().map(|s| s.cells).sum::<usize>() + self.open.len()
     }
 
     /// True when nothing was counted.
@@ -654,16 +765,81 @@ mod tests {
         open.sort_unstable();
         let want: Vec<(u32, i64)> = (0..n).map(|i| (i as u32, 2 * (i as i64 + 1))).collect();
         assert_eq!(open, want, "each set's two usages in its own cell");
-        // The next slot seals them, in set order, with their sets.
+        // The next slot seals them with their sets.
         let id = r.set_of(&labels("t-0", "s"), &[]);
         r.add_to(SLOT, id, &Cell::of_usage(1, &usage));
         assert_eq!(r.sealed.len(), 1);
-        let sealed: Vec<(u32, i64)> = r.sealed[0]
+        assert_eq!(r.sealed[0].slot, 0);
+        let mut sealed: Vec<(u32, i64)> = r.sealed[0]
             .iter()
-            .map(|(_, id, c)| (*id, c.cost_micros))
+            .map(|(id, c)| (id, c.cost_micros))
             .collect();
+        sealed.sort_unstable();
         assert_eq!(sealed, want);
         assert_eq!(r.len(), n + 1);
+    }
+
+    #[test]
+    fn a_sealed_slot_gives_back_every_cell_it_packed_down_to_the_extremes() {
+        let big = Cell {
+            cost_micros: i64::MAX,
+            input_tokens: u64::MAX,
+            cached_input_tokens: 1 << 63,
+            output_tokens: 127,
+            requests: 128,
+            denied: 16_384,
+        };
+        let small = Cell {
+            cost_micros: i64::MIN,
+            ..Cell::default()
+        };
+        let cells = vec![
+            (u32::MAX, big),
+            (0, Cell::default()),
+            (7, small),
+            (
+                1 << 20,
+                Cell {
+                    cost_micros: -1,
+                    ..big
+                },
+            ),
+            (
+                3,
+                Cell::of_usage(
+                    1_234,
+                    &Usage {
+                        input_tokens: 2_000,
+                        output_tokens: 300,
+                        ..Usage::default()
+                    },
+                ),
+            ),
+        ];
+        let sealed = SealedSlot::of(-900, cells.iter().copied());
+        assert_eq!(sealed.slot, -900);
+        assert_eq!(sealed.cells, cells.len());
+        assert_eq!(sealed.iter().collect::<Vec<_>>(), cells);
+        // Packed as LEB128: the all-zero cell in 7 bytes, an everyday one in 13, the
+        // extremes in up to 10 bytes a number.
+        let len = |set, c| SealedSlot::packed_len(set, &c);
+        assert_eq!(len(0, Cell::default()), 7);
+        assert_eq!(len(3, cells[4].1), 1 + 2 + 2 + 1 + 2 + 1 + 1);
+        assert_eq!(len(u32::MAX, big), 5 + 10 + 10 + 10 + 1 + 2 + 3);
+        assert_eq!(
+            sealed.bytes.len(),
+            cells.iter().map(|(s, c)| len(*s, *c)).sum::<usize>()
+        );
+        // Zigzag keeps small costs of either sign short.
+        for v in [0, 1, -1, 63, -64, 64, i64::MAX, i64::MIN] {
+            assert_eq!(unzigzag(zigzag(v)), v);
+        }
+        assert_eq!(leb128_len(zigzag(-64)), 1);
+        assert_eq!(leb128_len(zigzag(64)), 2);
+        // A number cut short, or longer than 64 bits, is not read.
+        assert_eq!(read_leb128(&[0x80]), None);
+        assert_eq!(read_leb128(&[0xFF; 11]), None);
+        assert_eq!(read_leb128(&[0xAC, 0x02, 9]), Some((300, &[9u8][..])));
     }
 
     #[test]
