@@ -43,13 +43,18 @@ fn set_of(i: u64) -> Labels {
 }
 
 /// A log of records, reservations and commits over `sets` label sets, with the policy applied
-/// again (the match cache emptied) now and then.
+/// again (the match cache emptied) now and then; an event a second.
 fn log(seed: u64, events: usize, sets: u64) -> Vec<Envelope> {
+    log_every(seed, events, sets, 1)
+}
+
+/// [`log`] with an event every `seconds`.
+fn log_every(seed: u64, events: usize, sets: u64, seconds: i64) -> Vec<Envelope> {
     let mut rng = Rng::new(seed);
     let mut h = Harness::new(policy(budgets()));
     let mut open = Vec::new();
     for n in 0..events {
-        h.now += SEC;
+        h.now += seconds * SEC;
         let l = set_of(rng.below(sets));
         match rng.below(10) {
             0..=4 => {
@@ -133,6 +138,31 @@ fn a_long_fold_of_events_sharing_their_label_sets_folds_as_a_plain_one() {
         long.end_long_fold();
         assert_same(&long, &expected, &format!("seed {seed}"));
     }
+}
+
+/// Over hours of log time, reservations expire, are committed late (after they expired) and
+/// are forgotten an hour after they ended: a long fold, which only queues the ended ones until
+/// it ends or one is looked up, folds to the ledger a plain fold gives.
+#[test]
+fn a_long_fold_of_hours_of_ended_reservations_folds_as_a_plain_one() {
+    let mut late_commits = 0;
+    for seed in 0..20 {
+        // 1,500 events 12 to 20 seconds apart: 5 to 8 hours; holds live 300-400 s.
+        let log = log_every(seed, 1_500, 1 + seed % 30, 12 + seed as i64 % 9);
+        late_commits += log
+            .iter()
+            .filter(|e| matches!(&e.body, EventBody::UsageRecorded(u) if u.late))
+            .count();
+        let expected = plain_fold(&log);
+        let mut long = Ledger::new();
+        long.begin_long_fold();
+        for e in &log {
+            long.apply(e.seq, e.ts, &e.body).unwrap();
+        }
+        long.end_long_fold();
+        assert_same(&long, &expected, &format!("seed {seed}"));
+    }
+    assert!(late_commits > 100, "{late_commits} late commits");
 }
 
 /// Fold `log` in a long fold, each event with a fresh copy of its labels, shared (as decoded

@@ -11,6 +11,7 @@
 mod buckets;
 mod chunked;
 mod decide;
+mod ended;
 mod ids;
 pub mod quotas;
 mod replay;
@@ -39,7 +40,7 @@ use bursar_schemas::wire::{BucketState, Usage};
 use bursar_schemas::{Labels, Micros, TsMicros};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Ended reservations are remembered this long after they end (late commits, duplicate
 /// releases, double commits); a commit later than that counts as one of an unknown reservation.
@@ -665,8 +666,9 @@ pub struct Ledger {
     budgets: Vec<BudgetState>,
     holds: BTreeMap<String, Hold>,
     expiries: BTreeSet<(TsMicros, String)>,
-    ended: HashMap<String, Ended>,
-    ended_queue: VecDeque<(TsMicros, String)>,
+    /// Reservations that ended within [`ENDED_RESERVATION_MEMORY_SECONDS`], by id and in order
+    /// (written as the map and the queue it was before it had a type of its own).
+    ended: ended::EndedIndex,
     /// Request ids within the idempotency window (see [`IdIndex`]).
     ids: IdIndex,
     /// Each `[[quota]]`'s last observation (SPEC §10), by quota id.
@@ -705,7 +707,6 @@ impl PartialEq for Ledger {
             && self.holds == o.holds
             && self.expiries == o.expiries
             && self.ended == o.ended
-            && self.ended_queue == o.ended_queue
             && self.ids == o.ids
             && self.observed == o.observed
             && self.old_budgets == o.old_budgets
@@ -743,8 +744,7 @@ struct LedgerData {
     budgets: Vec<BudgetState>,
     holds: BTreeMap<String, Hold>,
     expiries: BTreeSet<(TsMicros, String)>,
-    ended: HashMap<String, Ended>,
-    ended_queue: VecDeque<(TsMicros, String)>,
+    ended: ended::EndedIndex,
     ids: IdIndex,
     observed: BTreeMap<String, quotas::Observed>,
     #[serde(deserialize_with = "json_inside::deserialize")]
@@ -776,7 +776,6 @@ impl From<LedgerData> for Ledger {
             holds: d.holds,
             expiries: d.expiries,
             ended: d.ended,
-            ended_queue: d.ended_queue,
             ids: d.ids,
             observed: d.observed,
             old_budgets: d.old_budgets,
@@ -1355,18 +1354,22 @@ impl Ledger {
         self.ids.settle();
     }
 
-    /// For a fold of many events read from a log (recovery, replay): ids deferred
-    /// ([`Ledger::defer_ids`]) and the label sets the events share (decoded while
+    /// For a fold of many events read from a log (recovery, replay): ids and ended
+    /// reservations deferred ([`Ledger::defer_ids`], `EndedIndex::defer`: most are forgotten
+    /// again within the fold) and the label sets the events share (decoded while
     /// `SharingLabels` is in force) matched once each by where they live, until
     /// [`Ledger::end_long_fold`]. The ledger folds exactly as without.
     pub fn begin_long_fold(&mut self) {
         self.defer_ids();
+        self.ended.defer();
         self.matches.by_set(true);
     }
 
-    /// The end of a long fold: ids indexed, the label sets kept for matching let go.
+    /// The end of a long fold: ids and ended reservations indexed, the label sets kept for
+    /// matching let go.
     pub fn end_long_fold(&mut self) {
         self.matches.by_set(false);
+        self.ended.settle();
         self.settle_ids();
     }
 
@@ -1392,7 +1395,7 @@ impl Ledger {
             }
         }
         self.ended.insert(
-            rid.to_string(),
+            rid,
             Ended {
                 labels: hold.labels,
                 model: hold.model,
@@ -1401,7 +1404,6 @@ impl Ledger {
                 at: ts,
             },
         );
-        self.ended_queue.push_back((ts, rid.to_string()));
         true
     }
 
@@ -1409,21 +1411,7 @@ impl Ledger {
         let horizon = now.saturating_sub(crate::time::seconds(
             ENDED_RESERVATION_MEMORY_SECONDS as u64,
         ));
-        while let Some((at, _)) = self.ended_queue.front() {
-            if *at >= horizon {
-                break;
-            }
-            if let Some((at, rid)) = self.ended_queue.pop_front() {
-                // One lookup: a `get`, then a `remove`, hashed the id twice and found it
-                // twice (`forget_ended` 6.1 → 5.3 % of a 10 M-event start-up's samples; the
-                // rest is the first touch of the cold id and its entry).
-                if let std::collections::hash_map::Entry::Occupied(e) = self.ended.entry(rid) {
-                    if e.get().at == at {
-                        e.remove();
-                    }
-                }
-            }
-        }
+        self.ended.forget_before(horizon);
     }
 
     /// Install a new policy: budgets whose id, selector, grouping and window are unchanged keep
