@@ -33,7 +33,9 @@ use crate::labels::{scope_key, selector_matches};
 use crate::pricing;
 use crate::window::Amounts;
 use buckets::{Bucket, BudgetState, Figures, Limits};
-use bursar_schemas::event::{json_inside, EventBody, EventLabels, ReservationLink, UsageRecorded};
+use bursar_schemas::event::{
+    copy_short, json_inside, EventBody, EventLabels, ReservationLink, UsageRecorded,
+};
 use bursar_schemas::policy::{ResolvedPolicy, UnknownModels};
 use bursar_schemas::pricing::{ModelPrice, PriceTable};
 use bursar_schemas::wire::{BucketState, Usage};
@@ -218,32 +220,6 @@ fn pack_into(labels: &Labels, out: &mut [u8]) -> Option<usize> {
         }
     }
     Some(at)
-}
-
-/// `dst.copy_from_slice(src)` (of the same length) for the short strings labels are:
-/// fixed-size moves, the last one overlapping the one before, instead of a `memcpy` call.
-fn copy_short(dst: &mut [u8], src: &[u8]) {
-    let n = src.len();
-    if dst.len() != n {
-        return;
-    }
-    match n {
-        0 => {}
-        1 => dst[0] = src[0],
-        2..=3 => {
-            dst[..2].copy_from_slice(&src[..2]);
-            dst[n - 2..].copy_from_slice(&src[n - 2..]);
-        }
-        4..=7 => {
-            dst[..4].copy_from_slice(&src[..4]);
-            dst[n - 4..].copy_from_slice(&src[n - 4..]);
-        }
-        8..=16 => {
-            dst[..8].copy_from_slice(&src[..8]);
-            dst[n - 8..].copy_from_slice(&src[n - 8..]);
-        }
-        _ => dst.copy_from_slice(src),
-    }
 }
 
 /// Which buckets a label set counts in, under the policy in force: derived data, not state.

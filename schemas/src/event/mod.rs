@@ -22,7 +22,7 @@ pub mod receipts;
 pub mod v1;
 
 pub use chain_many::chain_hash_many;
-pub use labels::{EventLabels, SharingLabels, SUBSCRIPTION_LABEL};
+pub use labels::{copy_short, EventLabels, SharingLabels, SUBSCRIPTION_LABEL};
 
 use crate::policy::ResolvedPolicy;
 use crate::pricing::PriceTable;
