@@ -70,7 +70,7 @@ impl Cell {
 /// Serialised as the sets and every cell sorted by (slot, set), so that equal rollups encode
 /// equally; the lookup tables are rebuilt when read back.
 #[derive(Clone, Default, Deserialize)]
-#[serde(from = "RollupData")]
+#[serde(from = "RollupIn")]
 pub struct Rollups {
     /// The label sets, by id.
     sets: SetStore,
@@ -87,14 +87,24 @@ pub struct Rollups {
     open: OpenCells,
 }
 
-#[derive(Serialize, Deserialize)]
+/// The rollups as written: the label sets, then every cell sorted by (slot, set).
+#[cfg(test)]
+#[derive(Serialize)]
 struct RollupData {
     sets: Vec<Labels>,
     cells: Vec<(i64, u32, Cell)>,
 }
 
-impl From<RollupData> for Rollups {
-    fn from(d: RollupData) -> Rollups {
+/// [`RollupData`] as read back, its cells packed slot by slot as they come.
+#[derive(Deserialize)]
+#[serde(rename = "RollupData")]
+struct RollupIn {
+    sets: Vec<Labels>,
+    cells: CellsIn,
+}
+
+impl From<RollupIn> for Rollups {
+    fn from(d: RollupIn) -> Rollups {
         let mut sets = SetStore::default();
         for l in &d.sets {
             sets.push(l.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -106,17 +116,27 @@ impl From<RollupData> for Rollups {
             index.insert_unique(spread(hash), (hash, id), |&(h, _)| spread(h));
         }
         let n = sets.len();
-        // In place: a snapshot's cells are most of its size (one copy, not three).
-        let mut cells = d.cells;
-        cells.retain(|(_, set, _)| (*set as usize) < n);
-        merge_in_place(&mut cells);
-        let sealed = cells
-            .chunk_by(|a, b| a.0 == b.0)
-            .map(|slot| {
-                let cells = slot.iter().map(|(_, set, cell)| (*set, *cell));
-                Arc::new(SealedSlot::of(slot[0].0, cells))
-            })
-            .collect();
+        let cells = d.cells;
+        let sealed = if cells.in_order && cells.max_set.is_none_or(|m| (m as usize) < n) {
+            cells.sealed
+        } else {
+            // Not as `Rollups` writes them (cells out of order, or of sets it does not have):
+            // sorted, summed and those of unknown sets left out, as they always were.
+            let mut all: Vec<(i64, u32, Cell)> = cells
+                .sealed
+                .iter()
+                .flat_map(|s| s.iter().map(|(id, c)| (s.slot, id, c)))
+                .collect();
+            drop(cells.sealed);
+            all.retain(|(_, set, _)| (*set as usize) < n);
+            merge_in_place(&mut all);
+            all.chunk_by(|a, b| a.0 == b.0)
+                .map(|slot| {
+                    let cells = slot.iter().map(|(_, set, cell)| (*set, *cell));
+                    Arc::new(SealedSlot::of(slot[0].0, cells))
+                })
+                .collect()
+        };
         Rollups {
             sets,
             index,
@@ -124,6 +144,68 @@ impl From<RollupData> for Rollups {
             open_slot: i64::MIN,
             open: Default::default(),
         }
+    }
+}
+
+/// A snapshot's cells, packed slot by slot while they are read. Read into one `Vec` of
+/// 64-byte cells first, the 4.4 M cells of the bench's 10 M-event log took 282 MB, grown by
+/// doubling into fresh pages the kernel zeroes: 57 % of the samples of a start-up from that
+/// log's snapshot (benches/README.md, "Replay: sealed slots packed").
+struct CellsIn {
+    sealed: Vec<Arc<SealedSlot>>,
+    /// True while each (slot, set) came after the one before, as [`Rollups`] writes them.
+    in_order: bool,
+    /// The largest set id read.
+    max_set: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for CellsIn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<CellsIn, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CellsIn;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sequence of rollup cells")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<CellsIn, A::Error> {
+                let mut out = CellsIn {
+                    sealed: Vec::new(),
+                    in_order: true,
+                    max_set: None,
+                };
+                // The cells of the slot being read.
+                let mut slot_cells: Vec<(u32, Cell)> = Vec::new();
+                let mut last: Option<(i64, u32)> = None;
+                while let Some((slot, set, cell)) = seq.next_element::<(i64, u32, Cell)>()? {
+                    if let Some((s, id)) = last {
+                        out.in_order &= (slot, set) > (s, id);
+                        if slot != s {
+                            out.seal(s, &mut slot_cells);
+                        }
+                    }
+                    out.max_set = out.max_set.max(Some(set));
+                    slot_cells.push((set, cell));
+                    last = Some((slot, set));
+                }
+                if let Some((s, _)) = last {
+                    out.seal(s, &mut slot_cells);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+impl CellsIn {
+    /// Pack `cells` as the slot `slot`, leaving `cells` empty.
+    fn seal(&mut self, slot: i64, cells: &mut Vec<(u32, Cell)>) {
+        let packed = SealedSlot::of(slot, cells.iter().copied());
+        self.sealed.push(Arc::new(packed));
+        cells.clear();
     }
 }
 
@@ -777,6 +859,54 @@ mod tests {
         sealed.sort_unstable();
         assert_eq!(sealed, want);
         assert_eq!(r.len(), n + 1);
+    }
+
+    /// Cells read back are packed slot by slot as they come; cells not as the rollups write
+    /// them (out of order, repeated, or of a set the snapshot does not have) are sorted,
+    /// summed and the unknown ones left out, in either format.
+    #[test]
+    fn cells_read_back_in_any_order_count_once_each_and_only_for_known_sets() {
+        let sets = vec![labels("a", "s"), labels("b", "s")];
+        let cell = |cost: i64| Cell {
+            cost_micros: cost,
+            requests: 1,
+            ..Cell::default()
+        };
+        let written = |cells: Vec<(i64, u32, Cell)>| RollupData {
+            sets: sets.clone(),
+            cells,
+        };
+        let content = |r: &Rollups| {
+            let mut c: Vec<(i64, u32, i64, u64)> = r
+                .cells_by_set()
+                .map(|(slot, set, c)| (slot, set, c.cost_micros, c.requests))
+                .collect();
+            c.sort_unstable();
+            c
+        };
+        let in_order = vec![(0, 0, cell(1)), (0, 1, cell(2)), (900, 1, cell(3))];
+        let shuffled = vec![
+            (900, 1, cell(3)),
+            (0, 1, cell(2)),
+            (0, 0, cell(1)),
+            (0, 7, cell(50)),
+            (0, 1, cell(10)),
+        ];
+        let cfg = bincode::config::standard();
+        for (cells, want) in [
+            (in_order, vec![(0, 0, 1, 1), (0, 1, 2, 1), (900, 1, 3, 1)]),
+            (shuffled, vec![(0, 0, 1, 1), (0, 1, 12, 2), (900, 1, 3, 1)]),
+        ] {
+            let data = written(cells);
+            let bytes = bincode::serde::encode_to_vec(&data, cfg).unwrap();
+            let back: Rollups = bincode::serde::decode_from_slice(&bytes, cfg).unwrap().0;
+            assert_eq!(content(&back), want);
+            assert_eq!(back.sealed.len(), 2, "one sealed slot per slot");
+            assert!(back.sealed.windows(2).all(|w| w[0].slot < w[1].slot));
+            let json: Rollups =
+                serde_json::from_str(&serde_json::to_string(&data).unwrap()).unwrap();
+            assert_eq!(content(&json), want);
+        }
     }
 
     #[test]
