@@ -942,7 +942,7 @@ fn log_figures(o: &Opts, replay: bool, startup: bool, report: &mut Report) -> Re
                     "start-up, {} events logged, no snapshot",
                     fmt_rate(r.events as f64)
                 ),
-                "≤ 500 ms",
+                "≤ 10 s",
                 format!("{:.0} ms", s.without.as_secs_f64() * 1000.0),
                 None,
                 None,
