@@ -146,9 +146,9 @@ fn a_long_fold_of_events_sharing_their_label_sets_folds_as_a_plain_one() {
 #[test]
 fn a_long_fold_of_hours_of_ended_reservations_folds_as_a_plain_one() {
     let mut late_commits = 0;
-    for seed in 0..20 {
-        // 1,500 events 12 to 20 seconds apart: 5 to 8 hours; holds live 300-400 s.
-        let log = log_every(seed, 1_500, 1 + seed % 30, 12 + seed as i64 % 9);
+    for seed in 0..8 {
+        // 1,500 events 12 to 19 seconds apart: 5 to 8 hours; holds live 300-400 s.
+        let log = log_every(seed, 1_500, 1 + seed % 30, 12 + seed as i64);
         late_commits += log
             .iter()
             .filter(|e| matches!(&e.body, EventBody::UsageRecorded(u) if u.late))
@@ -162,7 +162,7 @@ fn a_long_fold_of_hours_of_ended_reservations_folds_as_a_plain_one() {
         long.end_long_fold();
         assert_same(&long, &expected, &format!("seed {seed}"));
     }
-    assert!(late_commits > 100, "{late_commits} late commits");
+    assert!(late_commits > 200, "{late_commits} late commits");
 }
 
 /// Fold `log` in a long fold, each event with a fresh copy of its labels, shared (as decoded
