@@ -96,6 +96,17 @@ fn plain_fold(log: &[Envelope]) -> Ledger {
     l
 }
 
+/// `log` folded in one long fold, as recovery and replay fold it.
+fn long_fold(log: &[Envelope]) -> Ledger {
+    let mut long = Ledger::new();
+    long.begin_long_fold();
+    for e in log {
+        long.apply(e.seq, e.ts, &e.body).unwrap();
+    }
+    long.end_long_fold();
+    long
+}
+
 fn assert_same(a: &Ledger, b: &Ledger, what: &str) {
     assert!(a == b, "{what}: the ledgers differ");
     let req = StatusRequest::default();
@@ -130,13 +141,7 @@ fn a_long_fold_of_events_sharing_their_label_sets_folds_as_a_plain_one() {
                 e
             })
             .collect();
-        let mut long = Ledger::new();
-        long.begin_long_fold();
-        for e in &shared {
-            long.apply(e.seq, e.ts, &e.body).unwrap();
-        }
-        long.end_long_fold();
-        assert_same(&long, &expected, &format!("seed {seed}"));
+        assert_same(&long_fold(&shared), &expected, &format!("seed {seed}"));
     }
 }
 
@@ -153,14 +158,7 @@ fn a_long_fold_of_hours_of_ended_reservations_folds_as_a_plain_one() {
             .iter()
             .filter(|e| matches!(&e.body, EventBody::UsageRecorded(u) if u.late))
             .count();
-        let expected = plain_fold(&log);
-        let mut long = Ledger::new();
-        long.begin_long_fold();
-        for e in &log {
-            long.apply(e.seq, e.ts, &e.body).unwrap();
-        }
-        long.end_long_fold();
-        assert_same(&long, &expected, &format!("seed {seed}"));
+        assert_same(&long_fold(&log), &plain_fold(&log), &format!("seed {seed}"));
     }
     assert!(late_commits > 200, "{late_commits} late commits");
 }

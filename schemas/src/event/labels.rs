@@ -238,6 +238,10 @@ impl Packing {
             self.bytes
                 .resize((stop + 1).max(2 * self.bytes.len()).max(256), 0);
         }
+        debug_assert!(
+            stop < self.bytes.len(),
+            "packing sized before it is written"
+        );
         if let Some(at) = self.bytes.get_mut(self.len..stop) {
             copy_short(at, v);
         }
