@@ -1295,12 +1295,8 @@ impl Ledger {
     /// Forget the request ids older than the window at `ts`, and remember the one the event
     /// answered.
     fn remember_id(&mut self, seq: u64, ts: TsMicros, body: &EventBody) {
-        let window = self.policy.as_ref().map_or(
-            bursar_schemas::policy::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
-            |p| p.idempotency_window_seconds,
-        );
-        self.ids
-            .forget_before(ts.saturating_sub(crate::time::seconds(window)));
+        let window = self.id_window();
+        self.ids.forget_before(ts.saturating_sub(window));
         let (kind, id, digest) = match body {
             EventBody::UsageRecorded(u) => (IdKind::Event, &u.event_id, u.payload_digest),
             EventBody::ReservationCreated(r) => {
@@ -1314,7 +1310,16 @@ impl Ledger {
             }
             _ => return,
         };
-        self.ids.insert(kind, id, IdEntry { digest, seq, ts });
+        let entry = IdEntry { digest, seq, ts };
+        self.ids.insert_in_window(kind, id, entry, window);
+    }
+
+    /// The idempotency window in force, µs.
+    fn id_window(&self) -> TsMicros {
+        crate::time::seconds(self.policy.as_ref().map_or(
+            bursar_schemas::policy::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
+            |p| p.idempotency_window_seconds,
+        ))
     }
 
     /// For a fold of many events: queue the ids the events answer instead of indexing each,
@@ -1341,12 +1346,26 @@ impl Ledger {
         self.matches.by_set(true);
     }
 
+    /// [`Ledger::begin_long_fold`] for a fold whose last event has the `ts` `last_ts` (the
+    /// log's head): an id whose window ends before it is not even queued, as that event will
+    /// forget it. [`Ledger::end_long_fold`] says whether that held.
+    pub fn begin_long_fold_until(&mut self, last_ts: TsMicros) {
+        self.begin_long_fold();
+        self.ids.skip_until(last_ts);
+    }
+
     /// The end of a long fold: ids and ended reservations indexed, the label sets kept for
-    /// matching let go.
-    pub fn end_long_fold(&mut self) {
+    /// matching let go. False when ids were skipped ([`Ledger::begin_long_fold_until`]) that
+    /// the fold remembers after all (its last event was not at the `ts` it was told, an id
+    /// was stamped no later than the one before, or the window grew): this ledger lacks them,
+    /// and the events must be folded again with [`Ledger::begin_long_fold`].
+    #[must_use = "false: the ledger lacks ids; fold again without skipping"]
+    pub fn end_long_fold(&mut self) -> bool {
         self.matches.by_set(false);
         self.ended.settle();
+        let sound = self.ids.skipped_soundly(self.last_ts, self.id_window());
         self.settle_ids();
+        sound
     }
 
     /// The idempotency index (ids within the window, with their request digest and event).

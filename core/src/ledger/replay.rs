@@ -43,8 +43,15 @@ pub fn fold_into<E: std::fmt::Display>(
         ledger.apply(ev.seq, ev.ts, &ev.body)?;
         Ok::<(), FoldError>(())
     });
-    ledger.end_long_fold();
-    folded
+    let complete = ledger.end_long_fold();
+    folded?;
+    if !complete {
+        // Told no last event, the fold skips no id: this cannot be.
+        return Err(FoldError::Source(
+            "the fold skipped ids it remembers (a bug)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Collect the retroactive-capable epochs (`pricing_changed`) of a log.

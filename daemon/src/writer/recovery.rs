@@ -92,7 +92,10 @@ pub fn recover_counted(store: &dyn LogStore) -> Result<(Ledger, u64), String> {
         return Ok((l, past));
     }
     if had_snapshot {
-        tracing::info!("a retroactive pricing change follows the snapshot; folding the whole log");
+        tracing::info!(
+            "a retroactive pricing change follows the snapshot, or the log's times step back; \
+             folding the whole log"
+        );
     }
     let _sharing = SharingLabels::start();
     let l = ledger::fold(|| store.read_from(1)).map_err(|e| e.to_string())?;
@@ -116,7 +119,8 @@ const RECOVER_HASH_AHEAD: usize = RECOVER_CHUNKS_AHEAD / 2;
 type Chunk = Vec<Result<(Vec<u8>, Vec<Deferred>), LogError>>;
 
 /// Fold the log after `l` into `l` in one pass. Returns false (leaving `l` half-folded) when a
-/// `pricing_changed` turned out to be retroactive, so the caller must fold in two passes.
+/// `pricing_changed` turned out to be retroactive, or the events' times stepped back after ids
+/// were skipped (`Ledger::begin_long_fold_until`), so the caller must fold in two passes.
 ///
 /// Every event folded is checked first (its hash against its bytes, its link to the one
 /// before: `crate::log::ChainCheck`); after a snapshot, `anchor` is the seq and hash of the
@@ -153,9 +157,21 @@ fn one_pass_fold(
         // Most ids a long fold indexes it forgets again before its end: indexed once, at the
         // end; the shared label sets are matched by where they live
         // (`Ledger::begin_long_fold`).
-        l.begin_long_fold();
+        // Ids that the log's last event forgets are not even queued; if the fold finds that
+        // did not hold (its events' times step back), it is done again without.
+        match store.head() {
+            Some((_, _, last_ts)) => l.begin_long_fold_until(last_ts),
+            None => l.begin_long_fold(),
+        }
         let folded = fold_chunks(l, anchor, from, &rx, &done_tx, &folded_chunks);
-        l.end_long_fold();
+        let complete = l.end_long_fold();
+        let folded = match folded {
+            Ok(true) if !complete => {
+                tracing::info!("the log's times step back: folding it again, every id kept");
+                Ok(false)
+            }
+            other => other,
+        };
         drop(rx);
         drop(done_tx);
         decoder
