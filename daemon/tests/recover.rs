@@ -156,6 +156,30 @@ fn recovery_from_a_snapshot_with_a_retroactive_change_in_the_tail_equals_a_full_
     assert_eq!(recovered, b.full_fold());
 }
 
+/// Recovery tells the fold the log's last `ts`, and the fold does not even queue the ids that
+/// event forgets under the window in force when each came. A last event that lengthens the
+/// window keeps one the fold skipped (the id right at the horizon the event before forgot
+/// up to): the fold says so, and recovery folds the log again keeping every id.
+#[test]
+fn recovery_of_a_log_whose_last_event_lengthens_the_id_window_keeps_every_id_it_covers() {
+    let disk = MemDisk::new();
+    let mut b = Builder::new(&disk);
+    // 9,000 records a second apart: 2.5 hours, most of it past the window of one hour.
+    b.records(9_000);
+    let mut p = bursar_core::policy::default_policy();
+    p.resolved.idempotency_window_seconds = 2 * 3_600;
+    b.push(EventBody::PolicyApplied(PolicyApplied {
+        policy_version: 2,
+        source: p.source.clone(),
+        source_hash: p.source_hash.clone(),
+        policy: p.resolved.clone(),
+    }));
+    let recovered = bursard::writer::recover(&b.store).unwrap();
+    let full = b.full_fold();
+    assert!(recovered.ids().len() == full.ids().len(), "the same ids");
+    assert!(recovered == full, "the same ledger");
+}
+
 #[test]
 fn recovery_from_a_snapshot_plus_tail_equals_a_full_fold() {
     let disk = MemDisk::new();

@@ -115,8 +115,10 @@ struct Skip {
     count: u64,
     /// The `ts` of the latest one (`TsMicros::MIN` for none).
     last: TsMicros,
-    /// The smallest window (µs) one was skipped under.
-    min_window: TsMicros,
+    /// The latest horizon ids were forgotten before since skipping began: every id skipped
+    /// is one the fold forgot when it is before this (ids are forgotten oldest first, and
+    /// while deferring each is after every id before it).
+    horizon: TsMicros,
     /// Set when deferring ended early (an id stamped no later than the one before) with ids
     /// skipped: the order of forgetting then no longer guarantees they would be gone.
     broken: bool,
@@ -218,7 +220,6 @@ impl IdIndex {
                 self.skip = Some(Skip {
                     count: skip.count + 1,
                     last: entry.ts,
-                    min_window: skip.min_window.min(window),
                     ..skip
                 });
                 return;
@@ -236,21 +237,22 @@ impl IdIndex {
                 end,
                 count: 0,
                 last: TsMicros::MIN,
-                min_window: TsMicros::MAX,
+                horizon: TsMicros::MIN,
                 broken: false,
             });
         }
     }
 
     /// Whether the ids skipped since [`IdIndex::skip_until`] are all ones the fold forgot: true
-    /// when none was, or when deferring never ended early, the fold's latest `ts` is the one
-    /// it was told, and the window in force at its end is no longer than any an id was skipped
-    /// under. When false, ids the fold would remember are missing: it must be done again
-    /// without skipping. Skipping stops here.
-    pub(crate) fn skipped_soundly(&mut self, last_ts: TsMicros, window: TsMicros) -> bool {
+    /// when none was, or when deferring never ended early and the latest skipped is before a
+    /// horizon the fold forgot ids before (a stranger's review: comparing the `ts` the fold
+    /// was told with its largest `ts` and windows missed a log whose last event steps back).
+    /// When false, ids the fold would remember are missing: it must be done again without
+    /// skipping. Skipping stops here.
+    pub(crate) fn skipped_soundly(&mut self) -> bool {
         match self.skip.take() {
             None => true,
-            Some(s) => s.count == 0 || (!s.broken && last_ts == s.end && window <= s.min_window),
+            Some(s) => s.count == 0 || (!s.broken && s.last < s.horizon),
         }
     }
 
@@ -300,6 +302,9 @@ impl IdIndex {
 
     /// Forget the ids whose event is older than `horizon`.
     pub fn forget_before(&mut self, horizon: TsMicros) {
+        if let Some(skip) = self.skip.as_mut() {
+            skip.horizon = skip.horizon.max(horizon);
+        }
         while let Some((ts, key)) = self.order.front() {
             if ts >= horizon {
                 return;
@@ -588,20 +593,22 @@ mod tests {
     #[test]
     fn ids_skipped_until_the_last_event_are_those_it_forgets_or_the_fold_says_so() {
         const W: TsMicros = 10_000; // ten ids' worth of `ts`
-        let fold = |skip: Option<TsMicros>, seqs: &[u64], end_window: TsMicros| {
+                                    // Ids `e-<seq>` at `seq` ms, each event forgetting those older than the window (the
+                                    // last one's window `last_window`).
+        let fold = |skip: Option<TsMicros>, seqs: &[u64], last_window: TsMicros| {
             let mut ids = IdIndex::default();
             ids.defer();
             if let Some(end) = skip {
                 ids.skip_until(end);
             }
-            for &seq in seqs {
+            for (i, &seq) in seqs.iter().enumerate() {
                 let e = entry(seq);
-                ids.forget_before(e.ts - W);
+                let w = if i + 1 == seqs.len() { last_window } else { W };
+                ids.forget_before(e.ts - w);
                 ids.insert_in_window(IdKind::Event, &format!("e-{seq}"), e, W);
             }
             let skipped = ids.skip.map_or(0, |s| s.count);
-            let last = seqs.iter().map(|&s| entry(s).ts).max().unwrap_or(0);
-            let sound = ids.skipped_soundly(last, end_window);
+            let sound = ids.skipped_soundly();
             ids.settle();
             (ids, skipped, sound)
         };
@@ -615,9 +622,10 @@ mod tests {
         // Told a time after its last event: it skipped ids it keeps, and says so.
         let (_, skipped, sound) = fold(Some(150_000), &seqs, W);
         assert!(skipped > 89 && !sound);
-        // The window at its end longer than the one ids were skipped under.
+        // The window grown at the last event: the id at 89 ms stays, and it was skipped.
+        let (plain, _, _) = fold(None, &seqs, 2 * W);
         let (_, _, sound) = fold(Some(100_000), &seqs, 2 * W);
-        assert!(!sound);
+        assert!(plain.get(IdKind::Event, "e-89").is_some() && !sound);
         // Times that step back after ids were skipped.
         let mut back = seqs.clone();
         back.push(50);
@@ -627,6 +635,134 @@ mod tests {
         // Nothing skipped: nothing to vouch for.
         let (_, skipped, sound) = fold(Some(100_000), &[95, 96, 97, 100], W);
         assert_eq!((skipped, sound), (0, true));
+    }
+
+    /// One folded event for [`fold_told`]: its `ts`, the window in force, its id if any.
+    #[derive(Clone, Copy, Debug)]
+    struct Ev {
+        ts: TsMicros,
+        w: TsMicros,
+        id: Option<u64>,
+    }
+
+    /// `pre` folded plainly (as from a snapshot), then `evs` deferred, told `told` as the last
+    /// event's `ts` when given: the index, and whether the fold vouched for what it skipped.
+    fn fold_told(pre: &[Ev], evs: &[Ev], told: Option<TsMicros>) -> (IdIndex, bool) {
+        let mut ix = IdIndex::default();
+        let mut seq = 0u64;
+        let mut step = |ix: &mut IdIndex, e: &Ev| {
+            seq += 1;
+            ix.forget_before(e.ts.saturating_sub(e.w));
+            if let Some(id) = e.id {
+                let entry = IdEntry {
+                    digest: [0; 16],
+                    seq,
+                    ts: e.ts,
+                };
+                ix.insert_in_window(IdKind::Event, &format!("i{id}"), entry, e.w);
+            }
+        };
+        for e in pre {
+            step(&mut ix, e);
+        }
+        if let Some(end) = told {
+            ix.defer();
+            ix.skip_until(end);
+        }
+        for e in evs {
+            step(&mut ix, e);
+        }
+        let sound = ix.skipped_soundly();
+        ix.settle();
+        (ix, sound)
+    }
+
+    /// Seeded logs with times that repeat or step back, windows changing (0 to 40), ids
+    /// reused, an index before the fold, and the fold told the last event's `ts`, the largest,
+    /// or one a little off: whenever it vouches for what it skipped, its index is the plain
+    /// fold's (a stranger's review wrote this test; it found the told `ts` compared with the
+    /// largest instead of the horizons forgotten).
+    #[test]
+    fn a_fold_that_vouches_for_the_ids_it_skipped_has_the_plain_folds_index() {
+        let (mut sound, mut unsound) = (0, 0);
+        for seed in 0..3_000u64 {
+            let mut rng = bursar_testkit::Rng::new(seed);
+            let mut ts: TsMicros = 0;
+            let mut w: TsMicros = 20;
+            let mut gen = |rng: &mut bursar_testkit::Rng, n: usize, back: bool| {
+                let mut v = Vec::new();
+                for _ in 0..n {
+                    if rng.chance(8) {
+                        w = [0, 5, 10, 20, 40][rng.below(5) as usize];
+                    }
+                    ts += if back && rng.chance(3) {
+                        -(rng.range(0, 30) as TsMicros)
+                    } else if rng.chance(5) {
+                        0
+                    } else {
+                        rng.range(1, 6) as TsMicros
+                    };
+                    let id = rng.chance(70).then(|| rng.below(40));
+                    v.push(Ev { ts, w, id });
+                }
+                v
+            };
+            let back = seed % 2 == 1;
+            let n = rng.below(30) as usize;
+            let pre = gen(&mut rng, n, back);
+            let n = rng.below(150) as usize;
+            let evs = gen(&mut rng, n, back && seed % 4 == 1);
+            let (plain, _) = fold_told(&pre, &evs, None);
+            let max = pre.iter().chain(&evs).map(|e| e.ts).max().unwrap_or(0);
+            let mut tolds = vec![max, max + rng.range(0, 50) as TsMicros];
+            tolds.push(max - rng.range(0, 50) as TsMicros);
+            tolds.extend(evs.last().map(|e| e.ts));
+            for told in tolds {
+                let (long, vouched) = fold_told(&pre, &evs, Some(told));
+                if vouched {
+                    sound += 1;
+                    assert!(long == plain, "seed {seed}, told {told}");
+                } else {
+                    unsound += 1;
+                }
+            }
+        }
+        assert!(
+            sound > 1_000 && unsound > 1_000,
+            "{sound} sound, {unsound} not"
+        );
+    }
+
+    /// The reviewer's case: told the largest `ts`, the last event stepping back below it.
+    #[test]
+    fn a_fold_whose_last_event_steps_back_below_the_ts_it_was_told_does_not_vouch() {
+        let evs = [
+            Ev {
+                ts: 0,
+                w: 1_000,
+                id: Some(1),
+            },
+            Ev {
+                ts: 1_000,
+                w: 10_000,
+                id: None,
+            },
+            Ev {
+                ts: 5_000,
+                w: 10_000,
+                id: None,
+            },
+            Ev {
+                ts: 100,
+                w: 1_000,
+                id: None,
+            },
+        ];
+        let (plain, _) = fold_told(&[], &evs, None);
+        assert_eq!(plain.len(), 1);
+        let (long, vouched) = fold_told(&[], &evs, Some(5_000));
+        assert!(!vouched);
+        assert_eq!(long.len(), 0, "it did skip the id the plain fold keeps");
     }
 
     #[test]

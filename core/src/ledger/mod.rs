@@ -1356,14 +1356,15 @@ impl Ledger {
 
     /// The end of a long fold: ids and ended reservations indexed, the label sets kept for
     /// matching let go. False when ids were skipped ([`Ledger::begin_long_fold_until`]) that
-    /// the fold remembers after all (its last event was not at the `ts` it was told, an id
-    /// was stamped no later than the one before, or the window grew): this ledger lacks them,
-    /// and the events must be folded again with [`Ledger::begin_long_fold`].
+    /// the fold may remember after all (an id stamped no later than the one before, or none of
+    /// its events forgot ids up to the latest skipped: told a later `ts` than its last, or the
+    /// window grew): this ledger lacks them, and the events must be folded again with
+    /// [`Ledger::begin_long_fold`].
     #[must_use = "false: the ledger lacks ids; fold again without skipping"]
     pub fn end_long_fold(&mut self) -> bool {
         self.matches.by_set(false);
         self.ended.settle();
-        let sound = self.ids.skipped_soundly(self.last_ts, self.id_window());
+        let sound = self.ids.skipped_soundly();
         self.settle_ids();
         sound
     }
