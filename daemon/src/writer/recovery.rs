@@ -93,8 +93,8 @@ pub fn recover_counted(store: &dyn LogStore) -> Result<(Ledger, u64), String> {
     }
     if had_snapshot {
         tracing::info!(
-            "a retroactive pricing change follows the snapshot, or the log's times step back; \
-             folding the whole log"
+            "a retroactive pricing change follows the snapshot, or the ids its fold skipped \
+             could not be vouched for; folding the whole log"
         );
     }
     let _sharing = SharingLabels::start();
@@ -119,8 +119,9 @@ const RECOVER_HASH_AHEAD: usize = RECOVER_CHUNKS_AHEAD / 2;
 type Chunk = Vec<Result<(Vec<u8>, Vec<Deferred>), LogError>>;
 
 /// Fold the log after `l` into `l` in one pass. Returns false (leaving `l` half-folded) when a
-/// `pricing_changed` turned out to be retroactive, or the events' times stepped back after ids
-/// were skipped (`Ledger::begin_long_fold_until`), so the caller must fold in two passes.
+/// `pricing_changed` turned out to be retroactive, or the ids the fold skipped could not be
+/// vouched for (`Ledger::begin_long_fold_until`: times that step back, a window that grew), so
+/// the caller must fold in two passes.
 ///
 /// Every event folded is checked first (its hash against its bytes, its link to the one
 /// before: `crate::log::ChainCheck`); after a snapshot, `anchor` is the seq and hash of the
@@ -157,8 +158,8 @@ fn one_pass_fold(
         // Most ids a long fold indexes it forgets again before its end: indexed once, at the
         // end; the shared label sets are matched by where they live
         // (`Ledger::begin_long_fold`).
-        // Ids that the log's last event forgets are not even queued; if the fold finds that
-        // did not hold (its events' times step back), it is done again without.
+        // Ids that the log's last event forgets are not even queued; if the fold cannot vouch
+        // for that (its times step back, its window grew), it is done again without.
         match store.head() {
             Some((_, _, last_ts)) => l.begin_long_fold_until(last_ts),
             None => l.begin_long_fold(),
@@ -167,7 +168,10 @@ fn one_pass_fold(
         let complete = l.end_long_fold();
         let folded = match folded {
             Ok(true) if !complete => {
-                tracing::info!("the log's times step back: folding it again, every id kept");
+                tracing::info!(
+                    "the ids the fold skipped could not be vouched for (times that step back, \
+                     a window that grew): folding the log again, every id kept"
+                );
                 Ok(false)
             }
             other => other,
