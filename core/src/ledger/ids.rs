@@ -177,23 +177,7 @@ impl IdIndex {
     /// Remember the id `id` of `kind` (a later event with the same id, which the writer never
     /// appends, would take its place).
     pub fn insert(&mut self, kind: IdKind, id: &str, entry: IdEntry) {
-        let key = id_key(kind, id);
-        if let Some(order_after) = self.deferring {
-            if entry.ts > self.deferred_after(order_after) {
-                self.pending.push_back((key, entry));
-                self.pending_ts.push_back(entry.ts);
-                return;
-            }
-            // Not after every id before it (no log the writer appends has this: each event is
-            // stamped after the last): the exact order of inserts and removals matters, so
-            // the deferred ones go in now and deferring ends.
-            if let Some(skip) = self.skip.as_mut() {
-                skip.broken |= skip.count > 0;
-            }
-            self.settle();
-        }
-        self.order.push_back((entry.ts, key));
-        self.put(key, entry);
+        self.insert_with(kind, id, entry, None);
     }
 
     /// The `ts` every id deferred from now on must be after: that of the last one deferred or
@@ -213,19 +197,35 @@ impl IdIndex {
         entry: IdEntry,
         window: TsMicros,
     ) {
-        if let (Some(order_after), Some(skip)) = (self.deferring, self.skip) {
-            if entry.ts > self.deferred_after(order_after)
-                && entry.ts < skip.end.saturating_sub(window)
-            {
-                self.skip = Some(Skip {
-                    count: skip.count + 1,
-                    last: entry.ts,
-                    ..skip
-                });
+        self.insert_with(kind, id, entry, Some(window));
+    }
+
+    /// [`IdIndex::insert`], or [`IdIndex::insert_in_window`] with the id's window.
+    fn insert_with(&mut self, kind: IdKind, id: &str, entry: IdEntry, window: Option<TsMicros>) {
+        if let Some(order_after) = self.deferring {
+            if entry.ts > self.deferred_after(order_after) {
+                if let (Some(skip), Some(window)) = (self.skip.as_mut(), window) {
+                    if entry.ts < skip.end.saturating_sub(window) {
+                        skip.count += 1;
+                        skip.last = entry.ts;
+                        return;
+                    }
+                }
+                self.pending.push_back((id_key(kind, id), entry));
+                self.pending_ts.push_back(entry.ts);
                 return;
             }
+            // Not after every id before it (no log the writer appends has this: each event is
+            // stamped after the last): the exact order of inserts and removals matters, so
+            // the deferred ones go in now and deferring ends.
+            if let Some(skip) = self.skip.as_mut() {
+                skip.broken |= skip.count > 0;
+            }
+            self.settle();
         }
-        self.insert(kind, id, entry);
+        let key = id_key(kind, id);
+        self.order.push_back((entry.ts, key));
+        self.put(key, entry);
     }
 
     /// While deferring, skip the ids whose window ends before `end`, the `ts` of the fold's
@@ -592,9 +592,9 @@ mod tests {
     /// stepped back, its last `ts` was not the one told, or the window grew.
     #[test]
     fn ids_skipped_until_the_last_event_are_those_it_forgets_or_the_fold_says_so() {
-        const W: TsMicros = 10_000; // ten ids' worth of `ts`
-                                    // Ids `e-<seq>` at `seq` ms, each event forgetting those older than the window (the
-                                    // last one's window `last_window`).
+        // Ten ids' worth of `ts`. Ids `e-<seq>` come at `seq` ms, each event forgetting those
+        // older than the window (the last event's window is `last_window`).
+        const W: TsMicros = 10_000;
         let fold = |skip: Option<TsMicros>, seqs: &[u64], last_window: TsMicros| {
             let mut ids = IdIndex::default();
             ids.defer();
