@@ -166,10 +166,18 @@ pub struct ClusterSettings {
     pub replicas: u32,
     /// Stream name prefix.
     pub stream_prefix: String,
+    /// MiB of written memory kept ready for the fold (0: none).
+    pub memory_reserve_mib: u32,
 }
 
 /// Most partitions a cluster may have.
 pub const MAX_PARTITIONS: u32 = 256;
+/// `[cluster] memory_reserve_mib` when the file does not set it: at 20,000 records/s a
+/// follower grows a few MiB a second, and the reserve is written again every 250 ms.
+pub const DEFAULT_MEMORY_RESERVE_MIB: u32 = 64;
+/// Largest `memory_reserve_mib`.
+pub const MAX_MEMORY_RESERVE_MIB: u32 = 4096;
+
 /// Most JetStream replicas of a stream (JetStream's own limit).
 pub const MAX_REPLICAS: u32 = 5;
 
@@ -243,6 +251,15 @@ fn resolve_cluster(c: &ClusterSection, issues: &mut Issues) -> Option<ClusterSet
             format!("must be between 1 and {MAX_REPLICAS} (JetStream's limit), got {replicas}"),
         );
     }
+    let memory_reserve_mib = c.memory_reserve_mib.unwrap_or(DEFAULT_MEMORY_RESERVE_MIB);
+    if memory_reserve_mib > MAX_MEMORY_RESERVE_MIB {
+        issues.push(
+            at("memory_reserve_mib"),
+            format!(
+                "must be between 0 (none) and {MAX_MEMORY_RESERVE_MIB} MiB, got {memory_reserve_mib}"
+            ),
+        );
+    }
     let prefix = c.stream_prefix.clone().unwrap_or_else(|| "bursar".into());
     if !name_ok(&prefix, 32) {
         issues.push(
@@ -257,6 +274,7 @@ fn resolve_cluster(c: &ClusterSection, issues: &mut Issues) -> Option<ClusterSet
         partitions: c.partitions,
         replicas,
         stream_prefix: prefix,
+        memory_reserve_mib,
     })
 }
 

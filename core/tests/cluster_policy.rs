@@ -37,6 +37,19 @@ fn a_cluster_section_resolves_with_its_defaults() {
     );
     assert_eq!((c.partitions, c.replicas), (4, 3));
     assert_eq!(c.stream_prefix, "bursar");
+    assert_eq!(c.memory_reserve_mib, 64);
+    // A node may keep no reserve, or a larger one.
+    for (set, want) in [("0", 0), ("256", 256)] {
+        let text = text.replace(
+            "partitions = 4",
+            &format!("partitions = 4\nmemory_reserve_mib = {set}"),
+        );
+        let c = parse_policy(&text, "bursar.toml", &no_import)
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.memory_reserve_mib, want);
+    }
     // Without [cluster], nothing of it.
     let single = parse_policy(
         "[[budget]]\nid = \"t\"\nmax_usd = 1\n",
@@ -85,6 +98,16 @@ fn cluster_mistakes_are_reported_at_their_key() {
             "partitions = 4",
             "partitions = 4\nleader = \"host-a\"",
             "cluster.leader",
+        ),
+        (
+            "partitions = 4",
+            "partitions = 4\nmemory_reserve_mib = 5000",
+            "cluster.memory_reserve_mib",
+        ),
+        (
+            "partitions = 4",
+            "partitions = 4\nmemory_reserve_mib = -1",
+            "cluster.memory_reserve_mib",
         ),
     ] {
         let text = CLUSTER.replace(replace, with);

@@ -333,6 +333,9 @@ fn run_cluster(
         clock.clone(),
         metrics.as_ref().map(|(_, m)| m.clone()),
     )?;
+    // Started once the copies are folded (their fold gives its freed memory back).
+    let _reserve = memory::MemoryReserve::start(settings.memory_reserve_mib)
+        .map_err(|e| DaemonError::Start(format!("cannot start the memory reserve: {e}")))?;
     let coordinator = cluster.start_coordinator().map_err(DaemonError::Start)?;
     let bound = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
     let std_listener = bound.publish()?;

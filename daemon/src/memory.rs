@@ -1,5 +1,6 @@
 //! Giving freed memory back to the OS: after start-up, and when the writer goes idle after
-//! work (`Writer::idle`, at most once a second).
+//! work (`Writer::idle`, at most once a second); and, on a cluster node, keeping a reserve of
+//! memory already written ready for the fold ([`MemoryReserve`]).
 //!
 //! Recovery reads a snapshot (the file's bytes, tens of MiB at a few hundred thousand buckets;
 //! a snapshot of format 5 also its decompressed copy) and folds the log on two threads, the
@@ -10,6 +11,10 @@
 //! 1,331–1,339 bytes at its first `hello`, and 635–637 bytes in the runs where something
 //! happened to purge within 3 s (benches/README.md, "Memory per bucket").
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
 /// Return the pages mimalloc holds free to the OS (a forced `mi_collect`: this thread's heap,
 /// then every arena's free pages). Costs a few milliseconds; call it once a large transient
 /// structure is gone, never on a hot path.
@@ -19,4 +24,101 @@ pub fn give_back_freed_memory() {
     // thread at any time (mimalloc's API), also when mimalloc is not the global allocator (it
     // then collects its own, unused, heaps).
     unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
+/// Memory this process has written to, kept ready for its allocations (a cluster node's,
+/// `[cluster] memory_reserve_mib`).
+///
+/// On the VMs this was measured on, the host backs a guest's memory only when it is first
+/// written: 8.9 ms for each fresh 2 MiB huge page (0.38 ms when the same process writes it
+/// again), and memory the guest frees is soon taken back by the host. A follower that grows as
+/// it folds (ids, buckets, report cells; a few MiB a second at 20,000 records/s) stalled ~9 ms
+/// at each fresh huge page: that was the tail of the follower lag (benches/README.md, "Follower
+/// lag: where the tail comes from" and "a reserve of written memory").
+///
+/// A thread of its own allocates the reserve in blocks of 1 MiB, writes one byte of each 4 KiB
+/// page, and frees them again, every [`RESERVE_EVERY`]: the allocator (mimalloc) hands that
+/// memory to the next threads that need pages, already backed, and the reserve thread, not the
+/// fold, waits for the host when the reserve had been used up. Written again well within
+/// mimalloc's purge delay (1 s), the freed reserve is not given back meanwhile.
+pub struct MemoryReserve {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    passes: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often the reserve is written again: well within mimalloc's purge delay of 1 s, and
+/// often enough that a follower growing a few MiB a second never uses a reserve of tens of
+/// MiB up between two passes. A pass over a reserve already backed costs ~1 ms (64 MiB).
+pub const RESERVE_EVERY: Duration = Duration::from_millis(250);
+
+/// Bytes of one block of the reserve.
+const RESERVE_BLOCK: usize = 1 << 20;
+
+/// Bytes of a page: one byte written in each backs it.
+const PAGE: usize = 4096;
+
+impl MemoryReserve {
+    /// Keep `mib` MiB written and ready (nothing, `None`, for 0).
+    pub fn start(mib: u32) -> std::io::Result<Option<MemoryReserve>> {
+        if mib == 0 {
+            return Ok(None);
+        }
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let passes = Arc::new(AtomicU64::new(0));
+        let thread = std::thread::Builder::new()
+            .name("bursar-reserve".into())
+            .spawn({
+                let (stop, passes) = (stop.clone(), passes.clone());
+                move || loop {
+                    write_reserve(mib as usize);
+                    passes.fetch_add(1, Ordering::Release);
+                    let (lock, cv) = &*stop;
+                    let stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let (stopped, _) = cv
+                        .wait_timeout_while(stopped, RESERVE_EVERY, |s| !*s)
+                        .unwrap_or_else(|e| e.into_inner());
+                    if *stopped {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Some(MemoryReserve {
+            stop,
+            passes,
+            thread: Some(thread),
+        }))
+    }
+
+    /// Passes over the reserve completed so far.
+    pub fn passes(&self) -> u64 {
+        self.passes.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for MemoryReserve {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Allocate `mib` blocks of 1 MiB, all at once, write a byte of each of their pages, free them.
+fn write_reserve(mib: usize) {
+    let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(mib);
+    for _ in 0..mib {
+        let mut block: Vec<u8> = Vec::with_capacity(RESERVE_BLOCK);
+        for page in block.spare_capacity_mut().chunks_mut(PAGE) {
+            if let Some(b) = page.first_mut() {
+                b.write(0);
+            }
+        }
+        // The writes are the point: kept although nothing reads them.
+        blocks.push(std::hint::black_box(block));
+    }
+    drop(std::hint::black_box(blocks));
 }

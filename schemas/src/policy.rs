@@ -67,6 +67,10 @@ pub struct ClusterSection {
     pub replicas: Option<u32>,
     /// Stream names are `<stream_prefix>-p0` .. (default `bursar`).
     pub stream_prefix: Option<String>,
+    /// MiB of memory this node keeps written and ready for its fold, so that the fold does
+    /// not wait for the host to back fresh pages (default 64; 0 keeps none). Not part of
+    /// SPEC §13: a node's own tuning, see docs/cluster.md.
+    pub memory_reserve_mib: Option<u32>,
 }
 
 /// `[[quota]]`.
