@@ -334,7 +334,7 @@ fn run_cluster(
         metrics.as_ref().map(|(_, m)| m.clone()),
     )?;
     // Started once the copies are folded (their fold gives its freed memory back).
-    let _reserve = memory::MemoryReserve::start(settings.memory_reserve_mib)
+    let reserve = memory::MemoryReserve::start(settings.memory_reserve_mib)
         .map_err(|e| DaemonError::Start(format!("cannot start the memory reserve: {e}")))?;
     let coordinator = cluster.start_coordinator().map_err(DaemonError::Start)?;
     let bound = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
@@ -384,6 +384,7 @@ fn run_cluster(
     let scope = metrics::Scope::Cluster(cluster.clone());
     let runtime = serve_until_stopped(&cfg, std_listener, ctx, metrics, scope, &listening)?;
     notify_systemd(&[NotifyState::Stopping]);
+    drop(reserve);
     tracing::info!("stopping: draining the partitions' writers, giving their leases back");
     cluster.stop_coordinating();
     let _ = coordinator.join();

@@ -26,6 +26,24 @@ pub fn give_back_freed_memory() {
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
+/// mimalloc's `mi_option_purge_delay` (v3's `include/mimalloc.h`; `libmimalloc-sys` names no
+/// constant for it): milliseconds before freed memory is given back, -1 for never.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// From now on, mimalloc keeps the memory this process frees (its purge off; a forced
+/// [`give_back_freed_memory`] gives nothing back either). A cluster node's reserve needs it:
+/// mimalloc v3 purges whatever is free when the delay set by the first free after the last
+/// purge expires, and the reserve is free but for ~1 ms of each pass, so it went back to the
+/// OS about once a second (a stranger's review, 2026-12-05) and the next pass waited for the
+/// host again.
+#[allow(unsafe_code)]
+pub fn keep_freed_memory() {
+    // SAFETY: `mi_option_set` takes no pointer and has no precondition: options may be set from
+    // any thread at any time (mimalloc's API; the purge delay is read each time a purge is
+    // scheduled or tried).
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 /// Memory this process has written to, kept ready for its allocations (a cluster node's,
 /// `[cluster] memory_reserve_mib`).
 ///
@@ -37,19 +55,20 @@ pub fn give_back_freed_memory() {
 /// lag: where the tail comes from" and "a reserve of written memory").
 ///
 /// A thread of its own allocates the reserve in blocks of 1 MiB, writes one byte of each 4 KiB
-/// page, and frees them again, every [`RESERVE_EVERY`]: the allocator (mimalloc) hands that
-/// memory to the next threads that need pages, already backed, and the reserve thread, not the
-/// fold, waits for the host when the reserve had been used up. Written again well within
-/// mimalloc's purge delay (1 s), the freed reserve is not given back meanwhile.
+/// page, and frees them again, every [`RESERVE_EVERY`]; mimalloc keeps what is freed
+/// ([`keep_freed_memory`]) and hands it to the next threads that need pages, already backed.
+/// When they have used the reserve up, the reserve thread, not the fold, waits for the host at
+/// its next pass. The whole reserve is held at once during a pass (~1 ms once backed), so it
+/// must fit under the node's memory limit with the rest.
 pub struct MemoryReserve {
     stop: Arc<(Mutex<bool>, Condvar)>,
     passes: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// How often the reserve is written again: well within mimalloc's purge delay of 1 s, and
-/// often enough that a follower growing a few MiB a second never uses a reserve of tens of
-/// MiB up between two passes. A pass over a reserve already backed costs ~1 ms (64 MiB).
+/// How often the reserve is written again: often enough that a follower growing a few MiB a
+/// second never uses a reserve of tens of MiB up between two passes. A pass over a reserve
+/// already backed costs ~1 ms (64 MiB).
 pub const RESERVE_EVERY: Duration = Duration::from_millis(250);
 
 /// Bytes of one block of the reserve.
@@ -59,27 +78,44 @@ const RESERVE_BLOCK: usize = 1 << 20;
 const PAGE: usize = 4096;
 
 impl MemoryReserve {
-    /// Keep `mib` MiB written and ready (nothing, `None`, for 0).
+    /// Keep `mib` MiB written and ready (nothing, `None`, for 0), written every
+    /// [`RESERVE_EVERY`]; from now on mimalloc keeps what this process frees.
     pub fn start(mib: u32) -> std::io::Result<Option<MemoryReserve>> {
+        MemoryReserve::start_every(mib, RESERVE_EVERY)
+    }
+
+    /// [`MemoryReserve::start`], written every `every` (tests: one pass, then none for long).
+    pub fn start_every(mib: u32, every: Duration) -> std::io::Result<Option<MemoryReserve>> {
         if mib == 0 {
             return Ok(None);
         }
+        keep_freed_memory();
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let passes = Arc::new(AtomicU64::new(0));
         let thread = std::thread::Builder::new()
             .name("bursar-reserve".into())
             .spawn({
                 let (stop, passes) = (stop.clone(), passes.clone());
-                move || loop {
-                    write_reserve(mib as usize);
-                    passes.fetch_add(1, Ordering::Release);
-                    let (lock, cv) = &*stop;
-                    let stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    let (stopped, _) = cv
-                        .wait_timeout_while(stopped, RESERVE_EVERY, |s| !*s)
-                        .unwrap_or_else(|e| e.into_inner());
-                    if *stopped {
-                        return;
+                move || {
+                    let mut warned = false;
+                    loop {
+                        let written = write_reserve(mib as usize);
+                        if written < mib as usize && !warned {
+                            tracing::warn!(
+                                "memory reserve: only {written} of {mib} MiB could be \
+                                 allocated; the fold may wait for fresh memory"
+                            );
+                            warned = true;
+                        }
+                        passes.fetch_add(1, Ordering::Release);
+                        let (lock, cv) = &*stop;
+                        let stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        let (stopped, _) = cv
+                            .wait_timeout_while(stopped, every, |s| !*s)
+                            .unwrap_or_else(|e| e.into_inner());
+                        if *stopped {
+                            return;
+                        }
                     }
                 }
             })?;
@@ -102,16 +138,26 @@ impl Drop for MemoryReserve {
         *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
         cv.notify_all();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                tracing::error!("memory reserve: its thread panicked");
+            }
         }
     }
 }
 
-/// Allocate `mib` blocks of 1 MiB, all at once, write a byte of each of their pages, free them.
-fn write_reserve(mib: usize) {
-    let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(mib);
+/// Allocate up to `mib` blocks of 1 MiB, all at once, write a byte of each of their pages,
+/// free them. Returns the blocks it could allocate (it stops at the first refused, rather than
+/// abort the process as an infallible allocation would).
+fn write_reserve(mib: usize) -> usize {
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    if blocks.try_reserve_exact(mib).is_err() {
+        return 0;
+    }
     for _ in 0..mib {
-        let mut block: Vec<u8> = Vec::with_capacity(RESERVE_BLOCK);
+        let mut block: Vec<u8> = Vec::new();
+        if block.try_reserve_exact(RESERVE_BLOCK).is_err() {
+            break;
+        }
         for page in block.spare_capacity_mut().chunks_mut(PAGE) {
             if let Some(b) = page.first_mut() {
                 b.write(0);
@@ -120,5 +166,7 @@ fn write_reserve(mib: usize) {
         // The writes are the point: kept although nothing reads them.
         blocks.push(std::hint::black_box(block));
     }
+    let written = blocks.len();
     drop(std::hint::black_box(blocks));
+    written
 }
