@@ -541,7 +541,6 @@ fn faults_lose_no_acknowledged_write_never_overspend_and_fail_over_within_ten_se
             assert_eq!(v["ok"], true, "node {i} after round {round} ({kind}): {v}");
         }
     }
-    eprintln!("failovers: {failovers:?}");
     for (kind, took, _) in &failovers {
         assert!(
             *took <= Duration::from_secs(10),
