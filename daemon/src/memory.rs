@@ -1,6 +1,7 @@
 //! Giving freed memory back to the OS: after start-up, and when the writer goes idle after
 //! work (`Writer::idle`, at most once a second); and, on a cluster node, keeping a reserve of
-//! memory already written ready for the fold ([`MemoryReserve`]).
+//! memory already written ready for the fold ([`MemoryReserve`]), and from then on every page
+//! freed (so a cluster node gives nothing back when its writers go idle).
 //!
 //! Recovery reads a snapshot (the file's bytes, tens of MiB at a few hundred thousand buckets;
 //! a snapshot of format 5 also its decompressed copy) and folds the log on two threads, the
@@ -11,7 +12,7 @@
 //! 1,331–1,339 bytes at its first `hello`, and 635–637 bytes in the runs where something
 //! happened to purge within 3 s (benches/README.md, "Memory per bucket").
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -20,11 +21,19 @@ use std::time::Duration;
 /// structure is gone, never on a hot path.
 #[allow(unsafe_code)]
 pub fn give_back_freed_memory() {
+    if FREED_KEPT.load(Ordering::Relaxed) {
+        // Nothing would be given back (a cluster node's reserve turned the purge off).
+        return;
+    }
     // SAFETY: `mi_collect` takes no pointer and has no precondition: it may be called from any
     // thread at any time (mimalloc's API), also when mimalloc is not the global allocator (it
     // then collects its own, unused, heaps).
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
+
+/// Set by [`keep_freed_memory`]: [`give_back_freed_memory`] then returns at once (mimalloc
+/// purges nothing, forced or not, while its purge delay is negative).
+static FREED_KEPT: AtomicBool = AtomicBool::new(false);
 
 /// mimalloc's `mi_option_purge_delay` (v3's `include/mimalloc.h`; `libmimalloc-sys` names no
 /// constant for it): milliseconds before freed memory is given back, -1 for never.
@@ -38,6 +47,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// host again.
 #[allow(unsafe_code)]
 pub fn keep_freed_memory() {
+    FREED_KEPT.store(true, Ordering::Relaxed);
     // SAFETY: `mi_option_set` takes no pointer and has no precondition: options may be set from
     // any thread at any time (mimalloc's API; the purge delay is read each time a purge is
     // scheduled or tried).

@@ -268,6 +268,56 @@ impl NatsCluster {
         None
     }
 
+    /// Wait until every stream has a leader that reports each of the stream's other replicas
+    /// current (caught up with it). Only the leader's own view says so: the others report each
+    /// other as not current. A node restarted after a kill catches up a moment after the
+    /// cluster has a meta leader again ([`NatsCluster::wait_ready`]).
+    pub fn wait_streams_current(&self, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut streams = std::collections::BTreeSet::new();
+            let mut current = std::collections::BTreeSet::new();
+            for (i, n) in self.nodes.iter().enumerate() {
+                if !n.is_running() {
+                    continue;
+                }
+                let Some(v) = self
+                    .http_get(i, "/jsz?streams=true")
+                    .ok()
+                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                else {
+                    continue;
+                };
+                for account in v["account_details"].as_array().into_iter().flatten() {
+                    for st in account["stream_detail"].as_array().into_iter().flatten() {
+                        let Some(name) = st["name"].as_str() else {
+                            continue;
+                        };
+                        streams.insert(name.to_string());
+                        let cluster = &st["cluster"];
+                        let led_here = cluster["leader"].as_str() == Some(n.name.as_str());
+                        let replicas = cluster["replicas"].as_array();
+                        if led_here
+                            && replicas.is_some_and(|r| r.iter().all(|x| x["current"] == true))
+                        {
+                            current.insert(name.to_string());
+                        }
+                    }
+                }
+            }
+            if streams == current {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let behind: Vec<&String> = streams.difference(&current).collect();
+                return Err(format!(
+                    "streams without a leader with every replica current after {within:?}: {behind:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Wait until every running node reports a JetStream meta leader.
     pub fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;

@@ -491,17 +491,25 @@ fn faults_lose_no_acknowledged_write_never_overspend_and_fail_over_within_ten_se
                     cluster.nats.kill_node(leader);
                 }
                 _ => {
+                    let stream = format!("fault-p{acme_p}");
                     let leader = cluster
                         .nats
-                        .stream_leader(&format!("fault-p{acme_p}"))
+                        .stream_leader(&stream)
                         .expect("the stream has a leader");
                     cluster.nats.kill_node((leader + 1) % 3);
+                    if cluster.nats.stream_leader(&stream) != Some(leader) {
+                        // The leader named was a server's stale view: the round killed the
+                        // leader after all (still a fault, but not the one it names).
+                        eprintln!("round {round}: the stream's leader changed with the kill");
+                    }
                 }
             }
             eprintln!("{kind} at {:?}", std::time::SystemTime::now());
             let via = live[0];
             let took = time_to_write(&cluster, via, "acme", &format!("{round}"));
-            if kind == "kill the writer" || kind == "pause the writer" {
+            if kind != "kill a follower" && kind != "kill the stream leader" {
+                // Writes go on within 10 s of these (for a NATS node that did not lead the
+                // stream: the nodes connected to it reconnect to another server).
                 failovers.push((kind, took, t.elapsed()));
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -528,6 +536,12 @@ fn faults_lose_no_acknowledged_write_never_overspend_and_fail_over_within_ten_se
                     cluster.nats.start_node(i).unwrap();
                 }
                 cluster.nats.wait_ready(Duration::from_secs(30)).unwrap();
+                // The restarted server caught up, so that the next round's NATS kill leaves
+                // the streams their quorum.
+                cluster
+                    .nats
+                    .wait_streams_current(Duration::from_secs(30))
+                    .unwrap();
             }
         }
         // After each round: a writer for every partition again, every node's fold the same,

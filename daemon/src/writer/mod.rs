@@ -511,7 +511,8 @@ impl Writer {
     /// allocations, and a daemon that went quiet makes none: after `bursar-bench memory`'s
     /// 200,000 records its RSS stayed at 598 bytes a bucket; given back when the writer goes
     /// idle, 560–574 three seconds later (benches/README.md, "Memory per bucket"). It costs a
-    /// few ms of this thread, once per quiet spell.
+    /// few ms of this thread, once per quiet spell. (On a cluster node with a memory reserve,
+    /// nothing: it keeps what it frees, `memory::keep_freed_memory`.)
     fn idle(&mut self) {
         if self
             .last_job
