@@ -243,29 +243,39 @@ impl NatsCluster {
     }
 
     fn stream_leader_now(&self, stream: &str) -> Option<usize> {
-        for (i, n) in self.nodes.iter().enumerate() {
-            if !n.is_running() {
-                continue;
-            }
-            let Ok(body) = self.http_get(i, "/jsz?streams=true") else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
-                continue;
-            };
-            for account in v["account_details"].as_array().into_iter().flatten() {
-                for s in account["stream_detail"].as_array().into_iter().flatten() {
-                    // A node that does not know the leader yet: ask the next one.
-                    if let Some(leader) = s["cluster"]["leader"]
-                        .as_str()
-                        .filter(|_| s["name"] == stream)
-                    {
-                        return self.nodes.iter().position(|n| n.name == leader);
-                    }
+        for i in 0..self.nodes.len() {
+            for s in self.stream_details(i) {
+                // A node that does not know the leader yet: ask the next one.
+                if let Some(leader) = s["cluster"]["leader"]
+                    .as_str()
+                    .filter(|_| s["name"] == stream)
+                {
+                    return self.nodes.iter().position(|n| n.name == leader);
                 }
             }
         }
         None
+    }
+
+    /// Every stream node `i` knows of, as its `/jsz?streams=true` details it (none when the
+    /// node is not running or does not answer).
+    fn stream_details(&self, i: usize) -> Vec<serde_json::Value> {
+        if !self.nodes[i].is_running() {
+            return Vec::new();
+        }
+        let Some(v) = self
+            .http_get(i, "/jsz?streams=true")
+            .ok()
+            .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        else {
+            return Vec::new();
+        };
+        v["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+            .collect()
     }
 
     /// Wait until every stream has a leader that reports each of the stream's other replicas
@@ -278,30 +288,17 @@ impl NatsCluster {
             let mut streams = std::collections::BTreeSet::new();
             let mut current = std::collections::BTreeSet::new();
             for (i, n) in self.nodes.iter().enumerate() {
-                if !n.is_running() {
-                    continue;
-                }
-                let Some(v) = self
-                    .http_get(i, "/jsz?streams=true")
-                    .ok()
-                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-                else {
-                    continue;
-                };
-                for account in v["account_details"].as_array().into_iter().flatten() {
-                    for st in account["stream_detail"].as_array().into_iter().flatten() {
-                        let Some(name) = st["name"].as_str() else {
-                            continue;
-                        };
-                        streams.insert(name.to_string());
-                        let cluster = &st["cluster"];
-                        let led_here = cluster["leader"].as_str() == Some(n.name.as_str());
-                        let replicas = cluster["replicas"].as_array();
-                        if led_here
-                            && replicas.is_some_and(|r| r.iter().all(|x| x["current"] == true))
-                        {
-                            current.insert(name.to_string());
-                        }
+                for st in self.stream_details(i) {
+                    let Some(name) = st["name"].as_str() else {
+                        continue;
+                    };
+                    streams.insert(name.to_string());
+                    let cluster = &st["cluster"];
+                    let led_here = cluster["leader"].as_str() == Some(n.name.as_str());
+                    let replicas = cluster["replicas"].as_array();
+                    if led_here && replicas.is_some_and(|r| r.iter().all(|x| x["current"] == true))
+                    {
+                        current.insert(name.to_string());
                     }
                 }
             }
