@@ -149,14 +149,15 @@ impl JsonSchema for EventLabels {
 }
 
 /// Label sets a sharing thread remembers at most; past it, it starts again from none. A set is
-/// a few hundred bytes: at most ~25 MB, and only while [`SharingLabels`] is in force.
+/// a few hundred bytes with its table entry (~170): at most ~40 MB, and only while
+/// [`SharingLabels`] is in force.
 const SHARED_SETS: usize = 65_536;
 
 /// What a sharing thread remembers: each set it decoded, by the hash of its entries packed.
 #[derive(Default)]
 struct Shared {
     /// Hash of the packed entries → the packed entries and the set.
-    sets: HashMap<u64, (Box<[u8]>, EventLabels), rustc_hash::FxBuildHasher>,
+    sets: HashMap<u64, Remembered, rustc_hash::FxBuildHasher>,
     /// The entries being decoded, packed (`name 0xFF value 0xFF …`; 0xFF is in no UTF-8 text,
     /// so two different lists of entries never pack into the same bytes).
     packed: Packing,
@@ -169,6 +170,48 @@ struct Shared {
     /// do not recur (a label per request) decodes them plainly from then on (sharing decoded a
     /// unique set ~4× slower than the plain map: a stranger's review, 2026-12-05).
     off: bool,
+}
+
+/// A remembered set: its packed entries and the set. The entries of a set up to
+/// [`INLINE_SET_BYTES`] are kept in the table's entry itself, so the load that finds the entry
+/// brings the bytes it is compared with: kept apart (`Box<[u8]>`), the comparison was a cache
+/// miss of its own, `memcmp` ~11 % of the reading thread in a 10 M-event start-up
+/// (benches/README.md, "Start-up: remembered label sets kept inline").
+struct Remembered {
+    len: u32,
+    inline: [u8; INLINE_SET_BYTES],
+    long: Option<Box<[u8]>>,
+    labels: EventLabels,
+}
+
+/// Packed bytes of a set kept in its [`Remembered`] entry: a set of the org / team / user /
+/// session labels and the derived `model`, `provider` and `tier` packs into ~90 bytes.
+const INLINE_SET_BYTES: usize = 128;
+
+impl Remembered {
+    fn new(packed: &[u8], labels: EventLabels) -> Remembered {
+        let mut inline = [0u8; INLINE_SET_BYTES];
+        let long = match inline.get_mut(..packed.len()) {
+            Some(at) => {
+                at.copy_from_slice(packed);
+                None
+            }
+            None => Some(packed.into()),
+        };
+        Remembered {
+            len: u32::try_from(packed.len()).unwrap_or(u32::MAX),
+            inline,
+            long,
+            labels,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.long {
+            Some(long) => long,
+            None => self.inline.get(..self.len as usize).unwrap_or_default(),
+        }
+    }
 }
 
 /// Packed bytes of the sets a thread remembers at most (with their maps, a few times this in
@@ -404,11 +447,11 @@ impl<'de> Deserialize<'de> for EventLabels {
                     let labels = match shared
                         .sets
                         .get(&hash)
-                        .filter(|(b, _)| **b == *packed.as_slice())
+                        .filter(|r| r.bytes() == packed.as_slice())
                     {
-                        Some((_, known)) => {
+                        Some(known) => {
                             shared.hits += 1;
-                            Some(known.clone())
+                            Some(known.labels.clone())
                         }
                         None => {
                             shared.misses += 1;
@@ -426,11 +469,12 @@ impl<'de> Deserialize<'de> for EventLabels {
                                 }
                                 if !shared.off {
                                     shared.bytes += packed.as_slice().len();
-                                    let old = shared
-                                        .sets
-                                        .insert(hash, (packed.as_slice().into(), labels.clone()));
-                                    if let Some((b, _)) = old {
-                                        shared.bytes -= b.len();
+                                    let old = shared.sets.insert(
+                                        hash,
+                                        Remembered::new(packed.as_slice(), labels.clone()),
+                                    );
+                                    if let Some(old) = old {
+                                        shared.bytes -= old.bytes().len();
                                     }
                                 }
                             }
@@ -545,6 +589,40 @@ mod tests {
             !Arc::ptr_eq(&after.0 .0, &after.1 .0),
             "forgotten when dropped"
         );
+    }
+
+    /// Remembered sets are kept in their table entry up to `INLINE_SET_BYTES` packed, and
+    /// apart past it: sets on either side of the bound, and sets that differ only in their last
+    /// byte, each share their own copy and never another's.
+    #[test]
+    fn sets_kept_inline_or_apart_share_only_their_own_copy() {
+        // One entry ("k", v) packs into 4 + 2 + v's length + 1 bytes.
+        let lengths = [
+            1,
+            INLINE_SET_BYTES - 8,
+            INLINE_SET_BYTES - 7,
+            INLINE_SET_BYTES - 6,
+            300,
+        ];
+        let sets: Vec<Labels> = lengths
+            .iter()
+            .flat_map(|&n| {
+                ['a', 'b'].map(|last| labels(&[("k", &format!("{}{last}", "v".repeat(n - 1)))]))
+            })
+            .collect();
+        let _sharing = SharingLabels::start();
+        let first: Vec<EventLabels> = sets.iter().map(|s| decode(&bincode_of(s))).collect();
+        for (i, s) in sets.iter().enumerate() {
+            let again = decode(&bincode_of(s));
+            assert_eq!(again, *s, "set {i} decodes as itself");
+            for (j, f) in first.iter().enumerate() {
+                assert_eq!(
+                    Arc::ptr_eq(&again.0, &f.0),
+                    i == j,
+                    "set {i} shares the copy of set {j} only if it is that set"
+                );
+            }
+        }
     }
 
     #[test]
