@@ -22,8 +22,9 @@ fn receipts_of(body: &mut EventBody) -> Option<&mut Option<bursar_schemas::event
 fn a_receipt_left_out_leaves_the_event_as_it_was() {
     let written = props::sample_envelopes();
     // The samples hold receipts with every field set (lines, an overrun, a decision, skipped
-    // candidates, a message) and an event without one: each is read past to its last byte, or
-    // the record's decode fails with trailing or missing bytes.
+    // candidates, a message) and an event without one. A receipt is left unread as the last
+    // field of its event: a field after it would be read from the receipt's bytes, and the
+    // events would not come back as written.
     let with: usize = written
         .iter()
         .filter(|e| {
@@ -89,4 +90,101 @@ fn a_deferred_hash_is_the_hash_of_the_bytes_as_stored() {
     }
     let last = deferred.last().unwrap();
     assert!(last.content_hash(&bytes[..bytes.len() - 1]).is_err());
+}
+
+/// The events of a format-2 record as stored: `(hash, body)` each, after the tag and the
+/// previous hash (`bursar_schemas::event`'s layout: LEB128 count, then LEB128 length, 32-byte
+/// hash and bytes for each event).
+fn split_record(bytes: &[u8]) -> (Vec<u8>, Vec<([u8; 32], Vec<u8>)>) {
+    fn leb(bytes: &[u8], at: &mut usize) -> usize {
+        let (mut v, mut shift) = (0usize, 0);
+        loop {
+            let b = bytes[*at];
+            *at += 1;
+            v |= usize::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    let head = bytes[..33].to_vec();
+    let mut at = 33;
+    let n = leb(bytes, &mut at);
+    let events = (0..n)
+        .map(|_| {
+            let len = leb(bytes, &mut at);
+            let hash: [u8; 32] = bytes[at..at + 32].try_into().unwrap();
+            at += 32;
+            let body = bytes[at..at + len].to_vec();
+            at += len;
+            (hash, body)
+        })
+        .collect();
+    assert_eq!(at, bytes.len());
+    (head, events)
+}
+
+fn join_record(head: &[u8], events: &[([u8; 32], Vec<u8>)]) -> Vec<u8> {
+    fn leb(out: &mut Vec<u8>, mut v: usize) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    let mut out = head.to_vec();
+    leb(&mut out, events.len());
+    for (hash, body) in events {
+        leb(&mut out, body.len());
+        out.extend_from_slice(hash);
+        out.extend_from_slice(body);
+    }
+    out
+}
+
+/// The fold takes the bytes after an event whose receipt it left unread as that receipt's (a
+/// receipt is its event's last field); after any other event, bytes left over are an error as
+/// they are outside the fold. And what the fold leaves unread, every other reader still reads:
+/// a receipt that does not decode fails `decode_record` (export, verify).
+#[test]
+fn bytes_after_an_event_are_refused_unless_they_are_the_receipt_left_unread() {
+    let written = props::sample_envelopes();
+    let bytes = encode_record(&written).unwrap();
+    assert_eq!(split_record(&bytes).1.len(), written.len());
+    assert_eq!(
+        join_record(&split_record(&bytes).0, &split_record(&bytes).1),
+        bytes
+    );
+    let mut tried = (0, 0);
+    for (i, env) in written.iter().enumerate() {
+        let mut body = env.body.clone();
+        let has_receipt = receipts_of(&mut body).is_some_and(|r| r.is_some());
+        let has_field = receipts_of(&mut body).is_some();
+        let (head, mut events) = split_record(&bytes);
+        events[i].1.push(0xA5);
+        let damaged = join_record(&head, &events);
+        let lean = without_receipts(|| decode_record_deferred(&damaged));
+        let full = decode_record(&damaged);
+        assert!(
+            full.is_err(),
+            "event {i}: read in full, a stray byte is an error"
+        );
+        if has_field {
+            let lean = lean.unwrap_or_else(|e| panic!("event {i}: {e}"));
+            assert_eq!(lean.len(), written.len());
+            tried.0 += usize::from(has_receipt);
+        } else {
+            assert!(
+                lean.is_err(),
+                "event {i} has no receipt: a stray byte is an error"
+            );
+            tried.1 += 1;
+        }
+    }
+    assert!(tried.0 >= 2 && tried.1 >= 2, "{tried:?}");
 }

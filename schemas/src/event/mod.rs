@@ -511,10 +511,13 @@ fn decode_v2_with<T>(
         let hash = hash_at(rest, &mut at)?;
         let start = at;
         let body = take(rest, &mut at, len)?;
+        let unread = receipts::left_unread();
         let (c, used): (OwnedContent, usize) =
             bincode::serde::decode_from_slice(body, config().with_limit::<MAX_RECORD_BYTES>())
                 .map_err(|e| CodecError::Decode(e.to_string()))?;
-        if used != body.len() {
+        // Bytes left are an error, unless they are the receipt the fold left unread (the last
+        // field of the event: `receipts::without_receipts`).
+        if used != body.len() && receipts::left_unread() == unread {
             return Err(CodecError::Trailing(body.len() - used));
         }
         if c.version != ENVELOPE_VERSION {
