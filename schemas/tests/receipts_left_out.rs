@@ -18,39 +18,68 @@ fn receipts_of(body: &mut EventBody) -> Option<&mut Option<bursar_schemas::event
     }
 }
 
-#[test]
-fn a_receipt_left_out_leaves_the_event_as_it_was() {
-    let written = props::sample_envelopes();
-    // The samples hold receipts with every field set (lines, an overrun, a decision, skipped
-    // candidates, a message) and an event without one. A receipt is left unread as the last
-    // field of its event: a field after it would be read from the receipt's bytes, and the
-    // events would not come back as written.
-    let with: usize = written
+/// The samples with a receipt in every event that has the field (a field added after `receipt`
+/// could read a `None`'s single 0 as its own and still come back as written).
+fn with_every_receipt(
+    mut envs: Vec<bursar_schemas::event::Envelope>,
+) -> Vec<bursar_schemas::event::Envelope> {
+    let some = envs
         .iter()
-        .filter(|e| {
+        .find_map(|e| {
             let mut b = e.body.clone();
-            receipts_of(&mut b).is_some_and(|r| r.is_some())
+            receipts_of(&mut b).and_then(|r| r.take())
         })
-        .count();
-    assert!(with >= 2, "the samples must hold receipts to leave out");
-    let bytes = encode_record(&written).unwrap();
-
-    let lean = without_receipts(|| decode_record_checked(&bytes)).unwrap();
-    let mut expected = written.clone();
-    for e in &mut expected {
+        .expect("a sample with a receipt");
+    for e in &mut envs {
         if let Some(r) = receipts_of(&mut e.body) {
-            *r = None;
+            r.get_or_insert_with(|| some.clone());
         }
     }
-    assert_eq!(lean.len(), written.len());
-    for (c, want) in lean.iter().zip(&expected) {
-        assert_eq!(&c.env, want);
-        // The chain check still covers the bytes as stored, receipts included.
-        assert_eq!(c.content_hash, c.env.hash, "seq {}", c.env.seq);
-    }
+    envs
+}
 
-    // Outside, receipts are decoded (export, tail, verify and duplicates read them).
-    assert_eq!(decode_record(&bytes).unwrap(), written);
+#[test]
+fn a_receipt_left_out_leaves_the_event_as_it_was() {
+    // The samples hold receipts with every field set (lines, an overrun, a decision, skipped
+    // candidates, a message) and events without one; then every event that can have one has
+    // one. A receipt is left unread as the last field of its event: a field after it would be
+    // read from the receipt's bytes, and the events would not come back as written.
+    for written in [
+        props::sample_envelopes(),
+        with_every_receipt(props::sample_envelopes()),
+    ] {
+        let with: usize = written
+            .iter()
+            .filter(|e| {
+                let mut b = e.body.clone();
+                receipts_of(&mut b).is_some_and(|r| r.is_some())
+            })
+            .count();
+        assert!(with >= 2, "the samples must hold receipts to leave out");
+        let bytes = encode_record(&written).unwrap();
+
+        let lean = without_receipts(|| decode_record_checked(&bytes)).unwrap();
+        let mut expected = written.clone();
+        for e in &mut expected {
+            if let Some(r) = receipts_of(&mut e.body) {
+                *r = None;
+            }
+        }
+        assert_eq!(lean.len(), written.len());
+        // The chain check still covers the bytes as stored, receipts included: the same hash
+        // as a decode that reads them (the samples' own hashes are of the unchanged samples).
+        let full = decode_record_checked(&bytes).unwrap();
+        for ((c, want), f) in lean.iter().zip(&expected).zip(&full) {
+            assert_eq!(&c.env, want);
+            assert_eq!(c.content_hash, f.content_hash, "seq {}", c.env.seq);
+        }
+        if written == props::sample_envelopes() {
+            assert!(full.iter().all(|f| f.content_hash == f.env.hash));
+        }
+
+        // Outside, receipts are decoded (export, tail, verify and duplicates read them).
+        assert_eq!(decode_record(&bytes).unwrap(), written);
+    }
 }
 
 #[test]
@@ -92,10 +121,13 @@ fn a_deferred_hash_is_the_hash_of_the_bytes_as_stored() {
     assert!(last.content_hash(&bytes[..bytes.len() - 1]).is_err());
 }
 
+/// An event as a format-2 record stores it: its hash and its bytes.
+type Stored = ([u8; 32], Vec<u8>);
+
 /// The events of a format-2 record as stored: `(hash, body)` each, after the tag and the
 /// previous hash (`bursar_schemas::event`'s layout: LEB128 count, then LEB128 length, 32-byte
 /// hash and bytes for each event).
-fn split_record(bytes: &[u8]) -> (Vec<u8>, Vec<([u8; 32], Vec<u8>)>) {
+fn split_record(bytes: &[u8]) -> (Vec<u8>, Vec<Stored>) {
     fn leb(bytes: &[u8], at: &mut usize) -> usize {
         let (mut v, mut shift) = (0usize, 0);
         loop {
@@ -125,7 +157,7 @@ fn split_record(bytes: &[u8]) -> (Vec<u8>, Vec<([u8; 32], Vec<u8>)>) {
     (head, events)
 }
 
-fn join_record(head: &[u8], events: &[([u8; 32], Vec<u8>)]) -> Vec<u8> {
+fn join_record(head: &[u8], events: &[Stored]) -> Vec<u8> {
     fn leb(out: &mut Vec<u8>, mut v: usize) {
         loop {
             let b = (v & 0x7f) as u8;
@@ -147,12 +179,13 @@ fn join_record(head: &[u8], events: &[([u8; 32], Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-/// The fold takes the bytes after an event whose receipt it left unread as that receipt's (a
-/// receipt is its event's last field); after any other event, bytes left over are an error as
-/// they are outside the fold. And what the fold leaves unread, every other reader still reads:
-/// a receipt that does not decode fails `decode_record` (export, verify).
+/// The fold takes the bytes after an event whose receipt it left unread as that receipt, as long
+/// as they can be one (`None`: exactly a 0; `Some`: a 1 and more), and leaves the rest of the
+/// receipt to every other reader: a receipt that does not decode fails `decode_record` (export,
+/// verify). After an event without a receipt field, or where the receipt is missing, bytes left
+/// over or missing are an error in the fold as outside it.
 #[test]
-fn bytes_after_an_event_are_refused_unless_they_are_the_receipt_left_unread() {
+fn bytes_after_an_event_are_refused_unless_they_can_be_its_unread_receipt() {
     let written = props::sample_envelopes();
     let bytes = encode_record(&written).unwrap();
     assert_eq!(split_record(&bytes).1.len(), written.len());
@@ -160,31 +193,50 @@ fn bytes_after_an_event_are_refused_unless_they_are_the_receipt_left_unread() {
         join_record(&split_record(&bytes).0, &split_record(&bytes).1),
         bytes
     );
-    let mut tried = (0, 0);
+    let lean = |record: &[u8]| without_receipts(|| decode_record_deferred(record));
+    // (left to verify, refused with `None`'s receipt, refused without the field)
+    let mut tried = (0, 0, 0);
     for (i, env) in written.iter().enumerate() {
         let mut body = env.body.clone();
-        let has_receipt = receipts_of(&mut body).is_some_and(|r| r.is_some());
-        let has_field = receipts_of(&mut body).is_some();
-        let (head, mut events) = split_record(&bytes);
-        events[i].1.push(0xA5);
-        let damaged = join_record(&head, &events);
-        let lean = without_receipts(|| decode_record_deferred(&damaged));
-        let full = decode_record(&damaged);
+        let receipt = receipts_of(&mut body).map(|r| r.is_some());
+        let (head, events) = split_record(&bytes);
+        let mut longer = events.clone();
+        longer[i].1.push(0xA5);
+        let longer = join_record(&head, &longer);
         assert!(
-            full.is_err(),
+            decode_record(&longer).is_err(),
             "event {i}: read in full, a stray byte is an error"
         );
-        if has_field {
-            let lean = lean.unwrap_or_else(|e| panic!("event {i}: {e}"));
-            assert_eq!(lean.len(), written.len());
-            tried.0 += usize::from(has_receipt);
-        } else {
-            assert!(
-                lean.is_err(),
-                "event {i} has no receipt: a stray byte is an error"
-            );
-            tried.1 += 1;
+        match receipt {
+            Some(true) => {
+                let folded = lean(&longer).unwrap_or_else(|e| panic!("event {i}: {e}"));
+                assert_eq!(folded.len(), written.len());
+                tried.0 += 1;
+            }
+            Some(false) => {
+                assert!(
+                    lean(&longer).is_err(),
+                    "event {i}: a receipt of `None` is one byte"
+                );
+                let mut shorter = events.clone();
+                assert_eq!(
+                    shorter[i].1.pop(),
+                    Some(0),
+                    "event {i}: `None` is written as a 0"
+                );
+                let shorter = join_record(&head, &shorter);
+                assert!(lean(&shorter).is_err(), "event {i}: without its receipt");
+                assert!(decode_record(&shorter).is_err());
+                tried.1 += 1;
+            }
+            None => {
+                assert!(
+                    lean(&longer).is_err(),
+                    "event {i} has no receipt: a stray byte is an error"
+                );
+                tried.2 += 1;
+            }
         }
     }
-    assert!(tried.0 >= 2 && tried.1 >= 2, "{tried:?}");
+    assert!(tried.0 >= 2 && tried.1 >= 1 && tried.2 >= 2, "{tried:?}");
 }

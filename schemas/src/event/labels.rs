@@ -215,7 +215,8 @@ impl Remembered {
 }
 
 /// Packed bytes of the sets a thread remembers at most (with their maps, a few times this in
-/// memory), and the largest set it remembers: the count alone let 65,536 of the largest sets a
+/// memory, besides the table's ~170 bytes an entry: ~22 MB when it holds `SHARED_SETS`), and
+/// the largest set it remembers: the count alone let 65,536 of the largest sets a
 /// client may send keep 1.4 GiB alive (a stranger's review, 2026-12-05).
 const SHARED_BYTES: usize = 4 << 20;
 const SHARED_SET_BYTES: usize = 4 << 10;
@@ -589,6 +590,23 @@ mod tests {
             !Arc::ptr_eq(&after.0 .0, &after.1 .0),
             "forgotten when dropped"
         );
+    }
+
+    #[test]
+    fn a_remembered_set_gives_back_its_bytes_whatever_their_length() {
+        for n in [
+            0,
+            1,
+            INLINE_SET_BYTES - 1,
+            INLINE_SET_BYTES,
+            INLINE_SET_BYTES + 1,
+            300,
+        ] {
+            let bytes: Vec<u8> = (0..n).map(|i| (i * 31 + n) as u8).collect();
+            let r = Remembered::new(&bytes, EventLabels::default());
+            assert_eq!(r.bytes(), &bytes[..], "length {n}");
+            assert_eq!(r.long.is_some(), n > INLINE_SET_BYTES, "length {n}");
+        }
     }
 
     /// Remembered sets are kept in their table entry up to `INLINE_SET_BYTES` packed, and

@@ -515,10 +515,19 @@ fn decode_v2_with<T>(
         let (c, used): (OwnedContent, usize) =
             bincode::serde::decode_from_slice(body, config().with_limit::<MAX_RECORD_BYTES>())
                 .map_err(|e| CodecError::Decode(e.to_string()))?;
-        // Bytes left are an error, unless they are the receipt the fold left unread (the last
-        // field of the event: `receipts::without_receipts`).
-        if used != body.len() && receipts::left_unread() == unread {
-            return Err(CodecError::Trailing(body.len() - used));
+        let rest = body.get(used..).unwrap_or_default();
+        if receipts::left_unread() == unread {
+            if !rest.is_empty() {
+                return Err(CodecError::Trailing(rest.len()));
+            }
+        } else if !receipts::could_be_receipt(rest) {
+            // What is left must be the receipt the fold left unread (the last field of the
+            // event: `receipts::without_receipts`).
+            return Err(CodecError::Decode(format!(
+                "event {} ends in {} bytes that are not a receipt",
+                c.seq,
+                rest.len()
+            )));
         }
         if c.version != ENVELOPE_VERSION {
             return Err(CodecError::UnknownVersion(c.version, c.seq));

@@ -1,16 +1,17 @@
 //! Decoding events without their receipts, for the fold.
 //!
 //! A receipt ([`Receipt`]) is what the daemon answered; the fold never reads one (a duplicate's
-//! answer is rendered from the event read back by seq). Recovery and a follower's fold decode
-//! every event of a log. On a thread inside [`without_receipts`], bincode decoding does not read
-//! a receipt at all (`receipt: None`): a receipt is the last field of its event, so its bytes are
-//! the last ones of the event as stored, and the record's decoder takes the bytes left after an
-//! event whose receipt was left unread as that receipt's ([`left_unread`]). Reading past a
-//! receipt's fields one by one (its lines are nine numbers each, and bincode's encoding has no
-//! length to skip them by) was ~10 % of the reading thread of a 10 M-event start-up
-//! (benches/README.md, "Start-up: receipts left unread"). The chain's hash still covers those
-//! bytes, and everywhere else (export, tail, verify, duplicates) receipts are decoded as they
-//! are, so a receipt that does not decode is still found by `bursar verify`.
+//! answer is rendered from the event read back by seq). Recovery decodes every event of a log.
+//! On a thread inside [`without_receipts`], bincode decoding does not read a receipt at all
+//! (`receipt: None`): a receipt is the last field of its event, so its bytes are the last ones
+//! of the event as stored, and the record's decoder takes the bytes left after an event whose
+//! receipt was left unread as that receipt's ([`left_unread`]), checking only that they start
+//! as one does ([`could_be_receipt`]). Reading past a receipt's fields one by one (its lines are
+//! nine fields each, and bincode's encoding has no length to skip them by) was ~10 % of the
+//! reading thread of a 10 M-event start-up (benches/README.md, "Start-up: receipts left
+//! unread"). The chain's hash still covers those bytes, and everywhere else (export, tail,
+//! verify, duplicates) receipts are decoded as they are, so a receipt that does not decode is
+//! found by `bursar verify`, not by a start.
 
 use super::Receipt;
 use serde::de::{Deserialize, Deserializer};
@@ -42,6 +43,13 @@ pub(super) fn maybe_skipped<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Re
     } else {
         Option::<Receipt>::deserialize(d)
     }
+}
+
+/// Whether `rest`, the bytes of an event after the fields before its receipt, can be its
+/// `Option<Receipt>` as bincode writes it: `None` is the one byte 0, `Some` a 1 and the
+/// receipt's fields (which are not read here).
+pub(super) fn could_be_receipt(rest: &[u8]) -> bool {
+    matches!(rest, [0] | [1, _, ..])
 }
 
 /// How many receipts this thread has left unread: a decode that sees it change knows that the
