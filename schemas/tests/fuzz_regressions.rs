@@ -101,38 +101,12 @@ fn a_non_minimal_varint_decodes_to_the_envelopes_of_its_canonical_form() {
 /// prefix follows); also the offset of the content.
 fn with_content_rewritten(record: &[u8], f: impl FnOnce(&[u8]) -> Vec<u8>) -> (Vec<u8>, usize) {
     assert_eq!(record[0], RECORD_FORMAT_V2);
-    assert_eq!(record[33], 1, "one envelope");
-    // tag, prev hash, count, then the length varint, the hash and the content.
-    let mut at = 34;
-    let mut len = 0usize;
-    let mut shift = 0;
-    loop {
-        let b = record[at];
-        at += 1;
-        len |= usize::from(b & 0x7f) << shift;
-        shift += 7;
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    let hash = &record[at..at + 32];
-    let content = &record[at + 32..at + 32 + len];
-    assert_eq!(at + 32 + len, record.len());
-    let new = f(content);
-    let mut out = record[..34].to_vec();
-    let mut n = new.len();
-    loop {
-        let byte = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            out.push(byte);
-            break;
-        }
-        out.push(byte | 0x80);
-    }
-    out.extend_from_slice(hash);
-    let content_at = out.len();
-    out.extend_from_slice(&new);
+    let (head, mut events) = props::split_record(record);
+    assert_eq!(events.len(), 1, "one envelope");
+    events[0].1 = f(&events[0].1);
+    let out = props::join_record(&head, &events);
+    // The content is the record's last bytes.
+    let content_at = out.len() - events[0].1.len();
     (out, content_at)
 }
 

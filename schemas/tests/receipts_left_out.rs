@@ -121,64 +121,6 @@ fn a_deferred_hash_is_the_hash_of_the_bytes_as_stored() {
     assert!(last.content_hash(&bytes[..bytes.len() - 1]).is_err());
 }
 
-/// An event as a format-2 record stores it: its hash and its bytes.
-type Stored = ([u8; 32], Vec<u8>);
-
-/// The events of a format-2 record as stored: `(hash, body)` each, after the tag and the
-/// previous hash (`bursar_schemas::event`'s layout: LEB128 count, then LEB128 length, 32-byte
-/// hash and bytes for each event).
-fn split_record(bytes: &[u8]) -> (Vec<u8>, Vec<Stored>) {
-    fn leb(bytes: &[u8], at: &mut usize) -> usize {
-        let (mut v, mut shift) = (0usize, 0);
-        loop {
-            let b = bytes[*at];
-            *at += 1;
-            v |= usize::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return v;
-            }
-            shift += 7;
-        }
-    }
-    let head = bytes[..33].to_vec();
-    let mut at = 33;
-    let n = leb(bytes, &mut at);
-    let events = (0..n)
-        .map(|_| {
-            let len = leb(bytes, &mut at);
-            let hash: [u8; 32] = bytes[at..at + 32].try_into().unwrap();
-            at += 32;
-            let body = bytes[at..at + len].to_vec();
-            at += len;
-            (hash, body)
-        })
-        .collect();
-    assert_eq!(at, bytes.len());
-    (head, events)
-}
-
-fn join_record(head: &[u8], events: &[Stored]) -> Vec<u8> {
-    fn leb(out: &mut Vec<u8>, mut v: usize) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
-    let mut out = head.to_vec();
-    leb(&mut out, events.len());
-    for (hash, body) in events {
-        leb(&mut out, body.len());
-        out.extend_from_slice(hash);
-        out.extend_from_slice(body);
-    }
-    out
-}
-
 /// The fold takes the bytes after an event whose receipt it left unread as that receipt, as long
 /// as they can be one (`None`: exactly a 0; `Some`: a 1 and more), and leaves the rest of the
 /// receipt to every other reader: a receipt that does not decode fails `decode_record` (export,
@@ -188,9 +130,12 @@ fn join_record(head: &[u8], events: &[Stored]) -> Vec<u8> {
 fn bytes_after_an_event_are_refused_unless_they_can_be_its_unread_receipt() {
     let written = props::sample_envelopes();
     let bytes = encode_record(&written).unwrap();
-    assert_eq!(split_record(&bytes).1.len(), written.len());
+    assert_eq!(props::split_record(&bytes).1.len(), written.len());
     assert_eq!(
-        join_record(&split_record(&bytes).0, &split_record(&bytes).1),
+        props::join_record(
+            &props::split_record(&bytes).0,
+            &props::split_record(&bytes).1
+        ),
         bytes
     );
     let lean = |record: &[u8]| without_receipts(|| decode_record_deferred(record));
@@ -199,10 +144,10 @@ fn bytes_after_an_event_are_refused_unless_they_can_be_its_unread_receipt() {
     for (i, env) in written.iter().enumerate() {
         let mut body = env.body.clone();
         let receipt = receipts_of(&mut body).map(|r| r.is_some());
-        let (head, events) = split_record(&bytes);
+        let (head, events) = props::split_record(&bytes);
         let mut longer = events.clone();
         longer[i].1.push(0xA5);
-        let longer = join_record(&head, &longer);
+        let longer = props::join_record(&head, &longer);
         assert!(
             decode_record(&longer).is_err(),
             "event {i}: read in full, a stray byte is an error"
@@ -224,7 +169,7 @@ fn bytes_after_an_event_are_refused_unless_they_can_be_its_unread_receipt() {
                     Some(0),
                     "event {i}: `None` is written as a 0"
                 );
-                let shorter = join_record(&head, &shorter);
+                let shorter = props::join_record(&head, &shorter);
                 assert!(lean(&shorter).is_err(), "event {i}: without its receipt");
                 assert!(decode_record(&shorter).is_err());
                 tried.1 += 1;

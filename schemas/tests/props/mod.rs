@@ -382,3 +382,62 @@ pub fn sample_envelopes() -> Vec<Envelope> {
     }
     out
 }
+
+/// An event as a format-2 record stores it: its hash and its bytes.
+pub type Stored = ([u8; 32], Vec<u8>);
+
+/// The events of a format-2 record as stored: `(hash, body)` each, after the tag and the
+/// previous hash (`bursar_schemas::event`'s layout: LEB128 count, then LEB128 length, 32-byte
+/// hash and bytes for each event).
+pub fn split_record(bytes: &[u8]) -> (Vec<u8>, Vec<Stored>) {
+    fn leb(bytes: &[u8], at: &mut usize) -> usize {
+        let (mut v, mut shift) = (0usize, 0);
+        loop {
+            let b = bytes[*at];
+            *at += 1;
+            v |= usize::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    let head = bytes[..33].to_vec();
+    let mut at = 33;
+    let n = leb(bytes, &mut at);
+    let events = (0..n)
+        .map(|_| {
+            let len = leb(bytes, &mut at);
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(&bytes[at..at + 32]);
+            at += 32;
+            let body = bytes[at..at + len].to_vec();
+            at += len;
+            (hash, body)
+        })
+        .collect();
+    assert_eq!(at, bytes.len());
+    (head, events)
+}
+
+pub fn join_record(head: &[u8], events: &[Stored]) -> Vec<u8> {
+    fn leb(out: &mut Vec<u8>, mut v: usize) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    let mut out = head.to_vec();
+    leb(&mut out, events.len());
+    for (hash, body) in events {
+        leb(&mut out, body.len());
+        out.extend_from_slice(hash);
+        out.extend_from_slice(body);
+    }
+    out
+}
