@@ -178,10 +178,15 @@ struct Shared {
 /// miss of its own, `memcmp` ~11 % of the reading thread in a 10 M-event start-up
 /// (benches/README.md, "Start-up: remembered label sets kept inline").
 struct Remembered {
-    len: u32,
-    inline: [u8; INLINE_SET_BYTES],
-    long: Option<Box<[u8]>>,
+    bytes: RememberedBytes,
     labels: EventLabels,
+}
+
+/// A remembered set's packed entries: in the entry up to [`INLINE_SET_BYTES`], apart past it.
+enum RememberedBytes {
+    /// The first `.0` bytes of `.1`.
+    Inline(u8, [u8; INLINE_SET_BYTES]),
+    Long(Box<[u8]>),
 }
 
 /// Packed bytes of a set kept in its [`Remembered`] entry: a set of the org / team / user /
@@ -191,25 +196,22 @@ const INLINE_SET_BYTES: usize = 128;
 impl Remembered {
     fn new(packed: &[u8], labels: EventLabels) -> Remembered {
         let mut inline = [0u8; INLINE_SET_BYTES];
-        let long = match inline.get_mut(..packed.len()) {
-            Some(at) => {
+        let bytes = match (inline.get_mut(..packed.len()), u8::try_from(packed.len())) {
+            (Some(at), Ok(len)) => {
                 at.copy_from_slice(packed);
-                None
+                RememberedBytes::Inline(len, inline)
             }
-            None => Some(packed.into()),
+            _ => RememberedBytes::Long(packed.into()),
         };
-        Remembered {
-            len: u32::try_from(packed.len()).unwrap_or(u32::MAX),
-            inline,
-            long,
-            labels,
-        }
+        Remembered { bytes, labels }
     }
 
     fn bytes(&self) -> &[u8] {
-        match &self.long {
-            Some(long) => long,
-            None => self.inline.get(..self.len as usize).unwrap_or_default(),
+        match &self.bytes {
+            RememberedBytes::Inline(len, inline) => {
+                inline.get(..usize::from(*len)).unwrap_or_default()
+            }
+            RememberedBytes::Long(long) => long,
         }
     }
 }
@@ -605,7 +607,11 @@ mod tests {
             let bytes: Vec<u8> = (0..n).map(|i| (i * 31 + n) as u8).collect();
             let r = Remembered::new(&bytes, EventLabels::default());
             assert_eq!(r.bytes(), &bytes[..], "length {n}");
-            assert_eq!(r.long.is_some(), n > INLINE_SET_BYTES, "length {n}");
+            assert_eq!(
+                matches!(r.bytes, RememberedBytes::Long(_)),
+                n > INLINE_SET_BYTES,
+                "length {n}"
+            );
         }
     }
 
