@@ -170,6 +170,20 @@ struct Shared {
     /// do not recur (a label per request) decodes them plainly from then on (sharing decoded a
     /// unique set ~4× slower than the plain map: a stranger's review, 2026-12-05).
     off: bool,
+    /// The sets of the record being decoded, while their lookups are put off
+    /// ([`PutOffLookups`]).
+    put_off: PutOff,
+}
+
+/// Label sets decoded but not looked up yet ([`PutOffLookups`]): each one's hash and where its
+/// packed entries lie in `bytes`, in the order they were decoded.
+#[derive(Default)]
+struct PutOff {
+    on: bool,
+    sets: Vec<(u64, std::ops::Range<usize>)>,
+    bytes: Vec<u8>,
+    /// What each of them decodes to until it is looked up: one empty map, not one each.
+    stand_in: Option<EventLabels>,
 }
 
 /// A remembered set: its packed entries and the set. The entries of a set up to
@@ -399,6 +413,139 @@ fn unpack(packed: &[u8]) -> Option<EventLabels> {
     Some(entries.into_iter().collect())
 }
 
+impl Shared {
+    /// The set whose entries pack into `packed` (hashed to `hash`): the remembered copy when
+    /// there is one, else a new one, remembered. `None` when a text is not UTF-8.
+    fn share(&mut self, packed: &[u8], hash: u64) -> Option<EventLabels> {
+        if let Some(known) = self.sets.get(&hash).filter(|r| r.bytes() == packed) {
+            self.hits += 1;
+            return Some(known.labels.clone());
+        }
+        self.misses += 1;
+        let labels = unpack(packed)?;
+        if packed.len() > SHARED_SET_BYTES {
+            return Some(labels);
+        }
+        if self.sets.len() >= SHARED_SETS || self.bytes + packed.len() > SHARED_BYTES {
+            self.off = self.hits < self.misses;
+            self.sets = HashMap::default();
+            (self.bytes, self.hits, self.misses) = (0, 0, 0);
+        }
+        if !self.off {
+            self.bytes += packed.len();
+            let old = self
+                .sets
+                .insert(hash, Remembered::new(packed, labels.clone()));
+            if let Some(old) = old {
+                self.bytes -= old.bytes().len();
+            }
+        }
+        Some(labels)
+    }
+}
+
+/// While it lives (and this thread shares label sets: [`SharingLabels`]), each label set this
+/// thread decodes is packed and hashed but not looked up: it decodes to a stand-in (an empty
+/// map), and [`PutOffLookups::resolve`] looks the sets up afterwards, together, and puts each
+/// in its place. A record's decoder puts its events' lookups off: the remembered sets of the
+/// record's events are first only read, one after another, so that their cache misses overlap
+/// instead of each waiting for the one before (on the bench's 10,000 scopes, the miss on a
+/// set's table entry, then on its shared map, was ~20 % of a 10 M-event start-up's reading
+/// thread: benches/README.md, "Start-up: a record's label sets looked up together").
+pub(crate) struct PutOffLookups {
+    on: bool,
+    _here: std::marker::PhantomData<*const ()>,
+}
+
+impl PutOffLookups {
+    /// Put this thread's lookups off, if it shares sets and is not putting them off already.
+    pub(crate) fn start() -> PutOffLookups {
+        let on = SHARED.with(|s| {
+            s.try_borrow_mut()
+                .ok()
+                .and_then(|mut s| {
+                    s.as_mut()
+                        .filter(|x| !x.off && !x.put_off.on)
+                        .map(|x| x.put_off.on = true)
+                })
+                .is_some()
+        });
+        PutOffLookups {
+            on,
+            _here: std::marker::PhantomData,
+        }
+    }
+
+    /// Look up the sets decoded since [`PutOffLookups::start`] or the last `resolve`, and put
+    /// each in the place of its stand-in: `places` are the label sets decoded, in the order
+    /// they were. An error when a text is not UTF-8, or when the places and the sets are not
+    /// as many (a field this does not know of).
+    pub(crate) fn resolve<'a>(
+        &self,
+        places: impl Iterator<Item = &'a mut EventLabels>,
+    ) -> Result<(), String> {
+        if !self.on {
+            return Ok(());
+        }
+        SHARED.with(|s| {
+            let mut s = s
+                .try_borrow_mut()
+                .map_err(|_| "the label sets are in use".to_string())?;
+            let shared = s
+                .as_mut()
+                .ok_or_else(|| "the label sets were let go".to_string())?;
+            let mut put_off = std::mem::take(&mut shared.put_off);
+            // Read only, each independent of the one before: the misses overlap.
+            for (hash, _) in &put_off.sets {
+                if let Some(r) = shared.sets.get(hash) {
+                    std::hint::black_box((r.bytes().last(), r.labels.is_shared()));
+                }
+            }
+            let mut places = places;
+            let mut result: Result<(), String> = Ok(());
+            for (hash, at) in &put_off.sets {
+                let Some(place) = places.next() else {
+                    result = Err("more label sets than the events have places for".into());
+                    break;
+                };
+                let packed = put_off.bytes.get(at.clone()).unwrap_or_default();
+                match shared.share(packed, *hash) {
+                    Some(labels) => *place = labels,
+                    None => {
+                        result = Err("a label name or value is not valid UTF-8".into());
+                        break;
+                    }
+                }
+            }
+            if result.is_ok() && places.next().is_some() {
+                result = Err("fewer label sets than the events have places for".into());
+            }
+            debug_assert!(
+                !result.as_ref().is_err_and(|e| e.contains("places")),
+                "a label set decoded where no place is known: {result:?}"
+            );
+            put_off.sets.clear();
+            put_off.bytes.clear();
+            shared.put_off = put_off;
+            result
+        })
+    }
+}
+
+impl Drop for PutOffLookups {
+    fn drop(&mut self) {
+        if self.on {
+            SHARED.with(|s| {
+                if let Some(shared) = s.try_borrow_mut().ok().as_mut().and_then(|s| s.as_mut()) {
+                    shared.put_off.on = false;
+                    shared.put_off.sets.clear();
+                    shared.put_off.bytes.clear();
+                }
+            });
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for EventLabels {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<EventLabels, D::Error> {
         struct V;
@@ -447,42 +594,19 @@ impl<'de> Deserialize<'de> for EventLabels {
                     let Some(shared) = s.as_mut() else {
                         return unpack(packed.as_slice());
                     };
-                    let labels = match shared
-                        .sets
-                        .get(&hash)
-                        .filter(|r| r.bytes() == packed.as_slice())
-                    {
-                        Some(known) => {
-                            shared.hits += 1;
-                            Some(known.labels.clone())
-                        }
-                        None => {
-                            shared.misses += 1;
-                            let labels = unpack(packed.as_slice());
-                            if let Some(labels) = labels
-                                .as_ref()
-                                .filter(|_| packed.as_slice().len() <= SHARED_SET_BYTES)
-                            {
-                                if shared.sets.len() >= SHARED_SETS
-                                    || shared.bytes + packed.as_slice().len() > SHARED_BYTES
-                                {
-                                    shared.off = shared.hits < shared.misses;
-                                    shared.sets = HashMap::default();
-                                    (shared.bytes, shared.hits, shared.misses) = (0, 0, 0);
-                                }
-                                if !shared.off {
-                                    shared.bytes += packed.as_slice().len();
-                                    let old = shared.sets.insert(
-                                        hash,
-                                        Remembered::new(packed.as_slice(), labels.clone()),
-                                    );
-                                    if let Some(old) = old {
-                                        shared.bytes -= old.bytes().len();
-                                    }
-                                }
-                            }
-                            labels
-                        }
+                    let labels = if shared.put_off.on {
+                        let put_off = &mut shared.put_off;
+                        let start = put_off.bytes.len();
+                        put_off.bytes.extend_from_slice(packed.as_slice());
+                        put_off.sets.push((hash, start..put_off.bytes.len()));
+                        Some(
+                            put_off
+                                .stand_in
+                                .get_or_insert_with(Default::default)
+                                .clone(),
+                        )
+                    } else {
+                        shared.share(packed.as_slice(), hash)
                     };
                     if packed.capacity() <= 2 * SHARED_SET_BYTES {
                         shared.packed = std::mem::take(&mut packed);

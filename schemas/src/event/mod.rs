@@ -393,7 +393,11 @@ pub fn decode_record_checked(bytes: &[u8]) -> Result<Vec<Checked>, CodecError> {
 }
 
 fn decode_v2(rest: &[u8]) -> Result<Vec<Checked>, CodecError> {
-    let decoded = decode_v2_with(rest, |env, body, at| (env, at..at + body.len()))?;
+    let decoded = decode_v2_with(
+        rest,
+        |env, body, at| (env, at..at + body.len()),
+        |(env, _)| env,
+    )?;
     let links: Vec<(&Hash32, &[u8])> = decoded
         .iter()
         // The ranges are where `decode_v2_with` found the bodies in `rest`.
@@ -466,11 +470,15 @@ pub fn hash_all(record: &[u8], events: &mut [Deferred]) {
 pub fn decode_record_deferred(bytes: &[u8]) -> Result<Vec<Deferred>, CodecError> {
     let (tag, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
     match *tag {
-        RECORD_FORMAT_V2 => decode_v2_with(rest, |env, body, at| Deferred {
-            env,
-            // `at` is in `rest`, one byte into `bytes`.
-            hashed: Hashed::Over(at + 1..at + 1 + body.len()),
-        }),
+        RECORD_FORMAT_V2 => decode_v2_with(
+            rest,
+            |env, body, at| Deferred {
+                env,
+                // `at` is in `rest`, one byte into `bytes`.
+                hashed: Hashed::Over(at + 1..at + 1 + body.len()),
+            },
+            |d| &mut d.env,
+        ),
         RECORD_FORMAT_V1 => v1::decode(rest).map(|v| {
             v.into_iter()
                 .map(|c| Deferred {
@@ -484,10 +492,13 @@ pub fn decode_record_deferred(bytes: &[u8]) -> Result<Vec<Deferred>, CodecError>
 }
 
 /// Decode a format-2 record's envelopes, each passed to `make` with its bytes as stored and
-/// where they start in `rest`.
+/// where they start in `rest`; `env_of` finds the envelope in what `make` made. While this
+/// thread shares label sets, their lookups are put off until the record is decoded
+/// ([`labels::PutOffLookups`]).
 fn decode_v2_with<T>(
     rest: &[u8],
     mut make: impl FnMut(Envelope, &[u8], usize) -> T,
+    env_of: impl Fn(&mut T) -> &mut Envelope,
 ) -> Result<Vec<T>, CodecError> {
     if rest.len() > MAX_RECORD_BYTES {
         return Err(CodecError::Decode(format!(
@@ -505,6 +516,7 @@ fn decode_v2_with<T>(
         )));
     }
     let mut out = Vec::with_capacity(n as usize);
+    let put_off = labels::PutOffLookups::start();
     for _ in 0..n {
         let len = get_varint(rest, &mut at)?;
         let len = usize::try_from(len).map_err(|_| CodecError::Decode("length".into()))?;
@@ -547,6 +559,9 @@ fn decode_v2_with<T>(
     if at != rest.len() {
         return Err(CodecError::Trailing(rest.len() - at));
     }
+    put_off
+        .resolve(out.iter_mut().filter_map(|t| env_of(t).body.labels_mut()))
+        .map_err(CodecError::Decode)?;
     Ok(out)
 }
 
@@ -685,6 +700,17 @@ impl EventBody {
             EventBody::PricingChanged(_) => "pricing_changed",
             EventBody::QuotaObserved(_) => "quota_observed",
             EventBody::QuotaExhausted(_) => "quota_exhausted",
+        }
+    }
+
+    /// The labels field of the event, if it has one (each event has at most one).
+    fn labels_mut(&mut self) -> Option<&mut EventLabels> {
+        match self {
+            EventBody::UsageRecorded(u) => Some(&mut u.labels),
+            EventBody::ReservationCreated(r) => Some(&mut r.labels),
+            EventBody::ReservationDenied(r) => Some(&mut r.labels),
+            EventBody::QuotaObserved(q) => Some(&mut q.labels),
+            _ => None,
         }
     }
 
