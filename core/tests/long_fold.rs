@@ -79,15 +79,6 @@ fn log_every(seed: u64, events: usize, sets: u64, seconds: i64) -> Vec<Envelope>
     h.log
 }
 
-/// The labels of an event that has them.
-fn labels_mut(body: &mut EventBody) -> Option<&mut EventLabels> {
-    match body {
-        EventBody::UsageRecorded(u) => Some(&mut u.labels),
-        EventBody::ReservationCreated(r) => Some(&mut r.labels),
-        _ => None,
-    }
-}
-
 fn plain_fold(log: &[Envelope]) -> Ledger {
     let mut l = Ledger::new();
     for e in log {
@@ -131,7 +122,7 @@ fn a_long_fold_of_events_sharing_their_label_sets_folds_as_a_plain_one() {
             .iter()
             .cloned()
             .map(|mut e| {
-                if let Some(l) = labels_mut(&mut e.body) {
+                if let Some(l) = e.body.labels_mut() {
                     let map = (**l).clone();
                     *l = copies
                         .entry(map.clone())
@@ -189,7 +180,7 @@ fn long_fold_with_fresh_copies(log: &[Envelope], mut on_copy: impl FnMut(&EventL
     long.begin_long_fold();
     for e in log {
         let mut body = e.body.clone();
-        let held = labels_mut(&mut body).map(|l| {
+        let held = body.labels_mut().map(|l| {
             *l = EventLabels::from((**l).clone());
             on_copy(l);
             l.clone()

@@ -8,19 +8,8 @@ mod props;
 
 use bursar_schemas::event::receipts::without_receipts;
 use bursar_schemas::event::{
-    decode_record, decode_record_deferred, encode_record, Envelope, EventBody, EventLabels,
-    SharingLabels,
+    decode_record, decode_record_deferred, encode_record, Envelope, EventLabels, SharingLabels,
 };
-
-fn labels_of(body: &mut EventBody) -> Option<&mut EventLabels> {
-    match body {
-        EventBody::UsageRecorded(u) => Some(&mut u.labels),
-        EventBody::ReservationCreated(r) => Some(&mut r.labels),
-        EventBody::ReservationDenied(r) => Some(&mut r.labels),
-        EventBody::QuotaObserved(q) => Some(&mut q.labels),
-        _ => None,
-    }
-}
 
 /// The samples (one of every event body) three times over, each event that carries labels
 /// with a set of its own in the first two rounds, and the third round repeating the first's:
@@ -30,7 +19,7 @@ fn events_with_labels_of_their_own() -> Vec<Envelope> {
     for round in 0..3 {
         for (i, mut e) in props::sample_envelopes().into_iter().enumerate() {
             let own = if round == 2 { 0 } else { round };
-            if let Some(l) = labels_of(&mut e.body) {
+            if let Some(l) = e.body.labels_mut() {
                 l.update(|m| m.insert("event".into(), format!("{own}-{i}")));
             }
             e.seq += (round * 100) as u64;
@@ -42,7 +31,7 @@ fn events_with_labels_of_their_own() -> Vec<Envelope> {
 
 fn labels_in(envs: &[Envelope]) -> Vec<EventLabels> {
     envs.iter()
-        .filter_map(|e| labels_of(&mut e.body.clone()).cloned())
+        .filter_map(|e| e.body.event_labels().cloned())
         .collect()
 }
 
@@ -111,9 +100,24 @@ fn a_record_that_fails_leaves_no_label_set_behind_for_the_next() {
     events[last].1.truncate(3);
     let cut = props::join_record(&head, &events);
 
+    let damaged_seq = written
+        .iter()
+        .find(|e| {
+            e.body
+                .labels()
+                .and_then(|l| l.get("event"))
+                .map(String::as_str)
+                == Some("1-3")
+        })
+        .map(|e| e.seq)
+        .unwrap();
+
     let _sharing = SharingLabels::start();
     let e = decode_record(&not_text).unwrap_err().to_string();
-    assert!(e.contains("UTF-8"), "{e}");
+    assert!(
+        e.contains("UTF-8") && e.contains(&format!("event {damaged_seq}:")),
+        "{e}"
+    );
     assert!(decode_record(&cut).is_err());
     for bad in [&not_text, &cut, &not_text] {
         assert!(without_receipts(|| decode_record_deferred(bad)).is_err());

@@ -494,7 +494,8 @@ pub fn decode_record_deferred(bytes: &[u8]) -> Result<Vec<Deferred>, CodecError>
 /// Decode a format-2 record's envelopes, each passed to `make` with its bytes as stored and
 /// where they start in `rest`; `env_of` finds the envelope in what `make` made. While this
 /// thread shares label sets, their lookups are put off until the record is decoded
-/// ([`labels::PutOffLookups`]).
+/// ([`labels::PutOffLookups`]): `make` must not read an envelope's labels, which are a
+/// stand-in (an empty map) until then.
 fn decode_v2_with<T>(
     rest: &[u8],
     mut make: impl FnMut(Envelope, &[u8], usize) -> T,
@@ -559,9 +560,23 @@ fn decode_v2_with<T>(
     if at != rest.len() {
         return Err(CodecError::Trailing(rest.len() - at));
     }
-    put_off
-        .resolve(out.iter_mut().filter_map(|t| env_of(t).body.labels_mut()))
-        .map_err(CodecError::Decode)?;
+    let resolved = put_off.resolve(out.iter_mut().filter_map(|t| env_of(t).body.labels_mut()));
+    if let Err(e) = resolved {
+        return Err(CodecError::Decode(match e {
+            labels::PutOffError::NotText(i) => {
+                let seq = out
+                    .iter_mut()
+                    .map(&env_of)
+                    .filter(|e| e.body.event_labels().is_some())
+                    .nth(i)
+                    .map_or(0, |e| e.seq);
+                format!("event {seq}: a label name or value is not valid UTF-8")
+            }
+            labels::PutOffError::Places => {
+                "a label set decoded where no event has a place for it".into()
+            }
+        }));
+    }
     Ok(out)
 }
 
@@ -703,26 +718,47 @@ impl EventBody {
         }
     }
 
-    /// The labels field of the event, if it has one (each event has at most one).
-    fn labels_mut(&mut self) -> Option<&mut EventLabels> {
+    /// The labels field of the event, if its kind has one (each has at most one).
+    pub fn labels_mut(&mut self) -> Option<&mut EventLabels> {
         match self {
             EventBody::UsageRecorded(u) => Some(&mut u.labels),
             EventBody::ReservationCreated(r) => Some(&mut r.labels),
             EventBody::ReservationDenied(r) => Some(&mut r.labels),
             EventBody::QuotaObserved(q) => Some(&mut q.labels),
-            _ => None,
+            // Every kind listed: a kind with labels left out here would fail every record
+            // holding one on a thread that shares label sets (`labels::PutOffLookups`).
+            EventBody::ReservationReleased(_)
+            | EventBody::ReservationExtended(_)
+            | EventBody::ReservationExpired(_)
+            | EventBody::BudgetWarned(_)
+            | EventBody::BudgetExhausted(_)
+            | EventBody::PolicyApplied(_)
+            | EventBody::PricingChanged(_)
+            | EventBody::QuotaExhausted(_) => None,
+        }
+    }
+
+    /// The labels field of the event, if its kind has one.
+    pub fn event_labels(&self) -> Option<&EventLabels> {
+        match self {
+            EventBody::UsageRecorded(u) => Some(&u.labels),
+            EventBody::ReservationCreated(r) => Some(&r.labels),
+            EventBody::ReservationDenied(r) => Some(&r.labels),
+            EventBody::QuotaObserved(q) => Some(&q.labels),
+            EventBody::ReservationReleased(_)
+            | EventBody::ReservationExtended(_)
+            | EventBody::ReservationExpired(_)
+            | EventBody::BudgetWarned(_)
+            | EventBody::BudgetExhausted(_)
+            | EventBody::PolicyApplied(_)
+            | EventBody::PricingChanged(_)
+            | EventBody::QuotaExhausted(_) => None,
         }
     }
 
     /// Labels carried by the event, if it carries any.
     pub fn labels(&self) -> Option<&Labels> {
-        match self {
-            EventBody::UsageRecorded(u) => Some(&*u.labels),
-            EventBody::ReservationCreated(r) => Some(&*r.labels),
-            EventBody::ReservationDenied(r) => Some(&*r.labels),
-            EventBody::QuotaObserved(q) => Some(&*q.labels),
-            _ => None,
-        }
+        self.event_labels().map(|l| &**l)
     }
 }
 
