@@ -48,6 +48,14 @@ fn every_event_decoded_while_sharing_comes_back_with_its_own_labels() {
         4,
         "every kind of event with labels is in the record: {kinds:?}"
     );
+    for e in &written {
+        assert_eq!(
+            e.body.event_labels().is_some(),
+            e.body.clone().labels_mut().is_some(),
+            "{}: the two accessors know the same kinds",
+            e.body.kind()
+        );
+    }
     let bytes = encode_record(&written).unwrap();
     let plain = decode_record(&bytes).unwrap();
 

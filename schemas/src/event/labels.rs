@@ -1032,6 +1032,15 @@ mod tests {
             )
         }
 
+        /// `bytes` decoded from bincode, limited as the log's records are: a damaged length
+        /// is an error, not an allocation of what it claims.
+        fn bincode_as<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+            let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+            bincode::serde::borrow_decode_from_slice::<T, _>(bytes, cfg)
+                .map(|(v, _)| v)
+                .map_err(|e| e.to_string())
+        }
+
         fn damaged(mut bytes: Vec<u8>, damage: Option<(usize, u8)>) -> Vec<u8> {
             if let Some((at, b)) = damage {
                 if !bytes.is_empty() {
@@ -1045,26 +1054,15 @@ mod tests {
         proptest! {
             #[test]
             fn from_bincode(pool in proptest::collection::vec(set(), 8), seq in inputs()) {
-                // Limited as the log's records are: a damaged length is an error, not an
-                // allocation of what it claims.
-                let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
                 let inputs: Vec<Vec<u8>> = seq
                     .iter()
                     .map(|(i, d)| damaged(bincode_of(&pool[*i]), *d))
                     .collect();
-                let plain: Vec<Result<Labels, String>> = inputs
-                    .iter()
-                    .map(|b| {
-                        bincode::serde::borrow_decode_from_slice::<Labels, _>(b, cfg)
-                            .map(|(l, _)| l)
-                            .map_err(|e| e.to_string())
-                    })
-                    .collect();
+                let plain: Vec<Result<Labels, String>> =
+                    inputs.iter().map(|b| bincode_as(b)).collect();
                 let _sharing = SharingLabels::start();
                 for (b, want) in inputs.iter().zip(&plain) {
-                    let got = bincode::serde::borrow_decode_from_slice::<EventLabels, _>(b, cfg)
-                        .map(|(l, _)| l.into_labels())
-                        .map_err(|e| e.to_string());
+                    let got = bincode_as::<EventLabels>(b).map(EventLabels::into_labels);
                     prop_assert_eq!(got.is_ok(), want.is_ok(), "{:?} / {:?}", got, want);
                     if let (Ok(g), Ok(w)) = (&got, want) {
                         prop_assert_eq!(g, w);
@@ -1080,30 +1078,17 @@ mod tests {
                 seq in inputs(),
                 per_record in 1..6usize,
             ) {
-                let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
                 let inputs: Vec<Vec<u8>> = seq
                     .iter()
                     .map(|(i, d)| damaged(bincode_of(&pool[*i]), *d))
                     .collect();
                 let _sharing = SharingLabels::start();
                 for record in inputs.chunks(per_record) {
-                    let plain: Result<Vec<Labels>, String> = record
-                        .iter()
-                        .map(|b| {
-                            bincode::serde::borrow_decode_from_slice::<Labels, _>(b, cfg)
-                                .map(|(l, _)| l)
-                                .map_err(|e| e.to_string())
-                        })
-                        .collect();
+                    let plain: Result<Vec<Labels>, String> =
+                        record.iter().map(|b| bincode_as(b)).collect();
                     let put_off = PutOffLookups::start();
-                    let got: Result<Vec<EventLabels>, String> = record
-                        .iter()
-                        .map(|b| {
-                            bincode::serde::borrow_decode_from_slice::<EventLabels, _>(b, cfg)
-                                .map(|(l, _)| l)
-                                .map_err(|e| e.to_string())
-                        })
-                        .collect();
+                    let got: Result<Vec<EventLabels>, String> =
+                        record.iter().map(|b| bincode_as(b)).collect();
                     let got = got.and_then(|mut got| {
                         put_off
                             .resolve(got.iter_mut())
