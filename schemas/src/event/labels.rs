@@ -468,6 +468,9 @@ pub(crate) enum PutOffError {
     /// The sets put off and their places are not as many: a labels field
     /// `EventBody::labels_mut` does not know of (a bug, not the bytes).
     Places,
+    /// The thread's remembered sets were let go, or are in use, while lookups were put off
+    /// (a bug, not the bytes).
+    Lost,
 }
 
 /// A record's scratch kept for the next one up to these sizes, let go past them (a record may
@@ -500,7 +503,6 @@ impl PutOffLookups {
             let Some(shared) = s.as_mut().filter(|x| !x.off) else {
                 return false;
             };
-            debug_assert!(!shared.put_off.on, "lookups put off inside lookups put off");
             if shared.put_off.on {
                 outer = Some(std::mem::take(&mut shared.put_off));
             }
@@ -514,11 +516,11 @@ impl PutOffLookups {
         }
     }
 
-    /// Look up the sets decoded since [`PutOffLookups::start`] or the last `resolve`, and put
-    /// each in the place of its stand-in: `places` are the label sets decoded, in the order
-    /// they were. The sets are forgotten whether it succeeds or not.
+    /// Look up the sets decoded since [`PutOffLookups::start`], and put each in the place of
+    /// its stand-in: `places` are the label sets decoded, in the order they were. Ends the
+    /// putting off, whether it succeeds or not.
     pub(crate) fn resolve<'a>(
-        &self,
+        self,
         places: impl Iterator<Item = &'a mut EventLabels>,
     ) -> Result<(), PutOffError> {
         if !self.on {
@@ -532,7 +534,7 @@ impl PutOffLookups {
             else {
                 // Only a bug could make it so: the sets live as long as this does.
                 debug_assert!(false, "lookups put off without the sets to look them up in");
-                return Err(PutOffError::Places);
+                return Err(PutOffError::Lost);
             };
             let mut shared = shared;
             let mut put_off = std::mem::take(&mut shared.put_off);
@@ -877,17 +879,13 @@ mod tests {
             [Labels::new(), Labels::new()],
             "stand-ins until resolved"
         );
+        assert!(got[0].same_set(&got[1]), "one stand-in, not one each");
         put_off.resolve(got.iter_mut()).unwrap();
         assert_eq!(got[0], a);
         assert!(
             got.iter().all(|g| g.same_set(&known)),
             "the remembered copy"
         );
-        // Resolved sets are forgotten: the next ones are only those decoded since.
-        let mut one = [decode(&bincode_of(&a))];
-        assert_eq!(put_off.resolve(one.iter_mut()), Ok(()));
-        assert!(one[0].same_set(&known));
-        drop(put_off);
         assert!(
             decode(&bincode_of(&a)).same_set(&known),
             "looked up at once again"
@@ -897,6 +895,25 @@ mod tests {
         let put_off = PutOffLookups::start();
         assert_eq!(decode(&bincode_of(&a)), a);
         assert_eq!(put_off.resolve(std::iter::empty()), Ok(()));
+    }
+
+    #[test]
+    fn lookups_put_off_inside_others_keep_each_ones_sets_apart() {
+        let (a, b) = (labels(&[("team", "a")]), labels(&[("team", "b")]));
+        let _sharing = SharingLabels::start();
+        let outer = PutOffLookups::start();
+        let mut outer_got = [decode(&bincode_of(&a))];
+        let inner = PutOffLookups::start();
+        let mut inner_got = [decode(&bincode_of(&b)), decode(&bincode_of(&b))];
+        assert_eq!(inner.resolve(inner_got.iter_mut()), Ok(()));
+        assert_eq!(inner_got, [b.clone(), b]);
+        assert_eq!(outer_got, [Labels::new()], "still put off");
+        assert_eq!(outer.resolve(outer_got.iter_mut()), Ok(()));
+        assert_eq!(outer_got[0], a);
+        assert!(
+            decode(&bincode_of(&a)).same_set(&outer_got[0]),
+            "none put off now"
+        );
     }
 
     #[test]
@@ -911,7 +928,10 @@ mod tests {
         sets.push(small.clone());
         sets.extend((0..5).map(big));
         sets.push(small.clone());
-        let got = decode_put_off(&sets).unwrap();
+        let put_off = PutOffLookups::start();
+        let mut got: Vec<EventLabels> = sets.iter().map(|l| decode(&bincode_of(l))).collect();
+        assert!(got.iter().all(|g| g.is_empty()), "all put off");
+        put_off.resolve(got.iter_mut()).unwrap();
         assert_eq!(got.len(), sets.len());
         for (g, want) in got.iter().zip(&sets) {
             assert_eq!(g, want);
@@ -925,7 +945,7 @@ mod tests {
     }
 
     #[test]
-    fn a_set_put_off_that_is_not_text_fails_by_its_place_and_is_not_remembered() {
+    fn a_set_put_off_that_is_not_text_fails_by_its_place_and_leaves_nothing_behind() {
         let _sharing = SharingLabels::start();
         let good = labels(&[("team", "search")]);
         let mut bad = bincode_of(&labels(&[("team", "sea?ch")]));
@@ -941,9 +961,20 @@ mod tests {
             put_off.resolve(got.iter_mut()),
             Err(PutOffError::NotText(1))
         );
-        drop(put_off);
         let again = decode_put_off(&[good.clone(), good.clone()]).unwrap();
         assert_eq!(again, [good.clone(), good]);
+        // Nor was the bad set remembered as if it were text.
+        let put_off = PutOffLookups::start();
+        let mut bad_again = [decode(&bad)];
+        assert_eq!(
+            put_off.resolve(bad_again.iter_mut()),
+            Err(PutOffError::NotText(0))
+        );
+        assert!(bincode::serde::borrow_decode_from_slice::<EventLabels, _>(
+            &bad,
+            bincode::config::standard()
+        )
+        .is_err());
     }
 
     /// The fold prices a usage event by whether its labels carry a subscription: the answer
@@ -1089,13 +1120,14 @@ mod tests {
                     let put_off = PutOffLookups::start();
                     let got: Result<Vec<EventLabels>, String> =
                         record.iter().map(|b| bincode_as(b)).collect();
-                    let got = got.and_then(|mut got| {
-                        put_off
+                    // A record that fails to decode is never resolved: its guard is dropped.
+                    let got = match got {
+                        Ok(mut got) => put_off
                             .resolve(got.iter_mut())
                             .map(|()| got)
-                            .map_err(|e| format!("{e:?}"))
-                    });
-                    drop(put_off);
+                            .map_err(|e| format!("{e:?}")),
+                        Err(e) => Err(e),
+                    };
                     prop_assert_eq!(got.is_ok(), plain.is_ok(), "{:?} / {:?}", got, plain);
                     if let (Ok(g), Ok(w)) = (&got, &plain) {
                         prop_assert_eq!(g.len(), w.len());

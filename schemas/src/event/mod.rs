@@ -564,16 +564,25 @@ fn decode_v2_with<T>(
     if let Err(e) = resolved {
         return Err(CodecError::Decode(match e {
             labels::PutOffError::NotText(i) => {
+                // The `i`-th of the places `resolve` was given.
                 let seq = out
                     .iter_mut()
                     .map(&env_of)
-                    .filter(|e| e.body.event_labels().is_some())
-                    .nth(i)
-                    .map_or(0, |e| e.seq);
-                format!("event {seq}: a label name or value is not valid UTF-8")
+                    .filter_map(|e| {
+                        let seq = e.seq;
+                        e.body.labels_mut().map(|_| seq)
+                    })
+                    .nth(i);
+                format!(
+                    "event {}: a label name or value is not valid UTF-8",
+                    seq.map_or_else(|| "?".to_string(), |s| s.to_string())
+                )
             }
             labels::PutOffError::Places => {
                 "a label set decoded where no event has a place for it".into()
+            }
+            labels::PutOffError::Lost => {
+                "the label sets were let go while a record was decoded".into()
             }
         }));
     }
