@@ -528,18 +528,19 @@ fn decode_v2_with<T>(
         let (c, used): (OwnedContent, usize) =
             bincode::serde::decode_from_slice(body, config().with_limit::<MAX_RECORD_BYTES>())
                 .map_err(|e| CodecError::Decode(e.to_string()))?;
-        let rest = body.get(used..).unwrap_or_default();
+        // The event's bytes after the fields read (not the record's `rest`).
+        let unread_bytes = body.get(used..).unwrap_or_default();
         if receipts::left_unread() == unread {
-            if !rest.is_empty() {
-                return Err(CodecError::Trailing(rest.len()));
+            if !unread_bytes.is_empty() {
+                return Err(CodecError::Trailing(unread_bytes.len()));
             }
-        } else if !receipts::could_be_receipt(rest) {
+        } else if !receipts::could_be_receipt(unread_bytes) {
             // What is left must be the receipt the fold left unread (the last field of the
             // event: `receipts::without_receipts`).
             return Err(CodecError::Decode(format!(
                 "event {} ends in {} bytes that are not a receipt",
                 c.seq,
-                rest.len()
+                unread_bytes.len()
             )));
         }
         if c.version != ENVELOPE_VERSION {
