@@ -442,10 +442,10 @@ impl LogStore for SledLog {
             }
         }
         // One record (a group commit's usual size) is one `insert`, atomic on its own. A
-        // `sled::Batch` costs a disk round trip more: sled writes a batch's manifest in a log
-        // buffer of its own, sealed and written (`sync_file_range`) before the batch's records
-        // (`pin_log`'s "roll the io buffer before AND after"). Measured in benches/README.md,
-        // "One record, one insert".
+        // `sled::Batch` costs a disk round trip more: sled puts a batch's manifest in a log
+        // buffer of its own (`pin_log`) and writes it (`pwrite` + `sync_file_range`, on this
+        // thread: vendor/README.md) as the batch completes, before `sync`'s flush writes the
+        // records. Measured in benches/README.md, "One record, one insert".
         if let [(seq, value)] = kept.as_slice() {
             self.log
                 .insert(seq_key(*seq), value.clone())
@@ -840,5 +840,40 @@ mod append_record_tests {
                 "record {k} stored as the shared log holds it"
             );
         }
+    }
+
+    /// The records kept in memory for reads that sled fails (a full disk, [`RECENT_RECORDS`])
+    /// are the ones sled stores, key and bytes, whether a commit was one record (one `insert`)
+    /// or several (one batch); past the cap, the newest.
+    #[test]
+    fn the_records_kept_for_reads_are_the_ones_stored_for_one_record_and_several() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = SledLog::open(tmp.path()).unwrap();
+        let stored = |log: &SledLog| -> Vec<(u64, sled::IVec)> {
+            log.log
+                .iter()
+                .map(|kv| {
+                    let (k, v) = kv.unwrap();
+                    (key_seq(&k).unwrap(), v)
+                })
+                .collect()
+        };
+        // One-record commits, a commit of several records, one-record commits again.
+        write_sample_batches(&mut log, &[3, 1, 5000, 2]);
+        let all = stored(&log);
+        assert!(
+            all.len() > 4,
+            "the 5,000-event commit is cut into several records"
+        );
+        assert_eq!(log.recent.iter().cloned().collect::<Vec<_>>(), all);
+        // Past the cap only the newest are kept, still as stored.
+        let commits = vec![1; RECENT_RECORDS + 10];
+        write_sample_batches(&mut log, &commits);
+        let all = stored(&log);
+        assert_eq!(log.recent.len(), RECENT_RECORDS);
+        assert_eq!(
+            log.recent.iter().cloned().collect::<Vec<_>>(),
+            all[all.len() - RECENT_RECORDS..]
+        );
     }
 }
