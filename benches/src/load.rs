@@ -117,7 +117,7 @@ impl GroupResult {
 }
 
 /// The outcome of a run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RunResult {
     /// Per group.
     pub groups: Vec<GroupResult>,
@@ -127,6 +127,22 @@ pub struct RunResult {
     pub server_cpu: f64,
     /// CPU seconds this process used in the window.
     pub client_cpu: f64,
+}
+
+impl RunResult {
+    /// Add another run of the same groups: its counts and latencies, its window and CPU
+    /// seconds (rates over the two windows together).
+    pub fn merge(&mut self, o: RunResult) {
+        if self.groups.len() < o.groups.len() {
+            self.groups.resize(o.groups.len(), GroupResult::default());
+        }
+        for (a, b) in self.groups.iter_mut().zip(o.groups) {
+            a.merge(b);
+        }
+        self.window += o.window;
+        self.server_cpu += o.server_cpu;
+        self.client_cpu += o.client_cpu;
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -395,4 +411,35 @@ async fn conn_loop(
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_of(ok: u64, latency_us: u64, secs: u64, server_cpu: f64) -> RunResult {
+        let mut g = GroupResult::default();
+        g.ops[0].ok = ok;
+        g.ops[0].ok_total = ok;
+        g.ops[0].hist.record(latency_us * 1000).unwrap();
+        RunResult {
+            groups: vec![g],
+            window: Duration::from_secs(secs),
+            server_cpu,
+            client_cpu: 0.0,
+        }
+    }
+
+    /// Rounds merged give rates over all their windows together, and latencies of every round.
+    #[test]
+    fn merged_rounds_count_every_round_over_their_windows_together() {
+        let mut all = RunResult::default();
+        all.merge(run_of(40_000, 100, 8, 8.0));
+        all.merge(run_of(60_000, 300, 8, 10.0));
+        let rate = all.groups[0].ops[0].ok as f64 / all.window.as_secs_f64();
+        assert_eq!(rate, 6_250.0);
+        assert_eq!(all.server_cpu / all.window.as_secs_f64(), 1.125);
+        assert!(all.groups[0].ops[0].us(1.0) >= 299.0);
+        assert!(all.groups[0].ops[0].us(0.0) <= 101.0);
+    }
 }

@@ -107,6 +107,11 @@ struct Opts {
     /// Small sizes and short runs (under a minute for `all`).
     #[arg(long)]
     quick: bool,
+    /// Rounds per workload, bursar and Redis alternating which goes first (a machine whose
+    /// speed drifts over minutes then weighs on both alike); the figures are over all rounds,
+    /// and each round's ratio is printed.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
     /// Client connections.
     #[arg(long, default_value_t = 64)]
     conns: usize,
@@ -526,17 +531,80 @@ fn total_rate(res: &RunResult, gi: usize) -> f64 {
         .sum()
 }
 
-/// Run `groups` against bursar and (when available) Redis, each on a fresh server.
-/// Both runs' results and the two servers, still running (dropping them stops them).
+/// Run `groups` against bursar and (when available) Redis, each on a fresh server, for
+/// `--rounds` rounds. Both systems' results over every round, the last round's two servers,
+/// still running (dropping them stops them), and the last Redis round's own result (what its
+/// server holds).
 type Both = (
     RunResult,
     Option<RunResult>,
     Option<procs::Proc>,
     Option<procs::Proc>,
+    Option<RunResult>,
 );
 
 fn both(o: &Opts, redis: Option<&PathBuf>, groups: &[Group]) -> Result<Both, String> {
-    let run_tag = std::process::id() % 100_000;
+    let rounds = o.rounds.max(1);
+    let mut all: Option<(RunResult, Option<RunResult>)> = None;
+    let mut last = None;
+    for round in 0..rounds {
+        // Ids of their own in every round (a daemon given by `--socket` sees them all).
+        let run_tag = (std::process::id() % 100_000) * 100 + round % 100;
+        let redis_first = round % 2 == 1 && redis.is_some();
+        let this = one_round(o, redis, groups, run_tag, redis_first)?;
+        if rounds > 1 {
+            let b_rate = total_rate(&this.bursar, 0);
+            let r_rate = this.redis.as_ref().map(|r| total_rate(r, 0));
+            println!(
+                "round {} of {rounds} ({} first): bursar {} ops/s{}",
+                round + 1,
+                if redis_first { "Redis" } else { "bursar" },
+                fmt_rate(b_rate),
+                r_rate.map_or(String::new(), |r| format!(
+                    ", Redis {} ops/s, ratio {:.2}×",
+                    fmt_rate(r),
+                    b_rate / r.max(1e-9)
+                ))
+            );
+        }
+        all = Some(match all.take() {
+            None => (this.bursar.clone(), this.redis.clone()),
+            Some((mut b, r)) => {
+                b.merge(this.bursar.clone());
+                let r = match (r, this.redis.clone()) {
+                    (Some(mut r), Some(rr)) => {
+                        r.merge(rr);
+                        Some(r)
+                    }
+                    (r, _) => r,
+                };
+                (b, r)
+            }
+        });
+        // Dropping the earlier round's servers stops them.
+        last = Some(this);
+    }
+    let ((b, r), last) = all.zip(last).ok_or("no round ran")?;
+    Ok((b, r, last.bursar_proc, last.redis_proc, last.redis))
+}
+
+/// One round's results, and its servers, still running.
+struct Round {
+    bursar: RunResult,
+    bursar_proc: Option<procs::Proc>,
+    redis: Option<RunResult>,
+    redis_proc: Option<procs::Proc>,
+}
+
+/// One round: the same load against bursar and (when available) Redis, Redis first when
+/// `redis_first`.
+fn one_round(
+    o: &Opts,
+    redis: Option<&PathBuf>,
+    groups: &[Group],
+    run_tag: u32,
+    redis_first: bool,
+) -> Result<Round, String> {
     // The same load, against either system.
     let run_on = |target: &Target, pid| {
         load::run(
@@ -549,22 +617,30 @@ fn both(o: &Opts, redis: Option<&PathBuf>, groups: &[Group]) -> Result<Both, Str
             o.seed,
         )
     };
-    let mut b = bursar_sut(o, run_tag)?;
-    let br = run_on(&b.target, b.pid)?;
-    let kept = b.proc_.take();
-    let rr = match redis {
-        Some(bin) => {
-            let mut r = redis_sut(bin, run_tag)?;
-            let res = run_on(&r.target, r.pid)?;
-            Some((res, r.proc_.take()))
+    let on_redis = || -> Result<Option<(RunResult, Option<procs::Proc>)>, String> {
+        match redis {
+            Some(bin) => {
+                let mut r = redis_sut(bin, run_tag)?;
+                let res = run_on(&r.target, r.pid)?;
+                Ok(Some((res, r.proc_.take())))
+            }
+            None => Ok(None),
         }
-        None => None,
     };
-    let (rr, rkept) = match rr {
+    let first = if redis_first { on_redis()? } else { None };
+    let mut b = bursar_sut(o, run_tag)?;
+    let bursar = run_on(&b.target, b.pid)?;
+    let bursar_proc = b.proc_.take();
+    let (redis, redis_proc) = match if redis_first { first } else { on_redis()? } {
         Some((res, p)) => (Some(res), p),
         None => (None, None),
     };
-    Ok((br, rr, kept, rkept))
+    Ok(Round {
+        bursar,
+        bursar_proc,
+        redis,
+        redis_proc,
+    })
 }
 
 fn ratio(b: f64, r: Option<f64>) -> Option<f64> {
@@ -598,7 +674,7 @@ fn workload(
         o.duration().as_secs_f64(),
         o.warmup().as_secs_f64()
     );
-    let (b, r, bproc, rproc) = both(o, redis, std::slice::from_ref(&g))?;
+    let (b, r, bproc, rproc, r_last) = both(o, redis, std::slice::from_ref(&g))?;
     print_rows("op", &b, r.as_ref(), 0);
     let clients = format!(
         "{} clients{}",
@@ -629,7 +705,8 @@ fn workload(
                 r.as_ref().map(|r| lat(&b) / lat(r).max(1e-9)),
             );
             if let Some(p) = bproc {
-                let redis = match (redis, rproc, r.as_ref()) {
+                // The last round's Redis holds that round's events only.
+                let redis = match (redis, rproc, r_last.as_ref()) {
                     (Some(bin), Some(rp), Some(rr)) => {
                         Some((bin, rp, rr.groups[0].ops[OpKind::Record.index()].ok_total))
                     }
@@ -752,7 +829,7 @@ fn ceiling(o: &Opts, redis: Option<&PathBuf>, report: &mut Report) -> Result<(),
         "\n== client ceiling: pipelined hello (Redis: PING), {} ==",
         describe(&g)
     );
-    let (b, r, _, _) = both(o, redis, std::slice::from_ref(&g))?;
+    let (b, r, _, _, _) = both(o, redis, std::slice::from_ref(&g))?;
     print_rows("op", &b, r.as_ref(), 0);
     let br = rate_of(&b, 0, OpKind::Hello.index());
     let rr = r.as_ref().map(|r| rate_of(r, 0, OpKind::Hello.index()));
@@ -792,7 +869,7 @@ fn check(o: &Opts, redis: Option<&PathBuf>, report: &mut Report) -> Result<(), S
         o.bg_conns,
         o.scopes
     );
-    let (b, r, _, _) = both(o, redis, &groups)?;
+    let (b, r, _, _, _) = both(o, redis, &groups)?;
     println!("-- foreground");
     print_rows("op", &b, r.as_ref(), 0);
     println!("-- background writes");
