@@ -110,7 +110,7 @@ struct Opts {
     /// Rounds per workload, bursar and Redis alternating which goes first (a machine whose
     /// speed drifts over minutes then weighs on both alike); the figures are over all rounds,
     /// and each round's ratio is printed.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     rounds: u32,
     /// Client connections.
     #[arg(long, default_value_t = 64)]
@@ -548,9 +548,14 @@ fn both(o: &Opts, redis: Option<&PathBuf>, groups: &[Group]) -> Result<Both, Str
     let mut all: Option<(RunResult, Option<RunResult>)> = None;
     let mut last = None;
     for round in 0..rounds {
-        // Ids of their own in every round (a daemon given by `--socket` sees them all).
-        let run_tag = (std::process::id() % 100_000) * 100 + round % 100;
-        let redis_first = round % 2 == 1 && redis.is_some();
+        // Ids of their own in every round (a daemon given by `--socket` sees them all); the
+        // first round's are those of a single run.
+        let run_tag = std::process::id() % 100_000 + round * 100_000;
+        // Alternating, and the last round bursar first, as a single run is (the disk and
+        // start-up figures are taken on the last round's servers).
+        let redis_first = (rounds - 1 - round) % 2 == 1 && redis.is_some();
+        // The earlier round's servers stopped before this one starts.
+        drop(last.take());
         let this = one_round(o, redis, groups, run_tag, redis_first)?;
         if rounds > 1 {
             let b_rate = total_rate(&this.bursar, 0);
@@ -581,7 +586,6 @@ fn both(o: &Opts, redis: Option<&PathBuf>, groups: &[Group]) -> Result<Both, Str
                 (b, r)
             }
         });
-        // Dropping the earlier round's servers stops them.
         last = Some(this);
     }
     let ((b, r), last) = all.zip(last).ok_or("no round ran")?;
