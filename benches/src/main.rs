@@ -546,6 +546,7 @@ type Both = (
 fn both(o: &Opts, redis: Option<&PathBuf>, groups: &[Group]) -> Result<Both, String> {
     let rounds = o.rounds.max(1);
     let mut all: Option<(RunResult, Option<RunResult>)> = None;
+    // The last round's servers and Redis result.
     let mut last = None;
     for round in 0..rounds {
         // Ids of their own in every round (a daemon given by `--socket` sees them all); the
@@ -556,10 +557,15 @@ fn both(o: &Opts, redis: Option<&PathBuf>, groups: &[Group]) -> Result<Both, Str
         let redis_first = (rounds - 1 - round) % 2 == 1 && redis.is_some();
         // The earlier round's servers stopped before this one starts.
         drop(last.take());
-        let this = one_round(o, redis, groups, run_tag, redis_first)?;
+        let Round {
+            bursar,
+            bursar_proc,
+            redis: redis_run,
+            redis_proc,
+        } = one_round(o, redis, groups, run_tag, redis_first)?;
         if rounds > 1 {
-            let b_rate = total_rate(&this.bursar, 0);
-            let r_rate = this.redis.as_ref().map(|r| total_rate(r, 0));
+            let b_rate = total_rate(&bursar, 0);
+            let r_rate = redis_run.as_ref().map(|r| total_rate(r, 0));
             println!(
                 "round {} of {rounds} ({} first): bursar {} ops/s{}",
                 round + 1,
@@ -573,10 +579,10 @@ fn both(o: &Opts, redis: Option<&PathBuf>, groups: &[Group]) -> Result<Both, Str
             );
         }
         all = Some(match all.take() {
-            None => (this.bursar.clone(), this.redis.clone()),
+            None => (bursar, redis_run.clone()),
             Some((mut b, r)) => {
-                b.merge(this.bursar.clone());
-                let r = match (r, this.redis.clone()) {
+                b.merge(bursar);
+                let r = match (r, redis_run.clone()) {
                     (Some(mut r), Some(rr)) => {
                         r.merge(rr);
                         Some(r)
@@ -586,10 +592,10 @@ fn both(o: &Opts, redis: Option<&PathBuf>, groups: &[Group]) -> Result<Both, Str
                 (b, r)
             }
         });
-        last = Some(this);
+        last = Some((bursar_proc, redis_proc, redis_run));
     }
-    let ((b, r), last) = all.zip(last).ok_or("no round ran")?;
-    Ok((b, r, last.bursar_proc, last.redis_proc, last.redis))
+    let ((b, r), (bursar_proc, redis_proc, redis_run)) = all.zip(last).ok_or("no round ran")?;
+    Ok((b, r, bursar_proc, redis_proc, redis_run))
 }
 
 /// One round's results, and its servers, still running.
