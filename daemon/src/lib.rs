@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod connections;
 pub mod log;
 pub mod memory;
 pub mod metrics;
@@ -299,7 +300,7 @@ pub fn run_with(
         cfg.data_dir.display()
     );
     let scope = metrics::Scope::Single(shared.clone());
-    let runtime = serve_until_stopped(&cfg, std_listener, ctx, metrics, scope, &listening)?;
+    let serving = serve_until_stopped(&cfg, std_listener, ctx, metrics, scope, &listening)?;
     // Drain: let the writer finish what is queued, sync, snapshot, stop.
     notify_systemd(&[
         NotifyState::Stopping,
@@ -309,7 +310,7 @@ pub fn run_with(
     let _ = writer.submit(Job::Shutdown);
     drop(writer);
     let _ = writer_thread.join();
-    finish(runtime, &cfg, signals_thread);
+    finish(serving, &cfg, signals_thread);
     Ok(())
 }
 
@@ -382,20 +383,21 @@ fn run_cluster(
         cfg.socket.display()
     );
     let scope = metrics::Scope::Cluster(cluster.clone());
-    let runtime = serve_until_stopped(&cfg, std_listener, ctx, metrics, scope, &listening)?;
+    let serving = serve_until_stopped(&cfg, std_listener, ctx, metrics, scope, &listening)?;
     notify_systemd(&[NotifyState::Stopping]);
     drop(reserve);
     tracing::info!("stopping: draining the partitions' writers, giving their leases back");
     cluster.stop_coordinating();
     let _ = coordinator.join();
     cluster.stop();
-    finish(runtime, &cfg, signals_thread);
+    finish(serving, &cfg, signals_thread);
     Ok(())
 }
 
 /// What both modes do once their state is ready: serve the socket (and the metrics endpoint)
 /// on a runtime of their own until shutdown, telling systemd when serving starts. Returns the
-/// runtime, still up, for the caller's drain (writers, leases) before [`finish`].
+/// runtime and the connection threads, still up, for the caller's drain (writers, leases)
+/// before [`finish`].
 fn serve_until_stopped(
     cfg: &Config,
     std_listener: std::os::unix::net::UnixListener,
@@ -403,12 +405,16 @@ fn serve_until_stopped(
     metrics: Option<(std::net::TcpListener, Arc<metrics::Metrics>)>,
     scope: metrics::Scope,
     listening: &str,
-) -> Result<tokio::runtime::Runtime, DaemonError> {
+) -> Result<Serving, DaemonError> {
+    // Connections are served on threads of their own (`connections`); this runtime accepts
+    // them and serves the metrics endpoint.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| DaemonError::Start(format!("cannot start the runtime: {e}")))?;
+    let threads = connections::ConnectionThreads::start(connections::CONNECTION_THREADS)
+        .map_err(|e| DaemonError::Start(format!("cannot start the connection threads: {e}")))?;
     let ctx = Arc::new(ctx);
     tracing::info!("{listening}");
     if let Some(metrics) = metrics {
@@ -423,21 +429,30 @@ fn serve_until_stopped(
     ]);
     runtime.block_on(async {
         match tokio::net::UnixListener::from_std(std_listener) {
-            Ok(listener) => server::serve(listener, ctx).await,
+            Ok(listener) => server::serve(listener, ctx, &threads).await,
             Err(e) => tracing::error!("socket: {e}"),
         }
     });
-    Ok(runtime)
+    Ok(Serving { runtime, threads })
 }
 
-/// The end of a stop, once the caller drained: the runtime's tasks stopped (2 s at most), the
-/// socket's name removed, the signal thread let go.
-fn finish(
+/// What serves the socket, still up after [`serve_until_stopped`] returns: connections keep
+/// being answered while the caller drains.
+struct Serving {
     runtime: tokio::runtime::Runtime,
-    cfg: &Config,
-    signals_thread: Option<std::thread::JoinHandle<()>>,
-) {
+    threads: connections::ConnectionThreads,
+}
+
+/// The end of a stop, once the caller drained: the runtime's and the connection threads' tasks
+/// stopped (2 s at most), the socket's name removed, the signal thread let go.
+fn finish(serving: Serving, cfg: &Config, signals_thread: Option<std::thread::JoinHandle<()>>) {
+    let Serving {
+        runtime,
+        mut threads,
+    } = serving;
+    threads.stop_begin();
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    threads.stop();
     let _ = std::fs::remove_file(&cfg.socket);
     drop(signals_thread);
     tracing::info!("stopped");

@@ -71,8 +71,12 @@ enum Pending {
 
 use crate::streams::Kind as StreamKind;
 
-/// Accept connections until shutdown.
-pub async fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
+/// Accept connections until shutdown, each served on one of `threads`.
+pub async fn serve(
+    listener: UnixListener,
+    ctx: Arc<Ctx>,
+    threads: &crate::connections::ConnectionThreads,
+) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -97,8 +101,15 @@ pub async fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
                         continue;
                     }
                 };
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        continue;
+                    }
+                };
                 let ctx = ctx.clone();
-                tokio::spawn(async move {
+                threads.serve(stream, move |stream| async move {
                     handle(stream, ctx).await;
                     drop(permit);
                 });

@@ -1,0 +1,238 @@
+//! The threads that serve client connections: each runs a tokio runtime of its own thread
+//! (current-thread), and a connection is served from start to end on the thread that has the
+//! fewest when it is accepted.
+//!
+//! Not one multi-thread runtime: there, a task woken by the socket or by the writer often ran
+//! on another worker than the one woken for it, and a worker that found work woke a parked one
+//! to steal more — more wake-ups and context switches per request than requests. On a VM a
+//! wake-up of a sleeping thread is an inter-processor interrupt on both sides. Served this way,
+//! `bursar-bench record` (64 connections, depth 1) went from 41,131 / 42,808 to 48,791 /
+//! 57,983 events/s in two interleaved pairs (benches/README.md, "Connections on threads of
+//! their own"). A thread cannot take another's connections when it is busy; with
+//! connections placed by count, many agents spread evenly.
+
+use std::os::unix::net::UnixStream as StdStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixStream;
+
+/// How many threads serve connections (as many as the multi-thread runtime had workers).
+pub const CONNECTION_THREADS: usize = 2;
+
+/// How long a stop waits for a thread's tasks to end before it drops them.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// The connection threads.
+pub struct ConnectionThreads {
+    threads: Vec<ConnectionThread>,
+}
+
+struct ConnectionThread {
+    handle: tokio::runtime::Handle,
+    /// Connections served on it now.
+    live: Arc<AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Takes one off its thread's count when the connection's task ends (or is dropped).
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ConnectionThreads {
+    /// Start `n` threads (at least one), named `bursar-conn-<i>`.
+    pub fn start(n: usize) -> std::io::Result<ConnectionThreads> {
+        let mut threads = Vec::new();
+        for i in 0..n.max(1) {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name(format!("bursar-conn-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(rt.handle().clone()));
+                    rt.block_on(async {
+                        let _ = stop_rx.await;
+                    });
+                    rt.shutdown_timeout(STOP_WAIT);
+                })?;
+            let handle = match ready_rx.recv() {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(std::io::Error::other("a connection thread did not start")),
+            };
+            threads.push(ConnectionThread {
+                handle,
+                live: Arc::new(AtomicUsize::new(0)),
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            });
+        }
+        Ok(ConnectionThreads { threads })
+    }
+
+    /// Serve `stream` with `serve` on the thread that has the fewest connections.
+    pub fn serve<F, Fut>(&self, stream: StdStream, serve: F)
+    where
+        F: FnOnce(UnixStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Some(t) = self
+            .threads
+            .iter()
+            .min_by_key(|t| t.live.load(Ordering::Relaxed))
+        else {
+            return;
+        };
+        t.live.fetch_add(1, Ordering::Relaxed);
+        let live = Live(t.live.clone());
+        t.handle.spawn(async move {
+            let _live = live;
+            // Registered with the reactor of the thread that serves it.
+            match UnixStream::from_std(stream) {
+                Ok(stream) => serve(stream).await,
+                Err(e) => tracing::warn!("cannot serve a connection: {e}"),
+            }
+        });
+    }
+
+    /// Tell every thread to stop: each gives its connections' tasks [`STOP_WAIT`] to end, all
+    /// at once. [`stop`](ConnectionThreads::stop) waits for them.
+    pub fn stop_begin(&mut self) {
+        for t in &mut self.threads {
+            if let Some(s) = t.stop.take() {
+                let _ = s.send(());
+            }
+        }
+    }
+
+    /// Stop every thread and wait until each has.
+    pub fn stop(mut self) {
+        self.stop_begin();
+        for t in &mut self.threads {
+            if let Some(j) = t.thread.take() {
+                let _ = j.join();
+            }
+        }
+    }
+}
+
+impl Drop for ConnectionThreads {
+    fn drop(&mut self) {
+        self.stop_begin();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::sync::Mutex;
+
+    /// Serves a connection until its client closes it, noting (`id`, the thread serving it).
+    fn serve_noting(
+        threads: &ConnectionThreads,
+        served_on: &Arc<Mutex<Vec<(usize, String)>>>,
+        id: usize,
+    ) -> StdStream {
+        let (client, server) = StdStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let served_on = served_on.clone();
+        threads.serve(server, move |mut stream| async move {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            served_on.lock().unwrap().push((id, name));
+            let mut buf = [0u8; 16];
+            while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        client
+    }
+
+    fn wait_until(mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn connections_are_spread_over_the_threads_and_a_closed_one_frees_its_place() {
+        let threads = ConnectionThreads::start(2).unwrap();
+        let served_on = Arc::new(Mutex::new(Vec::new()));
+        let clients: Vec<StdStream> = (0..4)
+            .map(|id| serve_noting(&threads, &served_on, id))
+            .collect();
+        wait_until(|| served_on.lock().unwrap().len() == 4);
+        let count = |name: &str| {
+            served_on
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, n)| n.as_str() == name)
+                .count()
+        };
+        assert_eq!(count("bursar-conn-0"), 2);
+        assert_eq!(count("bursar-conn-1"), 2);
+        // The two on thread 0 close: the next two go there.
+        let live = |i: usize| threads.threads[i].live.load(Ordering::Relaxed);
+        let on_0: Vec<usize> = served_on
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, n)| n == "bursar-conn-0")
+            .map(|(id, _)| *id)
+            .collect();
+        let kept: Vec<StdStream> = clients
+            .into_iter()
+            .enumerate()
+            .filter(|(id, _)| !on_0.contains(id))
+            .map(|(_, c)| c)
+            .collect();
+        wait_until(|| live(0) == 0);
+        assert_eq!(live(1), 2);
+        let more: Vec<StdStream> = (4..6)
+            .map(|id| serve_noting(&threads, &served_on, id))
+            .collect();
+        wait_until(|| served_on.lock().unwrap().len() == 6);
+        assert_eq!(count("bursar-conn-0"), 4);
+        assert_eq!(count("bursar-conn-1"), 2);
+        drop((kept, more));
+        threads.stop();
+    }
+
+    #[test]
+    fn a_stop_does_not_wait_for_a_client_that_keeps_its_connection_open() {
+        let threads = ConnectionThreads::start(2).unwrap();
+        let served_on = Arc::new(Mutex::new(Vec::new()));
+        let mut client = serve_noting(&threads, &served_on, 0);
+        wait_until(|| served_on.lock().unwrap().len() == 1);
+        let t = std::time::Instant::now();
+        threads.stop();
+        assert!(t.elapsed() < STOP_WAIT + Duration::from_secs(5));
+        // The connection's task was dropped: the client reads the end of the stream.
+        let mut buf = [0u8; 1];
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(client.read(&mut buf).unwrap(), 0);
+    }
+}
