@@ -104,7 +104,7 @@ pub async fn serve(
                 let stream = match stream.into_std() {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!("accept failed: {e}");
+                        tracing::warn!("cannot hand a connection to its thread (closed): {e}");
                         continue;
                     }
                 };
@@ -420,7 +420,9 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
             })
             .unwrap_or_default()
         })),
-        Request::Status(s) => Pending::Read(Box::new(move |ctx: &Ctx| {
+        // On a blocking thread: a status weighs every matching bucket (its `limit` only cuts
+        // the rows shown), and the connection's thread serves other connections meanwhile.
+        Request::Status(s) => Pending::Blocking(Box::new(move |ctx: &Ctx| {
             let now = (ctx.clock)();
             let answer = read_ledger(&ctx.shared).status(&s, now);
             echoed(answer, req, |a, req| a.req = req)
@@ -667,7 +669,8 @@ fn cluster_dispatch(
         }
         Request::Status(s) => {
             let c = c.clone();
-            Pending::Read(Box::new(move |ctx: &Ctx| {
+            // On a blocking thread, as a single node's (`dispatch`).
+            Pending::Blocking(Box::new(move |ctx: &Ctx| {
                 let now = (ctx.clock)();
                 let mut merged: Option<bursar_schemas::wire::StatusAnswer> = None;
                 let mut lag = 0u64;

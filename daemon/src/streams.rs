@@ -259,16 +259,45 @@ pub(crate) fn start(
     rx
 }
 
-/// Read up to a chunk of events from `from` on a blocking thread.
-async fn read_chunk(shared: &Arc<Shared>, from: u64) -> Result<Vec<Envelope>, String> {
-    let shared = shared.clone();
+/// A chunk of a log's lines from `from`, on a blocking thread: up to [`STREAM_CHUNK_EVENTS`]
+/// events read, those up to `limit` (the durable ones) filtered and rendered (priced, JSON) —
+/// off the connection's thread, which serves other connections meanwhile. Returns the lines
+/// and the seq after the last event taken (`None` when none was).
+async fn render_chunk(
+    source: &Source,
+    from: u64,
+    limit: u64,
+    filter: &Arc<Filter>,
+    pricer: &Arc<bursar_core::ledger::Pricer>,
+) -> Result<(Vec<String>, Option<u64>), String> {
+    let (shared, partition) = (source.shared.clone(), source.partition);
+    let (filter, pricer) = (filter.clone(), pricer.clone());
     tokio::task::spawn_blocking(move || {
-        let store = lock_store(&shared);
-        store
-            .read_from(from)
-            .take(STREAM_CHUNK_EVENTS)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())
+        let chunk = {
+            let store = lock_store(&shared);
+            store
+                .read_from(from)
+                .take(STREAM_CHUNK_EVENTS)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?
+        };
+        let mut lines = Vec::new();
+        let mut next = None;
+        for env in chunk {
+            // Only durable events are shown.
+            if env.seq > limit {
+                break;
+            }
+            next = Some(env.seq + 1);
+            if !filter.keeps(&env) {
+                continue;
+            }
+            let line = EventLine {
+                event: exported(env, &pricer, partition),
+            };
+            lines.push(serde_json::to_string(&line).unwrap_or_default());
+        }
+        Ok((lines, next))
     })
     .await
     .map_err(|e| e.to_string())?
@@ -287,11 +316,11 @@ async fn produce(
         mut from,
         head,
     } = read;
-    let pricer = read_ledger(&source.shared).pricer();
+    let pricer = Arc::new(read_ledger(&source.shared).pricer());
     let mut durable = source.shared.durable.subscribe();
     loop {
         let limit = head.unwrap_or_else(|| *durable.borrow_and_update());
-        let chunk = match read_chunk(&source.shared, from).await {
+        let (lines, next) = match render_chunk(&source, from, limit, &filter, &pricer).await {
             Ok(c) => c,
             Err(e) => {
                 let at = source
@@ -303,24 +332,14 @@ async fn produce(
                 return false;
             }
         };
-        let mut any = false;
-        for env in chunk {
-            // Only durable events are shown.
-            if env.seq > limit {
-                break;
-            }
-            any = true;
-            from = env.seq + 1;
-            if !filter.keeps(&env) {
-                continue;
-            }
-            let line = EventLine {
-                event: exported(env, &pricer, source.partition),
-            };
-            let text = serde_json::to_string(&line).unwrap_or_default();
+        for text in lines {
             if tx.send(Item::Line(text)).await.is_err() {
                 return false;
             }
+        }
+        let any = next.is_some();
+        if let Some(n) = next {
+            from = n;
         }
         if any {
             continue;
