@@ -27,13 +27,16 @@ pub const CONNECTION_THREADS: usize = 2;
 /// and, a second more, how long [`ConnectionThreads::stop`] waits for a thread that is busy.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
-/// Most blocking threads per connection thread (tokio's default is 512 per runtime; the two
-/// connection threads together have what the one multi-thread runtime had).
-const BLOCKING_THREADS: usize = 256;
+/// Most blocking threads of all connection threads together (tokio's default for one runtime,
+/// what the one multi-thread runtime had), shared out evenly.
+const BLOCKING_THREADS: usize = 512;
 
 /// The connection threads.
 pub struct ConnectionThreads {
     threads: Vec<ConnectionThread>,
+    /// Set by the first [`stop_begin`](ConnectionThreads::stop_begin): until when
+    /// [`stop`](ConnectionThreads::stop) waits for a thread.
+    stop_deadline: Option<std::time::Instant>,
 }
 
 struct ConnectionThread {
@@ -59,7 +62,9 @@ impl ConnectionThreads {
     /// Start `n` threads (at least one), named `bursar-conn-<i>`.
     pub fn start(n: usize) -> std::io::Result<ConnectionThreads> {
         let mut threads = Vec::new();
-        for i in 0..n.max(1) {
+        let n = n.max(1);
+        let blocking = (BLOCKING_THREADS / n).max(1);
+        for i in 0..n {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
@@ -69,7 +74,7 @@ impl ConnectionThreads {
                     let _ended = ended_tx;
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
-                        .max_blocking_threads(BLOCKING_THREADS)
+                        .max_blocking_threads(blocking)
                         .build()
                     {
                         Ok(rt) => rt,
@@ -97,7 +102,10 @@ impl ConnectionThreads {
                 thread: Some(thread),
             });
         }
-        Ok(ConnectionThreads { threads })
+        Ok(ConnectionThreads {
+            threads,
+            stop_deadline: None,
+        })
     }
 
     /// Serve `stream` with `serve` on the thread that has the fewest connections.
@@ -129,6 +137,8 @@ impl ConnectionThreads {
     /// waits up to [`STOP_WAIT`] for their blocking work. [`stop`](ConnectionThreads::stop)
     /// waits for them.
     pub fn stop_begin(&mut self) {
+        self.stop_deadline
+            .get_or_insert_with(|| std::time::Instant::now() + STOP_WAIT + Duration::from_secs(1));
         for t in &mut self.threads {
             if let Some(s) = t.stop.take() {
                 let _ = s.send(());
@@ -136,11 +146,14 @@ impl ConnectionThreads {
         }
     }
 
-    /// Stop every thread and wait until each has, at most [`STOP_WAIT`] and a second: a thread
-    /// still busy then (in a request's synchronous work) is left to end on its own.
+    /// Stop every thread and wait until each has, at most [`STOP_WAIT`] and a second from the
+    /// first [`stop_begin`](ConnectionThreads::stop_begin): a thread still busy then (in a
+    /// request's synchronous work) is left to end on its own.
     pub fn stop(mut self) {
         self.stop_begin();
-        let deadline = std::time::Instant::now() + STOP_WAIT + Duration::from_secs(1);
+        let deadline = self
+            .stop_deadline
+            .unwrap_or_else(|| std::time::Instant::now() + STOP_WAIT + Duration::from_secs(1));
         for (i, t) in self.threads.iter_mut().enumerate() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match t.ended.recv_timeout(left) {
@@ -263,7 +276,8 @@ mod tests {
         let served_on = Arc::new(Mutex::new(Vec::new()));
         let mut client = serve_noting(&threads, &served_on, 0);
         wait_until(|| served_on.lock().unwrap().len() == 1);
-        let took = stop_within(threads, Duration::from_secs(1));
+        // A stop that waited for the connection would take STOP_WAIT and a second.
+        let took = stop_within(threads, STOP_WAIT);
         assert!(took.is_some(), "the stop waited for the open connection");
         // The connection's task was dropped: the client reads the end of the stream.
         let mut buf = [0u8; 1];
@@ -288,7 +302,7 @@ mod tests {
         let took = stop_within(threads, STOP_WAIT + Duration::from_secs(5));
         let took = took.expect("the stop waited for the busy thread");
         assert!(
-            took >= STOP_WAIT,
+            took >= STOP_WAIT + Duration::from_secs(1),
             "returned before the busy thread had its time: {took:?}"
         );
     }

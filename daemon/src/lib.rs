@@ -444,8 +444,8 @@ struct Serving {
 }
 
 /// The end of a stop, once the caller drained: the runtime's and the connection threads' tasks
-/// dropped (their blocking work waited for up to 2 s, a busy connection thread up to 3 s), the
-/// socket's name removed, the signal thread let go.
+/// dropped (their blocking work waited for up to 2 s, a busy connection thread up to 3 s from
+/// here), the socket's name removed, the signal thread let go.
 fn finish(serving: Serving, cfg: &Config, signals_thread: Option<std::thread::JoinHandle<()>>) {
     let Serving {
         runtime,

@@ -104,7 +104,7 @@ pub async fn serve(
                 let stream = match stream.into_std() {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!("cannot hand a connection to its thread (closed): {e}");
+                        tracing::warn!("cannot hand a connection to its thread: {e}");
                         continue;
                     }
                 };

@@ -319,6 +319,9 @@ async fn produce(
     let pricer = Arc::new(read_ledger(&source.shared).pricer());
     let mut durable = source.shared.durable.subscribe();
     loop {
+        if tx.is_closed() {
+            return false; // nobody to render a chunk for
+        }
         let limit = head.unwrap_or_else(|| *durable.borrow_and_update());
         let (lines, next) = match render_chunk(&source, from, limit, &filter, &pricer).await {
             Ok(c) => c,
