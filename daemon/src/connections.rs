@@ -135,25 +135,23 @@ impl ConnectionThreads {
 
     /// Tell every thread to stop: each drops its connections' tasks as soon as it is free, and
     /// waits up to [`STOP_WAIT`] for their blocking work. [`stop`](ConnectionThreads::stop)
-    /// waits for them.
-    pub fn stop_begin(&mut self) {
-        self.stop_deadline
-            .get_or_insert_with(|| std::time::Instant::now() + STOP_WAIT + Duration::from_secs(1));
+    /// waits for them, until the deadline returned (set by the first call).
+    pub fn stop_begin(&mut self) -> std::time::Instant {
         for t in &mut self.threads {
             if let Some(s) = t.stop.take() {
                 let _ = s.send(());
             }
         }
+        *self
+            .stop_deadline
+            .get_or_insert_with(|| std::time::Instant::now() + STOP_WAIT + Duration::from_secs(1))
     }
 
     /// Stop every thread and wait until each has, at most [`STOP_WAIT`] and a second from the
     /// first [`stop_begin`](ConnectionThreads::stop_begin): a thread still busy then (in a
     /// request's synchronous work) is left to end on its own.
     pub fn stop(mut self) {
-        self.stop_begin();
-        let deadline = self
-            .stop_deadline
-            .unwrap_or_else(|| std::time::Instant::now() + STOP_WAIT + Duration::from_secs(1));
+        let deadline = self.stop_begin();
         for (i, t) in self.threads.iter_mut().enumerate() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match t.ended.recv_timeout(left) {
@@ -173,7 +171,7 @@ impl ConnectionThreads {
 
 impl Drop for ConnectionThreads {
     fn drop(&mut self) {
-        self.stop_begin();
+        let _ = self.stop_begin();
     }
 }
 

@@ -451,7 +451,7 @@ fn finish(serving: Serving, cfg: &Config, signals_thread: Option<std::thread::Jo
         runtime,
         mut threads,
     } = serving;
-    threads.stop_begin();
+    let _ = threads.stop_begin();
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     threads.stop();
     let _ = std::fs::remove_file(&cfg.socket);

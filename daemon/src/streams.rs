@@ -340,11 +340,8 @@ async fn produce(
                 return false;
             }
         }
-        let any = next.is_some();
         if let Some(n) = next {
             from = n;
-        }
-        if any {
             continue;
         }
         if head.is_some() {
