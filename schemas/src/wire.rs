@@ -716,10 +716,12 @@ pub enum SkipReason {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Skipped {
     /// The candidate.
+    #[serde(deserialize_with = "crate::event::text::owned")]
     pub model: String,
     /// Why.
     pub reason: SkipReason,
     /// Details (the missing capability, the budget, the cap).
+    #[serde(deserialize_with = "crate::event::text::owned")]
     pub detail: String,
 }
 

@@ -615,8 +615,10 @@ impl<'de> Deserialize<'de> for EventLabels {
                 });
                 let Some(mut packed) = buffer else {
                     let mut entries = Vec::with_capacity(m.size_hint().unwrap_or(0).min(64));
-                    while let Some(entry) = m.next_entry::<String, String>()? {
-                        entries.push(entry);
+                    while let Some((k, v)) =
+                        m.next_entry::<super::text::OwnedText, super::text::OwnedText>()?
+                    {
+                        entries.push((k.0, v.0));
                     }
                     return Ok(entries.into_iter().collect());
                 };

@@ -19,6 +19,7 @@
 mod chain_many;
 mod labels;
 pub mod receipts;
+pub(crate) mod text;
 pub mod v1;
 
 pub use chain_many::chain_hash_many;
@@ -525,9 +526,9 @@ fn decode_v2_with<T>(
         let start = at;
         let body = take(rest, &mut at, len)?;
         let unread = receipts::left_unread();
-        let (c, used): (OwnedContent, usize) =
-            bincode::serde::decode_from_slice(body, config().with_limit::<MAX_RECORD_BYTES>())
-                .map_err(|e| CodecError::Decode(e.to_string()))?;
+        // No bincode limit: what decoding a body allocates is bounded by its bytes (`text`).
+        let (c, used): (OwnedContent, usize) = bincode::serde::decode_from_slice(body, config())
+            .map_err(|e| CodecError::Decode(e.to_string()))?;
         // The event's bytes after the fields read (not the record's `rest`).
         let unread_bytes = body.get(used..).unwrap_or_default();
         if receipts::left_unread() == unread {
@@ -647,7 +648,9 @@ impl<'de> Deserialize<'de> for Bytes {
                 Ok(Bytes(out))
             }
         }
-        d.deserialize_byte_buf(V)
+        // Borrowed where the format can (bincode from a slice): a damaged length is then an
+        // error, not an allocation (`text`).
+        d.deserialize_bytes(V)
     }
 }
 
@@ -772,8 +775,10 @@ impl EventBody {
 #[serde(deny_unknown_fields)]
 pub struct UsageRecorded {
     /// Client idempotency id.
+    #[serde(deserialize_with = "text::owned")]
     pub event_id: String,
     /// The committed hold, for a commit.
+    #[serde(default, deserialize_with = "text::owned_opt")]
     pub reservation_id: Option<String>,
     /// Relation to the hold.
     pub reservation: ReservationLink,
@@ -782,12 +787,15 @@ pub struct UsageRecorded {
     /// Labels, including the derived `model`, `provider` and `tier`.
     pub labels: EventLabels,
     /// Model name.
+    #[serde(deserialize_with = "text::owned")]
     pub model: String,
     /// Counts.
     pub usage: Usage,
     /// Client-side time (audit only).
+    #[serde(default, deserialize_with = "text::owned_opt")]
     pub occurred_at: Option<String>,
     /// Provider-reported cost, decimal USD string (audit only).
+    #[serde(default, deserialize_with = "text::owned_opt")]
     pub reported_cost_usd: Option<String>,
     /// Digest of the request payload, for idempotency after restart.
     pub payload_digest: [u8; 16],
@@ -801,10 +809,12 @@ pub struct UsageRecorded {
 #[serde(deny_unknown_fields)]
 pub struct ReservationCreated {
     /// Client id of the hold.
+    #[serde(deserialize_with = "text::owned")]
     pub reservation_id: String,
     /// Labels, including derived ones for the chosen model.
     pub labels: EventLabels,
     /// The chosen model.
+    #[serde(deserialize_with = "text::owned")]
     pub model: String,
     /// Input tokens of the estimate.
     pub input_tokens: u64,
@@ -826,18 +836,23 @@ pub struct ReservationCreated {
 #[serde(deny_unknown_fields)]
 pub struct ReservationDenied {
     /// Client id of the hold.
+    #[serde(deserialize_with = "text::owned")]
     pub reservation_id: String,
     /// Labels of the request (with derived labels of the last candidate considered).
     pub labels: EventLabels,
     /// The last candidate considered.
+    #[serde(deserialize_with = "text::owned")]
     pub model: String,
     /// Money the hold would have taken.
     pub hold_micros: Micros,
     /// Reason code (`budget`, `tier_cap`, `unknown_model`, `missing_capability`, `max_keys`).
+    #[serde(deserialize_with = "text::owned")]
     pub reason: String,
     /// Budget that denied, when one did.
+    #[serde(default, deserialize_with = "text::owned_opt")]
     pub budget: Option<String>,
     /// Its scope key.
+    #[serde(default, deserialize_with = "text::owned_opt")]
     pub key: Option<String>,
     /// Digest of the request payload.
     pub payload_digest: [u8; 16],
@@ -854,8 +869,10 @@ pub struct ReservationDenied {
 #[serde(deny_unknown_fields)]
 pub struct ReservationReleased {
     /// The hold.
+    #[serde(deserialize_with = "text::owned")]
     pub reservation_id: String,
     /// Always `"cancelled"` in this version.
+    #[serde(deserialize_with = "text::owned")]
     pub reason: String,
     /// Digest of the request payload (`release` is idempotent too).
     pub payload_digest: [u8; 16],
@@ -883,6 +900,7 @@ pub struct Receipt {
     /// Reservations: the candidates skipped, in order.
     pub skipped: Vec<crate::wire::Skipped>,
     /// A denial: its reason, in words.
+    #[serde(default, deserialize_with = "text::owned_opt")]
     pub message: Option<String>,
 }
 
@@ -917,6 +935,7 @@ pub struct ReceiptLine {
 #[serde(deny_unknown_fields)]
 pub struct ReservationExtended {
     /// The hold.
+    #[serde(deserialize_with = "text::owned")]
     pub reservation_id: String,
     /// New expiry (Unix µs).
     pub expires_at: TsMicros,
@@ -927,6 +946,7 @@ pub struct ReservationExtended {
 #[serde(deny_unknown_fields)]
 pub struct ReservationExpired {
     /// The hold.
+    #[serde(deserialize_with = "text::owned")]
     pub reservation_id: String,
 }
 
@@ -935,8 +955,10 @@ pub struct ReservationExpired {
 #[serde(deny_unknown_fields)]
 pub struct BudgetCrossing {
     /// Budget id.
+    #[serde(deserialize_with = "text::owned")]
     pub budget: String,
     /// Scope key.
+    #[serde(deserialize_with = "text::owned")]
     pub key: String,
     /// Start of the window in which it happened (Unix µs; 0 for cumulative).
     pub window_start: TsMicros,
@@ -955,8 +977,10 @@ pub struct PolicyApplied {
     /// Policy version (1, 2, …).
     pub policy_version: u64,
     /// Where it came from (file path or `embedded default`).
+    #[serde(deserialize_with = "text::owned")]
     pub source: String,
     /// BLAKE3 of the source text, hex.
+    #[serde(deserialize_with = "text::owned")]
     pub source_hash: String,
     /// The resolved policy, prices included (JSON inside the bincode body).
     #[serde(
@@ -997,10 +1021,13 @@ pub struct ObservedLimit {
 #[serde(deny_unknown_fields)]
 pub struct IgnoredHeader {
     /// The header's name as it was sent.
+    #[serde(deserialize_with = "text::owned")]
     pub header: String,
     /// Its value (cut to 64 characters).
+    #[serde(deserialize_with = "text::owned")]
     pub value: String,
     /// What is wrong with it.
+    #[serde(deserialize_with = "text::owned")]
     pub reason: String,
 }
 
@@ -1010,12 +1037,15 @@ pub struct IgnoredHeader {
 #[serde(deny_unknown_fields)]
 pub struct QuotaObserved {
     /// The `[[quota]]` id.
+    #[serde(deserialize_with = "text::owned")]
     pub quota: String,
     /// The provider that said it.
+    #[serde(deserialize_with = "text::owned")]
     pub provider: String,
     /// The labels the observation came with.
     pub labels: EventLabels,
     /// The commit's `event_id` when the headers came with a commit or record.
+    #[serde(default, deserialize_with = "text::owned_opt")]
     pub event_id: Option<String>,
     /// Requests.
     pub requests: Option<ObservedLimit>,
@@ -1035,8 +1065,10 @@ pub struct QuotaObserved {
 #[serde(deny_unknown_fields)]
 pub struct QuotaExhausted {
     /// The `[[quota]]` id.
+    #[serde(deserialize_with = "text::owned")]
     pub quota: String,
     /// Which limit: `requests`, `tokens`, `input_tokens` or `output_tokens`.
+    #[serde(deserialize_with = "text::owned")]
     pub limit: String,
     /// Seq of the `quota_observed` event whose limit ran out.
     pub observed_seq: u64,

@@ -1,0 +1,151 @@
+//! A stored record's decode as recovery's reading thread does it (SPEC §7 format 2): 64 events
+//! like `bursar-bench replay`'s log (60 % plain `usage_recorded`, the rest holds and the
+//! commits of earlier holds, seven labels each from 1,000 scopes, a receipt of three lines),
+//! label sets shared and receipts left unread.
+//!
+//! Run: `cargo bench -p bursar-schemas --bench record_decode`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use bursar_schemas::event::receipts::without_receipts;
+use bursar_schemas::event::{
+    decode_record_deferred, encode_record, Actor, Envelope, EventBody, Hash32, Receipt,
+    ReceiptLine, ReservationCreated, ReservationLink, SharingLabels, UsageRecorded,
+};
+use bursar_schemas::wire::Usage;
+use bursar_schemas::Labels;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+const EVENTS: u64 = 64;
+
+fn labels(n: u64) -> Labels {
+    let s = n % 1000;
+    let mut l = Labels::new();
+    for (k, v) in [
+        ("org", format!("o{}", s % 4)),
+        ("team", format!("t{}", s % 10)),
+        ("user", format!("u{}", s / 4)),
+        ("session", format!("s{s}")),
+        ("model", "gpt-4o-mini".to_string()),
+        ("provider", "openai".to_string()),
+        ("tier", "standard".to_string()),
+    ] {
+        l.insert(k.into(), v);
+    }
+    l
+}
+
+fn receipt(n: u64) -> Receipt {
+    let line = |budget: u32| ReceiptLine {
+        budget,
+        overflow: false,
+        spent_micros: (n % 9_000_000) as i64 + 1_000,
+        spent_tokens: n % 50_000_000,
+        spent_requests: n % 100_000,
+        held_micros: (n % 70_000) as i64,
+        held_tokens: n % 30_000,
+        held_requests: n % 7,
+        live_holds: n % 7,
+    };
+    Receipt {
+        policy_version: 1,
+        lines: (0..3).map(line).collect(),
+        cost_micros: (n % 5_000) as i64,
+        priced_at_max: false,
+        overrun_micros: None,
+        decision: None,
+        skipped: Vec::new(),
+        message: None,
+    }
+}
+
+fn body(n: u64) -> EventBody {
+    let usage = Usage {
+        input_tokens: 500 + n * 37 % 2500,
+        output_tokens: 50 + n * 13 % 1000,
+        ..Usage::default()
+    };
+    let digest = [(n % 251) as u8; 16];
+    match n % 10 {
+        0..=5 => EventBody::UsageRecorded(UsageRecorded {
+            event_id: format!("e-{}", 1_000_000 + n),
+            reservation_id: None,
+            reservation: ReservationLink::None,
+            late: false,
+            labels: labels(n * 7919).into(),
+            model: "gpt-4o-mini".into(),
+            usage,
+            occurred_at: None,
+            reported_cost_usd: None,
+            payload_digest: digest,
+            receipt: Some(receipt(n)),
+        }),
+        6 | 7 => EventBody::ReservationCreated(ReservationCreated {
+            reservation_id: format!("r-{}", 1_000_000 + n),
+            labels: labels(n * 7919).into(),
+            model: "gpt-4o-mini".into(),
+            input_tokens: usage.input_tokens,
+            max_output_tokens: 4096,
+            hold_micros: 2_000 + (n % 1000) as i64,
+            expires_at: 1_800_000_000_000_000,
+            payload_digest: digest,
+            receipt: Some(receipt(n)),
+        }),
+        _ => EventBody::UsageRecorded(UsageRecorded {
+            event_id: format!("c-{}", 1_000_000 + n),
+            reservation_id: Some(format!("r-{}", 999_000 + n)),
+            reservation: ReservationLink::Known,
+            late: false,
+            labels: labels(n * 104_729).into(),
+            model: "gpt-4o-mini".into(),
+            usage,
+            occurred_at: None,
+            reported_cost_usd: None,
+            payload_digest: digest,
+            receipt: Some(receipt(n)),
+        }),
+    }
+}
+
+fn record() -> Vec<u8> {
+    let mut prev = Hash32([7; 32]);
+    let mut envs = Vec::new();
+    for n in 0..EVENTS {
+        let seq = 5_000_000 + n;
+        let e = Envelope::seal(
+            seq,
+            1_765_000_000_000_000 + seq as i64 * 1_000,
+            Actor {
+                uid: 1000,
+                gid: 1000,
+                pid: 4242,
+            },
+            prev,
+            body(n),
+        )
+        .expect("seal");
+        prev = e.hash;
+        envs.push(e);
+    }
+    encode_record(&envs).expect("encode")
+}
+
+fn decode(c: &mut Criterion) {
+    let rec = record();
+    let mut group = c.benchmark_group("record_decode");
+    group
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(30)
+        .throughput(Throughput::Elements(EVENTS));
+    let _sharing = SharingLabels::start();
+    group.bench_function("64 events, as recovery reads them", |b| {
+        b.iter(|| without_receipts(|| decode_record_deferred(black_box(&rec)).expect("decode")))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decode);
+criterion_main!(benches);
