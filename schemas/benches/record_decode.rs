@@ -37,6 +37,7 @@ fn labels(n: u64) -> Labels {
     l
 }
 
+/// A receipt of three lines, as `bursar-bench`'s log generator writes (benches/src/logbench.rs).
 fn receipt(n: u64) -> Receipt {
     let line = |budget: u32| ReceiptLine {
         budget,

@@ -800,7 +800,7 @@ pub struct UsageRecorded {
     /// Digest of the request payload, for idempotency after restart.
     pub payload_digest: [u8; 16],
     /// What the daemon answered (absent in events of envelope version 1).
-    #[serde(deserialize_with = "receipts::maybe_skipped")]
+    #[serde(default, deserialize_with = "receipts::maybe_skipped")]
     pub receipt: Option<Receipt>,
 }
 
@@ -827,7 +827,7 @@ pub struct ReservationCreated {
     /// Digest of the request payload.
     pub payload_digest: [u8; 16],
     /// What the daemon answered (absent in events of envelope version 1).
-    #[serde(deserialize_with = "receipts::maybe_skipped")]
+    #[serde(default, deserialize_with = "receipts::maybe_skipped")]
     pub receipt: Option<Receipt>,
 }
 
@@ -860,7 +860,7 @@ pub struct ReservationDenied {
     /// none was priced).
     pub max_output_tokens: u64,
     /// What the daemon answered (absent in events of envelope version 1).
-    #[serde(deserialize_with = "receipts::maybe_skipped")]
+    #[serde(default, deserialize_with = "receipts::maybe_skipped")]
     pub receipt: Option<Receipt>,
 }
 

@@ -9,8 +9,15 @@
 //! allocating the length it is told, before it reads a byte. So no string of an event is read
 //! that way: each is borrowed from the event's bytes first ([`owned`], [`owned_opt`], and the
 //! label maps and JSON bodies read as borrowed bytes), and a length past the bytes is an error,
-//! not an allocation. `event::tests::a_damaged_length_anywhere_in_an_event_is_an_error_not_an_allocation`
-//! damages every byte of an event of each kind in turn.
+//! not an allocation. `tests/damaged_lengths.rs` damages every byte of an event of each kind
+//! in turn.
+//!
+//! What a decode allocates is thus bounded by the bytes it reads, not by a total: serde's own
+//! sequences still reserve up to 1 MiB for a count (`size_hint::cautious`), and a record
+//! crafted for it could make a decode hold ~24 times its bytes (an empty label, two bytes,
+//! becomes a 48-byte pair), where the limit stopped at 256 MiB of claims. Random damage cannot
+//! do that (sled checks every record it reads; the chain checks every event), and whoever can
+//! write a data dir can fill its disk anyway.
 
 use serde::de::{Deserializer, Error, Visitor};
 
