@@ -37,7 +37,9 @@ fn labels(n: u64) -> Labels {
     l
 }
 
-/// A receipt of three lines, as `bursar-bench`'s log generator writes (benches/src/logbench.rs).
+/// A receipt of three lines, as `bursar-bench`'s log generator writes (a copy of
+/// benches/src/logbench.rs's `receipt`: this crate cannot depend on `bursar-bench`, which
+/// depends on it).
 fn receipt(n: u64) -> Receipt {
     let line = |budget: u32| ReceiptLine {
         budget,
@@ -69,45 +71,47 @@ fn body(n: u64) -> EventBody {
         ..Usage::default()
     };
     let digest = [(n % 251) as u8; 16];
-    match n % 10 {
-        0..=5 => EventBody::UsageRecorded(UsageRecorded {
-            event_id: format!("e-{}", 1_000_000 + n),
-            reservation_id: None,
-            reservation: ReservationLink::None,
-            late: false,
-            labels: labels(n * 7919).into(),
-            model: "gpt-4o-mini".into(),
-            usage,
-            occurred_at: None,
-            reported_cost_usd: None,
-            payload_digest: digest,
-            receipt: Some(receipt(n)),
-        }),
-        6 | 7 => EventBody::ReservationCreated(ReservationCreated {
-            reservation_id: format!("r-{}", 1_000_000 + n),
-            labels: labels(n * 7919).into(),
-            model: "gpt-4o-mini".into(),
-            input_tokens: usage.input_tokens,
-            max_output_tokens: 4096,
-            hold_micros: 2_000 + (n % 1000) as i64,
-            expires_at: 1_800_000_000_000_000,
-            payload_digest: digest,
-            receipt: Some(receipt(n)),
-        }),
-        _ => EventBody::UsageRecorded(UsageRecorded {
-            event_id: format!("c-{}", 1_000_000 + n),
-            reservation_id: Some(format!("r-{}", 999_000 + n)),
-            reservation: ReservationLink::Known,
-            late: false,
-            labels: labels(n * 104_729).into(),
-            model: "gpt-4o-mini".into(),
-            usage,
-            occurred_at: None,
-            reported_cost_usd: None,
-            payload_digest: digest,
-            receipt: Some(receipt(n)),
-        }),
-    }
+    // Six plain records in ten, two holds, two commits of earlier holds.
+    let (event_id, reservation_id, reservation, scope) = match n % 10 {
+        6 | 7 => {
+            return EventBody::ReservationCreated(ReservationCreated {
+                reservation_id: format!("r-{}", 1_000_000 + n),
+                labels: labels(n * 7919).into(),
+                model: "gpt-4o-mini".into(),
+                input_tokens: usage.input_tokens,
+                max_output_tokens: 4096,
+                hold_micros: 2_000 + (n % 1000) as i64,
+                expires_at: 1_800_000_000_000_000,
+                payload_digest: digest,
+                receipt: Some(receipt(n)),
+            })
+        }
+        0..=5 => (
+            format!("e-{}", 1_000_000 + n),
+            None,
+            ReservationLink::None,
+            n * 7919,
+        ),
+        _ => (
+            format!("c-{}", 1_000_000 + n),
+            Some(format!("r-{}", 999_000 + n)),
+            ReservationLink::Known,
+            n * 104_729,
+        ),
+    };
+    EventBody::UsageRecorded(UsageRecorded {
+        event_id,
+        reservation_id,
+        reservation,
+        late: false,
+        labels: labels(scope).into(),
+        model: "gpt-4o-mini".into(),
+        usage,
+        occurred_at: None,
+        reported_cost_usd: None,
+        payload_digest: digest,
+        receipt: Some(receipt(n)),
+    })
 }
 
 fn record() -> Vec<u8> {
