@@ -4,13 +4,12 @@
 //! read was a fifth of decoding a record (`cargo bench -p bursar-schemas --bench
 //! record_decode`: 37.4 µs for 64 events with it, 30.1 µs without and with the strings read
 //! as here) and 1–2 s of a 10 M-event start-up (benches/README.md, "Start-up: events decoded
-//! without a bincode limit"). The limit was
-//! what kept a damaged length from allocating: bincode reads a `String` (and a `Vec<u8>`) by
-//! allocating the length it is told, before it reads a byte. So no string of an event is read
-//! that way: each is borrowed from the event's bytes first ([`owned`], [`owned_opt`], and the
-//! label maps and JSON bodies read as borrowed bytes), and a length past the bytes is an error,
-//! not an allocation. `tests/damaged_lengths.rs` damages every byte of an event of each kind
-//! in turn.
+//! without a bincode limit"). The limit was what kept a damaged length from allocating:
+//! bincode reads a `String` (and a `Vec<u8>`) by allocating the length it is told, before it
+//! reads a byte. So no string of an event is read that way: each is borrowed from the event's
+//! bytes first ([`owned`], [`owned_opt`], and the label maps and JSON bodies read as borrowed
+//! bytes), and a length past the bytes is an error, not an allocation.
+//! `tests/damaged_lengths.rs` damages every byte of an event of each kind in turn.
 //!
 //! What a decode allocates is thus bounded by the bytes it reads, not by a total: serde's own
 //! sequences still reserve up to 1 MiB for a count (`size_hint::cautious`), and a record
