@@ -4,7 +4,7 @@
 //! label sets shared and receipts left unread.
 //!
 //! Run: `cargo bench -p bursar-schemas --bench record_decode`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -12,11 +12,14 @@ use std::time::Duration;
 use bursar_schemas::event::receipts::without_receipts;
 use bursar_schemas::event::{
     decode_record_deferred, encode_record, Actor, Envelope, EventBody, Hash32, Receipt,
-    ReceiptLine, ReservationCreated, ReservationLink, SharingLabels, UsageRecorded,
+    ReservationCreated, ReservationLink, SharingLabels, UsageRecorded,
 };
 use bursar_schemas::wire::Usage;
 use bursar_schemas::Labels;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+#[path = "../tests/props/mod.rs"]
+mod props;
 
 const EVENTS: u64 = 64;
 
@@ -37,34 +40,22 @@ fn labels(n: u64) -> Labels {
     l
 }
 
-/// A receipt of three lines, as `bursar-bench`'s log generator writes (a copy of
-/// benches/src/logbench.rs's `receipt`: this crate cannot depend on `bursar-bench`, which
-/// depends on it).
-fn receipt(n: u64) -> Receipt {
-    let line = |budget: u32| ReceiptLine {
-        budget,
-        overflow: false,
-        spent_micros: (n % 9_000_000) as i64 + 1_000,
-        spent_tokens: n % 50_000_000,
-        spent_requests: n % 100_000,
-        held_micros: (n % 70_000) as i64,
-        held_tokens: n % 30_000,
-        held_requests: n % 7,
-        live_holds: n % 7,
-    };
-    Receipt {
-        policy_version: 1,
-        lines: (0..3).map(line).collect(),
-        cost_micros: (n % 5_000) as i64,
-        priced_at_max: false,
-        overrun_micros: None,
-        decision: None,
-        skipped: Vec::new(),
-        message: None,
-    }
+/// The tests' sample receipt (of `props::sample_envelopes`'s `usage_recorded`), its line three
+/// times, one per budget of the bench policy, as the log generator's receipts have: recovery
+/// leaves receipts unread, so only their length matters here.
+fn sample_receipt() -> Receipt {
+    let mut r = props::sample_envelopes()
+        .into_iter()
+        .find_map(|e| match e.body {
+            EventBody::UsageRecorded(u) => u.receipt,
+            _ => None,
+        })
+        .expect("the samples hold a usage_recorded with a receipt");
+    r.lines = vec![r.lines[0]; 3];
+    r
 }
 
-fn body(n: u64) -> EventBody {
+fn body(n: u64, receipt: &Receipt) -> EventBody {
     let usage = Usage {
         input_tokens: 500 + n * 37 % 2500,
         output_tokens: 50 + n * 13 % 1000,
@@ -83,7 +74,7 @@ fn body(n: u64) -> EventBody {
                 hold_micros: 2_000 + (n % 1000) as i64,
                 expires_at: 1_800_000_000_000_000,
                 payload_digest: digest,
-                receipt: Some(receipt(n)),
+                receipt: Some(receipt.clone()),
             })
         }
         0..=5 => (
@@ -110,11 +101,12 @@ fn body(n: u64) -> EventBody {
         occurred_at: None,
         reported_cost_usd: None,
         payload_digest: digest,
-        receipt: Some(receipt(n)),
+        receipt: Some(receipt.clone()),
     })
 }
 
 fn record() -> Vec<u8> {
+    let receipt = sample_receipt();
     let mut prev = Hash32([7; 32]);
     let mut envs = Vec::new();
     for n in 0..EVENTS {
@@ -128,7 +120,7 @@ fn record() -> Vec<u8> {
                 pid: 4242,
             },
             prev,
-            body(n),
+            body(n, &receipt),
         )
         .expect("seal");
         prev = e.hash;

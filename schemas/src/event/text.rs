@@ -1,9 +1,9 @@
 //! The event bodies' strings, decoded from the bytes they lie in.
 //!
 //! A stored event is decoded without a bincode limit: the limit's bookkeeping on every field
-//! read was a fifth of decoding a record (`cargo bench -p bursar-schemas --bench
-//! record_decode`: 37.4 µs for 64 events with it, 30.1 µs without and with the strings read
-//! as here) and 1–2 s of a 10 M-event start-up (benches/README.md, "Start-up: events decoded
+//! read was a quarter of decoding a record (`cargo bench -p bursar-schemas --bench
+//! record_decode`: 39.3–39.5 µs for 64 events with it, 29.8–30.7 µs without and with the
+//! strings read as here) and 1–2 s of a 10 M-event start-up (benches/README.md, "Start-up: events decoded
 //! without a bincode limit"). The limit was what kept a damaged length from allocating:
 //! bincode reads a `String` (and a `Vec<u8>`) by allocating the length it is told, before it
 //! reads a byte. So no string of an event is read that way: each is borrowed from the event's
