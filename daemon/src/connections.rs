@@ -13,11 +13,11 @@
 //! and what takes long (`report`, `status`, `verify`, a dry-run `replay`, a stream's reads and
 //! rendering) runs on blocking threads.
 
+use crate::conn_socket::{ReadHalf, WriteHalf};
 use std::os::unix::net::UnixStream as StdStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::UnixStream;
 
 /// How many threads serve connections (as many as the multi-thread runtime had workers).
 pub const CONNECTION_THREADS: usize = 2;
@@ -111,7 +111,7 @@ impl ConnectionThreads {
     /// Serve `stream` with `serve` on the thread that has the fewest connections.
     pub fn serve<F, Fut>(&self, stream: StdStream, serve: F)
     where
-        F: FnOnce(UnixStream) -> Fut + Send + 'static,
+        F: FnOnce(ReadHalf, WriteHalf) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let Some(t) = self
@@ -126,8 +126,8 @@ impl ConnectionThreads {
         t.handle.spawn(async move {
             let _live = live;
             // Registered with the reactor of the thread that serves it.
-            match UnixStream::from_std(stream) {
-                Ok(stream) => serve(stream).await,
+            match crate::conn_socket::split(stream) {
+                Ok((rd, wr)) => serve(rd, wr).await,
                 Err(e) => tracing::warn!("cannot serve a connection: {e}"),
             }
         });
@@ -190,7 +190,7 @@ mod tests {
         let (client, server) = StdStream::pair().unwrap();
         server.set_nonblocking(true).unwrap();
         let served_on = served_on.clone();
-        threads.serve(server, move |mut stream| async move {
+        threads.serve(server, move |mut stream, _| async move {
             let name = std::thread::current().name().unwrap_or("").to_string();
             served_on.lock().unwrap().push((id, name));
             let mut buf = [0u8; 16];
@@ -291,7 +291,7 @@ mod tests {
         let (started_tx, started) = std::sync::mpsc::channel();
         let (_client, server) = StdStream::pair().unwrap();
         server.set_nonblocking(true).unwrap();
-        threads.serve(server, move |_stream| async move {
+        threads.serve(server, move |_, _| async move {
             let _ = started_tx.send(());
             // Work that never yields to the runtime, longer than any stop should wait.
             std::thread::sleep(Duration::from_secs(60));

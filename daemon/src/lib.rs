@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod conn_socket;
 pub mod connections;
 pub mod log;
 pub mod memory;

@@ -5,6 +5,7 @@
 //! when their turn to be answered comes, so a connection always reads its own earlier writes,
 //! and they never wait for a disk sync. Writes go to the single writer thread.
 
+use crate::conn_socket::{ReadHalf, WriteHalf};
 use crate::writer::{error_line, lock_store, read_ledger, Job, Shared, WriteCmd, WriterHandle};
 use bursar_core::ledger::{self, Answer};
 use bursar_schemas::event::Actor;
@@ -101,6 +102,7 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let actor = actor_of(&stream);
                 let stream = match stream.into_std() {
                     Ok(s) => s,
                     Err(e) => {
@@ -109,8 +111,8 @@ pub async fn serve(
                     }
                 };
                 let ctx = ctx.clone();
-                threads.serve(stream, move |stream| async move {
-                    handle(stream, ctx).await;
+                threads.serve(stream, move |rd, wr| async move {
+                    handle(rd, wr, actor, ctx).await;
                     drop(permit);
                 });
             }
@@ -161,9 +163,7 @@ impl ReadGate {
     }
 }
 
-async fn handle(stream: UnixStream, ctx: Arc<Ctx>) {
-    let actor = actor_of(&stream);
-    let (rd, wr) = stream.into_split();
+async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
     let (qtx, qrx) = mpsc::channel::<(Pending, Meter)>(MAX_IN_FLIGHT_PER_CONNECTION);
     let writer_ctx = ctx.clone();
     let gate = Arc::new(ReadGate::default());
@@ -1199,7 +1199,7 @@ fn forbidden(what: &str, actor: Actor, req: Option<Value>) -> String {
     )
 }
 
-type Out = Arc<tokio::sync::Mutex<BufWriter<tokio::net::unix::OwnedWriteHalf>>>;
+type Out = Arc<tokio::sync::Mutex<BufWriter<WriteHalf>>>;
 
 async fn write_answers(
     out: Out,
