@@ -6,29 +6,54 @@
 //! reports room to write again (`sock_wfree` → `unix_write_space` → `EPOLLOUT`). A thread
 //! asleep in `epoll_wait` is woken for it — after every answer a client reads, a wake-up of
 //! the connection's thread with nothing to do, an inter-processor interrupt on a VM. Answers are
-//! small and a socket's send buffer holds hundreds of them, so a write almost never waits;
-//! when one would (a client that does not read), this socket's duplicate is registered for
-//! writing until the write goes through.
+//! small and a socket's send buffer holds hundreds of them, so a write almost never waits.
+//! When one would (a client that does not read), a duplicate of the socket is registered for
+//! writing, and kept for the rest of the connection: a client that stopped reading once (a slow
+//! `tail` or `export`) likely does again, and its wake-ups matter less than a descriptor
+//! opened and closed per buffer.
+//!
+//! Each connection thus takes one descriptor, two once it has had to wait; with none left for
+//! the duplicate (the process at its limit), the write is tried again every [`ROOM_RETRY`]
+//! rather than the connection dropped.
+//!
+//! Neither half counts against tokio's cooperative budget as tokio's own do; every loop that
+//! writes to a connection also awaits a channel (the answers, a stream's lines), which does.
 
-use std::io::{Read, Write};
+use std::future::Future;
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+
+/// How long a write that would block waits before it tries again when no descriptor could be
+/// had to wait on.
+pub const ROOM_RETRY: Duration = Duration::from_millis(2);
 
 /// The reading half (see the module's comment).
 pub struct ReadHalf(Arc<AsyncFd<UnixStream>>);
 
-/// The writing half: writes go straight to the socket; only a write that would block
-/// registers a duplicate of the socket for writing, dropped once a write goes through.
+/// The writing half: writes go straight to the socket until one would block (see the module's
+/// comment).
 pub struct WriteHalf {
     socket: Arc<AsyncFd<UnixStream>>,
-    waiting: Option<AsyncFd<UnixStream>>,
+    room: Room,
 }
 
-/// Register `stream` (non-blocking) with the current reactor for reading, and split it.
+/// How the writing half waits for room in the socket's buffer.
+enum Room {
+    /// It never had to: nothing is registered for writing.
+    Unneeded,
+    /// A duplicate of the socket registered for writing, kept from the first wait on.
+    Registered(AsyncFd<UnixStream>),
+    /// No duplicate could be had: try again after a pause.
+    Retry(Pin<Box<tokio::time::Sleep>>),
+}
+
+/// Register `stream` (made non-blocking) with the current reactor for reading, and split it.
 pub fn split(stream: UnixStream) -> std::io::Result<(ReadHalf, WriteHalf)> {
     stream.set_nonblocking(true)?;
     let socket = Arc::new(register(stream, Interest::READABLE)?);
@@ -36,7 +61,7 @@ pub fn split(stream: UnixStream) -> std::io::Result<(ReadHalf, WriteHalf)> {
         ReadHalf(socket.clone()),
         WriteHalf {
             socket,
-            waiting: None,
+            room: Room::Unneeded,
         },
     ))
 }
@@ -62,6 +87,7 @@ impl AsyncRead for ReadHalf {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
+                Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 // Would block: its readiness cleared, wait for the next.
                 Err(_) => continue,
@@ -77,23 +103,35 @@ impl AsyncWrite for WriteHalf {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         loop {
-            if let Some(waiting) = &self.waiting {
-                let mut ready = ready!(waiting.poll_write_ready(cx))?;
-                match ready.try_io(|s| s.get_ref().write(buf)) {
-                    Ok(r) => {
-                        self.waiting = None;
-                        return Poll::Ready(r);
-                    }
-                    Err(_) => continue,
-                }
+            if let Room::Retry(pause) = &mut self.room {
+                ready!(pause.as_mut().poll(cx));
+                self.room = Room::Unneeded;
             }
-            match self.socket.get_ref().write(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Registered now, it reports the room that came since the write, if any.
-                    let dup = self.socket.get_ref().try_clone()?;
-                    self.waiting = Some(register(dup, Interest::WRITABLE)?);
+            let written = match &self.room {
+                Room::Registered(dup) => {
+                    let mut ready = ready!(dup.poll_write_ready(cx))?;
+                    match ready.try_io(|s| s.get_ref().write(buf)) {
+                        Ok(r) => r,
+                        // Would block: its readiness cleared, wait for the next.
+                        Err(_) => continue,
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => self.socket.get_ref().write(buf),
+            };
+            match written {
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // Only a direct write gets here: from now on, wait for room.
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let dup = self.socket.get_ref().try_clone();
+                    // Registered now, it reports the room that came since the write, if any.
+                    self.room = match dup.and_then(|d| register(d, Interest::WRITABLE)) {
+                        Ok(dup) => Room::Registered(dup),
+                        Err(e) => {
+                            tracing::debug!("no descriptor to wait for room on ({e}); retrying");
+                            Room::Retry(Box::pin(tokio::time::sleep(ROOM_RETRY)))
+                        }
+                    };
+                }
                 r => return Poll::Ready(r),
             }
         }
@@ -109,28 +147,46 @@ impl AsyncWrite for WriteHalf {
 }
 
 /// `stream` registered with the current reactor for `interest`.
-///
-/// tokio 1.54 deprecates the safe `AsyncFd::with_interest` for its successor, an `unsafe fn`
-/// (tokio-rs/tokio#8587): the registration is sound only if the value keeps returning the same
-/// open descriptor for as long as the `AsyncFd` owns it, which tokio cannot check for any `T`.
-/// Here `T` is std's `UnixStream`, which owns its descriptor and returns it unchanged until it is
-/// dropped, so the condition holds; and this workspace forbids `unsafe` code of its own.
-#[allow(deprecated)]
 fn register(stream: UnixStream, interest: Interest) -> std::io::Result<AsyncFd<UnixStream>> {
-    AsyncFd::with_interest(stream, interest)
+    #[allow(unsafe_code)]
+    // SAFETY: `register_with_interest` asks that the value's `as_raw_fd()` be an open
+    // descriptor that stays open, the same, and of the same file for as long as the `AsyncFd`
+    // owns it. std's `UnixStream` owns its descriptor (an `OwnedFd`), returns it unchanged, and
+    // closes it only when dropped, which the `AsyncFd` does after deregistering it; nothing
+    // here takes the stream out (`into_inner`) or replaces it (`get_mut`). (tokio 1.54 made the
+    // safe `with_interest` deprecated for this call, tokio-rs/tokio#8587.)
+    let registered = unsafe { AsyncFd::register_with_interest(stream, interest) };
+    registered.map_err(std::io::Error::from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Longest any of these tests waits for the other side (a hang fails instead).
+    const PATIENCE: Duration = Duration::from_secs(20);
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a runtime")
+    }
+
+    /// `f` served on a thread of its own, as a connection thread serves its connections, given
+    /// up on after [`PATIENCE`].
+    fn serve<T: Send + 'static, F: Future<Output = T> + 'static>(
+        f: impl FnOnce() -> F + Send + 'static,
+    ) -> std::thread::JoinHandle<Option<T>> {
+        std::thread::spawn(move || {
+            runtime().block_on(async move { tokio::time::timeout(PATIENCE, f()).await.ok() })
+        })
+    }
+
+    fn client_with_patience(client: &UnixStream) {
+        client.set_read_timeout(Some(PATIENCE)).expect("a timeout");
+        client.set_write_timeout(Some(PATIENCE)).expect("a timeout");
     }
 
     /// Voluntary context switches of the calling thread so far.
@@ -143,42 +199,45 @@ mod tests {
             .expect("voluntary_ctxt_switches in /proc/thread-self/status")
     }
 
+    fn answer(i: usize) -> String {
+        format!("{{\"answer\":{i}}}\n")
+    }
+
     #[test]
     fn a_connection_thread_sleeps_on_while_its_client_reads_the_answers() {
         const ANSWERS: usize = 64;
         let (ours, mut client) = UnixStream::pair().expect("a socket pair");
-        let serving = std::thread::spawn(move || {
-            runtime().block_on(async move {
-                let (mut rd, mut wr) = split(ours).expect("registered");
-                for i in 0..ANSWERS {
-                    wr.write_all(format!("{{\"answer\":{i}}}\n").as_bytes())
-                        .await
-                        .expect("an answer written");
-                }
-                // Asleep in the reactor until the client's next request; the client reads the
-                // answers meanwhile, one at a time.
-                let before = voluntary_switches();
-                let mut request = [0u8; 1];
-                rd.read_exact(&mut request).await.expect("the request");
-                voluntary_switches() - before
-            })
+        client_with_patience(&client);
+        let (counting, counting_rx) = std::sync::mpsc::channel();
+        let serving = serve(move || async move {
+            let (mut rd, mut wr) = split(ours).expect("registered");
+            for i in 0..ANSWERS {
+                wr.write_all(answer(i).as_bytes()).await.expect("written");
+            }
+            // Asleep in the reactor until the client's next request; the client reads the
+            // answers meanwhile, one at a time.
+            let before = voluntary_switches();
+            let _ = counting.send(());
+            let mut request = [0u8; 1];
+            rd.read_exact(&mut request).await.expect("the request");
+            voluntary_switches() - before
         });
-        std::thread::sleep(Duration::from_millis(50));
+        counting_rx
+            .recv_timeout(PATIENCE)
+            .expect("the answers written");
         let mut answers = String::new();
         for i in 0..ANSWERS {
             // Exactly one answer's bytes: each read frees one write's buffer.
-            let mut answer = vec![0u8; format!("{{\"answer\":{i}}}\n").len()];
-            client.read_exact(&mut answer).expect("an answer");
-            answers.push_str(&String::from_utf8_lossy(&answer));
+            let mut one = vec![0u8; answer(i).len()];
+            client.read_exact(&mut one).expect("an answer");
+            answers.push_str(&String::from_utf8_lossy(&one));
             std::thread::sleep(Duration::from_millis(2));
         }
         client.write_all(b"\n").expect("a request");
         let woken = serving.join().expect("the serving thread");
-        let expected: String = (0..ANSWERS)
-            .map(|i| format!("{{\"answer\":{i}}}\n"))
-            .collect();
-        assert_eq!(answers, expected);
-        // Once for the request; registered for writing too, it woke after every answer read.
+        let woken = woken.expect("the request arrived");
+        assert_eq!(answers, (0..ANSWERS).map(answer).collect::<String>());
+        // Once for the request; registered for writing too (tokio's own halves), 65 times.
         assert!(
             woken <= 3,
             "the serving thread woke {woken} times while its client read {ANSWERS} answers"
@@ -189,12 +248,15 @@ mod tests {
     fn a_write_to_a_client_that_does_not_read_completes_once_it_reads() {
         const BYTES: usize = 8 << 20;
         let (ours, mut client) = UnixStream::pair().expect("a socket pair");
-        let serving = std::thread::spawn(move || {
-            runtime().block_on(async move {
-                let (_rd, mut wr) = split(ours).expect("registered");
-                let payload: Vec<u8> = (0..BYTES).map(|i| (i % 251) as u8).collect();
-                wr.write_all(&payload).await.map(|()| payload)
-            })
+        client_with_patience(&client);
+        let serving = serve(move || async move {
+            let (_rd, mut wr) = split(ours).expect("registered");
+            let payload: Vec<u8> = (0..BYTES).map(|i| (i % 251) as u8).collect();
+            // Twice: the second write starts with room registered for already.
+            for _ in 0..2 {
+                wr.write_all(&payload).await.expect("written");
+            }
+            payload
         });
         // Far more than a socket's buffer: the write waits for room until the client reads.
         std::thread::sleep(Duration::from_millis(100));
@@ -204,24 +266,42 @@ mod tests {
         );
         let mut got = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
-        while got.len() < BYTES {
+        while got.len() < 2 * BYTES {
             let n = client.read(&mut buf).expect("the payload");
             assert!(n > 0, "the connection ended after {} bytes", got.len());
             got.extend_from_slice(&buf[..n]);
         }
-        let sent = serving
-            .join()
-            .expect("the serving thread")
-            .expect("written");
+        let sent = serving.join().expect("the serving thread");
+        let sent = sent.expect("the writes completed");
         assert!(
-            got == sent,
-            "the bytes read are the bytes written, in order"
+            got[..BYTES] == sent[..] && got[BYTES..] == sent[..],
+            "bytes in order"
         );
+    }
+
+    #[test]
+    fn a_write_waiting_for_a_client_that_goes_away_fails_rather_than_waits() {
+        let (ours, client) = UnixStream::pair().expect("a socket pair");
+        let serving = serve(move || async move {
+            let (_rd, mut wr) = split(ours).expect("registered");
+            wr.write_all(&vec![7u8; 8 << 20]).await
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !serving.is_finished(),
+            "8 MiB cannot fit in a socket's buffer"
+        );
+        drop(client);
+        let written = serving.join().expect("the serving thread");
+        let written = written.expect("the write ended when the client went away");
+        let e = written.expect_err("nobody read the bytes");
+        assert_eq!(e.kind(), ErrorKind::BrokenPipe, "{e}");
     }
 
     #[test]
     fn reads_come_in_order_until_the_client_closes() {
         let (ours, mut client) = UnixStream::pair().expect("a socket pair");
+        client_with_patience(&client);
         let writer = std::thread::spawn(move || {
             for i in 0..200 {
                 client
@@ -232,13 +312,15 @@ mod tests {
                 }
             }
         });
-        let read = runtime().block_on(async move {
+        let serving = serve(move || async move {
             let (mut rd, _wr) = split(ours).expect("registered");
             let mut all = Vec::new();
             rd.read_to_end(&mut all).await.expect("read to the end");
             all
         });
         writer.join().expect("the client");
+        let read = serving.join().expect("the serving thread");
+        let read = read.expect("the end of the stream");
         let expected: String = (0..200).map(|i| format!("line {i}\n")).collect();
         assert_eq!(String::from_utf8_lossy(&read), expected);
     }
