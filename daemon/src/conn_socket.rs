@@ -13,11 +13,12 @@
 //! opened and closed per buffer.
 //!
 //! Each connection thus takes one descriptor, two once it has had to wait; with none left for
-//! the duplicate (the process at its limit), the write is tried again every [`ROOM_RETRY`]
-//! rather than the connection dropped.
+//! the duplicate (the process at its limit), the write is tried again after [`ROOM_RETRY`],
+//! doubled up to [`ROOM_RETRY_MAX`] while it lasts, rather than the connection dropped.
 //!
-//! Neither half counts against tokio's cooperative budget as tokio's own do; every loop that
-//! writes to a connection also awaits a channel (the answers, a stream's lines), which does.
+//! A direct write does not count against tokio's cooperative budget as tokio's own writes do
+//! (reads and waits for readiness do); every loop that writes to a connection also awaits a
+//! channel (the answers, a stream's lines), which does.
 
 use std::future::Future;
 use std::io::{ErrorKind, Read, Write};
@@ -33,6 +34,9 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 /// had to wait on.
 pub const ROOM_RETRY: Duration = Duration::from_millis(2);
 
+/// The longest pause between such tries.
+pub const ROOM_RETRY_MAX: Duration = Duration::from_millis(100);
+
 /// The reading half (see the module's comment).
 pub struct ReadHalf(Arc<AsyncFd<UnixStream>>);
 
@@ -41,6 +45,8 @@ pub struct ReadHalf(Arc<AsyncFd<UnixStream>>);
 pub struct WriteHalf {
     socket: Arc<AsyncFd<UnixStream>>,
     room: Room,
+    /// The next pause if no duplicate can be had.
+    retry: Duration,
 }
 
 /// How the writing half waits for room in the socket's buffer.
@@ -62,6 +68,7 @@ pub fn split(stream: UnixStream) -> std::io::Result<(ReadHalf, WriteHalf)> {
         WriteHalf {
             socket,
             room: Room::Unneeded,
+            retry: ROOM_RETRY,
         },
     ))
 }
@@ -128,7 +135,9 @@ impl AsyncWrite for WriteHalf {
                         Ok(dup) => Room::Registered(dup),
                         Err(e) => {
                             tracing::debug!("no descriptor to wait for room on ({e}); retrying");
-                            Room::Retry(Box::pin(tokio::time::sleep(ROOM_RETRY)))
+                            let pause = self.retry;
+                            self.retry = (pause * 2).min(ROOM_RETRY_MAX);
+                            Room::Retry(Box::pin(tokio::time::sleep(pause)))
                         }
                     };
                 }
@@ -151,7 +160,8 @@ fn register(stream: UnixStream, interest: Interest) -> std::io::Result<AsyncFd<U
     #[allow(unsafe_code)]
     // SAFETY: `register_with_interest` asks that the value's `as_raw_fd()` be an open
     // descriptor that stays open, the same, and of the same file for as long as the `AsyncFd`
-    // owns it. std's `UnixStream` owns its descriptor (an `OwnedFd`), returns it unchanged, and
+    // owns it. std's `UnixStream` owns its descriptor (an `OwnedFd`; a duplicate is a descriptor
+    // of its own on the same file description), returns it unchanged, and
     // closes it only when dropped, which the `AsyncFd` does after deregistering it; nothing
     // here takes the stream out (`into_inner`) or replaces it (`get_mut`). (tokio 1.54 made the
     // safe `with_interest` deprecated for this call, tokio-rs/tokio#8587.)
@@ -249,9 +259,11 @@ mod tests {
         const BYTES: usize = 8 << 20;
         let (ours, mut client) = UnixStream::pair().expect("a socket pair");
         client_with_patience(&client);
+        let (started, started_rx) = std::sync::mpsc::channel();
         let serving = serve(move || async move {
             let (_rd, mut wr) = split(ours).expect("registered");
             let payload: Vec<u8> = (0..BYTES).map(|i| (i % 251) as u8).collect();
+            let _ = started.send(());
             // Twice: the second write starts with room registered for already.
             for _ in 0..2 {
                 wr.write_all(&payload).await.expect("written");
@@ -259,6 +271,9 @@ mod tests {
             payload
         });
         // Far more than a socket's buffer: the write waits for room until the client reads.
+        started_rx
+            .recv_timeout(PATIENCE)
+            .expect("the write started");
         std::thread::sleep(Duration::from_millis(100));
         assert!(
             !serving.is_finished(),
@@ -282,10 +297,16 @@ mod tests {
     #[test]
     fn a_write_waiting_for_a_client_that_goes_away_fails_rather_than_waits() {
         let (ours, client) = UnixStream::pair().expect("a socket pair");
+        let (started, started_rx) = std::sync::mpsc::channel();
         let serving = serve(move || async move {
             let (_rd, mut wr) = split(ours).expect("registered");
-            wr.write_all(&vec![7u8; 8 << 20]).await
+            let payload = vec![7u8; 8 << 20];
+            let _ = started.send(());
+            wr.write_all(&payload).await
         });
+        started_rx
+            .recv_timeout(PATIENCE)
+            .expect("the write started");
         std::thread::sleep(Duration::from_millis(100));
         assert!(
             !serving.is_finished(),

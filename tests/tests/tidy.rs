@@ -200,12 +200,22 @@ fn unsafe_code_lives_in_the_daemons_memory_and_socket_modules_alone() {
         let code = code(&std::fs::read_to_string(&f).unwrap());
         let (uses, lints) = (words(&code, "unsafe"), words(&code, "unsafe_code"));
         match allowed.iter().find(|(a, ..)| *a == f) {
-            Some((_, n, calls)) => assert_eq!(
-                (uses, lints),
-                (*n, *n),
-                "{}: {n} unsafe call(s) ({calls}), an allow each",
-                f.display()
-            ),
+            Some((_, n, calls)) => {
+                assert_eq!(
+                    (uses, lints),
+                    (*n, *n),
+                    "{}: {n} unsafe call(s) ({calls}), an allow each",
+                    f.display()
+                );
+                // Each `unsafe` block is on the line of one of the calls named.
+                for line in code.lines().filter(|l| words(l, "unsafe") > 0) {
+                    assert!(
+                        calls.split(", ").any(|c| line.contains(&format!("{c}("))),
+                        "{}: `unsafe` on a line that calls none of {calls}: {line}",
+                        f.display()
+                    );
+                }
+            }
             None => assert_eq!(
                 (uses, lints),
                 (0, 0),
