@@ -132,7 +132,10 @@ impl AsyncWrite for WriteHalf {
                     let dup = self.socket.get_ref().try_clone();
                     // Registered now, it reports the room that came since the write, if any.
                     self.room = match dup.and_then(|d| register(d, Interest::WRITABLE)) {
-                        Ok(dup) => Room::Registered(dup),
+                        Ok(dup) => {
+                            self.retry = ROOM_RETRY;
+                            Room::Registered(dup)
+                        }
                         Err(e) => {
                             tracing::debug!("no descriptor to wait for room on ({e}); retrying");
                             let pause = self.retry;
