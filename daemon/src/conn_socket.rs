@@ -197,6 +197,20 @@ mod tests {
         })
     }
 
+    /// Once the serving side signals on `started` that its 8 MiB write has begun, the write is
+    /// still waiting 100 ms later: it cannot fit in a socket's buffer.
+    fn assert_still_writing<T>(
+        started: &std::sync::mpsc::Receiver<()>,
+        serving: &std::thread::JoinHandle<T>,
+    ) {
+        started.recv_timeout(PATIENCE).expect("the write started");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !serving.is_finished(),
+            "8 MiB cannot fit in a socket's buffer"
+        );
+    }
+
     fn client_with_patience(client: &UnixStream) {
         client.set_read_timeout(Some(PATIENCE)).expect("a timeout");
         client.set_write_timeout(Some(PATIENCE)).expect("a timeout");
@@ -274,14 +288,7 @@ mod tests {
             payload
         });
         // Far more than a socket's buffer: the write waits for room until the client reads.
-        started_rx
-            .recv_timeout(PATIENCE)
-            .expect("the write started");
-        std::thread::sleep(Duration::from_millis(100));
-        assert!(
-            !serving.is_finished(),
-            "8 MiB cannot fit in a socket's buffer"
-        );
+        assert_still_writing(&started_rx, &serving);
         let mut got = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         while got.len() < 2 * BYTES {
@@ -307,14 +314,7 @@ mod tests {
             let _ = started.send(());
             wr.write_all(&payload).await
         });
-        started_rx
-            .recv_timeout(PATIENCE)
-            .expect("the write started");
-        std::thread::sleep(Duration::from_millis(100));
-        assert!(
-            !serving.is_finished(),
-            "8 MiB cannot fit in a socket's buffer"
-        );
+        assert_still_writing(&started_rx, &serving);
         drop(client);
         let written = serving.join().expect("the serving thread");
         let written = written.expect("the write ended when the client went away");
