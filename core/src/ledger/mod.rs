@@ -1169,8 +1169,8 @@ impl Ledger {
         self.apply_with(seq, ts, body, None)
     }
 
-    /// [`Ledger::apply`]; the `(budget index, slot)` of every bucket a `usage_recorded` counts
-    /// in is added to `touched` when given (the writer reports them next).
+    /// [`Ledger::apply`]; what folding a `usage_recorded` decided goes into `decided` when
+    /// given. An event whose `seq` does not follow the last is refused, nothing folded.
     fn apply_with(
         &mut self,
         seq: u64,
@@ -1184,6 +1184,19 @@ impl Ledger {
                 got: seq,
             });
         }
+        self.fold_next(ts, body, decided);
+        Ok(())
+    }
+
+    /// Fold `body` as the event after the last (`seq` = last + 1): the one way in for an event
+    /// the ledger stamps itself ([`Ledger::emit_with`]), which cannot be out of order.
+    pub(crate) fn fold_next(
+        &mut self,
+        ts: TsMicros,
+        body: &EventBody,
+        decided: Option<&mut UsageDecision>,
+    ) {
+        let seq = self.last_seq + 1;
         self.last_seq = seq;
         self.last_ts = self.last_ts.max(ts);
         match body {
@@ -1289,7 +1302,6 @@ impl Ledger {
         }
         self.remember_id(seq, ts, body);
         self.forget_ended(ts);
-        Ok(())
     }
 
     /// Forget the request ids older than the window at `ts`, and remember the one the event

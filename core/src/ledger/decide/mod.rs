@@ -194,10 +194,9 @@ impl Ledger {
         decided: Option<&mut UsageDecision>,
         out: &mut Vec<(u64, TsMicros, EventBody)>,
     ) -> (u64, TsMicros) {
-        let seq = self.last_seq + 1;
         let ts = self.stamp(now);
-        // `seq` follows `last_seq` by construction, so `apply` cannot fail here.
-        let _ = self.apply_with(seq, ts, &body, decided);
+        self.fold_next(ts, &body, decided);
+        let seq = self.last_seq;
         out.push((seq, ts, body));
         (seq, ts)
     }
