@@ -1,7 +1,8 @@
 //! The ledger: the projections that a fold of the log produces, and the decisions made on them.
 //!
-//! - [`Ledger::apply`] folds one event. Live serving and replay both use it, so a fold of the
-//!   whole log always equals the live state.
+//! - [`Ledger::apply`] folds one event (after checking that its seq follows the last). Live
+//!   serving folds what it emits through the same fold (`fold_next`), so a fold of the whole
+//!   log always equals the live state.
 //! - [`Ledger::execute`] decides one write command at time `now`, stamps the resulting events
 //!   (dense `seq`, strictly increasing `ts`), applies them and returns the answer.
 //! - [`Ledger::check`] and [`Ledger::status`] are read-only and never show an expired hold.
