@@ -141,6 +141,8 @@ enum PolicyCommand {
     },
 }
 
+// clap shows these doc comments verbatim as `--help`, where `[pricing]` is the TOML section.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Subcommand, Debug)]
 enum PricingCommand {
     /// Convert a LiteLLM model_prices_and_context_window.json to [pricing] TOML on stdout.
@@ -435,6 +437,8 @@ struct TiersArgs {
     config: Option<PathBuf>,
 }
 
+// As `PricingCommand`: `[pricing]` is the TOML section, in `--help` verbatim.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Args, Debug)]
 struct ReplayArgs {
     /// New prices: a TOML file with a [pricing] section (as in bursar.toml), or a LiteLLM

@@ -134,7 +134,7 @@ impl ConnectionThreads {
     }
 
     /// Tell every thread to stop: each drops its connections' tasks as soon as it is free, and
-    /// waits up to [`STOP_WAIT`] for their blocking work. [`stop`](ConnectionThreads::stop)
+    /// waits up to `STOP_WAIT` for their blocking work. [`stop`](ConnectionThreads::stop)
     /// waits for them, until the deadline returned (set by the first call).
     pub fn stop_begin(&mut self) -> std::time::Instant {
         for t in &mut self.threads {
@@ -147,7 +147,7 @@ impl ConnectionThreads {
             .get_or_insert_with(|| std::time::Instant::now() + STOP_WAIT + Duration::from_secs(1))
     }
 
-    /// Stop every thread and wait until each has, at most [`STOP_WAIT`] and a second from the
+    /// Stop every thread and wait until each has, at most `STOP_WAIT` and a second from the
     /// first [`stop_begin`](ConnectionThreads::stop_begin): a thread still busy then (in a
     /// request's synchronous work) is left to end on its own.
     pub fn stop(mut self) {

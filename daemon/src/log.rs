@@ -98,7 +98,7 @@ pub trait LogStore: Send {
 
     /// The stored records from the one holding `seq` on, in order, each under its first seq
     /// and as stored (compressed): [`read_from`](LogStore::read_from) decodes and checks them
-    /// ([`RecordEnvelopes`]); recovery decodes them on two threads ([`ChainCheck`]).
+    /// (`RecordEnvelopes`); recovery decodes them on two threads (`ChainCheck`).
     fn read_records_from(&self, seq: u64) -> StoredRecords<'_>;
 
     /// Store a snapshot taken after event `seq` (durable at the next `sync`); only the newest

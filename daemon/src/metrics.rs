@@ -432,7 +432,7 @@ const OPS: [&str; 16] = [
     "cluster_status",
 ];
 
-/// The op an invalid request line names, when it is one of [`OPS`]; else `invalid` (only
+/// The op an invalid request line names, when it is one of `OPS`; else `invalid` (only
 /// lines that fail to decode come here, so the second parse costs nothing on the hot path).
 pub fn op_named_in(line: &[u8]) -> &'static str {
     #[derive(serde::Deserialize)]

@@ -63,7 +63,7 @@ impl Cell {
 ///
 /// Events come in time order (every `ts` is the daemon's, never earlier than the one before),
 /// so a slot's cells stop changing once an event of a later slot comes: they are then
-/// **sealed** into an immutable, packed [`SealedSlot`] shared by every clone. Only the newest
+/// **sealed** into an immutable, packed `SealedSlot` shared by every clone. Only the newest
 /// slot's cells are a map. Cloning the rollups (which the writer does for every snapshot) thus copies a list of
 /// pointers and one slot, not months of cells, and folding an event touches one small map.
 ///
@@ -402,7 +402,7 @@ fn merge_in_place(cells: &mut Vec<(i64, u32, Cell)>) {
     });
 }
 
-/// Written as [`RollupData`] is, straight from the packed sets: through `RollupData` (serde's
+/// Written as `RollupData` is, straight from the packed sets: through `RollupData` (serde's
 /// `into`), a snapshot cloned the rollups and made every set a `BTreeMap` again, ~800 bytes a
 /// set (heaptrack on a daemon with 200,000 sets: 141 MB of the snapshot's 369 MB peak).
 impl Serialize for Rollups {
@@ -513,7 +513,7 @@ fn same<'a>(set: LabelSet<'_>, mut labels: impl Iterator<Item = (&'a str, &'a st
 /// ~800 bytes (a B-tree leaf of capacity 11 and eight strings) and made the rollups most of a
 /// ledger's memory per scope (`bursar-bench memory`: 1,125 bytes per bucket with rollups, 427
 /// without); packed with u32 lengths, ~130 (heaptrack: 25.8 MB for 200,000 sets); one-byte
-/// lengths take 24 of those off. The bytes live in a [`SetStore`]'s chunk.
+/// lengths take 24 of those off. The bytes live in a `SetStore`'s chunk.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct LabelSet<'a>(&'a [u8]);
 

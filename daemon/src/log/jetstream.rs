@@ -1,7 +1,7 @@
 //! A partition's log as a NATS JetStream stream: the shared log of cluster mode (SPEC §13,
 //! issue 15), behind the same [`LogStore`] seam as [`SledLog`](super::SledLog).
 //!
-//! Each record is one message on the partition's subject: the very bytes [`SledLog`] stores (a
+//! Each record is one message on the partition's subject: the very bytes [`SledLog`](crate::log::SledLog) stores (a
 //! format-2 record of consecutive sealed events, LZ4-compressed behind its tag), with the
 //! header [`SEQ_HEADER`] naming the seq of its first event, and a message id
 //! (`<stream>:<first seq>`) so that JetStream drops a resend of a record it already stored.

@@ -5,8 +5,8 @@
 //! On a thread inside [`without_receipts`], bincode decoding does not read a receipt at all
 //! (`receipt: None`): a receipt is the last field of its event, so its bytes are the last ones
 //! of the event as stored, and the record's decoder takes the bytes left after an event whose
-//! receipt was left unread as that receipt's ([`left_unread`]), checking only that they start
-//! as one does ([`could_be_receipt`]). Reading past a receipt's fields one by one (its lines are
+//! receipt was left unread as that receipt's (`left_unread`), checking only that they start
+//! as one does (`could_be_receipt`). Reading past a receipt's fields one by one (its lines are
 //! nine fields each, and bincode's encoding has no length to skip them by) was ~10 % of the
 //! reading thread of a 10 M-event start-up (benches/README.md, "Start-up: receipts left
 //! unread"). The chain's hash still covers those bytes, and everywhere else (export, tail,

@@ -6,7 +6,7 @@
 //! long-context tier, the policy and pricing bodies that hold it, the usage and reservation
 //! bodies without receipts); the rest are the current ones, unchanged since (the frozen fixtures
 //! `daemon/tests/fixtures/log-format-v1.bin` and `datadir-v1/` fail if one changes). Decoded
-//! envelopes are converted to the current types, keeping `version: 1`; [`compute_hash`]
+//! envelopes are converted to the current types, keeping `version: 1`; `compute_hash`
 //! converts back, which is exact for anything that came from a format-1 record.
 
 use super::{
