@@ -232,11 +232,31 @@ impl Bucket {
     }
 
     /// Stop counting a hold.
-    pub fn unhold(&mut self, amounts: Amounts, slots: u64) {
+    ///
+    /// `held` is the sum of the live holds counted here (rebuilt with them), so a hold larger
+    /// than it (unless a sum stopped at its largest value on the way), or more slots ending
+    /// than are live, is a bug: asserted in debug builds; in release the figures stop at zero
+    /// and the description is returned, for the writer to fail closed on.
+    #[must_use = "a hold larger than what the bucket holds is an impossible state"]
+    pub fn unhold(&mut self, amounts: Amounts, slots: u64) -> Option<String> {
+        let mut impossible = None;
         self.holds.change(|(held, live)| {
+            let covered = held.saturated()
+                || (held.micros >= amounts.micros
+                    && held.tokens >= amounts.tokens
+                    && held.requests >= amounts.requests);
+            if !covered || *live < slots {
+                let why = format!(
+                    "a bucket holds {held:?} in {live} holds, less than the hold {amounts:?} \
+                     in {slots} it ends"
+                );
+                debug_assert!(false, "{why}");
+                impossible = Some(why);
+            }
             *held = *held - amounts;
             *live = live.saturating_sub(slots);
         });
+        impossible
     }
 
     /// Spent in the window containing `now` (`shape` as for [`Bucket::add_spent_in`]).
@@ -834,9 +854,9 @@ mod tests {
             amounts + amounts
         );
         assert_eq!(b.figures(&WindowSpec::Cumulative, 0).live_holds, 2);
-        b.unhold(amounts, 1);
+        assert_eq!(b.unhold(amounts, 1), None);
         assert!(!b.holds.is_empty(), "one hold is still live");
-        b.unhold(amounts, 1);
+        assert_eq!(b.unhold(amounts, 1), None);
         assert!(b.holds.is_empty());
         assert_eq!(b, Bucket::default());
         assert_eq!(bincode_of(&b), bincode_of(&Bucket::default()));
