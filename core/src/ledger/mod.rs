@@ -672,10 +672,6 @@ pub struct Ledger {
     /// What the live holds governed by each quota hold (derived from `holds`).
     #[serde(skip)]
     quota_holds: BTreeMap<String, quotas::Need>,
-    /// The first impossible state a fold met (in release builds; debug builds assert): the
-    /// writer fails closed on it ([`Ledger::impossible`]).
-    #[serde(skip)]
-    impossible: Option<String>,
 }
 
 impl PartialEq for Ledger {
@@ -765,7 +761,6 @@ impl From<LedgerData> for Ledger {
             matches: MatchCache::default(),
             renderer,
             quota_holds: BTreeMap::new(),
-            impossible: None,
         };
         ledger.recount_quota_holds();
         ledger
@@ -888,20 +883,6 @@ impl Ledger {
         Ledger {
             no_rollups: true,
             ..Self::default()
-        }
-    }
-
-    /// The first impossible state met while folding (a hold ended that its buckets did not
-    /// count), which debug builds assert: the figures went on, stopped at zero, and cannot be
-    /// trusted; the writer refuses every write from then on (fail closed).
-    pub fn impossible(&self) -> Option<&str> {
-        self.impossible.as_deref()
-    }
-
-    /// Note `why` as the ledger's impossible state unless one was noted before.
-    fn met_impossible(&mut self, why: Option<String>) {
-        if self.impossible.is_none() {
-            self.impossible = why;
         }
     }
 
@@ -1413,17 +1394,15 @@ impl Ledger {
         };
         self.quota_hold(&hold, false);
         self.expiries.remove(&(hold.expires_at, rid.to_string()));
-        let mut impossible = None;
         for (i, key) in &hold.buckets {
             if let Some(state) = self.budgets.get_mut(*i) {
                 if let Some(b) = state.get_mut(key) {
-                    impossible = impossible.or(b.unhold(hold.amounts, 1));
+                    b.unhold(hold.amounts, 1);
                 }
                 // Without its hold, the bucket may have ended already.
                 state.may_end_from(ts);
             }
         }
-        self.met_impossible(impossible);
         self.ended.insert(
             rid,
             Ended {
@@ -1454,8 +1433,7 @@ impl Ledger {
                 let (amounts, refs) = (h.amounts, h.buckets.clone());
                 for (i, key) in refs {
                     if let Some(b) = self.budgets.get_mut(i).and_then(|s| s.get_mut(&key)) {
-                        let impossible = b.unhold(amounts, 1);
-                        self.met_impossible(impossible);
+                        b.unhold(amounts, 1);
                     }
                 }
             }
@@ -1553,55 +1531,6 @@ pub fn total_tokens(u: &Usage) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A hold that its buckets no longer count (a bug's effect, or a damaged snapshot's) is
-    /// ended: debug builds stop at the assertion; release builds note it for the writer.
-    #[test]
-    #[cfg_attr(debug_assertions, should_panic(expected = "less than the hold"))]
-    fn a_hold_ended_that_its_buckets_did_not_count_is_an_impossible_state() {
-        use bursar_schemas::event::{PolicyApplied, ReservationCreated, ReservationReleased};
-        let mut l = Ledger::default();
-        let policy = crate::policy::default_policy();
-        let applied = EventBody::PolicyApplied(PolicyApplied {
-            policy_version: 1,
-            source: policy.source.clone(),
-            source_hash: String::new(),
-            policy: policy.resolved,
-        });
-        l.apply(1, 1, &applied).unwrap();
-        let labels = Labels::from([("model".to_string(), "gpt-4o".to_string())]);
-        let created = EventBody::ReservationCreated(ReservationCreated {
-            reservation_id: "r1".into(),
-            labels: labels.into(),
-            model: "gpt-4o".into(),
-            input_tokens: 10,
-            max_output_tokens: 10,
-            hold_micros: 1_000,
-            expires_at: 1_000_000_000,
-            payload_digest: [0; 16],
-            receipt: None,
-        });
-        l.apply(2, 2, &created).unwrap();
-        let hold = l.holds.get("r1").expect("the hold is live").clone();
-        assert!(
-            !hold.buckets.is_empty(),
-            "the default meter counts the hold"
-        );
-        // The damage: its buckets stop counting it, the hold stays.
-        for (i, key) in &hold.buckets {
-            let bucket = l.budgets[*i].get_mut(key).expect("its bucket");
-            assert_eq!(bucket.unhold(hold.amounts, 1), None);
-        }
-        assert_eq!(l.impossible(), None);
-        let released = EventBody::ReservationReleased(ReservationReleased {
-            reservation_id: "r1".into(),
-            reason: "cancelled".into(),
-            payload_digest: [1; 16],
-        });
-        l.apply(3, 3, &released).unwrap();
-        let why = l.impossible().expect("noted in release builds");
-        assert!(why.contains("less than the hold"), "{why}");
-    }
 
     fn set(i: usize) -> Labels {
         Labels::from([("user".to_string(), format!("u{i}"))])

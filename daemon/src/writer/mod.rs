@@ -672,14 +672,6 @@ impl Writer {
         if !poisoned {
             // Whatever this batch freed goes to the line before its answers leave.
             self.maybe_retry_waiters(&mut batch);
-            // Debug builds assert an impossible state where the fold meets it; in release the
-            // batch is refused and the writer poisoned (fail closed), its figures untrusted.
-            let impossible = read_ledger(&self.shared).impossible().map(str::to_string);
-            if let Some(why) = impossible {
-                batch
-                    .broken
-                    .get_or_insert_with(|| format!("the ledger met an impossible state: {why}"));
-            }
         }
         if batch.sealed.is_empty() {
             batch.answer();
