@@ -78,11 +78,9 @@ impl Run {
     }
 
     /// Fold an event the ledger emits itself (a policy, prices), next in its own sequence.
-    fn own(&mut self, ts: TsMicros, body: &EventBody) -> Result<(), FoldError> {
-        let seq = self.ledger.last_seq() + 1;
+    fn own(&mut self, ts: TsMicros, body: &EventBody) {
         let ts = self.ledger.stamp(ts);
-        self.ledger.apply(seq, ts, body)?;
-        Ok(())
+        self.ledger.fold_next(ts, body, None);
     }
 
     fn event(
@@ -100,16 +98,15 @@ impl Run {
                 source_hash: String::new(),
                 policy: policy.clone(),
             });
-            self.own(ev.ts, &body)?;
+            self.own(ev.ts, &body);
         }
         if !self.switched {
-            return self.own(ev.ts, &ev.body);
+            self.own(ev.ts, &ev.body);
+            return Ok(());
         }
         match &ev.body {
             // Prices and what providers said are facts under any policy.
-            EventBody::PricingChanged(_) | EventBody::QuotaObserved(_) => {
-                self.own(ev.ts, &ev.body)?
-            }
+            EventBody::PricingChanged(_) | EventBody::QuotaObserved(_) => self.own(ev.ts, &ev.body),
             EventBody::UsageRecorded(u) => {
                 let rid = u.reservation_id.as_ref();
                 if u.reservation == ReservationLink::Known
