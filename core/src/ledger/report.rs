@@ -19,6 +19,14 @@ pub const DEFAULT_STATUS_LIMIT: usize = 1000;
 /// Holds that expired but whose `reservation_expired` is not folded yet, per bucket.
 pub(super) type Adjust = HashMap<(usize, String), (Amounts, u64)>;
 
+/// Take the expired holds `adj` counts for `(budget, key)` out of `f`.
+pub(super) fn adjust(f: &mut Figures, adj: &Adjust, budget: usize, key: &str) {
+    if let Some((amounts, holds)) = adj.get(&(budget, key.to_string())) {
+        f.held = f.held - *amounts;
+        f.live_holds = f.live_holds.saturating_sub(*holds);
+    }
+}
+
 const PPM: i128 = 1_000_000;
 const PPM_NARROW: i64 = 1_000_000;
 
@@ -213,10 +221,7 @@ impl Ledger {
             .unwrap_or_default();
         // An empty adjustment (the usual case) costs no key allocation.
         if !adj.is_empty() {
-            if let Some((amounts, holds)) = adj.get(&(budget, key.to_string())) {
-                f.held = f.held - *amounts;
-                f.live_holds = f.live_holds.saturating_sub(*holds);
-            }
+            adjust(&mut f, adj, budget, key);
         }
         f
     }

@@ -3,7 +3,7 @@
 //! [`Verdict`]), and the lines and reason an answer shows.
 
 use super::super::buckets::Figures;
-use super::super::report::{report, Adjust, WindowEnds};
+use super::super::report::{adjust, report, Adjust, WindowEnds};
 use super::super::{ref_budget, ref_slot, Ledger, NO_SLOT};
 use super::candidates::ok_reason;
 use super::receipts::Shown;
@@ -57,14 +57,6 @@ pub(super) struct VerdictLine {
     /// Slot of the bucket, or `NO_SLOT` when it does not exist yet.
     pub(super) slot: u32,
     pub(super) why: Why,
-}
-
-/// Take the holds `adj` counts for `(budget, key)` out of `f`.
-pub(super) fn adjust(f: &mut Figures, adj: &Adjust, budget: usize, key: &str) {
-    if let Some((amounts, holds)) = adj.get(&(budget, key.to_string())) {
-        f.held = f.held - *amounts;
-        f.live_holds = f.live_holds.saturating_sub(*holds);
-    }
 }
 
 /// `f` with a hold of `probe` (and one concurrency slot) added.
