@@ -516,6 +516,7 @@ impl Cluster {
         });
         // Every partition's recovery buffers are freed (see `crate::memory`).
         crate::memory::give_back_freed_memory();
+        crate::memory::purge_freed_memory_while_serving();
         for p in &cluster.parts {
             cluster
                 .ensure_stream(p)

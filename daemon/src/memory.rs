@@ -45,13 +45,36 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// purge expires, and the reserve is free but for ~1 ms of each pass, so it went back to the
 /// OS about once a second (a stranger's review, 2026-12-05) and the next pass waited for the
 /// host again.
-#[allow(unsafe_code)]
 pub fn keep_freed_memory() {
     FREED_KEPT.store(true, Ordering::Relaxed);
+    set_purge_delay(-1);
+}
+
+/// How long mimalloc keeps a freed page before giving it back to the OS once the daemon
+/// serves (its own default: 1 s). What a burst of writes frees (batches, answers, buffers)
+/// was still resident right after the burst: `bursar-bench memory` (254,004 buckets) read the
+/// running daemon's RSS at 502–557 bytes a bucket right after its last answer (429–458 three
+/// seconds later) in six runs of seven; with 100 ms, 443–473 then and 426–442 later, and
+/// `record --no-redis` at 44.5 K events/s against 43.2 K in seven interleaved pairs
+/// (benches/README.md, "A running daemon's memory right after a burst").
+pub const SERVING_PURGE_DELAY_MS: i64 = 100;
+
+/// Give what is freed back to the OS after [`SERVING_PURGE_DELAY_MS`] from now on (set once
+/// recovery is done: during it, the decoded chunks are freed and allocated again all the
+/// time). Nothing when the memory is kept ([`keep_freed_memory`]).
+pub fn purge_freed_memory_while_serving() {
+    if !FREED_KEPT.load(Ordering::Relaxed) {
+        set_purge_delay(SERVING_PURGE_DELAY_MS);
+    }
+}
+
+/// Set mimalloc's purge delay: milliseconds, -1 for never.
+#[allow(unsafe_code)]
+fn set_purge_delay(ms: std::ffi::c_long) {
     // SAFETY: `mi_option_set` takes no pointer and has no precondition: options may be set from
     // any thread at any time (mimalloc's API; the purge delay is read each time a purge is
     // scheduled or tried).
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ms) };
 }
 
 /// Memory this process has written to, kept ready for its allocations (a cluster node's,
