@@ -515,8 +515,7 @@ impl Cluster {
             last_rebalance: Mutex::new(Instant::now()),
         });
         // Every partition's recovery buffers are freed (see `crate::memory`).
-        crate::memory::give_back_freed_memory();
-        crate::memory::purge_freed_memory_while_serving();
+        crate::memory::recovery_done();
         for p in &cluster.parts {
             cluster
                 .ensure_stream(p)

@@ -242,8 +242,7 @@ pub fn run_with(
     );
     // Recovery's buffers (the snapshot's bytes, the decoded chunks of the log) are freed: give
     // their pages back before serving, or the daemon keeps them (see `memory`).
-    memory::give_back_freed_memory();
-    memory::purge_freed_memory_while_serving();
+    memory::recovery_done();
     let clock = watch_clock(clock, (ledger.last_seq() > 0).then(|| ledger.last_ts()));
     let metrics = cfg_metrics(&config)?.map(|(listener, m)| (listener, Arc::new(m)));
     let mut shared = Shared::new(ledger, store);

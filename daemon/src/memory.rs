@@ -57,12 +57,15 @@ pub fn keep_freed_memory() {
 /// seconds later) in six runs of seven; with 100 ms, 443–473 then and 426–442 later, and
 /// `record --no-redis` at 44.5 K events/s against 43.2 K in seven interleaved pairs
 /// (benches/README.md, "A running daemon's memory right after a burst").
-pub const SERVING_PURGE_DELAY_MS: i64 = 100;
+pub const SERVING_PURGE_DELAY_MS: std::ffi::c_long = 100;
 
-/// Give what is freed back to the OS after [`SERVING_PURGE_DELAY_MS`] from now on (set once
-/// recovery is done: during it, the decoded chunks are freed and allocated again all the
-/// time). Nothing when the memory is kept ([`keep_freed_memory`]).
-pub fn purge_freed_memory_while_serving() {
+/// Recovery is done and its buffers are freed: give their pages back now
+/// ([`give_back_freed_memory`]), and from now on what is freed after
+/// [`SERVING_PURGE_DELAY_MS`] (not during recovery, whose decoded chunks are freed and
+/// allocated again all the time). Nothing is given back when the memory is kept
+/// ([`keep_freed_memory`]).
+pub fn recovery_done() {
+    give_back_freed_memory();
     if !FREED_KEPT.load(Ordering::Relaxed) {
         set_purge_delay(SERVING_PURGE_DELAY_MS);
     }
