@@ -652,3 +652,121 @@ fn a_poisoned_writer_with_a_due_hold_waits_instead_of_spinning() {
     assert!(unavailable(&again[0]), "{again:?}");
     run.stop();
 }
+
+fn record(id: &str) -> WriteCmd {
+    WriteCmd::Record(RecordRequest {
+        event_id: id.into(),
+        labels: team(0),
+        model: "sim-model".into(),
+        usage: usage(100, 10),
+        occurred_at: None,
+        reported_cost_usd: None,
+        headers: None,
+    })
+}
+
+/// The message of a refused write.
+fn refusal(answer: &Option<Value>) -> String {
+    assert!(unavailable(answer), "{answer:?}");
+    answer.as_ref().unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_ledger_that_met_an_impossible_state_appends_nothing_and_refuses_writes_saying_why() {
+    let disk = MemDisk::new();
+    let clock = clock_of(&Arc::new(AtomicI64::new(T0)));
+    let run = start(
+        Box::new(MemLog::open(&disk).unwrap()),
+        &policy("10"),
+        clock.clone(),
+    );
+    assert!(acked(&run.round(&[record("e-1")])[0]));
+    let head = disk.durable_last_seq();
+    // As if folding `e-1` had met a state that cannot be (a bug of the fold: release builds
+    // go on, debug builds assert where the fold meets it).
+    run.shared
+        .ledger
+        .write()
+        .unwrap()
+        .inject_fault("a bucket lost a hold");
+    let answers = run.round(&[record("e-2"), record("e-3")]);
+    for a in &answers {
+        let why = refusal(a);
+        assert!(
+            why.contains("impossible state") && why.ends_with("a bucket lost a hold"),
+            "{why}"
+        );
+    }
+    assert_eq!(
+        disk.durable_last_seq(),
+        head,
+        "nothing of the batch was appended"
+    );
+    assert!(run.shared.poisoned.load(Ordering::SeqCst));
+    // Later writes are refused the same way.
+    let later = refusal(&run.round(&[record("e-4")])[0]);
+    assert!(later.contains("a bucket lost a hold"), "{later}");
+    // The log holds nothing of what the bad state would have appended: a restart folds it to
+    // a sound state and takes the refused writes as new ones.
+    let store = run.stop();
+    drop(store);
+    let again = start(Box::new(MemLog::open(&disk).unwrap()), &policy("10"), clock);
+    assert_eq!(writer::read_ledger(&again.shared).fault(), None);
+    let answers = again.round(&[record("e-1"), record("e-2")]);
+    assert_eq!(
+        answers[0].as_ref().unwrap()["duplicate"],
+        true,
+        "{answers:?}"
+    );
+    assert!(acked(&answers[1]), "{answers:?}");
+    let second = answers[1].as_ref().unwrap();
+    assert_eq!(second["duplicate"], false, "{answers:?}");
+    assert_eq!(
+        second["seq"],
+        head + 1,
+        "the next seq after the durable log's"
+    );
+    again.stop();
+}
+
+#[test]
+fn a_writer_started_on_a_ledger_with_an_impossible_state_refuses_every_write_and_the_policy() {
+    let disk = MemDisk::new();
+    let clock = clock_of(&Arc::new(AtomicI64::new(T0)));
+    let run = start(
+        Box::new(MemLog::open(&disk).unwrap()),
+        &policy("10"),
+        clock.clone(),
+    );
+    assert!(acked(&run.round(&[record("e-1")])[0]));
+    drop(run.stop());
+    let head = disk.durable_last_seq();
+    // Recovery folded the log to a state that cannot be; the writer starts under another
+    // policy, which it would otherwise append.
+    let store: Box<dyn LogStore> = Box::new(MemLog::open(&disk).unwrap());
+    let mut ledger = writer::recover(store.as_ref()).unwrap();
+    ledger.inject_fault("a bucket lost a hold");
+    let shared = Arc::new(Shared::new(ledger, store));
+    let reload = Arc::new(|| Err("no reload in this test".to_string()));
+    let started = writer::start(shared.clone(), &policy("20"), clock, reload).unwrap();
+    let run = Running {
+        shared,
+        writer: Some(started),
+        start_error: None,
+    };
+    assert!(run.shared.poisoned.load(Ordering::SeqCst));
+    let why = refusal(&run.round(&[record("e-2")])[0]);
+    assert!(
+        why.contains("impossible state") && why.contains("a bucket lost a hold"),
+        "{why}"
+    );
+    assert_eq!(
+        disk.durable_last_seq(),
+        head,
+        "neither the policy nor the write appended"
+    );
+    run.stop();
+}

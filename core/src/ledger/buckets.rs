@@ -37,22 +37,100 @@ pub struct Bucket {
 /// figures took 32 of a bucket's 88 bytes (`bursar-bench memory`, 254,004 buckets). Empty
 /// (`None`) exactly when nothing is held, so that equal figures are equal boxes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Holds(Option<Box<(Amounts, u64)>>);
+pub struct Holds(Option<Box<HeldSums>>);
+
+/// The sums of a bucket's live holds, wide enough never to stop at a largest value: 2⁶⁴ holds
+/// of the largest `Amounts` still fit. So ending a hold gives back exactly what placing it
+/// added, and ending more than was placed is seen, never hidden by a sum that saturated on
+/// the way (an `i64` sum of micro-USD did: 10¹² tokens at ~$9.2 M a million reach its cap).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeldSums {
+    micros: i128,
+    tokens: u128,
+    requests: u128,
+    live: u64,
+}
+
+impl HeldSums {
+    /// `amounts` held `live` times over (as a snapshot stores a bucket's figures).
+    fn of(amounts: Amounts, live: u64) -> HeldSums {
+        HeldSums {
+            micros: i128::from(amounts.micros),
+            tokens: u128::from(amounts.tokens),
+            requests: u128::from(amounts.requests),
+            live,
+        }
+    }
+
+    /// Count one more hold of `amounts` taking `slots`.
+    pub fn add(&mut self, amounts: Amounts, slots: u64) {
+        self.micros += i128::from(amounts.micros);
+        self.tokens += u128::from(amounts.tokens);
+        self.requests += u128::from(amounts.requests);
+        self.live += slots;
+    }
+
+    /// Take a hold of `amounts` taking `slots` out; false (and nothing changed) when less than
+    /// that is held, which no correct fold meets (a hold's figures are never negative: prices
+    /// are not: a price table refuses a negative one).
+    #[must_use]
+    fn take(&mut self, amounts: Amounts, slots: u64) -> bool {
+        let fits = self.micros >= i128::from(amounts.micros)
+            && self.tokens >= u128::from(amounts.tokens)
+            && self.requests >= u128::from(amounts.requests)
+            && self.live >= slots;
+        if fits {
+            self.micros -= i128::from(amounts.micros);
+            self.tokens -= u128::from(amounts.tokens);
+            self.requests -= u128::from(amounts.requests);
+            self.live -= slots;
+        }
+        fits
+    }
+
+    /// The sums as a bucket reports (and a snapshot stores) them: each at most its type's
+    /// largest value.
+    pub fn held(&self) -> Amounts {
+        Amounts {
+            micros: i64::try_from(self.micros).unwrap_or(if self.micros < 0 {
+                i64::MIN
+            } else {
+                i64::MAX
+            }),
+            tokens: u64::try_from(self.tokens).unwrap_or(u64::MAX),
+            requests: u64::try_from(self.requests).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Live holds.
+    pub fn live(&self) -> u64 {
+        self.live
+    }
+
+    fn is_zero(&self) -> bool {
+        *self == HeldSums::default()
+    }
+}
 
 impl Holds {
     /// The figures as stored; `held` and `live_holds` both zero means none.
     pub fn of(held: Amounts, live_holds: u64) -> Holds {
-        Holds((held != Amounts::default() || live_holds != 0).then(|| Box::new((held, live_holds))))
+        Holds::of_sums(HeldSums::of(held, live_holds))
     }
 
-    /// Held by live holds.
+    /// Exactly `sums`.
+    pub fn of_sums(sums: HeldSums) -> Holds {
+        Holds((!sums.is_zero()).then(|| Box::new(sums)))
+    }
+
+    /// Held by live holds (each figure at most its type's largest value).
     pub fn held(&self) -> Amounts {
-        self.0.as_ref().map_or_else(Amounts::default, |h| h.0)
+        self.0.as_ref().map_or_else(Amounts::default, |h| h.held())
     }
 
     /// Live holds.
     pub fn live_holds(&self) -> u64 {
-        self.0.as_ref().map_or(0, |h| h.1)
+        self.0.as_ref().map_or(0, |h| h.live)
     }
 
     /// True when nothing is held.
@@ -60,14 +138,15 @@ impl Holds {
         self.0.is_none()
     }
 
-    /// Change the figures in place (allocating them when there were none), then let them go
-    /// if nothing is held any more.
-    fn change(&mut self, f: impl FnOnce(&mut (Amounts, u64))) {
-        let figures = self.0.get_or_insert_with(Box::default);
-        f(figures);
-        if figures.0 == Amounts::default() && figures.1 == 0 {
+    /// Change the sums in place (allocating them when there were none), then let them go if
+    /// nothing is held any more.
+    fn change<T>(&mut self, f: impl FnOnce(&mut HeldSums) -> T) -> T {
+        let sums = self.0.get_or_insert_with(Box::default);
+        let out = f(sums);
+        if sums.is_zero() {
             self.0 = None;
         }
+        out
     }
 }
 
@@ -225,25 +304,14 @@ impl Bucket {
 
     /// Count a hold.
     pub fn hold(&mut self, amounts: Amounts, slots: u64) {
-        self.holds.change(|(held, live)| {
-            *held += amounts;
-            *live = live.saturating_add(slots);
-        });
+        self.holds.change(|sums| sums.add(amounts, slots));
     }
 
-    /// Stop counting a hold.
-    pub fn unhold(&mut self, amounts: Amounts, slots: u64) {
-        self.holds.change(|(held, live)| {
-            // `live` counts the holds placed here and not ended (rebuilt with them): ending
-            // more is a bug. (Amounts are not asserted: a sum that stopped at its largest value
-            // on the way is lossy, and a correct state could fail the comparison.)
-            debug_assert!(
-                *live >= slots,
-                "{live} live holds in a bucket, {slots} ending"
-            );
-            *held = *held - amounts;
-            *live = live.saturating_sub(slots);
-        });
+    /// Stop counting a hold; false (and nothing changed) when the bucket holds less than it,
+    /// which no correct fold meets: the ledger reports it (`Ledger::fault`).
+    #[must_use]
+    pub fn unhold(&mut self, amounts: Amounts, slots: u64) -> bool {
+        self.holds.change(|sums| sums.take(amounts, slots))
     }
 
     /// Spent in the window containing `now` (`shape` as for [`Bucket::add_spent_in`]).
@@ -841,12 +909,60 @@ mod tests {
             amounts + amounts
         );
         assert_eq!(b.figures(&WindowSpec::Cumulative, 0).live_holds, 2);
-        b.unhold(amounts, 1);
+        assert!(b.unhold(amounts, 1));
         assert!(!b.holds.is_empty(), "one hold is still live");
-        b.unhold(amounts, 1);
+        assert!(b.unhold(amounts, 1));
         assert!(b.holds.is_empty());
         assert_eq!(b, Bucket::default());
         assert_eq!(bincode_of(&b), bincode_of(&Bucket::default()));
+    }
+
+    #[test]
+    fn ending_more_than_a_bucket_holds_is_refused_and_changes_nothing() {
+        let one = Amounts {
+            micros: 9,
+            tokens: 4,
+            requests: 1,
+        };
+        let mut b = Bucket::default();
+        b.hold(one, 1);
+        let before = b.clone();
+        let more = Amounts { micros: 10, ..one };
+        assert!(!b.unhold(more, 1), "more money than held");
+        assert!(!b.unhold(one, 2), "more holds than live");
+        assert_eq!(b, before);
+        assert!(b.unhold(one, 1));
+        assert!(!b.unhold(one, 1), "nothing is held any more");
+        assert!(b.holds.is_empty());
+    }
+
+    /// A sum past the largest `i64` is reported at that value and still ends exactly: hold
+    /// `i64::MAX - 1`, then 10, end the 10, then the first.
+    #[test]
+    fn a_hold_sum_past_the_largest_amount_comes_back_down_exactly() {
+        let huge = Amounts {
+            micros: i64::MAX - 1,
+            tokens: u64::MAX,
+            requests: 1,
+        };
+        let ten = Amounts {
+            micros: 10,
+            tokens: 10,
+            requests: 1,
+        };
+        let mut b = Bucket::default();
+        b.hold(huge, 1);
+        b.hold(ten, 1);
+        let held = b.figures(&WindowSpec::Cumulative, 0).held;
+        assert_eq!(
+            (held.micros, held.tokens),
+            (i64::MAX, u64::MAX),
+            "reported at the cap"
+        );
+        assert!(b.unhold(ten, 1));
+        assert_eq!(b.figures(&WindowSpec::Cumulative, 0).held, huge);
+        assert!(b.unhold(huge, 1));
+        assert_eq!(b, Bucket::default());
     }
 
     #[test]

@@ -632,7 +632,7 @@ pub struct Ended {
 /// derived data aside, and buckets that have ended by its last event (which read as absent
 /// ones and leave memory whenever a sweep comes) left out.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(from = "LedgerData")]
+#[serde(try_from = "LedgerData")]
 pub struct Ledger {
     last_seq: u64,
     last_ts: TsMicros,
@@ -672,6 +672,9 @@ pub struct Ledger {
     /// What the live holds governed by each quota hold (derived from `holds`).
     #[serde(skip)]
     quota_holds: BTreeMap<String, quotas::Need>,
+    /// The first impossible state met while folding (see [`Ledger::fault`]).
+    #[serde(skip)]
+    fault: Option<String>,
 }
 
 impl PartialEq for Ledger {
@@ -688,6 +691,7 @@ impl PartialEq for Ledger {
             && self.observed == o.observed
             && self.old_budgets == o.old_budgets
             && self.rollups == o.rollups
+            && self.fault == o.fault
             && self.budgets.len() == o.budgets.len()
             && self
                 .budgets
@@ -729,8 +733,12 @@ struct LedgerData {
     rollups: rollup::Rollups,
 }
 
-impl From<LedgerData> for Ledger {
-    fn from(d: LedgerData) -> Ledger {
+impl TryFrom<LedgerData> for Ledger {
+    type Error = String;
+
+    /// A snapshot's ledger; refused when a bucket's hold figures are not the sums of the live
+    /// holds counted in it (a damaged or wrongly written snapshot: the log is folded instead).
+    fn try_from(d: LedgerData) -> Result<Ledger, String> {
         let mut epochs = d.epochs;
         for e in &mut epochs {
             e.index = PriceIndex::of(&e.table);
@@ -761,9 +769,11 @@ impl From<LedgerData> for Ledger {
             matches: MatchCache::default(),
             renderer,
             quota_holds: BTreeMap::new(),
+            fault: None,
         };
+        ledger.recount_held_sums()?;
         ledger.recount_quota_holds();
-        ledger
+        Ok(ledger)
     }
 }
 
@@ -889,6 +899,73 @@ impl Ledger {
     /// Seq of the last folded event.
     pub fn last_seq(&self) -> u64 {
         self.last_seq
+    }
+
+    /// The first impossible state this ledger met while folding, if it met one: a hold ended in
+    /// a bucket that did not count it, or a bucket a hold is counted in missing. No correct
+    /// fold meets one (debug builds assert it where it is met); the daemon appends nothing
+    /// once its ledger has one and refuses writes (fail closed), rather than go on from a
+    /// state that is wrong.
+    pub fn fault(&self) -> Option<&str> {
+        self.fault.as_deref()
+    }
+
+    /// Note `what` as an impossible state the fold met, without the debug assertion: for tests
+    /// of what the daemon does with such a ledger (feature `fault-injection`, which only the
+    /// daemon's tests turn on).
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    pub fn inject_fault(&mut self, what: &str) {
+        self.fault.get_or_insert_with(|| what.to_owned());
+    }
+
+    /// Note an impossible state met while folding the event `last_seq` (the first one is kept).
+    fn impossible(&mut self, what: String) {
+        let fault = format!("{what} (folding seq {})", self.last_seq);
+        // Noted before the assertion, so that a debug build that goes on has it too.
+        self.fault.get_or_insert_with(|| fault.clone());
+        debug_assert!(false, "impossible state: {fault}");
+    }
+
+    /// Each bucket's hold figures made again from the live holds counted in it (exact sums,
+    /// which a snapshot stores at most at each type's largest value); an error when the
+    /// figures read differ from those sums or a hold is counted in a bucket that is not there.
+    fn recount_held_sums(&mut self) -> Result<(), String> {
+        let mut sums: BTreeMap<(usize, &str), buckets::HeldSums> = BTreeMap::new();
+        for (rid, h) in &self.holds {
+            for (i, key) in &h.buckets {
+                if self.budgets.get(*i).and_then(|s| s.get(key)).is_none() {
+                    return Err(format!(
+                        "reservation {rid:?} is counted in a bucket ({i}, {key:?}) that is not there"
+                    ));
+                }
+                sums.entry((*i, key.as_str()))
+                    .or_default()
+                    .add(h.amounts, 1);
+            }
+        }
+        for (i, state) in self.budgets.iter().enumerate() {
+            for (key, bucket) in state.iter() {
+                let expected = sums.get(&(i, key)).copied().unwrap_or_default();
+                if (bucket.holds.held(), bucket.holds.live_holds())
+                    != (expected.held(), expected.live())
+                {
+                    return Err(format!(
+                        "bucket ({i}, {key:?}) holds {:?} in {} holds; its live holds sum to {:?} in {}",
+                        bucket.holds.held(),
+                        bucket.holds.live_holds(),
+                        expected.held(),
+                        expected.live()
+                    ));
+                }
+            }
+        }
+        for ((i, key), expected) in sums {
+            if let Some(b) = self.budgets.get_mut(i).and_then(|s| s.get_mut(key)) {
+                b.holds = buckets::Holds::of_sums(expected);
+            }
+        }
+        Ok(())
     }
 
     /// `ts` of the last folded event.
@@ -1395,10 +1472,8 @@ impl Ledger {
         self.quota_hold(&hold, false);
         self.expiries.remove(&(hold.expires_at, rid.to_string()));
         for (i, key) in &hold.buckets {
+            self.unhold_in(*i, key, rid, hold.amounts);
             if let Some(state) = self.budgets.get_mut(*i) {
-                if let Some(b) = state.get_mut(key) {
-                    b.unhold(hold.amounts, 1);
-                }
                 // Without its hold, the bucket may have ended already.
                 state.may_end_from(ts);
             }
@@ -1414,6 +1489,25 @@ impl Ledger {
             },
         );
         true
+    }
+
+    /// Take reservation `rid`'s hold of `amounts` out of bucket `(i, key)`, which counts it:
+    /// an impossible state ([`Ledger::fault`]) when the bucket is not there or holds less.
+    fn unhold_in(&mut self, i: usize, key: &str, rid: &str, amounts: Amounts) {
+        match self.budgets.get_mut(i).and_then(|s| s.get_mut(key)) {
+            Some(b) => {
+                if !b.unhold(amounts, 1) {
+                    let held = (b.holds.held(), b.holds.live_holds());
+                    self.impossible(format!(
+                        "reservation {rid:?} ends holding {amounts:?} in bucket ({i}, {key:?}), which holds {:?} in {} holds",
+                        held.0, held.1
+                    ));
+                }
+            }
+            None => self.impossible(format!(
+                "reservation {rid:?} is counted in a bucket ({i}, {key:?}) that is not there"
+            )),
+        }
     }
 
     fn forget_ended(&mut self, now: TsMicros) {
@@ -1432,9 +1526,7 @@ impl Ledger {
             if let Some(h) = self.holds.get(rid) {
                 let (amounts, refs) = (h.amounts, h.buckets.clone());
                 for (i, key) in refs {
-                    if let Some(b) = self.budgets.get_mut(i).and_then(|s| s.get_mut(&key)) {
-                        b.unhold(amounts, 1);
-                    }
+                    self.unhold_in(i, &key, rid, amounts);
                 }
             }
         }
@@ -1531,6 +1623,138 @@ pub fn total_tokens(u: &Usage) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ledger under one budget per team that counts holds (and one price of $5 M a million
+    /// input tokens), and `reserve(ledger, id, input_tokens)` placing a hold for team `a`.
+    fn ledger_with_a_team_budget() -> Ledger {
+        let text = r#"
+[pricing.models."m"]
+provider = "acme"
+input_per_mtok = 5000000
+output_per_mtok = 1.0
+max_output_tokens = 1
+
+[[budget]]
+id = "team"
+group_by = ["team"]
+max_concurrent = 10
+"#;
+        let p = crate::policy::parse_policy(text, "t.toml", &|p| Err(p.to_string())).unwrap();
+        let mut l = Ledger::new();
+        let body = EventBody::PolicyApplied(bursar_schemas::event::PolicyApplied {
+            policy_version: 1,
+            source: "test".into(),
+            source_hash: String::new(),
+            policy: p.resolved,
+        });
+        l.apply(1, T, &body).unwrap();
+        l
+    }
+
+    const T: TsMicros = 1_700_000_000_000_000;
+
+    fn reserve(l: &mut Ledger, id: &str, input_tokens: u64) {
+        let req = bursar_schemas::wire::ReserveRequest {
+            reservation_id: id.into(),
+            labels: Labels::from([("team".to_string(), "a".to_string())]),
+            model: Some("m".into()),
+            estimate: bursar_schemas::wire::Estimate {
+                input_tokens,
+                max_output_tokens: Some(1),
+            },
+            ttl_seconds: None,
+            candidates: None,
+            require: None,
+            wait_ms: None,
+        };
+        let step = l.execute(Command::Reserve(&req), T);
+        assert!(
+            matches!(step.answer, Answer::Decision(ref d) if d.decision == bursar_schemas::wire::Decision::Allow),
+            "{:?}",
+            step.answer
+        );
+    }
+
+    fn release(l: &mut Ledger, id: &str) {
+        let req = bursar_schemas::wire::ReleaseRequest {
+            reservation_id: id.into(),
+        };
+        l.execute(Command::Release(&req), T);
+    }
+
+    /// The bucket `id`'s hold is counted in.
+    fn bucket_of<'a>(l: &'a mut Ledger, id: &str) -> &'a mut buckets::Bucket {
+        let (i, key) = l.holds[id].buckets[0].clone();
+        l.budgets[i].get_mut(&key).unwrap()
+    }
+
+    #[test]
+    fn holds_summing_past_the_largest_amount_end_exactly_also_through_a_snapshot() {
+        let mut l = ledger_with_a_team_budget();
+        // ~10¹² tokens (the most an estimate may hold) at $5 M a million: ~5·10¹⁸ µUSD each,
+        // past the largest i64 together.
+        reserve(&mut l, "big-1", 999_999_999_999);
+        reserve(&mut l, "big-2", 999_999_999_999);
+        reserve(&mut l, "small", 10);
+        assert_eq!(bucket_of(&mut l, "big-1").holds.held().micros, i64::MAX);
+        let (i, key) = l.holds["big-1"].buckets[0].clone();
+        let bytes = bincode::serde::encode_to_vec(&l, bincode::config::standard()).unwrap();
+        let (mut read, _): (Ledger, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(read, l);
+        for ledger in [&mut l, &mut read] {
+            release(ledger, "small");
+            release(ledger, "big-1");
+            assert_eq!(ledger.fault(), None);
+            let left = ledger.holds["big-2"].amounts;
+            assert_eq!(
+                bucket_of(ledger, "big-2").holds.held(),
+                left,
+                "exactly one hold left"
+            );
+            release(ledger, "big-2");
+            assert_eq!(ledger.fault(), None);
+            let b = ledger.budgets[i].get(&key).unwrap();
+            assert!(b.holds.is_empty(), "nothing held: {:?}", b.holds);
+        }
+    }
+
+    #[test]
+    fn a_hold_ended_in_a_bucket_that_does_not_count_it_is_a_fault_asserted_in_debug_builds() {
+        let mut l = ledger_with_a_team_budget();
+        reserve(&mut l, "r1", 1000);
+        // As a bug would: the bucket forgets the hold.
+        bucket_of(&mut l, "r1").holds = buckets::Holds::default();
+        let ended =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| release(&mut l, "r1")));
+        assert_eq!(
+            ended.is_err(),
+            cfg!(debug_assertions),
+            "asserted in debug builds only"
+        );
+        let fault = l.fault().unwrap();
+        assert!(
+            fault.contains("reservation \"r1\" ends holding") && fault.contains("(folding seq 3)"),
+            "{fault}"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_whose_hold_figures_are_not_the_sums_of_its_holds_is_refused() {
+        let mut l = ledger_with_a_team_budget();
+        reserve(&mut l, "r1", 1000);
+        reserve(&mut l, "r2", 1000);
+        let held = bucket_of(&mut l, "r1").holds.held();
+        bucket_of(&mut l, "r1").holds = buckets::Holds::of(held, 1);
+        let bytes = bincode::serde::encode_to_vec(&l, bincode::config::standard()).unwrap();
+        let read: Result<(Ledger, usize), _> =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard());
+        let e = read.unwrap_err().to_string();
+        assert!(
+            e.contains("holds") && e.contains("in 1 holds; its live holds sum to"),
+            "{e}"
+        );
+    }
 
     fn set(i: usize) -> Labels {
         Labels::from([("user".to_string(), format!("u{i}"))])

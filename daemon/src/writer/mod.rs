@@ -376,6 +376,9 @@ pub struct Writer {
     /// When the last job came, if freed memory was not given back since (see
     /// [`Writer::idle`]).
     last_job: Option<std::time::Instant>,
+    /// What a refused write is told once the writer is poisoned: [`UNAVAILABLE`], or why the
+    /// ledger cannot be trusted ([`Ledger::fault`]).
+    refusal: String,
 }
 
 /// How long the writer has had no job before it gives freed memory back.
@@ -424,8 +427,14 @@ pub fn start_with(
         first_release_ids,
         waiters: Default::default(),
         last_job: None,
+        refusal: UNAVAILABLE.to_string(),
     };
-    if let Some(policy) = policy {
+    if let Some(fault) = w.fault() {
+        // The log folds to a state that cannot be (a bug of the fold): serve reads, append
+        // nothing, the policy included.
+        w.refuse_from_now_on(Some(&fault));
+        tracing::error!("{}", w.refusal);
+    } else if let Some(policy) = policy {
         w.apply_policy_if_changed(policy)?;
     }
     let thread = std::thread::Builder::new()
@@ -587,7 +596,7 @@ impl Writer {
                 self.maybe_retry_waiters(&mut batch);
             } else if !self.waiters.is_empty() {
                 for w in self.waiters.take() {
-                    let _ = w.reply.send(Outcome::Answer(unavailable()));
+                    let _ = w.reply.send(Outcome::Answer(self.unavailable()));
                 }
                 self.shared.waiting.store(0, Ordering::Relaxed);
             }
@@ -595,7 +604,7 @@ impl Writer {
                 match job {
                     Job::Shutdown | Job::Handover => {}
                     Job::Write { reply, .. } if poisoned => {
-                        let _ = reply.send(Outcome::Answer(unavailable()));
+                        let _ = reply.send(Outcome::Answer(self.unavailable()));
                     }
                     Job::Write {
                         cmd,
@@ -677,7 +686,8 @@ impl Writer {
             batch.answer();
             return;
         }
-        if let Err(e) = self.commit(&mut batch) {
+        let fault = self.fault();
+        if let Err(e) = self.commit(&mut batch, fault) {
             tracing::error!("log write failed, refusing writes from now on (fail closed): {e}");
         }
         self.snapshot(false);
@@ -827,27 +837,38 @@ impl Writer {
         let mut batch = Batch::default();
         if self.shared.poisoned.load(Ordering::SeqCst) {
             for w in self.waiters.take() {
-                let _ = w.reply.send(Outcome::Answer(unavailable()));
+                let _ = w.reply.send(Outcome::Answer(self.unavailable()));
             }
             return;
         }
         self.retry_waiters(&mut batch, true);
+        let fault = self.fault();
         if batch.sealed.is_empty() {
             batch.answer();
-        } else if let Err(e) = self.commit(&mut batch) {
+        } else if let Err(e) = self.commit(&mut batch, fault) {
             tracing::error!("log write failed at shutdown: {e}");
         }
     }
 
-    /// Append and sync the batch, then answer it. On failure, poison and answer `unavailable`.
-    fn commit(&mut self, batch: &mut Batch) -> Result<(), LogError> {
+    /// The impossible state the shared ledger met, if it met one ([`Ledger::fault`]).
+    fn fault(&self) -> Option<String> {
+        read_ledger(&self.shared).fault().map(str::to_owned)
+    }
+
+    /// Append and sync the batch, then answer it. Nothing is appended when the batch is broken
+    /// or `fault` is the impossible state the ledger its events were folded into met
+    /// ([`Writer::fault`], or [`Ledger::fault`] under the ledger's lock). On failure, poison
+    /// and answer `unavailable`.
+    fn commit(&mut self, batch: &mut Batch, fault: Option<String>) -> Result<(), LogError> {
+        // (Where the impossible state was met, debug builds asserted it already.)
+        let refused = batch.broken.take().or(fault);
         let result = {
             let mut store = lock_store(&self.shared);
-            match batch.broken.take() {
+            match &refused {
                 // Nothing of a broken batch is appended; the writer is poisoned below.
                 Some(why) => Err(LogError::Refused {
                     seq: batch.sealed.first().map_or(0, |s| s.seq),
-                    reason: why,
+                    reason: why.clone(),
                 }),
                 None => store.append(&batch.sealed).and_then(|_| {
                     let t = std::time::Instant::now();
@@ -872,15 +893,18 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                self.shared.poisoned.store(true, Ordering::SeqCst);
+                self.refuse_from_now_on(refused.as_deref());
                 for r in batch.replies.drain(..) {
                     match r {
                         Replier::Line(reply, _, req) => {
-                            let _ =
-                                reply.send(error_line(ErrorCode::Unavailable, UNAVAILABLE, req));
+                            let _ = reply.send(error_line(
+                                ErrorCode::Unavailable,
+                                self.refusal.clone(),
+                                req,
+                            ));
                         }
                         Replier::Answer(reply, _) => {
-                            let _ = reply.send(Outcome::Answer(unavailable()));
+                            let _ = reply.send(Outcome::Answer(self.unavailable()));
                         }
                     }
                 }
@@ -888,6 +912,24 @@ impl Writer {
                 Err(e)
             }
         }
+    }
+
+    /// Poison the writer: every write from now on is refused, told that the log cannot be
+    /// written, or the impossible state met (`impossible`).
+    fn refuse_from_now_on(&mut self, impossible: Option<&str>) {
+        self.refusal = match impossible {
+            Some(why) => format!(
+                "the daemon met an impossible state and refuses writes (fail closed) until it \
+                 is restarted: {why}"
+            ),
+            None => UNAVAILABLE.to_string(),
+        };
+        self.shared.poisoned.store(true, Ordering::SeqCst);
+    }
+
+    /// The answer of a write refused by a poisoned writer.
+    fn unavailable(&self) -> Answer {
+        Answer::Error(WireError::new(ErrorCode::Unavailable, self.refusal.clone()))
     }
 }
 
@@ -921,11 +963,6 @@ fn frees_capacity(cmd: &WriteCmd) -> bool {
         cmd,
         WriteCmd::Commit(_) | WriteCmd::Release(_) | WriteCmd::Observe(_)
     )
-}
-
-/// The answer of a write that the daemon refuses because its log cannot be written.
-fn unavailable() -> Answer {
-    Answer::Error(WireError::new(ErrorCode::Unavailable, UNAVAILABLE))
 }
 
 impl Batch {

@@ -1,7 +1,7 @@
 //! Policy reloads: `reload`, SIGHUP and the policy at start, each a `policy_applied` event
 //! when the policy differs from the one the log ends with.
 
-use super::{error_line, read_ledger, write_ledger, Batch, Writer, UNAVAILABLE};
+use super::{error_line, read_ledger, write_ledger, Batch, Writer};
 use bursar_core::ledger::{Answer, Ledger};
 use bursar_core::policy::LoadedPolicy;
 use bursar_schemas::event::{Actor, EventBody, PolicyApplied};
@@ -25,7 +25,8 @@ impl Writer {
             let mut l = write_ledger(&shared);
             self.stage(&mut l, &mut batch, self.own, body);
         }
-        self.commit(&mut batch)
+        let fault = self.fault();
+        self.commit(&mut batch, fault)
             .map_err(|e| format!("cannot write the policy to the log: {e}"))
     }
 
@@ -40,7 +41,7 @@ impl Writer {
         poisoned: bool,
     ) -> String {
         if poisoned {
-            return error_line(ErrorCode::Unavailable, UNAVAILABLE, req);
+            return error_line(ErrorCode::Unavailable, self.refusal.clone(), req);
         }
         let loaded = match policy {
             Some(p) => Ok(*p),

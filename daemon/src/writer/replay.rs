@@ -1,7 +1,7 @@
 //! `replay`: fold the log again under other prices, as a dry run (which the connection folds
 //! off the writer) or applied (a `pricing_changed` event, decided here on the writer).
 
-use super::{error_line, lock_store, Batch, Writer, UNAVAILABLE};
+use super::{error_line, lock_store, Batch, Writer};
 use bursar_core::ledger::{self, Answer, Ledger};
 use bursar_schemas::event::{Actor, EventBody, PricingChanged};
 use bursar_schemas::wire::{ErrorCode, ReplayRequest, WireError};
@@ -18,7 +18,7 @@ impl Writer {
         poisoned: bool,
     ) -> String {
         if request.apply && poisoned {
-            return error_line(ErrorCode::Unavailable, UNAVAILABLE, req);
+            return error_line(ErrorCode::Unavailable, self.refusal.clone(), req);
         }
         let since = match &request.since {
             Some(s) => match bursar_core::time::parse_ts(s) {
@@ -58,7 +58,7 @@ impl Writer {
         };
         // Everything staged in this batch is folded but not yet in the store: replay after it.
         if !batch.sealed.is_empty() {
-            if let Err(e) = self.commit(batch) {
+            if let Err(e) = self.commit(batch, l.fault().map(str::to_owned)) {
                 return error_line(
                     ErrorCode::Unavailable,
                     format!("log write failed: {e}"),
