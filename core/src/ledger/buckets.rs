@@ -34,8 +34,9 @@ pub struct Bucket {
 
 /// What a bucket's live holds keep back and how many they are, allocated while there are
 /// any: most buckets hold nothing most of the time (a `record` never holds), and inline the
-/// figures took 32 of a bucket's 88 bytes (`bursar-bench memory`, 254,004 buckets). Empty
-/// (`None`) exactly when nothing is held, so that equal figures are equal boxes.
+/// figures took 32 of a bucket's 88 bytes (`bursar-bench memory`, 254,004 buckets; exact, as
+/// [`HeldSums`], they take a box of 64). Empty (`None`) exactly when nothing is held, so that
+/// equal figures are equal boxes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Holds(Option<Box<HeldSums>>);
 
@@ -52,8 +53,9 @@ pub struct HeldSums {
 }
 
 impl HeldSums {
-    /// `amounts` held `live` times over (as a snapshot stores a bucket's figures).
-    fn of(amounts: Amounts, live: u64) -> HeldSums {
+    /// The sums of `live` holds that hold `amounts` together (as a snapshot stores a bucket's
+    /// figures, and as one hold of `amounts` is counted with `live` 1).
+    pub fn of(amounts: Amounts, live: u64) -> HeldSums {
         HeldSums {
             micros: i128::from(amounts.micros),
             tokens: u128::from(amounts.tokens),
@@ -64,26 +66,27 @@ impl HeldSums {
 
     /// Count one more hold of `amounts` taking `slots`.
     pub fn add(&mut self, amounts: Amounts, slots: u64) {
-        self.micros += i128::from(amounts.micros);
-        self.tokens += u128::from(amounts.tokens);
-        self.requests += u128::from(amounts.requests);
-        self.live += slots;
+        let o = HeldSums::of(amounts, slots);
+        self.micros += o.micros;
+        self.tokens += o.tokens;
+        self.requests += o.requests;
+        self.live += o.live;
     }
 
-    /// Take a hold of `amounts` taking `slots` out; false (and nothing changed) when less than
-    /// that is held, which no correct fold meets (a hold's figures are never negative: prices
-    /// are not: a price table refuses a negative one).
+    /// Take holds summing to `o` out; false (and nothing changed) when less than that is held,
+    /// which no correct fold meets (a hold's figures are never negative: prices are not, a
+    /// price table refuses a negative one).
     #[must_use]
-    fn take(&mut self, amounts: Amounts, slots: u64) -> bool {
-        let fits = self.micros >= i128::from(amounts.micros)
-            && self.tokens >= u128::from(amounts.tokens)
-            && self.requests >= u128::from(amounts.requests)
-            && self.live >= slots;
+    pub fn take(&mut self, o: &HeldSums) -> bool {
+        let fits = self.micros >= o.micros
+            && self.tokens >= o.tokens
+            && self.requests >= o.requests
+            && self.live >= o.live;
         if fits {
-            self.micros -= i128::from(amounts.micros);
-            self.tokens -= u128::from(amounts.tokens);
-            self.requests -= u128::from(amounts.requests);
-            self.live -= slots;
+            self.micros -= o.micros;
+            self.tokens -= o.tokens;
+            self.requests -= o.requests;
+            self.live -= o.live;
         }
         fits
     }
@@ -121,6 +124,11 @@ impl Holds {
     /// Exactly `sums`.
     pub fn of_sums(sums: HeldSums) -> Holds {
         Holds((!sums.is_zero()).then(|| Box::new(sums)))
+    }
+
+    /// The exact sums.
+    pub fn sums(&self) -> HeldSums {
+        self.0.as_deref().copied().unwrap_or_default()
     }
 
     /// Held by live holds (each figure at most its type's largest value).
@@ -311,7 +319,8 @@ impl Bucket {
     /// which no correct fold meets: the ledger reports it (`Ledger::fault`).
     #[must_use]
     pub fn unhold(&mut self, amounts: Amounts, slots: u64) -> bool {
-        self.holds.change(|sums| sums.take(amounts, slots))
+        self.holds
+            .change(|sums| sums.take(&HeldSums::of(amounts, slots)))
     }
 
     /// Spent in the window containing `now` (`shape` as for [`Bucket::add_spent_in`]).

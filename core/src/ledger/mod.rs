@@ -671,7 +671,7 @@ pub struct Ledger {
     renderer: std::sync::Arc<Renderer>,
     /// What the live holds governed by each quota hold (derived from `holds`).
     #[serde(skip)]
-    quota_holds: BTreeMap<String, quotas::Need>,
+    quota_holds: BTreeMap<String, quotas::QuotaHeld>,
     /// The first impossible state met while folding (see [`Ledger::fault`]).
     #[serde(skip)]
     fault: Option<String>,
@@ -1638,6 +1638,10 @@ max_output_tokens = 1
 id = "team"
 group_by = ["team"]
 max_concurrent = 10
+
+[[quota]]
+id = "acme"
+provider = "acme"
 "#;
         let p = crate::policy::parse_policy(text, "t.toml", &|p| Err(p.to_string())).unwrap();
         let mut l = Ledger::new();
@@ -1654,6 +1658,10 @@ max_concurrent = 10
     const T: TsMicros = 1_700_000_000_000_000;
 
     fn reserve(l: &mut Ledger, id: &str, input_tokens: u64) {
+        reserve_for(l, id, input_tokens, None);
+    }
+
+    fn reserve_for(l: &mut Ledger, id: &str, input_tokens: u64, ttl_seconds: Option<u64>) {
         let req = bursar_schemas::wire::ReserveRequest {
             reservation_id: id.into(),
             labels: Labels::from([("team".to_string(), "a".to_string())]),
@@ -1662,7 +1670,7 @@ max_concurrent = 10
                 input_tokens,
                 max_output_tokens: Some(1),
             },
-            ttl_seconds: None,
+            ttl_seconds,
             candidates: None,
             require: None,
             wait_ms: None,
@@ -1719,6 +1727,26 @@ max_concurrent = 10
         }
     }
 
+    /// A hold that expired but whose event is not folded yet is taken out of what reads show,
+    /// exactly, also when the bucket's sum is past the largest amount.
+    #[test]
+    fn expired_holds_come_out_of_a_sum_past_the_largest_amount_exactly() {
+        let mut l = ledger_with_a_team_budget();
+        reserve_for(&mut l, "short", 999_999_999_999, Some(1));
+        reserve(&mut l, "big-1", 999_999_999_999);
+        reserve(&mut l, "big-2", 10);
+        let (i, key) = l.holds["big-1"].buckets[0].clone();
+        let at = |l: &Ledger, now| {
+            let adj = l.expired_adjust(now);
+            l.figures(i, &key, now, &adj).held
+        };
+        assert_eq!(at(&l, T).micros, i64::MAX, "all three: past the cap");
+        // "short" has expired 2 s later: big-1 and big-2 are left, below the cap.
+        let left = l.holds["big-1"].amounts + l.holds["big-2"].amounts;
+        assert!(left.micros < i64::MAX);
+        assert_eq!(at(&l, T + 2_000_000), left);
+    }
+
     #[test]
     fn a_hold_ended_in_a_bucket_that_does_not_count_it_is_a_fault_asserted_in_debug_builds() {
         let mut l = ledger_with_a_team_budget();
@@ -1735,6 +1763,31 @@ max_concurrent = 10
         let fault = l.fault().unwrap();
         assert!(
             fault.contains("reservation \"r1\" ends holding") && fault.contains("(folding seq 3)"),
+            "{fault}"
+        );
+    }
+
+    #[test]
+    fn a_hold_ended_in_a_quota_that_does_not_count_it_is_a_fault_asserted_in_debug_builds() {
+        let mut l = ledger_with_a_team_budget();
+        reserve(&mut l, "r1", 1000);
+        assert_eq!(
+            l.quota_held("acme").0[0],
+            1,
+            "the hold counts in its provider's quota"
+        );
+        // As a bug would: the quota forgets the hold.
+        l.quota_holds.clear();
+        let ended =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| release(&mut l, "r1")));
+        assert_eq!(
+            ended.is_err(),
+            cfg!(debug_assertions),
+            "asserted in debug builds only"
+        );
+        let fault = l.fault().unwrap();
+        assert!(
+            fault.contains("in quota \"acme\", which holds less"),
             "{fault}"
         );
     }

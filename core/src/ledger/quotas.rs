@@ -43,19 +43,37 @@ impl Need {
             max_output_tokens,
         ])
     }
+}
 
+/// What the live holds a quota governs hold, summed exactly (like a bucket's `HeldSums`: no
+/// number of holds reaches the largest `u128`), so that uncounting a hold gives back exactly
+/// what counting it added.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct QuotaHeld([u128; 4]);
+
+impl QuotaHeld {
     fn add(&mut self, o: &Need) {
         for (a, b) in self.0.iter_mut().zip(o.0) {
-            *a = a.saturating_add(b);
+            *a += u128::from(b);
         }
     }
 
-    fn sub(&mut self, o: &Need) {
-        for (a, b) in self.0.iter_mut().zip(o.0) {
-            // Derived from the holds and rebuilt with them: less here is a bug.
-            debug_assert!(*a >= b, "quota holds below zero");
-            *a = a.saturating_sub(b);
+    /// Uncount `o`; false (and nothing changed) when less than that is held, which no correct
+    /// fold meets (derived from the holds and rebuilt with them).
+    #[must_use]
+    fn take(&mut self, o: &Need) -> bool {
+        let fits = self.0.iter().zip(o.0).all(|(a, b)| *a >= u128::from(b));
+        if fits {
+            for (a, b) in self.0.iter_mut().zip(o.0) {
+                *a -= u128::from(b);
+            }
         }
+        fits
+    }
+
+    /// The sums as reported: each at most the largest `u64`.
+    fn need(&self) -> Need {
+        Need(self.0.map(|a| u64::try_from(a).unwrap_or(u64::MAX)))
     }
 }
 
@@ -152,7 +170,9 @@ impl Ledger {
 
     /// What the live holds governed by quota `id` hold.
     pub fn quota_held(&self, id: &str) -> Need {
-        self.quota_holds.get(id).copied().unwrap_or_default()
+        self.quota_holds
+            .get(id)
+            .map_or_else(Need::default, QuotaHeld::need)
     }
 
     /// What is left of each limit of quota `id` at `now` (`None`: that limit does not bind).
@@ -292,13 +312,19 @@ impl Ledger {
             hold.input_tokens,
             hold.amounts.tokens.saturating_sub(hold.input_tokens),
         );
+        let mut short = None;
         for q in policy.quotas.iter().filter(|q| governs(q, &hold.labels)) {
             let held = self.quota_holds.entry(q.id.clone()).or_default();
             if add {
                 held.add(&need);
-            } else {
-                held.sub(&need);
+            } else if !held.take(&need) {
+                short.get_or_insert_with(|| q.id.clone());
             }
+        }
+        if let Some(quota) = short {
+            self.impossible(format!(
+                "a reservation ends holding {need:?} in quota {quota:?}, which holds less"
+            ));
         }
     }
 

@@ -918,10 +918,11 @@ impl Writer {
     /// written, or the impossible state met (`impossible`).
     fn refuse_from_now_on(&mut self, impossible: Option<&str>) {
         self.refusal = match impossible {
-            Some(why) => format!(
-                "the daemon met an impossible state and refuses writes (fail closed) until it \
-                 is restarted: {why}"
-            ),
+            Some(why) => {
+                format!(
+                    "the daemon met an impossible state and refuses writes (fail closed): {why}"
+                )
+            }
             None => UNAVAILABLE.to_string(),
         };
         self.shared.poisoned.store(true, Ordering::SeqCst);

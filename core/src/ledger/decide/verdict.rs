@@ -118,13 +118,13 @@ impl Ledger {
                 } else {
                     Some(known)
                 };
-                let mut f = slot
-                    .and_then(|slot| state.at(slot))
+                let bucket = slot.and_then(|slot| state.at(slot));
+                let mut f = bucket
                     .map(|bucket| bucket.figures_in(&limits.window, limits.rolling, now))
                     .unwrap_or_default();
                 if !adj.is_empty() {
                     let key = new_key.as_deref().or_else(|| slot.map(|s| state.key(s)));
-                    adjust(&mut f, adj, i, key.unwrap_or_default());
+                    adjust(&mut f, bucket, adj, i, key.unwrap_or_default());
                 }
                 let after = with_probe(&f, probe);
                 // Only live scopes count (SPEC §5): ended buckets not swept yet do not.
@@ -198,7 +198,8 @@ impl Ledger {
             self.figures_at(i, line.slot, now)
         };
         if !adj.is_empty() {
-            adjust(&mut f, adj, i, self.line_key(verdict, n));
+            let bucket = self.budgets.get(i).and_then(|s| s.at(line.slot));
+            adjust(&mut f, bucket, adj, i, self.line_key(verdict, n));
         }
         f
     }
