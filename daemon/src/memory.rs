@@ -69,6 +69,24 @@ pub fn recovery_done() {
     if !FREED_KEPT.load(Ordering::Relaxed) {
         set_purge_delay(SERVING_PURGE_DELAY_MS);
     }
+    no_huge_pages_from_now_on();
+}
+
+/// Transparent huge pages off for the memory this process touches from now on
+/// (`prctl(PR_SET_THP_DISABLE)`; what is huge already stays so), once the daemon serves.
+///
+/// sled fills its log a 512 KiB buffer at a time, and takes a fresh one for each segment: ~25
+/// a second under `record`. mimalloc places each in memory of its own, and with huge pages
+/// (the kernel's `madvise` mode, which mimalloc asks for) its first write faulted in and
+/// cleared a whole 2 MiB page, which the host of these VMs also backs only then (see
+/// [`MemoryReserve`]): 6.4 % of the daemon's CPU samples under `record --no-redis` were that
+/// clearing, on the writer thread, in the middle of a group commit. With huge pages off,
+/// 0.05 % (benches/README.md, "Huge pages off once serving"). Start-up keeps them: its fold
+/// fills what it allocates.
+fn no_huge_pages_from_now_on() {
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::debug!("cannot turn transparent huge pages off: {e}");
+    }
 }
 
 /// Set mimalloc's purge delay: milliseconds, -1 for never.
