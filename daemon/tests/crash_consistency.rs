@@ -674,8 +674,8 @@ fn refusal(answer: &Option<Value>) -> String {
         .to_string()
 }
 
-#[test]
-fn a_ledger_that_met_an_impossible_state_appends_nothing_and_refuses_writes_saying_why() {
+/// A writer on a fresh disk that acknowledged one record, `e-1`.
+fn running_with_one_record() -> (MemDisk, writer::Clock, Running) {
     let disk = MemDisk::new();
     let clock = clock_of(&Arc::new(AtomicI64::new(T0)));
     let run = start(
@@ -684,6 +684,12 @@ fn a_ledger_that_met_an_impossible_state_appends_nothing_and_refuses_writes_sayi
         clock.clone(),
     );
     assert!(acked(&run.round(&[record("e-1")])[0]));
+    (disk, clock, run)
+}
+
+#[test]
+fn a_ledger_that_met_an_impossible_state_appends_nothing_and_refuses_writes_saying_why() {
+    let (disk, clock, run) = running_with_one_record();
     let head = disk.durable_last_seq();
     // As if folding `e-1` had met a state that cannot be (a bug of the fold: release builds
     // go on, debug builds assert where the fold meets it).
@@ -734,14 +740,7 @@ fn a_ledger_that_met_an_impossible_state_appends_nothing_and_refuses_writes_sayi
 
 #[test]
 fn a_writer_started_on_a_ledger_with_an_impossible_state_refuses_every_write_and_the_policy() {
-    let disk = MemDisk::new();
-    let clock = clock_of(&Arc::new(AtomicI64::new(T0)));
-    let run = start(
-        Box::new(MemLog::open(&disk).unwrap()),
-        &policy("10"),
-        clock.clone(),
-    );
-    assert!(acked(&run.round(&[record("e-1")])[0]));
+    let (disk, clock, run) = running_with_one_record();
     drop(run.stop());
     let head = disk.durable_last_seq();
     // Recovery folded the log to a state that cannot be; the writer starts under another

@@ -1747,20 +1747,25 @@ provider = "acme"
         assert_eq!(at(&l, T + 2_000_000), left);
     }
 
+    /// Release `id`, which meets an impossible state: asserted in debug builds, noted in both;
+    /// the fault noted.
+    fn release_meeting_a_fault(l: &mut Ledger, id: &str) -> String {
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| release(l, id)));
+        assert_eq!(
+            ended.is_err(),
+            cfg!(debug_assertions),
+            "asserted in debug builds only"
+        );
+        l.fault().unwrap().to_string()
+    }
+
     #[test]
     fn a_hold_ended_in_a_bucket_that_does_not_count_it_is_a_fault_asserted_in_debug_builds() {
         let mut l = ledger_with_a_team_budget();
         reserve(&mut l, "r1", 1000);
         // As a bug would: the bucket forgets the hold.
         bucket_of(&mut l, "r1").holds = buckets::Holds::default();
-        let ended =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| release(&mut l, "r1")));
-        assert_eq!(
-            ended.is_err(),
-            cfg!(debug_assertions),
-            "asserted in debug builds only"
-        );
-        let fault = l.fault().unwrap();
+        let fault = release_meeting_a_fault(&mut l, "r1");
         assert!(
             fault.contains("reservation \"r1\" ends holding") && fault.contains("(folding seq 3)"),
             "{fault}"
@@ -1778,14 +1783,7 @@ provider = "acme"
         );
         // As a bug would: the quota forgets the hold.
         l.quota_holds.clear();
-        let ended =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| release(&mut l, "r1")));
-        assert_eq!(
-            ended.is_err(),
-            cfg!(debug_assertions),
-            "asserted in debug builds only"
-        );
-        let fault = l.fault().unwrap();
+        let fault = release_meeting_a_fault(&mut l, "r1");
         assert!(
             fault.contains("in quota \"acme\", which holds less"),
             "{fault}"
