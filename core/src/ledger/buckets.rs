@@ -92,14 +92,10 @@ impl HeldSums {
     }
 
     /// The sums as a bucket reports (and a snapshot stores) them: each at most its type's
-    /// largest value.
+    /// largest value (none is ever below zero: `take` refuses to go there).
     pub fn held(&self) -> Amounts {
         Amounts {
-            micros: i64::try_from(self.micros).unwrap_or(if self.micros < 0 {
-                i64::MIN
-            } else {
-                i64::MAX
-            }),
+            micros: i64::try_from(self.micros).unwrap_or(i64::MAX),
             tokens: u64::try_from(self.tokens).unwrap_or(u64::MAX),
             requests: u64::try_from(self.requests).unwrap_or(u64::MAX),
         }

@@ -1497,10 +1497,9 @@ impl Ledger {
         match self.budgets.get_mut(i).and_then(|s| s.get_mut(key)) {
             Some(b) => {
                 if !b.unhold(amounts, 1) {
-                    let held = (b.holds.held(), b.holds.live_holds());
+                    let (held, live) = (b.holds.held(), b.holds.live_holds());
                     self.impossible(format!(
-                        "reservation {rid:?} ends holding {amounts:?} in bucket ({i}, {key:?}), which holds {:?} in {} holds",
-                        held.0, held.1
+                        "reservation {rid:?} ends holding {amounts:?} in bucket ({i}, {key:?}), which holds {held:?} in {live} holds"
                     ));
                 }
             }
