@@ -665,13 +665,19 @@ fn record(id: &str) -> WriteCmd {
     })
 }
 
-/// The message of a refused write.
-fn refusal(answer: &Option<Value>) -> String {
+/// The fault every test here injects.
+const FAULT: &str = "a bucket lost a hold";
+
+/// `answer` refuses its write for the impossible state [`FAULT`], saying so.
+fn assert_refused_for_the_fault(answer: &Option<Value>) {
     assert!(unavailable(answer), "{answer:?}");
-    answer.as_ref().unwrap()["error"]["message"]
+    let why = answer.as_ref().unwrap()["error"]["message"]
         .as_str()
-        .unwrap()
-        .to_string()
+        .unwrap();
+    assert!(
+        why.contains("impossible state") && why.ends_with(FAULT),
+        "{why}"
+    );
 }
 
 /// A writer on a fresh disk that acknowledged one record, `e-1`.
@@ -693,18 +699,10 @@ fn a_ledger_that_met_an_impossible_state_appends_nothing_and_refuses_writes_sayi
     let head = disk.durable_last_seq();
     // As if folding `e-1` had met a state that cannot be (a bug of the fold: release builds
     // go on, debug builds assert where the fold meets it).
-    run.shared
-        .ledger
-        .write()
-        .unwrap()
-        .inject_fault("a bucket lost a hold");
+    run.shared.ledger.write().unwrap().inject_fault(FAULT);
     let answers = run.round(&[record("e-2"), record("e-3")]);
     for a in &answers {
-        let why = refusal(a);
-        assert!(
-            why.contains("impossible state") && why.ends_with("a bucket lost a hold"),
-            "{why}"
-        );
+        assert_refused_for_the_fault(a);
     }
     assert_eq!(
         disk.durable_last_seq(),
@@ -713,8 +711,7 @@ fn a_ledger_that_met_an_impossible_state_appends_nothing_and_refuses_writes_sayi
     );
     assert!(run.shared.poisoned.load(Ordering::SeqCst));
     // Later writes are refused the same way.
-    let later = refusal(&run.round(&[record("e-4")])[0]);
-    assert!(later.contains("a bucket lost a hold"), "{later}");
+    assert_refused_for_the_fault(&run.round(&[record("e-4")])[0]);
     // The log holds nothing of what the bad state would have appended: a restart folds it to
     // a sound state and takes the refused writes as new ones.
     let store = run.stop();
@@ -747,7 +744,7 @@ fn a_writer_started_on_a_ledger_with_an_impossible_state_refuses_every_write_and
     // policy, which it would otherwise append.
     let store: Box<dyn LogStore> = Box::new(MemLog::open(&disk).unwrap());
     let mut ledger = writer::recover(store.as_ref()).unwrap();
-    ledger.inject_fault("a bucket lost a hold");
+    ledger.inject_fault(FAULT);
     let shared = Arc::new(Shared::new(ledger, store));
     let reload = Arc::new(|| Err("no reload in this test".to_string()));
     let started = writer::start(shared.clone(), &policy("20"), clock, reload).unwrap();
@@ -757,11 +754,7 @@ fn a_writer_started_on_a_ledger_with_an_impossible_state_refuses_every_write_and
         start_error: None,
     };
     assert!(run.shared.poisoned.load(Ordering::SeqCst));
-    let why = refusal(&run.round(&[record("e-2")])[0]);
-    assert!(
-        why.contains("impossible state") && why.contains("a bucket lost a hold"),
-        "{why}"
-    );
+    assert_refused_for_the_fault(&run.round(&[record("e-2")])[0]);
     assert_eq!(
         disk.durable_last_seq(),
         head,
