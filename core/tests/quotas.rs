@@ -518,3 +518,52 @@ fn a_policy_change_counts_live_holds_in_the_quotas_that_govern_them_now() {
     .0;
     assert_eq!(copy.quota_held("acme-prod").0[0], 2);
 }
+
+#[test]
+fn a_hold_past_its_expiry_no_longer_counts_in_a_quota_for_reads_before_the_reaper_ends_it() {
+    let mut h = Harness::new(policy_observed());
+    let prod = labels(&[("account", "prod")]);
+    requests_left(&mut h, 1, 300);
+    let mut r = h.reserve_req("r1", prod.clone(), "m", 10, 10);
+    r.ttl_seconds = Some(5);
+    let Answer::Decision(d) = h.run(Command::Reserve(&r)) else {
+        panic!("no decision")
+    };
+    assert_eq!(d.decision, Decision::Allow);
+    let check = CheckRequest {
+        labels: prod.clone(),
+        model: Some("m".into()),
+        estimate: Estimate {
+            input_tokens: 10,
+            max_output_tokens: Some(10),
+        },
+        candidates: None,
+        require: None,
+        wait_ms: None,
+    };
+    let decision = |h: &Harness| match h.ledger.check(&check, h.now) {
+        Answer::Decision(d) => d,
+        other => panic!("check answered {other:?}"),
+    };
+    let requests_remaining = |h: &Harness| {
+        let status = h.ledger.status(&StatusRequest::default(), h.now).unwrap();
+        status.quotas[0].limits[0].remaining
+    };
+    // While the hold lives it takes the one request left.
+    let d = decision(&h);
+    assert_eq!(
+        (d.decision, d.reason.code.as_str()),
+        (Decision::Deny, "quota")
+    );
+    assert_eq!(requests_remaining(&h), 0);
+
+    // Past its expiry, before the reaper's `reservation_expired` is folded: reads no longer
+    // count it, as a reserve (which reaps first) does not.
+    h.now += 6 * SEC;
+    assert_eq!(h.ledger.quota_held("acme-prod").0[0], 1, "not reaped yet");
+    assert_eq!(decision(&h).decision, Decision::Allow);
+    assert_eq!(requests_remaining(&h), 1);
+    assert_eq!(h.reserve("r2", prod, "m", 10, 10).decision, Decision::Allow);
+    assert!(h.kinds().contains(&"reservation_expired"));
+    assert_eq!(h.refold(), h.ledger);
+}
