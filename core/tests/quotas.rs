@@ -9,6 +9,7 @@ use bursar_core::policy::{parse_policy, PolicyError};
 use bursar_schemas::policy::{ResolvedPolicy, WindowSpec};
 use bursar_schemas::pricing::ModelPrice;
 use bursar_schemas::wire::*;
+use bursar_schemas::Labels;
 use common::*;
 
 fn no_import(path: &str) -> Result<String, String> {
@@ -156,7 +157,12 @@ match = { account = "prod" }
 "#;
 
 fn policy_observed() -> ResolvedPolicy {
-    let mut p = parse_policy(OBSERVED, "bursar.toml", &no_import)
+    observed_policy(OBSERVED)
+}
+
+/// A policy of `text` on the test prices, with `other` served by another provider.
+fn observed_policy(text: &str) -> ResolvedPolicy {
+    let mut p = parse_policy(text, "bursar.toml", &no_import)
         .unwrap()
         .resolved;
     let mut table = prices();
@@ -521,17 +527,41 @@ fn a_policy_change_counts_live_holds_in_the_quotas_that_govern_them_now() {
 
 #[test]
 fn a_hold_past_its_expiry_no_longer_counts_in_a_quota_for_reads_before_the_reaper_ends_it() {
-    let mut h = Harness::new(policy_observed());
-    let prod = labels(&[("account", "prod")]);
-    requests_left(&mut h, 1, 300);
-    let mut r = h.reserve_req("r1", prod.clone(), "m", 10, 10);
-    r.ttl_seconds = Some(5);
-    let Answer::Decision(d) = h.run(Command::Reserve(&r)) else {
-        panic!("no decision")
+    let two = format!("{OBSERVED}\n[[quota]]\nid = \"acme-dev\"\nprovider = \"acme\"\nmatch = {{ account = \"dev\" }}\n");
+    let mut h = Harness::new(observed_policy(&two));
+    let (prod, dev) = (
+        labels(&[("account", "prod")]),
+        labels(&[("account", "dev")]),
+    );
+    let window = |remaining| {
+        Some(ObservedWindow {
+            limit: Some(100),
+            remaining,
+            reset_at: at(&h, 300),
+        })
     };
-    assert_eq!(d.decision, Decision::Allow);
-    let check = CheckRequest {
-        labels: prod.clone(),
+    let (two_requests, one_request) = (window(2), window(1));
+    let tokens = window(100);
+    for (account, requests) in [("prod", two_requests), ("dev", one_request)] {
+        let mut req = observe_req("acme", account);
+        req.quota = Some(ObservedQuota {
+            requests,
+            tokens: tokens.clone(),
+            ..ObservedQuota::default()
+        });
+        observe(&mut h, &req);
+    }
+    // Prod: one hold that expires in 5 s and one that lives on; dev: one that lives on.
+    for (id, l, ttl) in [("r1", &prod, 5), ("r2", &prod, 600), ("r3", &dev, 600)] {
+        let mut r = h.reserve_req(id, l.clone(), "m", 10, 10);
+        r.ttl_seconds = Some(ttl);
+        let Answer::Decision(d) = h.run(Command::Reserve(&r)) else {
+            panic!("no decision")
+        };
+        assert_eq!(d.decision, Decision::Allow, "{id}");
+    }
+    let check = |l: &Labels| CheckRequest {
+        labels: l.clone(),
         model: Some("m".into()),
         estimate: Estimate {
             input_tokens: 10,
@@ -541,29 +571,59 @@ fn a_hold_past_its_expiry_no_longer_counts_in_a_quota_for_reads_before_the_reape
         require: None,
         wait_ms: None,
     };
-    let decision = |h: &Harness| match h.ledger.check(&check, h.now) {
-        Answer::Decision(d) => d,
+    let decision = |h: &Harness, l: &Labels| match h.ledger.check(&check(l), h.now) {
+        Answer::Decision(d) => (d.decision, d.reason.code),
         other => panic!("check answered {other:?}"),
     };
-    let requests_remaining = |h: &Harness| {
+    // Each quota's (requests, tokens) remaining, as `status` shows them.
+    let remaining = |h: &Harness| {
         let status = h.ledger.status(&StatusRequest::default(), h.now).unwrap();
-        status.quotas[0].limits[0].remaining
+        status
+            .quotas
+            .iter()
+            .map(|q| {
+                let left = |name: &str| {
+                    q.limits
+                        .iter()
+                        .find(|l| l.limit == name)
+                        .map(|l| l.remaining)
+                };
+                (q.id.clone(), left("requests"), left("tokens"))
+            })
+            .collect::<Vec<_>>()
     };
-    // While the hold lives it takes the one request left.
-    let d = decision(&h);
+    let deny = (Decision::Deny, "quota".to_string());
+    let allow = (Decision::Allow, "ok".to_string());
+    // While the holds live, both quotas are used up (each hold takes a request and 20 tokens).
+    assert_eq!(decision(&h, &prod), deny);
+    assert_eq!(decision(&h, &dev), deny);
     assert_eq!(
-        (d.decision, d.reason.code.as_str()),
-        (Decision::Deny, "quota")
+        remaining(&h),
+        [
+            ("acme-prod".into(), Some(0), Some(60)),
+            ("acme-dev".into(), Some(0), Some(80))
+        ]
     );
-    assert_eq!(requests_remaining(&h), 0);
 
-    // Past its expiry, before the reaper's `reservation_expired` is folded: reads no longer
-    // count it, as a reserve (which reaps first) does not.
+    // Past r1's expiry, before the reaper's `reservation_expired` is folded: reads leave r1
+    // out of the quota that governs it, and only r1; r2 and r3 still count.
     h.now += 6 * SEC;
-    assert_eq!(h.ledger.quota_held("acme-prod").0[0], 1, "not reaped yet");
-    assert_eq!(decision(&h).decision, Decision::Allow);
-    assert_eq!(requests_remaining(&h), 1);
-    assert_eq!(h.reserve("r2", prod, "m", 10, 10).decision, Decision::Allow);
+    assert_eq!(h.ledger.quota_held("acme-prod").0[0], 2, "not reaped yet");
+    assert_eq!(decision(&h, &prod).0, allow.0);
+    assert_eq!(decision(&h, &dev), deny);
+    assert_eq!(
+        remaining(&h),
+        [
+            ("acme-prod".into(), Some(1), Some(80)),
+            ("acme-dev".into(), Some(0), Some(80))
+        ]
+    );
+    // A reserve, which reaps first, sees the same.
+    assert_eq!(
+        h.reserve("r4", prod.clone(), "m", 10, 10).decision,
+        Decision::Allow
+    );
     assert!(h.kinds().contains(&"reservation_expired"));
+    assert_eq!(h.reserve("r5", dev, "m", 10, 10).decision, Decision::Deny);
     assert_eq!(h.refold(), h.ledger);
 }

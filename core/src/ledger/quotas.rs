@@ -7,6 +7,7 @@
 //! SPEC names only the usage, see docs/protocol.md). Past its reset an observation no longer
 //! binds.
 
+use super::report::Adjust;
 use super::{total_tokens, Hold, Ledger};
 use crate::time::format_ts;
 use bursar_schemas::event::{ObservedLimit, QuotaExhausted, QuotaObserved};
@@ -57,10 +58,10 @@ impl Need {
 /// number of holds reaches the largest `u128`), so that uncounting a hold gives back exactly
 /// what counting it added.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct QuotaHeld([u128; 4]);
+pub(in crate::ledger) struct QuotaHeld([u128; 4]);
 
 impl QuotaHeld {
-    fn add(&mut self, o: &Need) {
+    pub(super) fn add(&mut self, o: &Need) {
         for (a, b) in self.0.iter_mut().zip(o.0) {
             *a += u128::from(b);
         }
@@ -74,6 +75,18 @@ impl QuotaHeld {
         if fits {
             for (a, b) in self.0.iter_mut().zip(o.0) {
                 *a -= u128::from(b);
+            }
+        }
+        fits
+    }
+
+    /// Uncount what `o` sums; false (and nothing changed) when less than that is held.
+    #[must_use]
+    fn take_all(&mut self, o: &QuotaHeld) -> bool {
+        let fits = self.0.iter().zip(o.0).all(|(a, b)| *a >= b);
+        if fits {
+            for (a, b) in self.0.iter_mut().zip(o.0) {
+                *a -= b;
             }
         }
         fits
@@ -176,49 +189,43 @@ impl Ledger {
         self.observed.get(id)
     }
 
-    /// What the live holds governed by quota `id` hold.
+    /// What the holds governed by quota `id` hold, counting those past their expiry until their
+    /// `reservation_expired` is folded (reads leave those out: `quota_held_now`).
     pub fn quota_held(&self, id: &str) -> Need {
         self.quota_holds
             .get(id)
             .map_or_else(Need::default, QuotaHeld::need)
     }
 
-    /// [`Ledger::quota_held`] less the holds past their expiry at `now` that the reaper has not
-    /// ended yet, as reads leave them out of buckets (`Ledger::expired_adjust`): a `check` or
-    /// `status` between a hold's expiry and its `reservation_expired` sees what a `reserve`,
-    /// which reaps first, would see.
-    fn quota_held_at(&self, id: &str, now: TsMicros) -> Need {
+    /// [`Ledger::quota_held`] less what `adj` says its holds past their expiry hold (not
+    /// reaped yet): reads leave them out as they leave them out of buckets, so that a `check`
+    /// or `status` between a hold's expiry and its `reservation_expired` does not count it.
+    fn quota_held_now(&self, id: &str, adj: &Adjust) -> Need {
         let Some(mut held) = self.quota_holds.get(id).copied() else {
             return Need::default();
         };
-        let quota = self
-            .policy
-            .as_ref()
-            .and_then(|p| p.quotas.iter().find(|q| q.id == id));
-        for (at, rid) in &self.expiries {
-            if *at > now {
-                break;
-            }
-            let (Some(q), Some(h)) = (quota, self.holds.get(rid)) else {
-                continue;
-            };
-            if governs(q, &h.labels) {
-                // Counted until its event is folded; were it not (a bug, which folding that
-                // event notes as `Ledger::fault`), the figure stays as it is: more held.
-                let counted = held.take(&Need::of_held(h));
-                debug_assert!(counted, "expired hold {rid:?} not counted in quota {id:?}");
-            }
+        if let Some(expired) = adj.quota(id) {
+            // Counted until its event is folded; were it not (a bug, which folding that event
+            // notes as `Ledger::fault`), the figure stays as it is: more held, never less.
+            let counted = held.take_all(expired);
+            debug_assert!(counted, "expired holds not counted in quota {id:?}");
         }
         held.need()
     }
 
-    /// What is left of each limit of quota `id` at `now` (`None`: that limit does not bind).
-    pub fn quota_left(&self, id: &str, now: TsMicros) -> [Option<(u64, TsMicros)>; 4] {
+    /// What is left of each limit of quota `id` at `now`, without the expired holds of `adj`
+    /// (`None`: that limit does not bind).
+    pub(super) fn quota_left(
+        &self,
+        id: &str,
+        now: TsMicros,
+        adj: &Adjust,
+    ) -> [Option<(u64, TsMicros)>; 4] {
         let mut out = [None; 4];
         let Some(obs) = self.observed.get(id) else {
             return out;
         };
-        let held = self.quota_held_at(id, now);
+        let held = self.quota_held_now(id, adj);
         for (i, b) in obs.bounds.iter().enumerate() {
             let Some(b) = b.filter(|b| now < b.limit.reset_at) else {
                 continue;
@@ -231,7 +238,7 @@ impl Ledger {
 
     /// Each `[[quota]]` of the policy in force with its observed limits that still bind at
     /// `now` (`status`).
-    pub fn quota_reports(&self, now: TsMicros) -> Vec<QuotaReport> {
+    pub(super) fn quota_reports(&self, now: TsMicros, adj: &Adjust) -> Vec<QuotaReport> {
         let Some(policy) = &self.policy else {
             return Vec::new();
         };
@@ -240,7 +247,7 @@ impl Ledger {
             .iter()
             .map(|q| {
                 let obs = self.observed.get(&q.id);
-                let left = self.quota_left(&q.id, now);
+                let left = self.quota_left(&q.id, now, adj);
                 let limits = obs
                     .map(|o| {
                         o.bounds
@@ -272,13 +279,19 @@ impl Ledger {
 
     /// The first observed limit a candidate with these labels, needing `need`, would overrun
     /// at `now`.
-    pub fn quota_block(&self, labels: &Labels, need: &Need, now: TsMicros) -> Option<QuotaBlock> {
+    pub(super) fn quota_block(
+        &self,
+        labels: &Labels,
+        need: &Need,
+        now: TsMicros,
+        adj: &Adjust,
+    ) -> Option<QuotaBlock> {
         for q in self.governing_quotas(labels) {
             let of = self
                 .observed
                 .get(&q.id)
                 .map(|o| o.bounds.map(|b| b.and_then(|b| b.limit.limit)));
-            for (i, left) in self.quota_left(&q.id, now).iter().enumerate() {
+            for (i, left) in self.quota_left(&q.id, now, adj).iter().enumerate() {
                 let Some((left, reset_at)) = *left else {
                     continue;
                 };

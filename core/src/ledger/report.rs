@@ -1,6 +1,7 @@
 //! Bucket figures as answers report them, bucket states, and the `status` read.
 
 use super::buckets::{Bucket, Figures, HeldSums, Limits};
+use super::quotas::{governs, Need, QuotaHeld};
 use super::Ledger;
 use crate::labels::parse_scope_key;
 use crate::time::format_ts;
@@ -16,8 +17,31 @@ use std::collections::HashMap;
 /// Default `limit` of a `status` answer.
 pub const DEFAULT_STATUS_LIMIT: usize = 1000;
 
-/// Holds that expired but whose `reservation_expired` is not folded yet, per bucket.
-pub(super) type Adjust = HashMap<(usize, String), HeldSums>;
+/// Holds that expired but whose `reservation_expired` is not folded yet: what they hold per
+/// bucket and per quota, which reads leave out (SPEC §5: reads never show a hold past its
+/// expiry). Made in one pass over the expired holds per read ([`Ledger::expired_adjust`]).
+#[derive(Debug, Default)]
+pub(super) struct Adjust {
+    buckets: HashMap<(usize, String), HeldSums>,
+    quotas: HashMap<String, QuotaHeld>,
+}
+
+impl Adjust {
+    /// Nothing to leave out.
+    pub(super) fn none() -> Adjust {
+        Adjust::default()
+    }
+
+    /// True when no bucket holds an expired hold (the usual case: no key to look up).
+    pub(super) fn no_buckets(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    /// What the expired holds governed by quota `id` hold, if any.
+    pub(super) fn quota(&self, id: &str) -> Option<&QuotaHeld> {
+        self.quotas.get(id)
+    }
+}
 
 /// Take the expired holds `adj` counts for `(budget, key)` out of `f`, the figures of
 /// `bucket` (exactly: from the bucket's exact sums, which its figures report at most at each
@@ -29,7 +53,7 @@ pub(super) fn adjust(
     budget: usize,
     key: &str,
 ) {
-    if let Some(expired) = adj.get(&(budget, key.to_string())) {
+    if let Some(expired) = adj.buckets.get(&(budget, key.to_string())) {
         let mut sums = bucket.map_or_else(HeldSums::default, |b| b.holds.sums());
         // Expired holds are counted in their buckets until their event is folded; were they
         // not (a bug, which folding that event notes as `Ledger::fault`), the figures stay as
@@ -203,14 +227,23 @@ pub(super) fn report(
 impl Ledger {
     /// Holds past their expiry at `now` that are still counted (not yet reaped), per bucket.
     pub(super) fn expired_adjust(&self, now: TsMicros) -> Adjust {
-        let mut adj = Adjust::new();
+        let mut adj = Adjust::none();
+        let quotas = self.policy.as_ref().map_or(&[][..], |p| &p.quotas[..]);
         for (at, rid) in &self.expiries {
             if *at > now {
                 break;
             }
             if let Some(h) = self.holds.get(rid) {
                 for r in &h.buckets {
-                    adj.entry(r.clone()).or_default().add(h.amounts, 1);
+                    adj.buckets.entry(r.clone()).or_default().add(h.amounts, 1);
+                }
+                // Counted in the quotas of the policy in force that govern it (see
+                // `Ledger::quota_hold`).
+                for q in quotas.iter().filter(|q| governs(q, &h.labels)) {
+                    adj.quotas
+                        .entry(q.id.clone())
+                        .or_default()
+                        .add(&Need::of_held(h));
                 }
             }
         }
@@ -230,7 +263,7 @@ impl Ledger {
         let bucket = self.budgets.get(budget).and_then(|s| s.get(key));
         let mut f = bucket.map(|b| b.figures(spec, now)).unwrap_or_default();
         // An empty adjustment (the usual case) costs no key allocation.
-        if !adj.is_empty() {
+        if !adj.no_buckets() {
             adjust(&mut f, bucket, adj, budget, key);
         }
         f
@@ -326,7 +359,7 @@ impl Ledger {
             total: total as u64,
             truncated: total > limit,
             subscriptions: self.subscription_reports(now),
-            quotas: self.quota_reports(now),
+            quotas: self.quota_reports(now, &adj),
             tiers: self
                 .policy
                 .as_ref()

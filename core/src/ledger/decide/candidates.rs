@@ -183,7 +183,7 @@ impl Ledger {
             }
             // A provider's observed rate limit (SPEC §10): skipped with reason `quota`.
             let need = Need::of_hold(est.input_tokens, max_out);
-            if let Some(b) = self.quota_block(&eval.labels, &need, now) {
+            if let Some(b) = self.quota_block(&eval.labels, &need, now, adj) {
                 let detail = format!(
                     "quota {}: {} of {} {} left until {}",
                     b.quota,

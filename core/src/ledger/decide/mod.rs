@@ -526,7 +526,7 @@ impl Ledger {
                 report_skips: r.candidates.is_some(),
             },
             now,
-            &Adjust::new(),
+            &Adjust::none(),
         );
         if may_wait && eval.decision == Decision::Deny && eval.waitable {
             return Decided {

@@ -76,7 +76,7 @@ impl Ledger {
     /// lines are made from the verdict only when an answer needs them
     /// ([`Ledger::render_verdict`]). `check` and `reserve` decide through it.
     pub fn decide(&self, labels: &Labels, probe: Amounts, now: TsMicros) -> Verdict {
-        self.decide_adjusted(labels, probe, now, &Adjust::new())
+        self.decide_adjusted(labels, probe, now, &Adjust::none())
     }
 
     /// [`Ledger::decide`], without the holds in `adj` (expired, not yet reaped).
@@ -122,7 +122,7 @@ impl Ledger {
                 let mut f = bucket
                     .map(|bucket| bucket.figures_in(&limits.window, limits.rolling, now))
                     .unwrap_or_default();
-                if !adj.is_empty() {
+                if !adj.no_buckets() {
                     let key = new_key.as_deref().or_else(|| slot.map(|s| state.key(s)));
                     adjust(&mut f, bucket, adj, i, key.unwrap_or_default());
                 }
@@ -197,7 +197,7 @@ impl Ledger {
         } else {
             self.figures_at(i, line.slot, now)
         };
-        if !adj.is_empty() {
+        if !adj.no_buckets() {
             let bucket = self.budgets.get(i).and_then(|s| s.at(line.slot));
             adjust(&mut f, bucket, adj, i, self.line_key(verdict, n));
         }
@@ -212,7 +212,7 @@ impl Ledger {
         verdict: &Verdict,
         now: TsMicros,
     ) -> (Decision, Vec<BudgetReport>, Reason) {
-        let (decision, shown, reason) = self.verdict_lines(verdict, now, &Adjust::new());
+        let (decision, shown, reason) = self.verdict_lines(verdict, now, &Adjust::none());
         (decision, self.reports(&shown, now), reason)
     }
 
