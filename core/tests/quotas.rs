@@ -560,21 +560,12 @@ fn a_hold_past_its_expiry_no_longer_counts_in_a_quota_for_reads_before_the_reape
         };
         assert_eq!(d.decision, Decision::Allow, "{id}");
     }
-    let check = |l: &Labels| CheckRequest {
-        labels: l.clone(),
-        model: Some("m".into()),
-        estimate: Estimate {
-            input_tokens: 10,
-            max_output_tokens: Some(10),
-        },
-        candidates: None,
-        require: None,
-        wait_ms: None,
-    };
-    let decision = |h: &Harness, l: &Labels| match h.ledger.check(&check(l), h.now) {
-        Answer::Decision(d) => (d.decision, d.reason.code),
-        other => panic!("check answered {other:?}"),
-    };
+    let decision =
+        |h: &Harness, l: &Labels| match h.ledger.check(&h.check_req(l.clone(), "m", 10, 10), h.now)
+        {
+            Answer::Decision(d) => (d.decision, d.reason.code),
+            other => panic!("check answered {other:?}"),
+        };
     // Each quota's (requests, tokens) remaining, as `status` shows them.
     let remaining = |h: &Harness| {
         let status = h.ledger.status(&StatusRequest::default(), h.now).unwrap();

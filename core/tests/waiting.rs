@@ -62,17 +62,8 @@ fn waiting(h: &mut Harness, id: &str, pool: &str) -> Reply {
 }
 
 fn check(h: &Harness, pool: &str) -> (Answer, bool) {
-    let r = CheckRequest {
-        labels: labels(&[("pool", pool)]),
-        model: Some("m".into()),
-        estimate: Estimate {
-            input_tokens: 10,
-            max_output_tokens: Some(10),
-        },
-        candidates: None,
-        require: None,
-        wait_ms: Some(1000),
-    };
+    let mut r = h.check_req(labels(&[("pool", pool)]), "m", 10, 10);
+    r.wait_ms = Some(1000);
     h.ledger.check_waitable(&r, h.now)
 }
 

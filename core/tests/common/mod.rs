@@ -220,6 +220,19 @@ impl Harness {
         }
     }
 
+    /// A `check` of `model` for these labels and this estimate (what `reserve_req` would ask).
+    pub fn check_req(&self, l: Labels, model: &str, input: u64, max_out: u64) -> CheckRequest {
+        let r = self.reserve_req("", l, model, input, max_out);
+        CheckRequest {
+            labels: r.labels,
+            model: r.model,
+            estimate: r.estimate,
+            candidates: None,
+            require: None,
+            wait_ms: None,
+        }
+    }
+
     pub fn reserve(
         &mut self,
         id: &str,
