@@ -71,13 +71,7 @@ impl QuotaHeld {
     /// fold meets (derived from the holds and rebuilt with them).
     #[must_use]
     fn take(&mut self, o: &Need) -> bool {
-        let fits = self.0.iter().zip(o.0).all(|(a, b)| *a >= u128::from(b));
-        if fits {
-            for (a, b) in self.0.iter_mut().zip(o.0) {
-                *a -= u128::from(b);
-            }
-        }
-        fits
+        self.take_all(&QuotaHeld(o.0.map(u128::from)))
     }
 
     /// Uncount what `o` sums; false (and nothing changed) when less than that is held.

@@ -225,7 +225,8 @@ pub(super) fn report(
 }
 
 impl Ledger {
-    /// Holds past their expiry at `now` that are still counted (not yet reaped), per bucket.
+    /// What the holds past their expiry at `now` that are still counted (not yet reaped) hold,
+    /// per bucket and per quota.
     pub(super) fn expired_adjust(&self, now: TsMicros) -> Adjust {
         let mut adj = Adjust::none();
         let quotas = self.policy.as_ref().map_or(&[][..], |p| &p.quotas[..]);
