@@ -486,6 +486,44 @@ where
     d.deserialize_map(Visit(std::marker::PhantomData))
 }
 
+/// A field that takes its default when absent takes it when `null` too, in JSON
+/// (docs/protocol.md: "`null` and an absent optional field mean the same"). Other formats (the
+/// log's bincode, where `Usage` is stored) read the value as it is, so their encoding is
+/// unchanged.
+pub fn or_default_if_null<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: de::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    if d.is_human_readable() {
+        Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+    } else {
+        T::deserialize(d)
+    }
+}
+
+/// `usage.requests`: 1 when `null`, as when absent ([`or_default_if_null`]).
+pub fn requests_or_one<'de, D: de::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    if d.is_human_readable() {
+        Ok(Option::<u64>::deserialize(d)?.unwrap_or(1))
+    } else {
+        u64::deserialize(d)
+    }
+}
+
+/// [`unique_map`], empty when `null` in JSON ([`or_default_if_null`]).
+pub fn unique_map_or_null<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: de::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    if d.is_human_readable() {
+        Ok(unique_map_opt(d)?.unwrap_or_default())
+    } else {
+        unique_map(d)
+    }
+}
+
 /// [`unique_map`] of an optional map.
 pub fn unique_map_opt<'de, D, V>(d: D) -> Result<Option<BTreeMap<String, V>>, D::Error>
 where

@@ -18,19 +18,19 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 #[serde(deny_unknown_fields)]
 pub struct Usage {
     /// Uncached input tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::or_default_if_null")]
     pub input_tokens: u64,
     /// Output tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::or_default_if_null")]
     pub output_tokens: u64,
     /// Cached-input (cache read) tokens, in addition to `input_tokens`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::or_default_if_null")]
     pub cached_input_tokens: u64,
     /// Cache-write (cache creation) tokens, in addition to `input_tokens`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::or_default_if_null")]
     pub cache_write_tokens: u64,
     /// Number of requests (default 1).
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "crate::decode::requests_or_one")]
     pub requests: u64,
 }
 
@@ -55,7 +55,7 @@ impl Default for Usage {
 #[serde(deny_unknown_fields)]
 pub struct Estimate {
     /// Input tokens of the prompt.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::or_default_if_null")]
     pub input_tokens: u64,
     /// Most output tokens the call may produce; capped at (and defaulting to) the model's maximum.
     pub max_output_tokens: Option<u64>,
@@ -76,7 +76,7 @@ pub struct RecordRequest {
     /// Client-chosen idempotency id.
     pub event_id: String,
     /// Labels of the call.
-    #[serde(default, deserialize_with = "crate::decode::unique_map")]
+    #[serde(default, deserialize_with = "crate::decode::unique_map_or_null")]
     pub labels: Labels,
     /// Model name.
     pub model: String,
@@ -104,7 +104,7 @@ pub struct ReserveRequest {
     /// Client-chosen idempotency id of the hold (`reserve` only).
     pub reservation_id: String,
     /// Labels of the call.
-    #[serde(default, deserialize_with = "crate::decode::unique_map")]
+    #[serde(default, deserialize_with = "crate::decode::unique_map_or_null")]
     pub labels: Labels,
     /// Model name; may be omitted when `candidates` is given.
     pub model: Option<String>,
@@ -127,7 +127,7 @@ pub struct ReserveRequest {
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     /// Labels of the call.
-    #[serde(default, deserialize_with = "crate::decode::unique_map")]
+    #[serde(default, deserialize_with = "crate::decode::unique_map_or_null")]
     pub labels: Labels,
     /// Model name; may be omitted when `candidates` is given.
     pub model: Option<String>,
@@ -178,7 +178,7 @@ pub struct ObserveRequest {
     /// The provider (the derived label `provider` of the calls the quota governs).
     pub provider: String,
     /// Labels that pick the `[[quota]]` (its `match`), e.g. `account`.
-    #[serde(default, deserialize_with = "crate::decode::unique_map")]
+    #[serde(default, deserialize_with = "crate::decode::unique_map_or_null")]
     pub labels: Labels,
     /// Normalised limits.
     pub quota: Option<ObservedQuota>,
@@ -276,7 +276,7 @@ pub struct TailRequest {
     /// First seq to send (default: the next event, i.e. only new ones when following).
     pub from_seq: Option<u64>,
     /// Keep streaming new events.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::or_default_if_null")]
     pub follow: bool,
     /// Keep only events of these types (e.g. `["budget_warned","budget_exhausted"]`): one
     /// line per crossing for an alerting script. `from_seq` and the default last events count
@@ -312,7 +312,7 @@ pub struct ExportRequest {
 #[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
     /// New prices, same shape as the `[pricing]` section (required without `policy`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::or_default_if_null")]
     pub pricing: crate::policy::PricingSection,
     /// The text of a `bursar.toml`: a what-if under this policy instead of the one in force
     /// (never applied; without `pricing`).
@@ -321,7 +321,7 @@ pub struct ReplayRequest {
     /// RFC 3339 time from which the new prices apply (default: the start of the log).
     pub since: Option<String>,
     /// Append `pricing_changed` and make the projections follow (admin only).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::or_default_if_null")]
     pub apply: bool,
 }
 
@@ -331,7 +331,7 @@ pub struct ReplayRequest {
 pub struct ReportRequest {
     /// Group rows by these labels (derived `model`, `provider`, `tier` included); none: one
     /// group.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::decode::or_default_if_null")]
     pub group_by: Vec<String>,
     /// `hour`, `day` (default), `week` (ISO, from Monday) or `month`.
     pub every: Option<String>,

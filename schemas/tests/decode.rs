@@ -152,3 +152,63 @@ fn op_anywhere_in_the_line_decodes_the_same() {
     assert_eq!(decode_request(middle.as_bytes()).unwrap(), a);
     assert_eq!(a.req, Some(serde_json::json!(3)));
 }
+
+/// docs/protocol.md: "`null` and an absent optional field mean the same" — for every field that
+/// has a default, not only for the `Option`s: a client that writes `null` for what it does not
+/// set (JavaScript's `undefined`, a Go pointer, a model dumped with its `None`s) is not refused.
+#[test]
+fn null_reads_as_an_absent_field_in_every_request_that_has_defaults() {
+    let pairs = [
+        (
+            r#"{"op":"record","event_id":"e","labels":null,"model":"m","usage":{"input_tokens":null,"output_tokens":null,"cached_input_tokens":null,"cache_write_tokens":null,"requests":null}}"#,
+            r#"{"op":"record","event_id":"e","model":"m","usage":{}}"#,
+        ),
+        (
+            r#"{"op":"reserve","reservation_id":"r","labels":null,"model":"m","estimate":{"input_tokens":null,"max_output_tokens":null}}"#,
+            r#"{"op":"reserve","reservation_id":"r","model":"m","estimate":{}}"#,
+        ),
+        (
+            r#"{"op":"check","labels":null,"model":"m","estimate":{"input_tokens":null}}"#,
+            r#"{"op":"check","model":"m","estimate":{}}"#,
+        ),
+        (
+            r#"{"op":"observe","provider":"acme","labels":null}"#,
+            r#"{"op":"observe","provider":"acme"}"#,
+        ),
+        (r#"{"op":"tail","follow":null}"#, r#"{"op":"tail"}"#),
+        (
+            r#"{"op":"replay","policy":"","pricing":null,"apply":null}"#,
+            r#"{"op":"replay","policy":""}"#,
+        ),
+        (r#"{"op":"report","group_by":null}"#, r#"{"op":"report"}"#),
+    ];
+    for (with_nulls, without) in pairs {
+        let a = decode_request(with_nulls.as_bytes())
+            .unwrap_or_else(|(e, _)| panic!("{with_nulls}: {e:?}"))
+            .request;
+        let b = decode_request(without.as_bytes()).unwrap().request;
+        assert_eq!(a, b, "{with_nulls}");
+    }
+    // `requests` defaults to 1 whether absent or null.
+    let Request::Record(r) =
+        decode_request(br#"{"op":"record","event_id":"e","model":"m","usage":{"requests":null}}"#)
+            .unwrap()
+            .request
+    else {
+        panic!("not a record")
+    };
+    assert_eq!(r.usage.requests, 1);
+    // A value of the wrong type is still refused, naming the field.
+    let (code, field, _) =
+        err(r#"{"op":"record","event_id":"e","labels":5,"model":"m","usage":{}}"#);
+    assert_eq!(
+        (code, field.as_deref()),
+        (ErrorCode::BadRequest, Some("labels"))
+    );
+    let (code, field, _) =
+        err(r#"{"op":"record","event_id":"e","model":"m","usage":{"output_tokens":"9"}}"#);
+    assert_eq!(
+        (code, field.as_deref()),
+        (ErrorCode::BadRequest, Some("usage.output_tokens"))
+    );
+}
