@@ -232,6 +232,20 @@ fn a_check_with_wait_ms_waits_for_a_release_and_appends_nothing() {
         "wait_ms": 200}));
     assert_eq!(late["decision"], json!("deny"), "{late}");
     assert!(late["waited_ms"].as_u64().unwrap() >= 200, "{late}");
+    // `"wait_ms": 0` does not wait, and says so, for a check as for a reserve.
+    let asked = |op: &str| {
+        let mut r = json!({"op": op, "labels": {"pool": "gpu"}, "model": "gpt-4o-mini",
+            "estimate": {"input_tokens": 10, "max_output_tokens": 10}, "wait_ms": 0});
+        if op == "reserve" {
+            r["reservation_id"] = json!("no-wait");
+        }
+        r
+    };
+    for op in ["check", "reserve"] {
+        let now = asker.call(asked(op));
+        assert_eq!(now["decision"], json!("deny"), "{now}");
+        assert_eq!(now["waited_ms"], json!(0), "{now}");
+    }
 }
 
 #[test]

@@ -295,10 +295,11 @@ impl Ledger {
         );
         let budgets = self.reports(&eval.budgets, now);
         let waitable = eval.decision == Decision::Deny && eval.waitable;
-        (
-            Answer::Decision(decision_answer(eval, budgets, None, None)),
-            waitable,
-        )
+        let mut answer = decision_answer(eval, budgets, None, None);
+        // An answer says `waited_ms` whenever its request had `wait_ms` (docs/protocol.md): 0
+        // here, which a daemon that waited for the call to fit replaces.
+        answer.waited_ms = req.wait_ms.map(|_| 0);
+        (Answer::Decision(answer), waitable)
     }
 }
 
