@@ -191,7 +191,8 @@ pub struct PricingSection {
     /// Path of a LiteLLM `model_prices_and_context_window.json` to import.
     pub import: Option<String>,
     /// Per-model prices in USD per million tokens.
-    #[serde(default, deserialize_with = "crate::decode::unique_map")]
+    // `null` (in a `replay` request's JSON; TOML has none) reads as absent: no models.
+    #[serde(default, deserialize_with = "crate::decode::unique_map_or_null")]
     pub models: BTreeMap<String, ModelPriceSection>,
 }
 

@@ -180,6 +180,15 @@ fn null_reads_as_an_absent_field_in_every_request_that_has_defaults() {
             r#"{"op":"replay","policy":"","pricing":null,"apply":null}"#,
             r#"{"op":"replay","policy":""}"#,
         ),
+        (
+            r#"{"op":"replay","pricing":{"import":null,"models":null}}"#,
+            r#"{"op":"replay","pricing":{}}"#,
+        ),
+        // The slow path (a body key before `op`) reads them the same way.
+        (
+            r#"{"labels":null,"op":"check","model":"m","estimate":{"input_tokens":null}}"#,
+            r#"{"op":"check","model":"m","estimate":{}}"#,
+        ),
         (r#"{"op":"report","group_by":null}"#, r#"{"op":"report"}"#),
     ];
     for (with_nulls, without) in pairs {
