@@ -614,6 +614,39 @@ fn scopes_whose_window_ended_no_longer_count_against_max_keys() {
     }
 }
 
+/// SPEC §5: reads never show a hold past its expiry, even before its `reservation_expired` is
+/// written; a scope that only such a hold keeps live is not live for a read either (`check`'s
+/// `max_keys`, `status`'s list), as it is not for a `reserve`, which reaps first.
+#[test]
+fn a_scope_kept_live_only_by_an_expired_hold_is_not_live_for_reads() {
+    let mut h = Harness::new(two_sessions_a_day());
+    let session = |s: &str| labels(&[("session", s)]);
+    h.now += 12 * 3600 * SEC;
+    for (id, s) in [("r1", "s1"), ("r2", "s2")] {
+        let mut r = h.reserve_req(id, session(s), "m", 1, 0);
+        r.ttl_seconds = Some(86_400);
+        let Answer::Decision(d) = h.run(Command::Reserve(&r)) else {
+            panic!("no decision")
+        };
+        assert_eq!(d.decision, Decision::Allow, "{id}");
+    }
+    // The next day, past both holds' expiry, before the reaper has ended them.
+    h.now += 25 * 3600 * SEC;
+    assert_eq!(h.ledger.bucket_count(), 2, "not reaped, not swept yet");
+    let check = h.check_req(session("s3"), "m", 1, 0);
+    let Answer::Decision(d) = h.ledger.check(&check, h.now) else {
+        panic!("no decision")
+    };
+    assert_eq!(d.decision, Decision::Allow, "s1 and s2 are not live: {d:?}");
+    let keys: Vec<String> = h.status().into_iter().map(|r| r.key).collect();
+    assert!(keys.is_empty(), "{keys:?}");
+    assert_eq!(
+        h.reserve("r3", session("s3"), "m", 1, 0).decision,
+        Decision::Allow
+    );
+    assert_eq!(h.refold(), h.ledger);
+}
+
 /// A scope that holds a live reservation is live even after its window ended.
 #[test]
 fn a_scope_holding_a_reservation_stays_live_past_its_window() {

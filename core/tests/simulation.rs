@@ -635,14 +635,17 @@ impl Model {
         figs
     }
 
-    /// True when `bucket` is a live scope at `t` (SPEC §5): it holds a reservation (even one
-    /// past its expiry that is not reaped yet), its budget is cumulative, some usage in it is
-    /// still in its window at `t`, or (fixed and calendar) a hold was placed in it in the window
-    /// of `t`.
+    /// True when `bucket` is a live scope for a read at `t` (SPEC §5): it holds a reservation
+    /// still live at `t` (a read never shows one past its expiry, reaped or not), its budget is
+    /// cumulative, some usage in it is still in its window at `t`, or (fixed and calendar) a
+    /// hold was placed in it in the window of `t`.
     fn live(&self, bucket: usize, t: TsMicros) -> bool {
         let spec = &self.budget_of(bucket).window;
         if *spec == WindowSpec::Cumulative
-            || self.holds.values().any(|h| h.buckets.contains(&bucket))
+            || self
+                .holds
+                .values()
+                .any(|h| h.buckets.contains(&bucket) && h.expires_at > t)
         {
             return true;
         }

@@ -378,6 +378,12 @@ impl Bucket {
         self.holds.is_empty() && self.ends_at(limits) <= ts
     }
 
+    /// [`Bucket::ended`] as a read sees it: `expired` of its live holds, past their expiry but
+    /// not reaped yet, do not keep it live (SPEC §5: reads never show such a hold).
+    pub fn ended_on_read(&self, limits: &Limits, ts: TsMicros, expired: u64) -> bool {
+        self.holds.live_holds() <= expired && self.ends_at(limits) <= ts
+    }
+
     /// Figures at `now`.
     pub fn figures(&self, spec: &WindowSpec, now: TsMicros) -> Figures {
         self.figures_in(spec, None, now)
@@ -764,12 +770,21 @@ impl BudgetState {
         self.vacant.append(&mut self.released);
     }
 
-    /// How many buckets are live at `now` (exact: ended ones not yet swept are not counted).
-    pub fn live_count(&self, limits: &Limits, now: TsMicros) -> usize {
+    /// How many buckets are live at `now` (exact: ended ones not yet swept are not counted), as
+    /// a read sees them: `expired(key)` of a bucket's live holds are past their expiry and not
+    /// reaped yet ([`Bucket::ended_on_read`]).
+    pub fn live_count(
+        &self,
+        limits: &Limits,
+        now: TsMicros,
+        expired: impl Fn(&str) -> u64,
+    ) -> usize {
         if self.none_ended_by(now) {
             return self.len();
         }
-        self.iter().filter(|(_, b)| !b.ended(limits, now)).count()
+        self.iter()
+            .filter(|(key, b)| !b.ended_on_read(limits, now, expired(key)))
+            .count()
     }
 
     /// `(key, bucket)` of every bucket, in slot order.

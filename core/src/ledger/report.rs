@@ -37,6 +37,16 @@ impl Adjust {
         self.buckets.is_empty()
     }
 
+    /// How many of the live holds of `(budget, key)` are past their expiry.
+    pub(super) fn expired_in(&self, budget: usize, key: &str) -> u64 {
+        if self.buckets.is_empty() {
+            return 0;
+        }
+        self.buckets
+            .get(&(budget, key.to_string()))
+            .map_or(0, HeldSums::live)
+    }
+
     /// What the expired holds governed by quota `id` hold, if any.
     pub(super) fn quota(&self, id: &str) -> Option<&QuotaHeld> {
         self.quotas.get(id)
@@ -319,9 +329,10 @@ impl Ledger {
             };
             let limits = self.limits.get(i);
             for (key, bucket) in state.iter() {
-                // A scope whose window has ended and that holds nothing is no longer live
-                // (SPEC §5): it is not listed, whether or not it has left memory yet.
-                if limits.is_some_and(|l| bucket.ended(l, now)) {
+                // A scope whose window has ended and that holds nothing (but holds past their
+                // expiry) is no longer live (SPEC §5): it is not listed, whether or not it has
+                // left memory yet.
+                if limits.is_some_and(|l| bucket.ended_on_read(l, now, adj.expired_in(i, key))) {
                     continue;
                 }
                 if !in_key.is_empty() {

@@ -130,7 +130,8 @@ impl Ledger {
                 // Only live scopes count (SPEC §5): ended buckets not swept yet do not.
                 let full = new_key.as_ref().is_some_and(|k| !k.is_empty())
                     && state.len() as u64 >= policy.max_keys_per_budget
-                    && state.live_count(limits, now) as u64 >= policy.max_keys_per_budget;
+                    && state.live_count(limits, now, |key| adj.expired_in(i, key)) as u64
+                        >= policy.max_keys_per_budget;
                 let (line, why) = if full && limits.limited && limits.deny {
                     (Decision::Deny, Why::MaxKeys)
                 } else if limits.over(&after) {
