@@ -82,9 +82,10 @@ pub fn recovery_done() {
 /// [`MemoryReserve`]): 6.4 % of the daemon's CPU samples under `record --no-redis` were that
 /// clearing, on the writer thread, in the middle of a group commit. With huge pages off for
 /// the process (`MIMALLOC_ALLOW_THP=0`, which makes this same call at start), 0.05 %; with
-/// this call once serving, 0.07 %, and the write path's max latency ~20 → ~5 ms (benches/README.md, "Huge pages off once
-/// serving"). It is made once serving, not at start, only to leave start-up as it was
-/// measured: start-up took the same time either way (11.1 / 11.0 s off, 11.2 / 11.6 s on). The
+/// this call once serving, 0.07 %, and the write path's max latency ~20 → ~5 ms
+/// (benches/README.md, "Huge pages off once serving"). It is made once serving, not at start,
+/// only to leave start-up as it was measured: start-up took the same time either way (11.1 /
+/// 11.0 s off, 11.2 / 11.6 s on). The
 /// setting is the process's (its memory map's), whichever thread makes it; on a cluster node
 /// it also holds for the folds of partitions followed or taken over later.
 fn no_huge_pages_from_now_on() {

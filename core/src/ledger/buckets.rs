@@ -137,7 +137,8 @@ impl Holds {
         self.0.as_ref().map_or(0, |h| h.live)
     }
 
-    /// True when nothing is held.
+    /// True when nothing is held (no box: see [`Holds`]).
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.0.is_none()
     }
@@ -375,7 +376,7 @@ impl Bucket {
     /// ended (or, rolling, every slot has left it) and it holds no live reservation. Such a
     /// bucket reads as an empty one from then on, so it may leave memory.
     pub fn ended(&self, limits: &Limits, ts: TsMicros) -> bool {
-        self.holds.is_empty() && self.ends_at(limits) <= ts
+        self.ended_on_read(limits, ts, 0)
     }
 
     /// [`Bucket::ended`] as a read sees it: `expired` of its live holds, past their expiry but

@@ -32,19 +32,18 @@ impl Adjust {
         Adjust::default()
     }
 
-    /// True when no bucket holds an expired hold (the usual case: no key to look up).
-    pub(super) fn no_buckets(&self) -> bool {
-        self.buckets.is_empty()
+    /// What the expired holds of `(budget, key)` hold, if any. No key is allocated in the
+    /// usual case, where no bucket holds an expired hold.
+    fn bucket(&self, budget: usize, key: &str) -> Option<&HeldSums> {
+        if self.buckets.is_empty() {
+            return None;
+        }
+        self.buckets.get(&(budget, key.to_string()))
     }
 
     /// How many of the live holds of `(budget, key)` are past their expiry.
     pub(super) fn expired_in(&self, budget: usize, key: &str) -> u64 {
-        if self.buckets.is_empty() {
-            return 0;
-        }
-        self.buckets
-            .get(&(budget, key.to_string()))
-            .map_or(0, HeldSums::live)
+        self.bucket(budget, key).map_or(0, HeldSums::live)
     }
 
     /// What the expired holds governed by quota `id` hold, if any.
@@ -63,7 +62,7 @@ pub(super) fn adjust(
     budget: usize,
     key: &str,
 ) {
-    if let Some(expired) = adj.buckets.get(&(budget, key.to_string())) {
+    if let Some(expired) = adj.bucket(budget, key) {
         let mut sums = bucket.map_or_else(HeldSums::default, |b| b.holds.sums());
         // Expired holds are counted in their buckets until their event is folded; were they
         // not (a bug, which folding that event notes as `Ledger::fault`), the figures stay as
@@ -273,10 +272,7 @@ impl Ledger {
         };
         let bucket = self.budgets.get(budget).and_then(|s| s.get(key));
         let mut f = bucket.map(|b| b.figures(spec, now)).unwrap_or_default();
-        // An empty adjustment (the usual case) costs no key allocation.
-        if !adj.no_buckets() {
-            adjust(&mut f, bucket, adj, budget, key);
-        }
+        adjust(&mut f, bucket, adj, budget, key);
         f
     }
 

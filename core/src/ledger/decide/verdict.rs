@@ -122,10 +122,8 @@ impl Ledger {
                 let mut f = bucket
                     .map(|bucket| bucket.figures_in(&limits.window, limits.rolling, now))
                     .unwrap_or_default();
-                if !adj.no_buckets() {
-                    let key = new_key.as_deref().or_else(|| slot.map(|s| state.key(s)));
-                    adjust(&mut f, bucket, adj, i, key.unwrap_or_default());
-                }
+                let key = new_key.as_deref().or_else(|| slot.map(|s| state.key(s)));
+                adjust(&mut f, bucket, adj, i, key.unwrap_or_default());
                 let after = with_probe(&f, probe);
                 // Only live scopes count (SPEC §5): ended buckets not swept yet do not.
                 let full = new_key.as_ref().is_some_and(|k| !k.is_empty())
@@ -198,10 +196,8 @@ impl Ledger {
         } else {
             self.figures_at(i, line.slot, now)
         };
-        if !adj.no_buckets() {
-            let bucket = self.budgets.get(i).and_then(|s| s.at(line.slot));
-            adjust(&mut f, bucket, adj, i, self.line_key(verdict, n));
-        }
+        let bucket = self.budgets.get(i).and_then(|s| s.at(line.slot));
+        adjust(&mut f, bucket, adj, i, self.line_key(verdict, n));
         f
     }
 
