@@ -212,6 +212,9 @@ fn cells(e: &ExportedEvent) -> Vec<String> {
                 bursar_schemas::event::ReservationLink::Unknown => {
                     detail.push("reservation=unknown".to_string())
                 }
+                bursar_schemas::event::ReservationLink::Denied => {
+                    detail.push("reservation=denied".to_string())
+                }
                 bursar_schemas::event::ReservationLink::Known if u.late => {
                     detail.push("late".to_string())
                 }

@@ -312,8 +312,12 @@ pub fn usage_answer(verb: &str, event_id: &str, a: &UsageAnswer, now: TsMicros) 
     if a.late {
         notes.push("late: the hold had already expired".to_string());
     }
-    if a.reservation.as_deref() == Some("unknown") {
-        notes.push("the daemon never saw this reservation".to_string());
+    match a.reservation.as_deref() {
+        Some("unknown") => notes.push("the daemon never saw this reservation".to_string()),
+        Some("denied") => {
+            notes.push("this reservation was denied: spent without a hold".to_string())
+        }
+        _ => {}
     }
     if a.priced_at_max {
         notes.push("unknown model, priced at the table's highest prices".to_string());

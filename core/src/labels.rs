@@ -98,6 +98,16 @@ pub fn validate_client_labels(labels: &Labels) -> Result<(), LabelError> {
     Ok(())
 }
 
+/// The labels a request carried, from an event's: without the derived ones
+/// ([`RESERVED_LABELS`]).
+pub fn client_part(labels: &Labels) -> Labels {
+    labels
+        .iter()
+        .filter(|(k, _)| !RESERVED_LABELS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// A key as it may appear in an error: control characters escaped, at most 128 characters.
 fn printable_key(key: &str) -> String {
     const SHOWN_CHARS: usize = 128;

@@ -294,6 +294,75 @@ fn commit_of_an_unknown_reservation_is_recorded_and_flagged() {
     assert_eq!(e.code, ErrorCode::NotFound);
 }
 
+/// A commit of a reservation the daemon denied (the client called the model all the same) is
+/// usage against what the reservation asked for: its labels and model, not an unknown
+/// reservation's (the commit's labels, often none, and a model priced at the table's
+/// maximum). It is flagged `"reservation":"denied"`, holds nothing to release (no overrun),
+/// and a second commit of it is a conflict, as for a hold.
+#[test]
+fn commit_of_a_denied_reservation_is_recorded_against_what_it_asked_for() {
+    let mut team = limited(1_000);
+    team.group_by = vec!["team".into()];
+    let mut h = Harness::new(policy(vec![team]));
+    let a = labels(&[("team", "a")]);
+    h.record("e0", a.clone(), "m", usage(900, 0));
+    // hold = 100 in × 1 + 100 out × 2 = 300 micros, over the 100 left.
+    let d = h.reserve("r1", a.clone(), "m", 100, 100);
+    assert_eq!(d.decision, Decision::Deny);
+    let e = error(h.run(Command::Release(&ReleaseRequest {
+        reservation_id: "r1".into(),
+    })));
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert!(e.message.contains("denied"), "{}", e.message);
+
+    h.now += SEC;
+    let u = usage_answer(h.commit("r1", "e1", usage(100, 100)));
+    assert_eq!(u.reservation.as_deref(), Some("denied"));
+    assert!(!u.late && !u.priced_at_max && u.overrun_micros.is_none());
+    assert_eq!(u.cost_micros, 300, "priced as model m");
+    assert_eq!(u.budgets.len(), 1, "team a's budget counts it");
+    assert_eq!(u.budgets[0].key, "team=a");
+    assert_eq!(u.budgets[0].spent_micros, 1_200);
+    assert_eq!(u.state, BucketState::Exhausted);
+    let again = error(h.commit("r1", "e2", usage(1, 0)));
+    assert_eq!(again.code, ErrorCode::Conflict);
+    assert!(again.message.contains("e1"), "{}", again.message);
+
+    // A commit that says which model the call used (and its labels) is taken at its word.
+    let b = labels(&[("team", "b")]);
+    let mut big = h.reserve_req("r2", b.clone(), "big", 100, 100);
+    big.estimate.input_tokens = 1_000_000;
+    assert!(
+        matches!(h.run(Command::Reserve(&big)), Answer::Decision(d) if d.decision == Decision::Deny)
+    );
+    let c = CommitRequest {
+        reservation_id: "r2".into(),
+        event_id: "e3".into(),
+        usage: usage(10, 0),
+        labels: Some(labels(&[("team", "c")])),
+        model: Some("m".into()),
+        occurred_at: None,
+        reported_cost_usd: None,
+        headers: None,
+    };
+    let u = usage_answer(h.run(Command::Commit(&c)));
+    assert_eq!(u.reservation.as_deref(), Some("denied"));
+    assert_eq!((u.cost_micros, u.budgets[0].key.as_str()), (10, "team=c"));
+    assert_eq!(h.refold(), h.ledger);
+
+    // Denials are remembered as ended reservations are, for an hour: then a commit of one is
+    // an unknown reservation's.
+    assert_eq!(
+        h.reserve("r3", a.clone(), "m", 100, 100).decision,
+        Decision::Deny
+    );
+    h.now += 3_601 * SEC;
+    h.record("e4", b, "m", usage(1, 0));
+    let u = usage_answer(h.commit("r3", "e5", usage(1, 0)));
+    assert_eq!(u.reservation.as_deref(), Some("unknown"));
+    assert_eq!(h.refold(), h.ledger);
+}
+
 #[test]
 fn duplicate_returns_the_original_answer_and_counts_nothing_twice() {
     let mut h = Harness::new(policy(vec![limited(10_000)]));

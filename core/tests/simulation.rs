@@ -303,6 +303,8 @@ enum How {
     Committed,
     Released,
     Expired,
+    /// A denied reservation, remembered as an ended one (holding nothing).
+    Denied,
 }
 
 #[derive(Clone, Debug)]
@@ -758,10 +760,12 @@ impl Model {
                 reports,
             };
         }
+        // A denial's labels are the request's with those derived from its last candidate.
+        let last = models.last().cloned().unwrap_or_default();
         Eval {
             decision: Decision::Deny,
-            model: models.last().cloned(),
-            labels: client.clone(),
+            labels: self.derived(client, &last),
+            model: Some(last),
             hold: Amt::default(),
             max_out: 0,
             skipped,
@@ -829,6 +833,8 @@ enum Expect {
         at_max: bool,
         late: bool,
         unknown: bool,
+        /// The answer's `reservation` flag (`unknown`, `denied`).
+        flag: Option<&'static str>,
         hold_micros: Option<i128>,
         rid: Option<String>,
     },
@@ -903,6 +909,7 @@ impl Model {
                     at_max,
                     late: false,
                     unknown: false,
+                    flag: None,
                     hold_micros: None,
                     rid: None,
                 }
@@ -916,31 +923,51 @@ impl Model {
                     return e;
                 }
                 let rid = c.reservation_id.clone();
-                let (labels, model, late, unknown, hold_micros) =
-                    if let Some(h) = self.holds.get(&rid) {
-                        (
-                            h.labels.clone(),
-                            h.model.clone(),
-                            false,
-                            false,
-                            Some(h.amt.micros),
-                        )
-                    } else if let Some(e) = self.ended.get(&rid) {
-                        if e.how == How::Committed {
-                            return Expect::Error(ErrorCode::Conflict);
+                let (labels, model, late, flag, hold_micros) = if let Some(h) = self.holds.get(&rid)
+                {
+                    (
+                        h.labels.clone(),
+                        h.model.clone(),
+                        false,
+                        None,
+                        Some(h.amt.micros),
+                    )
+                } else if let Some(e) = self.ended.get(&rid) {
+                    match e.how {
+                        How::Committed => return Expect::Error(ErrorCode::Conflict),
+                        // The call went ahead without a hold: the commit's own labels and
+                        // model where it gives them, the denial's otherwise.
+                        How::Denied => {
+                            let model = c.model.clone().unwrap_or_else(|| e.model.clone());
+                            let client = c.labels.clone().unwrap_or_else(|| {
+                                let mut l = e.labels.clone();
+                                l.retain(|k, _| {
+                                    !["model", "provider", "tier"].contains(&k.as_str())
+                                });
+                                l
+                            });
+                            (
+                                self.derived(&client, &model),
+                                model,
+                                false,
+                                Some("denied"),
+                                None,
+                            )
                         }
-                        (
+                        How::Released | How::Expired => (
                             e.labels.clone(),
                             e.model.clone(),
                             true,
-                            false,
+                            None,
                             Some(e.hold_micros),
-                        )
-                    } else {
-                        let model = c.model.clone().unwrap_or_else(|| "unknown".into());
-                        let labels = self.derived(&c.labels.clone().unwrap_or_default(), &model);
-                        (labels, model, false, true, None)
-                    };
+                        ),
+                    }
+                } else {
+                    let model = c.model.clone().unwrap_or_else(|| "unknown".into());
+                    let labels = self.derived(&c.labels.clone().unwrap_or_default(), &model);
+                    (labels, model, false, Some("unknown"), None)
+                };
+                let unknown = flag == Some("unknown");
                 let (p, at_max) = self.price_of(&model);
                 Expect::Usage {
                     key,
@@ -950,6 +977,7 @@ impl Model {
                     at_max,
                     late,
                     unknown,
+                    flag,
                     hold_micros,
                     rid: Some(rid),
                 }
@@ -969,9 +997,12 @@ impl Model {
                     return e;
                 }
                 // An id past the idempotency window whose hold is live or remembered as ended
-                // is still in use.
+                // is still in use (a denied one holds nothing: it is not).
                 if self.holds.contains_key(&r.reservation_id)
-                    || self.ended.contains_key(&r.reservation_id)
+                    || self
+                        .ended
+                        .get(&r.reservation_id)
+                        .is_some_and(|e| e.how != How::Denied)
                 {
                     return Expect::Error(ErrorCode::Conflict);
                 }
@@ -1031,6 +1062,8 @@ struct Stats {
     usage: u64,
     late: u64,
     unknown: u64,
+    /// Commits of denied reservations.
+    denied_commits: u64,
     overruns: u64,
     duplicates: u64,
     conflicts: u64,
@@ -1682,6 +1715,7 @@ impl Sim {
                 at_max,
                 late,
                 unknown,
+                flag,
                 hold_micros,
                 rid,
             } => {
@@ -1700,12 +1734,7 @@ impl Sim {
                 ensure_eq!(self, i128::from(a.cost_micros), amt.micros, "cost");
                 ensure_eq!(self, a.priced_at_max, at_max, "priced_at_max");
                 ensure_eq!(self, a.late, late, "late");
-                ensure_eq!(
-                    self,
-                    a.reservation.is_some(),
-                    unknown,
-                    "reservation unknown"
-                );
+                ensure_eq!(self, a.reservation.as_deref(), flag, "reservation flag");
                 let overrun = hold_micros.map(|h| amt.micros - h).filter(|o| *o > 0);
                 ensure_eq!(self, a.overrun_micros.map(i128::from), overrun, "overrun");
                 ensure!(self, !a.duplicate, "first answer marked duplicate");
@@ -1742,6 +1771,7 @@ impl Sim {
                 self.stats.usage += 1;
                 self.stats.late += u64::from(late);
                 self.stats.unknown += u64::from(unknown);
+                self.stats.denied_commits += u64::from(flag == Some("denied"));
                 self.stats.overruns += u64::from(overrun.is_some());
             }
             Expect::Reserve {
@@ -1769,6 +1799,20 @@ impl Sim {
                         first.body
                     );
                     ensure!(self, rest.len() == 1, "a denial appended more: {rest:?}");
+                    if let EventBody::ReservationDenied(d) = &first.body {
+                        ensure_eq!(self, &*d.labels, &eval.labels, "denial labels");
+                    }
+                    // Remembered as an ended reservation is, for a commit of it.
+                    self.m.ended.insert(
+                        rid,
+                        EndedFact {
+                            labels: eval.labels.clone(),
+                            model: eval.model.clone().unwrap_or_default(),
+                            hold_micros: 0,
+                            how: How::Denied,
+                            at: t,
+                        },
+                    );
                     self.m.saw_event(t);
                     self.stats.denied += 1;
                     let why = match &a.reason.budget {
@@ -2265,6 +2309,7 @@ fn the_ledger_agrees_with_a_naive_model_over_seeded_random_runs() {
         total.usage += s.usage;
         total.late += s.late;
         total.unknown += s.unknown;
+        total.denied_commits += s.denied_commits;
         total.overruns += s.overruns;
         total.duplicates += s.duplicates;
         total.conflicts += s.conflicts;
@@ -2293,6 +2338,7 @@ fn the_ledger_agrees_with_a_naive_model_over_seeded_random_runs() {
             ("denied reservations", total.denied),
             ("late commits", total.late),
             ("unknown commits", total.unknown),
+            ("commits of denied reservations", total.denied_commits),
             ("overruns", total.overruns),
             ("duplicates", total.duplicates),
             ("conflicts", total.conflicts),

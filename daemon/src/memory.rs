@@ -3,14 +3,13 @@
 //! memory already written ready for the fold ([`MemoryReserve`]), and from then on every page
 //! freed (so a cluster node gives nothing back when its writers go idle).
 //!
-//! Recovery reads a snapshot (the file's bytes, tens of MiB at a few hundred thousand buckets;
-//! a snapshot of format 5 also its decompressed copy) and folds the log on two threads, the
-//! log's records decoded a chunk at a time; all of it is freed before the daemon serves, but
-//! mimalloc keeps freed pages until a later allocation finds them past its purge delay, which
-//! an idle daemon may never make. Measured with `bursar-bench
-//! memory` (200,000 scopes, 254,004 buckets): the restarted daemon's RSS per bucket was
-//! 1,331–1,339 bytes at its first `hello`, and 635–637 bytes in the runs where something
-//! happened to purge within 3 s (benches/README.md, "Memory per bucket").
+//! Recovery reads a snapshot (the file's bytes, tens of MiB at a few hundred thousand buckets)
+//! and folds the log on two threads, the log's records decoded a chunk at a time; all of it is
+//! freed before the daemon serves, but mimalloc keeps freed pages until a later allocation
+//! finds them past its purge delay, which an idle daemon may never make. Measured with
+//! `bursar-bench memory` (200,000 scopes, 254,004 buckets): the restarted daemon's RSS per
+//! bucket was 1,331–1,339 bytes at its first `hello`, and 635–637 bytes in the runs where
+//! something happened to purge within 3 s (benches/README.md, "Memory per bucket").
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

@@ -229,3 +229,30 @@ fn a_partition_whose_fold_and_local_copy_are_apart_is_folded_again_from_the_copy
     assert!(refold(true), "a poisoned writer's fold is not trusted");
     assert_eq!(*bursard::writer::read_ledger(&shared), copy);
 }
+
+/// A snapshot of format 6 (whose ledger forgot the reservations denied before it, which a fold
+/// remembers for an hour) is set aside: recovery folds the whole log, once. The same snapshot
+/// in format 7 is used, and only the tail after it is folded.
+#[test]
+fn a_snapshot_of_format_6_is_set_aside_and_the_whole_log_folded() {
+    let disk = MemDisk::new();
+    let mut b = Builder::new(&disk);
+    b.records(40);
+    let head = b.store.head().unwrap().1;
+    let at = b.ledger.last_seq();
+    let v7 = bursard::writer::encode_snapshot(&b.ledger, head).unwrap();
+    let mut v6 = v7.clone();
+    v6[0] = bursard::writer::SNAPSHOT_FORMAT_V6;
+    b.store.put_snapshot(at, &v6).unwrap();
+    b.store.sync().unwrap();
+    b.records(10);
+    let (recovered, folded) = bursard::writer::recover_counted(&b.store).unwrap();
+    assert_eq!(folded, b.ledger.last_seq(), "every event folded");
+    assert_eq!(recovered, b.full_fold());
+
+    b.store.put_snapshot(at, &v7).unwrap();
+    b.store.sync().unwrap();
+    let (recovered, folded) = bursard::writer::recover_counted(&b.store).unwrap();
+    assert_eq!(folded, b.ledger.last_seq() - at, "the tail folded");
+    assert_eq!(recovered, b.full_fold());
+}

@@ -275,6 +275,41 @@ fn reserve_extend_commit_release() {
         "{}",
         human.stdout
     );
+
+    // A denied reservation committed all the same: recorded with what it asked for, flagged.
+    let mut big = reserve_args("r-big", "a");
+    let at = big.iter().position(|a| a == "--input-tokens").unwrap();
+    big[at + 1] = "100000000".into();
+    let denied = d.cli(&strs(&big));
+    assert_eq!(denied.code, Some(3), "{denied:?}");
+    let human = d
+        .cli(&[
+            "commit",
+            "--reservation-id",
+            "r-big",
+            "--input-tokens",
+            "1000",
+            "--output-tokens",
+            "100",
+        ])
+        .ok();
+    assert!(
+        human
+            .stdout
+            .contains("this reservation was denied: spent without a hold"),
+        "{}",
+        human.stdout
+    );
+    let csv = d.cli(&["export", "--format", "csv"]).ok();
+    let row = csv
+        .stdout
+        .lines()
+        .find(|l| l.contains("r-big") && l.contains("usage_recorded"));
+    let row = row.unwrap_or_else(|| panic!("no usage row of r-big in {}", csv.stdout));
+    assert!(
+        row.contains("reservation=denied") && row.contains("team=a"),
+        "{row}"
+    );
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! The reservations that ended recently ([`ENDED_RESERVATION_MEMORY_SECONDS`]), by id and in
-//! the order they ended.
+//! The reservations that ended recently ([`ENDED_RESERVATION_MEMORY_SECONDS`]), or were denied,
+//! by id and in the order they ended.
 //!
 //! A long fold (start-up, replay) forgets most of them again within the fold, an hour of log
 //! time after they ended. Indexing each by its id and finding it again an hour later (a cold
@@ -70,6 +70,7 @@ impl EndedIndex {
     }
 
     /// True when `rid` is remembered.
+    #[cfg(test)]
     pub(crate) fn contains_key(&self, rid: &str) -> bool {
         self.get(rid).is_some()
     }

@@ -608,16 +608,19 @@ pub enum EndKind {
     Released,
     /// Expired.
     Expired,
+    /// Denied: it ended as it was asked for, holding nothing. A commit of it (the call went
+    /// ahead all the same) is recorded as usage flagged `denied`, and then it is `Committed`.
+    Denied,
 }
 
-/// A reservation that ended recently.
+/// A reservation that ended recently (or was denied: see [`EndKind::Denied`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ended {
     /// Labels including derived ones (shared with the event's).
     pub labels: EventLabels,
-    /// Model.
+    /// Model (of a denied one: the last candidate it considered).
     pub model: String,
-    /// Money it held.
+    /// Money it held (none for a denied one).
     pub hold_micros: Micros,
     /// How it ended.
     pub how: EndKind,
@@ -1302,13 +1305,15 @@ impl Ledger {
                 let counted = rollup::Cell::of_usage(cost, &u.usage);
                 self.spend_in_matching(&u.labels, ts, amounts, decided.as_deref_mut(), &counted);
                 self.quota_usage(&u.labels, &quotas::Need::of_usage(&u.usage), ts);
-                if u.reservation == ReservationLink::Known {
-                    if let Some(rid) = &u.reservation_id {
-                        let how = EndKind::Committed(u.event_id.clone());
-                        if !self.end_hold(rid, how.clone(), ts) {
-                            if let Some(e) = self.ended.get_mut(rid) {
-                                e.how = how;
-                            }
+                if let (Some(rid), ReservationLink::Known | ReservationLink::Denied) =
+                    (&u.reservation_id, u.reservation)
+                {
+                    let how = EndKind::Committed(u.event_id.clone());
+                    if u.reservation == ReservationLink::Denied
+                        || !self.end_hold(rid, how.clone(), ts)
+                    {
+                        if let Some(e) = self.ended.get_mut(rid) {
+                            e.how = how;
                         }
                     }
                 }
@@ -1342,6 +1347,18 @@ impl Ledger {
                     self.rollups
                         .add_denied(ts, &d.labels, &p.report_exclude_labels);
                 }
+                // Remembered as ended ones are: a commit of it (the call went ahead without a
+                // hold) is then recorded against what it asked for, not as an unknown one's.
+                self.ended.insert(
+                    &d.reservation_id,
+                    Ended {
+                        labels: d.labels.clone(),
+                        model: d.model.clone(),
+                        hold_micros: 0,
+                        how: EndKind::Denied,
+                        at: ts,
+                    },
+                );
             }
             EventBody::ReservationReleased(r) => {
                 self.end_hold(&r.reservation_id, EndKind::Released, ts);

@@ -23,7 +23,7 @@ use bursar_schemas::wire::{
     BudgetReport, CommitRequest, Decision, Estimate, ExtendRequest, RecordRequest, ReleaseRequest,
     ReserveRequest, WhatIfAnswer, WhatIfDenial, WhatIfExhausted, WhatIfPeak, WHAT_IF_MAX_DENIALS,
 };
-use bursar_schemas::{Labels, TsMicros};
+use bursar_schemas::TsMicros;
 use std::collections::{BTreeMap, HashSet};
 
 /// Run the what-if over a whole log (read twice: once for its price epochs, as a fold is).
@@ -120,13 +120,16 @@ impl Run {
                 }
                 let answer = match rid {
                     Some(r) => {
-                        let unknown = u.reservation == ReservationLink::Unknown;
+                        // A commit without a hold (of an unknown reservation, or of one
+                        // denied in the log, which is not asked again) was recorded with the
+                        // labels and model the event has: given again, it is recorded so.
+                        let given = u.reservation != ReservationLink::Known;
                         let c = CommitRequest {
                             reservation_id: r.clone(),
                             event_id: u.event_id.clone(),
                             usage: u.usage,
-                            labels: unknown.then(|| requested(&u.labels)),
-                            model: unknown.then(|| u.model.clone()),
+                            labels: given.then(|| crate::labels::client_part(&u.labels)),
+                            model: given.then(|| u.model.clone()),
                             occurred_at: u.occurred_at.clone(),
                             reported_cost_usd: u.reported_cost_usd.clone(),
                             // The observations its headers gave follow in the log.
@@ -137,7 +140,7 @@ impl Run {
                     None => {
                         let r = RecordRequest {
                             event_id: u.event_id.clone(),
-                            labels: requested(&u.labels),
+                            labels: crate::labels::client_part(&u.labels),
                             model: u.model.clone(),
                             usage: u.usage,
                             occurred_at: u.occurred_at.clone(),
@@ -155,7 +158,7 @@ impl Run {
                 self.answer.reservations += 1;
                 let req = ReserveRequest {
                     reservation_id: r.reservation_id.clone(),
-                    labels: requested(&r.labels),
+                    labels: crate::labels::client_part(&r.labels),
                     model: Some(r.model.clone()),
                     estimate: Estimate {
                         input_tokens: r.input_tokens,
@@ -274,13 +277,4 @@ impl Run {
 fn ttl_seconds(expires_at: TsMicros, ts: TsMicros) -> u64 {
     let micros = u64::try_from(expires_at.saturating_sub(ts)).unwrap_or(0);
     micros.div_ceil(1_000_000).clamp(1, 86_400)
-}
-
-/// The labels a request carried: the event's, without the derived ones.
-fn requested(labels: &Labels) -> Labels {
-    labels
-        .iter()
-        .filter(|(k, _)| !crate::labels::RESERVED_LABELS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
 }

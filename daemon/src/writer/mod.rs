@@ -24,7 +24,7 @@ pub use recovery::{recover, recover_counted};
 pub use snapshots::{
     decode_snapshot, decode_snapshot_within, encode_snapshot, write_snapshot, SNAPSHOT_FORMAT_V1,
     SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3, SNAPSHOT_FORMAT_V4, SNAPSHOT_FORMAT_V5,
-    SNAPSHOT_FORMAT_V6,
+    SNAPSHOT_FORMAT_V6, SNAPSHOT_FORMAT_V7,
 };
 
 use crate::log::{LogError, LogStore};

@@ -1,7 +1,8 @@
 //! Recovery: the ledger at start, from the newest usable snapshot and the log after it.
 
 use super::snapshots::{
-    decode_snapshot, SNAPSHOT_FORMAT_V1, SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3, SNAPSHOT_FORMAT_V4,
+    decode_snapshot, SNAPSHOT_FORMAT_V1, SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3,
+    SNAPSHOT_FORMAT_V4, SNAPSHOT_FORMAT_V5, SNAPSHOT_FORMAT_V6,
 };
 use crate::log::{check_durable_mark, decode_deferred_at, ChainCheck, LogError, LogStore};
 use bursar_core::ledger::{self, Ledger};
@@ -35,6 +36,8 @@ pub fn recover_counted(store: &dyn LogStore) -> Result<(Ledger, u64), String> {
                         | &SNAPSHOT_FORMAT_V2
                         | &SNAPSHOT_FORMAT_V3
                         | &SNAPSHOT_FORMAT_V4
+                        | &SNAPSHOT_FORMAT_V5
+                        | &SNAPSHOT_FORMAT_V6
                 )
             ) =>
             {

@@ -23,14 +23,21 @@ pub const SNAPSHOT_FORMAT_V4: u8 = 4;
 /// head it continues, which recovery checks against the log), then LZ4 (block, size
 /// prepended) of the bincode of the ledger, its policy and price tables as JSON inside (so
 /// that they can grow keys without a new format), its idempotency index keyed by 128-bit id
-/// hashes, its report rollups, each `[[quota]]`'s last observation. Still read.
+/// hashes, its report rollups, each `[[quota]]`'s last observation. Ignored now (see
+/// [`SNAPSHOT_FORMAT_V7`]).
 pub const SNAPSHOT_FORMAT_V5: u8 = 5;
-/// Format tag of the snapshots written now: format 5's hash and bincode, compressed as one
-/// zstd stream instead of an LZ4 block, so that a snapshot is encoded into its file and
-/// decoded from its bytes without a buffer of the whole bincode (and, writing, of its
-/// compressed copy): those two buffers were 105 MB of a daemon's 289 MB peak at 200,000 label
-/// sets (heaptrack, benches/README.md "Memory per bucket").
+/// Format tag of format 5's hash and bincode, compressed as one zstd stream instead of an LZ4
+/// block, so that a snapshot is encoded into its file and decoded from its bytes without a
+/// buffer of the whole bincode (and, writing, of its compressed copy): those two buffers were
+/// 105 MB of a daemon's 289 MB peak at 200,000 label sets (heaptrack, benches/README.md
+/// "Memory per bucket"). Ignored now (see [`SNAPSHOT_FORMAT_V7`]).
 pub const SNAPSHOT_FORMAT_V6: u8 = 6;
+/// Format tag of the snapshots written now: format 6, whose ledger also remembers the
+/// reservations denied in the last hour (as ended ones), so that a commit of one is recorded
+/// against what it asked for. A format-5 or -6 snapshot would decode (the bincode is the same
+/// but for a new kind of end), but its ledger has forgotten the denials before it, which a
+/// fold of the log remembers: recovery folds the log instead, once.
+pub const SNAPSHOT_FORMAT_V7: u8 = 7;
 
 /// zstd level of snapshots (`1`: fast; a snapshot is written off the writer).
 const SNAPSHOT_ZSTD_LEVEL: i32 = 1;
@@ -43,7 +50,7 @@ pub fn write_snapshot(
     head_hash: Hash32,
     out: &mut dyn std::io::Write,
 ) -> std::io::Result<()> {
-    out.write_all(&[SNAPSHOT_FORMAT_V6])?;
+    out.write_all(&[SNAPSHOT_FORMAT_V7])?;
     out.write_all(&head_hash.0)?;
     let mut z = zstd::stream::write::Encoder::new(out, SNAPSHOT_ZSTD_LEVEL)?;
     // A damaged snapshot is then told apart from one that decodes to another ledger.
@@ -67,7 +74,7 @@ pub fn encode_snapshot(l: &Ledger, head_hash: Hash32) -> Option<Vec<u8>> {
 
 /// Largest decompressed snapshot accepted.
 const MAX_SNAPSHOT_BYTES: usize = 4 << 30;
-/// Largest ratio of a format-6 snapshot's decompressed size to its stored size accepted.
+/// Largest ratio of a snapshot's decompressed size to its stored size accepted.
 const MAX_SNAPSHOT_RATIO: usize = 1024;
 
 /// The bincode limit for a snapshot of at most `bound` bytes of bincode: the smallest of the
@@ -91,10 +98,9 @@ const CLAIMS_PER_BYTE: usize = 16;
 /// a string's or an array's length as claimed, before reading its bytes: with one limit of 4
 /// GiB for every snapshot, a damaged length in a snapshot of a few KiB asked for up to 4 GiB at
 /// once, and on a host that cannot map that much the allocation aborts the daemon. The bincode
-/// a snapshot can hold is its decompressed size (format 5) or at most 1,024 times its stored
-/// size (format 6), so a format-6 snapshot of up to 4 KiB decodes within 64 MiB, one of up to
-/// 32 KiB within 512 MiB. Limits are constants in bincode: three tiers, three copies of the
-/// ledger's decoder per format.
+/// a snapshot can hold is at most 1,024 times its stored size, so a snapshot of up to 4 KiB
+/// decodes within 64 MiB, one of up to 32 KiB within 512 MiB. Limits are constants in bincode:
+/// three tiers, three copies of the ledger's decoder.
 const SNAPSHOT_LIMIT_TIERS: [usize; 3] = [64 << 20, 512 << 20, MAX_SNAPSHOT_BYTES];
 
 /// Run `$decode` with `$cfg` bound to bincode's standard configuration limited to
@@ -126,51 +132,37 @@ pub fn decode_snapshot(bytes: &[u8]) -> Option<(Ledger, Hash32)> {
     decode_snapshot_within(bytes, MAX_SNAPSHOT_RATIO)
 }
 
-/// [`decode_snapshot`], decoding a format-6 snapshot only while its decompressed bytes stay
-/// within `max_ratio` times its stored size (the daemon's bound is 1,024; tests show the
-/// bound holds with others).
+/// [`decode_snapshot`], decoding a snapshot only while its decompressed bytes stay within
+/// `max_ratio` times its stored size (the daemon's bound is 1,024; tests show the bound holds
+/// with others).
 #[doc(hidden)]
 pub fn decode_snapshot_within(bytes: &[u8], max_ratio: usize) -> Option<(Ledger, Hash32)> {
     let (tag, rest) = bytes.split_first()?;
-    if *tag != SNAPSHOT_FORMAT_V5 && *tag != SNAPSHOT_FORMAT_V6 {
+    if *tag != SNAPSHOT_FORMAT_V7 {
         return None;
     }
     let head_hash = Hash32(rest.get(..32)?.try_into().ok()?);
     let rest = rest.get(32..)?;
-    if *tag == SNAPSHOT_FORMAT_V6 {
-        let z = zstd::stream::read::Decoder::with_buffer(rest).ok()?;
-        // A damaged or hostile file cannot make start-up decode more than this: snapshots
-        // compress ~5:1 (benches/README.md), far from the bound.
-        let most = MAX_SNAPSHOT_BYTES.min(rest.len().saturating_mul(max_ratio));
-        // One byte over the bound is read, so that a stream ending exactly at it is still read
-        // to its real end (and its checksum checked) and one longer is told apart.
-        let z = std::io::Read::take(z, most as u64 + 1);
-        let mut z = std::io::BufReader::with_capacity(STREAM_BUFFER, z);
-        let l = within_tier!(most, |cfg| bincode::serde::decode_from_std_read::<
-            Ledger,
-            _,
-            _,
-        >(&mut z, cfg))
-        .ok()?;
-        // Nothing may follow the ledger in the stream; reading to its end checks its checksum.
-        let mut more = [0u8; 1];
-        return match std::io::Read::read(&mut z, &mut more) {
-            Ok(0) if z.into_inner().limit() > 0 => Some((l, head_hash)),
-            _ => None,
-        };
-    }
-    // A damaged size is a miss, not an allocation.
-    let size = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    if size > MAX_SNAPSHOT_BYTES || size > rest.len().saturating_mul(255) {
-        return None;
-    }
-    let plain = lz4_flex::block::decompress_size_prepended(rest).ok()?;
-    within_tier!(plain.len(), |cfg| bincode::serde::decode_from_slice::<
+    let z = zstd::stream::read::Decoder::with_buffer(rest).ok()?;
+    // A damaged or hostile file cannot make start-up decode more than this: snapshots compress
+    // ~5:1 (benches/README.md), far from the bound.
+    let most = MAX_SNAPSHOT_BYTES.min(rest.len().saturating_mul(max_ratio));
+    // One byte over the bound is read, so that a stream ending exactly at it is still read to
+    // its real end (and its checksum checked) and one longer is told apart.
+    let z = std::io::Read::take(z, most as u64 + 1);
+    let mut z = std::io::BufReader::with_capacity(STREAM_BUFFER, z);
+    let l = within_tier!(most, |cfg| bincode::serde::decode_from_std_read::<
         Ledger,
         _,
-    >(&plain, cfg))
-    .ok()
-    .map(|(l, _)| (l, head_hash))
+        _,
+    >(&mut z, cfg))
+    .ok()?;
+    // Nothing may follow the ledger in the stream; reading to its end checks its checksum.
+    let mut more = [0u8; 1];
+    match std::io::Read::read(&mut z, &mut more) {
+        Ok(0) if z.into_inner().limit() > 0 => Some((l, head_hash)),
+        _ => None,
+    }
 }
 
 /// A snapshot to encode and store off the writer: the ledger as of `seq`, whose event has

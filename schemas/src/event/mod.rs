@@ -664,6 +664,10 @@ pub enum ReservationLink {
     Known,
     /// A commit naming a reservation the daemon never saw.
     Unknown,
+    /// A commit of a reservation the daemon denied (the call went ahead without a hold): the
+    /// usage is recorded with the commit's own labels and model where it gives them, the
+    /// denial's otherwise.
+    Denied,
 }
 
 /// Every event body.

@@ -436,20 +436,40 @@ impl Ledger {
                 Some(h.amounts.micros),
             )
         } else if let Some(e) = self.ended.get(rid) {
-            if let EndKind::Committed(by) = &e.how {
-                return Decided::new(Answer::Error(WireError {
-                    code: ErrorCode::Conflict,
-                    message: format!("reservation {rid:?} was already committed by event {by:?}"),
-                    field: Some("reservation_id".into()),
-                }));
+            match &e.how {
+                EndKind::Committed(by) => {
+                    return Decided::new(Answer::Error(WireError {
+                        code: ErrorCode::Conflict,
+                        message: format!(
+                            "reservation {rid:?} was already committed by event {by:?}"
+                        ),
+                        field: Some("reservation_id".into()),
+                    }))
+                }
+                // The call went ahead without a hold: the commit may say which model it used
+                // (a denied reservation's is the last candidate it considered).
+                EndKind::Denied => {
+                    let model = c.model.clone().unwrap_or_else(|| e.model.clone());
+                    let client = match &c.labels {
+                        Some(l) => l.clone(),
+                        None => crate::labels::client_part(&e.labels),
+                    };
+                    (
+                        self.derived_labels(&client, &model, now).into(),
+                        model,
+                        ReservationLink::Denied,
+                        false,
+                        None,
+                    )
+                }
+                EndKind::Released | EndKind::Expired => (
+                    e.labels.clone(),
+                    e.model.clone(),
+                    ReservationLink::Known,
+                    true,
+                    Some(e.hold_micros),
+                ),
             }
-            (
-                e.labels.clone(),
-                e.model.clone(),
-                ReservationLink::Known,
-                true,
-                Some(e.hold_micros),
-            )
         } else {
             let model = c.model.clone().unwrap_or_else(|| "unknown".into());
             let client = c.labels.clone().unwrap_or_default();
@@ -508,7 +528,11 @@ impl Ledger {
         ) {
             return Decided::new(a);
         }
-        if self.holds.contains_key(&r.reservation_id) || self.ended.contains_key(&r.reservation_id)
+        // A denied id (past the idempotency window) is not in use: it holds nothing, and a
+        // commit of it would find the hold granted now.
+        let ended = self.ended.get(&r.reservation_id);
+        if self.holds.contains_key(&r.reservation_id)
+            || ended.is_some_and(|e| e.how != EndKind::Denied)
         {
             return Decided::new(Answer::Error(WireError {
                 code: ErrorCode::Conflict,
@@ -652,6 +676,7 @@ impl Ledger {
             }
             Some(EndKind::Released) => format!("reservation {rid:?} was already released"),
             Some(EndKind::Expired) => format!("reservation {rid:?} has expired"),
+            Some(EndKind::Denied) => format!("reservation {rid:?} was denied: it holds nothing"),
             None => format!("no live reservation {rid:?}"),
         };
         WireError {

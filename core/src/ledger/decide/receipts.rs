@@ -135,7 +135,11 @@ fn render_with<'a>(
             budgets: reports,
             priced_at_max: receipt.priced_at_max,
             late: u.late,
-            reservation: (u.reservation == ReservationLink::Unknown).then(|| "unknown".to_string()),
+            reservation: match u.reservation {
+                ReservationLink::Unknown => Some("unknown".to_string()),
+                ReservationLink::Denied => Some("denied".to_string()),
+                ReservationLink::None | ReservationLink::Known => None,
+            },
             overrun_micros: receipt.overrun_micros,
             req: None,
         }),
