@@ -348,6 +348,39 @@ fn commit_of_a_denied_reservation_is_recorded_against_what_it_asked_for() {
     let u = usage_answer(h.run(Command::Commit(&c)));
     assert_eq!(u.reservation.as_deref(), Some("denied"));
     assert_eq!((u.cost_micros, u.budgets[0].key.as_str()), (10, "team=c"));
+    // Only the model given: the denial's labels. Only labels given: the denial's model.
+    for (rid, eid, l, model, key, cost) in [
+        ("r4", "e6", None, Some("big"), "team=b", 100),
+        (
+            "r5",
+            "e7",
+            Some(labels(&[("team", "d")])),
+            None,
+            "team=d",
+            10,
+        ),
+    ] {
+        let mut req = h.reserve_req(rid, b.clone(), "m", 100, 100);
+        req.estimate.input_tokens = 1_000_000;
+        let Answer::Decision(d) = h.run(Command::Reserve(&req)) else {
+            panic!("{rid} not decided")
+        };
+        assert_eq!(d.decision, Decision::Deny);
+        let c = CommitRequest {
+            reservation_id: rid.into(),
+            event_id: eid.into(),
+            labels: l,
+            model: model.map(String::from),
+            ..c.clone()
+        };
+        let u = usage_answer(h.run(Command::Commit(&c)));
+        assert_eq!(u.reservation.as_deref(), Some("denied"));
+        assert_eq!(
+            (u.cost_micros, u.budgets[0].key.as_str()),
+            (cost, key),
+            "{rid}"
+        );
+    }
     assert_eq!(h.refold(), h.ledger);
 
     // Denials are remembered as ended reservations are, for an hour: then a commit of one is
@@ -360,6 +393,50 @@ fn commit_of_a_denied_reservation_is_recorded_against_what_it_asked_for() {
     h.record("e4", b, "m", usage(1, 0));
     let u = usage_answer(h.commit("r3", "e5", usage(1, 0)));
     assert_eq!(u.reservation.as_deref(), Some("unknown"));
+    assert_eq!(h.refold(), h.ledger);
+}
+
+/// A denied reservation holds nothing: past the idempotency window, a `reserve` may use its
+/// id again (and a commit then finds that hold), while the id of a hold that ended otherwise
+/// stays in use for the hour.
+#[test]
+fn a_denied_reservation_id_may_be_reserved_again_past_the_idempotency_window() {
+    let mut p = policy(vec![limited(1_000)]);
+    p.idempotency_window_seconds = 60;
+    let mut h = Harness::new(p);
+    h.record("e0", labels(&[]), "m", usage(800, 0));
+    assert_eq!(
+        h.reserve("r1", labels(&[]), "m", 100, 100).decision,
+        Decision::Deny
+    );
+    assert_eq!(
+        h.reserve("r2", labels(&[]), "m", 10, 10).decision,
+        Decision::Allow
+    );
+    h.run(Command::Release(&ReleaseRequest {
+        reservation_id: "r2".into(),
+    }));
+    h.now += 61 * SEC;
+    h.record("e1", labels(&[]), "m", usage(1, 0));
+    assert_eq!(
+        h.reserve("r1", labels(&[]), "m", 10, 10).decision,
+        Decision::Allow
+    );
+    let Answer::Error(e) = h.run(Command::Reserve(&h.reserve_req(
+        "r2",
+        labels(&[]),
+        "m",
+        10,
+        10,
+    ))) else {
+        panic!("a released id reused within the hour was not refused")
+    };
+    assert_eq!(e.code, ErrorCode::Conflict);
+    let u = usage_answer(h.commit("r1", "e2", usage(10, 10)));
+    assert_eq!(
+        (u.reservation, u.cost_micros, u.budgets[0].held_micros),
+        (None, 30, 0)
+    );
     assert_eq!(h.refold(), h.ledger);
 }
 

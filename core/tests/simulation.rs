@@ -942,7 +942,8 @@ impl Model {
                             let client = c.labels.clone().unwrap_or_else(|| {
                                 let mut l = e.labels.clone();
                                 l.retain(|k, _| {
-                                    !["model", "provider", "tier"].contains(&k.as_str())
+                                    !["model", "provider", "tier", "subscription"]
+                                        .contains(&k.as_str())
                                 });
                                 l
                             });
@@ -1426,10 +1427,11 @@ impl Sim {
                 usage = self.usage(3);
             }
         }
-        let (labels, model) = if self.rng.chance(50) {
-            (Some(self.client_labels()), Some(self.any_model()))
-        } else {
-            (None, None)
+        let (labels, model) = match self.rng.below(4) {
+            0 => (Some(self.client_labels()), Some(self.any_model())),
+            1 => (Some(self.client_labels()), None),
+            2 => (None, Some(self.any_model())),
+            _ => (None, None),
         };
         Req::Commit(CommitRequest {
             reservation_id: rid,

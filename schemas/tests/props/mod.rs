@@ -278,7 +278,7 @@ pub fn sample_envelopes() -> Vec<Envelope> {
         }),
         EventBody::ReservationDenied(ReservationDenied {
             reservation_id: "r-2".into(),
-            labels: labels.into(),
+            labels: labels.clone().into(),
             model: "o3".into(),
             hold_micros: 99_000_000,
             reason: "budget".into(),
@@ -361,6 +361,27 @@ pub fn sample_envelopes() -> Vec<Envelope> {
             limit: "requests".into(),
             observed_seq: 12,
             reset_at: 1_789_948_800_020_000,
+        }),
+        // A commit of a denied reservation: no hold, no receipt (events of envelope version 1
+        // have none). Last, so the others keep their places.
+        EventBody::UsageRecorded(UsageRecorded {
+            event_id: "e-2".into(),
+            reservation_id: Some("r-denied".into()),
+            reservation: ReservationLink::Denied,
+            late: false,
+            labels: labels.clone().into(),
+            model: "gpt-4o".into(),
+            usage: Usage {
+                input_tokens: 10,
+                output_tokens: 3,
+                cached_input_tokens: 0,
+                cache_write_tokens: 0,
+                requests: 1,
+            },
+            occurred_at: None,
+            reported_cost_usd: None,
+            payload_digest: [8; 16],
+            receipt: None,
         }),
     ];
     let mut prev = Hash32::default();
