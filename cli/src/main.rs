@@ -800,7 +800,10 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Res<u8> {
         }
         Command::Pricing(PricingCommand::Import { file }) => pricing_import(file, out),
         Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "bursar", out);
+            // Into memory first: `generate` panics when its writer fails (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "bursar", &mut script);
+            out.write_all(&script)?;
             Ok(0)
         }
     }

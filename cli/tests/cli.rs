@@ -50,6 +50,24 @@ fn completions_print_a_script_for_each_shell_that_names_the_verbs() {
     }
 }
 
+/// `bursar completions fish | head -2`: a reader that went away ends the command quietly, as it
+/// does every other command's output, not with a panic and its backtrace.
+#[test]
+fn completions_into_a_closed_pipe_end_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_bursar"))
+        .args(["completions", "fish"])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(out.status.code(), Some(101), "{err}");
+}
+
 #[test]
 fn the_bash_completion_script_is_valid_bash() {
     let dir = tempfile::tempdir().unwrap();

@@ -42,9 +42,10 @@ fn main() -> ExitCode {
         .init();
     let config = match bursard::config::Config::resolve(args.config, args.socket, args.data_dir) {
         Ok(c) => c,
+        // A start-up failure like any other (SPEC §8: exit 1, one line).
         Err(e) => {
             say(&format!("bursard: {e}"));
-            return ExitCode::from(2);
+            return ExitCode::from(1);
         }
     };
     match bursard::run(config, bursard::writer::system_clock()) {

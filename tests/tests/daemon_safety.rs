@@ -259,31 +259,36 @@ fn a_half_closed_socket_still_gets_its_answers() {
     assert!(c.try_recv().is_none());
 }
 
+/// A bad or missing config file is a start-up failure like any other (SPEC §8): exit 1 with
+/// one line naming the file (and the line and key), and nothing touched.
 #[test]
-fn bursard_help_and_bad_config_exit_non_zero_with_a_message() {
+fn a_bad_or_missing_config_exits_1_with_one_line_and_touches_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bursar.toml");
     std::fs::write(&cfg, "[[budget]]\nid = \"x\"\nwindow = \"sometimes\"\n").unwrap();
-    let out = Command::new(bin("bursard"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(dir.path().join("d"))
-        .arg("--socket")
-        .arg(dir.path().join("s.sock"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("bursar.toml:3") && err.contains("window"),
-        "{err}"
-    );
-    assert!(
-        !dir.path().join("d").exists(),
-        "a bad config touches no data"
-    );
+    for (file, names) in [
+        (cfg.clone(), ["bursar.toml:3", "window"]),
+        (dir.path().join("missing.toml"), ["missing.toml", "config"]),
+    ] {
+        let out = Command::new(bin("bursard"))
+            .arg("--config")
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(dir.path().join("d"))
+            .arg("--socket")
+            .arg(dir.path().join("s.sock"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(names.iter().all(|n| err.contains(n)), "{err}");
+        assert!(
+            !dir.path().join("d").exists(),
+            "a bad config touches no data"
+        );
+    }
 }
 
 #[test]
