@@ -347,25 +347,40 @@ impl Metrics {
             ];
             let requests = [
                 per_bucket("bucket_spent_requests", "Requests in the bucket's window.")?,
+                per_bucket(
+                    "bucket_held_requests",
+                    "Requests held by live reservations (one each).",
+                )?,
                 per_bucket("bucket_limit_requests", "The bucket's request limit.")?,
+            ];
+            let concurrent = [
+                per_bucket(
+                    "bucket_held_concurrent",
+                    "Live reservations holding a slot of the bucket's concurrency limit.",
+                )?,
+                per_bucket(
+                    "bucket_limit_concurrent",
+                    "The bucket's concurrency limit (max_concurrent).",
+                )?,
             ];
             for b in &status.budgets {
                 let labels = [b.budget.as_str(), b.key.as_str()];
                 // Display only: decisions never use the float.
                 utilization.with_label_values(&labels).set(b.utilization);
-                put_bucket(&money, &tokens, &requests, &labels, b);
+                put_bucket(&money, &tokens, &requests, &concurrent, &labels, b);
             }
         }
         Ok(r.gather())
     }
 }
 
-/// Set one bucket's figures: the units its budget limits, and money always (every bucket
-/// accounts money).
+/// Set one bucket's figures: spent, held and limit of the units its budget limits, and money
+/// always (every bucket accounts money); a concurrency limit's held slots are its live holds.
 fn put_bucket(
     money: &[IntGaugeVec; 3],
     tokens: &[IntGaugeVec; 3],
-    requests: &[IntGaugeVec; 2],
+    requests: &[IntGaugeVec; 3],
+    concurrent: &[IntGaugeVec; 2],
     labels: &[&str; 2],
     b: &BudgetReport,
 ) {
@@ -384,10 +399,16 @@ fn put_bucket(
         limit.with_label_values(labels).set(saturate(l));
     }
     if let Some(l) = b.limit_requests {
-        let [spent, limit] = requests;
+        let [spent, held, limit] = requests;
         spent
             .with_label_values(labels)
             .set(saturate(b.spent_requests));
+        held.with_label_values(labels).set(saturate(b.live_holds));
+        limit.with_label_values(labels).set(saturate(l));
+    }
+    if let Some(l) = b.limit_concurrent {
+        let [held, limit] = concurrent;
+        held.with_label_values(labels).set(saturate(b.live_holds));
         limit.with_label_values(labels).set(saturate(l));
     }
 }

@@ -180,6 +180,58 @@ fn a_scrape_counts_requests_decisions_and_syncs_and_shows_the_most_utilized_buck
     );
 }
 
+/// SPEC §12's "spent, held and limit per bucket" for every unit a budget limits: a live
+/// reservation holds one request of a request limit and one slot of a concurrency limit, and
+/// gives both back when it commits.
+#[test]
+fn a_scrape_shows_the_requests_and_slots_live_reservations_hold() {
+    let d = Daemon::start_with_config(
+        r#"
+[daemon]
+metrics_listen = "127.0.0.1:0"
+
+[[budget]]
+id = "gpu"
+match = { pool = "gpu" }
+max_concurrent = 2
+
+[[budget]]
+id = "team-requests"
+group_by = ["team"]
+max_requests = 10
+"#,
+    );
+    let addr = metrics_addr(&d);
+    let mut c = d.client();
+    let labels = json!({"pool": "gpu", "team": "a"});
+    let r = c.call(reserve("r-1", labels.clone(), "gpt-4o", 10, 10));
+    assert_eq!(r["decision"], "allow", "{r}");
+    let gpu_key = r["budgets"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["budget"] == "gpu"))
+        .map(|b| b["key"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no gpu line in {r}"));
+    let gpu = |name: &str| format!(r#"bursar_bucket_{name}{{budget="gpu",key="{gpu_key}"}}"#);
+    let team =
+        |name: &str| format!(r#"bursar_bucket_{name}{{budget="team-requests",key="team=a"}}"#);
+    let text = scrape(&addr);
+    let n = |series: String| sample(&text, &series).unwrap_or_else(|| panic!("{series}: {text}"));
+    assert_eq!(n(gpu("held_concurrent")), 1.0);
+    assert_eq!(n(gpu("limit_concurrent")), 2.0);
+    assert_eq!(n(team("held_requests")), 1.0);
+    assert_eq!(n(team("spent_requests")), 0.0);
+    assert_eq!(n(team("limit_requests")), 10.0);
+
+    let commit = json!({"op": "commit", "reservation_id": "r-1", "event_id": "e-1",
+                        "usage": {"input_tokens": 10, "output_tokens": 5}});
+    assert_eq!(c.call(commit)["ok"], true);
+    let text = scrape(&addr);
+    let n = |series: String| sample(&text, &series).unwrap_or_else(|| panic!("{series}: {text}"));
+    assert_eq!(n(gpu("held_concurrent")), 0.0);
+    assert_eq!(n(team("held_requests")), 0.0);
+    assert_eq!(n(team("spent_requests")), 1.0);
+}
+
 #[test]
 fn the_endpoint_serves_only_get_metrics() {
     let d = Daemon::start_with_config(POLICY);
