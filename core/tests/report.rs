@@ -160,8 +160,49 @@ fn since_until_and_labels_narrow_the_report() {
     let mut r = by(&[], "day");
     r.labels = Some(labels(&[("team", "b")]));
     let a = report(&h.ledger, r, h.now);
-    assert_eq!(a.rows.len(), 1);
-    assert_eq!(a.rows[0].cost_micros, 300);
+    let costs: Vec<i64> = a.rows.iter().map(|r| r.cost_micros).collect();
+    assert_eq!(costs, [300, 0], "b spent nothing on the 24th");
+}
+
+/// SPEC §11: "rows ... for each period of `every` ... between `since` and `until`". Without
+/// `group_by` a report has one row for every period, zeros where nothing was spent or denied
+/// (a gap in a plotted series would read as missing data), from `since` (or the first usage)
+/// to `until` (or now).
+#[test]
+fn a_report_without_grouping_has_a_row_for_every_period_zeros_included() {
+    let h = two_days();
+    let a = report(&h.ledger, by(&[], "hour"), h.now);
+    // 01:00 on the 23rd to 10:00 on the 24th: 34 hours, four of them with usage.
+    assert_eq!((a.rows.len(), a.total_rows), (34, 34));
+    assert_eq!(a.rows[0].period_start, "2026-11-23T01:00:00Z");
+    assert_eq!(a.rows[33].period_start, "2026-11-24T10:00:00Z");
+    assert_eq!(a.rows.iter().filter(|r| r.requests > 0).count(), 4);
+    assert_eq!(row(&a, "2026-11-23T02:00:00Z", &[]).cost_micros, 0);
+    assert_eq!(a.rows.iter().map(|r| r.cost_micros).sum::<i64>(), 1325);
+
+    let mut r = by(&[], "day");
+    r.since = Some("2026-11-20T00:00:00Z".into());
+    r.until = Some("2026-11-26T00:00:00Z".into());
+    let a = report(&h.ledger, r, h.now);
+    let days: Vec<(&str, i64)> = a
+        .rows
+        .iter()
+        .map(|r| (&r.period_start[..10], r.cost_micros))
+        .collect();
+    assert_eq!(
+        days,
+        [
+            ("2026-11-20", 0),
+            ("2026-11-21", 0),
+            ("2026-11-22", 0),
+            ("2026-11-23", 1320),
+            ("2026-11-24", 5),
+            ("2026-11-25", 0)
+        ]
+    );
+    // Grouped, a group has rows where it spent or was denied.
+    let a = report(&h.ledger, by(&["team"], "hour"), h.now);
+    assert_eq!(a.total_rows, 4);
 }
 
 #[test]

@@ -193,6 +193,20 @@ impl Ledger {
                 *slot = u32::try_from(r).unwrap_or(u32::MAX);
             }
         }
+        if req.group_by.is_empty() {
+            let (rows, total_rows) = self.every_period(&periods, since, until, every, tz, &zone);
+            let first_usage = self.first_usage();
+            return Ok(ReportAnswer {
+                ok: true,
+                every: every_name.to_string(),
+                timezone: zone,
+                truncated: total_rows > rows.len() as u64,
+                rows,
+                total_rows,
+                subscriptions: self.subscription_fees(first_usage.map(|f| f.max(since)), until),
+                req: None,
+            });
+        }
         let total_rows: u64 = periods.values().map(|m| m.len() as u64).sum();
         let mut rows: Vec<ReportRow> = Vec::new();
         'periods: for (start, sums) in &periods {
@@ -221,12 +235,7 @@ impl Ledger {
             }
         }
         // The range the fees cover: from `since`, but not before the first usage there is.
-        let first_usage = self
-            .rollups
-            .cells_by_set()
-            .next()
-            .map(|(slot, _, _)| slot.saturating_mul(1_000_000));
-        let from = first_usage.map(|first| first.max(since));
+        let from = self.first_usage().map(|first| first.max(since));
         Ok(ReportAnswer {
             ok: true,
             every: every_name.to_string(),
@@ -237,6 +246,74 @@ impl Ledger {
             subscriptions: self.subscription_fees(from, until),
             req: None,
         })
+    }
+
+    /// When the rollups start: the first slot with usage or a denial.
+    fn first_usage(&self) -> Option<TsMicros> {
+        self.rollups
+            .cells_by_set()
+            .next()
+            .map(|(slot, _, _)| slot.saturating_mul(1_000_000))
+    }
+
+    /// The rows of a report without `group_by`: one for each period between `since` (or the
+    /// rollups' start) and `until`, zeros where nothing was spent or denied (SPEC §11: "for each
+    /// period"), at most [`REPORT_MAX_ROWS`]; and how many periods there are in all.
+    fn every_period(
+        &self,
+        periods: &std::collections::BTreeMap<
+            TsMicros,
+            HashMap<u32, Cell, rustc_hash::FxBuildHasher>,
+        >,
+        since: TsMicros,
+        until: TsMicros,
+        every: Every,
+        tz: chrono_tz::Tz,
+        zone: &str,
+    ) -> (Vec<ReportRow>, u64) {
+        let mut rows = Vec::new();
+        let mut total = 0u64;
+        let from = if since == TsMicros::MIN {
+            self.first_usage()
+        } else {
+            Some(since)
+        };
+        let Some(from) = from else {
+            return (rows, total);
+        };
+        let mut start = period_start(every, tz, zone, from);
+        while start < until {
+            if rows.len() < REPORT_MAX_ROWS {
+                // Every cell of a period is the one group's (no `group_by`).
+                let mut c = Cell::default();
+                for cell in periods.get(&start).into_iter().flat_map(|p| p.values()) {
+                    c.add(cell);
+                }
+                rows.push(ReportRow {
+                    period_start: period_text(tz, start),
+                    group: Default::default(),
+                    cost_micros: c.cost_micros,
+                    input_tokens: c.input_tokens,
+                    cached_input_tokens: c.cached_input_tokens,
+                    output_tokens: c.output_tokens,
+                    requests: c.requests,
+                    denied: c.denied,
+                });
+            }
+            total += 1;
+            let next = match every {
+                // An hour is 3,600 s in every zone (offsets are whole quarter hours).
+                Every::Hour => start.saturating_add(3_600_000_000),
+                Every::Calendar(unit) => crate::window::zoned_bounds(unit, zone, start)
+                    .1
+                    .unwrap_or(until),
+            };
+            if next <= start {
+                break;
+            }
+            start = next;
+        }
+        (rows, total)
     }
 
     /// Each subscription's flat fee over `[from, until)`: the fee periods (calendar, in its
