@@ -336,6 +336,7 @@ mod tests {
     fn event(partition: Option<u32>, seq: u64) -> ExportedEvent {
         use bursar_schemas::event::{Actor, Hash32, ReservationExpired};
         ExportedEvent {
+            version: 2,
             seq,
             ts: 1,
             time: "1970-01-01T00:00:00.000001Z".into(),

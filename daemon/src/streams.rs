@@ -199,6 +199,7 @@ pub fn exported(
         _ => (None, None),
     };
     ExportedEvent {
+        version: env.version,
         seq: env.seq,
         ts: env.ts,
         time: bursar_core::time::format_ts(env.ts),

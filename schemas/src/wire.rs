@@ -1233,6 +1233,9 @@ pub struct EventLine {
 /// An event with its audit context.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ExportedEvent {
+    /// The envelope's version (SPEC §7; absent from the lines of daemons before it was shown).
+    #[serde(default)]
+    pub version: u16,
     /// Dense sequence number.
     pub seq: u64,
     /// Daemon time, Unix µs.

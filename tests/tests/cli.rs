@@ -905,6 +905,8 @@ fn export_csv_and_jsonl_have_one_line_per_event() {
     assert_eq!(jsonl[1]["type"], "usage_recorded");
     assert_eq!(jsonl[1]["cost_micros"], CALL_MICROS);
     assert!(jsonl.windows(2).all(|w| w[1]["prev_hash"] == w[0]["hash"]));
+    // SPEC §7's envelope: its version too.
+    assert!(jsonl.iter().all(|e| e["version"] == 2), "{:?}", jsonl[0]);
 
     // Filters: labels, time range.
     let only_b = d

@@ -592,6 +592,8 @@ class Event:
     hash: Optional[str] = None
     partition: Optional[int] = None
     """Cluster mode: the partition whose log holds it (``seq`` counts that log's events)."""
+    version: Optional[int] = None
+    """The envelope's version (``None`` from daemons that did not show it)."""
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
