@@ -33,7 +33,10 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // sled's own lines off: what it meets reaches bursard as an error, which says
+                // it once, in bursard's words (a damaged store printed sled's ERROR line
+                // first); `RUST_LOG=info,sled=warn` shows them.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sled=off")),
         )
         .with_writer(|| QuietStderr)
         // Its own complaint about a failed write would go through `eprintln!`, which panics when

@@ -73,8 +73,11 @@ pub fn bin(name: &str) -> PathBuf {
     };
     if let Ok(bin_time) = std::fs::metadata(&path).and_then(|m| m.modified()) {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        for krate in crates {
-            if let Some((file, t)) = newest_source(&root.join(krate).join("src")) {
+        for (i, krate) in crates.iter().enumerate() {
+            let src = root.join(krate).join("src");
+            // Another crate's binary (`daemon/src/main.rs` for `bursar`) is not made into it.
+            let skip = (i > 0).then(|| src.join("main.rs"));
+            if let Some((file, t)) = newest_source(&src, skip.as_deref()) {
                 assert!(
                     bin_time >= t,
                     "{} is older than {}: run `cargo build --workspace` (or `cargo test --workspace`)",
@@ -87,13 +90,15 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// The most recently modified file under `dir`, recursively.
-fn newest_source(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
+/// The most recently modified file under `dir`, recursively, but `skip`.
+fn newest_source(dir: &Path, skip: Option<&Path>) -> Option<(PathBuf, std::time::SystemTime)> {
     let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
-        let candidate = if path.is_dir() {
-            newest_source(&path)
+        let candidate = if Some(path.as_path()) == skip {
+            None
+        } else if path.is_dir() {
+            newest_source(&path, skip)
         } else {
             entry
                 .metadata()

@@ -131,6 +131,17 @@ fn a_damaged_page_stops_the_daemon_naming_the_first_bad_seq_and_salvage_keeps_th
     assert!(err.contains(&format!("seq {bad}")), "{err}");
     assert!(err.contains("bursar salvage"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // One error, in bursard's words (SPEC §8: "one clear line"), not sled's as well.
+    assert_eq!(
+        err.lines().filter(|l| l.contains("ERROR")).count(),
+        0,
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.contains("damaged")).count(),
+        1,
+        "{err}"
+    );
     assert!(!socket.exists(), "nothing was served");
 
     // Salvage copies seqs 1..bad-1 and says what it left behind.
@@ -195,6 +206,7 @@ fn a_store_cut_in_half_is_refused_by_the_daemon_verify_and_salvage_without_a_pan
     let (status, err) = run_daemon_expecting_exit(&d.data_dir, &socket);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    assert!(!err.contains("sled::"), "sled's own lines: {err}");
     assert!(
         err.contains(&format!("{}", db.display())) || err.contains("seq "),
         "names the damaged file or the first bad seq: {err}"
