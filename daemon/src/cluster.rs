@@ -1138,11 +1138,16 @@ impl Cluster {
         }
     }
 
-    /// The partition that knows reservation `rid`, if any does on this node.
+    /// The partition that knows reservation `rid`, if any does on this node: holds it, has
+    /// its id in the idempotency window, or remembers it ended or was denied (for the hour, even
+    /// when `idempotency_window_seconds` is shorter: a late commit, or a commit of a denied one,
+    /// is then recorded where it was reserved).
     fn partition_of_reservation(&self, rid: &str) -> Option<usize> {
         self.parts.iter().position(|p| {
             let l = read_ledger(&p.shared);
-            l.hold(rid).is_some() || l.ids().get(IdKind::Reservation, rid).is_some()
+            l.hold(rid).is_some()
+                || l.ids().get(IdKind::Reservation, rid).is_some()
+                || l.ended_reservation(rid).is_some()
         })
     }
 

@@ -700,6 +700,47 @@ fn without_a_quorum_writes_fail_closed_and_reads_say_how_stale_they_are() {
     );
 }
 
+/// A commit names only its reservation: a node routes it to the partition that knows it. A
+/// reservation denied (or ended) is remembered for an hour, longer than a short idempotency
+/// window remembers its id: its commit still reaches that partition, through any node, and is
+/// recorded against what the reservation asked for, not as an unknown reservation's on
+/// partition 0.
+#[test]
+fn a_commit_of_a_reservation_denied_past_the_id_window_reaches_its_partition() {
+    let Some(cluster) = start_with("denied", "\n[daemon]\nidempotency_window_seconds = 1\n") else {
+        return;
+    };
+    let org = &org_on_each_partition()[1];
+    let mut a = cluster.nodes[0].client();
+    // $0.15 of input against the org's $0.01 a day.
+    let big = json!({"op": "reserve", "reservation_id": "r-big", "labels": {"org": org},
+        "model": "gpt-4o-mini", "estimate": {"input_tokens": 1_000_000, "max_output_tokens": 10}});
+    let denied = a.call(big);
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    std::thread::sleep(Duration::from_millis(1500));
+    // A later event of that partition: its fold forgets the denial's id.
+    let r = a.call(
+        json!({"op": "record", "event_id": "e-later", "labels": {"org": org},
+        "model": "gpt-4o-mini", "usage": {"input_tokens": 1, "output_tokens": 0}}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let mut c = cluster.nodes[2].client();
+    let commit = c.call(
+        json!({"op": "commit", "reservation_id": "r-big", "event_id": "e-big",
+        "usage": {"input_tokens": 1000, "output_tokens": 10}}),
+    );
+    assert_eq!(commit["ok"], true, "{commit}");
+    assert_eq!(commit["reservation"], "denied", "{commit}");
+    let line = commit["budgets"]
+        .as_array()
+        .and_then(|b| b.iter().find(|l| l["budget"] == "org-daily"))
+        .unwrap_or_else(|| panic!("no org-daily line: {commit}"));
+    assert!(
+        line["key"].as_str().unwrap().contains(org.as_str()),
+        "{commit}"
+    );
+}
+
 #[test]
 fn reload_on_one_node_applies_the_new_policy_to_every_partition_on_every_node() {
     let Some(cluster) = start("reload") else {

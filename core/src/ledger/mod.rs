@@ -1001,6 +1001,12 @@ impl Ledger {
         self.holds.get(reservation_id)
     }
 
+    /// How reservation `reservation_id` ended (or that it was denied), if it did within the
+    /// last hour ([`ENDED_RESERVATION_MEMORY_SECONDS`]).
+    pub fn ended_reservation(&self, reservation_id: &str) -> Option<&Ended> {
+        self.ended.get(reservation_id)
+    }
+
     /// Total number of buckets over all budgets.
     pub fn bucket_count(&self) -> usize {
         self.budgets.iter().map(BudgetState::len).sum()
