@@ -184,20 +184,30 @@ fn import_entry(name: &str, entry: &Value) -> Result<ModelPrice, String> {
             return Err(format!("mode {m:?} is not priced per token"));
         }
     }
-    let input = match price_field(obj, "input_cost_per_token")? {
+    let ranges = tiered_pricing(obj)?;
+    // A model priced only by ranges takes its first range's prices as its base.
+    let base = |key: &str| -> Result<Option<i64>, String> {
+        match price_field(obj, key)? {
+            Some(p) => Ok(Some(p)),
+            None => Ok(ranges.first().and_then(|(from, prices)| {
+                (*from == 0).then_some(prices.get(key).copied()).flatten()
+            })),
+        }
+    };
+    let input = match base("input_cost_per_token")? {
         Some(p) => p,
         None if mode.is_none() => return Err("no mode and no token prices".to_string()),
         None => return Err("missing input_cost_per_token".to_string()),
     };
-    let output = match price_field(obj, "output_cost_per_token")? {
+    let output = match base("output_cost_per_token")? {
         Some(p) => p,
         // Embeddings produce no output tokens; LiteLLM often leaves the price out.
         None if mode == Some("embedding") => 0,
         None => return Err("missing output_cost_per_token".to_string()),
     };
-    let cached = price_field(obj, "cache_read_input_token_cost")?;
-    let cache_write = price_field(obj, "cache_creation_input_token_cost")?;
-    let tiers = long_context_tiers(obj)?;
+    let cached = base("cache_read_input_token_cost")?;
+    let cache_write = base("cache_creation_input_token_cost")?;
+    let tiers = long_context_tiers(obj, &ranges)?;
     let provider = match obj.get("litellm_provider") {
         None | Some(Value::Null) => UNKNOWN_PROVIDER.to_string(),
         Some(Value::String(p)) if p.trim().is_empty() => UNKNOWN_PROVIDER.to_string(),
@@ -252,7 +262,13 @@ fn import_entry(name: &str, entry: &Value) -> Result<ModelPrice, String> {
 /// `…_above_1hr_above_200k_tokens`, `…_above_12hr…`): `1hr` is a cache lifetime, not a token
 /// threshold, and bursar bills cache writes at the default-TTL price. Every threshold a model
 /// has becomes a tier of its own (SPEC §2), in ascending order.
-fn long_context_tiers(obj: &Map<String, Value>) -> Result<Vec<PriceTier>, String> {
+///
+/// The ranges of `tiered_pricing` (see [`tiered_pricing`]) above 0 are tiers too: a range from N
+/// tokens is a tier above N, its prices for what the keys above leave unset.
+fn long_context_tiers(
+    obj: &Map<String, Value>,
+    ranges: &[Range],
+) -> Result<Vec<PriceTier>, String> {
     const PREFIXES: [&str; 4] = [
         "input_cost_per_token_above_",
         "output_cost_per_token_above_",
@@ -297,7 +313,90 @@ fn long_context_tiers(obj: &Map<String, Value>) -> Result<Vec<PriceTier>, String
             *slot = Some(price);
         }
     }
+    for (from, prices) in ranges.iter().filter(|(from, _)| *from > 0) {
+        let t = tiers.entry(*from).or_insert(PriceTier {
+            above_tokens: *from,
+            input_per_mtok: None,
+            output_per_mtok: None,
+            cached_input_per_mtok: None,
+            cache_write_per_mtok: None,
+        });
+        for (key, slot) in [
+            (RANGE_KEYS[0], &mut t.input_per_mtok),
+            (RANGE_KEYS[1], &mut t.output_per_mtok),
+            (RANGE_KEYS[2], &mut t.cached_input_per_mtok),
+            (RANGE_KEYS[3], &mut t.cache_write_per_mtok),
+        ] {
+            if slot.is_none() {
+                *slot = prices.get(key).copied();
+            }
+        }
+    }
     Ok(tiers.into_values().collect())
+}
+
+/// A range of `tiered_pricing`: where it starts (tokens of prompt) and its token prices by key,
+/// micro-USD per million tokens.
+type Range = (u64, std::collections::BTreeMap<&'static str, i64>);
+
+/// The token prices a range of `tiered_pricing` may give.
+const RANGE_KEYS: [&str; 4] = [
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "cache_read_input_token_cost",
+    "cache_creation_input_token_cost",
+];
+
+/// LiteLLM's other form of long-context prices: `"tiered_pricing": [{"range": [0, 256000],
+/// "input_cost_per_token": …, …}, {"range": [256000, 1000000], …}]`, the prices of a prompt
+/// whose size falls in each range (56 entries of the map in 2026-12, 49 of them with no price
+/// outside the ranges). Each range's start (a whole number of tokens) and its token prices, in
+/// micro-USD per million tokens, by start; empty without the key. A range from N applies to a
+/// prompt over N tokens, as a `_above_Nk_tokens` key does (so a prompt of exactly N tokens is
+/// priced by the range below; LiteLLM does not say which range a boundary falls in). Other keys
+/// of a range (per-query prices of search models, reasoning-token prices, which bursar does
+/// not tell apart from output) are not read.
+fn tiered_pricing(obj: &Map<String, Value>) -> Result<Vec<Range>, String> {
+    let ranges = match obj.get("tiered_pricing") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err("tiered_pricing is not an array".to_string()),
+    };
+    let mut out = Vec::with_capacity(ranges.len());
+    for (i, range) in ranges.iter().enumerate() {
+        let Value::Object(r) = range else {
+            return Err(format!("tiered_pricing[{i}] is not an object"));
+        };
+        let from = match r
+            .get("range")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+        {
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 1e15)
+                        .map(|f| f as u64)
+                })
+                .ok_or_else(|| {
+                    format!("tiered_pricing[{i}].range starts at {n}, not a whole number of tokens")
+                })?,
+            _ => return Err(format!("tiered_pricing[{i}].range is not [from, to]")),
+        };
+        let mut prices = std::collections::BTreeMap::new();
+        for key in RANGE_KEYS {
+            if let Some(p) = price_field(r, key).map_err(|e| format!("tiered_pricing[{i}].{e}"))? {
+                prices.insert(key, p);
+            }
+        }
+        if out.iter().any(|(f, _)| *f == from) {
+            return Err(format!("tiered_pricing[{i}]: a second range from {from}"));
+        }
+        out.push((from, prices));
+    }
+    out.sort_by_key(|(from, _)| *from);
+    Ok(out)
 }
 
 /// Read an optional per-token USD price and convert it to micro-USD per million tokens.
@@ -1216,6 +1315,13 @@ mod tests {
             usage_cost(&import.table.models["gpt-4o"], &usage(1200, 300, 0, 0)),
             6000
         );
+        // Models priced by `tiered_pricing` ranges only are imported, with a tier per range.
+        let qwen = &import.table.models["dashscope/qwen-flash"];
+        assert_eq!(qwen.tiers.len(), 1);
+        assert!(!import
+            .skipped
+            .iter()
+            .any(|(_, r)| r.contains("tiered_pricing")));
         // The cache-write tier is read; the 1hr cache-TTL key is not.
         let bedrock_sonnet_4 = &import.table.models["anthropic.claude-sonnet-4-20250514-v1:0"];
         assert_eq!(

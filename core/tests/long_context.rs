@@ -113,6 +113,68 @@ fn the_litellm_importer_keeps_every_threshold_of_a_model() {
     assert_eq!(worst_case_cost(&p, 100_000, 100_000), 67_500);
 }
 
+/// Two entries of LiteLLM's map as published (2026-12), with prices only in `tiered_pricing`
+/// ranges (dashscope) and with base prices and ranges (opencode_go).
+const RANGES: &str = r#"{
+ "dashscope/qwen-flash": {"litellm_provider": "dashscope", "max_input_tokens": 997952, "max_output_tokens": 32768, "mode": "chat", "supports_function_calling": true, "tiered_pricing": [{"input_cost_per_token": 5e-08, "output_cost_per_token": 4e-07, "range": [0, 256000.0]}, {"input_cost_per_token": 2.5e-07, "output_cost_per_token": 2e-06, "range": [256000.0, 1000000.0]}]},
+ "opencode_go/claude-haiku-5-5": {"litellm_provider": "opencode_go", "mode": "chat", "input_cost_per_token": 1.0000000000000001e-07, "output_cost_per_token": 5e-07, "cache_read_input_token_cost": 1e-08, "cache_creation_input_token_cost": 1.25e-07, "max_output_tokens": 128000, "max_input_tokens": 1000000, "tiered_pricing": [{"range": [0, 100000], "input_cost_per_token": 1.0000000000000001e-07, "output_cost_per_token": 5e-07, "cache_read_input_token_cost": 1e-08, "cache_creation_input_token_cost": 1.25e-07}, {"range": [100000, 1000000], "input_cost_per_token": 5e-07, "output_cost_per_token": 2.5e-06, "cache_read_input_token_cost": 5.0000000000000004e-08, "cache_creation_input_token_cost": 6.25e-07}]}
+}"#;
+
+/// LiteLLM's other form of long-context prices, `tiered_pricing` ranges, is read too (SPEC §2:
+/// "keeps every threshold a model has"): a model priced only by ranges is imported, not skipped
+/// (it was an unknown model: denied, or priced at the table's maximum), and a long prompt is
+/// priced by its range, never under-charged at the base prices.
+#[test]
+fn the_litellm_importer_reads_tiered_pricing_ranges_as_tiers() {
+    let import = match import_litellm(RANGES) {
+        Ok(i) => i,
+        Err(e) => panic!("{e}"),
+    };
+    assert!(import.skipped.is_empty(), "{:?}", import.skipped);
+    let qwen = &import.table.models["dashscope/qwen-flash"];
+    assert_eq!(
+        (qwen.input_per_mtok, qwen.output_per_mtok),
+        (50_000, 400_000)
+    );
+    let thresholds: Vec<u64> = qwen.tiers.iter().map(|t| t.above_tokens).collect();
+    assert_eq!(thresholds, vec![256_000]);
+    // 300,000 × 0.25 + 1,000 × 2 at the range from 256k; 200,000 × 0.05 + 1,000 × 0.4 below.
+    assert_eq!(
+        usage_cost(qwen, &usage(300_000, 0, 0, 1_000)),
+        75_000 + 2_000
+    );
+    assert_eq!(usage_cost(qwen, &usage(200_000, 0, 0, 1_000)), 10_000 + 400);
+    assert_eq!(worst_case_cost(qwen, 300_000, 1_000), 77_000);
+
+    let haiku = &import.table.models["opencode_go/claude-haiku-5-5"];
+    // A 150,000-token prompt (100,000 uncached, 50,000 cache reads) is in the range from 100k:
+    // 100,000 × 0.5 + 50,000 × 0.05 + 1,000 × 2.5, and 1 for LiteLLM's 5.0000000000000004e-08
+    // (a price a hair over $0.05 a Mtok is rounded up, never down). It was 10,000 + 500 + 500
+    // at base prices.
+    assert_eq!(
+        usage_cost(haiku, &usage(100_000, 50_000, 0, 1_000)),
+        50_000 + 2_500 + 2_500 + 1
+    );
+    // Below: 50,000 × 0.1 (1.0000000000000001e-07 rounded up: +1) + 1,000 × 0.5.
+    assert_eq!(
+        usage_cost(haiku, &usage(50_000, 0, 0, 1_000)),
+        5_000 + 1 + 500
+    );
+
+    // A malformed range skips its entry, naming what is wrong.
+    let bad = r#"{"m": {"mode": "chat", "tiered_pricing": [{"range": [0.5, 10], "input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06}]}}"#;
+    let import = match import_litellm(bad) {
+        Ok(i) => i,
+        Err(e) => panic!("{e}"),
+    };
+    assert!(import.table.models.is_empty());
+    assert!(
+        import.skipped[0].1.contains("tiered_pricing[0].range"),
+        "{:?}",
+        import.skipped
+    );
+}
+
 #[allow(clippy::panic)]
 fn load(text: &str) -> bursar_core::policy::LoadedPolicy {
     match parse_policy(text, "bursar.toml", &|p| Err(format!("no {p}"))) {
