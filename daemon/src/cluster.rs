@@ -397,6 +397,64 @@ pub struct Cluster {
     last_rebalance: Mutex<Instant>,
 }
 
+/// The settings every node of a cluster must share (SPEC §13: `partitions` "fixed when the
+/// cluster's streams are created"), as the first node to start wrote them into the bucket
+/// `PREFIX-settings`.
+fn shared_settings(settings: &ClusterSettings) -> String {
+    serde_json::json!({
+        "partitions": settings.partitions,
+        "partition_by": settings.partition_by,
+        "replicas": settings.replicas,
+    })
+    .to_string()
+}
+
+/// Refuse to start a node whose `partitions`, `partition_by` or `replicas` differ from what
+/// the cluster was created with: a node with more partitions would create streams that the
+/// others neither write nor follow, and route a scope to a partition another writer does not
+/// own (two writers of one budget: overspend); another `partition_by` routes the same scope
+/// elsewhere; fewer replicas weaken what an acknowledged write survives. The first node to
+/// start (of a cluster created before this check: the first after the upgrade) writes them;
+/// every later one compares.
+fn check_settings_agree(nats: &Nats, settings: &ClusterSettings) -> Result<(), String> {
+    let bucket = format!("{}-settings", settings.stream_prefix);
+    let mine = shared_settings(settings);
+    let theirs = nats
+        .retrying("agree on the cluster's settings", || async {
+            let kv = match nats.js.get_key_value(&bucket).await {
+                Ok(kv) => kv,
+                Err(_) => nats
+                    .js
+                    .create_key_value(async_nats::jetstream::kv::Config {
+                        bucket: bucket.clone(),
+                        history: 1,
+                        num_replicas: settings.replicas as usize,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?,
+            };
+            if kv.create("cluster", mine.clone().into()).await.is_ok() {
+                return Ok(mine.clone());
+            }
+            match kv.get("cluster").await {
+                Ok(Some(v)) => Ok(String::from_utf8_lossy(&v).into_owned()),
+                Ok(None) => Err("the settings were neither written nor there".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .map_err(|e| format!("cluster: {e}"))?;
+    let parsed = |t: &str| serde_json::from_str::<serde_json::Value>(t).ok();
+    if parsed(&theirs).is_some_and(|v| Some(v) == parsed(&mine)) {
+        return Ok(());
+    }
+    Err(format!(
+        "cluster: this node's [cluster] settings {mine} differ from the ones the cluster was \
+         created with, {theirs} (NATS bucket {bucket:?}): every node must say the same \
+         partitions, partition_by and replicas"
+    ))
+}
+
 fn shared_err(op: &'static str) -> impl Fn(String) -> LogError {
     move |reason| LogError::Shared { op, reason }
 }
@@ -440,6 +498,7 @@ impl Cluster {
                 }
             })
             .map_err(|e| start(format!("cluster: {e}")))?;
+        check_settings_agree(&nats, &settings).map_err(start)?;
         let client = nats.js.client();
         // Created only once NATS answered: a node that cannot reach it writes nothing.
         if !config.data_dir.exists() {

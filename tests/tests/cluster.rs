@@ -741,6 +741,60 @@ fn a_commit_of_a_reservation_denied_past_the_id_window_reaches_its_partition() {
     );
 }
 
+/// `partitions`, `partition_by` and `replicas` are fixed when the cluster is created (SPEC
+/// §13): a node whose file says otherwise would create partitions the others never write or
+/// follow, and give a scope a second writer. It refuses to start (exit 1, one line naming the
+/// settings) and writes nothing; one that agrees joins.
+#[test]
+fn a_node_whose_partitions_differ_from_the_clusters_refuses_to_start() {
+    let Some(cluster) = start("settings") else {
+        return;
+    };
+    let urls = cluster.nats.urls();
+    for (change, from, to) in [
+        ("partitions", "partitions = 2", "partitions = 3"),
+        // The budgets' `group_by` too, so that the file is valid on its own.
+        ("partition_by", "\"org\"", "\"team\""),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("bursar.toml");
+        std::fs::write(&cfg, policy(&urls, "d", "settings").replace(from, to)).unwrap();
+        let mut child = std::process::Command::new(bursar_tests::bin("bursard"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--socket")
+            .arg(dir.path().join("s.sock"))
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "{change}: the node started: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{change}: {err}");
+        assert!(
+            err.contains("differ from the ones the cluster was created with"),
+            "{err}"
+        );
+        assert!(!dir.path().join("s.sock").exists(), "{change}: served");
+    }
+    // The three nodes agree: every partition still has its writer.
+    cluster.wait_for_writers(Duration::from_secs(10));
+}
+
 #[test]
 fn reload_on_one_node_applies_the_new_policy_to_every_partition_on_every_node() {
     let Some(cluster) = start("reload") else {
