@@ -90,6 +90,34 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Run `bursard` with `args` and wait for it to exit: a start that must fail. Its exit status
+/// and stderr; a panic (after killing it) if it still runs after 30 s, i.e. it started.
+pub fn bursard_until_exit<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (ExitStatus, String) {
+    let mut child = Command::new(bin("bursard"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bursard");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for bursard") {
+            let out = child.wait_with_output().expect("bursard's stderr");
+            return (status, String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("bursard's stderr");
+            panic!(
+                "bursard started where it should have refused: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The most recently modified file under `dir`, recursively, but `skip`.
 fn newest_source(dir: &Path, skip: Option<&Path>) -> Option<(PathBuf, std::time::SystemTime)> {
     let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;

@@ -759,32 +759,18 @@ fn a_node_whose_partitions_differ_from_the_clusters_refuses_to_start() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("bursar.toml");
         std::fs::write(&cfg, policy(&urls, "d", "settings").replace(from, to)).unwrap();
-        let mut child = std::process::Command::new(bursar_tests::bin("bursard"))
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--socket")
-            .arg(dir.path().join("s.sock"))
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "{change}: the node started: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{change}: {err}");
+        let data = dir.path().join("data");
+        let socket = dir.path().join("s.sock");
+        let flag = std::ffi::OsStr::new;
+        let (status, err) = bursar_tests::bursard_until_exit(&[
+            flag("--config"),
+            cfg.as_os_str(),
+            flag("--data-dir"),
+            data.as_os_str(),
+            flag("--socket"),
+            socket.as_os_str(),
+        ]);
+        assert_eq!(status.code(), Some(1), "{change}: {err}");
         assert!(
             err.contains("differ from the ones the cluster was created with"),
             "{err}"

@@ -3,11 +3,11 @@
 //! copies the intact prefix into a new data dir.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bursar_tests::{bin, bursar, copy_dir, record, CliOutput, Client, Daemon};
+use bursar_tests::{bursar, copy_dir, record, CliOutput, Client, Daemon};
 use serde_json::json;
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
 
 const EVENTS: u64 = 3000;
 /// The event whose page gets damaged, and its distinctive label value.
@@ -44,32 +44,13 @@ fn stopped_daemon_with_a_log() -> Daemon {
 
 /// Run `bursard` on `data` and wait for it to exit (it must not start serving).
 fn run_daemon_expecting_exit(data: &Path, socket: &Path) -> (ExitStatus, String) {
-    let mut child = Command::new(bin("bursard"))
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--socket")
-        .arg(socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let out = child.wait_with_output().unwrap();
-            return (status, String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "bursard served a damaged store: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let args = [
+        OsStr::new("--data-dir"),
+        data.as_os_str(),
+        OsStr::new("--socket"),
+        socket.as_os_str(),
+    ];
+    bursar_tests::bursard_until_exit(&args)
 }
 
 /// `bursar salvage --data-dir FROM --to TO`.

@@ -64,6 +64,24 @@ fn merge_into(
     }
 }
 
+/// A report's row: a period's sums for a group.
+fn report_row(
+    period_start: String,
+    group: std::collections::BTreeMap<String, Option<String>>,
+    c: &Cell,
+) -> ReportRow {
+    ReportRow {
+        period_start,
+        group,
+        cost_micros: c.cost_micros,
+        input_tokens: c.input_tokens,
+        cached_input_tokens: c.cached_input_tokens,
+        output_tokens: c.output_tokens,
+        requests: c.requests,
+        denied: c.denied,
+    }
+}
+
 fn period_text(tz: chrono_tz::Tz, ts: TsMicros) -> String {
     chrono::DateTime::from_timestamp_micros(ts)
         .map(|t| {
@@ -193,47 +211,30 @@ impl Ledger {
                 *slot = u32::try_from(r).unwrap_or(u32::MAX);
             }
         }
-        if req.group_by.is_empty() {
-            let (rows, total_rows) = self.every_period(&periods, since, until, every, tz, &zone);
-            let first_usage = self.first_usage();
-            return Ok(ReportAnswer {
-                ok: true,
-                every: every_name.to_string(),
-                timezone: zone,
-                truncated: total_rows > rows.len() as u64,
-                rows,
-                total_rows,
-                subscriptions: self.subscription_fees(first_usage.map(|f| f.max(since)), until),
-                req: None,
-            });
-        }
-        let total_rows: u64 = periods.values().map(|m| m.len() as u64).sum();
-        let mut rows: Vec<ReportRow> = Vec::new();
-        'periods: for (start, sums) in &periods {
-            let mut in_period: Vec<(u32, u32)> = sums
-                .keys()
-                .map(|&g| (rank.get(g as usize).copied().unwrap_or(0), g))
-                .collect();
-            in_period.sort_unstable();
-            for (_, g) in in_period {
-                if rows.len() >= REPORT_MAX_ROWS {
-                    break 'periods;
+        let (rows, total_rows) = if req.group_by.is_empty() {
+            self.every_period(&periods, since, until, every, tz, &zone)
+        } else {
+            let total_rows: u64 = periods.values().map(|m| m.len() as u64).sum();
+            let mut rows: Vec<ReportRow> = Vec::new();
+            'periods: for (start, sums) in &periods {
+                let mut in_period: Vec<(u32, u32)> = sums
+                    .keys()
+                    .map(|&g| (rank.get(g as usize).copied().unwrap_or(0), g))
+                    .collect();
+                in_period.sort_unstable();
+                for (_, g) in in_period {
+                    if rows.len() >= REPORT_MAX_ROWS {
+                        break 'periods;
+                    }
+                    let (Some(c), Some(values)) = (sums.get(&g), groups.get(g as usize)) else {
+                        continue;
+                    };
+                    let group = req.group_by.iter().cloned().zip(values.clone()).collect();
+                    rows.push(report_row(period_text(tz, *start), group, c));
                 }
-                let (Some(c), Some(values)) = (sums.get(&g), groups.get(g as usize)) else {
-                    continue;
-                };
-                rows.push(ReportRow {
-                    period_start: period_text(tz, *start),
-                    group: req.group_by.iter().cloned().zip(values.clone()).collect(),
-                    cost_micros: c.cost_micros,
-                    input_tokens: c.input_tokens,
-                    cached_input_tokens: c.cached_input_tokens,
-                    output_tokens: c.output_tokens,
-                    requests: c.requests,
-                    denied: c.denied,
-                });
             }
-        }
+            (rows, total_rows)
+        };
         // The range the fees cover: from `since`, but not before the first usage there is.
         let from = self.first_usage().map(|first| first.max(since));
         Ok(ReportAnswer {
@@ -289,16 +290,7 @@ impl Ledger {
                 for cell in periods.get(&start).into_iter().flat_map(|p| p.values()) {
                     c.add(cell);
                 }
-                rows.push(ReportRow {
-                    period_start: period_text(tz, start),
-                    group: Default::default(),
-                    cost_micros: c.cost_micros,
-                    input_tokens: c.input_tokens,
-                    cached_input_tokens: c.cached_input_tokens,
-                    output_tokens: c.output_tokens,
-                    requests: c.requests,
-                    denied: c.denied,
-                });
+                rows.push(report_row(period_text(tz, start), Default::default(), &c));
             }
             total += 1;
             let next = match every {
