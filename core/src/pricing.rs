@@ -353,7 +353,8 @@ const RANGE_KEYS: [&str; 4] = [
 /// outside the ranges). Each range's start (a whole number of tokens) and its token prices, in
 /// micro-USD per million tokens, by start; empty without the key. A range from N applies to a
 /// prompt over N tokens, as a `_above_Nk_tokens` key does (so a prompt of exactly N tokens is
-/// priced by the range below; LiteLLM does not say which range a boundary falls in). Other keys
+/// priced by the range below, as LiteLLM's `start < tokens <= end` does). A range without a
+/// cache price bills cache reads and writes at its input price, as LiteLLM does. Other keys
 /// of a range (per-query prices of search models, reasoning-token prices, which bursar does
 /// not tell apart from output) are not read.
 fn tiered_pricing(obj: &Map<String, Value>) -> Result<Vec<Range>, String> {
@@ -388,6 +389,13 @@ fn tiered_pricing(obj: &Map<String, Value>) -> Result<Vec<Range>, String> {
         for key in RANGE_KEYS {
             if let Some(p) = price_field(r, key).map_err(|e| format!("tiered_pricing[{i}].{e}"))? {
                 prices.insert(key, p);
+            }
+        }
+        // A range without a cache price bills cached and cache-write tokens at its own input
+        // price, as LiteLLM does (`tier_rate`): the base's cache price would under-charge.
+        if let Some(&input) = prices.get(RANGE_KEYS[0]) {
+            for key in &RANGE_KEYS[2..] {
+                prices.entry(key).or_insert(input);
             }
         }
         if out.iter().any(|(f, _)| *f == from) {

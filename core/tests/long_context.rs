@@ -145,6 +145,9 @@ fn the_litellm_importer_reads_tiered_pricing_ranges_as_tiers() {
     );
     assert_eq!(usage_cost(qwen, &usage(200_000, 0, 0, 1_000)), 10_000 + 400);
     assert_eq!(worst_case_cost(qwen, 300_000, 1_000), 77_000);
+    // Its ranges give no cache price: cache reads are billed at the range's input price, as
+    // LiteLLM bills them (at the base's they would be a fifth).
+    assert_eq!(usage_cost(qwen, &usage(200_000, 100_000, 0, 0)), 75_000);
 
     let haiku = &import.table.models["opencode_go/claude-haiku-5-5"];
     // A 150,000-token prompt (100,000 uncached, 50,000 cache reads) is in the range from 100k:

@@ -166,8 +166,8 @@ fn since_until_and_labels_narrow_the_report() {
 
 /// SPEC §11: "rows ... for each period of `every` ... between `since` and `until`". Without
 /// `group_by` a report has one row for every period, zeros where nothing was spent or denied
-/// (a gap in a plotted series would read as missing data), from `since` (or the first usage)
-/// to `until` (or now).
+/// (a gap in a plotted series would read as missing data), from `since` (at the earliest the
+/// first usage) to `until` (at the latest now).
 #[test]
 fn a_report_without_grouping_has_a_row_for_every_period_zeros_included() {
     let h = two_days();
@@ -180,24 +180,27 @@ fn a_report_without_grouping_has_a_row_for_every_period_zeros_included() {
     assert_eq!(row(&a, "2026-11-23T02:00:00Z", &[]).cost_micros, 0);
     assert_eq!(a.rows.iter().map(|r| r.cost_micros).sum::<i64>(), 1325);
 
+    // Periods before the first usage and after now are left out, however far `since` and
+    // `until` reach (any RFC 3339 year is taken: ten millennia of periods are not stepped).
+    for every in ["hour", "day"] {
+        let mut r = by(&[], every);
+        r.since = Some("0001-01-01T00:00:00Z".into());
+        r.until = Some("9999-12-31T00:00:00Z".into());
+        let far = report(&h.ledger, r, h.now);
+        assert_eq!(far.rows, report(&h.ledger, by(&[], every), h.now).rows);
+    }
     let mut r = by(&[], "day");
     r.since = Some("2026-11-20T00:00:00Z".into());
-    r.until = Some("2026-11-26T00:00:00Z".into());
-    let a = report(&h.ledger, r, h.now);
-    let days: Vec<(&str, i64)> = a
+    let days: Vec<(String, i64)> = report(&h.ledger, r, h.now)
         .rows
         .iter()
-        .map(|r| (&r.period_start[..10], r.cost_micros))
+        .map(|r| (r.period_start[..10].to_string(), r.cost_micros))
         .collect();
     assert_eq!(
         days,
         [
-            ("2026-11-20", 0),
-            ("2026-11-21", 0),
-            ("2026-11-22", 0),
-            ("2026-11-23", 1320),
-            ("2026-11-24", 5),
-            ("2026-11-25", 0)
+            ("2026-11-23".to_string(), 1320),
+            ("2026-11-24".to_string(), 5)
         ]
     );
     // Grouped, a group has rows where it spent or was denied.
@@ -276,4 +279,36 @@ fn a_repricing_shows_in_reports_and_denials_are_counted() {
         report(&folded, by(&["team"], "hour"), h.now),
         report(&h.ledger, by(&["team"], "hour"), h.now)
     );
+}
+
+/// Hours of a zone whose offset changes by half an hour (Lord Howe Island: +11:00 in summer,
+/// +10:30 from 02:00 local on 2027-04-04, 15:00 UTC): every usage lands in a row, none twice,
+/// and the rows follow each other.
+#[test]
+fn hours_across_a_half_hour_offset_change_lose_nothing() {
+    let mut h = Harness::new(policy(vec![]));
+    // 2027-04-03T12:00Z (23:00 local) to 2027-04-04T00:00Z, a record every 15 minutes.
+    let start = 1_806_753_600 * SEC;
+    for i in 0..48 {
+        h.now = start + i * 15 * 60 * SEC;
+        h.record(
+            &format!("e-{i}"),
+            labels(&[("team", "a")]),
+            "m",
+            usage(10 + i as u64, 0),
+        );
+    }
+    let mut r = by(&[], "hour");
+    r.timezone = Some("Australia/Lord_Howe".into());
+    let a = report(&h.ledger, r, h.now);
+    let total: i64 = (0..48).map(|i| 10 + i).sum();
+    assert_eq!(a.rows.iter().map(|r| r.cost_micros).sum::<i64>(), total);
+    assert_eq!(a.rows.iter().map(|r| r.requests).sum::<u64>(), 48);
+    let starts: Vec<i64> = a
+        .rows
+        .iter()
+        .map(|r| bursar_core::time::parse_ts(&r.period_start).unwrap())
+        .collect();
+    assert!(starts.windows(2).all(|w| w[0] < w[1]), "{:?}", a.rows);
+    assert!(a.rows.iter().any(|r| r.period_start.ends_with("+10:30")));
 }

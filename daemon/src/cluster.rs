@@ -1201,13 +1201,21 @@ impl Cluster {
     /// its id in the idempotency window, or remembers it ended or was denied (for the hour, even
     /// when `idempotency_window_seconds` is shorter: a late commit, or a commit of a denied one,
     /// is then recorded where it was reserved).
+    ///
+    /// A live hold first: a denied id may be reserved again (in another partition, with other
+    /// labels), and its commit belongs with the hold.
     fn partition_of_reservation(&self, rid: &str) -> Option<usize> {
-        self.parts.iter().position(|p| {
-            let l = read_ledger(&p.shared);
-            l.hold(rid).is_some()
-                || l.ids().get(IdKind::Reservation, rid).is_some()
-                || l.ended_reservation(rid).is_some()
-        })
+        let knows = |held: bool| {
+            self.parts.iter().position(|p| {
+                let l = read_ledger(&p.shared);
+                if held {
+                    return l.hold(rid).is_some();
+                }
+                l.ids().get(IdKind::Reservation, rid).is_some()
+                    || l.ended_reservation(rid).is_some()
+            })
+        };
+        knows(true).or_else(|| knows(false))
     }
 
     /// Where a write goes: its partition.

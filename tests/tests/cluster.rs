@@ -775,7 +775,8 @@ fn a_node_whose_partitions_differ_from_the_clusters_refuses_to_start() {
             err.contains("differ from the ones the cluster was created with"),
             "{err}"
         );
-        assert!(!dir.path().join("s.sock").exists(), "{change}: served");
+        assert!(!socket.exists(), "{change}: served");
+        assert!(!data.exists(), "{change}: wrote its data dir");
     }
     // The three nodes agree: every partition still has its writer.
     cluster.wait_for_writers(Duration::from_secs(10));

@@ -212,7 +212,7 @@ impl Ledger {
             }
         }
         let (rows, total_rows) = if req.group_by.is_empty() {
-            self.every_period(&periods, since, until, every, tz, &zone)
+            self.every_period(&periods, since, until, now, every, tz, &zone)
         } else {
             let total_rows: u64 = periods.values().map(|m| m.len() as u64).sum();
             let mut rows: Vec<ReportRow> = Vec::new();
@@ -257,9 +257,13 @@ impl Ledger {
             .map(|(slot, _, _)| slot.saturating_mul(1_000_000))
     }
 
-    /// The rows of a report without `group_by`: one for each period between `since` (or the
-    /// rollups' start) and `until`, zeros where nothing was spent or denied (SPEC §11: "for each
-    /// period"), at most [`REPORT_MAX_ROWS`]; and how many periods there are in all.
+    /// The rows of a report without `group_by`: one for each period between `since` and
+    /// `until` (SPEC §11: "for each period"), zeros where nothing was spent or denied, at most
+    /// [`REPORT_MAX_ROWS`]; and how many periods there are in all. The range is clamped to the
+    /// rollups' (from the first usage or denial to `now`): before the log began and after now
+    /// every period is empty, and a range of ten millennia (any RFC 3339 year is taken) would
+    /// cost a step per period under the ledger's read lock.
+    #[allow(clippy::too_many_arguments)]
     fn every_period(
         &self,
         periods: &std::collections::BTreeMap<
@@ -268,34 +272,41 @@ impl Ledger {
         >,
         since: TsMicros,
         until: TsMicros,
+        now: TsMicros,
         every: Every,
         tz: chrono_tz::Tz,
         zone: &str,
     ) -> (Vec<ReportRow>, u64) {
         let mut rows = Vec::new();
         let mut total = 0u64;
-        let from = if since == TsMicros::MIN {
-            self.first_usage()
-        } else {
-            Some(since)
-        };
-        let Some(from) = from else {
+        let Some(first) = self.first_usage() else {
             return (rows, total);
         };
-        let mut start = period_start(every, tz, zone, from);
-        while start < until {
+        let until = until.min(now.saturating_add(1));
+        let mut start = period_start(every, tz, zone, since.max(first));
+        // Each period's sums (a period is the one group's: no `group_by`), and the periods
+        // with data, merged in: a step that missed one (a zone whose offset changed by half an
+        // hour) cannot drop its figures.
+        let mut push = |at: TsMicros, sums: Option<&HashMap<u32, Cell, _>>| {
             if rows.len() < REPORT_MAX_ROWS {
-                // Every cell of a period is the one group's (no `group_by`).
                 let mut c = Cell::default();
-                for cell in periods.get(&start).into_iter().flat_map(|p| p.values()) {
+                for cell in sums.into_iter().flat_map(|p| p.values()) {
                     c.add(cell);
                 }
-                rows.push(report_row(period_text(tz, start), Default::default(), &c));
+                rows.push(report_row(period_text(tz, at), Default::default(), &c));
             }
             total += 1;
+        };
+        let mut data = periods.range(start..until).peekable();
+        while start < until {
+            while let Some((at, sums)) = data.next_if(|(at, _)| **at < start) {
+                push(*at, Some(sums));
+            }
+            push(start, data.next_if(|(at, _)| **at == start).map(|(_, s)| s));
             let next = match every {
-                // An hour is 3,600 s in every zone (offsets are whole quarter hours).
-                Every::Hour => start.saturating_add(3_600_000_000),
+                // The next hour's start: 3,600 s on, or a half hour either way where the
+                // zone's offset changes by one.
+                Every::Hour => period_start(every, tz, zone, start.saturating_add(3_600_000_000)),
                 Every::Calendar(unit) => crate::window::zoned_bounds(unit, zone, start)
                     .1
                     .unwrap_or(until),
@@ -304,6 +315,9 @@ impl Ledger {
                 break;
             }
             start = next;
+        }
+        for (at, sums) in data {
+            push(*at, Some(sums));
         }
         (rows, total)
     }
