@@ -397,6 +397,30 @@ pub struct Cluster {
     last_rebalance: Mutex<Instant>,
 }
 
+/// The NATS key-value bucket `bucket` (one value a key), made if it is not there yet; its
+/// entries live `max_age` (for ever without).
+async fn kv_bucket(
+    nats: &Nats,
+    bucket: &str,
+    max_age: Option<Duration>,
+    replicas: usize,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    match nats.js.get_key_value(bucket).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => nats
+            .js
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: bucket.to_string(),
+                history: 1,
+                max_age: max_age.unwrap_or_default(),
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
 /// The settings every node of a cluster must share (SPEC §13: `partitions` "fixed when the
 /// cluster's streams are created"), as the first node to start wrote them into the bucket
 /// `PREFIX-settings`.
@@ -421,19 +445,7 @@ fn check_settings_agree(nats: &Nats, settings: &ClusterSettings) -> Result<(), S
     let mine = shared_settings(settings);
     let theirs = nats
         .retrying("agree on the cluster's settings", || async {
-            let kv = match nats.js.get_key_value(&bucket).await {
-                Ok(kv) => kv,
-                Err(_) => nats
-                    .js
-                    .create_key_value(async_nats::jetstream::kv::Config {
-                        bucket: bucket.clone(),
-                        history: 1,
-                        num_replicas: settings.replicas as usize,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?,
-            };
+            let kv = kv_bucket(nats, &bucket, None, settings.replicas as usize).await?;
             if kv.create("cluster", mine.clone().into()).await.is_ok() {
                 return Ok(mine.clone());
             }
@@ -481,21 +493,13 @@ impl Cluster {
         .map_err(|e| start(format!("cluster: {e}")))?;
         let nodes_bucket = format!("{}-nodes", settings.stream_prefix);
         let nodes = nats
-            .retrying("open the nodes bucket", || async {
-                match nats.js.get_key_value(&nodes_bucket).await {
-                    Ok(kv) => Ok(kv),
-                    Err(_) => nats
-                        .js
-                        .create_key_value(async_nats::jetstream::kv::Config {
-                            bucket: nodes_bucket.clone(),
-                            history: 1,
-                            max_age: Duration::from_secs(3600),
-                            num_replicas: replicas,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| e.to_string()),
-                }
+            .retrying("open the nodes bucket", || {
+                kv_bucket(
+                    &nats,
+                    &nodes_bucket,
+                    Some(Duration::from_secs(3600)),
+                    replicas,
+                )
             })
             .map_err(|e| start(format!("cluster: {e}")))?;
         check_settings_agree(&nats, &settings).map_err(start)?;
