@@ -297,42 +297,40 @@ fn long_context_tiers(
             let Some(price) = price_field(obj, key)? else {
                 continue;
             };
-            let t = tiers.entry(above).or_insert(PriceTier {
-                above_tokens: above,
-                input_per_mtok: None,
-                output_per_mtok: None,
-                cached_input_per_mtok: None,
-                cache_write_per_mtok: None,
-            });
-            let slot = match kind {
-                0 => &mut t.input_per_mtok,
-                1 => &mut t.output_per_mtok,
-                2 => &mut t.cached_input_per_mtok,
-                _ => &mut t.cache_write_per_mtok,
-            };
-            *slot = Some(price);
+            *tier_price(&mut tiers, above, kind) = Some(price);
         }
     }
     for (from, prices) in ranges.iter().filter(|(from, _)| *from > 0) {
-        let t = tiers.entry(*from).or_insert(PriceTier {
-            above_tokens: *from,
-            input_per_mtok: None,
-            output_per_mtok: None,
-            cached_input_per_mtok: None,
-            cache_write_per_mtok: None,
-        });
-        for (key, slot) in [
-            (RANGE_KEYS[0], &mut t.input_per_mtok),
-            (RANGE_KEYS[1], &mut t.output_per_mtok),
-            (RANGE_KEYS[2], &mut t.cached_input_per_mtok),
-            (RANGE_KEYS[3], &mut t.cache_write_per_mtok),
-        ] {
+        for (kind, key) in RANGE_KEYS.iter().enumerate() {
+            let slot = tier_price(&mut tiers, *from, kind);
             if slot.is_none() {
                 *slot = prices.get(key).copied();
             }
         }
     }
     Ok(tiers.into_values().collect())
+}
+
+/// The price of kind `kind` (the order of [`RANGE_KEYS`]: input, output, cache reads, cache
+/// writes) of the tier above `above` tokens, the tier made (with no prices) if there is none.
+fn tier_price(
+    tiers: &mut std::collections::BTreeMap<u64, PriceTier>,
+    above: u64,
+    kind: usize,
+) -> &mut Option<i64> {
+    let t = tiers.entry(above).or_insert(PriceTier {
+        above_tokens: above,
+        input_per_mtok: None,
+        output_per_mtok: None,
+        cached_input_per_mtok: None,
+        cache_write_per_mtok: None,
+    });
+    match kind {
+        0 => &mut t.input_per_mtok,
+        1 => &mut t.output_per_mtok,
+        2 => &mut t.cached_input_per_mtok,
+        _ => &mut t.cache_write_per_mtok,
+    }
 }
 
 /// A range of `tiered_pricing`: where it starts (tokens of prompt) and its token prices by key,

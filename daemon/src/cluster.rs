@@ -424,13 +424,12 @@ async fn kv_bucket(
 /// The settings every node of a cluster must share (SPEC §13: `partitions` "fixed when the
 /// cluster's streams are created"), as the first node to start wrote them into the bucket
 /// `PREFIX-settings`.
-fn shared_settings(settings: &ClusterSettings) -> String {
+fn shared_settings(settings: &ClusterSettings) -> serde_json::Value {
     serde_json::json!({
         "partitions": settings.partitions,
         "partition_by": settings.partition_by,
         "replicas": settings.replicas,
     })
-    .to_string()
 }
 
 /// Refuse to start a node whose `partitions`, `partition_by` or `replicas` differ from what
@@ -442,7 +441,8 @@ fn shared_settings(settings: &ClusterSettings) -> String {
 /// every later one compares.
 fn check_settings_agree(nats: &Nats, settings: &ClusterSettings) -> Result<(), String> {
     let bucket = format!("{}-settings", settings.stream_prefix);
-    let mine = shared_settings(settings);
+    let settings_value = shared_settings(settings);
+    let mine = settings_value.to_string();
     let theirs = nats
         .retrying("agree on the cluster's settings", || async {
             let kv = kv_bucket(nats, &bucket, None, settings.replicas as usize).await?;
@@ -456,8 +456,7 @@ fn check_settings_agree(nats: &Nats, settings: &ClusterSettings) -> Result<(), S
             }
         })
         .map_err(|e| format!("cluster: {e}"))?;
-    let parsed = |t: &str| serde_json::from_str::<serde_json::Value>(t).ok();
-    if parsed(&theirs).is_some_and(|v| Some(v) == parsed(&mine)) {
+    if serde_json::from_str::<serde_json::Value>(&theirs).is_ok_and(|v| v == settings_value) {
         return Ok(());
     }
     Err(format!(
