@@ -31,7 +31,8 @@ use crate::log::jetstream::{seq_header, JetStreamLog, JetStreamOptions, Nats, SE
 use crate::log::lease::{Held, Leases};
 use crate::log::{Head, LogError, LogStore, RecordEnvelopes, SledLog};
 use crate::writer::{
-    self, error_line, lock_store, read_ledger, Clock, Job, Outcome, Shared, WriteCmd, WriterHandle,
+    self, error_line, lock_store, read_ledger, Clock, Job, Outcome, PolicyToApply, Shared,
+    WriteCmd, WriterHandle,
 };
 use bursar_core::ledger::{Answer, IdKind};
 use bursar_core::policy::ClusterSettings;
@@ -84,6 +85,9 @@ pub const LIVE_REPORT_AGE: Duration = Duration::from_secs(3);
 pub const REBALANCE_EVERY: Duration = Duration::from_secs(5);
 /// How often each node publishes its lag per partition (for `cluster status`).
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Header of a forwarded `reload` whose payload is the policy to apply ([`PolicyToApply`],
+/// JSON packed as a log record is), not a request line.
+const POLICY_HEADER: &str = "Bursar-Policy";
 
 /// The partition a label value belongs to: the first 8 bytes of its BLAKE3 hash (little
 /// endian) modulo the number of partitions. Fixed: changing it would move budgets.
@@ -1288,6 +1292,20 @@ impl Cluster {
         req: Option<Value>,
         waits: Duration,
     ) -> String {
+        self.forward_as(p, line, actor, req, waits, false).await
+    }
+
+    /// [`Self::forward`], or with `policy` the payload a policy for the writer to apply (packed
+    /// JSON of [`PolicyToApply`], flagged by [`POLICY_HEADER`]) instead of a request line.
+    async fn forward_as(
+        &self,
+        p: &Partition,
+        line: Vec<u8>,
+        actor: Actor,
+        req: Option<Value>,
+        waits: Duration,
+        policy: bool,
+    ) -> String {
         let subject = format!("{}.p{}.write", self.settings.stream_prefix, p.index);
         let deadline = Instant::now() + FORWARD_TIMEOUT + waits;
         let mut headers = async_nats::HeaderMap::new();
@@ -1295,6 +1313,9 @@ impl Cluster {
             "Bursar-Actor",
             format!("{}:{}:{}", actor.uid, actor.gid, actor.pid).as_str(),
         );
+        if policy {
+            headers.insert(POLICY_HEADER, "1");
+        }
         let mut last_error = String::new();
         while Instant::now() < deadline {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1339,27 +1360,46 @@ impl Cluster {
         )
     }
 
-    /// `reload` on every partition's writer (each re-reads its node's policy file).
+    /// `reload` (and SIGHUP): this node reads its policy file once, and every partition's
+    /// writer, here or on another node, applies that policy (SPEC §13: "`reload` on any node
+    /// applies cluster-wide").
     pub async fn reload(self: Arc<Self>, actor: Actor, req: Option<Value>) -> String {
+        let config = self.config.clone();
+        // Off the connection's thread: a file importing LiteLLM's map parses for a while.
+        let read = tokio::task::spawn_blocking(move || config.reload_policy())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let policy = match read {
+            Ok(p) => PolicyToApply::from(p),
+            Err(msg) => {
+                tracing::error!("reload refused, keeping the running policy: {msg}");
+                return Answer::Error(WireError::new(ErrorCode::BadRequest, msg)).to_line(req);
+            }
+        };
+        let packed = match serde_json::to_vec(&policy) {
+            Ok(json) => crate::log::pack_raw(&json),
+            Err(e) => {
+                return error_line(
+                    ErrorCode::Internal,
+                    format!("cannot encode the policy: {e}"),
+                    req,
+                )
+            }
+        };
         let mut answers = Vec::new();
         for p in self.parts.clone() {
             let local = p.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let line = match local {
-                Some(w) => reload_on(&w, actor, None).await,
+                Some(w) => reload_on(&w, Some(Box::new(policy.clone())), actor, None).await,
                 None => {
-                    self.forward(
-                        &p,
-                        br#"{"op":"reload"}"#.to_vec(),
-                        actor,
-                        None,
-                        Duration::ZERO,
-                    )
-                    .await
+                    self.forward_as(&p, packed.clone(), actor, None, Duration::ZERO, true)
+                        .await
                 }
             };
             answers.push(line);
         }
-        // The first failure, else the first answer (every partition applied the same file).
+        // The first failure, else the first answer (every partition applied the same policy).
         let failed = answers.iter().position(|a| a.starts_with(r#"{"ok":false"#));
         let chosen = answers
             .get(failed.unwrap_or(0))
@@ -1522,12 +1562,17 @@ async fn locate(
     Ok(lo)
 }
 
-/// `reload` on this node's writer of a partition (it reads this node's policy file again): the
-/// answer line.
-async fn reload_on(writer: &WriterHandle, actor: Actor, req: Option<Value>) -> String {
+/// `reload` on this node's writer of a partition, applying `policy` (`None`: the writer reads
+/// this node's policy file again): the answer line.
+async fn reload_on(
+    writer: &WriterHandle,
+    policy: Option<Box<PolicyToApply>>,
+    actor: Actor,
+    req: Option<Value>,
+) -> String {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job = Job::Reload {
-        policy: None,
+        policy,
         actor,
         req: req.clone(),
         reply: Some(tx),
@@ -1795,10 +1840,24 @@ async fn serve_forwarded(
                     })
                 })
                 .unwrap_or_default();
+            let carries_policy = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(POLICY_HEADER))
+                .is_some();
             let line = match decode_request(&msg.payload) {
+                _ if carries_policy => match forwarded_policy(&msg.payload) {
+                    Ok(policy) => reload_on(&writer, Some(Box::new(policy)), actor, None).await,
+                    Err(e) => error_line(
+                        ErrorCode::BadRequest,
+                        format!("a forwarded policy that does not decode: {e}"),
+                        None,
+                    ),
+                },
                 Err((e, req)) => Answer::Error(e).to_line(req),
                 Ok(d) => match d.request {
-                    Request::Reload => reload_on(&writer, actor, d.req).await,
+                    // From a node of an older release: its writer's own file, as before.
+                    Request::Reload => reload_on(&writer, None, actor, d.req).await,
                     Request::Replay(r) if r.apply && r.policy.is_none() => {
                         replay_on(&writer, r, actor, d.req).await
                     }
@@ -1816,6 +1875,12 @@ async fn serve_forwarded(
                 .await;
         });
     }
+}
+
+/// The policy a forwarded `reload` carries (see [`Cluster::reload`]).
+fn forwarded_policy(payload: &[u8]) -> Result<PolicyToApply, String> {
+    let json = crate::log::unpack_raw(payload)?;
+    serde_json::from_slice(&json).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -563,6 +563,13 @@ pub(crate) fn pack_raw(raw: &[u8]) -> Vec<u8> {
     }
 }
 
+/// The bytes [`pack_raw`] packed (a policy forwarded in cluster mode), bounded as a record is.
+pub(crate) fn unpack_raw(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    unpack_record(0, bytes)
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|e| e.to_string())
+}
+
 /// The record bytes of a stored value (decompressed when it is compressed).
 fn unpack_record(key: u64, bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, LogError> {
     let corrupt = |reason: String| LogError::Corrupt { seq: key, reason };

@@ -783,22 +783,41 @@ fn a_node_whose_partitions_differ_from_the_clusters_refuses_to_start() {
 }
 
 #[test]
-fn reload_on_one_node_applies_the_new_policy_to_every_partition_on_every_node() {
+fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node() {
     let Some(cluster) = start("reload") else {
         return;
     };
-    // The new file deployed to every node, then one `reload` through one of them.
+    // Asked: a node that does not write every partition, so that at least one partition's
+    // writer is another node, whose own file is left as it was.
+    let holders = cluster.wait_for_writers(Duration::from_secs(10));
+    let asked = if holders.iter().all(|h| *h == holders[0]) {
+        (0..3).find(|i| ["a", "b", "c"][*i] != holders[0]).unwrap()
+    } else {
+        cluster.index_of(&holders[0])
+    };
     let urls = cluster.nats.urls();
-    for (i, d) in cluster.nodes.iter().enumerate() {
-        let text =
-            policy(&urls, ["a", "b", "c"][i], "reload").replace("max_usd = 0.01", "max_usd = 0.02");
-        std::fs::write(d.config.as_ref().unwrap(), text).unwrap();
-    }
-    let answer = cluster.nodes[2].client().call(json!({"op": "reload"}));
+    let file = |text: String| std::fs::write(cluster.nodes[asked].config.as_ref().unwrap(), text);
+    let node = ["a", "b", "c"][asked];
+
+    // A file that does not parse is refused, and nothing changes anywhere.
+    file(policy(&urls, node, "reload").replace("max_usd = 0.01", "max_usd = \"lots\"")).unwrap();
+    let refused = cluster.nodes[asked].client().call(json!({"op": "reload"}));
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert_eq!(refused["error"]["code"], "bad_request", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_usd")),
+        "{refused}"
+    );
+
+    // The new file on the asked node only, then one `reload` through it.
+    file(policy(&urls, node, "reload").replace("max_usd = 0.01", "max_usd = 0.02")).unwrap();
+    let answer = cluster.nodes[asked].client().call(json!({"op": "reload"}));
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(answer["partitions"], 2, "{answer}");
     assert_eq!(answer["policy_version"], 2, "{answer}");
-    // An org on each partition.
+    // An org on each partition, read through every node.
     let orgs = org_on_each_partition();
     for (i, d) in cluster.nodes.iter().enumerate() {
         for org in &orgs {
@@ -811,11 +830,35 @@ fn reload_on_one_node_applies_the_new_policy_to_every_partition_on_every_node() 
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "node {i}, org {org}: still the old limit: {check}"
+                    "node {i}, org {org}: still the old limit (asked node {asked}, writers \
+                     {holders:?}): {check}"
                 );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+    }
+    // Each partition's log says where the new policy came from: the asked node's file (read
+    // through another node).
+    let source = cluster.nodes[asked]
+        .config
+        .as_ref()
+        .unwrap()
+        .display()
+        .to_string();
+    let mut c = cluster.nodes[(asked + 1) % 3].client();
+    c.send(&json!({"op": "export"}));
+    let (events, _) = c.read_stream();
+    for p in 0..2u64 {
+        let applied: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["partition"] == p && e["type"] == "policy_applied")
+            .collect();
+        assert_eq!(applied.len(), 2, "partition {p}: {applied:?}");
+        assert_eq!(
+            applied[1]["body"]["policy_applied"]["source"],
+            source.as_str(),
+            "partition {p}"
+        );
     }
 }
 

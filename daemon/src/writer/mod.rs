@@ -21,6 +21,7 @@ mod waiters;
 use first_release::first_release_id;
 pub use first_release::{first_release_answer, id_key};
 pub use recovery::{recover, recover_counted};
+pub use reload::PolicyToApply;
 pub use snapshots::{
     decode_snapshot, decode_snapshot_within, encode_snapshot, write_snapshot, SNAPSHOT_FORMAT_V1,
     SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3, SNAPSHOT_FORMAT_V4, SNAPSHOT_FORMAT_V5,
@@ -176,7 +177,7 @@ pub enum Job {
     /// Apply a new policy (`reload`, SIGHUP). `None` means: read the config again.
     Reload {
         /// The policy, or None to re-read the config file (boxed: a policy is large).
-        policy: Option<Box<LoadedPolicy>>,
+        policy: Option<Box<PolicyToApply>>,
         /// Peer credentials.
         actor: Actor,
         /// `req` echo.
@@ -435,7 +436,7 @@ pub fn start_with(
         w.refuse_from_now_on(Some(&fault));
         tracing::error!("{}", w.refusal);
     } else if let Some(policy) = policy {
-        w.apply_policy_if_changed(policy)?;
+        w.apply_policy_if_changed(&PolicyToApply::from(policy.clone()))?;
     }
     let thread = std::thread::Builder::new()
         .name("bursar-writer".into())

@@ -5,12 +5,36 @@ use super::{error_line, read_ledger, write_ledger, Batch, Writer};
 use bursar_core::ledger::{Answer, Ledger};
 use bursar_core::policy::LoadedPolicy;
 use bursar_schemas::event::{Actor, EventBody, PolicyApplied};
+use bursar_schemas::policy::ResolvedPolicy;
 use bursar_schemas::wire::{ErrorCode, ReloadAnswer, WireError};
 use serde_json::Value;
 
+/// A policy for a writer to apply: what `policy_applied` logs besides its version. In cluster
+/// mode the node asked to `reload` reads its file and carries this to every partition's writer
+/// (SPEC §13: "`reload` on any node applies cluster-wide").
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyToApply {
+    /// The resolved policy, prices included.
+    pub resolved: ResolvedPolicy,
+    /// Where it came from (the file's path on the node that read it).
+    pub source: String,
+    /// BLAKE3 hex of the file's text.
+    pub source_hash: String,
+}
+
+impl From<LoadedPolicy> for PolicyToApply {
+    fn from(p: LoadedPolicy) -> Self {
+        PolicyToApply {
+            resolved: p.resolved,
+            source: p.source,
+            source_hash: p.source_hash,
+        }
+    }
+}
+
 impl Writer {
     /// Append `policy_applied` when `p` differs from the policy the log ends with.
-    pub(super) fn apply_policy_if_changed(&mut self, p: &LoadedPolicy) -> Result<(), String> {
+    pub(super) fn apply_policy_if_changed(&mut self, p: &PolicyToApply) -> Result<(), String> {
         let (same, version) = {
             let l = read_ledger(&self.shared);
             (l.policy() == Some(&p.resolved), l.policy_version())
@@ -35,7 +59,7 @@ impl Writer {
         &mut self,
         l: &mut Ledger,
         batch: &mut Batch,
-        policy: Option<Box<LoadedPolicy>>,
+        policy: Option<Box<PolicyToApply>>,
         actor: Actor,
         req: Option<Value>,
         poisoned: bool,
@@ -45,7 +69,7 @@ impl Writer {
         }
         let loaded = match policy {
             Some(p) => Ok(*p),
-            None => (self.reload)(),
+            None => (self.reload)().map(PolicyToApply::from),
         };
         match loaded {
             Ok(p) if l.policy() == Some(&p.resolved) => {
@@ -76,7 +100,7 @@ impl Writer {
     }
 }
 
-fn policy_body(p: &LoadedPolicy, version: u64) -> EventBody {
+fn policy_body(p: &PolicyToApply, version: u64) -> EventBody {
     EventBody::PolicyApplied(PolicyApplied {
         policy_version: version,
         source: p.source.clone(),
