@@ -387,8 +387,11 @@ pub struct Cluster {
     pub parts: Vec<Arc<Partition>>,
     nats: Arc<Nats>,
     client: async_nats::Client,
-    leases: Leases,
-    nodes: async_nats::jetstream::kv::Store,
+    /// The lease and node buckets, once NATS answered (at start, or later for a node that
+    /// started without it and served reads from its copies meanwhile).
+    online: std::sync::OnceLock<Online>,
+    /// Why this node will not join the cluster it reached later (its settings differ).
+    refused: Mutex<Option<String>>,
     config: Arc<crate::config::Config>,
     clock: Clock,
     stopping: AtomicBool,
@@ -399,6 +402,59 @@ pub struct Cluster {
     live_nodes: std::sync::atomic::AtomicUsize,
     /// When this node last gave a lease back to even out the writers.
     last_rebalance: Mutex<Instant>,
+}
+
+/// What a node has once NATS answered.
+struct Online {
+    leases: Leases,
+    nodes: async_nats::jetstream::kv::Store,
+}
+
+/// Why a node could not join the cluster through NATS.
+enum JoinError {
+    /// NATS did not answer (or not yet): try again.
+    Unreachable(String),
+    /// This node's `[cluster]` settings differ from the cluster's: never join.
+    Differ(String),
+}
+
+impl JoinError {
+    fn text(self) -> String {
+        match self {
+            JoinError::Unreachable(e) | JoinError::Differ(e) => e,
+        }
+    }
+}
+
+/// Open the lease and node buckets and check that this node's settings are the cluster's.
+fn join_nats(nats: &Arc<Nats>, settings: &ClusterSettings) -> Result<Online, JoinError> {
+    let replicas = settings.replicas as usize;
+    let unreachable = |e: String| JoinError::Unreachable(format!("cluster: {e}"));
+    let leases = Leases::open(
+        nats.clone(),
+        &format!("{}-leases", settings.stream_prefix),
+        LEASE_TTL,
+        replicas,
+    )
+    .map_err(|e| unreachable(e.to_string()))?;
+    let nodes_bucket = format!("{}-nodes", settings.stream_prefix);
+    let nodes = nats
+        .retrying("open the nodes bucket", || {
+            kv_bucket(
+                nats,
+                &nodes_bucket,
+                Some(Duration::from_secs(3600)),
+                replicas,
+            )
+        })
+        .map_err(|e| unreachable(e.to_string()))?;
+    check_settings_agree(nats, settings)?;
+    Ok(Online { leases, nodes })
+}
+
+/// Whether `data_dir` holds a local copy of every partition (the node ran before).
+fn has_every_copy(data_dir: &Path, partitions: u32) -> bool {
+    (0..partitions).all(|i| Cluster::partition_dir(data_dir, i).is_dir())
 }
 
 /// The NATS key-value bucket `bucket` (one value a key), made if it is not there yet; its
@@ -443,7 +499,7 @@ fn shared_settings(settings: &ClusterSettings) -> serde_json::Value {
 /// elsewhere; fewer replicas weaken what an acknowledged write survives. The first node to
 /// start (of a cluster created before this check: the first after the upgrade) writes them;
 /// every later one compares.
-fn check_settings_agree(nats: &Nats, settings: &ClusterSettings) -> Result<(), String> {
+fn check_settings_agree(nats: &Nats, settings: &ClusterSettings) -> Result<(), JoinError> {
     let bucket = format!("{}-settings", settings.stream_prefix);
     let settings_value = shared_settings(settings);
     let mine = settings_value.to_string();
@@ -459,15 +515,15 @@ fn check_settings_agree(nats: &Nats, settings: &ClusterSettings) -> Result<(), S
                 Err(e) => Err(e.to_string()),
             }
         })
-        .map_err(|e| format!("cluster: {e}"))?;
+        .map_err(|e| JoinError::Unreachable(format!("cluster: {e}")))?;
     if serde_json::from_str::<serde_json::Value>(&theirs).is_ok_and(|v| v == settings_value) {
         return Ok(());
     }
-    Err(format!(
+    Err(JoinError::Differ(format!(
         "cluster: this node's [cluster] settings {mine} differ from the ones the cluster was \
          created with, {theirs} (NATS bucket {bucket:?}): every node must say the same \
          partitions, partition_by and replicas"
-    ))
+    )))
 }
 
 fn shared_err(op: &'static str) -> impl Fn(String) -> LogError {
@@ -484,28 +540,24 @@ impl Cluster {
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Result<Arc<Cluster>, crate::DaemonError> {
         let start = |e: String| crate::DaemonError::Start(e);
-        let nats = Nats::connect(&settings.nats, NATS_TIMEOUT)
-            .map_err(|e| start(format!("cluster: cannot reach NATS: {e}")))?;
-        let replicas = settings.replicas as usize;
-        let leases = Leases::open(
-            nats.clone(),
-            &format!("{}-leases", settings.stream_prefix),
-            LEASE_TTL,
-            replicas,
-        )
-        .map_err(|e| start(format!("cluster: {e}")))?;
-        let nodes_bucket = format!("{}-nodes", settings.stream_prefix);
-        let nodes = nats
-            .retrying("open the nodes bucket", || {
-                kv_bucket(
-                    &nats,
-                    &nodes_bucket,
-                    Some(Duration::from_secs(3600)),
-                    replicas,
-                )
-            })
-            .map_err(|e| start(format!("cluster: {e}")))?;
-        check_settings_agree(&nats, &settings).map_err(start)?;
+        let (nats, online) = match Nats::connect(&settings.nats, NATS_TIMEOUT) {
+            Ok(nats) => {
+                let online = join_nats(&nats, &settings).map_err(|e| start(e.text()))?;
+                (nats, Some(online))
+            }
+            // A node that ran before serves reads from its copies until NATS answers (SPEC
+            // §13: "reads go on from the local fold and say how stale they are").
+            Err(e) if has_every_copy(&config.data_dir, settings.partitions) => {
+                tracing::warn!(
+                    "cluster: cannot reach NATS ({e}); serving reads from this node's copies \
+                     (writes answered `unavailable`) until it can"
+                );
+                let nats = Nats::connect_in_background(&settings.nats, NATS_TIMEOUT)
+                    .map_err(|e| start(format!("cluster: {e}")))?;
+                (nats, None)
+            }
+            Err(e) => return Err(start(format!("cluster: cannot reach NATS: {e}"))),
+        };
         let client = nats.js.client();
         // Created only once NATS answered: a node that cannot reach it writes nothing.
         if !config.data_dir.exists() {
@@ -570,8 +622,8 @@ impl Cluster {
             parts,
             nats,
             client,
-            leases,
-            nodes,
+            online: std::sync::OnceLock::new(),
+            refused: Mutex::new(None),
             config,
             clock,
             stopping: AtomicBool::new(false),
@@ -582,13 +634,65 @@ impl Cluster {
         });
         // Every partition's recovery buffers are freed (see `crate::memory`).
         crate::memory::recovery_done();
-        for p in &cluster.parts {
-            cluster
-                .ensure_stream(p)
-                .map_err(|e| start(format!("cluster: {e}")))?;
-            cluster.follow(p);
+        match online {
+            Some(online) => cluster
+                .go_online(online)
+                .map_err(|e| start(format!("cluster: {e}")))?,
+            None => {
+                // Not confirmed since it started: stale for at least as long as its newest
+                // event is old (it may have been current later; never said fresher than that).
+                for p in &cluster.parts {
+                    let newest = read_ledger(&p.shared).last_ts();
+                    p.confirmed_at.store(newest, Ordering::Relaxed);
+                }
+            }
         }
         Ok(cluster)
+    }
+
+    /// The lease and node buckets, once this node has reached NATS.
+    fn online(&self) -> Option<&Online> {
+        self.online.get()
+    }
+
+    /// Make every partition's stream where it is missing, follow every partition, and keep
+    /// `online`: from then on this node may take leases.
+    fn go_online(self: &Arc<Self>, online: Online) -> Result<(), LogError> {
+        for p in &self.parts {
+            self.ensure_stream(p)?;
+        }
+        if self.online.set(online).is_ok() {
+            for p in &self.parts {
+                self.follow(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// For a node that started without NATS: join once NATS answers (called by the
+    /// coordinator's tick until it has).
+    fn try_to_join(self: &Arc<Self>) {
+        if !self.nats.is_connected()
+            || self
+                .refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+        {
+            return;
+        }
+        let joined = join_nats(&self.nats, &self.settings).and_then(|online| {
+            self.go_online(online)
+                .map_err(|e| JoinError::Unreachable(format!("cluster: {e}")))
+        });
+        match joined {
+            Ok(()) => tracing::info!("cluster: NATS reached; following every partition"),
+            Err(JoinError::Unreachable(e)) => tracing::warn!("{e}; trying again"),
+            Err(JoinError::Differ(e)) => {
+                tracing::error!("{e}; this node serves reads from its copies and never writes");
+                *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            }
+        }
     }
 
     fn js_options(&self, p: &Partition) -> JetStreamOptions {
@@ -949,8 +1053,8 @@ impl Cluster {
         *p.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
         // The ledger back to what the stream holds before anything that may wait on NATS.
         self.reset_to_local(p);
-        if release {
-            let _ = self.leases.release(held);
+        if let (true, Some(online)) = (release, self.online()) {
+            let _ = online.leases.release(held);
         }
         tracing::info!("partition {}: this node no longer writes it", p.index);
         if !self.stopping.load(Ordering::SeqCst) {
@@ -960,6 +1064,10 @@ impl Cluster {
 
     /// Renew held leases, step down where one is lost or the writer failed, take free ones.
     fn tick(self: &Arc<Self>) {
+        let Some(online) = self.online() else {
+            self.try_to_join();
+            return;
+        };
         // Failed writers first: their ledgers may hold what the stream refused.
         for p in &self.parts {
             let failed = matches!(
@@ -979,7 +1087,7 @@ impl Cluster {
                     if p.shared.poisoned.load(Ordering::SeqCst) {
                         lost = true;
                     } else {
-                        match self.leases.renew(held) {
+                        match online.leases.renew(held) {
                             Ok(true) => {
                                 *p.lease.lock().unwrap_or_else(|e| e.into_inner()) =
                                     Some(held.valid_until);
@@ -1005,10 +1113,10 @@ impl Cluster {
                 self.step_down(p, true);
                 continue;
             }
-            if !self.may_take(p) {
+            if !self.may_take(online, p) {
                 continue;
             }
-            match self
+            match online
                 .leases
                 .try_acquire(&p.index.to_string(), &self.settings.node)
             {
@@ -1046,13 +1154,13 @@ impl Cluster {
 
     /// Whether to try for `p`'s free lease: when under its fair share, or when the lease has
     /// been free for two TTLs (no node under its share took it).
-    fn may_take(&self, p: &Partition) -> bool {
+    fn may_take(&self, online: &Online, p: &Partition) -> bool {
         let mut free_since = p.free_since.lock().unwrap_or_else(|e| e.into_inner());
         if self.held() < self.fair_share() {
             *free_since = None;
             return true;
         }
-        match self.leases.holder_now(&p.index.to_string()) {
+        match online.leases.holder_now(&p.index.to_string()) {
             Ok(Some(_)) | Err(_) => {
                 *free_since = None;
                 false
@@ -1093,8 +1201,8 @@ impl Cluster {
         }
     }
 
-    /// Publish this node's fold and lag per partition (read by `cluster status`).
-    fn report(&self) {
+    /// This node's fold and lag per partition, as `report` publishes it.
+    fn own_report(&self) -> Value {
         let parts: Vec<Value> = self
             .parts
             .iter()
@@ -1112,17 +1220,26 @@ impl Cluster {
                 })
             })
             .collect();
-        let body = serde_json::json!({"at": wall_micros(), "partitions": parts}).to_string();
+        serde_json::json!({"at": wall_micros(), "partitions": parts})
+    }
+
+    /// Publish this node's fold and lag per partition (read by `cluster status`).
+    fn report(&self) {
+        let Some(online) = self.online() else {
+            return;
+        };
+        let body = self.own_report().to_string();
         let node = self.settings.node.clone();
         let now = wall_micros();
         let live = self.nats.rt.block_on(async {
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.nodes.put(node, body.into()))
-                .await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), online.nodes.put(node, body.into()))
+                    .await;
             tokio::time::timeout(Duration::from_secs(1), async {
                 let mut live = 0usize;
-                let mut keys = self.nodes.keys().await.ok()?;
+                let mut keys = online.nodes.keys().await.ok()?;
                 while let Some(Ok(k)) = keys.next().await {
-                    let fresh = self
+                    let fresh = online
                         .nodes
                         .get(k)
                         .await
@@ -1306,6 +1423,19 @@ impl Cluster {
         waits: Duration,
         policy: bool,
     ) -> String {
+        if self.online().is_none() {
+            let why = match &*self.refused.lock().unwrap_or_else(|e| e.into_inner()) {
+                Some(refusal) => refusal.clone(),
+                None => "this node has not reached NATS since it started; it answers reads \
+                         from its copies, writes once NATS answers"
+                    .to_string(),
+            };
+            return error_line(
+                ErrorCode::Unavailable,
+                format!("partition {}: {why}", p.index),
+                req,
+            );
+        }
         let subject = format!("{}.p{}.write", self.settings.stream_prefix, p.index);
         let deadline = Instant::now() + FORWARD_TIMEOUT + waits;
         let mut headers = async_nats::HeaderMap::new();
@@ -1463,14 +1593,20 @@ impl Cluster {
     /// `cluster_status`: each partition's lease holder and each node's fold and lag.
     pub async fn status(self: Arc<Self>, req: Option<Value>) -> String {
         let mut reports: Vec<(String, Value)> = Vec::new();
-        if let Ok(mut keys) = self.nodes.keys().await {
-            while let Some(Ok(k)) = keys.next().await {
-                if let Ok(Some(v)) = self.nodes.get(k.clone()).await {
-                    if let Ok(v) = serde_json::from_slice::<Value>(&v) {
-                        reports.push((k, v));
+        match self.online() {
+            Some(online) => {
+                if let Ok(mut keys) = online.nodes.keys().await {
+                    while let Some(Ok(k)) = keys.next().await {
+                        if let Ok(Some(v)) = online.nodes.get(k.clone()).await {
+                            if let Ok(v) = serde_json::from_slice::<Value>(&v) {
+                                reports.push((k, v));
+                            }
+                        }
                     }
                 }
             }
+            // Not joined yet: what this node knows, its own fold.
+            None => reports.push((self.settings.node.clone(), self.own_report())),
         }
         let now = wall_micros();
         let mut partitions = Vec::new();
@@ -1515,6 +1651,7 @@ impl Cluster {
     }
 
     async fn leases_kv_holder(&self, index: u32) -> Option<(String, u64)> {
+        self.online()?;
         let bucket = format!("{}-leases", self.settings.stream_prefix);
         let kv = self.nats.js.get_key_value(&bucket).await.ok()?;
         let e = kv.entry(index.to_string()).await.ok()??;

@@ -700,6 +700,93 @@ fn without_a_quorum_writes_fail_closed_and_reads_say_how_stale_they_are() {
     );
 }
 
+/// SPEC §13: without NATS "reads go on from the local fold and say how stale they are" — also
+/// on a node restarted while NATS is down: it serves reads from its copies, answers writes
+/// `unavailable`, and joins the cluster once NATS is back.
+#[test]
+fn a_node_restarted_while_nats_is_down_reads_from_its_copies_and_joins_when_nats_is_back() {
+    let Some(mut cluster) = start("offline") else {
+        return;
+    };
+    let ok = cluster.nodes[0].client().call(bursar_tests::record(
+        "before",
+        json!({"org": "acme"}),
+        "gpt-4o-mini",
+        1000,
+        0,
+    ));
+    assert_eq!(ok["ok"], true, "{ok}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget_of(&mut cluster.nodes[2].client(), "acme").map(|b| b.0) != Some(150) {
+        assert!(Instant::now() < deadline, "node c never folded the write");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Node c stops, then every NATS server goes, then node c starts again.
+    assert!(cluster.nodes[2].terminate().success());
+    for i in 0..3 {
+        cluster.nats.kill_node(i);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.nodes[2]
+        .spawn()
+        .expect("a node with copies of every partition starts without NATS");
+    assert!(
+        cluster.nodes[2]
+            .stderr()
+            .contains("serving reads from this node's copies"),
+        "{}",
+        cluster.nodes[2].stderr()
+    );
+    let mut c = cluster.nodes[2].client();
+    assert_eq!(budget_of(&mut c, "acme").map(|b| b.0), Some(150));
+    let check = c.call(
+        json!({"op": "check", "labels": {"org": "acme"}, "model": "gpt-4o-mini",
+        "estimate": {"input_tokens": 1, "max_output_tokens": 1}}),
+    );
+    assert_eq!(check["ok"], true, "{check}");
+    assert!(check["lag_ms"].as_u64().unwrap() >= 1000, "{check}");
+    let refused = c.call(bursar_tests::record(
+        "while-down",
+        json!({"org": "acme"}),
+        "gpt-4o-mini",
+        1000,
+        0,
+    ));
+    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    let status = c.call(json!({"op": "cluster_status"}));
+    assert_eq!(status["ok"], true, "{status}");
+    assert_eq!(status["partitions"][0]["nodes"][0]["node"], "c", "{status}");
+
+    // NATS back: node c joins, follows every partition and writes through the cluster.
+    for i in 0..3 {
+        cluster.nats.start_node(i).unwrap();
+    }
+    cluster.nats.wait_ready(Duration::from_secs(30)).unwrap();
+    time_to_write(&cluster, 2, "acme", "after");
+    let ok = cluster.nodes[0].client().call(bursar_tests::record(
+        "through-a",
+        json!({"org": "acme"}),
+        "gpt-4o-mini",
+        1000,
+        0,
+    ));
+    assert_eq!(ok["ok"], true, "{ok}");
+    // Node a reads its own write; node c, following again, comes to the same.
+    let want = budget_of(&mut cluster.nodes[0].client(), "acme").map(|b| b.0);
+    assert!(want.is_some_and(|w| w > 300), "{want:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget_of(&mut c, "acme").map(|b| b.0) != want {
+        assert!(
+            Instant::now() < deadline,
+            "node c does not follow: {:?}\n{}",
+            budget_of(&mut c, "acme"),
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.wait_for_writers(Duration::from_secs(30));
+}
+
 /// A commit names only its reservation: a node routes it to the partition that knows it. A
 /// reservation denied (or ended) is remembered for an hour, longer than a short idempotency
 /// window remembers its id: its commit still reaches that partition, through any node, and is

@@ -91,6 +91,29 @@ impl Nats {
         servers: &[String],
         timeout: Duration,
     ) -> Result<std::sync::Arc<Nats>, LogError> {
+        Self::connect_with(servers, timeout, false)
+    }
+
+    /// A client that keeps trying `servers` in the background: for a cluster node that starts
+    /// while NATS cannot be reached and serves reads from its copies meanwhile. Requests made
+    /// before it connects wait or time out.
+    pub fn connect_in_background(
+        servers: &[String],
+        timeout: Duration,
+    ) -> Result<std::sync::Arc<Nats>, LogError> {
+        Self::connect_with(servers, timeout, true)
+    }
+
+    /// Whether the client is connected to a server now.
+    pub fn is_connected(&self) -> bool {
+        self.js.client().connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn connect_with(
+        servers: &[String],
+        timeout: Duration,
+        background: bool,
+    ) -> Result<std::sync::Arc<Nats>, LogError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("bursard-nats")
@@ -98,16 +121,16 @@ impl Nats {
             .build()
             .map_err(|e| shared("start the NATS runtime")(e.to_string()))?;
         let js = rt.block_on(async {
-            let client = tokio::time::timeout(
-                timeout,
-                async_nats::ConnectOptions::new()
-                    .connection_timeout(timeout)
-                    .request_timeout(Some(timeout))
-                    .connect(servers),
-            )
-            .await
-            .map_err(|_| shared("connect")(format!("no answer within {timeout:?}")))?
-            .map_err(|e| shared("connect")(e.to_string()))?;
+            let mut options = async_nats::ConnectOptions::new()
+                .connection_timeout(timeout)
+                .request_timeout(Some(timeout));
+            if background {
+                options = options.retry_on_initial_connect();
+            }
+            let client = tokio::time::timeout(timeout, options.connect(servers))
+                .await
+                .map_err(|_| shared("connect")(format!("no answer within {timeout:?}")))?
+                .map_err(|e| shared("connect")(e.to_string()))?;
             let mut js = jetstream::new(client);
             js.set_timeout(timeout);
             Ok::<_, LogError>(js)
