@@ -210,6 +210,7 @@ pub fn run_with(
     // Check what can be checked before anything is written: a daemon refused because its
     // socket is in use creates no data dir and appends nothing.
     check_socket_path(&config.socket)?;
+    memory::recovery_starts();
     if let Some(settings) = config.policy.cluster.clone() {
         return run_cluster(config, settings, clock, install_signals, stop_tx);
     }

@@ -58,16 +58,32 @@ pub fn keep_freed_memory() {
 /// (benches/README.md, "A running daemon's memory right after a burst").
 pub const SERVING_PURGE_DELAY_MS: std::ffi::c_long = 100;
 
-/// Recovery is done and its buffers are freed: give their pages back now
-/// ([`give_back_freed_memory`]), and from now on what is freed after
-/// [`SERVING_PURGE_DELAY_MS`] (not during recovery, whose decoded chunks are freed and
-/// allocated again all the time). Nothing is given back when the memory is kept
-/// ([`keep_freed_memory`]).
+/// Recovery starts: what it frees is given back only by [`recovery_done`]. Its decoded chunks
+/// are freed and allocated again all the time; with mimalloc's own purge delay (1 s) the pages
+/// of chunks freed a second ago went back to the OS and the next chunks faulted them in (and
+/// had the host back them) again. Start-up without a snapshot at 10 M events, six interleaved
+/// pairs: 7,071–8,061 minor faults against 10,822–13,359, 12.7–13.2 s of CPU against
+/// 12.9–17.4, 6.8–7.3 s to the socket against 6.9–10.1 (benches/README.md, "Start-up:
+/// recovery keeps what it frees").
+pub fn recovery_starts() {
+    set_purge_delay(RECOVERY_PURGE_DELAY_MS);
+}
+
+/// mimalloc's purge delay while the daemon recovers. Not "never" (-1): pages freed while the
+/// delay is negative are never scheduled, so [`recovery_done`]'s forced collect could not give
+/// them back (a restarted daemon's RSS was 935 bytes a bucket at its first `hello`, 321
+/// before, `bursar-bench memory`). A minute is longer than a 10 M-event log takes to fold.
+const RECOVERY_PURGE_DELAY_MS: std::ffi::c_long = 60_000;
+
+/// Recovery is done and its buffers are freed: from now on what is freed is given back after
+/// [`SERVING_PURGE_DELAY_MS`], and what recovery freed is given back now
+/// ([`give_back_freed_memory`]; mimalloc purges nothing while the delay is negative, so the
+/// delay is set first). Nothing is given back when the memory is kept ([`keep_freed_memory`]).
 pub fn recovery_done() {
-    give_back_freed_memory();
     if !FREED_KEPT.load(Ordering::Relaxed) {
         set_purge_delay(SERVING_PURGE_DELAY_MS);
     }
+    give_back_freed_memory();
     no_huge_pages_from_now_on();
 }
 
