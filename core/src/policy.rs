@@ -282,9 +282,7 @@ fn resolve_cluster(c: &ClusterSection, issues: &mut Issues) -> Option<ClusterSet
 /// `partition_by` or its `group_by` contains it; so do subscriptions (their allowances are
 /// budgets) and quotas (their calls must all reach one partition's writer).
 fn check_partitions(raw: &PolicyFile, budgets: &[ResolvedBudget], by: &str, issues: &mut Issues) {
-    let within = |m: &BTreeMap<String, String>, group_by: &[String]| {
-        m.get(by).is_some_and(|v| v != "*") || group_by.iter().any(|g| g == by)
-    };
+    let within = |m: &BTreeMap<String, String>, group_by: &[String]| lies_within(m, group_by, by);
     let why = |what: &str, id: &str| {
         format!(
             "in cluster mode every {what} must lie within one partition: its `match` must pin \
@@ -314,6 +312,33 @@ fn check_partitions(raw: &PolicyFile, budgets: &[ResolvedBudget], by: &str, issu
             );
         }
     }
+}
+
+/// Whether a budget (or quota) with this `match` and `group_by` lies within one partition of a
+/// cluster partitioned by `by`: its `match` pins `by`, or its `group_by` contains it.
+fn lies_within(m: &BTreeMap<String, String>, group_by: &[String], by: &str) -> bool {
+    m.get(by).is_some_and(|v| v != "*") || group_by.iter().any(|g| g == by)
+}
+
+/// The first budget (subscription allowances and quota limits included) or quota of a
+/// resolved policy that would span partitions of a cluster partitioned by `by`, named: what a
+/// cluster node checks on a policy another node sent it (the file's own check is
+/// [`parse_policy`]'s).
+pub fn spanning_partitions(p: &ResolvedPolicy, by: &str) -> Option<String> {
+    let budget = p
+        .budgets
+        .iter()
+        .find(|b| !lies_within(&b.match_labels, &b.group_by, by))
+        .map(|b| format!("budget {:?}", b.id));
+    let quota = || {
+        p.quotas
+            .iter()
+            .find(|q| !lies_within(&q.match_labels, &[], by))
+            .map(|q| format!("quota {:?}", q.id))
+    };
+    budget.or_else(quota).map(|what| {
+        format!("{what} would span partitions: its `match` must pin `{by}` or its `group_by` contain it (SPEC §13)")
+    })
 }
 
 /// The default policy (SPEC §8): built-in prices and one meter per model per day.

@@ -85,6 +85,11 @@ pub const LIVE_REPORT_AGE: Duration = Duration::from_secs(3);
 pub const REBALANCE_EVERY: Duration = Duration::from_secs(5);
 /// How often each node publishes its lag per partition (for `cluster status`).
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// How often a node that started without NATS says in its log that it still cannot reach it.
+const OFFLINE_SAY_EVERY: Duration = Duration::from_secs(30);
+/// Largest policy a forwarded `reload` may carry, unpacked (LiteLLM's whole map resolves to a
+/// few MiB).
+const MAX_FORWARDED_POLICY_BYTES: usize = 64 << 20;
 /// Header of a forwarded `reload` whose payload is the policy to apply ([`PolicyToApply`],
 /// JSON packed as a log record is), not a request line.
 const POLICY_HEADER: &str = "Bursar-Policy";
@@ -392,6 +397,8 @@ pub struct Cluster {
     online: std::sync::OnceLock<Online>,
     /// Why this node will not join the cluster it reached later (its settings differ).
     refused: Mutex<Option<String>>,
+    /// When an offline node last said in its log that NATS is still unreachable.
+    offline_said: Mutex<Instant>,
     config: Arc<crate::config::Config>,
     clock: Clock,
     stopping: AtomicBool,
@@ -416,14 +423,6 @@ enum JoinError {
     Unreachable(String),
     /// This node's `[cluster]` settings differ from the cluster's: never join.
     Differ(String),
-}
-
-impl JoinError {
-    fn text(self) -> String {
-        match self {
-            JoinError::Unreachable(e) | JoinError::Differ(e) => e,
-        }
-    }
 }
 
 /// Open the lease and node buckets and check that this node's settings are the cluster's.
@@ -452,9 +451,51 @@ fn join_nats(nats: &Arc<Nats>, settings: &ClusterSettings) -> Result<Online, Joi
     Ok(Online { leases, nodes })
 }
 
-/// Whether `data_dir` holds a local copy of every partition (the node ran before).
-fn has_every_copy(data_dir: &Path, partitions: u32) -> bool {
-    (0..partitions).all(|i| Cluster::partition_dir(data_dir, i).is_dir())
+/// The file in a node's data dir that keeps the cluster's settings as this node last joined
+/// with them (what an offline start is checked against).
+const JOINED_SETTINGS_FILE: &str = "cluster-settings.json";
+
+/// Whether this node may serve reads from its copies without NATS: it holds a copy of every
+/// partition and last joined the cluster with the settings it says now (NATS cannot check them,
+/// and copies of other partitions would answer for the wrong scopes). Else why not.
+fn may_serve_offline(data_dir: &Path, settings: &ClusterSettings) -> Result<(), String> {
+    if let Some(i) =
+        (0..settings.partitions).find(|i| !Cluster::partition_dir(data_dir, *i).is_dir())
+    {
+        return Err(format!("it has no copy of partition {i}"));
+    }
+    let file = data_dir.join(JOINED_SETTINGS_FILE);
+    let joined = std::fs::read(&file)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    match joined {
+        Some(j) if j == shared_settings(settings) => Ok(()),
+        Some(j) => Err(format!(
+            "its [cluster] settings {} differ from the ones it last joined with, {j}",
+            shared_settings(settings)
+        )),
+        None => Err(format!(
+            "it has never joined the cluster ({} is missing)",
+            file.display()
+        )),
+    }
+}
+
+/// Keep the settings this node joined the cluster with ([`may_serve_offline`]).
+fn save_joined_settings(data_dir: &Path, settings: &ClusterSettings) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = data_dir.join(JOINED_SETTINGS_FILE);
+    let tmp = data_dir.join(format!("{JOINED_SETTINGS_FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(shared_settings(settings).to_string().as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &file)
 }
 
 /// The NATS key-value bucket `bucket` (one value a key), made if it is not there yet; its
@@ -540,23 +581,35 @@ impl Cluster {
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Result<Arc<Cluster>, crate::DaemonError> {
         let start = |e: String| crate::DaemonError::Start(e);
-        let (nats, online) = match Nats::connect(&settings.nats, NATS_TIMEOUT) {
-            Ok(nats) => {
-                let online = join_nats(&nats, &settings).map_err(|e| start(e.text()))?;
-                (nats, Some(online))
-            }
-            // A node that ran before serves reads from its copies until NATS answers (SPEC
-            // §13: "reads go on from the local fold and say how stale they are").
-            Err(e) if has_every_copy(&config.data_dir, settings.partitions) => {
+        // A node that ran before serves reads from its copies until NATS (or a quorum of it)
+        // answers (SPEC §13: "reads go on from the local fold and say how stale they are").
+        let offline = |why: String| match may_serve_offline(&config.data_dir, &settings) {
+            Ok(()) => {
                 tracing::warn!(
-                    "cluster: cannot reach NATS ({e}); serving reads from this node's copies \
-                     (writes answered `unavailable`) until it can"
+                    "cluster: {why}; serving reads from this node's copies (writes answered \
+                     `unavailable`) until it can"
                 );
+                Ok(())
+            }
+            Err(not) => Err(start(format!(
+                "cluster: {why}; this node cannot serve reads meanwhile: {not}"
+            ))),
+        };
+        let (nats, online) = match Nats::connect(&settings.nats, NATS_TIMEOUT) {
+            Ok(nats) => match join_nats(&nats, &settings) {
+                Ok(online) => (nats, Some(online)),
+                Err(JoinError::Unreachable(e)) => {
+                    offline(format!("cannot join through NATS ({e})"))?;
+                    (nats, None)
+                }
+                Err(JoinError::Differ(e)) => return Err(start(e)),
+            },
+            Err(e) => {
+                offline(format!("cannot reach NATS: {e}"))?;
                 let nats = Nats::connect_in_background(&settings.nats, NATS_TIMEOUT)
                     .map_err(|e| start(format!("cluster: {e}")))?;
                 (nats, None)
             }
-            Err(e) => return Err(start(format!("cluster: cannot reach NATS: {e}"))),
         };
         let client = nats.js.client();
         // Created only once NATS answered: a node that cannot reach it writes nothing.
@@ -574,7 +627,7 @@ impl Cluster {
         let (wake_tx, wake) = crossbeam_channel::bounded(1);
         let mut parts = Vec::new();
         for i in 0..settings.partitions {
-            let dir = config.data_dir.join(format!("p{i}"));
+            let dir = Cluster::partition_dir(&config.data_dir, i);
             let local = crate::open_store(&dir)?;
             let lease = Arc::new(Mutex::new(None));
             let stream_slot: StreamSlot = Arc::new(Mutex::new(None));
@@ -624,6 +677,7 @@ impl Cluster {
             client,
             online: std::sync::OnceLock::new(),
             refused: Mutex::new(None),
+            offline_said: Mutex::new(Instant::now()),
             config,
             clock,
             stopping: AtomicBool::new(false),
@@ -639,11 +693,20 @@ impl Cluster {
                 .go_online(online)
                 .map_err(|e| start(format!("cluster: {e}")))?,
             None => {
-                // Not confirmed since it started: stale for at least as long as its newest
-                // event is old (it may have been current later; never said fresher than that).
                 for p in &cluster.parts {
-                    let newest = read_ledger(&p.shared).last_ts();
-                    p.confirmed_at.store(newest, Ordering::Relaxed);
+                    let l = read_ledger(&p.shared);
+                    if l.policy_version() == 0 {
+                        return Err(start(format!(
+                            "cluster: cannot reach NATS, and this node's copy of partition {} \
+                             holds no policy yet: nothing to serve reads from",
+                            p.index
+                        )));
+                    }
+                    // Not confirmed since it started: as stale as its newest event is old at
+                    // least (a clock ahead on the node that wrote it never makes it fresher
+                    // than this start).
+                    p.confirmed_at
+                        .store(l.last_ts().min(wall_micros()), Ordering::Relaxed);
                 }
             }
         }
@@ -661,6 +724,10 @@ impl Cluster {
         for p in &self.parts {
             self.ensure_stream(p)?;
         }
+        if let Err(e) = save_joined_settings(&self.config.data_dir, &self.settings) {
+            // Only an offline start needs it: this one goes on, a later one without NATS exits.
+            tracing::warn!("cluster: cannot keep the settings it joined with: {e}");
+        }
         if self.online.set(online).is_ok() {
             for p in &self.parts {
                 self.follow(p);
@@ -672,13 +739,24 @@ impl Cluster {
     /// For a node that started without NATS: join once NATS answers (called by the
     /// coordinator's tick until it has).
     fn try_to_join(self: &Arc<Self>) {
-        if !self.nats.is_connected()
-            || self
-                .refused
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some()
+        if self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
         {
+            return;
+        }
+        if !self.nats.is_connected() {
+            let mut last = self.offline_said.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() >= OFFLINE_SAY_EVERY {
+                *last = Instant::now();
+                tracing::warn!(
+                    "cluster: NATS still unreachable ({:?}); reads from this node's copies, \
+                     writes `unavailable`",
+                    self.settings.nats
+                );
+            }
             return;
         }
         let joined = join_nats(&self.nats, &self.settings).and_then(|online| {
@@ -993,6 +1071,7 @@ impl Cluster {
                 p.clone(),
                 handle.clone(),
                 format!("{}.p{}.write", self.settings.stream_prefix, p.index),
+                self.settings.partition_by.clone(),
             ));
             *p.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.clone());
             *p.role.lock().unwrap_or_else(|e| e.into_inner()) = Role::Writer {
@@ -1500,6 +1579,30 @@ impl Cluster {
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
+        // The file's `[cluster]` must be the cluster's: without it the file's budgets were
+        // not checked against the partitioning, and other settings need a restart of every
+        // node (the partition rule is checked again here either way).
+        let read = read.and_then(|p| match &p.cluster {
+            Some(c) if shared_settings(c) == shared_settings(&self.settings) => Ok(p),
+            Some(c) => Err(format!(
+                "the file's [cluster] settings {} differ from the cluster's {}: they change \
+                 only with a restart of every node, never by `reload`",
+                shared_settings(c),
+                shared_settings(&self.settings)
+            )),
+            None => Err(
+                "the file has no [cluster]: a cluster node reloads only a file with \
+                         the cluster's own [cluster] section"
+                    .to_string(),
+            ),
+        });
+        let read = read.and_then(|p| {
+            match bursar_core::policy::spanning_partitions(&p.resolved, &self.settings.partition_by)
+            {
+                Some(why) => Err(why),
+                None => Ok(p),
+            }
+        });
         let policy = match read {
             Ok(p) => PolicyToApply::from(p),
             Err(msg) => {
@@ -1520,23 +1623,36 @@ impl Cluster {
         let mut answers = Vec::new();
         for p in self.parts.clone() {
             let local = p.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let line = match local {
+            let mut line = match local {
                 Some(w) => reload_on(&w, Some(Box::new(policy.clone())), actor, None).await,
-                None => {
-                    self.forward_as(&p, packed.clone(), actor, None, Duration::ZERO, true)
-                        .await
-                }
+                None => String::new(),
             };
+            if line.is_empty() || is_unavailable(&line) {
+                // Not written here, or this node stopped writing it meanwhile.
+                line = self
+                    .forward_as(&p, packed.clone(), actor, None, Duration::ZERO, true)
+                    .await;
+            }
             answers.push(line);
         }
-        // The first failure, else the first answer (every partition applied the same policy).
+        // The first failure (naming its partition; the partitions before it applied the
+        // policy), else the first answer (every partition applied the same policy).
         let failed = answers.iter().position(|a| a.starts_with(r#"{"ok":false"#));
         let chosen = answers
             .get(failed.unwrap_or(0))
             .cloned()
             .unwrap_or_default();
+        if let Some(i) = failed {
+            tracing::error!(
+                "reload: partition {i} refused the policy (partitions before it applied it): \
+                 {chosen}"
+            );
+        }
         match serde_json::from_str::<Value>(&chosen) {
             Ok(Value::Object(mut m)) => {
+                if let Some(i) = failed {
+                    m.insert("partition".into(), Value::from(i));
+                }
                 m.insert("partitions".into(), Value::from(self.parts.len()));
                 if let Some(r) = req {
                     m.insert("req".into(), r);
@@ -1950,6 +2066,7 @@ async fn serve_forwarded(
     p: Arc<Partition>,
     writer: WriterHandle,
     subject: String,
+    partition_by: String,
 ) {
     let mut sub = match client.subscribe(subject.clone()).await {
         Ok(s) => s,
@@ -1963,6 +2080,7 @@ async fn serve_forwarded(
             continue;
         };
         let (client, p, writer) = (client.clone(), p.clone(), writer.clone());
+        let partition_by = partition_by.clone();
         tokio::spawn(async move {
             let actor = msg
                 .headers
@@ -1982,27 +2100,30 @@ async fn serve_forwarded(
                 .as_ref()
                 .and_then(|h| h.get(POLICY_HEADER))
                 .is_some();
-            let line = match decode_request(&msg.payload) {
-                _ if carries_policy => match forwarded_policy(&msg.payload) {
+            let line = if carries_policy {
+                match forwarded_policy(&msg.payload, &partition_by) {
                     Ok(policy) => reload_on(&writer, Some(Box::new(policy)), actor, None).await,
                     Err(e) => error_line(
                         ErrorCode::BadRequest,
-                        format!("a forwarded policy that does not decode: {e}"),
+                        format!("partition {}: a forwarded policy refused: {e}", p.index),
                         None,
                     ),
-                },
-                Err((e, req)) => Answer::Error(e).to_line(req),
-                Ok(d) => match d.request {
-                    // From a node of an older release: its writer's own file, as before.
-                    Request::Reload => reload_on(&writer, None, actor, d.req).await,
-                    Request::Replay(r) if r.apply && r.policy.is_none() => {
-                        replay_on(&writer, r, actor, d.req).await
-                    }
-                    request => match write_cmd(request) {
-                        Some(cmd) => local_write(&p, &writer, cmd, actor, d.req).await,
-                        None => error_line(ErrorCode::BadRequest, "not a write", d.req),
+                }
+            } else {
+                match decode_request(&msg.payload) {
+                    Err((e, req)) => Answer::Error(e).to_line(req),
+                    Ok(d) => match d.request {
+                        // From a node of an older release: its writer's own file, as before.
+                        Request::Reload => reload_on(&writer, None, actor, d.req).await,
+                        Request::Replay(r) if r.apply && r.policy.is_none() => {
+                            replay_on(&writer, r, actor, d.req).await
+                        }
+                        request => match write_cmd(request) {
+                            Some(cmd) => local_write(&p, &writer, cmd, actor, d.req).await,
+                            None => error_line(ErrorCode::BadRequest, "not a write", d.req),
+                        },
                     },
-                },
+                }
             };
             let durable = *p.shared.durable.borrow();
             let mut headers = async_nats::HeaderMap::new();
@@ -2015,9 +2136,13 @@ async fn serve_forwarded(
 }
 
 /// The policy a forwarded `reload` carries (see [`Cluster::reload`]).
-fn forwarded_policy(payload: &[u8]) -> Result<PolicyToApply, String> {
-    let json = crate::log::unpack_raw(payload)?;
-    serde_json::from_slice(&json).map_err(|e| e.to_string())
+fn forwarded_policy(payload: &[u8], partition_by: &str) -> Result<PolicyToApply, String> {
+    let json = crate::log::unpack_raw(payload, MAX_FORWARDED_POLICY_BYTES)?;
+    let policy: PolicyToApply = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
+    match bursar_core::policy::spanning_partitions(&policy.resolved, partition_by) {
+        Some(why) => Err(why),
+        None => Ok(policy),
+    }
 }
 
 #[cfg(test)]
@@ -2074,6 +2199,44 @@ mod tests {
             window: "cumulative".into(),
             window_end: None,
         }
+    }
+
+    fn policy_to_apply(budgets: &str) -> PolicyToApply {
+        let text = format!(
+            "[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\nnode = \"a\"\npartition_by = \"org\"\n\
+             partitions = 2\n\n{budgets}"
+        );
+        let loaded =
+            bursar_core::policy::parse_policy(&text, "test.toml", &|_| Err("no".into())).unwrap();
+        PolicyToApply::from(loaded)
+    }
+
+    #[test]
+    fn a_forwarded_policy_is_taken_only_when_it_decodes_is_small_enough_and_keeps_to_the_partitions(
+    ) {
+        let good =
+            policy_to_apply("[[budget]]\nid = \"org-daily\"\ngroup_by = [\"org\"]\nmax_usd = 1\n");
+        let packed = crate::log::pack_raw(&serde_json::to_vec(&good).unwrap());
+        assert_eq!(forwarded_policy(&packed, "org"), Ok(good.clone()));
+
+        // Partitioned by another label, the same budgets would span partitions.
+        let err = forwarded_policy(&packed, "team").unwrap_err();
+        assert!(
+            err.contains("budget \"org-daily\"") && err.contains("team"),
+            "{err}"
+        );
+
+        // Not a packed policy at all.
+        let err = forwarded_policy(br#"{"op":"reload"}"#, "org").unwrap_err();
+        assert!(!err.is_empty());
+        let err = forwarded_policy(&crate::log::pack_raw(b"[1,2"), "org").unwrap_err();
+        assert!(!err.is_empty());
+
+        // A claim larger than a policy may be is refused before anything is unpacked.
+        let mut huge = packed.clone();
+        huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        let err = forwarded_policy(&huge, "org").unwrap_err();
+        assert!(err.contains("at most"), "{err}");
     }
 
     #[test]

@@ -563,11 +563,31 @@ pub(crate) fn pack_raw(raw: &[u8]) -> Vec<u8> {
     }
 }
 
-/// The bytes [`pack_raw`] packed (a policy forwarded in cluster mode), bounded as a record is.
-pub(crate) fn unpack_raw(bytes: &[u8]) -> Result<Vec<u8>, String> {
-    unpack_record(0, bytes)
-        .map(std::borrow::Cow::into_owned)
-        .map_err(|e| e.to_string())
+/// The bytes [`pack_raw`] packed (a policy forwarded in cluster mode), at most `max`.
+pub(crate) fn unpack_raw(bytes: &[u8], max: usize) -> Result<Vec<u8>, String> {
+    // The size a packed value claims, refused before anything is allocated for it.
+    let claimed = match bytes.split_first() {
+        Some((&(STORED_ZSTD | STORED_LZ4), packed)) => packed
+            .get(..4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(|b| usize::try_from(u32::from_le_bytes(b)).unwrap_or(usize::MAX)),
+        _ => Some(bytes.len()),
+    };
+    if let Some(c) = claimed.filter(|c| *c > max) {
+        return Err(format!("it claims {c} bytes; at most {max} are taken"));
+    }
+    let out = match unpack_record(0, bytes) {
+        Ok(b) => b.into_owned(),
+        Err(LogError::Corrupt { reason, .. }) => return Err(reason),
+        Err(e) => return Err(e.to_string()),
+    };
+    if out.len() > max {
+        return Err(format!(
+            "{} bytes unpacked; at most {max} are taken",
+            out.len()
+        ));
+    }
+    Ok(out)
 }
 
 /// The record bytes of a stored value (decompressed when it is compressed).

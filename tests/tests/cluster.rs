@@ -721,24 +721,42 @@ fn a_node_restarted_while_nats_is_down_reads_from_its_copies_and_joins_when_nats
         assert!(Instant::now() < deadline, "node c never folded the write");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Node c stops, then every NATS server goes, then node c starts again.
-    assert!(cluster.nodes[2].terminate().success());
-    for i in 0..3 {
-        cluster.nats.kill_node(i);
-    }
-    std::thread::sleep(Duration::from_secs(1));
-    cluster.nodes[2]
-        .spawn()
-        .expect("a node with copies of every partition starts without NATS");
-    assert!(
+    // Node c stops, then two NATS servers go (no quorum: NATS answers, JetStream cannot),
+    // then node c starts again; then the third server goes too and node c starts once more.
+    for (gone, says) in [
+        (vec![0, 1], "cannot join through NATS"),
+        (vec![2], "cannot reach NATS"),
+    ] {
+        assert!(cluster.nodes[2].terminate().success());
+        for i in gone {
+            cluster.nats.kill_node(i);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let before = cluster.nodes[2].stderr().len();
         cluster.nodes[2]
-            .stderr()
-            .contains("serving reads from this node's copies"),
-        "{}",
-        cluster.nodes[2].stderr()
+            .spawn()
+            .expect("a node with copies of every partition starts without NATS");
+        let log = cluster.nodes[2].stderr()[before..].to_string();
+        assert!(
+            log.contains(says) && log.contains("serving reads from this node's copies"),
+            "{log}"
+        );
+        let mut c = cluster.nodes[2].client();
+        assert_eq!(budget_of(&mut c, "acme").map(|b| b.0), Some(150));
+    }
+    // Its [cluster] changed while NATS is away: nothing can check it, so it does not serve.
+    assert!(cluster.nodes[2].terminate().success());
+    let file = cluster.nodes[2].config.clone().unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("replicas = 3", "replicas = 1")).unwrap();
+    let err = cluster.nodes[2].spawn().unwrap_err();
+    assert!(
+        err.contains("differ from the ones it last joined with"),
+        "{err}"
     );
+    std::fs::write(&file, text).unwrap();
+    cluster.nodes[2].spawn().unwrap();
     let mut c = cluster.nodes[2].client();
-    assert_eq!(budget_of(&mut c, "acme").map(|b| b.0), Some(150));
     let check = c.call(
         json!({"op": "check", "labels": {"org": "acme"}, "model": "gpt-4o-mini",
         "estimate": {"input_tokens": 1, "max_output_tokens": 1}}),
@@ -897,6 +915,28 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
             .is_some_and(|m| m.contains("max_usd")),
         "{refused}"
     );
+
+    // A file whose [cluster] is not the cluster's, or that has none (its budgets then never
+    // checked against the partitioning), is refused too.
+    let base = policy(&urls, node, "reload");
+    let without_cluster = base[base.find("[[budget]]").unwrap()..].to_string();
+    for (text, says) in [
+        (
+            base.replace("partitions = 2", "partitions = 3"),
+            "differ from the cluster's",
+        ),
+        (without_cluster, "has no [cluster]"),
+    ] {
+        file(text).unwrap();
+        let refused = cluster.nodes[asked].client().call(json!({"op": "reload"}));
+        assert_eq!(refused["error"]["code"], "bad_request", "{refused}");
+        assert!(
+            refused["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(says)),
+            "{refused}"
+        );
+    }
 
     // The new file on the asked node only, then one `reload` through it.
     file(policy(&urls, node, "reload").replace("max_usd = 0.01", "max_usd = 0.02")).unwrap();
