@@ -764,7 +764,12 @@ impl Cluster {
                 .map_err(|e| JoinError::Unreachable(format!("cluster: {e}")))
         });
         match joined {
-            Ok(()) => tracing::info!("cluster: NATS reached; following every partition"),
+            Ok(()) => {
+                tracing::info!("cluster: NATS reached; following every partition");
+                // Report at once: until this node has read the others' reports it counts
+                // itself alone, and its fair share would be every partition.
+                self.report();
+            }
             Err(JoinError::Unreachable(e)) => tracing::warn!("{e}; trying again"),
             Err(JoinError::Differ(e)) => {
                 tracing::error!("{e}; this node serves reads from its copies and never writes");

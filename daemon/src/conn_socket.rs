@@ -59,6 +59,21 @@ enum Room {
     Retry(Pin<Box<tokio::time::Sleep>>),
 }
 
+impl ReadHalf {
+    /// Whether the peer has hung up: closed the connection, not only its writing side (a
+    /// client that half-closes still reads what it is owed). `poll` says `POLLHUP` on a Unix
+    /// stream socket only once both directions are shut down.
+    pub fn peer_hung_up(&self) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(self.0.get_ref(), PollFlags::empty())];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        poll(&mut fds, Some(&now)).is_ok() && fds[0].revents().contains(PollFlags::HUP)
+    }
+}
+
 /// Register `stream` (made non-blocking) with the current reactor for reading, and split it.
 pub fn split(stream: UnixStream) -> std::io::Result<(ReadHalf, WriteHalf)> {
     stream.set_nonblocking(true)?;

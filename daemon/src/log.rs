@@ -406,17 +406,51 @@ pub fn verify_chain(store: &dyn LogStore) -> Result<(u64, Hash32), VerifyError> 
 /// durable, not a batch whose sync is in progress or failed (SPEC §7: reads keep working
 /// while writes fail).
 pub fn verify_chain_to(store: &dyn LogStore, last: u64) -> Result<(u64, Hash32), VerifyError> {
-    // The store's reader checks the chain as it decodes (each event's hash against the hash of
-    // its bytes as stored: nothing is encoded again); this only names what it found.
-    let mut head: Option<Head> = None;
-    let mut items = store.read_from(0);
-    loop {
+    let mut head = None;
+    while verify_chunk(store, &mut head, last, usize::MAX)? {}
+    Ok(head.map_or((0, Hash32::default()), |h| (h.0, h.1)))
+}
+
+/// [`verify_chain_to`] on a store that a running daemon's writer appends to: `lock` gives the
+/// store for one chunk of [`VERIFY_CHUNK_EVENTS`] at a time, so that no write waits for the
+/// whole log to be walked (a hostile client's audit, 2026-12-07: one `verify` held every
+/// write for as long as the walk took).
+pub fn verify_chain_in_chunks<G>(
+    lock: impl Fn() -> G,
+    last: u64,
+) -> Result<(u64, Hash32), VerifyError>
+where
+    G: std::ops::Deref<Target = Box<dyn LogStore>>,
+{
+    let mut head = None;
+    while verify_chunk(lock().as_ref(), &mut head, last, VERIFY_CHUNK_EVENTS)? {}
+    Ok(head.map_or((0, Hash32::default()), |h| (h.0, h.1)))
+}
+
+/// Events a running daemon's `verify` reads per hold of the store (as a stream reads them).
+pub const VERIFY_CHUNK_EVENTS: usize = 4096;
+
+/// Check up to `chunk` events after `head` (the last one checked; `None` before the first),
+/// none past `last`, each against the one before it (the first against `head`): whether there
+/// may be more to check.
+fn verify_chunk(
+    store: &dyn LogStore,
+    head: &mut Option<Head>,
+    last: u64,
+    chunk: usize,
+) -> Result<bool, VerifyError> {
+    // The store's reader checks each event's hash against the hash of its bytes as stored
+    // (nothing is encoded again), and the chain within what it reads; each event is checked
+    // here against the one before it too, so that chunks read apart still form one chain.
+    let mut items = store.read_from(head.map_or(0, |h| h.0.saturating_add(1)));
+    let mut read = 0usize;
+    while read < chunk {
         // Nothing after `last` is read: a batch not yet durable cannot fail this.
         if head.is_some_and(|h| h.0 >= last) {
-            break;
+            return Ok(false);
         }
         let Some(item) = items.next() else {
-            break;
+            return Ok(false);
         };
         let env = item.map_err(|source| match source {
             LogError::Chain(b) => VerifyError::from(b),
@@ -428,9 +462,11 @@ pub fn verify_chain_to(store: &dyn LogStore, last: u64) -> Result<(u64, Hash32),
                 source,
             },
         })?;
-        head = Some((env.seq, env.hash, env.ts));
+        ChainBreak::check_hashed(*head, &env, env.hash)?;
+        *head = Some((env.seq, env.hash, env.ts));
+        read += 1;
     }
-    Ok(head.map_or((0, Hash32::default()), |h| (h.0, h.1)))
+    Ok(true)
 }
 
 /// Check the store against its durable mark (see [`LogStore::mark_durable`]): the log must
@@ -955,5 +991,38 @@ impl ChainCheck {
     /// End the check: nothing is read after an error.
     pub(crate) fn stop(&mut self) {
         self.done = true;
+    }
+}
+
+#[cfg(test)]
+mod verify_tests {
+    use super::testing::{write_sample_batches, MemDisk, MemLog};
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    #[test]
+    fn a_running_daemons_verify_holds_the_store_a_chunk_at_a_time_and_finds_the_same_chain() {
+        let mut log = MemLog::open(&MemDisk::new()).unwrap();
+        write_sample_batches(&mut log, &[3000, 5000, 2100]);
+        let whole = verify_chain(&log).unwrap();
+        assert_eq!(whole.0, 10_100);
+        let store: Mutex<Box<dyn LogStore>> = Mutex::new(Box::new(log));
+        let holds = AtomicUsize::new(0);
+        let lock = || {
+            holds.fetch_add(1, Ordering::SeqCst);
+            store.lock().unwrap()
+        };
+        assert_eq!(verify_chain_in_chunks(lock, u64::MAX).unwrap(), whole);
+        assert_eq!(
+            holds.load(Ordering::SeqCst),
+            10_100usize.div_ceil(VERIFY_CHUNK_EVENTS),
+            "one hold of the store per chunk"
+        );
+        // Up to a durable seq only, as verify_chain_to.
+        let to = verify_chain_in_chunks(|| store.lock().unwrap(), 4_500).unwrap();
+        let guard = store.lock().unwrap();
+        assert_eq!(to, verify_chain_to(guard.as_ref(), 4_500).unwrap());
+        assert_eq!(to.0, 4_500);
     }
 }

@@ -259,7 +259,25 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
         }
     }
     drop(qtx);
-    let _ = answers.await;
+    // The client may have closed only its writing side and still read what it is owed; once
+    // it has hung up, what is still queued is dropped rather than kept until something would
+    // be written to it: a `reserve` or `check` waiting in line leaves it (nothing is appended
+    // for it), a `tail --follow` ends, and the connection's place is free.
+    let mut answers = answers;
+    tokio::select! {
+        _ = &mut answers => {}
+        () = until_hung_up(reader.get_ref()) => answers.abort(),
+    }
+}
+
+/// How often a connection whose client closed its writing side looks whether it hung up.
+const HANG_UP_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Return once the peer of `rd` has hung up (see [`ReadHalf::peer_hung_up`]).
+async fn until_hung_up(rd: &ReadHalf) {
+    while !rd.peer_hung_up() {
+        tokio::time::sleep(HANG_UP_EVERY).await;
+    }
 }
 
 enum LineRead {
@@ -513,8 +531,7 @@ fn dispatch(decoded: Result<RequestLine, String>, actor: Actor, ctx: &Ctx) -> Pe
 /// head.
 fn verify_log(shared: &Shared) -> Result<(u64, bursar_schemas::event::Hash32), WireError> {
     let durable = *shared.durable.borrow();
-    let store = lock_store(shared);
-    crate::log::verify_chain_to(store.as_ref(), durable).map_err(|e| WireError {
+    crate::log::verify_chain_in_chunks(|| lock_store(shared), durable).map_err(|e| WireError {
         code: ErrorCode::Internal,
         message: format!("verify failed at seq {}: {e}", e.seq()),
         field: None,

@@ -310,3 +310,84 @@ fn a_stopping_daemon_decides_its_waiters_before_it_exits() {
         "{events:?}"
     );
 }
+
+/// SPEC §6: a client never affects others. A client that hangs up while it waits in line
+/// leaves the line: the slot a release frees goes to a live waiter, nothing is appended for
+/// the one that left, and its place in the line (`max_waiters`) is free again.
+#[test]
+fn a_waiter_whose_client_hangs_up_leaves_the_line_gets_no_slot_and_frees_its_place() {
+    let d = Daemon::start_with_config(&POLICY.replace("max_waiters = 24", "max_waiters = 2"));
+    let mut c = d.client();
+    for id in ["h1", "h2"] {
+        assert_eq!(c.call(reserve(id, "gpu", None))["decision"], json!("allow"));
+    }
+    {
+        let mut gone_reserve = d.client();
+        gone_reserve.send(&reserve("gone", "gpu", Some(60_000)));
+        let mut gone_check = d.client();
+        gone_check.send(
+            &json!({"op": "check", "labels": {"pool": "gpu"}, "model": "gpt-4o-mini",
+            "estimate": {"input_tokens": 10, "max_output_tokens": 10}, "wait_ms": 60_000}),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(gone_reserve.poll_recv().is_none() && gone_check.poll_recv().is_none());
+    } // Both hang up.
+    std::thread::sleep(Duration::from_millis(800));
+    // Their places are free: two live waiters fit in the line of two.
+    let mut live = Vec::new();
+    for id in ["live-1", "live-2"] {
+        let mut w = d.client();
+        w.send(&reserve(id, "gpu", Some(20_000)));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(w.poll_recv().is_none(), "{id} not in line");
+        live.push(w);
+    }
+    // A freed slot goes to the first live waiter, not to the one that left.
+    c.call(release("h1"));
+    let a = live[0].recv();
+    assert_eq!(a["decision"], json!("allow"), "{a}");
+    assert_eq!(
+        created_order(&mut c),
+        ["h1", "h2", "live-1"],
+        "nothing is appended for a waiter that left"
+    );
+}
+
+/// The descriptors the daemon holds open (its connections among them).
+fn open_descriptors(d: &Daemon) -> usize {
+    let pid = d.child.as_ref().unwrap().id();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A `tail --follow` whose client hangs up ends, even when no event would ever be written to
+/// it, and gives its connection back (4,096 such would otherwise lock every client out).
+#[test]
+fn a_follow_whose_client_hangs_up_ends_and_gives_its_connection_back() {
+    let d = Daemon::start_with_config(POLICY);
+    assert_eq!(d.client().call(json!({"op": "hello"}))["ok"], json!(true));
+    let before = open_descriptors(&d);
+    let mut followers = Vec::new();
+    for _ in 0..20 {
+        let mut f = d.client();
+        f.send(&json!({"op": "tail", "follow": true, "types": ["budget_exhausted"]}));
+        followers.push(f);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let during = open_descriptors(&d);
+    assert!(
+        during >= before + 15,
+        "the follows are open: {during}, {before} before"
+    );
+    drop(followers);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_descriptors(&d) > before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} descriptors open, {before} before the follows",
+            open_descriptors(&d)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
