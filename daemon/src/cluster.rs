@@ -495,7 +495,8 @@ fn save_joined_settings(data_dir: &Path, settings: &ClusterSettings) -> std::io:
         .open(&tmp)?;
     f.write_all(shared_settings(settings).to_string().as_bytes())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, &file)
+    std::fs::rename(&tmp, &file)?;
+    std::fs::File::open(data_dir)?.sync_all()
 }
 
 /// The NATS key-value bucket `bucket` (one value a key), made if it is not there yet; its
@@ -770,7 +771,14 @@ impl Cluster {
                 // itself alone, and its fair share would be every partition.
                 self.report();
             }
-            Err(JoinError::Unreachable(e)) => tracing::warn!("{e}; trying again"),
+            Err(JoinError::Unreachable(e)) => {
+                // NATS answers but cannot serve (no quorum): tried every tick, said every 30 s.
+                let mut last = self.offline_said.lock().unwrap_or_else(|e| e.into_inner());
+                if last.elapsed() >= OFFLINE_SAY_EVERY {
+                    *last = Instant::now();
+                    tracing::warn!("{e}; trying again");
+                }
+            }
             Err(JoinError::Differ(e)) => {
                 tracing::error!("{e}; this node serves reads from its copies and never writes");
                 *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
@@ -1640,18 +1648,17 @@ impl Cluster {
             }
             answers.push(line);
         }
-        // The first failure (naming its partition; the partitions before it applied the
-        // policy), else the first answer (every partition applied the same policy).
+        // The first failure (naming its partition; the others answered as they did, each
+        // logged), else the first answer (every partition applied the same policy).
         let failed = answers.iter().position(|a| a.starts_with(r#"{"ok":false"#));
         let chosen = answers
             .get(failed.unwrap_or(0))
             .cloned()
             .unwrap_or_default();
-        if let Some(i) = failed {
-            tracing::error!(
-                "reload: partition {i} refused the policy (partitions before it applied it): \
-                 {chosen}"
-            );
+        for (i, a) in answers.iter().enumerate() {
+            if a.starts_with(r#"{"ok":false"#) {
+                tracing::error!("reload: partition {i} did not apply the policy: {a}");
+            }
         }
         match serde_json::from_str::<Value>(&chosen) {
             Ok(Value::Object(mut m)) => {

@@ -62,7 +62,9 @@ enum Room {
 impl ReadHalf {
     /// Whether the peer has hung up: closed the connection, not only its writing side (a
     /// client that half-closes still reads what it is owed). `poll` says `POLLHUP` on a Unix
-    /// stream socket only once both directions are shut down.
+    /// stream socket only once both directions are shut down — by the peer's `close`, or by
+    /// its `shutdown` of both; never shut down this side's writing before every answer owed is
+    /// written, or a client that half-closed would look gone.
     pub fn peer_hung_up(&self) -> bool {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
         let mut fds = [PollFd::new(self.0.get_ref(), PollFlags::empty())];

@@ -407,14 +407,15 @@ pub fn verify_chain(store: &dyn LogStore) -> Result<(u64, Hash32), VerifyError> 
 /// while writes fail).
 pub fn verify_chain_to(store: &dyn LogStore, last: u64) -> Result<(u64, Hash32), VerifyError> {
     let mut head = None;
-    while verify_chunk(store, &mut head, last, usize::MAX)? {}
+    verify_events(store.read_from(0), &mut head, last)?;
     Ok(head.map_or((0, Hash32::default()), |h| (h.0, h.1)))
 }
 
 /// [`verify_chain_to`] on a store that a running daemon's writer appends to: `lock` gives the
-/// store for one chunk of [`VERIFY_CHUNK_EVENTS`] at a time, so that no write waits for the
-/// whole log to be walked (a hostile client's audit, 2026-12-07: one `verify` held every
-/// write for as long as the walk took).
+/// store only to copy out the next [`VERIFY_CHUNK_RECORDS`] stored records (sled hands out
+/// shared buffers: no bytes are copied), which are decoded and checked with the store
+/// unlocked, so that no write waits for the log to be walked (a hostile client's audit,
+/// 2026-12-07: one `verify`, which any uid may send, held every write for the whole walk).
 pub fn verify_chain_in_chunks<G>(
     lock: impl Fn() -> G,
     last: u64,
@@ -422,36 +423,45 @@ pub fn verify_chain_in_chunks<G>(
 where
     G: std::ops::Deref<Target = Box<dyn LogStore>>,
 {
-    let mut head = None;
-    while verify_chunk(lock().as_ref(), &mut head, last, VERIFY_CHUNK_EVENTS)? {}
+    let mut head: Option<Head> = None;
+    loop {
+        let from = head.map_or(0, |h| h.0.saturating_add(1));
+        let records: Vec<_> = lock()
+            .read_records_from(from)
+            .take(VERIFY_CHUNK_RECORDS)
+            .collect();
+        let whole_chunk = records.len() == VERIFY_CHUNK_RECORDS;
+        let more = verify_events(
+            RecordEnvelopes::new(records.into_iter(), from),
+            &mut head,
+            last,
+        )?;
+        if !more || !whole_chunk {
+            break;
+        }
+    }
     Ok(head.map_or((0, Hash32::default()), |h| (h.0, h.1)))
 }
 
-/// Events a running daemon's `verify` reads per hold of the store (as a stream reads them).
-pub const VERIFY_CHUNK_EVENTS: usize = 4096;
+/// Stored records a running daemon's `verify` copies out per hold of the store.
+pub const VERIFY_CHUNK_RECORDS: usize = 64;
 
-/// Check up to `chunk` events after `head` (the last one checked; `None` before the first),
-/// none past `last`, each against the one before it (the first against `head`): whether there
-/// may be more to check.
-fn verify_chunk(
-    store: &dyn LogStore,
+/// Check `events` (read after `head`, the last event checked; `None` before the first), none
+/// past `last`, each against the one before it (the first against `head`): whether the log
+/// may go on past them.
+fn verify_events(
+    events: impl Iterator<Item = Result<Envelope, LogError>>,
     head: &mut Option<Head>,
     last: u64,
-    chunk: usize,
 ) -> Result<bool, VerifyError> {
-    // The store's reader checks each event's hash against the hash of its bytes as stored
-    // (nothing is encoded again), and the chain within what it reads; each event is checked
-    // here against the one before it too, so that chunks read apart still form one chain.
-    let mut items = store.read_from(head.map_or(0, |h| h.0.saturating_add(1)));
-    let mut read = 0usize;
-    while read < chunk {
+    // The reader checks each event's hash against the hash of its bytes as stored (nothing is
+    // encoded again), and the chain within what it reads; each event is checked here against
+    // the one before it too, so that chunks read apart still form one chain.
+    for item in events {
         // Nothing after `last` is read: a batch not yet durable cannot fail this.
         if head.is_some_and(|h| h.0 >= last) {
             return Ok(false);
         }
-        let Some(item) = items.next() else {
-            return Ok(false);
-        };
         let env = item.map_err(|source| match source {
             LogError::Chain(b) => VerifyError::from(b),
             source => VerifyError::Unreadable {
@@ -464,9 +474,8 @@ fn verify_chunk(
         })?;
         ChainBreak::check_hashed(*head, &env, env.hash)?;
         *head = Some((env.seq, env.hash, env.ts));
-        read += 1;
     }
-    Ok(true)
+    Ok(!head.is_some_and(|h| h.0 >= last))
 }
 
 /// Check the store against its durable mark (see [`LogStore::mark_durable`]): the log must
@@ -1002,9 +1011,11 @@ mod verify_tests {
     use std::sync::Mutex;
 
     #[test]
-    fn a_running_daemons_verify_holds_the_store_a_chunk_at_a_time_and_finds_the_same_chain() {
+    fn a_running_daemons_verify_holds_the_store_only_to_copy_a_chunk_and_finds_the_same_chain() {
         let mut log = MemLog::open(&MemDisk::new()).unwrap();
-        write_sample_batches(&mut log, &[3000, 5000, 2100]);
+        let mut sizes = vec![50u64; 199];
+        sizes.push(150);
+        write_sample_batches(&mut log, &sizes);
         let whole = verify_chain(&log).unwrap();
         assert_eq!(whole.0, 10_100);
         let store: Mutex<Box<dyn LogStore>> = Mutex::new(Box::new(log));
@@ -1014,10 +1025,12 @@ mod verify_tests {
             store.lock().unwrap()
         };
         assert_eq!(verify_chain_in_chunks(lock, u64::MAX).unwrap(), whole);
+        let records = store.lock().unwrap().read_records_from(0).count();
+        assert!(records >= 200, "a record a batch at least: {records}");
         assert_eq!(
             holds.load(Ordering::SeqCst),
-            10_100usize.div_ceil(VERIFY_CHUNK_EVENTS),
-            "one hold of the store per chunk"
+            records / VERIFY_CHUNK_RECORDS + 1,
+            "one hold of the store per chunk of records (the last one short)"
         );
         // Up to a durable seq only, as verify_chain_to.
         let to = verify_chain_in_chunks(|| store.lock().unwrap(), 4_500).unwrap();

@@ -176,12 +176,15 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
         wr,
     )));
     let outstanding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Set once the client has hung up (see the end of this function).
+    let (gone_tx, gone) = tokio::sync::watch::channel(false);
     let answers = tokio::spawn(write_answers(
         out.clone(),
         outstanding.clone(),
         qrx,
         writer_ctx,
         gate.clone(),
+        gone,
     ));
     let mut reader = BufReader::with_capacity(CONNECTION_BUFFER_BYTES, rd);
     let mut line: Vec<u8> = Vec::new();
@@ -204,6 +207,8 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
                         tokio::select! {
                             () = gate.wait_for(reads_queued) => {}
                             _ = shutdown.changed() => break,
+                            // A read ahead of it may wait long (a `check` with `wait_ms`).
+                            () = until_hung_up(reader.get_ref()) => break,
                         }
                     }
                 }
@@ -259,14 +264,17 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
         }
     }
     drop(qtx);
-    // The client may have closed only its writing side and still read what it is owed; once
-    // it has hung up, what is still queued is dropped rather than kept until something would
-    // be written to it: a `reserve` or `check` waiting in line leaves it (nothing is appended
-    // for it), a `tail --follow` ends, and the connection's place is free.
+    // The client may have closed only its writing side and still read what it is owed. Once
+    // it has hung up, nothing more is waited for on its behalf (`write_answers`): a `reserve`
+    // or `check` waiting in line leaves it (nothing is appended for it), a `tail --follow`
+    // ends; work already under way finishes, and the connection keeps its place until then.
     let mut answers = answers;
     tokio::select! {
         _ = &mut answers => {}
-        () = until_hung_up(reader.get_ref()) => answers.abort(),
+        () = until_hung_up(reader.get_ref()) => {
+            let _ = gone_tx.send(true);
+            let _ = answers.await;
+        }
     }
 }
 
@@ -1224,8 +1232,20 @@ async fn write_answers(
     mut rx: mpsc::Receiver<(Pending, Meter)>,
     ctx: Arc<Ctx>,
     gate: Arc<ReadGate>,
+    mut gone: tokio::sync::watch::Receiver<bool>,
 ) {
     while let Some((p, meter)) = rx.recv().await {
+        if *gone.borrow() {
+            // The client hung up: answers are dropped (the writer still makes every write
+            // sent to it; a waiting `reserve` whose answer nobody awaits leaves the line), but
+            // work that runs on a blocking thread (a `replay` with `apply` among it) is still
+            // done, with the connection's place held until it ends.
+            if let Pending::Blocking(f) = p {
+                let c = ctx.clone();
+                let _ = tokio::task::spawn_blocking(move || f(&c)).await;
+            }
+            continue;
+        }
         let mut out = out.lock().await;
         let ok = match p {
             Pending::Ready(line) => {
@@ -1233,7 +1253,10 @@ async fn write_answers(
                 put(&mut *out, &line).await
             }
             Pending::Wait(r) => {
-                let line = r.await.unwrap_or_else(|_| {
+                let Some(r) = or_gone(&mut gone, r).await else {
+                    continue;
+                };
+                let line = r.unwrap_or_else(|_| {
                     error_line(
                         ErrorCode::Unavailable,
                         "the writer stopped before answering",
@@ -1244,16 +1267,16 @@ async fn write_answers(
                 put(&mut *out, &line).await
             }
             Pending::Answer(r, req) => {
+                let Some(r) = or_gone(&mut gone, r).await else {
+                    continue;
+                };
                 // Rendered here, after every lock is released.
-                let answer = r
-                    .await
-                    .map(crate::writer::Outcome::render)
-                    .unwrap_or_else(|_| {
-                        Answer::Error(WireError::new(
-                            ErrorCode::Unavailable,
-                            "the writer stopped before answering",
-                        ))
-                    });
+                let answer = r.map(crate::writer::Outcome::render).unwrap_or_else(|_| {
+                    Answer::Error(WireError::new(
+                        ErrorCode::Unavailable,
+                        "the writer stopped before answering",
+                    ))
+                });
                 meter.decided(&ctx, &answer);
                 let line = match answer {
                     Answer::Duplicate { seq } => {
@@ -1285,7 +1308,9 @@ async fn write_answers(
                 put(&mut *out, &line).await
             }
             Pending::WaitingCheck(c, req) => {
-                let answer = waiting_check(&ctx, &c).await;
+                let Some(answer) = or_gone(&mut gone, waiting_check(&ctx, &c)).await else {
+                    continue;
+                };
                 gate.evaluated_one();
                 meter.decided(&ctx, &answer);
                 let line = answer.to_line(req);
@@ -1293,7 +1318,10 @@ async fn write_answers(
                 put(&mut *out, &line).await
             }
             Pending::Stream(kind, req) => {
-                let ok = stream(&mut *out, kind, req, &ctx, &gate).await;
+                let Some(ok) = or_gone(&mut gone, stream(&mut *out, kind, req, &ctx, &gate)).await
+                else {
+                    continue;
+                };
                 meter.streamed(&ctx);
                 ok
             }
@@ -1307,6 +1335,17 @@ async fn write_answers(
         outstanding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
     let _ = out.lock().await.flush().await;
+}
+
+/// `f`'s output, or `None` once the connection's client has hung up.
+async fn or_gone<F: std::future::Future>(
+    gone: &mut tokio::sync::watch::Receiver<bool>,
+    f: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        v = f => Some(v),
+        _ = gone.wait_for(|g| *g) => None,
+    }
 }
 
 /// A `check` with `wait_ms` (SPEC §10): decided now and again every 5 ms (a release shows
