@@ -1489,24 +1489,13 @@ impl Cluster {
                 // This node stopped writing the partition meanwhile: the next writer answers.
             }
         }
-        self.forward(&p, line, actor, req, waits).await
+        self.forward(&p, line, actor, req, waits, false).await
     }
 
     /// Send a write to the partition's writer over NATS; wait for this node's fold to hold it.
+    /// With `policy`, the payload is a policy for the writer to apply (packed JSON of
+    /// [`PolicyToApply`], flagged by [`POLICY_HEADER`]) instead of a request line.
     async fn forward(
-        &self,
-        p: &Partition,
-        line: Vec<u8>,
-        actor: Actor,
-        req: Option<Value>,
-        waits: Duration,
-    ) -> String {
-        self.forward_as(p, line, actor, req, waits, false).await
-    }
-
-    /// [`Self::forward`], or with `policy` the payload a policy for the writer to apply (packed
-    /// JSON of [`PolicyToApply`], flagged by [`POLICY_HEADER`]) instead of a request line.
-    async fn forward_as(
         &self,
         p: &Partition,
         line: Vec<u8>,
@@ -1643,7 +1632,7 @@ impl Cluster {
             if line.is_empty() || is_unavailable(&line) {
                 // Not written here, or this node stopped writing it meanwhile.
                 line = self
-                    .forward_as(&p, packed.clone(), actor, None, Duration::ZERO, true)
+                    .forward(&p, packed.clone(), actor, None, Duration::ZERO, true)
                     .await;
             }
             answers.push(line);
@@ -1694,7 +1683,7 @@ impl Cluster {
                 // on a large log. It is given that long before it would be sent again (a
                 // resend would append the same prices a second time).
                 None => {
-                    self.forward(&p, raw.clone(), actor, None, REPLAY_APPLY_WAIT)
+                    self.forward(&p, raw.clone(), actor, None, REPLAY_APPLY_WAIT, false)
                         .await
                 }
             };
