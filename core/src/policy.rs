@@ -320,23 +320,40 @@ fn lies_within(m: &BTreeMap<String, String>, group_by: &[String], by: &str) -> b
     m.get(by).is_some_and(|v| v != "*") || group_by.iter().any(|g| g == by)
 }
 
-/// The first budget (subscription allowances and quota limits included) or quota of a
-/// resolved policy that would span partitions of a cluster partitioned by `by`, named: what a
-/// cluster node checks on a policy another node sent it (the file's own check is
-/// [`parse_policy`]'s).
+/// The first budget (quota limits included), subscription or quota of a resolved policy that
+/// would span partitions of a cluster partitioned by `by`, named: what a cluster node checks on
+/// a policy another node sent it, as [`parse_policy`] checks a file (`check_partitions`). A
+/// subscription is checked by its own `match` and its allowances' `group_by` (an allowance's
+/// budget matches on the derived `subscription` label alone, which pins no partition).
 pub fn spanning_partitions(p: &ResolvedPolicy, by: &str) -> Option<String> {
-    let budget = p
-        .budgets
-        .iter()
-        .find(|b| !lies_within(&b.match_labels, &b.group_by, by))
-        .map(|b| format!("budget {:?}", b.id));
+    let budget = || {
+        p.budgets
+            .iter()
+            .filter(|b| !bursar_schemas::policy::is_allowance(&b.id))
+            .find(|b| !lies_within(&b.match_labels, &b.group_by, by))
+            .map(|b| format!("budget {:?}", b.id))
+    };
+    let subscription = || {
+        p.subscriptions
+            .iter()
+            .find(|s| {
+                // A subscription without allowances limits nothing.
+                let group_by = s
+                    .allowances
+                    .first()
+                    .and_then(|id| p.budgets.iter().find(|b| b.id == *id))
+                    .map(|b| b.group_by.as_slice());
+                group_by.is_some_and(|g| !lies_within(&s.match_labels, g, by))
+            })
+            .map(|s| format!("subscription {:?}", s.id))
+    };
     let quota = || {
         p.quotas
             .iter()
             .find(|q| !lies_within(&q.match_labels, &[], by))
             .map(|q| format!("quota {:?}", q.id))
     };
-    budget.or_else(quota).map(|what| {
+    budget().or_else(subscription).or_else(quota).map(|what| {
         format!("{what} would span partitions: its `match` must pin `{by}` or its `group_by` contain it (SPEC §13)")
     })
 }

@@ -183,3 +183,77 @@ match = {{ org = "acme" }}
     let single = policy.replace(CLUSTER, "");
     parse_policy(&single, "bursar.toml", &no_import).unwrap();
 }
+
+/// What a cluster node checks on a policy another node forwarded it (`spanning_partitions`,
+/// on the resolved policy) agrees with the file's own check: a file that passes it passes, and
+/// each kind of entry that would span partitions is named.
+#[test]
+fn a_resolved_policy_spans_partitions_exactly_where_its_file_would() {
+    use bursar_core::policy::spanning_partitions;
+    let within = format!(
+        r#"{CLUSTER}
+[[budget]]
+id = "acme-daily"
+match = {{ org = "acme" }}
+max_usd = 5
+
+[[budget]]
+id = "per-org"
+group_by = ["org", "team"]
+max_usd = 5
+
+[[subscription]]
+id = "acme-chat"
+match = {{ org = "acme", account = "chat" }}
+fee_usd = 20
+fee_period = "month"
+[[subscription.allowance]]
+window = "rolling"
+window_seconds = 18000
+max_requests = 45
+
+[[subscription]]
+id = "chat-per-org"
+match = {{ account = "chat" }}
+group_by = ["org"]
+fee_usd = 20
+fee_period = "month"
+[[subscription.allowance]]
+window = "rolling"
+window_seconds = 18000
+max_requests = 45
+
+[[quota]]
+id = "openai-acme"
+provider = "openai"
+match = {{ org = "acme" }}
+"#
+    );
+    let p = parse_policy(&within, "bursar.toml", &no_import).unwrap();
+    assert_eq!(spanning_partitions(&p.resolved, "org"), None);
+    // Partitioned by another label, the first budget would span partitions.
+    let why = spanning_partitions(&p.resolved, "team").unwrap();
+    assert!(why.contains("budget \"acme-daily\""), "{why}");
+
+    // Each kind of entry that a cluster's file may not have, alone in a one-host policy.
+    for (entry, named) in [
+        (
+            "[[budget]]\nid = \"everyone\"\nmax_usd = 100\n",
+            "budget \"everyone\"",
+        ),
+        (
+            "[[subscription]]\nid = \"chat\"\nmatch = { account = \"chat\" }\nfee_usd = 20\n\
+             fee_period = \"month\"\n[[subscription.allowance]]\nwindow = \"rolling\"\n\
+             window_seconds = 18000\nmax_requests = 45\n",
+            "subscription \"chat\"",
+        ),
+        (
+            "[[quota]]\nid = \"openai\"\nprovider = \"openai\"\n",
+            "quota \"openai\"",
+        ),
+    ] {
+        let p = parse_policy(entry, "bursar.toml", &no_import).unwrap();
+        let why = spanning_partitions(&p.resolved, "org").unwrap();
+        assert!(why.contains(named), "{entry}: {why}");
+    }
+}

@@ -230,7 +230,7 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
                     }
                     reads_queued += 1;
                     outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    if qtx.send((Pending::Read(f), meter)).await.is_err() {
+                    if !queue(&qtx, (Pending::Read(f), meter), reader.get_ref()).await {
                         break;
                     }
                     continue;
@@ -242,7 +242,7 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
                     reads_queued += 1;
                 }
                 outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if qtx.send((pending, meter)).await.is_err() {
+                if !queue(&qtx, (pending, meter), reader.get_ref()).await {
                     break;
                 }
             }
@@ -278,13 +278,35 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
     }
 }
 
+/// Queue a request's answer behind the ones before it: false when the answer task ended, or
+/// when the queue stayed full (a long read or a follow ahead) until the client hung up.
+async fn queue(
+    qtx: &mpsc::Sender<(Pending, Meter)>,
+    item: (Pending, Meter),
+    rd: &ReadHalf,
+) -> bool {
+    let item = match qtx.try_send(item) {
+        Ok(()) => return true,
+        Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        Err(mpsc::error::TrySendError::Full(item)) => item,
+    };
+    tokio::select! {
+        sent = qtx.send(item) => sent.is_ok(),
+        () = until_hung_up(rd) => false,
+    }
+}
+
 /// How often a connection whose client closed its writing side looks whether it hung up.
 const HANG_UP_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Return once the peer of `rd` has hung up (see [`ReadHalf::peer_hung_up`]).
+/// Return once the peer of `rd` has hung up (see [`ReadHalf::peer_hung_up`]), looked at every
+/// [`HANG_UP_EVERY`] from the first on: a wait that ends sooner costs no system call.
 async fn until_hung_up(rd: &ReadHalf) {
-    while !rd.peer_hung_up() {
+    loop {
         tokio::time::sleep(HANG_UP_EVERY).await;
+        if rd.peer_hung_up() {
+            return;
+        }
     }
 }
 
