@@ -16,6 +16,24 @@ partition_by = "org"
 partitions = 4
 "#;
 
+/// Two budgets that lie within one partition of a cluster partitioned by `org`: one pins it,
+/// one groups by it.
+const WITHIN_ONE_PARTITION: &str = r#"[[budget]]
+id = "acme-daily"
+match = { org = "acme" }
+max_usd = 5
+
+[[budget]]
+id = "per-org"
+group_by = ["org", "team"]
+max_usd = 5"#;
+
+/// One allowance of a subscription: 45 requests per 5 hours.
+const ALLOWANCE: &str = "[[subscription.allowance]]
+window = \"rolling\"
+window_seconds = 18000
+max_requests = 45";
+
 fn errors(text: &str) -> Vec<PolicyError> {
     match parse_policy(text, "bursar.toml", &no_import) {
         Ok(_) => panic!("expected errors for:\n{text}"),
@@ -123,15 +141,7 @@ fn cluster_mistakes_are_reported_at_their_key() {
 fn in_cluster_mode_a_budget_must_pin_or_group_by_the_partition_label() {
     let policy = format!(
         r#"{CLUSTER}
-[[budget]]
-id = "acme-daily"
-match = {{ org = "acme" }}
-max_usd = 5
-
-[[budget]]
-id = "per-org"
-group_by = ["org", "team"]
-max_usd = 5
+{WITHIN_ONE_PARTITION}
 
 [[budget]]
 id = "everyone"
@@ -147,10 +157,7 @@ id = "chat"
 match = {{ account = "chat" }}
 fee_usd = 20
 fee_period = "month"
-[[subscription.allowance]]
-window = "rolling"
-window_seconds = 18000
-max_requests = 45
+{ALLOWANCE}
 
 [[quota]]
 id = "openai"
@@ -192,25 +199,14 @@ fn a_resolved_policy_spans_partitions_exactly_where_its_file_would() {
     use bursar_core::policy::spanning_partitions;
     let within = format!(
         r#"{CLUSTER}
-[[budget]]
-id = "acme-daily"
-match = {{ org = "acme" }}
-max_usd = 5
-
-[[budget]]
-id = "per-org"
-group_by = ["org", "team"]
-max_usd = 5
+{WITHIN_ONE_PARTITION}
 
 [[subscription]]
 id = "acme-chat"
 match = {{ org = "acme", account = "chat" }}
 fee_usd = 20
 fee_period = "month"
-[[subscription.allowance]]
-window = "rolling"
-window_seconds = 18000
-max_requests = 45
+{ALLOWANCE}
 
 [[subscription]]
 id = "chat-per-org"
@@ -218,10 +214,7 @@ match = {{ account = "chat" }}
 group_by = ["org"]
 fee_usd = 20
 fee_period = "month"
-[[subscription.allowance]]
-window = "rolling"
-window_seconds = 18000
-max_requests = 45
+{ALLOWANCE}
 
 [[quota]]
 id = "openai-acme"
@@ -238,21 +231,22 @@ match = {{ org = "acme" }}
     // Each kind of entry that a cluster's file may not have, alone in a one-host policy.
     for (entry, named) in [
         (
-            "[[budget]]\nid = \"everyone\"\nmax_usd = 100\n",
+            "[[budget]]\nid = \"everyone\"\nmax_usd = 100\n".to_string(),
             "budget \"everyone\"",
         ),
         (
-            "[[subscription]]\nid = \"chat\"\nmatch = { account = \"chat\" }\nfee_usd = 20\n\
-             fee_period = \"month\"\n[[subscription.allowance]]\nwindow = \"rolling\"\n\
-             window_seconds = 18000\nmax_requests = 45\n",
+            format!(
+                "[[subscription]]\nid = \"chat\"\nmatch = {{ account = \"chat\" }}\n\
+                 fee_usd = 20\nfee_period = \"month\"\n{ALLOWANCE}"
+            ),
             "subscription \"chat\"",
         ),
         (
-            "[[quota]]\nid = \"openai\"\nprovider = \"openai\"\n",
+            "[[quota]]\nid = \"openai\"\nprovider = \"openai\"\n".to_string(),
             "quota \"openai\"",
         ),
     ] {
-        let p = parse_policy(entry, "bursar.toml", &no_import).unwrap();
+        let p = parse_policy(&entry, "bursar.toml", &no_import).unwrap();
         let why = spanning_partitions(&p.resolved, "org").unwrap();
         assert!(why.contains(named), "{entry}: {why}");
     }

@@ -35,7 +35,7 @@ use crate::writer::{
     WriteCmd, WriterHandle,
 };
 use bursar_core::ledger::{Answer, IdKind};
-use bursar_core::policy::ClusterSettings;
+use bursar_core::policy::{ClusterSettings, LoadedPolicy};
 use bursar_schemas::event::{Actor, Envelope, Sealed};
 use bursar_schemas::wire::{
     decode_request, ClusterNodeLag, ClusterPartitionStatus, ClusterStatusAnswer, ErrorCode,
@@ -749,15 +749,13 @@ impl Cluster {
             return;
         }
         if !self.nats.is_connected() {
-            let mut last = self.offline_said.lock().unwrap_or_else(|e| e.into_inner());
-            if last.elapsed() >= OFFLINE_SAY_EVERY {
-                *last = Instant::now();
-                tracing::warn!(
+            self.say_offline(|| {
+                format!(
                     "cluster: NATS still unreachable ({:?}); reads from this node's copies, \
                      writes `unavailable`",
                     self.settings.nats
-                );
-            }
+                )
+            });
             return;
         }
         let joined = join_nats(&self.nats, &self.settings).and_then(|online| {
@@ -771,18 +769,21 @@ impl Cluster {
                 // itself alone, and its fair share would be every partition.
                 self.report();
             }
-            Err(JoinError::Unreachable(e)) => {
-                // NATS answers but cannot serve (no quorum): tried every tick, said every 30 s.
-                let mut last = self.offline_said.lock().unwrap_or_else(|e| e.into_inner());
-                if last.elapsed() >= OFFLINE_SAY_EVERY {
-                    *last = Instant::now();
-                    tracing::warn!("{e}; trying again");
-                }
-            }
+            // NATS answers but cannot serve (no quorum): tried every tick.
+            Err(JoinError::Unreachable(e)) => self.say_offline(|| format!("{e}; trying again")),
             Err(JoinError::Differ(e)) => {
                 tracing::error!("{e}; this node serves reads from its copies and never writes");
                 *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
             }
+        }
+    }
+
+    /// Log why this node is still offline, at most every [`OFFLINE_SAY_EVERY`].
+    fn say_offline(&self, why: impl FnOnce() -> String) {
+        let mut last = self.offline_said.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() >= OFFLINE_SAY_EVERY {
+            *last = Instant::now();
+            tracing::warn!("{}", why());
         }
     }
 
@@ -1581,30 +1582,7 @@ impl Cluster {
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
-        // The file's `[cluster]` must be the cluster's: without it the file's budgets were
-        // not checked against the partitioning, and other settings need a restart of every
-        // node (the partition rule is checked again here either way).
-        let read = read.and_then(|p| match &p.cluster {
-            Some(c) if shared_settings(c) == shared_settings(&self.settings) => Ok(p),
-            Some(c) => Err(format!(
-                "the file's [cluster] settings {} differ from the cluster's {}: they change \
-                 only with a restart of every node, never by `reload`",
-                shared_settings(c),
-                shared_settings(&self.settings)
-            )),
-            None => Err(
-                "the file has no [cluster]: a cluster node reloads only a file with \
-                         the cluster's own [cluster] section"
-                    .to_string(),
-            ),
-        });
-        let read = read.and_then(|p| {
-            match bursar_core::policy::spanning_partitions(&p.resolved, &self.settings.partition_by)
-            {
-                Some(why) => Err(why),
-                None => Ok(p),
-            }
-        });
+        let read = read.and_then(|p| self.fits_the_cluster(p));
         let policy = match read {
             Ok(p) => PolicyToApply::from(p),
             Err(msg) => {
@@ -1625,16 +1603,18 @@ impl Cluster {
         let mut answers = Vec::new();
         for p in self.parts.clone() {
             let local = p.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let mut line = match local {
-                Some(w) => reload_on(&w, Some(Box::new(policy.clone())), actor, None).await,
-                None => String::new(),
+            let here = match local {
+                Some(w) => Some(reload_on(&w, Some(Box::new(policy.clone())), actor, None).await),
+                None => None,
             };
-            if line.is_empty() || is_unavailable(&line) {
+            let line = match here {
+                Some(line) if !is_unavailable(&line) => line,
                 // Not written here, or this node stopped writing it meanwhile.
-                line = self
-                    .forward(&p, packed.clone(), actor, None, Duration::ZERO, true)
-                    .await;
-            }
+                _ => {
+                    self.forward(&p, packed.clone(), actor, None, Duration::ZERO, true)
+                        .await
+                }
+            };
             answers.push(line);
         }
         // The first failure (naming its partition; the others answered as they did, each
@@ -1661,6 +1641,34 @@ impl Cluster {
                 serde_json::to_string(&m).unwrap_or_default()
             }
             _ => error_line(ErrorCode::Internal, "no partition answered the reload", req),
+        }
+    }
+
+    /// A reloaded file as the cluster may apply it: its `[cluster]` is the cluster's (without
+    /// it the file's budgets were never checked against the partitioning, and other settings
+    /// need a restart of every node), and nothing in it spans partitions.
+    fn fits_the_cluster(&self, p: LoadedPolicy) -> Result<LoadedPolicy, String> {
+        match &p.cluster {
+            Some(c) if shared_settings(c) == shared_settings(&self.settings) => {}
+            Some(c) => {
+                return Err(format!(
+                    "the file's [cluster] settings {} differ from the cluster's {}: they change \
+                     only with a restart of every node, never by `reload`",
+                    shared_settings(c),
+                    shared_settings(&self.settings)
+                ))
+            }
+            None => {
+                return Err(
+                    "the file has no [cluster]: a cluster node reloads only a file \
+                            with the cluster's own [cluster] section"
+                        .to_string(),
+                )
+            }
+        }
+        match bursar_core::policy::spanning_partitions(&p.resolved, &self.settings.partition_by) {
+            Some(why) => Err(why),
+            None => Ok(p),
         }
     }
 
