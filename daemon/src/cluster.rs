@@ -67,6 +67,11 @@ pub const REPLAY_APPLY_WAIT: Duration = Duration::from_secs(600);
 pub const FORWARD_RETRY: Duration = Duration::from_millis(200);
 /// How long a request to the NATS cluster may take before it fails.
 pub const NATS_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first time limit on each request that starts following a stream. A request lost
+/// while NATS repairs its routes after a server died (the client's server has no route to the
+/// stream's leader for a few seconds) is asked again after this rather than waited for until
+/// [`NATS_TIMEOUT`]: a 5 s wait here once took a failover past 10 s in CI.
+pub const FOLLOW_FIRST_ATTEMPT: Duration = Duration::from_secs(1);
 /// How long a forwarding node waits for its own fold to hold a forwarded write before it
 /// answers anyway.
 pub const FOLD_WAIT: Duration = Duration::from_secs(5);
@@ -572,6 +577,19 @@ fn shared_err(op: &'static str) -> impl Fn(String) -> LogError {
     move |reason| LogError::Shared { op, reason }
 }
 
+/// `request`'s answer, or a failure of `op` when it errs or takes longer than `limit`.
+async fn within<T, E: std::fmt::Display>(
+    limit: Duration,
+    op: &'static str,
+    request: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, LogError> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(shared_err(op)(e.to_string())),
+        Err(_) => Err(shared_err(op)(format!("no answer within {limit:?}"))),
+    }
+}
+
 impl Cluster {
     /// Connect to NATS, open every partition's local copy and fold it, and follow every
     /// partition. Leases are taken by [`Cluster::start_coordinator`].
@@ -825,24 +843,29 @@ impl Cluster {
     /// Follow the stream until `stop`: (re)start an ordered consumer after the local head, fold
     /// each record, confirm the lag.
     fn follow_loop(&self, p: &Partition, stop: &AtomicBool) {
+        let mut attempt = FOLLOW_FIRST_ATTEMPT;
         while !stop.load(Ordering::SeqCst) {
-            if let Err(e) = self.follow_once(p, stop) {
+            if let Err(e) = self.follow_once(p, stop, &mut attempt) {
                 tracing::warn!("partition {}: following the stream: {e}; retrying", p.index);
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
     }
 
-    fn follow_once(&self, p: &Partition, stop: &AtomicBool) -> Result<(), LogError> {
-        use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+    /// Follow `p` from the copy's head until `stop` or a failure. Each request that starts
+    /// following (four, and a few dozen to find the copy's head in a long stream) may take
+    /// `attempt`. A start that fails adds a second to it, up to [`NATS_TIMEOUT`] (a slow
+    /// network still gets its answers); one that succeeds sets it back to
+    /// [`FOLLOW_FIRST_ATTEMPT`]. (Doubling was not kept: when requests are lost rather than
+    /// slow, a long limit only waits longer for an answer that never comes.)
+    fn follow_once(
+        &self,
+        p: &Partition,
+        stop: &AtomicBool,
+        attempt: &mut Duration,
+    ) -> Result<(), LogError> {
         let rt = &self.nats.rt;
         let err = shared_err("follow the stream");
-        let stream = rt
-            .block_on(async {
-                tokio::time::timeout(NATS_TIMEOUT, self.nats.js.get_stream(&p.stream)).await
-            })
-            .map_err(|_| err("no answer".into()))?
-            .map_err(|e| err(e.to_string()))?;
         let head = {
             // The copy holds records the fold does not (a fold that failed after they were
             // copied): fold the copy again before following on from its end.
@@ -856,21 +879,16 @@ impl Cluster {
             })?;
             head
         };
-        let end = rt
-            .block_on(async { stream.get_info().await.map(|i| i.state.last_sequence) })
-            .map_err(|e| err(e.to_string()))?;
-        let start = rt.block_on(locate(&stream, head + 1, end))?;
-        let consumer = rt
-            .block_on(stream.create_consumer(OrderedConfig {
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start.max(1),
-                },
-                ..Default::default()
-            }))
-            .map_err(|e| err(e.to_string()))?;
-        let mut messages = rt
-            .block_on(consumer.messages())
-            .map_err(|e| err(e.to_string()))?;
+        let (stream, mut messages) = match rt.block_on(self.start_following(p, head, *attempt)) {
+            Ok(s) => {
+                *attempt = FOLLOW_FIRST_ATTEMPT;
+                s
+            }
+            Err(e) => {
+                *attempt = (*attempt + Duration::from_secs(1)).min(NATS_TIMEOUT);
+                return Err(e);
+            }
+        };
         let mut last_poll = Instant::now();
         // Lag is counted once this follower holds the whole stream (a catch-up is not lag).
         let mut live = false;
@@ -996,6 +1014,39 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// The stream and an ordered consumer of it from the record holding event `head + 1`;
+    /// each request may take `limit`.
+    async fn start_following(
+        &self,
+        p: &Partition,
+        head: u64,
+        limit: Duration,
+    ) -> Result<
+        (
+            async_nats::jetstream::stream::Stream,
+            async_nats::jetstream::consumer::pull::Ordered,
+        ),
+        LogError,
+    > {
+        use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+        let op = "follow the stream";
+        let stream = within(limit, op, self.nats.js.get_stream(&p.stream)).await?;
+        let end = within(limit, op, stream.get_info())
+            .await?
+            .state
+            .last_sequence;
+        let start = locate(&stream, head + 1, end, limit).await?;
+        let config = OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: start.max(1),
+            },
+            ..Default::default()
+        };
+        let consumer = within(limit, op, stream.create_consumer(config)).await?;
+        let messages = within(limit, op, consumer.messages()).await?;
+        Ok((stream, messages))
     }
 
     /// Check records of the stream, append them to the local copy (synced by the caller, on
@@ -1796,14 +1847,16 @@ async fn locate(
     stream: &async_nats::jetstream::stream::Stream,
     seq: u64,
     end: u64,
+    limit: Duration,
 ) -> Result<u64, LogError> {
     if end == 0 {
         return Ok(1);
     }
     let first_of = |sequence: u64| async move {
-        let msg = stream
-            .get_raw_message(sequence)
+        let msg = tokio::time::timeout(limit, stream.get_raw_message(sequence))
             .await
+            .map_err(|_| format!("no answer within {limit:?}"))
+            .and_then(|r| r.map_err(|e| e.to_string()))
             .map_err(|e| shared_err("read a record")(format!("stream sequence {sequence}: {e}")))?;
         seq_header(Some(&msg.headers), sequence)
     };

@@ -315,7 +315,37 @@ impl NatsCluster {
         }
     }
 
-    /// Wait until every running node reports a JetStream meta leader.
+    /// Whether every running node's `/routez` names every other running node. A server that
+    /// has routes but does not name their peers (`remote_name`) is taken as meshed.
+    fn routes_meshed(&self) -> bool {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].is_running())
+            .collect();
+        running.iter().all(|&i| {
+            let Some(routez) = self
+                .http_get(i, "/routez")
+                .ok()
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+            else {
+                return false;
+            };
+            let routes = routez["routes"].as_array().cloned().unwrap_or_default();
+            let peers: std::collections::BTreeSet<&str> = routes
+                .iter()
+                .filter_map(|x| x["remote_name"].as_str())
+                .collect();
+            let unnamed = !routes.is_empty() && peers.is_empty();
+            unnamed
+                || running
+                    .iter()
+                    .filter(|&&j| j != i)
+                    .all(|&j| peers.contains(self.nodes[j].name.as_str()))
+        })
+    }
+
+    /// Wait until every running node reports a JetStream meta leader and has routes to every
+    /// other running node (a server restarted a moment ago may have a route to one peer only:
+    /// a kill of that peer then leaves its clients with no way to the streams).
     pub fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
         loop {
@@ -338,7 +368,7 @@ impl NatsCluster {
                         .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
                         .is_some_and(|v| v["meta_cluster"]["leader"].as_str().is_some())
             });
-            if ready {
+            if ready && self.routes_meshed() {
                 return Ok(());
             }
             if Instant::now() > deadline {
