@@ -577,16 +577,38 @@ fn shared_err(op: &'static str) -> impl Fn(String) -> LogError {
     move |reason| LogError::Shared { op, reason }
 }
 
-/// `request`'s answer, or a failure of `op` when it errs or takes longer than `limit`.
+/// Why a request that starts following a stream failed.
+#[derive(Debug)]
+enum StartFailed {
+    /// No answer within its time limit (lost, or slow): the next start allows a second more.
+    NoAnswer(LogError),
+    /// An answer that was an error (no responders, a stream not found while NATS elects
+    /// leaders, ...): asked again with the same limit.
+    Answered(LogError),
+}
+
+impl From<StartFailed> for LogError {
+    fn from(f: StartFailed) -> LogError {
+        match f {
+            StartFailed::NoAnswer(e) | StartFailed::Answered(e) => e,
+        }
+    }
+}
+
+/// `request`'s answer, or a failure of `op` (its reason after `what`) when it errs or takes
+/// longer than `limit`.
 async fn within<T, E: std::fmt::Display>(
     limit: Duration,
     op: &'static str,
+    what: &str,
     request: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, LogError> {
+) -> Result<T, StartFailed> {
     match tokio::time::timeout(limit, request).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(shared_err(op)(e.to_string())),
-        Err(_) => Err(shared_err(op)(format!("no answer within {limit:?}"))),
+        Ok(Err(e)) => Err(StartFailed::Answered(shared_err(op)(format!("{what}{e}")))),
+        Err(_) => Err(StartFailed::NoAnswer(shared_err(op)(format!(
+            "{what}no answer within {limit:?}"
+        )))),
     }
 }
 
@@ -854,10 +876,12 @@ impl Cluster {
 
     /// Follow `p` from the copy's head until `stop` or a failure. Each request that starts
     /// following (four, and a few dozen to find the copy's head in a long stream) may take
-    /// `attempt`. A start that fails adds a second to it, up to [`NATS_TIMEOUT`] (a slow
-    /// network still gets its answers); one that succeeds sets it back to
-    /// [`FOLLOW_FIRST_ATTEMPT`]. (Doubling was not kept: when requests are lost rather than
-    /// slow, a long limit only waits longer for an answer that never comes.)
+    /// `attempt`. A start that failed for want of an answer adds a second to it, up to
+    /// [`NATS_TIMEOUT`] (a slow network still gets its answers); one that was answered with an
+    /// error leaves it (those come fast and often while NATS elects leaders, and must not
+    /// bring the 5 s wait back); one that succeeds sets it back to [`FOLLOW_FIRST_ATTEMPT`].
+    /// (Doubling was not kept: when requests are lost rather than slow, a long limit only
+    /// waits longer for an answer that never comes.)
     fn follow_once(
         &self,
         p: &Partition,
@@ -884,10 +908,11 @@ impl Cluster {
                 *attempt = FOLLOW_FIRST_ATTEMPT;
                 s
             }
-            Err(e) => {
+            Err(StartFailed::NoAnswer(e)) => {
                 *attempt = (*attempt + Duration::from_secs(1)).min(NATS_TIMEOUT);
                 return Err(e);
             }
+            Err(StartFailed::Answered(e)) => return Err(e),
         };
         let mut last_poll = Instant::now();
         // Lag is counted once this follower holds the whole stream (a catch-up is not lag).
@@ -1028,12 +1053,12 @@ impl Cluster {
             async_nats::jetstream::stream::Stream,
             async_nats::jetstream::consumer::pull::Ordered,
         ),
-        LogError,
+        StartFailed,
     > {
         use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
         let op = "follow the stream";
-        let stream = within(limit, op, self.nats.js.get_stream(&p.stream)).await?;
-        let end = within(limit, op, stream.get_info())
+        let stream = within(limit, op, "", self.nats.js.get_stream(&p.stream)).await?;
+        let end = within(limit, op, "", stream.get_info())
             .await?
             .state
             .last_sequence;
@@ -1044,8 +1069,8 @@ impl Cluster {
             },
             ..Default::default()
         };
-        let consumer = within(limit, op, stream.create_consumer(config)).await?;
-        let messages = within(limit, op, consumer.messages()).await?;
+        let consumer = within(limit, op, "", stream.create_consumer(config)).await?;
+        let messages = within(limit, op, "", consumer.messages()).await?;
         Ok((stream, messages))
     }
 
@@ -1848,17 +1873,20 @@ async fn locate(
     seq: u64,
     end: u64,
     limit: Duration,
-) -> Result<u64, LogError> {
+) -> Result<u64, StartFailed> {
     if end == 0 {
         return Ok(1);
     }
     let first_of = |sequence: u64| async move {
-        let msg = tokio::time::timeout(limit, stream.get_raw_message(sequence))
-            .await
-            .map_err(|_| format!("no answer within {limit:?}"))
-            .and_then(|r| r.map_err(|e| e.to_string()))
-            .map_err(|e| shared_err("read a record")(format!("stream sequence {sequence}: {e}")))?;
-        seq_header(Some(&msg.headers), sequence)
+        let what = format!("stream sequence {sequence}: ");
+        let msg = within(
+            limit,
+            "read a record",
+            &what,
+            stream.get_raw_message(sequence),
+        )
+        .await?;
+        seq_header(Some(&msg.headers), sequence).map_err(StartFailed::Answered)
     };
     if first_of(end).await? <= seq {
         // In the last record, or past the stream's end: the last record is read again (the

@@ -55,7 +55,8 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "requests_total",
-                "Requests answered, by op and outcome (ok, or the error code).",
+                "Requests answered, by op and outcome (ok, the error code, or hung_up: the \
+                 client left before its answer).",
             ),
             &["op", "outcome"],
         )?;
@@ -121,6 +122,12 @@ impl Metrics {
                 .with_label_values(&[op])
                 .observe(t.elapsed().as_secs_f64());
         }
+    }
+
+    /// A request of `op` whose client hung up before it was answered (a write sent to the
+    /// writer is still made; its answer is not given).
+    pub fn hung_up(&self, op: &'static str) {
+        self.requests.with_label_values(&[op, "hung_up"]).inc();
     }
 
     /// A typed answer of `op`: its decision, when it is one.
@@ -230,8 +237,11 @@ impl Metrics {
         )?;
         each(
             "waiting_requests",
-            "Reserves waiting in line now (wait_ms, SPEC §10).",
-            &|s, _, _| saturate(s.waiting.load(Ordering::Relaxed) as u64),
+            "Reserves and checks waiting in line now (wait_ms, SPEC §10; [daemon] max_waiters).",
+            &|s, _, _| {
+                let reserves = s.waiting.load(Ordering::Relaxed);
+                saturate((reserves + s.waiting_checks.load(Ordering::Relaxed)) as u64)
+            },
         )?;
         each(
             "writer_poisoned",

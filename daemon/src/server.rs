@@ -208,7 +208,10 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
                             () = gate.wait_for(reads_queued) => {}
                             _ = shutdown.changed() => break,
                             // A read ahead of it may wait long (a `check` with `wait_ms`).
-                            () = until_hung_up(reader.get_ref()) => break,
+                            () = until_hung_up(reader.get_ref()) => {
+                                meter.hung_up(&ctx);
+                                break;
+                            }
                         }
                     }
                 }
@@ -230,7 +233,7 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
                     }
                     reads_queued += 1;
                     outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    if !queue(&qtx, (Pending::Read(f), meter), reader.get_ref()).await {
+                    if !queue(&qtx, (Pending::Read(f), meter), reader.get_ref(), &ctx).await {
                         break;
                     }
                     continue;
@@ -242,7 +245,7 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
                     reads_queued += 1;
                 }
                 outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if !queue(&qtx, (pending, meter), reader.get_ref()).await {
+                if !queue(&qtx, (pending, meter), reader.get_ref(), &ctx).await {
                     break;
                 }
             }
@@ -279,11 +282,13 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
 }
 
 /// Queue a request's answer behind the ones before it: false when the answer task ended, or
-/// when the queue stayed full (a long read or a follow ahead) until the client hung up.
+/// when the queue stayed full (a long read or a follow ahead) until the client hung up (the
+/// request is then counted as `hung_up`).
 async fn queue(
     qtx: &mpsc::Sender<(Pending, Meter)>,
     item: (Pending, Meter),
     rd: &ReadHalf,
+    ctx: &Ctx,
 ) -> bool {
     let item = match qtx.try_send(item) {
         Ok(()) => return true,
@@ -291,8 +296,17 @@ async fn queue(
         Err(mpsc::error::TrySendError::Full(item)) => item,
     };
     tokio::select! {
-        sent = qtx.send(item) => sent.is_ok(),
-        () = until_hung_up(rd) => false,
+        permit = qtx.reserve() => match permit {
+            Ok(permit) => {
+                permit.send(item);
+                true
+            }
+            Err(_) => false,
+        },
+        () = until_hung_up(rd) => {
+            item.1.hung_up(ctx);
+            false
+        }
     }
 }
 
@@ -392,6 +406,14 @@ impl Meter {
     fn decided(&self, ctx: &Ctx, answer: &Answer) {
         if let (Some((op, _)), Some(m)) = (self.0, &ctx.shared.metrics) {
             m.decided(op, answer);
+        }
+    }
+
+    /// The client hung up before its answer was written: counted under outcome `hung_up`,
+    /// not timed (the answer, if any, was never given).
+    fn hung_up(&self, ctx: &Ctx) {
+        if let (Some((op, _)), Some(m)) = (self.0, &ctx.shared.metrics) {
+            m.hung_up(op);
         }
     }
 
@@ -1266,6 +1288,7 @@ async fn write_answers(
                 let c = ctx.clone();
                 let _ = tokio::task::spawn_blocking(move || f(&c)).await;
             }
+            meter.hung_up(&ctx);
             continue;
         }
         let mut out = out.lock().await;
@@ -1276,6 +1299,7 @@ async fn write_answers(
             }
             Pending::Wait(r) => {
                 let Some(r) = or_gone(&mut gone, r).await else {
+                    meter.hung_up(&ctx);
                     continue;
                 };
                 let line = r.unwrap_or_else(|_| {
@@ -1290,6 +1314,7 @@ async fn write_answers(
             }
             Pending::Answer(r, req) => {
                 let Some(r) = or_gone(&mut gone, r).await else {
+                    meter.hung_up(&ctx);
                     continue;
                 };
                 // Rendered here, after every lock is released.
@@ -1331,6 +1356,7 @@ async fn write_answers(
             }
             Pending::WaitingCheck(c, req) => {
                 let Some(answer) = or_gone(&mut gone, waiting_check(&ctx, &c)).await else {
+                    meter.hung_up(&ctx);
                     continue;
                 };
                 gate.evaluated_one();
@@ -1342,6 +1368,7 @@ async fn write_answers(
             Pending::Stream(kind, req) => {
                 let Some(ok) = or_gone(&mut gone, stream(&mut *out, kind, req, &ctx, &gate)).await
                 else {
+                    meter.hung_up(&ctx);
                     continue;
                 };
                 meter.streamed(&ctx);

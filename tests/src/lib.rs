@@ -494,3 +494,66 @@ impl Daemon {
         bursar(&all)
     }
 }
+
+/// The daemon's Prometheus endpoint, scraped over loopback (`[daemon] metrics_listen`).
+pub mod metrics {
+    use crate::Daemon;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    /// The address the daemon says it serves metrics on (it binds port 0 here).
+    pub fn metrics_addr(d: &Daemon) -> String {
+        let log = d.stderr();
+        log.split("metrics at http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_else(|| panic!("no metrics address in the daemon's log: {log}"))
+            .to_string()
+    }
+
+    /// One HTTP exchange: the status line and the body.
+    pub fn get(addr: &str, request: &str) -> (String, String) {
+        let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+        s.write_all(request.as_bytes()).expect("send");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read");
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+        (
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
+    }
+
+    /// The body of `GET /metrics`.
+    pub fn scrape(addr: &str) -> String {
+        let (status, body) = get(
+            addr,
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\n\r\n",
+        );
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        body
+    }
+
+    /// The value of the sample `name{labels}` (labels as printed, sorted by name), if present.
+    pub fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Wait (up to 10 s) until `bursar_waiting_requests` on `addr` is `n`.
+    pub fn wait_for_waiters(addr: &str, n: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let now = sample(&scrape(addr), "bursar_waiting_requests");
+            if now == Some(n as f64) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{now:?} requests wait after 10 s, {n} expected"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}

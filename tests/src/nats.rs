@@ -59,7 +59,26 @@ pub fn nats_server() -> Result<PathBuf, String> {
 }
 
 /// A free loopback port (bound and released: good enough for tests on one machine).
+/// A free loopback port below the kernel's ephemeral range when one is found: a server killed
+/// and started again on its port must not find it taken as the source port of a connection
+/// some client opened meanwhile (the daemons reconnect many times in the fault rounds).
 fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_from > 12_000 {
+        for _ in 0..200 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            let span = u64::from(ephemeral_from - 10_000);
+            let p = 10_000 + (h.finish() % span) as u16;
+            if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                return p;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -315,31 +334,38 @@ impl NatsCluster {
         }
     }
 
-    /// Whether every running node's `/routez` names every other running node. A server that
-    /// has routes but does not name their peers (`remote_name`) is taken as meshed.
+    /// Whether every running node's `/routez` has its whole pool of routes (`/varz`
+    /// `cluster.pool_size`, each account's traffic on one of them) to every other running node.
+    /// A server that has routes but does not name their peers (`remote_name`) is taken as
+    /// meshed.
     fn routes_meshed(&self) -> bool {
+        let json = |i: usize, path: &str| {
+            self.http_get(i, path)
+                .ok()
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        };
         let running: Vec<usize> = (0..self.nodes.len())
             .filter(|i| self.nodes[*i].is_running())
             .collect();
         running.iter().all(|&i| {
-            let Some(routez) = self
-                .http_get(i, "/routez")
-                .ok()
-                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-            else {
+            let (Some(routez), Some(varz)) = (json(i, "/routez"), json(i, "/varz")) else {
                 return false;
             };
+            let pool = varz["cluster"]["pool_size"].as_u64().unwrap_or(1).max(1) as usize;
             let routes = routez["routes"].as_array().cloned().unwrap_or_default();
-            let peers: std::collections::BTreeSet<&str> = routes
-                .iter()
-                .filter_map(|x| x["remote_name"].as_str())
-                .collect();
-            let unnamed = !routes.is_empty() && peers.is_empty();
+            let to = |name: &str| {
+                routes
+                    .iter()
+                    .filter(|x| x["remote_name"].as_str() == Some(name))
+                    .count()
+            };
+            let unnamed =
+                !routes.is_empty() && routes.iter().all(|x| x.get("remote_name").is_none());
             unnamed
                 || running
                     .iter()
                     .filter(|&&j| j != i)
-                    .all(|&j| peers.contains(self.nodes[j].name.as_str()))
+                    .all(|&j| to(&self.nodes[j].name) >= pool)
         })
     }
 
@@ -378,7 +404,7 @@ impl NatsCluster {
                     .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
                     .collect();
                 return Err(format!(
-                    "the NATS cluster has no JetStream leader after {within:?}:\n{}",
+                    "the NATS cluster has no JetStream leader, or not every route, after {within:?}:\n{}",
                     logs.join("\n")
                 ));
             }

@@ -86,7 +86,14 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
             }
         }));
     }
-    std::thread::sleep(Duration::from_millis(700));
+    // The kill comes in the middle of the load: once more than 100 writes were acknowledged
+    // (at least 700 ms in; a loaded machine may need longer to get there).
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(700)
+        || (acked.lock().unwrap().len() <= 100 && started.elapsed() < Duration::from_secs(30))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     d.kill9();
     for t in threads {
         let _ = t.join();

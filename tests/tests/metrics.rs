@@ -2,9 +2,10 @@
 //! `promtool` where it is installed (`.ci/run` installs Debian's `prometheus`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use bursar_tests::metrics::{get, metrics_addr, sample, scrape};
 use bursar_tests::{record, reserve, Daemon};
 use serde_json::json;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
@@ -31,45 +32,6 @@ id = "openai-prod"
 provider = "openai"
 match = { account = "prod" }
 "#;
-
-/// The address the daemon says it serves metrics on (it binds port 0 here).
-fn metrics_addr(d: &Daemon) -> String {
-    let log = d.stderr();
-    log.split("metrics at http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("no metrics address in the daemon's log: {log}"))
-        .to_string()
-}
-
-/// One HTTP exchange: the status line and the body.
-fn get(addr: &str, request: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    s.write_all(request.as_bytes()).expect("send");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
-}
-
-fn scrape(addr: &str) -> String {
-    let (status, body) = get(
-        addr,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\n\r\n",
-    );
-    assert_eq!(status, "HTTP/1.1 200 OK");
-    body
-}
-
-/// The value of the sample `name{labels}` (labels as printed, sorted by name), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
 
 fn promtool() -> Option<&'static str> {
     Command::new("promtool")
@@ -178,6 +140,51 @@ fn a_scrape_counts_requests_decisions_and_syncs_and_shows_the_most_utilized_buck
         Some(1.0),
         "{text}"
     );
+}
+
+/// A request whose client hangs up before its answer is counted under outcome `hung_up`: a
+/// `reserve` waiting in line and a `tail --follow`, neither ever answered.
+#[test]
+fn requests_whose_client_hung_up_are_counted_as_hung_up() {
+    let d = Daemon::start_with_config(POLICY);
+    let addr = metrics_addr(&d);
+    let mut c = d.client();
+    let held = c.call(reserve("r-1", json!({"pool": "gpu"}), "gpt-4o", 10, 10));
+    assert_eq!(held["decision"], "allow", "{held}");
+    {
+        let mut waiter = d.client();
+        let mut waiting = reserve("r-2", json!({"pool": "gpu"}), "gpt-4o", 10, 10);
+        waiting["wait_ms"] = json!(60_000);
+        waiter.send(&waiting);
+        let mut follower = d.client();
+        follower.send(&json!({"op": "tail", "follow": true, "types": ["budget_exhausted"]}));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            waiter.poll_recv().is_none(),
+            "the reserve waits for the slot"
+        );
+    } // Both hang up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = scrape(&addr);
+        let n = |series: &str| sample(&text, series);
+        let reserve = n(r#"bursar_requests_total{op="reserve",outcome="hung_up"}"#);
+        let tail = n(r#"bursar_requests_total{op="tail",outcome="hung_up"}"#);
+        if reserve == Some(1.0) && tail == Some(1.0) {
+            // Only the first reserve was answered.
+            assert_eq!(
+                n(r#"bursar_requests_total{op="reserve",outcome="ok"}"#),
+                Some(1.0),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reserve {reserve:?}, tail {tail:?} hung up after 10 s: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// SPEC §12's "spent, held and limit per bucket" for every unit a budget limits: a live
@@ -399,5 +406,15 @@ fn a_scrape_shows_the_waiting_line_and_what_each_quota_has_left() {
     );
     c.call(json!({"op": "release", "reservation_id": "g1"}));
     assert_eq!(waiter.recv()["decision"], json!("allow"));
+    assert_eq!(sample(&scrape(&addr), "bursar_waiting_requests"), Some(0.0));
+    // A `check` waiting for the slot g2 holds is in the line too.
+    let mut asker = d.client();
+    asker.send(
+        &json!({"op": "check", "labels": {"pool": "gpu", "account": "prod"}, "model": "gpt-4o-mini",
+        "estimate": {"input_tokens": 10, "max_output_tokens": 10}, "wait_ms": 20_000}),
+    );
+    bursar_tests::metrics::wait_for_waiters(&addr, 1);
+    c.call(json!({"op": "release", "reservation_id": "g2"}));
+    assert_eq!(asker.recv()["decision"], json!("allow"));
     assert_eq!(sample(&scrape(&addr), "bursar_waiting_requests"), Some(0.0));
 }
