@@ -404,6 +404,10 @@ pub struct Cluster {
     refused: Mutex<Option<String>>,
     /// When an offline node last said in its log that NATS is still unreachable.
     offline_said: Mutex<Instant>,
+    /// This node's policy file as it last read it (its text's hash, and the policy resolved
+    /// from it, prices imported from other files included): at start, and at each reload every
+    /// partition applied. A SIGHUP applies the file only when it reads otherwise now.
+    file_read: Mutex<(String, bursar_schemas::policy::ResolvedPolicy)>,
     config: Arc<crate::config::Config>,
     clock: Clock,
     stopping: AtomicBool,
@@ -719,6 +723,10 @@ impl Cluster {
             online: std::sync::OnceLock::new(),
             refused: Mutex::new(None),
             offline_said: Mutex::new(Instant::now()),
+            file_read: Mutex::new((
+                config.policy.source_hash.clone(),
+                config.policy.resolved.clone(),
+            )),
             config,
             clock,
             stopping: AtomicBool::new(false),
@@ -1648,16 +1656,48 @@ impl Cluster {
         )
     }
 
-    /// `reload` (and SIGHUP): this node reads its policy file once, and every partition's
-    /// writer, here or on another node, applies that policy (SPEC §13: "`reload` on any node
-    /// applies cluster-wide").
+    /// `reload`: this node reads its policy file once, and every partition's writer, here or
+    /// on another node, applies that policy (SPEC §13: "`reload` on any node applies
+    /// cluster-wide").
     pub async fn reload(self: Arc<Self>, actor: Actor, req: Option<Value>) -> String {
+        self.reload_file(actor, req, false).await
+    }
+
+    /// SIGHUP: as `reload`, but only when this node's file changed since it last read it (at
+    /// start, or at its last reload that every partition applied). A SIGHUP that reaches a
+    /// node whose file is stale (sent to every node by a deploy tool, or to the wrong one)
+    /// would otherwise put that older policy back on every partition; `bursar reload` through
+    /// the node still applies its file whatever it holds.
+    pub async fn reload_on_signal(self: Arc<Self>, actor: Actor) -> String {
+        self.reload_file(actor, None, true).await
+    }
+
+    async fn reload_file(
+        self: Arc<Self>,
+        actor: Actor,
+        req: Option<Value>,
+        only_if_changed: bool,
+    ) -> String {
         let config = self.config.clone();
         // Off the connection's thread: a file importing LiteLLM's map parses for a while.
         let read = tokio::task::spawn_blocking(move || config.reload_policy())
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Ok(p) = &read {
+            let last = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
+            if only_if_changed && p.source_hash == last.0 && p.resolved == last.1 {
+                let msg = format!(
+                    "{} is as this node last read it: nothing to apply (the cluster's policy \
+                     may be newer, from another node's file; `bursar reload` applies this \
+                     node's file anyway)",
+                    p.source
+                );
+                tracing::info!("{msg}");
+                return serde_json::json!({"ok": true, "unchanged": true, "message": msg})
+                    .to_string();
+            }
+        }
         let read = read.and_then(|p| self.fits_the_cluster(p));
         let policy = match read {
             Ok(p) => PolicyToApply::from(p),
@@ -1666,6 +1706,7 @@ impl Cluster {
                 return Answer::Error(WireError::new(ErrorCode::BadRequest, msg)).to_line(req);
             }
         };
+        let read = (policy.source_hash.clone(), policy.resolved.clone());
         let packed = match serde_json::to_vec(&policy) {
             Ok(json) => crate::log::pack_raw(&json),
             Err(e) => {
@@ -1704,6 +1745,9 @@ impl Cluster {
             if a.starts_with(r#"{"ok":false"#) {
                 tracing::error!("reload: partition {i} did not apply the policy: {a}");
             }
+        }
+        if failed.is_none() && !answers.is_empty() {
+            *self.file_read.lock().unwrap_or_else(|e| e.into_inner()) = read;
         }
         match serde_json::from_str::<Value>(&chosen) {
             Ok(Value::Object(mut m)) => {

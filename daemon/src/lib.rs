@@ -358,7 +358,7 @@ fn run_cluster(
                         .enable_all()
                         .build();
                     if let Ok(rt) = rt {
-                        let line = rt.block_on(c.reload(own, None));
+                        let line = rt.block_on(c.reload_on_signal(own));
                         tracing::info!("SIGHUP: {line}");
                     }
                 });

@@ -984,24 +984,30 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
     assert_eq!(answer["policy_version"], 2, "{answer}");
     // An org on each partition, read through every node.
     let orgs = org_on_each_partition();
-    for (i, d) in cluster.nodes.iter().enumerate() {
-        for org in &orgs {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let check = d.client().call(json!({"op": "check", "labels": {"org": org},
-                    "model": "gpt-4o-mini", "estimate": {"input_tokens": 1, "max_output_tokens": 1}}));
-                if check["budgets"][0]["limit_micros"] == 20_000 {
-                    break;
+    let every_node_reads = |limit: u64| {
+        for (i, d) in cluster.nodes.iter().enumerate() {
+            for org in &orgs {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let check = d
+                        .client()
+                        .call(json!({"op": "check", "labels": {"org": org},
+                        "model": "gpt-4o-mini",
+                        "estimate": {"input_tokens": 1, "max_output_tokens": 1}}));
+                    if check["budgets"][0]["limit_micros"] == limit {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "node {i}, org {org}: not the limit {limit} (asked node {asked}, \
+                         writers {holders:?}): {check}"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "node {i}, org {org}: still the old limit (asked node {asked}, writers \
-                     {holders:?}): {check}"
-                );
-                std::thread::sleep(Duration::from_millis(100));
             }
         }
-    }
+    };
+    every_node_reads(20_000);
     // Each partition's log says where the new policy came from: the asked node's file (read
     // through another node).
     let source = cluster.nodes[asked]
@@ -1025,6 +1031,34 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
             "partition {p}"
         );
     }
+
+    // A SIGHUP to another node, whose file is as it read it at start (stale): nothing is put
+    // back anywhere (the node says so).
+    let other = (asked + 1) % 3;
+    cluster.nodes[other].signal(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cluster.nodes[other]
+        .stderr()
+        .contains("is as this node last read it: nothing to apply")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node {other} never said its file was unchanged: {}",
+            cluster.nodes[other].stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    every_node_reads(20_000);
+    // Its file edited, a SIGHUP applies it cluster-wide.
+    let other_file = cluster.nodes[other].config.as_ref().unwrap();
+    let other_text = std::fs::read_to_string(other_file).unwrap();
+    std::fs::write(
+        other_file,
+        other_text.replace("max_usd = 0.01", "max_usd = 0.03"),
+    )
+    .unwrap();
+    cluster.nodes[other].signal(1);
+    every_node_reads(30_000);
 }
 
 #[test]
