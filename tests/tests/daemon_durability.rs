@@ -238,23 +238,49 @@ max_requests = 1
 "#,
     );
     let mut c = d.client();
-    // Align to the start of a window so the test is not racing the boundary.
-    loop {
-        let now = std::time::SystemTime::now()
+    let now_ms = || {
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
-        if now.as_millis() % 2000 < 1000 {
-            break;
+            .unwrap()
+            .as_millis()
+    };
+    // From the start of a window not used yet; again when the two requests straddled its end
+    // (a loaded machine).
+    let mut used = None;
+    let mut attempts = 0;
+    let window = loop {
+        attempts += 1;
+        assert!(attempts <= 5, "never two requests within one 2 s window");
+        while now_ms() % 2000 >= 500 || used == Some(now_ms() / 2000) {
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let window = now_ms() / 2000;
+        used = Some(window);
+        let a = c.call(record(
+            &format!("e-{window}"),
+            json!({}),
+            "gpt-4o-mini",
+            1,
+            1,
+        ));
+        let denied = c.call(reserve(
+            &format!("r-{window}"),
+            json!({}),
+            "gpt-4o-mini",
+            1,
+            1,
+        ));
+        if now_ms() / 2000 != window {
+            continue;
+        }
+        assert_eq!(a["state"], "exhausted", "{a}");
+        assert_eq!(denied["decision"], "deny", "{denied}");
+        break window;
+    };
+    // The next window.
+    while now_ms() / 2000 == window {
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let a = c.call(record("e-1", json!({}), "gpt-4o-mini", 1, 1));
-    assert_eq!(a["state"], "exhausted");
-    assert_eq!(
-        c.call(reserve("r-1", json!({}), "gpt-4o-mini", 1, 1))["decision"],
-        "deny"
-    );
-    std::thread::sleep(Duration::from_millis(2100));
     let r = c.call(reserve("r-2", json!({}), "gpt-4o-mini", 1, 1));
     assert_eq!(r["decision"], "allow", "a new window: {r}");
 }
