@@ -260,12 +260,10 @@ pub fn run_with(
     let (writer, writer_thread) = writer::start(shared.clone(), &cfg.policy, clock.clone(), reload)
         .map_err(DaemonError::Start)?;
 
-    let std_listener = bound.publish()?;
-    std_listener
-        .set_nonblocking(true)
-        .map_err(|e| DaemonError::Start(format!("socket: {e}")))?;
     let stop_rx = stop_tx.subscribe();
 
+    // Signals are handled before the socket appears under its name: a SIGHUP sent once it is
+    // there (a deploy tool waiting for it) must not meet SIGHUP's default action, exit.
     let signals_thread = if install_signals {
         let w = writer.clone();
         Some(spawn_signal_thread(
@@ -286,6 +284,10 @@ pub fn run_with(
     } else {
         None
     };
+    let std_listener = bound.publish()?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| DaemonError::Start(format!("socket: {e}")))?;
     let ctx = server::Ctx {
         shared: shared.clone(),
         writer: writer.clone(),
@@ -341,11 +343,8 @@ fn run_cluster(
         .map_err(|e| DaemonError::Start(format!("cannot start the memory reserve: {e}")))?;
     let coordinator = cluster.start_coordinator().map_err(DaemonError::Start)?;
     let bound = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
-    let std_listener = bound.publish()?;
-    std_listener
-        .set_nonblocking(true)
-        .map_err(|e| DaemonError::Start(format!("socket: {e}")))?;
     let stop_rx = stop_tx.subscribe();
+    // Signals first, as on a single host.
     let signals_thread = if install_signals {
         let c = cluster.clone();
         Some(spawn_signal_thread(
@@ -367,6 +366,10 @@ fn run_cluster(
     } else {
         None
     };
+    let std_listener = bound.publish()?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| DaemonError::Start(format!("socket: {e}")))?;
     let ctx = server::Ctx {
         shared: cluster.parts[0].shared.clone(),
         writer: writer::WriterHandle::closed(),
