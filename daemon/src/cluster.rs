@@ -404,10 +404,13 @@ pub struct Cluster {
     refused: Mutex<Option<String>>,
     /// When an offline node last said in its log that NATS is still unreachable.
     offline_said: Mutex<Instant>,
-    /// This node's policy file as it last read it (its text's hash, and the policy resolved
-    /// from it, prices imported from other files included): at start, and at each reload every
-    /// partition applied. A SIGHUP applies the file only when it reads otherwise now.
-    file_read: Mutex<(String, bursar_schemas::policy::ResolvedPolicy)>,
+    /// This node's policy file as it last read it and as every partition applied it (its
+    /// text's hash, and the policy resolved from it, prices imported from other files
+    /// included): at start when every partition's log holds that policy (or none yet), and at
+    /// each reload every partition applied; `None` after a reload some partition failed, or
+    /// when the node started with a file the cluster does not run. A SIGHUP applies the file
+    /// unless it reads as this says.
+    file_read: Mutex<Option<(String, bursar_schemas::policy::ResolvedPolicy)>>,
     config: Arc<crate::config::Config>,
     clock: Clock,
     stopping: AtomicBool,
@@ -591,14 +594,6 @@ enum StartFailed {
     Answered(LogError),
 }
 
-impl From<StartFailed> for LogError {
-    fn from(f: StartFailed) -> LogError {
-        match f {
-            StartFailed::NoAnswer(e) | StartFailed::Answered(e) => e,
-        }
-    }
-}
-
 /// `request`'s answer, or a failure of `op` (its reason after `what`) when it errs or takes
 /// longer than `limit`.
 async fn within<T, E: std::fmt::Display>(
@@ -715,6 +710,19 @@ impl Cluster {
                 ),
             }));
         }
+        // The file in force, so that a SIGHUP with it unchanged applies nothing; a file the
+        // logs do not hold (deployed before a restart) is applied by the first SIGHUP.
+        let in_force = parts.iter().all(|p| {
+            read_ledger(&p.shared)
+                .policy()
+                .is_none_or(|p| *p == config.policy.resolved)
+        });
+        let file_read = in_force.then(|| {
+            (
+                config.policy.source_hash.clone(),
+                config.policy.resolved.clone(),
+            )
+        });
         let cluster = Arc::new(Cluster {
             settings,
             parts,
@@ -723,10 +731,7 @@ impl Cluster {
             online: std::sync::OnceLock::new(),
             refused: Mutex::new(None),
             offline_said: Mutex::new(Instant::now()),
-            file_read: Mutex::new((
-                config.policy.source_hash.clone(),
-                config.policy.resolved.clone(),
-            )),
+            file_read: Mutex::new(file_read),
             config,
             clock,
             stopping: AtomicBool::new(false),
@@ -1686,7 +1691,10 @@ impl Cluster {
             .and_then(|r| r.map_err(|e| e.to_string()));
         if let Ok(p) = &read {
             let last = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
-            if only_if_changed && p.source_hash == last.0 && p.resolved == last.1 {
+            let unchanged = last
+                .as_ref()
+                .is_some_and(|(hash, resolved)| p.source_hash == *hash && p.resolved == *resolved);
+            if only_if_changed && unchanged {
                 let msg = format!(
                     "{} is as this node last read it: nothing to apply (the cluster's policy \
                      may be newer, from another node's file; `bursar reload` applies this \
@@ -1746,9 +1754,10 @@ impl Cluster {
                 tracing::error!("reload: partition {i} did not apply the policy: {a}");
             }
         }
-        if failed.is_none() && !answers.is_empty() {
-            *self.file_read.lock().unwrap_or_else(|e| e.into_inner()) = read;
-        }
+        // What every partition applied; after a partial failure nothing is known to be in
+        // force, and the next SIGHUP applies the file whatever it holds.
+        *self.file_read.lock().unwrap_or_else(|e| e.into_inner()) =
+            (failed.is_none() && !answers.is_empty()).then_some(read);
         match serde_json::from_str::<Value>(&chosen) {
             Ok(Value::Object(mut m)) => {
                 if let Some(i) = failed {

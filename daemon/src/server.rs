@@ -281,9 +281,9 @@ async fn handle(rd: ReadHalf, wr: WriteHalf, actor: Actor, ctx: Arc<Ctx>) {
     }
 }
 
-/// Queue a request's answer behind the ones before it: false when the answer task ended, or
-/// when the queue stayed full (a long read or a follow ahead) until the client hung up (the
-/// request is then counted as `hung_up`).
+/// Queue a request's answer behind the ones before it: false when the answer task ended (its
+/// client gone), or when the queue stayed full (a long read or a follow ahead) until the client
+/// hung up; the request is then counted as `hung_up`.
 async fn queue(
     qtx: &mpsc::Sender<(Pending, Meter)>,
     item: (Pending, Meter),
@@ -292,7 +292,10 @@ async fn queue(
 ) -> bool {
     let item = match qtx.try_send(item) {
         Ok(()) => return true,
-        Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        Err(mpsc::error::TrySendError::Closed(item)) => {
+            item.1.hung_up(ctx);
+            return false;
+        }
         Err(mpsc::error::TrySendError::Full(item)) => item,
     };
     tokio::select! {
@@ -301,7 +304,10 @@ async fn queue(
                 permit.send(item);
                 true
             }
-            Err(_) => false,
+            Err(_) => {
+                item.1.hung_up(ctx);
+                false
+            }
         },
         () = until_hung_up(rd) => {
             item.1.hung_up(ctx);
@@ -1366,19 +1372,32 @@ async fn write_answers(
                 put(&mut *out, &line).await
             }
             Pending::Stream(kind, req) => {
+                // A follow ends when its client hangs up: its usual end, counted as one.
+                let follows = matches!(&kind, StreamKind::Tail(t) if t.follow);
                 let Some(ok) = or_gone(&mut gone, stream(&mut *out, kind, req, &ctx, &gate)).await
                 else {
-                    meter.hung_up(&ctx);
+                    if follows {
+                        meter.streamed(&ctx);
+                    } else {
+                        meter.hung_up(&ctx);
+                    }
                     continue;
                 };
                 meter.streamed(&ctx);
                 ok
             }
         };
-        if !ok {
-            return;
-        }
-        if rx.is_empty() && out.flush().await.is_err() {
+        if !ok || (rx.is_empty() && out.flush().await.is_err()) {
+            // The client is gone: what is still queued is never answered.
+            drop(out);
+            rx.close();
+            while let Ok((p, meter)) = rx.try_recv() {
+                if let Pending::Blocking(f) = p {
+                    let c = ctx.clone();
+                    let _ = tokio::task::spawn_blocking(move || f(&c)).await;
+                }
+                meter.hung_up(&ctx);
+            }
             return;
         }
         outstanding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);

@@ -58,7 +58,6 @@ pub fn nats_server() -> Result<PathBuf, String> {
     ))
 }
 
-/// A free loopback port (bound and released: good enough for tests on one machine).
 /// A free loopback port below the kernel's ephemeral range when one is found: a server killed
 /// and started again on its port must not find it taken as the source port of a connection
 /// some client opened meanwhile (the daemons reconnect many times in the fault rounds).

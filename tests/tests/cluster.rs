@@ -927,7 +927,7 @@ fn a_node_whose_partitions_differ_from_the_clusters_refuses_to_start() {
 
 #[test]
 fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node() {
-    let Some(cluster) = start("reload") else {
+    let Some(mut cluster) = start("reload") else {
         return;
     };
     // Asked: a node that does not write every partition, so that at least one partition's
@@ -984,7 +984,7 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
     assert_eq!(answer["policy_version"], 2, "{answer}");
     // An org on each partition, read through every node.
     let orgs = org_on_each_partition();
-    let every_node_reads = |limit: u64| {
+    let every_node_reads = |cluster: &Nodes, limit: u64| {
         for (i, d) in cluster.nodes.iter().enumerate() {
             for org in &orgs {
                 let deadline = Instant::now() + Duration::from_secs(10);
@@ -1007,7 +1007,7 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
             }
         }
     };
-    every_node_reads(20_000);
+    every_node_reads(&cluster, 20_000);
     // Each partition's log says where the new policy came from: the asked node's file (read
     // through another node).
     let source = cluster.nodes[asked]
@@ -1048,7 +1048,7 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    every_node_reads(20_000);
+    every_node_reads(&cluster, 20_000);
     // Its file edited, a SIGHUP applies it cluster-wide.
     let other_file = cluster.nodes[other].config.as_ref().unwrap();
     let other_text = std::fs::read_to_string(other_file).unwrap();
@@ -1058,7 +1058,26 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
     )
     .unwrap();
     cluster.nodes[other].signal(1);
-    every_node_reads(30_000);
+    every_node_reads(&cluster, 30_000);
+    // A file deployed before a restart, the cluster running another policy: the node's first
+    // SIGHUP applies it.
+    assert!(cluster.nodes[other].terminate().success());
+    let other_file = cluster.nodes[other].config.clone().unwrap();
+    let other_text = std::fs::read_to_string(&other_file).unwrap();
+    std::fs::write(
+        &other_file,
+        other_text.replace("max_usd = 0.03", "max_usd = 0.04"),
+    )
+    .unwrap();
+    cluster.nodes[other].spawn().expect("the node starts again");
+    // Serving: its signal handler is in place.
+    assert_eq!(
+        cluster.nodes[other].client().call(json!({"op": "hello"}))["ok"],
+        true
+    );
+    every_node_reads(&cluster, 30_000);
+    cluster.nodes[other].signal(1);
+    every_node_reads(&cluster, 40_000);
 }
 
 #[test]
@@ -1277,20 +1296,8 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
     // Each node serves metrics: its folds per partition, the writers, the requests it answered.
     let writers = cluster.wait_for_writers(Duration::from_secs(10));
     for (i, d) in cluster.nodes.iter().enumerate() {
-        let log = d.stderr();
-        let addr = log
-            .split("metrics at http://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or_else(|| panic!("node {i} names no metrics address: {log}"));
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut s, &mut text).unwrap();
-        let sample = |series: &str| -> Option<f64> {
-            text.lines()
-                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        };
+        let text = bursar_tests::metrics::scrape(&bursar_tests::metrics::metrics_addr(d));
+        let sample = |series: &str| bursar_tests::metrics::sample(&text, series);
         for p in 0..2 {
             let head = sample(&format!("bursar_log_head_seq{{partition=\"{p}\"}}"))
                 .unwrap_or_else(|| panic!("node {i}: no head of partition {p}:\n{text}"));

@@ -263,13 +263,9 @@ max_requests = 1
             1,
             1,
         ));
-        let denied = c.call(reserve(
-            &format!("r-{window}"),
-            json!({}),
-            "gpt-4o-mini",
-            1,
-            1,
-        ));
+        // A check: a reserve allowed in the next window would hold its request there.
+        let denied = c.call(json!({"op": "check", "labels": {}, "model": "gpt-4o-mini",
+            "estimate": {"input_tokens": 1, "max_output_tokens": 1}}));
         if now_ms() / 2000 != window {
             continue;
         }

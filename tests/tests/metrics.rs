@@ -142,8 +142,8 @@ fn a_scrape_counts_requests_decisions_and_syncs_and_shows_the_most_utilized_buck
     );
 }
 
-/// A request whose client hangs up before its answer is counted under outcome `hung_up`: a
-/// `reserve` waiting in line and a `tail --follow`, neither ever answered.
+/// A request whose client hangs up before its answer is counted under outcome `hung_up` (a
+/// `reserve` waiting in line); a `tail --follow` ends so, and counts as `ok`.
 #[test]
 fn requests_whose_client_hung_up_are_counted_as_hung_up() {
     let d = Daemon::start_with_config(POLICY);
@@ -169,12 +169,17 @@ fn requests_whose_client_hung_up_are_counted_as_hung_up() {
         let text = scrape(&addr);
         let n = |series: &str| sample(&text, series);
         let reserve = n(r#"bursar_requests_total{op="reserve",outcome="hung_up"}"#);
-        let tail = n(r#"bursar_requests_total{op="tail",outcome="hung_up"}"#);
+        let tail = n(r#"bursar_requests_total{op="tail",outcome="ok"}"#);
         if reserve == Some(1.0) && tail == Some(1.0) {
             // Only the first reserve was answered.
             assert_eq!(
                 n(r#"bursar_requests_total{op="reserve",outcome="ok"}"#),
                 Some(1.0),
+                "{text}"
+            );
+            assert_eq!(
+                n(r#"bursar_requests_total{op="tail",outcome="hung_up"}"#),
+                None,
                 "{text}"
             );
             break;
@@ -380,21 +385,8 @@ fn a_scrape_shows_the_waiting_line_and_what_each_quota_has_left() {
     assert_eq!(c.call(gpu("g1", 0))["decision"], json!("allow"));
     let mut waiter = d.client();
     waiter.send(&gpu("g2", 20_000));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let text = loop {
-        let text = scrape(&addr);
-        if sample(&text, "bursar_waiting_requests") == Some(1.0)
-            || std::time::Instant::now() > deadline
-        {
-            break text;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    assert_eq!(
-        sample(&text, "bursar_waiting_requests"),
-        Some(1.0),
-        "{text}"
-    );
+    bursar_tests::metrics::wait_for_waiters(&addr, 1);
+    let text = scrape(&addr);
     // Five requests left, one held by g1.
     assert_eq!(
         sample(
