@@ -1535,13 +1535,21 @@ impl Cluster {
             Request::Extend(e) => (&e.reservation_id, None),
             _ => return Ok(0),
         };
-        // A reservation made through another node may not be folded here yet: wait a little.
-        let deadline = Instant::now() + Duration::from_millis(500);
+        // A reservation made through another node may not be folded here yet: wait at least
+        // 500 ms, and until every partition's fold has held its whole stream since this
+        // request arrived (a node catching up after a restart), at most FOLD_WAIT.
+        let arrived = wall_micros();
+        let started = Instant::now();
         loop {
             if let Some(i) = self.partition_of_reservation(rid) {
                 return Ok(i);
             }
-            if Instant::now() >= deadline {
+            let caught_up = self
+                .parts
+                .iter()
+                .all(|p| p.is_writer() || p.confirmed_at.load(Ordering::Relaxed) >= arrived);
+            let waited = started.elapsed();
+            if (caught_up && waited >= Duration::from_millis(500)) || waited >= FOLD_WAIT {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

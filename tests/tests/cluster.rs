@@ -884,6 +884,82 @@ fn a_commit_of_a_reservation_denied_past_the_id_window_reaches_its_partition() {
     );
 }
 
+/// A `commit` without labels and a `release` through a node that has not folded their
+/// reservations yet (catching up after a restart) reach the partition that holds them: the
+/// node waits until its fold has caught up rather than sending them to partition 0.
+#[test]
+fn a_commit_and_a_release_through_a_node_still_catching_up_reach_the_reservations_partition() {
+    let Some(mut cluster) = start("catchup") else {
+        return;
+    };
+    let org = org_on_each_partition()[1].clone();
+    // Another org of the same partition, for the filling events (each org has its own budget).
+    let filler = (0..)
+        .map(|i| format!("filler{i}"))
+        .find(|o| bursard::cluster::partition_of(o, 2) == 1)
+        .unwrap();
+    cluster.wait_for_writers(Duration::from_secs(30));
+    assert!(cluster.nodes[2].terminate().success());
+    // While node c is away: many large events on the org's partition (a few seconds for node
+    // c to catch up with), then the two holds, through a.
+    let mut a = cluster.nodes[0].client();
+    let mut labels = json!({"org": filler});
+    for k in 0..24 {
+        labels[format!("k{k}")] = json!(format!("{k:02}").repeat(100));
+    }
+    let n = 20_000;
+    for chunk in 0..n / 100 {
+        for i in 0..100 {
+            a.send(&bursar_tests::record(
+                &format!("fill-{chunk}-{i}"),
+                labels.clone(),
+                "gpt-4o-mini",
+                1,
+                0,
+            ));
+        }
+        for _ in 0..100 {
+            let r = a.recv();
+            assert_eq!(r["ok"], true, "{r}");
+        }
+    }
+    for id in ["late-commit", "late-hold"] {
+        let held = a.call(reserve(id, &org));
+        assert_eq!(held["decision"], "allow", "{held}");
+    }
+    // Node c back: its socket is up before its fold has caught up with the partition.
+    cluster.nodes[2].spawn().expect("node c starts again");
+    let started = Instant::now();
+    let mut c = cluster.nodes[2].client();
+    let committed = c.call(
+        json!({"op": "commit", "reservation_id": "late-commit", "event_id": "late-usage",
+        "usage": {"input_tokens": 100, "output_tokens": 10}}),
+    );
+    eprintln!("committed after {:?}: {committed}", started.elapsed());
+    assert_eq!(committed["ok"], true, "{committed}");
+    // Recorded against the hold's org (on partition 0 it would count against no org).
+    let line = committed["budgets"]
+        .as_array()
+        .and_then(|b| b.iter().find(|l| l["budget"] == "org-daily"))
+        .unwrap_or_else(|| panic!("no org-daily line: {committed}"));
+    assert!(
+        line["key"].as_str().unwrap().contains(org.as_str()),
+        "{committed}"
+    );
+    let released = c.call(json!({"op": "release", "reservation_id": "late-hold"}));
+    assert_eq!(released["ok"], true, "{released}");
+    // Both on their partition: resends through node a are their duplicates, and no hold is
+    // left.
+    let again = a.call(json!({"op": "release", "reservation_id": "late-hold"}));
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["seq"], released["seq"], "{again}");
+    assert_eq!(
+        budget_of(&mut a, &org).map(|b| b.1),
+        Some(0),
+        "no hold left"
+    );
+}
+
 /// `partitions`, `partition_by` and `replicas` are fixed when the cluster is created (SPEC
 /// §13): a node whose file says otherwise would create partitions the others never write or
 /// follow, and give a scope a second writer. It refuses to start (exit 1, one line naming the
