@@ -154,6 +154,18 @@ fn reserve(id: &str, org: &str) -> Value {
            "model": "gpt-4o-mini", "estimate": {"input_tokens": 1000, "max_output_tokens": 1000}})
 }
 
+/// A commit's answer has a line of the org's daily budget: it was recorded against `org`.
+fn assert_counts_against_org(commit: &Value, org: &str) {
+    let line = commit["budgets"]
+        .as_array()
+        .and_then(|b| b.iter().find(|l| l["budget"] == "org-daily"))
+        .unwrap_or_else(|| panic!("no org-daily line: {commit}"));
+    assert!(
+        line["key"].as_str().is_some_and(|k| k.contains(org)),
+        "{commit}"
+    );
+}
+
 /// The org's budget as node `c` sees it: (spent, held).
 fn budget_of(c: &mut Client, org: &str) -> Option<(i64, i64)> {
     let s = c.call(json!({"op": "status"}));
@@ -874,14 +886,7 @@ fn a_commit_of_a_reservation_denied_past_the_id_window_reaches_its_partition() {
     );
     assert_eq!(commit["ok"], true, "{commit}");
     assert_eq!(commit["reservation"], "denied", "{commit}");
-    let line = commit["budgets"]
-        .as_array()
-        .and_then(|b| b.iter().find(|l| l["budget"] == "org-daily"))
-        .unwrap_or_else(|| panic!("no org-daily line: {commit}"));
-    assert!(
-        line["key"].as_str().unwrap().contains(org.as_str()),
-        "{commit}"
-    );
+    assert_counts_against_org(&commit, org);
 }
 
 /// A `commit` without labels and a `release` through a node that has not folded their
@@ -938,14 +943,7 @@ fn a_commit_and_a_release_through_a_node_still_catching_up_reach_the_reservation
     eprintln!("committed after {:?}: {committed}", started.elapsed());
     assert_eq!(committed["ok"], true, "{committed}");
     // Recorded against the hold's org (on partition 0 it would count against no org).
-    let line = committed["budgets"]
-        .as_array()
-        .and_then(|b| b.iter().find(|l| l["budget"] == "org-daily"))
-        .unwrap_or_else(|| panic!("no org-daily line: {committed}"));
-    assert!(
-        line["key"].as_str().unwrap().contains(org.as_str()),
-        "{committed}"
-    );
+    assert_counts_against_org(&committed, &org);
     let released = c.call(json!({"op": "release", "reservation_id": "late-hold"}));
     assert_eq!(released["ok"], true, "{released}");
     // Both on their partition: resends through node a are their duplicates, and no hold is
