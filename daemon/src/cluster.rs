@@ -368,7 +368,14 @@ impl Partition {
     }
 
     fn confirm(&self) {
-        self.confirmed_at.store(wall_micros(), Ordering::Relaxed);
+        self.confirmed_at
+            .fetch_max(wall_micros(), Ordering::Relaxed);
+    }
+
+    /// The fold held the whole stream as it was at `at` (wall micros, never later than now).
+    fn confirm_as_of(&self, at: i64) {
+        self.confirmed_at
+            .fetch_max(at.min(wall_micros()), Ordering::Relaxed);
     }
 
     fn folded_to(&self, seq: u64) {
@@ -997,7 +1004,11 @@ impl Cluster {
                     }
                 }
                 if caught_up {
-                    p.confirm();
+                    // As of the last record's publication: nothing followed it in the stream
+                    // when it was delivered, so nothing did then either.
+                    if let Some(&(_, _, _, published_us)) = records.last() {
+                        p.confirm_as_of(published_us);
+                    }
                     live = true;
                     last_poll = Instant::now();
                 }
@@ -1011,6 +1022,8 @@ impl Cluster {
                 // leader with a quorum answers; a replica cut off from it does not), so the
                 // lag says how long this node has not known.
                 last_poll = Instant::now();
+                // What the answer says held when it was asked.
+                let asked = wall_micros();
                 let last = rt.block_on(async {
                     tokio::time::timeout(
                         Duration::from_secs(1),
@@ -1021,7 +1034,7 @@ impl Cluster {
                 let folded = p.stream_seq.load(Ordering::Relaxed);
                 match last {
                     Ok(Ok(m)) if m.sequence <= folded => {
-                        p.confirm();
+                        p.confirm_as_of(asked);
                         live = true;
                         behind_since = None;
                     }
@@ -1044,7 +1057,7 @@ impl Cluster {
                             && e.kind()
                                 == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
                     {
-                        p.confirm();
+                        p.confirm_as_of(asked);
                         live = true;
                     }
                     _ => {}
@@ -1535,28 +1548,53 @@ impl Cluster {
             Request::Extend(e) => (&e.reservation_id, None),
             _ => return Ok(0),
         };
+        if let Some(i) = self.partition_of_reservation(rid) {
+            return Ok(i);
+        }
+        // A commit whose labels name its partition goes there (its writer knows the hold).
+        if let Ok(i) = self.partition_for_labels(labels) {
+            return Ok(i);
+        }
+        if self.online().is_none() {
+            // Every write is answered `unavailable` at once (`forward`).
+            return Ok(0);
+        }
         // A reservation made through another node may not be folded here yet: wait at least
         // 500 ms, and until every partition's fold has held its whole stream since this
         // request arrived (a node catching up after a restart), at most FOLD_WAIT.
         let arrived = wall_micros();
         let started = Instant::now();
-        loop {
+        let behind = loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
             if let Some(i) = self.partition_of_reservation(rid) {
                 return Ok(i);
             }
-            let caught_up = self
+            let behind = self
                 .parts
                 .iter()
-                .all(|p| p.is_writer() || p.confirmed_at.load(Ordering::Relaxed) >= arrived);
+                .find(|p| !p.is_writer() && p.confirmed_at.load(Ordering::Relaxed) < arrived);
             let waited = started.elapsed();
-            if (caught_up && waited >= Duration::from_millis(500)) || waited >= FOLD_WAIT {
-                break;
+            if (behind.is_none() && waited >= Duration::from_millis(500)) || waited >= FOLD_WAIT {
+                break behind;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        if let Some(p) = behind {
+            // Still behind: sending it to partition 0 would record a `commit` there, unlabelled,
+            // and answer a `release` `not_found` for good.
+            return Err(WireError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "this node does not know reservation {rid:?} and has not caught up with \
+                     partition {} within {FOLD_WAIT:?} (lag {} ms): resend it (the same id is \
+                     answered once), or through another node",
+                    p.index,
+                    p.lag_ms()
+                ),
+            ));
         }
-        // Unknown everywhere: its labels say where (a commit of an unknown hold records its
-        // usage); else any partition's writer answers `not_found`.
-        Ok(self.partition_for_labels(labels).unwrap_or(0))
+        // Unknown everywhere: any partition's writer answers `not_found` (a `commit` without
+        // labels is recorded there as usage of an unknown reservation).
+        Ok(0)
     }
 
     /// A write, answered through this node: its partition's writer here, or forwarded.
