@@ -1714,8 +1714,9 @@ impl Cluster {
         self.reload_file(actor, req, false).await
     }
 
-    /// SIGHUP: as `reload`, but only when this node's file changed since it last read it (at
-    /// start, or at its last reload that every partition applied). A SIGHUP that reaches a
+    /// SIGHUP: as `reload`, unless this node's file reads as `file_read` says every partition
+    /// last took it from this node (at start, when the logs hold it; at its last reload that
+    /// every partition applied). A SIGHUP that reaches a
     /// node whose file is stale (sent to every node by a deploy tool, or to the wrong one)
     /// would otherwise put that older policy back on every partition; `bursar reload` through
     /// the node still applies its file whatever it holds.
