@@ -1284,8 +1284,11 @@ async fn write_answers(
     gate: Arc<ReadGate>,
     mut gone: tokio::sync::watch::Receiver<bool>,
 ) {
+    // The client's socket failed: nothing more is taken (the queue is closed), and what is
+    // still queued is dropped as below.
+    let mut socket_failed = false;
     while let Some((p, meter)) = rx.recv().await {
-        if *gone.borrow() {
+        if socket_failed || *gone.borrow() {
             // The client hung up: answers are dropped (the writer still makes every write
             // sent to it; a waiting `reserve` whose answer nobody awaits leaves the line), but
             // work that runs on a blocking thread (a `replay` with `apply` among it) is still
@@ -1388,21 +1391,15 @@ async fn write_answers(
             }
         };
         if !ok || (rx.is_empty() && out.flush().await.is_err()) {
-            // The client is gone: what is still queued is never answered.
-            drop(out);
             rx.close();
-            while let Ok((p, meter)) = rx.try_recv() {
-                if let Pending::Blocking(f) = p {
-                    let c = ctx.clone();
-                    let _ = tokio::task::spawn_blocking(move || f(&c)).await;
-                }
-                meter.hung_up(&ctx);
-            }
-            return;
+            socket_failed = true;
+            continue;
         }
         outstanding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
-    let _ = out.lock().await.flush().await;
+    if !socket_failed {
+        let _ = out.lock().await.flush().await;
+    }
 }
 
 /// `f`'s output, or `None` once the connection's client has hung up.
