@@ -45,6 +45,13 @@ fn reserve(id: &str, pool: &str, wait_ms: Option<u64>) -> Value {
     r
 }
 
+/// Hold both GPU slots, as `h1` and `h2`.
+fn take_both_gpu_slots(c: &mut Client) {
+    for id in ["h1", "h2"] {
+        assert_eq!(c.call(reserve(id, "gpu", None))["decision"], json!("allow"));
+    }
+}
+
 fn release(id: &str) -> Value {
     json!({"op": "release", "reservation_id": id})
 }
@@ -68,12 +75,7 @@ fn created_order(c: &mut Client) -> Vec<String> {
 fn twenty_agents_waiting_for_two_gpu_slots_are_all_served_in_arrival_order() {
     let d = Daemon::start_with_config(POLICY);
     let mut admin = d.client();
-    for id in ["h1", "h2"] {
-        assert_eq!(
-            admin.call(reserve(id, "gpu", None))["decision"],
-            json!("allow")
-        );
-    }
+    take_both_gpu_slots(&mut admin);
     // Twenty agents, one connection each, each arriving once the one before waits: all wait.
     let addr = metrics_addr(&d);
     let mut agents: Vec<Client> = Vec::new();
@@ -143,9 +145,7 @@ fn waiters_on_a_rolling_request_limit_are_admitted_as_the_window_slides() {
 fn a_waiter_whose_time_runs_out_gets_its_deny_once() {
     let d = Daemon::start_with_config(POLICY);
     let mut c = d.client();
-    for id in ["h1", "h2"] {
-        c.call(reserve(id, "gpu", None));
-    }
+    take_both_gpu_slots(&mut c);
     let started = Instant::now();
     let a = c.call(reserve("late", "gpu", Some(300)));
     assert_eq!(a["decision"], json!("deny"), "{a}");
@@ -169,9 +169,7 @@ fn a_waiter_whose_time_runs_out_gets_its_deny_once() {
 fn a_full_line_is_overloaded_and_a_deny_that_cannot_free_up_is_answered_at_once() {
     let d = Daemon::start_with_config(&POLICY.replace("max_waiters = 24", "max_waiters = 2"));
     let mut c = d.client();
-    for id in ["h1", "h2"] {
-        c.call(reserve(id, "gpu", None));
-    }
+    take_both_gpu_slots(&mut c);
     let addr = metrics_addr(&d);
     let mut waiting = Vec::new();
     for i in 0..2 {
@@ -207,9 +205,7 @@ fn a_full_line_is_overloaded_and_a_deny_that_cannot_free_up_is_answered_at_once(
 fn a_check_with_wait_ms_waits_for_a_release_and_appends_nothing() {
     let d = Daemon::start_with_config(POLICY);
     let mut c = d.client();
-    for id in ["h1", "h2"] {
-        c.call(reserve(id, "gpu", None));
-    }
+    take_both_gpu_slots(&mut c);
     let mut asker = d.client();
     asker.send(
         &json!({"op": "check", "labels": {"pool": "gpu"}, "model": "gpt-4o-mini",
@@ -259,9 +255,7 @@ fn a_check_with_wait_ms_waits_for_a_release_and_appends_nothing() {
 fn bursar_reserve_with_wait_ms_waits_for_a_slot_and_says_how_long() {
     let d = Daemon::start_with_config(POLICY);
     let mut c = d.client();
-    for id in ["h1", "h2"] {
-        c.call(reserve(id, "gpu", None));
-    }
+    take_both_gpu_slots(&mut c);
     let socket = d.socket.to_str().unwrap().to_string();
     let cli = std::thread::spawn(move || {
         bursar_tests::bursar_command(&[
@@ -295,9 +289,7 @@ fn bursar_reserve_with_wait_ms_waits_for_a_slot_and_says_how_long() {
 fn a_stopping_daemon_decides_its_waiters_before_it_exits() {
     let mut d = Daemon::start_with_config(POLICY);
     let mut c = d.client();
-    for id in ["h1", "h2"] {
-        c.call(reserve(id, "gpu", None));
-    }
+    take_both_gpu_slots(&mut c);
     let mut w = d.client();
     w.send(&reserve("waiting", "gpu", Some(30_000)));
     std::thread::sleep(Duration::from_millis(200));
@@ -327,9 +319,7 @@ fn a_waiter_whose_client_hangs_up_leaves_the_line_gets_no_slot_and_frees_its_pla
     let d = Daemon::start_with_config(&POLICY.replace("max_waiters = 24", "max_waiters = 2"));
     let addr = metrics_addr(&d);
     let mut c = d.client();
-    for id in ["h1", "h2"] {
-        assert_eq!(c.call(reserve(id, "gpu", None))["decision"], json!("allow"));
-    }
+    take_both_gpu_slots(&mut c);
     {
         let mut gone_reserve = d.client();
         gone_reserve.send(&reserve("gone", "gpu", Some(60_000)));
@@ -372,9 +362,7 @@ fn a_waiter_whose_client_hangs_up_leaves_the_line_gets_no_slot_and_frees_its_pla
 fn a_waiter_whose_client_half_closes_still_gets_its_slot() {
     let d = Daemon::start_with_config(POLICY);
     let mut c = d.client();
-    for id in ["h1", "h2"] {
-        assert_eq!(c.call(reserve(id, "gpu", None))["decision"], json!("allow"));
-    }
+    take_both_gpu_slots(&mut c);
     let mut w = d.client();
     w.send(&reserve("half", "gpu", Some(20_000)));
     w.shutdown_write();
