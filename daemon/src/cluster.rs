@@ -502,20 +502,80 @@ fn may_serve_offline(data_dir: &Path, settings: &ClusterSettings) -> Result<(), 
 
 /// Keep the settings this node joined the cluster with ([`may_serve_offline`]).
 fn save_joined_settings(data_dir: &Path, settings: &ClusterSettings) -> std::io::Result<()> {
+    save_in_data_dir(data_dir, JOINED_SETTINGS_FILE, &shared_settings(settings))
+}
+
+/// Write `value` as the file `name` of the data dir, whole or not at all (a temporary file,
+/// synced, renamed over it).
+fn save_in_data_dir(data_dir: &Path, name: &str, value: &Value) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let file = data_dir.join(JOINED_SETTINGS_FILE);
-    let tmp = data_dir.join(format!("{JOINED_SETTINGS_FILE}.tmp"));
+    let file = data_dir.join(name);
+    let tmp = data_dir.join(format!("{name}.tmp"));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(shared_settings(settings).to_string().as_bytes())?;
+    f.write_all(value.to_string().as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, &file)?;
     std::fs::File::open(data_dir)?.sync_all()
+}
+
+/// The file in a node's data dir that says how its policy file read when every partition last
+/// took it from this node (`Cluster::file_read`), so that a node restarted with that file
+/// still unchanged (stale, when another node's file was reloaded since) does not put it back
+/// at its first SIGHUP.
+const FILE_READ_FILE: &str = "policy-file-read.json";
+
+/// What [`FILE_READ_FILE`] holds for a file read as `hash` that resolved to `resolved`: the
+/// text's hash, and a BLAKE3 of the resolved policy's JSON (a changed price file that the
+/// text imports changes it; every map in it is ordered, so the JSON is the same each time).
+fn file_read_record(hash: &str, resolved: &bursar_schemas::policy::ResolvedPolicy) -> Value {
+    let json = serde_json::to_vec(resolved).unwrap_or_default();
+    serde_json::json!({
+        "source_hash": hash,
+        "resolved_blake3": blake3::hash(&json).to_hex().to_string(),
+    })
+}
+
+/// Keep (or, with `None`, forget) how this node's file last read when every partition took
+/// it. A node that cannot write it goes on: its next start then counts its file as read only
+/// when the logs hold it, and says so here.
+fn save_file_read(
+    data_dir: &Path,
+    read: Option<&(String, bursar_schemas::policy::ResolvedPolicy)>,
+) {
+    let saved = match read {
+        Some((hash, resolved)) => {
+            save_in_data_dir(data_dir, FILE_READ_FILE, &file_read_record(hash, resolved))
+        }
+        None => match std::fs::remove_file(data_dir.join(FILE_READ_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    };
+    if let Err(e) = saved {
+        tracing::warn!(
+            "cluster: cannot keep how this node's policy file last read in {}: {e} (after a \
+             restart, a SIGHUP may apply that file even if it is unchanged)",
+            data_dir.join(FILE_READ_FILE).display()
+        );
+    }
+}
+
+/// Whether [`FILE_READ_FILE`] says this node's file last read as `hash` / `resolved`.
+fn file_read_saved_as(
+    data_dir: &Path,
+    hash: &str,
+    resolved: &bursar_schemas::policy::ResolvedPolicy,
+) -> bool {
+    std::fs::read(data_dir.join(FILE_READ_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .is_some_and(|saved| saved == file_read_record(hash, resolved))
 }
 
 /// The NATS key-value bucket `bucket` (one value a key), made if it is not there yet; its
@@ -717,19 +777,30 @@ impl Cluster {
                 ),
             }));
         }
-        // The file in force, so that a SIGHUP with it unchanged applies nothing; a file the
-        // logs do not hold (deployed before a restart) is applied by the first SIGHUP.
+        // The file as every partition last took it from this node, so that a SIGHUP with it
+        // unchanged applies nothing: the file in force, or the one this node's data dir says
+        // it last read (stale now when another node's file was reloaded since). A file
+        // neither holds (deployed before a restart) is applied by the first SIGHUP.
         let in_force = parts.iter().all(|p| {
             read_ledger(&p.shared)
                 .policy()
                 .is_none_or(|p| *p == config.policy.resolved)
         });
-        let file_read = in_force.then(|| {
+        let file_read = (in_force
+            || file_read_saved_as(
+                &config.data_dir,
+                &config.policy.source_hash,
+                &config.policy.resolved,
+            ))
+        .then(|| {
             (
                 config.policy.source_hash.clone(),
                 config.policy.resolved.clone(),
             )
         });
+        if file_read.is_some() {
+            save_file_read(&config.data_dir, file_read.as_ref());
+        }
         let cluster = Arc::new(Cluster {
             settings,
             parts,
@@ -1803,8 +1874,13 @@ impl Cluster {
         }
         // What every partition applied; after a partial failure nothing is known to be in
         // force, and the next SIGHUP applies the file whatever it holds.
-        *self.file_read.lock().unwrap_or_else(|e| e.into_inner()) =
-            (failed.is_none() && !answers.is_empty()).then_some(read);
+        let read = (failed.is_none() && !answers.is_empty()).then_some(read);
+        {
+            // Kept on disk under the lock, so that two reloads leave the same on both.
+            let mut last = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
+            save_file_read(&self.config.data_dir, read.as_ref());
+            *last = read;
+        }
         match serde_json::from_str::<Value>(&chosen) {
             Ok(Value::Object(mut m)) => {
                 if let Some(i) = failed {

@@ -1116,19 +1116,34 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
     // A SIGHUP to another node, whose file is as it read it at start (stale): nothing is put
     // back anywhere (the node says so).
     let other = (asked + 1) % 3;
+    let says_unchanged = |cluster: &Nodes, i: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cluster.nodes[i]
+            .stderr()
+            .contains("is as this node last read it: nothing to apply")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "node {i} never said its file was unchanged: {}",
+                cluster.nodes[i].stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
     cluster.nodes[other].signal(1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cluster.nodes[other]
-        .stderr()
-        .contains("is as this node last read it: nothing to apply")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "node {other} never said its file was unchanged: {}",
-            cluster.nodes[other].stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    says_unchanged(&cluster, other);
+    every_node_reads(&cluster, 20_000);
+    // The third node restarted with its file as stale: its first SIGHUP puts nothing back
+    // either (its data dir remembers how the file last read).
+    let third = (asked + 2) % 3;
+    assert!(cluster.nodes[third].terminate().success());
+    cluster.nodes[third].spawn().expect("the node starts again");
+    assert_eq!(
+        cluster.nodes[third].client().call(json!({"op": "hello"}))["ok"],
+        true
+    );
+    cluster.nodes[third].signal(1);
+    says_unchanged(&cluster, third);
     every_node_reads(&cluster, 20_000);
     // Its file edited, a SIGHUP applies it cluster-wide.
     let other_file = cluster.nodes[other].config.as_ref().unwrap();
