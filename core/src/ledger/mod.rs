@@ -21,7 +21,7 @@ mod reports;
 pub mod rollup;
 mod whatif;
 
-pub use decide::{Answer, Command, Decided, Renderer, Reply, Step, Verdict};
+pub use decide::{Answer, Command, Decided, Keyed, Renderer, Reply, Step, Verdict};
 pub use ids::{id_key, IdEntry, IdIndex, IdKind};
 pub use replay::{
     collect_epochs, diff_rows, fold, fold_into, replay, replay_from_log, EpochDecl, FoldError,

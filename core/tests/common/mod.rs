@@ -150,9 +150,10 @@ impl Harness {
             Reply::Ready(a) => a,
             Reply::Wait => panic!("the harness never sends a reserve that may wait"),
             Reply::Event(i) => {
+                // Keyed as the writer does (the labels dropped), rendered as a connection does.
                 let (seq, ts, body) = &decided.events[i];
                 renderer
-                    .render_event(*seq, *ts, body, false)
+                    .render_keyed(renderer.keyed(*seq, *ts, body.clone()))
                     .unwrap_or_else(|| panic!("event {seq} renders no answer"))
             }
         };

@@ -29,7 +29,7 @@ pub use snapshots::{
 };
 
 use crate::log::{LogError, LogStore};
-use bursar_core::ledger::{self, Answer, Command, Ledger, Renderer};
+use bursar_core::ledger::{self, Answer, Command, Keyed, Ledger, Renderer};
 use bursar_core::policy::LoadedPolicy;
 use bursar_schemas::event::{Actor, EventBody, Hash32, Sealed};
 use bursar_schemas::wire::{
@@ -116,15 +116,12 @@ pub type WriteReply = tokio::sync::oneshot::Sender<Outcome>;
 pub enum Outcome {
     /// The answer itself (an error, a duplicate to resolve, `extend`'s).
     Answer(Answer),
-    /// The event that answers it, with the renderer of the policy it was decided under: the
-    /// answer is rendered by whoever receives it, off the writer.
+    /// The event that answers it (its scope keys taken and its labels dropped on the writer),
+    /// with the renderer of the policy it was decided under: the answer is rendered by whoever
+    /// receives it, off the writer.
     Event {
-        /// Its seq.
-        seq: u64,
-        /// Its ts.
-        ts: TsMicros,
-        /// The event (with its receipt).
-        body: EventBody,
+        /// The event, with its receipt.
+        keyed: Keyed,
         /// The budgets it was decided under.
         renderer: Arc<Renderer>,
     },
@@ -144,19 +141,15 @@ impl Outcome {
                 }
                 other => other,
             },
-            Outcome::Event {
-                seq,
-                ts,
-                body,
-                renderer,
-            } => renderer
-                .render_event(seq, ts, &body, false)
-                .unwrap_or_else(|| {
+            Outcome::Event { keyed, renderer } => {
+                let seq = keyed.seq();
+                renderer.render_keyed(keyed).unwrap_or_else(|| {
                     Answer::Error(WireError::new(
                         ErrorCode::Internal,
                         format!("event {seq} renders no answer"),
                     ))
-                }),
+                })
+            }
         }
     }
 }
@@ -745,9 +738,7 @@ impl Writer {
             self.seal(batch, seq, ts, actor, &body);
             if i == answer_at {
                 answering = Some(Outcome::Event {
-                    seq,
-                    ts,
-                    body,
+                    keyed: renderer.keyed(seq, ts, body),
                     renderer: renderer.clone(),
                 });
             }

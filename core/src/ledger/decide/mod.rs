@@ -2,8 +2,10 @@
 //!
 //! - [`validate`]: what a request must be before anything is decided;
 //! - [`receipts`]: idempotency (a duplicate or a conflict) and the answers rendered from events
-//!   and their receipts: [`Ledger::render_event`] makes the answer of a new request and, with
-//!   `duplicate`, the original answer of a resent one, so the two cannot differ;
+//!   and their receipts: [`Ledger::render_event`] makes the original answer of a resent one
+//!   (`duplicate`), and [`Renderer::keyed`] with [`Renderer::render_keyed`] the answer of a new
+//!   request (its scope keys taken where it was decided, the rest rendered by the connection);
+//!   both go through the same two steps, so the two cannot differ;
 //! - [`candidates`]: which model a `check` or `reserve` settles on, and `check` itself;
 //! - [`verdict`]: SPEC §5 on the buckets of one candidate ([`Ledger::decide`]);
 //! - [`observe`]: what providers say about their rate limits (`observe`, and the headers a
@@ -19,8 +21,8 @@ mod verdict;
 
 use bursar_schemas::event::SUBSCRIPTION_LABEL;
 use candidates::Ask;
-pub use receipts::Renderer;
 use receipts::{dup_or_conflict, Shown};
+pub use receipts::{Keyed, Renderer};
 use validate::*;
 pub use verdict::Verdict;
 
@@ -112,7 +114,8 @@ pub enum Reply {
     /// An answer that needs no event (an error, a duplicate, `extend`'s).
     Ready(Answer),
     /// The answer rendered from the event at this index of the step's events (and its
-    /// receipt), by [`Renderer::render_event`](super::Renderer::render_event).
+    /// receipt), by [`Renderer::keyed`](super::Renderer::keyed) and
+    /// [`Renderer::render_keyed`](super::Renderer::render_keyed).
     Event(usize),
     /// No answer yet: a [`Command::ReserveOrWait`] waits in line (nothing of it was appended).
     Wait,
@@ -300,7 +303,8 @@ impl Ledger {
     }
 
     /// [`Ledger::execute_digested`] without rendering the answer: the events are folded and
-    /// the answer is left to [`Ledger::renderer`]'s `render_event`, wherever the caller likes.
+    /// the answer is left to [`Ledger::renderer`]'s `keyed` and `render_keyed`, wherever the
+    /// caller likes.
     pub fn decide_digested(
         &mut self,
         cmd: Command<'_>,
