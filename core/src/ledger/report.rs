@@ -175,9 +175,11 @@ impl WindowEnds {
     }
 }
 
-/// A report line; window ends are rendered through `ends`.
+/// A report line of a bucket in `state` (`Limits::state` of its figures); window ends are
+/// rendered through `ends`.
 pub(super) fn report(
     b: &ResolvedBudget,
+    state: BucketState,
     key: String,
     f: &Figures,
     now: TsMicros,
@@ -220,7 +222,7 @@ pub(super) fn report(
         } else {
             ppm as f64 / 1e6
         },
-        state: bucket_state(b, f),
+        state,
         enforce: b.enforce,
         window: match &b.window {
             WindowSpec::Fixed { .. } => "fixed",
@@ -362,7 +364,9 @@ impl Ledger {
             ok: true,
             budgets: rows
                 .into_iter()
-                .map(|(_, b, key, f)| report(b, key.to_string(), &f, now, &mut ends))
+                .map(|(_, b, key, f)| {
+                    report(b, bucket_state(b, &f), key.to_string(), &f, now, &mut ends)
+                })
                 .collect(),
             total: total as u64,
             truncated: total > limit,

@@ -3,8 +3,9 @@
 //! event's receipt, the same way for a new request and for a duplicate.
 
 use super::super::buckets::Figures;
+use super::super::buckets::Limits;
 use super::super::ids::IdEntry;
-use super::super::report::{report, WindowEnds};
+use super::super::report::{bucket_state, report, WindowEnds};
 use super::super::{Ledger, UsageDecision, OVERFLOW_KEY};
 use super::candidates::ok_reason;
 use crate::labels::scope_key;
@@ -120,17 +121,41 @@ fn render_with<'a>(
         Some(receipt) => {
             let budgets = budgets_of(receipt.policy_version)?;
             let keys = line_keys(budgets, receipt, body.labels()?);
-            Some((budgets, keys))
+            Some((
+                Budgets {
+                    budgets,
+                    limits: None,
+                },
+                keys,
+            ))
         }
         None => None,
     };
     render_keyed(keys, seq, ts, body, duplicate)
 }
 
+/// The budgets of the policy version an answer was decided under, and their compiled limits
+/// where the caller keeps them (a [`Renderer`]; else each line's are compiled as it is shown).
+struct Budgets<'a> {
+    budgets: &'a [ResolvedBudget],
+    limits: Option<&'a [Limits]>,
+}
+
+impl Budgets<'_> {
+    /// The state of budget `i`'s bucket with figures `f`.
+    fn state(&self, i: usize, f: &Figures) -> Option<BucketState> {
+        let b = self.budgets.get(i)?;
+        Some(match self.limits.and_then(|l| l.get(i)) {
+            Some(limits) => limits.state(f),
+            None => bucket_state(b, f),
+        })
+    }
+}
+
 /// [`render_with`] with the budgets of the receipt's policy version and each line's scope key
 /// found already (`None` for an event without a receipt).
 fn render_keyed(
-    keys: Option<(&[ResolvedBudget], Vec<String>)>,
+    keys: Option<(Budgets<'_>, Vec<String>)>,
     seq: u64,
     ts: TsMicros,
     body: &EventBody,
@@ -153,8 +178,9 @@ fn render_keyed(
         .iter()
         .zip(keys)
         .filter_map(|(line, key)| {
-            let b = budgets.get(line.budget as usize)?;
-            let r = report(b, key, &figures_of(line), ts, &mut ends);
+            let i = line.budget as usize;
+            let (b, f) = (budgets.budgets.get(i)?, figures_of(line));
+            let r = report(b, budgets.state(i, &f)?, key, &f, ts, &mut ends);
             state = state.max(r.state);
             Some(r)
         })
@@ -228,6 +254,8 @@ fn render_keyed(
 pub struct Renderer {
     version: u64,
     budgets: Vec<ResolvedBudget>,
+    /// The budgets' limits, compiled once (each answer's lines would compile them again).
+    limits: Vec<Limits>,
 }
 
 /// An event that answers a request, made ready by [`Renderer::keyed`] to be rendered on
@@ -250,7 +278,12 @@ impl Keyed {
 
 impl Renderer {
     pub(in crate::ledger) fn new(version: u64, budgets: Vec<ResolvedBudget>) -> Self {
-        Renderer { version, budgets }
+        let limits = budgets.iter().map(Limits::of).collect();
+        Renderer {
+            version,
+            budgets,
+            limits,
+        }
     }
 
     /// Take what the answer of the event at `seq` (stamped `ts`) needs of its labels, each
@@ -285,7 +318,11 @@ impl Renderer {
             body,
             keys,
         } = keyed;
-        render_keyed(keys.map(|k| (&self.budgets[..], k)), seq, ts, &body, false)
+        let budgets = Budgets {
+            budgets: &self.budgets,
+            limits: Some(&self.limits),
+        };
+        render_keyed(keys.map(|k| (budgets, k)), seq, ts, &body, false)
     }
 }
 

@@ -222,8 +222,10 @@ impl Ledger {
         shown
             .iter()
             .filter_map(|l| {
-                let b = policy.budgets.get(l.budget as usize)?;
-                Some(report(b, l.key.clone(), &l.figures, now, &mut ends))
+                let i = l.budget as usize;
+                let (b, limits) = (policy.budgets.get(i)?, self.limits.get(i)?);
+                let state = limits.state(&l.figures);
+                Some(report(b, state, l.key.clone(), &l.figures, now, &mut ends))
             })
             .collect()
     }
