@@ -124,16 +124,26 @@ fn printable_key(key: &str) -> String {
 /// `group_by`.
 pub fn scope_key(group_by: &[String], labels: &Labels) -> Option<String> {
     let mut out = String::with_capacity(SCOPE_KEY_CAPACITY);
+    scope_key_into(&mut out, group_by, labels).then_some(out)
+}
+
+/// [`scope_key`] appended to `out`; false (and `out` as it was) if a `group_by` label is
+/// missing. A key never holds a control character such as `\n` (they are encoded).
+pub fn scope_key_into(out: &mut String, group_by: &[String], labels: &Labels) -> bool {
+    let start = out.len();
     for (index, name) in group_by.iter().enumerate() {
-        let value = labels.get(name)?;
+        let Some(value) = labels.get(name) else {
+            out.truncate(start);
+            return false;
+        };
         if index > 0 {
             out.push(',');
         }
-        percent_encode_into(&mut out, name);
+        percent_encode_into(out, name);
         out.push('=');
-        percent_encode_into(&mut out, value);
+        percent_encode_into(out, value);
     }
-    Some(out)
+    true
 }
 
 /// The `(name, value)` pairs of a scope key, in order; the exact inverse of [`scope_key`].

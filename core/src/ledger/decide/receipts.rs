@@ -8,7 +8,7 @@ use super::super::ids::IdEntry;
 use super::super::report::{bucket_state, report, WindowEnds};
 use super::super::{Ledger, UsageDecision, OVERFLOW_KEY};
 use super::candidates::ok_reason;
-use crate::labels::scope_key;
+use crate::labels::scope_key_into;
 use crate::time::format_ts;
 use crate::window::Amounts;
 use bursar_schemas::answer::Answer;
@@ -95,17 +95,22 @@ fn receipt_of(body: &EventBody) -> Option<&Receipt> {
     }
 }
 
-/// The scope key of each line of `receipt` (of a budget of `budgets`), from the event's labels.
-fn line_keys(budgets: &[ResolvedBudget], receipt: &Receipt, labels: &Labels) -> Vec<String> {
-    receipt
-        .lines
-        .iter()
-        .map(|line| match budgets.get(line.budget as usize) {
-            Some(_) if line.overflow => OVERFLOW_KEY.to_string(),
-            Some(b) => scope_key(&b.group_by, labels).unwrap_or_default(),
-            None => String::new(),
-        })
-        .collect()
+/// The scope key of each line of `receipt` (of a budget of `budgets`), from the event's labels,
+/// one after the other in one string, each ended by `\n` (which no key holds): one allocation
+/// for the connection to read instead of one per line ([`Renderer::keyed`]).
+fn line_keys(budgets: &[ResolvedBudget], receipt: &Receipt, labels: &Labels) -> String {
+    let mut keys = String::with_capacity(32 * receipt.lines.len());
+    for line in &receipt.lines {
+        match budgets.get(line.budget as usize) {
+            Some(_) if line.overflow => keys.push_str(OVERFLOW_KEY),
+            Some(b) => {
+                scope_key_into(&mut keys, &b.group_by, labels);
+            }
+            None => {}
+        }
+        keys.push('\n');
+    }
+    keys
 }
 
 /// Render the answer of an event from its receipt, with the budgets of the receipt's policy
@@ -155,7 +160,7 @@ impl Budgets<'_> {
 /// [`render_with`] with the budgets of the receipt's policy version and each line's scope key
 /// found already (`None` for an event without a receipt).
 fn render_keyed(
-    keys: Option<(Budgets<'_>, Vec<String>)>,
+    keys: Option<(Budgets<'_>, String)>,
     seq: u64,
     ts: TsMicros,
     body: &EventBody,
@@ -176,11 +181,11 @@ fn render_keyed(
     let reports: Vec<BudgetReport> = receipt
         .lines
         .iter()
-        .zip(keys)
+        .zip(keys.split_terminator('\n'))
         .filter_map(|(line, key)| {
             let i = line.budget as usize;
             let (b, f) = (budgets.budgets.get(i)?, figures_of(line));
-            let r = report(b, budgets.state(i, &f)?, key, &f, ts, &mut ends);
+            let r = report(b, budgets.state(i, &f)?, key.to_string(), &f, ts, &mut ends);
             state = state.max(r.state);
             Some(r)
         })
@@ -266,7 +271,7 @@ pub struct Keyed {
     seq: u64,
     ts: TsMicros,
     body: EventBody,
-    keys: Option<Vec<String>>,
+    keys: Option<String>,
 }
 
 impl Keyed {
