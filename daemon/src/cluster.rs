@@ -411,13 +411,13 @@ pub struct Cluster {
     refused: Mutex<Option<String>>,
     /// When an offline node last said in its log that NATS is still unreachable.
     offline_said: Mutex<Instant>,
-    /// This node's policy file as it last read it and as every partition applied it (its
-    /// text's hash, and the policy resolved from it, prices imported from other files
-    /// included): at start when every partition's log holds that policy (or none yet), and at
-    /// each reload every partition applied; `None` after a reload some partition failed, or
-    /// when the node started with a file the cluster does not run. A SIGHUP applies the file
-    /// unless it reads as this says.
-    file_read: Mutex<Option<(String, bursar_schemas::policy::ResolvedPolicy)>>,
+    /// This node's policy file as every partition last took it from this node, and whether
+    /// the data dir keeps that ([`FileRead`]). A SIGHUP applies the file unless it reads as
+    /// this says.
+    file_read: Mutex<FileRead>,
+    /// Held through a whole `reload` (or SIGHUP): two at once would interleave partition by
+    /// partition, and the last to finish would say its file is what every partition took.
+    reloading: tokio::sync::Mutex<()>,
     config: Arc<crate::config::Config>,
     clock: Clock,
     stopping: AtomicBool,
@@ -566,16 +566,44 @@ fn save_file_read(
     }
 }
 
-/// Whether [`FILE_READ_FILE`] says this node's file last read as `hash` / `resolved`.
+/// Whether [`FILE_READ_FILE`] says this node's file last read as `hash` / `resolved`. A record
+/// that cannot be read is said in the log and counts as none.
 fn file_read_saved_as(
     data_dir: &Path,
     hash: &str,
     resolved: &bursar_schemas::policy::ResolvedPolicy,
 ) -> bool {
-    std::fs::read(data_dir.join(FILE_READ_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .is_some_and(|saved| saved == file_read_record(hash, resolved))
+    let file = data_dir.join(FILE_READ_FILE);
+    let saved = match std::fs::read(&file) {
+        Ok(bytes) => serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+        Err(e) => Err(e.to_string()),
+    };
+    match saved {
+        Ok(saved) => saved == file_read_record(hash, resolved),
+        Err(e) => {
+            tracing::warn!(
+                "cluster: cannot read {}: {e}; this node's policy file counts as read only if \
+                 the logs hold it",
+                file.display()
+            );
+            false
+        }
+    }
+}
+
+/// This node's policy file as every partition last took it from this node.
+struct FileRead {
+    /// Its text's hash and the policy resolved from it (prices imported from other files
+    /// included): at start, when every partition's log holds that policy (or none yet) or the
+    /// data dir's record says so ([`FILE_READ_FILE`]); at each reload every partition
+    /// applied. `None` after a reload some partition failed, or when the node started with a
+    /// file that neither the logs nor the record hold.
+    read: Option<(String, bursar_schemas::policy::ResolvedPolicy)>,
+    /// Whether the record says `read`. It is written at each reload every partition applied,
+    /// and for a file read at start once every partition's fold holds its policy (not while
+    /// a copy is still empty: a node joining a running cluster has not had its file taken).
+    kept: bool,
 }
 
 /// The NATS key-value bucket `bucket` (one value a key), made if it is not there yet; its
@@ -786,21 +814,20 @@ impl Cluster {
                 .policy()
                 .is_none_or(|p| *p == config.policy.resolved)
         });
-        let file_read = (in_force
-            || file_read_saved_as(
-                &config.data_dir,
-                &config.policy.source_hash,
-                &config.policy.resolved,
-            ))
-        .then(|| {
-            (
-                config.policy.source_hash.clone(),
-                config.policy.resolved.clone(),
-            )
-        });
-        if file_read.is_some() {
-            save_file_read(&config.data_dir, file_read.as_ref());
-        }
+        let kept = file_read_saved_as(
+            &config.data_dir,
+            &config.policy.source_hash,
+            &config.policy.resolved,
+        );
+        let file_read = FileRead {
+            read: (in_force || kept).then(|| {
+                (
+                    config.policy.source_hash.clone(),
+                    config.policy.resolved.clone(),
+                )
+            }),
+            kept,
+        };
         let cluster = Arc::new(Cluster {
             settings,
             parts,
@@ -810,6 +837,7 @@ impl Cluster {
             refused: Mutex::new(None),
             offline_said: Mutex::new(Instant::now()),
             file_read: Mutex::new(file_read),
+            reloading: tokio::sync::Mutex::new(()),
             config,
             clock,
             stopping: AtomicBool::new(false),
@@ -1328,8 +1356,30 @@ impl Cluster {
         }
     }
 
+    /// Keep the file read at start in the data dir's record once every partition's fold holds
+    /// its policy ([`FileRead::kept`]).
+    fn keep_file_read(&self) {
+        let mut file_read = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
+        let FileRead {
+            read: Some(read),
+            kept: false,
+        } = &*file_read
+        else {
+            return;
+        };
+        let held = self
+            .parts
+            .iter()
+            .all(|p| read_ledger(&p.shared).policy() == Some(&read.1));
+        if held {
+            save_file_read(&self.config.data_dir, Some(read));
+            file_read.kept = true;
+        }
+    }
+
     /// Renew held leases, step down where one is lost or the writer failed, take free ones.
     fn tick(self: &Arc<Self>) {
+        self.keep_file_read();
         let Some(online) = self.online() else {
             self.try_to_join();
             return;
@@ -1786,8 +1836,8 @@ impl Cluster {
     }
 
     /// SIGHUP: as `reload`, unless this node's file reads as `file_read` says every partition
-    /// last took it from this node (at start, when the logs hold it; at its last reload that
-    /// every partition applied). A SIGHUP that reaches a
+    /// last took it from this node (at start, when the logs or the data dir's record hold it;
+    /// at its last reload that every partition applied). A SIGHUP that reaches a
     /// node whose file is stale (sent to every node by a deploy tool, or to the wrong one)
     /// would otherwise put that older policy back on every partition; `bursar reload` through
     /// the node still applies its file whatever it holds.
@@ -1801,6 +1851,7 @@ impl Cluster {
         req: Option<Value>,
         only_if_changed: bool,
     ) -> String {
+        let _one_at_a_time = self.reloading.lock().await;
         let config = self.config.clone();
         // Off the connection's thread: a file importing LiteLLM's map parses for a while.
         let read = tokio::task::spawn_blocking(move || config.reload_policy())
@@ -1810,6 +1861,7 @@ impl Cluster {
         if let Ok(p) = &read {
             let last = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
             let unchanged = last
+                .read
                 .as_ref()
                 .is_some_and(|(hash, resolved)| p.source_hash == *hash && p.resolved == *resolved);
             if only_if_changed && unchanged {
@@ -1876,10 +1928,10 @@ impl Cluster {
         // force, and the next SIGHUP applies the file whatever it holds.
         let read = (failed.is_none() && !answers.is_empty()).then_some(read);
         {
-            // Kept on disk under the lock, so that two reloads leave the same on both.
+            // Kept on disk under the lock, so that memory and the record agree.
             let mut last = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
             save_file_read(&self.config.data_dir, read.as_ref());
-            *last = read;
+            *last = FileRead { read, kept: true };
         }
         match serde_json::from_str::<Value>(&chosen) {
             Ok(Value::Object(mut m)) => {

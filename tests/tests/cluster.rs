@@ -1022,6 +1022,20 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
     let urls = cluster.nats.urls();
     let file = |text: String| std::fs::write(cluster.nodes[asked].config.as_ref().unwrap(), text);
     let node = ["a", "b", "c"][asked];
+    // Each node keeps in its data dir that the partitions took its file, once its fold of
+    // every partition holds that policy (a node's first second).
+    for d in &cluster.nodes {
+        let record = d.data_dir.join("policy-file-read.json");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !record.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never written",
+                record.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 
     // A file that does not parse is refused, and nothing changes anywhere.
     file(policy(&urls, node, "reload").replace("max_usd = 0.01", "max_usd = \"lots\"")).unwrap();
