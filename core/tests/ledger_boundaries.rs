@@ -692,9 +692,10 @@ fn max_keys_per_budget_fails_closed_for_new_scopes() {
             .decision,
         Decision::Allow
     );
-    // A record for a new scope is still kept, in the overflow bucket.
+    // A record for a new scope is still kept, in the overflow bucket, and its answer says so.
     let a = h.record("e3", labels(&[("user", "c")]), "m", usage(1, 0));
     assert_eq!(a.seq, h.ledger.last_seq());
+    assert_eq!(a.budgets[0].key, bursar_core::ledger::OVERFLOW_KEY);
     assert!(h
         .status()
         .iter()
@@ -1159,4 +1160,35 @@ fn an_id_is_remembered_for_the_idempotency_window_and_then_counts_as_new() {
             .map(|e| e.seq),
         Some(late.seq)
     );
+}
+
+/// A new answer's scope keys are taken where it was decided (`Renderer::keyed`, the writer) and
+/// rendered elsewhere (`render_keyed`, the connection): each line keeps its own key, encoded
+/// as every scope key is, and a resent request's answer, rendered again from the log, shows
+/// the same lines.
+#[test]
+fn an_answers_budget_lines_show_their_own_scope_keys_encoded() {
+    let mut by_user_and_team = limited(1_000_000);
+    by_user_and_team.group_by = vec!["user".into(), "team".into()];
+    let mut by_org = budget("org");
+    by_org.group_by = vec!["org".into()];
+    let mut h = Harness::new(policy(vec![by_user_and_team, by_org, budget("meter")]));
+    let l = labels(&[("user", "a,b=c%d"), ("team", "é t"), ("org", "acme")]);
+    let a = h.record("e1", l.clone(), "m", usage(1, 0));
+    let keys: Vec<(&str, &str)> = a
+        .budgets
+        .iter()
+        .map(|b| (b.budget.as_str(), b.key.as_str()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("cap", "user=a%2Cb%3Dc%25d,team=é t"),
+            ("org", "org=acme"),
+            ("meter", "")
+        ]
+    );
+    let again = h.record("e1", l, "m", usage(1, 0));
+    assert!(again.duplicate);
+    assert_eq!(again.budgets, a.budgets);
 }

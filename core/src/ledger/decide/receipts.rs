@@ -96,8 +96,9 @@ fn receipt_of(body: &EventBody) -> Option<&Receipt> {
 }
 
 /// The scope key of each line of `receipt` (of a budget of `budgets`), from the event's labels,
-/// one after the other in one string, each ended by `\n` (which no key holds): one allocation
-/// for the connection to read instead of one per line ([`Renderer::keyed`]).
+/// one after the other in one string, each ended by `\n` (which no key holds: control
+/// characters are encoded): the connection reads one string from the writer's cache instead
+/// of one per line, and copies each key into its answer ([`Renderer::keyed`]).
 fn line_keys(budgets: &[ResolvedBudget], receipt: &Receipt, labels: &Labels) -> String {
     let mut keys = String::with_capacity(32 * receipt.lines.len());
     for line in &receipt.lines {
@@ -116,7 +117,7 @@ fn line_keys(budgets: &[ResolvedBudget], receipt: &Receipt, labels: &Labels) -> 
 /// Render the answer of an event from its receipt, with the budgets of the receipt's policy
 /// version (`budgets_of`).
 fn render_with<'a>(
-    budgets_of: impl FnOnce(u64) -> Option<&'a [ResolvedBudget]>,
+    budgets_of: impl FnOnce(u64) -> Option<Budgets<'a>>,
     seq: u64,
     ts: TsMicros,
     body: &EventBody,
@@ -125,14 +126,8 @@ fn render_with<'a>(
     let keys = match receipt_of(body) {
         Some(receipt) => {
             let budgets = budgets_of(receipt.policy_version)?;
-            let keys = line_keys(budgets, receipt, body.labels()?);
-            Some((
-                Budgets {
-                    budgets,
-                    limits: None,
-                },
-                keys,
-            ))
+            let keys = line_keys(budgets.budgets, receipt, body.labels()?);
+            Some((budgets, keys))
         }
         None => None,
     };
@@ -140,7 +135,8 @@ fn render_with<'a>(
 }
 
 /// The budgets of the policy version an answer was decided under, and their compiled limits
-/// where the caller keeps them (a [`Renderer`]; else each line's are compiled as it is shown).
+/// where the caller keeps them (a [`Renderer`], or the ledger for the policy in force; an
+/// older version's are compiled line by line as they are shown).
 struct Budgets<'a> {
     budgets: &'a [ResolvedBudget],
     limits: Option<&'a [Limits]>,
@@ -294,8 +290,9 @@ impl Renderer {
     /// Take what the answer of the event at `seq` (stamped `ts`) needs of its labels, each
     /// budget line's scope key, and drop the labels here: the writer, whose cache holds them,
     /// finds the keys for less than the connection would, and frees the labels where they
-    /// were made (measured: `bursar-bench record`, 64 clients, +10 % against rendering them
-    /// on the connection's thread; benches/README.md).
+    /// were made. At depth 1 the connection threads, not the writer, bound the rate
+    /// (measured: `bursar-bench record`, 64 clients, 2.81× → 3.17× Redis over four rounds
+    /// with the limits compiled once; benches/README.md, "Answers keyed on the writer").
     pub fn keyed(&self, seq: u64, ts: TsMicros, mut body: EventBody) -> Keyed {
         let keys = match (receipt_of(&body), body.labels()) {
             (Some(receipt), Some(labels)) if receipt.policy_version == self.version => {
@@ -343,7 +340,13 @@ impl Ledger {
         body: &EventBody,
         duplicate: bool,
     ) -> Option<Answer> {
-        render_with(|v| self.budgets_of_version(v), seq, ts, body, duplicate)
+        let budgets_of = |v| {
+            Some(Budgets {
+                budgets: self.budgets_of_version(v)?,
+                limits: (v == self.policy_version).then_some(&self.limits[..]),
+            })
+        };
+        render_with(budgets_of, seq, ts, body, duplicate)
     }
 
     /// The renderer of answers decided now.
