@@ -2530,6 +2530,39 @@ mod tests {
     }
 
     #[test]
+    fn the_policy_file_record_matches_only_the_file_it_was_written_for_and_a_bad_one_matches_none()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let one = policy_to_apply("[[budget]]\nid = \"a\"\ngroup_by = [\"org\"]\nmax_usd = 1\n");
+        let two = policy_to_apply("[[budget]]\nid = \"a\"\ngroup_by = [\"org\"]\nmax_usd = 2\n");
+        let saved_as =
+            |p: &PolicyToApply| file_read_saved_as(dir.path(), &p.source_hash, &p.resolved);
+        assert!(!saved_as(&one), "no record yet");
+        save_file_read(
+            dir.path(),
+            Some(&(one.source_hash.clone(), one.resolved.clone())),
+        );
+        assert!(saved_as(&one));
+        assert!(!saved_as(&two), "another file");
+        // The same text resolving to another policy (a changed price file it imports).
+        assert!(!file_read_saved_as(
+            dir.path(),
+            &one.source_hash,
+            &two.resolved
+        ));
+        // After a reload some partition failed, nothing is on record.
+        save_file_read(dir.path(), None);
+        assert!(!dir.path().join(FILE_READ_FILE).exists());
+        assert!(!saved_as(&one));
+        save_file_read(dir.path(), None);
+        // A record cut short or not JSON counts as none (and says so in the log).
+        for bad in ["{\"source_hash\":", "not json", ""] {
+            std::fs::write(dir.path().join(FILE_READ_FILE), bad).unwrap();
+            assert!(!saved_as(&one), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn a_forwarded_policy_is_taken_only_when_it_decodes_is_small_enough_and_keeps_to_the_partitions(
     ) {
         let good =
