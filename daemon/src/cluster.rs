@@ -500,6 +500,23 @@ fn may_serve_offline(data_dir: &Path, settings: &ClusterSettings) -> Result<(), 
     }
 }
 
+/// Whether a node that cannot join now (`why`) serves reads from its copies meanwhile (it says
+/// so in its log), or why not ([`may_serve_offline`]).
+fn serve_offline(data_dir: &Path, settings: &ClusterSettings, why: &str) -> Result<(), String> {
+    match may_serve_offline(data_dir, settings) {
+        Ok(()) => {
+            tracing::warn!(
+                "cluster: {why}; serving reads from this node's copies (writes answered \
+                 `unavailable`) until it can"
+            );
+            Ok(())
+        }
+        Err(not) => Err(format!(
+            "cluster: {why}; this node cannot serve reads meanwhile: {not}"
+        )),
+    }
+}
+
 /// Keep the settings this node joined the cluster with ([`may_serve_offline`]).
 fn save_joined_settings(data_dir: &Path, settings: &ClusterSettings) -> std::io::Result<()> {
     save_in_data_dir(data_dir, JOINED_SETTINGS_FILE, &shared_settings(settings))
@@ -718,18 +735,7 @@ impl Cluster {
         let start = |e: String| crate::DaemonError::Start(e);
         // A node that ran before serves reads from its copies until NATS (or a quorum of it)
         // answers (SPEC §13: "reads go on from the local fold and say how stale they are").
-        let offline = |why: String| match may_serve_offline(&config.data_dir, &settings) {
-            Ok(()) => {
-                tracing::warn!(
-                    "cluster: {why}; serving reads from this node's copies (writes answered \
-                     `unavailable`) until it can"
-                );
-                Ok(())
-            }
-            Err(not) => Err(start(format!(
-                "cluster: {why}; this node cannot serve reads meanwhile: {not}"
-            ))),
-        };
+        let offline = |why: String| serve_offline(&config.data_dir, &settings, &why).map_err(start);
         let (nats, online) = match Nats::connect(&settings.nats, NATS_TIMEOUT) {
             Ok(nats) => match join_nats(&nats, &settings) {
                 Ok(online) => (nats, Some(online)),
@@ -848,26 +854,35 @@ impl Cluster {
         });
         // Every partition's recovery buffers are freed (see `crate::memory`).
         crate::memory::recovery_done();
-        match online {
-            Some(online) => cluster
-                .go_online(online)
-                .map_err(|e| start(format!("cluster: {e}")))?,
-            None => {
-                for p in &cluster.parts {
-                    let l = read_ledger(&p.shared);
-                    if l.policy_version() == 0 {
-                        return Err(start(format!(
-                            "cluster: cannot reach NATS, and this node's copy of partition {} \
-                             holds no policy yet: nothing to serve reads from",
-                            p.index
-                        )));
-                    }
-                    // Not confirmed since it started: as stale as its newest event is old at
-                    // least (a clock ahead on the node that wrote it never makes it fresher
-                    // than this start).
-                    p.confirmed_at
-                        .store(l.last_ts().min(wall_micros()), Ordering::Relaxed);
+        let online = match online {
+            Some(online) => match cluster.go_online(online) {
+                Ok(()) => true,
+                // NATS answered the join but not the streams (a quorum lost right then): as a
+                // start without it; the coordinator joins once it can.
+                Err(e) => {
+                    let why = format!("cannot join through NATS ({e})");
+                    serve_offline(&cluster.config.data_dir, &cluster.settings, &why)
+                        .map_err(start)?;
+                    false
                 }
+            },
+            None => false,
+        };
+        if !online {
+            for p in &cluster.parts {
+                let l = read_ledger(&p.shared);
+                if l.policy_version() == 0 {
+                    return Err(start(format!(
+                        "cluster: cannot reach NATS, and this node's copy of partition {} \
+                         holds no policy yet: nothing to serve reads from",
+                        p.index
+                    )));
+                }
+                // Not confirmed since it started: as stale as its newest event is old at
+                // least (a clock ahead on the node that wrote it never makes it fresher
+                // than this start).
+                p.confirmed_at
+                    .store(l.last_ts().min(wall_micros()), Ordering::Relaxed);
             }
         }
         Ok(cluster)
