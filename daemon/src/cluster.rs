@@ -559,16 +559,11 @@ fn file_read_record(hash: &str, resolved: &bursar_schemas::policy::ResolvedPolic
 }
 
 /// Keep (or, with `None`, forget) how this node's file last read when every partition took
-/// it. A node that cannot write it goes on: its next start then counts its file as read only
-/// when the logs hold it, and says so here.
-fn save_file_read(
-    data_dir: &Path,
-    read: Option<&(String, bursar_schemas::policy::ResolvedPolicy)>,
-) {
-    let saved = match read {
-        Some((hash, resolved)) => {
-            save_in_data_dir(data_dir, FILE_READ_FILE, &file_read_record(hash, resolved))
-        }
+/// it ([`file_read_record`]). A node that cannot write it goes on: its next start then counts
+/// its file as read only when the logs hold it, and says so here.
+fn save_file_read(data_dir: &Path, record: Option<&Value>) {
+    let saved = match record {
+        Some(record) => save_in_data_dir(data_dir, FILE_READ_FILE, record),
         None => match std::fs::remove_file(data_dir.join(FILE_READ_FILE)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -583,13 +578,9 @@ fn save_file_read(
     }
 }
 
-/// Whether [`FILE_READ_FILE`] says this node's file last read as `hash` / `resolved`. A record
-/// that cannot be read is said in the log and counts as none.
-fn file_read_saved_as(
-    data_dir: &Path,
-    hash: &str,
-    resolved: &bursar_schemas::policy::ResolvedPolicy,
-) -> bool {
+/// Whether [`FILE_READ_FILE`] holds `record` ([`file_read_record`]). A record that cannot be
+/// read is said in the log and counts as none.
+fn file_read_saved_as(data_dir: &Path, record: &Value) -> bool {
     let file = data_dir.join(FILE_READ_FILE);
     let saved = match std::fs::read(&file) {
         Ok(bytes) => serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string()),
@@ -597,7 +588,7 @@ fn file_read_saved_as(
         Err(e) => Err(e.to_string()),
     };
     match saved {
-        Ok(saved) => saved == file_read_record(hash, resolved),
+        Ok(saved) => saved == *record,
         Err(e) => {
             tracing::warn!(
                 "cluster: cannot read {}: {e}; this node's policy file counts as read only if \
@@ -611,12 +602,12 @@ fn file_read_saved_as(
 
 /// This node's policy file as every partition last took it from this node.
 struct FileRead {
-    /// Its text's hash and the policy resolved from it (prices imported from other files
-    /// included): at start, when every partition's log holds that policy (or none yet) or the
-    /// data dir's record says so ([`FILE_READ_FILE`]); at each reload every partition
-    /// applied. `None` after a reload some partition failed, or when the node started with a
-    /// file that neither the logs nor the record hold.
-    read: Option<(String, bursar_schemas::policy::ResolvedPolicy)>,
+    /// Its [`file_read_record`] (its text's hash, and that of the policy resolved from it,
+    /// prices imported from other files included): at start, when every partition's log
+    /// holds that policy (or none yet) or the data dir's record says so ([`FILE_READ_FILE`]);
+    /// at each reload every partition applied. `None` after a reload some partition failed,
+    /// or when the node started with a file that neither the logs nor the record hold.
+    read: Option<Value>,
     /// Whether the record says `read`. It is written at each reload every partition applied,
     /// and for a file read at start once every partition's fold holds its policy (not while
     /// a copy is still empty: a node joining a running cluster has not had its file taken).
@@ -820,18 +811,10 @@ impl Cluster {
                 .policy()
                 .is_none_or(|p| *p == config.policy.resolved)
         });
-        let kept = file_read_saved_as(
-            &config.data_dir,
-            &config.policy.source_hash,
-            &config.policy.resolved,
-        );
+        let record = file_read_record(&config.policy.source_hash, &config.policy.resolved);
+        let kept = file_read_saved_as(&config.data_dir, &record);
         let file_read = FileRead {
-            read: (in_force || kept).then(|| {
-                (
-                    config.policy.source_hash.clone(),
-                    config.policy.resolved.clone(),
-                )
-            }),
+            read: (in_force || kept).then_some(record),
             kept,
         };
         let cluster = Arc::new(Cluster {
@@ -1371,8 +1354,8 @@ impl Cluster {
         }
     }
 
-    /// Keep the file read at start in the data dir's record once every partition's fold holds
-    /// its policy ([`FileRead::kept`]).
+    /// Keep the file read at start (the config's: a reload keeps its own at once) in the data
+    /// dir's record once every partition's fold holds its policy ([`FileRead::kept`]).
     fn keep_file_read(&self) {
         let mut file_read = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
         let FileRead {
@@ -1382,10 +1365,11 @@ impl Cluster {
         else {
             return;
         };
+        let started_with = &self.config.policy.resolved;
         let held = self
             .parts
             .iter()
-            .all(|p| read_ledger(&p.shared).policy() == Some(&read.1));
+            .all(|p| read_ledger(&p.shared).policy() == Some(started_with));
         if held {
             save_file_read(&self.config.data_dir, Some(read));
             file_read.kept = true;
@@ -1875,10 +1859,8 @@ impl Cluster {
             .and_then(|r| r.map_err(|e| e.to_string()));
         if let Ok(p) = &read {
             let last = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
-            let unchanged = last
-                .read
-                .as_ref()
-                .is_some_and(|(hash, resolved)| p.source_hash == *hash && p.resolved == *resolved);
+            let unchanged =
+                last.read.as_ref() == Some(&file_read_record(&p.source_hash, &p.resolved));
             if only_if_changed && unchanged {
                 let msg = format!(
                     "{} is as this node last read it: nothing to apply (the cluster's policy \
@@ -1899,7 +1881,7 @@ impl Cluster {
                 return Answer::Error(WireError::new(ErrorCode::BadRequest, msg)).to_line(req);
             }
         };
-        let read = (policy.source_hash.clone(), policy.resolved.clone());
+        let read = file_read_record(&policy.source_hash, &policy.resolved);
         let packed = match serde_json::to_vec(&policy) {
             Ok(json) => crate::log::pack_raw(&json),
             Err(e) => {
@@ -2550,20 +2532,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let one = policy_to_apply("[[budget]]\nid = \"a\"\ngroup_by = [\"org\"]\nmax_usd = 1\n");
         let two = policy_to_apply("[[budget]]\nid = \"a\"\ngroup_by = [\"org\"]\nmax_usd = 2\n");
-        let saved_as =
-            |p: &PolicyToApply| file_read_saved_as(dir.path(), &p.source_hash, &p.resolved);
+        let saved_as = |p: &PolicyToApply| {
+            file_read_saved_as(dir.path(), &file_read_record(&p.source_hash, &p.resolved))
+        };
         assert!(!saved_as(&one), "no record yet");
         save_file_read(
             dir.path(),
-            Some(&(one.source_hash.clone(), one.resolved.clone())),
+            Some(&file_read_record(&one.source_hash, &one.resolved)),
         );
         assert!(saved_as(&one));
         assert!(!saved_as(&two), "another file");
         // The same text resolving to another policy (a changed price file it imports).
         assert!(!file_read_saved_as(
             dir.path(),
-            &one.source_hash,
-            &two.resolved
+            &file_read_record(&one.source_hash, &two.resolved)
         ));
         // After a reload some partition failed, nothing is on record.
         save_file_read(dir.path(), None);
