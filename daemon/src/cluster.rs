@@ -522,22 +522,11 @@ fn save_joined_settings(data_dir: &Path, settings: &ClusterSettings) -> std::io:
     save_in_data_dir(data_dir, JOINED_SETTINGS_FILE, &shared_settings(settings))
 }
 
-/// Write `value` as the file `name` of the data dir, whole or not at all (a temporary file,
-/// synced, renamed over it).
+/// Write `value` as the file `name` of the data dir, whole or not at all
+/// ([`crate::log::replace_file`]), and sync the directory so that the rename holds.
 fn save_in_data_dir(data_dir: &Path, name: &str, value: &Value) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let file = data_dir.join(name);
-    let tmp = data_dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(value.to_string().as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &file)?;
+    let text = value.to_string();
+    crate::log::replace_file(&data_dir.join(name), &mut |w| w.write_all(text.as_bytes()))?;
     std::fs::File::open(data_dir)?.sync_all()
 }
 
@@ -608,9 +597,10 @@ struct FileRead {
     /// at each reload every partition applied. `None` after a reload some partition failed,
     /// or when the node started with a file that neither the logs nor the record hold.
     read: Option<Value>,
-    /// Whether the record says `read`. It is written at each reload every partition applied,
-    /// and for a file read at start once every partition's fold holds its policy (not while
-    /// a copy is still empty: a node joining a running cluster has not had its file taken).
+    /// Whether `read` is settled and the record says it (or `read` is `None`). The record is
+    /// written at each reload every partition applied, and for a file read at start the first
+    /// time every partition's fold holds a policy, if that is the file's (not while a copy is
+    /// still empty: a node joining a running cluster has not had its file taken).
     kept: bool,
 }
 
@@ -1354,8 +1344,11 @@ impl Cluster {
         }
     }
 
-    /// Keep the file read at start (the config's: a reload keeps its own at once) in the data
-    /// dir's record once every partition's fold holds its policy ([`FileRead::kept`]).
+    /// Settle the file read at start (the config's: a reload settles its own at once) the
+    /// first time every partition's fold holds a policy ([`FileRead::kept`]): its own on
+    /// every partition, kept in the data dir's record; else no partition took it from this
+    /// node (it started with empty copies and another node's file was applied), and a SIGHUP
+    /// applies it.
     fn keep_file_read(&self) {
         let mut file_read = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
         let FileRead {
@@ -1365,6 +1358,14 @@ impl Cluster {
         else {
             return;
         };
+        // Cheap until then: the versions only.
+        if self
+            .parts
+            .iter()
+            .any(|p| read_ledger(&p.shared).policy_version() == 0)
+        {
+            return;
+        }
         let started_with = &self.config.policy.resolved;
         let held = self
             .parts
@@ -1372,8 +1373,10 @@ impl Cluster {
             .all(|p| read_ledger(&p.shared).policy() == Some(started_with));
         if held {
             save_file_read(&self.config.data_dir, Some(read));
-            file_read.kept = true;
+        } else {
+            file_read.read = None;
         }
+        file_read.kept = true;
     }
 
     /// Renew held leases, step down where one is lost or the writer failed, take free ones.
@@ -1852,16 +1855,28 @@ impl Cluster {
     ) -> String {
         let _one_at_a_time = self.reloading.lock().await;
         let config = self.config.clone();
-        // Off the connection's thread: a file importing LiteLLM's map parses for a while.
-        let read = tokio::task::spawn_blocking(move || config.reload_policy())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        if let Ok(p) = &read {
-            let last = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
-            let unchanged =
-                last.read.as_ref() == Some(&file_read_record(&p.source_hash, &p.resolved));
-            if only_if_changed && unchanged {
+        // Off the connection's thread: a file importing LiteLLM's map parses for a while, and
+        // how the file reads now (compared for a SIGHUP, kept if every partition takes it)
+        // hashes all of it.
+        let read = tokio::task::spawn_blocking(move || {
+            config.reload_policy().map(|p| {
+                let record = file_read_record(&p.source_hash, &p.resolved);
+                (p, record)
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let (read, record) = match read {
+            Ok((p, record)) => (Ok(p), Some(record)),
+            Err(e) => (Err(e), None),
+        };
+        if let (Ok(p), Some(record), true) = (&read, &record, only_if_changed) {
+            let unchanged = {
+                let last = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
+                last.read.as_ref() == Some(record)
+            };
+            if unchanged {
                 let msg = format!(
                     "{} is as this node last read it: nothing to apply (the cluster's policy \
                      may be newer, from another node's file; `bursar reload` applies this \
@@ -1881,7 +1896,6 @@ impl Cluster {
                 return Answer::Error(WireError::new(ErrorCode::BadRequest, msg)).to_line(req);
             }
         };
-        let read = file_read_record(&policy.source_hash, &policy.resolved);
         let packed = match serde_json::to_vec(&policy) {
             Ok(json) => crate::log::pack_raw(&json),
             Err(e) => {
@@ -1923,7 +1937,7 @@ impl Cluster {
         }
         // What every partition applied; after a partial failure nothing is known to be in
         // force, and the next SIGHUP applies the file whatever it holds.
-        let read = (failed.is_none() && !answers.is_empty()).then_some(read);
+        let read = record.filter(|_| failed.is_none() && !answers.is_empty());
         {
             // Kept on disk under the lock, so that memory and the record agree.
             let mut last = self.file_read.lock().unwrap_or_else(|e| e.into_inner());

@@ -25,8 +25,8 @@ pub mod testing;
 pub use salvage::{salvage, SalvageError, Salvaged};
 
 pub use sled_store::{
-    make_private, write_snapshot_file, write_snapshot_file_with, SledLog, PRIVATE_DIR_MODE,
-    PRIVATE_FILE_MODE, RELEASE_WAIT, SLED_CACHE_BYTES,
+    make_private, replace_file, write_snapshot_file, write_snapshot_file_with, SledLog,
+    PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, RELEASE_WAIT, SLED_CACHE_BYTES,
 };
 
 use bursar_schemas::event::{

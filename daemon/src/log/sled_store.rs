@@ -699,7 +699,7 @@ fn snapshot_files(dir: &Path) -> Vec<u64> {
 /// snapshot of tens of MiB written in one go slowed every group commit while it was flushed
 /// (churn bench: 63,400 records/s with one sync at the end, 76,000 with none at all, 121,000
 /// to 133,000 synced per MiB).
-fn replace_file(
+pub fn replace_file(
     path: &Path,
     contents: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
