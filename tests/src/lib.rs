@@ -496,6 +496,23 @@ impl Daemon {
 }
 
 /// The daemon's Prometheus endpoint, scraped over loopback (`[daemon] metrics_listen`).
+/// Try `attempt` every `every` until it gives `Ok`, for at most `within`; past that, fail the
+/// test with the last `Err` (what was seen instead).
+pub fn eventually<T>(
+    within: Duration,
+    every: Duration,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match attempt() {
+            Ok(v) => return v,
+            Err(seen) => assert!(Instant::now() < deadline, "after {within:?}: {seen}"),
+        }
+        std::thread::sleep(every);
+    }
+}
+
 pub mod metrics {
     use crate::Daemon;
     use std::io::{Read, Write};
@@ -543,17 +560,14 @@ pub mod metrics {
 
     /// Wait (up to 10 s) until `bursar_waiting_requests` on `addr` is `n`.
     pub fn wait_for_waiters(addr: &str, n: u64) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let now = sample(&scrape(addr), "bursar_waiting_requests");
-            if now == Some(n as f64) {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{now:?} requests wait after 10 s, {n} expected"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        use std::time::Duration;
+        super::eventually(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || match sample(&scrape(addr), "bursar_waiting_requests") {
+                now if now == Some(n as f64) => Ok(()),
+                now => Err(format!("{now:?} requests wait, {n} expected")),
+            },
+        )
     }
 }

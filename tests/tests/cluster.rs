@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use bursar_tests::nats::{nats_server, NatsCluster};
-use bursar_tests::{Client, Daemon};
+use bursar_tests::{eventually, Client, Daemon};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -283,8 +283,7 @@ fn racing_reservations_through_three_nodes_never_overspend_and_every_node_folds_
     }
     // Every node folds the three expiries (a writer sweeps expired holds every few hundred ms).
     for (i, d) in cluster.nodes.iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        eventually(Duration::from_secs(20), Duration::from_millis(200), || {
             let mut c = d.client();
             c.send(&json!({"op": "export"}));
             let (events, _) = c.read_stream();
@@ -297,15 +296,10 @@ fn racing_reservations_through_three_nodes_never_overspend_and_every_node_folds_
                             .is_some_and(|id| id.starts_with("short"))
                 })
                 .count();
-            if expiries >= 3 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {i}: {expiries} of the 3 expiries after 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+            (expiries >= 3)
+                .then_some(())
+                .ok_or_else(|| format!("node {i}: {expiries} of the 3 expiries"))
+        });
     }
     let status = bursar_tests::bursar_command(&["cluster", "status"])
         .env("BURSAR_SOCKET", &cluster.nodes[2].socket)
@@ -721,19 +715,16 @@ fn without_a_quorum_writes_fail_closed_and_reads_say_how_stale_they_are() {
     // answer for it a few seconds more).
     for (i, d) in cluster.nodes.iter().enumerate() {
         let mut c = d.client();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        eventually(Duration::from_secs(30), Duration::from_millis(200), || {
             let check = c.call(
                 json!({"op": "check", "labels": {"org": "acme"}, "model": "gpt-4o-mini",
                 "estimate": {"input_tokens": 1, "max_output_tokens": 1}}),
             );
             assert_eq!(check["ok"], true, "{check}");
-            if check["lag_ms"].as_u64().unwrap() >= 1000 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "node {i}: {check}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+            (check["lag_ms"].as_u64().unwrap() >= 1000)
+                .then_some(())
+                .ok_or_else(|| format!("node {i}: {check}"))
+        });
         let (spent, _) = budget_of(&mut c, "acme").unwrap();
         assert_eq!(spent, 150, "node {i} still reads what was written");
         let status = c.call(json!({"op": "status"}));
@@ -1026,15 +1017,11 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
     // every partition holds that policy (a node's first second).
     for d in &cluster.nodes {
         let record = d.data_dir.join("policy-file-read.json");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !record.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "{} never written",
-                record.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+            (record.exists())
+                .then_some(())
+                .ok_or_else(|| format!("{} not written", record.display()))
+        });
     }
 
     // A file that does not parse is refused, and nothing changes anywhere.
@@ -1082,23 +1069,21 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
     let every_node_reads = |cluster: &Nodes, limit: u64| {
         for (i, d) in cluster.nodes.iter().enumerate() {
             for org in &orgs {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
+                eventually(Duration::from_secs(10), Duration::from_millis(100), || {
                     let check = d
                         .client()
                         .call(json!({"op": "check", "labels": {"org": org},
                         "model": "gpt-4o-mini",
                         "estimate": {"input_tokens": 1, "max_output_tokens": 1}}));
-                    if check["budgets"][0]["limit_micros"] == limit {
-                        break;
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "node {i}, org {org}: not the limit {limit} (asked node {asked}, \
-                         writers {holders:?}): {check}"
-                    );
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                    (check["budgets"][0]["limit_micros"] == limit)
+                        .then_some(())
+                        .ok_or_else(|| {
+                            format!(
+                                "node {i}, org {org}: not the limit {limit} (asked node \
+                                 {asked}, writers {holders:?}): {check}"
+                            )
+                        })
+                });
             }
         }
     };
@@ -1131,18 +1116,12 @@ fn reload_on_one_node_applies_that_nodes_file_to_every_partition_on_every_node()
     // back anywhere (the node says so).
     let other = (asked + 1) % 3;
     let says_unchanged = |cluster: &Nodes, i: usize| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !cluster.nodes[i]
-            .stderr()
-            .contains("is as this node last read it: nothing to apply")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "node {i} never said its file was unchanged: {}",
-                cluster.nodes[i].stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+            let log = cluster.nodes[i].stderr();
+            log.contains("is as this node last read it: nothing to apply")
+                .then_some(())
+                .ok_or_else(|| format!("node {i} never said its file was unchanged: {log}"))
+        });
     };
     cluster.nodes[other].signal(1);
     says_unchanged(&cluster, other);

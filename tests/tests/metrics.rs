@@ -164,32 +164,34 @@ fn requests_whose_client_hung_up_are_counted_as_hung_up() {
             "the reserve waits for the slot"
         );
     } // Both hang up.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    let every = std::time::Duration::from_millis(100);
+    let text = bursar_tests::eventually(std::time::Duration::from_secs(10), every, || {
         let text = scrape(&addr);
-        let n = |series: &str| sample(&text, series);
-        let reserve = n(r#"bursar_requests_total{op="reserve",outcome="hung_up"}"#);
-        let tail = n(r#"bursar_requests_total{op="tail",outcome="ok"}"#);
-        if reserve == Some(1.0) && tail == Some(1.0) {
-            // Only the first reserve was answered.
-            assert_eq!(
-                n(r#"bursar_requests_total{op="reserve",outcome="ok"}"#),
-                Some(1.0),
-                "{text}"
-            );
-            assert_eq!(
-                n(r#"bursar_requests_total{op="tail",outcome="hung_up"}"#),
-                None,
-                "{text}"
-            );
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "reserve {reserve:?}, tail {tail:?} hung up after 10 s: {text}"
+        let reserve = sample(
+            &text,
+            r#"bursar_requests_total{op="reserve",outcome="hung_up"}"#,
         );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+        let tail = sample(&text, r#"bursar_requests_total{op="tail",outcome="ok"}"#);
+        if reserve == Some(1.0) && tail == Some(1.0) {
+            Ok(text)
+        } else {
+            Err(format!(
+                "reserve {reserve:?}, tail {tail:?} hung up: {text}"
+            ))
+        }
+    });
+    let n = |series: &str| sample(&text, series);
+    // Only the first reserve was answered.
+    assert_eq!(
+        n(r#"bursar_requests_total{op="reserve",outcome="ok"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        n(r#"bursar_requests_total{op="tail",outcome="hung_up"}"#),
+        None,
+        "{text}"
+    );
 }
 
 /// SPEC §12's "spent, held and limit per bucket" for every unit a budget limits: a live

@@ -108,11 +108,10 @@ fn path_with_bins() -> String {
 }
 
 fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    bursar_tests::eventually(Duration::from_secs(20), Duration::from_millis(20), || {
+        ok().then_some(())
+            .ok_or_else(|| format!("still waiting for {what}"))
+    });
 }
 
 #[test]
