@@ -694,7 +694,7 @@ fn snapshot_files(dir: &Path) -> Vec<u64> {
 
 /// Replace the file `path` by one holding what `contents` writes, never half-written: a
 /// private temporary file beside it (`<path>.tmp`, removed on failure), synced every
-/// [`SNAPSHOT_SYNC_CHUNK`] bytes and at the end, then renamed over `path`. In synced chunks: on ext4 (ordered data), the writer's
+/// `SNAPSHOT_SYNC_CHUNK` bytes and at the end, then renamed over `path`. In synced chunks: on ext4 (ordered data), the writer's
 /// `fdatasync` of the log waits for every dirty page a journal commit must cover, so a
 /// snapshot of tens of MiB written in one go slowed every group commit while it was flushed
 /// (churn bench: 63,400 records/s with one sync at the end, 76,000 with none at all, 121,000
