@@ -12,6 +12,7 @@
 //! first release wrote; `waiters` is the line of `reserve`s waiting with `wait_ms`.
 
 mod first_release;
+mod give_way;
 mod recovery;
 mod reload;
 mod replay;
@@ -370,6 +371,8 @@ pub struct Writer {
     /// When the last job came, if freed memory was not given back since (see
     /// [`Writer::idle`]).
     last_job: Option<std::time::Instant>,
+    /// When the writer steps aside for threads waiting for its CPU.
+    give_way: give_way::GiveWay,
     /// What a refused write is told once the writer is poisoned: [`UNAVAILABLE`], or why the
     /// ledger cannot be trusted ([`Ledger::fault`]).
     refusal: String,
@@ -421,6 +424,7 @@ pub fn start_with(
         first_release_ids,
         waiters: Default::default(),
         last_job: None,
+        give_way: give_way::GiveWay::new(std::time::Instant::now()),
         refusal: UNAVAILABLE.to_string(),
     };
     if let Some(fault) = w.fault() {
@@ -446,7 +450,12 @@ impl Writer {
                 .waiters
                 .sleep_for(std::time::Instant::now())
                 .map_or(sleep, |w| w.min(sleep));
-            let first = match self.rx.recv_timeout(sleep) {
+            let waiting = std::time::Instant::now();
+            let got = self.rx.recv_timeout(sleep);
+            let now = std::time::Instant::now();
+            self.give_way
+                .waited(now.saturating_duration_since(waiting), now);
+            let first = match got {
                 Ok(j) => Some(j),
                 Err(RecvTimeoutError::Timeout) => {
                     self.idle();
@@ -457,7 +466,7 @@ impl Writer {
             let mut jobs = Vec::new();
             let mut stop = false;
             if first.is_some() {
-                self.last_job = Some(std::time::Instant::now());
+                self.last_job = Some(now);
             }
             if let Some(j) = first {
                 jobs.push(j);
@@ -595,6 +604,7 @@ impl Writer {
                 self.shared.waiting.store(0, Ordering::Relaxed);
             }
             for job in jobs {
+                give_way::give_way(&mut self.give_way);
                 match job {
                     Job::Shutdown | Job::Handover => {}
                     Job::Write { reply, .. } if poisoned => {
