@@ -2,31 +2,37 @@
 //!
 //! On a machine with few cores the writer deciding a batch holds a CPU for as long as the batch
 //! takes (100 µs and more after a slow sync), and a connection thread woken by a `check`, or
-//! the client that sent it, may have been queued behind it on that CPU: the kernel preempts a
-//! running thread for a woken one only at its own points (none inside a system call on a kernel
-//! built without preemption). While the writer keeps up with the writes, it steps aside
-//! (`sched_yield`) after every [`YIELD_AFTER`] of running, between two jobs: a thread waiting
-//! for its CPU runs first, and when none waits the yield returns at once. When the writer is
-//! behind (it waited for jobs less than [`KEEPING_UP_PERCENT`] of the last [`WINDOW`]), it does
-//! not: then every thread waits for a CPU anyway, and a yield would only hand the writer's CPU to
-//! a thread that keeps it for a whole slice while the batch's clients wait.
+//! the client that sent it, may have been queued behind it on that CPU: the scheduler lets a
+//! running thread keep its CPU through the slice it protects for it, and does not take it at all
+//! inside a system call on a kernel built without preemption. So before each job of a batch,
+//! holding no lock, the writer steps aside (`sched_yield`) once [`YIELD_AFTER`] has passed since
+//! its wait for a job ended or since its last yield: a thread waiting for its CPU runs first, and
+//! when none waits the yield returns at once. It does so only while it keeps up with the writes
+//! (it waited for jobs at least [`KEEPING_UP_PERCENT`] of the last completed window, a span of at
+//! least [`WINDOW`] closed when a wait for a job ends); while it is behind, every thread waits
+//! for a CPU anyway, and a yield would only hand the writer's CPU to a thread that keeps it for
+//! a whole slice while the batch's clients wait. (`write_ledger`'s own yield is another matter:
+//! it lets reads already waiting for the ledger's lock take it first.)
 //!
 //! Measured (benches/README.md, "The writer gives way"; 2 vCPUs, `check` under 20,000 writes/s):
 //! `check` p99 127–148 µs without, 82–84 µs with; depth-1 `record` and `reserve-commit` within
-//! the runs' spread. Yielding every 15 µs whatever the load cost `reserve-commit` ~10 % and
-//! depth-1 `record` ~5 %: there a yield that switched kept the writer away 80–90 µs.
+//! the runs' spread. Yielding whatever the load cost `reserve-commit` ~10 % (a yield that
+//! switched kept the writer away 80–90 µs there); pausing the yields after such a long one still
+//! cost depth-1 `record` ~4 %.
 
 use std::time::{Duration, Instant};
 
-/// Longest the writer runs through a batch before it lets waiting threads go first.
+/// Wall-clock time from the end of the writer's wait for a job (or from its last yield) after
+/// which it yields before its next job. Checked only between jobs: one long job runs through.
 pub const YIELD_AFTER: Duration = Duration::from_micros(15);
-/// The span over which the writer's waiting for jobs is weighed.
+/// The shortest span over which the writer's waiting for jobs is weighed.
 pub const WINDOW: Duration = Duration::from_millis(10);
-/// The share of [`WINDOW`] the writer must have waited for jobs to count as keeping up.
-pub const KEEPING_UP_PERCENT: u128 = 20;
+/// The share of a window, in percent, the writer must have waited for jobs to count as keeping
+/// up.
+pub const KEEPING_UP_PERCENT: u32 = 20;
 
 /// The writer's account of its running and waiting.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GiveWay {
     /// Since when the writer has run without stepping aside (a batch's start, or its last
     /// yield).
@@ -34,7 +40,7 @@ pub struct GiveWay {
     /// The window being weighed: its start and the time waited for jobs in it so far.
     window_start: Instant,
     waited: Duration,
-    /// Whether the last whole window counts as keeping up.
+    /// Whether the last completed window counts as keeping up.
     keeping_up: bool,
 }
 
@@ -54,7 +60,8 @@ impl GiveWay {
         self.waited += waited;
         let span = now.saturating_duration_since(self.window_start);
         if span >= WINDOW {
-            self.keeping_up = self.waited.as_nanos() * 100 >= span.as_nanos() * KEEPING_UP_PERCENT;
+            self.keeping_up =
+                self.waited.as_nanos() * 100 >= span.as_nanos() * u128::from(KEEPING_UP_PERCENT);
             self.window_start = now;
             self.waited = Duration::ZERO;
         }
@@ -70,13 +77,14 @@ impl GiveWay {
     pub fn yielded(&mut self, now: Instant) {
         self.running_since = now;
     }
-}
 
-/// Step aside when due: the writer's CPU goes to a thread waiting for one, if any.
-pub fn give_way(g: &mut GiveWay) {
-    if g.due(Instant::now()) {
-        std::thread::yield_now();
-        g.yielded(Instant::now());
+    /// Before a job: step aside when due, the writer's CPU going to a thread waiting for one,
+    /// if any. Call it holding no lock.
+    pub fn before_job(&mut self) {
+        if self.due(Instant::now()) {
+            std::thread::yield_now();
+            self.yielded(Instant::now());
+        }
     }
 }
 
@@ -112,17 +120,35 @@ mod tests {
     }
 
     #[test]
-    fn a_writer_that_is_behind_never_steps_aside() {
+    fn a_writer_that_falls_behind_stops_stepping_aside() {
         let t0 = Instant::now();
         let mut g = GiveWay::new(t0);
-        // Jobs always waiting: 2 µs of 250 µs spent waiting for them (under 20 %).
-        let t = cycles(&mut g, t0, us(250), us(2), 80);
+        // A quiet spell first: it keeps up.
+        let t = t0 + Duration::from_millis(20);
+        g.waited(Duration::from_millis(20), t);
+        assert!(g.due(t + us(15)));
+        // Then jobs always waiting: 2 µs of every 250 µs spent waiting for them (under 20 %).
+        let t = cycles(&mut g, t, us(250), us(2), 80);
         assert!(!g.due(t + us(15)));
         assert!(!g.due(t + Duration::from_millis(5)));
     }
 
     #[test]
-    fn the_verdict_follows_the_last_whole_window() {
+    fn a_fifth_of_the_window_spent_waiting_is_keeping_up_and_less_is_not() {
+        for (waited_us, keeping_up) in [(1_999, false), (2_000, true)] {
+            let t0 = Instant::now();
+            let mut g = GiveWay::new(t0);
+            g.waited(us(waited_us), t0 + WINDOW);
+            assert_eq!(
+                g.due(t0 + WINDOW + YIELD_AFTER),
+                keeping_up,
+                "{waited_us} µs waited of 10 ms"
+            );
+        }
+    }
+
+    #[test]
+    fn the_verdict_follows_the_last_completed_window() {
         let t0 = Instant::now();
         let mut g = GiveWay::new(t0);
         assert!(!g.due(t0 + us(100)), "a new writer counts as behind");

@@ -9,7 +9,8 @@
 //! (the log writer's side; the store and the log reader are `crate::log`); `snapshots` takes
 //! and decodes snapshots; `recovery` rebuilds the ledger at start; `reload` applies policies;
 //! `replay` re-prices the log; `first_release` reads the idempotency index of data dirs the
-//! first release wrote; `waiters` is the line of `reserve`s waiting with `wait_ms`.
+//! first release wrote; `waiters` is the line of `reserve`s waiting with `wait_ms`; `give_way`
+//! says when the writer yields its CPU between jobs.
 
 mod first_release;
 mod give_way;
@@ -371,7 +372,7 @@ pub struct Writer {
     /// When the last job came, if freed memory was not given back since (see
     /// [`Writer::idle`]).
     last_job: Option<std::time::Instant>,
-    /// When the writer steps aside for threads waiting for its CPU.
+    /// When the writer steps aside for threads waiting for its CPU (before a job).
     give_way: give_way::GiveWay,
     /// What a refused write is told once the writer is poisoned: [`UNAVAILABLE`], or why the
     /// ledger cannot be trusted ([`Ledger::fault`]).
@@ -604,7 +605,7 @@ impl Writer {
                 self.shared.waiting.store(0, Ordering::Relaxed);
             }
             for job in jobs {
-                give_way::give_way(&mut self.give_way);
+                self.give_way.before_job();
                 match job {
                     Job::Shutdown | Job::Handover => {}
                     Job::Write { reply, .. } if poisoned => {
