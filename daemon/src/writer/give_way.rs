@@ -34,8 +34,8 @@ pub const KEEPING_UP_PERCENT: u32 = 20;
 /// The writer's account of its running and waiting.
 #[derive(Debug)]
 pub struct GiveWay {
-    /// Since when the writer has run without stepping aside (a batch's start, or its last
-    /// yield).
+    /// Since when the writer has run without stepping aside (the end of its wait for a job, or
+    /// its last yield).
     running_since: Instant,
     /// The window being weighed: its start and the time waited for jobs in it so far.
     window_start: Instant,
@@ -68,7 +68,7 @@ impl GiveWay {
         self.running_since = now;
     }
 
-    /// Between two jobs at `now`: whether to step aside now.
+    /// Before a job at `now`: whether to step aside now.
     pub fn due(&self, now: Instant) -> bool {
         self.keeping_up && now.saturating_duration_since(self.running_since) >= YIELD_AFTER
     }
