@@ -73,17 +73,30 @@ fn main() -> ExitCode {
             // round makes durable at least what was appended before it began.
             let appended = Arc::new(AtomicU64::new(0));
             let done = Arc::new(AtomicBool::new(false));
-            let (seen, stop) = (appended.clone(), done.clone());
+            let rounds_durable = Arc::new(AtomicU64::new(0));
+            let (seen, stop, told) = (appended.clone(), done.clone(), rounds_durable.clone());
             let thread = std::thread::spawn(move || -> Result<u64, LogError> {
                 let mut durable = 0;
                 while !stop.load(Ordering::SeqCst) {
                     let before = seen.load(Ordering::SeqCst);
                     syncer()?;
                     durable = before;
+                    told.store(durable, Ordering::SeqCst);
                 }
                 Ok(durable)
             });
-            for _ in 0..SYNCER_BATCHES {
+            for i in 0..SYNCER_BATCHES {
+                if i == 1 {
+                    // One whole round after the first batch before the rest are appended: on a
+                    // busy machine the syncer's thread may otherwise first run (its first round
+                    // begun before any append) while all 300 are appended, and report none.
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                    while rounds_durable.load(Ordering::SeqCst) == 0
+                        && std::time::Instant::now() < deadline
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
                 let envs = sample_batch(log.head(), 3);
                 let stored = bursard::log::sealed_of(&envs)
                     .map_err(|e| e.to_string())
