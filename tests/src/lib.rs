@@ -495,7 +495,6 @@ impl Daemon {
     }
 }
 
-/// The daemon's Prometheus endpoint, scraped over loopback (`[daemon] metrics_listen`).
 /// Try `attempt` every `every` until it gives `Ok`, for at most `within`; past that, fail the
 /// test with the last `Err` (what was seen instead).
 pub fn eventually<T>(
@@ -513,6 +512,7 @@ pub fn eventually<T>(
     }
 }
 
+/// The daemon's Prometheus endpoint, scraped over loopback (`[daemon] metrics_listen`).
 pub mod metrics {
     use crate::Daemon;
     use std::io::{Read, Write};
