@@ -175,6 +175,9 @@ impl WindowEnds {
     }
 }
 
+/// A row of `status` before it is cut: utilization, budget, key, figures and state.
+type Row<'a> = (u64, &'a ResolvedBudget, &'a str, Figures, BucketState);
+
 /// A report line of a bucket in `state` (`Limits::state` of its figures); window ends are
 /// rendered through `ends`.
 pub(super) fn report(
@@ -313,8 +316,9 @@ impl Ledger {
         let now = self.effective_now(now);
         let adj = self.expired_adjust(now);
         let limit = req.limit.unwrap_or(DEFAULT_STATUS_LIMIT);
-        // Every matching bucket as (utilization, budget, key, figures); rendered once cut.
-        let mut rows: Vec<(u64, &ResolvedBudget, &str, Figures)> = Vec::new();
+        // Every matching bucket as (utilization, budget, key, figures, state); rendered once
+        // cut.
+        let mut rows: Vec<Row> = Vec::new();
         for (i, b) in budgets.iter().enumerate() {
             if req.budget.as_ref().is_some_and(|id| *id != b.id) {
                 continue;
@@ -343,11 +347,11 @@ impl Ledger {
                     }
                 }
                 let f = self.figures(i, key, now, &adj);
-                rows.push((utilization_ppm(b, &f), b, key, f));
+                let state = limits.map_or_else(|| bucket_state(b, &f), |l| l.state(&f));
+                rows.push((utilization_ppm(b, &f), b, key, f, state));
             }
         }
         let total = rows.len();
-        type Row<'a> = (u64, &'a ResolvedBudget, &'a str, Figures);
         let by_utilization = |a: &Row, b: &Row| {
             b.0.cmp(&a.0)
                 .then_with(|| a.1.id.cmp(&b.1.id))
@@ -364,9 +368,7 @@ impl Ledger {
             ok: true,
             budgets: rows
                 .into_iter()
-                .map(|(_, b, key, f)| {
-                    report(b, bucket_state(b, &f), key.to_string(), &f, now, &mut ends)
-                })
+                .map(|(_, b, key, f, state)| report(b, state, key.to_string(), &f, now, &mut ends))
                 .collect(),
             total: total as u64,
             truncated: total > limit,
