@@ -447,11 +447,11 @@ impl Writer {
     fn run(mut self) {
         loop {
             let sleep = self.sleep_for();
+            let waiting = std::time::Instant::now();
             let sleep = self
                 .waiters
-                .sleep_for(std::time::Instant::now())
+                .sleep_for(waiting)
                 .map_or(sleep, |w| w.min(sleep));
-            let waiting = std::time::Instant::now();
             let got = self.rx.recv_timeout(sleep);
             let now = std::time::Instant::now();
             self.give_way
