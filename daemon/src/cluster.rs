@@ -1867,11 +1867,7 @@ impl Cluster {
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()));
-        let (read, record) = match read {
-            Ok((p, record)) => (Ok(p), Some(record)),
-            Err(e) => (Err(e), None),
-        };
-        if let (Ok(p), Some(record), true) = (&read, &record, only_if_changed) {
+        if let (Ok((p, record)), true) = (&read, only_if_changed) {
             let unchanged = {
                 let last = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
                 last.read.as_ref() == Some(record)
@@ -1888,9 +1884,8 @@ impl Cluster {
                     .to_string();
             }
         }
-        let read = read.and_then(|p| self.fits_the_cluster(p));
-        let policy = match read {
-            Ok(p) => PolicyToApply::from(p),
+        let (policy, record) = match read.and_then(|(p, r)| Ok((self.fits_the_cluster(p)?, r))) {
+            Ok((p, record)) => (PolicyToApply::from(p), record),
             Err(msg) => {
                 tracing::error!("reload refused, keeping the running policy: {msg}");
                 return Answer::Error(WireError::new(ErrorCode::BadRequest, msg)).to_line(req);
@@ -1937,7 +1932,7 @@ impl Cluster {
         }
         // What every partition applied; after a partial failure nothing is known to be in
         // force, and the next SIGHUP applies the file whatever it holds.
-        let read = record.filter(|_| failed.is_none() && !answers.is_empty());
+        let read = (failed.is_none() && !answers.is_empty()).then_some(record);
         {
             // Kept on disk under the lock, so that memory and the record agree.
             let mut last = self.file_read.lock().unwrap_or_else(|e| e.into_inner());
