@@ -664,9 +664,9 @@ pub struct Ledger {
     /// True for a ledger nobody reports from (a what-if's): its rollups stay empty.
     #[serde(skip)]
     no_rollups: bool,
-    /// The policy's budgets' limits, compiled (derived from `policy`).
+    /// The policy's budgets' limits, compiled (derived from `policy`; shared with `renderer`).
     #[serde(skip)]
-    limits: Vec<Limits>,
+    limits: std::sync::Arc<[Limits]>,
     #[serde(skip)]
     matches: MatchCache,
     /// The renderer of answers under `policy` (derived from it).
@@ -700,7 +700,7 @@ impl PartialEq for Ledger {
                 .budgets
                 .iter()
                 .zip(&o.budgets)
-                .zip(&self.limits)
+                .zip(self.limits.iter())
                 .all(|((a, b), limits)| {
                     let live = |s: &'_ BudgetState| {
                         s.iter()
@@ -746,15 +746,17 @@ impl TryFrom<LedgerData> for Ledger {
         for e in &mut epochs {
             e.index = PriceIndex::of(&e.table);
         }
+        let limits = compile_limits(d.policy.as_ref());
         let renderer = std::sync::Arc::new(Renderer::new(
             d.policy_version,
             d.policy
                 .as_ref()
                 .map(|p| p.budgets.clone())
                 .unwrap_or_default(),
+            limits.clone(),
         ));
         let mut ledger = Ledger {
-            limits: compile_limits(d.policy.as_ref()),
+            limits,
             last_seq: d.last_seq,
             last_ts: d.last_ts,
             policy_version: d.policy_version,
@@ -781,8 +783,10 @@ impl TryFrom<LedgerData> for Ledger {
 }
 
 /// The compiled limits of every budget of `policy`, by budget index.
-fn compile_limits(policy: Option<&ResolvedPolicy>) -> Vec<Limits> {
-    policy.map_or_else(Vec::new, |p| p.budgets.iter().map(Limits::of).collect())
+fn compile_limits(policy: Option<&ResolvedPolicy>) -> std::sync::Arc<[Limits]> {
+    policy.map_or_else(Default::default, |p| {
+        p.budgets.iter().map(Limits::of).collect()
+    })
 }
 
 /// What folding a usage event decided for the budgets it counts in ([`Ledger::apply_usage`]).
@@ -1577,8 +1581,11 @@ impl Ledger {
         }
         self.budgets = states;
         self.limits = compile_limits(Some(&new));
-        self.renderer =
-            std::sync::Arc::new(Renderer::new(self.policy_version, new.budgets.clone()));
+        self.renderer = std::sync::Arc::new(Renderer::new(
+            self.policy_version,
+            new.budgets.clone(),
+            self.limits.clone(),
+        ));
         self.policy = Some(new);
         self.matches.clear();
         // Count live holds again, in the new budgets and quotas.

@@ -255,8 +255,9 @@ fn render_keyed(
 pub struct Renderer {
     version: u64,
     budgets: Vec<ResolvedBudget>,
-    /// The budgets' limits, compiled once (each answer's lines would compile them again).
-    limits: Vec<Limits>,
+    /// The budgets' limits, compiled once (each answer's lines would compile them again): the
+    /// ledger's own, shared.
+    limits: std::sync::Arc<[Limits]>,
 }
 
 /// An event that answers a request, made ready by [`Renderer::keyed`] to be rendered on
@@ -278,8 +279,12 @@ impl Keyed {
 }
 
 impl Renderer {
-    pub(in crate::ledger) fn new(version: u64, budgets: Vec<ResolvedBudget>) -> Self {
-        let limits = budgets.iter().map(Limits::of).collect();
+    /// The renderer of `budgets` at policy `version`, with their compiled `limits`.
+    pub(in crate::ledger) fn new(
+        version: u64,
+        budgets: Vec<ResolvedBudget>,
+        limits: std::sync::Arc<[Limits]>,
+    ) -> Self {
         Renderer {
             version,
             budgets,
