@@ -229,18 +229,15 @@ fn racing_reservations_through_three_nodes_never_overspend_and_every_node_folds_
     assert_eq!(allowed.len(), 13, "the budget fills exactly");
 
     // The writers spread over the nodes: two partitions, three nodes, two different writers.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(Duration::from_secs(30), Duration::from_millis(500), || {
         let holders = cluster.wait_for_writers(Duration::from_secs(30));
-        if holders[0] != holders[1] {
-            break;
+        match holders[0] != holders[1] {
+            true => Ok(()),
+            false => Err(format!(
+                "one node still writes both partitions: {holders:?}"
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "one node still writes both partitions: {holders:?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    });
 
     // A resend through any node is a duplicate with the original's answer.
     let first = cluster.nodes[0].client().call(reserve("dup", "beta"));
@@ -452,20 +449,15 @@ fn acme_writer(cluster: &Nodes) -> (usize, usize) {
 /// Every node folds the same: each answers `status` with the same budgets once caught up
 /// (within 20 s).
 fn wait_until_the_folds_agree(cluster: &Nodes, when: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually(Duration::from_secs(20), Duration::from_millis(200), || {
         let views: Vec<Value> = (0..3)
             .map(|i| cluster.nodes[i].client().call(json!({"op": "status"}))["budgets"].clone())
             .collect();
-        if views.iter().all(|v| *v == views[0]) {
-            return;
+        match views.iter().all(|v| *v == views[0]) {
+            true => Ok(()),
+            false => Err(format!("{when}: the nodes' folds differ: {views:?}")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "{when}: the nodes' folds differ: {views:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
 }
 
 #[test]
@@ -689,11 +681,14 @@ fn without_a_quorum_writes_fail_closed_and_reads_say_how_stale_they_are() {
     // Every node folded it (a follower gets it a moment after the writer answered).
     for (i, d) in cluster.nodes.iter().enumerate() {
         let mut c = d.client();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while budget_of(&mut c, "acme").map(|b| b.0) != Some(150) {
-            assert!(Instant::now() < deadline, "node {i} never folded the write");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || match budget_of(&mut c, "acme").map(|b| b.0) {
+                Some(150) => Ok(()),
+                seen => Err(format!("node {i} never folded the write: {seen:?}")),
+            },
+        );
     }
     // Two of the three NATS servers gone: no stream has a quorum.
     cluster.nats.kill_node(0);
@@ -757,11 +752,14 @@ fn a_node_restarted_while_nats_is_down_reads_from_its_copies_and_joins_when_nats
         0,
     ));
     assert_eq!(ok["ok"], true, "{ok}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while budget_of(&mut cluster.nodes[2].client(), "acme").map(|b| b.0) != Some(150) {
-        assert!(Instant::now() < deadline, "node c never folded the write");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || match budget_of(&mut cluster.nodes[2].client(), "acme").map(|b| b.0) {
+            Some(150) => Ok(()),
+            seen => Err(format!("node c never folded the write: {seen:?}")),
+        },
+    );
     // Node c stops, then two NATS servers go (no quorum: NATS answers, JetStream cannot),
     // then node c starts again; then the third server goes too and node c starts once more.
     for (gone, says) in [
@@ -833,16 +831,17 @@ fn a_node_restarted_while_nats_is_down_reads_from_its_copies_and_joins_when_nats
     // Node a reads its own write; node c, following again, comes to the same.
     let want = budget_of(&mut cluster.nodes[0].client(), "acme").map(|b| b.0);
     assert!(want.is_some_and(|w| w > 300), "{want:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while budget_of(&mut c, "acme").map(|b| b.0) != want {
-        assert!(
-            Instant::now() < deadline,
-            "node c does not follow: {:?}\n{}",
-            budget_of(&mut c, "acme"),
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || match budget_of(&mut c, "acme") {
+            seen if seen.map(|b| b.0) == want => Ok(()),
+            seen => Err(format!(
+                "node c does not follow: {seen:?}\n{}",
+                cluster.logs()
+            )),
+        },
+    );
     cluster.wait_for_writers(Duration::from_secs(30));
 }
 
@@ -1259,14 +1258,14 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
     // (once node b folded all five: it follows both partitions a moment behind their writers).
     let mut b = cluster.nodes[1].client();
     for (org, n) in [(&orgs[0], 3), (&orgs[1], 2)] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while budget_of(&mut b, &format!("org={org}")).map(|s| s.0) != Some(n * 450) {
-            assert!(
-                Instant::now() < deadline,
-                "node b never folded {org}'s usage"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || match budget_of(&mut b, &format!("org={org}")).map(|s| s.0) {
+                seen if seen == Some(n * 450) => Ok(()),
+                seen => Err(format!("node b never folded {org}'s usage: {seen:?}")),
+            },
+        );
     }
     b.send(&json!({"op": "export"}));
     let (events, end) = b.read_stream();
@@ -1470,15 +1469,17 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
     assert_eq!(applied["total_delta_micros"], 5 * 450, "{applied}");
     for (i, d) in cluster.nodes.iter().enumerate() {
         let mut c = d.client();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while budget_of(&mut c, &format!("org={}", orgs[0])).map(|b| b.0) != Some(3 * 900) {
-            assert!(
-                Instant::now() < deadline,
-                "node {i}: not repriced: {}",
-                c.call(json!({"op": "status"}))
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually(
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || match budget_of(&mut c, &format!("org={}", orgs[0])).map(|b| b.0) {
+                seen if seen == Some(3 * 900) => Ok(()),
+                _ => Err(format!(
+                    "node {i}: not repriced: {}",
+                    c.call(json!({"op": "status"}))
+                )),
+            },
+        );
         let v = c.call(json!({"op": "verify"}));
         assert_eq!(v["ok"], true, "{v}");
     }
@@ -1497,11 +1498,14 @@ fn every_node_tails_exports_verifies_and_reports_every_partition_through_its_soc
     let check = json!({"op": "check", "labels": gpu, "model": "gpt-4o-mini",
         "estimate": {"input_tokens": 10, "max_output_tokens": 10}});
     // Once node c folded the hold (a follower reads a moment behind the writer).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while waiter.call(check.clone())["decision"] != "deny" {
-        assert!(Instant::now() < deadline, "node c never folded the hold");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || match waiter.call(check.clone()) {
+            a if a["decision"] == "deny" => Ok(()),
+            a => Err(format!("node c never folded the hold: {a}")),
+        },
+    );
     let mut waiting = check.clone();
     waiting["wait_ms"] = json!(10_000);
     waiter.send(&waiting);
